@@ -1,0 +1,159 @@
+"""The one exception tree of p2pnode.
+
+Every error a user can meet says what went wrong *and* what to do about it: the CLI prints
+``str(error)`` as its one-line message, so each class carries a default ``fix`` and callers may
+pass a more specific one.
+
+    P2PNodeError
+    ├── UsageError               bad command-line input (a rate like "40Q", a missing flag)
+    ├── ManifestError            a manifest that cannot be parsed or breaks a format rule
+    │   └── NotCanonicalError    decodes, but is not byte-identical to its canonical encoding
+    ├── IntegrityError           content or metadata that fails a trust check
+    │   ├── SignatureError       bad signature, or signed by a key that is not trusted
+    │   ├── ExpiredManifestError past its ``expires`` time (freeze attack)
+    │   ├── DowngradeError       a build lower than the installed one (rollback attack)
+    │   ├── UnsafePathError      a path that escapes the install root or collides
+    │   └── ChunkHashError       bytes whose blake3 is not the chunk id they claim
+    ├── InstallError             local state problems
+    │   ├── InstallLockedError   another p2pnode process works on the same install
+    │   ├── NotInstalledError    an operation that needs an install found none
+    │   ├── NoRollbackError      no earlier version is kept
+    │   └── DiskSpaceError       not enough free space to stage the release
+    ├── TransportError           a network operation failed
+    │   └── CDNError             every mirror failed for some chunk
+    └── ProtocolError            a peer broke the wire protocol (see p2pnode.swarm)
+        ├── LocalProtocolError
+        └── RemoteProtocolError
+
+Misuse of the API (calling things in the wrong order) raises plain ``RuntimeError`` subclasses,
+never one of these, so that it is never mistaken for bad input.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CDNError",
+    "ChunkHashError",
+    "DiskSpaceError",
+    "DowngradeError",
+    "ExpiredManifestError",
+    "InstallError",
+    "InstallLockedError",
+    "IntegrityError",
+    "LocalProtocolError",
+    "ManifestError",
+    "NoRollbackError",
+    "NotCanonicalError",
+    "NotInstalledError",
+    "P2PNodeError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "SignatureError",
+    "TransportError",
+    "UnsafePathError",
+    "UsageError",
+]
+
+
+class P2PNodeError(Exception):
+    """Root of every error p2pnode raises on purpose.
+
+    Args:
+        message: what went wrong, naming the thing (file, URL, key) it went wrong with.
+        fix: what the user should do; defaults to the class's ``default_fix``.
+    """
+
+    default_fix = "see `p2pnode --help`"
+    exit_code = 1
+
+    def __init__(self, message: str, *, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix if fix is not None else self.default_fix
+
+    def __str__(self) -> str:
+        return f"{self.message} (fix: {self.fix})"
+
+
+class UsageError(P2PNodeError):
+    default_fix = "check the command line against `p2pnode COMMAND --help`"
+    exit_code = 2
+
+
+class ManifestError(P2PNodeError):
+    default_fix = "fetch the manifest again from the publisher; it is damaged or not a manifest"
+
+
+class NotCanonicalError(ManifestError):
+    default_fix = "the manifest was altered after signing; fetch it again from the publisher"
+
+
+class IntegrityError(P2PNodeError):
+    default_fix = "the data was altered in transit or at rest; fetch it again from a trusted source"
+
+
+class SignatureError(IntegrityError):
+    default_fix = "pass the publisher's key with --trust ed25519:<hex>, or fetch a genuine manifest"
+
+
+class ExpiredManifestError(IntegrityError):
+    default_fix = "ask the publisher for a freshly signed manifest (or check this machine's clock)"
+
+
+class DowngradeError(IntegrityError):
+    default_fix = "use `p2pnode rollback` to go back to an earlier build on purpose"
+
+
+class UnsafePathError(IntegrityError):
+    default_fix = "the manifest is hostile or broken; do not install it"
+
+
+class ChunkHashError(IntegrityError):
+    default_fix = "the source served wrong bytes; it is skipped, retry to use another source"
+
+
+class InstallError(P2PNodeError):
+    default_fix = "run `p2pnode verify --dest DIR --repair`"
+
+
+class InstallLockedError(InstallError):
+    default_fix = "wait for the other p2pnode process to finish, or stop it"
+
+
+class NotInstalledError(InstallError):
+    default_fix = "install a release first with `p2pnode install MANIFEST --dest DIR`"
+
+
+class NoRollbackError(InstallError):
+    default_fix = "no earlier version is kept; install the wanted build's manifest explicitly"
+
+
+class DiskSpaceError(InstallError):
+    default_fix = "free disk space on the install's filesystem, or install elsewhere"
+
+
+class TransportError(P2PNodeError):
+    default_fix = "check the network and the mirror URLs, then run the same command again"
+
+
+class CDNError(TransportError):
+    default_fix = "check the mirrors (--mirror URL) are up and serve this release, then retry"
+
+
+class ProtocolError(P2PNodeError):
+    """A breach of the peer wire protocol; abstract, like h11's."""
+
+    default_fix = "the peer is incompatible or hostile; it is disconnected"
+
+    def __init__(self, message: str, *, fix: str | None = None) -> None:
+        if type(self) is ProtocolError:
+            raise TypeError("raise LocalProtocolError or RemoteProtocolError")
+        super().__init__(message, fix=fix)
+
+
+class LocalProtocolError(ProtocolError):
+    """We were about to break the protocol: a bug on our side."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol."""

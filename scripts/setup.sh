@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh Debian machine for p2pnode: system packages and the project
+# itself (editable, with test extras). Safe to run again; does nothing that is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need_apt+=(nginx-light)
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v aria2c >/dev/null 2>&1 || need_apt+=(aria2)
+if [[ "${P2PNODE_SKIP_BROWSER:-0}" != 1 ]]; then
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+fi
+if ((${#need_apt[@]})); then
+  if [[ $(id -u) -eq 0 ]]; then SUDO=""; else SUDO="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  # Debian starts these daemons on install; our tests run their own on loopback ports.
+  $SUDO systemctl disable --now nginx redis-server >/dev/null 2>&1 || true
+  $SUDO service nginx stop >/dev/null 2>&1 || true
+  $SUDO service redis-server stop >/dev/null 2>&1 || true
+fi
+
+if ! python3 -c "import p2pnode, pytest_trio, hypothesis, ruff" >/dev/null 2>&1 \
+   || [[ pyproject.toml -nt .setup-stamp ]]; then
+  python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+  touch .setup-stamp
+fi
