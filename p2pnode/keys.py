@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import blake3
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -21,6 +22,7 @@ __all__ = [
     "format_public_key",
     "generate_key",
     "load_private_key",
+    "node_id_of",
     "parse_public_key",
     "public_key_bytes",
     "save_private_key",
@@ -102,6 +104,20 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise UsageError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
     return key
+
+
+NODE_ID_BYTES = 20
+
+
+def node_id_of(public: bytes) -> bytes:
+    """A node's id: the first 160 bits of blake3 of its Ed25519 public key.
+
+    160 bits so that ids live in the same space as the ``kademlia`` package's node ids; derived
+    from the key so that a node cannot choose where it sits in the DHT, and so that anyone who
+    holds a signed message from a node can check the claimed id.
+    """
+
+    return blake3.blake3(public).digest()[:NODE_ID_BYTES]
 
 
 def sign(key: Ed25519PrivateKey, domain: bytes, message: bytes) -> bytes:
