@@ -14,7 +14,7 @@ import the native module directly and check parameters ourselves.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import Protocol
 
 import blake3
 
@@ -36,12 +36,16 @@ __all__ = ["WINDOW", "chunk_stream", "hash_chunk"]
 WINDOW = 16 * 1024 * 1024
 
 
+class Readable(Protocol):
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
 def hash_chunk(data: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
 def chunk_stream(
-    f: BinaryIO,
+    f: Readable,
     params: Chunking,
     *,
     sink: Callable[[memoryview], None] | None = None,

@@ -302,13 +302,19 @@ def parse_signed(data: bytes, *, source: str = "manifest") -> SignedManifest:
 
 
 def verify(
-    signed: SignedManifest, trusted: Collection[bytes], *, now: float | None = None
+    signed: SignedManifest,
+    trusted: Collection[bytes],
+    *,
+    now: float | None = None,
+    check_expiry: bool = True,
 ) -> Manifest:
     """Return the manifest only if a pinned key signed it and it has not expired.
 
     Raises:
         SignatureError: no trusted key, an unknown key, or a signature that does not verify.
         ExpiredManifestError: ``expires`` is in the past (a freeze attack or an old copy).
+            ``check_expiry=False`` is for manifests this node verified when it installed them
+            and kept locally (rollback): expiry guards what arrives from the network.
     """
     m = signed.manifest
     if not trusted:
@@ -324,7 +330,7 @@ def verify(
         )
     keys.verify_signature(m.key, signed.signature, SIGNATURE_DOMAIN, signed.raw)
     now = time.time() if now is None else now
-    if m.expires <= now:
+    if check_expiry and m.expires <= now:
         raise ExpiredManifestError(
             f"manifest for {m.app} {m.version} (build {m.build}) expired at "
             f"{time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(m.expires))}"

@@ -1,0 +1,372 @@
+"""The ``p2pnode`` command line.
+
+Contract (scripts rely on it): every verb exits 0 on success; on failure it exits non-zero and
+prints one line on stderr naming the cause and the fix. ``--json`` prints exactly one JSON object
+on stdout (on failure too: ``{"ok": false, "error": ..., "fix": ...}``). Long operations draw a
+rich progress bar on stderr when it is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import __version__, keys
+from .errors import P2PNodeError, UsageError
+from .units import format_bytes, parse_rate
+
+__all__ = ["main"]
+
+
+class RichProgress:
+    """A rich progress bar on stderr: bytes, rate, ETA."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._task: Any = None
+
+    def start(self, total: int, description: str) -> None:
+        self.finish()
+        self._progress.start()
+        self._task = self._progress.add_task(description, total=total)
+
+    def advance(self, n: int) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task, n)
+
+    def finish(self) -> None:
+        if self._task is not None:
+            self._progress.stop()
+            self._progress.remove_task(self._task)
+            self._task = None
+
+
+def _progress(args: argparse.Namespace) -> Any:
+    if args.json or args.quiet or not sys.stderr.isatty():
+        return None
+    return RichProgress()
+
+
+def _trusted(values: Sequence[str] | None) -> list[bytes]:
+    return [keys.parse_public_key(v) for v in values or ()]
+
+
+def _install_options(args: argparse.Namespace, **extra: Any) -> Any:
+    from .install import InstallOptions
+
+    if args.connections < 1 or args.connections > 64:
+        raise UsageError("--connections must be between 1 and 64")
+    return InstallOptions(
+        mirrors=args.mirror or (),
+        connections=args.connections,
+        max_download_rate=parse_rate(args.max_download_rate) if args.max_download_rate else None,
+        keep_versions=args.keep_versions,
+        **extra,
+    )
+
+
+def cmd_keygen(args: argparse.Namespace) -> dict[str, Any]:
+    key = keys.generate_key()
+    keys.save_private_key(key, Path(args.keyfile))
+    public = keys.format_public_key(keys.public_key_bytes(key))
+    if not args.json:
+        print(public)
+    return {"key": public, "keyfile": str(args.keyfile)}
+
+
+def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
+    from .publish import publish
+
+    key = keys.load_private_key(Path(args.key))
+    result = publish(
+        Path(args.src),
+        app=args.app,
+        version=args.version,
+        build=args.build,
+        key=key,
+        out=Path(args.out),
+        channel=args.channel,
+        mirrors=args.mirror or (),
+        lifetime=int(args.expires_days * 86400),
+    )
+    out = result.as_json()
+    if not args.json:
+        m = result.manifest
+        print(
+            f"published {m.app} {m.version} (build {m.build}, channel {m.channel}): "
+            f"{len(m.files)} files, {format_bytes(m.total_size)}, "
+            f"{out['chunks']} chunks -> {Path(args.out) / result.manifest_path}"
+        )
+        print(f"manifest id {out['manifest_id']}")
+    return out
+
+
+def _print_install(result: Any) -> None:
+    m = result.manifest
+    if result.action == "unchanged":
+        print(f"{m.app} {m.version} (build {m.build}) is already installed")
+        return
+    print(
+        f"{result.action} {m.app} {m.version} (build {m.build}): {format_bytes(m.total_size)} "
+        f"in {result.seconds:.1f}s; {format_bytes(result.bytes_cdn)} from the CDN, "
+        f"{format_bytes(result.bytes_reused)} reused locally, "
+        f"{format_bytes(result.bytes_resumed)} resumed"
+    )
+
+
+def cmd_install(args: argparse.Namespace, *, update: bool = False) -> dict[str, Any]:
+    from .install import install
+
+    options = _install_options(args, require_installed=update)
+    result = trio.run(
+        install, args.manifest, Path(args.dest), _trusted(args.trust), options, _progress(args)
+    )
+    if not args.json:
+        _print_install(result)
+    return dict(result.as_json())
+
+
+def cmd_update(args: argparse.Namespace) -> dict[str, Any]:
+    return cmd_install(args, update=True)
+
+
+def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
+    from .install import rollback
+
+    result = trio.run(rollback, Path(args.dest), _install_options(args), _progress(args))
+    if not args.json:
+        _print_install(result)
+    return dict(result.as_json())
+
+
+def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
+    from .verify import verify
+
+    report = trio.run(
+        lambda: verify(
+            Path(args.dest),
+            repair=args.repair,
+            options=_install_options(args),
+            progress=_progress(args),
+        )
+    )
+    out = report.as_json()
+    if not args.json:
+        for p in report.missing:
+            print(f"missing  {p}")
+        for p, why in report.corrupt.items():
+            print(f"corrupt  {p}: {why}")
+        for p in report.extra:
+            print(f"extra    {p}")
+        for p in report.repaired:
+            print(f"repaired {p}")
+        for p in report.quarantined:
+            print(f"moved    {p} (extra file, kept in the install's quarantine)")
+        m = report.manifest
+        state = "OK" if report.ok else "DAMAGED"
+        print(f"{m.app} {m.version} (build {m.build}): {state}")
+    if not report.ok:
+        problems = len(report.missing) + len(report.corrupt) + len(report.extra)
+        raise _Failed(
+            out,
+            f"{problems} files are missing, corrupt or extra in {args.dest}",
+            "run `p2pnode verify --dest DIR --repair`",
+        )
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
+    from .state import StateDir
+
+    sd = StateDir(Path(args.dest))
+    if not sd.exists:
+        raise UsageError(f"nothing is installed in {args.dest}", fix="install a release first")
+    state = sd.load()
+    versions = []
+    for mid in [state.current, *state.history]:
+        if not mid:
+            continue
+        m = sd.load_manifest(mid)
+        versions.append({"manifest_id": mid, "version": m.version, "build": m.build})
+    out: dict[str, Any] = {
+        "app": state.app,
+        "current": versions[0] if versions else None,
+        "kept": versions[1:],
+        "mirrors": state.mirrors,
+        "trusted": state.trusted,
+    }
+    if not args.json:
+        cur = out["current"]
+        if cur:
+            print(f"{state.app} {cur['version']} (build {cur['build']}) in {args.dest}")
+        for v in versions[1:]:
+            print(f"  kept for rollback: {v['version']} (build {v['build']})")
+    return out
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from .demo import run_demo
+
+    return run_demo(Path(args.workdir) if args.workdir else None, json_mode=args.json)
+
+
+class _Failed(Exception):
+    """A verb that ran but whose outcome is a failure (verify found damage)."""
+
+    def __init__(self, payload: dict[str, Any], message: str, fix: str) -> None:
+        super().__init__(message)
+        self.payload = payload
+        self.message = message
+        self.fix = fix
+
+
+def _add_fetch_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mirror",
+        action="append",
+        metavar="BASE_URL",
+        help="CDN root URL (repeatable); default: where the manifest came from",
+    )
+    p.add_argument(
+        "--max-download-rate",
+        metavar="RATE",
+        help="cap in bytes/s with K/M/G suffix, as in aria2 (e.g. 40M); 0 = none",
+    )
+    p.add_argument("--connections", type=int, default=8, help="HTTP connections (default 8)")
+    p.add_argument(
+        "--keep-versions",
+        type=int,
+        default=2,
+        help="earlier versions kept for offline rollback (default 2)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2pnode", description="Peer-to-peer distribution of signed software releases."
+    )
+    parser.add_argument("--version", action="version", version=f"p2pnode {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("keygen", parents=[common], help="make a publisher key")
+    p.add_argument("keyfile")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("publish", parents=[common], help="publish a directory as a release")
+    p.add_argument("src")
+    p.add_argument("--app", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--build", required=True, type=int)
+    p.add_argument("--key", required=True, metavar="KEYFILE")
+    p.add_argument("--out", required=True, metavar="CDN_DIR")
+    p.add_argument("--channel", default="stable")
+    p.add_argument(
+        "--mirror",
+        action="append",
+        metavar="BASE_URL",
+        help="CDN root URL to record in the signed manifest (repeatable)",
+    )
+    p.add_argument("--expires-days", type=float, default=365.0)
+    p.set_defaults(func=cmd_publish)
+
+    for verb, func, helptext in (
+        ("install", cmd_install, "install a release (or update an installed one)"),
+        ("update", cmd_update, "update an installed release, fetching only new chunks"),
+    ):
+        p = sub.add_parser(verb, parents=[common], help=helptext)
+        p.add_argument("manifest", help="manifest URL or path")
+        p.add_argument("--dest", required=True, metavar="DIR")
+        p.add_argument(
+            "--trust",
+            action="append",
+            metavar="ed25519:HEX",
+            help="publisher key to trust (repeatable; update defaults to the pinned)",
+        )
+        _add_fetch_flags(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("rollback", parents=[common], help="go back to the previous version")
+    p.add_argument("--dest", required=True, metavar="DIR")
+    _add_fetch_flags(p)
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("verify", parents=[common], help="check (and --repair) an install")
+    p.add_argument("--dest", required=True, metavar="DIR")
+    p.add_argument("--repair", action="store_true")
+    _add_fetch_flags(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("status", parents=[common], help="what is installed and kept")
+    p.add_argument("--dest", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", parents=[common], help="run the local demo network")
+    p.add_argument("--workdir", help="where to keep the demo's files (default: a temp dir)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _emit_error(
+    args: argparse.Namespace | None, message: str, fix: str, payload: dict[str, Any] | None = None
+) -> None:
+    print(f"p2pnode: error: {message} (fix: {fix})", file=sys.stderr)
+    if args is not None and getattr(args, "json", False):
+        out = {"ok": False, "error": message, "fix": fix}
+        if payload:
+            out.update({k: v for k, v in payload.items() if k != "ok"})
+        print(json.dumps(out))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], dict[str, Any]] = args.func
+    try:
+        out = func(args)
+    except _Failed as exc:
+        _emit_error(args, exc.message, exc.fix, exc.payload)
+        return 1
+    except P2PNodeError as exc:
+        _emit_error(args, exc.message, exc.fix)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _emit_error(args, "interrupted", "run the same command again to resume")
+        return 130
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        _emit_error(args, f"{exc.strerror or exc}{where}", "check the path and permissions")
+        return 1
+    if args.json:
+        print(json.dumps({"ok": True, **out}))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Small filesystem primitives the installer's crash-safety rests on.
+
+``exchange`` swaps two directories in one step with Linux ``renameat2(RENAME_EXCHANGE)``, so an
+install directory is always a complete tree: the old one or the new one. Where the call is not
+available (old kernels, some filesystems, other systems) it falls back to two renames, and the
+installer's recovery (which records the new tree's inode before switching) repairs the window
+between them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["exchange", "fsync_dir", "fsync_path", "rename_noreplace_or_exchange"]
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+_renameat2: Any
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _renameat2 = _libc.renameat2
+    _renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    _renameat2.restype = ctypes.c_int
+except (OSError, AttributeError):  # pragma: no cover - non-glibc systems
+    _renameat2 = None
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the names ``a`` and ``b``. Returns False if the system cannot."""
+    if _renameat2 is None:
+        return False
+    rc = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def rename_noreplace_or_exchange(new: Path, dest: Path, old_parking: Path) -> None:
+    """Put the tree ``new`` at ``dest``; the tree previously at ``dest`` ends at ``old_parking``."""
+    if not dest.exists():
+        os.rename(new, dest)
+        return
+    if exchange(new, dest):
+        os.rename(new, old_parking)  # ``new`` now names the old tree
+        return
+    os.rename(dest, old_parking)
+    os.rename(new, dest)
+
+
+def fsync_path(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path | str) -> None:
+    fsync_path(path)

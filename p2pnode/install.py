@@ -1,0 +1,552 @@
+"""Install, update and roll back a release, atomically and resumably.
+
+Theory of operation
+-------------------
+1. **Trust first.** The manifest is fetched (size-bounded), parsed and verified (pinned key,
+   signature, expiry) and checked against the installed version (same app, no downgrade)
+   before anything on disk is touched.
+2. **Plan.** Every unique chunk of the new version is either already in the stage (journal),
+   somewhere local (the installed version's files, the chunk store), or fetched from the CDN.
+   Local copies and CDN fetches run at the same time; every chunk is verified before it is
+   written into the stage.
+3. **Switch.** The stage is made durable, its inode recorded in ``state.json`` as a pending
+   switch, and it is exchanged with the install directory in one ``renameat2`` call. Whatever
+   moment a process dies, the install directory is the complete old or the complete new tree;
+   the next run reads the pending record and finishes (or forgets) the switch.
+4. **Harvest.** Chunks of kept earlier versions that the new version lacks are copied from the
+   old tree into the chunk store, then the old tree is deleted. Rollback rebuilds an earlier
+   version from the current tree plus the store, offline.
+
+Recovery
+--------
+``pending = {"op": "switch", "inode": N, ...}``: if the install directory's inode is N the
+switch happened and is completed; otherwise it did not, and the stage stays for the next
+install to resume. ``pending = {"op": "harvest"}``: harvest again (it is idempotent).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+import trio
+
+from . import keys, layout
+from . import manifest as M
+from .errors import (
+    CDNError,
+    DiskSpaceError,
+    DowngradeError,
+    InstallError,
+    NoRollbackError,
+    NotInstalledError,
+    P2PNodeError,
+    TransportError,
+    UsageError,
+)
+from .fsutil import exchange, fsync_dir
+from .stage import Journal, LocalChunks, Stage, read_verified
+from .state import InstallState, StateDir
+from .store import ChunkStore
+
+__all__ = [
+    "InstallOptions",
+    "InstallResult",
+    "Progress",
+    "install",
+    "read_manifest",
+    "rollback",
+]
+
+
+class Progress(Protocol):
+    """What a long operation tells a person (the CLI draws it with rich)."""
+
+    def start(self, total: int, description: str) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+class NullProgress:
+    def start(self, total: int, description: str) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+@dataclass
+class InstallOptions:
+    mirrors: Sequence[str] = ()  # explicit mirror roots; else derived (see resolve_mirrors)
+    connections: int = 8
+    max_download_rate: int | None = None
+    keep_versions: int = 2  # earlier versions kept for rollback
+    require_installed: bool = False  # `update` refuses to do a fresh install
+    now: float | None = None  # for tests of expiry
+
+
+@dataclass
+class InstallResult:
+    action: str  # installed | updated | unchanged | rolled-back
+    manifest: M.Manifest
+    previous_build: int | None
+    bytes_total: int
+    bytes_cdn: int = 0  # bytes read from the CDN (including any that failed verification)
+    bytes_reused: int = 0  # chunk bytes copied from local files or the store
+    bytes_resumed: int = 0  # chunk bytes already staged by an interrupted run
+    seconds: float = 0.0
+    mirrors: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "action": self.action,
+            "app": m.app,
+            "version": m.version,
+            "build": m.build,
+            "manifest_id": m.id.hex(),
+            "previous_build": self.previous_build,
+            "files": len(m.files),
+            "bytes_total": self.bytes_total,
+            "bytes_cdn": self.bytes_cdn,
+            "bytes_reused": self.bytes_reused,
+            "bytes_resumed": self.bytes_resumed,
+            "seconds": round(self.seconds, 3),
+            "mirrors": self.mirrors,
+        }
+
+
+async def read_manifest(location: str) -> bytes:
+    """The signed manifest's bytes from a URL or a path, refusing oversized documents."""
+    limit = M.MAX_MANIFEST_BYTES + 1024
+    if "://" not in location:
+        try:
+            with open(location, "rb") as f:
+                data = f.read(limit + 1)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot read manifest {location}: {exc.strerror}",
+                fix="pass a manifest URL or the path of a manifest.p2pm file",
+            ) from exc
+    else:
+        data = await _http_get(location, limit)
+    if len(data) > limit:
+        raise M.ManifestError(f"manifest {location} is larger than {limit} bytes")
+    return data
+
+
+async def _http_get(url: str, limit: int) -> bytes:
+    try:
+        with trio.fail_after(60):
+            async with (
+                httpx.AsyncClient(timeout=30) as client,
+                client.stream("GET", url) as resp,
+            ):
+                if resp.status_code != 200:
+                    raise TransportError(
+                        f"GET {url} answered HTTP {resp.status_code}",
+                        fix="check the manifest URL (is the release published there?)",
+                    )
+                buf = bytearray()
+                async for part in resp.aiter_bytes():
+                    buf += part
+                    if len(buf) > limit:
+                        break
+                return bytes(buf)
+    except trio.TooSlowError as exc:
+        raise TransportError(f"GET {url} timed out") from exc
+    except httpx.HTTPError as exc:
+        raise TransportError(f"GET {url} failed: {exc!r}") from exc
+
+
+def resolve_mirrors(
+    explicit: Sequence[str], location: str | None, manifest: M.Manifest, state: InstallState
+) -> list[str]:
+    """Mirror roots in order of preference: explicit ones, or the manifest's own base (the
+    root it was served from), the mirrors the signed manifest lists, and the ones used last."""
+    if explicit:
+        found = [m if m.endswith("/") or "://" not in m else m + "/" for m in explicit]
+    else:
+        found = []
+        if location is not None:
+            try:
+                found.append(layout.mirror_root_of(location))
+            except P2PNodeError:
+                pass
+        found += list(manifest.mirrors) + list(state.mirrors)
+    seen: set[str] = set()
+    return [m for m in found if not (m in seen or seen.add(m))]  # type: ignore[func-returns-value]
+
+
+async def install(
+    location: str,
+    dest: Path,
+    trusted: Sequence[bytes],
+    options: InstallOptions | None = None,
+    progress: Progress | None = None,
+) -> InstallResult:
+    """Install or update the release whose signed manifest is at ``location`` into ``dest``."""
+    options = options or InstallOptions()
+    t0 = time.monotonic()
+    sd = StateDir(dest)
+    data = await read_manifest(location)
+    signed = M.parse_signed(data, source=location)
+    trust = list(trusted)
+    if not trust and sd.exists:
+        trust = [keys.parse_public_key(k) for k in sd.load().trusted]
+    manifest = M.verify(signed, set(trust), now=options.now)
+    _refuse_foreign_directory(sd)
+    with sd:
+        state = sd.load()
+        await trio.to_thread.run_sync(recover, sd, state)
+        current = sd.load_manifest(state.current) if state.current else None
+        if current is None and options.require_installed:
+            raise NotInstalledError(f"nothing is installed in {dest} to update")
+        if current is not None:
+            if current.app != manifest.app:
+                raise InstallError(
+                    f"{dest} holds {current.app}, not {manifest.app}",
+                    fix="install each app into its own directory",
+                )
+            if manifest.id == current.id:
+                return InstallResult(
+                    "unchanged",
+                    manifest,
+                    current.build,
+                    manifest.total_size,
+                    seconds=time.monotonic() - t0,
+                )
+            if manifest.build < current.build:
+                raise DowngradeError(
+                    f"{dest} has build {current.build}; the manifest offers older build "
+                    f"{manifest.build}"
+                )
+            if manifest.build == current.build:
+                raise DowngradeError(
+                    f"build {manifest.build} is installed with different content than this "
+                    "manifest describes (two manifests claim one build)",
+                    fix="ask the publisher which manifest is genuine; do not install this one",
+                )
+        state.app = manifest.app
+        state.trusted = sorted({*state.trusted, keys.format_public_key(manifest.key)})
+        mirrors = resolve_mirrors(options.mirrors, location, manifest, state)
+        history = [state.current] if state.current else []
+        result = await _apply(
+            sd,
+            state,
+            signed,
+            manifest,
+            current,
+            mirrors,
+            options,
+            progress or NullProgress(),
+            history + state.history,
+        )
+        result.action = "updated" if current else "installed"
+        result.seconds = time.monotonic() - t0
+        return result
+
+
+async def rollback(
+    dest: Path, options: InstallOptions | None = None, progress: Progress | None = None
+) -> InstallResult:
+    """Go back to the most recent kept earlier version, offline when its chunks are kept."""
+    options = options or InstallOptions()
+    t0 = time.monotonic()
+    sd = StateDir(dest)
+    if not sd.exists:
+        raise NotInstalledError(f"nothing is installed in {dest}")
+    with sd:
+        state = sd.load()
+        await trio.to_thread.run_sync(recover, sd, state)
+        if not state.current:
+            raise NotInstalledError(f"nothing is installed in {dest}")
+        if not state.history:
+            raise NoRollbackError(f"{dest} keeps no version earlier than the installed one")
+        current = sd.load_manifest(state.current)
+        signed = sd.load_signed(state.history[0])
+        trusted = {keys.parse_public_key(k) for k in state.trusted}
+        manifest = M.verify(signed, trusted, check_expiry=False)
+        mirrors = resolve_mirrors(options.mirrors, None, manifest, state)
+        result = await _apply(
+            sd,
+            state,
+            signed,
+            manifest,
+            current,
+            mirrors,
+            options,
+            progress or NullProgress(),
+            [state.current, *state.history[1:]],
+        )
+        result.action = "rolled-back"
+        result.seconds = time.monotonic() - t0
+        return result
+
+
+def _refuse_foreign_directory(sd: StateDir) -> None:
+    if sd.exists or not sd.dest.exists():
+        return
+    if not sd.dest.is_dir() or any(sd.dest.iterdir()):
+        raise InstallError(
+            f"{sd.dest} exists and is not a p2pnode install",
+            fix="install into a new or empty directory",
+        )
+
+
+async def _apply(
+    sd: StateDir,
+    state: InstallState,
+    signed: M.SignedManifest,
+    manifest: M.Manifest,
+    current: M.Manifest | None,
+    mirrors: list[str],
+    options: InstallOptions,
+    progress: Progress,
+    history_after: list[str],
+) -> InstallResult:
+    """Assemble ``manifest`` in the stage from local chunks and the CDN, then switch to it."""
+    result = InstallResult("", manifest, current.build if current else None, manifest.total_size)
+    stage = Stage(sd.stage, manifest, manifest.files)
+    journal = Journal(sd.journal, manifest.id)
+    journal.open()
+    if not journal.done and sd.stage.exists():
+        stage.remove()  # a stage for another version, or with nothing verified in it
+    if journal.rebooted:
+        bad = await trio.to_thread.run_sync(stage.recheck, list(journal.done))
+        journal.forget(bad)
+    local = LocalChunks(ChunkStore(sd.store_dir))
+    if current is not None:
+        local.add_tree(sd.dest, current)
+    await assemble(stage, journal, local, mirrors, options, progress, result, sd.root)
+    await trio.to_thread.run_sync(_switch, sd, state, signed, history_after, options.keep_versions)
+    return result
+
+
+async def assemble(
+    stage: Stage,
+    journal: Journal,
+    local: LocalChunks,
+    mirrors: list[str],
+    options: InstallOptions,
+    progress: Progress,
+    result: InstallResult,
+    space_root: Path,
+) -> None:
+    """Fill ``stage`` with every chunk it lacks: local verified copies and CDN fetches run
+    concurrently; each chunk is written, then journaled. Closes the journal."""
+    manifest = stage.manifest
+    unique = {cid: locs[0][2] for cid, locs in stage.locations.items()}
+    _check_space(space_root, stage, {c: n for c, n in unique.items() if c not in journal.done})
+    lost = await trio.to_thread.run_sync(stage.prepare)
+    if lost & journal.done:
+        journal.forget(lost)
+    needed = {cid: n for cid, n in unique.items() if cid not in journal.done}
+    result.bytes_resumed = sum(n for cid, n in unique.items() if cid in journal.done)
+    progress.start(sum(unique.values()), f"{manifest.app} {manifest.version}")
+    progress.advance(result.bytes_resumed)
+
+    def put(cid: bytes, data: bytes) -> None:
+        try:
+            stage.write_chunk(cid, data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskSpaceError(
+                    f"the disk holding {space_root.parent} filled up while staging"
+                    " (progress is kept; rerun after freeing space)"
+                ) from exc
+            raise
+        journal.record(cid)
+
+    local_ids = [cid for cid in needed if local.has(cid)]
+    remote_ids = [cid for cid in needed if not local.has(cid)]
+    missing_locally: list[bytes] = []
+
+    async def copy_local() -> None:
+        def copy_one(cid: bytes) -> bool:
+            data = local.read(cid)
+            if data is None:
+                return False
+            put(cid, data)
+            return True
+
+        for cid in local_ids:
+            if await trio.to_thread.run_sync(copy_one, cid):
+                result.bytes_reused += unique[cid]
+                progress.advance(unique[cid])
+            else:
+                missing_locally.append(cid)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(copy_local)
+            if remote_ids:
+                nursery.start_soon(
+                    _fetch, stage, remote_ids, mirrors, options, put, progress, result
+                )
+        if missing_locally:
+            await _fetch(stage, missing_locally, mirrors, options, put, progress, result)
+    finally:
+        journal.close()
+    await trio.to_thread.run_sync(stage.finish)
+    progress.finish()
+
+
+async def _fetch(
+    stage: Stage,
+    ids: list[bytes],
+    mirrors: list[str],
+    options: InstallOptions,
+    put: Callable[[bytes, bytes], None],
+    progress: Progress,
+    result: InstallResult,
+) -> None:
+    from .cdn import CDNFetcher, CDNOptions, ChunkRequest
+
+    manifest = stage.manifest
+    if not mirrors:
+        raise CDNError(
+            f"{len(ids)} chunks of {manifest.app} {manifest.version} are not on this machine "
+            "and no mirror is known",
+            fix="pass --mirror BASE_URL",
+        )
+    requests = []
+    for cid in ids:
+        path, offset, length = stage.locations[cid][0]
+        requests.append(ChunkRequest(cid, path, offset, length))
+
+    async def deliver(req: ChunkRequest, data: bytes) -> None:
+        await trio.to_thread.run_sync(put, req.id, data)
+
+    def on_bytes(n: int) -> None:
+        progress.advance(n)
+
+    fetcher = CDNFetcher(
+        app=manifest.app,
+        build=manifest.build,
+        mirrors=mirrors,
+        file_sizes={f.path: f.size for f in manifest.files},
+        options=CDNOptions(
+            connections=options.connections, max_download_rate=options.max_download_rate
+        ),
+        on_bytes=on_bytes,
+    )
+    stats = await fetcher.fetch(requests, deliver)
+    result.bytes_cdn += stats.bytes_received
+    result.mirrors = {name: vars(ms) for name, ms in stats.per_mirror.items()}
+
+
+def _check_space(root: Path, stage: Stage, needed: dict[bytes, int]) -> None:
+    want = sum(len(stage.locations[cid]) * n for cid, n in needed.items())
+    free = shutil.disk_usage(root).free
+    margin = 64 * 1024 * 1024
+    if want + margin > free:
+        raise DiskSpaceError(
+            f"staging needs {want // 2**20} MiB more, but {root.parent} has "
+            f"{free // 2**20} MiB free"
+        )
+
+
+def _switch(
+    sd: StateDir,
+    state: InstallState,
+    signed: M.SignedManifest,
+    history_after: list[str],
+    keep_versions: int,
+) -> None:
+    new_id = signed.id.hex()
+    sd.keep_manifest(signed)
+    state.pending = {
+        "op": "switch",
+        "to": new_id,
+        "inode": os.stat(sd.stage).st_ino,
+        "history": [h for h in history_after if h != new_id][:keep_versions],
+    }
+    sd.save(state)
+    shutil.rmtree(sd.old, ignore_errors=True)
+    if not sd.dest.exists():
+        os.rename(sd.stage, sd.dest)
+    elif exchange(sd.stage, sd.dest):
+        os.rename(sd.stage, sd.old)
+    else:  # no atomic exchange here: two renames, bridged by recover()
+        os.rename(sd.dest, sd.old)
+        os.rename(sd.stage, sd.dest)
+    fsync_dir(sd.dest.parent)
+    fsync_dir(sd.root)
+    sd.journal.unlink(missing_ok=True)
+    _complete_switch(sd, state)
+
+
+def _complete_switch(sd: StateDir, state: InstallState) -> None:
+    p = state.pending or {}
+    state.current = p["to"]
+    state.history = list(p["history"])
+    state.pending = {"op": "harvest"}
+    sd.save(state)
+    harvest(sd, state)
+
+
+def recover(sd: StateDir, state: InstallState) -> None:
+    """Finish or undo whatever a killed process left half done (see module docstring)."""
+    p = state.pending
+    if not p:
+        if sd.old.exists():
+            shutil.rmtree(sd.old, ignore_errors=True)
+        return
+    if p.get("op") == "switch":
+        if sd.dest.exists() and os.stat(sd.dest).st_ino == p["inode"]:
+            _complete_switch(sd, state)
+            return
+        if not sd.dest.exists() and sd.stage.exists():
+            # Killed between the two renames of the non-atomic fallback.
+            os.rename(sd.stage, sd.dest)
+            _complete_switch(sd, state)
+            return
+        state.pending = None  # the switch never happened; the stage resumes next time
+        sd.save(state)
+        return
+    if p.get("op") == "harvest":
+        harvest(sd, state)
+
+
+def harvest(sd: StateDir, state: InstallState) -> None:
+    """Keep in the store what kept versions need beyond the current tree; drop the rest."""
+    current = sd.load_manifest(state.current) if state.current else None
+    in_tree = set(current.unique_chunks()) if current else set()
+    keep: set[bytes] = set()
+    kept_manifests = []
+    for mid in state.history:
+        try:
+            kept_manifests.append(sd.load_manifest(mid))
+        except P2PNodeError:
+            continue
+    store = ChunkStore(sd.store_dir)
+    for m in kept_manifests:
+        for f, c in m.iter_chunks():
+            if c.id in in_tree or c.id in keep:
+                continue
+            keep.add(c.id)
+            if c.id in store or not sd.old.exists():
+                continue
+            data = read_verified(sd.old / f.path, c.offset, c.length, c.id)
+            if data is not None:
+                store.put(c.id, data)
+    store.sync()
+    shutil.rmtree(sd.old, ignore_errors=True)
+    store.retain(keep)
+    wanted = {f"{mid}.p2pm" for mid in [state.current, *state.history] if mid}
+    for kept in sd.manifests.iterdir():
+        if kept.name not in wanted:
+            kept.unlink(missing_ok=True)
+    state.pending = None
+    sd.save(state)
