@@ -1,0 +1,177 @@
+"""The iterative Kademlia lookup as a sans-IO state machine.
+
+Theory of operation
+-------------------
+The ``kademlia`` package's crawlers query ``alpha`` nodes, wait for *all* of them (each up to the
+RPC timeout), then start the next round, and its value crawler stops at the first node holding
+any value. Both are wrong for peer discovery: one dead node stalls a whole round, and stopping
+at the first value loses every announcer stored elsewhere. This module keeps the lookup's state
+and decides what to ask next; the asyncio driver in node.py only sends and receives.
+
+A ``Lookup`` holds a shortlist of contacts sorted by XOR distance to the target. At any time at
+most ``alpha`` queries are in flight; a new one starts as soon as any finishes (so a dead node
+costs one slot for one timeout, not a round). The lookup is done when nothing is in flight and
+the ``k`` closest contacts not known to have failed have all answered. Answers add contacts;
+failures remove them from the running. A query that has not been answered within a short
+"stall" time (well under the RPC timeout) stops counting against ``alpha`` and stops holding the
+lookup open, so a dead node among the closest costs a fraction of a second, not a full timeout
+(libtorrent's DHT does the same); if its answer still arrives, it is used. The shortlist is
+bounded (``k * SHORTLIST_FACTOR`` closest kept) so a hostile answer cannot grow it without
+limit, and each answer contributes at most ``k`` contacts.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from typing import NamedTuple
+
+__all__ = ["SHORTLIST_FACTOR", "Contact", "Lookup"]
+
+SHORTLIST_FACTOR = 4
+
+
+class Contact(NamedTuple):
+    """A DHT node: 20-byte id and UDP address."""
+
+    id: bytes
+    host: str
+    port: int
+
+    @property
+    def long_id(self) -> int:
+        return int.from_bytes(self.id, "big")
+
+
+_NEW, _ASKED, _STALLED, _ANSWERED, _FAILED = range(5)
+_OUT_OF_RUNNING = (_STALLED, _FAILED)
+
+
+class Lookup:
+    """State of one iterative lookup for ``target``.
+
+    Args:
+        target: the 20-byte id (node id or DHT key) looked for.
+        seeds: contacts from our own routing table to start from.
+        k: how many closest nodes must answer before the lookup is done.
+        alpha: most queries in flight at once.
+        self_id: our own id, never queried.
+    """
+
+    def __init__(
+        self,
+        target: bytes,
+        seeds: Iterable[Contact],
+        *,
+        k: int,
+        alpha: int,
+        self_id: bytes | None = None,
+    ) -> None:
+        self.target = int.from_bytes(target, "big")
+        self.k = k
+        self.alpha = alpha
+        self.self_id = self_id
+        self._sorted: list[tuple[int, bytes]] = []  # (distance, id), ascending
+        self._contacts: dict[bytes, Contact] = {}
+        self._state: dict[bytes, int] = {}
+        self.in_flight = 0  # asked and not stalled
+        self.stalled = 0
+        self.queries_sent = 0
+        self.answers = 0
+        self.failures = 0
+        self._add(seeds)
+
+    def _add(self, contacts: Iterable[Contact]) -> None:
+        limit = self.k * SHORTLIST_FACTOR
+        for c in contacts:
+            if c.id == self.self_id or c.id in self._contacts:
+                continue
+            entry = (c.long_id ^ self.target, c.id)
+            if len(self._sorted) >= limit:
+                if entry >= self._sorted[-1]:
+                    continue
+                # drop the farthest contact that is not in flight
+                for i in range(len(self._sorted) - 1, -1, -1):
+                    victim = self._sorted[i][1]
+                    if self._state[victim] not in (_ASKED, _STALLED):
+                        del self._sorted[i]
+                        del self._contacts[victim]
+                        del self._state[victim]
+                        break
+                else:
+                    continue
+            bisect.insort(self._sorted, entry)
+            self._contacts[c.id] = c
+            self._state[c.id] = _NEW
+
+    def _live_closest(self) -> list[bytes]:
+        """The ids of the k closest contacts that have neither failed nor stalled."""
+        out = []
+        for _, cid in self._sorted:
+            if self._state[cid] not in _OUT_OF_RUNNING:
+                out.append(cid)
+                if len(out) == self.k:
+                    break
+        return out
+
+    def next_queries(self) -> list[Contact]:
+        """Contacts to query now; they count as in flight until answered or failed."""
+        out = []
+        for cid in self._live_closest():
+            if self.in_flight >= self.alpha:
+                break
+            if self._state[cid] == _NEW:
+                self._state[cid] = _ASKED
+                self.in_flight += 1
+                self.queries_sent += 1
+                out.append(self._contacts[cid])
+        return out
+
+    def on_answer(self, contact: Contact, nodes: Iterable[Contact]) -> None:
+        """``contact`` answered with ``nodes`` (only its first ``k`` are considered)."""
+        state = self._state.get(contact.id)
+        if state not in (_ASKED, _STALLED):
+            return
+        self._state[contact.id] = _ANSWERED
+        self._leave(state)
+        self.answers += 1
+        self._add(list(nodes)[: self.k])
+
+    def on_failure(self, contact: Contact) -> None:
+        """``contact`` did not answer in time, or answered with garbage."""
+        state = self._state.get(contact.id)
+        if state not in (_ASKED, _STALLED):
+            return
+        self._state[contact.id] = _FAILED
+        self._leave(state)
+        self.failures += 1
+
+    def on_stalled(self, contact: Contact) -> None:
+        """``contact`` has not answered within the stall time: free its slot, keep listening."""
+        if self._state.get(contact.id) != _ASKED:
+            return
+        self._state[contact.id] = _STALLED
+        self.in_flight -= 1
+        self.stalled += 1
+
+    def _leave(self, state: int) -> None:
+        if state == _ASKED:
+            self.in_flight -= 1
+        else:
+            self.stalled -= 1
+
+    @property
+    def done(self) -> bool:
+        if self.in_flight:
+            return False
+        return all(self._state[cid] != _NEW for cid in self._live_closest())
+
+    def closest(self) -> list[Contact]:
+        """The (up to) k closest contacts that answered, nearest first."""
+        out = []
+        for _, cid in self._sorted:
+            if self._state[cid] == _ANSWERED:
+                out.append(self._contacts[cid])
+                if len(out) == self.k:
+                    break
+        return out
