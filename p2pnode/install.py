@@ -505,6 +505,8 @@ def recover(sd: StateDir, state: InstallState) -> None:
         return
     if p.get("op") == "switch":
         if sd.dest.exists() and os.stat(sd.dest).st_ino == p["inode"]:
+            if sd.stage.exists() and not sd.old.exists():
+                os.rename(sd.stage, sd.old)  # killed right after the exchange
             _complete_switch(sd, state)
             return
         if not sd.dest.exists() and sd.stage.exists():

@@ -46,7 +46,7 @@ class ChunkStore:
         p = self.path(chunk_id)
         if p.exists():
             return
-        p.parent.mkdir(mode=0o700, exist_ok=True)
+        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = p.with_name(p.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""CDN-only install speed against aria2c, measured in the same run on the same nginx.
+
+A release of mixed file sizes (default 1 GiB) is published to a directory served by nginx on
+loopback. aria2c -x8 -s8 fetches the same files to disk; then `p2pnode install` (CDN only) does
+its install (fetch, verify every chunk, stage, fsync, switch). Both write to the same
+filesystem, from a warm nginx page cache. Prints a table for people and, last, one JSON line:
+``ratio`` (aria2c seconds / p2pnode seconds; >= 1.0 means at least as fast), ``peak_rss_mb``
+(the p2pnode process), ``hash_gbps`` (blake3 on this machine, one thread).
+
+Usage: python3 scripts/bench_cdn.py [--size-mb 1024] [--runs 1] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import blake3
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from p2pnode import keys
+from p2pnode.localcdn import LocalCDN
+from p2pnode.publish import publish
+
+
+def make_release(root: Path, total: int, seed: int = 7) -> None:
+    """Mixed sizes, like a game: a few huge packs, some medium assets, many small files.
+    Random (incompressible) content written from one seeded stream (fast to generate)."""
+    rng = random.Random(seed)
+    plan = [0.40, 0.20, 0.10]  # three large packs
+    sizes = [int(total * p) for p in plan]
+    rest = total - sum(sizes)
+    medium = rest * 2 // 3
+    while medium > 0:
+        s = min(medium, rng.randint(2 << 20, 24 << 20))
+        sizes.append(s)
+        medium -= s
+    small = total - sum(sizes)
+    while small > 0:
+        s = min(small, rng.randint(1 << 10, 512 << 10))
+        sizes.append(s)
+        small -= s
+    stream = blake3.blake3(b"bench-cdn-%d" % seed)
+    offset = 0
+    for i, size in enumerate(sizes):
+        d = root / f"dir{i % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / f"file{i:04d}.bin", "wb") as f:
+            left = size
+            while left:
+                n = min(left, 8 << 20)
+                f.write(stream.digest(length=n, seek=offset))
+                offset += n
+                left -= n
+
+
+def hash_gbps() -> float:
+    data = os.urandom(256 << 20)
+    blake3.blake3(data).digest()
+    t = time.perf_counter()
+    blake3.blake3(data).digest()
+    return len(data) / (time.perf_counter() - t) / 1e9
+
+
+def drop_dest(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(path.parent / f".{path.name}.p2pnode", ignore_errors=True)
+
+
+def run_aria2(url_list: Path, out: Path) -> float:
+    aria = shutil.which("aria2c")
+    if not aria:
+        raise SystemExit("aria2c is not installed (run `bash scripts/setup.sh`)")
+    out.mkdir(parents=True)
+    t = time.perf_counter()
+    subprocess.run(
+        [aria, "-x8", "-s8", "-j8", "-q", "--allow-overwrite=true", "--auto-file-renaming=false",
+         "--file-allocation=none", "-d", str(out), "-i", str(url_list)],
+        check=True,
+    )  # fmt: skip
+    return time.perf_counter() - t
+
+
+def run_node(manifest_url: str, dest: Path, pub: str) -> tuple[float, float, dict[str, object]]:
+    t = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "p2pnode", "install", manifest_url, "--dest", str(dest),
+         "--trust", pub, "--json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"p2pnode install failed: {proc.stderr}")
+    rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return seconds, rss_kb / 1024, json.loads(proc.stdout)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mb", type=int, default=1024)
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--workdir", type=Path)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-cdn-", dir=args.workdir))
+    try:
+        src, cdn_dir = work / "src", work / "cdn"
+        make_release(src, args.size_mb << 20)
+        key = keys.generate_key()
+        pub = keys.format_public_key(keys.public_key_bytes(key))
+        t = time.perf_counter()
+        res = publish(src, app="bench", version="1", build=1, key=key, out=cdn_dir)
+        publish_s = time.perf_counter() - t
+        shutil.rmtree(src)
+        m = res.manifest
+        with LocalCDN(cdn_dir) as cdn:
+            urls = work / "urls.txt"
+            with open(urls, "w") as f:
+                for fe in m.files:
+                    f.write(f"{cdn.url}bench/1/files/{fe.path}\n  out={fe.path}\n")
+            # Warm nginx's page cache so both clients read from memory.
+            for fe in m.files:
+                (cdn_dir / "bench/1/files" / fe.path).read_bytes()
+            aria_times, node_times, rss = [], [], 0.0
+            result: dict[str, object] = {}
+            for _ in range(args.runs):
+                out = work / "aria"
+                aria_times.append(run_aria2(urls, out))
+                shutil.rmtree(out)
+                dest = work / "install"
+                s, r, result = run_node(cdn.url + res.manifest_path, dest, pub)
+                node_times.append(s)
+                rss = max(rss, r)
+                drop_dest(dest)
+        aria_s, node_s = min(aria_times), min(node_times)
+        size = m.total_size
+        gbps = hash_gbps()
+        rows = [
+            ("release", f"{size / 2**20:.0f} MiB in {len(m.files)} files, "
+                        f"{len(m.unique_chunks())} chunks"),
+            ("publish", f"{publish_s:.2f} s ({size / publish_s / 1e6:.0f} MB/s)"),
+            ("aria2c -x8 -s8", f"{aria_s:.2f} s ({size / aria_s / 1e6:.0f} MB/s)"),
+            ("p2pnode install", f"{node_s:.2f} s ({size / node_s / 1e6:.0f} MB/s)"),
+            ("ratio aria2c/p2pnode", f"{aria_s / node_s:.2f}  (target >= 1.0)"),
+            ("p2pnode peak RSS", f"{rss:.0f} MB  (target < 200)"),
+            ("blake3 one thread", f"{gbps:.2f} GB/s"),
+        ]  # fmt: skip
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"{k:<{width}}  {v}")
+        print(json.dumps({
+            "ratio": round(aria_s / node_s, 3), "peak_rss_mb": round(rss, 1),
+            "hash_gbps": round(gbps, 2), "aria2c_s": round(aria_s, 3),
+            "p2pnode_s": round(node_s, 3), "bytes": size, "files": len(m.files),
+            "bytes_cdn": result.get("bytes_cdn"),
+        }))  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""kill -9 in the middle of an install, then the same command: resumes and ends identical."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from p2pnode import keys
+from p2pnode.install import InstallOptions, install, recover
+from p2pnode.localcdn import LocalCDN
+from p2pnode.publish import publish
+from p2pnode.state import StateDir
+
+from .test_install import KEY, TRUST, make_release, tree
+
+
+def journal_records(dest: Path) -> int:
+    j = StateDir(dest).journal
+    try:
+        return max(0, (j.stat().st_size - 74) // 32)
+    except FileNotFoundError:
+        return 0
+
+
+def test_kill_9_mid_install_then_rerun(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_release(src, big=40 << 20)
+    cdn_root = tmp_path / "cdn"
+    p = publish(src, app="game", version="1", build=1, key=KEY, out=cdn_root)
+    size = p.manifest.total_size
+    n_chunks = len(p.manifest.unique_chunks())
+    dest = tmp_path / "game"
+    pub = keys.format_public_key(keys.public_key_bytes(KEY))
+    with LocalCDN(cdn_root) as cdn:
+        cmd = [
+            sys.executable,
+            "-m",
+            "p2pnode",
+            "install",
+            cdn.url + p.manifest_path,
+            "--dest",
+            str(dest),
+            "--trust",
+            pub,
+            "--json",
+        ]
+        proc = subprocess.Popen(
+            [*cmd, "--max-download-rate", "16M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 30
+        while journal_records(dest) < n_chunks // 3 and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert journal_records(dest) >= n_chunks // 3
+        assert not dest.exists()  # nothing switched in: the install dir never held a mix
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert tree(dest) == tree(src)
+        total = cdn.bytes_sent(f"/{p.manifest.app}/1/files/")
+        assert total <= 1.1 * size, (total, size)
+
+
+def test_recover_completes_or_forgets_a_switch(tmp_path: Path) -> None:
+    """The pending-switch record decides, by inode, whether a killed switch happened."""
+    src = tmp_path / "src"
+    make_release(src, big=1 << 20)
+    p1 = publish(src, app="game", version="1", build=1, key=KEY, out=tmp_path / "cdn")
+    dest = tmp_path / "game"
+    trio.run(install, str(tmp_path / "cdn" / p1.manifest_path), dest, TRUST, InstallOptions())
+    sd = StateDir(dest)
+    state = sd.load()
+    # A switch that never happened: the record names an inode the install dir does not have.
+    state.pending = {"op": "switch", "to": "00" * 32, "inode": -1, "history": []}
+    sd.save(state)
+    recover(sd, state)
+    assert sd.load().pending is None and sd.load().current == p1.manifest.id.hex()
+    # A switch that happened but whose bookkeeping was cut short.
+    (src / "new.txt").write_text("2")
+    p2 = publish(src, app="game", version="2", build=2, key=KEY, out=tmp_path / "cdn")
+    sd.keep_manifest(p2.signed)
+    state = sd.load()
+    state.pending = {
+        "op": "switch",
+        "to": p2.manifest.id.hex(),
+        "inode": os.stat(dest).st_ino,
+        "history": [p1.manifest.id.hex()],
+    }
+    sd.save(state)
+    recover(sd, state)
+    after = sd.load()
+    assert after.current == p2.manifest.id.hex() and after.history == [p1.manifest.id.hex()]
+    assert after.pending is None
