@@ -24,48 +24,9 @@ from .units import format_bytes, parse_rate
 __all__ = ["main"]
 
 
-class RichProgress:
-    """A rich progress bar on stderr: bytes, rate, ETA."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        self._task: Any = None
-
-    def start(self, total: int, description: str) -> None:
-        self.finish()
-        self._progress.start()
-        self._task = self._progress.add_task(description, total=total)
-
-    def advance(self, n: int) -> None:
-        if self._task is not None:
-            self._progress.advance(self._task, n)
-
-    def finish(self) -> None:
-        if self._task is not None:
-            self._progress.stop()
-            self._progress.remove_task(self._task)
-            self._task = None
-
-
 def _progress(args: argparse.Namespace) -> Any:
+    from .progress import RichProgress
+
     if args.json or args.quiet or not sys.stderr.isatty():
         return None
     return RichProgress()
@@ -112,6 +73,7 @@ def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
         channel=args.channel,
         mirrors=args.mirror or (),
         lifetime=int(args.expires_days * 86400),
+        progress=_progress(args),
     )
     out = result.as_json()
     if not args.json:

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import trio
@@ -52,6 +52,7 @@ from .errors import (
     UsageError,
 )
 from .fsutil import exchange, fsync_dir
+from .progress import NullProgress, Progress
 from .stage import Journal, LocalChunks, Stage, read_verified
 from .state import InstallState, StateDir
 from .store import ChunkStore
@@ -64,25 +65,6 @@ __all__ = [
     "read_manifest",
     "rollback",
 ]
-
-
-class Progress(Protocol):
-    """What a long operation tells a person (the CLI draws it with rich)."""
-
-    def start(self, total: int, description: str) -> None: ...
-    def advance(self, n: int) -> None: ...
-    def finish(self) -> None: ...
-
-
-class NullProgress:
-    def start(self, total: int, description: str) -> None:
-        pass
-
-    def advance(self, n: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
 
 
 @dataclass

@@ -13,7 +13,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from . import keys, layout
 from . import manifest as M
 from .chunker import chunk_stream
 from .errors import ManifestError, P2PNodeError, UsageError
+from .progress import NullProgress, Progress
 
 __all__ = ["PublishResult", "collect_files", "publish", "write_atomic"]
 
@@ -118,11 +119,12 @@ def publish(
     mirrors: Sequence[str] = (),
     lifetime: int = DEFAULT_LIFETIME,
     chunking: M.Chunking | None = None,
-    on_bytes: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> PublishResult:
     """Publish ``src`` as ``app`` ``version`` (build ``build``) under ``out``."""
     chunking = chunking or M.Chunking()
     files = collect_files(src)
+    progress = progress or NullProgress()
     now = int(time.time())
     # Validate the cheap fields before reading gigabytes.
     probe = M.Manifest(
@@ -151,9 +153,10 @@ def publish(
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{build}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    progress.start(sum(p.stat().st_size for _, p, _ in files), f"publish {app} {version}")
     try:
         entries = [
-            _copy_and_chunk(src_path, tmp / "files" / rel, rel, exe, chunking, on_bytes)
+            _copy_and_chunk(src_path, tmp / "files" / rel, rel, exe, chunking, progress)
             for rel, src_path, exe in files
         ]
         manifest = M.Manifest(
@@ -177,6 +180,8 @@ def publish(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        progress.finish()
     pointer = out / layout.channel_manifest_path(app, channel)
     pointer.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(pointer, blob)
@@ -194,7 +199,7 @@ def _copy_and_chunk(
     rel: str,
     executable: bool,
     chunking: M.Chunking,
-    on_bytes: Callable[[int], None] | None,
+    progress: Progress,
 ) -> M.FileEntry:
     dest.parent.mkdir(parents=True, exist_ok=True)
     mode = M.MODE_EXEC if executable else M.MODE_FILE
@@ -202,8 +207,7 @@ def _copy_and_chunk(
 
         def sink(view: memoryview) -> None:
             fout.write(view)
-            if on_bytes:
-                on_bytes(len(view))
+            progress.advance(len(view))
 
         chunks = tuple(chunk_stream(fin, chunking, sink=sink))
         fout.flush()

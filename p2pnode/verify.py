@@ -27,12 +27,11 @@ from .errors import NotInstalledError
 from .install import (
     InstallOptions,
     InstallResult,
-    NullProgress,
-    Progress,
     assemble,
     recover,
     resolve_mirrors,
 )
+from .progress import NullProgress, Progress
 from .stage import Journal, LocalChunks, Stage, read_verified
 from .state import StateDir
 from .store import ChunkStore
