@@ -23,7 +23,7 @@ limit, and each answer contributes at most ``k`` contacts.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 __all__ = ["SHORTLIST_FACTOR", "Contact", "Lookup"]
@@ -56,6 +56,8 @@ class Lookup:
         k: how many closest nodes must answer before the lookup is done.
         alpha: most queries in flight at once.
         self_id: our own id, never queried.
+        skip: contacts for which this returns True are known but never queried (nodes that
+            recently failed to answer us: re-asking them would only cost another stall).
     """
 
     def __init__(
@@ -66,7 +68,9 @@ class Lookup:
         k: int,
         alpha: int,
         self_id: bytes | None = None,
+        skip: Callable[[Contact], bool] | None = None,
     ) -> None:
+        self.skip = skip
         self.target = int.from_bytes(target, "big")
         self.k = k
         self.alpha = alpha
@@ -102,7 +106,7 @@ class Lookup:
                     continue
             bisect.insort(self._sorted, entry)
             self._contacts[c.id] = c
-            self._state[c.id] = _NEW
+            self._state[c.id] = _FAILED if self.skip is not None and self.skip(c) else _NEW
 
     def _live_closest(self) -> list[bytes]:
         """The ids of the k closest contacts that have neither failed nor stalled."""
@@ -175,3 +179,30 @@ class Lookup:
                 if len(out) == self.k:
                     break
         return out
+
+
+class RttEstimator:
+    """Smoothed round-trip time, as TCP's retransmission timer computes it (RFC 6298).
+
+    A lookup gives up waiting on a node (``Lookup.on_stalled``) after ``stall_after()``: a
+    few round-trip deviations above the smoothed round trip, clamped to ``[floor, ceiling]``.
+    On loopback that is the floor; on a real network it follows the network.
+    """
+
+    def __init__(self, *, floor: float, ceiling: float) -> None:
+        self.floor = floor
+        self.ceiling = ceiling
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+
+    def observe(self, sample: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = sample, sample / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - sample)
+            self.srtt = 0.875 * self.srtt + 0.125 * sample
+
+    def stall_after(self) -> float:
+        if self.srtt is None:
+            return self.ceiling
+        return min(self.ceiling, max(self.floor, self.srtt + 4 * self.rttvar))

@@ -60,7 +60,7 @@ from kademlia.protocol import KademliaProtocol
 
 from ..errors import InstallError, TransportError, UsageError
 from ..keys import node_id_of, public_key_bytes
-from .lookup import Contact, Lookup
+from .lookup import Contact, Lookup, RttEstimator
 from .records import (
     MAX_BUNDLE_BYTES,
     MAX_TTL,
@@ -103,6 +103,9 @@ RATE_PER_SECOND = 200.0
 RATE_BURST = 400.0
 #: Addresses tracked by the rate limiter; the least recently seen are forgotten first.
 RATE_TABLE_SIZE = 4096
+#: A node that stalled or failed a query is not asked again by lookups for this long, unless
+#: it shows it is alive by sending us anything. Bounded like the rate table.
+SUSPECT_SECONDS = 60.0
 #: Most records a lookup returns, and most distinct encodings it will verify.
 MAX_LOOKUP_RECORDS = 256
 MAX_STATE_CONTACTS = 1024
@@ -133,7 +136,10 @@ class DHTConfig:
         ksize: Kademlia's k (replication and bucket size); 20 as in the paper and BEP 5.
         alpha: parallel queries per lookup; 3 as in the paper.
         rpc_timeout: seconds before an unanswered RPC fails and its node leaves the table.
-        stall_timeout: seconds before an unanswered RPC stops holding a lookup up.
+        stall_timeout: most seconds before an unanswered RPC stops holding a lookup up; the
+            actual wait follows the measured round-trip time (lookup.RttEstimator), down to
+            ``min_stall_timeout``.
+        min_stall_timeout: least such wait.
         record_ttl: lifetime of our signed records (at most ``records.MAX_TTL``).
         reannounce_interval: how often ``serve_dht`` re-signs and re-stores our records.
         refresh_interval: how often ``serve_dht`` refreshes the routing table.
@@ -147,7 +153,8 @@ class DHTConfig:
     ksize: int = 20
     alpha: int = 3
     rpc_timeout: float = 2.0
-    stall_timeout: float = 0.4
+    stall_timeout: float = 0.5
+    min_stall_timeout: float = 0.1
     record_ttl: float = 1800.0
     reannounce_interval: float = 600.0
     refresh_interval: float = 900.0
@@ -302,14 +309,32 @@ class DHTProtocol(KademliaProtocol):
             "stun": self.rpc_stun,
         }
         self._background: set[asyncio.Future[Any]] = set()
+        self._suspects: OrderedDict[tuple[str, int], float] = OrderedDict()
         self.requests_handled = 0
         self.requests_dropped = 0
+
+    def mark_suspect(self, addr: tuple[str, int]) -> None:
+        self._suspects.pop(addr, None)
+        self._suspects[addr] = time.monotonic() + SUSPECT_SECONDS
+        if len(self._suspects) > RATE_TABLE_SIZE:
+            self._suspects.popitem(last=False)
+
+    def is_suspect(self, addr: tuple[str, int]) -> bool:
+        until = self._suspects.get(addr)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._suspects[addr]
+            return False
+        return True
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if len(data) < 22 or len(data) > MAX_DATAGRAM:
             self.requests_dropped += 1
             return
         kind, msg_id = data[:1], data[1:21]
+        if self._suspects:
+            self._suspects.pop(addr[:2], None)  # it is alive after all
         try:
             payload = umsgpack.unpackb(data[21:])
         except Exception:  # untrusted datagram: the decoder signals bad input with many types
@@ -420,6 +445,7 @@ class _AioCore:
         self.protocol: DHTProtocol | None = None
         self.transport: asyncio.DatagramTransport | None = None
         self.announcements: dict[Topic, _Announcement] = {}
+        self.rtt = RttEstimator(floor=config.min_stall_timeout, ceiling=config.stall_timeout)
 
     @property
     def proto(self) -> DHTProtocol:
@@ -479,16 +505,23 @@ class _AioCore:
             Contact(n.id, n.ip, n.port)
             for n in proto.router.find_neighbors(Node(target), k=self.config.ksize)
         ]
-        lk = Lookup(target, seeds, k=self.config.ksize, alpha=self.config.alpha,
-                    self_id=self.node.id)  # fmt: skip
+        lk = Lookup(
+            target,
+            seeds,
+            k=self.config.ksize,
+            alpha=self.config.alpha,
+            self_id=self.node.id,
+            skip=lambda c: proto.is_suspect((c.host, c.port)),
+        )
         bundles: list[bytes] = []
-        pending: dict[asyncio.Future[Any], Contact] = {}
+        pending: dict[asyncio.Future[Any], tuple[Contact, float]] = {}
         stall_handles: dict[bytes, asyncio.TimerHandle] = {}
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         method = proto.find_value if find_value else proto.find_node
 
         def stalled(c: Contact) -> None:
+            proto.mark_suspect((c.host, c.port))
             lk.on_stalled(c)
             wake.set()
 
@@ -496,8 +529,8 @@ class _AioCore:
             while True:
                 for c in lk.next_queries():
                     fut = asyncio.ensure_future(method((c.host, c.port), self.node.id, target))
-                    pending[fut] = c
-                    stall_handles[c.id] = loop.call_later(self.config.stall_timeout, stalled, c)
+                    pending[fut] = (c, loop.time())
+                    stall_handles[c.id] = loop.call_later(self.rtt.stall_after(), stalled, c)
                 if lk.done or not pending:
                     break
                 wake.clear()
@@ -509,15 +542,18 @@ class _AioCore:
                 for fut in done:
                     if fut is waiter:
                         continue
-                    c = pending.pop(fut)
+                    c, sent_at = pending.pop(fut)
                     stall_handles.pop(c.id).cancel()
-                    self._handle_answer(lk, c, fut.result(), bundles, find_value)
+                    result = fut.result()
+                    if result[0]:
+                        self.rtt.observe(loop.time() - sent_at)
+                    self._handle_answer(lk, c, result, bundles, find_value)
         finally:
             for h in stall_handles.values():
                 h.cancel()
             # queries still out (stalled) resolve on their own at the RPC timeout; let them
             # update the routing table then, without holding this lookup up.
-            for fut, c in pending.items():
+            for fut, (c, _) in pending.items():
                 fut.add_done_callback(functools.partial(self._late_answer, c))
         return lk, bundles
 
@@ -531,6 +567,7 @@ class _AioCore:
         if ok:
             self.proto.welcome_if_new(node)
         else:
+            self.proto.mark_suspect((c.host, c.port))
             self.proto.router.remove_contact(node)
 
     def _handle_answer(
