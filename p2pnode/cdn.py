@@ -522,6 +522,6 @@ class CDNFetcher:
             fix = "the mirrors hold another version of this file; republish or add a --mirror"
         return CDNError(
             f"cannot fetch chunk {r.id.hex()[:12]} of {r.path} (bytes {r.offset}-{r.end - 1}) "
-            f"after {it.attempts} attempts: {why}{more}",
+            f"after {it.attempts} attempt{'s' if it.attempts != 1 else ''}: {why}{more}",
             fix=fix,
         )
