@@ -698,7 +698,9 @@ class ThreadBridge:
     name = "thread"
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        # not asyncio.new_event_loop(): once trio-asyncio is imported its policy refuses to make
+        # a loop from inside trio, and this loop is not trio's anyway
+        self.loop: asyncio.AbstractEventLoop = asyncio.SelectorEventLoop()
         self._thread = threading.Thread(
             target=self.loop.run_forever, name="p2pnode-dht-asyncio", daemon=True
         )

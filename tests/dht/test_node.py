@@ -1,0 +1,206 @@
+"""DHT nodes in one process over real loopback UDP: announce/lookup through both bridges,
+routing-table persistence, and hostile datagrams."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+import umsgpack
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from p2pnode import canonical
+from p2pnode.dht.node import (
+    DHTConfig,
+    DHTError,
+    DHTNode,
+    DHTStateError,
+    load_routing_table,
+    open_bridge,
+    open_dht_node,
+    parse_hostport,
+)
+from p2pnode.dht.records import Topic, encode_bundle, make_record
+from p2pnode.errors import UsageError
+from p2pnode.keys import public_key_bytes, sign
+
+RNG = random.Random(7)
+
+
+def keys(n: int, seed: int = 0) -> list[Ed25519PrivateKey]:
+    rng = random.Random(seed)
+    return [Ed25519PrivateKey.from_private_bytes(rng.randbytes(32)) for _ in range(n)]
+
+
+def cfg(**kw: object) -> DHTConfig:
+    return DHTConfig(interface="127.0.0.1", **kw)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def swarm(n: int, bridge_kind: str = "thread", seed: int = 0) -> AsyncIterator[list[DHTNode]]:
+    async with open_bridge(bridge_kind) as bridge, contextlib.AsyncExitStack() as stack:
+        nodes: list[DHTNode] = []
+        boot: list[tuple[str, int]] = []
+        for key in keys(n, seed):
+            node = await stack.enter_async_context(open_dht_node(key, cfg(bootstrap=boot), bridge))
+            nodes.append(node)
+            boot = [("127.0.0.1", nodes[0].port)]
+        yield nodes
+
+
+@pytest.mark.parametrize("bridge_kind", ["thread", "trio-asyncio"])
+async def test_announce_and_lookup_multi_value(bridge_kind: str) -> None:
+    topic = Topic.manifest(RNG.randbytes(32))
+    app = Topic.app("game")
+    with trio.fail_after(20):
+        async with swarm(12, bridge_kind) as nodes:
+            for i in range(3):
+                assert await nodes[i].announce(topic, "127.0.0.1", 7000 + i) >= 8
+            await nodes[5].announce(app, "127.0.0.1", 7005)
+            expected = {public_key_bytes(n.key) for n in nodes[:3]}
+            for node in nodes:
+                res = await node.lookup_detailed(topic)
+                assert {r.public_key for r in res.records} == expected
+                assert all(r.topic == topic for r in res.records)
+                assert res.queries >= 1 and res.seconds < 2
+                assert [r.port for r in await node.lookup(app)] == [7005]
+            assert await nodes[0].lookup(Topic.manifest(bytes(32))) == []
+
+
+async def test_own_fresh_record_wins_over_a_stale_copy() -> None:
+    topic = Topic.manifest(RNG.randbytes(32))
+    async with swarm(6) as nodes:
+        me = nodes[2]
+        stale = make_record(me.key, topic, "127.0.0.1", 1111, now=time.time() - 10, ttl=600)
+        me.storage.add_record(topic.dht_key, stale)  # what the package's `get` would return
+        await me.announce(topic, "127.0.0.1", 2222)
+        (mine,) = await me.lookup(topic)
+        assert mine.port == 2222
+        for other in nodes:
+            assert [r.port for r in await other.lookup(topic)] == [2222]
+        before = mine.expires
+        await trio.sleep(1.05)
+        assert await me.reannounce() >= 4
+        (again,) = await nodes[0].lookup(topic)
+        assert again.expires > before
+
+
+async def test_routing_table_is_saved_as_json_and_used_to_rejoin(tmp_path: Path) -> None:
+    state = tmp_path / "dht.json"
+    topic = Topic.manifest(RNG.randbytes(32))
+    async with open_bridge() as bridge, swarm(6, seed=1) as nodes:
+        await nodes[3].announce(topic, "127.0.0.1", 7003)
+        key = keys(1, seed=99)[0]
+        async with open_dht_node(
+            key, cfg(bootstrap=[("127.0.0.1", nodes[0].port)], state_path=state), bridge
+        ):
+            pass
+        doc = json.loads(state.read_text())  # plain JSON, never pickle
+        assert doc["format"] == "p2pnode-dht-routing-v1" and len(doc["contacts"]) == 6
+        assert {c.port for c in load_routing_table(state)} == {n.port for n in nodes}
+        # a restart with no bootstrap list at all rejoins from the saved table
+        async with open_dht_node(key, cfg(state_path=state), bridge) as again:
+            assert len(await again.contacts()) == 6
+            assert [r.port for r in await again.lookup(topic)] == [7003]
+
+        for bad in [
+            "{",
+            "[]",
+            '{"format": "p2pnode-dht-routing-v1", "contacts": [["zz", "x", 1]]}',
+        ]:
+            state.write_text(bad)
+            with pytest.raises(DHTStateError):
+                load_routing_table(state)
+            async with open_dht_node(key, cfg(state_path=state), bridge) as fresh:
+                assert await fresh.contacts() == []  # a broken cache is ignored, not fatal
+
+
+async def test_port_in_use_and_bad_addresses_are_reported() -> None:
+    async with open_bridge() as bridge, open_dht_node(keys(1)[0], cfg(), bridge) as node:
+        with pytest.raises(DHTError, match="cannot listen"):
+            async with open_dht_node(keys(1, 5)[0], cfg(port=node.port), bridge):
+                pass
+    assert parse_hostport("192.0.2.1:6881") == ("192.0.2.1", 6881)
+    assert parse_hostport("[2001:db8::1]:6881") == ("2001:db8::1", 6881)
+    assert parse_hostport("dht.example.org:6881") == ("dht.example.org", 6881)
+    for bad in ["192.0.2.1", ":6881", "host:0", "host:70000", "host:x"]:
+        with pytest.raises(UsageError):
+            parse_hostport(bad)
+    with pytest.raises(UsageError):
+        DHTConfig(port=70000)
+
+
+def _request(name: str, *args: object) -> bytes:
+    return b"\x00" + RNG.randbytes(20) + umsgpack.packb([name, list(args)])
+
+
+async def test_hostile_datagrams_change_no_result_and_memory_stays_bounded() -> None:
+    topic = Topic.manifest(RNG.randbytes(32))
+    key = topic.dht_key
+    evil = keys(1, seed=66)[0]
+    now = time.time()
+    good = make_record(evil, topic, "127.0.0.1", 6666, now=now, ttl=600)
+    body = canonical.decode(good.encoded, max_size=512)[b"r"]
+    expired_body = {**body, b"e": int(now) - 5}
+    expired = canonical.encode(
+        {
+            b"r": expired_body,
+            b"s": sign(evil, b"p2pnode-peer-record-v1", canonical.encode(expired_body)),
+        }
+    )
+    unsigned = canonical.encode({b"r": body, b"s": bytes(64)})
+    far_body = {**body, b"e": int(now) + 10 * 86400}
+    long_lived = canonical.encode(
+        {b"r": far_body, b"s": sign(evil, b"p2pnode-peer-record-v1", canonical.encode(far_body))}
+    )
+    nid = RNG.randbytes(20)
+    hostile = [
+        b"",
+        b"\x00" * 10,
+        b"\x00" + bytes(20) + b"\xc1",  # reserved msgpack byte
+        b"\x07" + bytes(20) + umsgpack.packb(["ping", [nid]]),
+        _request("save_state", "/tmp/x"),  # not an RPC we serve
+        _request("ping"),
+        _request("ping", 5),
+        _request("ping", b"short"),
+        _request("find_node", nid, "key"),
+        _request("store", nid, key, 12),
+        _request("store", nid, key, b"not a bundle"),
+        _request("store", nid, key, encode_bundle([unsigned, expired, long_lived, b"x" * 400])),
+        _request("store", nid, key, b"l" + b"5:hello" * 2000 + b"e"),
+        b"\x00" + bytes(20) + b"\x91" + b"\x91" * 5000,  # deep nesting
+        bytes(30_000),
+    ]
+    async with swarm(8) as nodes:
+        victim = nodes[4]
+        await nodes[1].announce(topic, "127.0.0.1", 7001)
+        before = await nodes[6].lookup(topic)
+        stored_before = len(victim.storage)
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await sock.bind(("127.0.0.1", 0))
+        for dgram in hostile:
+            await sock.sendto(dgram, ("127.0.0.1", victim.port))
+        # a flood of pings from one address: the rate limiter drops most of it
+        flood = [_request("ping", nid) for _ in range(3000)]
+        for dgram in flood:
+            with contextlib.suppress(BlockingIOError):
+                await sock.sendto(dgram, ("127.0.0.1", victim.port))
+        await trio.sleep(0.3)
+        proto = victim.protocol
+        assert proto.requests_dropped >= len(hostile) - 2
+        assert proto.requests_handled < 1500  # the burst allowance, not the flood
+        assert len(proto._limiter._buckets) <= 4096
+        assert len(victim.storage) == stored_before  # nothing hostile was stored
+        after = await nodes[6].lookup(topic)
+        assert [r.encoded for r in after] == [r.encoded for r in before]
+        assert [r.port for r in await victim.lookup(topic)] == [7001]
+        # and the victim still answers honest peers
+        assert len(await nodes[7].lookup(topic)) == 1
+        sock.close()
