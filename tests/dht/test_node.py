@@ -8,19 +8,16 @@ import json
 import random
 import socket
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
 import umsgpack
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pnode import canonical
 from p2pnode.dht.node import (
     DHTConfig,
     DHTError,
-    DHTNode,
     DHTStateError,
     load_routing_table,
     open_bridge,
@@ -31,28 +28,9 @@ from p2pnode.dht.records import Topic, encode_bundle, make_record
 from p2pnode.errors import UsageError
 from p2pnode.keys import public_key_bytes, sign
 
+from .helpers import cfg, keys, swarm
+
 RNG = random.Random(7)
-
-
-def keys(n: int, seed: int = 0) -> list[Ed25519PrivateKey]:
-    rng = random.Random(seed)
-    return [Ed25519PrivateKey.from_private_bytes(rng.randbytes(32)) for _ in range(n)]
-
-
-def cfg(**kw: object) -> DHTConfig:
-    return DHTConfig(interface="127.0.0.1", **kw)  # type: ignore[arg-type]
-
-
-@contextlib.asynccontextmanager
-async def swarm(n: int, bridge_kind: str = "thread", seed: int = 0) -> AsyncIterator[list[DHTNode]]:
-    async with open_bridge(bridge_kind) as bridge, contextlib.AsyncExitStack() as stack:
-        nodes: list[DHTNode] = []
-        boot: list[tuple[str, int]] = []
-        for key in keys(n, seed):
-            node = await stack.enter_async_context(open_dht_node(key, cfg(bootstrap=boot), bridge))
-            nodes.append(node)
-            boot = [("127.0.0.1", nodes[0].port)]
-        yield nodes
 
 
 @pytest.mark.parametrize("bridge_kind", ["thread", "trio-asyncio"])
