@@ -230,7 +230,7 @@ class CDNFetcher:
                 rate_cap=o.max_download_rate,
                 target_seconds=o.target_seconds,
                 initial_budget=o.initial_budget,
-                min_budget=min(o.initial_budget, 2 * 2**20),
+                min_budget=min(o.initial_budget, 512 * 1024),
                 max_budget=o.max_budget,
                 retry_base=o.retry_base,
                 retry_cap=o.retry_cap,

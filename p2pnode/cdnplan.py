@@ -307,6 +307,10 @@ class MirrorHealth:
     def failure(self, i: int, now: float, *, immediate: bool = False) -> None:
         """Count a failure; ``immediate`` (connection refused) cools down at once."""
         m = self._m[i]
+        if m.cooldown_until > now:
+            # Requests in flight when the mirror went down report one by one; one outage is
+            # one cooldown step, not one per request.
+            return
         m.consecutive_failures += 1
         if immediate or m.consecutive_failures >= self.threshold:
             span = min(self.cap, self.base * 2.0**m.cooldowns)
@@ -340,7 +344,7 @@ class PlanParams:
     rate_cap: float | None = None
     target_seconds: float = 0.5
     initial_budget: int = 4 * 2**20
-    min_budget: int = 2 * 2**20
+    min_budget: int = 512 * 1024
     max_budget: int = 64 * 2**20
     retry_base: float = 0.2
     retry_cap: float = 10.0
