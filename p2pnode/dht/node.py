@@ -43,7 +43,6 @@ import ipaddress
 import json
 import logging
 import os
-import random
 import threading
 import time
 from collections import OrderedDict
@@ -939,8 +938,3 @@ async def serve_dht(
     async with open_dht_node(key, config, bridge) as node:
         task_status.started(node)
         await node.run_maintenance()
-
-
-def random_topic(rng: random.Random) -> Topic:
-    """A random manifest topic (benchmarks and tests)."""
-    return Topic.manifest(rng.randbytes(32))
