@@ -23,6 +23,7 @@ from p2pnode.dht.node import (
     open_bridge,
     open_dht_node,
     parse_hostport,
+    serve_dht,
 )
 from p2pnode.dht.records import Topic, encode_bundle, make_record
 from p2pnode.errors import UsageError
@@ -182,3 +183,26 @@ async def test_hostile_datagrams_change_no_result_and_memory_stays_bounded() -> 
         # and the victim still answers honest peers
         assert len(await nodes[7].lookup(topic)) == 1
         sock.close()
+
+
+async def test_serve_dht_reannounces_refreshes_and_saves(tmp_path: Path) -> None:
+    topic = Topic.manifest(RNG.randbytes(32))
+    state = tmp_path / "rt.json"
+    async with open_bridge() as bridge, swarm(5, seed=4) as nodes:
+        config = cfg(
+            bootstrap=[("127.0.0.1", nodes[0].port)],
+            state_path=state,
+            record_ttl=30,
+            reannounce_interval=0.4,
+            refresh_interval=0.3,
+            save_interval=0.3,
+        )
+        async with trio.open_nursery() as nursery:
+            node = await nursery.start(serve_dht, keys(1, seed=42)[0], config, bridge)
+            await node.announce(topic, "127.0.0.1", 7100)
+            (first,) = await nodes[1].lookup(topic)
+            await trio.sleep(1.3)
+            (later,) = await nodes[1].lookup(topic)
+            assert later.expires > first.expires  # re-signed and re-stored on its own
+            assert len(load_routing_table(state)) == 5
+            nursery.cancel_scope.cancel()
