@@ -101,7 +101,7 @@ class CDNOptions:
     read_timeout: float = 15.0
     min_speed: int = 16 * 1024
     speed_window: float = 5.0
-    target_seconds: float = 0.5
+    target_seconds: float = 0.25
     initial_budget: int = 4 * 2**20
     max_budget: int = 64 * 2**20
     retry_base: float = 0.2

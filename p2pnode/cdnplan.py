@@ -15,7 +15,8 @@ each asks :meth:`FetchPlan.next_action` for work and gets one of
 and reports back what happened (:meth:`FetchPlan.job_bytes`, :meth:`chunk_ok`,
 :meth:`chunk_bad`, :meth:`job_finished`). Time is always passed in as ``now``.
 
-**Range sizing.** What a server has pushed into sockets but the process has not yet verified
+**Range sizing.** What a server has pushed into sockets, or the process holds in half-received
+chunks, but has not yet verified
 is lost if the process dies, so the plan bounds *bytes requested but not yet received* by a
 budget proportional to the download rate (``rate * target_seconds``, the measured rate, or the
 cap when one is set) instead of ``connections * max_range_bytes``. It starts small
@@ -342,7 +343,7 @@ class PlanParams:
     max_range_bytes: int = 16 * 2**20
     max_attempts: int = 6
     rate_cap: float | None = None
-    target_seconds: float = 0.5
+    target_seconds: float = 0.25
     initial_budget: int = 4 * 2**20
     min_budget: int = 512 * 1024
     max_budget: int = 64 * 2**20
@@ -377,6 +378,7 @@ class Job:
     items: list[_Item]
     started: float
     received: int = 0
+    settled: int = 0  # bytes of chunks delivered or rejected
     finished: set[int] = field(default_factory=set)  # indexes into items, ok or bad
 
     @property
@@ -444,7 +446,7 @@ class FetchPlan:
         self._file_reasons: dict[tuple[int, str], str] = {}
         self.unresolved = len(self.items)
         self.active: set[Job] = set()
-        self.inflight = 0  # bytes requested and not yet received
+        self.inflight = 0  # bytes requested and not yet verified
         self.meter = RateMeter(window=1.0, slots=10, now=now)
         self.retries = 0
         self.failed: list[_Item] = []
@@ -452,7 +454,7 @@ class FetchPlan:
     # -- sizing ------------------------------------------------------------------------------
 
     def budget(self, now: float) -> int:
-        """Bytes that may be requested and not yet received, over all connections."""
+        """Bytes that may be requested and not yet verified, over all connections."""
         p = self.p
         measured = self.meter.rate(now)
         if p.rate_cap is not None:
@@ -562,17 +564,18 @@ class FetchPlan:
     # -- reports from the shell --------------------------------------------------------------
 
     def job_bytes(self, job: Job, n: int, now: float) -> None:
-        """``n`` body bytes of ``job`` arrived (counted against the in-flight budget only up to
-        the job's length: a server that ignored Range sends more than we asked for)."""
+        """``n`` body bytes of ``job`` arrived. They stay in the in-flight budget until their
+        chunk is verified: bytes of a half-received chunk are lost to a killed process just
+        like bytes still in a socket, so the budget bounds both together."""
         self.meter.add(n, now)
-        counted = min(n, max(0, job.length - job.received))
         job.received += n
-        self.inflight -= counted
 
     def chunk_ok(self, job: Job, req: ChunkRequest) -> _Item:
         k = self._index(job, req)
         it = job.items[k]
         job.finished.add(k)
+        job.settled += req.length
+        self.inflight -= req.length
         it.state = "ok"
         self.unresolved -= 1
         return it
@@ -582,6 +585,8 @@ class FetchPlan:
         k = self._index(job, req)
         it = job.items[k]
         job.finished.add(k)
+        job.settled += req.length
+        self.inflight -= req.length
         it.excluded.add(job.mirror)
         it.reasons[job.mirror] = "served bytes that fail blake3"
         it.attempts += 1
@@ -601,7 +606,7 @@ class FetchPlan:
         finish go back to the queue (or fail). Returns the chunks that failed for good."""
         self.active.discard(job)
         self.health.stopped(job.mirror)
-        self.inflight -= max(0, job.length - job.received)
+        self.inflight -= job.length - job.settled
         failed_before = len(self.failed)
         if kind is None:
             self.health.success(job.mirror, job.received, now - job.started)

@@ -222,6 +222,7 @@ async def install(
         state.app = manifest.app
         state.trusted = sorted({*state.trusted, keys.format_public_key(manifest.key)})
         mirrors = resolve_mirrors(options.mirrors, location, manifest, state)
+        state.mirrors = mirrors[:8]  # for repair and rollback when chunks must be refetched
         history = [state.current] if state.current else []
         result = await _apply(
             sd,
@@ -378,6 +379,8 @@ async def assemble(
                 )
         if missing_locally:
             await _fetch(stage, missing_locally, mirrors, options, put, progress, result)
+    except BaseExceptionGroup as group:
+        raise _most_telling(group) from None
     finally:
         journal.close()
     await trio.to_thread.run_sync(stage.finish)
@@ -426,6 +429,23 @@ async def _fetch(
     stats = await fetcher.fetch(requests, deliver)
     result.bytes_cdn += stats.bytes_received
     result.mirrors = {name: vars(ms) for name, ms in stats.per_mirror.items()}
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _most_telling(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error a user should see out of concurrent tasks' failures: an interrupt, then
+    a full disk (the root cause of everything else failing), then any of our typed errors."""
+    leaves = _leaves(group)
+    for kind in (KeyboardInterrupt, DiskSpaceError, P2PNodeError):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return group
 
 
 def _check_space(root: Path, stage: Stage, needed: dict[bytes, int]) -> None:

@@ -27,6 +27,7 @@ daemon off;
 master_process on;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
+{user}
 events {{ worker_connections 1024; }}
 http {{
     types {{ application/octet-stream p2pm; }}
@@ -76,7 +77,14 @@ class LocalCDN:
         (self.prefix / "tmp").mkdir()
         self.conf = self.prefix / "nginx.conf"
         self.conf.write_text(
-            _CONF.format(prefix=self.prefix, host=host, port=self.port, root=self.root)
+            _CONF.format(
+                prefix=self.prefix,
+                host=host,
+                port=self.port,
+                root=self.root,
+                # as root, nginx would drop to 'nobody', who cannot read a private tree
+                user="user root;" if os.geteuid() == 0 else "",
+            )
         )
         self._proc: subprocess.Popen[bytes] | None = None
 
