@@ -113,8 +113,8 @@ async def _serve_requests(nodes: list[DHTNode], out: trio.lowlevel.FdStream) -> 
         elif op == "stats":
             ans.update(
                 contacts=[len(await n.contacts()) for n in nodes],
-                records=[len(n.storage) for n in nodes],
-                rejected=[n.storage.rejected for n in nodes],
+                records=[await n.on_loop(len, n.storage) for n in nodes],
+                rejected=[n.storage.rejected for n in nodes],  # plain ints: no loop hop
                 handled=[n.protocol.requests_handled for n in nodes],
                 dropped=[n.protocol.requests_dropped for n in nodes],
                 cpu=time.process_time(),

@@ -387,28 +387,43 @@ class DHTProtocol(KademliaProtocol):
 
     def welcome_if_new(self, node: Node) -> None:
         """Admit ``node`` to the routing table and hand it the records it should now hold
-        (Kademlia section 2.5: we are the closest holder and it is among the k closest)."""
+        (Kademlia section 2.5: it is among the k closest to a key and we are the closest).
+
+        The scan over our keys runs only when the node is really admitted, not when it lands
+        in a full bucket's replacement cache: such a node stays "new" and would otherwise
+        make every one of its requests cost a scan.
+        """
         if not self.router.is_new_node(node):
             return
-        to_send = []
-        for key, bundle in self.storage:
-            keynode = Node(key)
-            neighbors = self.router.find_neighbors(keynode)
-            if neighbors:
-                new_close = node.distance_to(keynode) < neighbors[-1].distance_to(keynode)
-                we_closest = self.source_node.distance_to(keynode) < neighbors[0].distance_to(
-                    keynode
-                )
-            if not neighbors or (new_close and we_closest):
-                to_send.append((key, bundle))
         self.router.add_contact(node)
         bucket = self.router.buckets[self.router.get_bucket_for(node)]
-        if bucket[node.id] is None:
-            return  # bucket full: the node waits in the replacement cache
-        for key, bundle in to_send:
+        if bucket[node.id] is None or not self.storage.key_count:
+            return
+        for key, bundle in self.storage:
+            keynode = Node(key)
+            others = self.router.find_neighbors(keynode, exclude=node)
+            if others:
+                mine = self.source_node.distance_to(keynode)
+                theirs = node.distance_to(keynode)
+                if not (
+                    theirs < others[-1].distance_to(keynode)
+                    and mine < others[0].distance_to(keynode)
+                ):
+                    continue
             task = asyncio.ensure_future(self.call_store(node, key, bundle))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    def _accept_response(self, msg_id: bytes, data: Any, address: Any) -> None:
+        future, timeout = self._outstanding.pop(msg_id)
+        timeout.cancel()
+        if not future.done():  # the caller may have given up (cancelled) meanwhile
+            future.set_result((True, data))
+
+    def _timeout(self, msg_id: bytes) -> None:
+        entry = self._outstanding.pop(msg_id, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result((False, None))
 
 
 # -- asyncio side: lookups and announces ----------------------------------------------------
@@ -784,11 +799,23 @@ class DHTNode:
 
     @property
     def storage(self) -> RecordStorage:
+        """The node's record storage. It lives on the asyncio loop: with the thread bridge,
+        read or change it only inside ``on_loop``."""
         return self.core.storage
 
     @property
     def protocol(self) -> DHTProtocol:
+        """The node's protocol (counters, routing table); same rule as ``storage``."""
         return self.core.proto
+
+    async def on_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run the plain function ``fn(*args)`` on the DHT's asyncio loop and return its result:
+        the safe way to inspect or change ``storage`` and ``protocol`` from trio."""
+
+        async def run() -> T:
+            return fn(*args)
+
+        return await self.bridge.call(run)
 
     async def _resolve(self, addrs: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
         out = []
@@ -815,10 +842,7 @@ class DHTNode:
         return await self.bridge.call(self.core.bootstrap, resolved)
 
     async def contacts(self) -> list[Contact]:
-        async def get() -> list[Contact]:
-            return self.core.contacts()
-
-        return await self.bridge.call(get)
+        return await self.on_loop(self.core.contacts)
 
     async def announce(self, topic: Topic, host: str, port: int) -> int:
         """Announce that this node serves ``topic`` at ``host:port`` and keep doing so
@@ -831,11 +855,7 @@ class DHTNode:
 
     async def withdraw(self, topic: Topic) -> None:
         """Stop re-announcing ``topic`` (stored copies expire by themselves)."""
-
-        async def run() -> None:
-            self.core.withdraw(topic)
-
-        await self.bridge.call(run)
+        await self.on_loop(self.core.withdraw, topic)
 
     async def reannounce(self) -> int:
         return await self.bridge.call(self.core.reannounce_all)

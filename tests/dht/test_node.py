@@ -58,7 +58,9 @@ async def test_own_fresh_record_wins_over_a_stale_copy() -> None:
     async with swarm(6) as nodes:
         me = nodes[2]
         stale = make_record(me.key, topic, "127.0.0.1", 1111, now=time.time() - 10, ttl=600)
-        me.storage.add_record(topic.dht_key, stale)  # what the package's `get` would return
+        await me.on_loop(
+            me.storage.add_record, topic.dht_key, stale
+        )  # what the package's `get` would return
         await me.announce(topic, "127.0.0.1", 2222)
         (mine,) = await me.lookup(topic)
         assert mine.port == 2222
@@ -161,7 +163,7 @@ async def test_hostile_datagrams_change_no_result_and_memory_stays_bounded() -> 
         victim = nodes[4]
         await nodes[1].announce(topic, "127.0.0.1", 7001)
         before = await nodes[6].lookup(topic)
-        stored_before = len(victim.storage)
+        stored_before = await victim.on_loop(len, victim.storage)
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         await sock.bind(("127.0.0.1", 0))
         for dgram in hostile:
@@ -176,7 +178,9 @@ async def test_hostile_datagrams_change_no_result_and_memory_stays_bounded() -> 
         assert proto.requests_dropped >= len(hostile) - 2
         assert proto.requests_handled < 1500  # the burst allowance, not the flood
         assert len(proto._limiter._buckets) <= 4096
-        assert len(victim.storage) == stored_before  # nothing hostile was stored
+        assert (
+            await victim.on_loop(len, victim.storage) == stored_before
+        )  # nothing hostile was stored
         after = await nodes[6].lookup(topic)
         assert [r.encoded for r in after] == [r.encoded for r in before]
         assert [r.port for r in await victim.lookup(topic)] == [7001]
@@ -206,3 +210,18 @@ async def test_serve_dht_reannounces_refreshes_and_saves(tmp_path: Path) -> None
             assert later.expires > first.expires  # re-signed and re-stored on its own
             assert len(load_routing_table(state)) == 5
             nursery.cancel_scope.cancel()
+
+
+async def test_records_are_handed_to_newly_joined_close_nodes() -> None:
+    topic = Topic.manifest(RNG.randbytes(32))
+    async with open_bridge() as bridge, swarm(4, seed=8) as nodes:
+        await nodes[2].announce(topic, "127.0.0.1", 7002)
+        for n in nodes:
+            assert len(await n.on_loop(n.storage.records, topic.dht_key)) == 1
+        config = cfg(bootstrap=[("127.0.0.1", n.port) for n in nodes])
+        async with open_dht_node(keys(1, seed=77)[0], config, bridge) as newcomer:
+            with trio.fail_after(3):
+                while not await newcomer.on_loop(newcomer.storage.records, topic.dht_key):
+                    await trio.sleep(0.02)
+            (rec,) = await newcomer.on_loop(newcomer.storage.records, topic.dht_key)
+            assert rec.port == 7002
