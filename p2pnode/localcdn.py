@@ -15,11 +15,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import P2PNodeError
 
-__all__ = ["LocalCDN", "find_nginx", "free_port"]
+__all__ = ["AccessLine", "LocalCDN", "find_nginx", "free_port"]
 
 _CONF = """\
 worker_processes 1;
@@ -32,8 +33,9 @@ events {{ worker_connections 1024; }}
 http {{
     types {{ application/octet-stream p2pm; }}
     default_type application/octet-stream;
-    log_format bytes '$request_method $uri $status $bytes_sent $http_range';
-    access_log {prefix}/access.log bytes;
+    log_format p2p '$status\\t$bytes_sent\\t$body_bytes_sent\\t$request_method\\t'
+                   '$uri\\t$http_range\\t$request_time';
+    access_log {prefix}/access.log p2p;
     sendfile on;
     tcp_nopush on;
     keepalive_requests 100000;
@@ -49,6 +51,19 @@ http {{
     }}
 }}
 """
+
+
+@dataclass(frozen=True)
+class AccessLine:
+    """One request as nginx logged it (when the response ended or the client went away)."""
+
+    status: int
+    bytes_sent: int  # headers + body written to the socket
+    body_bytes_sent: int
+    method: str
+    uri: str
+    range: str  # the request's Range header, "-" if none
+    request_time: float
 
 
 def find_nginx() -> str:
@@ -69,12 +84,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LocalCDN:
     """nginx serving ``root`` at ``http://host:port/``; start/stop as often as needed."""
 
-    def __init__(self, root: Path, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        prefix: Path | None = None,
+    ) -> None:
         self.root = Path(root).resolve()
         self.host = host
         self.port = port or free_port(host)
-        self.prefix = Path(tempfile.mkdtemp(prefix="p2pnode-nginx-"))
-        (self.prefix / "tmp").mkdir()
+        self._own_prefix = prefix is None
+        self.prefix = Path(prefix or tempfile.mkdtemp(prefix="p2pnode-nginx-")).resolve()
+        (self.prefix / "tmp").mkdir(parents=True, exist_ok=True)
         self.conf = self.prefix / "nginx.conf"
         self.conf.write_text(
             _CONF.format(
@@ -137,28 +159,38 @@ class LocalCDN:
             proc.kill()
             proc.wait()
 
-    def bytes_sent(self, path_prefix: str = "/") -> int:
-        """Body and header bytes nginx sent for requests under ``path_prefix`` so far."""
-        total = 0
+    def log(self) -> list[AccessLine]:
+        """Every finished request so far (a body still streaming is not logged yet)."""
         try:
-            lines = self.access_log.read_text().splitlines()
-        except FileNotFoundError:
-            return 0
-        for line in lines:
-            parts = line.split(" ")
-            if len(parts) >= 4 and parts[1].startswith(path_prefix):
-                total += int(parts[3])
-        return total
-
-    def requests(self) -> list[str]:
-        try:
-            return self.access_log.read_text().splitlines()
+            text = self.access_log.read_text()
         except FileNotFoundError:
             return []
+        out = []
+        for line in text.splitlines():
+            f = line.split("\t")
+            if len(f) == 7:
+                out.append(
+                    AccessLine(int(f[0]), int(f[1]), int(f[2]), f[3], f[4], f[5], float(f[6]))
+                )
+        return out
+
+    def bytes_sent(self, path_prefix: str = "/") -> int:
+        """Header and body bytes nginx wrote for requests under ``path_prefix``."""
+        return sum(x.bytes_sent for x in self.log() if x.uri.startswith(path_prefix))
+
+    def body_bytes_sent(self, path_prefix: str = "/") -> int:
+        return sum(x.body_bytes_sent for x in self.log() if x.uri.startswith(path_prefix))
+
+    def clear_log(self) -> None:
+        """Start a fresh count (nginx keeps its file handle, so truncate in place)."""
+        if self.access_log.exists():
+            with open(self.access_log, "r+b") as f:
+                f.truncate(0)
 
     def close(self) -> None:
         self.stop()
-        shutil.rmtree(self.prefix, ignore_errors=True)
+        if self._own_prefix:
+            shutil.rmtree(self.prefix, ignore_errors=True)
 
     def __enter__(self) -> LocalCDN:
         self.start()

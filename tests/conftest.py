@@ -21,6 +21,7 @@ import pytest
 from p2pnode import layout
 from p2pnode.cdn import ChunkRequest
 from p2pnode.chunker import chunk_stream
+from p2pnode.localcdn import find_nginx
 from p2pnode.manifest import Chunking
 
 from .nginx import Nginx, NginxMissing
@@ -93,7 +94,8 @@ def nginx(tmp_path: Path) -> Iterator[Callable[[Path], Nginx]]:
 
     def start(root: Path) -> Nginx:
         try:
-            server = Nginx(root, tmp_path / f"nginx{len(started)}")
+            find_nginx()
+            server = Nginx(root, prefix=tmp_path / f"nginx{len(started)}")
         except NginxMissing as exc:
             pytest.fail(str(exc), pytrace=False)
         started.append(server)
