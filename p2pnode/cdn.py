@@ -69,6 +69,18 @@ Deliver = Callable[[ChunkRequest, bytes], Awaitable[None]]
 #: event loop keeps reading sockets meanwhile. Below it the thread hop costs more than it saves.
 HASH_IN_THREAD_BYTES = 2 * 2**20
 
+#: httpcore reads response bodies 64 KiB at a time, which at disk speed (~400 MB/s) is ~6,000
+#: trips a second through h11 and trio in Python. 1 MiB reads made a 256 MiB CDN install ~25%
+#: faster here (1.8 s -> 1.35 s, same run, nginx on loopback). The knob is a class attribute of
+#: httpcore's HTTP/1.1 connection; we raise it once, for every client in this process.
+BODY_READ_BYTES = 1 << 20
+try:
+    from httpcore._async.http11 import AsyncHTTP11Connection as _H11
+
+    _H11.READ_NUM_BYTES = max(_H11.READ_NUM_BYTES, BODY_READ_BYTES)
+except (ImportError, AttributeError):  # pragma: no cover - a future httpcore; stay correct
+    pass
+
 
 @dataclass
 class CDNOptions:
