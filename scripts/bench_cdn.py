@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -85,25 +84,52 @@ def run_aria2(url_list: Path, out: Path) -> float:
     out.mkdir(parents=True)
     t = time.perf_counter()
     subprocess.run(
-        [aria, "-x8", "-s8", "-j8", "-q", "--allow-overwrite=true", "--auto-file-renaming=false",
-         "--file-allocation=none", "-d", str(out), "-i", str(url_list)],
+        [
+            aria,
+            "-x8",
+            "-s8",
+            "-j8",
+            "-q",
+            "--allow-overwrite=true",
+            "--auto-file-renaming=false",
+            "--file-allocation=none",
+            "-d",
+            str(out),
+            "-i",
+            str(url_list),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     return time.perf_counter() - t
 
 
 def run_node(manifest_url: str, dest: Path, pub: str) -> tuple[float, float, dict[str, object]]:
+    """Wall seconds, peak RSS (MB) of exactly this process (wait4), and its --json result."""
     t = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "p2pnode", "install", manifest_url, "--dest", str(dest),
-         "--trust", pub, "--json"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "p2pnode",
+            "install",
+            manifest_url,
+            "--dest",
+            str(dest),
+            "--trust",
+            pub,
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - t
     if proc.returncode != 0:
-        raise SystemExit(f"p2pnode install failed: {proc.stderr}")
-    rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return seconds, rss_kb / 1024, json.loads(proc.stdout)
+        raise SystemExit(f"p2pnode install failed: {err.decode()}")
+    return seconds, usage.ru_maxrss / 1024, json.loads(out)
 
 
 def main() -> None:
@@ -146,24 +172,34 @@ def main() -> None:
         size = m.total_size
         gbps = hash_gbps()
         rows = [
-            ("release", f"{size / 2**20:.0f} MiB in {len(m.files)} files, "
-                        f"{len(m.unique_chunks())} chunks"),
+            (
+                "release",
+                f"{size / 2**20:.0f} MiB in {len(m.files)} files, {len(m.unique_chunks())} chunks",
+            ),
             ("publish", f"{publish_s:.2f} s ({size / publish_s / 1e6:.0f} MB/s)"),
             ("aria2c -x8 -s8", f"{aria_s:.2f} s ({size / aria_s / 1e6:.0f} MB/s)"),
             ("p2pnode install", f"{node_s:.2f} s ({size / node_s / 1e6:.0f} MB/s)"),
             ("ratio aria2c/p2pnode", f"{aria_s / node_s:.2f}  (target >= 1.0)"),
             ("p2pnode peak RSS", f"{rss:.0f} MB  (target < 200)"),
             ("blake3 one thread", f"{gbps:.2f} GB/s"),
-        ]  # fmt: skip
+        ]
         width = max(len(k) for k, _ in rows)
         for k, v in rows:
             print(f"{k:<{width}}  {v}")
-        print(json.dumps({
-            "ratio": round(aria_s / node_s, 3), "peak_rss_mb": round(rss, 1),
-            "hash_gbps": round(gbps, 2), "aria2c_s": round(aria_s, 3),
-            "p2pnode_s": round(node_s, 3), "bytes": size, "files": len(m.files),
-            "bytes_cdn": result.get("bytes_cdn"),
-        }))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "ratio": round(aria_s / node_s, 3),
+                    "peak_rss_mb": round(rss, 1),
+                    "hash_gbps": round(gbps, 2),
+                    "aria2c_s": round(aria_s, 3),
+                    "p2pnode_s": round(node_s, 3),
+                    "bytes": size,
+                    "files": len(m.files),
+                    "bytes_cdn": result.get("bytes_cdn"),
+                }
+            )
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
