@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -12,10 +13,11 @@ from pathlib import Path
 import trio
 
 from p2pnode import keys
-from p2pnode.install import InstallOptions, install, recover
+from p2pnode.install import InstallOptions, install, recover, rollback
 from p2pnode.localcdn import LocalCDN
 from p2pnode.publish import publish
 from p2pnode.state import StateDir
+from p2pnode.verify import verify
 
 from .test_install import KEY, TRUST, make_release, tree
 
@@ -66,6 +68,54 @@ def test_kill_9_mid_install_then_rerun(tmp_path: Path) -> None:
         assert tree(dest) == tree(src)
         total = cdn.bytes_sent(f"/{p.manifest.app}/1/files/")
         assert total <= 1.1 * size, (total, size)
+
+
+def test_kill_9_at_random_moments_of_an_update_never_shows_a_mix(tmp_path: Path) -> None:
+    """Whenever the update dies (staging, switching, harvesting), the install directory is
+    exactly build 1 or exactly build 2; the same command then always ends at build 2."""
+    src = tmp_path / "src"
+    make_release(src, big=24 << 20)
+    cdn_root = tmp_path / "cdn"
+    p1 = publish(src, app="game", version="1", build=1, key=KEY, out=cdn_root)
+    v1 = tree(src)
+    with open(src / "data" / "big.pak", "r+b") as f:
+        f.seek(10 << 20)
+        f.write(os.urandom(3 << 20))
+    (src / "bin" / "run").unlink()
+    (src / "new.txt").write_text("build 2")
+    p2 = publish(src, app="game", version="2", build=2, key=KEY, out=cdn_root)
+    v2 = tree(src)
+    dest = tmp_path / "game"
+    trio.run(install, str(cdn_root / p1.manifest_path), dest, TRUST, InstallOptions())
+    cmd = [
+        sys.executable,
+        "-m",
+        "p2pnode",
+        "update",
+        str(cdn_root / p2.manifest_path),
+        "--dest",
+        str(dest),
+        "--max-download-rate",
+        "40M",
+        "--json",
+    ]
+    rng = random.Random(5)
+    outcomes = set()
+    for _ in range(6):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 1.2))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        now = tree(dest)
+        assert now in (v1, v2), "the install directory holds a mix of two builds"
+        outcomes.add("v2" if now == v2 else "v1")
+        if now == v2:  # finished before the kill: go back and try again
+            trio.run(rollback, dest, InstallOptions())
+    assert "v1" in outcomes  # some kills did interrupt the update
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert tree(dest) == v2
+    assert trio.run(lambda: verify(dest)).ok
 
 
 def test_recover_completes_or_forgets_a_switch(tmp_path: Path) -> None:
