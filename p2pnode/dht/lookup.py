@@ -18,6 +18,14 @@ lookup open, so a dead node among the closest costs a fraction of a second, not 
 (libtorrent's DHT does the same); if its answer still arrives, it is used. The shortlist is
 bounded (``k * SHORTLIST_FACTOR`` closest kept) so a hostile answer cannot grow it without
 limit, and each answer contributes at most ``k`` contacts.
+
+A lying node can answer with made-up contacts close to the target that never respond, so that
+the lookup spends its time on stalls. Each contact remembers who referred it first; once
+``DISTRUST_AFTER`` of a referrer's referrals have stalled or failed while none of them has
+answered, the referrer is distrusted: its other referrals are dropped unless another node
+vouched for them too, and its later answers add nothing. (An honest node whose table holds
+some dead nodes is almost never caught: with 30% of the network dead, its first three referrals
+asked are all dead about 3% of the time, and what it referred is usually vouched for by others.)
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from typing import NamedTuple
 __all__ = ["SHORTLIST_FACTOR", "Contact", "Lookup"]
 
 SHORTLIST_FACTOR = 4
+DISTRUST_AFTER = 3
 
 
 class Contact(NamedTuple):
@@ -83,12 +92,21 @@ class Lookup:
         self.queries_sent = 0
         self.answers = 0
         self.failures = 0
+        self._referrer: dict[bytes, bytes] = {}
+        self._vouched: set[bytes] = set()
+        self._ref_good: dict[bytes, int] = {}
+        self._ref_bad: dict[bytes, int] = {}
+        self.distrusted: set[bytes] = set()
         self._add(seeds)
 
-    def _add(self, contacts: Iterable[Contact]) -> None:
+    def _add(self, contacts: Iterable[Contact], referrer: bytes | None = None) -> None:
         limit = self.k * SHORTLIST_FACTOR
         for c in contacts:
-            if c.id == self.self_id or c.id in self._contacts:
+            if c.id == self.self_id:
+                continue
+            if c.id in self._contacts:
+                if referrer is not None and self._referrer.get(c.id) not in (None, referrer):
+                    self._vouched.add(c.id)
                 continue
             entry = (c.long_id ^ self.target, c.id)
             if len(self._sorted) >= limit:
@@ -101,18 +119,21 @@ class Lookup:
                         del self._sorted[i]
                         del self._contacts[victim]
                         del self._state[victim]
+                        self._referrer.pop(victim, None)
                         break
                 else:
                     continue
             bisect.insort(self._sorted, entry)
             self._contacts[c.id] = c
+            if referrer is not None:
+                self._referrer[c.id] = referrer
             self._state[c.id] = _FAILED if self.skip is not None and self.skip(c) else _NEW
 
     def _live_closest(self) -> list[bytes]:
         """The ids of the k closest contacts that have neither failed nor stalled."""
         out = []
         for _, cid in self._sorted:
-            if self._state[cid] not in _OUT_OF_RUNNING:
+            if self._state[cid] not in _OUT_OF_RUNNING and cid not in self.distrusted:
                 out.append(cid)
                 if len(out) == self.k:
                     break
@@ -139,7 +160,11 @@ class Lookup:
         self._state[contact.id] = _ANSWERED
         self._leave(state)
         self.answers += 1
-        self._add(list(nodes)[: self.k])
+        ref = self._referrer.get(contact.id)
+        if ref is not None:
+            self._ref_good[ref] = self._ref_good.get(ref, 0) + 1
+        if contact.id not in self.distrusted:
+            self._add(list(nodes)[: self.k], referrer=contact.id)
 
     def on_failure(self, contact: Contact) -> None:
         """``contact`` did not answer in time, or answered with garbage."""
@@ -149,6 +174,8 @@ class Lookup:
         self._state[contact.id] = _FAILED
         self._leave(state)
         self.failures += 1
+        if state == _ASKED:  # a stalled one was blamed when it stalled
+            self._blame(contact.id)
 
     def on_stalled(self, contact: Contact) -> None:
         """``contact`` has not answered within the stall time: free its slot, keep listening."""
@@ -157,6 +184,19 @@ class Lookup:
         self._state[contact.id] = _STALLED
         self.in_flight -= 1
         self.stalled += 1
+        self._blame(contact.id)
+
+    def _blame(self, cid: bytes) -> None:
+        """Count a dud against whoever referred ``cid``; distrust a referrer of mostly duds."""
+        ref = self._referrer.get(cid)
+        if ref is None or ref in self.distrusted:
+            return
+        bad = self._ref_bad[ref] = self._ref_bad.get(ref, 0) + 1
+        if bad >= DISTRUST_AFTER and not self._ref_good.get(ref):
+            self.distrusted.add(ref)
+            for other, by in self._referrer.items():
+                if by == ref and self._state.get(other) == _NEW and other not in self._vouched:
+                    self._state[other] = _FAILED
 
     def _leave(self, state: int) -> None:
         if state == _ASKED:
@@ -171,10 +211,10 @@ class Lookup:
         return all(self._state[cid] != _NEW for cid in self._live_closest())
 
     def closest(self) -> list[Contact]:
-        """The (up to) k closest contacts that answered, nearest first."""
+        """The (up to) k closest trusted contacts that answered, nearest first."""
         out = []
         for _, cid in self._sorted:
-            if self._state[cid] == _ANSWERED:
+            if self._state[cid] == _ANSWERED and cid not in self.distrusted:
                 out.append(self._contacts[cid])
                 if len(out) == self.k:
                     break

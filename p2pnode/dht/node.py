@@ -539,6 +539,7 @@ class _AioCore:
             lk.on_stalled(c)
             wake.set()
 
+        waiter: asyncio.Future[Any] | None = None
         try:
             while True:
                 for c in lk.next_queries():
@@ -553,9 +554,9 @@ class _AioCore:
                     [*pending, waiter], return_when=asyncio.FIRST_COMPLETED
                 )
                 waiter.cancel()
+                done.discard(waiter)
+                waiter = None
                 for fut in done:
-                    if fut is waiter:
-                        continue
                     c, sent_at = pending.pop(fut)
                     stall_handles.pop(c.id).cancel()
                     result = fut.result()
@@ -563,6 +564,8 @@ class _AioCore:
                         self.rtt.observe(loop.time() - sent_at)
                     self._handle_answer(lk, c, result, bundles, find_value)
         finally:
+            if waiter is not None:  # cancelled while waiting: do not leave the task behind
+                waiter.cancel()
             for h in stall_handles.values():
                 h.cancel()
             # queries still out (stalled) resolve on their own at the RPC timeout; let them

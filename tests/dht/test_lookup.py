@@ -112,3 +112,41 @@ def test_rtt_estimator_follows_the_network_within_bounds() -> None:
     assert 0.08 < est.stall_after() <= 0.5
     est.observe(5.0)
     assert est.stall_after() == 0.5
+
+
+def test_a_referrer_of_phantoms_is_distrusted() -> None:
+    honest = network(30, 6)
+    target = bytes(20)
+    liar = Contact(b"\x00\x01" + b"\xff" * 18, "127.0.0.1", 9)  # close to the target: asked
+    phantoms = [Contact(bytes([0, i]) + bytes(18), "127.0.0.1", 10_000 + i) for i in range(1, 21)]
+    lk = Lookup(target, [liar, *honest[:3]], k=K, alpha=3)
+    asked_phantoms = 0
+    while not lk.done:
+        for c in lk.next_queries():
+            if c == liar:
+                lk.on_answer(c, phantoms)  # all closer to the target than any real node
+            elif c in phantoms:
+                asked_phantoms += 1
+                lk.on_stalled(c)
+            else:
+                lk.on_answer(c, closest(honest, target, K))
+    assert liar.id in lk.distrusted
+    assert asked_phantoms <= 4  # not all 20, and not the k closest
+    assert set(lk.closest()) == set(closest(honest, target, K))
+
+
+def test_honest_referrers_of_some_dead_nodes_stay_trusted() -> None:
+    nodes = network(60, 7)
+    dead = {c.id for c in nodes[::3]}  # a third of the network is gone
+    rng = random.Random(8)
+    live = [c for c in nodes if c.id not in dead]
+    distrusted = referrers = 0
+    for trial in range(30):
+        lk = Lookup(rng.randbytes(20), rng.sample(live, 3), k=K, alpha=3)
+        run(lk, nodes, dead, knows=30, rng=rng)
+        true = closest(live, lk.target.to_bytes(20, "big"), K)
+        assert len(set(lk.closest()) & set(true)) >= K - 2, trial
+        distrusted += len(lk.distrusted)
+        referrers += lk.answers
+    # an honest node is distrusted only when its first referrals asked happen to be all dead
+    assert distrusted <= 0.03 * referrers

@@ -225,3 +225,61 @@ async def test_records_are_handed_to_newly_joined_close_nodes() -> None:
                     await trio.sleep(0.02)
             (rec,) = await newcomer.on_loop(newcomer.storage.records, topic.dht_key)
             assert rec.port == 7002
+
+
+async def _hostile_responder(sock: trio.socket.SocketType, topic: Topic, junk: list[bytes]) -> None:
+    """Answer every RPC like a DHT node that lies: forged records and a flood of contacts."""
+    rng = random.Random(5)
+    liar = keys(1, seed=13)[0]
+    now = time.time()
+    forged = make_record(liar, topic, "127.0.0.1", 6666, now=now, ttl=600)
+    tampered = forged.encoded.replace(b"6666", b"6667")
+    wrong_topic = make_record(liar, Topic.app("elsewhere"), "127.0.0.1", 6668, now=now, ttl=600)
+    bundle = encode_bundle([tampered, wrong_topic.encoded, *junk])
+    contacts = [[rng.randbytes(20), "127.0.0.1", rng.randrange(1024, 65535)] for _ in range(300)]
+    while True:
+        data, addr = await sock.recvfrom(65536)
+        if data[:1] != b"\x00":
+            continue
+        name, _args = umsgpack.unpackb(data[21:])
+        if name == "find_value":
+            answer: object = {"nodes": contacts, "values": bundle}
+        elif name == "find_node":
+            answer = contacts
+        else:
+            answer = rng.randbytes(20)
+        await sock.sendto(b"\x01" + data[1:21] + umsgpack.packb(answer), addr)
+
+
+async def test_lying_nodes_change_no_lookup_result() -> None:
+    topic = Topic.manifest(RNG.randbytes(32))
+    junk = [b"garbage", bytes(300), canonical.encode({b"r": {}, b"s": bytes(64)})]
+    async with swarm(6, seed=9) as nodes, trio.open_nursery() as nursery:
+        await nodes[3].announce(topic, "127.0.0.1", 7003)
+        honest = await nodes[0].lookup(topic)
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await sock.bind(("127.0.0.1", 0))
+        nursery.start_soon(_hostile_responder, sock, topic, junk)
+        # introduce the liar to every honest node (it pings them with a made-up id)
+        for node in nodes:
+            await sock.sendto(_request("ping", RNG.randbytes(20)), ("127.0.0.1", node.port))
+        await trio.sleep(0.1)
+        with trio.fail_after(3):
+            for node in nodes:
+                res = await node.lookup_detailed(topic)
+                assert [r.encoded for r in res.records] == [r.encoded for r in honest]
+                assert res.rejected >= 1
+        nursery.cancel_scope.cancel()
+        sock.close()
+
+
+@pytest.mark.parametrize("bridge_kind", ["thread", "trio-asyncio"])
+async def test_cancelled_lookups_leave_the_node_usable(bridge_kind: str) -> None:
+    topic = Topic.manifest(RNG.randbytes(32))
+    async with swarm(6, bridge_kind, seed=10) as nodes:
+        await nodes[1].announce(topic, "127.0.0.1", 7001)
+        for delay in (0, 0.0005, 0.002, 0.005):
+            with trio.move_on_after(delay):
+                await nodes[4].lookup(topic)
+        with trio.fail_after(3):
+            assert [r.port for r in await nodes[4].lookup(topic)] == [7001]
