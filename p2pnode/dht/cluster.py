@@ -41,7 +41,7 @@ from typing import Any
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..errors import TransportError
+from ..errors import P2PNodeError, TransportError
 from ..keys import public_key_bytes
 from .node import DHTConfig, DHTNode, open_bridge, open_dht_node, parse_hostport
 from .records import Topic
@@ -92,8 +92,15 @@ async def _serve_requests(nodes: list[DHTNode], out: trio.lowlevel.FdStream) -> 
             await out.send_all(json.dumps(obj).encode() + b"\n")
 
     async def handle(req: dict[str, Any]) -> None:
-        op = req.get("op")
         ans: dict[str, Any] = {"id": req.get("id")}
+        try:
+            await dispatch(req, ans)
+        except (KeyError, IndexError, TypeError, ValueError, P2PNodeError) as exc:
+            ans["error"] = f"{type(exc).__name__}: {exc}"  # a bad request, answered not fatal
+        await reply(ans)
+
+    async def dispatch(req: dict[str, Any], ans: dict[str, Any]) -> None:
+        op = req.get("op")
         if op == "announce":
             node = nodes[req["node"]]
             ans["stored"] = await node.announce(parse_topic(req["topic"]), "127.0.0.1", req["port"])
@@ -121,7 +128,6 @@ async def _serve_requests(nodes: list[DHTNode], out: trio.lowlevel.FdStream) -> 
             )
         else:
             ans["error"] = f"unknown op {op!r}"
-        await reply(ans)
 
     stdin = trio.lowlevel.FdStream(os.dup(0))
     async with trio.open_nursery() as nursery:
@@ -247,6 +253,8 @@ class ClusterProcess:
         await event.wait()
         if not box:
             raise TransportError("cluster host died during a request")
+        if "error" in box[0]:
+            raise TransportError(f"cluster host refused {op}: {box[0]['error']}")
         return box[0]
 
     def kill(self) -> None:
