@@ -19,4 +19,3 @@ __all__ = ["AccessLine", "Nginx", "NginxMissing"]
 
 Nginx = LocalCDN
 NginxMissing = P2PNodeError
-
