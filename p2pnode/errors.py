@@ -13,14 +13,21 @@ pass a more specific one.
     │   ├── ExpiredManifestError past its ``expires`` time (freeze attack)
     │   ├── DowngradeError       a build lower than the installed one (rollback attack)
     │   ├── UnsafePathError      a path that escapes the install root or collides
-    │   └── ChunkHashError       bytes whose blake3 is not the chunk id they claim
+    │   ├── ChunkHashError       bytes whose blake3 is not the chunk id they claim
+    │   └── dht.PeerRecordError  a malformed DHT peer record
+    │       ├── dht.RecordSignatureError  (also a SignatureError)
+    │       ├── dht.ExpiredRecordError
+    │       └── dht.LANMessageError       a malformed LAN discovery message
     ├── InstallError             local state problems
     │   ├── InstallLockedError   another p2pnode process works on the same install
     │   ├── NotInstalledError    an operation that needs an install found none
     │   ├── NoRollbackError      no earlier version is kept
-    │   └── DiskSpaceError       not enough free space to stage the release
+    │   ├── DiskSpaceError       not enough free space to stage the release
+    │   └── dht.DHTStateError    a damaged DHT routing-table file
     ├── TransportError           a network operation failed
-    │   └── CDNError             every mirror failed for some chunk
+    │   ├── CDNError             every mirror failed for some chunk
+    │   ├── dht.DHTError         the DHT node cannot start or answer
+    │   └── dht.DiscoveryError   no peer source answered
     └── ProtocolError            a peer broke the wire protocol (see p2pnode.swarm)
         ├── LocalProtocolError
         └── RemoteProtocolError
