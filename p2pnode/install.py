@@ -383,6 +383,7 @@ async def assemble(
         raise _most_telling(group) from None
     finally:
         journal.close()
+        stage.close_files()
     await trio.to_thread.run_sync(stage.finish)
     progress.finish()
 

@@ -19,19 +19,24 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
 from . import manifest as M
 from .chunker import hash_chunk
 from .errors import InstallError
-from .fsutil import fsync_path
+from .fsutil import fsync_path, start_writeback
 from .store import ChunkStore
 
 __all__ = ["Journal", "LocalChunks", "Stage"]
 
 _MAGIC = b"P2PJ1\n"
 _HEADER = len(_MAGIC) + 32 + 36
+#: Files kept open while staging: enough that a release's files are not reopened per chunk,
+#: few enough to stay far below any descriptor limit.
+MAX_OPEN_FILES = 64
 _OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -104,6 +109,9 @@ class Stage:
         self.manifest = manifest
         self.files = list(files)
         self.locations: dict[bytes, list[tuple[str, int, int]]] = {}
+        self._fds: OrderedDict[str, int] = OrderedDict()  # open files, least recent first
+        self._users: dict[int, int] = {}  # fd -> writers using it right now
+        self._lock = threading.Lock()
         for f in self.files:
             for c in f.chunks:
                 self.locations.setdefault(c.id, []).append((f.path, c.offset, c.length))
@@ -129,12 +137,15 @@ class Stage:
         return lost
 
     def write_chunk(self, chunk_id: bytes, data: bytes | memoryview) -> int:
-        """Write verified bytes at every place the chunk occurs; returns bytes written."""
+        """Write verified bytes at every place the chunk occurs; returns bytes written.
+
+        Thread-safe: several writer threads share the cache of open files.
+        """
         written = 0
         for path, offset, length in self.locations[chunk_id]:
             if length != len(data):
                 raise InstallError(f"chunk {chunk_id.hex()[:16]} has the wrong length")
-            fd = os.open(self.root / path, os.O_WRONLY | _OPEN_FLAGS)
+            fd = self._acquire(path)
             try:
                 view = memoryview(data)
                 pos = offset
@@ -142,10 +153,42 @@ class Stage:
                     n = os.pwrite(fd, view, pos)
                     view = view[n:]
                     pos += n
+                start_writeback(fd, offset, length)
             finally:
-                os.close(fd)
+                self._release(fd)
             written += length
         return written
+
+    def _acquire(self, path: str) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = os.open(self.root / path, os.O_WRONLY | _OPEN_FLAGS)
+                self._fds[path] = fd
+            else:
+                self._fds.move_to_end(path)
+            self._users[fd] = self._users.get(fd, 0) + 1
+            if len(self._fds) > MAX_OPEN_FILES:
+                for old_path, old_fd in list(self._fds.items()):
+                    if len(self._fds) <= MAX_OPEN_FILES:
+                        break
+                    if not self._users.get(old_fd):
+                        del self._fds[old_path]
+                        os.close(old_fd)
+            return fd
+
+    def _release(self, fd: int) -> None:
+        with self._lock:
+            self._users[fd] -= 1
+            if not self._users[fd]:
+                del self._users[fd]
+
+    def close_files(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            self._users.clear()
 
     def recheck(self, ids: Iterable[bytes]) -> list[bytes]:
         """Chunks among ``ids`` whose bytes in the stage do not verify (after a reboot)."""
@@ -158,6 +201,7 @@ class Stage:
 
     def finish(self) -> None:
         """Set final modes and make every byte and name durable before the switch."""
+        self.close_files()
         for f in self.files:
             target = self.root / f.path
             fd = os.open(target, os.O_RDONLY | _OPEN_FLAGS)
@@ -172,6 +216,7 @@ class Stage:
             fsync_path(d)
 
     def remove(self) -> None:
+        self.close_files()
         shutil.rmtree(self.root, ignore_errors=True)
 
 

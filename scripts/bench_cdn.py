@@ -104,10 +104,23 @@ def run_aria2(url_list: Path, out: Path) -> float:
 
 
 def run_node(manifest_url: str, dest: Path, pub: str) -> tuple[float, float, dict[str, object]]:
-    """Wall seconds, peak RSS (MB) of exactly this process (wait4), and its --json result."""
+    """Wall seconds, peak RSS (MB) and the --json result of one `p2pnode install`.
+
+    The peak RSS is measured by GNU time, which forks the node from its own small process: a
+    child forked straight from this script would start with this script's RSS on its account.
+    """
+    gnu_time = "/usr/bin/time"
+    if not os.access(gnu_time, os.X_OK):
+        raise SystemExit("GNU time is not installed (run `bash scripts/setup.sh`)")
+    rss_file = dest.parent / "rss.txt"
     t = time.perf_counter()
-    proc = subprocess.Popen(
+    proc = subprocess.run(
         [
+            gnu_time,
+            "-f",
+            "%M",
+            "-o",
+            str(rss_file),
             sys.executable,
             "-m",
             "p2pnode",
@@ -119,17 +132,14 @@ def run_node(manifest_url: str, dest: Path, pub: str) -> tuple[float, float, dic
             pub,
             "--json",
         ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
+        text=True,
     )
-    assert proc.stdout is not None and proc.stderr is not None
-    out, err = proc.stdout.read(), proc.stderr.read()
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - t
     if proc.returncode != 0:
-        raise SystemExit(f"p2pnode install failed: {err.decode()}")
-    return seconds, usage.ru_maxrss / 1024, json.loads(out)
+        raise SystemExit(f"p2pnode install failed: {proc.stderr}")
+    rss_kb = int(rss_file.read_text().split()[-1])
+    return seconds, rss_kb / 1024, json.loads(proc.stdout)
 
 
 def main() -> None:
@@ -154,16 +164,23 @@ def main() -> None:
             with open(urls, "w") as f:
                 for fe in m.files:
                     f.write(f"{cdn.url}bench/1/files/{fe.path}\n  out={fe.path}\n")
-            # Warm nginx's page cache so both clients read from memory.
+            # Warm the page cache so both clients read from memory. Read in pieces: a forked
+            # child's peak RSS starts at its parent's, so the parent must stay small.
             for fe in m.files:
-                (cdn_dir / "bench/1/files" / fe.path).read_bytes()
+                with open(cdn_dir / "bench/1/files" / fe.path, "rb") as f:
+                    while f.read(8 << 20):
+                        pass
             aria_times, node_times, rss = [], [], 0.0
             result: dict[str, object] = {}
             for _ in range(args.runs):
+                # Each client starts with no dirty pages of the other's to flush. aria2c leaves
+                # its files in the page cache; p2pnode fsyncs before its atomic switch.
                 out = work / "aria"
+                os.sync()
                 aria_times.append(run_aria2(urls, out))
                 shutil.rmtree(out)
                 dest = work / "install"
+                os.sync()
                 s, r, result = run_node(cdn.url + res.manifest_path, dest, pub)
                 node_times.append(s)
                 rss = max(rss, r)

@@ -8,6 +8,7 @@ need_apt=()
 command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need_apt+=(nginx-light)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v aria2c >/dev/null 2>&1 || need_apt+=(aria2)
+[[ -x /usr/bin/time ]] || need_apt+=(time)
 if [[ "${P2PNODE_SKIP_BROWSER:-0}" != 1 ]]; then
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 fi
