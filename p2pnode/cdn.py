@@ -59,6 +59,7 @@ from .cdnplan import (
     parse_content_range,
 )
 from .errors import CDNError
+from .rangetransport import RangeTransport
 from .ratelimit import RateLimiter
 
 __all__ = ["CDNFetcher", "CDNOptions", "ChunkRequest", "FetchStats", "MirrorStats"]
@@ -68,18 +69,6 @@ Deliver = Callable[[ChunkRequest, bytes], Awaitable[None]]
 #: Chunks at least this big are hashed in a worker thread: blake3 releases the GIL, so the
 #: event loop keeps reading sockets meanwhile. Below it the thread hop costs more than it saves.
 HASH_IN_THREAD_BYTES = 2 * 2**20
-
-#: httpcore reads response bodies 64 KiB at a time, which at disk speed (~400 MB/s) is ~6,000
-#: trips a second through h11 and trio in Python. 1 MiB reads made a 256 MiB CDN install ~25%
-#: faster here (1.8 s -> 1.35 s, same run, nginx on loopback). The knob is a class attribute of
-#: httpcore's HTTP/1.1 connection; we raise it once, for every client in this process.
-BODY_READ_BYTES = 1 << 20
-try:
-    from httpcore._async.http11 import AsyncHTTP11Connection as _H11
-
-    _H11.READ_NUM_BYTES = max(_H11.READ_NUM_BYTES, BODY_READ_BYTES)
-except (ImportError, AttributeError):  # pragma: no cover - a future httpcore; stay correct
-    pass
 
 
 @dataclass
@@ -288,13 +277,7 @@ class CDNFetcher:
             share = o.max_download_rate * o.target_seconds / max(1, o.connections)
             rcvbuf = int(min(4 * 2**20, max(64 * 1024, share)))
             socket_options.append((socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf))
-        transport = httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(
-                max_connections=o.connections, max_keepalive_connections=o.connections
-            ),
-            socket_options=socket_options,
-            retries=0,
-        )
+        transport = RangeTransport(max_connections=o.connections, socket_options=socket_options)
         # Timeouts are our cancel scopes; proxies from the environment are not wanted for a
         # loopback origin and a CDN alike (the mirror URL says where to go).
         return httpx.AsyncClient(
