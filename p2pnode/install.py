@@ -30,7 +30,8 @@ import errno
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,17 +247,9 @@ async def rollback(
     """Go back to the most recent kept earlier version, offline when its chunks are kept."""
     options = options or InstallOptions()
     t0 = time.monotonic()
-    sd = StateDir(dest)
-    if not sd.exists:
-        raise NotInstalledError(f"nothing is installed in {dest}")
-    with sd:
-        state = sd.load()
-        await trio.to_thread.run_sync(recover, sd, state)
-        if not state.current:
-            raise NotInstalledError(f"nothing is installed in {dest}")
+    async with installed(dest) as (sd, state, current):
         if not state.history:
             raise NoRollbackError(f"{dest} keeps no version earlier than the installed one")
-        current = sd.load_manifest(state.current)
         signed = sd.load_signed(state.history[0])
         trusted = {keys.parse_public_key(k) for k in state.trusted}
         manifest = M.verify(signed, trusted, check_expiry=False)
@@ -270,11 +263,26 @@ async def rollback(
             mirrors,
             options,
             progress or NullProgress(),
-            [state.current, *state.history[1:]],
+            [current.id.hex(), *state.history[1:]],
         )
         result.action = "rolled-back"
         result.seconds = time.monotonic() - t0
         return result
+
+
+@asynccontextmanager
+async def installed(dest: Path) -> AsyncIterator[tuple[StateDir, InstallState, M.Manifest]]:
+    """Lock the install at ``dest``, finish any interrupted switch, and give its state and
+    current manifest; for operations on an existing install (rollback, verify, repair)."""
+    sd = StateDir(dest)
+    if not sd.exists:
+        raise NotInstalledError(f"nothing is installed in {dest}")
+    with sd:
+        state = sd.load()
+        await trio.to_thread.run_sync(recover, sd, state)
+        if not state.current:
+            raise NotInstalledError(f"nothing is installed in {dest}")
+        yield sd, state, sd.load_manifest(state.current)
 
 
 def _refuse_foreign_directory(sd: StateDir) -> None:

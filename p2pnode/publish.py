@@ -9,6 +9,7 @@ is immutable.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import stat
@@ -159,19 +160,7 @@ def publish(
             _copy_and_chunk(src_path, tmp / "files" / rel, rel, exe, chunking, progress)
             for rel, src_path, exe in files
         ]
-        manifest = M.Manifest(
-            app=app,
-            version=version,
-            build=build,
-            channel=channel,
-            created=now,
-            expires=now + lifetime,
-            key=keys.public_key_bytes(key),
-            files=tuple(entries),
-            chunking=chunking,
-            previous=previous,
-            mirrors=tuple(mirrors),
-        )
+        manifest = dataclasses.replace(probe, files=tuple(entries), previous=previous)
         signed = M.sign(manifest, key)
         blob = signed.encode()
         write_atomic(tmp / layout.MANIFEST_NAME, blob)

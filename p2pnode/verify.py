@@ -23,12 +23,11 @@ from typing import Any
 import trio
 
 from . import manifest as M
-from .errors import NotInstalledError
 from .install import (
     InstallOptions,
     InstallResult,
     assemble,
-    recover,
+    installed,
     resolve_mirrors,
 )
 from .progress import NullProgress, Progress
@@ -136,15 +135,7 @@ async def verify(
     options = options or InstallOptions()
     progress = progress or NullProgress()
     t0 = time.monotonic()
-    sd = StateDir(dest)
-    if not sd.exists:
-        raise NotInstalledError(f"nothing is installed in {dest}")
-    with sd:
-        state = sd.load()
-        await trio.to_thread.run_sync(recover, sd, state)
-        if not state.current:
-            raise NotInstalledError(f"nothing is installed in {dest}")
-        manifest = sd.load_manifest(state.current)
+    async with installed(dest) as (sd, state, manifest):
         report = await trio.to_thread.run_sync(scan, sd.dest, manifest, progress)
         if repair and not report.ok:
             await _repair(sd, manifest, report, options, progress, state.mirrors)
