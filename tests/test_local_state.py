@@ -13,13 +13,14 @@ import trio
 from p2pnode import install as install_mod
 from p2pnode import layout
 from p2pnode.chunker import hash_chunk
-from p2pnode.errors import DiskSpaceError, UsageError
-from p2pnode.install import InstallOptions, install
+from p2pnode.errors import DiskSpaceError, InstallLockedError, NotInstalledError, UsageError
+from p2pnode.install import InstallOptions, install, rollback
 from p2pnode.publish import publish
 from p2pnode.stage import Journal
 from p2pnode.state import StateDir
 from p2pnode.store import ChunkStore
 from p2pnode.units import parse_rate, parse_size
+from p2pnode.verify import verify
 
 from .test_install import KEY, TRUST, make_release, tree
 
@@ -117,3 +118,30 @@ def test_disk_filling_mid_install_loses_nothing(
     result = trio.run(install, location, dest, TRUST, InstallOptions())
     assert tree(dest) == tree(src)
     assert result.bytes_resumed > 0
+
+
+def test_a_second_process_on_the_same_install_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_release(src, big=1 << 20)
+    p = publish(src, app="game", version="1", build=1, key=KEY, out=tmp_path / "cdn")
+    dest = tmp_path / "game"
+    location = str(tmp_path / "cdn" / p.manifest_path)
+    holder = StateDir(dest)
+    holder.lock()
+    try:
+        with pytest.raises(InstallLockedError, match="another p2pnode process"):
+            trio.run(install, location, dest, TRUST, InstallOptions())
+    finally:
+        holder.unlock()
+    trio.run(install, location, dest, TRUST, InstallOptions())
+    assert tree(dest) == tree(src)
+
+
+def test_operations_on_nothing_installed_say_so(tmp_path: Path) -> None:
+    from p2pnode.cli import main
+
+    with pytest.raises(NotInstalledError):
+        trio.run(rollback, tmp_path / "nothing", InstallOptions())
+    with pytest.raises(NotInstalledError):
+        trio.run(lambda: verify(tmp_path / "nothing"))
+    assert main(["verify", "--dest", str(tmp_path / "nothing"), "--json"]) == 1
