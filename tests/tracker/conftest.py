@@ -1,0 +1,172 @@
+"""Fixtures for the tracker tests: keys, signed manifests, an in-process tracker, redis.
+
+``tracker`` is a :class:`tracker.Tracker` over a fresh DIR; ``client`` is a
+:class:`p2pnode.tracker_client.TrackerClient` whose httpx transport is that app, in-process, on
+trio (no sockets). ``redis_url`` starts a private ``redis-server`` on a free loopback port for
+the test and stops it after; if the binary is missing the test fails with the fix.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import blake3
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from p2pnode import keys
+from p2pnode import manifest as M
+from p2pnode.tracker_client import TrackerClient
+from tracker import Tracker, TrackerConfig, open_tracker
+
+ADMIN = "admin-token-for-tests-0123456789"
+APP = "game"
+
+
+@pytest.fixture
+def publisher() -> Ed25519PrivateKey:
+    return keys.generate_key()
+
+
+@pytest.fixture
+def make_manifest(publisher: Ed25519PrivateKey) -> Callable[..., M.SignedManifest]:
+    """``make_manifest(build, channel="stable", key=publisher, expires_in=3600)``."""
+
+    def make(
+        build: int,
+        channel: str = "stable",
+        key: Ed25519PrivateKey | None = None,
+        app: str = APP,
+        expires_in: int = 3600,
+        size: int = 1000,
+    ) -> M.SignedManifest:
+        k = key or publisher
+        data = f"build {build}".encode() * (size // 8 + 1)
+        data = data[:size]
+        now = int(time.time())
+        m = M.Manifest(
+            app=app,
+            version=f"1.{build}",
+            build=build,
+            channel=channel,
+            created=now - 10,
+            expires=now + expires_in,
+            key=keys.public_key_bytes(k),
+            files=(
+                M.FileEntry(
+                    "data.bin",
+                    size,
+                    M.MODE_FILE,
+                    (M.ChunkRef(blake3.blake3(data).digest(), 0, size),),
+                ),
+            ),
+        )
+        return M.sign(m, k)
+
+    return make
+
+
+@pytest.fixture
+def make_tracker(tmp_path: Path) -> Iterator[Callable[..., Tracker]]:
+    made: list[Tracker] = []
+
+    def make(
+        name: str = "t", redis_url: str | None = None, prefix: str = "trk:", **kw: object
+    ) -> Tracker:
+        config = TrackerConfig(admin_token=ADMIN, **kw)  # type: ignore[arg-type]
+        t = open_tracker(config, tmp_path / name, redis_url, prefix)
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.registry.close()
+        t.swarm.close()
+
+
+@pytest.fixture
+def tracker(make_tracker: Callable[..., Tracker]) -> Tracker:
+    return make_tracker()
+
+
+def client_for(t: Tracker, token: str | None = ADMIN, ip: str = "127.0.0.1") -> TrackerClient:
+    transport = httpx.ASGITransport(app=t, client=(ip, 40000))  # type: ignore[arg-type]
+    http = httpx.AsyncClient(transport=transport, base_url="http://tracker")
+    return TrackerClient("http://tracker", token=token, client=http)
+
+
+REGISTRATIONS: dict[int, dict[str, object]] = {}
+
+
+@pytest.fixture
+async def client(tracker: Tracker, publisher: Ed25519PrivateKey) -> AsyncIterator[TrackerClient]:
+    """A client of ``tracker``, with the app ``APP`` already registered to ``publisher``."""
+    c = client_for(tracker)
+    REGISTRATIONS[id(tracker)] = await c.add_app(APP, keys.public_key_bytes(publisher))
+    yield c
+    REGISTRATIONS.pop(id(tracker), None)
+    await c._http.aclose()
+
+
+@pytest.fixture
+def registered(client: TrackerClient, tracker: Tracker) -> dict[str, object]:
+    """The registration answer (holds the publisher token)."""
+    return REGISTRATIONS[id(tracker)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (fix: bash scripts/setup.sh)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail("redis-server did not start within 10 s")
+            time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,141 @@
+"""``tracker``: run the tracker service, and administer a running one.
+
+    tracker serve --listen HOST:PORT --data DIR --admin-token TOKEN [--redis URL]
+    tracker app add APP --key ed25519:<hex> --url URL --admin-token TOKEN [--json]
+
+Errors print one line on stderr (what went wrong, then the fix) and exit non-zero; ``--json``
+prints machine-readable output on stdout. The admin token may also come from the environment
+(``TRACKER_ADMIN_TOKEN``), which keeps it out of ``ps`` output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pnode import keys
+from p2pnode.errors import P2PNodeError, UsageError
+from p2pnode.tracker_client import TrackerClient
+
+from .app import TrackerConfig, open_tracker
+from .server import serve_tracker
+
+__all__ = ["main"]
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--listen {text!r} is not HOST:PORT", fix="e.g. --listen 0.0.0.0:7070")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _admin_token(args: argparse.Namespace) -> str:
+    token = args.admin_token or os.environ.get("TRACKER_ADMIN_TOKEN", "")
+    if len(token) < 16:
+        raise UsageError(
+            "the admin token is missing or shorter than 16 characters",
+            fix="pass --admin-token (or TRACKER_ADMIN_TOKEN) with a long random value",
+        )
+    return token
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tracker", description="p2pnode tracker")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the tracker")
+    s.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT (default %(default)s)")
+    s.add_argument("--data", required=True, type=Path, help="directory for the SQLite files")
+    s.add_argument("--admin-token", help="admin token (or env TRACKER_ADMIN_TOKEN)")
+    s.add_argument("--redis", help="redis://HOST:PORT/DB to share swarm state between replicas")
+    s.add_argument("--redis-prefix", default="trk:", help="key prefix in redis")
+    s.add_argument("--interval", type=int, default=60, help="announce interval, seconds")
+    s.add_argument(
+        "--client-rate", type=float, default=50.0, help="requests/s per client address (0: off)"
+    )
+    s.add_argument("--client-burst", type=float, default=200.0)
+    s.add_argument("--json", action="store_true", help="print the bound address as JSON")
+    a = sub.add_parser("app", help="manage apps on a running tracker")
+    asub = a.add_subparsers(dest="app_command", required=True)
+    add = asub.add_parser("add", help="register an app and its publisher key")
+    add.add_argument("app")
+    add.add_argument("--key", required=True, help="publisher key, ed25519:<hex>")
+    add.add_argument("--url", required=True, help="tracker URL, e.g. http://127.0.0.1:7070")
+    add.add_argument("--admin-token", help="admin token (or env TRACKER_ADMIN_TOKEN)")
+    add.add_argument("--json", action="store_true")
+    return p
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    host, port = _hostport(args.listen)
+    if args.interval < 5:
+        raise UsageError("--interval must be at least 5 seconds")
+    config = TrackerConfig(
+        admin_token=_admin_token(args),
+        interval=args.interval,
+        client_rate=args.client_rate,
+        client_burst=args.client_burst,
+    )
+    tracker = open_tracker(config, args.data, args.redis, args.redis_prefix)
+    if args.redis:
+        try:
+            await trio.to_thread.run_sync(tracker.swarm.ping)  # type: ignore[attr-defined]
+        except Exception as exc:  # redis-py's errors: any failure here means "cannot start"
+            raise UsageError(
+                f"cannot reach redis at {args.redis}: {exc}",
+                fix="start redis-server or fix --redis",
+            ) from exc
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(
+            functools.partial(serve_tracker, tracker, host, port, shutdown=stop)
+        )
+
+        async def signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                async for _ in received:
+                    stop.set()
+                    return
+
+        nursery.start_soon(signals)
+        url = f"http://{bound[0]}:{bound[1]}"
+        if args.json:
+            print(json.dumps({"url": url, "dashboard": url + "/dashboard"}), flush=True)
+        else:
+            print(f"tracker listening on {url} (dashboard {url}/dashboard)", flush=True)
+        await stop.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def _app_add(args: argparse.Namespace) -> dict[str, Any]:
+    key = keys.parse_public_key(args.key)
+    async with TrackerClient(args.url, token=_admin_token(args)) as client:
+        return await client.add_app(args.app, key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            trio.run(_serve, args)
+            return 0
+        result = trio.run(_app_add, args)
+    except P2PNodeError as exc:
+        print(f"tracker: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 1)
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"registered {result['app']} with key {result['key']}")
+        print(f"publisher token (shown once): {result['publisher_token']}")
+    return 0

@@ -1,0 +1,532 @@
+"""The tracker's pure core: node messages, quality scores and peer ranking. No I/O here.
+
+Theory of operation
+-------------------
+Nodes talk to the tracker in two signed messages, *announce* and *report*. Each is a JSON
+object sent as the HTTP request body; the node signs the body bytes **verbatim** with
+``keys.sign(node_key, DOMAIN, body)`` and sends the 64-byte signature as 128 hex digits in the
+``X-P2PNode-Signature`` header. Signing the exact bytes (rather than a re-serialisation of the
+parsed JSON) means no canonical JSON is needed: the tracker checks the signature over what it
+received, *then* parses it. The domain tags differ per message type, so an announce signature
+can never be replayed as a report, a manifest or a DHT record.
+
+The node's identity is the ``key`` field (``ed25519:<hex>``); its id is
+``keys.node_id_of(key)``, computed here, never taken from the message. ``ts`` (Unix seconds)
+must lie within ``MAX_SKEW`` of the tracker's clock and ``nonce`` makes every message unique;
+the store remembers the digest of every signature it accepted for ``2 * MAX_SKEW``, so a captured
+message cannot be replayed (see ``SwarmStore.seen``).
+
+Parsing is strict: unknown fields, wrong types, out-of-range numbers and oversized bodies raise
+:class:`BadRequest` (HTTP 400) before anything is stored. The functions here take ``now`` as an
+argument so tests drive them with explicit times.
+
+Quality
+-------
+Reports accumulate per peer: MiB received from it, failed requests, corrupt chunks, an EWMA of
+its rate, and the set of distinct reporters that saw corrupt data. :func:`quality_score` maps that
+to a number in [0, 1] (0.5 for a peer nobody has reported on yet); a peer that
+``FLAG_REPORTERS`` distinct reporters saw send corrupt data is *flagged*: its score is 0 and it is
+left out of every announce answer until an operator clears it. :func:`rank_peers` orders answers:
+nodes of the requested build first, then partial seeds of other builds of the app; within each,
+by score, then by how much they hold.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from p2pnode import keys
+from p2pnode.errors import P2PNodeError, SignatureError
+
+__all__ = [
+    "ANNOUNCE_DOMAIN",
+    "FLAG_REPORTERS",
+    "MAX_ANNOUNCE_BYTES",
+    "MAX_NUMWANT",
+    "MAX_REPORT_BYTES",
+    "MAX_REPORT_PEERS",
+    "MAX_SKEW",
+    "REPORT_DOMAIN",
+    "SIGNATURE_HEADER",
+    "APIError",
+    "Announce",
+    "BadRequest",
+    "Conflict",
+    "Forbidden",
+    "NotFound",
+    "PeerQuality",
+    "PeerReport",
+    "PeerView",
+    "RateLimited",
+    "Report",
+    "Unauthorized",
+    "parse_announce",
+    "parse_report",
+    "quality_score",
+    "rank_peers",
+]
+
+ANNOUNCE_DOMAIN = b"p2pnode-tracker-announce-v1"
+REPORT_DOMAIN = b"p2pnode-tracker-report-v1"
+SIGNATURE_HEADER = "X-P2PNode-Signature"
+
+#: Clock skew tolerated between a node and the tracker (seconds); replays are remembered for
+#: twice this, so a message is either too old or already seen.
+MAX_SKEW = 300
+MAX_ANNOUNCE_BYTES = 4096
+MAX_REPORT_BYTES = 16 * 1024
+MAX_REPORT_PEERS = 64
+#: Peers in one announce answer, at most (BitTorrent trackers settle on 50 too).
+MAX_NUMWANT = 50
+DEFAULT_NUMWANT = 30
+#: Distinct reporters that must have seen corrupt data from a peer before it is flagged: one
+#: reporter alone may be lying about an honest peer.
+FLAG_REPORTERS = 3
+#: Rate at which the speed part of the score is one half (bytes/s).
+RATE_HALF = 1_000_000
+MAX_BYTES = 1 << 50
+MAX_RATE = 1 << 40
+MAX_COUNT = 1_000_000
+
+EVENTS = ("started", "update", "completed", "stopped")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_NONCE = re.compile(r"^[0-9a-f]{16,64}$")
+
+
+class APIError(P2PNodeError):
+    """An HTTP request the tracker refuses; ``status`` and ``code`` go into the JSON error."""
+
+    status = 400
+    code = "bad_request"
+    default_fix = "read docs/tracker-api.md for the request format"
+
+
+class BadRequest(APIError):
+    pass
+
+
+class Unauthorized(APIError):
+    status = 401
+    code = "unauthorized"
+    default_fix = "send Authorization: Bearer <admin or publisher token>"
+
+
+class Forbidden(APIError):
+    status = 403
+    code = "forbidden"
+    default_fix = "sign the message with the node key it names, or use the right token"
+
+
+class NotFound(APIError):
+    status = 404
+    code = "not_found"
+    default_fix = "check the app, channel or manifest id"
+
+
+class Conflict(APIError):
+    status = 409
+    code = "conflict"
+    default_fix = "publish a build with a higher build number than the channel has seen"
+
+
+class TooLarge(APIError):
+    status = 413
+    code = "too_large"
+    default_fix = "send a smaller request body"
+
+
+class RateLimited(APIError):
+    status = 429
+    code = "rate_limited"
+    default_fix = "slow down; retry after the number of seconds in Retry-After"
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    public_key: bytes
+    node_id: bytes
+    ts: int
+    app: str
+    manifest: bytes
+    ip: str | None
+    port: int
+    event: str
+    size: int
+    left: int
+    from_peers: int
+    from_cdn: int
+    uploaded: int
+    numwant: int
+    records: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerReport:
+    node_id: bytes
+    bytes: int
+    rate: int
+    failures: int
+    corrupt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    public_key: bytes
+    node_id: bytes
+    ts: int
+    peers: tuple[PeerReport, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerView:
+    """One live swarm member as the store returns it (before ranking)."""
+
+    node_id: bytes
+    public_key: bytes
+    manifest: bytes
+    ip: str
+    port: int
+    size: int
+    left: int
+    score: float
+    flagged: bool
+    record: bytes | None = None
+
+    @property
+    def progress(self) -> float:
+        return 1.0 if self.size <= 0 else max(0.0, min(1.0, 1 - self.left / self.size))
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "node_id": self.node_id.hex(),
+            "key": keys.format_public_key(self.public_key),
+            "ip": self.ip,
+            "port": self.port,
+            "manifest": self.manifest.hex(),
+            "seed": self.left == 0,
+            "progress": round(self.progress, 4),
+            "score": round(self.score, 4),
+        }
+        if self.record is not None:
+            out["record"] = self.record.hex()
+        return out
+
+
+@dataclass(slots=True)
+class PeerQuality:
+    """What reports have said about one peer; stores keep one per node id."""
+
+    mib: float = 0.0
+    failures: int = 0
+    corrupt: int = 0
+    rate: float = 0.0
+    reports: int = 0
+    corrupt_reporters: int = 0
+
+    @property
+    def flagged(self) -> bool:
+        return self.corrupt_reporters >= FLAG_REPORTERS
+
+    @property
+    def score(self) -> float:
+        return quality_score(self)
+
+
+def quality_score(q: PeerQuality) -> float:
+    """Score in [0, 1]: 70% reliability, 30% speed; 0.5 for an unknown peer, 0 when flagged.
+
+    Reliability is a Laplace estimate over "units of evidence": each MiB received counts as a
+    success, each failed request as a failure and each corrupt chunk as 16 failures (a corrupt
+    chunk wastes the whole chunk and a verification). Speed is rate/(rate + RATE_HALF), 0.5 when
+    no rate was reported yet. A few reports cannot push a peer to either extreme.
+    """
+    if q.flagged:
+        return 0.0
+    reliability = (1.0 + q.mib) / (2.0 + q.mib + q.failures + 16.0 * q.corrupt)
+    speed = 0.5 if q.rate <= 0 else q.rate / (q.rate + RATE_HALF)
+    return 0.7 * reliability + 0.3 * speed
+
+
+def update_quality(q: PeerQuality, entry: PeerReport, *, new_corrupt_reporter: bool) -> None:
+    """Fold one report entry into ``q`` (the same arithmetic the Redis script does)."""
+    q.mib += entry.bytes / (1024 * 1024)
+    q.failures += entry.failures
+    q.corrupt += entry.corrupt
+    if entry.bytes > 0 and entry.rate > 0:
+        q.rate = float(entry.rate) if q.rate <= 0 else 0.7 * q.rate + 0.3 * entry.rate
+    q.reports += 1
+    if new_corrupt_reporter:
+        q.corrupt_reporters += 1
+
+
+def rank_peers(
+    candidates: Iterable[PeerView], *, manifest: bytes, exclude: bytes, limit: int
+) -> list[PeerView]:
+    """The announce answer: no self, no flagged peers, one entry per node (its entry for the
+    requested build wins), requested build first, then by score and how much each holds."""
+    best: dict[bytes, PeerView] = {}
+    for p in candidates:
+        if p.node_id == exclude or p.flagged:
+            continue
+        seen = best.get(p.node_id)
+        if seen is None or (p.manifest == manifest and seen.manifest != manifest):
+            best[p.node_id] = p
+    ordered = sorted(
+        best.values(),
+        key=lambda p: (p.manifest != manifest, -p.score, p.left, p.node_id),
+    )
+    return ordered[:limit]
+
+
+def verify_signed_body(body: bytes, signature_hex: str | None, domain: bytes) -> dict[str, Any]:
+    """Check ``body`` is JSON whose ``key`` signed it under ``domain``; return the object.
+
+    Raises:
+        BadRequest: not a JSON object, or no/garbled signature header.
+        Forbidden: the signature does not verify with the key the body names.
+    """
+    if not signature_hex:
+        raise BadRequest(f"missing {SIGNATURE_HEADER} header")
+    try:
+        signature = bytes.fromhex(signature_hex)
+    except ValueError:
+        signature = b""
+    if len(signature) != 64:
+        raise BadRequest(f"{SIGNATURE_HEADER} must be 128 hex digits")
+    obj = _json_object(body)
+    public = _key(obj.get("key"))
+    try:
+        keys.verify_signature(public, signature, domain, body)
+    except SignatureError as exc:
+        raise Forbidden(f"signature does not verify with {keys.format_public_key(public)}") from exc
+    return obj
+
+
+def parse_announce(
+    body: bytes, signature_hex: str | None, *, now: float, max_bytes: int = MAX_ANNOUNCE_BYTES
+) -> Announce:
+    """Verify and parse a signed announce. See docs/tracker-api.md for every field."""
+    if len(body) > max_bytes:
+        raise TooLarge(f"announce body is {len(body)} bytes, the limit is {max_bytes}")
+    obj = verify_signed_body(body, signature_hex, ANNOUNCE_DOMAIN)
+    _only(
+        obj,
+        required={"key", "ts", "nonce", "app", "manifest", "port"},
+        optional={
+            "ip",
+            "event",
+            "size",
+            "left",
+            "from_peers",
+            "from_cdn",
+            "uploaded",
+            "numwant",
+            "records",
+        },
+    )
+    public = _key(obj["key"])
+    ts = _ts(obj, now)
+    _nonce(obj)
+    app = _name(obj, "app")
+    manifest = _hex_id(obj, "manifest")
+    port = _int(obj, "port", 1, 65535)
+    ip = obj.get("ip")
+    if ip is not None:
+        ip = _ip(ip)
+    event = obj.get("event", "update")
+    if event not in EVENTS:
+        raise BadRequest(f"event must be one of {', '.join(EVENTS)}")
+    size = _int(obj, "size", 0, MAX_BYTES, 0)
+    left = _int(obj, "left", 0, MAX_BYTES, size)
+    if left > size:
+        raise BadRequest("left is larger than size")
+    if event == "completed" and left != 0:
+        raise BadRequest("a completed announce must have left = 0")
+    records_raw = obj.get("records", [])
+    if not isinstance(records_raw, list) or len(records_raw) > 2:
+        raise BadRequest("records must be a list of at most 2 hex strings")
+    records: list[bytes] = []
+    for r in records_raw:
+        if not isinstance(r, str) or len(r) > 1024:
+            raise BadRequest("each record must be a hex string of at most 512 bytes")
+        try:
+            records.append(bytes.fromhex(r))
+        except ValueError as exc:
+            raise BadRequest("records must be hex") from exc
+    return Announce(
+        public_key=public,
+        node_id=keys.node_id_of(public),
+        ts=ts,
+        app=app,
+        manifest=manifest,
+        ip=ip,
+        port=port,
+        event=event,
+        size=size,
+        left=left,
+        from_peers=_int(obj, "from_peers", 0, MAX_BYTES, 0),
+        from_cdn=_int(obj, "from_cdn", 0, MAX_BYTES, 0),
+        uploaded=_int(obj, "uploaded", 0, MAX_BYTES, 0),
+        numwant=_int(obj, "numwant", 0, MAX_NUMWANT, DEFAULT_NUMWANT),
+        records=tuple(records),
+    )
+
+
+def parse_report(
+    body: bytes, signature_hex: str | None, *, now: float, max_bytes: int = MAX_REPORT_BYTES
+) -> Report:
+    """Verify and parse a signed peer-quality report. See docs/tracker-api.md."""
+    if len(body) > max_bytes:
+        raise TooLarge(f"report body is {len(body)} bytes, the limit is {max_bytes}")
+    obj = verify_signed_body(body, signature_hex, REPORT_DOMAIN)
+    _only(obj, required={"key", "ts", "nonce", "peers"}, optional=set())
+    public = _key(obj["key"])
+    node_id = keys.node_id_of(public)
+    ts = _ts(obj, now)
+    _nonce(obj)
+    raw = obj["peers"]
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_REPORT_PEERS:
+        raise BadRequest(f"peers must be a list of 1 to {MAX_REPORT_PEERS} entries")
+    entries: dict[bytes, PeerReport] = {}
+    for item in raw:
+        if not isinstance(item, dict):
+            raise BadRequest("each peers entry must be an object")
+        _only(item, required={"node_id"}, optional={"bytes", "rate", "failures", "corrupt"})
+        nid_text = item["node_id"]
+        if not isinstance(nid_text, str) or not _HEX40.match(nid_text):
+            raise BadRequest("node_id must be 40 lowercase hex digits")
+        nid = bytes.fromhex(nid_text)
+        if nid == node_id:
+            raise BadRequest("a node cannot report on itself")
+        if nid in entries:
+            raise BadRequest(f"node {nid_text} appears twice in one report")
+        entries[nid] = PeerReport(
+            node_id=nid,
+            bytes=_int(item, "bytes", 0, MAX_BYTES, 0),
+            rate=_int(item, "rate", 0, MAX_RATE, 0),
+            failures=_int(item, "failures", 0, MAX_COUNT, 0),
+            corrupt=_int(item, "corrupt", 0, MAX_COUNT, 0),
+        )
+    return Report(public_key=public, node_id=node_id, ts=ts, peers=tuple(entries.values()))
+
+
+def check_name(value: str, what: str) -> str:
+    """App and channel names: the manifest's rule (letters, digits, ``._-``, at most 64)."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise BadRequest(f"{what} {value!r} is not a valid name (letters, digits, . _ -)")
+    return value
+
+
+def check_manifest_id(value: str) -> bytes:
+    if not isinstance(value, str) or not _HEX64.match(value):
+        raise BadRequest("manifest id must be 64 lowercase hex digits")
+    return bytes.fromhex(value)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest("body is not valid JSON") from exc
+    if not isinstance(obj, dict):
+        raise BadRequest("body must be a JSON object")
+    return obj
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    return _json_object(body)
+
+
+def _only(obj: dict[str, Any], *, required: set[str], optional: set[str]) -> None:
+    missing = required - obj.keys()
+    if missing:
+        raise BadRequest(f"missing fields: {', '.join(sorted(missing))}")
+    unknown = obj.keys() - required - optional
+    if unknown:
+        raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}")
+
+
+def _key(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise BadRequest("key must be a string ed25519:<64 hex>")
+    try:
+        return keys.parse_public_key(value)
+    except P2PNodeError as exc:
+        raise BadRequest("key must be ed25519:<64 hex>") from exc
+
+
+def _int(obj: dict[str, Any], name: str, lo: int, hi: int, default: int | None = None) -> int:
+    value = obj.get(name, default)
+    if value is None:
+        raise BadRequest(f"missing field {name}")
+    if type(value) is not int or not lo <= value <= hi:
+        raise BadRequest(f"{name} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def _ts(obj: dict[str, Any], now: float) -> int:
+    ts = _int(obj, "ts", 0, 1 << 40)
+    if abs(ts - now) > MAX_SKEW:
+        raise Forbidden(
+            f"message timestamp {ts} is {int(ts - now):+d} s from the tracker's clock",
+            fix=f"sync this machine's clock (tolerance {MAX_SKEW} s) and sign a fresh message",
+        )
+    return ts
+
+
+def _nonce(obj: dict[str, Any]) -> None:
+    nonce = obj.get("nonce")
+    if not isinstance(nonce, str) or not _NONCE.match(nonce):
+        raise BadRequest("nonce must be 16 to 64 lowercase hex digits")
+
+
+def _name(obj: dict[str, Any], field: str) -> str:
+    return check_name(obj.get(field), field)  # type: ignore[arg-type]
+
+
+def _hex_id(obj: dict[str, Any], field: str) -> bytes:
+    value = obj.get(field)
+    if not isinstance(value, str) or not _HEX64.match(value):
+        raise BadRequest(f"{field} must be 64 lowercase hex digits")
+    return bytes.fromhex(value)
+
+
+def _ip(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > 64:
+        raise BadRequest("ip must be an IP address literal")
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError as exc:
+        raise BadRequest("ip must be an IP address literal") from exc
+    if addr.is_unspecified or addr.is_multicast or addr.is_reserved:
+        raise BadRequest(f"ip {value} cannot be reached by peers")
+    return addr.compressed
+
+
+def plausible_ip(claimed: str | None, seen: str) -> str:
+    """The address peers should dial: the claimed one only when it is plausible.
+
+    A node behind the same NAT or on the same private network as the tracker may know a better
+    address than the one the tracker sees; but a node on the public internet must not be able to
+    point the swarm at somebody else's public address (a reflection attack). So a claimed
+    address is used when it equals the seen one, or when the seen one is private/loopback (the
+    tracker serves a LAN, where nodes know their addresses best) and the claimed one is private
+    or loopback too. Otherwise the seen address wins.
+    """
+    if claimed is None or claimed == seen:
+        return seen
+    try:
+        seen_addr = ipaddress.ip_address(seen)
+        claim_addr = ipaddress.ip_address(claimed)
+    except ValueError:
+        return seen
+    local_seen = seen_addr.is_private or seen_addr.is_loopback
+    local_claim = claim_addr.is_private or claim_addr.is_loopback
+    return claimed if local_seen and local_claim else seen

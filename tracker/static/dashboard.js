@@ -1,0 +1,137 @@
+// Operator dashboard: polls /v1/stats every REFRESH_MS and redraws cards, table and charts.
+// Plain canvas drawing, no libraries: the tracker serves everything itself (no CDN links).
+// Each chart also records what it drew in data-* attributes, so tests can check the page.
+"use strict";
+const REFRESH_MS = 2000;
+const LOAD_POINTS = 60;
+const loadHistory = [];
+
+function fmtBytes(n) {
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let i = 0;
+  while (n >= 1000 && i < units.length - 1) { n /= 1000; i++; }
+  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+}
+function pct(x) { return (100 * x).toFixed(1) + "%"; }
+function setText(id, text) { document.getElementById(id).textContent = text; }
+
+function clear(canvas) {
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  ctx.font = "11px system-ui, sans-serif";
+  return ctx;
+}
+
+function barChart(canvas, labels, series, colors) {
+  // series: list of arrays (stacked), one value per label
+  const ctx = clear(canvas);
+  const w = canvas.width, h = canvas.height, pad = 28;
+  const totals = labels.map((_, i) => series.reduce((s, arr) => s + arr[i], 0));
+  const max = Math.max(1, ...totals);
+  const bw = Math.max(4, (w - 2 * pad) / Math.max(1, labels.length) - 8);
+  labels.forEach((label, i) => {
+    let y = h - pad;
+    const x = pad + i * (bw + 8);
+    series.forEach((arr, s) => {
+      const bh = (arr[i] / max) * (h - 2 * pad);
+      ctx.fillStyle = colors[s];
+      ctx.fillRect(x, y - bh, bw, bh);
+      y -= bh;
+    });
+    ctx.fillStyle = "#334";
+    ctx.fillText(label, x, h - pad + 14);
+  });
+  canvas.dataset.bars = JSON.stringify(totals);
+}
+
+function lineChart(canvas, lines, colors) {
+  // lines: list of [[x, y], ...]
+  const ctx = clear(canvas);
+  const w = canvas.width, h = canvas.height, pad = 28;
+  const pts = lines.flat();
+  if (!pts.length) { ctx.fillStyle = "#889"; ctx.fillText("no data yet", pad, h / 2); }
+  const xs = pts.map(p => p[0]), ys = pts.map(p => p[1]);
+  const x0 = Math.min(...xs), x1 = Math.max(...xs), y1 = Math.max(1, ...ys);
+  const sx = x => pad + (x1 === x0 ? 0.5 : (x - x0) / (x1 - x0)) * (w - 2 * pad);
+  const sy = y => h - pad - (y / y1) * (h - 2 * pad);
+  lines.forEach((line, i) => {
+    ctx.strokeStyle = colors[i % colors.length];
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    line.forEach((p, j) => (j ? ctx.lineTo(sx(p[0]), sy(p[1])) : ctx.moveTo(sx(p[0]), sy(p[1]))));
+    ctx.stroke();
+  });
+  ctx.fillStyle = "#334";
+  ctx.fillText(String(y1), 2, pad);
+  canvas.dataset.points = String(pts.length);
+  canvas.dataset.max = String(y1);
+}
+
+function cumulative(series) {
+  let total = 0;
+  return series.map(([t, n]) => [t, (total += n)]);
+}
+
+function render(stats) {
+  const rel = stats.releases;
+  const seeders = rel.reduce((s, r) => s + r.seeders, 0);
+  const leechers = rel.reduce((s, r) => s + r.leechers, 0);
+  const fromPeers = rel.reduce((s, r) => s + r.bytes_from_peers, 0);
+  const fromCdn = rel.reduce((s, r) => s + r.bytes_from_cdn, 0);
+  setText("k-releases", rel.length);
+  setText("k-seeders", seeders);
+  setText("k-leechers", leechers);
+  setText("k-offload", fromPeers + fromCdn ? pct(fromPeers / (fromPeers + fromCdn)) : "–");
+  setText("k-rps", stats.load.requests_per_s.toFixed(1));
+  setText("k-p99", stats.load.p99_ms.toFixed(1) + " ms");
+  setText("k-flagged", stats.quality.flagged.length);
+
+  const tbody = document.querySelector("#releases tbody");
+  tbody.replaceChildren(...rel.map(r => {
+    const tr = document.createElement("tr");
+    tr.dataset.manifest = r.manifest_id;
+    [r.app, r.version, r.build, r.seeders, r.leechers, r.completed,
+     fmtBytes(r.bytes_from_peers), fmtBytes(r.bytes_from_cdn), pct(r.offload_ratio)]
+      .forEach(v => { const td = document.createElement("td"); td.textContent = v; tr.append(td); });
+    return tr;
+  }));
+
+  const labels = rel.map(r => r.app + " " + r.version);
+  barChart(document.getElementById("chart-offload"), labels,
+           [rel.map(r => r.bytes_from_peers), rel.map(r => r.bytes_from_cdn)],
+           ["#2a9d8f", "#e76f51"]);
+  lineChart(document.getElementById("chart-adoption"), rel.map(r => cumulative(r.adoption)),
+            ["#264653", "#2a9d8f", "#e9c46a", "#f4a261", "#e76f51"]);
+  barChart(document.getElementById("chart-quality"),
+           stats.quality.histogram.map((_, i) => (i / 10).toFixed(1)),
+           [stats.quality.histogram], ["#264653"]);
+  loadHistory.push([Date.now() / 1000, stats.load.requests_per_s]);
+  if (loadHistory.length > LOAD_POINTS) loadHistory.shift();
+  lineChart(document.getElementById("chart-load"), [loadHistory], ["#e76f51"]);
+
+  const ul = document.getElementById("flagged");
+  ul.replaceChildren(...(stats.quality.flagged.length ? stats.quality.flagged : [null]).map(n => {
+    const li = document.createElement("li");
+    if (n === null) { li.className = "muted"; li.textContent = "none"; }
+    else { const c = document.createElement("code"); c.textContent = n; li.append(c); }
+    return li;
+  }));
+}
+
+async function refresh() {
+  const status = document.getElementById("status");
+  try {
+    const resp = await fetch("/v1/stats", { cache: "no-store" });
+    if (!resp.ok) throw new Error("HTTP " + resp.status);
+    render(await resp.json());
+    status.className = "status";
+    status.textContent = "updated " + new Date().toLocaleTimeString();
+    document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes || 0) + 1);
+  } catch (err) {
+    status.className = "status error";
+    status.textContent = "cannot load stats: " + err.message;
+  }
+}
+
+refresh();
+setInterval(refresh, REFRESH_MS);
