@@ -33,7 +33,7 @@ async def serve_tracker(
     config.errorlog = None
     config.graceful_timeout = 2.0
     config.keep_alive_timeout = 75.0
-    stop = shutdown or trio.Event()
+    stop = trio.Event() if shutdown is None else shutdown
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(tracker.watch)

@@ -1,0 +1,209 @@
+"""The real thing over loopback: `tracker serve` and `tracker app add` as processes, the SSE
+feed, graceful shutdown, and the dashboard rendered by headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from p2pnode import keys
+from p2pnode import manifest as M
+from p2pnode.tracker_client import PeerQualityReport, TrackerClient
+
+from .conftest import ADMIN, APP
+
+
+def tracker_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tracker", *args]
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[str]:
+    """A `tracker serve` process on a free loopback port; yields its URL."""
+    proc = subprocess.Popen(
+        tracker_cmd(
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            str(tmp_path / "data"),
+            "--admin-token",
+            ADMIN,
+            "--json",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # bounded: the process prints it or exits
+        if not line:
+            pytest.fail(f"tracker serve did not start: {proc.stderr.read() if proc.stderr else ''}")
+        yield json.loads(line)["url"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0  # graceful shutdown on SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_app_add_and_errors(served: str) -> None:
+    key = keys.format_public_key(keys.public_key_bytes(keys.generate_key()))
+    out = subprocess.run(
+        tracker_cmd(
+            "app", "add", APP, "--key", key, "--url", served, "--admin-token", ADMIN, "--json"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    reg = json.loads(out.stdout)
+    assert reg["key"] == key and reg["publisher_token"].startswith("pub_")
+    cases = [
+        (["--key", key, "--admin-token", ADMIN], "already registered"),  # twice
+        (["--key", "ed25519:zz", "--admin-token", ADMIN], "not a public key"),
+        (["--key", key, "--admin-token", "x" * 20], "admin token is wrong"),
+    ]
+    for extra, words in cases:
+        bad = subprocess.run(
+            tracker_cmd("app", "add", APP, "--url", served, *extra),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert bad.returncode != 0 and bad.stdout == ""
+        lines = bad.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0] and "(fix: " in lines[0], bad.stderr
+    down = subprocess.run(
+        tracker_cmd(
+            "app", "add", "x", "--key", key, "--url", "http://127.0.0.1:9", "--admin-token", ADMIN
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert down.returncode == 1 and "unreachable" in down.stderr
+
+
+async def test_sse_feed_and_dashboard(
+    served: str,
+    tmp_path: Path,
+    publisher: Any,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    client = TrackerClient(served, token=ADMIN)
+    await client.add_app(APP, keys.public_key_bytes(publisher))
+    first = make_manifest(1)
+    await client.publish(APP, "stable", first.encode())
+    events: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(timeout=10) as http, trio.open_nursery() as nursery:
+
+        async def listen() -> None:
+            url = f"{served}/v1/apps/{APP}/channels/stable/events"
+            async with http.stream("GET", url) as resp:
+                assert resp.headers["content-type"].startswith("text/event-stream")
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: "):
+                        events.append(json.loads(line[6:]))
+
+        nursery.start_soon(listen)
+        with trio.fail_after(2):
+            while not events:  # the current head arrives at once
+                await trio.sleep(0.01)
+        t0 = trio.current_time()
+        second = make_manifest(2)
+        await client.publish(APP, "stable", second.encode())
+        with trio.fail_after(1):
+            while len(events) < 2:
+                await trio.sleep(0.01)
+        assert trio.current_time() - t0 < 1.0
+        assert [e["build"] for e in events] == [1, 2]
+        nursery.cancel_scope.cancel()
+
+    # some swarm activity, then look at the dashboard in a real browser
+    nodes = [keys.generate_key() for _ in range(5)]
+    for i, k in enumerate(nodes[:3]):
+        await client.announce(
+            k,
+            app=APP,
+            manifest_id=second.id,
+            port=7000 + i,
+            event="completed",
+            size=100,
+            left=0,
+            from_peers=75,
+            from_cdn=25,
+            numwant=0,
+        )
+    await client.announce(
+        nodes[3], app=APP, manifest_id=second.id, port=7010, size=100, left=60, numwant=0
+    )
+    await client.report(
+        nodes[4],
+        [
+            PeerQualityReport(keys.node_id_of(keys.public_key_bytes(k)), bytes=1 << 20, rate=10**6)
+            for k in nodes[:3]
+        ],
+    )
+    await client.aclose()
+    dom = await trio.to_thread.run_sync(dump_dom, f"{served}/dashboard", tmp_path / "chrome")
+    row = dom.split(f'data-manifest="{second.id.hex()}"', 1)[1].split("</tr>", 1)[0]
+    cells = [c.split(">", 1)[1] for c in row.split("<td")[1:]]
+    cells = [c.split("</td>", 1)[0] for c in cells]
+    assert cells[:6] == [APP, "1.2", "2", "3", "1", "3"], cells
+    assert cells[8] == "75.0%"
+    assert 'id="k-seeders">3<' in dom and 'id="k-offload">75.0%<' in dom
+    assert 'id="k-leechers">1<' in dom
+    assert 'data-refreshes="' in dom and "cannot load stats" not in dom
+    # the charts drew what the stats hold: one release with 300 B from peers + CDN, three
+    # scored peers (1 MiB at 1 MB/s each: score 0.7 * 2/3 + 0.3 * 0.5 = 0.62), 3 completions
+    charts = dict(
+        re.findall(r'<canvas id="chart-([a-z]+)"[^>]*data-(?:bars|points)="([^"]*)"', dom)
+    )
+    assert charts["offload"] == "[300]", charts
+    assert charts["quality"] == "[0,0,0,0,0,0,3,0,0,0]", charts
+    assert charts["adoption"] == "1", charts  # one minute bucket so far
+    assert int(charts["load"]) >= 1
+
+
+def dump_dom(url: str, profile: Path) -> str:
+    binary = shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(binary):
+        pytest.fail("chromium is not installed (fix: bash scripts/setup.sh)")
+    cmd = [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=3000",
+        "--dump-dom",
+        url,
+    ]
+    t0 = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert time.monotonic() - t0 < 60
+    return out.stdout
