@@ -61,7 +61,10 @@ __all__ = [
     "SwarmStore",
 ]
 
-#: Candidates fetched per swarm before ranking; the answer is at most 50 of them.
+#: Candidates fetched per swarm before ranking, at most. SQLite fetches ``numwant + 1`` per swarm
+#: already ordered by score (the +1 covers the announcer itself); Redis fetches the
+#: ``2 * numwant + 1`` freshest members and ranks them here. Building ~400 candidates per
+#: announce cost more than the SQL itself (profiled: 1.1 of 2.9 ms per announce).
 CANDIDATES_PER_SWARM = 200
 #: Other builds of the same app searched for partial seeds (most recently announced first).
 PARTIAL_SWARMS = 8
@@ -514,14 +517,14 @@ class SQLiteSwarm:
                 "q.score, q.corrupt_reporters FROM peers p LEFT JOIN quality q ON q.node = p.node "
                 "WHERE p.manifest = ? AND p.expires > ? "
                 "ORDER BY COALESCE(q.score, ?) DESC, p.left LIMIT ?",
-                (a.manifest, now, _UNKNOWN_SCORE, CANDIDATES_PER_SWARM),
+                (a.manifest, now, _UNKNOWN_SCORE, a.numwant + 1),
             ).fetchall()
             rows += c.execute(
                 "SELECT p.node, p.key, p.manifest, p.ip, p.port, p.size, p.left, p.record, "
                 "q.score, q.corrupt_reporters FROM peers p LEFT JOIN quality q ON q.node = p.node "
                 "WHERE p.app = ? AND p.expires > ? AND p.manifest != ? "
                 "ORDER BY COALESCE(q.score, ?) DESC, p.left LIMIT ?",
-                (a.app, now, a.manifest, _UNKNOWN_SCORE, CANDIDATES_PER_SWARM),
+                (a.app, now, a.manifest, _UNKNOWN_SCORE, a.numwant + 1),
             ).fetchall()
         return [
             PeerView(
@@ -859,7 +862,7 @@ class RedisSwarm:
                 a.uploaded,
                 info,
                 a.numwant,
-                CANDIDATES_PER_SWARM,
+                min(CANDIDATES_PER_SWARM, 2 * a.numwant + 1),
                 PARTIAL_SWARMS,
                 max(1, int(window)),
                 digest.hex(),

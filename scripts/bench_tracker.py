@@ -1,0 +1,319 @@
+#!/usr/bin/env python3
+"""Announce throughput and latency of the tracker: SQLite, Redis, and two replicas on Redis.
+
+Each case starts real ``tracker serve`` processes on loopback (and a private redis-server when
+needed), registers an app, publishes ``--builds`` manifests, then runs the load generator in its
+own process(es): each opens ``--connections`` keep-alive HTTP/1.1 connections and sends signed
+announces as fast as answers come back, for ``--seconds`` or ``--max-requests``, whichever comes
+first. Announces are signed before the clock starts (a real swarm signs on many machines), come
+from ``--nodes`` distinct node keys spread over the builds, and ask for 30 peers each.
+
+Output: a table per case, then one JSON line:
+``{"cases": {"sqlite": {"announces_per_s": .., "p99_ms": ..}, ...}}``.
+The load generator is a tiny raw HTTP/1.1 client (httpx costs more CPU per request than the
+tracker itself on this 2-core machine, and would measure itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import blake3
+import httpx
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from p2pnode import keys
+from p2pnode import manifest as M
+from p2pnode.tracker_client import ANNOUNCE_DOMAIN, SIGNATURE_HEADER
+
+ADMIN = "bench-admin-token-0123456789abcdef"
+APP = "benchgame"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[Any], what: str) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{what} did not listen on {port} within 15 s")
+
+
+def start_tracker(data: Path, redis_url: str | None) -> tuple[subprocess.Popen[Any], int]:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "tracker",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--data",
+        str(data),
+        "--admin-token",
+        ADMIN,
+        "--client-rate",
+        "0",
+    ]
+    if redis_url:
+        cmd += ["--redis", redis_url]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    wait_port(port, proc, "tracker")
+    return proc, port
+
+
+def make_manifests(n: int) -> tuple[Any, list[M.SignedManifest]]:
+    key = keys.generate_key()
+    now = int(time.time())
+    out = []
+    for build in range(1, n + 1):
+        data = os.urandom(64)
+        m = M.Manifest(
+            app=APP,
+            version=f"1.{build}",
+            build=build,
+            channel="stable",
+            created=now - 10,
+            expires=now + 86400,
+            key=keys.public_key_bytes(key),
+            files=(
+                M.FileEntry(
+                    "f", 64, M.MODE_FILE, (M.ChunkRef(blake3.blake3(data).digest(), 0, 64),)
+                ),
+            ),
+        )
+        out.append(M.sign(m, key))
+    return key, out
+
+
+def setup(url: str, key: Any, manifests: list[M.SignedManifest]) -> None:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        c.post(
+            "/v1/apps", json={"app": APP, "key": keys.format_public_key(keys.public_key_bytes(key))}
+        ).raise_for_status()
+        for s in manifests:
+            c.post(
+                f"/v1/apps/{APP}/channels/stable/manifests", content=s.encode()
+            ).raise_for_status()
+
+
+def presign(n: int, nodes: int, mids: list[str], seed: int) -> list[bytes]:
+    """``n`` complete HTTP requests, each a distinct signed announce."""
+    node_keys = [keys.generate_key() for _ in range(nodes)]
+    pubs = [keys.format_public_key(keys.public_key_bytes(k)) for k in node_keys]
+    out = []
+    for i in range(n):
+        j = (i * 7919 + seed) % nodes
+        left = 0 if j % 4 == 0 else 1000 - (i % 1000)
+        body = json.dumps(
+            {
+                "key": pubs[j],
+                "ts": int(time.time()),
+                "nonce": os.urandom(12).hex(),
+                "app": APP,
+                "manifest": mids[j % len(mids)],
+                "port": 7000 + j,
+                "size": 1000,
+                "left": left,
+                "from_peers": i,
+                "from_cdn": i,
+                "numwant": 30,
+            },
+            separators=(",", ":"),
+        ).encode()
+        sig = keys.sign(node_keys[j], ANNOUNCE_DOMAIN, body).hex()
+        out.append(
+            b"POST /v1/announce HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            + f"{SIGNATURE_HEADER}: {sig}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+    return out
+
+
+async def _load(
+    ports: list[int],
+    requests: list[bytes],
+    conns: int,
+    seconds: float,
+) -> tuple[list[float], int]:
+    lat: list[float] = []
+    errors = 0
+    it = iter(requests)
+    deadline = trio.current_time() + seconds
+
+    async def one(port: int) -> None:
+        nonlocal errors
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        buf = b""
+        async with stream:
+            for req in it:
+                if trio.current_time() > deadline:
+                    return
+                t0 = time.perf_counter()
+                await stream.send_all(req)
+                while True:
+                    head_end = buf.find(b"\r\n\r\n")
+                    if head_end >= 0:
+                        head = buf[:head_end].lower()
+                        cl = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
+                        if len(buf) >= head_end + 4 + cl:
+                            status = int(buf[9:12])
+                            buf = buf[head_end + 4 + cl :]
+                            break
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        raise RuntimeError("tracker closed the connection")
+                    buf += data
+                lat.append(time.perf_counter() - t0)
+                if status != 200:
+                    errors += 1
+
+    async with trio.open_nursery() as nursery:
+        for i in range(conns):
+            nursery.start_soon(one, ports[i % len(ports)])
+    return lat, errors
+
+
+def load_worker(
+    ports: list[int],
+    mids: list[str],
+    n: int,
+    nodes: int,
+    conns: int,
+    seconds: float,
+    seed: int,
+    start_at: float,
+    q: Any,
+) -> None:
+    """One load-generator process: presign, wait for the common start, run, report."""
+    reqs = presign(n, nodes, mids, seed)
+    time.sleep(max(0.0, start_at - time.time()))
+    t0 = time.perf_counter()
+    lat, errors = trio.run(_load, ports, reqs, conns, seconds)
+    q.put((lat, errors, time.perf_counter() - t0))
+
+
+def run_case(name: str, replicas: int, redis: bool, args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tracker-"))
+    procs: list[subprocess.Popen[Any]] = []
+    try:
+        redis_url = None
+        if redis:
+            rport = free_port()
+            binary = shutil.which("redis-server") or "redis-server"
+            rp = subprocess.Popen(
+                [
+                    binary,
+                    "--port",
+                    str(rport),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(tmp),
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+            procs.append(rp)
+            wait_port(rport, rp, "redis-server")
+            redis_url = f"redis://127.0.0.1:{rport}/0"
+        ports = []
+        for _ in range(replicas):
+            p, port = start_tracker(tmp / "data", redis_url)
+            procs.append(p)
+            ports.append(port)
+        key, manifests = make_manifests(args.builds)
+        setup(f"http://127.0.0.1:{ports[0]}", key, manifests)
+        mids = [s.id.hex() for s in manifests]
+        q: Any = mp.Queue()
+        per = args.max_requests // args.workers
+        start_at = time.time() + 2.0 + per / 20000
+        workers = [
+            mp.Process(
+                target=load_worker,
+                args=(ports, mids, per, args.nodes, args.connections, args.seconds, w, start_at, q),
+            )
+            for w in range(args.workers)
+        ]
+        for w in workers:
+            w.start()
+        results = [q.get(timeout=args.seconds + 120) for _ in workers]
+        for w in workers:
+            w.join(timeout=10)
+        lat = sorted(x for r in results for x in r[0])
+        errors = sum(r[1] for r in results)
+        wall = max(r[2] for r in results)
+        n = len(lat)
+        out = {
+            "announces_per_s": round(n / wall, 1),
+            "p50_ms": round(lat[n // 2] * 1000, 2),
+            "p99_ms": round(lat[min(n - 1, int(n * 0.99))] * 1000, 2),
+            "requests": n,
+            "errors": errors,
+            "seconds": round(wall, 2),
+            "replicas": replicas,
+        }
+        print(
+            f"{name:>14}: {out['announces_per_s']:8.1f} announces/s  p50 {out['p50_ms']:6.2f} ms"
+            f"  p99 {out['p99_ms']:6.2f} ms  ({n} requests, {errors} errors)",
+            flush=True,
+        )
+        return out
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="per case (default %(default)s)")
+    ap.add_argument("--max-requests", type=int, default=40_000, help="per case, all workers")
+    ap.add_argument("--workers", type=int, default=1, help="load-generator processes")
+    ap.add_argument("--connections", type=int, default=16, help="per worker")
+    ap.add_argument("--nodes", type=int, default=1000, help="distinct node keys per worker")
+    ap.add_argument("--builds", type=int, default=3)
+    ap.add_argument("--cases", default="sqlite,redis,redis-2-replicas")
+    args = ap.parse_args()
+    table = {"sqlite": (1, False), "redis": (1, True), "redis-2-replicas": (2, True)}
+    cases = {}
+    for name in args.cases.split(","):
+        replicas, redis = table[name]
+        cases[name] = run_case(name, replicas, redis, args)
+    print(json.dumps({"cases": cases}))
+
+
+if __name__ == "__main__":
+    main()
