@@ -634,7 +634,7 @@ class Tracker:
         ip = core.plausible_ip(a.ip, seen_ip)
         bundle = _check_records(a, now) if a.records else None
         digest = blake3.blake3(bytes.fromhex(request.headers[SIGNATURE_HEADER])).digest()[:16]
-        peers = await self._swarm_call(
+        answer = await self._swarm_call(
             self.swarm.announce,
             a,
             ip,
@@ -644,14 +644,14 @@ class Tracker:
             digest=digest,
             window=2 * MAX_SKEW,
         )
-        if peers is None:
+        if answer is None:
             raise Conflict(
                 "this announce was already received (a replay)",
                 fix="sign every announce with a fresh nonce and timestamp",
             )
         self.m_announces.labels(a.event).inc()
+        peers, seeders, leechers = answer
         ranked = core.rank_peers(peers, manifest=a.manifest, exclude=a.node_id, limit=a.numwant)
-        same = [p for p in peers if p.manifest == a.manifest and not p.flagged]
         return JSONResponse(
             {
                 "interval": self.config.interval,
@@ -659,8 +659,8 @@ class Tracker:
                 "ttl": self.config.ttl,
                 "node_id": a.node_id.hex(),
                 "ip": ip,
-                "seeders": sum(1 for p in same if p.left == 0),
-                "leechers": sum(1 for p in same if p.left > 0),
+                "seeders": seeders,
+                "leechers": leechers,
                 "peers": [_peer_json(p) for p in ranked],
             }
         )

@@ -357,9 +357,10 @@ class SwarmStore(Protocol):
         ttl: float,
         digest: bytes,
         window: float,
-    ) -> list[PeerView] | None:
-        """Apply the announce and return live candidate peers (unranked, may include the
-        announcer); ``None`` if ``digest`` was already seen (a replay) and nothing changed."""
+    ) -> tuple[list[PeerView], int, int] | None:
+        """Apply the announce; return live candidate peers (unranked, may include the
+        announcer) and the swarm's seeder and leecher counts; ``None`` if ``digest`` was
+        already seen (a replay) and nothing changed."""
         ...
 
     def report(self, r: Report, *, now: float, digest: bytes, window: float) -> bool:
@@ -456,7 +457,7 @@ class SQLiteSwarm:
         ttl: float,
         digest: bytes,
         window: float,
-    ) -> list[PeerView] | None:
+    ) -> tuple[list[PeerView], int, int] | None:
         with self._tx() as c:
             if not self._fresh(c, digest, now, window):
                 return None
@@ -510,8 +511,13 @@ class SQLiteSwarm:
                         record,
                     ),
                 )
+            counts = c.execute(
+                "SELECT COALESCE(SUM(left = 0), 0), COALESCE(SUM(left > 0), 0) FROM peers "
+                "WHERE manifest = ? AND expires > ?",
+                (a.manifest, now),
+            ).fetchone()
             if a.numwant == 0:
-                return []
+                return [], counts[0], counts[1]
             rows = c.execute(
                 "SELECT p.node, p.key, p.manifest, p.ip, p.port, p.size, p.left, p.record, "
                 "q.score, q.corrupt_reporters FROM peers p LEFT JOIN quality q ON q.node = p.node "
@@ -526,7 +532,7 @@ class SQLiteSwarm:
                 "ORDER BY COALESCE(q.score, ?) DESC, p.left LIMIT ?",
                 (a.app, now, a.manifest, _UNKNOWN_SCORE, a.numwant + 1),
             ).fetchall()
-        return [
+        peers = [
             PeerView(
                 node_id=bytes(r[0]),
                 public_key=bytes(r[1]),
@@ -541,6 +547,7 @@ class SQLiteSwarm:
             )
             for r in rows
         ]
+        return peers, counts[0], counts[1]
 
     def quality(self, node_id: bytes) -> PeerQuality:
         with self._lock:
@@ -734,8 +741,10 @@ else
   if left == 0 then redis.call('ZADD', seeds, expiry, node) else redis.call('ZREM', seeds, node) end
   redis.call('ZADD', P .. 'appm:' .. app, now, mid)
 end
-if want == 0 then return {} end
-local out = {}
+local live = redis.call('ZCOUNT', sw, '(' .. now, '+inf')
+local nseeds = redis.call('ZCOUNT', seeds, '(' .. now, '+inf')
+local out = {nseeds, live - nseeds}
+if want == 0 then return out end
 local function collect(m)
   local members = redis.call('ZREVRANGEBYSCORE', P .. 'sw:' .. m, '+inf', now, 'LIMIT', 0, limit)
   if #members == 0 then return end
@@ -835,7 +844,7 @@ class RedisSwarm:
         ttl: float,
         digest: bytes,
         window: float,
-    ) -> list[PeerView] | None:
+    ) -> tuple[list[PeerView], int, int] | None:
         info = json.dumps(
             {
                 "k": a.public_key.hex(),
@@ -871,7 +880,7 @@ class RedisSwarm:
         if res is None:
             return None
         out: list[PeerView] = []
-        for i in range(0, len(res), 4):
+        for i in range(2, len(res), 4):
             mid, node, raw, score = res[i : i + 4]
             d = json.loads(raw)
             s = float(score) if score else _UNKNOWN_SCORE
@@ -890,7 +899,7 @@ class RedisSwarm:
                     flagged=bool(score) and s == 0.0,
                 )
             )
-        return out
+        return out, int(res[0]), int(res[1])
 
     def report(self, r: Report, *, now: float, digest: bytes, window: float) -> bool:
         args: list[Any] = [
