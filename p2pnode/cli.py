@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -76,6 +77,8 @@ def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
         progress=_progress(args),
     )
     out = result.as_json()
+    if args.tracker:
+        out["tracker"] = trio.run(_publish_to_tracker, args, result)
     if not args.json:
         m = result.manifest
         print(
@@ -85,6 +88,17 @@ def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
         )
         print(f"manifest id {out['manifest_id']}")
     return out
+
+
+async def _publish_to_tracker(args: argparse.Namespace, result: Any) -> dict[str, Any]:
+    from .tracker_client import TrackerClient
+
+    if not args.token:
+        raise UsageError("--tracker needs --token", fix="pass the publisher or admin token")
+    m = result.manifest
+    async with TrackerClient(args.tracker, token=args.token) as tracker:
+        answer: dict[str, Any] = await tracker.publish(m.app, m.channel, result.signed.encode())
+    return answer
 
 
 def _print_install(result: Any) -> None:
@@ -100,16 +114,86 @@ def _print_install(result: Any) -> None:
     )
 
 
+async def _from_tracker(url: str, app: str, channel: str) -> tuple[str, bytes, Any]:
+    """The channel's current signed manifest, via the tracker (verified by the caller)."""
+    from .tracker_client import TrackerClient
+
+    async with TrackerClient(url) as tracker:
+        head = await tracker.latest(app, channel)
+        if head is None:
+            raise UsageError(
+                f"nothing is published on channel {channel!r} of {app} at {url}",
+                fix="publish a build first (p2pnode publish ... --tracker URL)",
+            )
+        data = await tracker.fetch_manifest(head.manifest_id)
+    return f"{url} ({app}/{channel})", data, head
+
+
 def cmd_install(args: argparse.Namespace, *, update: bool = False) -> dict[str, Any]:
     from .install import install
 
     options = _install_options(args, require_installed=update)
-    result = trio.run(
-        install, args.manifest, Path(args.dest), _trusted(args.trust), options, _progress(args)
-    )
+
+    async def run() -> Any:
+        location, data = args.manifest, None
+        if args.tracker:
+            location, data, _head = await _from_tracker(args.tracker, args.manifest, args.channel)
+        return await install(
+            location,
+            Path(args.dest),
+            _trusted(args.trust),
+            options,
+            _progress(args),
+            manifest_data=data,
+        )
+
+    result = trio.run(run)
     if not args.json:
         _print_install(result)
     return dict(result.as_json())
+
+
+def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
+    """Follow a channel: install each new build the moment the tracker announces it.
+
+    With ``--json`` this verb streams: one JSON line per installed build, then the summary.
+    """
+    from .install import install
+    from .tracker_client import TrackerClient
+
+    options = _install_options(args)
+    installed: list[dict[str, Any]] = []
+
+    async def follow(tracker: TrackerClient) -> None:
+        seq = 0
+        while args.max_updates is None or len(installed) < args.max_updates:
+            head = await tracker.wait_for_release(args.app, args.channel, since=seq)
+            seq = head.seq
+            if args.json:
+                release = {"app": head.app, "build": head.build, "version": head.version}
+                print(json.dumps({"event": "release", **release}), flush=True)
+            data = await tracker.fetch_manifest(head.manifest_id)
+            result = await install(
+                f"{args.tracker} ({args.app}/{args.channel})",
+                Path(args.dest),
+                _trusted(args.trust),
+                options,
+                _progress(args),
+                manifest_data=data,
+            )
+            installed.append(result.as_json())
+            if args.json:
+                print(json.dumps({"event": "installed", **result.as_json()}), flush=True)
+            else:
+                _print_install(result)
+
+    async def run() -> None:
+        with trio.move_on_after(args.timeout or math.inf):
+            async with TrackerClient(args.tracker) as tracker:
+                await follow(tracker)
+
+    trio.run(run)
+    return {"updates": len(installed)}
 
 
 def cmd_update(args: argparse.Namespace) -> dict[str, Any]:
@@ -256,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="CDN root URL to record in the signed manifest (repeatable)",
     )
     p.add_argument("--expires-days", type=float, default=365.0)
+    p.add_argument("--tracker", metavar="URL", help="also publish to this tracker's channel")
+    p.add_argument("--token", help="publisher or admin token for --tracker")
     p.set_defaults(func=cmd_publish)
 
     for verb, func, helptext in (
@@ -263,8 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("update", cmd_update, "update an installed release, fetching only new chunks"),
     ):
         p = sub.add_parser(verb, parents=[common], help=helptext)
-        p.add_argument("manifest", help="manifest URL or path")
+        p.add_argument("manifest", help="manifest URL or path; with --tracker, the app's name")
         p.add_argument("--dest", required=True, metavar="DIR")
+        p.add_argument("--tracker", metavar="URL", help="resolve APP's channel through a tracker")
+        p.add_argument("--channel", default="stable", help="with --tracker (default stable)")
         p.add_argument(
             "--trust",
             action="append",
@@ -273,6 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_fetch_flags(p)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("watch", parents=[common], help="install each new build of a channel")
+    p.add_argument("app")
+    p.add_argument("--tracker", required=True, metavar="URL")
+    p.add_argument("--channel", default="stable")
+    p.add_argument("--dest", required=True, metavar="DIR")
+    p.add_argument("--trust", action="append", metavar="ed25519:HEX")
+    p.add_argument("--max-updates", type=int, help="stop after this many installs")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds")
+    _add_fetch_flags(p)
+    p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("rollback", parents=[common], help="go back to the previous version")
     p.add_argument("--dest", required=True, metavar="DIR")

@@ -177,12 +177,18 @@ async def install(
     trusted: Sequence[bytes],
     options: InstallOptions | None = None,
     progress: Progress | None = None,
+    *,
+    manifest_data: bytes | None = None,
 ) -> InstallResult:
-    """Install or update the release whose signed manifest is at ``location`` into ``dest``."""
+    """Install or update the release whose signed manifest is at ``location`` into ``dest``.
+
+    ``manifest_data``: the signed manifest already fetched (from a tracker); ``location`` then
+    only names where it came from, and mirrors come from the manifest and ``options``.
+    """
     options = options or InstallOptions()
     t0 = time.monotonic()
     sd = StateDir(dest)
-    data = await read_manifest(location)
+    data = manifest_data if manifest_data is not None else await read_manifest(location)
     signed = M.parse_signed(data, source=location)
     trust = list(trusted)
     if not trust and sd.exists:
@@ -222,7 +228,8 @@ async def install(
                 )
         state.app = manifest.app
         state.trusted = sorted({*state.trusted, keys.format_public_key(manifest.key)})
-        mirrors = resolve_mirrors(options.mirrors, location, manifest, state)
+        origin = location if manifest_data is None else None
+        mirrors = resolve_mirrors(options.mirrors, origin, manifest, state)
         state.mirrors = mirrors[:8]  # for repair and rollback when chunks must be refetched
         history = [state.current] if state.current else []
         result = await _apply(

@@ -1,0 +1,144 @@
+"""The whole publishing path through a real tracker process and a real nginx."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from p2pnode.localcdn import LocalCDN
+
+from .test_install import make_release, tree
+
+ADMIN = "e2e-admin-token-0123456789abcdef"
+
+
+def cli(*args: str) -> dict[str, object]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "p2pnode", *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out: dict[str, object] = json.loads(proc.stdout)
+    return out
+
+
+@pytest.fixture
+def tracker_url(tmp_path: Path) -> Iterator[str]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tracker",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            str(tmp_path / "tracker"),
+            "--admin-token",
+            ADMIN,
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        yield json.loads(line)["url"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_publish_through_tracker_reaches_a_watching_node(tmp_path: Path, tracker_url: str) -> None:
+    src, cdn_root, dest = tmp_path / "src", tmp_path / "cdn", tmp_path / "game"
+    cdn_root.mkdir()
+    make_release(src, big=4 << 20)
+    key = tmp_path / "k.pem"
+    pub = str(cli("keygen", str(key))["key"])
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tracker",
+            "app",
+            "add",
+            "game",
+            "--key",
+            pub,
+            "--url",
+            tracker_url,
+            "--admin-token",
+            ADMIN,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    with LocalCDN(cdn_root) as cdn:
+        common = [
+            "--app",
+            "game",
+            "--key",
+            str(key),
+            "--out",
+            str(cdn_root),
+            "--tracker",
+            tracker_url,
+            "--token",
+            ADMIN,
+            "--mirror",
+            cdn.url,
+        ]
+        cli("publish", str(src), "--version", "1", "--build", "1", *common)
+        # Resolve the channel through the tracker; files come from the mirror in the manifest.
+        out = cli("install", "game", "--tracker", tracker_url, "--dest", str(dest), "--trust", pub)
+        assert out["build"] == 1 and tree(dest) == tree(src)
+
+        watcher = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "p2pnode",
+                "watch",
+                "game",
+                "--tracker",
+                tracker_url,
+                "--dest",
+                str(dest),
+                "--max-updates",
+                "2",
+                "--timeout",
+                "60",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert watcher.stdout is not None
+        events = []
+        while len(events) < 2:  # the current head (build 1, already installed)
+            events.append(json.loads(watcher.stdout.readline()))
+        assert events[1]["action"] == "unchanged"
+        (src / "data" / "new.pak").write_bytes(b"build two" * 1000)
+        cli("publish", str(src), "--version", "2", "--build", "2", *common)
+        published = time.monotonic()
+        release = json.loads(watcher.stdout.readline())
+        seen = time.monotonic()
+        assert release["event"] == "release" and release["build"] == 2
+        assert seen - published < 1.0, f"the node learned of build 2 after {seen - published:.2f}s"
+        installed = json.loads(watcher.stdout.readline())
+        assert installed["event"] == "installed" and installed["build"] == 2
+        watcher.wait(timeout=30)
+        assert tree(dest) == tree(src)
+        assert 0 < int(installed["bytes_cdn"]) < (1 << 20)  # only the new file's chunks
