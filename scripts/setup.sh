@@ -24,6 +24,7 @@ if ((${#need_apt[@]})); then
 fi
 
 if ! python3 -c "import p2pnode, pytest_trio, hypothesis, ruff" >/dev/null 2>&1 \
+   || ! command -v hadolint >/dev/null 2>&1 \
    || [[ pyproject.toml -nt .setup-stamp ]]; then
   python3 -m pip install -q --disable-pip-version-check -e '.[test]'
   touch .setup-stamp
