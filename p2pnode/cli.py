@@ -277,7 +277,9 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from .demo import run_demo
 
-    return run_demo(Path(args.workdir) if args.workdir else None, json_mode=args.json)
+    return run_demo(
+        Path(args.workdir) if args.workdir else None, json_mode=args.json, keep=args.keep
+    )
 
 
 class _Failed(Exception):
@@ -390,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="run the local demo network")
     p.add_argument("--workdir", help="where to keep the demo's files (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the tracker up until Ctrl-C")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,29 +1,47 @@
 """The README's main job: a whole release cycle on loopback, printing what came from where.
 
-Publishes a sample game to a directory served by a real nginx, installs it over HTTP, publishes
-a second build that changes one region of a large file, updates (fetching only new chunks),
-verifies, damages a byte and repairs it, then stops nginx and rolls back offline.
+A tracker (its own process, as in production) and a real nginx (the CDN) start on loopback. A
+sample game is published through the tracker with the CDN as its mirror; a node resolves the
+stable channel through the tracker and installs over HTTP, then learns of build 2 from the
+tracker's update feed and updates, fetching only new chunks. It verifies, repairs a flipped byte,
+and, with nginx stopped, rolls back offline. Each install is announced to the tracker, and the
+demo ends with the dashboard's URL and the CDN offload it shows.
+
+The swarm (peer-to-peer transfer) is not in this demo yet: every byte comes from the CDN or from
+the node's own disk, which is why the offload is 0% today.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import secrets
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from . import keys
+from .errors import P2PNodeError
 from .install import InstallOptions, InstallResult, install, rollback
 from .localcdn import LocalCDN
 from .publish import publish
+from .tracker_client import TrackerClient
 from .units import format_bytes
 from .verify import verify
 
 __all__ = ["run_demo"]
+
+APP = "demo-game"
 
 
 def _make_release(root: Path, seed: int) -> None:
@@ -44,10 +62,45 @@ def _make_release(root: Path, seed: int) -> None:
 
 def _change_one_region(path: Path, seed: int) -> None:
     data = bytearray(path.read_bytes())
-    rng = random.Random(seed)
     at = len(data) // 3
-    data[at : at + 300_000] = rng.randbytes(300_000)
+    data[at : at + 300_000] = random.Random(seed).randbytes(300_000)
     path.write_bytes(bytes(data))
+
+
+@contextmanager
+def _tracker_process(data_dir: Path, admin_token: str) -> Iterator[str]:
+    """``tracker serve`` on a free loopback port, as a separate process; yields its URL."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tracker",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            str(data_dir),
+            "--admin-token",
+            admin_token,
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise P2PNodeError(f"the demo tracker did not start: {err.strip()[-300:]}")
+        yield str(json.loads(line)["url"])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _row(step: str, r: InstallResult | None, seconds: float, note: str = "") -> dict[str, Any]:
@@ -60,48 +113,103 @@ def _row(step: str, r: InstallResult | None, seconds: float, note: str = "") -> 
     }
 
 
-def run_demo(workdir: Path | None = None, *, json_mode: bool = False) -> dict[str, Any]:
-    own_dir = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="p2pnode-demo-")) if workdir is None else workdir
-    if workdir is not None and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    say = (lambda *_: None) if json_mode else print
-    rows: list[dict[str, Any]] = []
-    try:
-        key = keys.generate_key()
-        trust = [keys.public_key_bytes(key)]
-        src, cdn_dir, dest = work / "release", work / "cdn", work / "install"
-        _make_release(src, 1)
-        t = time.monotonic()
-        p1 = publish(src, app="demo-game", version="1.0.0", build=1, key=key, out=cdn_dir)
-        say(
-            f"published demo-game 1.0.0: {len(p1.manifest.files)} files, "
-            f"{format_bytes(p1.manifest.total_size)} -> {cdn_dir}"
-        )
-        rows.append(_row("publish build 1", None, time.monotonic() - t))
-        with LocalCDN(cdn_dir) as cdn:
-            say(f"nginx serves {cdn_dir} at {cdn.url}")
-            url1 = cdn.url + p1.manifest_path
-            t = time.monotonic()
-            r = trio.run(install, url1, dest, trust, InstallOptions())
-            rows.append(_row("install build 1", r, time.monotonic() - t, "fresh install"))
+async def _announce(tracker: TrackerClient, node_key: Any, r: InstallResult) -> None:
+    m = r.manifest
+    await tracker.announce(
+        node_key,
+        app=m.app,
+        manifest_id=m.id,
+        port=6881,
+        event="completed",
+        size=m.total_size,
+        left=0,
+        from_cdn=r.bytes_cdn,
+        from_peers=0,
+    )
 
+
+async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    publisher = keys.generate_key()
+    node_key = keys.generate_key()  # the node's identity, as the tracker sees it
+    trust = [keys.public_key_bytes(publisher)]
+    src, cdn_dir, dest = work / "release", work / "cdn", work / "install"
+    admin = secrets.token_hex(16)
+    _make_release(src, 1)
+    cdn_dir.mkdir()
+    with _tracker_process(work / "tracker", admin) as tracker_url, LocalCDN(cdn_dir) as cdn:
+        say(f"tracker at {tracker_url}, nginx serving {cdn_dir} at {cdn.url}")
+        async with TrackerClient(tracker_url, token=admin) as tracker:
+            await tracker.add_app(APP, keys.public_key_bytes(publisher))
+
+            async def publish_build(version: str, build: int) -> float:
+                """Publish to the CDN, then the tracker; returns when the tracker was told."""
+                t = time.monotonic()
+                p = await trio.to_thread.run_sync(
+                    lambda: publish(
+                        src,
+                        app=APP,
+                        version=version,
+                        build=build,
+                        key=publisher,
+                        out=cdn_dir,
+                        mirrors=[cdn.url],
+                    )
+                )
+                told = time.monotonic()
+                await tracker.publish(APP, "stable", p.signed.encode())
+                rows.append(
+                    _row(
+                        f"publish build {build}",
+                        None,
+                        time.monotonic() - t,
+                        f"{format_bytes(p.manifest.total_size)} via the tracker",
+                    )
+                )
+                return told
+
+            async def install_head(step: str, head_seq: int, note: str) -> InstallResult:
+                head = await tracker.wait_for_release(APP, "stable", since=head_seq)
+                t = time.monotonic()
+                data = await tracker.fetch_manifest(head.manifest_id)
+                r = await install(
+                    f"{tracker_url} ({APP}/stable)",
+                    dest,
+                    trust,
+                    InstallOptions(),
+                    manifest_data=data,
+                )
+                await _announce(tracker, node_key, r)
+                rows.append(_row(step, r, time.monotonic() - t, note))
+                return r
+
+            await publish_build("1.0.0", 1)
+            await install_head("install build 1", 0, "channel resolved by the tracker")
+            seq = (await tracker.latest(APP, "stable")).seq  # type: ignore[union-attr]
+
+            # Build 2 changes one region of the largest file; the node hears of it by long-poll.
             _change_one_region(src / "data" / "levels.pak", 2)
             (src / "data" / "patch-notes.txt").write_text("Build 2: the third level changed.\n")
-            p2 = publish(src, app="demo-game", version="1.1.0", build=2, key=key, out=cdn_dir)
-            t = time.monotonic()
-            r = trio.run(install, cdn.url + p2.manifest_path, dest, trust, InstallOptions())
-            rows.append(
-                _row("update to build 2", r, time.monotonic() - t, "delta: new chunks only")
+            async with trio.open_nursery() as nursery:
+                heard: dict[str, float] = {}
+
+                async def listen() -> None:
+                    await tracker.wait_for_release(APP, "stable", since=seq)
+                    heard["at"] = time.monotonic()
+
+                nursery.start_soon(listen)
+                await trio.sleep(0.1)
+                published = await publish_build("1.1.0", 2)
+            latency = heard["at"] - published
+            await install_head(
+                "update to build 2",
+                seq,
+                f"heard of it {latency * 1000:.0f} ms after publish; new chunks only",
             )
 
             t = time.monotonic()
-            report = trio.run(lambda: verify(dest))
-            rows.append(
-                _row("verify", None, time.monotonic() - t, "OK" if report.ok else "DAMAGED")
-            )
-
+            report = await verify(dest)
+            rows.append(_row("verify", None, time.monotonic() - t, "OK" if report.ok else "BAD"))
             victim = dest / "data" / "textures.pak"
             with open(victim, "r+b") as f:
                 f.seek(5_000_000)
@@ -109,7 +217,7 @@ def run_demo(workdir: Path | None = None, *, json_mode: bool = False) -> dict[st
                 f.seek(5_000_000)
                 f.write(bytes([b[0] ^ 0xFF]))
             t = time.monotonic()
-            report = trio.run(lambda: verify(dest, repair=True))
+            report = await verify(dest, repair=True)
             rows.append(
                 {
                     **_row(
@@ -122,19 +230,52 @@ def run_demo(workdir: Path | None = None, *, json_mode: bool = False) -> dict[st
                     "bytes_reused": report.bytes_reused,
                 }
             )
+            async with httpx.AsyncClient() as http:
+                stats = (await http.get(tracker_url + "/v1/stats")).json()
+        dashboard = tracker_url + "/dashboard"
+        cdn.stop()
         t = time.monotonic()
-        r = trio.run(rollback, dest, InstallOptions())
+        r = await rollback(dest, InstallOptions())
         rows.append(_row("rollback to build 1", r, time.monotonic() - t, "nginx stopped: offline"))
-        ok = (dest / "data" / "levels.pak").read_bytes() != (
-            src / "data" / "levels.pak"
-        ).read_bytes()
-        result = {"workdir": str(work), "steps": rows, "rolled_back_ok": ok}
-        if not json_mode:
-            _print_table(rows)
-        return result
+        if keep:
+            say(f"dashboard: {dashboard} (Ctrl-C to stop the demo network)")
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
+        release: dict[str, Any] = next((x for x in stats["releases"] if x["build"] == 2), {})
+        offload = float(release.get("offload_ratio") or 0.0)
+        return {
+            "workdir": str(work),
+            "steps": rows,
+            "tracker": tracker_url,
+            "dashboard": dashboard,
+            "offload_ratio": offload,
+            "update_notice_ms": round(latency * 1000),
+        }
+
+
+def run_demo(
+    workdir: Path | None = None, *, json_mode: bool = False, keep: bool = False
+) -> dict[str, Any]:
+    own_dir = workdir is None
+    work = Path(tempfile.mkdtemp(prefix="p2pnode-demo-")) if workdir is None else workdir
+    if workdir is not None and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    say = (lambda *_: None) if json_mode else print
+    try:
+        result = trio.run(_demo, work, say, keep)
     finally:
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)
+    if not json_mode:
+        _print_table(result["steps"])
+        print(f"dashboard (while the demo ran; --keep keeps it up): {result['dashboard']}")
+        print(
+            f"CDN offload the tracker shows for build 2: {result['offload_ratio']:.0%} "
+            "(no swarm in this demo yet: every byte came from the CDN or local disk)"
+        )
+    return result
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
@@ -143,9 +284,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
     table = Table(title="p2pnode demo: where the bytes came from")
     for col in ("step", "from CDN", "reused locally", "seconds", "note"):
-        table.add_column(
-            col, justify="right" if col in ("from CDN", "reused locally", "seconds") else "left"
-        )
+        right = col in ("from CDN", "reused locally", "seconds")
+        table.add_column(col, justify="right" if right else "left")
     for row in rows:
         table.add_row(
             row["step"],
@@ -154,4 +294,4 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             f"{row['seconds']:.2f}",
             row["note"],
         )
-    Console().print(table)
+    Console(width=120).print(table)
