@@ -13,17 +13,12 @@ the node's own disk, which is why the offload is 0% today.
 
 from __future__ import annotations
 
-import json
 import random
 import secrets
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +26,9 @@ import httpx
 import trio
 
 from . import keys
-from .errors import P2PNodeError
 from .install import InstallOptions, InstallResult, install, rollback
 from .localcdn import LocalCDN
+from .localtracker import LocalTracker
 from .publish import publish
 from .tracker_client import TrackerClient
 from .units import format_bytes
@@ -65,42 +60,6 @@ def _change_one_region(path: Path, seed: int) -> None:
     at = len(data) // 3
     data[at : at + 300_000] = random.Random(seed).randbytes(300_000)
     path.write_bytes(bytes(data))
-
-
-@contextmanager
-def _tracker_process(data_dir: Path, admin_token: str) -> Iterator[str]:
-    """``tracker serve`` on a free loopback port, as a separate process; yields its URL."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tracker",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data",
-            str(data_dir),
-            "--admin-token",
-            admin_token,
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            err = proc.stderr.read() if proc.stderr else ""
-            raise P2PNodeError(f"the demo tracker did not start: {err.strip()[-300:]}")
-        yield str(json.loads(line)["url"])
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _row(step: str, r: InstallResult | None, seconds: float, note: str = "") -> dict[str, Any]:
@@ -137,7 +96,7 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
     admin = secrets.token_hex(16)
     _make_release(src, 1)
     cdn_dir.mkdir()
-    with _tracker_process(work / "tracker", admin) as tracker_url, LocalCDN(cdn_dir) as cdn:
+    with LocalTracker(work / "tracker", admin) as tracker_url, LocalCDN(cdn_dir) as cdn:
         say(f"tracker at {tracker_url}, nginx serving {cdn_dir} at {cdn.url}")
         async with TrackerClient(tracker_url, token=admin) as tracker:
             await tracker.add_app(APP, keys.public_key_bytes(publisher))

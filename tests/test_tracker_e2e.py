@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from p2pnode.localcdn import LocalCDN
+from p2pnode.localtracker import LocalTracker
 
 from .test_install import make_release, tree
 
@@ -32,32 +33,8 @@ def cli(*args: str) -> dict[str, object]:
 
 @pytest.fixture
 def tracker_url(tmp_path: Path) -> Iterator[str]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tracker",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data",
-            str(tmp_path / "tracker"),
-            "--admin-token",
-            ADMIN,
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read() if proc.stderr else ""
-        yield json.loads(line)["url"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with LocalTracker(tmp_path / "tracker", ADMIN) as url:
+        yield url
 
 
 def test_publish_through_tracker_reaches_a_watching_node(tmp_path: Path, tracker_url: str) -> None:

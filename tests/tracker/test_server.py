@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import trio
 
 from p2pnode import keys
 from p2pnode import manifest as M
+from p2pnode.errors import P2PNodeError
+from p2pnode.localtracker import LocalTracker
 from p2pnode.tracker_client import PeerQualityReport, TrackerClient
 
 from .conftest import ADMIN, APP
@@ -33,33 +34,15 @@ def tracker_cmd(*args: str) -> list[str]:
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[str]:
     """A `tracker serve` process on a free loopback port; yields its URL."""
-    proc = subprocess.Popen(
-        tracker_cmd(
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data",
-            str(tmp_path / "data"),
-            "--admin-token",
-            ADMIN,
-            "--json",
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    tracker = LocalTracker(tmp_path / "data", ADMIN)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # bounded: the process prints it or exits
-        if not line:
-            pytest.fail(f"tracker serve did not start: {proc.stderr.read() if proc.stderr else ''}")
-        yield json.loads(line)["url"]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0  # graceful shutdown on SIGTERM
+        url = tracker.start()
+    except P2PNodeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield url
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert tracker.stop() == 0  # graceful shutdown on SIGTERM
 
 
 def test_cli_app_add_and_errors(served: str) -> None:
