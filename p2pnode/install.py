@@ -292,6 +292,20 @@ async def installed(dest: Path) -> AsyncIterator[tuple[StateDir, InstallState, M
         yield sd, state, sd.load_manifest(state.current)
 
 
+def local_chunks(sd: StateDir, state: InstallState) -> LocalChunks:
+    """Every chunk this install can serve: the current tree, the store (kept versions) and the
+    verified part of an unfinished stage. What the swarm serves from, and offers to the swarms
+    of other builds of the app."""
+    local = LocalChunks(ChunkStore(sd.store_dir))
+    if state.current:
+        local.add_tree(sd.dest, sd.load_manifest(state.current))
+    target = Journal.target_of(sd.journal)
+    if target is not None and sd.manifest_file(target.hex()).exists():
+        staged = sd.load_manifest(target.hex())
+        local.add_stage(Stage(sd.stage, staged, staged.files), Journal.read_done(sd.journal))
+    return local
+
+
 def _refuse_foreign_directory(sd: StateDir) -> None:
     if sd.exists or not sd.dest.exists():
         return
@@ -315,6 +329,7 @@ async def _apply(
 ) -> InstallResult:
     """Assemble ``manifest`` in the stage from local chunks and the CDN, then switch to it."""
     result = InstallResult("", manifest, current.build if current else None, manifest.total_size)
+    sd.keep_manifest(signed)  # names the stage's content (see local_chunks); harvest prunes it
     stage = Stage(sd.stage, manifest, manifest.files)
     journal = Journal(sd.journal, manifest.id)
     journal.open()
@@ -340,9 +355,11 @@ async def assemble(
     progress: Progress,
     result: InstallResult,
     space_root: Path,
+    on_chunk: Callable[[bytes], None] | None = None,
 ) -> None:
     """Fill ``stage`` with every chunk it lacks: local verified copies and CDN fetches run
-    concurrently; each chunk is written, then journaled. Closes the journal."""
+    concurrently; each chunk is written, then journaled, then reported to ``on_chunk`` (which
+    the swarm uses to tell peers it has it). Closes the journal."""
     manifest = stage.manifest
     unique = {cid: locs[0][2] for cid, locs in stage.locations.items()}
     _check_space(space_root, stage, {c: n for c, n in unique.items() if c not in journal.done})
@@ -365,6 +382,8 @@ async def assemble(
                 ) from exc
             raise
         journal.record(cid)
+        if on_chunk is not None:
+            on_chunk(cid)
 
     local_ids = [cid for cid in needed if local.has(cid)]
     remote_ids = [cid for cid in needed if not local.has(cid)]

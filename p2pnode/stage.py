@@ -86,6 +86,28 @@ class Journal:
         os.replace(tmp, self.path)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
+    @staticmethod
+    def target_of(path: Path) -> bytes | None:
+        """The manifest id a journal file is for, without opening it for writing."""
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(_MAGIC) + 32)
+        except FileNotFoundError:
+            return None
+        if len(head) != len(_MAGIC) + 32 or not head.startswith(_MAGIC):
+            return None
+        return head[len(_MAGIC) :]
+
+    @staticmethod
+    def read_done(path: Path) -> set[bytes]:
+        """The chunk ids a journal names, read-only (for serving from an unfinished stage)."""
+        try:
+            body = path.read_bytes()[_HEADER:]
+        except FileNotFoundError:
+            return set()
+        body = body[: len(body) - len(body) % 32]
+        return {body[i : i + 32] for i in range(0, len(body), 32)}
+
     def forget(self, ids: Iterable[bytes]) -> None:
         self.done.difference_update(ids)
         self._rewrite(_MAGIC + self.manifest_id + _boot_id())
@@ -242,7 +264,12 @@ def read_verified(path: Path, offset: int, length: int, chunk_id: bytes) -> byte
 
 
 class LocalChunks:
-    """Where chunks can be found on this machine, and verified reads of them."""
+    """Where chunks can be found on this machine, and verified reads of them.
+
+    The installer uses it to reuse chunks; the swarm will use the same index to serve peers
+    (every read is verified, so a chunk edited on disk is never served) and to tell them what
+    this node holds for any manifest, including other builds of the app (``availability``).
+    """
 
     def __init__(self, store: ChunkStore | None = None) -> None:
         self.store = store
@@ -251,6 +278,27 @@ class LocalChunks:
     def add_tree(self, root: Path, manifest: M.Manifest) -> None:
         for f, c in manifest.iter_chunks():
             self.places.setdefault(c.id, []).append((root / f.path, c.offset, c.length))
+
+    def add(self, chunk_id: bytes, path: Path, offset: int, length: int) -> None:
+        """One more place (a chunk that just landed in a stage)."""
+        self.places.setdefault(chunk_id, []).append((path, offset, length))
+
+    def add_stage(self, stage: Stage, done: Iterable[bytes]) -> None:
+        """The chunks of an unfinished install that its journal names as written."""
+        for cid in done:
+            for path, offset, length in stage.locations.get(cid, ()):
+                self.add(cid, stage.root / path, offset, length)
+
+    def availability(self, manifest: M.Manifest) -> bytes:
+        """A bitfield over ``manifest``'s unique chunks in first-seen order (bit 7 of byte 0
+        is chunk 0): which of them this node can serve. Trusts the index, not the bytes; a
+        read still verifies."""
+        ids = list(manifest.unique_chunks())
+        bits = bytearray((len(ids) + 7) // 8)
+        for i, cid in enumerate(ids):
+            if self.has(cid):
+                bits[i >> 3] |= 0x80 >> (i & 7)
+        return bytes(bits)
 
     def has(self, chunk_id: bytes) -> bool:
         return chunk_id in self.places or (self.store is not None and chunk_id in self.store)

@@ -15,9 +15,10 @@ import pytest
 
 from p2pnode import keys
 from p2pnode.errors import DowngradeError, InstallError, SignatureError
-from p2pnode.install import InstallOptions, install, rollback
+from p2pnode.install import InstallOptions, install, local_chunks, rollback
 from p2pnode.localcdn import LocalCDN
 from p2pnode.publish import publish
+from p2pnode.state import StateDir
 from p2pnode.verify import verify
 
 KEY = keys.generate_key()
@@ -93,6 +94,13 @@ def test_install_update_verify_repair_rollback(tmp_path: Path, cdn: LocalCDN) ->
     assert fetched < 1.2 * new_bytes, (fetched, new_bytes)
     assert r2.bytes_cdn < 1.2 * new_bytes
     assert r2.bytes_reused > 0
+    # Build 1's chunks are all still here (tree + store): this node can seed build 1's swarm,
+    # and serves build 2's swarm every chunk the two share.
+    sd = StateDir(dest)
+    local = local_chunks(sd, sd.load())
+    n1 = len(p1.manifest.unique_chunks())
+    full = bytes([0xFF] * (n1 // 8)) + (bytes([(0xFF << (8 - n1 % 8)) & 0xFF]) if n1 % 8 else b"")
+    assert local.availability(p1.manifest) == full
 
     # A downgrade through install is refused and changes nothing.
     with pytest.raises(DowngradeError):

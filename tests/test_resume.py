@@ -14,7 +14,7 @@ from pathlib import Path
 import trio
 
 from p2pnode import keys
-from p2pnode.install import InstallOptions, install, recover
+from p2pnode.install import InstallOptions, install, local_chunks, recover
 from p2pnode.localcdn import LocalCDN
 from p2pnode.publish import publish
 from p2pnode.state import StateDir
@@ -64,6 +64,14 @@ def test_kill_9_mid_install_then_rerun(tmp_path: Path) -> None:
         proc.wait()
         assert journal_records(dest) >= n_chunks // 3
         assert not dest.exists()  # nothing switched in: the install dir never held a mix
+        # What the killed install verified can be served to peers already, and only that.
+        sd = StateDir(dest)
+        local = local_chunks(sd, sd.load())
+        ids = list(p.manifest.unique_chunks())
+        bits = local.availability(p.manifest)
+        have = [cid for i, cid in enumerate(ids) if bits[i >> 3] & (0x80 >> (i & 7))]
+        assert 0 < len(have) < len(ids)
+        assert all(local.read(cid) is not None for cid in have)
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert tree(dest) == tree(src)
