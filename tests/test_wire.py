@@ -1,0 +1,173 @@
+"""The peer wire codec, fed whole, byte at a time, with trailing data, and fuzzed."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pnode.errors import LocalProtocolError, RemoteProtocolError
+from p2pnode.swarm import wire as W
+
+MID = bytes(range(32))
+NID = bytes(range(20))
+
+SAMPLES: list[W.Event] = [
+    W.Hello(NID, 6881, capabilities=(b"zstd",)),
+    W.Join(MID),
+    W.Bitfield(MID, 10, bytes([0b1010_0000, 0b0100_0000])),
+    W.Have(MID, 7),
+    W.Request(MID, 3, 99),
+    W.Cancel(MID, 3, 99),
+    W.Reject(MID, 3, 99, b"choked"),
+    W.Piece(MID, 3, 99, bytes(32), os.urandom(5000)),
+    W.Piece(MID, 4, 100, bytes(32), b"A" * 100_000),  # compresses
+    W.Choke(),
+    W.Unchoke(),
+    W.Keepalive(),
+    W.Goodbye(b"shutting down"),
+]
+
+
+def decode_all(data: bytes, step: int | None = None) -> list[W.Event]:
+    dec = W.FrameDecoder()
+    out: list[W.Event] = []
+    chunks = [data] if step is None else [data[i : i + step] for i in range(0, len(data), step)]
+    for piece in chunks:
+        dec.feed(piece)
+        while (ev := dec.next_event()) is not None:
+            out.append(ev)
+    return out
+
+
+def same(a: W.Event, b: W.Event) -> bool:
+    if isinstance(a, W.Piece) and isinstance(b, W.Piece):
+        return (a.manifest, a.index, a.rid, a.chunk_id, bytes(a.data)) == (
+            b.manifest,
+            b.index,
+            b.rid,
+            b.chunk_id,
+            bytes(b.data),
+        )
+    if isinstance(a, W.Bitfield) and isinstance(b, W.Bitfield):
+        return (a.manifest, a.count, bytes(a.bits)) == (b.manifest, b.count, bytes(b.bits))
+    return a == b
+
+
+def test_golden_bytes_of_a_request() -> None:
+    frame = W.encode_bytes(W.Request(MID, 3, 99))
+    head = b"d1:i" + b"i3e" + b"1:m32:" + MID + b"1:ri99e1:t3:reqe"
+    assert frame == struct.pack(">IH", 2 + len(head), len(head)) + head
+
+
+@pytest.mark.parametrize("step", [None, 1, 7, 4096])
+def test_round_trip_whole_byte_at_a_time_and_in_pieces(step: int | None) -> None:
+    data = b"".join(W.encode_bytes(e) for e in SAMPLES)
+    got = decode_all(data, step)
+    assert len(got) == len(SAMPLES)
+    assert all(same(a, b) for a, b in zip(SAMPLES, got, strict=True))
+
+
+def test_trailing_partial_frame_waits_then_eof_is_an_error() -> None:
+    data = W.encode_bytes(W.Have(MID, 1)) + W.encode_bytes(W.Have(MID, 2))[:-3]
+    dec = W.FrameDecoder()
+    dec.feed(data)
+    assert dec.next_event() == W.Have(MID, 1)
+    assert dec.next_event() is None
+    dec.feed(b"")
+    with pytest.raises(RemoteProtocolError, match="ended inside a frame"):
+        dec.next_event()
+
+
+def test_compression_only_when_it_pays() -> None:
+    raw = os.urandom(100_000)
+    assert len(W.encode_bytes(W.Piece(MID, 0, 0, bytes(32), raw))) > len(raw)
+    packed = W.encode_bytes(W.Piece(MID, 0, 0, bytes(32), b"\0" * 100_000))
+    assert len(packed) < 1000
+
+
+def test_unknown_types_are_reported_not_fatal() -> None:
+    from p2pnode import canonical
+
+    head = canonical.encode({b"t": b"gossip", b"x": 1})
+    frame = struct.pack(">IH", 2 + len(head), len(head)) + head
+    assert decode_all(frame + W.encode_bytes(W.Keepalive())) == [
+        W.Unknown(b"gossip"),
+        W.Keepalive(),
+    ]
+
+
+def frame_of(header: dict[bytes, object], payload: bytes = b"") -> bytes:
+    from p2pnode import canonical
+
+    head = canonical.encode(header)
+    return struct.pack(">IH", 2 + len(head) + len(payload), len(head)) + head + payload
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        struct.pack(">IH", W.MAX_FRAME_BYTES + 1, 10),  # oversized frame, refused before data
+        struct.pack(">IH", 100, W.MAX_HEADER_BYTES + 1),  # oversized header
+        struct.pack(">IH", 3, 5) + b"abc",  # header longer than the frame
+        frame_of({b"t": b"have", b"m": MID}),  # missing index
+        frame_of({b"t": b"have", b"m": b"short", b"i": 1}),  # bad id
+        frame_of({b"t": b"have", b"m": MID, b"i": -1}),  # negative index
+        frame_of({b"t": b"bitfield", b"m": MID, b"n": 9}, b"\xff\xff"),  # spare bits set
+        frame_of({b"t": b"bitfield", b"m": MID, b"n": 100}, b"\xff"),  # short bitfield
+        frame_of({b"t": b"piece", b"m": MID, b"i": 0, b"r": 0, b"c": MID, b"n": 5}, b"abc"),
+        frame_of(
+            {b"t": b"piece", b"m": MID, b"i": 0, b"r": 0, b"c": MID, b"n": 5, b"z": 1}, b"not zstd"
+        ),
+        frame_of({b"t": b"piece", b"m": MID, b"i": 0, b"r": 0, b"c": MID, b"n": 2**30}, b"x"),
+        frame_of({b"t": b"choke"}, b"payload"),  # payload where none belongs
+        frame_of({b"t": 5}),  # type not a string
+        struct.pack(">IH", 6, 4) + b"d1:t",  # truncated bencode
+        struct.pack(">IH", 12, 10) + b"d1:ti1e1:ai1ee"[:10],  # not canonical / malformed
+    ],
+)
+def test_malformed_frames_are_remote_protocol_errors(frame: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode_all(frame)
+
+
+def test_a_zstd_bomb_is_bounded_by_the_declared_size() -> None:
+    import zstandard
+
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (8 << 20))
+    frame = frame_of(
+        {b"t": b"piece", b"m": MID, b"i": 0, b"r": 0, b"c": MID, b"n": 1024, b"z": 1}, bomb
+    )
+    with pytest.raises(RemoteProtocolError):
+        decode_all(frame)
+
+
+def test_building_invalid_messages_is_a_local_error() -> None:
+    with pytest.raises(LocalProtocolError):
+        W.Have(b"short", 1)
+    with pytest.raises(LocalProtocolError):
+        W.Piece(MID, 0, 0, MID, b"")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_give_events_or_remote_protocol_errors(data: bytes) -> None:
+    for step in (None, 1):
+        try:
+            decode_all(data, step)
+        except RemoteProtocolError:
+            pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, len(SAMPLES) - 1), st.integers(0, 10_000), st.integers(0, 255))
+def test_mutated_frames_never_crash(which: int, pos: int, byte: int) -> None:
+    frame = bytearray(W.encode_bytes(SAMPLES[which], compress=False))
+    frame[pos % len(frame)] = byte
+    try:
+        decode_all(bytes(frame))
+    except RemoteProtocolError:
+        pass
