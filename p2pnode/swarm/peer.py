@@ -1,0 +1,200 @@
+"""One peer connection's protocol state, sans-IO (docs/protocol.md section 5).
+
+Theory of operation
+-------------------
+:class:`PeerSession` sits between the wire codec and the node. Bytes from the peer go in
+(``receive_data``); checked events come out (``next_event``). Messages to the peer go in
+(``send``); bytes come out. It enforces the session rules that do not need the node's knowledge:
+``hello`` first, version, the bound on requests outstanding each way, that every piece answers
+a request of ours, and the keepalive and idle deadlines (``get_timer``/``handle_timer`` with
+``now`` passed in, as aioquic does). What to request, whom to unchoke and what to serve are the
+scheduler's and choker's decisions, made outside.
+
+Errors: a peer that breaks a rule raises ``RemoteProtocolError`` from ``next_event`` or
+``receive_data``, and the session is ``CLOSED`` from then on; sending something the rules forbid
+raises ``LocalProtocolError``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from ..errors import LocalProtocolError, RemoteProtocolError
+from . import wire as W
+
+__all__ = ["MAX_OUTSTANDING", "PeerSession", "SessionState"]
+
+#: Requests one side may have outstanding with the other (the pipeline depth bound).
+MAX_OUTSTANDING = 64
+KEEPALIVE_AFTER = 30.0
+IDLE_TIMEOUT = 120.0
+#: A peer may send at most this many unrequested or late pieces before it is dropped.
+MAX_UNSOLICITED = 8
+
+
+class SessionState(enum.Enum):
+    HANDSHAKE = "handshake"  # waiting for the peer's hello
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Outstanding:
+    manifest: bytes
+    index: int
+    sent_at: float
+
+
+@dataclass
+class PeerSession:
+    """Args:
+    node_id, listen_port: what our ``hello`` says.
+    now: the clock reading at creation.
+    expected_id: the node id this connection must reach (outbound), or None (inbound).
+    """
+
+    node_id: bytes
+    listen_port: int
+    now: float
+    expected_id: bytes | None = None
+    state: SessionState = SessionState.HANDSHAKE
+    peer: W.Hello | None = None
+    am_choking: bool = True  # we reject their requests
+    peer_choking: bool = True  # they reject ours
+    ours: dict[int, Outstanding] = field(default_factory=dict)  # our requests, by rid
+    theirs: set[tuple[bytes, int, int]] = field(default_factory=set)  # (m, i, rid) to answer
+    unsolicited: int = 0
+    _decoder: W.FrameDecoder = field(default_factory=W.FrameDecoder)
+    _next_rid: int = 0
+    _last_sent: float = 0.0
+    _last_received: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._last_sent = self._last_received = self.now
+
+    # -- outgoing ---------------------------------------------------------------------------
+
+    def hello(self, now: float) -> bytes:
+        """Our first frame."""
+        return self.send(W.Hello(self.node_id, self.listen_port, capabilities=(b"zstd",)), now)
+
+    def request(self, manifest: bytes, index: int, now: float) -> tuple[int, bytes]:
+        """Ask for chunk ``index``; returns the request id and the bytes to send."""
+        rid = self._next_rid
+        self._next_rid = (self._next_rid + 1) % (1 << 32)
+        return rid, self.send(W.Request(manifest, index, rid), now)
+
+    def send(self, event: W.Event, now: float) -> bytes:
+        if self.state is SessionState.CLOSED:
+            raise LocalProtocolError("the session is closed")
+        if isinstance(event, W.Request):
+            if self.peer_choking:
+                raise LocalProtocolError("requesting from a peer that chokes us")
+            if len(self.ours) >= MAX_OUTSTANDING:
+                raise LocalProtocolError(f"more than {MAX_OUTSTANDING} requests outstanding")
+            self.ours[event.rid] = Outstanding(event.manifest, event.index, now)
+        elif isinstance(event, W.Cancel):
+            self.ours.pop(event.rid, None)
+        elif isinstance(event, (W.Piece, W.Reject)):
+            key = (event.manifest, event.index, event.rid)
+            if key not in self.theirs:
+                raise LocalProtocolError("answering a request the peer did not make")
+            self.theirs.discard(key)
+        elif isinstance(event, W.Choke):
+            self.am_choking = True
+        elif isinstance(event, W.Unchoke):
+            self.am_choking = False
+        elif isinstance(event, W.Goodbye):
+            self.state = SessionState.CLOSED
+        self._last_sent = now
+        return W.encode_bytes(event)
+
+    # -- incoming ---------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Bytes from the peer; ``b""`` when it closed the stream."""
+        self._last_received = now
+        try:
+            self._decoder.feed(data)
+        except RemoteProtocolError:
+            self.state = SessionState.CLOSED
+            raise
+
+    def next_event(self) -> W.Event | None:
+        """The next checked message from the peer, or None when more bytes are needed."""
+        while True:
+            try:
+                event = self._decoder.next_event()
+            except RemoteProtocolError:
+                self.state = SessionState.CLOSED
+                raise
+            if event is None:
+                return None
+            checked = self._check(event)
+            if checked is not None:
+                return checked
+
+    def _fail(self, why: str) -> RemoteProtocolError:
+        self.state = SessionState.CLOSED
+        return RemoteProtocolError(why)
+
+    def _check(self, event: W.Event) -> W.Event | None:
+        if self.state is SessionState.CLOSED:
+            raise self._fail("message after the session closed")
+        if self.state is SessionState.HANDSHAKE:
+            if not isinstance(event, W.Hello):
+                raise self._fail("the first message must be hello")
+            if event.version != W.PROTOCOL_VERSION:
+                raise self._fail(f"protocol version {event.version} is not supported")
+            if self.expected_id is not None and event.node_id != self.expected_id:
+                raise self._fail("the peer's hello names another node than its certificate")
+            self.peer = event
+            self.state = SessionState.OPEN
+            return event
+        if isinstance(event, W.Hello):
+            raise self._fail("a second hello")
+        if isinstance(event, W.Unknown):
+            return None  # forward compatibility: ignore
+        if isinstance(event, W.Request):
+            if len(self.theirs) >= MAX_OUTSTANDING:
+                raise self._fail(f"more than {MAX_OUTSTANDING} requests outstanding")
+            self.theirs.add((event.manifest, event.index, event.rid))
+        elif isinstance(event, W.Cancel):
+            self.theirs.discard((event.manifest, event.index, event.rid))
+        elif isinstance(event, (W.Piece, W.Reject)):
+            mine = self.ours.get(event.rid)
+            if mine is None or (mine.manifest, mine.index) != (event.manifest, event.index):
+                self.unsolicited += 1
+                if self.unsolicited > MAX_UNSOLICITED:
+                    raise self._fail("too many pieces nobody asked for")
+                return None  # late (cancelled) or unrequested: dropped, counted
+            del self.ours[event.rid]
+        elif isinstance(event, W.Choke):
+            self.peer_choking = True
+            # Requests pending at a choke will be rejected by the peer; nothing to do here.
+        elif isinstance(event, W.Unchoke):
+            self.peer_choking = False
+        elif isinstance(event, W.Goodbye):
+            self.state = SessionState.CLOSED
+        return event
+
+    # -- time -------------------------------------------------------------------------------
+
+    def get_timer(self) -> float:
+        """When :meth:`handle_timer` must next run."""
+        return min(self._last_sent + KEEPALIVE_AFTER, self._last_received + IDLE_TIMEOUT)
+
+    def handle_timer(self, now: float) -> bytes:
+        """Bytes to send now (a keepalive, or nothing). Raises if the peer went silent."""
+        if self.state is SessionState.CLOSED:
+            return b""
+        if now >= self._last_received + IDLE_TIMEOUT:
+            raise self._fail(f"the peer was silent for {IDLE_TIMEOUT:.0f}s")
+        if now >= self._last_sent + KEEPALIVE_AFTER and self.state is SessionState.OPEN:
+            return self.send(W.Keepalive(), now)
+        return b""
+
+    def overdue(self, now: float, deadline: float) -> list[tuple[int, Outstanding]]:
+        """Our requests older than ``deadline`` seconds (to cancel and reissue elsewhere)."""
+        return [(rid, o) for rid, o in self.ours.items() if now - o.sent_at > deadline]

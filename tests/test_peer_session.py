@@ -1,0 +1,99 @@
+"""Two PeerSessions joined in memory: handshake, choking, requests and pieces, limits, timers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from p2pnode.chunker import hash_chunk
+from p2pnode.errors import LocalProtocolError, RemoteProtocolError
+from p2pnode.swarm import wire as W
+from p2pnode.swarm.peer import IDLE_TIMEOUT, KEEPALIVE_AFTER, MAX_OUTSTANDING, PeerSession
+
+MID = bytes(32)
+A_ID, B_ID = b"a" * 20, b"b" * 20
+
+
+def events(s: PeerSession, data: bytes, now: float = 0.0) -> list[W.Event]:
+    s.receive_data(data, now)
+    out = []
+    while (ev := s.next_event()) is not None:
+        out.append(ev)
+    return out
+
+
+def pair() -> tuple[PeerSession, PeerSession]:
+    a = PeerSession(A_ID, 6881, now=0.0, expected_id=B_ID)
+    b = PeerSession(B_ID, 6882, now=0.0)
+    assert [e.node_id for e in events(b, a.hello(0.0))] == [A_ID]  # type: ignore[attr-defined]
+    assert [e.node_id for e in events(a, b.hello(0.0))] == [B_ID]  # type: ignore[attr-defined]
+    return a, b
+
+
+def test_a_chunk_changes_hands() -> None:
+    a, b = pair()
+    data = os.urandom(10_000)
+    cid = hash_chunk(data)
+    with pytest.raises(LocalProtocolError, match="chokes us"):
+        a.request(MID, 0, 0.0)
+    assert events(a, b.send(W.Unchoke(), 0.0)) == [W.Unchoke()]
+    rid, wire_bytes = a.request(MID, 0, 0.0)
+    (req,) = events(b, wire_bytes)
+    assert req == W.Request(MID, 0, rid)
+    (piece,) = events(a, b.send(W.Piece(MID, 0, rid, cid, data), 0.1))
+    assert isinstance(piece, W.Piece) and bytes(piece.data) == data and not a.ours
+
+
+def test_first_message_must_be_hello_and_only_once() -> None:
+    b = PeerSession(B_ID, 1, now=0.0)
+    with pytest.raises(RemoteProtocolError, match="first message"):
+        events(b, W.encode_bytes(W.Keepalive()))
+    _a, b = pair()
+    with pytest.raises(RemoteProtocolError, match="second hello"):
+        events(b, W.encode_bytes(W.Hello(A_ID, 1)))
+
+
+def test_hello_must_name_the_node_we_dialled() -> None:
+    a = PeerSession(A_ID, 1, now=0.0, expected_id=B_ID)
+    with pytest.raises(RemoteProtocolError, match="another node"):
+        events(a, W.encode_bytes(W.Hello(b"x" * 20, 1)))
+
+
+def test_request_flood_is_refused() -> None:
+    _a, b = pair()
+    flood = b"".join(W.encode_bytes(W.Request(MID, i, i)) for i in range(MAX_OUTSTANDING + 1))
+    with pytest.raises(RemoteProtocolError, match="outstanding"):
+        events(b, flood)
+
+
+def test_unrequested_pieces_are_dropped_then_fatal() -> None:
+    a, _b = pair()
+    junk = W.encode_bytes(W.Piece(MID, 0, 7, bytes(32), b"x" * 100))
+    for _ in range(8):
+        assert events(a, junk) == []
+    with pytest.raises(RemoteProtocolError, match="nobody asked"):
+        events(a, junk)
+
+
+def test_answers_only_what_was_asked() -> None:
+    _a, b = pair()
+    with pytest.raises(LocalProtocolError):
+        b.send(W.Reject(MID, 0, 1, b"no"), 0.0)
+
+
+def test_keepalive_and_idle_timeout() -> None:
+    a, b = pair()
+    assert a.get_timer() == KEEPALIVE_AFTER
+    ka = a.handle_timer(KEEPALIVE_AFTER)
+    assert events(b, ka, KEEPALIVE_AFTER) == [W.Keepalive()]
+    with pytest.raises(RemoteProtocolError, match="silent"):
+        a.handle_timer(IDLE_TIMEOUT + 1)
+
+
+def test_overdue_requests_are_listed_for_reissue() -> None:
+    a, b = pair()
+    events(a, b.send(W.Unchoke(), 0.0))
+    rid, _ = a.request(MID, 5, 1.0)
+    assert a.overdue(2.0, deadline=5.0) == []
+    assert [r for r, _ in a.overdue(7.0, deadline=5.0)] == [rid]
