@@ -274,9 +274,8 @@ class HostProcess:
         self.host = host
         self.name = name
         self.argv = list(argv)
-        base = host.lab.workdir / f"{host.name}.{name}"
-        self.stdout_path = base.with_suffix(".out")
-        self.stderr_path = base.with_suffix(".err")
+        self.stdout_path = host.lab.workdir / f"{host.name}.{name}.out"
+        self.stderr_path = host.lab.workdir / f"{host.name}.{name}.err"
         self._out = open(self.stdout_path, "wb")  # noqa: SIM115 (closed in wait/stop)
         self._err = open(self.stderr_path, "wb")  # noqa: SIM115
         self.started = time.monotonic()
@@ -384,7 +383,9 @@ class Host:
         self, argv: Sequence[str], *, name: str | None = None, **popen_kw: Any
     ) -> HostProcess:
         """Start a long-running process here; the lab stops it at teardown if it still runs."""
-        tag = name or f"{Path(argv[0]).name}{len(self.processes)}"
+        tag = name or Path(argv[0]).name
+        if any(p.name == tag for p in self.processes):  # output files are named after it
+            tag = f"{tag}-{len(self.processes)}"
         proc = HostProcess(self, tag, argv, popen_kw)
         self.processes.append(proc)
         return proc
