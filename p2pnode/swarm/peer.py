@@ -112,7 +112,7 @@ class PeerSession:
 
     # -- incoming ---------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes, now: float) -> None:
+    def receive_data(self, data: bytes | bytearray, now: float) -> None:
         """Bytes from the peer; ``b""`` when it closed the stream."""
         self._last_received = now
         try:

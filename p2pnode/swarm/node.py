@@ -1,0 +1,347 @@
+"""The swarm's trio shell: serve chunks to peers, and fetch chunks from them.
+
+Theory of operation
+-------------------
+Each connection is TLS 1.3 with both node ids proven (``identity``), then a
+:class:`~p2pnode.swarm.peer.PeerSession` checks the protocol; this module only moves bytes and
+makes the few decisions a first swarm needs, which will move into a sans-IO scheduler and
+choker as they grow (docs/protocol.md):
+
+* **Serving** (``serve``): every manifest this node ``offer``s is answered with its availability
+  bitfield (from :class:`~p2pnode.stage.LocalChunks`, so an unfinished install and the kept
+  earlier builds of an app serve too); requests are served from verified local reads while an
+  upload slot is free, else rejected.
+* **Fetching** (``fetch``): one task per peer, each keeping a short pipeline of requests for
+  chunks that peer has, rarest first among the peers connected; every piece is checked with
+  blake3 before ``deliver``; a peer that sends a bad chunk twice, stalls, or breaks the protocol
+  is dropped and its requests go to others. ``fetch`` returns the chunks no peer could give, for
+  the CDN.
+
+Every network wait is bounded by a cancel scope.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from .. import manifest as M
+from ..chunker import hash_chunk
+from ..errors import P2PNodeError, ProtocolError
+from ..identity import NodeIdentity, client_context, peer_node_id, server_context
+from ..stage import LocalChunks
+from . import wire as W
+from .peer import PeerSession
+
+__all__ = ["PeerStats", "SwarmNode", "parse_peer"]
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+#: A request unanswered this long (a stalled or slow-dripping peer) drops the peer.
+REQUEST_TIMEOUT = 10.0
+PIPELINE = 4
+MAX_BAD_CHUNKS = 2
+UPLOAD_SLOTS = 16
+
+Deliver = Callable[[bytes, bytes], Awaitable[None]]  # (chunk id, verified bytes)
+
+
+def parse_peer(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise P2PNodeError(f"peer {text!r} is not HOST:PORT", fix="write peers as 10.0.0.5:6881")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class PeerStats:
+    """What this node saw of one peer: the tracker's peer-quality report carries these."""
+
+    address: str
+    node_id: bytes = b""
+    bytes: int = 0
+    chunks: int = 0
+    corrupt: int = 0
+    failures: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Fetch:
+    manifest: M.Manifest
+    ids: list[bytes]
+    wanted: set[int]
+    deliver: Deliver
+    claimed: set[int] = field(default_factory=set)
+    done: set[int] = field(default_factory=set)
+    availability: dict[str, bytes] = field(default_factory=dict)  # peer -> bitfield
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def has(self, peer: str, index: int) -> bool:
+        bits = self.availability.get(peer, b"")
+        return index >> 3 < len(bits) and bool(bits[index >> 3] & (0x80 >> (index & 7)))
+
+    def next_for(self, peer: str) -> int | None:
+        """The rarest unclaimed chunk this peer has."""
+        best, best_count = None, 1 << 30
+        for i in self.wanted - self.claimed - self.done:
+            if self.has(peer, i):
+                count = sum(1 for p in self.availability if self.has(p, i))
+                if count < best_count:
+                    best, best_count = i, count
+        return best
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class SwarmNode:
+    def __init__(self, identity: NodeIdentity, local: LocalChunks, listen_port: int = 0) -> None:
+        self.identity = identity
+        self.local = local
+        self.listen_port = listen_port
+        self.offers: dict[bytes, list[bytes]] = {}  # manifest id -> unique chunk ids
+        self.manifests: dict[bytes, M.Manifest] = {}
+        self.uploaded = 0
+        self._slots = trio.Semaphore(UPLOAD_SLOTS)
+        self._server_ctx = server_context(identity)
+        self._client_ctx = client_context(identity)
+
+    def offer(self, manifest: M.Manifest) -> None:
+        self.manifests[manifest.id] = manifest
+        self.offers[manifest.id] = list(manifest.unique_chunks())
+
+    # -- serving ----------------------------------------------------------------------------
+
+    async def serve(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Accept peers on ``host:port`` until cancelled; reports the bound port."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
+        self.listen_port = self.listen_port or bound
+        task_status.started(bound)
+        await trio.serve_listeners(self._serve_one, listeners)
+
+    async def _serve_one(self, stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(CONNECT_TIMEOUT) as scope:
+                tls = trio.SSLStream(stream, self._server_ctx, server_side=True)
+                await tls.do_handshake()
+            if scope.cancelled_caught:
+                return
+            session = PeerSession(
+                self.identity.node_id,
+                self.listen_port,
+                now=trio.current_time(),
+                expected_id=peer_node_id(tls),
+            )
+            await tls.send_all(session.hello(trio.current_time()))
+            await self._serve_loop(tls, session)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError, OSError) as exc:
+            log.debug("peer connection ended: %r", exc)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_loop(self, tls: trio.SSLStream[trio.SocketStream], s: PeerSession) -> None:
+        while True:
+            with trio.move_on_at(s.get_timer()):
+                data = await tls.receive_some(1 << 20)
+                s.receive_data(data, trio.current_time())
+                if not data:
+                    return
+            out = s.handle_timer(trio.current_time())
+            while (ev := s.next_event()) is not None:
+                now = trio.current_time()
+                if isinstance(ev, W.Hello):
+                    out += s.send(W.Unchoke(), now)
+                elif isinstance(ev, W.Join):
+                    out += s.send(self._bitfield(ev.manifest), now)
+                elif isinstance(ev, W.Request):
+                    out += await self._answer(s, ev)
+                elif isinstance(ev, W.Goodbye):
+                    return
+            if out:
+                await tls.send_all(out)
+
+    def _bitfield(self, mid: bytes) -> W.Bitfield:
+        manifest = self.manifests.get(mid)
+        if manifest is None:
+            return W.Bitfield(mid, 0, b"")  # not a swarm we take part in
+        return W.Bitfield(mid, len(self.offers[mid]), self.local.availability(manifest))
+
+    async def _answer(self, s: PeerSession, req: W.Request) -> bytes:
+        ids = self.offers.get(req.manifest)
+        data = None
+        if ids is not None and req.index < len(ids) and self._slots.value > 0:
+            async with self._slots:
+                data = await trio.to_thread.run_sync(self.local.read, ids[req.index])
+        now = trio.current_time()
+        if data is None:
+            return s.send(W.Reject(req.manifest, req.index, req.rid, b"unavailable"), now)
+        self.uploaded += len(data)
+        assert ids is not None
+        return s.send(W.Piece(req.manifest, req.index, req.rid, ids[req.index], data), now)
+
+    # -- fetching ---------------------------------------------------------------------------
+
+    async def fetch(
+        self,
+        manifest: M.Manifest,
+        wanted: Sequence[bytes],
+        peers: Sequence[tuple[str, int]],
+        deliver: Deliver,
+        stats: dict[str, PeerStats] | None = None,
+    ) -> set[bytes]:
+        """Fetch chunk ids ``wanted`` of ``manifest`` from ``peers``; returns those left over."""
+        ids = list(manifest.unique_chunks())
+        index = {cid: i for i, cid in enumerate(ids)}
+        job = _Fetch(manifest, ids, {index[c] for c in wanted if c in index}, deliver)
+        stats = stats if stats is not None else {}
+        async with trio.open_nursery() as nursery:
+            for host, port in peers:
+                addr = f"{host}:{port}"
+                stats[addr] = stats.get(addr) or PeerStats(addr)
+                nursery.start_soon(self._fetch_from, job, host, port, stats[addr])
+        return {ids[i] for i in job.wanted - job.done}
+
+    async def _fetch_from(self, job: _Fetch, host: str, port: int, st: PeerStats) -> None:
+        addr = f"{host}:{port}"
+        t0 = trio.current_time()
+        mine: set[int] = set()
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                stream = await trio.open_tcp_stream(host, port)
+                tls = trio.SSLStream(stream, self._client_ctx, server_hostname="p2pnode-peer")
+                await tls.do_handshake()
+            st.node_id = peer_node_id(tls)
+            if st.node_id == self.identity.node_id:
+                return  # ourselves
+            s = PeerSession(
+                self.identity.node_id,
+                self.listen_port,
+                now=trio.current_time(),
+                expected_id=st.node_id,
+            )
+            await tls.send_all(
+                s.hello(trio.current_time()) + s.send(W.Join(job.manifest.id), trio.current_time())
+            )
+            await self._fetch_loop(job, tls, s, addr, st, mine)
+            await tls.send_all(s.send(W.Goodbye(b"done"), trio.current_time()))
+        except (
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            ProtocolError,
+            OSError,
+            _PeerFailed,
+        ) as exc:
+            st.failures += 1
+            st.error = str(exc) or type(exc).__name__
+        finally:
+            job.claimed -= mine  # give back what this peer did not deliver
+            job.availability.pop(addr, None)
+            job.notify()
+            st.seconds += trio.current_time() - t0
+
+    async def _fetch_loop(
+        self,
+        job: _Fetch,
+        tls: trio.SSLStream[trio.SocketStream],
+        s: PeerSession,
+        addr: str,
+        st: PeerStats,
+        mine: set[int],
+    ) -> None:
+        inflight: dict[int, int] = {}  # rid -> index
+        while True:
+            now = trio.current_time()
+            out = b""
+            if addr in job.availability and not s.peer_choking:
+                while len(inflight) < PIPELINE:
+                    i = job.next_for(addr)
+                    if i is None:
+                        break
+                    job.claimed.add(i)
+                    mine.add(i)
+                    rid, data = s.request(job.manifest.id, i, now)
+                    inflight[rid] = i
+                    out += data
+            if out:
+                await tls.send_all(out)
+            if not inflight and addr in job.availability and job.next_for(addr) is None:
+                left = job.wanted - job.done
+                if not any(job.has(addr, i) for i in left):
+                    return  # nothing (more) this peer can give
+                # What it has is claimed by other peers; wait in case they fail.
+                with trio.move_on_after(1.0):
+                    await job.changed.wait()
+                continue
+            deadline = min(s.get_timer(), now + REQUEST_TIMEOUT)
+            with trio.move_on_at(deadline):
+                received = await tls.receive_some(1 << 20)
+                s.receive_data(received, trio.current_time())
+                if not received:
+                    raise _PeerFailed("the peer closed the connection")
+            if s.overdue(trio.current_time(), REQUEST_TIMEOUT):
+                raise _PeerFailed(f"no answer within {REQUEST_TIMEOUT:.0f}s")
+            keepalive = s.handle_timer(trio.current_time())
+            if keepalive:
+                await tls.send_all(keepalive)
+            while (ev := s.next_event()) is not None:
+                if isinstance(ev, W.Bitfield) and ev.manifest == job.manifest.id:
+                    if ev.count not in (0, len(job.ids)):
+                        raise _PeerFailed("bitfield size does not match the manifest")
+                    job.availability[addr] = bytes(ev.bits)
+                    job.notify()
+                    if ev.count == 0:
+                        return  # the peer is not in this swarm
+                elif isinstance(ev, W.Have) and ev.manifest == job.manifest.id:
+                    bits = bytearray(job.availability.get(addr, b""))
+                    if ev.index < len(job.ids) and ev.index >> 3 < len(bits):
+                        bits[ev.index >> 3] |= 0x80 >> (ev.index & 7)
+                        job.availability[addr] = bytes(bits)
+                elif isinstance(ev, W.Piece):
+                    i = inflight.pop(ev.rid)
+                    await self._take(job, ev, i, st)
+                    mine.discard(i)
+                    job.claimed.discard(i)
+                elif isinstance(ev, W.Reject):
+                    i = inflight.pop(ev.rid)
+                    mine.discard(i)
+                    job.claimed.discard(i)
+                    bits = bytearray(job.availability.get(addr, b""))
+                    if i >> 3 < len(bits):  # it does not have it after all
+                        bits[i >> 3] &= ~(0x80 >> (i & 7)) & 0xFF
+                        job.availability[addr] = bytes(bits)
+                elif isinstance(ev, W.Goodbye):
+                    return
+
+    async def _take(self, job: _Fetch, piece: W.Piece, i: int, st: PeerStats) -> None:
+        expected = job.ids[i]
+        data = bytes(piece.data)
+        if piece.chunk_id != expected or hash_chunk(data) != expected:
+            st.corrupt += 1
+            if st.corrupt >= MAX_BAD_CHUNKS:
+                raise _PeerFailed(f"sent {st.corrupt} chunks that fail blake3: banned")
+            return
+        if i in job.done:
+            return
+        job.done.add(i)
+        st.bytes += len(data)
+        st.chunks += 1
+        await job.deliver(expected, data)
+
+
+class _PeerFailed(Exception):
+    """Internal: drop this peer (the reason goes to its PeerStats)."""

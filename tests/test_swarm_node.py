@@ -1,0 +1,107 @@
+"""Swarm nodes over loopback TLS, in-process: seeding, fetching, hostile peers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from p2pnode import keys
+from p2pnode.chunker import hash_chunk
+from p2pnode.identity import NodeIdentity
+from p2pnode.install import InstallOptions, install, local_chunks
+from p2pnode.publish import publish
+from p2pnode.stage import LocalChunks
+from p2pnode.state import StateDir
+from p2pnode.swarm import wire as W
+from p2pnode.swarm.node import PeerStats, SwarmNode
+from p2pnode.swarm.peer import PeerSession
+
+from .test_install import KEY, TRUST, make_release
+
+
+def node() -> NodeIdentity:
+    return NodeIdentity(keys.generate_key())
+
+
+async def seeded(tmp_path: Path) -> tuple[SwarmNode, object]:
+    src = tmp_path / "src"
+    make_release(src, big=6 << 20)
+    p = publish(src, app="game", version="1", build=1, key=KEY, out=tmp_path / "cdn")
+    dest = tmp_path / "seed"
+    await install(str(tmp_path / "cdn" / p.manifest_path), dest, TRUST, InstallOptions())
+    sd = StateDir(dest)
+    seed = SwarmNode(node(), local_chunks(sd, sd.load()))
+    seed.offer(p.manifest)
+    return seed, p.manifest
+
+
+async def test_a_leecher_fetches_everything_from_a_seed(tmp_path: Path) -> None:
+    seed, manifest = await seeded(tmp_path)
+    got: dict[bytes, bytes] = {}
+
+    async def deliver(cid: bytes, data: bytes) -> None:
+        got[cid] = data
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(seed.serve, "127.0.0.1", 0)
+        leecher = SwarmNode(node(), LocalChunks())
+        wanted = list(manifest.unique_chunks())  # type: ignore[attr-defined]
+        stats: dict[str, PeerStats] = {}
+        left = await leecher.fetch(manifest, wanted, [("127.0.0.1", port)], deliver, stats)  # type: ignore[arg-type]
+        nursery.cancel_scope.cancel()
+    assert left == set() and set(got) == set(wanted)
+    assert all(hash_chunk(d) == c for c, d in got.items())
+    (st,) = stats.values()
+    assert st.chunks == len(wanted) and st.corrupt == 0 and st.node_id == seed.identity.node_id
+    assert seed.uploaded == sum(len(d) for d in got.values())
+
+
+class CorruptSeed(SwarmNode):
+    """Answers every request with bytes that do not match the chunk."""
+
+    async def _answer(self, s: PeerSession, req: W.Request) -> bytes:
+        ids = self.offers[req.manifest]
+        return s.send(
+            W.Piece(req.manifest, req.index, req.rid, ids[req.index], b"evil" * 100),
+            trio.current_time(),
+        )
+
+
+async def test_a_corrupt_peer_is_banned_and_nothing_bad_is_delivered(tmp_path: Path) -> None:
+    seed, manifest = await seeded(tmp_path)
+    evil = CorruptSeed(node(), seed.local)
+    evil.offer(manifest)  # type: ignore[arg-type]
+    got: dict[bytes, bytes] = {}
+
+    async def deliver(cid: bytes, data: bytes) -> None:
+        assert hash_chunk(data) == cid
+        got[cid] = data
+
+    async with trio.open_nursery() as nursery:
+        evil_port = await nursery.start(evil.serve, "127.0.0.1", 0)
+        stats: dict[str, PeerStats] = {}
+        wanted = list(manifest.unique_chunks())  # type: ignore[attr-defined]
+        leecher = SwarmNode(node(), LocalChunks())
+        left = await leecher.fetch(manifest, wanted, [("127.0.0.1", evil_port)], deliver, stats)  # type: ignore[arg-type]
+        nursery.cancel_scope.cancel()
+    (st,) = stats.values()
+    assert st.corrupt == 2 and "banned" in st.error
+    assert left == set(wanted) and not got  # all of it left for the CDN
+
+
+async def test_a_node_outside_the_swarm_gives_nothing(tmp_path: Path) -> None:
+    _seed, manifest = await seeded(tmp_path)
+    stranger = SwarmNode(node(), LocalChunks())  # offers nothing
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(stranger.serve, "127.0.0.1", 0)
+        leecher = SwarmNode(node(), LocalChunks())
+        wanted = list(manifest.unique_chunks())  # type: ignore[attr-defined]
+
+        async def deliver(cid: bytes, data: bytes) -> None:
+            raise AssertionError("nothing should arrive")
+
+        with trio.fail_after(10):
+            left = await leecher.fetch(manifest, wanted, [("127.0.0.1", port)], deliver)  # type: ignore[arg-type]
+        nursery.cancel_scope.cancel()
+    assert left == set(wanted)
