@@ -1,0 +1,532 @@
+#!/usr/bin/env python3
+"""Swarm benchmark on a bandwidth-limited test network (issue 4 item 9); run as root.
+
+What it does, in order:
+
+1. Builds the network with ``scripts/netlab.py``: one origin and N leechers in their own network
+   namespaces on a private bridge, every uplink and downlink capped with ``tc tbf``. Default
+   case: N=8, leechers 40 Mbit/s up and 100 Mbit/s down, origin 100 Mbit/s up (downlink
+   uncapped), a 200 MiB release.
+2. Checks the shaping is real: bulk TCP flows between the namespaces, each host's uplink and
+   each capped downlink measured against what its caps allow (all leecher uplinks at once into
+   the origin; the origin's uplink alone; each downlink by all other hosts sending into it).
+3. Computes the fluid-model bound of design.md section 11,
+   ``max(F/u_origin, F/d_min, N*F/(u_origin + sum u_i))``.
+4. CDN-only: nginx in the origin namespace serves the published release and every leecher runs
+   ``p2pnode install ... --mirror http://<origin>:8080/`` at the same time. The origin's upload
+   is read from its interface counters (link-layer bytes: headers included).
+5. The swarm run: not written yet (see SWARM RUN below); until it is, ``ratio_to_bound`` is null.
+
+Prints a table, then one JSON line with at least ``ratio_to_bound``, ``origin_upload_x``,
+``cdn_only_s``, ``bound_s`` and the shaping check's measured rates. Targets (issue 4): swarm
+<= 1.10x the bound, origin upload <= 1.5x the release; libtorrent 2.1 measured here: 1.27x and
+2.31x, CDN-only 134 s.
+
+Usage: sudo python3 scripts/bench_swarm.py [--quick] [--leechers 8] [--size-mb 200]
+       [--leecher-up 40] [--leecher-down 100] [--origin-up 100] [--origin-down 0] [--workdir DIR]
+Rates in Mbit/s; 0 means uncapped (not allowed for --origin-up: the bound needs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import netlab  # noqa: E402 (scripts/ is not a package)
+
+from p2pnode import keys  # noqa: E402
+from p2pnode.localcdn import LocalCDN  # noqa: E402
+from p2pnode.publish import publish  # noqa: E402
+
+MiB = 1 << 20
+CDN_PORT = 8080
+#: A shaping measurement passes when measured/expected lies in this range. TCP goodput over a
+#: tbf-capped link is ~0.95 of the cap (tbf counts frame headers); below 0.85 something else
+#: limits the flow (CPU, a wrong qdisc); above 1.02 the cap is not applied.
+SHAPING_OK = (0.85, 1.02)
+
+
+@dataclass(frozen=True)
+class Case:
+    leechers: int
+    size: int  # release bytes (F)
+    leecher_up: float | None  # bit/s; None = uncapped
+    leecher_down: float | None
+    origin_up: float
+    origin_down: float | None
+
+    def specs(self) -> list[netlab.HostSpec]:
+        out = [netlab.HostSpec("origin", self.origin_up, self.origin_down)]
+        out += [
+            netlab.HostSpec(f"l{i}", self.leecher_up, self.leecher_down)
+            for i in range(1, self.leechers + 1)
+        ]
+        return out
+
+    def bound_s(self) -> float:
+        F = self.size * 8
+        d_min = self.leecher_down if self.leecher_down is not None else math.inf
+        sum_u = math.inf if self.leecher_up is None else self.leecher_up * self.leechers
+        return netlab.fluid_bound(F, self.origin_up, d_min, self.leechers, sum_u)
+
+
+@dataclass(frozen=True)
+class Release:
+    cdn_dir: Path  # what nginx serves
+    manifest_path: str  # relative to the CDN root
+    pub: str  # ed25519:<hex> to --trust
+    size: int
+    files: int
+    chunks: int
+
+
+# ---------------------------------------------------------------------------------------------
+# The release
+
+
+def make_release(src: Path, total: int, seed: int = 11) -> None:
+    """A few large packs and a tail of smaller files, incompressible, from one seeded stream."""
+    sizes = [int(total * p) for p in (0.35, 0.25, 0.15)]
+    rest = total - sum(sizes)
+    i = 0
+    while rest > 0:
+        s = min(rest, (1 + i % 4) * MiB)
+        sizes.append(s)
+        rest -= s
+        i += 1
+    stream = blake3.blake3(b"bench-swarm-%d" % seed)
+    offset = 0
+    for n, size in enumerate(sizes):
+        d = src / ("packs" if n < 3 else f"assets/{n % 5}")
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / f"file{n:03d}.bin", "wb") as f:
+            left = size
+            while left:
+                k = min(left, 8 * MiB)
+                f.write(stream.digest(length=k, seek=offset))
+                offset += k
+                left -= k
+
+
+def publish_release(work: Path, size: int) -> Release:
+    src, cdn_dir = work / "src", work / "cdn"
+    make_release(src, size)
+    key = keys.generate_key()
+    res = publish(src, app="swarmbench", version="1", build=1, key=key, out=cdn_dir)
+    shutil.rmtree(src)
+    m = res.manifest
+    return Release(
+        cdn_dir=cdn_dir,
+        manifest_path=res.manifest_path,
+        pub=keys.format_public_key(keys.public_key_bytes(key)),
+        size=m.total_size,
+        files=len(m.files),
+        chunks=len(m.unique_chunks()),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Shaping check
+
+
+@dataclass(frozen=True)
+class ShapingRow:
+    host: str
+    direction: str  # "up" | "down"
+    cap_bps: float | None
+    expected_bps: float  # what the path allows: the cap, or less if another cap binds first
+    measured_bps: float
+
+    @property
+    def ratio(self) -> float:
+        return self.measured_bps / self.expected_bps
+
+    @property
+    def ok(self) -> bool:
+        return SHAPING_OK[0] <= self.ratio <= SHAPING_OK[1]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "dir": self.direction,
+            "cap_mbps": None if self.cap_bps is None else self.cap_bps / 1e6,
+            "expected_mbps": round(self.expected_bps / 1e6, 2),
+            "measured_mbps": round(self.measured_bps / 1e6, 2),
+            "ok": self.ok,
+        }
+
+
+def _cap(x: float | None) -> float:
+    return math.inf if x is None else x
+
+
+def shaping_check(lab: netlab.Lab, window: float) -> list[ShapingRow]:
+    """Measure every capped direction of every host with bulk TCP; see the module docstring."""
+    origin, leechers = lab.hosts[0], lab.hosts[1:]
+    rows: list[ShapingRow] = []
+    kw: dict[str, float] = {"warmup": 0.4, "window": window, "timeout": window + 15}
+
+    # leecher uplinks: all at once into the origin, unless its downlink would be the bottleneck
+    ups = [h for h in leechers if h.up_bps is not None]
+    if ups and _cap(origin.down_bps) >= sum(_cap(h.up_bps) for h in ups):
+        groups = [ups]
+    else:
+        groups = [[h] for h in ups]
+    for group in groups:
+        rates = netlab.measure_flows([netlab.Flow(h, origin) for h in group], **kw)
+        for f, bps in rates.items():
+            expected = min(_cap(f.src.up_bps), _cap(origin.down_bps))
+            rows.append(ShapingRow(f.src.name, "up", f.src.up_bps, expected, bps))
+
+    # the origin's uplink: into the leecher with the widest downlink
+    peer = max(leechers, key=lambda h: _cap(h.down_bps))
+    bps = next(iter(netlab.measure_flows([netlab.Flow(origin, peer)], **kw).values()))
+    expected = min(origin.up_bps or math.inf, _cap(peer.down_bps))
+    rows.append(ShapingRow(origin.name, "up", origin.up_bps, expected, bps))
+
+    # each capped downlink: everyone else sends into it at once
+    for h in lab.hosts:
+        if h.down_bps is None:
+            continue
+        senders = [s for s in lab.hosts if s is not h]
+        rates = netlab.measure_flows([netlab.Flow(s, h) for s in senders], **kw)
+        expected = min(h.down_bps, sum(_cap(s.up_bps) for s in senders))
+        rows.append(ShapingRow(h.name, "down", h.down_bps, expected, sum(rates.values())))
+    for r in rows:
+        if math.isinf(r.expected_bps):
+            raise SystemExit(f"shaping check: nothing caps {r.host} {r.direction}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# CDN-only run
+
+
+@dataclass
+class RunResult:
+    """One distribution run: per-leecher seconds and what crossed the origin's interface."""
+
+    leecher_s: dict[str, float]
+    origin_tx_bytes: int
+    leecher_rx_bytes: dict[str, int]
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def slowest_s(self) -> float:
+        return max(self.leecher_s.values())
+
+
+def _python_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def start_cdn(lab: netlab.Lab, release: Release, prefix: Path) -> netlab.HostProcess:
+    """nginx (LocalCDN) inside the origin namespace, via this script's serve-cdn mode."""
+    origin = lab.hosts[0]
+    proc = origin.start(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "serve-cdn",
+            "--root",
+            str(release.cdn_dir),
+            "--host",
+            origin.ip,
+            "--port",
+            str(CDN_PORT),
+            "--prefix",
+            str(prefix),
+        ],
+        name="cdn",
+        env=_python_env(),
+    )
+    deadline = time.monotonic() + 20
+    while "READY" not in proc.stdout():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"nginx did not start in the origin namespace: {proc.stderr()}")
+        time.sleep(0.05)
+    return proc
+
+
+def _wait_all(procs: dict[str, netlab.HostProcess], timeout: float) -> dict[str, float]:
+    """Wall seconds of each process, all started together; every one bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        running = [name for name, p in procs.items() if p.poll() is None]
+        if not running:
+            break
+        if time.monotonic() > deadline:
+            for p in procs.values():
+                p.stop()
+            raise SystemExit(f"{', '.join(running)} did not finish within {timeout:.0f}s")
+        time.sleep(0.02)
+    for name, p in procs.items():
+        if p.proc.returncode != 0:
+            raise SystemExit(f"{name} failed (exit {p.proc.returncode}): {p.stderr()[-600:]}")
+    return {name: p.elapsed for name, p in procs.items()}
+
+
+def run_cdn_only(lab: netlab.Lab, release: Release, work: Path, timeout: float) -> RunResult:
+    origin, leechers = lab.hosts[0], lab.hosts[1:]
+    base = f"http://{origin.ip}:{CDN_PORT}/"
+    nginx_prefix = work / "nginx"
+    cdn = start_cdn(lab, release, nginx_prefix)
+    try:
+        before = {h.name: h.counters() for h in lab.hosts}
+        procs: dict[str, netlab.HostProcess] = {}
+        for h in leechers:
+            dest = work / "leechers" / h.name / "install"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            procs[h.name] = h.start(
+                [
+                    sys.executable,
+                    "-m",
+                    "p2pnode",
+                    "install",
+                    base + release.manifest_path,
+                    "--dest",
+                    str(dest),
+                    "--trust",
+                    release.pub,
+                    "--mirror",
+                    base,
+                    "--json",
+                    "-q",
+                ],
+                name="install",
+                cwd=str(REPO),
+                env=_python_env(),
+            )
+        seconds = _wait_all(procs, timeout)
+        after = {h.name: h.counters() for h in lab.hosts}
+        results = {
+            name: json.loads(p.stdout().strip().splitlines()[-1]) for name, p in procs.items()
+        }
+    finally:
+        cdn.stop()
+    bytes_cdn = {name: int(r["bytes_cdn"]) for name, r in results.items()}
+    for name, got in bytes_cdn.items():
+        if got < release.size:
+            raise SystemExit(f"{name} fetched {got} bytes from the CDN, less than the release")
+    nginx_body = LocalCDN(release.cdn_dir, prefix=nginx_prefix).body_bytes_sent()
+    return RunResult(
+        leecher_s=seconds,
+        origin_tx_bytes=(after["origin"] - before["origin"]).tx_bytes,
+        leecher_rx_bytes={h.name: (after[h.name] - before[h.name]).rx_bytes for h in leechers},
+        details={"bytes_cdn": bytes_cdn, "nginx_body_bytes": nginx_body},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# ============================== SWARM RUN (issue 4 item 9) ==================================
+# To be written by the swarm engineer once `p2pnode seed` and `install --listen/--peer` work.
+# Flip SWARM_IMPLEMENTED to True when run_swarm below is real; main() then calls it, right
+# after the CDN-only run, on the same lab, and reports ratio_to_bound = slowest_s / bound_s and
+# origin_upload_x = origin_tx_bytes / release size from its result.
+SWARM_IMPLEMENTED = False
+
+
+def run_swarm(lab: netlab.Lab, release: Release, work: Path, timeout: float) -> RunResult:
+    """Distribute ``release`` over the swarm: the origin seeds, every leecher installs at once.
+
+    Contract (what main() relies on):
+      * ``lab.hosts[0]`` is the origin; it serves the release from an install of its own (e.g.
+        ``p2pnode seed --dest DIR --listen <ip>:PORT``) and nothing else uploads from it: no
+        nginx in the origin namespace during this run, or its bytes count as origin upload.
+      * every other host runs ``p2pnode install <manifest> --listen <ip>:PORT --peer ...``
+        (policy ``p2p-only``, or ``p2p-first`` with a CDN that is *not* on the origin, so the
+        origin's counters stay the origin's), started together, each bounded by ``timeout``;
+      * returns each leecher's wall seconds to a complete, verified install, the origin's
+        ``eth0`` tx byte delta over the run (:meth:`netlab.Host.counters`), each leecher's rx
+        delta, and in ``details`` at least each leecher's ``bytes_peers`` and ``bytes_cdn``.
+      * starts its processes with ``Host.start`` so the lab's teardown stops them on any error.
+    """
+    raise NotImplementedError("the swarm run is not written yet (issue 4 item 9)")
+
+
+# ============================ END SWARM RUN =================================================
+# ---------------------------------------------------------------------------------------------
+
+
+def serve_cdn(root: Path, host: str, port: int, prefix: Path) -> None:
+    """Run LocalCDN here (inside the origin namespace) until SIGTERM."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    cdn = LocalCDN(root, host=host, port=port, prefix=prefix)
+    cdn.start()
+    try:
+        print(f"READY {cdn.url}", flush=True)
+        stop.wait()
+    finally:
+        cdn.stop()
+
+
+def _mbps(bps: float | None) -> str:
+    return "uncapped" if bps is None else f"{bps / 1e6:g}"
+
+
+def _rate_arg(text: str) -> float | None:
+    v = float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError("rates cannot be negative")
+    return None if v == 0 else v * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd")
+    sc = sub.add_parser("serve-cdn", help=argparse.SUPPRESS)
+    sc.add_argument("--root", type=Path, required=True)
+    sc.add_argument("--host", required=True)
+    sc.add_argument("--port", type=int, required=True)
+    sc.add_argument("--prefix", type=Path, required=True)
+    ap.add_argument("--quick", action="store_true", help="N=3 and a 32 MiB release")
+    ap.add_argument("--leechers", type=int, help="default 8 (3 with --quick)")
+    ap.add_argument("--size-mb", type=int, help="release MiB, default 200 (32 with --quick)")
+    ap.add_argument("--leecher-up", type=_rate_arg, default=40e6, help="Mbit/s (default 40)")
+    ap.add_argument("--leecher-down", type=_rate_arg, default=100e6, help="Mbit/s (default 100)")
+    ap.add_argument("--origin-up", type=_rate_arg, default=100e6, help="Mbit/s (default 100)")
+    ap.add_argument("--origin-down", type=_rate_arg, default=None, help="Mbit/s (default none)")
+    ap.add_argument("--check-window", type=float, default=1.2, help="seconds per shaping flow")
+    ap.add_argument("--skip-cdn", action="store_true", help="no CDN-only run")
+    ap.add_argument("--workdir", type=Path)
+    args = ap.parse_args()
+    if args.cmd == "serve-cdn":
+        serve_cdn(args.root, args.host, args.port, args.prefix)
+        return
+    if args.origin_up is None:
+        ap.error("--origin-up must be capped: the fluid bound divides by it")
+    reason = netlab.netlab_available()
+    if reason:
+        raise SystemExit(f"bench_swarm: {reason} (run it as root on Linux with iproute2)")
+    case = Case(
+        leechers=args.leechers or (3 if args.quick else 8),
+        size=(args.size_mb or (32 if args.quick else 200)) * MiB,
+        leecher_up=args.leecher_up,
+        leecher_down=args.leecher_down,
+        origin_up=args.origin_up,
+        origin_down=args.origin_down,
+    )
+    if not 1 <= case.leechers <= 200:
+        ap.error("--leechers must be 1..200")
+    work = Path(tempfile.mkdtemp(prefix="bench-swarm-", dir=args.workdir))
+    try:
+        t = time.perf_counter()
+        release = publish_release(work, case.size)
+        publish_s = time.perf_counter() - t
+        for p in release.cdn_dir.rglob("*"):  # warm the page cache: nginx reads from memory
+            if p.is_file():
+                with open(p, "rb") as f:
+                    while f.read(8 * MiB):
+                        pass
+        bound = case.bound_s()
+        with netlab.Lab(case.specs(), workdir=work / "lab") as lab:
+            print(lab.describe(), flush=True)
+            t = time.perf_counter()
+            rows = shaping_check(lab, args.check_window)
+            check_s = time.perf_counter() - t
+            for r in rows:
+                flag = "ok" if r.ok else "OUT OF RANGE"
+                print(
+                    f"  shaping {r.host:<7} {r.direction:<4} cap {_mbps(r.cap_bps):>8} "
+                    f"expected {r.expected_bps / 1e6:6.1f} measured {r.measured_bps / 1e6:6.1f} "
+                    f"Mbit/s ({r.ratio:.3f}) {flag}",
+                    flush=True,
+                )
+            # CDN-only: every leecher from nginx on the origin. Bounded by 3x the time the
+            # origin's uplink needs for N copies, plus a minute for start-up and fsync.
+            cdn_need = case.leechers * case.size * 8 / case.origin_up
+            cdn = None
+            if not args.skip_cdn:
+                cdn = run_cdn_only(lab, release, work, timeout=3 * cdn_need + 60)
+            swarm = None
+            if SWARM_IMPLEMENTED:
+                swarm = run_swarm(lab, release, work, timeout=10 * bound + 60)
+        F = release.size
+        cdn_x = cdn.origin_tx_bytes / F if cdn else None
+        rows_out: list[tuple[str, str]] = [
+            (
+                "case",
+                f"N={case.leechers}, leechers {_mbps(case.leecher_up)} up / "
+                f"{_mbps(case.leecher_down)} down, origin {_mbps(case.origin_up)} up / "
+                f"{_mbps(case.origin_down)} down (Mbit/s)",
+            ),
+            (
+                "release",
+                f"{F / MiB:.0f} MiB in {release.files} files, {release.chunks} chunks "
+                f"(published in {publish_s:.1f} s)",
+            ),
+            (
+                "shaping check",
+                f"{sum(r.ok for r in rows)}/{len(rows)} directions within "
+                f"{SHAPING_OK[0]:.2f}-{SHAPING_OK[1]:.2f} of the cap ({check_s:.0f} s)",
+            ),
+            ("fluid-model bound", f"{bound:.1f} s"),
+        ]
+        if cdn:
+            rows_out += [
+                (
+                    "CDN-only slowest",
+                    f"{cdn.slowest_s:.1f} s ({cdn.slowest_s / bound:.2f}x the bound; "
+                    f"N*F/u_origin = {cdn_need:.1f} s)",
+                ),
+                (
+                    "CDN-only origin upload",
+                    f"{cdn_x:.2f}x the release (interface counters; nginx bodies "
+                    f"{cdn.details['nginx_body_bytes'] / F:.2f}x)",
+                ),
+            ]
+        if swarm:
+            rows_out += [
+                ("swarm slowest", f"{swarm.slowest_s:.1f} s = {swarm.slowest_s / bound:.2f}x"),
+                ("swarm origin upload", f"{swarm.origin_tx_bytes / F:.2f}x the release"),
+            ]
+        else:
+            rows_out.append(("swarm", "not run: the swarm is not implemented yet (issue 4)"))
+        rows_out.append(("targets", "swarm <= 1.10x the bound, origin upload <= 1.5x"))
+        width = max(len(k) for k, _ in rows_out)
+        for k, v in rows_out:
+            print(f"{k:<{width}}  {v}")
+        origin_x = swarm.origin_tx_bytes / F if swarm else cdn_x
+        out: dict[str, Any] = {
+            "ratio_to_bound": round(swarm.slowest_s / bound, 3) if swarm else None,
+            "swarm_s": round(swarm.slowest_s, 2) if swarm else None,
+            "origin_upload_x": round(origin_x, 3) if origin_x is not None else None,
+            "origin_upload_source": "swarm" if swarm else ("cdn-only" if cdn else None),
+            "note": None if swarm else "swarm not implemented yet: ratio_to_bound is null",
+            "cdn_only_s": round(cdn.slowest_s, 2) if cdn else None,
+            "cdn_only_ratio_to_bound": round(cdn.slowest_s / bound, 3) if cdn else None,
+            "cdn_origin_upload_x": round(cdn_x, 3) if cdn_x is not None else None,
+            "cdn_leecher_s": {k: round(v, 2) for k, v in cdn.leecher_s.items()} if cdn else None,
+            "bound_s": round(bound, 2),
+            "bytes": F,
+            "leechers": case.leechers,
+            "shaping_ok": all(r.ok for r in rows),
+            "shaping": [r.as_json() for r in rows],
+        }
+        print(json.dumps(out))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
