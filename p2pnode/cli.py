@@ -11,15 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from . import __version__, keys
-from .errors import P2PNodeError, UsageError
+from .errors import P2PNodeError, UsageError, most_telling
 from .units import format_bytes, parse_rate
 
 __all__ = ["main"]
@@ -42,11 +44,15 @@ def _install_options(args: argparse.Namespace, **extra: Any) -> Any:
 
     if args.connections < 1 or args.connections > 64:
         raise UsageError("--connections must be between 1 and 64")
+    swarm = {}
+    if hasattr(args, "peer"):
+        swarm = dict(peers=args.peer or (), listen=args.listen, seed=args.seed, policy=args.policy)
     return InstallOptions(
         mirrors=args.mirror or (),
         connections=args.connections,
         max_download_rate=parse_rate(args.max_download_rate) if args.max_download_rate else None,
         keep_versions=args.keep_versions,
+        **swarm,
         **extra,
     )
 
@@ -108,10 +114,17 @@ def _print_install(result: Any) -> None:
         return
     print(
         f"{result.action} {m.app} {m.version} (build {m.build}): {format_bytes(m.total_size)} "
-        f"in {result.seconds:.1f}s; {format_bytes(result.bytes_cdn)} from the CDN, "
+        f"in {result.seconds:.1f}s; {format_bytes(result.bytes_peers)} from peers, "
+        f"{format_bytes(result.bytes_cdn)} from the CDN, "
         f"{format_bytes(result.bytes_reused)} reused locally, "
         f"{format_bytes(result.bytes_resumed)} resumed"
     )
+    for addr, st in result.peers.items():
+        note = f" ({st.error})" if st.error else ""
+        print(
+            f"  peer {addr}: {format_bytes(st.bytes)} in {st.chunks} chunks, "
+            f"{st.corrupt} corrupt{note}"
+        )
 
 
 async def _from_tracker(url: str, app: str, channel: str) -> tuple[str, bytes, Any]:
@@ -133,21 +146,56 @@ def cmd_install(args: argparse.Namespace, *, update: bool = False) -> dict[str, 
     from .install import install
 
     options = _install_options(args, require_installed=update)
+    if options.seed and not options.listen:
+        raise UsageError("--seed needs --listen HOST:PORT", fix="add --listen 0.0.0.0:6881")
+    done: list[Any] = []
+
+    def ready(result: Any) -> None:  # with --seed: report the install, then keep serving
+        done.append(result)
+        if args.json:
+            print(json.dumps({"event": "installed", **result.as_json()}), flush=True)
+        else:
+            _print_install(result)
+            print(f"seeding on {args.listen} (Ctrl-C to stop)", flush=True)
+
+    options.on_ready = ready
 
     async def run() -> Any:
         location, data = args.manifest, None
         if args.tracker:
             location, data, _head = await _from_tracker(args.tracker, args.manifest, args.channel)
-        return await install(
-            location,
-            Path(args.dest),
-            _trusted(args.trust),
-            options,
-            _progress(args),
-            manifest_data=data,
-        )
+        if not options.seed:
+            return await install(
+                location,
+                Path(args.dest),
+                _trusted(args.trust),
+                options,
+                _progress(args),
+                manifest_data=data,
+            )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(
+                    install,
+                    location,
+                    Path(args.dest),
+                    _trusted(args.trust),
+                    options,
+                    _progress(args),
+                    manifest_data=data,
+                )
+            )
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
+            nursery.cancel_scope.cancel()
+        return done[0] if done else None
 
     result = trio.run(run)
+    if result is None:
+        raise UsageError("stopped before the install finished", fix="run it again to resume")
+    if options.seed:
+        return {"event": "stopped", "build": result.manifest.build}
     if not args.json:
         _print_install(result)
     return dict(result.as_json())
@@ -194,6 +242,26 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
 
     trio.run(run)
     return {"updates": len(installed)}
+
+
+def cmd_seed(args: argparse.Namespace) -> dict[str, Any]:
+    """Serve until SIGINT/SIGTERM; then exit 0."""
+    from .install import seed
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(seed, Path(args.dest), args.listen)
+            if args.json:
+                print(json.dumps({"event": "listening", "port": port}), flush=True)
+            else:
+                print(f"seeding {args.dest} on port {port} (Ctrl-C to stop)", flush=True)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    return {"stopped": True}
 
 
 def cmd_update(args: argparse.Namespace) -> dict[str, Any]:
@@ -356,6 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tracker", metavar="URL", help="resolve APP's channel through a tracker")
         p.add_argument("--channel", default="stable", help="with --tracker (default stable)")
         p.add_argument(
+            "--peer", action="append", metavar="HOST:PORT", help="a peer to fetch from (repeatable)"
+        )
+        p.add_argument("--listen", metavar="HOST:PORT", help="serve verified chunks here")
+        p.add_argument(
+            "--seed",
+            action="store_true",
+            help="with --listen: keep serving after the install until stopped",
+        )
+        p.add_argument(
+            "--policy", choices=("p2p-first", "cdn-only", "p2p-only"), default="p2p-first"
+        )
+        p.add_argument(
             "--trust",
             action="append",
             metavar="ed25519:HEX",
@@ -374,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="stop after this many seconds")
     _add_fetch_flags(p)
     p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("seed", parents=[common], help="serve an installed release to peers")
+    p.add_argument("--dest", required=True, metavar="DIR")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT")
+    p.set_defaults(func=cmd_seed)
 
     p = sub.add_parser("rollback", parents=[common], help="go back to the previous version")
     p.add_argument("--dest", required=True, metavar="DIR")
@@ -420,6 +505,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except P2PNodeError as exc:
         _emit_error(args, exc.message, exc.fix)
         return exc.exit_code
+    except BaseExceptionGroup as group:  # concurrent tasks failed: report the root cause
+        cause = most_telling(group)
+        if isinstance(cause, P2PNodeError):
+            _emit_error(args, cause.message, cause.fix)
+            return cause.exit_code
+        if isinstance(cause, KeyboardInterrupt):
+            _emit_error(args, "interrupted", "run the same command again to resume")
+            return 130
+        raise
     except KeyboardInterrupt:
         _emit_error(args, "interrupted", "run the same command again to resume")
         return 130

@@ -62,6 +62,7 @@ __all__ = [
     "TransportError",
     "UnsafePathError",
     "UsageError",
+    "most_telling",
 ]
 
 
@@ -167,3 +168,21 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer broke the protocol."""
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def most_telling(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error a user should see out of concurrent tasks' failures: an interrupt, then
+    a full disk (the root cause of everything else failing), then any of our typed errors;
+    the group itself if none of those is in it."""
+    leaves = _leaves(group)
+    for kind in (KeyboardInterrupt, DiskSpaceError, P2PNodeError):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return group

@@ -51,6 +51,7 @@ from .errors import (
     P2PNodeError,
     TransportError,
     UsageError,
+    most_telling,
 )
 from .fsutil import exchange, fsync_dir
 from .progress import NullProgress, Progress
@@ -76,6 +77,29 @@ class InstallOptions:
     keep_versions: int = 2  # earlier versions kept for rollback
     require_installed: bool = False  # `update` refuses to do a fresh install
     now: float | None = None  # for tests of expiry
+    peers: Sequence[str] = ()  # HOST:PORT of peers to fetch from
+    listen: str | None = None  # HOST:PORT to serve verified chunks on while installing
+    seed: bool = False  # keep serving after the install, until cancelled
+    policy: str = "p2p-first"  # p2p-first | cdn-only | p2p-only
+    identity_dir: Path | None = None  # where the node key lives (default: user data dir)
+    on_ready: Callable[[Any], None] | None = None  # with seed: called once the install is done
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise UsageError(
+                f"unknown policy {self.policy!r}", fix=f"use one of {', '.join(POLICIES)}"
+            )
+
+
+POLICIES = ("p2p-first", "cdn-only", "p2p-only")
+
+
+@dataclass
+class Swarm:
+    """The peer-to-peer side of one install: our node, and the peers to ask."""
+
+    node: Any  # swarm.node.SwarmNode (imported lazily: CDN-only installs never load it)
+    peers: list[tuple[str, int]]
 
 
 @dataclass
@@ -87,8 +111,11 @@ class InstallResult:
     bytes_cdn: int = 0  # bytes read from the CDN (including any that failed verification)
     bytes_reused: int = 0  # chunk bytes copied from local files or the store
     bytes_resumed: int = 0  # chunk bytes already staged by an interrupted run
+    bytes_peers: int = 0  # verified chunk bytes received from peers
     seconds: float = 0.0
     mirrors: dict[str, Any] = field(default_factory=dict)
+    peers: dict[str, Any] = field(default_factory=dict)  # address -> swarm.node.PeerStats
+    listen_port: int | None = None  # where this node serves chunks, with --listen
 
     def as_json(self) -> dict[str, Any]:
         m = self.manifest
@@ -104,8 +131,22 @@ class InstallResult:
             "bytes_cdn": self.bytes_cdn,
             "bytes_reused": self.bytes_reused,
             "bytes_resumed": self.bytes_resumed,
+            "bytes_peers": self.bytes_peers,
+            "listen_port": self.listen_port,
             "seconds": round(self.seconds, 3),
             "mirrors": self.mirrors,
+            "peers": {
+                addr: {
+                    "node_id": st.node_id.hex(),
+                    "bytes": st.bytes,
+                    "chunks": st.chunks,
+                    "rate": round(st.rate),
+                    "corrupt": st.corrupt,
+                    "failures": st.failures,
+                    "error": st.error,
+                }
+                for addr, st in self.peers.items()
+            },
         }
 
 
@@ -232,19 +273,28 @@ async def install(
         mirrors = resolve_mirrors(options.mirrors, origin, manifest, state)
         state.mirrors = mirrors[:8]  # for repair and rollback when chunks must be refetched
         history = [state.current] if state.current else []
-        result = await _apply(
-            sd,
-            state,
-            signed,
-            manifest,
-            current,
-            mirrors,
-            options,
-            progress or NullProgress(),
-            history + state.history,
-        )
-        result.action = "updated" if current else "installed"
-        result.seconds = time.monotonic() - t0
+        async with open_swarm(sd, state, manifest, options) as swarm:
+            result = await _apply(
+                sd,
+                state,
+                signed,
+                manifest,
+                current,
+                mirrors,
+                options,
+                progress or NullProgress(),
+                history + state.history,
+                swarm,
+            )
+            result.action = "updated" if current else "installed"
+            result.seconds = time.monotonic() - t0
+            if swarm is not None and options.listen:
+                result.listen_port = swarm.node.listen_port
+            if options.seed and swarm is not None:
+                swarm.node.local = local_chunks(sd, sd.load())  # the tree moved into place
+                if options.on_ready is not None:
+                    options.on_ready(result)
+                await trio.sleep_forever()
         return result
 
 
@@ -306,6 +356,75 @@ def local_chunks(sd: StateDir, state: InstallState) -> LocalChunks:
     return local
 
 
+@asynccontextmanager
+async def open_swarm(
+    sd: StateDir, state: InstallState, manifest: M.Manifest, options: InstallOptions
+) -> AsyncIterator[Swarm | None]:
+    """Our swarm node for this install (None without --peer/--listen): it serves, on
+    ``options.listen``, this build's swarm and those of every kept build of the app."""
+    if not options.peers and not options.listen:
+        yield None
+        return
+    from .identity import load_or_create
+    from .swarm.node import SwarmNode, parse_peer
+
+    peers = [parse_peer(p) for p in options.peers]
+    identity = await trio.to_thread.run_sync(load_or_create, options.identity_dir)
+    node = SwarmNode(identity, local_chunks(sd, state))
+    node.offer(manifest)
+    for mid in [state.current, *state.history]:
+        if mid:
+            node.offer(sd.load_manifest(mid))
+    async with trio.open_nursery() as nursery:
+        if options.listen:
+            host, port = parse_peer(options.listen, listen=True)
+            await nursery.start(node.serve, host, port)
+        yield Swarm(node, peers)
+        nursery.cancel_scope.cancel()
+
+
+async def seed(
+    dest: Path,
+    listen: str,
+    identity_dir: Path | None = None,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the release installed in ``dest`` (and its kept earlier builds) until cancelled.
+
+    Holds no lock: updates of ``dest`` may run meanwhile. Every chunk served is verified on
+    read, and the index is rebuilt every ``RESEED_SECONDS``, so a concurrent update costs at
+    most some rejected requests, never a wrong byte.
+    """
+    from .identity import load_or_create
+    from .swarm.node import SwarmNode, parse_peer
+
+    sd = StateDir(dest)
+    if not sd.exists:
+        raise NotInstalledError(f"nothing is installed in {dest}")
+    identity = await trio.to_thread.run_sync(load_or_create, identity_dir)
+    node = SwarmNode(identity, LocalChunks())
+
+    def refresh() -> None:
+        state = sd.load()
+        node.local = local_chunks(sd, state)
+        for mid in [state.current, *state.history]:
+            if mid:
+                node.offer(sd.load_manifest(mid))
+
+    await trio.to_thread.run_sync(refresh)
+    host, port = parse_peer(listen, listen=True)
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(node.serve, host, port)
+        task_status.started(bound)
+        while True:
+            await trio.sleep(RESEED_SECONDS)
+            await trio.to_thread.run_sync(refresh)
+
+
+RESEED_SECONDS = 30.0
+
+
 def _refuse_foreign_directory(sd: StateDir) -> None:
     if sd.exists or not sd.dest.exists():
         return
@@ -326,8 +445,9 @@ async def _apply(
     options: InstallOptions,
     progress: Progress,
     history_after: list[str],
+    swarm: Swarm | None = None,
 ) -> InstallResult:
-    """Assemble ``manifest`` in the stage from local chunks and the CDN, then switch to it."""
+    """Assemble ``manifest`` in the stage from local chunks, peers and the CDN, then switch."""
     result = InstallResult("", manifest, current.build if current else None, manifest.total_size)
     sd.keep_manifest(signed)  # names the stage's content (see local_chunks); harvest prunes it
     stage = Stage(sd.stage, manifest, manifest.files)
@@ -341,7 +461,17 @@ async def _apply(
     local = LocalChunks(ChunkStore(sd.store_dir))
     if current is not None:
         local.add_tree(sd.dest, current)
-    await assemble(stage, journal, local, mirrors, options, progress, result, sd.root)
+    on_chunk = None
+    if swarm is not None:
+        serving = swarm.node.local
+
+        def on_chunk(cid: bytes) -> None:  # serve what just landed, while still installing
+            for path, offset, length in stage.locations[cid]:
+                serving.add(cid, stage.root / path, offset, length)
+
+    await assemble(
+        stage, journal, local, mirrors, options, progress, result, sd.root, on_chunk, swarm
+    )
     await trio.to_thread.run_sync(_switch, sd, state, signed, history_after, options.keep_versions)
     return result
 
@@ -356,6 +486,7 @@ async def assemble(
     result: InstallResult,
     space_root: Path,
     on_chunk: Callable[[bytes], None] | None = None,
+    swarm: Swarm | None = None,
 ) -> None:
     """Fill ``stage`` with every chunk it lacks: local verified copies and CDN fetches run
     concurrently; each chunk is written, then journaled, then reported to ``on_chunk`` (which
@@ -409,17 +540,49 @@ async def assemble(
             nursery.start_soon(copy_local)
             if remote_ids:
                 nursery.start_soon(
-                    _fetch, stage, remote_ids, mirrors, options, put, progress, result
+                    _remote, stage, remote_ids, mirrors, options, put, progress, result, swarm
                 )
         if missing_locally:
-            await _fetch(stage, missing_locally, mirrors, options, put, progress, result)
+            await _remote(stage, missing_locally, mirrors, options, put, progress, result, swarm)
     except BaseExceptionGroup as group:
-        raise _most_telling(group) from None
+        raise most_telling(group) from None
     finally:
         journal.close()
         stage.close_files()
     await trio.to_thread.run_sync(stage.finish)
     progress.finish()
+
+
+async def _remote(
+    stage: Stage,
+    ids: list[bytes],
+    mirrors: list[str],
+    options: InstallOptions,
+    put: Callable[[bytes, bytes], None],
+    progress: Progress,
+    result: InstallResult,
+    swarm: Swarm | None,
+) -> None:
+    """Chunks from peers first (per policy), then what they could not give from the CDN."""
+    left = ids
+    if swarm is not None and swarm.peers and options.policy != "cdn-only":
+
+        async def deliver(cid: bytes, data: bytes) -> None:
+            await trio.to_thread.run_sync(put, cid, data)
+            result.bytes_peers += len(data)
+            progress.advance(len(data))
+
+        rest = await swarm.node.fetch(stage.manifest, ids, swarm.peers, deliver, result.peers)
+        left = [cid for cid in ids if cid in rest]
+    if not left:
+        return
+    if options.policy == "p2p-only":
+        raise TransportError(
+            f"{len(left)} chunks of {stage.manifest.app} {stage.manifest.version} could not be "
+            "had from any peer (policy p2p-only)",
+            fix="add peers with --peer HOST:PORT, or use --policy p2p-first",
+        )
+    await _fetch(stage, left, mirrors, options, put, progress, result)
 
 
 async def _fetch(
@@ -464,23 +627,6 @@ async def _fetch(
     stats = await fetcher.fetch(requests, deliver)
     result.bytes_cdn += stats.bytes_received
     result.mirrors = {name: vars(ms) for name, ms in stats.per_mirror.items()}
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
-
-
-def _most_telling(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one error a user should see out of concurrent tasks' failures: an interrupt, then
-    a full disk (the root cause of everything else failing), then any of our typed errors."""
-    leaves = _leaves(group)
-    for kind in (KeyboardInterrupt, DiskSpaceError, P2PNodeError):
-        for leaf in leaves:
-            if isinstance(leaf, kind):
-                return leaf
-    return group
 
 
 def _check_space(root: Path, stage: Stage, needed: dict[bytes, int]) -> None:

@@ -30,7 +30,7 @@ import trio
 
 from .. import manifest as M
 from ..chunker import hash_chunk
-from ..errors import P2PNodeError, ProtocolError
+from ..errors import ProtocolError, UsageError
 from ..identity import NodeIdentity, client_context, peer_node_id, server_context
 from ..stage import LocalChunks
 from . import wire as W
@@ -50,10 +50,12 @@ UPLOAD_SLOTS = 16
 Deliver = Callable[[bytes, bytes], Awaitable[None]]  # (chunk id, verified bytes)
 
 
-def parse_peer(text: str) -> tuple[str, int]:
+def parse_peer(text: str, *, listen: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too); a listen address may use port 0 (any free port)."""
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise P2PNodeError(f"peer {text!r} is not HOST:PORT", fix="write peers as 10.0.0.5:6881")
+    low = 0 if listen else 1
+    if not host or not port.isdigit() or not low <= int(port) < 65536:
+        raise UsageError(f"{text!r} is not HOST:PORT", fix="write addresses as 10.0.0.5:6881")
     return host.strip("[]"), int(port)
 
 

@@ -1,0 +1,165 @@
+"""Installs through the swarm: separate processes over loopback, CDN fallback, seeds dying."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from p2pnode import keys
+from p2pnode.identity import NodeIdentity
+from p2pnode.install import InstallOptions, install, local_chunks
+from p2pnode.localcdn import LocalCDN
+from p2pnode.publish import publish
+from p2pnode.state import StateDir
+from p2pnode.swarm import wire as W
+from p2pnode.swarm.node import SwarmNode
+from p2pnode.swarm.peer import PeerSession
+
+from .test_install import KEY, TRUST, make_release, tree
+
+PUB = keys.format_public_key(keys.public_key_bytes(KEY))
+
+
+def node_cmd(*args: str, home: Path) -> list[str]:
+    return [sys.executable, "-m", "p2pnode", *args]
+
+
+def env_for(home: Path) -> dict[str, str]:
+    # Each process is its own node: its own identity under its own data dir.
+    return {**os.environ, "XDG_DATA_HOME": str(home)}
+
+
+def start_serving(cmd: list[str], home: Path) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for(home)
+    )
+    assert proc.stdout is not None
+    line = json.loads(proc.stdout.readline() or "{}")
+    assert line, proc.stderr.read() if proc.stderr else ""
+    return proc, int(line.get("port", 0))
+
+
+def test_processes_fetch_from_a_seed_and_from_each_other(tmp_path: Path) -> None:
+    src, cdn_root = tmp_path / "src", tmp_path / "cdn"
+    make_release(src, big=16 << 20)
+    p = publish(src, app="game", version="1", build=1, key=KEY, out=cdn_root)
+    unique = sum(p.manifest.unique_chunks().values())
+    procs: list[subprocess.Popen[str]] = []
+    with LocalCDN(cdn_root) as cdn:
+        url = cdn.url + p.manifest_path
+        seed_dir = tmp_path / "seed"
+        trio.run(install, url, seed_dir, [keys.public_key_bytes(KEY)], InstallOptions())
+        try:
+            seed, seed_port = start_serving(
+                node_cmd(
+                    "seed",
+                    "--dest",
+                    str(seed_dir),
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--json",
+                    home=tmp_path / "h0",
+                ),
+                tmp_path / "h0",
+            )
+            procs.append(seed)
+            sent_before = cdn.bytes_sent("/game/1/files/")
+            # Leecher 1 from the seed, then keeps seeding on its own port.
+            l1 = subprocess.Popen(
+                node_cmd(
+                    "install",
+                    url,
+                    "--dest",
+                    str(tmp_path / "l1"),
+                    "--trust",
+                    PUB,
+                    "--peer",
+                    f"127.0.0.1:{seed_port}",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--seed",
+                    "--json",
+                    home=tmp_path / "h1",
+                ),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env_for(tmp_path / "h1"),
+            )
+            procs.append(l1)
+            assert l1.stdout is not None
+            first = json.loads(l1.stdout.readline() or "{}")
+            assert first.get("event") == "installed", l1.stderr.read() if l1.stderr else ""
+            assert first["bytes_peers"] == unique and first["bytes_cdn"] == 0
+            l1_port = int(first["listen_port"])
+            # Leecher 2 knows only leecher 1.
+            out = subprocess.run(
+                node_cmd(
+                    "install",
+                    url,
+                    "--dest",
+                    str(tmp_path / "l2"),
+                    "--trust",
+                    PUB,
+                    "--peer",
+                    f"127.0.0.1:{l1_port}",
+                    "--json",
+                    home=tmp_path / "h2",
+                ),
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env_for(tmp_path / "h2"),
+            )
+            assert out.returncode == 0, out.stderr
+            r2 = json.loads(out.stdout)
+            assert r2["bytes_peers"] == unique and r2["bytes_cdn"] == 0
+            assert cdn.bytes_sent("/game/1/files/") == sent_before  # no file byte from the CDN
+            for d in ("l1", "l2"):
+                assert tree(tmp_path / d) == tree(src)
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+class DyingSeed(SwarmNode):
+    """Serves a few pieces, then drops every connection, as a seed that crashes."""
+
+    served = 0
+
+    async def _answer(self, s: PeerSession, req: W.Request) -> bytes:
+        DyingSeed.served += 1
+        if DyingSeed.served > 6:  # after the first full pipeline went out
+            raise trio.BrokenResourceError("the seed died")
+        return await super()._answer(s, req)
+
+
+async def test_when_the_only_seed_dies_the_cdn_finishes(tmp_path: Path) -> None:
+    src, cdn_root = tmp_path / "src", tmp_path / "cdn"
+    make_release(src, big=12 << 20)
+    p = publish(src, app="game", version="1", build=1, key=KEY, out=cdn_root)
+    seed_dir = tmp_path / "seed"
+    await install(str(cdn_root / p.manifest_path), seed_dir, TRUST, InstallOptions())
+    sd = StateDir(seed_dir)
+    seed = DyingSeed(NodeIdentity(keys.generate_key()), local_chunks(sd, sd.load()))
+    seed.offer(p.manifest)
+    with LocalCDN(cdn_root) as cdn:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(seed.serve, "127.0.0.1", 0)
+            options = InstallOptions(peers=[f"127.0.0.1:{port}"], identity_dir=tmp_path / "id")
+            r = await install(cdn.url + p.manifest_path, tmp_path / "leech", TRUST, options)
+            nursery.cancel_scope.cancel()
+    assert tree(tmp_path / "leech") == tree(src)
+    assert r.bytes_peers > 0 and r.bytes_cdn > 0
+    unique = sum(p.manifest.unique_chunks().values())
+    assert r.bytes_peers + r.bytes_cdn <= unique * 1.05 + 65536
