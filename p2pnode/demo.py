@@ -1,14 +1,13 @@
 """The README's main job: a whole release cycle on loopback, printing what came from where.
 
 A tracker (its own process, as in production) and a real nginx (the CDN) start on loopback. A
-sample game is published through the tracker with the CDN as its mirror; a node resolves the
-stable channel through the tracker and installs over HTTP, then learns of build 2 from the
-tracker's update feed and updates, fetching only new chunks. It verifies, repairs a flipped byte,
-and, with nginx stopped, rolls back offline. Each install is announced to the tracker, and the
-demo ends with the dashboard's URL and the CDN offload it shows.
-
-The swarm (peer-to-peer transfer) is not in this demo yet: every byte comes from the CDN or from
-the node's own disk, which is why the offload is 0% today.
+sample game is published through the tracker with the CDN as its mirror. An origin seed box
+installs it from the CDN and seeds it; three leechers ask the tracker for peers, find the seed
+(and each other) in its announce answers, and install over the encrypted swarm, serving what
+they hold while they download, with the CDN for anything the swarm cannot give. One of them then
+learns of build 2 from the tracker's update feed and updates (only new chunks), verifies,
+repairs a flipped byte and, with nginx stopped, rolls back offline. Every install is announced
+to the tracker; the demo ends with the dashboard's URL and the CDN offload it shows.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import shutil
 import signal
 import tempfile
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,11 @@ import httpx
 import trio
 
 from . import keys
+from . import manifest as M
+from .identity import load_or_create
 from .install import InstallOptions, InstallResult, install, rollback
-from .localcdn import LocalCDN
+from .install import seed as serve_seed
+from .localcdn import LocalCDN, free_port
 from .localtracker import LocalTracker
 from .publish import publish
 from .tracker_client import TrackerClient
@@ -65,6 +68,7 @@ def _change_one_region(path: Path, seed: int) -> None:
 def _row(step: str, r: InstallResult | None, seconds: float, note: str = "") -> dict[str, Any]:
     return {
         "step": step,
+        "bytes_peers": r.bytes_peers if r else 0,
         "bytes_cdn": r.bytes_cdn if r else 0,
         "bytes_reused": r.bytes_reused if r else 0,
         "seconds": round(seconds, 2),
@@ -72,31 +76,38 @@ def _row(step: str, r: InstallResult | None, seconds: float, note: str = "") -> 
     }
 
 
-async def _announce(tracker: TrackerClient, node_key: Any, r: InstallResult) -> None:
+async def _announce(tracker: TrackerClient, node_key: Any, r: InstallResult, port: int) -> None:
     m = r.manifest
     await tracker.announce(
         node_key,
         app=m.app,
         manifest_id=m.id,
-        port=6881,
+        port=port,
         event="completed",
         size=m.total_size,
         left=0,
         from_cdn=r.bytes_cdn,
-        from_peers=0,
+        from_peers=r.bytes_peers,
     )
+
+
+LEECHERS = 3
 
 
 async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     publisher = keys.generate_key()
-    node_key = keys.generate_key()  # the node's identity, as the tracker sees it
     trust = [keys.public_key_bytes(publisher)]
-    src, cdn_dir, dest = work / "release", work / "cdn", work / "install"
+    src, cdn_dir = work / "release", work / "cdn"
+    dest = work / "node-1"  # the leecher that then goes on through update, repair, rollback
+    node_key = load_or_create(work / "ids" / "node-1").key  # its identity, as peers see it
+    ports: dict[str, int] = {}
     admin = secrets.token_hex(16)
     _make_release(src, 1)
     cdn_dir.mkdir()
-    with LocalTracker(work / "tracker", admin) as tracker_url, LocalCDN(cdn_dir) as cdn:
+    async with AsyncExitStack() as stack:
+        tracker_url = stack.enter_context(LocalTracker(work / "tracker", admin))
+        cdn = stack.enter_context(LocalCDN(cdn_dir))
         say(f"tracker at {tracker_url}, nginx serving {cdn_dir} at {cdn.url}")
         async with TrackerClient(tracker_url, token=admin) as tracker:
             await tracker.add_app(APP, keys.public_key_bytes(publisher))
@@ -138,13 +149,66 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
                     InstallOptions(),
                     manifest_data=data,
                 )
-                await _announce(tracker, node_key, r)
+                await _announce(tracker, node_key, r, ports["node-1"])
                 rows.append(_row(step, r, time.monotonic() - t, note))
                 return r
 
+            async def swarm_install(name: str, data: bytes, manifest_id: bytes, size: int) -> None:
+                """A leecher: asks the tracker for peers, installs from them (CDN for the rest)
+                while serving what it has, and reports where its bytes came from."""
+                me = load_or_create(work / "ids" / name)
+                port = ports[name] = free_port()
+                t = time.monotonic()
+                answer = await tracker.announce(
+                    me.key,
+                    app=APP,
+                    manifest_id=manifest_id,
+                    port=port,
+                    event="started",
+                    size=size,
+                    left=size,
+                )
+                peers = [f"{p.ip}:{p.port}" for p in answer.peers if p.port]
+                options = InstallOptions(
+                    peers=peers, listen=f"127.0.0.1:{port}", identity_dir=work / "ids" / name
+                )
+                r = await install(
+                    f"{tracker_url} ({APP}/stable)", work / name, trust, options, manifest_data=data
+                )
+                await _announce(tracker, me.key, r, port)
+                rows.append(
+                    _row(
+                        f"{name}: install build 1",
+                        r,
+                        time.monotonic() - t,
+                        f"{len(peers)} peers from the tracker",
+                    )
+                )
+
             await publish_build("1.0.0", 1)
-            await install_head("install build 1", 0, "channel resolved by the tracker")
-            seq = (await tracker.latest(APP, "stable")).seq  # type: ignore[union-attr]
+            head = await tracker.latest(APP, "stable")
+            assert head is not None
+            seq = head.seq
+            data1 = await tracker.fetch_manifest(head.manifest_id)
+            size1 = M.parse_signed(data1).manifest.total_size
+            # The origin seed box installs from the CDN, then seeds; three leechers find it
+            # (and each other) through the tracker's announces.
+            seed_dir, seed_ids = work / "origin-seed", work / "ids" / "origin-seed"
+            t = time.monotonic()
+            r = await install(
+                f"{tracker_url} ({APP}/stable)",
+                seed_dir,
+                trust,
+                InstallOptions(),
+                manifest_data=data1,
+            )
+            rows.append(_row("origin seed: install build 1", r, time.monotonic() - t, "CDN"))
+            seed_nursery = await stack.enter_async_context(trio.open_nursery())
+            seed_port = await seed_nursery.start(serve_seed, seed_dir, "127.0.0.1:0", seed_ids)
+            await _announce(tracker, load_or_create(seed_ids).key, r, seed_port)
+            async with trio.open_nursery() as leechers:
+                for k in range(1, LEECHERS + 1):
+                    leechers.start_soon(swarm_install, f"node-{k}", data1, head.manifest_id, size1)
 
             # Build 2 changes one region of the largest file; the node hears of it by long-poll.
             _change_one_region(src / "data" / "levels.pak", 2)
@@ -201,8 +265,11 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     break
-        release: dict[str, Any] = next((x for x in stats["releases"] if x["build"] == 2), {})
+        release: dict[str, Any] = next((x for x in stats["releases"] if x["build"] == 1), {})
         offload = float(release.get("offload_ratio") or 0.0)
+        # Last, with no checkpoint after it: cancelling the seed's nursery cancels everything
+        # inside it, and this code runs inside it.
+        seed_nursery.cancel_scope.cancel()
         return {
             "workdir": str(work),
             "steps": rows,
@@ -231,8 +298,8 @@ def run_demo(
         _print_table(result["steps"])
         print(f"dashboard (while the demo ran; --keep keeps it up): {result['dashboard']}")
         print(
-            f"CDN offload the tracker shows for build 2: {result['offload_ratio']:.0%} "
-            "(no swarm in this demo yet: every byte came from the CDN or local disk)"
+            f"CDN offload the tracker shows for build 1: {result['offload_ratio']:.0%} "
+            "(bytes from peers / all bytes the nodes fetched)"
         )
     return result
 
@@ -242,12 +309,13 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title="p2pnode demo: where the bytes came from")
-    for col in ("step", "from CDN", "reused locally", "seconds", "note"):
-        right = col in ("from CDN", "reused locally", "seconds")
+    for col in ("step", "from peers", "from CDN", "reused locally", "seconds", "note"):
+        right = col in ("from peers", "from CDN", "reused locally", "seconds")
         table.add_column(col, justify="right" if right else "left")
     for row in rows:
         table.add_row(
             row["step"],
+            format_bytes(row["bytes_peers"]),
             format_bytes(row["bytes_cdn"]),
             format_bytes(row["bytes_reused"]),
             f"{row['seconds']:.2f}",

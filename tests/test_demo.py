@@ -17,7 +17,11 @@ def test_demo_runs_and_reports_where_bytes_came_from() -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     steps = {s["step"]: s for s in out["steps"]}
-    assert steps["install build 1"]["bytes_cdn"] > 40 << 20
+    assert steps["origin seed: install build 1"]["bytes_cdn"] > 40 << 20
+    for k in (1, 2, 3):  # the leechers found the seed through the tracker: no CDN bytes
+        leecher = steps[f"node-{k}: install build 1"]
+        assert leecher["bytes_peers"] > 40 << 20 and leecher["bytes_cdn"] == 0
+    assert out["offload_ratio"] > 0.5
     update = steps["update to build 2"]
     assert update["bytes_cdn"] < 4 << 20 < update["bytes_reused"]  # a delta
     assert steps["verify"]["note"] == "OK"
