@@ -46,6 +46,8 @@ REQUEST_TIMEOUT = 10.0
 PIPELINE = 4
 MAX_BAD_CHUNKS = 2
 UPLOAD_SLOTS = 16
+#: Peers served at once; more are refused at accept (a flood of connections costs nothing).
+MAX_CONNECTIONS = 64
 
 Deliver = Callable[[bytes, bytes], Awaitable[None]]  # (chunk id, verified bytes)
 
@@ -108,10 +110,24 @@ class _Fetch:
 
 
 class SwarmNode:
-    def __init__(self, identity: NodeIdentity, local: LocalChunks, listen_port: int = 0) -> None:
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        local: LocalChunks,
+        listen_port: int = 0,
+        *,
+        idle_timeout: float = 120.0,
+        request_timeout: float = REQUEST_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.identity = identity
         self.local = local
         self.listen_port = listen_port
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self.connections = 0
+        self.refused = 0
         self.offers: dict[bytes, list[bytes]] = {}  # manifest id -> unique chunk ids
         self.manifests: dict[bytes, M.Manifest] = {}
         self.uploaded = 0
@@ -136,6 +152,11 @@ class SwarmNode:
         await trio.serve_listeners(self._serve_one, listeners)
 
     async def _serve_one(self, stream: trio.SocketStream) -> None:
+        if self.connections >= self.max_connections:
+            self.refused += 1
+            await trio.aclose_forcefully(stream)
+            return
+        self.connections += 1
         try:
             with trio.move_on_after(CONNECT_TIMEOUT) as scope:
                 tls = trio.SSLStream(stream, self._server_ctx, server_side=True)
@@ -147,12 +168,14 @@ class SwarmNode:
                 self.listen_port,
                 now=trio.current_time(),
                 expected_id=peer_node_id(tls),
+                idle_timeout=self.idle_timeout,
             )
             await tls.send_all(session.hello(trio.current_time()))
             await self._serve_loop(tls, session)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError, OSError) as exc:
             log.debug("peer connection ended: %r", exc)
         finally:
+            self.connections -= 1
             await trio.aclose_forcefully(stream)
 
     async def _serve_loop(self, tls: trio.SSLStream[trio.SocketStream], s: PeerSession) -> None:
@@ -234,6 +257,7 @@ class SwarmNode:
                 self.listen_port,
                 now=trio.current_time(),
                 expected_id=st.node_id,
+                idle_timeout=self.idle_timeout,
             )
             await tls.send_all(
                 s.hello(trio.current_time()) + s.send(W.Join(job.manifest.id), trio.current_time())
@@ -289,14 +313,14 @@ class SwarmNode:
                 with trio.move_on_after(1.0):
                     await job.changed.wait()
                 continue
-            deadline = min(s.get_timer(), now + REQUEST_TIMEOUT)
+            deadline = min(s.get_timer(), now + self.request_timeout)
             with trio.move_on_at(deadline):
                 received = await tls.receive_some(1 << 20)
                 s.receive_data(received, trio.current_time())
                 if not received:
                     raise _PeerFailed("the peer closed the connection")
-            if s.overdue(trio.current_time(), REQUEST_TIMEOUT):
-                raise _PeerFailed(f"no answer within {REQUEST_TIMEOUT:.0f}s")
+            if s.overdue(trio.current_time(), self.request_timeout):
+                raise _PeerFailed(f"no answer within {self.request_timeout:g}s")
             keepalive = s.handle_timer(trio.current_time())
             if keepalive:
                 await tls.send_all(keepalive)

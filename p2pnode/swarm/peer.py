@@ -58,6 +58,7 @@ class PeerSession:
     listen_port: int
     now: float
     expected_id: bytes | None = None
+    idle_timeout: float = IDLE_TIMEOUT
     state: SessionState = SessionState.HANDSHAKE
     peer: W.Hello | None = None
     am_choking: bool = True  # we reject their requests
@@ -183,14 +184,14 @@ class PeerSession:
 
     def get_timer(self) -> float:
         """When :meth:`handle_timer` must next run."""
-        return min(self._last_sent + KEEPALIVE_AFTER, self._last_received + IDLE_TIMEOUT)
+        return min(self._last_sent + KEEPALIVE_AFTER, self._last_received + self.idle_timeout)
 
     def handle_timer(self, now: float) -> bytes:
         """Bytes to send now (a keepalive, or nothing). Raises if the peer went silent."""
         if self.state is SessionState.CLOSED:
             return b""
-        if now >= self._last_received + IDLE_TIMEOUT:
-            raise self._fail(f"the peer was silent for {IDLE_TIMEOUT:.0f}s")
+        if now >= self._last_received + self.idle_timeout:
+            raise self._fail(f"the peer was silent for {self.idle_timeout:.0f}s")
         if now >= self._last_sent + KEEPALIVE_AFTER and self.state is SessionState.OPEN:
             return self.send(W.Keepalive(), now)
         return b""
