@@ -406,7 +406,7 @@ def main() -> None:
     ap.add_argument("--leecher-down", type=_rate_arg, default=100e6, help="Mbit/s (default 100)")
     ap.add_argument("--origin-up", type=_rate_arg, default=100e6, help="Mbit/s (default 100)")
     ap.add_argument("--origin-down", type=_rate_arg, default=None, help="Mbit/s (default none)")
-    ap.add_argument("--check-window", type=float, default=1.2, help="seconds per shaping flow")
+    ap.add_argument("--check-window", type=float, default=2.0, help="seconds per shaping flow")
     ap.add_argument("--skip-cdn", action="store_true", help="no CDN-only run")
     ap.add_argument("--workdir", type=Path)
     args = ap.parse_args()
