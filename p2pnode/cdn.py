@@ -187,6 +187,7 @@ class CDNFetcher:
         options: CDNOptions | None = None,
         client: httpx.AsyncClient | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         if not mirrors:
             raise CDNError("no mirror to fetch from", fix="pass --mirror BASE_URL")
@@ -197,6 +198,7 @@ class CDNFetcher:
         self.options = options or CDNOptions()
         self._client = client
         self._on_bytes = on_bytes
+        self._shared_limiter = limiter  # a node-wide download cap shared with the swarm
         self._changed = trio.Event()
         self._etags: dict[tuple[int, str], str] = {}
 
@@ -242,7 +244,7 @@ class CDNFetcher:
             now=start,
             rng=rng,
         )
-        self._limiter = RateLimiter(o.max_download_rate)
+        self._limiter = self._shared_limiter or RateLimiter(o.max_download_rate)
         self.stats = FetchStats(per_mirror={m: MirrorStats() for m in self.mirrors})
         self._deliver = deliver
         self._etags.clear()

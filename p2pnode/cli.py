@@ -46,7 +46,13 @@ def _install_options(args: argparse.Namespace, **extra: Any) -> Any:
         raise UsageError("--connections must be between 1 and 64")
     swarm = {}
     if hasattr(args, "peer"):
-        swarm = dict(peers=args.peer or (), listen=args.listen, seed=args.seed, policy=args.policy)
+        swarm = dict(
+            peers=args.peer or (),
+            listen=args.listen,
+            seed=args.seed,
+            policy=args.policy,
+            max_upload_rate=parse_rate(args.max_upload_rate) if args.max_upload_rate else None,
+        )
     return InstallOptions(
         mirrors=args.mirror or (),
         connections=args.connections,
@@ -250,7 +256,8 @@ def cmd_seed(args: argparse.Namespace) -> dict[str, Any]:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(seed, Path(args.dest), args.listen)
+            rate = parse_rate(args.max_upload_rate) if args.max_upload_rate else None
+            port = await nursery.start(seed, Path(args.dest), args.listen, None, rate)
             if args.json:
                 print(json.dumps({"event": "listening", "port": port}), flush=True)
             else:
@@ -435,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--policy", choices=("p2p-first", "cdn-only", "p2p-only"), default="p2p-first"
         )
+        p.add_argument("--max-upload-rate", metavar="RATE", help="cap on serving peers (40M)")
         p.add_argument(
             "--trust",
             action="append",
@@ -458,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("seed", parents=[common], help="serve an installed release to peers")
     p.add_argument("--dest", required=True, metavar="DIR")
     p.add_argument("--listen", required=True, metavar="HOST:PORT")
+    p.add_argument("--max-upload-rate", metavar="RATE", help="cap in bytes/s (K/M/G)")
     p.set_defaults(func=cmd_seed)
 
     p = sub.add_parser("rollback", parents=[common], help="go back to the previous version")

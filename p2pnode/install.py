@@ -55,6 +55,7 @@ from .errors import (
 )
 from .fsutil import exchange, fsync_dir
 from .progress import NullProgress, Progress
+from .ratelimit import RateLimiter
 from .stage import Journal, LocalChunks, Stage, read_verified
 from .state import InstallState, StateDir
 from .store import ChunkStore
@@ -73,7 +74,8 @@ __all__ = [
 class InstallOptions:
     mirrors: Sequence[str] = ()  # explicit mirror roots; else derived (see resolve_mirrors)
     connections: int = 8
-    max_download_rate: int | None = None
+    max_download_rate: int | None = None  # bytes/s from the CDN and peers together
+    max_upload_rate: int | None = None  # bytes/s served to peers
     keep_versions: int = 2  # earlier versions kept for rollback
     require_installed: bool = False  # `update` refuses to do a fresh install
     now: float | None = None  # for tests of expiry
@@ -81,10 +83,13 @@ class InstallOptions:
     listen: str | None = None  # HOST:PORT to serve verified chunks on while installing
     seed: bool = False  # keep serving after the install, until cancelled
     policy: str = "p2p-first"  # p2p-first | cdn-only | p2p-only
+    limiter: RateLimiter | None = None  # the download cap, shared (made from the rate)
     identity_dir: Path | None = None  # where the node key lives (default: user data dir)
     on_ready: Callable[[Any], None] | None = None  # with seed: called once the install is done
 
     def __post_init__(self) -> None:
+        if self.limiter is None:
+            self.limiter = RateLimiter(self.max_download_rate)
         if self.policy not in POLICIES:
             raise UsageError(
                 f"unknown policy {self.policy!r}", fix=f"use one of {', '.join(POLICIES)}"
@@ -370,7 +375,12 @@ async def open_swarm(
 
     peers = [parse_peer(p) for p in options.peers]
     identity = await trio.to_thread.run_sync(load_or_create, options.identity_dir)
-    node = SwarmNode(identity, local_chunks(sd, state))
+    node = SwarmNode(
+        identity,
+        local_chunks(sd, state),
+        upload_limiter=RateLimiter(options.max_upload_rate),
+        download_limiter=options.limiter,
+    )
     node.offer(manifest)
     for mid in [state.current, *state.history]:
         if mid:
@@ -387,6 +397,7 @@ async def seed(
     dest: Path,
     listen: str,
     identity_dir: Path | None = None,
+    max_upload_rate: int | None = None,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -403,7 +414,7 @@ async def seed(
     if not sd.exists:
         raise NotInstalledError(f"nothing is installed in {dest}")
     identity = await trio.to_thread.run_sync(load_or_create, identity_dir)
-    node = SwarmNode(identity, LocalChunks())
+    node = SwarmNode(identity, LocalChunks(), upload_limiter=RateLimiter(max_upload_rate))
 
     def refresh() -> None:
         state = sd.load()
@@ -623,6 +634,7 @@ async def _fetch(
             connections=options.connections, max_download_rate=options.max_download_rate
         ),
         on_bytes=on_bytes,
+        limiter=options.limiter,
     )
     stats = await fetcher.fetch(requests, deliver)
     result.bytes_cdn += stats.bytes_received

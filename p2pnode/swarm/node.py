@@ -32,6 +32,7 @@ from .. import manifest as M
 from ..chunker import hash_chunk
 from ..errors import ProtocolError, UsageError
 from ..identity import NodeIdentity, client_context, peer_node_id, server_context
+from ..ratelimit import RateLimiter
 from ..stage import LocalChunks
 from . import wire as W
 from .peer import PeerSession
@@ -119,6 +120,8 @@ class SwarmNode:
         idle_timeout: float = 120.0,
         request_timeout: float = REQUEST_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        upload_limiter: RateLimiter | None = None,
+        download_limiter: RateLimiter | None = None,
     ) -> None:
         self.identity = identity
         self.local = local
@@ -128,6 +131,8 @@ class SwarmNode:
         self.max_connections = max_connections
         self.connections = 0
         self.refused = 0
+        self.upload_limiter = upload_limiter or RateLimiter(None)
+        self.download_limiter = download_limiter or RateLimiter(None)
         self.offers: dict[bytes, list[bytes]] = {}  # manifest id -> unique chunk ids
         self.manifests: dict[bytes, M.Manifest] = {}
         self.uploaded = 0
@@ -214,6 +219,7 @@ class SwarmNode:
         now = trio.current_time()
         if data is None:
             return s.send(W.Reject(req.manifest, req.index, req.rid, b"unavailable"), now)
+        await self.upload_limiter.acquire(len(data))
         self.uploaded += len(data)
         assert ids is not None
         return s.send(W.Piece(req.manifest, req.index, req.rid, ids[req.index], data), now)
@@ -319,6 +325,7 @@ class SwarmNode:
                 s.receive_data(received, trio.current_time())
                 if not received:
                     raise _PeerFailed("the peer closed the connection")
+                await self.download_limiter.acquire(len(received))
             if s.overdue(trio.current_time(), self.request_timeout):
                 raise _PeerFailed(f"no answer within {self.request_timeout:g}s")
             keepalive = s.handle_timer(trio.current_time())
