@@ -35,6 +35,7 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -56,6 +57,7 @@ from p2pnode.localcdn import LocalCDN  # noqa: E402
 from p2pnode.publish import publish  # noqa: E402
 
 MiB = 1 << 20
+SWARM_PORT = 6881
 CDN_PORT = 8080
 #: A shaping measurement passes when measured/expected lies in this range. TCP goodput over a
 #: tbf-capped link is ~0.95 of the cap (tbf counts frame headers); below 0.85 something else
@@ -342,25 +344,111 @@ def run_cdn_only(lab: netlab.Lab, release: Release, work: Path, timeout: float) 
 # Flip SWARM_IMPLEMENTED to True when run_swarm below is real; main() then calls it, right
 # after the CDN-only run, on the same lab, and reports ratio_to_bound = slowest_s / bound_s and
 # origin_upload_x = origin_tx_bytes / release size from its result.
-SWARM_IMPLEMENTED = False
+SWARM_IMPLEMENTED = True
 
 
 def run_swarm(lab: netlab.Lab, release: Release, work: Path, timeout: float) -> RunResult:
     """Distribute ``release`` over the swarm: the origin seeds, every leecher installs at once.
 
-    Contract (what main() relies on):
-      * ``lab.hosts[0]`` is the origin; it serves the release from an install of its own (e.g.
-        ``p2pnode seed --dest DIR --listen <ip>:PORT``) and nothing else uploads from it: no
-        nginx in the origin namespace during this run, or its bytes count as origin upload.
-      * every other host runs ``p2pnode install <manifest> --listen <ip>:PORT --peer ...``
-        (policy ``p2p-only``, or ``p2p-first`` with a CDN that is *not* on the origin, so the
-        origin's counters stay the origin's), started together, each bounded by ``timeout``;
-      * returns each leecher's wall seconds to a complete, verified install, the origin's
-        ``eth0`` tx byte delta over the run (:meth:`netlab.Host.counters`), each leecher's rx
-        delta, and in ``details`` at least each leecher's ``bytes_peers`` and ``bytes_cdn``.
-      * starts its processes with ``Host.start`` so the lab's teardown stops them on any error.
+    The origin installs the release from the published files on disk (no network), then runs
+    ``p2pnode seed`` in its namespace; nothing else uploads from it. Every leecher runs
+    ``p2pnode install --policy p2p-only`` with the origin and every other leecher as peers and
+    serves on its own address while it downloads. Each host is its own node (its own identity
+    under its own data dir).
     """
-    raise NotImplementedError("the swarm run is not written yet (issue 4 item 9)")
+    origin, leechers = lab.hosts[0], lab.hosts[1:]
+    manifest = str(release.cdn_dir / release.manifest_path)
+    origin_dest = work / "swarm" / "origin" / "install"
+    origin_dest.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "p2pnode",
+            "install",
+            manifest,
+            "--dest",
+            str(origin_dest),
+            "--trust",
+            release.pub,
+            "--json",
+            "-q",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=str(REPO),
+        env=_python_env(),
+    )
+
+    def env_of(name: str) -> dict[str, str]:
+        env = _python_env()
+        env["XDG_DATA_HOME"] = str(work / "swarm" / name / "data")
+        return env
+
+    seed = origin.start(
+        [
+            sys.executable,
+            "-m",
+            "p2pnode",
+            "seed",
+            "--dest",
+            str(origin_dest),
+            "--listen",
+            f"{origin.ip}:{SWARM_PORT}",
+            "--json",
+        ],
+        name="seed",
+        cwd=str(REPO),
+        env=env_of("origin"),
+    )
+    deadline = time.monotonic() + 20
+    while "listening" not in seed.stdout():
+        if seed.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the origin's seed did not start: {seed.stderr()[-600:]}")
+        time.sleep(0.05)
+    try:
+        before = {h.name: h.counters() for h in lab.hosts}
+        procs: dict[str, netlab.HostProcess] = {}
+        for h in leechers:
+            dest = work / "swarm" / h.name / "install"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            peers = [f"{x.ip}:{SWARM_PORT}" for x in lab.hosts if x is not h]
+            cmd = [
+                sys.executable,
+                "-m",
+                "p2pnode",
+                "install",
+                manifest,
+                "--dest",
+                str(dest),
+                "--trust",
+                release.pub,
+                "--listen",
+                f"{h.ip}:{SWARM_PORT}",
+                "--policy",
+                "p2p-only",
+                "--json",
+                "-q",
+            ]
+            for p in peers:
+                cmd += ["--peer", p]
+            procs[h.name] = h.start(cmd, name="install", cwd=str(REPO), env=env_of(h.name))
+        seconds = _wait_all(procs, timeout)
+        after = {h.name: h.counters() for h in lab.hosts}
+        results = {
+            name: json.loads(p.stdout().strip().splitlines()[-1]) for name, p in procs.items()
+        }
+    finally:
+        seed.stop()
+    return RunResult(
+        leecher_s=seconds,
+        origin_tx_bytes=(after["origin"] - before["origin"]).tx_bytes,
+        leecher_rx_bytes={h.name: (after[h.name] - before[h.name]).rx_bytes for h in leechers},
+        details={
+            "bytes_peers": {n: int(r["bytes_peers"]) for n, r in results.items()},
+            "bytes_cdn": {n: int(r["bytes_cdn"]) for n, r in results.items()},
+        },
+    )
 
 
 # ============================ END SWARM RUN =================================================
