@@ -479,6 +479,8 @@ async def _apply(
         def on_chunk(cid: bytes) -> None:  # serve what just landed, while still installing
             for path, offset, length in stage.locations[cid]:
                 serving.add(cid, stage.root / path, offset, length)
+            # Runs in a writer thread: tell connected peers from the trio thread.
+            trio.from_thread.run_sync(swarm.node.have, cid)
 
     await assemble(
         stage, journal, local, mirrors, options, progress, result, sd.root, on_chunk, swarm

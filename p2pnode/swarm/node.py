@@ -23,6 +23,7 @@ Every network wait is bounded by a cancel scope.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -42,9 +43,13 @@ __all__ = ["PeerStats", "SwarmNode", "parse_peer"]
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+CONNECT_ATTEMPTS = 4  # over ~3 s of backoff
 #: A request unanswered this long (a stalled or slow-dripping peer) drops the peer.
 REQUEST_TIMEOUT = 10.0
 PIPELINE = 4
+#: No chunk from any peer for this long: give the rest to the CDN (p2p-first's deadline).
+STALL_TIMEOUT = 15.0
+WATCH_INTERVAL = 0.25
 MAX_BAD_CHUNKS = 2
 UPLOAD_SLOTS = 16
 #: Peers served at once; more are refused at accept (a flood of connections costs nothing).
@@ -90,24 +95,69 @@ class _Fetch:
     done: set[int] = field(default_factory=set)
     availability: dict[str, bytes] = field(default_factory=dict)  # peer -> bitfield
     changed: trio.Event = field(default_factory=trio.Event)
+    finished: trio.CancelScope | None = None
+    connecting: int = 0  # peers that have not shown a bitfield yet
+    shown: set[str] = field(default_factory=set)
+
+    def shown_by(self, peer: str) -> None:
+        """The peer showed its bitfield, or its task ended: it is no longer connecting."""
+        if peer not in self.shown:
+            self.shown.add(peer)
+            self.connecting -= 1
 
     def has(self, peer: str, index: int) -> bool:
         bits = self.availability.get(peer, b"")
         return index >> 3 < len(bits) and bool(bits[index >> 3] & (0x80 >> (index & 7)))
 
     def next_for(self, peer: str) -> int | None:
-        """The rarest unclaimed chunk this peer has."""
-        best, best_count = None, 1 << 30
+        """The rarest unclaimed chunk this peer has; ties broken at random, so that leechers
+        starting together fetch different chunks and can then trade them."""
+        best: list[int] = []
+        best_count = 1 << 30
         for i in self.wanted - self.claimed - self.done:
             if self.has(peer, i):
                 count = sum(1 for p in self.availability if self.has(p, i))
                 if count < best_count:
-                    best, best_count = i, count
-        return best
+                    best, best_count = [i], count
+                elif count == best_count:
+                    best.append(i)
+        return random.choice(best) if best else None
 
     def notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+
+class _Link:
+    """One live connection: its session, the swarms it is in, and a writer task's queue.
+
+    Everything sent goes through the queue, so ``have`` messages can be pushed from outside the
+    connection's own loop; haves are dropped when a slow peer's queue is full (it will ask).
+    """
+
+    def __init__(self, tls: trio.SSLStream[trio.SocketStream], session: PeerSession) -> None:
+        self.tls = tls
+        self.session = session
+        self.manifests: set[bytes] = set()
+        self.out, self._out = trio.open_memory_channel[bytes](LINK_QUEUE)
+
+    async def writer(self) -> None:
+        async for data in self._out:
+            await self.tls.send_all(data)
+
+    async def send(self, data: bytes) -> None:
+        if data:
+            await self.out.send(data)
+
+    def send_soon(self, data: bytes) -> None:
+        try:
+            self.out.send_nowait(data)
+        except trio.WouldBlock:
+            pass
+
+
+#: Frames queued per connection before haves are dropped and answers wait.
+LINK_QUEUE = 32
 
 
 class SwarmNode:
@@ -119,6 +169,7 @@ class SwarmNode:
         *,
         idle_timeout: float = 120.0,
         request_timeout: float = REQUEST_TIMEOUT,
+        stall_timeout: float = STALL_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
         upload_limiter: RateLimiter | None = None,
         download_limiter: RateLimiter | None = None,
@@ -128,13 +179,16 @@ class SwarmNode:
         self.listen_port = listen_port
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
+        self.stall_timeout = stall_timeout
         self.max_connections = max_connections
         self.connections = 0
         self.refused = 0
         self.upload_limiter = upload_limiter or RateLimiter(None)
         self.download_limiter = download_limiter or RateLimiter(None)
         self.offers: dict[bytes, list[bytes]] = {}  # manifest id -> unique chunk ids
+        self.index: dict[bytes, dict[bytes, int]] = {}  # manifest id -> chunk id -> index
         self.manifests: dict[bytes, M.Manifest] = {}
+        self.links: set[_Link] = set()
         self.uploaded = 0
         self._slots = trio.Semaphore(UPLOAD_SLOTS)
         self._server_ctx = server_context(identity)
@@ -143,6 +197,16 @@ class SwarmNode:
     def offer(self, manifest: M.Manifest) -> None:
         self.manifests[manifest.id] = manifest
         self.offers[manifest.id] = list(manifest.unique_chunks())
+        self.index[manifest.id] = {cid: i for i, cid in enumerate(self.offers[manifest.id])}
+
+    def have(self, chunk_id: bytes) -> None:
+        """A chunk just landed here: tell every connected peer in a swarm that has it."""
+        now = trio.current_time()
+        for link in list(self.links):
+            for mid in link.manifests:
+                i = self.index.get(mid, {}).get(chunk_id)
+                if i is not None and link.session.state.value == "open":
+                    link.send_soon(link.session.send(W.Have(mid, i), now))
 
     # -- serving ----------------------------------------------------------------------------
 
@@ -175,15 +239,24 @@ class SwarmNode:
                 expected_id=peer_node_id(tls),
                 idle_timeout=self.idle_timeout,
             )
+            link = _Link(tls, session)
             await tls.send_all(session.hello(trio.current_time()))
-            await self._serve_loop(tls, session)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError, OSError) as exc:
-            log.debug("peer connection ended: %r", exc)
+            self.links.add(link)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(link.writer)
+                    await self._serve_loop(link)
+                    nursery.cancel_scope.cancel()
+            finally:
+                self.links.discard(link)
+        except* _CONNECTION_ENDED as group:  # (a writer task's failure arrives grouped)
+            log.debug("peer connection ended: %r", group.exceptions[0])
         finally:
             self.connections -= 1
             await trio.aclose_forcefully(stream)
 
-    async def _serve_loop(self, tls: trio.SSLStream[trio.SocketStream], s: PeerSession) -> None:
+    async def _serve_loop(self, link: _Link) -> None:
+        tls, s = link.tls, link.session
         while True:
             with trio.move_on_at(s.get_timer()):
                 data = await tls.receive_some(1 << 20)
@@ -196,13 +269,14 @@ class SwarmNode:
                 if isinstance(ev, W.Hello):
                     out += s.send(W.Unchoke(), now)
                 elif isinstance(ev, W.Join):
+                    link.manifests.add(ev.manifest)
                     out += s.send(self._bitfield(ev.manifest), now)
                 elif isinstance(ev, W.Request):
-                    out += await self._answer(s, ev)
+                    await link.send(out)
+                    out = await self._answer(s, ev)
                 elif isinstance(ev, W.Goodbye):
                     return
-            if out:
-                await tls.send_all(out)
+            await link.send(out)
 
     def _bitfield(self, mid: bytes) -> W.Bitfield:
         manifest = self.manifests.get(mid)
@@ -239,22 +313,63 @@ class SwarmNode:
         index = {cid: i for i, cid in enumerate(ids)}
         job = _Fetch(manifest, ids, {index[c] for c in wanted if c in index}, deliver)
         stats = stats if stats is not None else {}
+        if not job.wanted:
+            return set()
         async with trio.open_nursery() as nursery:
+            job.finished = nursery.cancel_scope  # cancelled when the last chunk lands
+            job.connecting = len(peers)
             for host, port in peers:
                 addr = f"{host}:{port}"
                 stats[addr] = stats.get(addr) or PeerStats(addr)
                 nursery.start_soon(self._fetch_from, job, host, port, stats[addr])
+            nursery.start_soon(self._watch, job)
         return {ids[i] for i in job.wanted - job.done}
+
+    async def _watch(self, job: _Fetch) -> None:
+        """End the fetch when peers can give no more: no connected peer has a missing chunk
+        and none is still connecting, or nothing has arrived for ``stall_timeout`` (the rest
+        then comes from the CDN, per the install's policy)."""
+        last_done, last_progress = len(job.done), trio.current_time()
+        while True:
+            await trio.sleep(WATCH_INTERVAL)
+            now = trio.current_time()
+            if len(job.done) != last_done:
+                last_done, last_progress = len(job.done), now
+            missing = job.wanted - job.done
+            if not missing:
+                break
+            offered = job.claimed or any(
+                job.has(p, i) for p in list(job.availability) for i in missing
+            )
+            if (not offered and job.connecting == 0) or now - last_progress > self.stall_timeout:
+                break
+        assert job.finished is not None
+        job.finished.cancel()
+
+    async def _connect(self, host: str, port: int) -> trio.SSLStream[trio.SocketStream]:
+        """TLS to a peer, retried with backoff: peers of a swarm start at about the same time,
+        and one that is not listening yet should not be written off."""
+        delay = 0.2
+        for attempt in range(CONNECT_ATTEMPTS):
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    stream = await trio.open_tcp_stream(host, port)
+                    tls = trio.SSLStream(stream, self._client_ctx, server_hostname="p2pnode-peer")
+                    await tls.do_handshake()
+                return tls
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError):
+                if attempt == CONNECT_ATTEMPTS - 1:
+                    raise
+                await trio.sleep(delay * (0.5 + random.random()))
+                delay *= 2
+        raise AssertionError("unreachable")
 
     async def _fetch_from(self, job: _Fetch, host: str, port: int, st: PeerStats) -> None:
         addr = f"{host}:{port}"
         t0 = trio.current_time()
         mine: set[int] = set()
         try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                stream = await trio.open_tcp_stream(host, port)
-                tls = trio.SSLStream(stream, self._client_ctx, server_hostname="p2pnode-peer")
-                await tls.do_handshake()
+            tls = await self._connect(host, port)
             st.node_id = peer_node_id(tls)
             if st.node_id == self.identity.node_id:
                 return  # ourselves
@@ -268,33 +383,31 @@ class SwarmNode:
             await tls.send_all(
                 s.hello(trio.current_time()) + s.send(W.Join(job.manifest.id), trio.current_time())
             )
-            await self._fetch_loop(job, tls, s, addr, st, mine)
-            await tls.send_all(s.send(W.Goodbye(b"done"), trio.current_time()))
-        except (
-            trio.TooSlowError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            ProtocolError,
-            OSError,
-            _PeerFailed,
-        ) as exc:
+            link = _Link(tls, s)
+            link.manifests.add(job.manifest.id)
+            self.links.add(link)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(link.writer)
+                    await self._fetch_loop(job, link, addr, st, mine)
+                    nursery.cancel_scope.cancel()
+            finally:
+                self.links.discard(link)
+        except* (*_CONNECTION_ENDED, trio.TooSlowError, _PeerFailed) as group:
+            exc = group.exceptions[0]
             st.failures += 1
             st.error = str(exc) or type(exc).__name__
         finally:
+            job.shown_by(addr)
             job.claimed -= mine  # give back what this peer did not deliver
             job.availability.pop(addr, None)
             job.notify()
             st.seconds += trio.current_time() - t0
 
     async def _fetch_loop(
-        self,
-        job: _Fetch,
-        tls: trio.SSLStream[trio.SocketStream],
-        s: PeerSession,
-        addr: str,
-        st: PeerStats,
-        mine: set[int],
+        self, job: _Fetch, link: _Link, addr: str, st: PeerStats, mine: set[int]
     ) -> None:
+        tls, s = link.tls, link.session
         inflight: dict[int, int] = {}  # rid -> index
         while True:
             now = trio.current_time()
@@ -309,16 +422,7 @@ class SwarmNode:
                     rid, data = s.request(job.manifest.id, i, now)
                     inflight[rid] = i
                     out += data
-            if out:
-                await tls.send_all(out)
-            if not inflight and addr in job.availability and job.next_for(addr) is None:
-                left = job.wanted - job.done
-                if not any(job.has(addr, i) for i in left):
-                    return  # nothing (more) this peer can give
-                # What it has is claimed by other peers; wait in case they fail.
-                with trio.move_on_after(1.0):
-                    await job.changed.wait()
-                continue
+            await link.send(out)
             deadline = min(s.get_timer(), now + self.request_timeout)
             with trio.move_on_at(deadline):
                 received = await tls.receive_some(1 << 20)
@@ -328,14 +432,13 @@ class SwarmNode:
                 await self.download_limiter.acquire(len(received))
             if s.overdue(trio.current_time(), self.request_timeout):
                 raise _PeerFailed(f"no answer within {self.request_timeout:g}s")
-            keepalive = s.handle_timer(trio.current_time())
-            if keepalive:
-                await tls.send_all(keepalive)
+            await link.send(s.handle_timer(trio.current_time()))
             while (ev := s.next_event()) is not None:
                 if isinstance(ev, W.Bitfield) and ev.manifest == job.manifest.id:
                     if ev.count not in (0, len(job.ids)):
                         raise _PeerFailed("bitfield size does not match the manifest")
                     job.availability[addr] = bytes(ev.bits)
+                    job.shown_by(addr)
                     job.notify()
                     if ev.count == 0:
                         return  # the peer is not in this swarm
@@ -374,7 +477,13 @@ class SwarmNode:
         st.bytes += len(data)
         st.chunks += 1
         await job.deliver(expected, data)
+        if job.wanted <= job.done and job.finished is not None:
+            job.finished.cancel()  # every chunk is here: close all peer connections
 
 
 class _PeerFailed(Exception):
     """Internal: drop this peer (the reason goes to its PeerStats)."""
+
+
+#: What ends one peer's connection and nothing else.
+_CONNECTION_ENDED = (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError, OSError)
