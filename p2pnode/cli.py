@@ -52,6 +52,8 @@ def _install_options(args: argparse.Namespace, **extra: Any) -> Any:
             seed=args.seed,
             policy=args.policy,
             max_upload_rate=parse_rate(args.max_upload_rate) if args.max_upload_rate else None,
+            dht_port=args.dht_port,
+            dht_bootstrap=args.dht_bootstrap or (),
         )
     return InstallOptions(
         mirrors=args.mirror or (),
@@ -257,7 +259,17 @@ def cmd_seed(args: argparse.Namespace) -> dict[str, Any]:
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             rate = parse_rate(args.max_upload_rate) if args.max_upload_rate else None
-            port = await nursery.start(seed, Path(args.dest), args.listen, None, rate)
+            port = await nursery.start(
+                partial(
+                    seed,
+                    Path(args.dest),
+                    args.listen,
+                    None,
+                    rate,
+                    dht_port=args.dht_port,
+                    dht_bootstrap=args.dht_bootstrap or (),
+                )
+            )
             if args.json:
                 print(json.dumps({"event": "listening", "port": port}), flush=True)
             else:
@@ -367,6 +379,21 @@ class _Failed(Exception):
         self.fix = fix
 
 
+def _add_dht_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dht-port",
+        type=int,
+        metavar="UDP_PORT",
+        help="run a DHT node on this UDP port (0: any) to find and announce peers",
+    )
+    p.add_argument(
+        "--dht-bootstrap",
+        action="append",
+        metavar="HOST:PORT",
+        help="a DHT node to join through (repeatable); implies a DHT node",
+    )
+
+
 def _add_fetch_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mirror",
@@ -443,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--policy", choices=("p2p-first", "cdn-only", "p2p-only"), default="p2p-first"
         )
         p.add_argument("--max-upload-rate", metavar="RATE", help="cap on serving peers (40M)")
+        _add_dht_flags(p)
         p.add_argument(
             "--trust",
             action="append",
@@ -467,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", required=True, metavar="DIR")
     p.add_argument("--listen", required=True, metavar="HOST:PORT")
     p.add_argument("--max-upload-rate", metavar="RATE", help="cap in bytes/s (K/M/G)")
+    _add_dht_flags(p)
     p.set_defaults(func=cmd_seed)
 
     p = sub.add_parser("rollback", parents=[common], help="go back to the previous version")

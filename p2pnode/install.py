@@ -85,6 +85,8 @@ class InstallOptions:
     policy: str = "p2p-first"  # p2p-first | cdn-only | p2p-only
     limiter: RateLimiter | None = None  # the download cap, shared (made from the rate)
     identity_dir: Path | None = None  # where the node key lives (default: user data dir)
+    dht_port: int | None = None  # run a DHT node on this UDP port (0: any); None: no DHT
+    dht_bootstrap: Sequence[str] = ()  # HOST:PORT of DHT nodes to join through
     on_ready: Callable[[Any], None] | None = None  # with seed: called once the install is done
 
     def __post_init__(self) -> None:
@@ -367,7 +369,8 @@ async def open_swarm(
 ) -> AsyncIterator[Swarm | None]:
     """Our swarm node for this install (None without --peer/--listen): it serves, on
     ``options.listen``, this build's swarm and those of every kept build of the app."""
-    if not options.peers and not options.listen:
+    use_dht = options.dht_port is not None or bool(options.dht_bootstrap)
+    if not options.peers and not options.listen and not use_dht:
         yield None
         return
     from .identity import load_or_create
@@ -386,11 +389,56 @@ async def open_swarm(
         if mid:
             node.offer(sd.load_manifest(mid))
     async with trio.open_nursery() as nursery:
+        listen: tuple[str, int] | None = None
         if options.listen:
             host, port = parse_peer(options.listen, listen=True)
-            await nursery.start(node.serve, host, port)
+            listen = (host, await nursery.start(node.serve, host, port))
+        if use_dht:
+            found = await nursery.start(
+                _dht_discovery, identity, options, [manifest], listen, manifest
+            )
+            peers += [p for p in found if p not in peers]
         yield Swarm(node, peers)
         nursery.cancel_scope.cancel()
+
+
+async def _dht_discovery(
+    identity: Any,
+    options: InstallOptions,
+    announce: Sequence[M.Manifest],
+    listen: tuple[str, int] | None,
+    lookup: M.Manifest | None,
+    *,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a DHT node until cancelled: announce ``announce``'s manifests (and their apps, for
+    partial seeds of other builds) at ``listen``, and report the peers found for ``lookup``."""
+    import ipaddress
+
+    from .dht.discovery import DHTPeerSource
+    from .dht.node import DHTConfig, open_bridge, parse_hostport, serve_dht
+    from .dht.records import Topic
+    from .identity import default_identity_dir
+
+    state_dir = options.identity_dir or default_identity_dir()
+    config = DHTConfig(
+        port=options.dht_port or 0,
+        interface=listen[0] if listen else "0.0.0.0",
+        bootstrap=[parse_hostport(b) for b in options.dht_bootstrap],
+        state_path=state_dir / "dht-routing.json",
+    )
+    async with open_bridge() as bridge, trio.open_nursery() as nursery:
+        dht = await nursery.start(serve_dht, identity.key, config, bridge)
+        if listen is not None and not ipaddress.ip_address(listen[0]).is_unspecified:
+            for m in announce:  # a wildcard listen address has no address to announce
+                await dht.announce(Topic.manifest(m.id), listen[0], listen[1])
+                await dht.announce(Topic.app(m.app), listen[0], listen[1])
+        found: list[tuple[str, int]] = []
+        if lookup is not None:
+            records = await DHTPeerSource(dht).find_peers(lookup.id, lookup.app)
+            found = [r.address for r in records if r.node_id != identity.node_id]
+        task_status.started(found)
+        await trio.sleep_forever()
 
 
 async def seed(
@@ -399,6 +447,8 @@ async def seed(
     identity_dir: Path | None = None,
     max_upload_rate: int | None = None,
     *,
+    dht_port: int | None = None,
+    dht_bootstrap: Sequence[str] = (),
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the release installed in ``dest`` (and its kept earlier builds) until cancelled.
@@ -427,6 +477,18 @@ async def seed(
     host, port = parse_peer(listen, listen=True)
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(node.serve, host, port)
+        if dht_port is not None or dht_bootstrap:
+            options = InstallOptions(
+                identity_dir=identity_dir, dht_port=dht_port, dht_bootstrap=dht_bootstrap
+            )
+            await nursery.start(
+                _dht_discovery,
+                identity,
+                options,
+                list(node.manifests.values()),
+                (host, bound),
+                None,
+            )
         task_status.started(bound)
         while True:
             await trio.sleep(RESEED_SECONDS)
