@@ -150,6 +150,83 @@ async def _from_tracker(url: str, app: str, channel: str) -> tuple[str, bytes, A
     return f"{url} ({app}/{channel})", data, head
 
 
+def _listen_port(options: Any) -> int | None:
+    if not options.listen:
+        return None
+    port = int(options.listen.rpartition(":")[2] or 0)
+    return port or None
+
+
+async def _tracked_install(
+    args: argparse.Namespace, options: Any, location: str, data: bytes
+) -> Any:
+    """An install resolved through a tracker: announce, take its peers, report back.
+    Tracker trouble after the manifest is in hand costs peers and statistics, not the install."""
+    from . import manifest as M
+    from .identity import load_or_create
+    from .install import install
+    from .tracker_client import TrackerClient, TrackerError
+    from .tracking import peers_for
+
+    me = await trio.to_thread.run_sync(load_or_create, options.identity_dir)
+    port = _listen_port(options)
+    unverified = M.parse_signed(data).manifest  # names the swarm; install() verifies it
+    async with TrackerClient(args.tracker) as tracker:
+        try:
+            options.peers = [*options.peers, *await peers_for(tracker, me, unverified, port)]
+        except TrackerError as exc:
+            print(f"p2pnode: warning: no peers from the tracker: {exc}", file=sys.stderr)
+        run = partial(
+            install,
+            location,
+            Path(args.dest),
+            _trusted(args.trust),
+            options,
+            _progress(args),
+            manifest_data=data,
+        )
+        if not options.seed:
+            result = await run()
+        else:  # install, report, then keep seeding until SIGINT/SIGTERM
+            installed: list[Any] = []
+            ready = trio.Event()
+            announce_ready = options.on_ready
+
+            def on_ready(r: Any) -> None:
+                installed.append(r)
+                if announce_ready is not None:
+                    announce_ready(r)
+                ready.set()
+
+            options.on_ready = on_ready
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                await ready.wait()
+                result = installed[0]
+                await _report(tracker, me, result, port)
+                await _until_signalled()
+                nursery.cancel_scope.cancel()
+            return result
+        await _report(tracker, me, result, port)
+    return result
+
+
+async def _report(tracker: Any, me: Any, result: Any, port: int | None) -> None:
+    from .tracker_client import TrackerError
+    from .tracking import announce_completed
+
+    try:
+        await announce_completed(tracker, me, result, port)
+    except TrackerError as exc:
+        print(f"p2pnode: warning: could not report to the tracker: {exc}", file=sys.stderr)
+
+
+async def _until_signalled() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            return
+
+
 def cmd_install(args: argparse.Namespace, *, update: bool = False) -> dict[str, Any]:
     from .install import install
 
@@ -172,6 +249,7 @@ def cmd_install(args: argparse.Namespace, *, update: bool = False) -> dict[str, 
         location, data = args.manifest, None
         if args.tracker:
             location, data, _head = await _from_tracker(args.tracker, args.manifest, args.channel)
+            return await _tracked_install(args, options, location, data)
         if not options.seed:
             return await install(
                 location,
@@ -193,9 +271,7 @@ def cmd_install(args: argparse.Namespace, *, update: bool = False) -> dict[str, 
                     manifest_data=data,
                 )
             )
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    break
+            await _until_signalled()
             nursery.cancel_scope.cancel()
         return done[0] if done else None
 
@@ -274,9 +350,7 @@ def cmd_seed(args: argparse.Namespace) -> dict[str, Any]:
                 print(json.dumps({"event": "listening", "port": port}), flush=True)
             else:
                 print(f"seeding {args.dest} on port {port} (Ctrl-C to stop)", flush=True)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    break
+            await _until_signalled()
             nursery.cancel_scope.cancel()
 
     trio.run(run)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -119,3 +121,121 @@ def test_publish_through_tracker_reaches_a_watching_node(tmp_path: Path, tracker
         watcher.wait(timeout=30)
         assert tree(dest) == tree(src)
         assert 0 < int(installed["bytes_cdn"]) < (1 << 20)  # only the new file's chunks
+
+
+def test_nodes_find_each_other_through_tracker_announces(tmp_path: Path, tracker_url: str) -> None:
+    """A seeding node announces itself; the next node gets it from the tracker as a peer and
+    fetches everything from it; both report, and the tracker's offload shows it."""
+    import httpx
+
+    from p2pnode.localcdn import free_port
+
+    src, cdn_root = tmp_path / "src", tmp_path / "cdn"
+    cdn_root.mkdir()
+    make_release(src, big=4 << 20)
+    key = tmp_path / "k.pem"
+    pub = str(cli("keygen", str(key))["key"])
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tracker",
+            "app",
+            "add",
+            "game",
+            "--key",
+            pub,
+            "--url",
+            tracker_url,
+            "--admin-token",
+            ADMIN,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    with LocalCDN(cdn_root) as cdn:
+        cli(
+            "publish",
+            str(src),
+            "--app",
+            "game",
+            "--version",
+            "1",
+            "--build",
+            "1",
+            "--key",
+            str(key),
+            "--out",
+            str(cdn_root),
+            "--tracker",
+            tracker_url,
+            "--token",
+            ADMIN,
+            "--mirror",
+            cdn.url,
+        )
+        env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "home1")}
+        port1 = free_port()
+        first = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "p2pnode",
+                "install",
+                "game",
+                "--tracker",
+                tracker_url,
+                "--dest",
+                str(tmp_path / "n1"),
+                "--trust",
+                pub,
+                "--listen",
+                f"127.0.0.1:{port1}",
+                "--seed",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            assert first.stdout is not None
+            r1 = json.loads(first.stdout.readline() or "{}")
+            assert r1.get("event") == "installed", first.stderr.read() if first.stderr else ""
+            assert r1["bytes_cdn"] > 0
+            time.sleep(0.3)  # its completed announce goes out right after the install
+            env2 = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "home2")}
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "p2pnode",
+                    "install",
+                    "game",
+                    "--tracker",
+                    tracker_url,
+                    "--dest",
+                    str(tmp_path / "n2"),
+                    "--trust",
+                    pub,
+                    "--listen",
+                    f"127.0.0.1:{free_port()}",
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env2,
+            )
+            assert proc.returncode == 0, proc.stderr
+            r2 = json.loads(proc.stdout)
+            assert r2["bytes_cdn"] == 0 and r2["bytes_peers"] > 0
+            assert list(r2["peers"]) == [f"127.0.0.1:{port1}"]
+            stats = httpx.get(tracker_url + "/v1/stats").json()
+            release = next(x for x in stats["releases"] if x["build"] == 1)
+            assert 0.4 < release["offload_ratio"] < 0.6  # one node from the CDN, one from peers
+        finally:
+            first.send_signal(signal.SIGINT)
+            first.wait(timeout=10)
+        assert tree(tmp_path / "n2") == tree(src)
