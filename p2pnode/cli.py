@@ -342,6 +342,7 @@ def cmd_seed(args: argparse.Namespace) -> dict[str, Any]:
                     args.listen,
                     None,
                     rate,
+                    frugal=args.frugal,
                     dht_port=args.dht_port,
                     dht_bootstrap=args.dht_bootstrap or (),
                 )
@@ -569,6 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", required=True, metavar="DIR")
     p.add_argument("--listen", required=True, metavar="HOST:PORT")
     p.add_argument("--max-upload-rate", metavar="RATE", help="cap in bytes/s (K/M/G)")
+    p.add_argument(
+        "--no-frugal",
+        dest="frugal",
+        action="store_false",
+        help="upload chunks again even while some were never uploaded",
+    )
     _add_dht_flags(p)
     p.set_defaults(func=cmd_seed)
 

@@ -447,6 +447,7 @@ async def seed(
     identity_dir: Path | None = None,
     max_upload_rate: int | None = None,
     *,
+    frugal: bool = True,
     dht_port: int | None = None,
     dht_bootstrap: Sequence[str] = (),
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
@@ -464,7 +465,9 @@ async def seed(
     if not sd.exists:
         raise NotInstalledError(f"nothing is installed in {dest}")
     identity = await trio.to_thread.run_sync(load_or_create, identity_dir)
-    node = SwarmNode(identity, LocalChunks(), upload_limiter=RateLimiter(max_upload_rate))
+    node = SwarmNode(
+        identity, LocalChunks(), upload_limiter=RateLimiter(max_upload_rate), frugal=frugal
+    )
 
     def refresh() -> None:
         state = sd.load()

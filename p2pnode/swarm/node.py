@@ -50,6 +50,8 @@ PIPELINE = 4
 #: No chunk from any peer for this long: give the rest to the CDN (p2p-first's deadline).
 STALL_TIMEOUT = 15.0
 WATCH_INTERVAL = 0.25
+#: How long a chunk an origin refused as "frugal" is not asked of it again.
+FRUGAL_RETRY = 1.0
 MAX_BAD_CHUNKS = 2
 UPLOAD_SLOTS = 16
 #: Peers served at once; more are refused at accept (a flood of connections costs nothing).
@@ -97,6 +99,7 @@ class _Fetch:
     changed: trio.Event = field(default_factory=trio.Event)
     finished: trio.CancelScope | None = None
     connecting: int = 0  # peers that have not shown a bitfield yet
+    deferred: dict[tuple[str, int], float] = field(default_factory=dict)  # not before
     shown: set[str] = field(default_factory=set)
 
     def shown_by(self, peer: str) -> None:
@@ -109,13 +112,13 @@ class _Fetch:
         bits = self.availability.get(peer, b"")
         return index >> 3 < len(bits) and bool(bits[index >> 3] & (0x80 >> (index & 7)))
 
-    def next_for(self, peer: str) -> int | None:
+    def next_for(self, peer: str, now: float = 0.0) -> int | None:
         """The rarest unclaimed chunk this peer has; ties broken at random, so that leechers
         starting together fetch different chunks and can then trade them."""
         best: list[int] = []
         best_count = 1 << 30
         for i in self.wanted - self.claimed - self.done:
-            if self.has(peer, i):
+            if self.has(peer, i) and self.deferred.get((peer, i), 0.0) <= now:
                 count = sum(1 for p in self.availability if self.has(p, i))
                 if count < best_count:
                     best, best_count = [i], count
@@ -173,6 +176,7 @@ class SwarmNode:
         max_connections: int = MAX_CONNECTIONS,
         upload_limiter: RateLimiter | None = None,
         download_limiter: RateLimiter | None = None,
+        frugal: bool = False,
     ) -> None:
         self.identity = identity
         self.local = local
@@ -183,6 +187,9 @@ class SwarmNode:
         self.max_connections = max_connections
         self.connections = 0
         self.refused = 0
+        self.frugal = frugal
+        self._sent: dict[bytes, list[int]] = {}  # manifest id -> uploads per chunk index
+        self._unsent: dict[bytes, int] = {}  # manifest id -> chunks never uploaded
         self.upload_limiter = upload_limiter or RateLimiter(None)
         self.download_limiter = download_limiter or RateLimiter(None)
         self.offers: dict[bytes, list[bytes]] = {}  # manifest id -> unique chunk ids
@@ -284,9 +291,33 @@ class SwarmNode:
             return W.Bitfield(mid, 0, b"")  # not a swarm we take part in
         return W.Bitfield(mid, len(self.offers[mid]), self.local.availability(manifest))
 
+    def _frugal_refuses(self, mid: bytes, index: int) -> bool:
+        """Origin-frugal seeding: while some chunk of this swarm has never been uploaded,
+        refuse to upload one again. The refused leecher takes it from the peer that got it
+        (its ``have`` says so), so the origin's upload goes to chunks the swarm lacks."""
+        if not self.frugal:
+            return False
+        counts = self._sent.setdefault(mid, [0] * len(self.offers[mid]))
+        return counts[index] > 0 and self._unsent.get(mid, len(counts)) > 0
+
+    def _count_sent(self, mid: bytes, index: int) -> None:
+        if self.frugal:
+            counts = self._sent.setdefault(mid, [0] * len(self.offers[mid]))
+            if counts[index] == 0:
+                self._unsent[mid] = self._unsent.get(mid, len(counts)) - 1
+            counts[index] += 1
+
     async def _answer(self, s: PeerSession, req: W.Request) -> bytes:
         ids = self.offers.get(req.manifest)
         data = None
+        if (
+            ids is not None
+            and req.index < len(ids)
+            and self._frugal_refuses(req.manifest, req.index)
+        ):
+            return s.send(
+                W.Reject(req.manifest, req.index, req.rid, b"frugal"), trio.current_time()
+            )
         if ids is not None and req.index < len(ids) and self._slots.value > 0:
             async with self._slots:
                 data = await trio.to_thread.run_sync(self.local.read, ids[req.index])
@@ -295,6 +326,7 @@ class SwarmNode:
             return s.send(W.Reject(req.manifest, req.index, req.rid, b"unavailable"), now)
         await self.upload_limiter.acquire(len(data))
         self.uploaded += len(data)
+        self._count_sent(req.manifest, req.index)
         assert ids is not None
         return s.send(W.Piece(req.manifest, req.index, req.rid, ids[req.index], data), now)
 
@@ -414,7 +446,7 @@ class SwarmNode:
             out = b""
             if addr in job.availability and not s.peer_choking:
                 while len(inflight) < PIPELINE:
-                    i = job.next_for(addr)
+                    i = job.next_for(addr, now)
                     if i is None:
                         break
                     job.claimed.add(i)
@@ -424,6 +456,10 @@ class SwarmNode:
                     out += data
             await link.send(out)
             deadline = min(s.get_timer(), now + self.request_timeout)
+            if len(inflight) < PIPELINE:
+                # Room in the pipeline: look again soon, as claims are given back and
+                # deferrals end without anything arriving on this connection.
+                deadline = min(deadline, now + WATCH_INTERVAL)
             with trio.move_on_at(deadline):
                 received = await tls.receive_some(1 << 20)
                 s.receive_data(received, trio.current_time())
@@ -456,6 +492,9 @@ class SwarmNode:
                     i = inflight.pop(ev.rid)
                     mine.discard(i)
                     job.claimed.discard(i)
+                    if ev.reason == b"frugal":  # an origin saving upload: ask others, or later
+                        job.deferred[(addr, i)] = trio.current_time() + FRUGAL_RETRY
+                        continue
                     bits = bytearray(job.availability.get(addr, b""))
                     if i >> 3 < len(bits):  # it does not have it after all
                         bits[i >> 3] &= ~(0x80 >> (i & 7)) & 0xFF
