@@ -115,6 +115,7 @@ class InstallResult:
     manifest: M.Manifest
     previous_build: int | None
     bytes_total: int
+    previous_id: bytes | None = None  # manifest id of the build this one replaced
     bytes_cdn: int = 0  # bytes read from the CDN (including any that failed verification)
     bytes_reused: int = 0  # chunk bytes copied from local files or the store
     bytes_resumed: int = 0  # chunk bytes already staged by an interrupted run
@@ -524,7 +525,13 @@ async def _apply(
     swarm: Swarm | None = None,
 ) -> InstallResult:
     """Assemble ``manifest`` in the stage from local chunks, peers and the CDN, then switch."""
-    result = InstallResult("", manifest, current.build if current else None, manifest.total_size)
+    result = InstallResult(
+        "",
+        manifest,
+        current.build if current else None,
+        manifest.total_size,
+        previous_id=current.id if current else None,
+    )
     sd.keep_manifest(signed)  # names the stage's content (see local_chunks); harvest prunes it
     stage = Stage(sd.stage, manifest, manifest.files)
     journal = Journal(sd.journal, manifest.id)

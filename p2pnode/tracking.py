@@ -41,6 +41,16 @@ async def announce_completed(
 ) -> None:
     """Tell the tracker where this install's bytes came from, and how each peer did."""
     m = result.manifest
+    if port and result.previous_id is not None:
+        # Its earlier build is kept for rollback but no longer installed: leave that swarm's
+        # seeders (the app-wide partial-seed answers still find this node).
+        await tracker.announce(
+            me.key,
+            app=m.app,
+            manifest_id=result.previous_id,
+            port=port,
+            event="stopped",
+        )
     if port:
         await tracker.announce(
             me.key,

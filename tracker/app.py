@@ -227,7 +227,8 @@ class Tracker:
             if wait > 0:
                 route = "rate_limited"
             self.m_requests.labels(route, str(status[0])).inc()
-            if route != "events":
+            # Held requests (SSE, long-polls) last as long as the client asks: not latency.
+            if route != "events" and not _held(scope):
                 self.m_latency.labels(route).observe(dt)
                 self._load.append((time.monotonic(), dt))
 
@@ -867,3 +868,14 @@ def open_tracker(
         swarm: SwarmStore = RedisSwarm(redis_url, prefix=redis_prefix)
         return Tracker(config, registry, swarm, swarm_in_thread=True)
     return Tracker(config, registry, SQLiteSwarm(data_dir / "swarm.db"))
+
+
+def _held(scope: Any) -> bool:
+    """A long-poll: the client asked the tracker to hold the request (``wait`` > 0)."""
+    from urllib.parse import parse_qs
+
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    try:
+        return float(query.get("wait", ["0"])[0]) > 0
+    except ValueError:
+        return False
