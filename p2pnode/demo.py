@@ -34,6 +34,7 @@ from .localcdn import LocalCDN, free_port
 from .localtracker import LocalTracker
 from .publish import publish
 from .tracker_client import TrackerClient
+from .tracking import announce_completed, peers_for
 from .units import format_bytes
 from .verify import verify
 
@@ -76,21 +77,6 @@ def _row(step: str, r: InstallResult | None, seconds: float, note: str = "") -> 
     }
 
 
-async def _announce(tracker: TrackerClient, node_key: Any, r: InstallResult, port: int) -> None:
-    m = r.manifest
-    await tracker.announce(
-        node_key,
-        app=m.app,
-        manifest_id=m.id,
-        port=port,
-        event="completed",
-        size=m.total_size,
-        left=0,
-        from_cdn=r.bytes_cdn,
-        from_peers=r.bytes_peers,
-    )
-
-
 LEECHERS = 3
 
 
@@ -100,7 +86,7 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
     trust = [keys.public_key_bytes(publisher)]
     src, cdn_dir = work / "release", work / "cdn"
     dest = work / "node-1"  # the leecher that then goes on through update, repair, rollback
-    node_key = load_or_create(work / "ids" / "node-1").key  # its identity, as peers see it
+    node_1 = load_or_create(work / "ids" / "node-1")  # its identity, as peers see it
     ports: dict[str, int] = {}
     admin = secrets.token_hex(16)
     _make_release(src, 1)
@@ -149,33 +135,24 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
                     InstallOptions(),
                     manifest_data=data,
                 )
-                await _announce(tracker, node_key, r, ports["node-1"])
+                await announce_completed(tracker, node_1, r, ports["node-1"])
                 rows.append(_row(step, r, time.monotonic() - t, note))
                 return r
 
-            async def swarm_install(name: str, data: bytes, manifest_id: bytes, size: int) -> None:
+            async def swarm_install(name: str, data: bytes) -> None:
                 """A leecher: asks the tracker for peers, installs from them (CDN for the rest)
                 while serving what it has, and reports where its bytes came from."""
                 me = load_or_create(work / "ids" / name)
                 port = ports[name] = free_port()
                 t = time.monotonic()
-                answer = await tracker.announce(
-                    me.key,
-                    app=APP,
-                    manifest_id=manifest_id,
-                    port=port,
-                    event="started",
-                    size=size,
-                    left=size,
-                )
-                peers = [f"{p.ip}:{p.port}" for p in answer.peers if p.port]
+                peers = await peers_for(tracker, me, M.parse_signed(data).manifest, port)
                 options = InstallOptions(
                     peers=peers, listen=f"127.0.0.1:{port}", identity_dir=work / "ids" / name
                 )
                 r = await install(
                     f"{tracker_url} ({APP}/stable)", work / name, trust, options, manifest_data=data
                 )
-                await _announce(tracker, me.key, r, port)
+                await announce_completed(tracker, me, r, port)
                 rows.append(
                     _row(
                         f"{name}: install build 1",
@@ -190,7 +167,6 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
             assert head is not None
             seq = head.seq
             data1 = await tracker.fetch_manifest(head.manifest_id)
-            size1 = M.parse_signed(data1).manifest.total_size
             # The origin seed box installs from the CDN, then seeds; three leechers find it
             # (and each other) through the tracker's announces.
             seed_dir, seed_ids = work / "origin-seed", work / "ids" / "origin-seed"
@@ -205,10 +181,10 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
             rows.append(_row("origin seed: install build 1", r, time.monotonic() - t, "CDN"))
             seed_nursery = await stack.enter_async_context(trio.open_nursery())
             seed_port = await seed_nursery.start(serve_seed, seed_dir, "127.0.0.1:0", seed_ids)
-            await _announce(tracker, load_or_create(seed_ids).key, r, seed_port)
+            await announce_completed(tracker, load_or_create(seed_ids), r, seed_port)
             async with trio.open_nursery() as leechers:
                 for k in range(1, LEECHERS + 1):
-                    leechers.start_soon(swarm_install, f"node-{k}", data1, head.manifest_id, size1)
+                    leechers.start_soon(swarm_install, f"node-{k}", data1)
 
             # Build 2 changes one region of the largest file; the node hears of it by long-poll.
             _change_one_region(src / "data" / "levels.pak", 2)

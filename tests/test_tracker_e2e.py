@@ -39,30 +39,21 @@ def tracker_url(tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-def test_publish_through_tracker_reaches_a_watching_node(tmp_path: Path, tracker_url: str) -> None:
-    src, cdn_root, dest = tmp_path / "src", tmp_path / "cdn", tmp_path / "game"
+def registered_app(tmp_path: Path, tracker_url: str) -> tuple[Path, Path, Path, str]:
+    """A release to publish, a CDN folder, a publisher key, and app "game" on the tracker."""
+    src, cdn_root = tmp_path / "src", tmp_path / "cdn"
     cdn_root.mkdir()
     make_release(src, big=4 << 20)
     key = tmp_path / "k.pem"
     pub = str(cli("keygen", str(key))["key"])
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tracker",
-            "app",
-            "add",
-            "game",
-            "--key",
-            pub,
-            "--url",
-            tracker_url,
-            "--admin-token",
-            ADMIN,
-        ],
-        check=True,
-        capture_output=True,
-    )
+    add = ["app", "add", "game", "--key", pub, "--url", tracker_url, "--admin-token", ADMIN]
+    subprocess.run([sys.executable, "-m", "tracker", *add], check=True, capture_output=True)
+    return src, cdn_root, key, pub
+
+
+def test_publish_through_tracker_reaches_a_watching_node(tmp_path: Path, tracker_url: str) -> None:
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    dest = tmp_path / "game"
     with LocalCDN(cdn_root) as cdn:
         common = [
             "--app",
@@ -130,29 +121,7 @@ def test_nodes_find_each_other_through_tracker_announces(tmp_path: Path, tracker
 
     from p2pnode.localcdn import free_port
 
-    src, cdn_root = tmp_path / "src", tmp_path / "cdn"
-    cdn_root.mkdir()
-    make_release(src, big=4 << 20)
-    key = tmp_path / "k.pem"
-    pub = str(cli("keygen", str(key))["key"])
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tracker",
-            "app",
-            "add",
-            "game",
-            "--key",
-            pub,
-            "--url",
-            tracker_url,
-            "--admin-token",
-            ADMIN,
-        ],
-        check=True,
-        capture_output=True,
-    )
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
     with LocalCDN(cdn_root) as cdn:
         cli(
             "publish",
