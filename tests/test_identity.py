@@ -74,3 +74,17 @@ async def test_a_client_without_a_certificate_is_refused() -> None:
             await tls.do_handshake()
             await tls.receive_some(1)  # TLS 1.3: the refusal may arrive after the handshake
         nursery.cancel_scope.cancel()
+
+
+def test_protocol_doc_states_the_network_ca_this_code_uses() -> None:
+    """Another implementation builds the CA from docs/protocol.md; the doc must match the code."""
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    ca_key, ca_cert, _ = I._network_ca()
+    raw = ca_key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    assert I._CA_SEED.decode() in doc
+    assert raw.hex() in doc
+    assert ca_cert.fingerprint(hashes.SHA256()).hex() in doc
