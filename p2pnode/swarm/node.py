@@ -441,6 +441,7 @@ class SwarmNode:
     ) -> None:
         tls, s = link.tls, link.session
         inflight: dict[int, int] = {}  # rid -> index
+        last_piece = trio.current_time()  # a busy peer answers late but keeps answering
         while True:
             now = trio.current_time()
             out = b""
@@ -466,7 +467,8 @@ class SwarmNode:
                 if not received:
                     raise _PeerFailed("the peer closed the connection")
                 await self.download_limiter.acquire(len(received))
-            if s.overdue(trio.current_time(), self.request_timeout):
+            now = trio.current_time()
+            if s.overdue(now, self.request_timeout) and now - last_piece > self.request_timeout:
                 raise _PeerFailed(f"no answer within {self.request_timeout:g}s")
             await link.send(s.handle_timer(trio.current_time()))
             while (ev := s.next_event()) is not None:
@@ -484,6 +486,7 @@ class SwarmNode:
                         bits[ev.index >> 3] |= 0x80 >> (ev.index & 7)
                         job.availability[addr] = bytes(bits)
                 elif isinstance(ev, W.Piece):
+                    last_piece = trio.current_time()
                     i = inflight.pop(ev.rid)
                     await self._take(job, ev, i, st)
                     mine.discard(i)
