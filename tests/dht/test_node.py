@@ -264,11 +264,13 @@ async def test_lying_nodes_change_no_lookup_result() -> None:
         for node in nodes:
             await sock.sendto(_request("ping", RNG.randbytes(20)), ("127.0.0.1", node.port))
         await trio.sleep(0.1)
-        with trio.fail_after(3):
-            for node in nodes:
+        for node in nodes:
+            # Each lookup is bounded on its own: a liar may cost stalls, never a hang. (One
+            # deadline for all six flaked under a loaded CI machine.)
+            with trio.fail_after(5):
                 res = await node.lookup_detailed(topic)
-                assert [r.encoded for r in res.records] == [r.encoded for r in honest]
-                assert res.rejected >= 1
+            assert [r.encoded for r in res.records] == [r.encoded for r in honest]
+            assert res.rejected >= 1
         nursery.cancel_scope.cancel()
         sock.close()
 
