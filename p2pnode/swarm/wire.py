@@ -178,17 +178,17 @@ class Have(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class Request(Event):
-    """Send me chunk ``index``; ``rid`` names this request in the Piece/Reject answering it."""
+class _ChunkRequestRef(Event):
+    """Fields shared by a request and what refers to it: which chunk, and the request id."""
 
-    type: ClassVar[bytes] = b"req"
     manifest: bytes
     index: int
     rid: int
 
     def __post_init__(self) -> None:
         _check(
-            _is_id(self.manifest, 32) and _is_index(self.index) and _is_index(self.rid), "request"
+            _is_id(self.manifest, 32) and _is_index(self.index) and _is_index(self.rid),
+            self.type.decode(),
         )
 
     def header(self) -> dict[bytes, Any]:
@@ -196,19 +196,17 @@ class Request(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class Cancel(Event):
+class Request(_ChunkRequestRef):
+    """Send me chunk ``index``; ``rid`` names this request in the Piece/Reject answering it."""
+
+    type: ClassVar[bytes] = b"req"
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(_ChunkRequestRef):
+    """I no longer want request ``rid``."""
+
     type: ClassVar[bytes] = b"cancel"
-    manifest: bytes
-    index: int
-    rid: int
-
-    def __post_init__(self) -> None:
-        _check(
-            _is_id(self.manifest, 32) and _is_index(self.index) and _is_index(self.rid), "cancel"
-        )
-
-    def header(self) -> dict[bytes, Any]:
-        return {b"t": self.type, b"m": self.manifest, b"i": self.index, b"r": self.rid}
 
 
 @dataclass(frozen=True, slots=True)
