@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -90,9 +91,11 @@ async def test_a_silent_peer_is_dropped_after_the_idle_timeout(tmp_path: Path) -
         nursery.cancel_scope.cancel()
 
 
-class StallsInHeader(SwarmNode):
-    """Sends the first 100 bytes of the first piece, then nothing more."""
+class StallsMidPiece(SwarmNode):
+    """Sends the first ``keep`` bytes of the first piece (its header only, or half of it),
+    then nothing more, with the connection left open."""
 
+    keep: Callable[[int], int] = staticmethod(lambda n: n)
     started = False
 
     async def _answer(self, s: PeerSession, req: W.Request) -> bytes:
@@ -103,23 +106,15 @@ class StallsInHeader(SwarmNode):
         data = await trio.to_thread.run_sync(self.local.read, ids[req.index])
         assert data is not None
         frame = s.send(W.Piece(req.manifest, req.index, req.rid, ids[req.index], data), 0.0)
-        return frame[:100]
+        return frame[: self.keep(len(frame))]
 
 
-class StopsMidChunk(SwarmNode):
-    """Sends half of the first piece, then goes silent with the connection open."""
+class StallsInHeader(StallsMidPiece):
+    keep = staticmethod(lambda n: 100)
 
-    started = False
 
-    async def _answer(self, s: PeerSession, req: W.Request) -> bytes:
-        if self.started:
-            return b""
-        self.started = True
-        ids = self.offers[req.manifest]
-        data = await trio.to_thread.run_sync(self.local.read, ids[req.index])
-        assert data is not None
-        frame = s.send(W.Piece(req.manifest, req.index, req.rid, ids[req.index], data), 0.0)
-        return frame[: len(frame) // 2]
+class StopsMidChunk(StallsMidPiece):
+    keep = staticmethod(lambda n: n // 2)
 
 
 async def test_stalling_peers_are_dropped_and_their_chunks_left_for_others(tmp_path: Path) -> None:
