@@ -39,6 +39,29 @@ def _trusted(values: Sequence[str] | None) -> list[bytes]:
     return [keys.parse_public_key(v) for v in values or ()]
 
 
+def _rate(text: str | None) -> int | None:
+    return parse_rate(text) if text else None
+
+
+def _slots(n: int) -> int:
+    if not 1 <= n <= 64:
+        raise UsageError("--upload-slots must be between 1 and 64")
+    return n
+
+
+def _add_peer_rate_flags(p: argparse.ArgumentParser, *, download: bool) -> None:
+    p.add_argument(
+        "--max-peer-upload-rate", metavar="RATE", help="cap on serving any one peer (5M)"
+    )
+    if download:
+        p.add_argument(
+            "--max-peer-download-rate", metavar="RATE", help="cap on fetching from any one peer"
+        )
+    p.add_argument(
+        "--upload-slots", type=int, default=8, metavar="N", help="peers served at once (8)"
+    )
+
+
 def _install_options(args: argparse.Namespace, **extra: Any) -> Any:
     from .install import InstallOptions
 
@@ -51,7 +74,10 @@ def _install_options(args: argparse.Namespace, **extra: Any) -> Any:
             listen=args.listen,
             seed=args.seed,
             policy=args.policy,
-            max_upload_rate=parse_rate(args.max_upload_rate) if args.max_upload_rate else None,
+            max_upload_rate=_rate(args.max_upload_rate),
+            max_peer_upload_rate=_rate(args.max_peer_upload_rate),
+            max_peer_download_rate=_rate(args.max_peer_download_rate),
+            upload_slots=_slots(args.upload_slots),
             dht_port=args.dht_port,
             dht_bootstrap=args.dht_bootstrap or (),
         )
@@ -334,15 +360,16 @@ def cmd_seed(args: argparse.Namespace) -> dict[str, Any]:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            rate = parse_rate(args.max_upload_rate) if args.max_upload_rate else None
             port = await nursery.start(
                 partial(
                     seed,
                     Path(args.dest),
                     args.listen,
                     None,
-                    rate,
+                    _rate(args.max_upload_rate),
                     frugal=args.frugal,
+                    max_peer_upload_rate=_rate(args.max_peer_upload_rate),
+                    upload_slots=_slots(args.upload_slots),
                     dht_port=args.dht_port,
                     dht_bootstrap=args.dht_bootstrap or (),
                 )
@@ -545,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--policy", choices=("p2p-first", "cdn-only", "p2p-only"), default="p2p-first"
         )
         p.add_argument("--max-upload-rate", metavar="RATE", help="cap on serving peers (40M)")
+        _add_peer_rate_flags(p, download=True)
         _add_dht_flags(p)
         p.add_argument(
             "--trust",
@@ -570,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", required=True, metavar="DIR")
     p.add_argument("--listen", required=True, metavar="HOST:PORT")
     p.add_argument("--max-upload-rate", metavar="RATE", help="cap in bytes/s (K/M/G)")
+    _add_peer_rate_flags(p, download=False)
     p.add_argument(
         "--no-frugal",
         dest="frugal",

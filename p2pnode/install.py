@@ -76,6 +76,9 @@ class InstallOptions:
     connections: int = 8
     max_download_rate: int | None = None  # bytes/s from the CDN and peers together
     max_upload_rate: int | None = None  # bytes/s served to peers
+    max_peer_upload_rate: int | None = None  # bytes/s served to any one peer
+    max_peer_download_rate: int | None = None  # bytes/s taken from any one peer
+    upload_slots: int = 8  # peers served at once (the choker's slots)
     keep_versions: int = 2  # earlier versions kept for rollback
     require_installed: bool = False  # `update` refuses to do a fresh install
     now: float | None = None  # for tests of expiry
@@ -384,6 +387,9 @@ async def open_swarm(
         local_chunks(sd, state),
         upload_limiter=RateLimiter(options.max_upload_rate),
         download_limiter=options.limiter,
+        peer_upload_rate=options.max_peer_upload_rate,
+        peer_download_rate=options.max_peer_download_rate,
+        upload_slots=options.upload_slots,
     )
     node.offer(manifest)
     for mid in [state.current, *state.history]:
@@ -449,6 +455,8 @@ async def seed(
     max_upload_rate: int | None = None,
     *,
     frugal: bool = True,
+    max_peer_upload_rate: int | None = None,
+    upload_slots: int = 8,
     dht_port: int | None = None,
     dht_bootstrap: Sequence[str] = (),
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
@@ -467,7 +475,12 @@ async def seed(
         raise NotInstalledError(f"nothing is installed in {dest}")
     identity = await trio.to_thread.run_sync(load_or_create, identity_dir)
     node = SwarmNode(
-        identity, LocalChunks(), upload_limiter=RateLimiter(max_upload_rate), frugal=frugal
+        identity,
+        LocalChunks(),
+        upload_limiter=RateLimiter(max_upload_rate),
+        peer_upload_rate=max_peer_upload_rate,
+        upload_slots=upload_slots,
+        frugal=frugal,
     )
 
     def refresh() -> None:

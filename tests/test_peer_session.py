@@ -76,6 +76,19 @@ def test_unrequested_pieces_are_dropped_then_fatal() -> None:
         events(a, junk)
 
 
+def test_answers_to_cancelled_requests_are_dropped_without_blame() -> None:
+    """Endgame cancels many requests whose answers are already on the wire."""
+    a, b = pair()
+    events(a, b.send(W.Unchoke(), 0.0))
+    for _ in range(3 * MAX_OUTSTANDING):
+        rid, wire_bytes = a.request(MID, 1, 0.0)
+        events(b, wire_bytes)
+        a.send(W.Cancel(MID, 1, rid), 0.0)
+        answer = b.send(W.Piece(MID, 1, rid, bytes(32), b"x"), 0.0)  # crossed the cancel
+        assert events(a, answer) == []
+    assert a.unsolicited == 0 and not a.cancelled
+
+
 def test_answers_only_what_was_asked() -> None:
     _a, b = pair()
     with pytest.raises(LocalProtocolError):

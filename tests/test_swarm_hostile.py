@@ -13,8 +13,7 @@ from p2pnode.chunker import hash_chunk
 from p2pnode.identity import NodeIdentity, client_context
 from p2pnode.stage import LocalChunks
 from p2pnode.swarm import wire as W
-from p2pnode.swarm.node import PeerStats, SwarmNode
-from p2pnode.swarm.peer import PeerSession
+from p2pnode.swarm.node import Link, PeerStats, SwarmNode
 
 from .test_swarm_node import node, seeded
 
@@ -98,14 +97,16 @@ class StallsMidPiece(SwarmNode):
     keep: Callable[[int], int] = staticmethod(lambda n: n)
     started = False
 
-    async def _answer(self, s: PeerSession, req: W.Request) -> bytes:
+    async def _answer(self, link: Link, req: W.Request) -> bytes:
         if self.started:
             return b""
         self.started = True
         ids = self.offers[req.manifest]
         data = await trio.to_thread.run_sync(self.local.read, ids[req.index])
         assert data is not None
-        frame = s.send(W.Piece(req.manifest, req.index, req.rid, ids[req.index], data), 0.0)
+        frame = link.session.send(
+            W.Piece(req.manifest, req.index, req.rid, ids[req.index], data), 0.0
+        )
         return frame[: self.keep(len(frame))]
 
 

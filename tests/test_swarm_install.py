@@ -18,8 +18,7 @@ from p2pnode.localcdn import LocalCDN
 from p2pnode.publish import publish
 from p2pnode.state import StateDir
 from p2pnode.swarm import wire as W
-from p2pnode.swarm.node import SwarmNode
-from p2pnode.swarm.peer import PeerSession
+from p2pnode.swarm.node import Link, SwarmNode
 
 from .test_install import KEY, TRUST, make_release, tree
 
@@ -137,11 +136,11 @@ class DyingSeed(SwarmNode):
 
     served = 0
 
-    async def _answer(self, s: PeerSession, req: W.Request) -> bytes:
+    async def _answer(self, link: Link, req: W.Request) -> bytes:
         DyingSeed.served += 1
         if DyingSeed.served > 6:  # after the first full pipeline went out
             raise trio.BrokenResourceError("the seed died")
-        return await super()._answer(s, req)
+        return await super()._answer(link, req)
 
 
 async def test_when_the_only_seed_dies_the_cdn_finishes(tmp_path: Path) -> None:

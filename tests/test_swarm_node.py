@@ -14,8 +14,7 @@ from p2pnode.publish import publish
 from p2pnode.stage import LocalChunks
 from p2pnode.state import StateDir
 from p2pnode.swarm import wire as W
-from p2pnode.swarm.node import PeerStats, SwarmNode
-from p2pnode.swarm.peer import PeerSession
+from p2pnode.swarm.node import Link, PeerStats, SwarmNode
 
 from .test_install import KEY, TRUST, make_release
 
@@ -60,9 +59,9 @@ async def test_a_leecher_fetches_everything_from_a_seed(tmp_path: Path) -> None:
 class CorruptSeed(SwarmNode):
     """Answers every request with bytes that do not match the chunk."""
 
-    async def _answer(self, s: PeerSession, req: W.Request) -> bytes:
+    async def _answer(self, link: Link, req: W.Request) -> bytes:
         ids = self.offers[req.manifest]
-        return s.send(
+        return link.session.send(
             W.Piece(req.manifest, req.index, req.rid, ids[req.index], b"evil" * 100),
             trio.current_time(),
         )
@@ -105,3 +104,58 @@ async def test_a_node_outside_the_swarm_gives_nothing(tmp_path: Path) -> None:
             left = await leecher.fetch(manifest, wanted, [("127.0.0.1", port)], deliver)  # type: ignore[arg-type]
         nursery.cancel_scope.cancel()
     assert left == set(wanted)
+
+
+async def _fetch_all(
+    seed: SwarmNode, manifest: object, leechers: int
+) -> tuple[list[list[float]], float]:
+    """``leechers`` nodes fetch the whole release from ``seed`` at once: each one's chunk
+    arrival times, and the wall time."""
+    wanted = list(manifest.unique_chunks())  # type: ignore[attr-defined]
+    arrivals: list[list[float]] = [[] for _ in range(leechers)]
+
+    async def one(k: int, port: int) -> None:
+        async def deliver(cid: bytes, data: bytes) -> None:
+            assert hash_chunk(data) == cid
+            arrivals[k].append(trio.current_time())
+
+        left = await SwarmNode(node(), LocalChunks()).fetch(
+            manifest,  # type: ignore[arg-type]
+            wanted,
+            [("127.0.0.1", port)],
+            deliver,
+        )
+        assert left == set()
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(seed.serve, "127.0.0.1", 0)
+        t0 = trio.current_time()
+        with trio.fail_after(30):
+            async with trio.open_nursery() as fetches:
+                for k in range(leechers):
+                    fetches.start_soon(one, k, port)
+        nursery.cancel_scope.cancel()
+    return arrivals, trio.current_time() - t0
+
+
+async def test_the_per_peer_upload_cap_holds_for_each_peer_not_for_all(tmp_path: Path) -> None:
+    seed, manifest = await seeded(tmp_path)
+    size = sum(manifest.unique_chunks().values())  # type: ignore[attr-defined]
+    rate = 4 << 20
+    capped = SwarmNode(node(), seed.local, peer_upload_rate=rate)
+    capped.offer(manifest)  # type: ignore[arg-type]
+    _arrivals, seconds = await _fetch_all(capped, manifest, leechers=2)
+    burst = 0.05 * rate  # ratelimit.default_burst
+    assert seconds >= 0.9 * (size - burst) / rate  # each peer was held to the cap...
+    assert seconds < 1.6 * size / rate  # ...but the two were served side by side
+    assert capped.uploaded == 2 * size
+
+
+async def test_with_one_upload_slot_peers_are_served_in_turn(tmp_path: Path) -> None:
+    seed, manifest = await seeded(tmp_path)
+    one_slot = SwarmNode(node(), seed.local, upload_slots=1)
+    one_slot.offer(manifest)  # type: ignore[arg-type]
+    arrivals, _seconds = await _fetch_all(one_slot, manifest, leechers=2)
+    first, second = sorted(arrivals, key=min)
+    # The second leecher was choked until the first left and handed the slot on.
+    assert max(first) <= min(second)

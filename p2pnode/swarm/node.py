@@ -3,19 +3,20 @@
 Theory of operation
 -------------------
 Each connection is TLS 1.3 with both node ids proven (``identity``), then a
-:class:`~p2pnode.swarm.peer.PeerSession` checks the protocol; this module only moves bytes and
-makes the few decisions a first swarm needs, which will move into a sans-IO scheduler and
-choker as they grow (docs/protocol.md):
+:class:`~p2pnode.swarm.peer.PeerSession` checks the protocol. The decisions live in sans-IO
+classes: :class:`~p2pnode.swarm.scheduler.Scheduler` (what to request of whom) and
+:class:`~p2pnode.swarm.choker.Choker` (whom to serve). This module moves bytes between them and
+the sockets:
 
 * **Serving** (``serve``): every manifest this node ``offer``s is answered with its availability
   bitfield (from :class:`~p2pnode.stage.LocalChunks`, so an unfinished install and the kept
-  earlier builds of an app serve too); requests are served from verified local reads while an
-  upload slot is free, else rejected.
-* **Fetching** (``fetch``): one task per peer, each keeping a short pipeline of requests for
-  chunks that peer has, rarest first among the peers connected; every piece is checked with
-  blake3 before ``deliver``; a peer that sends a bad chunk twice, stalls, or breaks the protocol
-  is dropped and its requests go to others. ``fetch`` returns the chunks no peer could give, for
-  the CDN.
+  earlier builds of an app serve too); peers the choker unchokes are served from verified local
+  reads, others are rejected with ``choked``. Upload is capped globally and per peer.
+* **Fetching** (``fetch``): one task per peer, each keeping the scheduler's pipeline for that
+  peer full; every piece is checked with blake3 before ``deliver``; a peer that sends a bad chunk
+  twice, stalls, or breaks the protocol is dropped and its requests go to others; endgame
+  duplicates that lose the race are cancelled. ``fetch`` returns the chunks no peer could give,
+  for the CDN.
 
 Every network wait is bounded by a cancel scope.
 """
@@ -36,9 +37,11 @@ from ..identity import NodeIdentity, client_context, peer_node_id, server_contex
 from ..ratelimit import RateLimiter
 from ..stage import LocalChunks
 from . import wire as W
+from .choker import DEFAULT_SLOTS, Choker
 from .peer import PeerSession
+from .scheduler import Scheduler
 
-__all__ = ["PeerStats", "SwarmNode", "parse_peer"]
+__all__ = ["Link", "PeerStats", "SwarmNode", "parse_peer"]
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +49,12 @@ CONNECT_TIMEOUT = 5.0
 CONNECT_ATTEMPTS = 4  # over ~3 s of backoff
 #: A request unanswered this long (a stalled or slow-dripping peer) drops the peer.
 REQUEST_TIMEOUT = 10.0
-PIPELINE = 4
 #: No chunk from any peer for this long: give the rest to the CDN (p2p-first's deadline).
 STALL_TIMEOUT = 15.0
 WATCH_INTERVAL = 0.25
-#: How long a chunk an origin refused as "frugal" is not asked of it again.
-FRUGAL_RETRY = 1.0
 MAX_BAD_CHUNKS = 2
-UPLOAD_SLOTS = 16
+#: Chunk reads in progress at once (disk concurrency, independent of the choker's slots).
+READ_SLOTS = 16
 #: Peers served at once; more are refused at accept (a flood of connections costs nothing).
 MAX_CONNECTIONS = 64
 
@@ -91,15 +92,11 @@ class PeerStats:
 class _Fetch:
     manifest: M.Manifest
     ids: list[bytes]
-    wanted: set[int]
+    sched: Scheduler
     deliver: Deliver
-    claimed: set[int] = field(default_factory=set)
-    done: set[int] = field(default_factory=set)
-    availability: dict[str, bytes] = field(default_factory=dict)  # peer -> bitfield
     changed: trio.Event = field(default_factory=trio.Event)
     finished: trio.CancelScope | None = None
     connecting: int = 0  # peers that have not shown a bitfield yet
-    deferred: dict[tuple[str, int], float] = field(default_factory=dict)  # not before
     shown: set[str] = field(default_factory=set)
 
     def shown_by(self, peer: str) -> None:
@@ -108,45 +105,43 @@ class _Fetch:
             self.shown.add(peer)
             self.connecting -= 1
 
-    def has(self, peer: str, index: int) -> bool:
-        bits = self.availability.get(peer, b"")
-        return index >> 3 < len(bits) and bool(bits[index >> 3] & (0x80 >> (index & 7)))
 
-    def next_for(self, peer: str, now: float = 0.0) -> int | None:
-        """The rarest unclaimed chunk this peer has; ties broken at random, so that leechers
-        starting together fetch different chunks and can then trade them."""
-        best: list[int] = []
-        best_count = 1 << 30
-        for i in self.wanted - self.claimed - self.done:
-            if self.has(peer, i) and self.deferred.get((peer, i), 0.0) <= now:
-                count = sum(1 for p in self.availability if self.has(p, i))
-                if count < best_count:
-                    best, best_count = [i], count
-                elif count == best_count:
-                    best.append(i)
-        return random.choice(best) if best else None
-
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-
-class _Link:
+class Link:
     """One live connection: its session, the swarms it is in, and a writer task's queue.
 
     Everything sent goes through the queue, so ``have`` messages can be pushed from outside the
     connection's own loop; haves are dropped when a slow peer's queue is full (it will ask).
     """
 
-    def __init__(self, tls: trio.SSLStream[trio.SocketStream], session: PeerSession) -> None:
+    def __init__(
+        self,
+        tls: trio.SSLStream[trio.SocketStream],
+        session: PeerSession,
+        node_id: bytes,
+        cap: RateLimiter,
+    ) -> None:
         self.tls = tls
         self.session = session
+        self.node_id = node_id
+        #: This peer's rate cap (upload when serving it, download when fetching from it);
+        #: the global caps apply too.
+        self.cap = cap
         self.manifests: set[bytes] = set()
         self.out, self._out = trio.open_memory_channel[bytes](LINK_QUEUE)
+        # Choke and unchoke never wait behind a full queue, nor get dropped like haves.
+        self.control, self._control = trio.open_memory_channel[bytes](8)
+        self._sending = trio.Lock()
 
     async def writer(self) -> None:
-        async for data in self._out:
-            await self.tls.send_all(data)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._drain, self._control)
+            await self._drain(self._out)
+            nursery.cancel_scope.cancel()
+
+    async def _drain(self, channel: trio.MemoryReceiveChannel[bytes]) -> None:
+        async for data in channel:
+            async with self._sending:
+                await self.tls.send_all(data)
 
     async def send(self, data: bytes) -> None:
         if data:
@@ -164,6 +159,13 @@ LINK_QUEUE = 32
 
 
 class SwarmNode:
+    """Args (beyond identity and local chunks):
+    upload_limiter, download_limiter: global caps, shared with other transfers (the CDN's).
+    peer_upload_rate, peer_download_rate: caps per peer connection, bytes/s (None: none).
+    upload_slots: peers served at once (the choker's slots).
+    frugal: origin-frugal seeding (see ``_frugal_refuses``).
+    """
+
     def __init__(
         self,
         identity: NodeIdentity,
@@ -176,6 +178,9 @@ class SwarmNode:
         max_connections: int = MAX_CONNECTIONS,
         upload_limiter: RateLimiter | None = None,
         download_limiter: RateLimiter | None = None,
+        peer_upload_rate: int | None = None,
+        peer_download_rate: int | None = None,
+        upload_slots: int = DEFAULT_SLOTS,
         frugal: bool = False,
     ) -> None:
         self.identity = identity
@@ -192,12 +197,15 @@ class SwarmNode:
         self._unsent: dict[bytes, int] = {}  # manifest id -> chunks never uploaded
         self.upload_limiter = upload_limiter or RateLimiter(None)
         self.download_limiter = download_limiter or RateLimiter(None)
+        self.peer_upload_rate = peer_upload_rate
+        self.peer_download_rate = peer_download_rate
+        self.choker = Choker(upload_slots)
         self.offers: dict[bytes, list[bytes]] = {}  # manifest id -> unique chunk ids
         self.index: dict[bytes, dict[bytes, int]] = {}  # manifest id -> chunk id -> index
         self.manifests: dict[bytes, M.Manifest] = {}
-        self.links: set[_Link] = set()
+        self.links: set[Link] = set()
         self.uploaded = 0
-        self._slots = trio.Semaphore(UPLOAD_SLOTS)
+        self._reads = trio.Semaphore(READ_SLOTS)
         self._server_ctx = server_context(identity)
         self._client_ctx = client_context(identity)
 
@@ -224,8 +232,30 @@ class SwarmNode:
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         self.listen_port = self.listen_port or bound
-        task_status.started(bound)
-        await trio.serve_listeners(self._serve_one, listeners)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._rechoke)
+            task_status.started(bound)
+            await trio.serve_listeners(self._serve_one, listeners)
+
+    async def _rechoke(self) -> None:
+        """Apply the choker's periodic decisions (regular slots, optimistic unchoke)."""
+        while True:
+            await trio.sleep_until(max(self.choker.next_tick(), trio.current_time() + 0.1))
+            self._apply(self.choker.tick(trio.current_time()))
+
+    def _apply(self, decisions: list[tuple[bytes, bool]]) -> None:
+        now = trio.current_time()
+        for node_id, unchoke in decisions:
+            for link in list(self.links):
+                s = link.session
+                if link.node_id != node_id or s.state.value != "open" or link.manifests == set():
+                    continue
+                if s.am_choking == unchoke:  # a change for this link
+                    msg: W.Event = W.Unchoke() if unchoke else W.Choke()
+                    try:
+                        link.control.send_nowait(s.send(msg, now))
+                    except (trio.WouldBlock, trio.ClosedResourceError):
+                        pass
 
     async def _serve_one(self, stream: trio.SocketStream) -> None:
         if self.connections >= self.max_connections:
@@ -233,36 +263,39 @@ class SwarmNode:
             await trio.aclose_forcefully(stream)
             return
         self.connections += 1
+        link: Link | None = None
         try:
             with trio.move_on_after(CONNECT_TIMEOUT) as scope:
                 tls = trio.SSLStream(stream, self._server_ctx, server_side=True)
                 await tls.do_handshake()
             if scope.cancelled_caught:
                 return
+            node_id = peer_node_id(tls)
             session = PeerSession(
                 self.identity.node_id,
                 self.listen_port,
                 now=trio.current_time(),
-                expected_id=peer_node_id(tls),
+                expected_id=node_id,
                 idle_timeout=self.idle_timeout,
             )
-            link = _Link(tls, session)
+            link = Link(tls, session, node_id, RateLimiter(self.peer_upload_rate))
             await tls.send_all(session.hello(trio.current_time()))
             self.links.add(link)
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(link.writer)
-                    await self._serve_loop(link)
-                    nursery.cancel_scope.cancel()
-            finally:
-                self.links.discard(link)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(link.writer)
+                await self._serve_loop(link)
+                nursery.cancel_scope.cancel()
         except* _CONNECTION_ENDED as group:  # (a writer task's failure arrives grouped)
             log.debug("peer connection ended: %r", group.exceptions[0])
         finally:
             self.connections -= 1
+            if link is not None:
+                self.links.discard(link)
+                if not any(other.node_id == link.node_id for other in self.links):
+                    self._apply(self.choker.gone(link.node_id, trio.current_time()))
             await trio.aclose_forcefully(stream)
 
-    async def _serve_loop(self, link: _Link) -> None:
+    async def _serve_loop(self, link: Link) -> None:
         tls, s = link.tls, link.session
         while True:
             with trio.move_on_at(s.get_timer()):
@@ -273,14 +306,16 @@ class SwarmNode:
             out = s.handle_timer(trio.current_time())
             while (ev := s.next_event()) is not None:
                 now = trio.current_time()
-                if isinstance(ev, W.Hello):
-                    out += s.send(W.Unchoke(), now)
-                elif isinstance(ev, W.Join):
+                if isinstance(ev, W.Join):
                     link.manifests.add(ev.manifest)
                     out += s.send(self._bitfield(ev.manifest), now)
+                    if ev.manifest in self.offers:
+                        await link.send(out)
+                        out = b""
+                        self._apply(self.choker.interested(link.node_id, now))
                 elif isinstance(ev, W.Request):
                     await link.send(out)
-                    out = await self._answer(s, ev)
+                    out = await self._answer(link, ev)
                 elif isinstance(ev, W.Goodbye):
                     return
             await link.send(out)
@@ -307,27 +342,28 @@ class SwarmNode:
                 self._unsent[mid] = self._unsent.get(mid, len(counts)) - 1
             counts[index] += 1
 
-    async def _answer(self, s: PeerSession, req: W.Request) -> bytes:
+    async def _answer(self, link: Link, req: W.Request) -> bytes:
+        s = link.session
+        now = trio.current_time()
         ids = self.offers.get(req.manifest)
-        data = None
-        if (
-            ids is not None
-            and req.index < len(ids)
-            and self._frugal_refuses(req.manifest, req.index)
-        ):
-            return s.send(
-                W.Reject(req.manifest, req.index, req.rid, b"frugal"), trio.current_time()
-            )
-        if ids is not None and req.index < len(ids) and self._slots.value > 0:
-            async with self._slots:
-                data = await trio.to_thread.run_sync(self.local.read, ids[req.index])
+        if ids is None or req.index >= len(ids):
+            return s.send(W.Reject(req.manifest, req.index, req.rid, b"unavailable"), now)
+        self._apply(self.choker.interested(link.node_id, now))  # asking keeps the interest
+        if s.am_choking:
+            return s.send(W.Reject(req.manifest, req.index, req.rid, b"choked"), now)
+        if self._frugal_refuses(req.manifest, req.index):
+            return s.send(W.Reject(req.manifest, req.index, req.rid, b"frugal"), now)
+        async with self._reads:
+            data = await trio.to_thread.run_sync(self.local.read, ids[req.index])
         now = trio.current_time()
         if data is None:
             return s.send(W.Reject(req.manifest, req.index, req.rid, b"unavailable"), now)
+        await link.cap.acquire(len(data))
         await self.upload_limiter.acquire(len(data))
+        now = trio.current_time()
         self.uploaded += len(data)
+        self.choker.uploaded(link.node_id, len(data), now)
         self._count_sent(req.manifest, req.index)
-        assert ids is not None
         return s.send(W.Piece(req.manifest, req.index, req.rid, ids[req.index], data), now)
 
     # -- fetching ---------------------------------------------------------------------------
@@ -341,11 +377,13 @@ class SwarmNode:
         stats: dict[str, PeerStats] | None = None,
     ) -> set[bytes]:
         """Fetch chunk ids ``wanted`` of ``manifest`` from ``peers``; returns those left over."""
-        ids = list(manifest.unique_chunks())
+        unique = manifest.unique_chunks()
+        ids = list(unique)
         index = {cid: i for i, cid in enumerate(ids)}
-        job = _Fetch(manifest, ids, {index[c] for c in wanted if c in index}, deliver)
+        sched = Scheduler(list(unique.values()), (index[c] for c in wanted if c in index))
+        job = _Fetch(manifest, ids, sched, deliver)
         stats = stats if stats is not None else {}
-        if not job.wanted:
+        if sched.finished:
             return set()
         async with trio.open_nursery() as nursery:
             job.finished = nursery.cancel_scope  # cancelled when the last chunk lands
@@ -355,25 +393,24 @@ class SwarmNode:
                 stats[addr] = stats.get(addr) or PeerStats(addr)
                 nursery.start_soon(self._fetch_from, job, host, port, stats[addr])
             nursery.start_soon(self._watch, job)
-        return {ids[i] for i in job.wanted - job.done}
+        return {ids[i] for i in sched.missing}
 
     async def _watch(self, job: _Fetch) -> None:
         """End the fetch when peers can give no more: no connected peer has a missing chunk
         and none is still connecting, or nothing has arrived for ``stall_timeout`` (the rest
         then comes from the CDN, per the install's policy)."""
-        last_done, last_progress = len(job.done), trio.current_time()
+        sched = job.sched
+        last_done, last_progress = len(sched.done), trio.current_time()
         while True:
             await trio.sleep(WATCH_INTERVAL)
             now = trio.current_time()
-            if len(job.done) != last_done:
-                last_done, last_progress = len(job.done), now
-            missing = job.wanted - job.done
-            if not missing:
+            if len(sched.done) != last_done:
+                last_done, last_progress = len(sched.done), now
+            if sched.finished:
                 break
-            offered = job.claimed or any(
-                job.has(p, i) for p in list(job.availability) for i in missing
-            )
-            if (not offered and job.connecting == 0) or now - last_progress > self.stall_timeout:
+            if (not sched.offered() and job.connecting == 0) or (
+                now - last_progress > self.stall_timeout
+            ):
                 break
         assert job.finished is not None
         job.finished.cancel()
@@ -399,7 +436,6 @@ class SwarmNode:
     async def _fetch_from(self, job: _Fetch, host: str, port: int, st: PeerStats) -> None:
         addr = f"{host}:{port}"
         t0 = trio.current_time()
-        mine: set[int] = set()
         try:
             tls = await self._connect(host, port)
             st.node_id = peer_node_id(tls)
@@ -415,111 +451,101 @@ class SwarmNode:
             await tls.send_all(
                 s.hello(trio.current_time()) + s.send(W.Join(job.manifest.id), trio.current_time())
             )
-            link = _Link(tls, s)
+            link = Link(tls, s, st.node_id, RateLimiter(self.peer_download_rate))
             link.manifests.add(job.manifest.id)
             self.links.add(link)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(link.writer)
-                    await self._fetch_loop(job, link, addr, st, mine)
+                    await self._fetch_loop(job, link, addr, st)
                     nursery.cancel_scope.cancel()
             finally:
                 self.links.discard(link)
+                # Close now, not when collected: the peer's upload slot goes to someone else.
+                await trio.aclose_forcefully(tls)
         except* (*_CONNECTION_ENDED, trio.TooSlowError, _PeerFailed) as group:
             exc = group.exceptions[0]
             st.failures += 1
             st.error = str(exc) or type(exc).__name__
         finally:
             job.shown_by(addr)
-            job.claimed -= mine  # give back what this peer did not deliver
-            job.availability.pop(addr, None)
-            job.notify()
+            job.sched.remove_peer(addr)  # what it did not deliver goes back to the pool
             st.seconds += trio.current_time() - t0
 
-    async def _fetch_loop(
-        self, job: _Fetch, link: _Link, addr: str, st: PeerStats, mine: set[int]
-    ) -> None:
-        tls, s = link.tls, link.session
+    async def _fetch_loop(self, job: _Fetch, link: Link, addr: str, st: PeerStats) -> None:
+        tls, s, sched, mid = link.tls, link.session, job.sched, job.manifest.id
         inflight: dict[int, int] = {}  # rid -> index
+        rid_of: dict[int, int] = {}  # index -> rid
         last_piece = trio.current_time()  # a busy peer answers late but keeps answering
         while True:
             now = trio.current_time()
             out = b""
-            if addr in job.availability and not s.peer_choking:
-                while len(inflight) < PIPELINE:
-                    i = job.next_for(addr, now)
-                    if i is None:
-                        break
-                    job.claimed.add(i)
-                    mine.add(i)
-                    rid, data = s.request(job.manifest.id, i, now)
-                    inflight[rid] = i
+            for i in sched.take_cancels(addr):  # another peer answered first (endgame)
+                if (rid := rid_of.pop(i, None)) is not None:
+                    del inflight[rid]
+                    out += s.send(W.Cancel(mid, i, rid), now)
+            if addr in sched.peers and not s.peer_choking:
+                for i in sched.next_requests(addr, now):
+                    rid, data = s.request(mid, i, now)
+                    inflight[rid], rid_of[i] = i, rid
                     out += data
             await link.send(out)
             deadline = min(s.get_timer(), now + self.request_timeout)
-            if len(inflight) < PIPELINE:
-                # Room in the pipeline: look again soon, as claims are given back and
-                # deferrals end without anything arriving on this connection.
+            if len(inflight) < sched.depth(addr, now):
+                # Room in the pipeline: look again soon, as requests are given back, deferrals
+                # end and others' requests turn late, without anything arriving here.
                 deadline = min(deadline, now + WATCH_INTERVAL)
             with trio.move_on_at(deadline):
                 received = await tls.receive_some(1 << 20)
                 s.receive_data(received, trio.current_time())
                 if not received:
                     raise _PeerFailed("the peer closed the connection")
+                await link.cap.acquire(len(received))
                 await self.download_limiter.acquire(len(received))
             now = trio.current_time()
             if s.overdue(now, self.request_timeout) and now - last_piece > self.request_timeout:
                 raise _PeerFailed(f"no answer within {self.request_timeout:g}s")
             await link.send(s.handle_timer(trio.current_time()))
             while (ev := s.next_event()) is not None:
-                if isinstance(ev, W.Bitfield) and ev.manifest == job.manifest.id:
+                now = trio.current_time()
+                if isinstance(ev, W.Bitfield) and ev.manifest == mid:
                     if ev.count not in (0, len(job.ids)):
                         raise _PeerFailed("bitfield size does not match the manifest")
-                    job.availability[addr] = bytes(ev.bits)
                     job.shown_by(addr)
-                    job.notify()
                     if ev.count == 0:
                         return  # the peer is not in this swarm
-                elif isinstance(ev, W.Have) and ev.manifest == job.manifest.id:
-                    bits = bytearray(job.availability.get(addr, b""))
-                    if ev.index < len(job.ids) and ev.index >> 3 < len(bits):
-                        bits[ev.index >> 3] |= 0x80 >> (ev.index & 7)
-                        job.availability[addr] = bytes(bits)
+                    sched.bitfield(addr, bytes(ev.bits))
+                elif isinstance(ev, W.Have) and ev.manifest == mid:
+                    sched.have(addr, ev.index)
                 elif isinstance(ev, W.Piece):
-                    last_piece = trio.current_time()
+                    last_piece = now
                     i = inflight.pop(ev.rid)
-                    await self._take(job, ev, i, st)
-                    mine.discard(i)
-                    job.claimed.discard(i)
+                    rid_of.pop(i, None)
+                    await self._take(job, ev, i, addr, st)
                 elif isinstance(ev, W.Reject):
                     i = inflight.pop(ev.rid)
-                    mine.discard(i)
-                    job.claimed.discard(i)
-                    if ev.reason == b"frugal":  # an origin saving upload: ask others, or later
-                        job.deferred[(addr, i)] = trio.current_time() + FRUGAL_RETRY
-                        continue
-                    bits = bytearray(job.availability.get(addr, b""))
-                    if i >> 3 < len(bits):  # it does not have it after all
-                        bits[i >> 3] &= ~(0x80 >> (i & 7)) & 0xFF
-                        job.availability[addr] = bytes(bits)
+                    rid_of.pop(i, None)
+                    sched.rejected(addr, i, bytes(ev.reason), now)
                 elif isinstance(ev, W.Goodbye):
                     return
 
-    async def _take(self, job: _Fetch, piece: W.Piece, i: int, st: PeerStats) -> None:
+    async def _take(self, job: _Fetch, piece: W.Piece, i: int, addr: str, st: PeerStats) -> None:
         expected = job.ids[i]
         data = bytes(piece.data)
         if piece.chunk_id != expected or hash_chunk(data) != expected:
             st.corrupt += 1
+            job.sched.failed(addr, i)
             if st.corrupt >= MAX_BAD_CHUNKS:
                 raise _PeerFailed(f"sent {st.corrupt} chunks that fail blake3: banned")
             return
-        if i in job.done:
-            return
-        job.done.add(i)
+        now = trio.current_time()
+        self.choker.downloaded(st.node_id, len(data), now)
+        if not job.sched.received(addr, i, len(data), now):
+            return  # a duplicate (endgame): another peer's copy was first
         st.bytes += len(data)
         st.chunks += 1
         await job.deliver(expected, data)
-        if job.wanted <= job.done and job.finished is not None:
+        if job.sched.finished and job.finished is not None:
             job.finished.cancel()  # every chunk is here: close all peer connections
 
 

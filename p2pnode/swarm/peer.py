@@ -66,6 +66,7 @@ class PeerSession:
     ours: dict[int, Outstanding] = field(default_factory=dict)  # our requests, by rid
     theirs: set[tuple[bytes, int, int]] = field(default_factory=set)  # (m, i, rid) to answer
     unsolicited: int = 0
+    cancelled: dict[int, None] = field(default_factory=dict)  # our cancelled rids, oldest first
     _decoder: W.FrameDecoder = field(default_factory=W.FrameDecoder)
     _next_rid: int = 0
     _last_sent: float = 0.0
@@ -96,7 +97,11 @@ class PeerSession:
                 raise LocalProtocolError(f"more than {MAX_OUTSTANDING} requests outstanding")
             self.ours[event.rid] = Outstanding(event.manifest, event.index, now)
         elif isinstance(event, W.Cancel):
-            self.ours.pop(event.rid, None)
+            if self.ours.pop(event.rid, None) is not None:
+                # Its answer may already be on the way: expected, so not held against the peer.
+                self.cancelled[event.rid] = None
+                while len(self.cancelled) > MAX_OUTSTANDING:
+                    del self.cancelled[next(iter(self.cancelled))]
         elif isinstance(event, (W.Piece, W.Reject)):
             key = (event.manifest, event.index, event.rid)
             if key not in self.theirs:
@@ -165,6 +170,9 @@ class PeerSession:
             self.theirs.discard((event.manifest, event.index, event.rid))
         elif isinstance(event, (W.Piece, W.Reject)):
             mine = self.ours.get(event.rid)
+            if mine is None and event.rid in self.cancelled:
+                del self.cancelled[event.rid]
+                return None  # the answer to a request we cancelled: dropped, not counted
             if mine is None or (mine.manifest, mine.index) != (event.manifest, event.index):
                 self.unsolicited += 1
                 if self.unsolicited > MAX_UNSOLICITED:

@@ -1,0 +1,343 @@
+"""Which chunk to ask of which peer, and when: the fetch side's decisions, sans-IO.
+
+Theory of operation
+-------------------
+One :class:`Scheduler` serves one fetch (a manifest and the chunk indexes this node lacks). The
+trio shell (``node.py``) feeds it what the peers say (``bitfield``, ``have``, ``remove_peer``)
+and what happened to requests (``received``, ``rejected``, ``timed_out``), all with ``now``
+passed in, and asks it ``next_requests(peer, now)`` whenever a peer's pipeline has room. It
+never touches a socket, so every rule below is unit-tested with explicit times
+(``tests/test_scheduler.py``).
+
+* **Rarest first**, ties broken at random: leechers that start together fetch different chunks
+  and can trade them at once. Availability is counted incrementally per chunk.
+* **Pipelines sized by rate.** A peer may have ``depth(peer)`` requests outstanding: enough to
+  keep ``PIPELINE_SECONDS`` of its measured rate in flight (so a fast peer never idles for a
+  round trip), never fewer than ``MIN_DEPTH`` nor more than ``MAX_DEPTH``, and ``START_DEPTH``
+  until a rate is known. A slow peer therefore holds few chunks hostage: what it has claimed is
+  what it will deliver soon.
+* **Endgame.** When every chunk this peer could give is already in flight elsewhere, the peer
+  may duplicate a request that is *late*: outstanding longer than ``ENDGAME_SLACK`` times what
+  its holder's measured rate predicts. The first copy to arrive wins; the others are cancelled
+  (``take_cancels``). Duplicates are never asked of seeds: at the end of a release the chunks
+  still missing are usually the ones only the origin held, and the origin's upload is what a
+  swarm exists to save. A chunk is requested at most ``MAX_COPIES`` times at once.
+* **Deferral.** A ``frugal`` reject (an origin that will not upload a chunk twice while others
+  were never uploaded) means "ask someone else, or me later"; the pair is skipped for
+  ``FRUGAL_RETRY`` seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "MAX_COPIES",
+    "MAX_DEPTH",
+    "MIN_DEPTH",
+    "PIPELINE_SECONDS",
+    "START_DEPTH",
+    "RateMeter",
+    "Scheduler",
+]
+
+START_DEPTH = 4
+MIN_DEPTH = 2
+MAX_DEPTH = 32  # well inside the session's MAX_OUTSTANDING (64)
+#: Seconds of a peer's rate kept in flight: covers a round trip and the peer's read latency.
+PIPELINE_SECONDS = 1.0
+#: A request is late (endgame may duplicate it) past this multiple of its expected time.
+ENDGAME_SLACK = 2.0
+#: The expected time of a chunk whose holder has no measured rate yet.
+UNMEASURED_CHUNK_SECONDS = 2.0
+MAX_COPIES = 2
+FRUGAL_RETRY = 1.0
+
+
+class RateMeter:
+    """Bytes per second over a sliding window, for pipelines, ranking and peer reports."""
+
+    def __init__(self, window: float = 3.0) -> None:
+        self.window = window
+        self._samples: deque[tuple[float, int]] = deque()
+        self._sum = 0
+        self._start: float | None = None
+        self.total = 0
+
+    def start(self, now: float) -> None:
+        """The transfer began (first request): the window never reaches back before it."""
+        if self._start is None:
+            self._start = now
+
+    def add(self, nbytes: int, now: float) -> None:
+        self.start(now)
+        self._samples.append((now, nbytes))
+        self._sum += nbytes
+        self.total += nbytes
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._samples and self._samples[0][0] < now - self.window:
+            self._sum -= self._samples.popleft()[1]
+
+    def rate(self, now: float) -> float:
+        """0.0 until something arrived; the window is shorter while the transfer is young."""
+        if self._start is None or not self.total:
+            return 0.0
+        self._trim(now)
+        span = min(self.window, now - self._start)
+        return self._sum / span if span > 0 else 0.0
+
+
+@dataclass
+class _Peer:
+    bits: bytearray
+    held: int = 0  # bits set, below n
+    inflight: dict[int, float] = field(default_factory=dict)  # index -> requested at
+    deferred: dict[int, float] = field(default_factory=dict)  # index -> not before
+    meter: RateMeter = field(default_factory=RateMeter)
+    delivering: float = 0.0  # the rate when its last piece arrived (a stall does not lower it)
+
+
+class Scheduler:
+    """Args:
+    sizes: every unique chunk's size, by index (the manifest's unique chunks in order).
+    wanted: the indexes this node lacks.
+    rng: a ``random.Random`` (tests pass a seeded one).
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        wanted: Iterable[int],
+        *,
+        rng: random.Random | None = None,
+        pipeline_seconds: float = PIPELINE_SECONDS,
+    ) -> None:
+        self.sizes = list(sizes)
+        self.n = len(self.sizes)
+        self.wanted = {i for i in wanted if 0 <= i < self.n}
+        self.missing = set(self.wanted)
+        self.done: set[int] = set()
+        self.count = [0] * self.n  # peers that have each chunk
+        self.holders: dict[int, set[str]] = {}  # index in flight -> peers asked
+        self.peers: dict[str, _Peer] = {}
+        self.pipeline_seconds = pipeline_seconds
+        self._cancels: dict[str, set[int]] = {}
+        self._rng = rng or random.Random()
+        self._mean_size = sum(self.sizes) / self.n if self.n else 1.0
+
+    # -- what peers hold --------------------------------------------------------------------
+
+    def bitfield(self, peer: str, bits: bytes) -> None:
+        """The peer's availability (replacing any earlier one)."""
+        p = self.peers.get(peer)
+        if p is None:
+            p = self.peers[peer] = _Peer(bytearray(bits))
+        else:
+            self._uncount(p)
+            p.bits = bytearray(bits)
+        p.held = 0
+        for i in range(min(self.n, len(p.bits) * 8)):
+            if p.bits[i >> 3] & (0x80 >> (i & 7)):
+                self.count[i] += 1
+                p.held += 1
+
+    def have(self, peer: str, i: int) -> None:
+        p = self.peers.get(peer)
+        if p is None or not 0 <= i < self.n or i >> 3 >= len(p.bits) or self._has(p, i):
+            return
+        p.bits[i >> 3] |= 0x80 >> (i & 7)
+        self.count[i] += 1
+        p.held += 1
+
+    def has(self, peer: str, i: int) -> bool:
+        p = self.peers.get(peer)
+        return p is not None and self._has(p, i)
+
+    def is_seed(self, peer: str) -> bool:
+        p = self.peers.get(peer)
+        return p is not None and self._complete(p)
+
+    def _complete(self, p: _Peer) -> bool:
+        return self.n > 0 and p.held == self.n
+
+    @staticmethod
+    def _has(p: _Peer, i: int) -> bool:
+        return i >> 3 < len(p.bits) and bool(p.bits[i >> 3] & (0x80 >> (i & 7)))
+
+    def _uncount(self, p: _Peer) -> None:
+        for i in range(min(self.n, len(p.bits) * 8)):
+            if p.bits[i >> 3] & (0x80 >> (i & 7)):
+                self.count[i] -= 1
+
+    def remove_peer(self, peer: str) -> list[int]:
+        """The peer is gone: its requests go back to the pool. Returns them."""
+        p = self.peers.pop(peer, None)
+        self._cancels.pop(peer, None)
+        if p is None:
+            return []
+        self._uncount(p)
+        for i in p.inflight:
+            self._drop_holder(i, peer)
+        return sorted(p.inflight)
+
+    # -- choosing ---------------------------------------------------------------------------
+
+    def rate(self, peer: str, now: float) -> float:
+        p = self.peers.get(peer)
+        return p.meter.rate(now) if p is not None else 0.0
+
+    def depth(self, peer: str, now: float) -> int:
+        """How many requests this peer may have outstanding."""
+        p = self.peers.get(peer)
+        if p is None:
+            return 0
+        rate = p.meter.rate(now)
+        if rate <= 0:
+            return START_DEPTH
+        want = math.ceil(rate * self.pipeline_seconds / self._mean_size) + 1
+        return max(MIN_DEPTH, min(MAX_DEPTH, want))
+
+    def next_requests(self, peer: str, now: float) -> list[int]:
+        """Chunks to request from ``peer`` now (recorded as in flight there)."""
+        p = self.peers.get(peer)
+        if p is None:
+            return []
+        room = self.depth(peer, now) - len(p.inflight)
+        picked: list[int] = []
+        while room > 0:
+            i = self._rarest(p, now)
+            if i is None:
+                i = self._endgame(peer, p, now)
+            if i is None:
+                break
+            self._claim(peer, p, i, now)
+            picked.append(i)
+            room -= 1
+        return picked
+
+    def _rarest(self, p: _Peer, now: float) -> int | None:
+        best: list[int] = []
+        best_count = 1 << 30
+        for i in self.missing:
+            if i in self.holders or not self._has(p, i) or p.deferred.get(i, 0.0) > now:
+                continue
+            c = self.count[i]
+            if c < best_count:
+                best, best_count = [i], c
+            elif c == best_count:
+                best.append(i)
+        return self._rng.choice(best) if best else None
+
+    def _endgame(self, peer: str, p: _Peer, now: float) -> int | None:
+        """The latest request this peer could duplicate, or None (see the module's notes)."""
+        if self._complete(p):
+            return None  # never spend a seed's upload on a duplicate
+        best, best_late = None, 0.0
+        for i, asked in self.holders.items():
+            if peer in asked or len(asked) >= MAX_COPIES or not self._has(p, i):
+                continue
+            if p.deferred.get(i, 0.0) > now:
+                continue
+            late = min(self._lateness(h, i, now) for h in asked)
+            if late > best_late:
+                best, best_late = i, late
+        return best
+
+    def _lateness(self, holder: str, i: int, now: float) -> float:
+        """How far past its slack the holder's request for ``i`` is (> 0: late)."""
+        h = self.peers[holder]
+        rate = h.delivering
+        # Queued behind the holder's other requests: its whole pipeline must drain first.
+        queued = sum(self.sizes[j] for j in h.inflight)
+        expected = queued / rate if rate > 0 else UNMEASURED_CHUNK_SECONDS * len(h.inflight)
+        return (now - h.inflight[i]) - ENDGAME_SLACK * expected
+
+    def _claim(self, peer: str, p: _Peer, i: int, now: float) -> None:
+        p.inflight[i] = now
+        p.meter.start(now)
+        self.holders.setdefault(i, set()).add(peer)
+
+    def _drop_holder(self, i: int, peer: str) -> None:
+        asked = self.holders.get(i)
+        if asked is not None:
+            asked.discard(peer)
+            if not asked:
+                del self.holders[i]
+
+    # -- outcomes ---------------------------------------------------------------------------
+
+    def received(self, peer: str, i: int, nbytes: int, now: float) -> bool:
+        """A verified chunk ``i`` came from ``peer``. True when it is new; the other peers
+        asked for it get a cancel (``take_cancels``)."""
+        p = self.peers.get(peer)
+        if p is not None:
+            p.inflight.pop(i, None)
+            p.meter.add(nbytes, now)
+            p.delivering = p.meter.rate(now)
+        self._drop_holder(i, peer)
+        if i not in self.missing:
+            return False
+        self.missing.discard(i)
+        self.done.add(i)
+        for other in self.holders.pop(i, set()):
+            op = self.peers.get(other)
+            if op is not None:
+                op.inflight.pop(i, None)
+                self._cancels.setdefault(other, set()).add(i)
+        return True
+
+    def failed(self, peer: str, i: int) -> None:
+        """``peer`` sent bytes for ``i`` that fail verification: ask again, elsewhere first."""
+        p = self.peers.get(peer)
+        if p is not None:
+            p.inflight.pop(i, None)
+            p.deferred[i] = math.inf
+        self._drop_holder(i, peer)
+
+    def rejected(self, peer: str, i: int, reason: bytes, now: float) -> None:
+        """The peer will not serve ``i``: ``frugal`` (later), ``choked`` (not now), else it
+        does not have the chunk after all."""
+        p = self.peers.get(peer)
+        if p is None:
+            return
+        p.inflight.pop(i, None)
+        self._drop_holder(i, peer)
+        if reason == b"frugal":
+            p.deferred[i] = now + FRUGAL_RETRY
+        elif reason != b"choked" and self._has(p, i):
+            p.bits[i >> 3] &= ~(0x80 >> (i & 7)) & 0xFF
+            self.count[i] -= 1
+            p.held -= 1
+
+    def timed_out(self, peer: str, i: int) -> None:
+        """Our request to ``peer`` was given up (the shell sends the cancel)."""
+        p = self.peers.get(peer)
+        if p is not None:
+            p.inflight.pop(i, None)
+        self._drop_holder(i, peer)
+
+    def take_cancels(self, peer: str) -> set[int]:
+        """Requests to ``peer`` that another peer answered first: cancel them."""
+        return self._cancels.pop(peer, set())
+
+    # -- the fetch as a whole ---------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return not self.missing
+
+    def inflight(self, peer: str) -> int:
+        p = self.peers.get(peer)
+        return len(p.inflight) if p is not None else 0
+
+    def offered(self) -> bool:
+        """Some missing chunk is in flight or held by a connected peer."""
+        if self.holders:
+            return True
+        return any(self.count[i] > 0 for i in self.missing)

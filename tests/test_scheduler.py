@@ -1,0 +1,193 @@
+"""The fetch scheduler, sans-IO: explicit peers, bitfields and times, no sockets."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pnode.swarm.scheduler import (
+    MAX_COPIES,
+    MAX_DEPTH,
+    MIN_DEPTH,
+    START_DEPTH,
+    RateMeter,
+    Scheduler,
+)
+
+MiB = 1 << 20
+
+
+def bits(n: int, held: set[int]) -> bytes:
+    out = bytearray((n + 7) // 8)
+    for i in held:
+        out[i >> 3] |= 0x80 >> (i & 7)
+    return bytes(out)
+
+
+def full(n: int) -> bytes:
+    return bits(n, set(range(n)))
+
+
+def sched(n: int = 16, size: int = MiB, seed: int = 1) -> Scheduler:
+    return Scheduler([size] * n, range(n), rng=random.Random(seed))
+
+
+def test_rarest_chunks_go_first() -> None:
+    s = sched(8)
+    s.bitfield("a", full(8))
+    s.bitfield("b", bits(8, {0, 1, 2, 3, 4, 5}))
+    s.bitfield("c", bits(8, {0, 1, 2, 3}))
+    # 6 and 7 are held by "a" alone, 4 and 5 by two peers, the rest by three.
+    got = s.next_requests("a", 0.0)
+    assert set(got[:2]) == {6, 7} and set(got[2:]) == {4, 5}
+    assert set(s.next_requests("b", 0.0)) == {0, 1, 2, 3}
+
+
+def test_ties_are_broken_at_random_so_leechers_spread() -> None:
+    firsts = set()
+    for seed in range(20):
+        s = sched(32, seed=seed)
+        s.bitfield("origin", full(32))
+        firsts.add(s.next_requests("origin", 0.0)[0])
+    assert len(firsts) > 5
+
+
+def test_a_chunk_is_claimed_once_until_the_endgame() -> None:
+    s = sched(8)
+    s.bitfield("a", full(8))
+    s.bitfield("b", full(8))
+    got_a = s.next_requests("a", 0.0)
+    got_b = s.next_requests("b", 0.0)
+    assert len(got_a) == len(got_b) == START_DEPTH
+    assert not set(got_a) & set(got_b)
+    assert s.next_requests("a", 0.0) == []  # pipeline full
+
+
+def test_pipeline_depth_follows_the_measured_rate() -> None:
+    s = sched(200)
+    s.bitfield("fast", full(200))
+    s.bitfield("slow", full(200))
+    assert s.depth("fast", 0.0) == START_DEPTH
+    for t in range(1, 31):  # 10 MiB/s and 0.2 MiB/s for 3 s
+        now = t / 10
+        for peer, nbytes in (("fast", MiB), ("slow", MiB // 50)):
+            s.next_requests(peer, now)
+            s.received(peer, next(iter(s.peers[peer].inflight)), nbytes, now)
+    assert s.depth("slow", 3.0) == MIN_DEPTH
+    assert 10 <= s.depth("fast", 3.0) <= 12  # ~10 chunks a second in flight, plus one
+    assert s.depth("fast", 3.0) <= MAX_DEPTH
+
+
+def test_a_departed_peer_gives_its_requests_back() -> None:
+    s = sched(4)
+    s.bitfield("a", full(4))
+    s.bitfield("b", full(4))
+    taken = s.next_requests("a", 0.0)
+    assert s.next_requests("b", 0.0) == []  # all four claimed by "a"
+    assert sorted(s.remove_peer("a")) == sorted(taken)
+    assert sorted(s.next_requests("b", 0.0)) == [0, 1, 2, 3]
+    assert s.count == [1, 1, 1, 1]
+
+
+def test_frugal_rejects_defer_and_choked_rejects_do_not_forget_availability() -> None:
+    s = sched(1)
+    s.bitfield("origin", full(1))
+    s.bitfield("peer", full(1))
+    (i,) = s.next_requests("origin", 0.0)
+    s.rejected("origin", i, b"frugal", 0.0)
+    assert s.next_requests("origin", 0.5) == []  # deferred for a second
+    assert s.next_requests("peer", 0.5) == [i]  # someone else may have it
+    s.rejected("peer", i, b"choked", 0.6)
+    assert s.has("peer", i)
+    assert s.next_requests("origin", 1.1) == [i]
+    s.rejected("origin", i, b"unavailable", 1.2)
+    assert not s.has("origin", i) and s.count[i] == 1
+
+
+def test_a_corrupt_piece_is_asked_of_someone_else() -> None:
+    s = sched(1)
+    s.bitfield("liar", full(1))
+    s.bitfield("honest", full(1))
+    (i,) = s.next_requests("liar", 0.0)
+    s.failed("liar", i)
+    assert s.next_requests("liar", 1.0) == []
+    assert s.next_requests("honest", 1.0) == [i]
+
+
+def test_endgame_duplicates_late_requests_but_never_asks_a_seed() -> None:
+    s = sched(4)
+    s.bitfield("slow", full(4))  # a seed (the origin)
+    taken = s.next_requests("slow", 0.0)
+    s.bitfield("leecher", full(4))  # holds everything too: also a seed
+    assert s.next_requests("leecher", 100.0) == []
+    s.bitfield("partial", bits(4, {0, 1, 2}))
+    # Not late yet: 4 unmeasured chunks queued are expected to take 8 s, slack 2x.
+    assert s.next_requests("partial", 10.0) == []
+    dup = s.next_requests("partial", 17.0)
+    assert set(dup) <= {0, 1, 2} & set(taken) and dup
+    assert all(len(s.holders[i]) <= MAX_COPIES for i in s.holders)
+    # The first copy wins; the other request is cancelled.
+    i = dup[0]
+    assert s.received("partial", i, MiB, 17.5)
+    assert s.take_cancels("slow") == {i}
+    assert not s.received("slow", i, MiB, 17.6)  # a late duplicate is not new
+
+
+def test_endgame_waits_for_a_measured_holder_to_be_late() -> None:
+    s = sched(3)
+    s.bitfield("a", full(3))
+    s.bitfield("b", bits(3, {0, 1}))
+    for t in range(10):  # "a" delivers 1 MiB every 0.1 s for a second
+        s._claim("a", s.peers["a"], 2, t / 10)  # (the same chunk, to build a rate)
+        s.received("a", 2, MiB, t / 10 + 0.1)
+    s.missing |= {2}
+    s.done.discard(2)
+    taken = s.next_requests("a", 1.0)
+    assert sorted(taken) == [0, 1, 2][: len(taken)]
+    assert s.next_requests("b", 1.1) == []  # "a" is expected to finish within 0.3 s
+    assert s.next_requests("b", 2.0)  # it did not: duplicate
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    holdings=st.lists(st.sets(st.integers(0, 39)), min_size=1, max_size=5),
+    seed=st.integers(0, 1000),
+)
+def test_every_offered_chunk_is_fetched_exactly_once(
+    n: int, holdings: list[set[int]], seed: int
+) -> None:
+    s = sched(n, seed=seed)
+    rng = random.Random(seed)
+    peers = [f"p{k}" for k in range(len(holdings))]
+    for p, held in zip(peers, holdings, strict=True):
+        s.bitfield(p, bits(n, {i for i in held if i < n}))
+    offered = {i for held in holdings for i in held if i < n}
+    delivered: list[int] = []
+    now = 0.0
+    for _ in range(10 * n + 10):
+        now += 0.5
+        p = rng.choice(peers)
+        for i in s.next_requests(p, now):
+            assert s.has(p, i)
+            if s.received(p, i, MiB, now):
+                delivered.append(i)
+        for q in peers:
+            s.take_cancels(q)
+    assert sorted(delivered) == sorted(offered)
+    assert s.missing == set(range(n)) - offered
+    assert s.offered() == bool(s.holders)
+
+
+def test_rate_meter_windows() -> None:
+    m = RateMeter(window=2.0)
+    assert m.rate(0.0) == 0.0
+    m.start(0.0)
+    m.add(1000, 0.5)
+    assert m.rate(1.0) == 1000.0  # the window is as young as the transfer
+    m.add(1000, 1.0)
+    assert m.rate(2.0) == 1000.0
+    assert m.rate(5.0) == 0.0  # all samples aged out
+    assert m.total == 2000
