@@ -284,7 +284,7 @@ async def install(
         mirrors = resolve_mirrors(options.mirrors, origin, manifest, state)
         state.mirrors = mirrors[:8]  # for repair and rollback when chunks must be refetched
         history = [state.current] if state.current else []
-        async with open_swarm(sd, state, manifest, options) as swarm:
+        async with open_swarm(sd, state, manifest, options, signed=signed) as swarm:
             result = await _apply(
                 sd,
                 state,
@@ -369,7 +369,12 @@ def local_chunks(sd: StateDir, state: InstallState) -> LocalChunks:
 
 @asynccontextmanager
 async def open_swarm(
-    sd: StateDir, state: InstallState, manifest: M.Manifest, options: InstallOptions
+    sd: StateDir,
+    state: InstallState,
+    manifest: M.Manifest,
+    options: InstallOptions,
+    *,
+    signed: M.SignedManifest | None = None,
 ) -> AsyncIterator[Swarm | None]:
     """Our swarm node for this install (None without --peer/--listen): it serves, on
     ``options.listen``, this build's swarm and those of every kept build of the app."""
@@ -391,7 +396,8 @@ async def open_swarm(
         peer_download_rate=options.max_peer_download_rate,
         upload_slots=options.upload_slots,
     )
-    node.offer(manifest)
+    # With the signed manifest, peers that hold only earlier builds can be shown this one.
+    node.offer(manifest, signed.encode() if signed is not None else None)
     for mid in [state.current, *state.history]:
         if mid:
             node.offer(sd.load_manifest(mid))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import trio
@@ -159,3 +160,47 @@ async def test_with_one_upload_slot_peers_are_served_in_turn(tmp_path: Path) -> 
     first, second = sorted(arrivals, key=min)
     # The second leecher was choked until the first left and handed the slot on.
     assert max(first) <= min(second)
+
+
+async def _cross_version_fetch(
+    tmp_path: Path, publisher: object, app: str = "game"
+) -> tuple[dict[bytes, bytes], set[bytes], set[bytes], set[bytes]]:
+    """A seed holding build 1 only; a leecher of build 2 shows it build 2's signed manifest.
+    Returns what arrived, what was left, and the chunk ids of builds 1 and 2."""
+    seed, m1 = await seeded(tmp_path)
+    src = tmp_path / "src"
+    big = src / "data" / "big.pak"
+    data = bytearray(big.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 100_000] = os.urandom(100_000)  # one region changes
+    big.write_bytes(bytes(data))
+    p2 = publish(src, app=app, version="2", build=2, key=publisher, out=tmp_path / "cdn2")
+    leecher = SwarmNode(node(), LocalChunks())
+    leecher.offer(p2.manifest, p2.signed.encode())
+    got: dict[bytes, bytes] = {}
+
+    async def deliver(cid: bytes, chunk: bytes) -> None:
+        assert hash_chunk(chunk) == cid
+        got[cid] = chunk
+
+    wanted = list(p2.manifest.unique_chunks())
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(seed.serve, "127.0.0.1", 0)
+        with trio.fail_after(20):
+            left = await leecher.fetch(p2.manifest, wanted, [("127.0.0.1", port)], deliver)
+        nursery.cancel_scope.cancel()
+    return got, left, set(m1.unique_chunks()), set(wanted)  # type: ignore[attr-defined]
+
+
+async def test_a_holder_of_build_1_serves_build_2_it_was_shown(tmp_path: Path) -> None:
+    got, left, old, new = await _cross_version_fetch(tmp_path, KEY)
+    assert set(got) == old & new and got  # every shared chunk came from the old build's holder
+    assert left == new - old and left  # the changed region is for someone else (the CDN)
+
+
+async def test_a_pushed_manifest_from_another_publisher_or_app_is_refused(
+    tmp_path: Path,
+) -> None:
+    got, left, _old, new = await _cross_version_fetch(tmp_path / "k", keys.generate_key())
+    assert not got and left == new
+    got, left, _old, new = await _cross_version_fetch(tmp_path / "a", KEY, app="other-app")
+    assert not got and left == new

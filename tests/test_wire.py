@@ -25,6 +25,7 @@ SAMPLES: list[W.Event] = [
     W.Reject(MID, 3, 99, b"choked"),
     W.Piece(MID, 3, 99, bytes(32), os.urandom(5000)),
     W.Piece(MID, 4, 100, bytes(32), b"A" * 100_000),  # compresses
+    W.ManifestPush(MID, b"d8:manifest...e"),
     W.Choke(),
     W.Unchoke(),
     W.Keepalive(),
@@ -52,6 +53,8 @@ def same(a: W.Event, b: W.Event) -> bool:
             b.chunk_id,
             bytes(b.data),
         )
+    if isinstance(a, W.ManifestPush) and isinstance(b, W.ManifestPush):
+        return (a.manifest, bytes(a.signed)) == (b.manifest, bytes(b.signed))
     if isinstance(a, W.Bitfield) and isinstance(b, W.Bitfield):
         return (a.manifest, a.count, bytes(a.bits)) == (b.manifest, b.count, bytes(b.bits))
     return a == b

@@ -32,7 +32,7 @@ import trio
 
 from .. import manifest as M
 from ..chunker import hash_chunk
-from ..errors import ProtocolError, UsageError
+from ..errors import ManifestError, P2PNodeError, ProtocolError, UsageError
 from ..identity import NodeIdentity, client_context, peer_node_id, server_context
 from ..ratelimit import RateLimiter
 from ..stage import LocalChunks
@@ -55,6 +55,8 @@ WATCH_INTERVAL = 0.25
 MAX_BAD_CHUNKS = 2
 #: Chunk reads in progress at once (disk concurrency, independent of the choker's slots).
 READ_SLOTS = 16
+#: Manifests peers showed us that we serve as partial seeds, at most (oldest forgotten).
+MAX_PUSHED = 8
 #: Peers served at once; more are refused at accept (a flood of connections costs nothing).
 MAX_CONNECTIONS = 64
 
@@ -204,12 +206,19 @@ class SwarmNode:
         self.index: dict[bytes, dict[bytes, int]] = {}  # manifest id -> chunk id -> index
         self.manifests: dict[bytes, M.Manifest] = {}
         self.links: set[Link] = set()
+        self.signed: dict[bytes, bytes] = {}  # manifest id -> signed manifest, to push
+        self._pushed: dict[bytes, None] = {}  # manifests peers pushed to us, oldest first
+        self._verifying = trio.Semaphore(1)  # one pushed manifest parsed at a time
         self.uploaded = 0
         self._reads = trio.Semaphore(READ_SLOTS)
         self._server_ctx = server_context(identity)
         self._client_ctx = client_context(identity)
 
-    def offer(self, manifest: M.Manifest) -> None:
+    def offer(self, manifest: M.Manifest, signed: bytes | None = None) -> None:
+        """Serve ``manifest``'s swarm; with ``signed`` (its signed encoding), peers that do
+        not know it yet can be shown it and serve the chunks they share with it."""
+        if signed is not None:
+            self.signed[manifest.id] = signed
         self.manifests[manifest.id] = manifest
         self.offers[manifest.id] = list(manifest.unique_chunks())
         self.index[manifest.id] = {cid: i for i, cid in enumerate(self.offers[manifest.id])}
@@ -313,12 +322,48 @@ class SwarmNode:
                         await link.send(out)
                         out = b""
                         self._apply(self.choker.interested(link.node_id, now))
+                elif isinstance(ev, W.ManifestPush):
+                    await link.send(out)
+                    out = b""
+                    if await self._accept_push(ev):
+                        link.manifests.add(ev.manifest)
+                        self._apply(self.choker.interested(link.node_id, now))
+                    out += s.send(self._bitfield(ev.manifest), trio.current_time())
                 elif isinstance(ev, W.Request):
                     await link.send(out)
                     out = await self._answer(link, ev)
                 elif isinstance(ev, W.Goodbye):
                     return
             await link.send(out)
+
+    async def _accept_push(self, push: W.ManifestPush) -> bool:
+        """Take part in the swarm of a manifest a peer showed us, when it is signed by the
+        publisher key of an app we already serve: our chunks of the app's earlier builds then
+        serve its newer build (a cross-version partial seed). Anything else is refused."""
+        if push.manifest in self.manifests:
+            return True
+        async with self._verifying:
+            try:
+                manifest = await trio.to_thread.run_sync(self._verify_push, push)
+            except P2PNodeError as exc:
+                log.info("refused a pushed manifest: %s", exc)
+                return False
+        self.offer(manifest)
+        self._pushed[manifest.id] = None
+        while len(self._pushed) > MAX_PUSHED:  # forget the oldest (its peers get rejects)
+            old = next(iter(self._pushed))
+            del self._pushed[old]
+            for table in (self.manifests, self.offers, self.index, self.signed):
+                table.pop(old, None)
+        return True
+
+    def _verify_push(self, push: W.ManifestPush) -> M.Manifest:
+        signed = M.parse_signed(bytes(push.signed), source="a manifest pushed by a peer")
+        if signed.id != push.manifest:
+            raise ManifestError("a pushed manifest is not the one its message names")
+        app = signed.manifest.app
+        trusted = {m.key for m in list(self.manifests.values()) if m.app == app}
+        return M.verify(signed, trusted)
 
     def _bitfield(self, mid: bytes) -> W.Bitfield:
         manifest = self.manifests.get(mid)
@@ -476,6 +521,7 @@ class SwarmNode:
         tls, s, sched, mid = link.tls, link.session, job.sched, job.manifest.id
         inflight: dict[int, int] = {}  # rid -> index
         rid_of: dict[int, int] = {}  # index -> rid
+        pushed = False
         last_piece = trio.current_time()  # a busy peer answers late but keeps answering
         while True:
             now = trio.current_time()
@@ -511,9 +557,15 @@ class SwarmNode:
                 if isinstance(ev, W.Bitfield) and ev.manifest == mid:
                     if ev.count not in (0, len(job.ids)):
                         raise _PeerFailed("bitfield size does not match the manifest")
-                    job.shown_by(addr)
-                    if ev.count == 0:
+                    if ev.count == 0:  # the peer does not know this manifest
+                        signed = self.signed.get(mid)
+                        if signed is not None and s.peer_can(b"manifest") and not pushed:
+                            pushed = True  # show it: it may hold an earlier build's chunks
+                            await link.send(s.send(W.ManifestPush(mid, signed), now))
+                            continue
+                        job.shown_by(addr)
                         return  # the peer is not in this swarm
+                    job.shown_by(addr)
                     sched.bitfield(addr, bytes(ev.bits))
                 elif isinstance(ev, W.Have) and ev.manifest == mid:
                     sched.have(addr, ev.index)

@@ -31,6 +31,9 @@ KEEPALIVE_AFTER = 30.0
 IDLE_TIMEOUT = 120.0
 #: A peer may send at most this many unrequested or late pieces before it is dropped.
 MAX_UNSOLICITED = 8
+#: Manifests a peer may push on one connection (each costs a parse and a signature check).
+MAX_PUSHES = 2
+CAPABILITIES = (b"zstd", b"manifest")
 
 
 class SessionState(enum.Enum):
@@ -66,6 +69,7 @@ class PeerSession:
     ours: dict[int, Outstanding] = field(default_factory=dict)  # our requests, by rid
     theirs: set[tuple[bytes, int, int]] = field(default_factory=set)  # (m, i, rid) to answer
     unsolicited: int = 0
+    pushes: int = 0
     cancelled: dict[int, None] = field(default_factory=dict)  # our cancelled rids, oldest first
     _decoder: W.FrameDecoder = field(default_factory=W.FrameDecoder)
     _next_rid: int = 0
@@ -79,7 +83,10 @@ class PeerSession:
 
     def hello(self, now: float) -> bytes:
         """Our first frame."""
-        return self.send(W.Hello(self.node_id, self.listen_port, capabilities=(b"zstd",)), now)
+        return self.send(W.Hello(self.node_id, self.listen_port, capabilities=CAPABILITIES), now)
+
+    def peer_can(self, capability: bytes) -> bool:
+        return self.peer is not None and capability in self.peer.capabilities
 
     def request(self, manifest: bytes, index: int, now: float) -> tuple[int, bytes]:
         """Ask for chunk ``index``; returns the request id and the bytes to send."""
@@ -179,6 +186,10 @@ class PeerSession:
                     raise self._fail("too many pieces nobody asked for")
                 return None  # late (cancelled) or unrequested: dropped, counted
             del self.ours[event.rid]
+        elif isinstance(event, W.ManifestPush):
+            self.pushes += 1
+            if self.pushes > MAX_PUSHES:
+                raise self._fail(f"more than {MAX_PUSHES} manifests pushed")
         elif isinstance(event, W.Choke):
             self.peer_choking = True
             # Requests pending at a choke will be rejected by the peer; nothing to do here.

@@ -47,6 +47,7 @@ __all__ = [
     "Hello",
     "Join",
     "Keepalive",
+    "ManifestPush",
     "Piece",
     "Reject",
     "Request",
@@ -62,6 +63,8 @@ MAX_CHUNK_BYTES = 16 * 1024 * 1024
 MAX_BITFIELD_BYTES = 2 * 1024 * 1024
 MAX_HEADER_BYTES = 4096
 MAX_FRAME_BYTES = 2 + MAX_HEADER_BYTES + MAX_CHUNK_BYTES
+#: A signed manifest pushed to a peer (a 16 MiB manifest lists ~450k chunks: ~450 GiB).
+MAX_PUSHED_MANIFEST_BYTES = MAX_CHUNK_BYTES
 MAX_CAPABILITIES = 32
 MAX_TEXT_BYTES = 256
 #: zstd frames for a chunk may not be larger than the chunk itself (else we send it raw).
@@ -269,6 +272,28 @@ class Piece(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class ManifestPush(Event):
+    """Here is the signed manifest ``manifest`` (the payload), which you said you do not know:
+    if its publisher is one you already trust for that app, join its swarm as a partial seed.
+    Sent only to peers whose hello lists the ``manifest`` capability; answered by a bitfield
+    (count 0 when refused)."""
+
+    type: ClassVar[bytes] = b"manifest"
+    manifest: bytes
+    signed: bytes | memoryview
+
+    def __post_init__(self) -> None:
+        _check(_is_id(self.manifest, 32), "manifest id must be 32 bytes")
+        _check(0 < len(self.signed) <= MAX_PUSHED_MANIFEST_BYTES, "pushed manifest size")
+
+    def header(self) -> dict[bytes, Any]:
+        return {b"t": self.type, b"m": self.manifest}
+
+    def payload(self) -> bytes | memoryview:
+        return self.signed
+
+
+@dataclass(frozen=True, slots=True)
 class Choke(Event):
     type: ClassVar[bytes] = b"choke"
 
@@ -447,6 +472,10 @@ def _bitfield(h: dict[bytes, Any], payload: memoryview) -> Bitfield:
     return Bitfield(h[b"m"], h[b"n"], bytes(payload))
 
 
+def _manifest_push(h: dict[bytes, Any], payload: memoryview) -> ManifestPush:
+    return ManifestPush(h[b"m"], bytes(payload))
+
+
 def _simple(cls: type[Event], *fields: bytes) -> Any:
     def build(h: dict[bytes, Any], payload: memoryview) -> Event:
         _no_payload(payload)
@@ -464,6 +493,7 @@ _BUILD: dict[bytes, Any] = {
     b"cancel": _simple(Cancel, b"m", b"i", b"r"),
     b"reject": _simple(Reject, b"m", b"i", b"r", b"why"),
     b"piece": _piece,
+    b"manifest": _manifest_push,
     b"choke": _simple(Choke),
     b"unchoke": _simple(Unchoke),
     b"ka": _simple(Keepalive),
