@@ -287,6 +287,39 @@ def _wait_all(procs: dict[str, netlab.HostProcess], timeout: float) -> dict[str,
     return {name: p.elapsed for name, p in procs.items()}
 
 
+def _install_result(stdout: str) -> dict[str, Any]:
+    """The install's JSON result: its ``installed`` event (with --seed), else its last line."""
+    lines = stdout.strip().splitlines()
+    events = [line for line in lines if '"event": "installed"' in line]
+    return json.loads(events[-1] if events else lines[-1])  # type: ignore[no-any-return]
+
+
+def _wait_installed(procs: dict[str, netlab.HostProcess], timeout: float) -> dict[str, float]:
+    """For ``install --seed`` processes: the seconds until each printed its ``installed``
+    event; then all are stopped (they would seed forever)."""
+    deadline = time.monotonic() + timeout
+    seconds: dict[str, float] = {}
+    try:
+        while len(seconds) < len(procs):
+            for name, p in procs.items():
+                if name in seconds:
+                    continue
+                if '"event": "installed"' in p.stdout():
+                    seconds[name] = p.elapsed
+                elif p.poll() is not None:
+                    raise SystemExit(
+                        f"{name} failed (exit {p.proc.returncode}): {p.stderr()[-600:]}"
+                    )
+            if time.monotonic() > deadline:
+                late = sorted(set(procs) - set(seconds))
+                raise SystemExit(f"{', '.join(late)} did not finish within {timeout:.0f}s")
+            time.sleep(0.02)
+    finally:
+        for p in procs.values():
+            p.stop()
+    return seconds
+
+
 def run_cdn_only(lab: netlab.Lab, release: Release, work: Path, timeout: float) -> RunResult:
     origin, leechers = lab.hosts[0], lab.hosts[1:]
     base = f"http://{origin.ip}:{CDN_PORT}/"
@@ -347,8 +380,15 @@ def run_cdn_only(lab: netlab.Lab, release: Release, work: Path, timeout: float) 
 SWARM_IMPLEMENTED = True
 
 
-def run_swarm(lab: netlab.Lab, release: Release, work: Path, timeout: float) -> RunResult:
+def run_swarm(
+    lab: netlab.Lab, release: Release, work: Path, timeout: float, *, stay: bool = True
+) -> RunResult:
     """Distribute ``release`` over the swarm: the origin seeds, every leecher installs at once.
+
+    With ``stay`` (the default, as the fluid model assumes every host uploads until the last
+    one finishes), each leecher runs with ``--seed`` and keeps serving after its install; its
+    time is when it printed its ``installed`` event, and all stop once the slowest is done.
+    Without it, a leecher stops serving (exits) the moment it finishes.
 
     The origin installs the release from the published files on disk (no network), then runs
     ``p2pnode seed`` in its namespace; nothing else uploads from it. Every leecher runs
@@ -432,12 +472,12 @@ def run_swarm(lab: netlab.Lab, release: Release, work: Path, timeout: float) -> 
             ]
             for p in peers:
                 cmd += ["--peer", p]
+            if stay:
+                cmd.append("--seed")
             procs[h.name] = h.start(cmd, name="install", cwd=str(REPO), env=env_of(h.name))
-        seconds = _wait_all(procs, timeout)
+        seconds = _wait_installed(procs, timeout) if stay else _wait_all(procs, timeout)
         after = {h.name: h.counters() for h in lab.hosts}
-        results = {
-            name: json.loads(p.stdout().strip().splitlines()[-1]) for name, p in procs.items()
-        }
+        results = {name: _install_result(p.stdout()) for name, p in procs.items()}
     finally:
         seed.stop()
     return RunResult(
@@ -496,6 +536,12 @@ def main() -> None:
     ap.add_argument("--origin-down", type=_rate_arg, default=None, help="Mbit/s (default none)")
     ap.add_argument("--check-window", type=float, default=2.0, help="seconds per shaping flow")
     ap.add_argument("--skip-cdn", action="store_true", help="no CDN-only run")
+    ap.add_argument(
+        "--leave-when-done",
+        action="store_true",
+        help="leechers stop serving when their install ends (default: they seed until the "
+        "slowest is done, as the fluid model assumes)",
+    )
     ap.add_argument("--workdir", type=Path)
     args = ap.parse_args()
     if args.cmd == "serve-cdn":
@@ -548,7 +594,9 @@ def main() -> None:
                 cdn = run_cdn_only(lab, release, work, timeout=3 * cdn_need + 60)
             swarm = None
             if SWARM_IMPLEMENTED:
-                swarm = run_swarm(lab, release, work, timeout=10 * bound + 60)
+                swarm = run_swarm(
+                    lab, release, work, timeout=10 * bound + 60, stay=not args.leave_when_done
+                )
         F = release.size
         cdn_x = cdn.origin_tx_bytes / F if cdn else None
         rows_out: list[tuple[str, str]] = [
@@ -586,6 +634,15 @@ def main() -> None:
         if swarm:
             rows_out += [
                 ("swarm slowest", f"{swarm.slowest_s:.1f} s = {swarm.slowest_s / bound:.2f}x"),
+                (
+                    "swarm leechers",
+                    f"first done {min(swarm.leecher_s.values()):.1f} s; leechers "
+                    + (
+                        "seed until the slowest is done"
+                        if not args.leave_when_done
+                        else "leave when done"
+                    ),
+                ),
                 ("swarm origin upload", f"{swarm.origin_tx_bytes / F:.2f}x the release"),
             ]
         else:
@@ -605,6 +662,10 @@ def main() -> None:
             "cdn_only_ratio_to_bound": round(cdn.slowest_s / bound, 3) if cdn else None,
             "cdn_origin_upload_x": round(cdn_x, 3) if cdn_x is not None else None,
             "cdn_leecher_s": {k: round(v, 2) for k, v in cdn.leecher_s.items()} if cdn else None,
+            "swarm_leecher_s": {k: round(v, 2) for k, v in swarm.leecher_s.items()}
+            if swarm
+            else None,
+            "leechers_stay": not args.leave_when_done,
             "bound_s": round(bound, 2),
             "bytes": F,
             "leechers": case.leechers,
