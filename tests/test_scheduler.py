@@ -116,12 +116,13 @@ def test_a_corrupt_piece_is_asked_of_someone_else() -> None:
     assert s.next_requests("honest", 1.0) == [i]
 
 
-def test_endgame_duplicates_late_requests_but_never_asks_a_seed() -> None:
+def test_endgame_duplicates_late_requests_but_never_asks_an_origin() -> None:
     s = sched(4)
-    s.bitfield("slow", full(4))  # a seed (the origin)
+    s.bitfield("slow", full(4))
     taken = s.next_requests("slow", 0.0)
-    s.bitfield("leecher", full(4))  # holds everything too: also a seed
-    assert s.next_requests("leecher", 100.0) == []
+    s.bitfield("origin", full(4))
+    s.origins.add("origin")
+    assert s.next_requests("origin", 100.0) == []  # its upload is spared
     s.bitfield("partial", bits(4, {0, 1, 2}))
     # Not late yet: 4 unmeasured chunks queued are expected to take 8 s, slack 2x.
     assert s.next_requests("partial", 10.0) == []
@@ -133,6 +134,9 @@ def test_endgame_duplicates_late_requests_but_never_asks_a_seed() -> None:
     assert s.received("partial", i, MiB, 17.5)
     assert s.take_cancels("slow") == {i}
     assert not s.received("slow", i, MiB, 17.6)  # a late duplicate is not new
+    # A leecher that finished and stayed (a seed, not an origin) may take a copy.
+    s.bitfield("finished", full(4))
+    assert s.next_requests("finished", 20.0)
 
 
 def test_endgame_waits_for_a_measured_holder_to_be_late() -> None:

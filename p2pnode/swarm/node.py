@@ -211,6 +211,8 @@ class SwarmNode:
         self._verifying = trio.Semaphore(1)  # one pushed manifest parsed at a time
         self.uploaded = 0
         self._reads = trio.Semaphore(READ_SLOTS)
+        # A frugal seed is a seed box (an origin): it says so, and leechers spare its upload.
+        self._caps = (b"origin",) if frugal else ()
         self._server_ctx = server_context(identity)
         self._client_ctx = client_context(identity)
 
@@ -288,7 +290,7 @@ class SwarmNode:
                 idle_timeout=self.idle_timeout,
             )
             link = Link(tls, session, node_id, RateLimiter(self.peer_upload_rate))
-            await tls.send_all(session.hello(trio.current_time()))
+            await tls.send_all(session.hello(trio.current_time(), self._caps))
             self.links.add(link)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(link.writer)
@@ -567,6 +569,8 @@ class SwarmNode:
                         return  # the peer is not in this swarm
                     job.shown_by(addr)
                     sched.bitfield(addr, bytes(ev.bits))
+                elif isinstance(ev, W.Hello) and s.peer_can(b"origin"):
+                    sched.origins.add(addr)
                 elif isinstance(ev, W.Have) and ev.manifest == mid:
                     sched.have(addr, ev.index)
                 elif isinstance(ev, W.Piece):

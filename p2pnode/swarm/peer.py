@@ -81,9 +81,11 @@ class PeerSession:
 
     # -- outgoing ---------------------------------------------------------------------------
 
-    def hello(self, now: float) -> bytes:
-        """Our first frame."""
-        return self.send(W.Hello(self.node_id, self.listen_port, capabilities=CAPABILITIES), now)
+    def hello(self, now: float, extra: tuple[bytes, ...] = ()) -> bytes:
+        """Our first frame; ``extra`` capabilities describe the node (``origin``: a seed box
+        whose upload the swarm should spare)."""
+        caps = CAPABILITIES + extra
+        return self.send(W.Hello(self.node_id, self.listen_port, capabilities=caps), now)
 
     def peer_can(self, capability: bytes) -> bool:
         return self.peer is not None and capability in self.peer.capabilities

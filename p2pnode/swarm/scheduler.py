@@ -19,9 +19,10 @@ never touches a socket, so every rule below is unit-tested with explicit times
 * **Endgame.** When every chunk this peer could give is already in flight elsewhere, the peer
   may duplicate a request that is *late*: outstanding longer than ``ENDGAME_SLACK`` times what
   its holder's measured rate predicts. The first copy to arrive wins; the others are cancelled
-  (``take_cancels``). Duplicates are never asked of seeds: at the end of a release the chunks
-  still missing are usually the ones only the origin held, and the origin's upload is what a
-  swarm exists to save. A chunk is requested at most ``MAX_COPIES`` times at once.
+  (``take_cancels``). Duplicates are never asked of origins (seed boxes, which say so in their
+  hello; ``origins``): at the end of a release the chunks still missing are usually the ones
+  only the origin held, and the origin's upload is what a swarm exists to save. Leechers that
+  finished and stayed are fair game. A chunk is requested at most ``MAX_COPIES`` times at once.
 * **Deferral.** A ``frugal`` reject (an origin that will not upload a chunk twice while others
   were never uploaded) means "ask someone else, or me later"; the pair is skipped for
   ``FRUGAL_RETRY`` seconds.
@@ -96,7 +97,6 @@ class RateMeter:
 @dataclass
 class _Peer:
     bits: bytearray
-    held: int = 0  # bits set, below n
     inflight: dict[int, float] = field(default_factory=dict)  # index -> requested at
     deferred: dict[int, float] = field(default_factory=dict)  # index -> not before
     meter: RateMeter = field(default_factory=RateMeter)
@@ -126,6 +126,7 @@ class Scheduler:
         self.count = [0] * self.n  # peers that have each chunk
         self.holders: dict[int, set[str]] = {}  # index in flight -> peers asked
         self.peers: dict[str, _Peer] = {}
+        self.origins: set[str] = set()  # peers whose upload is spared (no endgame copies)
         self.pipeline_seconds = pipeline_seconds
         self._cancels: dict[str, set[int]] = {}
         self._rng = rng or random.Random()
@@ -141,11 +142,9 @@ class Scheduler:
         else:
             self._uncount(p)
             p.bits = bytearray(bits)
-        p.held = 0
         for i in range(min(self.n, len(p.bits) * 8)):
             if p.bits[i >> 3] & (0x80 >> (i & 7)):
                 self.count[i] += 1
-                p.held += 1
 
     def have(self, peer: str, i: int) -> None:
         p = self.peers.get(peer)
@@ -153,18 +152,10 @@ class Scheduler:
             return
         p.bits[i >> 3] |= 0x80 >> (i & 7)
         self.count[i] += 1
-        p.held += 1
 
     def has(self, peer: str, i: int) -> bool:
         p = self.peers.get(peer)
         return p is not None and self._has(p, i)
-
-    def is_seed(self, peer: str) -> bool:
-        p = self.peers.get(peer)
-        return p is not None and self._complete(p)
-
-    def _complete(self, p: _Peer) -> bool:
-        return self.n > 0 and p.held == self.n
 
     @staticmethod
     def _has(p: _Peer, i: int) -> bool:
@@ -236,8 +227,8 @@ class Scheduler:
 
     def _endgame(self, peer: str, p: _Peer, now: float) -> int | None:
         """The latest request this peer could duplicate, or None (see the module's notes)."""
-        if self._complete(p):
-            return None  # never spend a seed's upload on a duplicate
+        if peer in self.origins:
+            return None  # never spend an origin's upload on a duplicate
         best, best_late = None, 0.0
         for i, asked in self.holders.items():
             if peer in asked or len(asked) >= MAX_COPIES or not self._has(p, i):
@@ -313,7 +304,6 @@ class Scheduler:
         elif reason != b"choked" and self._has(p, i):
             p.bits[i >> 3] &= ~(0x80 >> (i & 7)) & 0xFF
             self.count[i] -= 1
-            p.held -= 1
 
     def timed_out(self, peer: str, i: int) -> None:
         """Our request to ``peer`` was given up (the shell sends the cancel)."""
