@@ -152,6 +152,8 @@ class InstallResult:
                     "bytes": st.bytes,
                     "chunks": st.chunks,
                     "rate": round(st.rate),
+                    "latency_ms": round(st.latency_ms, 1),
+                    "connect_ms": round(1000 * st.connect_s, 1),
                     "corrupt": st.corrupt,
                     "failures": st.failures,
                     "error": st.error,

@@ -54,6 +54,7 @@ async def test_a_leecher_fetches_everything_from_a_seed(tmp_path: Path) -> None:
     assert all(hash_chunk(d) == c for c, d in got.items())
     (st,) = stats.values()
     assert st.chunks == len(wanted) and st.corrupt == 0 and st.node_id == seed.identity.node_id
+    assert st.responses == st.chunks and st.latency_ms > 0 and st.connect_s > 0
     assert seed.uploaded == sum(len(d) for d in got.values())
 
 

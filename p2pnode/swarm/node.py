@@ -84,10 +84,18 @@ class PeerStats:
     failures: int = 0
     seconds: float = 0.0
     error: str = ""
+    connect_s: float = 0.0  # TCP + TLS handshake: about two round trips
+    response_s: float = 0.0  # summed request-to-piece times (queueing at the peer included)
+    responses: int = 0
 
     @property
     def rate(self) -> float:
         return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def latency_ms(self) -> float:
+        """Mean time from a request to its piece: what a chunk costs waiting on this peer."""
+        return 1000 * self.response_s / self.responses if self.responses else 0.0
 
 
 @dataclass
@@ -485,6 +493,7 @@ class SwarmNode:
         t0 = trio.current_time()
         try:
             tls = await self._connect(host, port)
+            st.connect_s = trio.current_time() - t0
             st.node_id = peer_node_id(tls)
             if st.node_id == self.identity.node_id:
                 return  # ourselves
@@ -523,6 +532,7 @@ class SwarmNode:
         tls, s, sched, mid = link.tls, link.session, job.sched, job.manifest.id
         inflight: dict[int, int] = {}  # rid -> index
         rid_of: dict[int, int] = {}  # index -> rid
+        asked_at: dict[int, float] = {}  # rid -> when requested
         pushed = False
         last_piece = trio.current_time()  # a busy peer answers late but keeps answering
         while True:
@@ -530,12 +540,12 @@ class SwarmNode:
             out = b""
             for i in sched.take_cancels(addr):  # another peer answered first (endgame)
                 if (rid := rid_of.pop(i, None)) is not None:
-                    del inflight[rid]
+                    del inflight[rid], asked_at[rid]
                     out += s.send(W.Cancel(mid, i, rid), now)
             if addr in sched.peers and not s.peer_choking:
                 for i in sched.next_requests(addr, now):
                     rid, data = s.request(mid, i, now)
-                    inflight[rid], rid_of[i] = i, rid
+                    inflight[rid], rid_of[i], asked_at[rid] = i, rid, now
                     out += data
             await link.send(out)
             deadline = min(s.get_timer(), now + self.request_timeout)
@@ -577,10 +587,13 @@ class SwarmNode:
                     last_piece = now
                     i = inflight.pop(ev.rid)
                     rid_of.pop(i, None)
+                    st.response_s += now - asked_at.pop(ev.rid)
+                    st.responses += 1
                     await self._take(job, ev, i, addr, st)
                 elif isinstance(ev, W.Reject):
                     i = inflight.pop(ev.rid)
                     rid_of.pop(i, None)
+                    asked_at.pop(ev.rid, None)
                     sched.rejected(addr, i, bytes(ev.reason), now)
                 elif isinstance(ev, W.Goodbye):
                     return
