@@ -89,6 +89,14 @@ def test_answers_to_cancelled_requests_are_dropped_without_blame() -> None:
     assert a.unsolicited == 0 and not a.cancelled
 
 
+def test_manifest_pushes_are_bounded_per_connection() -> None:
+    _a, b = pair()
+    push = W.encode_bytes(W.ManifestPush(MID, b"x" * 1000))
+    assert len(events(b, push + push)) == 2
+    with pytest.raises(RemoteProtocolError, match="manifests pushed"):
+        events(b, push)
+
+
 def test_answers_only_what_was_asked() -> None:
     _a, b = pair()
     with pytest.raises(LocalProtocolError):

@@ -195,3 +195,14 @@ def test_rate_meter_windows() -> None:
     assert m.rate(2.0) == 1000.0
     assert m.rate(5.0) == 0.0  # all samples aged out
     assert m.total == 2000
+
+
+def test_an_origin_is_asked_only_for_what_the_swarm_lacks() -> None:
+    s = sched(6)
+    s.bitfield("origin", full(6))
+    s.origins.add("origin")
+    s.bitfield("a", bits(6, {0, 1, 2}))
+    s.bitfield("b", bits(6, {0, 1}))
+    # 0 and 1 are held by two other peers: they come from them, never from the origin.
+    assert set(s.next_requests("origin", 0.0)) == {2, 3, 4, 5}
+    assert set(s.next_requests("a", 0.0)) | set(s.next_requests("b", 0.0)) == {0, 1}

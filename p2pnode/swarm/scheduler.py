@@ -23,6 +23,11 @@ never touches a socket, so every rule below is unit-tested with explicit times
   hello; ``origins``): at the end of a release the chunks still missing are usually the ones
   only the origin held, and the origin's upload is what a swarm exists to save. Leechers that
   finished and stayed are fair game. A chunk is requested at most ``MAX_COPIES`` times at once.
+* **Sparing origins.** A seed box (an *origin*, which says so in its hello) is asked only for
+  chunks that at most ``ORIGIN_SPARE_COPIES`` other connected peers hold: the origin's upload
+  goes to chunks the swarm lacks, and leechers trade the rest among themselves. Measured on
+  the default bench_swarm case: not sparing, origin upload ~2.0x the release at ~1.2x the
+  bound; sparing everything others hold (0 copies), 1.45x at 1.32x; one copy, 1.67x at 1.26x.
 * **Deferral.** A ``frugal`` reject (an origin that will not upload a chunk twice while others
   were never uploaded) means "ask someone else, or me later"; the pair is skipped for
   ``FRUGAL_RETRY`` seconds.
@@ -56,6 +61,8 @@ ENDGAME_SLACK = 2.0
 #: The expected time of a chunk whose holder has no measured rate yet.
 UNMEASURED_CHUNK_SECONDS = 2.0
 MAX_COPIES = 2
+#: An origin is asked only for chunks that at most this many other connected peers hold.
+ORIGIN_SPARE_COPIES = 1
 FRUGAL_RETRY = 1.0
 
 
@@ -202,7 +209,7 @@ class Scheduler:
         room = self.depth(peer, now) - len(p.inflight)
         picked: list[int] = []
         while room > 0:
-            i = self._rarest(p, now)
+            i = self._rarest(p, now, only_here=peer in self.origins)
             if i is None:
                 i = self._endgame(peer, p, now)
             if i is None:
@@ -212,13 +219,17 @@ class Scheduler:
             room -= 1
         return picked
 
-    def _rarest(self, p: _Peer, now: float) -> int | None:
+    def _rarest(self, p: _Peer, now: float, *, only_here: bool = False) -> int | None:
+        """``only_here`` (asking an origin): only chunks no other connected peer has."""
         best: list[int] = []
         best_count = 1 << 30
+        origins = [self.peers[o] for o in self.origins if o in self.peers]
         for i in self.missing:
             if i in self.holders or not self._has(p, i) or p.deferred.get(i, 0.0) > now:
                 continue
             c = self.count[i]
+            if only_here and c - sum(1 for o in origins if self._has(o, i)) > ORIGIN_SPARE_COPIES:
+                continue
             if c < best_count:
                 best, best_count = [i], c
             elif c == best_count:
