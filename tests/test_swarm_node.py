@@ -205,3 +205,30 @@ async def test_a_pushed_manifest_from_another_publisher_or_app_is_refused(
     assert not got and left == new
     got, left, _old, new = await _cross_version_fetch(tmp_path / "a", KEY, app="other-app")
     assert not got and left == new
+
+
+async def test_peers_found_during_the_fetch_join_it(tmp_path: Path) -> None:
+    seed, manifest = await seeded(tmp_path)
+    wanted = list(manifest.unique_chunks())  # type: ignore[attr-defined]
+    got: set[bytes] = set()
+
+    async def deliver(cid: bytes, data: bytes) -> None:
+        got.add(cid)
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(seed.serve, "127.0.0.1", 0)
+        send, receive = trio.open_memory_channel[tuple[str, int]](4)
+        await send.send(("127.0.0.1", port))  # discovered after the fetch was set up
+        await send.send(("127.0.0.1", port))  # and again: one connection per address
+        stats: dict[str, PeerStats] = {}
+        with trio.fail_after(20):
+            left = await SwarmNode(node(), LocalChunks()).fetch(
+                manifest,  # type: ignore[arg-type]
+                wanted,
+                [],
+                deliver,
+                stats,
+                more_peers=receive,
+            )
+        nursery.cancel_scope.cancel()
+    assert left == set() and got == set(wanted) and len(stats) == 1

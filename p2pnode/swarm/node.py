@@ -430,8 +430,13 @@ class SwarmNode:
         peers: Sequence[tuple[str, int]],
         deliver: Deliver,
         stats: dict[str, PeerStats] | None = None,
+        more_peers: trio.MemoryReceiveChannel[tuple[str, int]] | None = None,
     ) -> set[bytes]:
-        """Fetch chunk ids ``wanted`` of ``manifest`` from ``peers``; returns those left over."""
+        """Fetch chunk ids ``wanted`` of ``manifest`` from ``peers``; returns those left over.
+
+        ``more_peers`` brings peers discovered while the fetch runs (the DHT or the tracker
+        answering late); each new address is connected to as it arrives, up to
+        ``max_connections`` peers in all."""
         unique = manifest.unique_chunks()
         ids = list(unique)
         index = {cid: i for i, cid in enumerate(ids)}
@@ -442,13 +447,31 @@ class SwarmNode:
             return set()
         async with trio.open_nursery() as nursery:
             job.finished = nursery.cancel_scope  # cancelled when the last chunk lands
-            job.connecting = len(peers)
-            for host, port in peers:
+            known: set[str] = set()
+
+            def add(host: str, port: int) -> None:
                 addr = f"{host}:{port}"
+                if addr in known or len(known) >= self.max_connections:
+                    return
+                known.add(addr)
+                job.connecting += 1
                 stats[addr] = stats.get(addr) or PeerStats(addr)
                 nursery.start_soon(self._fetch_from, job, host, port, stats[addr])
+
+            for host, port in peers:
+                add(host, port)
+            if more_peers is not None:
+                nursery.start_soon(self._take_more_peers, more_peers, add)
             nursery.start_soon(self._watch, job)
         return {ids[i] for i in sched.missing}
+
+    @staticmethod
+    async def _take_more_peers(
+        channel: trio.MemoryReceiveChannel[tuple[str, int]], add: Callable[[str, int], None]
+    ) -> None:
+        async with channel:
+            async for host, port in channel:
+                add(host, port)
 
     async def _watch(self, job: _Fetch) -> None:
         """End the fetch when peers can give no more: no connected peer has a missing chunk
