@@ -131,6 +131,78 @@ def test_processes_fetch_from_a_seed_and_from_each_other(tmp_path: Path) -> None
                     proc.kill()
 
 
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_seed_and_eight_leecher_processes_all_at_once(tmp_path: Path) -> None:
+    """Issue 4's done-when: nine processes on loopback, every leecher told of the seed and of
+    every other leecher, all starting together: byte-identical installs, mostly from peers."""
+    src, cdn_root = tmp_path / "src", tmp_path / "cdn"
+    make_release(src, big=16 << 20)
+    p = publish(src, app="game", version="1", build=1, key=KEY, out=cdn_root)
+    unique = sum(p.manifest.unique_chunks().values())
+    procs: list[subprocess.Popen[str]] = []
+    with LocalCDN(cdn_root) as cdn:
+        url = cdn.url + p.manifest_path
+        seed_dir = tmp_path / "seed"
+        trio.run(install, url, seed_dir, [keys.public_key_bytes(KEY)], InstallOptions())
+        try:
+            cmd = ["seed", "--dest", str(seed_dir), "--listen", "127.0.0.1:0", "--json"]
+            seed, seed_port = start_serving(node_cmd(*cmd, home=tmp_path / "h0"), tmp_path / "h0")
+            procs.append(seed)
+            ports = _free_ports(8)
+            leechers = []
+            for k, port in enumerate(ports):
+                peers = [seed_port, *(q for q in ports if q != port)]
+                args = ["install", url, "--dest", str(tmp_path / f"l{k}"), "--trust", PUB]
+                args += ["--listen", f"127.0.0.1:{port}", "--json"]
+                for q in peers:
+                    args += ["--peer", f"127.0.0.1:{q}"]
+                home = tmp_path / f"h{k + 1}"
+                leechers.append(
+                    subprocess.Popen(
+                        node_cmd(*args, home=home),
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                        env=env_for(home),
+                    )
+                )
+            procs += leechers
+            results = []
+            for proc in leechers:
+                out, err = proc.communicate(timeout=240)
+                assert proc.returncode == 0, err
+                results.append(json.loads(out))
+            for k in range(8):
+                assert tree(tmp_path / f"l{k}") == tree(src)
+            from_peers = sum(r["bytes_peers"] for r in results)
+            from_cdn = sum(r["bytes_cdn"] for r in results)
+            assert from_peers + from_cdn == 8 * unique
+            assert from_peers > 0.8 * 8 * unique, results  # most bytes from peers
+            # Leechers traded among themselves: not everything came from the seed.
+            from_seed = [r["peers"][f"127.0.0.1:{seed_port}"]["bytes"] for r in results]
+            assert sum(from_seed) < from_peers
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+
+
 class DyingSeed(SwarmNode):
     """Serves a few pieces, then drops every connection, as a seed that crashes."""
 
