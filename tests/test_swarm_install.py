@@ -7,6 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -44,91 +47,101 @@ def start_serving(cmd: list[str], home: Path) -> tuple[subprocess.Popen[str], in
     return proc, int(line.get("port", 0))
 
 
-def test_processes_fetch_from_a_seed_and_from_each_other(tmp_path: Path) -> None:
+@dataclass
+class SeededSwarm:
+    """A published release on a local CDN, a seed process serving it, and the processes a
+    test starts (stopped at the end)."""
+
+    src: Path
+    url: str
+    unique: int  # bytes of the release's unique chunks
+    cdn: LocalCDN
+    seed_port: int
+    procs: list[subprocess.Popen[str]]
+
+
+@contextmanager
+def seeded_swarm(tmp_path: Path) -> Iterator[SeededSwarm]:
     src, cdn_root = tmp_path / "src", tmp_path / "cdn"
     make_release(src, big=16 << 20)
     p = publish(src, app="game", version="1", build=1, key=KEY, out=cdn_root)
-    unique = sum(p.manifest.unique_chunks().values())
     procs: list[subprocess.Popen[str]] = []
     with LocalCDN(cdn_root) as cdn:
         url = cdn.url + p.manifest_path
         seed_dir = tmp_path / "seed"
         trio.run(install, url, seed_dir, [keys.public_key_bytes(KEY)], InstallOptions())
         try:
-            seed, seed_port = start_serving(
-                node_cmd(
-                    "seed",
-                    "--dest",
-                    str(seed_dir),
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--json",
-                    home=tmp_path / "h0",
-                ),
-                tmp_path / "h0",
-            )
+            cmd = ["seed", "--dest", str(seed_dir), "--listen", "127.0.0.1:0", "--json"]
+            seed, seed_port = start_serving(node_cmd(*cmd, home=tmp_path / "h0"), tmp_path / "h0")
             procs.append(seed)
-            sent_before = cdn.bytes_sent("/game/1/files/")
-            # Leecher 1 from the seed, then keeps seeding on its own port.
-            l1 = subprocess.Popen(
-                node_cmd(
-                    "install",
-                    url,
-                    "--dest",
-                    str(tmp_path / "l1"),
-                    "--trust",
-                    PUB,
-                    "--peer",
-                    f"127.0.0.1:{seed_port}",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--seed",
-                    "--json",
-                    home=tmp_path / "h1",
-                ),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env_for(tmp_path / "h1"),
-            )
-            procs.append(l1)
-            assert l1.stdout is not None
-            first = json.loads(l1.stdout.readline() or "{}")
-            assert first.get("event") == "installed", l1.stderr.read() if l1.stderr else ""
-            assert first["bytes_peers"] == unique and first["bytes_cdn"] == 0
-            l1_port = int(first["listen_port"])
-            # Leecher 2 knows only leecher 1.
-            out = subprocess.run(
-                node_cmd(
-                    "install",
-                    url,
-                    "--dest",
-                    str(tmp_path / "l2"),
-                    "--trust",
-                    PUB,
-                    "--peer",
-                    f"127.0.0.1:{l1_port}",
-                    "--json",
-                    home=tmp_path / "h2",
-                ),
-                capture_output=True,
-                text=True,
-                timeout=120,
-                env=env_for(tmp_path / "h2"),
-            )
-            assert out.returncode == 0, out.stderr
-            r2 = json.loads(out.stdout)
-            assert r2["bytes_peers"] == unique and r2["bytes_cdn"] == 0
-            assert cdn.bytes_sent("/game/1/files/") == sent_before  # no file byte from the CDN
-            for d in ("l1", "l2"):
-                assert tree(tmp_path / d) == tree(src)
+            unique = sum(p.manifest.unique_chunks().values())
+            yield SeededSwarm(src, url, unique, cdn, seed_port, procs)
         finally:
             for proc in procs:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+
+
+def test_processes_fetch_from_a_seed_and_from_each_other(tmp_path: Path) -> None:
+    with seeded_swarm(tmp_path) as sw:
+        sent_before = sw.cdn.bytes_sent("/game/1/files/")
+        # Leecher 1 from the seed, then keeps seeding on its own port.
+        l1 = subprocess.Popen(
+            node_cmd(
+                "install",
+                sw.url,
+                "--dest",
+                str(tmp_path / "l1"),
+                "--trust",
+                PUB,
+                "--peer",
+                f"127.0.0.1:{sw.seed_port}",
+                "--listen",
+                "127.0.0.1:0",
+                "--seed",
+                "--json",
+                home=tmp_path / "h1",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env_for(tmp_path / "h1"),
+        )
+        sw.procs.append(l1)
+        assert l1.stdout is not None
+        first = json.loads(l1.stdout.readline() or "{}")
+        assert first.get("event") == "installed", l1.stderr.read() if l1.stderr else ""
+        assert first["bytes_peers"] == sw.unique and first["bytes_cdn"] == 0
+        l1_port = int(first["listen_port"])
+        # Leecher 2 knows only leecher 1.
+        out = subprocess.run(
+            node_cmd(
+                "install",
+                sw.url,
+                "--dest",
+                str(tmp_path / "l2"),
+                "--trust",
+                PUB,
+                "--peer",
+                f"127.0.0.1:{l1_port}",
+                "--json",
+                home=tmp_path / "h2",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env_for(tmp_path / "h2"),
+        )
+        assert out.returncode == 0, out.stderr
+        r2 = json.loads(out.stdout)
+        assert r2["bytes_peers"] == sw.unique and r2["bytes_cdn"] == 0
+        assert sw.cdn.bytes_sent("/game/1/files/") == sent_before  # no file byte from the CDN
+        for d in ("l1", "l2"):
+            assert tree(tmp_path / d) == tree(sw.src)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -147,60 +160,40 @@ def _free_ports(n: int) -> list[int]:
 def test_a_seed_and_eight_leecher_processes_all_at_once(tmp_path: Path) -> None:
     """Issue 4's done-when: nine processes on loopback, every leecher told of the seed and of
     every other leecher, all starting together: byte-identical installs, mostly from peers."""
-    src, cdn_root = tmp_path / "src", tmp_path / "cdn"
-    make_release(src, big=16 << 20)
-    p = publish(src, app="game", version="1", build=1, key=KEY, out=cdn_root)
-    unique = sum(p.manifest.unique_chunks().values())
-    procs: list[subprocess.Popen[str]] = []
-    with LocalCDN(cdn_root) as cdn:
-        url = cdn.url + p.manifest_path
-        seed_dir = tmp_path / "seed"
-        trio.run(install, url, seed_dir, [keys.public_key_bytes(KEY)], InstallOptions())
-        try:
-            cmd = ["seed", "--dest", str(seed_dir), "--listen", "127.0.0.1:0", "--json"]
-            seed, seed_port = start_serving(node_cmd(*cmd, home=tmp_path / "h0"), tmp_path / "h0")
-            procs.append(seed)
-            ports = _free_ports(8)
-            leechers = []
-            for k, port in enumerate(ports):
-                peers = [seed_port, *(q for q in ports if q != port)]
-                args = ["install", url, "--dest", str(tmp_path / f"l{k}"), "--trust", PUB]
-                args += ["--listen", f"127.0.0.1:{port}", "--json"]
-                for q in peers:
-                    args += ["--peer", f"127.0.0.1:{q}"]
-                home = tmp_path / f"h{k + 1}"
-                leechers.append(
-                    subprocess.Popen(
-                        node_cmd(*args, home=home),
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE,
-                        text=True,
-                        env=env_for(home),
-                    )
+    with seeded_swarm(tmp_path) as sw:
+        ports = _free_ports(8)
+        leechers = []
+        for k, port in enumerate(ports):
+            peers = [sw.seed_port, *(q for q in ports if q != port)]
+            args = ["install", sw.url, "--dest", str(tmp_path / f"l{k}"), "--trust", PUB]
+            args += ["--listen", f"127.0.0.1:{port}", "--json"]
+            for q in peers:
+                args += ["--peer", f"127.0.0.1:{q}"]
+            home = tmp_path / f"h{k + 1}"
+            leechers.append(
+                subprocess.Popen(
+                    node_cmd(*args, home=home),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=env_for(home),
                 )
-            procs += leechers
-            results = []
-            for proc in leechers:
-                out, err = proc.communicate(timeout=240)
-                assert proc.returncode == 0, err
-                results.append(json.loads(out))
-            for k in range(8):
-                assert tree(tmp_path / f"l{k}") == tree(src)
-            from_peers = sum(r["bytes_peers"] for r in results)
-            from_cdn = sum(r["bytes_cdn"] for r in results)
-            assert from_peers + from_cdn == 8 * unique
-            assert from_peers > 0.8 * 8 * unique, results  # most bytes from peers
-            # Leechers traded among themselves: not everything came from the seed.
-            from_seed = [r["peers"][f"127.0.0.1:{seed_port}"]["bytes"] for r in results]
-            assert sum(from_seed) < from_peers
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGINT)
-                    try:
-                        proc.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+            )
+        sw.procs.extend(leechers)
+        results = []
+        for proc in leechers:
+            out, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, err
+            results.append(json.loads(out))
+        for k in range(8):
+            assert tree(tmp_path / f"l{k}") == tree(sw.src)
+        from_peers = sum(r["bytes_peers"] for r in results)
+        from_cdn = sum(r["bytes_cdn"] for r in results)
+        assert from_peers + from_cdn == 8 * sw.unique
+        assert from_peers > 0.8 * 8 * sw.unique, results  # most bytes from peers
+        # Leechers traded among themselves: not everything came from the seed.
+        from_seed = [r["peers"][f"127.0.0.1:{sw.seed_port}"]["bytes"] for r in results]
+        assert sum(from_seed) < from_peers
 
 
 class DyingSeed(SwarmNode):
