@@ -80,6 +80,8 @@ def _install_options(args: argparse.Namespace, **extra: Any) -> Any:
             upload_slots=_slots(args.upload_slots),
             dht_port=args.dht_port,
             dht_bootstrap=args.dht_bootstrap or (),
+            lan=args.lan,
+            tracker=args.tracker,
         )
     return InstallOptions(
         mirrors=args.mirror or (),
@@ -186,22 +188,24 @@ def _listen_port(options: Any) -> int | None:
 async def _tracked_install(
     args: argparse.Namespace, options: Any, location: str, data: bytes
 ) -> Any:
-    """An install resolved through a tracker: announce, take its peers, report back.
-    Tracker trouble after the manifest is in hand costs peers and statistics, not the install."""
-    from . import manifest as M
+    """An install resolved through a tracker: its peers come from the tracker (raced with the
+    DHT and the LAN when those are on), and the node reports back when done. Tracker trouble
+    after the manifest is in hand costs peers and statistics, not the install."""
+    import httpx
+
+    from .discover import announce_host
     from .identity import load_or_create
     from .install import install
-    from .tracker_client import TrackerClient, TrackerError
-    from .tracking import peers_for
+    from .tracker_client import TrackerClient
 
     me = await trio.to_thread.run_sync(load_or_create, options.identity_dir)
     port = _listen_port(options)
-    unverified = M.parse_signed(data).manifest  # names the swarm; install() verifies it
+    host = None
+    if port:
+        toward = [httpx.URL(args.tracker).host]
+        listen_host = options.listen.rpartition(":")[0]
+        host = await trio.to_thread.run_sync(announce_host, listen_host, toward)
     async with TrackerClient(args.tracker) as tracker:
-        try:
-            options.peers = [*options.peers, *await peers_for(tracker, me, unverified, port)]
-        except TrackerError as exc:
-            print(f"p2pnode: warning: no peers from the tracker: {exc}", file=sys.stderr)
         run = partial(
             install,
             location,
@@ -229,20 +233,20 @@ async def _tracked_install(
                 nursery.start_soon(run)
                 await ready.wait()
                 result = installed[0]
-                await _report(tracker, me, result, port)
+                await _report(tracker, me, result, port, host)
                 await _until_signalled()
                 nursery.cancel_scope.cancel()
             return result
-        await _report(tracker, me, result, port)
+        await _report(tracker, me, result, port, host)
     return result
 
 
-async def _report(tracker: Any, me: Any, result: Any, port: int | None) -> None:
+async def _report(tracker: Any, me: Any, result: Any, port: int | None, host: str | None) -> None:
     from .tracker_client import TrackerError
     from .tracking import announce_completed
 
     try:
-        await announce_completed(tracker, me, result, port)
+        await announce_completed(tracker, me, result, port, host)
     except TrackerError as exc:
         print(f"p2pnode: warning: could not report to the tracker: {exc}", file=sys.stderr)
 
@@ -356,6 +360,7 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_seed(args: argparse.Namespace) -> dict[str, Any]:
     """Serve until SIGINT/SIGTERM; then exit 0."""
+    from .discover import DiscoveryOptions
     from .install import seed
 
     async def run() -> None:
@@ -370,8 +375,12 @@ def cmd_seed(args: argparse.Namespace) -> dict[str, Any]:
                     frugal=args.frugal,
                     max_peer_upload_rate=_rate(args.max_peer_upload_rate),
                     upload_slots=_slots(args.upload_slots),
-                    dht_port=args.dht_port,
-                    dht_bootstrap=args.dht_bootstrap or (),
+                    discovery=DiscoveryOptions(
+                        dht_port=args.dht_port,
+                        dht_bootstrap=args.dht_bootstrap or (),
+                        lan=args.lan,
+                        tracker=args.tracker,
+                    ),
                 )
             )
             if args.json:
@@ -482,6 +491,11 @@ class _Failed(Exception):
 
 
 def _add_dht_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lan",
+        action="store_true",
+        help="find peers on the local network by multicast (and, serving, be found)",
+    )
     p.add_argument(
         "--dht-port",
         type=int,
@@ -605,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="upload chunks again even while some were never uploaded",
     )
+    p.add_argument("--tracker", metavar="URL", help="keep the installed build listed here")
     _add_dht_flags(p)
     p.set_defaults(func=cmd_seed)
 

@@ -19,6 +19,7 @@ import signal
 import tempfile
 import time
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import httpx
 import trio
 
 from . import keys
-from . import manifest as M
+from .discover import DiscoveryOptions
 from .identity import load_or_create
 from .install import InstallOptions, InstallResult, install, rollback
 from .install import seed as serve_seed
@@ -34,7 +35,7 @@ from .localcdn import LocalCDN, free_port
 from .localtracker import LocalTracker
 from .publish import publish
 from .tracker_client import TrackerClient
-from .tracking import announce_completed, peers_for
+from .tracking import announce_completed
 from .units import format_bytes
 from .verify import verify
 
@@ -145,20 +146,21 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
                 me = load_or_create(work / "ids" / name)
                 port = ports[name] = free_port()
                 t = time.monotonic()
-                peers = await peers_for(tracker, me, M.parse_signed(data).manifest, port)
                 options = InstallOptions(
-                    peers=peers, listen=f"127.0.0.1:{port}", identity_dir=work / "ids" / name
+                    listen=f"127.0.0.1:{port}",
+                    tracker=tracker_url,
+                    identity_dir=work / "ids" / name,
                 )
                 r = await install(
                     f"{tracker_url} ({APP}/stable)", work / name, trust, options, manifest_data=data
                 )
-                await announce_completed(tracker, me, r, port)
+                await announce_completed(tracker, me, r, port, "127.0.0.1")
                 rows.append(
                     _row(
                         f"{name}: install build 1",
                         r,
                         time.monotonic() - t,
-                        f"{len(peers)} peers from the tracker",
+                        f"{len(r.peers)} peers from the tracker",
                     )
                 )
 
@@ -180,8 +182,16 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
             )
             rows.append(_row("origin seed: install build 1", r, time.monotonic() - t, "CDN"))
             seed_nursery = await stack.enter_async_context(trio.open_nursery())
-            seed_port = await seed_nursery.start(serve_seed, seed_dir, "127.0.0.1:0", seed_ids)
-            await announce_completed(tracker, load_or_create(seed_ids), r, seed_port)
+            seed_port = await seed_nursery.start(
+                partial(
+                    serve_seed,
+                    seed_dir,
+                    "127.0.0.1:0",
+                    seed_ids,
+                    discovery=DiscoveryOptions(tracker=tracker_url),
+                )
+            )
+            await announce_completed(tracker, load_or_create(seed_ids), r, seed_port, "127.0.0.1")
             async with trio.open_nursery() as leechers:
                 for k in range(1, LEECHERS + 1):
                     leechers.start_soon(swarm_install, f"node-{k}", data1)

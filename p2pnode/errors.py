@@ -27,7 +27,6 @@ pass a more specific one.
     ├── TransportError           a network operation failed
     │   ├── CDNError             every mirror failed for some chunk
     │   ├── dht.DHTError         the DHT node cannot start or answer
-    │   ├── dht.DiscoveryError   no peer source answered
     │   └── tracker_client.TrackerError         a tracker cannot be reached or fails (5xx)
     │       └── tracker_client.TrackerRefusedError  it refused the request (4xx: status, code)
     ├── tracker.core.APIError    (server side) a request the tracker refuses, as a 4xx JSON error

@@ -31,7 +31,7 @@ import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ import trio
 
 from . import keys, layout
 from . import manifest as M
+from .discover import Discovery, DiscoveryOptions, open_discovery
 from .errors import (
     CDNError,
     DiskSpaceError,
@@ -90,7 +91,22 @@ class InstallOptions:
     identity_dir: Path | None = None  # where the node key lives (default: user data dir)
     dht_port: int | None = None  # run a DHT node on this UDP port (0: any); None: no DHT
     dht_bootstrap: Sequence[str] = ()  # HOST:PORT of DHT nodes to join through
+    lan: bool = False  # find (and, serving, be found by) peers on the LAN by multicast
+    lan_port: int | None = None  # the LAN discovery group's port (None: the default)
+    tracker: str | None = None  # tracker URL: announce there (when serving), take its peers
+    discovery_wait: float = 5.0  # wait at most this long for discovery's first answer
     on_ready: Callable[[Any], None] | None = None  # with seed: called once the install is done
+
+    def discovery(self) -> DiscoveryOptions:
+        return DiscoveryOptions(
+            dht_port=self.dht_port,
+            dht_bootstrap=self.dht_bootstrap,
+            lan=self.lan,
+            lan_port=self.lan_port,
+            tracker=self.tracker,
+            identity_dir=self.identity_dir,
+            first_wait=self.discovery_wait,
+        )
 
     def __post_init__(self) -> None:
         if self.limiter is None:
@@ -110,6 +126,21 @@ class Swarm:
 
     node: Any  # swarm.node.SwarmNode (imported lazily: CDN-only installs never load it)
     peers: list[tuple[str, int]]
+    more_peers: trio.MemoryReceiveChannel[tuple[str, int]] | None = None  # found later
+    discovery: Discovery | None = None
+    result: InstallResult | None = None  # the install's running figures (tracker announces)
+
+    def tally(self, mid: bytes) -> tuple[int, int, int, int, int]:
+        """(size, left, from_peers, from_cdn, uploaded) for tracker announces."""
+        r = self.result
+        if r is None or r.manifest.id != mid:
+            return (0, 0, 0, 0, self.node.uploaded)
+        if r.action:  # finished
+            left = 0
+        else:
+            got = r.bytes_peers + r.bytes_cdn + r.bytes_reused + r.bytes_resumed
+            left = max(0, r.bytes_total - got)
+        return (r.bytes_total, left, r.bytes_peers, r.bytes_cdn, self.node.uploaded)
 
 
 @dataclass
@@ -127,6 +158,7 @@ class InstallResult:
     mirrors: dict[str, Any] = field(default_factory=dict)
     peers: dict[str, Any] = field(default_factory=dict)  # address -> swarm.node.PeerStats
     listen_port: int | None = None  # where this node serves chunks, with --listen
+    discovery: dict[str, Any] | None = None  # which peer source answered first, and how each did
 
     def as_json(self) -> dict[str, Any]:
         m = self.manifest
@@ -144,6 +176,7 @@ class InstallResult:
             "bytes_resumed": self.bytes_resumed,
             "bytes_peers": self.bytes_peers,
             "listen_port": self.listen_port,
+            "discovery": self.discovery,
             "seconds": round(self.seconds, 3),
             "mirrors": self.mirrors,
             "peers": {
@@ -303,6 +336,8 @@ async def install(
             result.seconds = time.monotonic() - t0
             if swarm is not None and options.listen:
                 result.listen_port = swarm.node.listen_port
+            if swarm is not None and swarm.discovery is not None:
+                result.discovery = swarm.discovery.summary()
             if options.seed and swarm is not None:
                 swarm.node.local = local_chunks(sd, sd.load())  # the tree moved into place
                 if options.on_ready is not None:
@@ -378,10 +413,11 @@ async def open_swarm(
     *,
     signed: M.SignedManifest | None = None,
 ) -> AsyncIterator[Swarm | None]:
-    """Our swarm node for this install (None without --peer/--listen): it serves, on
-    ``options.listen``, this build's swarm and those of every kept build of the app."""
-    use_dht = options.dht_port is not None or bool(options.dht_bootstrap)
-    if not options.peers and not options.listen and not use_dht:
+    """Our swarm node for this install (None without peers, --listen or discovery): it serves,
+    on ``options.listen``, this build's swarm and those of every kept build of the app, and
+    discovery keeps feeding it peers while it fetches."""
+    discovery = options.discovery()
+    if not options.peers and not options.listen and not discovery.enabled:
         yield None
         return
     from .identity import load_or_create
@@ -408,52 +444,20 @@ async def open_swarm(
         if options.listen:
             host, port = parse_peer(options.listen, listen=True)
             listen = (host, await nursery.start(node.serve, host, port))
-        if use_dht:
-            found = await nursery.start(
-                _dht_discovery, identity, options, [manifest], listen, manifest
-            )
-            peers += [p for p in found if p not in peers]
-        yield Swarm(node, peers)
-        nursery.cancel_scope.cancel()
-
-
-async def _dht_discovery(
-    identity: Any,
-    options: InstallOptions,
-    announce: Sequence[M.Manifest],
-    listen: tuple[str, int] | None,
-    lookup: M.Manifest | None,
-    *,
-    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run a DHT node until cancelled: announce ``announce``'s manifests (and their apps, for
-    partial seeds of other builds) at ``listen``, and report the peers found for ``lookup``."""
-    import ipaddress
-
-    from .dht.discovery import DHTPeerSource
-    from .dht.node import DHTConfig, open_bridge, parse_hostport, serve_dht
-    from .dht.records import Topic
-    from .identity import default_identity_dir
-
-    state_dir = options.identity_dir or default_identity_dir()
-    config = DHTConfig(
-        port=options.dht_port or 0,
-        interface=listen[0] if listen else "0.0.0.0",
-        bootstrap=[parse_hostport(b) for b in options.dht_bootstrap],
-        state_path=state_dir / "dht-routing.json",
-    )
-    async with open_bridge() as bridge, trio.open_nursery() as nursery:
-        dht = await nursery.start(serve_dht, identity.key, config, bridge)
-        if listen is not None and not ipaddress.ip_address(listen[0]).is_unspecified:
-            for m in announce:  # a wildcard listen address has no address to announce
-                await dht.announce(Topic.manifest(m.id), listen[0], listen[1])
-                await dht.announce(Topic.app(m.app), listen[0], listen[1])
-        found: list[tuple[str, int]] = []
-        if lookup is not None:
-            records = await DHTPeerSource(dht).find_peers(lookup.id, lookup.app)
-            found = [r.address for r in records if r.node_id != identity.node_id]
-        task_status.started(found)
-        await trio.sleep_forever()
+        swarm = Swarm(node, peers)
+        if not discovery.enabled:
+            yield swarm
+            nursery.cancel_scope.cancel()
+            return
+        async with open_discovery(identity, discovery, listen) as disc:
+            disc.tally = swarm.tally
+            swarm.discovery = disc
+            nursery.start_soon(disc.announce, list(node.manifests.values()))
+            send, swarm.more_peers = trio.open_memory_channel[tuple[str, int]](256)
+            found = await nursery.start(disc.search, manifest, send)
+            swarm.peers += [p for p in found if p not in swarm.peers]
+            yield swarm
+            nursery.cancel_scope.cancel()
 
 
 async def seed(
@@ -467,6 +471,7 @@ async def seed(
     upload_slots: int = 8,
     dht_port: int | None = None,
     dht_bootstrap: Sequence[str] = (),
+    discovery: DiscoveryOptions | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the release installed in ``dest`` (and its kept earlier builds) until cancelled.
@@ -474,6 +479,9 @@ async def seed(
     Holds no lock: updates of ``dest`` may run meanwhile. Every chunk served is verified on
     read, and the index is rebuilt every ``RESEED_SECONDS``, so a concurrent update costs at
     most some rejected requests, never a wrong byte.
+
+    ``discovery`` (or the ``dht_port``/``dht_bootstrap`` shorthand): where to announce what is
+    served; the current build is also kept listed on the tracker.
     """
     from .identity import load_or_create
     from .swarm.node import SwarmNode, parse_peer
@@ -491,33 +499,56 @@ async def seed(
         frugal=frugal,
     )
 
-    def refresh() -> None:
+    def refresh() -> str | None:
+        """Rebuild the index; returns the installed build's manifest id (hex)."""
         state = sd.load()
         node.local = local_chunks(sd, state)
         for mid in [state.current, *state.history]:
             if mid:
                 node.offer(sd.load_manifest(mid))
+        return state.current
 
-    await trio.to_thread.run_sync(refresh)
+    current = await trio.to_thread.run_sync(refresh)
     host, port = parse_peer(listen, listen=True)
+    if discovery is None:
+        discovery = DiscoveryOptions(dht_port=dht_port, dht_bootstrap=dht_bootstrap)
+    discovery.identity_dir = discovery.identity_dir or identity_dir
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(node.serve, host, port)
-        if dht_port is not None or dht_bootstrap:
-            options = InstallOptions(
-                identity_dir=identity_dir, dht_port=dht_port, dht_bootstrap=dht_bootstrap
-            )
-            await nursery.start(
-                _dht_discovery,
-                identity,
-                options,
-                list(node.manifests.values()),
-                (host, bound),
-                None,
-            )
-        task_status.started(bound)
-        while True:
-            await trio.sleep(RESEED_SECONDS)
-            await trio.to_thread.run_sync(refresh)
+        async with AsyncExitStack() as stack:
+            disc = None
+            if discovery.enabled:
+                disc = await stack.enter_async_context(
+                    open_discovery(identity, discovery, (host, bound))
+                )
+                disc.tally = lambda mid: (node.manifests[mid].total_size, 0, 0, 0, node.uploaded)
+            announced: set[bytes] = set()
+            listed: tuple[str, trio.CancelScope] | None = None
+            while True:
+                if disc is not None:
+                    fresh = [m for mid, m in node.manifests.items() if mid not in announced]
+                    await disc.announce(fresh)
+                    announced.update(m.id for m in fresh)
+                    if current is not None and (listed is None or listed[0] != current):
+                        if listed is not None:
+                            listed[1].cancel()  # the tracker lists only what we have installed
+                        listed = (current, await nursery.start(_listed, disc, node, current))
+                task_status.started(bound)
+                task_status = trio.TASK_STATUS_IGNORED
+                await trio.sleep(RESEED_SECONDS)
+                current = await trio.to_thread.run_sync(refresh)
+
+
+async def _listed(
+    disc: Discovery,
+    node: Any,
+    current: str,
+    *,
+    task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with trio.CancelScope() as scope:
+        task_status.started(scope)
+        await disc.keep_listed(node.manifests[bytes.fromhex(current)])
 
 
 RESEED_SECONDS = 30.0
@@ -553,6 +584,8 @@ async def _apply(
         manifest.total_size,
         previous_id=current.id if current else None,
     )
+    if swarm is not None:
+        swarm.result = result
     sd.keep_manifest(signed)  # names the stage's content (see local_chunks); harvest prunes it
     stage = Stage(sd.stage, manifest, manifest.files)
     journal = Journal(sd.journal, manifest.id)
@@ -678,7 +711,9 @@ async def _remote(
             result.bytes_peers += len(data)
             progress.advance(len(data))
 
-        rest = await swarm.node.fetch(stage.manifest, ids, swarm.peers, deliver, result.peers)
+        rest = await swarm.node.fetch(
+            stage.manifest, ids, swarm.peers, deliver, result.peers, more_peers=swarm.more_peers
+        )
         left = [cid for cid in ids if cid in rest]
     if not left:
         return

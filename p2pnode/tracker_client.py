@@ -397,7 +397,8 @@ class TrackerPeerSource:
     Args:
         client: the tracker client.
         key: this node's key.
-        host, port: where this node serves the swarm (as in its DHT records).
+        host, port: where this node serves the swarm (as in its DHT records); with no host,
+            the tracker uses the address it sees and no records are attached.
         progress: a callable returning (size, left, from_peers, from_cdn, uploaded) for a
             manifest id, so announces carry real progress; default says "nothing yet".
     """
@@ -408,7 +409,7 @@ class TrackerPeerSource:
         self,
         client: TrackerClient,
         key: Ed25519PrivateKey,
-        host: str,
+        host: str | None,
         port: int,
         *,
         record_ttl: float = 1800.0,
@@ -423,19 +424,23 @@ class TrackerPeerSource:
 
     async def find_peers(self, manifest_id: bytes, app: str) -> list[PeerRecord]:
         now = time.time()
-        mine = [
-            make_record(
-                self.key,
-                Topic.manifest(manifest_id),
-                self.host,
-                self.port,
-                now=now,
-                ttl=self.record_ttl,
-            ).encoded,
-            make_record(
-                self.key, Topic.app(app), self.host, self.port, now=now, ttl=self.record_ttl
-            ).encoded,
-        ]
+        mine = (
+            []
+            if self.host is None
+            else [
+                make_record(
+                    self.key,
+                    Topic.manifest(manifest_id),
+                    self.host,
+                    self.port,
+                    now=now,
+                    ttl=self.record_ttl,
+                ).encoded,
+                make_record(
+                    self.key, Topic.app(app), self.host, self.port, now=now, ttl=self.record_ttl
+                ).encoded,
+            ]
+        )
         size, left, fp, fc, up = self.progress(manifest_id) if self.progress else (0, 0, 0, 0, 0)
         result = await self.client.announce(
             self.key,

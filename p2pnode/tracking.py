@@ -1,7 +1,7 @@
 """A node's conversation with a tracker around one install: announce, peers, reports.
 
-Before an install, a node that serves (``--listen`` with a concrete port) announces itself as
-started and takes the peers the tracker ranks for it; after, it announces completion with the
+While a node installs and serves, discovery (``discover.py``, ``TrackerPeerSource``) announces
+it and takes the peers the tracker ranks for it; after the install, it announces completion with the
 bytes it got from peers and from the CDN (the tracker's offload figures) and reports the quality
 of every peer it used (signed, as docs/tracker-api.md specifies). A node that does not serve
 does not announce (the tracker would hand its address to others) but still reports.
@@ -9,37 +9,42 @@ does not announce (the tracker would hand its address to others) but still repor
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from . import manifest as M
+from .dht.records import Topic, make_record
 from .identity import NodeIdentity
 from .tracker_client import PeerQualityReport, TrackerClient
 
-__all__ = ["announce_completed", "peers_for"]
+__all__ = ["announce_completed", "own_records"]
 
 
-async def peers_for(
-    tracker: TrackerClient, me: NodeIdentity, manifest: M.Manifest, port: int | None
-) -> list[str]:
-    """Announce ``started`` and return the peers (HOST:PORT) the tracker offers."""
-    if not port:
+def own_records(me: NodeIdentity, manifest: M.Manifest, host: str | None, port: int) -> list[bytes]:
+    """Our signed peer records for ``manifest`` and its app, attached to every announce: the
+    tracker keeps only the latest announce's records, and nodes take tracker peers only with
+    records that verify (``TrackerPeerSource``)."""
+    if host is None:
         return []
-    answer = await tracker.announce(
-        me.key,
-        app=manifest.app,
-        manifest_id=manifest.id,
-        port=port,
-        event="started",
-        size=manifest.total_size,
-        left=manifest.total_size,
-    )
-    return [f"{p.ip}:{p.port}" for p in answer.peers if p.port and p.node_id != me.node_id]
+    now = time.time()
+    return [
+        make_record(me.key, topic, host, port, now=now, ttl=RECORD_TTL).encoded
+        for topic in (Topic.manifest(manifest.id), Topic.app(manifest.app))
+    ]
+
+
+RECORD_TTL = 1800.0
 
 
 async def announce_completed(
-    tracker: TrackerClient, me: NodeIdentity, result: Any, port: int | None
+    tracker: TrackerClient,
+    me: NodeIdentity,
+    result: Any,
+    port: int | None,
+    host: str | None = None,
 ) -> None:
-    """Tell the tracker where this install's bytes came from, and how each peer did."""
+    """Tell the tracker where this install's bytes came from, and how each peer did.
+    ``host``: the address this node serves on (``discover.announce_host``), for its records."""
     m = result.manifest
     if port and result.previous_id is not None:
         # Its earlier build is kept for rollback but no longer installed: leave that swarm's
@@ -62,6 +67,8 @@ async def announce_completed(
             left=0,
             from_peers=result.bytes_peers,
             from_cdn=result.bytes_cdn,
+            ip=host,
+            records=own_records(me, m, host, port),
         )
     reports = [
         PeerQualityReport(

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import random
 import time
+import types
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from p2pnode.dht.discovery import (
-    DHTPeerSource,
-    DiscoveryError,
-    FirstAnswer,
-    PeerSource,
-    merge_records,
-)
+from p2pnode.dht.discovery import DHTPeerSource, PeerSource, merge_records
 from p2pnode.dht.records import PeerRecord, Topic, make_record
+from p2pnode.discover import Address, Discovery, DiscoveryOptions
 from p2pnode.errors import TransportError
 
 from .helpers import swarm
@@ -52,27 +50,51 @@ class FakeSource:
         return list(self.result)
 
 
-async def test_the_first_non_empty_answer_wins_and_the_rest_are_cancelled(
+def discovery(*sources: FakeSource, first_wait: float = 5.0, grace: float = 0.0) -> Discovery:
+    d = Discovery(b"me" * 16, DiscoveryOptions(first_wait=first_wait, grace=grace), None, None)
+    for source in sources:
+        d.add_source(source)
+    return d
+
+
+Found = tuple[list[int], trio.MemoryReceiveChannel[Address], float]
+
+
+@asynccontextmanager
+async def searching(d: Discovery) -> AsyncIterator[Found]:
+    """Run ``d.search``: the first peers' ports, the channel of later news, the time it took."""
+    send, receive = trio.open_memory_channel[Address](16)
+    manifest = types.SimpleNamespace(id=MID, app="game")
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        found = await nursery.start(d.search, manifest, send)
+        yield [port for _, port in found], receive, trio.current_time() - start
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_first_non_empty_answer_wins_and_late_ones_join_later(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     fast_empty = FakeSource("lan", 0.1, [])
     tracker = FakeSource("tracker", 0.5, [record(1)])
-    dht = FakeSource("dht", 3.0, [record(2)])
-    race = FirstAnswer([fast_empty, tracker, dht])
-    start = trio.current_time()
-    got = await race.find_peers(MID, "game")
-    assert [r.port for r in got] == [7001]
-    assert race.last_winner == "tracker"
-    assert trio.current_time() - start == pytest.approx(0.5)
-    assert dht.cancelled and not tracker.cancelled
+    dht = FakeSource("dht", 3.0, [record(1), record(2)])
+    d = discovery(fast_empty, tracker, dht)
+    async with searching(d) as (ports, later, took):
+        assert ports == [7001] and d.winner == "tracker"
+        assert took == pytest.approx(0.5)
+        with trio.fail_after(5):
+            assert (await later.receive())[1] == 7002  # the DHT's answer, news only
+        assert fast_empty.calls >= 2  # an empty answer is asked again soon while waiting
 
 
 async def test_tracker_down_means_dht_only(autojump_clock: trio.abc.Clock) -> None:
     tracker = FakeSource("tracker", 0.01, TransportError("tracker refused the connection"))
     dht = FakeSource("dht", 1.0, [record(2)])
-    race = FirstAnswer([tracker, dht])
-    assert [r.port for r in await race.find_peers(MID, "game")] == [7002]
-    assert race.last_winner == "dht" and "tracker" in race.last_errors
+    d = discovery(tracker, dht)
+    async with searching(d) as (ports, _, took):
+        assert ports == [7002] and d.winner == "dht" and took == pytest.approx(1.0)
+        assert d.errors == {"tracker": "tracker refused the connection"}
+        assert d.summary()["sources"]["tracker"]["failures"] >= 1
 
 
 async def test_empty_dht_means_tracker_only_and_grace_merges(
@@ -80,23 +102,41 @@ async def test_empty_dht_means_tracker_only_and_grace_merges(
 ) -> None:
     dht = FakeSource("dht", 0.01, [])
     tracker = FakeSource("tracker", 0.2, [record(1)])
-    assert [r.port for r in await FirstAnswer([dht, tracker]).find_peers(MID, "g")] == [7001]
+    async with searching(discovery(dht, tracker)) as (ports, _, _):
+        assert ports == [7001]
     late = FakeSource("dht", 0.3, [record(1), record(3)])
-    merged = await FirstAnswer([tracker, late], grace=0.5).find_peers(MID, "g")
-    assert sorted(r.port for r in merged) == [7001, 7003]
+    async with searching(discovery(FakeSource("tracker", 0.2, [record(1)]), late, grace=0.5)) as (
+        ports,
+        _,
+        took,
+    ):
+        assert sorted(ports) == [7001, 7003] and took == pytest.approx(0.7)
 
 
-async def test_nobody_and_everybody_failing(autojump_clock: trio.abc.Clock) -> None:
-    assert await FirstAnswer([FakeSource("dht", 0.1, [])]).find_peers(MID, "g") == []
-    with pytest.raises(DiscoveryError, match="tracker: down"):
-        await FirstAnswer(
-            [
-                FakeSource("tracker", 0.1, TransportError("down")),
-                FakeSource("dht", 0.2, TransportError("no nodes")),
-            ]
-        ).find_peers(MID, "g")
-    with pytest.raises(RuntimeError):
-        FirstAnswer([])
+async def test_nobody_answering_starts_without_peers_after_the_wait(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    d = discovery(
+        FakeSource("tracker", 0.1, TransportError("down")),
+        FakeSource("dht", 0.2, []),
+        FakeSource("lan", 8, [record(4)]),
+        first_wait=2.0,
+    )
+    async with searching(d) as (ports, later, took):
+        assert ports == [] and took == pytest.approx(2.0) and d.winner is None
+        with trio.fail_after(30):  # the slow source still reaches the swarm later
+            assert (await later.receive())[1] == 7004
+    empty = discovery()
+    async with searching(empty) as (ports, _, took):
+        assert ports == [] and took == 0
+
+
+async def test_own_records_are_left_out(autojump_clock: trio.abc.Clock) -> None:
+    me = record(5)
+    d = discovery(FakeSource("dht", 0.1, [me, record(6)]))
+    d.node_id = me.node_id
+    async with searching(d) as (ports, _, _):
+        assert ports == [7006]
 
 
 def test_merge_keeps_one_record_per_node_and_kind() -> None:
@@ -124,7 +164,5 @@ async def test_dht_source_finds_seeds_and_partial_seeds() -> None:
                 (7001, b"m"),
                 (7002, b"a"),
             ]  # not itself
-            both = await FirstAnswer([DHTPeerSource(nodes[0], include_app=False)]).find_peers(
-                mid, "game"
-            )
+            both = await DHTPeerSource(nodes[0], include_app=False).find_peers(mid, "game")
             assert sorted(r.port for r in both) == [7001, 7005]

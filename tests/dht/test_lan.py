@@ -12,7 +12,6 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pnode import canonical
-from p2pnode.dht.discovery import FirstAnswer
 from p2pnode.dht.lan import (
     LANDiscovery,
     LANMessageError,
@@ -93,7 +92,7 @@ async def test_find_peers_on_the_lan() -> None:
             for junk in [b"", b"x" * 2000, b"d1:q14:p2pnode-lan-v1e"]:
                 await sock.sendto(junk, ("239.192.80.78", port))
             sock.close()
-            assert sorted(r.port for r in await FirstAnswer([b]).find_peers(MID, "game")) == [
+            assert sorted(r.port for r in await b.find_peers(MID, "game")) == [
                 7000,
                 7002,
             ]
