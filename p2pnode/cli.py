@@ -62,6 +62,18 @@ def _add_peer_rate_flags(p: argparse.ArgumentParser, *, download: bool) -> None:
     )
 
 
+def _discovery_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """--dht-port, --dht-bootstrap and --lan over the config file's defaults."""
+    from .config import load_config
+
+    config = load_config(Path(args.config) if args.config else None)
+    return {
+        "dht_port": args.dht_port if args.dht_port is not None else config.dht_port,
+        "dht_bootstrap": [*config.dht_bootstrap, *(args.dht_bootstrap or ())],
+        "lan": args.lan or config.lan,
+    }
+
+
 def _install_options(args: argparse.Namespace, **extra: Any) -> Any:
     from .install import InstallOptions
 
@@ -78,9 +90,7 @@ def _install_options(args: argparse.Namespace, **extra: Any) -> Any:
             max_peer_upload_rate=_rate(args.max_peer_upload_rate),
             max_peer_download_rate=_rate(args.max_peer_download_rate),
             upload_slots=_slots(args.upload_slots),
-            dht_port=args.dht_port,
-            dht_bootstrap=args.dht_bootstrap or (),
-            lan=args.lan,
+            **_discovery_flags(args),
             tracker=args.tracker,
         )
     return InstallOptions(
@@ -375,12 +385,7 @@ def cmd_seed(args: argparse.Namespace) -> dict[str, Any]:
                     frugal=args.frugal,
                     max_peer_upload_rate=_rate(args.max_peer_upload_rate),
                     upload_slots=_slots(args.upload_slots),
-                    discovery=DiscoveryOptions(
-                        dht_port=args.dht_port,
-                        dht_bootstrap=args.dht_bootstrap or (),
-                        lan=args.lan,
-                        tracker=args.tracker,
-                    ),
+                    discovery=DiscoveryOptions(**_discovery_flags(args), tracker=args.tracker),
                 )
             )
             if args.json:
@@ -491,6 +496,11 @@ class _Failed(Exception):
 
 
 def _add_dht_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="node config (TOML; default: config.toml in the user config dir, or $P2PNODE_CONFIG)",
+    )
     p.add_argument(
         "--lan",
         action="store_true",

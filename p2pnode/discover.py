@@ -258,7 +258,10 @@ async def open_discovery(
     so it only asks and announces nothing)."""
     from .dht.node import parse_hostport
 
-    bootstrap = [parse_hostport(b) for b in options.dht_bootstrap]
+    texts = list(options.dht_bootstrap)
+    if options.tracker and options.use_dht:
+        texts += await _tracker_bootstrap(options.tracker)
+    bootstrap = list(dict.fromkeys(parse_hostport(b) for b in texts))
     toward = []
     if options.tracker:
         import httpx
@@ -360,6 +363,25 @@ async def _start_tracker(
     disc.add_source(
         TrackerPeerSource(client, identity.key, disc.host, disc.listen[1], progress=tally)
     )
+
+
+async def _tracker_bootstrap(url: str) -> list[str]:
+    """The tracker's DHT bootstrap nodes; none (and a warning) if it does not answer quickly:
+    the DHT is what keeps working when the tracker does not."""
+    from .tracker_client import TrackerClient
+
+    with trio.move_on_after(BOOTSTRAP_WAIT):
+        try:
+            async with TrackerClient(url) as client:
+                return await client.dht_bootstrap()
+        except P2PNodeError as exc:
+            _warn(f"no DHT bootstrap nodes from the tracker: {exc}")
+            return []
+    _warn(f"no DHT bootstrap nodes from the tracker: no answer in {BOOTSTRAP_WAIT:g} s")
+    return []
+
+
+BOOTSTRAP_WAIT = 3.0
 
 
 def _warn(text: str) -> None:

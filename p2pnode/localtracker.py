@@ -19,9 +19,10 @@ __all__ = ["LocalTracker"]
 class LocalTracker:
     """``tracker serve`` on a free loopback port; ``url`` once started."""
 
-    def __init__(self, data_dir: Path, admin_token: str) -> None:
+    def __init__(self, data_dir: Path, admin_token: str, *extra_args: str) -> None:
         self.data_dir = data_dir
         self.admin_token = admin_token
+        self.extra_args = extra_args
         self.url = ""
         self._proc: subprocess.Popen[str] | None = None
 
@@ -38,6 +39,7 @@ class LocalTracker:
                 str(self.data_dir),
                 "--admin-token",
                 self.admin_token,
+                *self.extra_args,
                 "--json",
             ],
             stdout=subprocess.PIPE,

@@ -301,6 +301,24 @@ class TrackerClient:
             )
         return data
 
+    async def dht_bootstrap(self) -> list[str]:
+        """DHT nodes (HOST:PORT) the tracker's operator hands out; at most 32, each checked."""
+        from .dht.node import parse_hostport
+
+        resp = await self._request("GET", "/v1/dht/bootstrap")
+        nodes = resp.json().get("nodes")
+        if not isinstance(nodes, list):
+            raise TrackerError("tracker answered /v1/dht/bootstrap without a node list")
+        out = []
+        for text in nodes[:32]:
+            if isinstance(text, str):
+                try:
+                    parse_hostport(text)
+                except P2PNodeError:
+                    continue
+                out.append(text)
+        return out
+
     # ------------------------------------------------------------------ node messages
 
     async def announce(

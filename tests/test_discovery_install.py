@@ -135,3 +135,18 @@ async def test_peers_from_the_lan_alone(tmp_path: Path, release: Release) -> Non
     async with seeding(tmp_path, release, DiscoveryOptions(lan=True, lan_port=lan_port)):
         r = await leech(tmp_path, release, lan=True, lan_port=lan_port)
     assert r.discovery is not None and r.discovery["winner"] == "lan"
+
+
+async def test_the_tracker_hands_out_dht_bootstrap_nodes(tmp_path: Path, release: Release) -> None:
+    """Given only a tracker URL and --dht-port, a node joins the DHT through the tracker's
+    bootstrap list, and finds the seed there although this tracker knows nothing of the release
+    (its announces are refused)."""
+    dht_port = free_port(socket.SOCK_DGRAM)
+    boot = f"127.0.0.1:{dht_port}"
+    with LocalTracker(tmp_path / "tracker", ADMIN, "--dht-bootstrap", boot) as url:
+        async with TrackerClient(url) as client:
+            assert await client.dht_bootstrap() == [boot]
+        async with seeding(tmp_path, release, DiscoveryOptions(dht_port=dht_port)):
+            r = await leech(tmp_path, release, tracker=url, dht_port=0)
+    assert r.discovery is not None and r.discovery["winner"] == "dht"
+    assert r.discovery["sources"]["tracker"]["answers"] == 0

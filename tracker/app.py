@@ -96,6 +96,8 @@ class TrackerConfig:
     #: Reports per second per reporting node, and the burst.
     report_rate: float = 0.2
     report_burst: float = 5.0
+    #: DHT nodes (HOST:PORT) handed to nodes that join the DHT through this tracker.
+    dht_bootstrap: tuple[str, ...] = ()
     clock: Callable[[], float] = time.time
 
     @property
@@ -270,6 +272,7 @@ class Tracker:
             Route("/v1/report", self._report, methods=["POST"]),
             Route("/v1/peers/{node_id:str}", self._peer, methods=["GET", "DELETE"]),
             Route("/v1/stats", self._stats),
+            Route("/v1/dht/bootstrap", self._dht_bootstrap),
         ]
 
     async def _swarm_call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
@@ -342,6 +345,11 @@ class Tracker:
         except Exception as exc:  # health must answer, whatever broke
             return JSONResponse({"status": "down", "error": repr(exc)}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    async def _dht_bootstrap(self, request: Request) -> Response:
+        """DHT nodes to join through: nodes given only a tracker URL still reach the DHT, which
+        then keeps working for them when this tracker is down."""
+        return JSONResponse({"nodes": list(self.config.dht_bootstrap)})
 
     async def _refresh_stats(self) -> dict[str, Any]:
         stats = await self._swarm_call(self.swarm.stats, self.config.clock())

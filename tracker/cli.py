@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,17 @@ def _hostport(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise UsageError(f"--listen {text!r} is not HOST:PORT", fix="e.g. --listen 0.0.0.0:7070")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _dht_nodes(texts: Sequence[str]) -> list[str]:
+    """Validated ``--dht-bootstrap`` values, normalised to HOST:PORT."""
+    from p2pnode.dht.node import parse_hostport
+
+    out = []
+    for text in texts:
+        host, port = parse_hostport(text)
+        out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return out
 
 
 def _admin_token(args: argparse.Namespace) -> str:
@@ -62,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
         "--client-rate", type=float, default=50.0, help="requests/s per client address (0: off)"
     )
     s.add_argument("--client-burst", type=float, default=200.0)
+    s.add_argument(
+        "--dht-bootstrap",
+        action="append",
+        metavar="HOST:PORT",
+        help="a DHT node to hand to nodes joining the DHT (repeatable)",
+    )
     s.add_argument("--json", action="store_true", help="print the bound address as JSON")
     a = sub.add_parser("app", help="manage apps on a running tracker")
     asub = a.add_subparsers(dest="app_command", required=True)
@@ -83,6 +101,7 @@ async def _serve(args: argparse.Namespace) -> None:
         interval=args.interval,
         client_rate=args.client_rate,
         client_burst=args.client_burst,
+        dht_bootstrap=tuple(_dht_nodes(args.dht_bootstrap or ())),
     )
     tracker = open_tracker(config, args.data, args.redis, args.redis_prefix)
     if args.redis:

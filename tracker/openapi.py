@@ -130,6 +130,7 @@ def openapi_document() -> dict[str, Any]:
         },
         "paths": {
             "/healthz": {"get": _op("Liveness and store health")},
+            "/v1/dht/bootstrap": {"get": _op("DHT nodes to bootstrap from (HOST:PORT list)")},
             "/metrics": {"get": _op("Prometheus metrics")},
             "/openapi.json": {"get": _op("This document")},
             "/dashboard": {"get": _op("Operator dashboard (HTML)")},
