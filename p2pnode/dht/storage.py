@@ -17,9 +17,13 @@ findable. It implements the package's ``IStorage`` interface with these meanings
 * iteration yields ``(key, bundle)`` pairs, which is what the package's replication to newly
   seen nodes sends.
 
-Memory is bounded: at most ``max_per_key`` records per key and ``max_records`` in total. When a
-bound is hit, the record that expires first makes room (if the newcomer outlives it), so a flood
-of records can displace records only by being longer-lived, and ``MAX_TTL`` caps that. Expired
+Memory is bounded: at most ``max_per_key`` records per key and ``max_records`` in total, and at
+most ``max_per_network`` records per key whose addresses share one network (an IPv4 /24 or an
+IPv6 /48), so a host that makes a thousand keys (keys are free) still holds only a few of a
+key's places: taking a key over takes addresses in many networks. Loopback, private and
+link-local addresses are exempt (they only mean something inside one site). When a bound is
+hit, the record that expires first makes room (if the newcomer outlives it), so a flood of
+records can displace records only by being longer-lived, and ``MAX_TTL`` caps that. Expired
 records are dropped lazily, through a heap ordered by expiry, so every operation stays
 O(log n) amortised even under a flood.
 
@@ -29,6 +33,7 @@ The clock is injected (``clock``, Unix seconds) because records carry absolute e
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -44,13 +49,31 @@ from .records import (
     parse_record,
 )
 
-__all__ = ["DEFAULT_MAX_PER_KEY", "DEFAULT_MAX_RECORDS", "RecordStorage"]
+__all__ = [
+    "DEFAULT_MAX_PER_KEY",
+    "DEFAULT_MAX_PER_NETWORK",
+    "DEFAULT_MAX_RECORDS",
+    "RecordStorage",
+    "network_of",
+]
 
 #: Per-key bound: BitTorrent's DHT keeps a few dozen to a hundred peers per infohash; one
 #: storing node only ever hands out ``MAX_BUNDLE_RECORDS`` at a time anyway.
 DEFAULT_MAX_PER_KEY = 128
 #: Total bound: about 2 MB of records (with dict overhead) per node.
 DEFAULT_MAX_RECORDS = 8192
+#: Records per key from one /24 (IPv4) or /48 (IPv6): a few hosts behind one NAT or in one
+#: rack, not a Sybil army on one address.
+DEFAULT_MAX_PER_NETWORK = 8
+
+
+def network_of(host: str) -> str | None:
+    """The network an address counts against for ``max_per_network``; None when exempt."""
+    ip = ipaddress.ip_address(host)
+    if ip.is_loopback or ip.is_private or ip.is_link_local:
+        return None
+    prefix = 24 if ip.version == 4 else 48
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
 class RecordStorage(IStorage):
@@ -59,6 +82,7 @@ class RecordStorage(IStorage):
     Args:
         max_per_key: most records kept under one key.
         max_records: most records kept in total.
+        max_per_network: most records kept under one key with addresses in one network.
         clock: returns the current Unix time; records expire against it.
         rng: picks the sample handed out when a key holds more than one bundle's worth.
     """
@@ -68,11 +92,13 @@ class RecordStorage(IStorage):
         *,
         max_per_key: int = DEFAULT_MAX_PER_KEY,
         max_records: int = DEFAULT_MAX_RECORDS,
+        max_per_network: int = DEFAULT_MAX_PER_NETWORK,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
         self.max_per_key = max_per_key
         self.max_records = max_records
+        self.max_per_network = max_per_network
         self.clock = clock
         self.rng = rng or random.Random()
         # key -> announcer public key -> record
@@ -118,6 +144,16 @@ class RecordStorage(IStorage):
                 return old.encoded == record.encoded
             self._put(key, record, replacing=True)
             return True
+        net = network_of(record.host)
+        if slot is not None and net is not None:
+            same = [r for r in slot.values() if network_of(r.host) == net]
+            if len(same) >= self.max_per_network:
+                victim = min(same, key=lambda r: r.expires)
+                if victim.expires >= record.expires:
+                    self.rejected += 1
+                    return False
+                self._remove(key, victim.public_key)
+                slot = self._data.get(key)
         if slot is not None and len(slot) >= self.max_per_key:
             victim = min(slot.values(), key=lambda r: r.expires)
             if victim.expires >= record.expires:

@@ -115,3 +115,27 @@ def test_get_samples_big_keys_and_iterates_for_replication() -> None:
     assert len(canonical.decode(s[KEY], max_size=8000)) == 32
     assert [k for k, _ in s] == [KEY]
     assert s.iter_older_than(0) != [] and s.iter_older_than(10) == []
+
+
+def test_one_network_holds_only_a_few_places_of_a_key() -> None:
+    """Keys are free, addresses are not: 40 keys claiming addresses in one /24 get 8 places
+    (the longest-lived), while other networks and site-local addresses are not limited."""
+    rng = random.Random(5)
+    sybils = [Ed25519PrivateKey.from_private_bytes(rng.randbytes(32)) for _ in range(40)]
+    s = RecordStorage(clock=Clock(), max_per_network=8)
+    for i, k in enumerate(sybils):
+        s.add_record(KEY, make_record(k, TOPIC, f"93.184.216.{i + 1}", 7000, now=T0, ttl=600 + i))
+    kept = s.records(KEY)
+    assert len(kept) == 8 and all(r.expires >= T0 + 632 for r in kept)
+    honest = [
+        make_record(k, TOPIC, host, 7000, now=T0, ttl=60)
+        for k, host in zip(
+            KEYS[:4], ["93.184.217.9", "2001:db9::1", "10.0.0.7", "127.0.0.1"], strict=True
+        )
+    ]
+    assert all(s.add_record(KEY, r) for r in honest)  # short-lived, yet each has room
+    more_lan = [
+        make_record(k, TOPIC, f"10.0.0.{i + 20}", 7000, now=T0, ttl=60)
+        for i, k in enumerate(sybils[:20])
+    ]
+    assert all(s.add_record(KEY, r) for r in more_lan)  # site-local addresses are exempt
