@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import trio
 
 from . import keys, layout
@@ -216,6 +215,8 @@ async def read_manifest(location: str) -> bytes:
 
 
 async def _http_get(url: str, limit: int) -> bytes:
+    import httpx  # not at module level: installs from peers or files never pay for it
+
     try:
         with trio.fail_after(60):
             async with (

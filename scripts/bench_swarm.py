@@ -294,6 +294,80 @@ def _install_result(stdout: str) -> dict[str, Any]:
     return json.loads(events[-1] if events else lines[-1])  # type: ignore[no-any-return]
 
 
+class UplinkSampler:
+    """Samples every host's upload (its bridge port's rx counter) from the bridge namespace,
+    one ``ip -s link`` call per sample, so the report can say when uplinks sat idle."""
+
+    def __init__(self, lab: netlab.Lab, period: float = 0.5) -> None:
+        self.ports = {h.bridge_port: h.name for h in lab.hosts}
+        self.bridge_ns = lab.bridge_ns
+        self.period = period
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.t0 = time.monotonic()
+
+    def _sample(self) -> None:
+        out = subprocess.run(
+            ["ip", "-n", self.bridge_ns, "-j", "-s", "link", "show"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        try:
+            links = json.loads(out)
+        except ValueError:
+            return
+        tx = {
+            self.ports[link["ifname"]]: int(link["stats64"]["rx"]["bytes"])
+            for link in links
+            if link.get("ifname") in self.ports
+        }
+        self.samples.append((time.monotonic() - self.t0, tx))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self._sample()
+
+    def __enter__(self) -> UplinkSampler:
+        self.t0 = time.monotonic()
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def timeline(self, caps: dict[str, float], bucket: float = 2.0) -> list[dict[str, Any]]:
+        """Per ``bucket`` seconds: leechers' summed upload and the origin's, as fractions of
+        their caps (bits/s)."""
+        rows: list[dict[str, Any]] = []
+        if len(self.samples) < 2:
+            return rows
+        edge = bucket
+        start_t, start = self.samples[0]
+        for t, tx in self.samples[1:]:
+            if t < edge and (t, tx) != self.samples[-1]:
+                continue
+            span = t - start_t
+            if span <= 0:
+                continue
+            leech = sum(tx[n] - start[n] for n in tx if n != "origin")
+            leech_cap = sum(c for n, c in caps.items() if n != "origin")
+            rows.append(
+                {
+                    "t": round(t, 1),
+                    "leechers_up": round(8 * leech / span / leech_cap, 3),
+                    "origin_up": round(
+                        8 * (tx["origin"] - start["origin"]) / span / caps["origin"], 3
+                    ),
+                }
+            )
+            start_t, start, edge = t, tx, edge + bucket
+        return rows
+
+
 def _wait_installed(procs: dict[str, netlab.HostProcess], timeout: float) -> dict[str, float]:
     """For ``install --seed`` processes: the seconds until each printed its ``installed``
     event; then all are stopped (they would seed forever)."""
@@ -325,8 +399,10 @@ def run_cdn_only(lab: netlab.Lab, release: Release, work: Path, timeout: float) 
     base = f"http://{origin.ip}:{CDN_PORT}/"
     nginx_prefix = work / "nginx"
     cdn = start_cdn(lab, release, nginx_prefix)
+    sampler = UplinkSampler(lab)
     try:
         before = {h.name: h.counters() for h in lab.hosts}
+        sampler.__enter__()
         procs: dict[str, netlab.HostProcess] = {}
         for h in leechers:
             dest = work / "leechers" / h.name / "install"
@@ -446,8 +522,10 @@ def run_swarm(
         if seed.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"the origin's seed did not start: {seed.stderr()[-600:]}")
         time.sleep(0.05)
+    sampler = UplinkSampler(lab)
     try:
         before = {h.name: h.counters() for h in lab.hosts}
+        sampler.__enter__()
         procs: dict[str, netlab.HostProcess] = {}
         for h in leechers:
             dest = work / "swarm" / h.name / "install"
@@ -479,6 +557,7 @@ def run_swarm(
         after = {h.name: h.counters() for h in lab.hosts}
         results = {name: _install_result(p.stdout()) for name, p in procs.items()}
     finally:
+        sampler.__exit__()
         seed.stop()
     return RunResult(
         leecher_s=seconds,
@@ -487,6 +566,7 @@ def run_swarm(
         details={
             "bytes_peers": {n: int(r["bytes_peers"]) for n, r in results.items()},
             "bytes_cdn": {n: int(r["bytes_cdn"]) for n, r in results.items()},
+            "timeline": sampler.timeline({h.name: h.up_bps or 1e12 for h in lab.hosts}),
         },
     )
 
@@ -663,6 +743,14 @@ def main() -> None:
                 ),
                 ("swarm origin upload", f"{swarm.origin_tx_bytes / F:.2f}x the release"),
                 (
+                    "swarm uplinks",
+                    "  ".join(
+                        f"{r['t']:.0f}s {100 * r['leechers_up']:.0f}/{100 * r['origin_up']:.0f}%"
+                        for r in swarm.details.get("timeline", [])
+                    )
+                    + " (leechers'/origin's upload as % of caps, per 2 s)",
+                ),
+                (
                     "swarm runs",
                     ", ".join(
                         f"{r.slowest_s / bound:.2f}x/{r.origin_tx_bytes / F:.2f}x" for r in runs
@@ -691,6 +779,7 @@ def main() -> None:
             if swarm
             else None,
             "leechers_stay": not args.leave_when_done,
+            "swarm_timeline": swarm.details.get("timeline") if swarm else None,
             "swarm_runs": [
                 {
                     "ratio_to_bound": round(r.slowest_s / bound, 3),

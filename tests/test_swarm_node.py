@@ -232,3 +232,39 @@ async def test_peers_found_during_the_fetch_join_it(tmp_path: Path) -> None:
             )
         nursery.cancel_scope.cancel()
     assert left == set() and got == set(wanted) and len(stats) == 1
+
+
+async def test_a_peer_that_connects_to_us_is_dialled_back(tmp_path: Path) -> None:
+    """A knows only the seed; B knows the seed and A. B's connection tells A where B listens,
+    A dials back, and the two trade (one side knowing the other is enough)."""
+    seed, manifest = await seeded(tmp_path)
+    seed.upload_limiter.set_rate(4 << 20)  # slow enough that the leechers overlap
+    wanted = list(manifest.unique_chunks())  # type: ignore[attr-defined]
+    a, b = SwarmNode(node(), LocalChunks()), SwarmNode(node(), LocalChunks())
+    got: dict[str, set[bytes]] = {"a": set(), "b": set()}
+    stats: dict[str, dict[str, PeerStats]] = {"a": {}, "b": {}}
+
+    async def fetch(name: str, me: SwarmNode, peers: list[tuple[str, int]]) -> None:
+        async def deliver(cid: bytes, data: bytes) -> None:
+            got[name].add(cid)
+            path = tmp_path / f"{name}-{cid.hex()}"
+            path.write_bytes(data)
+            me.local.add(cid, path, 0, len(data))  # serve what landed, as an install does
+            me.have(cid)
+
+        await me.fetch(manifest, wanted, peers, deliver, stats[name])  # type: ignore[arg-type]
+
+    async with trio.open_nursery() as nursery:
+        s_port = await nursery.start(seed.serve, "127.0.0.1", 0)
+        for me in (a, b):
+            me.offer(manifest)  # type: ignore[arg-type]
+        a_port = await nursery.start(a.serve, "127.0.0.1", 0)
+        b_port = await nursery.start(b.serve, "127.0.0.1", 0)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as fetches:
+                fetches.start_soon(fetch, "a", a, [("127.0.0.1", s_port)])
+                fetches.start_soon(fetch, "b", b, [("127.0.0.1", s_port), ("127.0.0.1", a_port)])
+        nursery.cancel_scope.cancel()
+    assert got["a"] == got["b"] == set(wanted)
+    dialled = stats["a"].get(f"127.0.0.1:{b_port}")
+    assert dialled is not None and dialled.node_id == b.identity.node_id

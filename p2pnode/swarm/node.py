@@ -46,7 +46,8 @@ __all__ = ["Link", "PeerStats", "SwarmNode", "parse_peer"]
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
-CONNECT_ATTEMPTS = 4  # over ~3 s of backoff
+CONNECT_ATTEMPTS = 7  # over ~3.5 s of backoff (0.1 s doubling, at most 1 s apart)
+CONNECT_BACKOFF = (0.1, 1.0)
 #: A request unanswered this long (a stalled or slow-dripping peer) drops the peer.
 REQUEST_TIMEOUT = 10.0
 #: No chunk from any peer for this long: give the rest to the CDN (p2p-first's deadline).
@@ -108,6 +109,7 @@ class _Fetch:
     finished: trio.CancelScope | None = None
     connecting: int = 0  # peers that have not shown a bitfield yet
     shown: set[str] = field(default_factory=set)
+    active: set[str] = field(default_factory=set)  # addresses with a live fetch task
 
     def shown_by(self, peer: str) -> None:
         """The peer showed its bitfield, or its task ended: it is no longer connecting."""
@@ -137,6 +139,9 @@ class Link:
         #: the global caps apply too.
         self.cap = cap
         self.manifests: set[bytes] = set()
+        #: Where the peer itself listens (an inbound link: its address and its hello's port).
+        self.host: str | None = None
+        self.listen_port = 0
         self.out, self._out = trio.open_memory_channel[bytes](LINK_QUEUE)
         # Choke and unchoke never wait behind a full queue, nor get dropped like haves.
         self.control, self._control = trio.open_memory_channel[bytes](8)
@@ -219,6 +224,8 @@ class SwarmNode:
         self._verifying = trio.Semaphore(1)  # one pushed manifest parsed at a time
         self.uploaded = 0
         self._reads = trio.Semaphore(READ_SLOTS)
+        # manifest id -> how to add a peer to our running fetch of it (dial-back, see _serve_loop)
+        self._fetching: dict[bytes, Callable[[str, int], None]] = {}
         # A frugal seed is a seed box (an origin): it says so, and leechers spare its upload.
         self._caps = (b"origin",) if frugal else ()
         self._server_ctx = server_context(identity)
@@ -298,6 +305,10 @@ class SwarmNode:
                 idle_timeout=self.idle_timeout,
             )
             link = Link(tls, session, node_id, RateLimiter(self.peer_upload_rate))
+            try:
+                link.host = str(stream.socket.getpeername()[0])
+            except OSError:
+                pass
             await tls.send_all(session.hello(trio.current_time(), self._caps))
             self.links.add(link)
             async with trio.open_nursery() as nursery:
@@ -325,8 +336,11 @@ class SwarmNode:
             out = s.handle_timer(trio.current_time())
             while (ev := s.next_event()) is not None:
                 now = trio.current_time()
-                if isinstance(ev, W.Join):
+                if isinstance(ev, W.Hello):
+                    link.listen_port = ev.listen_port
+                elif isinstance(ev, W.Join):
                     link.manifests.add(ev.manifest)
+                    self._dial_back(link, ev.manifest)
                     out += s.send(self._bitfield(ev.manifest), now)
                     if ev.manifest in self.offers:
                         await link.send(out)
@@ -345,6 +359,14 @@ class SwarmNode:
                 elif isinstance(ev, W.Goodbye):
                     return
             await link.send(out)
+
+    def _dial_back(self, link: Link, manifest: bytes) -> None:
+        """A peer that fetches what we are fetching too serves it as well: connect back to
+        where it listens, so one side knowing the other is enough for both to trade (and a
+        peer we gave up on while it was starting is tried again)."""
+        add = self._fetching.get(manifest)
+        if add is not None and link.host is not None and link.listen_port:
+            add(link.host, link.listen_port)
 
     async def _accept_push(self, push: W.ManifestPush) -> bool:
         """Take part in the swarm of a manifest a peer showed us, when it is signed by the
@@ -447,15 +469,20 @@ class SwarmNode:
             return set()
         async with trio.open_nursery() as nursery:
             job.finished = nursery.cancel_scope  # cancelled when the last chunk lands
-            known: set[str] = set()
 
             def add(host: str, port: int) -> None:
                 addr = f"{host}:{port}"
-                if addr in known or len(known) >= self.max_connections:
+                st = stats.get(addr)
+                if (
+                    addr in job.active
+                    or len(job.active) >= self.max_connections
+                    or (st is not None and st.corrupt >= MAX_BAD_CHUNKS)  # banned
+                ):
                     return
-                known.add(addr)
+                job.active.add(addr)
+                job.shown.discard(addr)  # (again) connecting
                 job.connecting += 1
-                stats[addr] = stats.get(addr) or PeerStats(addr)
+                stats[addr] = st or PeerStats(addr)
                 nursery.start_soon(self._fetch_from, job, host, port, stats[addr])
 
             for host, port in peers:
@@ -463,6 +490,11 @@ class SwarmNode:
             if more_peers is not None:
                 nursery.start_soon(self._take_more_peers, more_peers, add)
             nursery.start_soon(self._watch, job)
+            self._fetching[manifest.id] = add
+            try:
+                await trio.sleep_forever()  # until the last chunk lands or peers run dry
+            finally:
+                del self._fetching[manifest.id]
         return {ids[i] for i in sched.missing}
 
     @staticmethod
@@ -496,7 +528,7 @@ class SwarmNode:
     async def _connect(self, host: str, port: int) -> trio.SSLStream[trio.SocketStream]:
         """TLS to a peer, retried with backoff: peers of a swarm start at about the same time,
         and one that is not listening yet should not be written off."""
-        delay = 0.2
+        delay, most = CONNECT_BACKOFF
         for attempt in range(CONNECT_ATTEMPTS):
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
@@ -508,7 +540,7 @@ class SwarmNode:
                 if attempt == CONNECT_ATTEMPTS - 1:
                     raise
                 await trio.sleep(delay * (0.5 + random.random()))
-                delay *= 2
+                delay = min(2 * delay, most)
         raise AssertionError("unreachable")
 
     async def _fetch_from(self, job: _Fetch, host: str, port: int, st: PeerStats) -> None:
@@ -548,6 +580,7 @@ class SwarmNode:
             st.error = str(exc) or type(exc).__name__
         finally:
             job.shown_by(addr)
+            job.active.discard(addr)
             job.sched.remove_peer(addr)  # what it did not deliver goes back to the pool
             st.seconds += trio.current_time() - t0
 
