@@ -73,12 +73,15 @@ from .core import (
 )
 from .openapi import openapi_document
 from .store import Registry, SQLiteSwarm, SwarmStore
+from .swarm import MemorySwarm
 
 __all__ = ["Tracker", "TrackerConfig", "open_tracker"]
 
 #: How often a replica checks whether another one moved a channel (seconds).
 FEED_POLL = 0.2
 MAX_WAIT = 60.0
+#: How often the SQLite swarm store writes its in-memory changes behind (seconds).
+FLUSH_INTERVAL = 1.0
 MAX_JSON_BYTES = 4096
 #: Request latencies kept for the load figures in /v1/stats (a ring; about 1 MB).
 LOAD_WINDOW = 20_000
@@ -194,6 +197,10 @@ class Tracker:
             registry=self.metrics,
         )
         self.metrics.register(_SwarmCollector(self))
+        self._announce_counters = {e: self.m_announces.labels(e) for e in core.EVENTS}
+        #: port of the fast announce listener, advertised in answers (0: none)
+        self.fast_port = 0
+        self._answer_head: bytes | None = None
         self.app = Starlette(routes=self._routes(), exception_handlers={APIError: self._api_error})
 
     # ---------------------------------------------------------------- ASGI entry and plumbing
@@ -287,6 +294,7 @@ class Tracker:
         version = self.registry.data_version()
         task_status.started()
         last_gc = self.config.clock()
+        last_flush = time.monotonic()
         while True:
             await trio.sleep(FEED_POLL)
             v = self.registry.data_version()
@@ -297,6 +305,13 @@ class Tracker:
             if now - last_gc >= 10:
                 last_gc = now
                 await self._swarm_call(self.swarm.gc, now)
+            if (
+                isinstance(self.swarm, SQLiteSwarm)
+                and time.monotonic() - last_flush >= FLUSH_INTERVAL
+            ):
+                last_flush = time.monotonic()
+                batch = self.swarm.flush_batch()
+                await trio.to_thread.run_sync(self.swarm.write, batch)
 
     # ---------------------------------------------------------------- auth
 
@@ -623,47 +638,73 @@ class Tracker:
 
     async def _announce(self, request: Request) -> Response:
         body = await _read_body(request, core.MAX_ANNOUNCE_BYTES)
+        seen_ip = (request.client.host if request.client else "127.0.0.1") or "127.0.0.1"
+        answer = await self.announce(body, request.headers.get(SIGNATURE_HEADER), seen_ip)
+        return Response(answer, media_type="application/json")
+
+    async def announce(self, body: bytes, signature: str | None, seen_ip: str) -> bytes:
+        """Verify, apply and answer one announce; the answer's JSON bytes.
+
+        Shared by the HTTP route and the fast announce listener (:mod:`tracker.fastpath`).
+
+        Raises:
+            APIError: the announce is refused (nothing was stored).
+        """
         now = self.config.clock()
-        a = core.parse_announce(body, request.headers.get(SIGNATURE_HEADER), now=now)
+        a = core.parse_announce(body, signature, now=now)
         app = self._manifest_app(a.manifest)
         if app is None or app != a.app:
             raise NotFound(
                 f"manifest {a.manifest.hex()} is not a build of {a.app} published here",
                 fix="announce only manifests this tracker published",
             )
-        seen_ip = (request.client.host if request.client else "127.0.0.1") or "127.0.0.1"
         ip = core.plausible_ip(a.ip, seen_ip)
         bundle = _check_records(a, now) if a.records else None
-        digest = blake3.blake3(bytes.fromhex(request.headers[SIGNATURE_HEADER])).digest()[:16]
-        answer = await self._swarm_call(
-            self.swarm.announce,
-            a,
-            ip,
-            bundle,
-            now=now,
-            ttl=self.config.ttl,
-            digest=digest,
-            window=2 * MAX_SKEW,
-        )
-        if answer is None:
-            raise Conflict(
-                "this announce was already received (a replay)",
-                fix="sign every announce with a fresh nonce and timestamp",
+        assert signature is not None  # parse_announce checked it
+        digest = blake3.blake3(bytes.fromhex(signature)).digest()[:16]
+        if isinstance(self.swarm, MemorySwarm):
+            answer = self.swarm.announce(
+                a, ip, bundle, now=now, ttl=self.config.ttl, digest=digest, window=2 * MAX_SKEW
             )
-        self.m_announces.labels(a.event).inc()
-        peers, seeders, leechers = answer
-        ranked = core.rank_peers(peers, manifest=a.manifest, exclude=a.node_id, limit=a.numwant)
-        return JSONResponse(
-            {
-                "interval": self.config.interval,
-                "min_interval": self.config.min_interval,
-                "ttl": self.config.ttl,
-                "node_id": a.node_id.hex(),
-                "ip": ip,
-                "seeders": seeders,
-                "leechers": leechers,
-                "peers": [_peer_json(p) for p in ranked],
-            }
+            if answer is None:
+                raise _replay()
+            peers, seeders, leechers = answer.peers, answer.seeders, answer.leechers
+        else:
+            res = await self._swarm_call(
+                self.swarm.announce,
+                a,
+                ip,
+                bundle,
+                now=now,
+                ttl=self.config.ttl,
+                digest=digest,
+                window=2 * MAX_SKEW,
+            )
+            if res is None:
+                raise _replay()
+            assert isinstance(res, tuple)
+            views, seeders, leechers = res
+            ranked = core.rank_peers(views, manifest=a.manifest, exclude=a.node_id, limit=a.numwant)
+            peers = [json.dumps(_peer_json(p), separators=(",", ":")).encode() for p in ranked]
+        self._announce_counters[a.event].inc()
+        head = self._answer_head
+        if head is None:
+            fast = f',"announce_port":{self.fast_port}' if self.fast_port else ""
+            head = self._answer_head = (
+                f'{{"interval":{self.config.interval},"min_interval":{self.config.min_interval},'
+                f'"ttl":{self.config.ttl}{fast},'
+            ).encode()
+        return b"".join(
+            (
+                head,
+                b'"node_id":"',
+                a.node_id.hex().encode(),
+                b'","ip":',
+                json.dumps(ip).encode(),
+                b',"seeders":%d,"leechers":%d,"peers":[' % (seeders, leechers),
+                b",".join(peers),
+                b"]}",
+            )
         )
 
     async def _report(self, request: Request) -> Response:
@@ -698,6 +739,13 @@ def _error_response(err: APIError, headers: dict[str, str] | None = None) -> JSO
         {"error": err.code, "message": err.message, "fix": err.fix},
         status_code=err.status,
         headers=headers,
+    )
+
+
+def _replay() -> Conflict:
+    return Conflict(
+        "this announce was already received (a replay)",
+        fix="sign every announce with a fresh nonce and timestamp",
     )
 
 
