@@ -198,6 +198,8 @@ class Tracker:
         )
         self.metrics.register(_SwarmCollector(self))
         self._announce_counters = {e: self.m_announces.labels(e) for e in core.EVENTS}
+        self._request_counters: dict[tuple[str, int], Any] = {}
+        self._announce_latency = self.m_latency.labels("announce")
         #: port of the fast announce listener, advertised in answers (0: none)
         self.fast_port = 0
         self._answer_head: bytes | None = None
@@ -238,6 +240,28 @@ class Tracker:
             if route != "events" and not _held(scope):
                 self.m_latency.labels(route).observe(dt)
                 self._load.append((time.monotonic(), dt))
+
+    def set_fast_port(self, port: int) -> None:
+        """Advertise the fast announce listener's port in announce answers (0: none)."""
+        self.fast_port = port
+        self._answer_head = None
+
+    def client_wait(self, client: str) -> float:
+        """The per-client rate limit: 0 if a request from ``client`` may go on (and is
+        counted), else seconds until it may."""
+        return self._clients.allow(client, time.monotonic())
+
+    def record_request(self, route: str, status: int, seconds: float, code: str | None) -> None:
+        """Count a request answered outside Starlette (the fast announce listener)."""
+        key = (route, status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = self.m_requests.labels(route, str(status))
+        counter.inc()
+        if code is not None:
+            self.m_rejected.labels(code).inc()
+        self._announce_latency.observe(seconds)
+        self._load.append((time.monotonic(), seconds))
 
     async def _api_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
