@@ -18,7 +18,8 @@ It is deliberately narrow and strict, like h11 (docs/style.md):
   ``Content-Length`` only (no chunked bodies, no ``Expect``, no obsolete line folding). Any
   violation answers 4xx and closes the connection.
 * Only ``POST /v1/announce``; any other path is a 404 and any other method a 405 (with
-  ``Allow``). Everything else stays on the main port.
+  ``Allow``), and the connection is closed (that client is lost). Everything else stays on the
+  main port.
 * HTTP/1.1 keep-alive (``Connection: close`` and HTTP/1.0 close after the answer); requests are
   answered in order, one at a time per connection (pipelined ones wait in the buffer).
 * At most ``max_connections`` open connections (beyond that a new connection is closed at once);
@@ -287,11 +288,11 @@ async def _answer(
         body = error_body(
             "not_found", "this port serves POST /v1/announce only", "use the tracker's main port"
         )
-        return response(404, body, close=close), 404, "not_found", close
+        return response(404, body, close=True), 404, "not_found", True
     if req.method != b"POST":
         body = error_body("bad_request", "only POST is allowed here", "POST the announce")
-        out = response(405, body, close=close, headers={"allow": "POST"})
-        return out, 405, "bad_request", close
+        out = response(405, body, close=True, headers={"allow": "POST"})
+        return out, 405, "bad_request", True
     wait = tracker.client_wait(client)
     try:
         if wait > 0:
