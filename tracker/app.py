@@ -203,6 +203,8 @@ class Tracker:
         #: port of the fast announce listener, advertised in answers (0: none)
         self.fast_port = 0
         self._answer_head: bytes | None = None
+        self._pending: list[_Pending] = []
+        self._committing = False
         self.app = Starlette(routes=self._routes(), exception_handlers={APIError: self._api_error})
 
     # ---------------------------------------------------------------- ASGI entry and plumbing
@@ -694,15 +696,8 @@ class Tracker:
                 raise _replay()
             peers, seeders, leechers = answer.peers, answer.seeders, answer.leechers
         else:
-            res = await self._swarm_call(
-                self.swarm.announce,
-                a,
-                ip,
-                bundle,
-                now=now,
-                ttl=self.config.ttl,
-                digest=digest,
-                window=2 * MAX_SKEW,
+            res = await self._group_commit(
+                (a, ip, bundle, now, self.config.ttl, digest, 2 * MAX_SKEW)
             )
             if res is None:
                 raise _replay()
@@ -730,6 +725,44 @@ class Tracker:
                 b"]}",
             )
         )
+
+    async def _group_commit(self, item: tuple[Any, ...]) -> Any:
+        """Run a Redis announce in the next group commit (``RedisSwarm.announce_many``).
+
+        The first announce to arrive while no commit runs leads: it sends everything queued in
+        one pipelined round trip from a worker thread, and loops while more arrived meanwhile;
+        the others wait for their result. So under load the thread hop and the round trip are
+        paid once per batch, not per announce. The leader's loop is shielded from its own
+        request's cancellation (it works for the others too); each commit is bounded by the
+        Redis client's socket timeout.
+        """
+        slot = _Pending(item)
+        self._pending.append(slot)
+        if not self._committing:
+            self._committing = True
+            try:
+                with trio.CancelScope(shield=True):
+                    while self._pending:
+                        batch, self._pending = self._pending, []
+                        try:
+                            results = await trio.to_thread.run_sync(
+                                self.swarm.announce_many,  # type: ignore[attr-defined]
+                                [b.item for b in batch],
+                            )
+                        except Exception as exc:  # redis down: every waiter gets the error
+                            for b in batch:
+                                b.error = exc
+                                b.done.set()
+                            continue
+                        for b, r in zip(batch, results, strict=True):
+                            b.result = r
+                            b.done.set()
+            finally:
+                self._committing = False
+        await slot.done.wait()
+        if slot.error is not None:
+            raise slot.error
+        return slot.result
 
     async def _report(self, request: Request) -> Response:
         body = await _read_body(request, core.MAX_REPORT_BYTES)
@@ -764,6 +797,18 @@ def _error_response(err: APIError, headers: dict[str, str] | None = None) -> JSO
         status_code=err.status,
         headers=headers,
     )
+
+
+class _Pending:
+    """One announce waiting for a Redis group commit."""
+
+    __slots__ = ("done", "error", "item", "result")
+
+    def __init__(self, item: tuple[Any, ...]) -> None:
+        self.item = item
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: Exception | None = None
 
 
 def _replay() -> Conflict:

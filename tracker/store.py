@@ -615,19 +615,24 @@ local live = redis.call('ZCOUNT', sw, '(' .. now, '+inf')
 local nseeds = redis.call('ZCOUNT', seeds, '(' .. now, '+inf')
 local out = {nseeds, live - nseeds}
 if want == 0 then return out end
+-- returns how many usable peers it added (not the announcer, not flagged: score "0")
 local function collect(m)
   local members = redis.call('ZREVRANGEBYSCORE', P .. 'sw:' .. m, '+inf', now, 'LIMIT', 0, limit)
-  if #members == 0 then return end
+  if #members == 0 then return 0 end
   local infos = redis.call('HMGET', P .. 'pi:' .. m, unpack(members))
   local scores = redis.call('HMGET', P .. 'qs', unpack(members))
+  local usable = 0
   for i, n in ipairs(members) do
     if infos[i] then
       out[#out + 1] = m; out[#out + 1] = n; out[#out + 1] = infos[i]
       out[#out + 1] = scores[i] or ''
+      if n ~= node and scores[i] ~= '0' then usable = usable + 1 end
     end
   end
+  return usable
 end
-collect(mid)
+-- the build's own swarm comes first in answers: partial seeds only when it cannot fill one
+if collect(mid) >= want then return out end
 local others = redis.call('ZREVRANGEBYSCORE', P .. 'appm:' .. app, '+inf', now - 3600,
                           'LIMIT', 0, partial + 1)
 for _, m in ipairs(others) do
@@ -715,6 +720,41 @@ class RedisSwarm:
         digest: bytes,
         window: float,
     ) -> tuple[list[PeerView], int, int] | None:
+        return self._parse_answer(
+            self._announce(
+                args=self._announce_args(
+                    a, ip, record, now=now, ttl=ttl, digest=digest, window=window
+                )
+            )
+        )
+
+    def announce_many(
+        self, batch: list[tuple[Announce, str, bytes | None, float, float, bytes, float]]
+    ) -> list[tuple[list[PeerView], int, int] | None]:
+        """Group commit: several announces' scripts in one pipelined round trip (each script
+        stays atomic on its own). Items: (announce, ip, record, now, ttl, digest, window)."""
+        with self._r.pipeline(transaction=False) as pipe:
+            for a, ip, record, now, ttl, digest, window in batch:
+                self._announce(
+                    args=self._announce_args(
+                        a, ip, record, now=now, ttl=ttl, digest=digest, window=window
+                    ),
+                    client=pipe,
+                )
+            results = pipe.execute()
+        return [self._parse_answer(res) for res in results]
+
+    def _announce_args(
+        self,
+        a: Announce,
+        ip: str,
+        record: bytes | None,
+        *,
+        now: float,
+        ttl: float,
+        digest: bytes,
+        window: float,
+    ) -> list[Any]:
         info = json.dumps(
             {
                 "k": a.public_key.hex(),
@@ -726,27 +766,28 @@ class RedisSwarm:
             },
             separators=(",", ":"),
         )
-        res = self._announce(
-            args=[
-                self.prefix,
-                a.node_id.hex(),
-                a.manifest.hex(),
-                a.app,
-                repr(now),
-                repr(now + ttl),
-                a.event,
-                a.left,
-                a.from_peers,
-                a.from_cdn,
-                a.uploaded,
-                info,
-                a.numwant,
-                min(CANDIDATES_PER_SWARM, 2 * a.numwant + 1),
-                PARTIAL_SWARMS,
-                max(1, int(window)),
-                digest.hex(),
-            ]
-        )
+        return [
+            self.prefix,
+            a.node_id.hex(),
+            a.manifest.hex(),
+            a.app,
+            repr(now),
+            repr(now + ttl),
+            a.event,
+            a.left,
+            a.from_peers,
+            a.from_cdn,
+            a.uploaded,
+            info,
+            a.numwant,
+            min(CANDIDATES_PER_SWARM, 2 * a.numwant + 1),
+            PARTIAL_SWARMS,
+            max(1, int(window)),
+            digest.hex(),
+        ]
+
+    @staticmethod
+    def _parse_answer(res: Any) -> tuple[list[PeerView], int, int] | None:
         if res is None:
             return None
         out: list[PeerView] = []
