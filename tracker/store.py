@@ -14,12 +14,14 @@ The **swarm state** (who is in which swarm, how far along, the per-release count
 quality, replay digests) changes on every announce and is disposable. It sits behind the
 :class:`SwarmStore` interface with two implementations:
 
-* :class:`SQLiteSwarm`: ``DIR/swarm.db``, one process. Every method is one short transaction;
-  they run on the trio thread (tens of microseconds each, measured by the benchmark).
+* :class:`SQLiteSwarm`: one process; the state lives in memory (:class:`tracker.swarm.MemorySwarm`)
+  and is written behind to ``DIR/swarm.db`` once a second, in one transaction from a worker
+  thread, and read back at start.
 * :class:`RedisSwarm`: a redis-server shared by several replicas. Every announce and report is a
   single Lua script (one round trip, atomic), so two replicas can never interleave half-updates
   of the same swarm. redis-py's client is synchronous: the app calls these methods through
-  ``trio.to_thread.run_sync``.
+  ``trio.to_thread.run_sync``, and sends the announces that arrive meanwhile as one pipelined
+  group commit (:meth:`RedisSwarm.announce_many`).
 
 Both compute quality scores with the same formula (:func:`tracker.core.quality_score`; the Lua
 copy is checked against it by the tests) and both return live peers unranked; ranking is
