@@ -153,6 +153,8 @@ class TrackerClient:
         self.token = token
         self._own = client is None
         self._http = client or httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=90.0))
+        #: the tracker's fast announce listener, once an answer advertised it (announce_port)
+        self.announce_url: str | None = None
 
     async def aclose(self) -> None:
         if self._own:
@@ -174,6 +176,7 @@ class TrackerClient:
         headers: dict[str, str] | None = None,
         params: dict[str, Any] | None = None,
         auth: bool = False,
+        url: str | None = None,
     ) -> httpx.Response:
         hdrs = dict(headers or {})
         if auth:
@@ -188,7 +191,10 @@ class TrackerClient:
         if json_body is not None:
             content = json.dumps(json_body).encode()
             hdrs["Content-Type"] = "application/json"
-        url = self.base_url + path
+        if url is None:
+            url = self.base_url + path
+        else:
+            path = httpx.URL(url).path
         try:
             resp = await self._http.request(
                 method, url, content=content, headers=hdrs, params=params
@@ -355,13 +361,24 @@ class TrackerClient:
         if records:
             fields["records"] = [r.hex() for r in records]
         body, sig = sign_body(key, ANNOUNCE_DOMAIN, fields)
-        resp = await self._request(
-            "POST",
-            "/v1/announce",
-            content=body,
-            headers={"Content-Type": "application/json", SIGNATURE_HEADER: sig},
-        )
+        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sig}
+        resp = None
+        if self.announce_url is not None:
+            try:
+                resp = await self._request(
+                    "POST", "", content=body, headers=headers, url=self.announce_url
+                )
+            except TrackerRefusedError:
+                raise
+            except TrackerError:
+                # the fast listener is gone (the tracker restarted without it?): fall back to
+                # the main port for good; should the listener have applied this body before
+                # failing, the main port refuses it as a replay (409), which is the truth
+                self.announce_url = None
+        if resp is None:
+            resp = await self._request("POST", "/v1/announce", content=body, headers=headers)
         d = resp.json()
+        self._learn_announce_port(d.get("announce_port"))
         peers = [
             TrackerPeer(
                 node_id=bytes.fromhex(p["node_id"]),
@@ -383,6 +400,13 @@ class TrackerClient:
             leechers=int(d["leechers"]),
             peers=peers,
         )
+
+    def _learn_announce_port(self, port: Any) -> None:
+        """Use the fast announce listener the tracker advertises, on the same host."""
+        if self.announce_url is not None or type(port) is not int or not 0 < port < 65536:
+            return
+        url = httpx.URL(self.base_url)
+        self.announce_url = str(url.copy_with(port=port, path="/v1/announce"))
 
     async def report(self, key: Ed25519PrivateKey, entries: Iterable[PeerQualityReport]) -> int:
         peers = [

@@ -63,7 +63,11 @@ def wait_port(port: int, proc: subprocess.Popen[Any], what: str) -> None:
     raise SystemExit(f"{what} did not listen on {port} within 15 s")
 
 
-def start_tracker(data: Path, redis_url: str | None) -> tuple[subprocess.Popen[Any], int]:
+def start_tracker(
+    data: Path, redis_url: str | None, fast: bool
+) -> tuple[subprocess.Popen[Any], int, int]:
+    """One ``tracker serve`` process; returns it, its main port and its announce port (the
+    fast listener's when ``fast``, else the main port)."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -81,9 +85,23 @@ def start_tracker(data: Path, redis_url: str | None) -> tuple[subprocess.Popen[A
     ]
     if redis_url:
         cmd += ["--redis", redis_url]
+    announce_port = port
+    if fast:
+        announce_port = free_port()
+        cmd += ["--announce-listen", f"127.0.0.1:{announce_port}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     wait_port(port, proc, "tracker")
-    return proc, port
+    wait_port(announce_port, proc, "tracker's announce listener")
+    return proc, port, announce_port
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes used so far (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def make_manifests(n: int) -> tuple[Any, list[M.SignedManifest]]:
@@ -217,7 +235,9 @@ def load_worker(
     q.put((lat, errors, time.perf_counter() - t0))
 
 
-def run_case(name: str, replicas: int, redis: bool, args: argparse.Namespace) -> dict[str, Any]:
+def run_case(
+    name: str, replicas: int, redis: bool, fast: bool, args: argparse.Namespace
+) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-tracker-"))
     procs: list[subprocess.Popen[Any]] = []
     try:
@@ -245,12 +265,14 @@ def run_case(name: str, replicas: int, redis: bool, args: argparse.Namespace) ->
             wait_port(rport, rp, "redis-server")
             redis_url = f"redis://127.0.0.1:{rport}/0"
         ports = []
+        main_ports = []
         for _ in range(replicas):
-            p, port = start_tracker(tmp / "data", redis_url)
+            p, port, announce_port = start_tracker(tmp / "data", redis_url, fast)
             procs.append(p)
-            ports.append(port)
+            main_ports.append(port)
+            ports.append(announce_port)
         key, manifests = make_manifests(args.builds)
-        setup(f"http://127.0.0.1:{ports[0]}", key, manifests)
+        setup(f"http://127.0.0.1:{main_ports[0]}", key, manifests)
         mids = [s.id.hex() for s in manifests]
         q: Any = mp.Queue()
         per = args.max_requests // args.workers
@@ -264,7 +286,10 @@ def run_case(name: str, replicas: int, redis: bool, args: argparse.Namespace) ->
         ]
         for w in workers:
             w.start()
+        tracker_pids = [p.pid for p in procs[-replicas:]]
+        cpu0 = cpu_seconds(tracker_pids)
         results = [q.get(timeout=args.seconds + 120) for _ in workers]
+        cpu = cpu_seconds(tracker_pids) - cpu0
         for w in workers:
             w.join(timeout=10)
         lat = sorted(x for r in results for x in r[0])
@@ -279,10 +304,15 @@ def run_case(name: str, replicas: int, redis: bool, args: argparse.Namespace) ->
             "errors": errors,
             "seconds": round(wall, 2),
             "replicas": replicas,
+            "listener": "fast" if fast else "hypercorn",
+            # tracker CPU per announce (includes presign wait: idle costs ~0): the capacity of
+            # one core, whatever else shares this machine
+            "tracker_cpu_us_per_announce": round(cpu / max(1, n) * 1e6, 1),
         }
         print(
-            f"{name:>14}: {out['announces_per_s']:8.1f} announces/s  p50 {out['p50_ms']:6.2f} ms"
-            f"  p99 {out['p99_ms']:6.2f} ms  ({n} requests, {errors} errors)",
+            f"{name:>22}: {out['announces_per_s']:8.1f} announces/s  p50 {out['p50_ms']:6.2f} ms"
+            f"  p99 {out['p99_ms']:6.2f} ms  ({n} requests, {errors} errors, tracker CPU "
+            f"{out['tracker_cpu_us_per_announce']:.0f} us/announce)",
             flush=True,
         )
         return out
@@ -305,13 +335,26 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=16, help="per worker")
     ap.add_argument("--nodes", type=int, default=1000, help="distinct node keys per worker")
     ap.add_argument("--builds", type=int, default=3)
-    ap.add_argument("--cases", default="sqlite,redis,redis-2-replicas")
+    table = {
+        "sqlite": (1, False, False),
+        "redis": (1, True, False),
+        "redis-2-replicas": (2, True, False),
+        "sqlite-fast": (1, False, True),
+        "redis-fast": (1, True, True),
+        "redis-2-replicas-fast": (2, True, True),
+    }
+    ap.add_argument(
+        "--cases",
+        default=",".join(table),
+        help="comma-separated; *-fast cases announce to the fast listener (--announce-listen)",
+    )
     args = ap.parse_args()
-    table = {"sqlite": (1, False), "redis": (1, True), "redis-2-replicas": (2, True)}
     cases = {}
     for name in args.cases.split(","):
-        replicas, redis = table[name]
-        cases[name] = run_case(name, replicas, redis, args)
+        if name not in table:
+            raise SystemExit(f"unknown case {name!r}; choose from {', '.join(table)}")
+        replicas, redis, fast = table[name]
+        cases[name] = run_case(name, replicas, redis, fast, args)
     print(json.dumps({"cases": cases}))
 
 

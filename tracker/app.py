@@ -73,12 +73,15 @@ from .core import (
 )
 from .openapi import openapi_document
 from .store import Registry, SQLiteSwarm, SwarmStore
+from .swarm import MemorySwarm
 
 __all__ = ["Tracker", "TrackerConfig", "open_tracker"]
 
 #: How often a replica checks whether another one moved a channel (seconds).
 FEED_POLL = 0.2
 MAX_WAIT = 60.0
+#: How often the SQLite swarm store writes its in-memory changes behind (seconds).
+FLUSH_INTERVAL = 1.0
 MAX_JSON_BYTES = 4096
 #: Request latencies kept for the load figures in /v1/stats (a ring; about 1 MB).
 LOAD_WINDOW = 20_000
@@ -196,6 +199,14 @@ class Tracker:
             registry=self.metrics,
         )
         self.metrics.register(_SwarmCollector(self))
+        self._announce_counters = {e: self.m_announces.labels(e) for e in core.EVENTS}
+        self._request_counters: dict[tuple[str, int], Any] = {}
+        self._announce_latency = self.m_latency.labels("announce")
+        #: port of the fast announce listener, advertised in answers (0: none)
+        self.fast_port = 0
+        self._answer_head: bytes | None = None
+        self._pending: list[_Pending] = []
+        self._committing = False
         self.app = Starlette(routes=self._routes(), exception_handlers={APIError: self._api_error})
 
     # ---------------------------------------------------------------- ASGI entry and plumbing
@@ -233,6 +244,28 @@ class Tracker:
             if route != "events" and not _held(scope):
                 self.m_latency.labels(route).observe(dt)
                 self._load.append((time.monotonic(), dt))
+
+    def set_fast_port(self, port: int) -> None:
+        """Advertise the fast announce listener's port in announce answers (0: none)."""
+        self.fast_port = port
+        self._answer_head = None
+
+    def client_wait(self, client: str) -> float:
+        """The per-client rate limit: 0 if a request from ``client`` may go on (and is
+        counted), else seconds until it may."""
+        return self._clients.allow(client, time.monotonic())
+
+    def record_request(self, route: str, status: int, seconds: float, code: str | None) -> None:
+        """Count a request answered outside Starlette (the fast announce listener)."""
+        key = (route, status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = self.m_requests.labels(route, str(status))
+        counter.inc()
+        if code is not None:
+            self.m_rejected.labels(code).inc()
+        self._announce_latency.observe(seconds)
+        self._load.append((time.monotonic(), seconds))
 
     async def _api_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
@@ -290,6 +323,7 @@ class Tracker:
         version = self.registry.data_version()
         task_status.started()
         last_gc = self.config.clock()
+        last_flush = time.monotonic()
         while True:
             await trio.sleep(FEED_POLL)
             v = self.registry.data_version()
@@ -300,6 +334,13 @@ class Tracker:
             if now - last_gc >= 10:
                 last_gc = now
                 await self._swarm_call(self.swarm.gc, now)
+            if (
+                isinstance(self.swarm, SQLiteSwarm)
+                and time.monotonic() - last_flush >= FLUSH_INTERVAL
+            ):
+                last_flush = time.monotonic()
+                batch = self.swarm.flush_batch()
+                await trio.to_thread.run_sync(self.swarm.write, batch)
 
     # ---------------------------------------------------------------- auth
 
@@ -631,48 +672,105 @@ class Tracker:
 
     async def _announce(self, request: Request) -> Response:
         body = await _read_body(request, core.MAX_ANNOUNCE_BYTES)
+        seen_ip = (request.client.host if request.client else "127.0.0.1") or "127.0.0.1"
+        answer = await self.announce(body, request.headers.get(SIGNATURE_HEADER), seen_ip)
+        return Response(answer, media_type="application/json")
+
+    async def announce(self, body: bytes, signature: str | None, seen_ip: str) -> bytes:
+        """Verify, apply and answer one announce; the answer's JSON bytes.
+
+        Shared by the HTTP route and the fast announce listener (:mod:`tracker.fastpath`).
+
+        Raises:
+            APIError: the announce is refused (nothing was stored).
+        """
         now = self.config.clock()
-        a = core.parse_announce(body, request.headers.get(SIGNATURE_HEADER), now=now)
+        a = core.parse_announce(body, signature, now=now)
         app = self._manifest_app(a.manifest)
         if app is None or app != a.app:
             raise NotFound(
                 f"manifest {a.manifest.hex()} is not a build of {a.app} published here",
                 fix="announce only manifests this tracker published",
             )
-        seen_ip = (request.client.host if request.client else "127.0.0.1") or "127.0.0.1"
         ip = core.plausible_ip(a.ip, seen_ip)
         bundle = _check_records(a, now) if a.records else None
-        digest = blake3.blake3(bytes.fromhex(request.headers[SIGNATURE_HEADER])).digest()[:16]
-        answer = await self._swarm_call(
-            self.swarm.announce,
-            a,
-            ip,
-            bundle,
-            now=now,
-            ttl=self.config.ttl,
-            digest=digest,
-            window=2 * MAX_SKEW,
-        )
-        if answer is None:
-            raise Conflict(
-                "this announce was already received (a replay)",
-                fix="sign every announce with a fresh nonce and timestamp",
+        assert signature is not None  # parse_announce checked it
+        digest = blake3.blake3(bytes.fromhex(signature)).digest()[:16]
+        if isinstance(self.swarm, MemorySwarm):
+            answer = self.swarm.announce(
+                a, ip, bundle, now=now, ttl=self.config.ttl, digest=digest, window=2 * MAX_SKEW
             )
-        self.m_announces.labels(a.event).inc()
-        peers, seeders, leechers = answer
-        ranked = core.rank_peers(peers, manifest=a.manifest, exclude=a.node_id, limit=a.numwant)
-        return JSONResponse(
-            {
-                "interval": self.config.interval,
-                "min_interval": self.config.min_interval,
-                "ttl": self.config.ttl,
-                "node_id": a.node_id.hex(),
-                "ip": ip,
-                "seeders": seeders,
-                "leechers": leechers,
-                "peers": [_peer_json(p) for p in ranked],
-            }
+            if answer is None:
+                raise _replay()
+            peers, seeders, leechers = answer.peers, answer.seeders, answer.leechers
+        else:
+            res = await self._group_commit(
+                (a, ip, bundle, now, self.config.ttl, digest, 2 * MAX_SKEW)
+            )
+            if res is None:
+                raise _replay()
+            assert isinstance(res, tuple)
+            views, seeders, leechers = res
+            ranked = core.rank_peers(views, manifest=a.manifest, exclude=a.node_id, limit=a.numwant)
+            peers = [json.dumps(_peer_json(p), separators=(",", ":")).encode() for p in ranked]
+        self._announce_counters[a.event].inc()
+        head = self._answer_head
+        if head is None:
+            fast = f',"announce_port":{self.fast_port}' if self.fast_port else ""
+            head = self._answer_head = (
+                f'{{"interval":{self.config.interval},"min_interval":{self.config.min_interval},'
+                f'"ttl":{self.config.ttl}{fast},'
+            ).encode()
+        return b"".join(
+            (
+                head,
+                b'"node_id":"',
+                a.node_id.hex().encode(),
+                b'","ip":',
+                json.dumps(ip).encode(),
+                b',"seeders":%d,"leechers":%d,"peers":[' % (seeders, leechers),
+                b",".join(peers),
+                b"]}",
+            )
         )
+
+    async def _group_commit(self, item: tuple[Any, ...]) -> Any:
+        """Run a Redis announce in the next group commit (``RedisSwarm.announce_many``).
+
+        The first announce to arrive while no commit runs leads: it sends everything queued in
+        one pipelined round trip from a worker thread, and loops while more arrived meanwhile;
+        the others wait for their result. So under load the thread hop and the round trip are
+        paid once per batch, not per announce. The leader's loop is shielded from its own
+        request's cancellation (it works for the others too); each commit is bounded by the
+        Redis client's socket timeout.
+        """
+        slot = _Pending(item)
+        self._pending.append(slot)
+        if not self._committing:
+            self._committing = True
+            try:
+                with trio.CancelScope(shield=True):
+                    while self._pending:
+                        batch, self._pending = self._pending, []
+                        try:
+                            results = await trio.to_thread.run_sync(
+                                self.swarm.announce_many,  # type: ignore[attr-defined]
+                                [b.item for b in batch],
+                            )
+                        except Exception as exc:  # redis down: every waiter gets the error
+                            for b in batch:
+                                b.error = exc
+                                b.done.set()
+                            continue
+                        for b, r in zip(batch, results, strict=True):
+                            b.result = r
+                            b.done.set()
+            finally:
+                self._committing = False
+        await slot.done.wait()
+        if slot.error is not None:
+            raise slot.error
+        return slot.result
 
     async def _report(self, request: Request) -> Response:
         body = await _read_body(request, core.MAX_REPORT_BYTES)
@@ -706,6 +804,25 @@ def _error_response(err: APIError, headers: dict[str, str] | None = None) -> JSO
         {"error": err.code, "message": err.message, "fix": err.fix},
         status_code=err.status,
         headers=headers,
+    )
+
+
+class _Pending:
+    """One announce waiting for a Redis group commit."""
+
+    __slots__ = ("done", "error", "item", "result")
+
+    def __init__(self, item: tuple[Any, ...]) -> None:
+        self.item = item
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: Exception | None = None
+
+
+def _replay() -> Conflict:
+    return Conflict(
+        "this announce was already received (a replay)",
+        fix="sign every announce with a fresh nonce and timestamp",
     )
 
 

@@ -1,6 +1,7 @@
 """``tracker``: run the tracker service, and administer a running one.
 
     tracker serve --listen HOST:PORT --data DIR --admin-token TOKEN [--redis URL]
+                  [--announce-listen HOST:PORT]
     tracker app add APP --key ed25519:<hex> --url URL --admin-token TOKEN [--json]
 
 Errors print one line on stderr (what went wrong, then the fix) and exit non-zero; ``--json``
@@ -68,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, type=Path, help="directory for the SQLite files")
     s.add_argument("--admin-token", help="admin token (or env TRACKER_ADMIN_TOKEN)")
     s.add_argument("--redis", help="redis://HOST:PORT/DB to share swarm state between replicas")
+    s.add_argument(
+        "--announce-listen",
+        help="HOST:PORT for the fast announce listener (POST /v1/announce only; default: off)",
+    )
     s.add_argument("--redis-prefix", default="trk:", help="key prefix in redis")
     s.add_argument("--interval", type=int, default=60, help="announce interval, seconds")
     s.add_argument(
@@ -112,10 +117,20 @@ async def _serve(args: argparse.Namespace) -> None:
                 f"cannot reach redis at {args.redis}: {exc}",
                 fix="start redis-server or fix --redis",
             ) from exc
+    announce_port = None
+    if args.announce_listen:
+        fast_host, announce_port = _hostport(args.announce_listen)
+        if fast_host != host:
+            raise UsageError(
+                "--announce-listen must use the same host as --listen",
+                fix=f"e.g. --announce-listen {args.listen.rpartition(':')[0]}:{port + 1}",
+            )
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(
-            functools.partial(serve_tracker, tracker, host, port, shutdown=stop)
+            functools.partial(
+                serve_tracker, tracker, host, port, shutdown=stop, announce_port=announce_port
+            )
         )
 
         async def signals() -> None:
@@ -126,10 +141,14 @@ async def _serve(args: argparse.Namespace) -> None:
 
         nursery.start_soon(signals)
         url = f"http://{bound[0]}:{bound[1]}"
+        info = {"url": url, "dashboard": url + "/dashboard"}
+        if tracker.fast_port:
+            info["announce_url"] = f"http://{bound[0]}:{tracker.fast_port}/v1/announce"
         if args.json:
-            print(json.dumps({"url": url, "dashboard": url + "/dashboard"}), flush=True)
+            print(json.dumps(info), flush=True)
         else:
-            print(f"tracker listening on {url} (dashboard {url}/dashboard)", flush=True)
+            fast = f", fast announces on port {tracker.fast_port}" if tracker.fast_port else ""
+            print(f"tracker listening on {url} (dashboard {url}/dashboard{fast})", flush=True)
         await stop.wait()
         nursery.cancel_scope.cancel()
 

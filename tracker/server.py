@@ -5,15 +5,22 @@ tests and the demo can listen on port 0. It also runs the tracker's background d
 watching, expiry). Cancelling the enclosing scope, or setting ``shutdown``, stops it: hypercorn
 closes listeners and open connections (design.md section 10: its shutdown is immediate), then
 the stores are closed.
+
+With ``announce_port`` (0 = any free port) it also runs the fast announce listener
+(:mod:`tracker.fastpath`) on the same host; its port is ``tracker.fast_port`` and is advertised
+in announce answers.
 """
 
 from __future__ import annotations
+
+import functools
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from .app import Tracker
+from .fastpath import serve_announces
 
 __all__ = ["serve_tracker"]
 
@@ -24,6 +31,7 @@ async def serve_tracker(
     port: int = 0,
     *,
     shutdown: trio.Event | None = None,
+    announce_port: int | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     config = Config()
@@ -37,6 +45,10 @@ async def serve_tracker(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(tracker.watch)
+            if announce_port is not None:
+                await nursery.start(
+                    functools.partial(serve_announces, tracker, host, announce_port)
+                )
             binds = await nursery.start(
                 lambda task_status: serve(
                     tracker,  # type: ignore[arg-type]

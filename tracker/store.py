@@ -14,12 +14,14 @@ The **swarm state** (who is in which swarm, how far along, the per-release count
 quality, replay digests) changes on every announce and is disposable. It sits behind the
 :class:`SwarmStore` interface with two implementations:
 
-* :class:`SQLiteSwarm`: ``DIR/swarm.db``, one process. Every method is one short transaction;
-  they run on the trio thread (tens of microseconds each, measured by the benchmark).
+* :class:`SQLiteSwarm`: one process; the state lives in memory (:class:`tracker.swarm.MemorySwarm`)
+  and is written behind to ``DIR/swarm.db`` once a second, in one transaction from a worker
+  thread, and read back at start.
 * :class:`RedisSwarm`: a redis-server shared by several replicas. Every announce and report is a
   single Lua script (one round trip, atomic), so two replicas can never interleave half-updates
   of the same swarm. redis-py's client is synchronous: the app calls these methods through
-  ``trio.to_thread.run_sync``.
+  ``trio.to_thread.run_sync``, and sends the announces that arrive meanwhile as one pipelined
+  group commit (:meth:`RedisSwarm.announce_many`).
 
 Both compute quality scores with the same formula (:func:`tracker.core.quality_score`; the Lua
 copy is checked against it by the tests) and both return live peers unranked; ranking is
@@ -48,8 +50,16 @@ from .core import (
     PeerQuality,
     PeerView,
     Report,
-    quality_score,
-    update_quality,
+)
+from .swarm import (
+    ADOPTION_KEEP_S,
+    UNKNOWN_SCORE,
+    AnnounceAnswer,
+    Dirty,
+    Member,
+    MemorySwarm,
+    quality_stats,
+    release_stats,
 )
 
 __all__ = [
@@ -68,8 +78,6 @@ __all__ = [
 CANDIDATES_PER_SWARM = 200
 #: Other builds of the same app searched for partial seeds (most recently announced first).
 PARTIAL_SWARMS = 8
-#: Completions are bucketed per minute for the adoption curve; buckets older than this go.
-ADOPTION_KEEP_S = 7 * 24 * 3600
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,8 +365,9 @@ class SwarmStore(Protocol):
         ttl: float,
         digest: bytes,
         window: float,
-    ) -> tuple[list[PeerView], int, int] | None:
-        """Apply the announce; return live candidate peers (unranked, may include the
+    ) -> tuple[list[PeerView], int, int] | AnnounceAnswer | None:
+        """Apply the announce; return the answer (:class:`AnnounceAnswer`, ranked and
+        serialised, from in-memory stores) or live candidate peers (unranked, may include the
         announcer) and the swarm's seeder and leecher counts; ``None`` if ``digest`` was
         already seen (a replay) and nothing changed."""
         ...
@@ -407,276 +416,139 @@ CREATE TABLE IF NOT EXISTS corrupt_reports (
 CREATE TABLE IF NOT EXISTS seen (digest BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
 """
 
-_UNKNOWN_SCORE = quality_score(PeerQuality())
+_UNKNOWN_SCORE = UNKNOWN_SCORE
+_release_stats = release_stats
+_quality_stats = quality_stats
 
 
-def _score_histogram(scores: list[float]) -> list[int]:
-    """Ten buckets over [0, 1]; bucket 9 includes 1.0."""
-    hist = [0] * 10
-    for s in scores:
-        hist[min(9, max(0, int(s * 10)))] += 1
-    return hist
+class SQLiteSwarm(MemorySwarm):
+    """Swarm state of a single tracker process: in memory, written behind to ``DIR/swarm.db``.
 
+    Announces and reports change only memory (:class:`tracker.swarm.MemorySwarm`); the tracker
+    calls :meth:`flush_batch` every ``FLUSH_INTERVAL`` seconds on its own thread, which takes the
+    changed rows, and :meth:`write` from a worker thread, which writes them in one transaction,
+    so no announce waits for the disk. On open, the live state (members, counters, quality,
+    replay digests) is read back, so a restart keeps its swarms; a crash loses at most the last
+    interval's changes of state that is disposable anyway (nodes re-announce every interval).
+    """
 
-class SQLiteSwarm:
-    """Swarm state in ``DIR/swarm.db`` for a single tracker process."""
-
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, now: float | None = None) -> None:
+        super().__init__(track_dirty=True)
         self._conn = _connect(path)
         self._conn.executescript(_SWARM_SCHEMA)
         self._lock = threading.Lock()
+        self._load(time.time() if now is None else now)
 
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
-    def _fresh(self, c: sqlite3.Connection, digest: bytes, now: float, window: float) -> bool:
-        cur = c.execute(
-            "INSERT OR IGNORE INTO seen (digest, expires) VALUES (?, ?)", (digest, now + window)
-        )
-        return cur.rowcount == 1
-
-    def announce(
-        self,
-        a: Announce,
-        ip: str,
-        record: bytes | None,
-        *,
-        now: float,
-        ttl: float,
-        digest: bytes,
-        window: float,
-    ) -> tuple[list[PeerView], int, int] | None:
-        with self._tx() as c:
-            if not self._fresh(c, digest, now, window):
-                return None
-            old = c.execute(
-                "SELECT left, from_peers, from_cdn, uploaded, expires FROM peers "
-                "WHERE manifest = ? AND node = ?",
-                (a.manifest, a.node_id),
-            ).fetchone()
-            if old is not None and old[4] <= now:
-                old = None  # expired: a fresh start for the counters' deltas too
-            d_peers = a.from_peers - old[1] if old else a.from_peers
-            d_cdn = a.from_cdn - old[2] if old else a.from_cdn
-            d_up = a.uploaded - old[3] if old else a.uploaded
-            completed = 1 if a.event == "completed" and (old is None or old[0] != 0) else 0
-            c.execute(
-                "INSERT INTO releases (manifest, app, completed, from_peers, from_cdn, uploaded) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (manifest) DO UPDATE SET "
-                "completed = completed + excluded.completed, "
-                "from_peers = from_peers + excluded.from_peers, "
-                "from_cdn = from_cdn + excluded.from_cdn, uploaded = uploaded + excluded.uploaded",
-                (a.manifest, a.app, completed, max(0, d_peers), max(0, d_cdn), max(0, d_up)),
+    def _load(self, now: float) -> None:
+        c = self._conn
+        for row in c.execute(
+            "SELECT manifest, node, app, key, ip, port, size, left, from_peers, from_cdn, "
+            "uploaded, expires, record FROM peers WHERE expires > ? ORDER BY expires",
+            (now,),
+        ):
+            mid, node, app, key, ip, port, size, left, fp, fc, up, expires, record = row
+            self.apply_member(
+                Member(
+                    bytes(mid),
+                    bytes(node),
+                    app,
+                    bytes(key),
+                    ip,
+                    port,
+                    size,
+                    left,
+                    fp,
+                    fc,
+                    up,
+                    expires,
+                    bytes(record) if record is not None else None,
+                ),
+                now,
             )
-            if completed:
-                c.execute(
-                    "INSERT INTO adoption (manifest, minute, completed) VALUES (?, ?, 1) "
-                    "ON CONFLICT (manifest, minute) DO UPDATE SET completed = completed + 1",
-                    (a.manifest, int(now // 60)),
-                )
-            if a.event == "stopped":
-                c.execute(
-                    "DELETE FROM peers WHERE manifest = ? AND node = ?", (a.manifest, a.node_id)
-                )
-            else:
-                c.execute(
+        for mid, app, completed, fp, fc, up in c.execute(
+            "SELECT manifest, app, completed, from_peers, from_cdn, uploaded FROM releases"
+        ):
+            self.set_release(bytes(mid), app, (completed, fp, fc, up))
+        for mid, minute, n in c.execute("SELECT manifest, minute, completed FROM adoption"):
+            self.set_adoption(bytes(mid), minute, n)
+        reporters: dict[bytes, list[bytes]] = {}
+        for node, reporter in c.execute("SELECT node, reporter FROM corrupt_reports"):
+            reporters.setdefault(bytes(node), []).append(bytes(reporter))
+        for row in c.execute(
+            "SELECT node, mib, failures, corrupt, rate, reports, corrupt_reporters FROM quality"
+        ):
+            node = bytes(row[0])
+            self.set_quality(node, PeerQuality(*row[1:]), reporters.get(node, ()))
+        for digest, expires in c.execute(
+            "SELECT digest, expires FROM seen WHERE expires > ? ORDER BY expires", (now,)
+        ):
+            self._seen[bytes(digest)] = expires
+            self._seen_order.append((expires, bytes(digest)))
+        self.take_dirty()  # what was just read is what the file holds
+
+    def flush_batch(self) -> Dirty:
+        """The rows to write (call on the thread that changes the swarm)."""
+        return self.take_dirty()
+
+    def write(self, d: Dirty) -> None:
+        """Write a batch in one transaction (may run in a worker thread)."""
+        if not len(d):
+            return
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                c.executemany("DELETE FROM peers WHERE manifest = ? AND node = ?", d.peers_delete)
+                c.executemany(
                     "INSERT OR REPLACE INTO peers (manifest, node, app, key, ip, port, size, "
                     "left, from_peers, from_cdn, uploaded, expires, record) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        a.manifest,
-                        a.node_id,
-                        a.app,
-                        a.public_key,
-                        ip,
-                        a.port,
-                        a.size,
-                        a.left,
-                        max(a.from_peers, old[1] if old else 0),
-                        max(a.from_cdn, old[2] if old else 0),
-                        max(a.uploaded, old[3] if old else 0),
-                        now + ttl,
-                        record,
-                    ),
+                    d.peers_upsert,
                 )
-            counts = c.execute(
-                "SELECT COALESCE(SUM(left = 0), 0), COALESCE(SUM(left > 0), 0) FROM peers "
-                "WHERE manifest = ? AND expires > ?",
-                (a.manifest, now),
-            ).fetchone()
-            if a.numwant == 0:
-                return [], counts[0], counts[1]
-            rows = c.execute(
-                "SELECT p.node, p.key, p.manifest, p.ip, p.port, p.size, p.left, p.record, "
-                "q.score, q.corrupt_reporters FROM peers p LEFT JOIN quality q ON q.node = p.node "
-                "WHERE p.manifest = ? AND p.expires > ? "
-                "ORDER BY COALESCE(q.score, ?) DESC, p.left LIMIT ?",
-                (a.manifest, now, _UNKNOWN_SCORE, a.numwant + 1),
-            ).fetchall()
-            rows += c.execute(
-                "SELECT p.node, p.key, p.manifest, p.ip, p.port, p.size, p.left, p.record, "
-                "q.score, q.corrupt_reporters FROM peers p LEFT JOIN quality q ON q.node = p.node "
-                "WHERE p.app = ? AND p.expires > ? AND p.manifest != ? "
-                "ORDER BY COALESCE(q.score, ?) DESC, p.left LIMIT ?",
-                (a.app, now, a.manifest, _UNKNOWN_SCORE, a.numwant + 1),
-            ).fetchall()
-        peers = [
-            PeerView(
-                node_id=bytes(r[0]),
-                public_key=bytes(r[1]),
-                manifest=bytes(r[2]),
-                ip=r[3],
-                port=r[4],
-                size=r[5],
-                left=r[6],
-                record=bytes(r[7]) if r[7] is not None else None,
-                score=_UNKNOWN_SCORE if r[8] is None else r[8],
-                flagged=(r[9] or 0) >= FLAG_REPORTERS,
-            )
-            for r in rows
-        ]
-        return peers, counts[0], counts[1]
-
-    def quality(self, node_id: bytes) -> PeerQuality:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT mib, failures, corrupt, rate, reports, corrupt_reporters FROM quality "
-                "WHERE node = ?",
-                (node_id,),
-            ).fetchone()
-        return PeerQuality(*row) if row else PeerQuality()
-
-    def report(self, r: Report, *, now: float, digest: bytes, window: float) -> bool:
-        with self._tx() as c:
-            if not self._fresh(c, digest, now, window):
-                return False
-            for e in r.peers:
-                row = c.execute(
-                    "SELECT mib, failures, corrupt, rate, reports, corrupt_reporters "
-                    "FROM quality WHERE node = ?",
-                    (e.node_id,),
-                ).fetchone()
-                q = PeerQuality(*row) if row else PeerQuality()
-                new_reporter = False
-                if e.corrupt > 0:
-                    cur = c.execute(
-                        "INSERT OR IGNORE INTO corrupt_reports (node, reporter) VALUES (?, ?)",
-                        (e.node_id, r.node_id),
+                c.executemany(
+                    "INSERT OR REPLACE INTO releases (manifest, app, completed, from_peers, "
+                    "from_cdn, uploaded) VALUES (?, ?, ?, ?, ?, ?)",
+                    d.releases,
+                )
+                c.executemany(
+                    "INSERT OR REPLACE INTO adoption (manifest, minute, completed) "
+                    "VALUES (?, ?, ?)",
+                    d.adoption,
+                )
+                gone = [(n,) for n in d.quality_delete]
+                c.executemany("DELETE FROM quality WHERE node = ?", gone)
+                c.executemany("DELETE FROM corrupt_reports WHERE node = ?", gone)
+                c.executemany(
+                    "INSERT OR REPLACE INTO quality (node, mib, failures, corrupt, rate, "
+                    "reports, corrupt_reporters, score) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    d.quality_upsert,
+                )
+                c.executemany(
+                    "INSERT OR IGNORE INTO corrupt_reports (node, reporter) VALUES (?, ?)",
+                    d.corrupt,
+                )
+                c.executemany("INSERT OR IGNORE INTO seen (digest, expires) VALUES (?, ?)", d.seen)
+                if d.gc_before is not None:
+                    now = d.gc_before
+                    c.execute("DELETE FROM peers WHERE expires <= ?", (now,))
+                    c.execute("DELETE FROM seen WHERE expires <= ?", (now,))
+                    c.execute(
+                        "DELETE FROM adoption WHERE minute < ?",
+                        (int((now - ADOPTION_KEEP_S) // 60),),
                     )
-                    new_reporter = cur.rowcount == 1
-                update_quality(q, e, new_corrupt_reporter=new_reporter)
-                c.execute(
-                    "INSERT OR REPLACE INTO quality (node, mib, failures, corrupt, rate, reports, "
-                    "corrupt_reporters, score) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        e.node_id,
-                        q.mib,
-                        q.failures,
-                        q.corrupt,
-                        q.rate,
-                        q.reports,
-                        q.corrupt_reporters,
-                        q.score,
-                    ),
-                )
-        return True
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            c.execute("COMMIT")
 
-    def clear_peer(self, node_id: bytes) -> bool:
-        with self._tx() as c:
-            n = c.execute("DELETE FROM quality WHERE node = ?", (node_id,)).rowcount
-            c.execute("DELETE FROM corrupt_reports WHERE node = ?", (node_id,))
-        return n > 0
+    def flush(self) -> None:
+        """Write every pending change now, on this thread."""
+        self.write(self.take_dirty())
 
-    def gc(self, now: float) -> int:
-        with self._tx() as c:
-            n = c.execute("DELETE FROM peers WHERE expires <= ?", (now,)).rowcount
-            c.execute("DELETE FROM seen WHERE expires <= ?", (now,))
-            c.execute(
-                "DELETE FROM adoption WHERE minute < ?", (int((now - ADOPTION_KEEP_S) // 60),)
-            )
-        return n
-
-    def stats(self, now: float) -> dict[str, Any]:
+    def close(self) -> None:
+        self.flush()
         with self._lock:
-            c = self._conn
-            live = {
-                bytes(r[0]): (r[1], r[2])
-                for r in c.execute(
-                    "SELECT manifest, SUM(left = 0), SUM(left > 0) FROM peers WHERE expires > ? "
-                    "GROUP BY manifest",
-                    (now,),
-                )
-            }
-            releases = c.execute(
-                "SELECT manifest, app, completed, from_peers, from_cdn, uploaded FROM releases"
-            ).fetchall()
-            adoption: dict[bytes, list[list[int]]] = {}
-            for m, minute, n in c.execute(
-                "SELECT manifest, minute, completed FROM adoption ORDER BY minute"
-            ):
-                adoption.setdefault(bytes(m), []).append([minute * 60, n])
-            scores = [r[0] for r in c.execute("SELECT score FROM quality")]
-            flagged = [
-                bytes(r[0]).hex()
-                for r in c.execute(
-                    "SELECT node FROM quality WHERE corrupt_reporters >= ? ORDER BY node",
-                    (FLAG_REPORTERS,),
-                )
-            ]
-        out = []
-        for m, app, completed, fp, fc, up in releases:
-            seeders, leechers = live.get(bytes(m), (0, 0))
-            out.append(
-                _release_stats(bytes(m), app, seeders, leechers, completed, fp, fc, up, adoption)
-            )
-        return {"releases": out, "quality": _quality_stats(scores, flagged)}
-
-
-def _release_stats(
-    m: bytes,
-    app: str,
-    seeders: int,
-    leechers: int,
-    completed: int,
-    fp: int,
-    fc: int,
-    up: int,
-    adoption: dict[bytes, list[list[int]]],
-) -> dict[str, Any]:
-    total = fp + fc
-    return {
-        "manifest_id": m.hex(),
-        "app": app,
-        "seeders": int(seeders or 0),
-        "leechers": int(leechers or 0),
-        "completed": int(completed),
-        "bytes_from_peers": int(fp),
-        "bytes_from_cdn": int(fc),
-        "bytes_uploaded": int(up),
-        "offload_ratio": (fp / total) if total else 0.0,
-        "adoption": adoption.get(m, []),
-    }
-
-
-def _quality_stats(scores: list[float], flagged: list[str]) -> dict[str, Any]:
-    return {
-        "peers_scored": len(scores),
-        "histogram": _score_histogram(scores),
-        "flagged": flagged,
-        "unknown_score": _UNKNOWN_SCORE,
-    }
+            self._conn.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -745,19 +617,24 @@ local live = redis.call('ZCOUNT', sw, '(' .. now, '+inf')
 local nseeds = redis.call('ZCOUNT', seeds, '(' .. now, '+inf')
 local out = {nseeds, live - nseeds}
 if want == 0 then return out end
+-- returns how many usable peers it added (not the announcer, not flagged: score "0")
 local function collect(m)
   local members = redis.call('ZREVRANGEBYSCORE', P .. 'sw:' .. m, '+inf', now, 'LIMIT', 0, limit)
-  if #members == 0 then return end
+  if #members == 0 then return 0 end
   local infos = redis.call('HMGET', P .. 'pi:' .. m, unpack(members))
   local scores = redis.call('HMGET', P .. 'qs', unpack(members))
+  local usable = 0
   for i, n in ipairs(members) do
     if infos[i] then
       out[#out + 1] = m; out[#out + 1] = n; out[#out + 1] = infos[i]
       out[#out + 1] = scores[i] or ''
+      if n ~= node and scores[i] ~= '0' then usable = usable + 1 end
     end
   end
+  return usable
 end
-collect(mid)
+-- the build's own swarm comes first in answers: partial seeds only when it cannot fill one
+if collect(mid) >= want then return out end
 local others = redis.call('ZREVRANGEBYSCORE', P .. 'appm:' .. app, '+inf', now - 3600,
                           'LIMIT', 0, partial + 1)
 for _, m in ipairs(others) do
@@ -845,6 +722,41 @@ class RedisSwarm:
         digest: bytes,
         window: float,
     ) -> tuple[list[PeerView], int, int] | None:
+        return self._parse_answer(
+            self._announce(
+                args=self._announce_args(
+                    a, ip, record, now=now, ttl=ttl, digest=digest, window=window
+                )
+            )
+        )
+
+    def announce_many(
+        self, batch: list[tuple[Announce, str, bytes | None, float, float, bytes, float]]
+    ) -> list[tuple[list[PeerView], int, int] | None]:
+        """Group commit: several announces' scripts in one pipelined round trip (each script
+        stays atomic on its own). Items: (announce, ip, record, now, ttl, digest, window)."""
+        with self._r.pipeline(transaction=False) as pipe:
+            for a, ip, record, now, ttl, digest, window in batch:
+                self._announce(
+                    args=self._announce_args(
+                        a, ip, record, now=now, ttl=ttl, digest=digest, window=window
+                    ),
+                    client=pipe,
+                )
+            results = pipe.execute()
+        return [self._parse_answer(res) for res in results]
+
+    def _announce_args(
+        self,
+        a: Announce,
+        ip: str,
+        record: bytes | None,
+        *,
+        now: float,
+        ttl: float,
+        digest: bytes,
+        window: float,
+    ) -> list[Any]:
         info = json.dumps(
             {
                 "k": a.public_key.hex(),
@@ -856,27 +768,28 @@ class RedisSwarm:
             },
             separators=(",", ":"),
         )
-        res = self._announce(
-            args=[
-                self.prefix,
-                a.node_id.hex(),
-                a.manifest.hex(),
-                a.app,
-                repr(now),
-                repr(now + ttl),
-                a.event,
-                a.left,
-                a.from_peers,
-                a.from_cdn,
-                a.uploaded,
-                info,
-                a.numwant,
-                min(CANDIDATES_PER_SWARM, 2 * a.numwant + 1),
-                PARTIAL_SWARMS,
-                max(1, int(window)),
-                digest.hex(),
-            ]
-        )
+        return [
+            self.prefix,
+            a.node_id.hex(),
+            a.manifest.hex(),
+            a.app,
+            repr(now),
+            repr(now + ttl),
+            a.event,
+            a.left,
+            a.from_peers,
+            a.from_cdn,
+            a.uploaded,
+            info,
+            a.numwant,
+            min(CANDIDATES_PER_SWARM, 2 * a.numwant + 1),
+            PARTIAL_SWARMS,
+            max(1, int(window)),
+            digest.hex(),
+        ]
+
+    @staticmethod
+    def _parse_answer(res: Any) -> tuple[list[PeerView], int, int] | None:
         if res is None:
             return None
         out: list[PeerView] = []

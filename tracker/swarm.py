@@ -1,0 +1,693 @@
+"""Swarm state in memory: the announce hot path, with no I/O.
+
+Theory of operation
+-------------------
+An announce used to be one SQLite transaction (or one Redis script) plus ranking a few hundred
+candidates and serialising them: about 3 ms of CPU, so ~400 announces/s. Swarm state is small
+(a few hundred bytes per live member) and disposable, so each tracker process keeps it in
+memory in :class:`MemorySwarm`, and durability is somebody else's job:
+
+* with SQLite, :class:`tracker.store.SQLiteSwarm` subclasses this and writes the changes behind
+  (:meth:`MemorySwarm.take_dirty`, batched every second from a worker thread);
+* with Redis, :class:`tracker.store.RedisSwarm` commits every announce to Redis first (the replay
+  guard and the counters are decided there, atomically across replicas) and this in-memory copy
+  is a *view* fed from the Redis change log (:meth:`apply_member` and friends).
+
+Per swarm (one manifest) the members live in a dict **ordered by expiry**: a re-announce pops
+the member and re-inserts it at the end, and since every expiry is ``now + ttl`` the oldest is
+always first, so expiring is popping from the front (amortised O(1) per announce) and the
+seeder/leecher counts are exact counters.
+
+Ranking: answers list the requested build's members first, then partial seeds (members of the
+other builds of the app announced in the last hour, at most ``PARTIAL_SWARMS`` builds); within
+each group by quality score (highest first), then by bytes left (fewest first), then node id.
+Sorting a swarm of hundreds on every announce would cost more than everything else, so each
+swarm keeps its sorted member list and re-sorts it when its membership or a member's score
+changes (at once), or when members only moved their ``left`` (at most every ``RANK_REFRESH``
+seconds). The list holds the live member objects, so what an answer shows (address, progress)
+is always current; only the order among peers whose progress changed may lag by up to
+``RANK_REFRESH``. Expired, stopped and flagged members are skipped when the list is read.
+
+Every member caches its JSON fragment for answers (rebuilt when it re-announces or its score
+changes), so an answer is a join of ready-made bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from p2pnode import keys
+from p2pnode.dht.records import PeerRecordError, decode_bundle
+
+from .core import Announce, PeerQuality, Report, quality_score, update_quality
+
+__all__ = [
+    "PARTIAL_SWARMS",
+    "PARTIAL_WINDOW_S",
+    "RANK_REFRESH",
+    "AnnounceAnswer",
+    "Dirty",
+    "Member",
+    "MemorySwarm",
+]
+
+#: Other builds of the same app searched for partial seeds (most recently announced first).
+PARTIAL_SWARMS = 8
+#: A build counts as "being shared" for partial seeds if announced within this many seconds.
+PARTIAL_WINDOW_S = 3600.0
+#: Longest time a swarm's order may lag behind members' progress (seconds); membership and
+#: score changes re-sort at once.
+RANK_REFRESH = 1.0
+#: Completions are bucketed per minute for the adoption curve; buckets older than this go.
+ADOPTION_KEEP_S = 7 * 24 * 3600
+
+UNKNOWN_SCORE = quality_score(PeerQuality())
+
+
+class Member:
+    """One live swarm member (a node in the swarm of one manifest)."""
+
+    __slots__ = (
+        "app",
+        "expires",
+        "frag",
+        "from_cdn",
+        "from_peers",
+        "ip",
+        "key",
+        "left",
+        "manifest",
+        "node",
+        "port",
+        "record",
+        "size",
+        "uploaded",
+    )
+
+    def __init__(
+        self,
+        manifest: bytes,
+        node: bytes,
+        app: str,
+        key: bytes,
+        ip: str,
+        port: int,
+        size: int,
+        left: int,
+        from_peers: int,
+        from_cdn: int,
+        uploaded: int,
+        expires: float,
+        record: bytes | None,
+    ) -> None:
+        self.manifest, self.node, self.app, self.key = manifest, node, app, key
+        self.ip, self.port, self.size, self.left = ip, port, size, left
+        self.from_peers, self.from_cdn, self.uploaded = from_peers, from_cdn, uploaded
+        self.expires, self.record = expires, record
+        self.frag: bytes | None = None
+
+    def row(self) -> tuple[Any, ...]:
+        """The ``peers`` table row (tracker.store's schema)."""
+        return (
+            self.manifest,
+            self.node,
+            self.app,
+            self.key,
+            self.ip,
+            self.port,
+            self.size,
+            self.left,
+            self.from_peers,
+            self.from_cdn,
+            self.uploaded,
+            self.expires,
+            self.record,
+        )
+
+
+class _Swarm:
+    __slots__ = ("app", "manifest", "members", "ranked", "ranked_at", "seeds", "stale")
+
+    def __init__(self, manifest: bytes, app: str) -> None:
+        self.manifest, self.app = manifest, app
+        #: node id -> member, in expiry order (oldest first)
+        self.members: dict[bytes, Member] = {}
+        self.seeds = 0
+        #: members sorted for answers; None = re-sort before the next read
+        self.ranked: list[Member] | None = None
+        self.ranked_at = 0.0
+        #: a member's ``left`` changed since the sort
+        self.stale = False
+
+
+@dataclass
+class AnnounceAnswer:
+    """What the announce answer needs: ranked peers (JSON fragments) and the swarm's counts."""
+
+    peers: list[bytes]
+    seeders: int
+    leechers: int
+
+
+@dataclass
+class Dirty:
+    """Changes since the last :meth:`MemorySwarm.take_dirty`, as rows for the write-behind."""
+
+    peers_upsert: list[tuple[Any, ...]] = field(default_factory=list)
+    peers_delete: list[tuple[bytes, bytes]] = field(default_factory=list)
+    releases: list[tuple[Any, ...]] = field(default_factory=list)
+    adoption: list[tuple[bytes, int, int]] = field(default_factory=list)
+    quality_upsert: list[tuple[Any, ...]] = field(default_factory=list)
+    quality_delete: list[bytes] = field(default_factory=list)
+    corrupt: list[tuple[bytes, bytes]] = field(default_factory=list)
+    seen: list[tuple[bytes, float]] = field(default_factory=list)
+    gc_before: float | None = None
+
+    def __len__(self) -> int:
+        return (
+            len(self.peers_upsert)
+            + len(self.peers_delete)
+            + len(self.releases)
+            + len(self.adoption)
+            + len(self.quality_upsert)
+            + len(self.quality_delete)
+            + len(self.corrupt)
+            + len(self.seen)
+            + (self.gc_before is not None)
+        )
+
+
+class MemorySwarm:
+    """Swarm state, peer quality, counters and the replay guard of one process, in memory.
+
+    Args:
+        track_dirty: remember what changed for :meth:`take_dirty` (the SQLite write-behind).
+    """
+
+    def __init__(self, *, track_dirty: bool = False) -> None:
+        self._swarms: dict[bytes, _Swarm] = {}
+        #: app -> manifest -> time of its last announce (for partial seeds)
+        self._builds: dict[str, dict[bytes, float]] = {}
+        #: node -> manifests whose swarm it is in (to refresh it when its score changes)
+        self._where: dict[bytes, set[bytes]] = {}
+        #: manifest -> [app, completed, from_peers, from_cdn, uploaded]
+        self._releases: dict[bytes, list[Any]] = {}
+        self._adoption: dict[tuple[bytes, int], int] = {}
+        self._quality: dict[bytes, PeerQuality] = {}
+        self._corrupt_by: dict[bytes, set[bytes]] = {}
+        self._scores: dict[bytes, float] = {}
+        self._flagged: set[bytes] = set()
+        self._seen: dict[bytes, float] = {}
+        self._seen_order: deque[tuple[float, bytes]] = deque()
+        self._track = track_dirty
+        self._d_peers: set[tuple[bytes, bytes]] = set()
+        self._d_releases: set[bytes] = set()
+        self._d_adoption: set[tuple[bytes, int]] = set()
+        self._d_quality: set[bytes] = set()
+        self._d_corrupt: list[tuple[bytes, bytes]] = []
+        self._d_seen: list[tuple[bytes, float]] = []
+        self._d_gc: float | None = None
+
+    # ------------------------------------------------------------------ replay guard
+
+    def fresh(self, digest: bytes, now: float, window: float) -> bool:
+        """Remember ``digest`` for ``window`` seconds; False if it is already remembered."""
+        exp = self._seen.get(digest)
+        if exp is not None and exp > now:
+            return False
+        self._seen[digest] = now + window
+        self._seen_order.append((now + window, digest))
+        if self._track:
+            self._d_seen.append((digest, now + window))
+        return True
+
+    # ------------------------------------------------------------------ members
+
+    def _swarm(self, manifest: bytes, app: str) -> _Swarm:
+        sw = self._swarms.get(manifest)
+        if sw is None:
+            sw = self._swarms[manifest] = _Swarm(manifest, app)
+        return sw
+
+    def _remove(self, sw: _Swarm, node: bytes) -> Member | None:
+        m = sw.members.pop(node, None)
+        if m is None:
+            return None
+        if m.left == 0:
+            sw.seeds -= 1
+        sw.ranked = None
+        where = self._where.get(node)
+        if where is not None:
+            where.discard(sw.manifest)
+            if not where:
+                del self._where[node]
+        if self._track:
+            self._d_peers.add((sw.manifest, node))
+        return m
+
+    def _expire(self, sw: _Swarm, now: float) -> int:
+        """Drop the members whose expiry passed, from the front (the oldest)."""
+        n = 0
+        members = sw.members
+        while members:
+            first = next(iter(members.values()))
+            if first.expires > now:
+                break
+            self._remove(sw, first.node)
+            n += 1
+        return n
+
+    def apply_member(self, m: Member, now: float) -> None:
+        """Put ``m`` in its swarm (replacing the node's previous entry there), latest expiry."""
+        sw = self._swarm(m.manifest, m.app)
+        old = sw.members.pop(m.node, None)
+        if old is None:
+            sw.ranked = None
+            self._where.setdefault(m.node, set()).add(m.manifest)
+            if m.left == 0:
+                sw.seeds += 1
+        else:
+            if (old.left == 0) != (m.left == 0):
+                sw.seeds += 1 if m.left == 0 else -1
+            if old.left != m.left:
+                sw.stale = True
+            # update in place: the sorted list holds this object
+            for name in Member.__slots__:
+                if name != "frag":
+                    setattr(old, name, getattr(m, name))
+            old.frag = None
+            m = old
+        sw.members[m.node] = m
+        if self._track:
+            self._d_peers.add((m.manifest, m.node))
+        builds = self._builds.setdefault(m.app, {})
+        builds[m.manifest] = max(now, builds.get(m.manifest, 0.0))
+
+    def remove_member(self, manifest: bytes, node: bytes) -> None:
+        sw = self._swarms.get(manifest)
+        if sw is not None:
+            self._remove(sw, node)
+
+    def member(self, manifest: bytes, node: bytes, now: float) -> Member | None:
+        sw = self._swarms.get(manifest)
+        m = sw.members.get(node) if sw is not None else None
+        return m if m is not None and m.expires > now else None
+
+    def live_members(self, now: float) -> int:
+        return sum(
+            1 for sw in self._swarms.values() for m in sw.members.values() if m.expires > now
+        )
+
+    # ------------------------------------------------------------------ announce
+
+    def announce(
+        self,
+        a: Announce,
+        ip: str,
+        record: bytes | None,
+        *,
+        now: float,
+        ttl: float,
+        digest: bytes,
+        window: float,
+    ) -> AnnounceAnswer | None:
+        """Apply a verified announce and answer it; ``None`` if it is a replay (nothing changed).
+
+        The counters take only increases of the node's cumulative totals; ``completed`` counts
+        once per node (a repeated ``completed`` does not count again).
+        """
+        if not self.fresh(digest, now, window):
+            return None
+        sw = self._swarm(a.manifest, a.app)
+        self._expire(sw, now)
+        old = sw.members.get(a.node_id)
+        if old is not None and old.expires <= now:
+            self._remove(sw, a.node_id)
+            old = None
+        ofp, ofc, oup = (old.from_peers, old.from_cdn, old.uploaded) if old else (0, 0, 0)
+        completed = 1 if a.event == "completed" and (old is None or old.left != 0) else 0
+        self.count(
+            a.manifest,
+            a.app,
+            completed=completed,
+            from_peers=max(0, a.from_peers - ofp),
+            from_cdn=max(0, a.from_cdn - ofc),
+            uploaded=max(0, a.uploaded - oup),
+            now=now,
+        )
+        if a.event == "stopped":
+            self._remove(sw, a.node_id)
+        else:
+            self.apply_member(
+                Member(
+                    a.manifest,
+                    a.node_id,
+                    a.app,
+                    a.public_key,
+                    ip,
+                    a.port,
+                    a.size,
+                    a.left,
+                    max(a.from_peers, ofp),
+                    max(a.from_cdn, ofc),
+                    max(a.uploaded, oup),
+                    now + ttl,
+                    record,
+                ),
+                now,
+            )
+        return self.answer(a.manifest, a.app, a.node_id, a.numwant, now)
+
+    def count(
+        self,
+        manifest: bytes,
+        app: str,
+        *,
+        completed: int,
+        from_peers: int,
+        from_cdn: int,
+        uploaded: int,
+        now: float,
+    ) -> None:
+        """Add to a release's counters (and to the adoption curve for a completion)."""
+        rel = self._releases.get(manifest)
+        if rel is None:
+            rel = self._releases[manifest] = [app, 0, 0, 0, 0]
+            if self._track:
+                self._d_releases.add(manifest)
+        if completed or from_peers or from_cdn or uploaded:
+            rel[1] += completed
+            rel[2] += from_peers
+            rel[3] += from_cdn
+            rel[4] += uploaded
+            if self._track:
+                self._d_releases.add(manifest)
+        if completed:
+            key = (manifest, int(now // 60))
+            self._adoption[key] = self._adoption.get(key, 0) + completed
+            if self._track:
+                self._d_adoption.add(key)
+
+    def set_release(self, manifest: bytes, app: str, counters: Iterable[int]) -> None:
+        """Set a release's counters (completed, from_peers, from_cdn, uploaded) outright."""
+        self._releases[manifest] = [app, *counters]
+
+    def set_adoption(self, manifest: bytes, minute: int, completed: int) -> None:
+        self._adoption[(manifest, minute)] = completed
+
+    def answer(
+        self, manifest: bytes, app: str, exclude: bytes, numwant: int, now: float
+    ) -> AnnounceAnswer:
+        """The ranked answer for a node of ``manifest``'s swarm (see the module docstring)."""
+        sw = self._swarms.get(manifest)
+        if sw is None:
+            return AnnounceAnswer([], 0, 0)
+        self._expire(sw, now)
+        seeders, leechers = sw.seeds, len(sw.members) - sw.seeds
+        if numwant <= 0:
+            return AnnounceAnswer([], seeders, leechers)
+        own = list(self._pick(sw, now, exclude, numwant, ()))
+        need = numwant - len(own)
+        if need > 0:
+            taken = {m.node for m in own}
+            taken.add(exclude)
+            others: list[Member] = []
+            for other in self._partial_swarms(app, manifest, now):
+                others.extend(self._pick(other, now, exclude, need, taken))
+            if others:
+                scores = self._scores
+                others.sort(key=lambda m: (-scores.get(m.node, UNKNOWN_SCORE), m.left, m.node))
+                for m in others:
+                    if m.node not in taken:
+                        taken.add(m.node)
+                        own.append(m)
+                        need -= 1
+                        if need == 0:
+                            break
+        frag = self._frag
+        return AnnounceAnswer([m.frag or frag(m) for m in own], seeders, leechers)
+
+    def _partial_swarms(self, app: str, manifest: bytes, now: float) -> list[_Swarm]:
+        builds = self._builds.get(app)
+        if not builds or (len(builds) == 1 and manifest in builds):
+            return []
+        recent = sorted(
+            (t, m) for m, t in builds.items() if m != manifest and t >= now - PARTIAL_WINDOW_S
+        )
+        out = []
+        for _, m in reversed(recent[-PARTIAL_SWARMS:]):
+            sw = self._swarms.get(m)
+            if sw is not None:
+                out.append(sw)
+        return out
+
+    def _pick(
+        self, sw: _Swarm, now: float, exclude: bytes, limit: int, taken: Iterable[bytes]
+    ) -> Iterator[Member]:
+        ranked = sw.ranked
+        if ranked is None or (sw.stale and now - sw.ranked_at >= RANK_REFRESH):
+            scores = self._scores
+            ranked = sw.ranked = sorted(
+                sw.members.values(),
+                key=lambda m: (-scores.get(m.node, UNKNOWN_SCORE), m.left, m.node),
+            )
+            sw.ranked_at = now
+            sw.stale = False
+        members, flagged = sw.members, self._flagged
+        skip = taken if isinstance(taken, set) else set(taken)
+        n = 0
+        for m in ranked:
+            node = m.node
+            if (
+                node == exclude
+                or m.expires <= now
+                or members.get(node) is not m
+                or node in flagged
+                or node in skip
+            ):
+                continue
+            yield m
+            n += 1
+            if n >= limit:
+                return
+
+    def _frag(self, m: Member) -> bytes:
+        """The member's JSON object in answers (docs/tracker-api.md, Announce)."""
+        score = self._scores.get(m.node, UNKNOWN_SCORE)
+        progress = 1.0 if m.size <= 0 else max(0.0, min(1.0, 1 - m.left / m.size))
+        d: dict[str, Any] = {
+            "node_id": m.node.hex(),
+            "key": keys.format_public_key(m.key),
+            "ip": m.ip,
+            "port": m.port,
+            "manifest": m.manifest.hex(),
+            "seed": m.left == 0,
+            "progress": round(progress, 4),
+            "score": round(score, 4),
+        }
+        if m.record is not None:
+            try:
+                d["records"] = [r.hex() for r in decode_bundle(m.record)]
+            except PeerRecordError:
+                pass
+        frag = m.frag = json.dumps(d, separators=(",", ":")).encode()
+        return frag
+
+    # ------------------------------------------------------------------ quality
+
+    def report(self, r: Report, *, now: float, digest: bytes, window: float) -> bool:
+        """Fold a verified report into peer quality; False if it is a replay."""
+        if not self.fresh(digest, now, window):
+            return False
+        for e in r.peers:
+            q = self._quality.get(e.node_id)
+            if q is None:
+                q = self._quality[e.node_id] = PeerQuality()
+            new_reporter = False
+            if e.corrupt > 0:
+                seen = self._corrupt_by.setdefault(e.node_id, set())
+                if r.node_id not in seen:
+                    seen.add(r.node_id)
+                    new_reporter = True
+                    if self._track:
+                        self._d_corrupt.append((e.node_id, r.node_id))
+            update_quality(q, e, new_corrupt_reporter=new_reporter)
+            self.set_score(e.node_id, q.score, q.flagged)
+            if self._track:
+                self._d_quality.add(e.node_id)
+        return True
+
+    def set_score(self, node: bytes, score: float | None, flagged: bool) -> None:
+        """Set (or with ``None`` forget) a node's score; its swarms re-sort at their next read."""
+        if score is None:
+            self._scores.pop(node, None)
+        else:
+            self._scores[node] = score
+        if flagged:
+            self._flagged.add(node)
+        else:
+            self._flagged.discard(node)
+        for mid in self._where.get(node, ()):
+            sw = self._swarms[mid]
+            sw.ranked = None
+            m = sw.members.get(node)
+            if m is not None:
+                m.frag = None
+
+    def quality(self, node_id: bytes) -> PeerQuality:
+        q = self._quality.get(node_id)
+        return PeerQuality() if q is None else _copy(q)
+
+    def set_quality(self, node_id: bytes, q: PeerQuality, reporters: Iterable[bytes]) -> None:
+        self._quality[node_id] = q
+        self._corrupt_by[node_id] = set(reporters)
+        self.set_score(node_id, q.score, q.flagged)
+
+    def clear_peer(self, node_id: bytes) -> bool:
+        had = self._quality.pop(node_id, None) is not None
+        self._corrupt_by.pop(node_id, None)
+        self.set_score(node_id, None, False)
+        if self._track:
+            self._d_quality.add(node_id)
+        return had
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def gc(self, now: float) -> int:
+        """Drop expired members of every swarm, old replay digests and old adoption buckets."""
+        removed = 0
+        for sw in list(self._swarms.values()):
+            removed += self._expire(sw, now)
+            for node in [n for n, m in sw.members.items() if m.expires <= now]:
+                self._remove(sw, node)
+                removed += 1
+        order = self._seen_order
+        while order and order[0][0] <= now:
+            _, digest = order.popleft()
+            if self._seen.get(digest, now + 1) <= now:
+                del self._seen[digest]
+        oldest = int((now - ADOPTION_KEEP_S) // 60)
+        for key in [k for k in self._adoption if k[1] < oldest]:
+            del self._adoption[key]
+        for builds in self._builds.values():
+            for mid in [m for m, t in builds.items() if t < now - PARTIAL_WINDOW_S]:
+                del builds[mid]
+        if self._track:
+            self._d_gc = now
+        return removed
+
+    def stats(self, now: float) -> dict[str, Any]:
+        live: dict[bytes, tuple[int, int]] = {}
+        for mid, sw in self._swarms.items():
+            seeders = leechers = 0
+            for m in sw.members.values():
+                if m.expires > now:
+                    if m.left == 0:
+                        seeders += 1
+                    else:
+                        leechers += 1
+            live[mid] = (seeders, leechers)
+        adoption: dict[bytes, list[list[int]]] = {}
+        for (mid, minute), n in sorted(self._adoption.items(), key=lambda kv: kv[0][1]):
+            adoption.setdefault(mid, []).append([minute * 60, n])
+        releases = []
+        for mid, (app, completed, fp, fc, up) in self._releases.items():
+            seeders, leechers = live.get(mid, (0, 0))
+            releases.append(
+                release_stats(mid, app, seeders, leechers, completed, fp, fc, up, adoption)
+            )
+        scores = [q.score for q in self._quality.values()]
+        flagged = sorted(n.hex() for n, q in self._quality.items() if q.flagged)
+        return {"releases": releases, "quality": quality_stats(scores, flagged)}
+
+    def take_dirty(self) -> Dirty:
+        """Everything changed since the last call, as rows (the write-behind's batch)."""
+        out = Dirty(corrupt=self._d_corrupt, seen=self._d_seen, gc_before=self._d_gc)
+        for mid, node in self._d_peers:
+            sw = self._swarms.get(mid)
+            m = sw.members.get(node) if sw is not None else None
+            if m is None:
+                out.peers_delete.append((mid, node))
+            else:
+                out.peers_upsert.append(m.row())
+        for mid in self._d_releases:
+            app, *counters = self._releases[mid]
+            out.releases.append((mid, app, *counters))
+        for key in self._d_adoption:
+            n = self._adoption.get(key)
+            if n is not None:
+                out.adoption.append((key[0], key[1], n))
+        for node in self._d_quality:
+            q = self._quality.get(node)
+            if q is None:
+                out.quality_delete.append(node)
+            else:
+                out.quality_upsert.append(
+                    (
+                        node,
+                        q.mib,
+                        q.failures,
+                        q.corrupt,
+                        q.rate,
+                        q.reports,
+                        q.corrupt_reporters,
+                        q.score,
+                    )
+                )
+        self._d_peers, self._d_releases, self._d_adoption = set(), set(), set()
+        self._d_quality, self._d_corrupt, self._d_seen, self._d_gc = set(), [], [], None
+        return out
+
+    def close(self) -> None:
+        """Nothing to release (subclasses flush here)."""
+
+
+def _copy(q: PeerQuality) -> PeerQuality:
+    return PeerQuality(q.mib, q.failures, q.corrupt, q.rate, q.reports, q.corrupt_reporters)
+
+
+def score_histogram(scores: list[float]) -> list[int]:
+    """Ten buckets over [0, 1]; bucket 9 includes 1.0."""
+    hist = [0] * 10
+    for s in scores:
+        hist[min(9, max(0, int(s * 10)))] += 1
+    return hist
+
+
+def release_stats(
+    m: bytes,
+    app: str,
+    seeders: int,
+    leechers: int,
+    completed: int,
+    fp: int,
+    fc: int,
+    up: int,
+    adoption: dict[bytes, list[list[int]]],
+) -> dict[str, Any]:
+    total = fp + fc
+    return {
+        "manifest_id": m.hex(),
+        "app": app,
+        "seeders": int(seeders or 0),
+        "leechers": int(leechers or 0),
+        "completed": int(completed),
+        "bytes_from_peers": int(fp),
+        "bytes_from_cdn": int(fc),
+        "bytes_uploaded": int(up),
+        "offload_ratio": (fp / total) if total else 0.0,
+        "adoption": adoption.get(m, []),
+    }
+
+
+def quality_stats(scores: list[float], flagged: list[str]) -> dict[str, Any]:
+    return {
+        "peers_scored": len(scores),
+        "histogram": score_histogram(scores),
+        "flagged": flagged,
+        "unknown_score": UNKNOWN_SCORE,
+    }
