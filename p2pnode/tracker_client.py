@@ -54,6 +54,7 @@ __all__ = [
 ANNOUNCE_DOMAIN = b"p2pnode-tracker-announce-v1"
 REPORT_DOMAIN = b"p2pnode-tracker-report-v1"
 SIGNATURE_HEADER = "X-P2PNode-Signature"
+SESSION_HEADER = "X-P2PNode-Session"
 #: How long one long-poll asks the tracker to hold the request (it caps at 60).
 LONG_POLL_S = 25.0
 
@@ -155,6 +156,8 @@ class TrackerClient:
         self._http = client or httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=90.0))
         #: the tracker's fast announce listener, once an answer advertised it (announce_port)
         self.announce_url: str | None = None
+        #: announce session per node key: (token, monotonic time to stop using it)
+        self._sessions: dict[bytes, tuple[str, float]] = {}
 
     async def aclose(self) -> None:
         if self._own:
@@ -362,6 +365,10 @@ class TrackerClient:
             fields["records"] = [r.hex() for r in records]
         body, sig = sign_body(key, ANNOUNCE_DOMAIN, fields)
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sig}
+        public = keys.public_key_bytes(key)
+        session = self._sessions.get(public)
+        if session is not None and time.monotonic() < session[1]:
+            headers[SESSION_HEADER] = session[0]  # spares the tracker a signature check
         resp = None
         if self.announce_url is not None:
             try:
@@ -379,6 +386,10 @@ class TrackerClient:
             resp = await self._request("POST", "/v1/announce", content=body, headers=headers)
         d = resp.json()
         self._learn_announce_port(d.get("announce_port"))
+        token, ttl = d.get("session"), d.get("session_ttl")
+        if isinstance(token, str) and len(token) <= 64 and isinstance(ttl, int) and ttl > 0:
+            # stop a minute early: a token expiring in flight costs the tracker a check, no more
+            self._sessions[public] = (token, time.monotonic() + max(0, ttl - 60))
         peers = [
             TrackerPeer(
                 node_id=bytes.fromhex(p["node_id"]),

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from p2pnode import keys
 from p2pnode import manifest as M
-from p2pnode.tracker_client import ANNOUNCE_DOMAIN, SIGNATURE_HEADER
+from p2pnode.tracker_client import ANNOUNCE_DOMAIN, SESSION_HEADER, SIGNATURE_HEADER
 
 ADMIN = "bench-admin-token-0123456789abcdef"
 APP = "benchgame"
@@ -139,8 +139,8 @@ def setup(url: str, key: Any, manifests: list[M.SignedManifest]) -> None:
             ).raise_for_status()
 
 
-def presign(n: int, nodes: int, mids: list[str], seed: int) -> list[bytes]:
-    """``n`` complete HTTP requests, each a distinct signed announce."""
+def presign(n: int, nodes: int, mids: list[str], seed: int) -> tuple[list[Any], list[Announce]]:
+    """Node keys, and ``n`` distinct signed announces by them (node index, body, signature)."""
     node_keys = [keys.generate_key() for _ in range(nodes)]
     pubs = [keys.format_public_key(keys.public_key_bytes(k)) for k in node_keys]
     out = []
@@ -163,13 +163,45 @@ def presign(n: int, nodes: int, mids: list[str], seed: int) -> list[bytes]:
             },
             separators=(",", ":"),
         ).encode()
-        sig = keys.sign(node_keys[j], ANNOUNCE_DOMAIN, body).hex()
-        out.append(
-            b"POST /v1/announce HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-            + f"{SIGNATURE_HEADER}: {sig}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-    return out
+        out.append((j, body, keys.sign(node_keys[j], ANNOUNCE_DOMAIN, body).hex()))
+    return node_keys, out
+
+
+Announce = tuple[int, bytes, str]
+
+
+def frame(body: bytes, sig: str, session: str | None = None) -> bytes:
+    """One complete HTTP request for an announce."""
+    extra = f"{SESSION_HEADER}: {session}\r\n" if session else ""
+    return (
+        b"POST /v1/announce HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        + f"{SIGNATURE_HEADER}: {sig}\r\n{extra}Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+
+
+def open_sessions(port: int, node_keys: list[Any], mids: list[str]) -> list[str]:
+    """One verified announce per node, as each node's first of the day: its session token."""
+    tokens = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+        for j, k in enumerate(node_keys):
+            body = json.dumps(
+                {
+                    "key": keys.format_public_key(keys.public_key_bytes(k)),
+                    "ts": int(time.time()),
+                    "nonce": os.urandom(12).hex(),
+                    "app": APP,
+                    "manifest": mids[j % len(mids)],
+                    "port": 7000 + j,
+                    "numwant": 0,
+                },
+                separators=(",", ":"),
+            ).encode()
+            sig = keys.sign(k, ANNOUNCE_DOMAIN, body).hex()
+            r = c.post("/v1/announce", content=body, headers={SIGNATURE_HEADER: sig})
+            r.raise_for_status()
+            tokens.append(str(r.json()["session"]))
+    return tokens
 
 
 async def _load(
@@ -226,9 +258,14 @@ def load_worker(
     seed: int,
     start_at: float,
     q: Any,
+    sessions: bool = False,
 ) -> None:
-    """One load-generator process: presign, wait for the common start, run, report."""
-    reqs = presign(n, nodes, mids, seed)
+    """One load-generator process: presign, open sessions (steady state: nodes announce every
+    interval for hours, one verified announce per session ttl), wait for the common start,
+    run, report."""
+    node_keys, announces = presign(n, nodes, mids, seed)
+    tokens = open_sessions(ports[0], node_keys, mids) if sessions else None
+    reqs = [frame(body, sig, tokens[j] if tokens else None) for j, body, sig in announces]
     time.sleep(max(0.0, start_at - time.time()))
     t0 = time.perf_counter()
     lat, errors = trio.run(_load, ports, reqs, conns, seconds)
@@ -236,7 +273,12 @@ def load_worker(
 
 
 def run_case(
-    name: str, replicas: int, redis: bool, fast: bool, args: argparse.Namespace
+    name: str,
+    replicas: int,
+    redis: bool,
+    fast: bool,
+    args: argparse.Namespace,
+    sessions: bool = False,
 ) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-tracker-"))
     procs: list[subprocess.Popen[Any]] = []
@@ -276,17 +318,29 @@ def run_case(
         mids = [s.id.hex() for s in manifests]
         q: Any = mp.Queue()
         per = args.max_requests // args.workers
-        start_at = time.time() + 2.0 + per / 20000
+        start_at = time.time() + 2.0 + per / 20000 + (args.nodes / 300 if sessions else 0)
         workers = [
             mp.Process(
                 target=load_worker,
-                args=(ports, mids, per, args.nodes, args.connections, args.seconds, w, start_at, q),
+                args=(
+                    ports,
+                    mids,
+                    per,
+                    args.nodes,
+                    args.connections,
+                    args.seconds,
+                    w,
+                    start_at,
+                    q,
+                    sessions,
+                ),
             )
             for w in range(args.workers)
         ]
         for w in workers:
             w.start()
         tracker_pids = [p.pid for p in procs[-replicas:]]
+        time.sleep(max(0.0, start_at - time.time()))  # presigning and sessions not counted
         cpu0 = cpu_seconds(tracker_pids)
         results = [q.get(timeout=args.seconds + 120) for _ in workers]
         cpu = cpu_seconds(tracker_pids) - cpu0
@@ -305,6 +359,7 @@ def run_case(
             "seconds": round(wall, 2),
             "replicas": replicas,
             "listener": "fast" if fast else "hypercorn",
+            "sessions": sessions,
             # tracker CPU per announce (includes presign wait: idle costs ~0): the capacity of
             # one core, whatever else shares this machine
             "tracker_cpu_us_per_announce": round(cpu / max(1, n) * 1e6, 1),
@@ -342,11 +397,15 @@ def main() -> None:
         "sqlite-fast": (1, False, True),
         "redis-fast": (1, True, True),
         "redis-2-replicas-fast": (2, True, True),
+        "sqlite-fast-session": (1, False, True),
+        "redis-fast-session": (1, True, True),
+        "redis-2-replicas-fast-session": (2, True, True),
     }
     ap.add_argument(
         "--cases",
         default=",".join(table),
-        help="comma-separated; *-fast cases announce to the fast listener (--announce-listen)",
+        help="comma-separated; *-fast cases announce to the fast listener (--announce-listen), "
+        "*-session cases carry announce session tokens (steady state: no signature checks)",
     )
     args = ap.parse_args()
     cases = {}
@@ -354,7 +413,7 @@ def main() -> None:
         if name not in table:
             raise SystemExit(f"unknown case {name!r}; choose from {', '.join(table)}")
         replicas, redis, fast = table[name]
-        cases[name] = run_case(name, replicas, redis, fast, args)
+        cases[name] = run_case(name, replicas, redis, fast, args, name.endswith("-session"))
     print(json.dumps({"cases": cases}))
 
 

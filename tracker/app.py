@@ -162,6 +162,7 @@ class Tracker:
         self._changed = trio.Event()
         self._clients = _Buckets(config.client_rate, config.client_burst)
         self._reporters = _Buckets(config.report_rate, config.report_burst)
+        self.sessions = core.AnnounceSessions(config.admin_token)
         self._known_manifests: dict[bytes, str] = {}
         self._load: deque[tuple[float, float]] = deque(maxlen=LOAD_WINDOW)
         self._started = time.monotonic()
@@ -673,19 +674,35 @@ class Tracker:
     async def _announce(self, request: Request) -> Response:
         body = await _read_body(request, core.MAX_ANNOUNCE_BYTES)
         seen_ip = (request.client.host if request.client else "127.0.0.1") or "127.0.0.1"
-        answer = await self.announce(body, request.headers.get(SIGNATURE_HEADER), seen_ip)
+        answer = await self.announce(
+            body,
+            request.headers.get(SIGNATURE_HEADER),
+            seen_ip,
+            request.headers.get(core.SESSION_HEADER),
+        )
         return Response(answer, media_type="application/json")
 
-    async def announce(self, body: bytes, signature: str | None, seen_ip: str) -> bytes:
+    async def announce(
+        self, body: bytes, signature: str | None, seen_ip: str, session: str | None = None
+    ) -> bytes:
         """Verify, apply and answer one announce; the answer's JSON bytes.
 
         Shared by the HTTP route and the fast announce listener (:mod:`tracker.fastpath`).
+        ``session``: a token from an earlier answer (``core.AnnounceSessions``); when it is
+        valid for the announcing key and ``seen_ip`` the signature is not verified again.
 
         Raises:
             APIError: the announce is refused (nothing was stored).
         """
         now = self.config.clock()
-        a = core.parse_announce(body, signature, now=now)
+        vouched = False
+
+        def by_session(public: bytes) -> bool:
+            nonlocal vouched
+            vouched = self.sessions.valid(session, keys.node_id_of(public), seen_ip, now)
+            return vouched
+
+        a = core.parse_announce(body, signature, now=now, vouched=by_session if session else None)
         app = self._manifest_app(a.manifest)
         if app is None or app != a.app:
             raise NotFound(
@@ -721,9 +738,14 @@ class Tracker:
                 f'{{"interval":{self.config.interval},"min_interval":{self.config.min_interval},'
                 f'"ttl":{self.config.ttl}{fast},'
             ).encode()
+        issued = b""
+        if not vouched:  # the signature was verified: vouch for the next announces
+            token = self.sessions.issue(a.node_id, seen_ip, now)
+            issued = b'"session":"%s","session_ttl":%d,' % (token.encode(), self.sessions.ttl)
         return b"".join(
             (
                 head,
+                issued,
                 b'"node_id":"',
                 a.node_id.hex().encode(),
                 b'","ip":',

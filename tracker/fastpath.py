@@ -67,6 +67,7 @@ MAX_CONNECTIONS = 4096
 IDLE_TIMEOUT = 75.0
 ANNOUNCE_PATH = b"/v1/announce"
 _SIG = core.SIGNATURE_HEADER.lower().encode()
+_SESSION = core.SESSION_HEADER.lower().encode()
 
 
 class HTTPRefusal(core.P2PNodeError):
@@ -84,6 +85,7 @@ class Request:
     signature: str | None
     body: bytes
     keep_alive: bool
+    session: str | None = None
 
 
 class RequestReader:
@@ -115,6 +117,7 @@ class RequestReader:
         method, target, version = parts
         length: int | None = None
         signature: str | None = None
+        session: str | None = None
         keep_alive = version == b"HTTP/1.1"
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
@@ -128,6 +131,8 @@ class RequestReader:
                 length = int(value)
             elif name == _SIG:
                 signature = value.decode("latin-1")
+            elif name == _SESSION:
+                session = value.decode("latin-1")
             elif name == b"connection":
                 tokens = {t.strip() for t in value.lower().split(b",")}
                 if b"close" in tokens:
@@ -155,7 +160,7 @@ class RequestReader:
             return None
         body = bytes(buf[end + 4 : total])
         del buf[:total]
-        return Request(method, target, signature, body, keep_alive)
+        return Request(method, target, signature, body, keep_alive, session)
 
 
 def _bad(message: str) -> HTTPRefusal:
@@ -297,7 +302,7 @@ async def _answer(
     try:
         if wait > 0:
             raise RateLimited(f"more than {tracker.config.client_rate:g} requests/s from {client}")
-        answer = await tracker.announce(req.body, req.signature, client)
+        answer = await tracker.announce(req.body, req.signature, client, req.session)
     except APIError as exc:
         headers = {"retry-after": str(max(1, round(wait)))} if wait > 0 else None
         body = error_body(exc.code, exc.message, exc.fix)
