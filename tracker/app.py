@@ -48,9 +48,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from p2pnode import keys
 from p2pnode.dht.records import (
-    PeerRecordError,
     Topic,
-    decode_bundle,
     encode_bundle,
     parse_record,
 )
@@ -73,7 +71,7 @@ from .core import (
 )
 from .openapi import openapi_document
 from .store import Registry, SQLiteSwarm, SwarmStore
-from .swarm import MemorySwarm
+from .swarm import AnnounceAnswer, MemorySwarm
 
 __all__ = ["Tracker", "TrackerConfig", "open_tracker"]
 
@@ -726,10 +724,8 @@ class Tracker:
             )
             if res is None:
                 raise _replay()
-            assert isinstance(res, tuple)
-            views, seeders, leechers = res
-            ranked = core.rank_peers(views, manifest=a.manifest, exclude=a.node_id, limit=a.numwant)
-            peers = [json.dumps(_peer_json(p), separators=(",", ":")).encode() for p in ranked]
+            assert isinstance(res, AnnounceAnswer)
+            peers, seeders, leechers = res.peers, res.seeders, res.leechers
         self._announce_counters[a.event].inc()
         head = self._answer_head
         if head is None:
@@ -913,17 +909,6 @@ def _head_json(h: Any) -> dict[str, Any]:
         "updated": h.updated,
         "manifest_url": f"/v1/manifests/{h.manifest_id.hex()}",
     }
-
-
-def _peer_json(p: core.PeerView) -> dict[str, Any]:
-    out = p.to_json()
-    out.pop("record", None)
-    if p.record is not None:
-        try:
-            out["records"] = [r.hex() for r in decode_bundle(p.record)]
-        except PeerRecordError:
-            pass
-    return out
 
 
 def _check_records(a: core.Announce, now: float) -> bytes:

@@ -42,13 +42,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from p2pnode import keys
+from p2pnode.dht.records import PeerRecordError, decode_bundle
+
 from .core import (
     FLAG_REPORTERS,
     RATE_HALF,
     Announce,
     Conflict,
     PeerQuality,
-    PeerView,
     Report,
 )
 from .swarm import (
@@ -365,11 +367,10 @@ class SwarmStore(Protocol):
         ttl: float,
         digest: bytes,
         window: float,
-    ) -> tuple[list[PeerView], int, int] | AnnounceAnswer | None:
-        """Apply the announce; return the answer (:class:`AnnounceAnswer`, ranked and
-        serialised, from in-memory stores) or live candidate peers (unranked, may include the
-        announcer) and the swarm's seeder and leecher counts; ``None`` if ``digest`` was
-        already seen (a replay) and nothing changed."""
+    ) -> AnnounceAnswer | None:
+        """Apply the announce; return the answer (:class:`AnnounceAnswer`: peers ranked as
+        ``core.rank_peers`` specifies and serialised, and the swarm's seeder and leecher
+        counts); ``None`` if ``digest`` was already seen (a replay) and nothing changed."""
         ...
 
     def report(self, r: Report, *, now: float, digest: bytes, window: float) -> bool:
@@ -416,7 +417,6 @@ CREATE TABLE IF NOT EXISTS corrupt_reports (
 CREATE TABLE IF NOT EXISTS seen (digest BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
 """
 
-_UNKNOWN_SCORE = UNKNOWN_SCORE
 _release_stats = release_stats
 _quality_stats = quality_stats
 
@@ -559,6 +559,7 @@ class SQLiteSwarm(MemorySwarm):
 #   P sw:<mid hex>             zset node hex -> expiry            (live members of one swarm)
 #   P seeds:<mid hex>          zset node hex -> expiry            (the seeders among them)
 #   P pi:<mid hex>             hash node hex -> peer JSON         (what peers need to dial)
+#   P pj:<mid hex>             hash node hex -> b"<left> <its answer JSON up to the score>"
 #   P appm:<app>               zset mid hex -> last announce time (builds of an app being shared)
 #   P rel:<mid hex>            hash completed/from_peers/from_cdn/uploaded counters
 #   P releases                 hash mid hex -> app
@@ -585,8 +586,10 @@ local sw, seeds, pi = P .. 'sw:' .. mid, P .. 'seeds:' .. mid, P .. 'pi:' .. mid
 local rel = P .. 'rel:' .. mid
 -- expire a bounded batch of dead members of this swarm
 local dead = redis.call('ZRANGEBYSCORE', sw, '-inf', now, 'LIMIT', 0, 100)
+local pj = P .. 'pj:' .. mid
 for _, d in ipairs(dead) do
   redis.call('ZREM', sw, d); redis.call('ZREM', seeds, d); redis.call('HDEL', pi, d)
+  redis.call('HDEL', pj, d)
 end
 local old = nil
 local raw = redis.call('HGET', pi, node)
@@ -605,10 +608,12 @@ if completed == 1 then
 end
 if event == 'stopped' then
   redis.call('ZREM', sw, node); redis.call('ZREM', seeds, node); redis.call('HDEL', pi, node)
+  redis.call('HDEL', pj, node)
 else
   local d = cjson.decode(info)
   d['fp'] = math.max(fp, ofp); d['fc'] = math.max(fc, ofc); d['up'] = math.max(up, oup)
   redis.call('HSET', pi, node, cjson.encode(d))
+  redis.call('HSET', pj, node, ARGV[18])
   redis.call('ZADD', sw, expiry, node)
   if left == 0 then redis.call('ZADD', seeds, expiry, node) else redis.call('ZREM', seeds, node) end
   redis.call('ZADD', P .. 'appm:' .. app, now, mid)
@@ -621,7 +626,7 @@ if want == 0 then return out end
 local function collect(m)
   local members = redis.call('ZREVRANGEBYSCORE', P .. 'sw:' .. m, '+inf', now, 'LIMIT', 0, limit)
   if #members == 0 then return 0 end
-  local infos = redis.call('HMGET', P .. 'pi:' .. m, unpack(members))
+  local infos = redis.call('HMGET', P .. 'pj:' .. m, unpack(members))
   local scores = redis.call('HMGET', P .. 'qs', unpack(members))
   local usable = 0
   for i, n in ipairs(members) do
@@ -687,6 +692,50 @@ return 1
 """
 
 
+def peer_fragment(a: Announce, ip: str, record: bytes | None) -> bytes:
+    """A member's object in announce answers (docs/tracker-api.md), rendered once when it
+    announces, open at the end for its score, which reports change meanwhile."""
+    progress = 1.0 if a.size <= 0 else max(0.0, min(1.0, 1 - a.left / a.size))
+    d: dict[str, Any] = {
+        "node_id": a.node_id.hex(),
+        "key": keys.format_public_key(a.public_key),
+        "ip": ip,
+        "port": a.port,
+        "manifest": a.manifest.hex(),
+        "seed": a.left == 0,
+        "progress": round(progress, 4),
+    }
+    if record is not None:
+        try:
+            d["records"] = [r.hex() for r in decode_bundle(record)]
+        except PeerRecordError:
+            pass
+    return json.dumps(d, separators=(",", ":")).encode()[:-1] + b',"score":'
+
+
+def _ranked(res: Any, a: Announce) -> AnnounceAnswer | None:
+    """The script's candidates ranked as ``core.rank_peers`` does (no self, no flagged peer,
+    one entry per node, the requested build first, then score, then least left), without
+    parsing any JSON: each candidate carries its rendered fragment."""
+    if res is None:
+        return None
+    mine, me = a.manifest.hex().encode(), a.node_id.hex().encode()
+    best: dict[bytes, tuple[bool, float, int, bytes, bytes]] = {}
+    for i in range(2, len(res), 4):
+        mid, node, held, score = res[i : i + 4]
+        if node == me or score == b"0":  # only a flagged node scores exactly 0
+            continue
+        other = mid != mine
+        seen = best.get(node)
+        if seen is not None and (other or not seen[0]):
+            continue
+        left, frag = held.split(b" ", 1)
+        s = float(score) if score else UNKNOWN_SCORE
+        best[node] = (other, -s, int(left), node, frag + b"%g}" % round(s, 4))
+    ranked = sorted(best.values())[: a.numwant]
+    return AnnounceAnswer([r[4] for r in ranked], int(res[0]), int(res[1]))
+
+
 class RedisSwarm:
     """Swarm state in redis-server, shared by every replica pointed at the same server/prefix.
 
@@ -703,6 +752,7 @@ class RedisSwarm:
             url, socket_timeout=5.0, socket_connect_timeout=5.0, health_check_interval=30
         )
         self._announce = self._r.register_script(_ANNOUNCE_LUA)
+        self._announce_sha: str | None = None
         self._report = self._r.register_script(_REPORT_LUA)
 
     def ping(self) -> bool:
@@ -721,30 +771,39 @@ class RedisSwarm:
         ttl: float,
         digest: bytes,
         window: float,
-    ) -> tuple[list[PeerView], int, int] | None:
-        return self._parse_answer(
-            self._announce(
-                args=self._announce_args(
-                    a, ip, record, now=now, ttl=ttl, digest=digest, window=window
-                )
-            )
+    ) -> AnnounceAnswer | None:
+        res = self._announce(
+            args=self._announce_args(a, ip, record, now=now, ttl=ttl, digest=digest, window=window)
         )
+        return _ranked(res, a)
 
     def announce_many(
         self, batch: list[tuple[Announce, str, bytes | None, float, float, bytes, float]]
-    ) -> list[tuple[list[PeerView], int, int] | None]:
+    ) -> list[AnnounceAnswer | None]:
         """Group commit: several announces' scripts in one pipelined round trip (each script
         stays atomic on its own). Items: (announce, ip, record, now, ttl, digest, window)."""
-        with self._r.pipeline(transaction=False) as pipe:
-            for a, ip, record, now, ttl, digest, window in batch:
-                self._announce(
-                    args=self._announce_args(
-                        a, ip, record, now=now, ttl=ttl, digest=digest, window=window
-                    ),
-                    client=pipe,
-                )
-            results = pipe.execute()
-        return [self._parse_answer(res) for res in results]
+        import redis
+
+        args = [
+            self._announce_args(a, ip, record, now=now, ttl=ttl, digest=digest, window=window)
+            for a, ip, record, now, ttl, digest, window in batch
+        ]
+        # EVALSHA directly: redis-py's pipelined Script objects ask SCRIPT EXISTS first, an
+        # extra round trip per batch. A restarted server has lost the script: load it again.
+        for attempt in (1, 2):
+            if self._announce_sha is None:
+                self._announce_sha = self._r.script_load(_ANNOUNCE_LUA)
+            try:
+                with self._r.pipeline(transaction=False) as pipe:
+                    for item_args in args:
+                        pipe.evalsha(self._announce_sha, 0, *item_args)
+                    results = pipe.execute()
+                break
+            except redis.exceptions.NoScriptError:
+                self._announce_sha = None
+                if attempt == 2:
+                    raise
+        return [_ranked(res, item[0]) for res, item in zip(results, batch, strict=True)]
 
     def _announce_args(
         self,
@@ -786,33 +845,8 @@ class RedisSwarm:
             PARTIAL_SWARMS,
             max(1, int(window)),
             digest.hex(),
+            b"%d " % a.left + peer_fragment(a, ip, record),
         ]
-
-    @staticmethod
-    def _parse_answer(res: Any) -> tuple[list[PeerView], int, int] | None:
-        if res is None:
-            return None
-        out: list[PeerView] = []
-        for i in range(2, len(res), 4):
-            mid, node, raw, score = res[i : i + 4]
-            d = json.loads(raw)
-            s = float(score) if score else _UNKNOWN_SCORE
-            out.append(
-                PeerView(
-                    node_id=bytes.fromhex(node.decode()),
-                    public_key=bytes.fromhex(d["k"]),
-                    manifest=bytes.fromhex(mid.decode()),
-                    ip=d["ip"],
-                    port=d["port"],
-                    size=d["size"],
-                    left=d["left"],
-                    record=bytes.fromhex(d["r"]) if d.get("r") else None,
-                    score=s,
-                    # Only a flagged node has score exactly 0: any report leaves it > 0.
-                    flagged=bool(score) and s == 0.0,
-                )
-            )
-        return out, int(res[0]), int(res[1])
 
     def report(self, r: Report, *, now: float, digest: bytes, window: float) -> bool:
         args: list[Any] = [
@@ -871,6 +905,7 @@ class RedisSwarm:
                     pipe.zrem(p + "sw:" + mid, *dead)
                     pipe.zrem(p + "seeds:" + mid, *dead)
                     pipe.hdel(p + "pi:" + mid, *dead)
+                    pipe.hdel(p + "pj:" + mid, *dead)
                     pipe.execute()
                 removed += len(dead)
         return removed

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from unittest import mock
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from p2pnode import keys
 from p2pnode import manifest as M
 from p2pnode.tracker_client import PeerQualityReport, TrackerClient
 from tracker import Tracker, serve_tracker
-from tracker.core import PeerQuality, PeerReport, update_quality
+from tracker.core import PeerQuality, PeerReport, PeerView, rank_peers, update_quality
+from tracker.store import _ranked
+from tracker.swarm import UNKNOWN_SCORE
 
 from .conftest import ADMIN, APP
 
@@ -138,3 +143,39 @@ def test_quality_formula_is_the_same_in_both_stores(
             expected.corrupt,
             expected.corrupt_reporters,
         )
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 5),  # node
+            st.booleans(),  # of the requested build
+            st.sampled_from([b"", b"0", b"0.25", b"0.5", b"0.9"]),  # score ("" = unknown)
+            st.integers(0, 3),  # left
+        ),
+        max_size=30,
+    ),
+    st.integers(0, 8),
+)
+def test_redis_ranking_is_the_reference_ranking(
+    cands: list[tuple[int, bool, bytes, int]], want: int
+) -> None:
+    """``store._ranked`` (fragments, no JSON parsing) orders exactly as ``core.rank_peers``."""
+    mine, other = bytes(32), bytes([1]) * 32
+    me = keys.node_id_of(bytes(32))
+    node_ids = [bytes([9, i]) * 10 for i in range(5)] + [me]
+    res: list[bytes | int] = [1, 2]
+    views = []
+    for n, own, score, left in cands:
+        node, mid = node_ids[n], mine if own else other
+        res += [mid.hex().encode(), node.hex().encode(), b"%d n%d,%d:" % (left, n, own), score]
+        s = float(score) if score else UNKNOWN_SCORE
+        views.append(PeerView(node, bytes(32), mid, "10.0.0.1", 1, 10, left, s, score == b"0"))
+    announce = mock.Mock(manifest=mine, node_id=me, numwant=want)
+    got = _ranked(res, announce)
+    assert got is not None and (got.seeders, got.leechers) == (1, 2)
+    expect = rank_peers(views, manifest=mine, exclude=me, limit=want)
+    assert len(got.peers) == len(expect)
+    for frag, view in zip(got.peers, expect, strict=True):
+        n, own = node_ids.index(view.node_id), view.manifest == mine
+        assert frag == b"n%d,%d:" % (n, own) + b"%g}" % round(view.score, 4)
