@@ -21,10 +21,10 @@ RUN pip install --no-cache-dir . \
 USER 10001:10001
 WORKDIR /var/lib/p2pnode
 VOLUME ["/var/lib/p2pnode"]
-EXPOSE 7070
+EXPOSE 7070 7071
 
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:7070/healthz', timeout=2).status == 200 else 1)"]
 
 ENTRYPOINT ["tracker"]
-CMD ["serve", "--listen", "0.0.0.0:7070", "--data", "/var/lib/p2pnode/tracker"]
+CMD ["serve", "--listen", "0.0.0.0:7070", "--announce-listen", "0.0.0.0:7071", "--data", "/var/lib/p2pnode/tracker"]

@@ -35,6 +35,8 @@ class LocalTracker:
                 "serve",
                 "--listen",
                 "127.0.0.1:0",
+                "--announce-listen",  # as a production tracker runs: announces on their own port
+                "127.0.0.1:0",
                 "--data",
                 str(self.data_dir),
                 "--admin-token",
