@@ -171,7 +171,7 @@ class Discovery:
         a seeding node does not expire from its peer lists (``search`` does this itself)."""
         tracker = self._state.get("tracker")
         if tracker is not None:
-            await self._ask_forever(tracker, manifest, None, lambda: False)
+            await self._ask_forever(tracker, manifest, None, lambda: False, lambda: False)
 
     async def search(
         self,
@@ -205,9 +205,14 @@ class Discovery:
                 except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the fetch is over (or swamped): the swarm has what it needs
 
+        def fetch_over() -> bool:  # its reader closed the channel: only announces still matter
+            return send.statistics().open_receive_channels == 0
+
         async with trio.open_nursery() as nursery:
             for state in self._state.values():
-                nursery.start_soon(self._ask_forever, state, manifest, take, lambda: not started)
+                nursery.start_soon(
+                    self._ask_forever, state, manifest, take, lambda: not started, fetch_over
+                )
             with trio.move_on_after(self.options.first_wait):
                 await first_answer.wait()
                 await trio.sleep(self.options.grace)
@@ -220,13 +225,15 @@ class Discovery:
         manifest: M.Manifest,
         take: Callable[[str, list[Address]], None] | None,
         eager: Callable[[], bool],
+        over: Callable[[], bool],
     ) -> None:
         """Ask one source every ``requery`` seconds: sooner, with backoff, after a failure, and
         every second while ``eager()`` says an install is still waiting for a first peer (a
-        seed's announce may land just after our first lookup)."""
+        seed's announce may land just after our first lookup). Once ``over()``, only the
+        tracker is still asked (its asks are this node's announces); lookups stop."""
         t0 = trio.current_time()
         backoff = 1.0
-        while True:
+        while not (over() and state.source.name != "tracker"):
             try:
                 with trio.fail_after(max(self.options.first_wait, 10.0)):
                     records = await state.source.find_peers(manifest.id, manifest.app)

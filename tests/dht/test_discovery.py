@@ -166,3 +166,20 @@ async def test_dht_source_finds_seeds_and_partial_seeds() -> None:
             ]  # not itself
             both = await DHTPeerSource(nodes[0], include_app=False).find_peers(mid, "game")
             assert sorted(r.port for r in both) == [7001, 7005]
+
+
+async def test_after_the_fetch_only_the_tracker_is_still_asked(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Tracker asks are the node's announces (it must stay listed while it seeds); lookups in
+    the DHT are of no use once the fetch has stopped reading."""
+    tracker, dht = FakeSource("tracker", 0.1, [record(1)]), FakeSource("dht", 0.1, [record(2)])
+    d = discovery(tracker, dht)
+    async with searching(d) as (_, later, _):
+        await trio.sleep(100)
+        assert tracker.calls >= 3 and dht.calls >= 3
+        await later.aclose()  # the fetch is over
+        await trio.sleep(31)  # the asks in flight end
+        t_calls, d_calls = tracker.calls, dht.calls
+        await trio.sleep(300)
+        assert dht.calls == d_calls and tracker.calls >= t_calls + 8
