@@ -188,10 +188,13 @@ class Discovery:
             return
         found: list[Address] = []
         started = False
-        first_answer = trio.Event()
+        first_answer, all_heard = trio.Event(), trio.Event()
+        heard: set[str] = set()
 
         def take(name: str, addrs: list[Address]) -> None:
-            nonlocal started
+            heard.add(name)
+            if len(heard) == len(self._state):
+                all_heard.set()  # no point waiting out the grace for nobody
             new = [a for a in addrs if a not in found]
             found.extend(new)
             if not started:
@@ -215,7 +218,8 @@ class Discovery:
                 )
             with trio.move_on_after(self.options.first_wait):
                 await first_answer.wait()
-                await trio.sleep(self.options.grace)
+                with trio.move_on_after(self.options.grace):
+                    await all_heard.wait()
             started = True
             task_status.started(list(found))
 

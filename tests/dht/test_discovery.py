@@ -110,7 +110,14 @@ async def test_empty_dht_means_tracker_only_and_grace_merges(
         _,
         took,
     ):
-        assert sorted(ports) == [7001, 7003] and took == pytest.approx(0.7)
+        assert sorted(ports) == [7001, 7003] and took == pytest.approx(0.3)  # all heard: no wait
+    slow = FakeSource("dht", 5.0, [record(3)])
+    async with searching(discovery(FakeSource("tracker", 0.2, [record(1)]), slow, grace=0.5)) as (
+        ports,
+        _,
+        took,
+    ):
+        assert ports == [7001] and took == pytest.approx(0.7)  # the grace, then go
 
 
 async def test_nobody_answering_starts_without_peers_after_the_wait(
