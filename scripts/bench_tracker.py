@@ -284,6 +284,7 @@ def run_case(
     procs: list[subprocess.Popen[Any]] = []
     try:
         redis_url = None
+        redis_pids: list[int] = []
         if redis:
             rport = free_port()
             binary = shutil.which("redis-server") or "redis-server"
@@ -304,6 +305,7 @@ def run_case(
                 stdout=subprocess.DEVNULL,
             )
             procs.append(rp)
+            redis_pids.append(rp.pid)
             wait_port(rport, rp, "redis-server")
             redis_url = f"redis://127.0.0.1:{rport}/0"
         ports = []
@@ -342,8 +344,10 @@ def run_case(
         tracker_pids = [p.pid for p in procs[-replicas:]]
         time.sleep(max(0.0, start_at - time.time()))  # presigning and sessions not counted
         cpu0 = cpu_seconds(tracker_pids)
+        rcpu0 = cpu_seconds(redis_pids) if redis_pids else 0.0
         results = [q.get(timeout=args.seconds + 120) for _ in workers]
         cpu = cpu_seconds(tracker_pids) - cpu0
+        rcpu = (cpu_seconds(redis_pids) - rcpu0) if redis_pids else 0.0
         for w in workers:
             w.join(timeout=10)
         lat = sorted(x for r in results for x in r[0])
@@ -363,11 +367,14 @@ def run_case(
             # tracker CPU per announce (includes presign wait: idle costs ~0): the capacity of
             # one core, whatever else shares this machine
             "tracker_cpu_us_per_announce": round(cpu / max(1, n) * 1e6, 1),
+            "redis_cpu_us_per_announce": round(rcpu / max(1, n) * 1e6, 1) if redis else None,
         }
         print(
             f"{name:>22}: {out['announces_per_s']:8.1f} announces/s  p50 {out['p50_ms']:6.2f} ms"
             f"  p99 {out['p99_ms']:6.2f} ms  ({n} requests, {errors} errors, tracker CPU "
-            f"{out['tracker_cpu_us_per_announce']:.0f} us/announce)",
+            f"{out['tracker_cpu_us_per_announce']:.0f} us/announce"
+            + (f", redis {out['redis_cpu_us_per_announce']:.0f} us" if redis else "")
+            + ")",
             flush=True,
         )
         return out

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import functools
+import json
+import time
 from collections.abc import Callable
-from unittest import mock
 
 import pytest
 import trio
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2pnode import keys
 from p2pnode import manifest as M
 from p2pnode.tracker_client import PeerQualityReport, TrackerClient
 from tracker import Tracker, serve_tracker
-from tracker.core import PeerQuality, PeerReport, PeerView, rank_peers, update_quality
-from tracker.store import _ranked
+from tracker.core import (
+    Announce,
+    PeerQuality,
+    PeerReport,
+    PeerView,
+    rank_peers,
+    update_quality,
+)
+from tracker.store import RedisSwarm
 from tracker.swarm import UNKNOWN_SCORE
 
 from .conftest import ADMIN, APP
@@ -145,37 +153,87 @@ def test_quality_formula_is_the_same_in_both_stores(
         )
 
 
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     st.lists(
         st.tuples(
-            st.integers(0, 5),  # node
-            st.booleans(),  # of the requested build
-            st.sampled_from([b"", b"0", b"0.25", b"0.5", b"0.9"]),  # score ("" = unknown)
+            st.integers(0, 5),  # node (5: the announcer itself)
+            st.booleans(),  # in the requested build's swarm, else another build's
+            st.sampled_from(["", "0", "0.25", "0.5", "0.9"]),  # score ("" unknown, "0" flagged)
             st.integers(0, 3),  # left
         ),
-        max_size=30,
+        max_size=14,
     ),
     st.integers(0, 8),
 )
-def test_redis_ranking_is_the_reference_ranking(
-    cands: list[tuple[int, bool, bytes, int]], want: int
+def test_redis_ranks_as_the_reference_ranking(
+    redis_url: str, cands: list[tuple[int, bool, str, int]], want: int
 ) -> None:
-    """``store._ranked`` (fragments, no JSON parsing) orders exactly as ``core.rank_peers``."""
+    """The Lua script's ranking (done in Redis, only the answer sent back) orders exactly as
+    ``core.rank_peers`` over the same swarm state."""
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()
+    swarm = RedisSwarm(redis_url, prefix="p:")
+    now = time.time()
     mine, other = bytes(32), bytes([1]) * 32
-    me = keys.node_id_of(bytes(32))
-    node_ids = [bytes([9, i]) * 10 for i in range(5)] + [me]
-    res: list[bytes | int] = [1, 2]
-    views = []
+    members: dict[tuple[int, bool], int] = {}
+    scores: dict[int, str] = {}
     for n, own, score, left in cands:
-        node, mid = node_ids[n], mine if own else other
-        res += [mid.hex().encode(), node.hex().encode(), b"%d n%d,%d:" % (left, n, own), score]
-        s = float(score) if score else UNKNOWN_SCORE
-        views.append(PeerView(node, bytes(32), mid, "10.0.0.1", 1, 10, left, s, score == b"0"))
-    announce = mock.Mock(manifest=mine, node_id=me, numwant=want)
-    got = _ranked(res, announce)
-    assert got is not None and (got.seeders, got.leechers) == (1, 2)
-    expect = rank_peers(views, manifest=mine, exclude=me, limit=want)
-    assert len(got.peers) == len(expect)
-    for frag, view in zip(got.peers, expect, strict=True):
-        n, own = node_ids.index(view.node_id), view.manifest == mine
-        assert frag == b"n%d,%d:" % (n, own) + b"%g}" % round(view.score, 4)
+        members[(n, own)] = left
+        scores[n] = score
+    ids = [bytes([9, i]) * 10 for i in range(6)]
+
+    def ann(n: int, mid: bytes, left: int, numwant: int) -> Announce:
+        return Announce(
+            public_key=bytes([n]) * 32,
+            node_id=ids[n],
+            ts=int(now),
+            app=APP,
+            manifest=mid,
+            ip="10.0.0.1",
+            port=7000 + n,
+            event="update",
+            size=10,
+            left=left,
+            from_peers=0,
+            from_cdn=0,
+            uploaded=0,
+            numwant=numwant,
+            records=(),
+        )
+
+    for k, ((n, own), left) in enumerate(members.items(), 1):
+        a = ann(n, mine if own else other, left, 0)
+        swarm.announce(a, "10.0.0.1", None, now=now, ttl=180, digest=bytes([k]) * 16, window=60)
+    for n, score in scores.items():
+        if score:
+            r.hset("p:qs", ids[n].hex(), score)
+    me = ann(5, mine, 5, want)
+    got = swarm.announce(me, "10.0.0.1", None, now=now, ttl=180, digest=b"m" * 16, window=60)
+    assert got is not None
+    views = [
+        PeerView(
+            ids[n],
+            bytes([n]) * 32,
+            mine if own else other,
+            "10.0.0.1",
+            7000 + n,
+            10,
+            left,
+            float(scores[n]) if scores[n] else UNKNOWN_SCORE,
+            scores[n] == "0",
+        )
+        for (n, own), left in members.items()
+    ]
+    expect = rank_peers(views, manifest=mine, exclude=ids[5], limit=want)
+    answer = [json.loads(p) for p in got.peers]
+    assert [(p["node_id"], p["manifest"]) for p in answer] == [
+        (v.node_id.hex(), v.manifest.hex()) for v in expect
+    ]
+    assert [p["score"] for p in answer] == [round(v.score, 4) for v in expect]
+    swarm.close()
+    r.close()
