@@ -211,7 +211,7 @@ async def _tracked_install(
     me = await trio.to_thread.run_sync(load_or_create, options.identity_dir)
     port = _listen_port(options)
     host = None
-    if port:
+    if options.listen:
         toward = [httpx.URL(args.tracker).host]
         listen_host = options.listen.rpartition(":")[0]
         host = await trio.to_thread.run_sync(announce_host, listen_host, toward)
@@ -255,8 +255,8 @@ async def _report(tracker: Any, me: Any, result: Any, port: int | None, host: st
     from .tracker_client import TrackerError
     from .tracking import announce_completed
 
-    try:
-        await announce_completed(tracker, me, result, port, host)
+    try:  # the bound port, where --listen asked for any (port 0)
+        await announce_completed(tracker, me, result, result.listen_port or port, host)
     except TrackerError as exc:
         print(f"p2pnode: warning: could not report to the tracker: {exc}", file=sys.stderr)
 

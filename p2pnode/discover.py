@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 A node that installs or seeds opens one ``Discovery`` for its lifetime. It starts every source
 that is configured (a DHT node with ``--dht-port``/``--dht-bootstrap``, LAN multicast with
-``--lan``, the tracker with ``--tracker`` when the node serves) and announces what the node
-serves through each: the DHT stores signed records (re-announced by ``serve_dht``), the LAN
+``--lan``, the tracker with ``--tracker``; a node that does not serve announces port 0 there,
+which counts it and gets it peers but never lists it) and announces what the node serves
+through each: the DHT stores signed records (re-announced by ``serve_dht``), the LAN
 responder answers queries, and the tracker is re-announced every ``requery`` seconds so the
 node never expires from its peer lists while it seeds.
 
@@ -295,7 +296,7 @@ async def open_discovery(
             await _start_dht(disc, identity, options, bootstrap, bridge, nursery)
         if options.lan:
             await _start_lan(disc, identity, options, nursery)
-        if options.tracker and listen is not None:
+        if options.tracker:
             await _start_tracker(disc, identity, options, stack)
         yield disc
 
@@ -365,15 +366,17 @@ async def _start_tracker(
 ) -> None:
     from .tracker_client import TrackerClient, TrackerPeerSource
 
-    assert options.tracker is not None and disc.listen is not None
+    assert options.tracker is not None
     client = await stack.enter_async_context(TrackerClient(options.tracker))
+    # A node that does not serve announces port 0: counted, never handed out, and it still
+    # gets peers (records are attached only by a node that serves).
+    port = disc.listen[1] if disc.listen is not None else 0
+    host = disc.host if port else None
 
     def tally(mid: bytes) -> tuple[int, int, int, int, int]:
         return disc.tally(mid) if disc.tally is not None else (0, 0, 0, 0, 0)
 
-    disc.add_source(
-        TrackerPeerSource(client, identity.key, disc.host, disc.listen[1], progress=tally)
-    )
+    disc.add_source(TrackerPeerSource(client, identity.key, host, port, progress=tally))
 
 
 async def _tracker_bootstrap(url: str) -> list[str]:

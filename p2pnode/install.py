@@ -92,7 +92,7 @@ class InstallOptions:
     dht_bootstrap: Sequence[str] = ()  # HOST:PORT of DHT nodes to join through
     lan: bool = False  # find (and, serving, be found by) peers on the LAN by multicast
     lan_port: int | None = None  # the LAN discovery group's port (None: the default)
-    tracker: str | None = None  # tracker URL: announce there (when serving), take its peers
+    tracker: str | None = None  # tracker URL: announce there (port 0 unless serving), take peers
     discovery_wait: float = 5.0  # wait at most this long for discovery's first answer
     on_ready: Callable[[Any], None] | None = None  # with seed: called once the install is done
 

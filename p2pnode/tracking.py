@@ -4,7 +4,7 @@ While a node installs and serves, discovery (``discover.py``, ``TrackerPeerSourc
 it and takes the peers the tracker ranks for it; after the install, it announces completion with the
 bytes it got from peers and from the CDN (the tracker's offload figures) and reports the quality
 of every peer it used (signed, as docs/tracker-api.md specifies). A node that does not serve
-does not announce (the tracker would hand its address to others) but still reports.
+announces with port 0: it is counted (offload, completions) but never handed out as a peer.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ async def announce_completed(
     """Tell the tracker where this install's bytes came from, and how each peer did.
     ``host``: the address this node serves on (``discover.announce_host``), for its records."""
     m = result.manifest
-    if port and result.previous_id is not None:
+    port = port or 0
+    if result.previous_id is not None:
         # Its earlier build is kept for rollback but no longer installed: leave that swarm's
         # seeders (the app-wide partial-seed answers still find this node).
         await tracker.announce(
@@ -56,20 +57,19 @@ async def announce_completed(
             port=port,
             event="stopped",
         )
-    if port:
-        await tracker.announce(
-            me.key,
-            app=m.app,
-            manifest_id=m.id,
-            port=port,
-            event="completed",
-            size=m.total_size,
-            left=0,
-            from_peers=result.bytes_peers,
-            from_cdn=result.bytes_cdn,
-            ip=host,
-            records=own_records(me, m, host, port),
-        )
+    await tracker.announce(
+        me.key,
+        app=m.app,
+        manifest_id=m.id,
+        port=port,
+        event="completed",
+        size=m.total_size,
+        left=0,
+        from_peers=result.bytes_peers,
+        from_cdn=result.bytes_cdn,
+        ip=host if port else None,
+        records=own_records(me, m, host, port) if port else [],
+    )
     reports = [
         PeerQualityReport(
             node_id=st.node_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from pathlib import Path
 
 import trio
@@ -11,6 +12,10 @@ from p2pnode.install import InstallOptions, install, seed
 from p2pnode.publish import publish
 
 from .test_install import KEY, TRUST, make_release, tree
+
+
+def dht_loop_threads() -> int:
+    return sum(t.name == "p2pnode-dht-asyncio" for t in threading.enumerate())
 
 
 def free_udp_port() -> int:
@@ -26,6 +31,7 @@ async def test_install_finds_its_seed_through_the_dht_alone(tmp_path: Path) -> N
     manifest = str(cdn_root / p.manifest_path)
     await install(manifest, tmp_path / "seed", TRUST, InstallOptions())
     dht_port = free_udp_port()
+    loops_before = dht_loop_threads()
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: seed(
@@ -48,3 +54,5 @@ async def test_install_finds_its_seed_through_the_dht_alone(tmp_path: Path) -> N
     assert tree(tmp_path / "leecher") == tree(src)
     assert r.bytes_cdn == 0 and r.bytes_peers == sum(p.manifest.unique_chunks().values())
     assert len(r.peers) == 1
+    # the DHT's asyncio threads end with the install and the seed (both were cancelled)
+    assert dht_loop_threads() == loops_before

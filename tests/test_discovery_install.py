@@ -80,9 +80,11 @@ async def seeding(
         nursery.cancel_scope.cancel()
 
 
-async def leech(tmp_path: Path, release: Release, **discovery: object) -> InstallResult:
+async def leech(
+    tmp_path: Path, release: Release, listen: str | None = "127.0.0.1:0", **discovery: object
+) -> InstallResult:
     options = InstallOptions(
-        listen="127.0.0.1:0",
+        listen=listen,
         policy="p2p-only",
         identity_dir=tmp_path / "leecher-id",
         **discovery,  # type: ignore[arg-type]
@@ -102,6 +104,15 @@ async def test_peers_from_the_tracker_alone(
         r = await leech(tmp_path, release, tracker=tracker_url)
     assert r.discovery is not None and r.discovery["winner"] == "tracker"
     assert set(r.discovery["sources"]) == {"tracker"}
+
+
+async def test_a_node_that_does_not_serve_gets_peers_from_the_tracker(
+    tmp_path: Path, release: Release, tracker_url: str
+) -> None:
+    await published(tracker_url, release)
+    async with seeding(tmp_path, release, DiscoveryOptions(tracker=tracker_url)):
+        r = await leech(tmp_path, release, listen=None, tracker=tracker_url)
+    assert r.discovery is not None and r.discovery["winner"] == "tracker"
 
 
 async def test_tracker_down_the_dht_still_finds_the_seed(tmp_path: Path, release: Release) -> None:

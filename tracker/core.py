@@ -357,7 +357,7 @@ def parse_announce(
     _nonce(obj)
     app = _name(obj, "app")
     manifest = _hex_id(obj, "manifest")
-    port = _int(obj, "port", 1, 65535)
+    port = _int(obj, "port", 0, 65535)  # 0: not reachable (counted, never handed out)
     ip = obj.get("ip")
     if ip is not None:
         ip = _ip(ip)
@@ -373,6 +373,8 @@ def parse_announce(
     records_raw = obj.get("records", [])
     if not isinstance(records_raw, list) or len(records_raw) > 2:
         raise BadRequest("records must be a list of at most 2 hex strings")
+    if records_raw and port == 0:
+        raise BadRequest("a node that does not serve (port 0) has no peer records to attach")
     records: list[bytes] = []
     for r in records_raw:
         if not isinstance(r, str) or len(r) > 1024:

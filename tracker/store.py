@@ -614,7 +614,11 @@ else
   local d = cjson.decode(info)
   d['fp'] = math.max(fp, ofp); d['fc'] = math.max(fc, ofc); d['up'] = math.max(up, oup)
   redis.call('HSET', pi, node, cjson.encode(d))
-  redis.call('HSET', pj, node, ARGV[18])
+  if tonumber(ARGV[20]) > 0 then
+    redis.call('HSET', pj, node, ARGV[18])
+  else
+    redis.call('HDEL', pj, node)  -- it does not serve: counted, never handed out
+  end
   redis.call('ZADD', sw, expiry, node)
   if left == 0 then redis.call('ZADD', seeds, expiry, node) else redis.call('ZREM', seeds, node) end
   redis.call('ZADD', P .. 'appm:' .. app, now, mid)
@@ -857,6 +861,7 @@ class RedisSwarm:
             digest.hex(),
             b"%d " % a.left + peer_fragment(a, ip, record),
             repr(UNKNOWN_SCORE),
+            a.port,
         ]
 
     def report(self, r: Report, *, now: float, digest: bytes, window: float) -> bool:

@@ -464,6 +464,7 @@ class MemorySwarm:
             node = m.node
             if (
                 node == exclude
+                or not m.port  # a node that does not serve: counted, never handed out
                 or m.expires <= now
                 or members.get(node) is not m
                 or node in flagged

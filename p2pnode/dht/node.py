@@ -777,7 +777,11 @@ async def open_bridge(kind: str = DEFAULT_BRIDGE) -> AsyncIterator[Bridge]:
         try:
             yield bridge
         finally:
-            await trio.to_thread.run_sync(bridge.close)
+            # Shielded: the bridge is usually closed because its owner was cancelled, and an
+            # unshielded await would be cancelled at once, leaving the loop's thread running.
+            # close() is bounded (it joins the thread for at most 5 s).
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(bridge.close)
     else:
         raise UsageError(f"unknown DHT bridge {kind!r}", fix="use 'thread' or 'trio-asyncio'")
 

@@ -256,7 +256,8 @@ async def test_bad_node_messages_get_4xx_and_store_nothing(
         )
 
     bad: list[tuple[dict[str, Any] | None, dict[str, Any], int]] = [
-        ({**good, "port": 0}, {}, 400),
+        ({**good, "port": -1}, {}, 400),
+        ({**good, "port": 65536}, {}, 400),
         ({**good, "port": "7000"}, {}, 400),
         ({**good, "manifest": "ab"}, {}, 400),
         ({**good, "manifest": os.urandom(32).hex()}, {}, 404),  # not published here

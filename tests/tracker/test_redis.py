@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from p2pnode import keys
 from p2pnode import manifest as M
-from p2pnode.tracker_client import PeerQualityReport, TrackerClient
+from p2pnode.dht.records import Topic, make_record
+from p2pnode.tracker_client import PeerQualityReport, TrackerClient, TrackerRefusedError
 from tracker import Tracker, serve_tracker
 from tracker.core import (
     Announce,
@@ -27,7 +28,7 @@ from tracker.core import (
 from tracker.store import RedisSwarm
 from tracker.swarm import UNKNOWN_SCORE
 
-from .conftest import ADMIN, APP
+from .conftest import ADMIN, APP, client_for
 
 
 async def start(nursery: trio.Nursery, t: Tracker) -> TrackerClient:
@@ -237,3 +238,45 @@ def test_redis_ranks_as_the_reference_ranking(
     assert [p["score"] for p in answer] == [round(v.score, 4) for v in expect]
     swarm.close()
     r.close()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+async def test_a_node_that_does_not_serve_is_counted_never_handed_out(
+    make_tracker: Callable[..., Tracker],
+    redis_url: str,
+    store: str,
+    publisher: object,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    t = make_tracker(store, redis_url=redis_url if store == "redis" else None, prefix="u:")
+    c = client_for(t)
+    await c.add_app(APP, keys.public_key_bytes(publisher))  # type: ignore[arg-type]
+    m = make_manifest(1)
+    await c.publish(APP, "stable", m.encode())
+    serving, hidden, asker = keys.generate_key(), keys.generate_key(), keys.generate_key()
+    await c.announce(serving, app=APP, manifest_id=m.id, port=7001, size=10, left=0, numwant=0)
+    # port 0: no records allowed (it has no address to vouch for) ...
+    rec = make_record(hidden, Topic.manifest(m.id), "10.0.0.9", 7002, now=time.time(), ttl=600)
+    with pytest.raises(TrackerRefusedError) as bad:
+        await c.announce(hidden, app=APP, manifest_id=m.id, port=0, records=[rec.encoded])
+    assert bad.value.status == 400
+    # ... but it gets peers, and its completion and bytes count
+    res = await c.announce(
+        hidden,
+        app=APP,
+        manifest_id=m.id,
+        port=0,
+        event="completed",
+        size=10,
+        left=0,
+        from_cdn=4,
+        from_peers=6,
+    )
+    assert [p.port for p in res.peers] == [7001]
+    res = await c.announce(asker, app=APP, manifest_id=m.id, port=7003, size=10, left=10)
+    assert [p.port for p in res.peers] == [7001]  # the hidden node is never handed out
+    assert res.seeders == 2  # but it is counted
+    stats = (await c._http.get("/v1/stats")).json()
+    rel = {r["manifest_id"]: r for r in stats["releases"]}[m.id.hex()]
+    assert rel["completed"] == 1 and rel["bytes_from_peers"] == 6 and rel["bytes_from_cdn"] == 4
+    await c._http.aclose()
