@@ -383,6 +383,7 @@ def cmd_seed(args: argparse.Namespace) -> dict[str, Any]:
                     None,
                     _rate(args.max_upload_rate),
                     frugal=args.frugal,
+                    spare=args.spare,
                     max_peer_upload_rate=_rate(args.max_peer_upload_rate),
                     upload_slots=_slots(args.upload_slots),
                     discovery=DiscoveryOptions(**_discovery_flags(args), tracker=args.tracker),
@@ -628,6 +629,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="frugal",
         action="store_false",
         help="upload chunks again even while some were never uploaded",
+    )
+    p.add_argument(
+        "--no-spare",
+        dest="spare",
+        action="store_false",
+        help="do not ask leechers to spare this box's upload: faster swarms, more egress",
     )
     p.add_argument("--tracker", metavar="URL", help="keep the installed build listed here")
     _add_dht_flags(p)

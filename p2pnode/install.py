@@ -468,6 +468,7 @@ async def seed(
     max_upload_rate: int | None = None,
     *,
     frugal: bool = True,
+    spare: bool = True,
     max_peer_upload_rate: int | None = None,
     upload_slots: int = 8,
     dht_port: int | None = None,
@@ -498,6 +499,7 @@ async def seed(
         peer_upload_rate=max_peer_upload_rate,
         upload_slots=upload_slots,
         frugal=frugal,
+        spare=spare,
     )
 
     def refresh() -> str | None:

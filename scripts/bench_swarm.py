@@ -457,7 +457,13 @@ SWARM_IMPLEMENTED = True
 
 
 def run_swarm(
-    lab: netlab.Lab, release: Release, work: Path, timeout: float, *, stay: bool = True
+    lab: netlab.Lab,
+    release: Release,
+    work: Path,
+    timeout: float,
+    *,
+    stay: bool = True,
+    spare: bool = True,
 ) -> RunResult:
     """Distribute ``release`` over the swarm: the origin seeds, every leecher installs at once.
 
@@ -512,6 +518,7 @@ def run_swarm(
             "--listen",
             f"{origin.ip}:{SWARM_PORT}",
             "--json",
+            *([] if spare else ["--no-spare"]),
         ],
         name="seed",
         cwd=str(REPO),
@@ -625,6 +632,12 @@ def main() -> None:
         help="leechers stop serving when their install ends (default: they seed until the "
         "slowest is done, as the fluid model assumes)",
     )
+    ap.add_argument(
+        "--origin-busy",
+        action="store_true",
+        help="the origin seeds with --no-spare: leechers do not spare its upload (faster, more "
+        "origin upload; the default spares it)",
+    )
     ap.add_argument("--workdir", type=Path)
     args = ap.parse_args()
     if args.cmd == "serve-cdn":
@@ -690,6 +703,7 @@ def main() -> None:
                             run_dir,
                             timeout=10 * bound + 60,
                             stay=not args.leave_when_done,
+                            spare=not args.origin_busy,
                         )
                     )
                     shutil.rmtree(run_dir, ignore_errors=True)  # ~N+1 copies of the release
@@ -779,6 +793,7 @@ def main() -> None:
             if swarm
             else None,
             "leechers_stay": not args.leave_when_done,
+            "origin_spared": not args.origin_busy,
             "swarm_timeline": swarm.details.get("timeline") if swarm else None,
             "swarm_runs": [
                 {

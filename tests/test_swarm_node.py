@@ -268,3 +268,11 @@ async def test_a_peer_that_connects_to_us_is_dialled_back(tmp_path: Path) -> Non
     assert got["a"] == got["b"] == set(wanted)
     dialled = stats["a"].get(f"127.0.0.1:{b_port}")
     assert dialled is not None and dialled.node_id == b.identity.node_id
+
+
+def test_a_seed_box_asks_to_be_spared_unless_told_not_to() -> None:
+    """``origin`` in the hello makes leechers spare a seed box's upload (scheduler.py); a box
+    run with --no-spare stays frugal but is asked like any peer."""
+    assert SwarmNode(node(), LocalChunks(), frugal=True)._caps == (b"origin",)
+    assert SwarmNode(node(), LocalChunks(), frugal=True, spare=False)._caps == ()
+    assert SwarmNode(node(), LocalChunks())._caps == ()  # a client is never an origin

@@ -179,6 +179,8 @@ class SwarmNode:
     peer_upload_rate, peer_download_rate: caps per peer connection, bytes/s (None: none).
     upload_slots: peers served at once (the choker's slots).
     frugal: origin-frugal seeding (see ``_frugal_refuses``).
+    spare: with ``frugal``, say ``origin`` in the hello so leechers spare this node's upload
+        (they ask it only for rare chunks: less upload, a slower finish; see scheduler.py).
     """
 
     def __init__(
@@ -197,6 +199,7 @@ class SwarmNode:
         peer_download_rate: int | None = None,
         upload_slots: int = DEFAULT_SLOTS,
         frugal: bool = False,
+        spare: bool = True,
     ) -> None:
         self.identity = identity
         self.local = local
@@ -227,7 +230,7 @@ class SwarmNode:
         # manifest id -> how to add a peer to our running fetch of it (dial-back, see _serve_loop)
         self._fetching: dict[bytes, Callable[[str, int], None]] = {}
         # A frugal seed is a seed box (an origin): it says so, and leechers spare its upload.
-        self._caps = (b"origin",) if frugal else ()
+        self._caps = (b"origin",) if frugal and spare else ()
         self._server_ctx = server_context(identity)
         self._client_ctx = client_context(identity)
 
