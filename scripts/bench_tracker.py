@@ -139,6 +139,20 @@ def setup(url: str, key: Any, manifests: list[M.SignedManifest]) -> None:
             ).raise_for_status()
 
 
+def announce_body(pub: str, mid: str, port: int, **fields: int) -> bytes:
+    """A fresh announce body (new nonce and timestamp) for node key ``pub``."""
+    doc = {
+        "key": pub,
+        "ts": int(time.time()),
+        "nonce": os.urandom(12).hex(),
+        "app": APP,
+        "manifest": mid,
+        "port": port,
+        **fields,
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
 def presign(n: int, nodes: int, mids: list[str], seed: int) -> tuple[list[Any], list[Announce]]:
     """Node keys, and ``n`` distinct signed announces by them (node index, body, signature)."""
     node_keys = [keys.generate_key() for _ in range(nodes)]
@@ -147,22 +161,16 @@ def presign(n: int, nodes: int, mids: list[str], seed: int) -> tuple[list[Any], 
     for i in range(n):
         j = (i * 7919 + seed) % nodes
         left = 0 if j % 4 == 0 else 1000 - (i % 1000)
-        body = json.dumps(
-            {
-                "key": pubs[j],
-                "ts": int(time.time()),
-                "nonce": os.urandom(12).hex(),
-                "app": APP,
-                "manifest": mids[j % len(mids)],
-                "port": 7000 + j,
-                "size": 1000,
-                "left": left,
-                "from_peers": i,
-                "from_cdn": i,
-                "numwant": 30,
-            },
-            separators=(",", ":"),
-        ).encode()
+        body = announce_body(
+            pubs[j],
+            mids[j % len(mids)],
+            7000 + j,
+            size=1000,
+            left=left,
+            from_peers=i,
+            from_cdn=i,
+            numwant=30,
+        )
         out.append((j, body, keys.sign(node_keys[j], ANNOUNCE_DOMAIN, body).hex()))
     return node_keys, out
 
@@ -185,18 +193,8 @@ def open_sessions(port: int, node_keys: list[Any], mids: list[str]) -> list[str]
     tokens = []
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
         for j, k in enumerate(node_keys):
-            body = json.dumps(
-                {
-                    "key": keys.format_public_key(keys.public_key_bytes(k)),
-                    "ts": int(time.time()),
-                    "nonce": os.urandom(12).hex(),
-                    "app": APP,
-                    "manifest": mids[j % len(mids)],
-                    "port": 7000 + j,
-                    "numwant": 0,
-                },
-                separators=(",", ":"),
-            ).encode()
+            pub = keys.format_public_key(keys.public_key_bytes(k))
+            body = announce_body(pub, mids[j % len(mids)], 7000 + j, numwant=0)
             sig = keys.sign(k, ANNOUNCE_DOMAIN, body).hex()
             r = c.post("/v1/announce", content=body, headers={SIGNATURE_HEADER: sig})
             r.raise_for_status()
