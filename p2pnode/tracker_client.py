@@ -474,26 +474,26 @@ class TrackerPeerSource:
         self.port = port
         self.record_ttl = record_ttl
         self.progress = progress
+        self._mine: dict[bytes, tuple[float, list[bytes]]] = {}
+
+    def _own_records(self, manifest_id: bytes, app: str, now: float) -> list[bytes]:
+        """Our records for the two topics, re-signed only when half expired: the same bytes
+        on every announce let the tracker skip verifying them again."""
+        if self.host is None:
+            return []
+        cached = self._mine.get(manifest_id)
+        if cached is not None and now < cached[0]:
+            return cached[1]
+        records = [
+            make_record(self.key, topic, self.host, self.port, now=now, ttl=self.record_ttl)
+            for topic in (Topic.manifest(manifest_id), Topic.app(app))
+        ]
+        self._mine[manifest_id] = (now + self.record_ttl / 2, [r.encoded for r in records])
+        return self._mine[manifest_id][1]
 
     async def find_peers(self, manifest_id: bytes, app: str) -> list[PeerRecord]:
         now = time.time()
-        mine = (
-            []
-            if self.host is None
-            else [
-                make_record(
-                    self.key,
-                    Topic.manifest(manifest_id),
-                    self.host,
-                    self.port,
-                    now=now,
-                    ttl=self.record_ttl,
-                ).encoded,
-                make_record(
-                    self.key, Topic.app(app), self.host, self.port, now=now, ttl=self.record_ttl
-                ).encoded,
-            ]
-        )
+        mine = self._own_records(manifest_id, app, now)
         size, left, fp, fc, up = self.progress(manifest_id) if self.progress else (0, 0, 0, 0, 0)
         result = await self.client.announce(
             self.key,

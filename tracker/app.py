@@ -161,6 +161,7 @@ class Tracker:
         self._clients = _Buckets(config.client_rate, config.client_burst)
         self._reporters = _Buckets(config.report_rate, config.report_burst)
         self.sessions = core.AnnounceSessions(config.admin_token)
+        self._records = _VerifiedRecords()
         self._known_manifests: dict[bytes, str] = {}
         self._load: deque[tuple[float, float]] = deque(maxlen=LOAD_WINDOW)
         self._started = time.monotonic()
@@ -708,7 +709,7 @@ class Tracker:
                 fix="announce only manifests this tracker published",
             )
         ip = core.plausible_ip(a.ip, seen_ip)
-        bundle = _check_records(a, now) if a.records else None
+        bundle = self._records.check(a, now) if a.records else None
         assert signature is not None  # parse_announce checked it
         digest = blake3.blake3(bytes.fromhex(signature)).digest()[:16]
         if isinstance(self.swarm, MemorySwarm):
@@ -911,20 +912,44 @@ def _head_json(h: Any) -> dict[str, Any]:
     }
 
 
-def _check_records(a: core.Announce, now: float) -> bytes:
-    """Verify the DHT peer records a node attached, so the tracker relays only what the node
-    itself signed for this app or manifest (clients re-verify; see docs/discovery.md)."""
-    good = []
-    wanted = {Topic.manifest(a.manifest), Topic.app(a.app)}
-    for raw in a.records:
-        try:
-            rec = parse_record(raw, now=now)
-        except P2PNodeError as exc:
-            raise BadRequest(f"attached peer record refused: {exc.message}") from exc
-        if rec.public_key != a.public_key or rec.topic not in wanted:
-            raise Forbidden("attached peer records must be the announcer's, for this app/build")
-        good.append(rec)
-    return encode_bundle(good)
+class _VerifiedRecords:
+    """The DHT peer records nodes attach, verified once: a node re-sends the same records on
+    every announce until they are half expired, and each costs an Ed25519 check (~150 us), so
+    a bounded LRU of what was verified (keyed by announcer, build, app and the exact bytes)
+    spares the repeats. An entry lives no longer than its records."""
+
+    MAX = 65_536
+
+    def __init__(self) -> None:
+        self._ok: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
+        self.checked = 0
+
+    def check(self, a: core.Announce, now: float) -> bytes:
+        """Verify the records ``a`` carries, so the tracker relays only what the node itself
+        signed for this app or manifest (clients re-verify; see docs/discovery.md); returns
+        them as a bundle."""
+        parts = (a.public_key, a.manifest, a.app.encode(), *a.records)
+        key = blake3.blake3(b"".join(len(p).to_bytes(4, "big") + p for p in parts)).digest()
+        hit = self._ok.get(key)
+        if hit is not None and hit[0] > now:
+            self._ok.move_to_end(key)
+            return hit[1]
+        good = []
+        wanted = {Topic.manifest(a.manifest), Topic.app(a.app)}
+        for raw in a.records:
+            try:
+                rec = parse_record(raw, now=now)
+            except P2PNodeError as exc:
+                raise BadRequest(f"attached peer record refused: {exc.message}") from exc
+            if rec.public_key != a.public_key or rec.topic not in wanted:
+                raise Forbidden("attached peer records must be the announcer's, for this app/build")
+            good.append(rec)
+        self.checked += 1
+        bundle = encode_bundle(good)
+        self._ok[key] = (min(r.expires for r in good), bundle)
+        if len(self._ok) > self.MAX:
+            self._ok.popitem(last=False)
+        return bundle
 
 
 class _SwarmCollector:

@@ -309,6 +309,34 @@ async def test_attached_records_are_relayed_and_verified(
     assert err.value.status == 403
 
 
+async def test_records_are_verified_once_per_announcer(
+    tracker: Tracker, client: TrackerClient, make_manifest: Callable[..., M.SignedManifest]
+) -> None:
+    """Nodes re-send the same records until half expired; the tracker checks them once."""
+    m = make_manifest(1)
+    await publish(client, m)
+    a, b = keys.generate_key(), keys.generate_key()
+    src_a = TrackerPeerSource(client, a, "127.0.0.1", 7001)
+    for _ in range(5):
+        await src_a.find_peers(m.id, APP)
+    assert tracker._records.checked == 1
+    # the same bytes announced by another key are still refused: the cache is per announcer
+    rec = make_record(a, Topic.manifest(m.id), "127.0.0.1", 7001, now=time.time(), ttl=600)
+    await announce(client, a, m.id, 7001, records=[rec.encoded])
+    with pytest.raises(TrackerRefusedError) as err:
+        await announce(client, b, m.id, 7002, records=[rec.encoded])
+    assert err.value.status == 403
+    # once its records expire, the cached verdict is no longer used: refused as expired
+    short = make_record(a, Topic.app(APP), "127.0.0.1", 7001, now=time.time() - 500, ttl=600)
+    await announce(client, a, m.id, 7001, records=[short.encoded])
+    checked = tracker._records.checked
+    tracker.config.clock = lambda: time.time() + 150  # within the signature's skew window
+    with pytest.raises(TrackerRefusedError) as err:
+        await announce(client, a, m.id, 7001, records=[short.encoded])
+    assert err.value.status == 400 and "expired" in str(err.value)
+    assert tracker._records.checked == checked  # it failed the check, nothing cached
+
+
 # ------------------------------------------------------------------ reports and quality
 
 
