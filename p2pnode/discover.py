@@ -189,10 +189,16 @@ class Discovery:
             return
         found: list[Address] = []
         started = False
+
+        def fetch_over() -> bool:  # its reader closed the channel: only announces still matter
+            return send.statistics().open_receive_channels == 0
+
         first_answer, all_heard = trio.Event(), trio.Event()
         heard: set[str] = set()
 
         def take(name: str, addrs: list[Address]) -> None:
+            if started and fetch_over():
+                return  # nobody reads news any more (and ``found`` must not grow for days)
             heard.add(name)
             if len(heard) == len(self._state):
                 all_heard.set()  # no point waiting out the grace for nobody
@@ -208,9 +214,6 @@ class Discovery:
                     send.send_nowait(addr)
                 except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the fetch is over (or swamped): the swarm has what it needs
-
-        def fetch_over() -> bool:  # its reader closed the channel: only announces still matter
-            return send.statistics().open_receive_channels == 0
 
         async with trio.open_nursery() as nursery:
             for state in self._state.values():
