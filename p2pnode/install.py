@@ -718,6 +718,8 @@ async def _remote(
             stage.manifest, ids, swarm.peers, deliver, result.peers, more_peers=swarm.more_peers
         )
         left = [cid for cid in ids if cid in rest]
+    if swarm is not None and swarm.more_peers is not None:
+        swarm.more_peers.close()  # the swarm takes no more peers: discovery stops its lookups
     if not left:
         return
     if options.policy == "p2p-only":
