@@ -370,7 +370,13 @@ async def _start_tracker(
     from .tracker_client import TrackerClient, TrackerPeerSource
 
     assert options.tracker is not None
-    client = await stack.enter_async_context(TrackerClient(options.tracker))
+    client = TrackerClient(options.tracker)
+
+    async def close() -> None:  # shielded: discovery usually ends by cancellation
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+
+    stack.push_async_callback(close)
     # A node that does not serve announces port 0: counted, never handed out, and it still
     # gets peers (records are attached only by a node that serves).
     port = disc.listen[1] if disc.listen is not None else 0
