@@ -247,12 +247,17 @@ class Discovery:
                     records = await state.source.find_peers(manifest.id, manifest.app)
             except (P2PNodeError, trio.TooSlowError) as exc:
                 state.failures += 1
+                if state.error is None:  # say so once per outage, not on every retry
+                    why = getattr(exc, "message", None) or "no answer in time"
+                    _warn(f"peer discovery via {state.source.name} is failing: {why}")
                 state.error = getattr(exc, "message", None) or "no answer in time"
                 await trio.sleep(min(backoff, self.options.requery) * (0.75 + random.random() / 2))
                 backoff *= 2
                 continue
             backoff = 1.0
             state.answers += 1
+            if state.error is not None:
+                _warn(f"peer discovery via {state.source.name} works again")
             state.error = None
             if state.first_answer_s is None:
                 state.first_answer_s = trio.current_time() - t0

@@ -87,6 +87,21 @@ async def test_the_first_non_empty_answer_wins_and_late_ones_join_later(
         assert fast_empty.calls >= 2  # an empty answer is asked again soon while waiting
 
 
+async def test_an_outage_is_reported_once_and_so_is_the_recovery(
+    autojump_clock: trio.abc.Clock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tracker = FakeSource("tracker", 0.1, TransportError("connection refused"))
+    d = discovery(tracker, FakeSource("dht", 0.1, [record(2)]))
+    async with searching(d):
+        await trio.sleep(60)  # several retries
+        assert tracker.calls >= 4
+        tracker.result = [record(1)]
+        await trio.sleep(60)
+    err = capsys.readouterr().err
+    assert err.count("via tracker is failing: connection refused") == 1
+    assert err.count("via tracker works again") == 1
+
+
 async def test_tracker_down_means_dht_only(autojump_clock: trio.abc.Clock) -> None:
     tracker = FakeSource("tracker", 0.01, TransportError("tracker refused the connection"))
     dht = FakeSource("dht", 1.0, [record(2)])
