@@ -188,6 +188,7 @@ class Discovery:
             task_status.started([])
             return
         found: list[Address] = []
+        seen: set[Address] = set()
         started = False
 
         def fetch_over() -> bool:  # its reader closed the channel: only announces still matter
@@ -202,7 +203,8 @@ class Discovery:
             heard.add(name)
             if len(heard) == len(self._state):
                 all_heard.set()  # no point waiting out the grace for nobody
-            new = [a for a in addrs if a not in found]
+            new = [a for a in dict.fromkeys(addrs) if a not in seen]
+            seen.update(new)
             found.extend(new)
             if not started:
                 if new and not first_answer.is_set():
