@@ -59,6 +59,21 @@ async def populate(
     await cb.report(keys.generate_key(), [PeerQualityReport(target, bytes=1 << 20, corrupt=1)])
 
 
+def signed_announce(key: Any, mid: bytes, port: int) -> tuple[bytes, dict[str, str]]:
+    """A raw signed announce (body and headers), to send the very same bytes twice."""
+    body = json.dumps(
+        {
+            "key": keys.format_public_key(keys.public_key_bytes(key)),
+            "ts": int(time.time()),
+            "nonce": os.urandom(8).hex(),
+            "app": APP,
+            "manifest": mid.hex(),
+            "port": port,
+        }
+    ).encode()
+    return body, {"X-P2PNode-Signature": keys.sign(key, ANNOUNCE_DOMAIN, body).hex()}
+
+
 async def test_a_replay_is_refused_by_the_other_replica(
     make_tracker: Callable[..., Tracker],
     redis_url: str,
@@ -73,23 +88,12 @@ async def test_a_replay_is_refused_by_the_other_replica(
         m = make_manifest(1)
         await ca.publish(APP, "stable", m.encode())
         key = keys.generate_key()
-        body = json.dumps(
-            {
-                "key": keys.format_public_key(keys.public_key_bytes(key)),
-                "ts": int(time.time()),
-                "nonce": os.urandom(8).hex(),
-                "app": APP,
-                "manifest": m.id.hex(),
-                "port": 7000,
-            }
-        ).encode()
-        headers = {"X-P2PNode-Signature": keys.sign(key, ANNOUNCE_DOMAIN, body).hex()}
+        body, headers = signed_announce(key, m.id, 7000)
         async with httpx.AsyncClient() as http:
             first = await http.post(ca.base_url + "/v1/announce", content=body, headers=headers)
             again = await http.post(cb.base_url + "/v1/announce", content=body, headers=headers)
             # both at once: exactly one of them is first in the log
-            body2 = body.replace(b'"port": 7000', b'"port": 7001')
-            headers2 = {"X-P2PNode-Signature": keys.sign(key, ANNOUNCE_DOMAIN, body2).hex()}
+            body2, headers2 = signed_announce(key, m.id, 7001)
             codes: list[int] = []
 
             async def post(url: str) -> None:
@@ -221,3 +225,35 @@ def test_a_snapshot_round_trips() -> None:
         assert back["seen"] == state["seen"] and back["id"] == "0-0"
     finally:
         s.close()
+
+
+async def test_a_change_the_log_cannot_take_is_refused_with_503(
+    make_tracker: Callable[..., Tracker],
+    redis_url: str,
+    publisher: object,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    import redis
+
+    from .conftest import free_port
+
+    t = make_tracker("solo", redis_url=redis_url, prefix="d:", redis_mode="log")
+    async with trio.open_nursery() as nursery:
+        c = await start(nursery, t)
+        await c.add_app(APP, keys.public_key_bytes(publisher))  # type: ignore[arg-type]
+        m = make_manifest(1)
+        await c.publish(APP, "stable", m.encode())
+        log = log_of(t)
+        healthy, log._r = log._r, redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+        with trio.fail_after(5):
+            resp = await c._http.post(c.base_url + "/v1/announce", content=b"{}")
+            assert resp.status_code == 400  # refused before the log: nothing to commit
+            body, headers = signed_announce(keys.generate_key(), m.id, 7000)
+            resp = await c._http.post(c.base_url + "/v1/announce", content=body, headers=headers)
+        assert resp.status_code == 503 and resp.json()["error"] == "log_unavailable"
+        log._r.close()
+        log._r = healthy
+        res = await c.announce(keys.generate_key(), app=APP, manifest_id=m.id, port=7001)
+        assert res.seeders + res.leechers == 1  # the refused one never reached the log
+        await c.aclose()
+        nursery.cancel_scope.cancel()
