@@ -120,8 +120,6 @@ class LogSwarm(MemorySwarm):
         self.me = secrets.token_hex(6)
         #: the last stream id applied
         self.applied = "0-0"
-        self.snapshots_written = 0
-        self.reloads = 0
         self._seq = 0
         self._waiting: dict[int, _Wait] = {}
         #: changes this replica appended and has not applied yet, by sequence number
@@ -374,7 +372,6 @@ class LogSwarm(MemorySwarm):
             return False
         state = self._capture()  # on the trio thread: nothing changes meanwhile
         await trio.to_thread.run_sync(self._write_snapshot, state)
-        self.snapshots_written += 1
         return True
 
     async def _check_trimmed(self) -> None:
@@ -384,7 +381,6 @@ class LogSwarm(MemorySwarm):
             state = await trio.to_thread.run_sync(self._read_snapshot)
             if state is not None:
                 self._install(state)
-                self.reloads += 1
 
     def _capture(self) -> dict[str, Any]:
         """The state at :attr:`applied`, as plain values (cheap copies; packed elsewhere)."""

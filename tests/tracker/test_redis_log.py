@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -15,16 +14,11 @@ import trio
 from p2pnode import keys
 from p2pnode import manifest as M
 from p2pnode.tracker_client import ANNOUNCE_DOMAIN, PeerQualityReport, TrackerClient
-from tracker import Tracker, serve_tracker
+from tracker import Tracker
 from tracker.replicated import LogSwarm, pack_snapshot, unpack_snapshot
 
 from .conftest import ADMIN, APP
-from .test_redis import synced
-
-
-async def start(nursery: trio.Nursery, t: Tracker) -> TrackerClient:
-    host, port = await nursery.start(functools.partial(serve_tracker, t, "127.0.0.1", 0))
-    return TrackerClient(f"http://{host}:{port}", token=ADMIN)
+from .test_redis import start, synced
 
 
 def log_of(t: Tracker) -> LogSwarm:
@@ -144,7 +138,6 @@ async def test_a_replica_started_later_catches_up_from_snapshot_and_log(
         assert await log_of(b).snapshot()
         assert r.xlen("c:log") < before  # trimmed to the first snapshot
         await populate(ca, cb, m.id, nodes[9:], first=9)  # after the snapshot: from the log
-        r.close()
 
         c = make_tracker("shared", redis_url=redis_url, prefix="c:", redis_mode="log")
         cc = await start(nursery, c)
@@ -158,6 +151,23 @@ async def test_a_replica_started_later_catches_up_from_snapshot_and_log(
         q = (await cc._http.get(cc.base_url + "/v1/peers/" + ra.peers[0].node_id.hex())).json()
         qa = (await ca._http.get(ca.base_url + "/v1/peers/" + ra.peers[0].node_id.hex())).json()
         assert q == qa
+
+        # a replica that stalled past the trim point reloads from the snapshot
+        stale = LogSwarm(redis_url, prefix="c:")
+        try:
+            stale.applied = "0-1"
+            await stale._check_trimmed()
+            assert stale.applied == r.get("c:log:snapid").decode()
+            # the second snapshot: after nodes[:9] (3 completions, 2 reports on nodes[0])
+            assert stale.live_members(time.time()) == 9
+            (rel,) = stale.stats(time.time())["releases"]
+            assert rel["completed"] == 3
+            first = keys.node_id_of(keys.public_key_bytes(nodes[0]))
+            assert stale.quality(first) == log_of(a).quality(first)
+            assert stale.quality(first).reports == 2
+        finally:
+            stale.close()
+        r.close()
         for cl in (ca, cb, cc):
             await cl.aclose()
         nursery.cancel_scope.cancel()
