@@ -64,7 +64,7 @@ def wait_port(port: int, proc: subprocess.Popen[Any], what: str) -> None:
 
 
 def start_tracker(
-    data: Path, redis_url: str | None, fast: bool
+    data: Path, redis_url: str | None, fast: bool, redis_mode: str = "script"
 ) -> tuple[subprocess.Popen[Any], int, int]:
     """One ``tracker serve`` process; returns it, its main port and its announce port (the
     fast listener's when ``fast``, else the main port)."""
@@ -84,7 +84,7 @@ def start_tracker(
         "0",
     ]
     if redis_url:
-        cmd += ["--redis", redis_url]
+        cmd += ["--redis", redis_url, "--redis-mode", redis_mode]
     announce_port = port
     if fast:
         announce_port = free_port()
@@ -277,6 +277,7 @@ def run_case(
     fast: bool,
     args: argparse.Namespace,
     sessions: bool = False,
+    redis_mode: str = "script",
 ) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-tracker-"))
     procs: list[subprocess.Popen[Any]] = []
@@ -309,7 +310,7 @@ def run_case(
         ports = []
         main_ports = []
         for _ in range(replicas):
-            p, port, announce_port = start_tracker(tmp / "data", redis_url, fast)
+            p, port, announce_port = start_tracker(tmp / "data", redis_url, fast, redis_mode)
             procs.append(p)
             main_ports.append(port)
             ports.append(announce_port)
@@ -362,6 +363,7 @@ def run_case(
             "replicas": replicas,
             "listener": "fast" if fast else "hypercorn",
             "sessions": sessions,
+            "redis_mode": redis_mode if redis else None,
             # tracker CPU per announce (includes presign wait: idle costs ~0): the capacity of
             # one core, whatever else shares this machine
             "tracker_cpu_us_per_announce": round(cpu / max(1, n) * 1e6, 1),
@@ -405,12 +407,15 @@ def main() -> None:
         "sqlite-fast-session": (1, False, True),
         "redis-fast-session": (1, True, True),
         "redis-2-replicas-fast-session": (2, True, True),
+        "redis-log-fast-session": (1, True, True),
+        "redis-log-2-replicas-fast-session": (2, True, True),
     }
     ap.add_argument(
         "--cases",
         default=",".join(table),
         help="comma-separated; *-fast cases announce to the fast listener (--announce-listen), "
-        "*-session cases carry announce session tokens (steady state: no signature checks)",
+        "*-session cases carry announce session tokens (steady state: no signature checks), "
+        "redis-log-* cases run --redis-mode log",
     )
     args = ap.parse_args()
     cases = {}
@@ -418,7 +423,10 @@ def main() -> None:
         if name not in table:
             raise SystemExit(f"unknown case {name!r}; choose from {', '.join(table)}")
         replicas, redis, fast = table[name]
-        cases[name] = run_case(name, replicas, redis, fast, args, name.endswith("-session"))
+        mode = "log" if name.startswith("redis-log") else "script"
+        cases[name] = run_case(
+            name, replicas, redis, fast, args, name.endswith("-session"), redis_mode=mode
+        )
     print(json.dumps({"cases": cases}))
 
 

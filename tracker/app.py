@@ -70,6 +70,7 @@ from .core import (
     Unauthorized,
 )
 from .openapi import openapi_document
+from .replicated import LogSwarm
 from .store import Registry, SQLiteSwarm, SwarmStore
 from .swarm import AnnounceAnswer, MemorySwarm
 
@@ -381,7 +382,9 @@ class Tracker:
     async def _healthz(self, request: Request) -> Response:
         try:
             self.registry.data_version()
-            if hasattr(self.swarm, "ping"):
+            if isinstance(self.swarm, LogSwarm):
+                self.swarm.healthy()
+            elif hasattr(self.swarm, "ping"):
                 await self._swarm_call(self.swarm.ping)
         except Exception as exc:  # health must answer, whatever broke
             return JSONResponse({"status": "down", "error": repr(exc)}, status_code=503)
@@ -450,7 +453,10 @@ class Tracker:
             raise BadRequest("node id must be 40 hex digits") from exc
         if request.method == "DELETE":
             self._require_admin(request)
-            cleared = await self._swarm_call(self.swarm.clear_peer, node)
+            if isinstance(self.swarm, LogSwarm):
+                cleared = await self.swarm.commit_clear(node)
+            else:
+                cleared = await self._swarm_call(self.swarm.clear_peer, node)
             return JSONResponse({"node_id": text, "cleared": cleared})
         q = await self._swarm_call(self.swarm.quality, node)
         return JSONResponse(
@@ -712,7 +718,14 @@ class Tracker:
         bundle = self._records.check(a, now) if a.records else None
         assert signature is not None  # parse_announce checked it
         digest = blake3.blake3(bytes.fromhex(signature)).digest()[:16]
-        if isinstance(self.swarm, MemorySwarm):
+        if isinstance(self.swarm, LogSwarm):
+            answer = await self.swarm.commit_announce(
+                a, ip, bundle, now=now, ttl=self.config.ttl, digest=digest, window=2 * MAX_SKEW
+            )
+            if answer is None:
+                raise _replay()
+            peers, seeders, leechers = answer.peers, answer.seeders, answer.leechers
+        elif isinstance(self.swarm, MemorySwarm):
             answer = self.swarm.announce(
                 a, ip, bundle, now=now, ttl=self.config.ttl, digest=digest, window=2 * MAX_SKEW
             )
@@ -802,9 +815,12 @@ class Tracker:
                 fix=f"send at most {self.config.report_rate:g} reports/s; retry in {wait:.0f} s",
             )
         digest = blake3.blake3(bytes.fromhex(request.headers[SIGNATURE_HEADER])).digest()[:16]
-        fresh = await self._swarm_call(
-            self.swarm.report, r, now=now, digest=digest, window=2 * MAX_SKEW
-        )
+        if isinstance(self.swarm, LogSwarm):
+            fresh = await self.swarm.commit_report(r, now=now, digest=digest, window=2 * MAX_SKEW)
+        else:
+            fresh = await self._swarm_call(
+                self.swarm.report, r, now=now, digest=digest, window=2 * MAX_SKEW
+            )
         if not fresh:
             raise Conflict("this report was already received (a replay)")
         self.m_reports.inc()
@@ -1014,11 +1030,21 @@ class _SwarmCollector:
 
 
 def open_tracker(
-    config: TrackerConfig, data_dir: Path, redis_url: str | None = None, redis_prefix: str = "trk:"
+    config: TrackerConfig,
+    data_dir: Path,
+    redis_url: str | None = None,
+    redis_prefix: str = "trk:",
+    redis_mode: str = "script",
 ) -> Tracker:
-    """Open (creating if needed) the stores under ``data_dir`` and build the app."""
+    """Open (creating if needed) the stores under ``data_dir`` and build the app.
+
+    ``redis_mode``: ``script`` (state in Redis, one Lua script per announce) or ``log``
+    (state in each replica's memory, changes ordered by a Redis stream: tracker.replicated).
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     registry = Registry(data_dir / "registry.db")
+    if redis_url and redis_mode == "log":
+        return Tracker(config, registry, LogSwarm(redis_url, prefix=redis_prefix))
     if redis_url:
         from .store import RedisSwarm
 

@@ -1,6 +1,6 @@
 """``tracker``: run the tracker service, and administer a running one.
 
-    tracker serve --listen HOST:PORT --data DIR --admin-token TOKEN [--redis URL]
+    tracker serve --listen HOST:PORT --data DIR --admin-token TOKEN [--redis URL [--redis-mode log]]
                   [--announce-listen HOST:PORT]
     tracker app add APP --key ed25519:<hex> --url URL --admin-token TOKEN [--json]
 
@@ -74,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
         help="HOST:PORT for the fast announce listener (POST /v1/announce only; default: off)",
     )
     s.add_argument("--redis-prefix", default="trk:", help="key prefix in redis")
+    s.add_argument(
+        "--redis-mode",
+        choices=("script", "log"),
+        default="script",
+        help="script: swarm state in redis, one Lua script per announce (default); log: state "
+        "in each replica's memory, changes ordered by a redis stream (docs/operations.md)",
+    )
     s.add_argument("--interval", type=int, default=60, help="announce interval, seconds")
     s.add_argument(
         "--client-rate", type=float, default=50.0, help="requests/s per client address (0: off)"
@@ -108,7 +115,9 @@ async def _serve(args: argparse.Namespace) -> None:
         client_burst=args.client_burst,
         dht_bootstrap=tuple(_dht_nodes(args.dht_bootstrap or ())),
     )
-    tracker = open_tracker(config, args.data, args.redis, args.redis_prefix)
+    if args.redis_mode != "script" and not args.redis:
+        raise UsageError("--redis-mode needs --redis", fix="add --redis redis://HOST:PORT/DB")
+    tracker = open_tracker(config, args.data, args.redis, args.redis_prefix, args.redis_mode)
     if args.redis:
         try:
             await trio.to_thread.run_sync(tracker.swarm.ping)  # type: ignore[attr-defined]

@@ -21,6 +21,7 @@ from hypercorn.trio import serve
 
 from .app import Tracker
 from .fastpath import serve_announces
+from .replicated import LogSwarm
 
 __all__ = ["serve_tracker"]
 
@@ -44,6 +45,8 @@ async def serve_tracker(
     stop = trio.Event() if shutdown is None else shutdown
     try:
         async with trio.open_nursery() as nursery:
+            if isinstance(tracker.swarm, LogSwarm):  # catch up with the log before serving
+                await nursery.start(tracker.swarm.run)
             await nursery.start(tracker.watch)
             if announce_port is not None:
                 await nursery.start(

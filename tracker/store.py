@@ -23,6 +23,9 @@ quality, replay digests) changes on every announce and is disposable. It sits be
   ``trio.to_thread.run_sync``, and sends the announces that arrive meanwhile as one pipelined
   group commit (:meth:`RedisSwarm.announce_many`).
 
+(The opt-in third, :class:`tracker.replicated.LogSwarm`, keeps the state in each replica's memory
+and uses Redis only to order the changes; see that module.)
+
 Both compute quality scores with the same formula (:func:`tracker.core.quality_score`; the Lua
 copy is checked against it by the tests) and both return live peers unranked; ranking is
 :func:`tracker.core.rank_peers`, shared.

@@ -77,10 +77,14 @@ def make_tracker(tmp_path: Path) -> Iterator[Callable[..., Tracker]]:
     made: list[Tracker] = []
 
     def make(
-        name: str = "t", redis_url: str | None = None, prefix: str = "trk:", **kw: object
+        name: str = "t",
+        redis_url: str | None = None,
+        prefix: str = "trk:",
+        redis_mode: str = "script",
+        **kw: object,
     ) -> Tracker:
         config = TrackerConfig(admin_token=ADMIN, **kw)  # type: ignore[arg-type]
-        t = open_tracker(config, tmp_path / name, redis_url, prefix)
+        t = open_tracker(config, tmp_path / name, redis_url, prefix, redis_mode)
         made.append(t)
         return t
 

@@ -25,6 +25,7 @@ from tracker.core import (
     rank_peers,
     update_quality,
 )
+from tracker.replicated import LogSwarm
 from tracker.store import RedisSwarm
 from tracker.swarm import UNKNOWN_SCORE
 
@@ -36,15 +37,28 @@ async def start(nursery: trio.Nursery, t: Tracker) -> TrackerClient:
     return TrackerClient(f"http://{host}:{port}", token=ADMIN)
 
 
+async def synced(*trackers: Tracker) -> None:
+    """In log mode, wait until every replica applied the log as far as the furthest one (the
+    answers are sequential, but a replica learns of others' entries a moment later)."""
+    logs = [t.swarm for t in trackers if isinstance(t.swarm, LogSwarm)]
+    if not logs:
+        return
+    with trio.fail_after(5):
+        while len({s.applied for s in logs}) > 1:
+            await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize("mode", ["script", "log"])
 async def test_two_replicas_answer_consistently(
     make_tracker: Callable[..., Tracker],
     redis_url: str,
     publisher: object,
     make_manifest: Callable[..., M.SignedManifest],
+    mode: str,
 ) -> None:
     # one DIR (the shared registry), one redis (the shared swarm)
-    a = make_tracker("shared", redis_url=redis_url, prefix="t1:")
-    b = make_tracker("shared", redis_url=redis_url, prefix="t1:")
+    a = make_tracker("shared", redis_url=redis_url, prefix="t1:", redis_mode=mode)
+    b = make_tracker("shared", redis_url=redis_url, prefix="t1:", redis_mode=mode)
     async with trio.open_nursery() as nursery:
         ca, cb = await start(nursery, a), await start(nursery, b)
         await ca.add_app(APP, keys.public_key_bytes(publisher))  # type: ignore[arg-type]
@@ -108,6 +122,7 @@ async def test_two_replicas_answer_consistently(
             res = await c.announce(me, app=APP, manifest_id=new.id, port=7200, numwant=50)
             assert bad not in [p.node_id for p in res.peers]
 
+        await synced(a, b)
         sa = (await ca._http.get(ca.base_url + "/v1/stats")).json()
         sb = (await cb._http.get(cb.base_url + "/v1/stats")).json()
         assert sa["releases"] == sb["releases"] and sa["quality"] == sb["quality"]

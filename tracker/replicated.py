@@ -1,0 +1,495 @@
+"""Replicas on Redis as a replicated state machine: the opt-in ``--redis-mode log``.
+
+Theory of operation
+-------------------
+In the default Redis mode (:class:`tracker.store.RedisSwarm`) every announce runs a Lua script
+in redis-server (~240 us of its CPU) and the tracker parses the script's answer: on a 2-core
+host that caps one tracker near 2,500 announces/s. In log mode Redis only *orders* changes;
+every replica keeps the whole swarm state in memory (:class:`tracker.swarm.MemorySwarm`, the
+same code as the SQLite mode) and applies the same changes in the same order:
+
+* A state change (a verified announce, a verified report, an operator's ``clear_peer``, and a
+  periodic ``gc``) is a JSON list carrying all its apply needs, including the origin's clock
+  reading ``now`` (so expiry and the replay window are decided identically everywhere). The
+  changes a replica queued meanwhile go out together as **one** entry of the Redis stream
+  ``PREFIX + "log"`` (a group commit: one ``XADD`` from a worker thread), applied in their
+  order within it. One entry per batch, not per change, is what keeps redis-server's CPU near
+  15 us per announce and the tracker's encoding and parsing to one JSON call per batch.
+* A reader task per replica (``XREAD BLOCK`` in a worker thread) applies every entry, its own
+  included, **in stream order**, on the trio thread. The replica that received a request
+  answers when it applies its own entry: the answer reflects every entry before it in the log
+  and none after (sequential consistency). The replay guard (:meth:`MemorySwarm.fresh`) is
+  part of the apply, so a replay sent to any replica is refused (409) by whichever applies it
+  second: all of them agree which copy came first.
+* Snapshots keep the log bounded and let a replica start: every ``snapshot_every`` seconds one
+  replica (``SET NX EX`` lock) serialises its state at the stream id ``S`` it has applied up to
+  into ``PREFIX + "log:snap"``, then trims the log to the *previous* snapshot's id (``XTRIM
+  MINID``), so a replica up to one period behind still finds its next entries. A starting
+  replica loads the snapshot and replays the log after ``S``. A replica that finds the log
+  trimmed past its position (it stalled for over a period) reloads from the snapshot.
+
+Size of a snapshot (zlib-compressed JSON plus a binary table): about 150 bytes per swarm
+member, 60 per scored peer, and 24 per replay digest remembered (each accepted announce or
+report for ``2 * MAX_SKEW`` = 600 s, so 5,000 announces/s hold ~3 M digests, ~72 MB); redis
+caps a value at 512 MB, reached near 35,000 announces/s sustained.
+
+What is *not* identical across replicas: the order among peers whose progress changed in the
+last ``RANK_REFRESH`` second (each replica re-sorts on its own reads), and ``/v1/stats`` and
+``/metrics`` read at different moments or log positions.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import struct
+import time
+import zlib
+from collections import deque
+from typing import Any
+
+import trio
+
+from p2pnode.errors import P2PNodeError
+
+from .core import Announce, APIError, PeerQuality, PeerReport, Report
+from .swarm import AnnounceAnswer, Member, MemorySwarm
+
+__all__ = ["LogSwarm", "LogUnavailable"]
+
+#: Seconds a request waits for its own entry to come back through the log before giving up.
+APPLY_TIMEOUT = 10.0
+#: ``XREAD BLOCK`` milliseconds (bounds how long cancelling the reader takes).
+READ_BLOCK_MS = 500
+#: Entries read per ``XREAD``.
+READ_COUNT = 2000
+#: Entries per ``XADD`` pipeline.
+COMMIT_MAX = 2000
+#: The reader is unhealthy when its last successful read is older than this (seconds).
+HEALTHY_WITHIN = 5.0
+_MAGIC = b"p2pnode-tracker-snapshot-1\n"
+_SEEN = struct.Struct(">16sd")
+
+
+class LogUnavailable(APIError):
+    """The replicated log (Redis) did not take or return a change in time."""
+
+    status = 503
+    code = "log_unavailable"
+    default_fix = "check that redis-server is up and reachable from every replica; retry"
+
+
+class _Wait:
+    """A request waiting for its own entry to be applied."""
+
+    __slots__ = ("done", "error", "numwant", "result")
+
+    def __init__(self, numwant: int) -> None:
+        self.numwant = numwant
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: Exception | None = None
+
+
+def _sid(text: str) -> tuple[int, int]:
+    """A stream id as a comparable pair."""
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class LogSwarm(MemorySwarm):
+    """Swarm state in memory, replicated through a Redis stream (see the module docstring).
+
+    Args:
+        url: ``redis://host:port/db``.
+        prefix: key prefix shared by the replicas of one tracker.
+        snapshot_every: seconds between snapshot attempts (one replica wins each round).
+    """
+
+    def __init__(self, url: str, *, prefix: str = "trk:", snapshot_every: float = 60.0) -> None:
+        super().__init__()
+        import redis
+
+        opts: dict[str, Any] = {"socket_connect_timeout": 5.0, "health_check_interval": 30}
+        self._r: Any = redis.Redis.from_url(url, socket_timeout=5.0, **opts)
+        # the reader's own connection: it sits in XREAD BLOCK
+        self._rx: Any = redis.Redis.from_url(url, socket_timeout=READ_BLOCK_MS / 1000 + 5, **opts)
+        self.prefix = prefix
+        self.stream = prefix + "log"
+        self.snapshot_every = snapshot_every
+        self.me = secrets.token_hex(6)
+        #: the last stream id applied
+        self.applied = "0-0"
+        self._seq = 0
+        self._waiting: dict[int, _Wait] = {}
+        #: changes this replica appended and has not applied yet, by sequence number
+        self._local: dict[int, list[Any]] = {}
+        #: sequence numbers queued for the next commit (consecutive)
+        self._out: list[int] = []
+        self._wake = trio.Event()
+        self._last_read = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def ping(self) -> bool:
+        """Redis answers (a network call: run it in a worker thread)."""
+        return bool(self._r.ping())
+
+    def healthy(self) -> None:
+        """Raise unless the reader has heard from Redis lately (no I/O: for ``/healthz``)."""
+        if time.monotonic() - self._last_read > HEALTHY_WITHIN:
+            raise LogUnavailable(f"no read from the log {self.stream} for {HEALTHY_WITHIN:g} s")
+
+    def close(self) -> None:
+        self._r.close()
+        self._rx.close()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Catch up (snapshot, then the log after it), then apply, commit and snapshot until
+        cancelled. Requests are served only after ``task_status.started()``."""
+        state = await trio.to_thread.run_sync(self._read_snapshot)
+        if state is not None:
+            self._install(state)
+        await self._catch_up()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reader)
+            nursery.start_soon(self._committer)
+            nursery.start_soon(self._snapshotter)
+            task_status.started()
+
+    async def _catch_up(self) -> None:
+        while True:
+            entries = await trio.to_thread.run_sync(self._read, 0)
+            if not entries:
+                return
+            self._apply_batch(entries)
+
+    # ------------------------------------------------------------------ submitting changes
+
+    async def commit_announce(
+        self,
+        a: Announce,
+        ip: str,
+        record: bytes | None,
+        *,
+        now: float,
+        ttl: float,
+        digest: bytes,
+        window: float,
+    ) -> AnnounceAnswer | None:
+        """Append the announce to the log; its answer once applied here (``None``: replay)."""
+        entry = [
+            "a",
+            now,
+            ttl,
+            digest.hex(),
+            window,
+            ip,
+            record.hex() if record else "",
+            a.public_key.hex(),
+            a.node_id.hex(),
+            a.app,
+            a.manifest.hex(),
+            a.port,
+            a.event,
+            a.size,
+            a.left,
+            a.from_peers,
+            a.from_cdn,
+            a.uploaded,
+        ]
+        res: AnnounceAnswer | None = await self._submit(entry, a.numwant)
+        return res
+
+    async def commit_report(self, r: Report, *, now: float, digest: bytes, window: float) -> bool:
+        """Append the report to the log; False if it turned out a replay."""
+        peers = [[e.node_id.hex(), e.bytes, e.rate, e.failures, e.corrupt] for e in r.peers]
+        entry = ["r", now, digest.hex(), window, r.node_id.hex(), peers]
+        return bool(await self._submit(entry, 0))
+
+    async def commit_clear(self, node_id: bytes) -> bool:
+        """Append an operator's ``clear_peer``; whether the peer had a quality record."""
+        return bool(await self._submit(["c", node_id.hex()], 0))
+
+    def gc(self, now: float) -> int:
+        """Queue a housekeeping entry: every replica drops the same expired state at the same
+        log position (a local, clock-driven gc would make replicas diverge)."""
+        self._enqueue(["g", now])
+        return 0
+
+    def _enqueue(self, entry: list[Any]) -> int:
+        self._seq += 1
+        self._local[self._seq] = entry
+        self._out.append(self._seq)
+        self._wake.set()
+        return self._seq
+
+    async def _submit(self, entry: list[Any], numwant: int) -> Any:
+        seq = self._enqueue(entry)
+        w = self._waiting[seq] = _Wait(numwant)
+        try:
+            with trio.move_on_after(APPLY_TIMEOUT):
+                await w.done.wait()
+        finally:
+            self._waiting.pop(seq, None)
+        if w.error is not None:
+            raise LogUnavailable(f"appending to the log {self.stream} failed: {w.error}")
+        if not w.done.is_set():
+            raise LogUnavailable(
+                f"this replica did not see its change come back through {self.stream} "
+                f"within {APPLY_TIMEOUT:g} s (the change may still apply)"
+            )
+        return w.result
+
+    async def _committer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._out:
+                batch, self._out = self._out[:COMMIT_MAX], self._out[COMMIT_MAX:]
+                local = self._local
+                fields = {
+                    "o": b"%s:%d" % (self.me.encode(), batch[0]),
+                    "n": len(batch),
+                    "e": json.dumps([local[s] for s in batch], separators=(",", ":")),
+                }
+                try:
+                    await trio.to_thread.run_sync(self._r.xadd, self.stream, fields)
+                except Exception as exc:  # redis-py's errors: every waiter of the batch fails
+                    for seq in batch:
+                        local.pop(seq, None)  # if it did reach the log, it is decoded there
+                        w = self._waiting.get(seq)
+                        if w is not None:
+                            w.error = exc
+                            w.done.set()
+
+    # ------------------------------------------------------------------ applying the log
+
+    def _read(self, block: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        conn = self._rx if block else self._r
+        res = conn.xread({self.stream: self.applied}, count=READ_COUNT, block=block or None)
+        self._last_read = time.monotonic()
+        if not res:
+            return []
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = res[0][1]
+        return entries
+
+    async def _reader(self) -> None:
+        checked = time.monotonic()
+        while True:
+            entries = await trio.to_thread.run_sync(
+                self._read, READ_BLOCK_MS, abandon_on_cancel=True
+            )
+            if entries:
+                self._apply_batch(entries)
+            if time.monotonic() - checked >= self.snapshot_every:
+                checked = time.monotonic()
+                await self._check_trimmed()
+
+    def _apply_batch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        me = self.me.encode()
+        local, waiting = self._local, self._waiting
+        for sid, fields in entries:
+            origin, _, seq = fields[b"o"].partition(b":")
+            first, n = int(seq), int(fields[b"n"])
+            mine = origin == me
+            changes: list[Any] | None = None
+            if mine:
+                # our own batch: the lists it was encoded from (JSON round-trips them exactly)
+                changes = [local.pop(s, None) for s in range(first, first + n)]
+                if None in changes:  # its XADD "failed" yet reached the log
+                    changes = None
+            if changes is None:
+                changes = json.loads(fields[b"e"])
+            for i, e in enumerate(changes):
+                w = waiting.get(first + i) if mine else None
+                if w is None:
+                    self._apply(e, 0)
+                else:
+                    w.result = self._apply(e, w.numwant)
+                    w.done.set()
+            self.applied = sid.decode()
+
+    def _apply(self, e: list[Any], numwant: int) -> Any:
+        kind = e[0]
+        if kind == "a":
+            (_, now, ttl, digest, window, ip, record, pk, node, app, mid) = e[:11]
+            port, event, size, left, fp, fc, up = e[11:]
+            a = Announce(
+                bytes.fromhex(pk),
+                bytes.fromhex(node),
+                0,
+                app,
+                bytes.fromhex(mid),
+                None,
+                port,
+                event,
+                size,
+                left,
+                fp,
+                fc,
+                up,
+                numwant,
+                (),
+            )
+            return self.announce(
+                a,
+                ip,
+                bytes.fromhex(record) if record else None,
+                now=now,
+                ttl=ttl,
+                digest=bytes.fromhex(digest),
+                window=window,
+            )
+        if kind == "r":
+            _, now, digest, window, reporter, peers = e
+            r = Report(
+                b"",
+                bytes.fromhex(reporter),
+                0,
+                tuple(PeerReport(bytes.fromhex(p[0]), *p[1:]) for p in peers),
+            )
+            return self.report(r, now=now, digest=bytes.fromhex(digest), window=window)
+        if kind == "c":
+            return self.clear_peer(bytes.fromhex(e[1]))
+        if kind == "g":
+            return MemorySwarm.gc(self, e[1])
+        raise LogFormatError(f"unknown entry kind {kind!r} in the log {self.stream}")
+
+    # ------------------------------------------------------------------ snapshots
+
+    async def _snapshotter(self) -> None:
+        while True:
+            await trio.sleep(self.snapshot_every)
+            await self.snapshot()
+
+    async def snapshot(self) -> bool:
+        """Write a snapshot and trim the log, if no other replica did this round; whether
+        this replica wrote one."""
+        lock = self.prefix + "log:snaplock"
+        ttl = max(1, int(self.snapshot_every * 0.8))
+        if not await trio.to_thread.run_sync(lambda: self._r.set(lock, self.me, nx=True, ex=ttl)):
+            return False
+        state = self._capture()  # on the trio thread: nothing changes meanwhile
+        await trio.to_thread.run_sync(self._write_snapshot, state)
+        return True
+
+    async def _check_trimmed(self) -> None:
+        trimmed = await trio.to_thread.run_sync(self._r.get, self.prefix + "log:trimmed")
+        if trimmed is not None and _sid(self.applied) < _sid(trimmed.decode()):
+            # entries this replica never applied are gone: start over from the snapshot
+            state = await trio.to_thread.run_sync(self._read_snapshot)
+            if state is not None:
+                self._install(state)
+
+    def _capture(self) -> dict[str, Any]:
+        """The state at :attr:`applied`, as plain values (cheap copies; packed elsewhere)."""
+        return {
+            "id": self.applied,
+            "members": [
+                [sw.manifest.hex(), sw.app, [m.row()[1:] for m in sw.members.values()]]
+                for sw in self._swarms.values()
+            ],
+            "builds": {app: dict(b) for app, b in self._builds.items()},
+            "releases": [[mid, *rel] for mid, rel in self._releases.items()],
+            "adoption": list(self._adoption.items()),
+            "quality": [
+                [n, q.mib, q.failures, q.corrupt, q.rate, q.reports, q.corrupt_reporters]
+                for n, q in self._quality.items()
+            ],
+            "corrupt_by": [[n, list(s)] for n, s in self._corrupt_by.items()],
+            "seen": list(self._seen.items()),
+        }
+
+    def _write_snapshot(self, state: dict[str, Any]) -> None:
+        blob = pack_snapshot(state)
+        p = self.prefix
+        previous = self._r.get(p + "log:snapid")
+        with self._r.pipeline(transaction=True) as pipe:
+            pipe.set(p + "log:snap", blob)
+            pipe.set(p + "log:snapid", state["id"])
+            pipe.execute()
+        if previous is not None:
+            self._r.xtrim(self.stream, minid=previous.decode(), approximate=False)
+            self._r.set(p + "log:trimmed", previous)
+
+    def _read_snapshot(self) -> dict[str, Any] | None:
+        blob = self._r.get(self.prefix + "log:snap")
+        return None if blob is None else unpack_snapshot(blob)
+
+    def _install(self, s: dict[str, Any]) -> None:
+        MemorySwarm.__init__(self)
+        for mid_hex, app, rows in s["members"]:
+            mid = bytes.fromhex(mid_hex)
+            for node, _app, key, ip, port, size, left, fp, fc, up, expires, record in rows:
+                m = Member(
+                    mid,
+                    bytes.fromhex(node),
+                    app,
+                    bytes.fromhex(key),
+                    ip,
+                    port,
+                    size,
+                    left,
+                    fp,
+                    fc,
+                    up,
+                    expires,
+                    bytes.fromhex(record) if record is not None else None,
+                )
+                self.apply_member(m, 0.0)
+        self._builds = {
+            app: {bytes.fromhex(m): t for m, t in b.items()} for app, b in s["builds"].items()
+        }
+        for mid, app, *counters in s["releases"]:
+            self.set_release(bytes.fromhex(mid), app, counters)
+        for mid, minute, n in s["adoption"]:
+            self.set_adoption(bytes.fromhex(mid), minute, n)
+        reporters = {bytes.fromhex(n): [bytes.fromhex(r) for r in rs] for n, rs in s["corrupt_by"]}
+        for n, *q in s["quality"]:
+            node = bytes.fromhex(n)
+            self.set_quality(node, PeerQuality(*q), reporters.get(node, ()))
+        self._seen = dict(s["seen"])
+        self._seen_order = deque((exp, d) for d, exp in self._seen.items())
+        self.applied = s["id"]
+
+
+class LogFormatError(P2PNodeError):
+    """The log or a snapshot holds something this version cannot read."""
+
+    default_fix = "run the same tracker version on every replica, or clear the PREFIX log keys"
+
+
+def pack_snapshot(state: dict[str, Any]) -> bytes:
+    """Serialise :meth:`LogSwarm._capture`'s output: compressed JSON, then the replay digests
+    as a fixed-width binary table (most of a snapshot's size under load)."""
+
+    def hexed(v: Any) -> Any:
+        return v.hex() if isinstance(v, bytes) else v
+
+    doc = dict(state)
+    seen = doc.pop("seen")
+    doc["members"] = [
+        [mid, app, [[hexed(v) for v in row] for row in rows]] for mid, app, rows in doc["members"]
+    ]
+    doc["builds"] = {app: {m.hex(): t for m, t in b.items()} for app, b in doc["builds"].items()}
+    doc["releases"] = [[mid.hex(), *rest] for mid, *rest in doc["releases"]]
+    doc["adoption"] = [[mid.hex(), minute, n] for (mid, minute), n in doc["adoption"]]
+    doc["quality"] = [[n.hex(), *rest] for n, *rest in doc["quality"]]
+    doc["corrupt_by"] = [[n.hex(), [r.hex() for r in rs]] for n, rs in doc["corrupt_by"]]
+    head = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)
+    table = b"".join(_SEEN.pack(d, exp) for d, exp in seen)
+    return _MAGIC + struct.pack(">Q", len(head)) + head + table
+
+
+def unpack_snapshot(blob: bytes) -> dict[str, Any]:
+    """The inverse of :func:`pack_snapshot` (hex strings stay hex; ``seen`` is bytes)."""
+    if not blob.startswith(_MAGIC):
+        raise LogFormatError("the snapshot does not start with this version's header")
+    at = len(_MAGIC)
+    (n,) = struct.unpack_from(">Q", blob, at)
+    at += 8
+    doc: dict[str, Any] = json.loads(zlib.decompress(blob[at : at + n]))
+    at += n
+    doc["seen"] = [(bytes(d), exp) for d, exp in _SEEN.iter_unpack(memoryview(blob)[at:])]
+    return doc
