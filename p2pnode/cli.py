@@ -153,23 +153,24 @@ async def _publish_to_tracker(args: argparse.Namespace, result: Any) -> dict[str
     return answer
 
 
-def _print_install(result: Any) -> None:
-    m = result.manifest
-    if result.action == "unchanged":
-        print(f"{m.app} {m.version} (build {m.build}) is already installed")
+def _print_install(out: dict[str, Any]) -> None:
+    """One install's summary for a person, from its JSON form (``InstallResult.as_json``)."""
+    name = f"{out['app']} {out['version']} (build {out['build']})"
+    if out["action"] == "unchanged":
+        print(f"{name} is already installed")
         return
     print(
-        f"{result.action} {m.app} {m.version} (build {m.build}): {format_bytes(m.total_size)} "
-        f"in {result.seconds:.1f}s; {format_bytes(result.bytes_peers)} from peers, "
-        f"{format_bytes(result.bytes_cdn)} from the CDN, "
-        f"{format_bytes(result.bytes_reused)} reused locally, "
-        f"{format_bytes(result.bytes_resumed)} resumed"
+        f"{out['action']} {name}: {format_bytes(out['bytes_total'])} "
+        f"in {out['seconds']:.1f}s; {format_bytes(out['bytes_peers'])} from peers, "
+        f"{format_bytes(out['bytes_cdn'])} from the CDN, "
+        f"{format_bytes(out['bytes_reused'])} reused locally, "
+        f"{format_bytes(out['bytes_resumed'])} resumed"
     )
-    for addr, st in result.peers.items():
-        note = f" ({st.error})" if st.error else ""
+    for addr, st in out["peers"].items():
+        note = f" ({st['error']})" if st["error"] else ""
         print(
-            f"  peer {addr}: {format_bytes(st.bytes)} in {st.chunks} chunks, "
-            f"{st.corrupt} corrupt{note}"
+            f"  peer {addr}: {format_bytes(st['bytes'])} in {st['chunks']} chunks, "
+            f"{st['corrupt']} corrupt{note}"
         )
 
 
@@ -280,7 +281,7 @@ def cmd_install(args: argparse.Namespace, *, update: bool = False) -> dict[str, 
         if args.json:
             print(json.dumps({"event": "installed", **result.as_json()}), flush=True)
         else:
-            _print_install(result)
+            _print_install(result.as_json())
             print(f"seeding on {args.listen} (Ctrl-C to stop)", flush=True)
 
     options.on_ready = ready
@@ -321,51 +322,64 @@ def cmd_install(args: argparse.Namespace, *, update: bool = False) -> dict[str, 
     if options.seed:
         return {"event": "stopped", "build": result.manifest.build}
     if not args.json:
-        _print_install(result)
+        _print_install(result.as_json())
     return dict(result.as_json())
 
 
 def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
-    """Follow a channel: install each new build the moment the tracker announces it.
+    """Follow a channel: install each new build the moment the tracker announces it, and with
+    ``--listen`` serve what is installed in between (``p2pnode/watch.py``).
 
-    With ``--json`` this verb streams: one JSON line per installed build, then the summary.
+    With ``--json`` this verb streams: one JSON line per event, then the summary.
     """
-    from .install import install
-    from .tracker_client import TrackerClient
+    from .watch import WatchOptions, watch
 
     options = _install_options(args)
-    installed: list[dict[str, Any]] = []
+    opts = WatchOptions(
+        app=args.app,
+        channel=args.channel,
+        tracker=args.tracker,
+        dest=Path(args.dest),
+        trusted=_trusted(args.trust),
+        install=options,
+        max_updates=args.max_updates,
+    )
+    if args.max_updates is not None and args.max_updates < 1:
+        raise UsageError("--max-updates must be at least 1")
 
-    async def follow(tracker: TrackerClient) -> None:
-        seq = 0
-        while args.max_updates is None or len(installed) < args.max_updates:
-            head = await tracker.wait_for_release(args.app, args.channel, since=seq)
-            seq = head.seq
-            if args.json:
-                release = {"app": head.app, "build": head.build, "version": head.version}
-                print(json.dumps({"event": "release", **release}), flush=True)
-            data = await tracker.fetch_manifest(head.manifest_id)
-            result = await install(
-                f"{args.tracker} ({args.app}/{args.channel})",
-                Path(args.dest),
-                _trusted(args.trust),
-                options,
-                _progress(args),
-                manifest_data=data,
-            )
-            installed.append(result.as_json())
-            if args.json:
-                print(json.dumps({"event": "installed", **result.as_json()}), flush=True)
-            else:
-                _print_install(result)
+    installed: list[int] = []
+
+    def emit(event: dict[str, Any]) -> None:
+        if event["event"] == "installed":
+            installed.append(event["build"])
+        if args.json:
+            print(json.dumps(event), flush=True)
+        elif event["event"] == "installed":
+            _print_install(event)
+            if event.get("listen_port"):
+                print(f"serving on port {event['listen_port']} until the next build", flush=True)
+        elif event["event"] == "release":
+            print(f"{event['app']} build {event['build']} ({event['version']}) is out", flush=True)
+        else:
+            retry = event.get("retry_in_s")
+            tail = f"; trying again in {retry:.0f}s" if retry else ""
+            fix = f" (fix: {event['fix']})" if event.get("fix") else ""
+            print(f"p2pnode: {event['event']}: {event['error']}{fix}{tail}", file=sys.stderr)
 
     async def run() -> None:
         with trio.move_on_after(args.timeout or math.inf):
-            async with TrackerClient(args.tracker) as tracker:
-                await follow(tracker)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
+                await watch(opts, emit, _progress(args))
+                nursery.cancel_scope.cancel()
 
     trio.run(run)
-    return {"updates": len(installed)}
+    return {"updates": len(installed), "builds": installed}
+
+
+async def _cancel_on_signal(scope: trio.CancelScope) -> None:
+    await _until_signalled()
+    scope.cancel()
 
 
 def cmd_seed(args: argparse.Namespace) -> dict[str, Any]:
@@ -409,7 +423,7 @@ def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
 
     result = trio.run(rollback, Path(args.dest), _install_options(args), _progress(args))
     if not args.json:
-        _print_install(result)
+        _print_install(result.as_json())
     return dict(result.as_json())
 
 
@@ -521,6 +535,17 @@ def _add_dht_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_swarm_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--peer", action="append", metavar="HOST:PORT", help="a peer to fetch from (repeatable)"
+    )
+    p.add_argument("--listen", metavar="HOST:PORT", help="serve verified chunks here")
+    p.add_argument("--policy", choices=("p2p-first", "cdn-only", "p2p-only"), default="p2p-first")
+    p.add_argument("--max-upload-rate", metavar="RATE", help="cap on serving peers (40M)")
+    _add_peer_rate_flags(p, download=True)
+    _add_dht_flags(p)
+
+
 def _add_fetch_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mirror",
@@ -584,21 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dest", required=True, metavar="DIR")
         p.add_argument("--tracker", metavar="URL", help="resolve APP's channel through a tracker")
         p.add_argument("--channel", default="stable", help="with --tracker (default stable)")
-        p.add_argument(
-            "--peer", action="append", metavar="HOST:PORT", help="a peer to fetch from (repeatable)"
-        )
-        p.add_argument("--listen", metavar="HOST:PORT", help="serve verified chunks here")
+        _add_swarm_flags(p)
         p.add_argument(
             "--seed",
             action="store_true",
             help="with --listen: keep serving after the install until stopped",
         )
-        p.add_argument(
-            "--policy", choices=("p2p-first", "cdn-only", "p2p-only"), default="p2p-first"
-        )
-        p.add_argument("--max-upload-rate", metavar="RATE", help="cap on serving peers (40M)")
-        _add_peer_rate_flags(p, download=True)
-        _add_dht_flags(p)
         p.add_argument(
             "--trust",
             action="append",
@@ -616,8 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust", action="append", metavar="ed25519:HEX")
     p.add_argument("--max-updates", type=int, help="stop after this many installs")
     p.add_argument("--timeout", type=float, help="stop after this many seconds")
+    _add_swarm_flags(p)  # with --listen: serve what is installed between builds
     _add_fetch_flags(p)
-    p.set_defaults(func=cmd_watch)
+    p.set_defaults(func=cmd_watch, seed=False)
 
     p = sub.add_parser("seed", parents=[common], help="serve an installed release to peers")
     p.add_argument("--dest", required=True, metavar="DIR")

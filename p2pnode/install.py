@@ -32,7 +32,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -296,13 +296,16 @@ async def install(
                     fix="install each app into its own directory",
                 )
             if manifest.id == current.id:
-                return InstallResult(
+                result = InstallResult(
                     "unchanged",
                     manifest,
                     current.build,
                     manifest.total_size,
                     seconds=time.monotonic() - t0,
                 )
+                if options.seed:
+                    await _serve_unchanged(sd, state, signed, manifest, options, result)
+                return result
             if manifest.build < current.build:
                 raise DowngradeError(
                     f"{dest} has build {current.build}; the manifest offers older build "
@@ -345,6 +348,32 @@ async def install(
                     options.on_ready(result)
                 await trio.sleep_forever()
         return result
+
+
+async def _serve_unchanged(
+    sd: StateDir,
+    state: InstallState,
+    signed: M.SignedManifest,
+    manifest: M.Manifest,
+    options: InstallOptions,
+    result: InstallResult,
+) -> None:
+    """``--seed`` of the build already installed (a restarted seeder, ``watch`` starting up):
+    nothing to fetch, so serve at once instead of waiting for discovery's first answer."""
+    async with open_swarm(
+        sd, state, manifest, replace(options, discovery_wait=0.0), signed=signed
+    ) as swarm:
+        if swarm is None:  # --seed without --listen or discovery: nothing to serve on
+            return
+        swarm.result = result
+        if swarm.more_peers is not None:
+            swarm.more_peers.close()  # nothing to fetch: discovery only announces from now on
+        result.listen_port = swarm.node.listen_port if options.listen else None
+        if swarm.discovery is not None:
+            result.discovery = swarm.discovery.summary()
+        if options.on_ready is not None:
+            options.on_ready(result)
+        await trio.sleep_forever()
 
 
 async def rollback(

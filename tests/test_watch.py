@@ -1,0 +1,212 @@
+"""``p2pnode watch``: the long-running node that follows a channel through the swarm."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from p2pnode import keys
+from p2pnode.install import InstallOptions
+from p2pnode.localcdn import LocalCDN
+from p2pnode.watch import WatchOptions, watch
+
+from .test_install import tree
+from .test_tracker_e2e import ADMIN, cli, registered_app, tracker_url  # noqa: F401 (fixture)
+
+
+def _publish(src: Path, out: Path, key: Path, url: str, mirror: str, build: int) -> None:
+    cli(
+        "publish",
+        str(src),
+        "--app",
+        "game",
+        "--version",
+        str(build),
+        "--build",
+        str(build),
+        "--key",
+        str(key),
+        "--out",
+        str(out),
+        "--tracker",
+        url,
+        "--token",
+        ADMIN,
+        "--mirror",
+        mirror,
+    )
+
+
+class Watcher:
+    """A ``p2pnode watch --listen`` process, read event by event."""
+
+    def __init__(self, tmp: Path, name: str, url: str, pub: str) -> None:
+        env = {**os.environ, "XDG_DATA_HOME": str(tmp / f"home-{name}")}
+        self.dest = tmp / name
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "p2pnode",
+                "watch",
+                "game",
+                "--tracker",
+                url,
+                "--dest",
+                str(self.dest),
+                "--trust",
+                pub,
+                "--listen",
+                "127.0.0.1:0",
+                "--timeout",
+                "120",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    def until(self, kind: str) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise AssertionError(f"watcher ended before a {kind!r} event: {err}")
+            event: dict[str, Any] = json.loads(line)
+            assert event["event"] in ("release", "installed"), event
+            if event["event"] == kind:
+                return event
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout=15)
+
+
+def test_watchers_update_through_the_swarm_and_serve_between_builds(
+    tmp_path: Path,
+    tracker_url: str,  # noqa: F811
+) -> None:
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    watchers: list[Watcher] = []
+    with LocalCDN(cdn_root) as cdn:
+        _publish(src, cdn_root, key, tracker_url, cdn.url, 1)
+        try:
+            origin = Watcher(tmp_path, "origin", tracker_url, pub)
+            watchers.append(origin)
+            first = origin.until("installed")
+            assert first["action"] == "installed" and first["bytes_cdn"] > 0
+            # Two more nodes find the first through the tracker and take build 1 from it.
+            watchers += [Watcher(tmp_path, f"w{i}", tracker_url, pub) for i in (1, 2)]
+            for w in watchers[1:]:
+                got = w.until("installed")
+                assert got["build"] == 1 and got["listen_port"]
+                assert got["bytes_peers"] >= got["bytes_total"] // 2, got
+            # Build 2 reaches all of them; each fetches only what changed.
+            (src / "data" / "new.pak").write_bytes(os.urandom(1 << 20))
+            _publish(src, cdn_root, key, tracker_url, cdn.url, 2)
+            for w in watchers:
+                assert w.until("release")["build"] == 2
+                got = w.until("installed")
+                assert got["action"] == "updated" and got["build"] == 2, got
+                assert got["bytes_peers"] + got["bytes_cdn"] < (3 << 20), got
+                assert tree(w.dest) == tree(src)
+            # Between builds they serve: a new node gets all of build 2 from them, none from
+            # the CDN.
+            out = cli(
+                "install",
+                "game",
+                "--tracker",
+                tracker_url,
+                "--dest",
+                str(tmp_path / "late"),
+                "--trust",
+                pub,
+                "--policy",
+                "p2p-only",
+            )
+            assert out["build"] == 2 and out["bytes_cdn"] == 0 and out["bytes_peers"] > 0
+            assert tree(tmp_path / "late") == tree(src)
+        finally:
+            codes = [w.stop() for w in watchers]
+    assert codes == [0] * len(watchers)
+
+
+async def test_a_failed_install_is_retried_and_a_downgrade_refused(
+    tmp_path: Path,
+    tracker_url: str,  # noqa: F811
+) -> None:
+    """The CDN lacks build 2's files at first: the node reports the failure, keeps serving
+    build 1, and installs build 2 on a retry once the files are there. A channel rolled back
+    by the tracker is refused, and build 2 stays installed and served."""
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with LocalCDN(cdn_root) as cdn:
+        await trio.to_thread.run_sync(_publish, src, cdn_root, key, tracker_url, cdn.url, 1)
+        send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
+
+        async def until(kind: str, **match: Any) -> dict[str, Any]:
+            """The next event of ``kind`` with ``match``ing fields (others are passed over)."""
+            with trio.fail_after(60):
+                async for e in receive:
+                    if e["event"] == kind and all(e.get(k) == v for k, v in match.items()):
+                        return e
+            raise AssertionError("watch ended")
+
+        opts = WatchOptions(
+            app="game",
+            channel="stable",
+            tracker=tracker_url,
+            dest=tmp_path / "node",
+            trusted=[keys.parse_public_key(pub)],
+            install=InstallOptions(
+                listen="127.0.0.1:0", identity_dir=tmp_path / "id", discovery_wait=0.5
+            ),
+            retry_first=0.3,
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, opts, send.send_nowait)
+            one = await until("installed", build=1)
+            port = one["listen_port"]
+            # Build 2 is published, but its files reach the CDN only later.
+            (src / "data" / "new.pak").write_bytes(os.urandom(1 << 20))
+            await trio.to_thread.run_sync(_publish, src, staging, key, tracker_url, cdn.url, 2)
+            failed = await until("error", build=2)
+            assert failed["retry_in_s"] == pytest.approx(0.3) and failed["fix"]
+            # ... and meanwhile build 1 is still served, on the same port.
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.aclose()
+            await trio.to_thread.run_sync(
+                lambda: shutil.copytree(staging, cdn_root, dirs_exist_ok=True)
+            )
+            two = await until("installed", build=2)
+            assert two["action"] == "updated" and two["listen_port"] == port
+            assert tree(tmp_path / "node") == tree(src)
+            # The tracker moves the channel back to build 1: refused, build 2 kept.
+            async with httpx.AsyncClient() as client:
+                resp = await client.post(
+                    f"{tracker_url}/v1/apps/game/channels/stable/rollback",
+                    json={},
+                    headers={"Authorization": f"Bearer {ADMIN}"},
+                )
+                assert resp.status_code == 200, resp.text
+            refused = await until("error", build=1)
+            assert refused["retry_in_s"] is None and "rollback" in refused["fix"]
+            assert tree(tmp_path / "node") == tree(src)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
