@@ -358,6 +358,8 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
             _print_install(event)
             if event.get("listen_port"):
                 print(f"serving on port {event['listen_port']} until the next build", flush=True)
+        elif event["event"] == "watching":
+            print(f"following {event['app']} on {event['channel']}", flush=True)
         elif event["event"] == "release":
             print(f"{event['app']} build {event['build']} ({event['version']}) is out", flush=True)
         else:

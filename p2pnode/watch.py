@@ -80,6 +80,7 @@ class _Follower:
 
     async def run(self) -> int:
         seq, done = 0, 0
+        self.emit({"event": "watching", "app": self.opts.app, "channel": self.opts.channel})
         while self.opts.max_updates is None or done < self.opts.max_updates:
             head = await self._next_release(seq)
             seq = head.seq

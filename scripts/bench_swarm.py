@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -368,9 +369,12 @@ class UplinkSampler:
         return rows
 
 
-def _wait_installed(procs: dict[str, netlab.HostProcess], timeout: float) -> dict[str, float]:
-    """For ``install --seed`` processes: the seconds until each printed its ``installed``
-    event; then all are stopped (they would seed forever)."""
+def _wait_installed(
+    procs: dict[str, netlab.HostProcess], timeout: float, since_wall: float | None = None
+) -> dict[str, float]:
+    """For ``install --seed`` (or ``watch``) processes: the seconds until each printed its
+    ``installed`` event, from its start (or from the wall-clock time ``since_wall``); then all
+    are stopped (they would seed forever)."""
     deadline = time.monotonic() + timeout
     seconds: dict[str, float] = {}
     try:
@@ -379,7 +383,7 @@ def _wait_installed(procs: dict[str, netlab.HostProcess], timeout: float) -> dic
                 if name in seconds:
                     continue
                 if '"event": "installed"' in p.stdout():
-                    seconds[name] = p.elapsed
+                    seconds[name] = p.elapsed if since_wall is None else time.time() - since_wall
                 elif p.poll() is not None:
                     raise SystemExit(
                         f"{name} failed (exit {p.proc.returncode}): {p.stderr()[-600:]}"
@@ -456,6 +460,82 @@ def run_cdn_only(lab: netlab.Lab, release: Release, work: Path, timeout: float) 
 SWARM_IMPLEMENTED = True
 
 
+APP = "swarmbench"
+TRACKER_PORT = 7070
+ADMIN_TOKEN = "bench-swarm-admin-token-0123456789"
+
+
+def tracker_url(origin: netlab.Host) -> str:
+    return f"http://{origin.ip}:{TRACKER_PORT}"
+
+
+def _wait_for(procs: dict[str, netlab.HostProcess], text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for name, p in procs.items():
+        while text not in p.stdout():
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{name} did not print {text}: {p.stderr()[-600:]}")
+            time.sleep(0.05)
+
+
+def _start_tracker(origin: netlab.Host, work: Path, release: Release) -> netlab.HostProcess:
+    """A tracker in the origin's namespace with the bench's app registered."""
+    proc = origin.start(
+        [
+            sys.executable,
+            "-m",
+            "tracker",
+            "serve",
+            "--listen",
+            f"{origin.ip}:{TRACKER_PORT}",
+            "--announce-listen",
+            f"{origin.ip}:{TRACKER_PORT + 1}",
+            "--data",
+            str(work / "tracker"),
+            "--admin-token",
+            ADMIN_TOKEN,
+        ],
+        name="tracker",
+        cwd=str(REPO),
+        env=_python_env(),
+    )
+    script = (
+        "import httpx, sys, time\n"
+        "for _ in range(200):\n"
+        "    try:\n"
+        "        r = httpx.post(sys.argv[1] + '/v1/apps',"
+        " json={'app': sys.argv[2], 'key': sys.argv[3]},"
+        " headers={'Authorization': 'Bearer ' + sys.argv[4]}); break\n"
+        "    except httpx.TransportError:\n"
+        "        time.sleep(0.1)\n"
+        "r.raise_for_status()\n"
+    )
+    origin.run(
+        [sys.executable, "-c", script, tracker_url(origin), APP, release.pub, ADMIN_TOKEN],
+        timeout=40,
+    )
+    return proc
+
+
+def _publish(origin: netlab.Host, release: Release) -> float:
+    """Publish the release's signed manifest to the followed channel; the wall-clock time the
+    request was sent."""
+    script = (
+        "import httpx, sys, time\n"
+        "data = open(sys.argv[2], 'rb').read()\n"
+        "c = httpx.Client()\n"
+        "t = time.time()\n"
+        "auth = {'Authorization': 'Bearer ' + sys.argv[3]}\n"
+        "r = c.post(sys.argv[1], content=data, headers=auth)\n"
+        "r.raise_for_status()\n"
+        "print(t)\n"
+    )
+    url = f"{tracker_url(origin)}/v1/apps/{APP}/channels/stable/manifests"
+    manifest = str(release.cdn_dir / release.manifest_path)
+    res = origin.run([sys.executable, "-c", script, url, manifest, ADMIN_TOKEN], timeout=30)
+    return float(res.stdout.strip().splitlines()[-1])
+
+
 def run_swarm(
     lab: netlab.Lab,
     release: Release,
@@ -464,6 +544,7 @@ def run_swarm(
     *,
     stay: bool = True,
     spare: bool = True,
+    daemons: bool = False,
 ) -> RunResult:
     """Distribute ``release`` over the swarm: the origin seeds, every leecher installs at once.
 
@@ -477,6 +558,13 @@ def run_swarm(
     ``p2pnode install --policy p2p-only`` with the origin and every other leecher as peers and
     serves on its own address while it downloads. Each host is its own node (its own identity
     under its own data dir).
+
+    With ``daemons``, the leechers are already running when the release appears, as a fleet of
+    clients is: each runs ``p2pnode watch`` (same peers, policy and serving) against a tracker
+    in the origin's namespace, the release is published to the channel they follow, and a
+    leecher's time runs from the publish to its ``installed`` event. Process start-up (nine
+    Python interpreters on this machine's two cores) is then outside the measurement, as it is
+    outside a real update; the publish, the long poll and discovery are inside it.
     """
     origin, leechers = lab.hosts[0], lab.hosts[1:]
     manifest = str(release.cdn_dir / release.manifest_path)
@@ -529,21 +617,27 @@ def run_swarm(
         if seed.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"the origin's seed did not start: {seed.stderr()[-600:]}")
         time.sleep(0.05)
+    tracker = _start_tracker(origin, work, release) if daemons else None
     sampler = UplinkSampler(lab)
     try:
         before = {h.name: h.counters() for h in lab.hosts}
-        sampler.__enter__()
+        if not daemons:
+            sampler.__enter__()
         procs: dict[str, netlab.HostProcess] = {}
         for h in leechers:
             dest = work / "swarm" / h.name / "install"
             dest.parent.mkdir(parents=True, exist_ok=True)
             peers = [f"{x.ip}:{SWARM_PORT}" for x in lab.hosts if x is not h]
+            verb = (
+                ["watch", APP, "--tracker", tracker_url(origin)]
+                if daemons
+                else ["install", manifest]
+            )
             cmd = [
                 sys.executable,
                 "-m",
                 "p2pnode",
-                "install",
-                manifest,
+                *verb,
                 "--dest",
                 str(dest),
                 "--trust",
@@ -557,15 +651,24 @@ def run_swarm(
             ]
             for p in peers:
                 cmd += ["--peer", p]
-            if stay:
+            if stay and not daemons:
                 cmd.append("--seed")
             procs[h.name] = h.start(cmd, name="install", cwd=str(REPO), env=env_of(h.name))
-        seconds = _wait_installed(procs, timeout) if stay else _wait_all(procs, timeout)
+        if daemons:
+            _wait_for(procs, '"event": "watching"', 60)
+            time.sleep(1.0)  # their long polls reach the tracker
+            sampler.__enter__()
+            published = _publish(origin, release)
+            seconds = _wait_installed(procs, timeout, since_wall=published)
+        else:
+            seconds = _wait_installed(procs, timeout) if stay else _wait_all(procs, timeout)
         after = {h.name: h.counters() for h in lab.hosts}
         results = {name: _install_result(p.stdout()) for name, p in procs.items()}
     finally:
         sampler.__exit__()
         seed.stop()
+        if tracker is not None:
+            tracker.stop()
     return RunResult(
         leecher_s=seconds,
         origin_tx_bytes=(after["origin"] - before["origin"]).tx_bytes,
@@ -573,6 +676,7 @@ def run_swarm(
         details={
             "bytes_peers": {n: int(r["bytes_peers"]) for n, r in results.items()},
             "bytes_cdn": {n: int(r["bytes_cdn"]) for n, r in results.items()},
+            "install_s": {n: float(r["seconds"]) for n, r in results.items()},
             "timeline": sampler.timeline({h.name: h.up_bps or 1e12 for h in lab.hosts}),
         },
     )
@@ -593,6 +697,12 @@ def serve_cdn(root: Path, host: str, port: int, prefix: Path) -> None:
         stop.wait()
     finally:
         cdn.stop()
+
+
+def _lag(run: RunResult, pick: Callable[[list[float]], float] = min) -> float:
+    """From the publish to a watcher's install starting: the long poll, the manifest fetch."""
+    took = run.details["install_s"]
+    return pick([run.leecher_s[n] - took[n] for n in took])
 
 
 def _mbps(bps: float | None) -> str:
@@ -637,6 +747,12 @@ def main() -> None:
         action="store_true",
         help="the origin seeds with --no-spare: leechers do not spare its upload (faster, more "
         "origin upload; the default spares it)",
+    )
+    ap.add_argument(
+        "--daemons",
+        action="store_true",
+        help="also run the swarm with the leechers already running (p2pnode watch) when the "
+        "release is published, timed from the publish",
     )
     ap.add_argument("--workdir", type=Path)
     args = ap.parse_args()
@@ -709,6 +825,26 @@ def main() -> None:
                     shutil.rmtree(run_dir, ignore_errors=True)  # ~N+1 copies of the release
                 # The median run by slowest leecher stands for all; every run is listed.
                 swarm = sorted(runs, key=lambda r: r.slowest_s)[(len(runs) - 1) // 2]
+            daemon_runs: list[RunResult] = []
+            for k in range(args.runs if args.daemons else 0):
+                run_dir = work / f"daemons{k}"
+                run_dir.mkdir()
+                daemon_runs.append(
+                    run_swarm(
+                        lab,
+                        release,
+                        run_dir,
+                        timeout=10 * bound + 60,
+                        spare=not args.origin_busy,
+                        daemons=True,
+                    )
+                )
+                shutil.rmtree(run_dir, ignore_errors=True)
+            daemon = (
+                sorted(daemon_runs, key=lambda r: r.slowest_s)[(len(daemon_runs) - 1) // 2]
+                if daemon_runs
+                else None
+            )
         F = release.size
         cdn_x = cdn.origin_tx_bytes / F if cdn else None
         rows_out: list[tuple[str, str]] = [
@@ -774,6 +910,30 @@ def main() -> None:
             ]
         else:
             rows_out.append(("swarm", "not run: the swarm is not implemented yet (issue 4)"))
+        if daemon:
+            rows_out += [
+                (
+                    "daemons slowest",
+                    f"{daemon.slowest_s:.1f} s = {daemon.slowest_s / bound:.2f}x from the publish "
+                    f"(first done {min(daemon.leecher_s.values()):.1f} s; from the publish to "
+                    f"the install's start {_lag(daemon):.2f}-{_lag(daemon, max):.2f} s); origin "
+                    f"upload {daemon.origin_tx_bytes / F:.2f}x",
+                ),
+                (
+                    "daemons uplinks",
+                    "  ".join(
+                        f"{r['t']:.0f}s {100 * r['leechers_up']:.0f}/{100 * r['origin_up']:.0f}%"
+                        for r in daemon.details.get("timeline", [])
+                    ),
+                ),
+                (
+                    "daemons runs",
+                    ", ".join(
+                        f"{r.slowest_s / bound:.2f}x/{r.origin_tx_bytes / F:.2f}x"
+                        for r in daemon_runs
+                    ),
+                ),
+            ]
         rows_out.append(("targets", "swarm <= 1.10x the bound, origin upload <= 1.5x"))
         width = max(len(k) for k, _ in rows_out)
         for k, v in rows_out:
@@ -802,6 +962,22 @@ def main() -> None:
                 }
                 for r in runs
             ],
+            "daemons": None
+            if daemon is None
+            else {
+                "ratio_to_bound": round(daemon.slowest_s / bound, 3),
+                "swarm_s": round(daemon.slowest_s, 2),
+                "origin_upload_x": round(daemon.origin_tx_bytes / F, 3),
+                "leecher_s": {k: round(v, 2) for k, v in daemon.leecher_s.items()},
+                "timeline": daemon.details.get("timeline"),
+                "runs": [
+                    {
+                        "ratio_to_bound": round(r.slowest_s / bound, 3),
+                        "origin_upload_x": round(r.origin_tx_bytes / F, 3),
+                    }
+                    for r in daemon_runs
+                ],
+            },
             "bound_s": round(bound, 2),
             "bytes": F,
             "leechers": case.leechers,

@@ -96,10 +96,9 @@ def test_publish_through_tracker_reaches_a_watching_node(tmp_path: Path, tracker
             text=True,
         )
         assert watcher.stdout is not None
-        events = []
-        while len(events) < 2:  # the current head (build 1, already installed)
-            events.append(json.loads(watcher.stdout.readline()))
-        assert events[1]["action"] == "unchanged"
+        events = [json.loads(watcher.stdout.readline()) for _ in range(3)]
+        assert [e["event"] for e in events] == ["watching", "release", "installed"]
+        assert events[2]["action"] == "unchanged"  # the current head (build 1, installed)
         (src / "data" / "new.pak").write_bytes(b"build two" * 1000)
         cli("publish", str(src), "--version", "2", "--build", "2", *common)
         published = time.monotonic()

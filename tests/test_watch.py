@@ -87,7 +87,7 @@ class Watcher:
                 err = self.proc.stderr.read() if self.proc.stderr else ""
                 raise AssertionError(f"watcher ended before a {kind!r} event: {err}")
             event: dict[str, Any] = json.loads(line)
-            assert event["event"] in ("release", "installed"), event
+            assert event["event"] in ("watching", "release", "installed"), event
             if event["event"] == kind:
                 return event
 
