@@ -1,17 +1,19 @@
 """The README's main job: a whole release cycle on loopback, printing what came from where.
 
 A tracker (its own process, as in production) and a real nginx (the CDN) start on loopback. A
-sample game is published through the tracker with the CDN as its mirror. An origin seed box
-installs it from the CDN and seeds it; three leechers ask the tracker for peers, find the seed
-(and each other) in its announce answers, and install over the encrypted swarm, serving what
-they hold while they download, with the CDN for anything the swarm cannot give. One of them then
-learns of build 2 from the tracker's update feed and updates (only new chunks), verifies,
-repairs a flipped byte and, with nginx stopped, rolls back offline. Every install is announced
+sample game is published through the tracker with the CDN as its mirror. Every node runs as a
+client's daemon would (``p2pnode watch --listen``, ``watch.py``): an origin seed box follows the
+channel taking builds from the CDN; three leechers follow it too, find the seed (and each other)
+in the tracker's announce answers and install over the encrypted swarm, serving what they hold.
+Build 2 is published: every node hears of it by long-poll within milliseconds and fetches only
+the new chunks, the leechers mostly from the seed box. Then one node stops following, verifies,
+repairs a flipped byte and, with nginx stopped, rolls back offline. Every install is reported
 to the tracker; the demo ends with the dashboard's URL and the CDN offload it shows.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import secrets
 import shutil
@@ -19,7 +21,6 @@ import signal
 import tempfile
 import time
 from contextlib import AsyncExitStack
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,15 @@ import httpx
 import trio
 
 from . import keys
-from .discover import DiscoveryOptions
-from .identity import load_or_create
-from .install import InstallOptions, InstallResult, install, rollback
-from .install import seed as serve_seed
-from .localcdn import LocalCDN, free_port
+from .errors import P2PNodeError
+from .install import InstallOptions, InstallResult, rollback
+from .localcdn import LocalCDN
 from .localtracker import LocalTracker
 from .publish import publish
 from .tracker_client import TrackerClient
-from .tracking import announce_completed
 from .units import format_bytes
 from .verify import verify
+from .watch import WatchOptions, watch
 
 __all__ = ["run_demo"]
 
@@ -81,14 +80,77 @@ def _row(step: str, r: InstallResult | None, seconds: float, note: str = "") -> 
 LEECHERS = 3
 
 
+def _event_row(step: str, event: dict[str, Any], note: str) -> dict[str, Any]:
+    """A table row from a watcher's ``installed`` event (``InstallResult.as_json``)."""
+    return {
+        "step": step,
+        "bytes_peers": event["bytes_peers"],
+        "bytes_cdn": event["bytes_cdn"],
+        "bytes_reused": event["bytes_reused"],
+        "seconds": event["seconds"],
+        "note": note,
+    }
+
+
+class DemoError(P2PNodeError):
+    default_fix = "run the demo again; if it fails the same way, report it with its output"
+
+
+class _Follower:
+    """One demo node: ``p2pnode watch --listen`` in this process, its events in a channel."""
+
+    def __init__(
+        self, work: Path, name: str, tracker_url: str, trust: list[bytes], policy: str
+    ) -> None:
+        self.name = name
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        self._send, self._events = trio.open_memory_channel[dict[str, Any]](math.inf)
+        self.opts = WatchOptions(
+            app=APP,
+            channel="stable",
+            tracker=tracker_url,
+            dest=work / name,
+            trusted=trust,
+            install=InstallOptions(
+                listen="127.0.0.1:0",
+                policy=policy,
+                tracker=tracker_url,
+                identity_dir=work / "ids" / name,
+            ),
+        )
+
+    async def run(self) -> None:
+        def emit(event: dict[str, Any]) -> None:
+            self._send.send_nowait({**event, "at": time.monotonic()})
+
+        try:
+            with self.scope:
+                await watch(self.opts, emit)
+        finally:
+            self.done.set()
+
+    async def next(self, kind: str) -> dict[str, Any]:
+        """The node's next event of ``kind``; a failure it reports ends the demo."""
+        with trio.fail_after(120):
+            async for event in self._events:
+                if event["event"] == "error":
+                    raise DemoError(f"{self.name}: {event['error']}", fix=event.get("fix"))
+                if event["event"] == kind:
+                    return event
+        raise DemoError(f"{self.name} stopped before its {kind} event")
+
+    async def stop(self) -> None:
+        self.scope.cancel()
+        await self.done.wait()
+
+
 async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     publisher = keys.generate_key()
     trust = [keys.public_key_bytes(publisher)]
     src, cdn_dir = work / "release", work / "cdn"
     dest = work / "node-1"  # the leecher that then goes on through update, repair, rollback
-    node_1 = load_or_create(work / "ids" / "node-1")  # its identity, as peers see it
-    ports: dict[str, int] = {}
     admin = secrets.token_hex(16)
     _make_release(src, 1)
     cdn_dir.mkdir()
@@ -125,96 +187,40 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
                 )
                 return told
 
-            async def install_head(step: str, head_seq: int, note: str) -> InstallResult:
-                head = await tracker.wait_for_release(APP, "stable", since=head_seq)
-                t = time.monotonic()
-                data = await tracker.fetch_manifest(head.manifest_id)
-                r = await install(
-                    f"{tracker_url} ({APP}/stable)",
-                    dest,
-                    trust,
-                    InstallOptions(),
-                    manifest_data=data,
-                )
-                await announce_completed(tracker, node_1, r, ports["node-1"])
-                rows.append(_row(step, r, time.monotonic() - t, note))
-                return r
-
-            async def swarm_install(name: str, data: bytes) -> None:
-                """A leecher: asks the tracker for peers, installs from them (CDN for the rest)
-                while serving what it has, and reports where its bytes came from."""
-                me = load_or_create(work / "ids" / name)
-                port = ports[name] = free_port()
-                t = time.monotonic()
-                options = InstallOptions(
-                    listen=f"127.0.0.1:{port}",
-                    tracker=tracker_url,
-                    identity_dir=work / "ids" / name,
-                )
-                r = await install(
-                    f"{tracker_url} ({APP}/stable)", work / name, trust, options, manifest_data=data
-                )
-                await announce_completed(tracker, me, r, port, "127.0.0.1")
-                rows.append(
-                    _row(
-                        f"{name}: install build 1",
-                        r,
-                        time.monotonic() - t,
-                        f"{len(r.peers)} peers from the tracker",
-                    )
-                )
-
             await publish_build("1.0.0", 1)
-            head = await tracker.latest(APP, "stable")
-            assert head is not None
-            seq = head.seq
-            data1 = await tracker.fetch_manifest(head.manifest_id)
-            # The origin seed box installs from the CDN, then seeds; three leechers find it
-            # (and each other) through the tracker's announces.
-            seed_dir, seed_ids = work / "origin-seed", work / "ids" / "origin-seed"
-            t = time.monotonic()
-            r = await install(
-                f"{tracker_url} ({APP}/stable)",
-                seed_dir,
-                trust,
-                InstallOptions(),
-                manifest_data=data1,
-            )
-            rows.append(_row("origin seed: install build 1", r, time.monotonic() - t, "CDN"))
-            seed_nursery = await stack.enter_async_context(trio.open_nursery())
-            seed_port = await seed_nursery.start(
-                partial(
-                    serve_seed,
-                    seed_dir,
-                    "127.0.0.1:0",
-                    seed_ids,
-                    discovery=DiscoveryOptions(tracker=tracker_url),
-                )
-            )
-            await announce_completed(tracker, load_or_create(seed_ids), r, seed_port, "127.0.0.1")
-            async with trio.open_nursery() as leechers:
-                for k in range(1, LEECHERS + 1):
-                    leechers.start_soon(swarm_install, f"node-{k}", data1)
+            nodes = await stack.enter_async_context(trio.open_nursery())
 
-            # Build 2 changes one region of the largest file; the node hears of it by long-poll.
+            def follower(name: str, policy: str = "p2p-first") -> _Follower:
+                node = _Follower(work, name, tracker_url, trust, policy)
+                nodes.start_soon(node.run)
+                return node
+
+            # The origin seed box follows the channel and takes builds from the CDN; the three
+            # leechers follow it too and find the seed (and each other) through the tracker.
+            origin = follower("origin-seed", policy="cdn-only")
+            got = await origin.next("installed")
+            rows.append(_event_row("origin seed: install build 1", got, "CDN; serves from now on"))
+            leechers = [follower(f"node-{k}") for k in range(1, LEECHERS + 1)]
+            for node in leechers:
+                got = await node.next("installed")
+                note = f"{len(got['peers'])} peers via the tracker"
+                rows.append(_event_row(f"{node.name}: install build 1", got, note))
+
+            # Build 2 changes one region of the largest file; every node hears of it by
+            # long-poll and fetches only the new chunks.
             _change_one_region(src / "data" / "levels.pak", 2)
             (src / "data" / "patch-notes.txt").write_text("Build 2: the third level changed.\n")
-            async with trio.open_nursery() as nursery:
-                heard: dict[str, float] = {}
-
-                async def listen() -> None:
-                    await tracker.wait_for_release(APP, "stable", since=seq)
-                    heard["at"] = time.monotonic()
-
-                nursery.start_soon(listen)
-                await trio.sleep(0.1)
-                published = await publish_build("1.1.0", 2)
-            latency = heard["at"] - published
-            await install_head(
-                "update to build 2",
-                seq,
-                f"heard of it {latency * 1000:.0f} ms after publish; new chunks only",
-            )
+            published = await publish_build("1.1.0", 2)
+            heard = (await leechers[0].next("release"))["at"]
+            latency = heard - published
+            for node in [origin, *leechers]:
+                got = await node.next("installed")
+                step = "update to build 2" if node is leechers[0] else f"{node.name}: build 2"
+                note = "new chunks only"
+                if node is leechers[0]:
+                    note = f"heard of it {latency * 1000:.0f} ms after publish; new chunks only"
+                rows.append(_event_row(step, got, note))
+            await leechers[0].stop()  # node-1 goes on: verify, repair, rollback
 
             t = time.monotonic()
             report = await verify(dest)
@@ -253,9 +259,9 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
                     break
         release: dict[str, Any] = next((x for x in stats["releases"] if x["build"] == 1), {})
         offload = float(release.get("offload_ratio") or 0.0)
-        # Last, with no checkpoint after it: cancelling the seed's nursery cancels everything
+        # Last, with no checkpoint after it: cancelling the nodes' nursery cancels everything
         # inside it, and this code runs inside it.
-        seed_nursery.cancel_scope.cancel()
+        nodes.cancel_scope.cancel()
         return {
             "workdir": str(work),
             "steps": rows,

@@ -447,7 +447,9 @@ async def open_swarm(
     on ``options.listen``, this build's swarm and those of every kept build of the app, and
     discovery keeps feeding it peers while it fetches."""
     discovery = options.discovery()
-    if options.peers:  # peers in hand answer first: start with them, discovery's join later
+    if options.peers or options.policy == "cdn-only":
+        # Peers in hand answer first: start with them, discovery's join later. Or nothing is
+        # asked of peers at all: discovery only announces what we serve.
         discovery = replace(discovery, first_wait=0.0)
     if not options.peers and not options.listen and not discovery.enabled:
         yield None

@@ -23,7 +23,10 @@ def test_demo_runs_and_reports_where_bytes_came_from() -> None:
         assert leecher["bytes_peers"] > 40 << 20 and leecher["bytes_cdn"] == 0
     assert out["offload_ratio"] > 0.5
     update = steps["update to build 2"]
-    assert update["bytes_cdn"] < 4 << 20 < update["bytes_reused"]  # a delta
+    assert update["bytes_cdn"] + update["bytes_peers"] < 4 << 20 < update["bytes_reused"]  # delta
+    for name in ("origin-seed", "node-2", "node-3"):  # every follower updated, by delta too
+        step = steps[f"{name}: build 2"]
+        assert 0 < step["bytes_cdn"] + step["bytes_peers"] < 4 << 20 < step["bytes_reused"]
     assert steps["verify"]["note"] == "OK"
     assert 0 < steps["repair a flipped byte"]["bytes_cdn"] <= 8 << 20
     assert steps["rollback to build 1"]["bytes_cdn"] == 0  # offline
