@@ -123,3 +123,21 @@ def test_memory_of_past_peers_is_bounded() -> None:
     for k in range(2000):
         c.downloaded(k.to_bytes(20, "big"), 1, float(k))
     assert len(c._down_meters) < 600
+
+
+def test_a_peer_unchoked_at_once_keeps_its_turn_until_the_rotation() -> None:
+    """With one slot, the peer that took the free slot is not swapped out by the first tick
+    (that would waste its transfer in flight); the rotation hands the slot on."""
+    for seed in range(20):  # whatever the random picks
+        c = Choker(slots=1, optimistic_interval=30.0, rng=random.Random(seed))
+        assert c.interested(peer(1), 0.0) == [(peer(1), True)]
+        assert c.interested(peer(2), 0.1) == []
+        assert c.tick(0.2) == [] and unchoked(c) == {peer(1)}
+        assert c.next_tick() <= 30.2
+        for t in (10.0, 20.0):
+            c.interested(peer(1), t)
+            c.interested(peer(2), t)
+            assert c.tick(t + 0.2) == []
+        c.interested(peer(1), 30.0)
+        c.interested(peer(2), 30.0)
+        assert sorted(c.tick(30.2)) == [(peer(1), False), (peer(2), True)]

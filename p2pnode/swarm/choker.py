@@ -129,17 +129,17 @@ class Choker:
     # -- time -------------------------------------------------------------------------------
 
     def next_tick(self) -> float:
+        if self.optimistic is None:  # no turn to end; the next rechoke may start one
+            return self._next_rechoke
         return min(self._next_rechoke, self._next_optimistic)
 
     def tick(self, now: float) -> list[Decision]:
         """Rechoke if due; returns the changes to send."""
         if now < self.next_tick():
             return []
-        if now >= self._next_optimistic:
-            self._next_optimistic = now + self.optimistic_interval
-            self.optimistic = None  # chosen again below
+        rotate = self.optimistic is not None and now >= self._next_optimistic
         self._next_rechoke = now + self.rechoke_interval
-        keep = self._choose(now)
+        keep = self._choose(now, rotate)
         changes: list[Decision] = []
         for node, p in self.peers.items():
             want = node in keep
@@ -148,20 +148,29 @@ class Choker:
                 changes.append((node, want))
         return changes
 
-    def _choose(self, now: float) -> set[bytes]:
+    def _choose(self, now: float, rotate: bool = False) -> set[bytes]:
         active = {n: p for n, p in self.peers.items() if now - p.last_request <= INTEREST_TIMEOUT}
         if len(active) <= self.slots:
             return set(active)
         leeching = self._leeching(now)
-        if self.optimistic not in active:
-            self.optimistic = None
+        previous = self.optimistic if self.optimistic in active else None
         regular = sorted(
-            (n for n in active if n != self.optimistic),
+            (n for n in active if n != previous),
             key=lambda n: self._rank(n, now, leeching),
             reverse=True,
         )[: self.slots - 1]
-        if self.optimistic is None:
-            self.optimistic = self._pick_optimistic([n for n in active if n not in regular], now)
+        if rotate or previous is None:
+            others = [n for n in active if n not in regular and n != previous]
+            held = [n for n in others if self.peers[n].unchoked]
+            if not rotate and held:
+                # Unchoked at once while a slot was free: that is its optimistic turn, which
+                # runs a full interval (taking it back at the first tick would waste it).
+                self.optimistic = held[0]
+            else:
+                self.optimistic = self._pick_optimistic(
+                    others or ([previous] if previous else []), now
+                )
+            self._next_optimistic = now + self.optimistic_interval
         chosen = set(regular)
         if self.optimistic is not None:
             chosen.add(self.optimistic)
