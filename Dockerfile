@@ -1,6 +1,7 @@
 # p2pnode: one image for both the tracker and a node.
 #   docker run IMAGE                      -> tracker (needs TRACKER_ADMIN_TOKEN)
-#   docker run --entrypoint p2pnode IMAGE install ...   -> a node
+#   docker run --entrypoint p2pnode IMAGE watch APP --tracker URL --dest /var/lib/p2pnode/APP \
+#       --listen 0.0.0.0:6881 --trust ed25519:...      -> a node that follows a channel and seeds
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -21,7 +22,7 @@ RUN pip install --no-cache-dir . \
 USER 10001:10001
 WORKDIR /var/lib/p2pnode
 VOLUME ["/var/lib/p2pnode"]
-EXPOSE 7070 7071
+EXPOSE 7070 7071 6881
 
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:7070/healthz', timeout=2).status == 200 else 1)"]

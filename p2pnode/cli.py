@@ -334,7 +334,7 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
     """
     from .watch import WatchOptions, watch
 
-    options = _install_options(args)
+    options = _install_options(args, origin=args.origin)
     opts = WatchOptions(
         app=args.app,
         channel=args.channel,
@@ -635,6 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-updates", type=int, help="stop after this many installs")
     p.add_argument("--timeout", type=float, help="stop after this many seconds")
     _add_swarm_flags(p)  # with --listen: serve what is installed between builds
+    p.add_argument(
+        "--origin",
+        action="store_true",
+        help="a CDN-origin seed box: upload each chunk once before any twice, and leechers "
+        "spare its upload (as `seed` does); use with --policy cdn-only",
+    )
     _add_fetch_flags(p)
     p.set_defaults(func=cmd_watch, seed=False)
 

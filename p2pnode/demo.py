@@ -115,6 +115,7 @@ class _Follower:
             install=InstallOptions(
                 listen="127.0.0.1:0",
                 policy=policy,
+                origin=policy == "cdn-only",  # the seed box: leechers spare its upload
                 tracker=tracker_url,
                 identity_dir=work / "ids" / name,
             ),

@@ -79,6 +79,7 @@ class InstallOptions:
     max_peer_upload_rate: int | None = None  # bytes/s served to any one peer
     max_peer_download_rate: int | None = None  # bytes/s taken from any one peer
     upload_slots: int = 8  # peers served at once (the choker's slots)
+    origin: bool = False  # a seed box: upload each chunk once before any twice; leechers spare it
     keep_versions: int = 2  # earlier versions kept for rollback
     require_installed: bool = False  # `update` refuses to do a fresh install
     now: float | None = None  # for tests of expiry
@@ -467,6 +468,7 @@ async def open_swarm(
         peer_upload_rate=options.max_peer_upload_rate,
         peer_download_rate=options.max_peer_download_rate,
         upload_slots=options.upload_slots,
+        frugal=options.origin,
     )
     # With the signed manifest, peers that hold only earlier builds can be shown this one.
     node.offer(manifest, signed.encode() if signed is not None else None)

@@ -51,7 +51,7 @@ def _publish(src: Path, out: Path, key: Path, url: str, mirror: str, build: int)
 class Watcher:
     """A ``p2pnode watch --listen`` process, read event by event."""
 
-    def __init__(self, tmp: Path, name: str, url: str, pub: str) -> None:
+    def __init__(self, tmp: Path, name: str, url: str, pub: str, *extra: str) -> None:
         env = {**os.environ, "XDG_DATA_HOME": str(tmp / f"home-{name}")}
         self.dest = tmp / name
         self.proc = subprocess.Popen(
@@ -72,6 +72,7 @@ class Watcher:
                 "--timeout",
                 "120",
                 "--json",
+                *extra,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -105,7 +106,10 @@ def test_watchers_update_through_the_swarm_and_serve_between_builds(
     with LocalCDN(cdn_root) as cdn:
         _publish(src, cdn_root, key, tracker_url, cdn.url, 1)
         try:
-            origin = Watcher(tmp_path, "origin", tracker_url, pub)
+            # A seed box: builds from the CDN, leechers spare its upload.
+            origin = Watcher(
+                tmp_path, "origin", tracker_url, pub, "--policy", "cdn-only", "--origin"
+            )
             watchers.append(origin)
             first = origin.until("installed")
             assert first["action"] == "installed" and first["bytes_cdn"] > 0
