@@ -214,3 +214,54 @@ async def test_a_failed_install_is_retried_and_a_downgrade_refused(
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             await stream.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_long_running_watcher_leaks_no_sockets_or_threads(
+    tmp_path: Path,
+    tracker_url: str,  # noqa: F811
+) -> None:
+    """A daemon goes through build after build: each install's swarm node, DHT node (its
+    asyncio thread and UDP socket), listener and tracker connections end with it."""
+    import threading
+
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    with LocalCDN(cdn_root) as cdn:
+        send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
+        opts = WatchOptions(
+            app="game",
+            channel="stable",
+            tracker=tracker_url,
+            dest=tmp_path / "node",
+            trusted=[keys.parse_public_key(pub)],
+            install=InstallOptions(
+                listen="127.0.0.1:0",
+                identity_dir=tmp_path / "id",
+                dht_port=0,
+                discovery_wait=0.2,
+                policy="cdn-only",
+            ),
+        )
+
+        def resources() -> tuple[int, int]:
+            dht = sum(t.name == "p2pnode-dht-asyncio" for t in threading.enumerate())
+            return len(os.listdir("/proc/self/fd")), dht
+
+        seen: list[tuple[int, int]] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, opts, send.send_nowait)
+            for build in range(1, 7):
+                (src / "data" / "new.pak").write_bytes(os.urandom(256 << 10))
+                await trio.to_thread.run_sync(
+                    _publish, src, cdn_root, key, tracker_url, cdn.url, build
+                )
+                with trio.fail_after(60):
+                    async for e in receive:
+                        assert e["event"] != "error", e
+                        if e["event"] == "installed" and e["build"] == build:
+                            break
+                await trio.sleep(0.3)  # the report to the tracker goes out after the event
+                seen.append(resources())
+            nursery.cancel_scope.cancel()
+    fds, dht_threads = zip(*seen, strict=True)
+    assert set(dht_threads) == {1}, seen  # the serving install's DHT node, and no other
+    assert max(fds[2:]) <= fds[1] + 2, seen  # steady after the first update
