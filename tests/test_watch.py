@@ -48,6 +48,18 @@ def _publish(src: Path, out: Path, key: Path, url: str, mirror: str, build: int)
     )
 
 
+def _in_process(tmp_path: Path, url: str, pub: str, **install: Any) -> WatchOptions:
+    """A serving watcher of "game" into tmp_path/node, for ``watch()`` in this process."""
+    return WatchOptions(
+        app="game",
+        channel="stable",
+        tracker=url,
+        dest=tmp_path / "node",
+        trusted=[keys.parse_public_key(pub)],
+        install=InstallOptions(listen="127.0.0.1:0", identity_dir=tmp_path / "id", **install),
+    )
+
+
 class Watcher:
     """A ``p2pnode watch --listen`` process, read event by event."""
 
@@ -171,17 +183,8 @@ async def test_a_failed_install_is_retried_and_a_downgrade_refused(
                         return e
             raise AssertionError("watch ended")
 
-        opts = WatchOptions(
-            app="game",
-            channel="stable",
-            tracker=tracker_url,
-            dest=tmp_path / "node",
-            trusted=[keys.parse_public_key(pub)],
-            install=InstallOptions(
-                listen="127.0.0.1:0", identity_dir=tmp_path / "id", discovery_wait=0.5
-            ),
-            retry_first=0.3,
-        )
+        opts = _in_process(tmp_path, tracker_url, pub, discovery_wait=0.5)
+        opts.retry_first = 0.3
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch, opts, send.send_nowait)
             one = await until("installed", build=1)
@@ -227,20 +230,7 @@ async def test_a_long_running_watcher_leaks_no_sockets_or_threads(
     src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
     with LocalCDN(cdn_root) as cdn:
         send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
-        opts = WatchOptions(
-            app="game",
-            channel="stable",
-            tracker=tracker_url,
-            dest=tmp_path / "node",
-            trusted=[keys.parse_public_key(pub)],
-            install=InstallOptions(
-                listen="127.0.0.1:0",
-                identity_dir=tmp_path / "id",
-                dht_port=0,
-                discovery_wait=0.2,
-                policy="cdn-only",
-            ),
-        )
+        opts = _in_process(tmp_path, tracker_url, pub, dht_port=0, policy="cdn-only")
 
         def resources() -> tuple[int, int]:
             dht = sum(t.name == "p2pnode-dht-asyncio" for t in threading.enumerate())
