@@ -12,8 +12,9 @@ node never expires from its peer lists while it seeds.
 
 ``search`` asks every source at the same time. The first non-empty answer (plus whatever else
 arrives within ``grace``) is the install's starting peer list, so a dead tracker or an empty DHT
-costs nothing when the other answers; when none answers within ``first_wait`` the install starts
-with no peers and the CDN covers it (per policy). Sources keep being asked every ``requery``
+costs nothing when the other answers; when every source has answered that it knows nobody, or
+none answers within ``first_wait``, the install starts with no peers and the CDN covers it (per
+policy). Sources keep being asked every ``requery``
 seconds, and every answer that names a peer not seen before is sent to the running fetch
 (``SwarmNode.fetch(more_peers=...)``): late answers are not lost, they join the swarm.
 
@@ -202,7 +203,9 @@ class Discovery:
                 return  # nobody reads news any more (and ``found`` must not grow for days)
             heard.add(name)
             if len(heard) == len(self._state):
-                all_heard.set()  # no point waiting out the grace for nobody
+                # No point waiting out the grace for nobody; and when every source says nobody
+                # holds it, waiting only delays the CDN (whoever appears later joins anyway).
+                all_heard.set()
             new = [a for a in dict.fromkeys(addrs) if a not in seen]
             seen.update(new)
             found.extend(new)
@@ -223,9 +226,12 @@ class Discovery:
                     self._ask_forever, state, manifest, take, lambda: not started, fetch_over
                 )
             with trio.move_on_after(self.options.first_wait):
-                await first_answer.wait()
-                with trio.move_on_after(self.options.grace):
-                    await all_heard.wait()
+                async with trio.open_nursery() as first:  # a peer, or every source's answer
+                    for event in (first_answer, all_heard):
+                        first.start_soon(_then_cancel, event, first.cancel_scope)
+                if first_answer.is_set():
+                    with trio.move_on_after(self.options.grace):
+                        await all_heard.wait()
             started = True
             task_status.started(list(found))
 
@@ -416,3 +422,8 @@ BOOTSTRAP_WAIT = 3.0
 
 def _warn(text: str) -> None:
     print(f"p2pnode: warning: {text}", file=sys.stderr)
+
+
+async def _then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

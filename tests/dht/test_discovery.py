@@ -205,3 +205,12 @@ async def test_after_the_fetch_only_the_tracker_is_still_asked(
         t_calls, d_calls = tracker.calls, dht.calls
         await trio.sleep(300)
         assert dht.calls == d_calls and tracker.calls >= t_calls + 8
+
+
+async def test_when_every_source_knows_nobody_the_install_starts_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A lone node (or the first of a fleet): waiting out first_wait would only delay the CDN."""
+    d = discovery(FakeSource("tracker", 0.1, []), FakeSource("dht", 0.3, []), first_wait=5.0)
+    async with searching(d) as (ports, _, took):
+        assert ports == [] and took == pytest.approx(0.3) and d.winner is None
