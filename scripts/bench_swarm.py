@@ -338,7 +338,8 @@ class UplinkSampler:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():  # (never started when the run failed before the publish)
+            self._thread.join()
 
     def timeline(self, caps: dict[str, float], bucket: float = 2.0) -> list[dict[str, Any]]:
         """Per ``bucket`` seconds: leechers' summed upload and the origin's, as fractions of
@@ -517,22 +518,24 @@ def _start_tracker(origin: netlab.Host, work: Path, release: Release) -> netlab.
     return proc
 
 
-def _publish(origin: netlab.Host, release: Release) -> float:
-    """Publish the release's signed manifest to the followed channel; the wall-clock time the
-    request was sent."""
+def _publish(origin: netlab.Host, release: Release, at: float) -> float:
+    """Publish the release's signed manifest to the followed channel at wall-clock time ``at``
+    (the publishing process starts and imports before it); the time the request was sent."""
     script = (
         "import httpx, sys, time\n"
         "data = open(sys.argv[2], 'rb').read()\n"
         "c = httpx.Client()\n"
-        "t = time.time()\n"
         "auth = {'Authorization': 'Bearer ' + sys.argv[3]}\n"
+        "time.sleep(max(0.0, float(sys.argv[4]) - time.time()))\n"
+        "t = time.time()\n"
         "r = c.post(sys.argv[1], content=data, headers=auth)\n"
         "r.raise_for_status()\n"
         "print(t)\n"
     )
     url = f"{tracker_url(origin)}/v1/apps/{APP}/channels/stable/manifests"
     manifest = str(release.cdn_dir / release.manifest_path)
-    res = origin.run([sys.executable, "-c", script, url, manifest, ADMIN_TOKEN], timeout=30)
+    argv = [sys.executable, "-c", script, url, manifest, ADMIN_TOKEN, repr(at)]
+    res = origin.run(argv, timeout=30)
     return float(res.stdout.strip().splitlines()[-1])
 
 
@@ -656,9 +659,11 @@ def run_swarm(
             procs[h.name] = h.start(cmd, name="install", cwd=str(REPO), env=env_of(h.name))
         if daemons:
             _wait_for(procs, '"event": "watching"', 60)
-            time.sleep(1.0)  # their long polls reach the tracker
-            sampler.__enter__()
-            published = _publish(origin, release)
+            # Their long polls reach the tracker; the publisher starts, then sends at `at`,
+            # which is also the timeline's zero.
+            at = time.time() + 2.0
+            threading.Timer(max(0.0, at - time.time()), sampler.__enter__).start()
+            published = _publish(origin, release, at)
             seconds = _wait_installed(procs, timeout, since_wall=published)
         else:
             seconds = _wait_installed(procs, timeout) if stay else _wait_all(procs, timeout)
