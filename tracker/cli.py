@@ -1,7 +1,7 @@
 """``tracker``: run the tracker service, and administer a running one.
 
     tracker serve --listen HOST:PORT --data DIR --admin-token TOKEN [--redis URL [--redis-mode log]]
-                  [--announce-listen HOST:PORT]
+                  [--registry URL] [--announce-listen HOST:PORT]
     tracker app add APP --key ed25519:<hex> --url URL --admin-token TOKEN [--json]
 
 Errors print one line on stderr (what went wrong, then the fix) and exit non-zero; ``--json``
@@ -73,7 +73,14 @@ def _parser() -> argparse.ArgumentParser:
         "--announce-listen",
         help="HOST:PORT for the fast announce listener (POST /v1/announce only; default: off)",
     )
-    s.add_argument("--redis-prefix", default="trk:", help="key prefix in redis")
+    s.add_argument(
+        "--registry",
+        help="redis://HOST:PORT/DB to keep the registry (apps, manifests, channels) in redis, "
+        "shared by replicas on separate hosts (default: SQLite in --data)",
+    )
+    s.add_argument(
+        "--redis-prefix", default="trk:", help="key prefix in redis (swarm state and registry)"
+    )
     s.add_argument(
         "--redis-mode",
         choices=("script", "log"),
@@ -117,7 +124,22 @@ async def _serve(args: argparse.Namespace) -> None:
     )
     if args.redis_mode != "script" and not args.redis:
         raise UsageError("--redis-mode needs --redis", fix="add --redis redis://HOST:PORT/DB")
-    tracker = open_tracker(config, args.data, args.redis, args.redis_prefix, args.redis_mode)
+    tracker = open_tracker(
+        config,
+        args.data,
+        args.redis,
+        args.redis_prefix,
+        args.redis_mode,
+        registry_url=args.registry,
+    )
+    if args.registry:
+        try:
+            await trio.to_thread.run_sync(tracker.registry.data_version)
+        except P2PNodeError as exc:  # RegistryUnavailable: names the server and the cause
+            raise UsageError(
+                f"cannot reach the registry: {exc.message}",
+                fix="start its redis-server or fix --registry",
+            ) from exc
     if args.redis:
         try:
             await trio.to_thread.run_sync(tracker.swarm.ping)  # type: ignore[attr-defined]
