@@ -473,3 +473,43 @@ def test_cli_serve_with_registry(tmp_path: Path, redis_url: str, publisher: Any)
     )  # fmt: skip
     assert bad.returncode != 0 and "cannot reach the registry" in bad.stderr
     assert "--registry" in bad.stderr
+
+
+async def test_announces_make_no_registry_round_trip_once_warm(
+    replicas: Callable[..., Tracker],
+    own_redis: RedisProcess,
+    publisher: Any,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    """The registry has its own Redis here: counting the commands it served shows that
+    announces, publisher-token checks and manifest downloads are answered from memory."""
+    t = replicas("a", own_redis.url)
+    c = client_for(t)
+    reg = await c.add_app(APP, keys.public_key_bytes(publisher))
+    b1 = make_manifest(1)
+    await c.publish(APP, "stable", b1.encode())
+    node = keys.generate_key()
+    await c.announce(node, app=APP, manifest_id=b1.id, port=7000, numwant=5)  # warms the cache
+
+    def served() -> dict[str, int]:
+        stats = t.registry._fast.info("commandstats")  # type: ignore[attr-defined]
+        return {k: v["calls"] for k, v in stats.items()}
+
+    before = served()
+    for i in range(20):
+        await c.announce(keys.generate_key(), app=APP, manifest_id=b1.id, port=7001 + i)
+    assert await c.fetch_manifest(b1.id) == b1.encode()
+    pc = client_for(t, token=str(reg["publisher_token"]))
+    with pytest.raises(TrackerRefusedError):  # the token check is served from memory too
+        await pc.publish(APP, "stable", b1.encode())
+    # Redis saw only the refused publish's script (commandstats counts the commands a script
+    # runs: it read the app and max_build and wrote nothing) and this INFO
+    after = served()
+    assert {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k)} == {
+        "cmdstat_evalsha": 1,
+        "cmdstat_hexists": 1,
+        "cmdstat_hget": 1,
+        "cmdstat_info": 1,
+    }
+    await c._http.aclose()
+    await pc._http.aclose()
