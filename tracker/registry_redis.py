@@ -69,6 +69,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -551,6 +552,97 @@ class RedisRegistry:
                 }
             )
         return out
+
+    def copy_from_sqlite(self, path: Path) -> dict[str, int]:
+        """Copy a SQLite registry (``DIR/registry.db``) into this one, which must be empty:
+        apps and token hashes, manifests, heads, history (the newest ``HISTORY_KEEP`` per
+        channel) and the ``seq`` counter, so nodes that follow a channel with ``since=SEQ`` go
+        on after the switch. Reads one consistent snapshot; writes in one MULTI/EXEC.
+
+        Returns:
+            counts: apps, manifests, moves, channels.
+
+        Raises:
+            Conflict: this registry is not empty (or a replica wrote to it meanwhile).
+            RegistryUnavailable: Redis failed; nothing was written.
+        """
+        import sqlite3
+
+        import redis
+
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            conn.execute("BEGIN")
+            apps = conn.execute("SELECT name, key, token_hash, created FROM apps").fetchall()
+            manifests = conn.execute(
+                "SELECT id, app, build, version, size, signed, uploaded FROM manifests"
+            ).fetchall()
+            events = conn.execute(
+                "SELECT seq, app, channel, manifest_id, action, at, actor FROM channel_events "
+                "ORDER BY seq"
+            ).fetchall()
+            heads = conn.execute(
+                "SELECT app, channel, seq, manifest_id, max_build FROM channels"
+            ).fetchall()
+            row = conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'channel_events'"
+            ).fetchone()
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        last_seq = max([row[0] if row else 0] + [e[0] for e in events])
+        info = {bytes(m[0]): (m[2], m[3]) for m in manifests}
+        at_of = {e[0]: e[5] for e in events}
+        p = self.p
+        guarded = [p + "ver", p + "seq", p + "apps"]
+        with self._redis("copy the SQLite registry"), self._slow.pipeline() as pipe:
+            try:
+                pipe.watch(*guarded)
+                if pipe.exists(*guarded):
+                    raise Conflict(
+                        f"the registry in redis at {self.where} (prefix {p}) is not empty",
+                        fix="copy into an empty redis database or another --redis-prefix",
+                    )
+                pipe.multi()
+                for name, key, token_hash, created in apps:
+                    pipe.hset(p + "apps", name, json.dumps(
+                        {"key": bytes(key).hex(), "token_hash": bytes(token_hash).hex(),
+                         "created": created}))  # fmt: skip
+                for mid, app, build, version, size, signed, uploaded in manifests:
+                    h = bytes(mid).hex()
+                    pipe.hset(p + "m:" + h, mapping={
+                        "app": app, "build": str(build), "version": version, "size": size,
+                        "signed": bytes(signed), "uploaded": repr(uploaded)})  # fmt: skip
+                    pipe.hset(p + "releases", h, json.dumps([app, build, version]))
+                for seq, app, channel, mid, action, at, actor in events:
+                    build, version = info[bytes(mid)]
+                    key = f"{p}h:{app}:{channel}"
+                    pipe.lpush(key, json.dumps(
+                        {"seq": seq, "manifest_id": bytes(mid).hex(), "action": action,
+                         "at": repr(at), "actor": actor, "build": str(build),
+                         "version": version}))  # fmt: skip
+                    pipe.ltrim(key, 0, HISTORY_KEEP - 1)
+                for app, channel, seq, mid, max_build in heads:
+                    build, version = info[bytes(mid)]
+                    pipe.hset(f"{p}ch:{app}:{channel}", mapping={
+                        "seq": seq, "mid": bytes(mid).hex(), "build": str(build),
+                        "version": version, "at": repr(at_of[seq]),
+                        "max_build": str(max_build)})  # fmt: skip
+                    pipe.sadd(f"{p}chs:{app}", channel)
+                pipe.set(p + "seq", last_seq)
+                pipe.incr(p + "ver")
+                pipe.execute()
+            except redis.exceptions.WatchError as exc:
+                raise Conflict(
+                    f"a tracker wrote to the registry in redis at {self.where} during the copy",
+                    fix="stop the replicas that use --registry, empty it, and copy again",
+                ) from exc
+        return {
+            "apps": len(apps),
+            "manifests": len(manifests),
+            "moves": len(events),
+            "channels": len(heads),
+        }
 
     def previous_head(self, app: str, channel: str) -> bytes | None:
         """The manifest the channel pointed at before its current head (for rollback)."""

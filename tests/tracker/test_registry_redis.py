@@ -5,6 +5,7 @@ Redis is down, with nothing half-applied."""
 from __future__ import annotations
 
 import functools
+import json
 import random
 import shutil
 import socket
@@ -513,3 +514,49 @@ async def test_announces_make_no_registry_round_trip_once_warm(
     }
     await c._http.aclose()
     await pc._http.aclose()
+
+
+def test_copy_a_sqlite_registry_into_redis(tmp_path: Path, redis_url: str) -> None:
+    """`tracker registry copy` moves everything, seq included, so nodes following a channel
+    with since=SEQ go on; a second copy into the now non-empty registry is refused."""
+    (tmp_path / "d").mkdir()
+    old = Registry(tmp_path / "d" / "registry.db")
+    old.add_app("a", b"k" * 32, b"t" * 32, 10.0)
+    old.add_app("b", b"K" * 32, b"T" * 32, 11.0)
+    mids = [bytes([n]) * 32 for n in range(4)]
+    for n, (app, ch, build) in enumerate([("a", "stable", 5), ("a", "stable", 9), ("b", "x", 1)]):
+        old.publish(app=app, channel=ch, manifest_id=mids[n], build=build, version=f"v{build}",
+                    size=n, signed=b"s%d" % n, now=100.0 + n, actor="admin")  # fmt: skip
+    old.move(app="a", channel="beta", manifest_id=mids[1], action="promote", now=104.0,
+             actor="publisher")  # fmt: skip
+    old.move(app="a", channel="stable", manifest_id=mids[0], action="rollback", now=105.0,
+             actor="admin")  # fmt: skip
+    cmd = [sys.executable, "-m", "tracker", "registry", "copy", "--data", str(tmp_path / "d"),
+           "--registry", redis_url, "--json"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"apps": 2, "manifests": 3, "moves": 5, "channels": 3}
+
+    new = RedisRegistry(redis_url)
+    assert new.list_apps() == old.list_apps()
+    for app in ("a", "b"):
+        assert new.channels(app) == old.channels(app)
+        for h in old.channels(app):
+            assert new.history(app, h.channel) == old.history(app, h.channel)
+            assert new.previous_head(app, h.channel) == old.previous_head(app, h.channel)
+    assert new.releases() == old.releases()
+    for mid in mids:
+        assert new.get_manifest(mid) == old.get_manifest(mid)
+        assert new.manifest_info(mid) == old.manifest_info(mid)
+    with pytest.raises(Conflict):  # max_build came along: 9 was published before the rollback
+        new.publish(app="a", channel="stable", manifest_id=mids[3], build=9, version="v9",
+                    size=1, signed=b"s", now=106.0, actor="admin")  # fmt: skip
+    seq = new.publish(app="a", channel="stable", manifest_id=mids[3], build=10, version="v10",
+                      size=1, signed=b"s", now=106.0, actor="admin")  # fmt: skip
+    assert seq == 6
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert again.returncode != 0 and "is not empty" in again.stderr
+    assert new.head("a", "stable").seq == 6  # type: ignore[union-attr]
+    new.close()
+    old.close()
