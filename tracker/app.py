@@ -16,7 +16,8 @@ node asks ``GET .../channels/CH?since=SEQ&wait=S``: the answer comes at once if 
 past ``SEQ``, else when it moves, else after ``S`` seconds with the unchanged head. The same
 moves are pushed as server-sent events on ``.../events``. Waiters sleep on one ``trio.Event``
 that is replaced at every move; a publish on this process wakes them at once, a publish on
-another replica (sharing DIR) within ``FEED_POLL`` seconds, via :meth:`Tracker.watch`.
+another replica (sharing DIR, or the registry's Redis) within ``FEED_POLL`` seconds, via
+:meth:`Tracker.watch`.
 
 An outer ASGI wrapper (:class:`Tracker.__call__`) does what applies to every request: the
 per-client-address token bucket (429 before any body is read) and request metrics (count,
@@ -70,6 +71,7 @@ from .core import (
     Unauthorized,
 )
 from .openapi import openapi_document
+from .registry_redis import RegistryStore, RegistryUnavailable
 from .replicated import LogSwarm
 from .store import Registry, SQLiteSwarm, SwarmStore
 from .swarm import AnnounceAnswer, MemorySwarm
@@ -141,7 +143,8 @@ class Tracker:
 
     Args:
         config: tokens, intervals and limits.
-        registry: apps, manifests, channels.
+        registry: apps, manifests, channels; ``registry_in_thread`` says whether it is remote
+            (Redis), so that its writes, manifest reads and version polls run in a worker thread.
         swarm: swarm state; ``swarm_in_thread`` says whether its calls block on the network
             (Redis) and must run in a worker thread.
     """
@@ -149,13 +152,15 @@ class Tracker:
     def __init__(
         self,
         config: TrackerConfig,
-        registry: Registry,
+        registry: RegistryStore,
         swarm: SwarmStore,
         *,
         swarm_in_thread: bool = False,
+        registry_in_thread: bool = False,
     ) -> None:
         self.config = config
         self.registry = registry
+        self.registry_in_thread = registry_in_thread
         self.swarm = swarm
         self.swarm_in_thread = swarm_in_thread
         self._changed = trio.Event()
@@ -314,6 +319,19 @@ class Tracker:
             return await trio.to_thread.run_sync(lambda: fn(*args, **kw))
         return fn(*args, **kw)
 
+    async def _registry_call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        if self.registry_in_thread:
+            return await trio.to_thread.run_sync(lambda: fn(*args, **kw))
+        return fn(*args, **kw)
+
+    async def _registry_version(self) -> int | None:
+        """The registry's change counter; ``None`` while a remote registry is unreachable (the
+        watcher keeps going: requests meanwhile get 503 ``registry_unavailable``)."""
+        try:
+            return int(await self._registry_call(self.registry.data_version))
+        except RegistryUnavailable:
+            return None
+
     def notify(self) -> None:
         """Wake every feed waiter (a channel moved)."""
         self._changed.set()
@@ -321,14 +339,14 @@ class Tracker:
 
     async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background duty: notice other replicas' channel moves, expire peers and replays."""
-        version = self.registry.data_version()
+        version = await self._registry_version()
         task_status.started()
         last_gc = self.config.clock()
         last_flush = time.monotonic()
         while True:
             await trio.sleep(FEED_POLL)
-            v = self.registry.data_version()
-            if v != version:
+            v = await self._registry_version()
+            if v is not None and v != version:
                 version = v
                 self.notify()
             now = self.config.clock()
@@ -381,7 +399,7 @@ class Tracker:
 
     async def _healthz(self, request: Request) -> Response:
         try:
-            self.registry.data_version()
+            await self._registry_call(self.registry.data_version)
             if isinstance(self.swarm, LogSwarm):
                 self.swarm.healthy()
             elif hasattr(self.swarm, "ping"):
@@ -496,7 +514,9 @@ class Tracker:
         except P2PNodeError as exc:
             raise BadRequest("key must be ed25519:<64 hex>") from exc
         token = "pub_" + secrets.token_urlsafe(32)
-        self.registry.add_app(app, key, _token_hash(token), self.config.clock())
+        await self._registry_call(
+            self.registry.add_app, app, key, _token_hash(token), self.config.clock()
+        )
         return JSONResponse(
             {"app": app, "key": keys.format_public_key(key), "publisher_token": token},
             status_code=201,
@@ -541,7 +561,8 @@ class Tracker:
                 fix=f"publish to {m.channel}, then promote it to {channel}",
             )
         mid = signed.id
-        seq = self.registry.publish(
+        seq = await self._registry_call(
+            self.registry.publish,
             app=row.name,
             channel=channel,
             manifest_id=mid,
@@ -582,7 +603,8 @@ class Tracker:
             raise BadRequest("manifest_id is required")
         else:
             mid = core.check_manifest_id(target)
-        self.registry.move(
+        await self._registry_call(
+            self.registry.move,
             app=row.name,
             channel=channel,
             manifest_id=mid,
@@ -656,7 +678,7 @@ class Tracker:
 
     async def _manifest(self, request: Request) -> Response:
         mid = core.check_manifest_id(request.path_params["manifest_id"])
-        raw = self.registry.get_manifest(mid)
+        raw = await self._registry_call(self.registry.get_manifest, mid)
         if raw is None:
             raise NotFound(f"manifest {mid.hex()} is not stored here")
         return Response(
@@ -1035,22 +1057,34 @@ def open_tracker(
     redis_url: str | None = None,
     redis_prefix: str = "trk:",
     redis_mode: str = "script",
+    *,
+    registry_url: str | None = None,
 ) -> Tracker:
     """Open (creating if needed) the stores under ``data_dir`` and build the app.
 
     ``redis_mode``: ``script`` (state in Redis, one Lua script per announce) or ``log``
     (state in each replica's memory, changes ordered by a Redis stream: tracker.replicated).
+    ``registry_url``: keep the registry in that Redis (tracker.registry_redis, keys under
+    ``redis_prefix``) instead of ``data_dir/registry.db``.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
-    registry = Registry(data_dir / "registry.db")
+    registry: RegistryStore
+    if registry_url:
+        from .registry_redis import RedisRegistry
+
+        registry = RedisRegistry(registry_url, prefix=redis_prefix)
+    else:
+        registry = Registry(data_dir / "registry.db")
+    remote = registry_url is not None
     if redis_url and redis_mode == "log":
-        return Tracker(config, registry, LogSwarm(redis_url, prefix=redis_prefix))
+        swarm: SwarmStore = LogSwarm(redis_url, prefix=redis_prefix)
+        return Tracker(config, registry, swarm, registry_in_thread=remote)
     if redis_url:
         from .store import RedisSwarm
 
-        swarm: SwarmStore = RedisSwarm(redis_url, prefix=redis_prefix)
-        return Tracker(config, registry, swarm, swarm_in_thread=True)
-    return Tracker(config, registry, SQLiteSwarm(data_dir / "swarm.db"))
+        swarm = RedisSwarm(redis_url, prefix=redis_prefix)
+        return Tracker(config, registry, swarm, swarm_in_thread=True, registry_in_thread=remote)
+    return Tracker(config, registry, SQLiteSwarm(data_dir / "swarm.db"), registry_in_thread=remote)
 
 
 def _held(scope: Any) -> bool:

@@ -1,8 +1,9 @@
 """``tracker``: run the tracker service, and administer a running one.
 
     tracker serve --listen HOST:PORT --data DIR --admin-token TOKEN [--redis URL [--redis-mode log]]
-                  [--announce-listen HOST:PORT]
+                  [--registry URL] [--announce-listen HOST:PORT]
     tracker app add APP --key ed25519:<hex> --url URL --admin-token TOKEN [--json]
+    tracker registry copy --data DIR --registry URL [--redis-prefix P] [--json]
 
 Errors print one line on stderr (what went wrong, then the fix) and exit non-zero; ``--json``
 prints machine-readable output on stdout. The admin token may also come from the environment
@@ -73,7 +74,14 @@ def _parser() -> argparse.ArgumentParser:
         "--announce-listen",
         help="HOST:PORT for the fast announce listener (POST /v1/announce only; default: off)",
     )
-    s.add_argument("--redis-prefix", default="trk:", help="key prefix in redis")
+    s.add_argument(
+        "--registry",
+        help="redis://HOST:PORT/DB to keep the registry (apps, manifests, channels) in redis, "
+        "shared by replicas on separate hosts (default: SQLite in --data)",
+    )
+    s.add_argument(
+        "--redis-prefix", default="trk:", help="key prefix in redis (swarm state and registry)"
+    )
     s.add_argument(
         "--redis-mode",
         choices=("script", "log"),
@@ -101,7 +109,29 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--url", required=True, help="tracker URL, e.g. http://127.0.0.1:7070")
     add.add_argument("--admin-token", help="admin token (or env TRACKER_ADMIN_TOKEN)")
     add.add_argument("--json", action="store_true")
+    r = sub.add_parser("registry", help="move the registry")
+    rsub = r.add_subparsers(dest="registry_command", required=True)
+    cp = rsub.add_parser(
+        "copy", help="copy DIR/registry.db (SQLite) into an empty registry in redis"
+    )
+    cp.add_argument("--data", required=True, type=Path, help="the tracker's --data directory")
+    cp.add_argument("--registry", required=True, help="redis://HOST:PORT/DB")
+    cp.add_argument("--redis-prefix", default="trk:", help="key prefix in redis")
+    cp.add_argument("--json", action="store_true")
     return p
+
+
+def _registry_copy(args: argparse.Namespace) -> dict[str, Any]:
+    from .registry_redis import RedisRegistry
+
+    path = args.data / "registry.db"
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist", fix="pass the --data DIR the tracker used")
+    reg = RedisRegistry(args.registry, prefix=args.redis_prefix)
+    try:
+        return reg.copy_from_sqlite(path)
+    finally:
+        reg.close()
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -117,7 +147,22 @@ async def _serve(args: argparse.Namespace) -> None:
     )
     if args.redis_mode != "script" and not args.redis:
         raise UsageError("--redis-mode needs --redis", fix="add --redis redis://HOST:PORT/DB")
-    tracker = open_tracker(config, args.data, args.redis, args.redis_prefix, args.redis_mode)
+    tracker = open_tracker(
+        config,
+        args.data,
+        args.redis,
+        args.redis_prefix,
+        args.redis_mode,
+        registry_url=args.registry,
+    )
+    if args.registry:
+        try:
+            await trio.to_thread.run_sync(tracker.registry.data_version)
+        except P2PNodeError as exc:  # RegistryUnavailable: names the server and the cause
+            raise UsageError(
+                f"cannot reach the registry: {exc.message}",
+                fix="start its redis-server or fix --registry",
+            ) from exc
     if args.redis:
         try:
             await trio.to_thread.run_sync(tracker.swarm.ping)  # type: ignore[attr-defined]
@@ -173,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             trio.run(_serve, args)
+            return 0
+        if args.command == "registry":
+            counts = _registry_copy(args)
+            if args.json:
+                print(json.dumps(counts))
+            else:
+                print("copied " + ", ".join(f"{n} {what}" for what, n in counts.items()))
             return 0
         result = trio.run(_app_add, args)
     except P2PNodeError as exc:

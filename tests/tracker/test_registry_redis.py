@@ -1,0 +1,562 @@
+"""The registry in Redis (``--registry``): replicas with separate DIRs share apps, manifests and
+channels; the same semantics as the SQLite registry; atomic publishes across replicas; 503 when
+Redis is down, with nothing half-applied."""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from p2pnode import keys
+from p2pnode import manifest as M
+from p2pnode.errors import P2PNodeError
+from p2pnode.localtracker import LocalTracker
+from p2pnode.tracker_client import TrackerClient, TrackerRefusedError
+from tracker import Tracker, TrackerConfig, open_tracker, serve_tracker
+from tracker.core import Conflict
+from tracker.registry_redis import RedisRegistry, RegistryUnavailable
+from tracker.store import Registry
+
+from .conftest import ADMIN, APP, client_for, free_port
+
+
+@pytest.fixture
+def replicas(tmp_path: Path) -> Iterator[Callable[..., Tracker]]:
+    """``replica(name, registry_url, redis_url=None)``: a tracker with its OWN data dir."""
+    made: list[Tracker] = []
+
+    def make(name: str, registry_url: str, redis_url: str | None = None) -> Tracker:
+        config = TrackerConfig(admin_token=ADMIN)
+        t = open_tracker(config, tmp_path / name, redis_url, "r1:", registry_url=registry_url)
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.registry.close()
+        t.swarm.close()
+
+
+async def start(nursery: trio.Nursery, t: Tracker, token: str = ADMIN) -> TrackerClient:
+    host, port = await nursery.start(functools.partial(serve_tracker, t, "127.0.0.1", 0))
+    return TrackerClient(f"http://{host}:{port}", token=token)
+
+
+async def test_replicas_on_separate_dirs_share_the_registry(
+    replicas: Callable[..., Tracker],
+    redis_url: str,
+    publisher: Any,
+    make_manifest: Callable[..., M.SignedManifest],
+    tmp_path: Path,
+) -> None:
+    a, b = replicas("a", redis_url, redis_url), replicas("b", redis_url, redis_url)
+    assert not (tmp_path / "a" / "registry.db").exists()
+    b1, b2, b3 = make_manifest(1), make_manifest(2), make_manifest(3)
+    async with trio.open_nursery() as nursery:
+        ca, cb = await start(nursery, a), await start(nursery, b)
+
+        # an app added on A is visible on B; its publisher token works on B
+        reg = await ca.add_app(APP, keys.public_key_bytes(publisher))
+        assert [x["app"] for x in (await cb._request("GET", "/v1/apps")).json()["apps"]] == [APP]
+        with pytest.raises(TrackerRefusedError) as dup:
+            await cb.add_app(APP, keys.public_key_bytes(publisher))
+        assert dup.value.status == 409
+        pb = TrackerClient(cb.base_url, token=str(reg["publisher_token"]))
+
+        # a publish on A reaches a long-poll on B within a second
+        got: list[tuple[float, bytes]] = []
+
+        async def wait_b() -> None:
+            h = await cb.wait_for_release(APP, "stable", since=0)
+            got.append((trio.current_time(), h.manifest_id))
+
+        nursery.start_soon(wait_b)
+        await trio.sleep(0.3)
+        t0 = trio.current_time()
+        await ca.publish(APP, "stable", b1.encode())
+        with trio.fail_after(1.0):
+            while not got:
+                await trio.sleep(0.01)
+        assert got[0][1] == b1.id and got[0][0] - t0 < 1.0
+
+        # B serves the manifest A stored
+        assert await cb.fetch_manifest(b1.id) == b1.encode()
+
+        # an older or equal build is refused on B after A's publish, and nothing changes
+        head = await cb.latest(APP, "stable")
+        assert head is not None and head.manifest_id == b1.id
+        for again in (b1, make_manifest(1, size=2000), make_manifest(0)):
+            with pytest.raises(TrackerRefusedError) as old:
+                await pb.publish(APP, "stable", again.encode())
+            assert old.value.status == 409 and "not newer" in str(old.value)
+        assert await ca.latest(APP, "stable") == head
+        assert len(await ca.history(APP, "stable")) == 1
+
+        # B publishes with the publisher token; promote and rollback on B are seen on A at once
+        seq2 = (await pb.publish(APP, "stable", b2.encode()))["seq"]
+        beta = await pb.promote(APP, "beta", b1.id)
+        got_beta = await ca.latest(APP, "beta")
+        assert got_beta is not None and got_beta.manifest_id == b1.id
+        assert got_beta.seq == beta.seq == seq2 + 1
+        rolled = await pb.rollback(APP, "stable")
+        assert rolled.manifest_id == b1.id and rolled.seq == seq2 + 2
+        seen = await ca.latest(APP, "stable")
+        assert seen is not None and seen.manifest_id == b1.id and seen.build == 1
+        # a rolled-back build number cannot come back, on either replica
+        with pytest.raises(TrackerRefusedError):
+            await ca.publish(APP, "stable", b2.encode())
+        hist = await ca.history(APP, "stable")
+        assert [(e["action"], e["build"]) for e in hist] == [
+            ("rollback", 1),
+            ("publish", 2),
+            ("publish", 1),
+        ]
+        assert hist[0]["seq"] > hist[1]["seq"] > hist[2]["seq"]
+        assert hist[1]["actor"] == "publisher" and hist[2]["actor"] == "admin"
+        info = (await ca._request("GET", f"/v1/apps/{APP}")).json()
+        assert [c["channel"] for c in info["channels"]] == ["beta", "stable"]
+
+        # nodes announce on either replica: B knows the build A published
+        k = keys.generate_key()
+        r = await cb.announce(k, app=APP, manifest_id=b1.id, port=7000, numwant=5)
+        assert r.peers == []
+        stats = (await ca._request("GET", "/v1/stats")).json()
+        assert [(s["build"], s["version"]) for s in stats["releases"]] == [(1, "1.1")]
+        nursery.cancel_scope.cancel()
+
+    # a replica restarted on a fresh, empty DIR keeps everything
+    c = replicas("a-again", redis_url, redis_url)
+    async with trio.open_nursery() as nursery:
+        cc = await start(nursery, c)
+        head = await cc.latest(APP, "stable")
+        assert head is not None and head.manifest_id == b1.id and head.seq == seq2 + 2
+        assert await cc.history(APP, "stable") == hist
+        assert await cc.fetch_manifest(b2.id) == b2.encode()
+        pc = TrackerClient(cc.base_url, token=str(reg["publisher_token"]))
+        res = await pc.publish(APP, "stable", b3.encode())
+        assert res["seq"] == seq2 + 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_concurrent_publishes_of_one_build_exactly_one_wins(
+    replicas: Callable[..., Tracker],
+    redis_url: str,
+    publisher: Any,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    a, b = replicas("a", redis_url), replicas("b", redis_url)
+    async with trio.open_nursery() as nursery:
+        ca, cb = await start(nursery, a), await start(nursery, b)
+        await ca.add_app(APP, keys.public_key_bytes(publisher))
+        for build in range(1, 9):
+            # two different manifests with the same build number, one per replica
+            ma, mb = make_manifest(build, size=1000), make_manifest(build, size=1001)
+            outcome: dict[str, Any] = {}
+
+            async def push(
+                out: dict[str, Any], name: str, c: TrackerClient, m: M.SignedManifest
+            ) -> None:
+                try:
+                    out[name] = (await c.publish(APP, "stable", m.encode()))["manifest_id"]
+                except TrackerRefusedError as exc:
+                    out[name] = exc.status
+
+            async with trio.open_nursery() as race:
+                race.start_soon(push, outcome, "a", ca, ma)
+                race.start_soon(push, outcome, "b", cb, mb)
+            assert sorted(outcome.values(), key=str) in (
+                sorted([ma.id.hex(), 409], key=str),
+                sorted([mb.id.hex(), 409], key=str),
+            ), outcome
+            winner = next(v for v in outcome.values() if v != 409)
+            for c in (ca, cb):
+                head = await c.latest(APP, "stable")
+                assert head is not None and head.manifest_id.hex() == winner
+        hist = await cb.history(APP, "stable")
+        assert [e["build"] for e in hist] == list(range(8, 0, -1))
+        nursery.cancel_scope.cancel()
+
+
+def test_racing_threads_never_accept_a_build_twice(redis_url: str) -> None:
+    """Sixteen threads on two registries publish random builds to one channel: in seq order
+    the accepted builds strictly increase, and each refusal names a build at least as high."""
+    regs = [RedisRegistry(redis_url, prefix="race:") for _ in range(2)]
+    regs[0].add_app(APP, b"k" * 32, b"t" * 32, 1.0)
+    accepted: list[tuple[int, int]] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        rnd = random.Random(i)
+        reg = regs[i % 2]
+        try:
+            for _ in range(40):
+                build = rnd.randrange(1, 200)
+                mid = bytes([i]) + build.to_bytes(4, "big") + bytes(27)
+                try:
+                    seq = reg.publish(
+                        app=APP,
+                        channel="stable",
+                        manifest_id=mid,
+                        build=build,
+                        version=f"v{build}",
+                        size=1,
+                        signed=b"x",
+                        now=time.time(),
+                        actor="admin",
+                    )
+                except Conflict:
+                    continue
+                with lock:
+                    accepted.append((seq, build))
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    builds = [b for _, b in sorted(accepted)]
+    assert builds == sorted(set(builds)) and len(builds) >= 2
+    head = regs[1].head(APP, "stable")
+    assert head is not None and head.build == builds[-1] and head.seq == max(accepted)[0]
+    assert [e["build"] for e in regs[0].history(APP, "stable", limit=1000)] == builds[::-1]
+    for r in regs:
+        r.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_the_registries_behave_alike(kind: str, tmp_path: Path, redis_url: str) -> None:
+    """The same sequence of changes on either registry gives the same answers."""
+    reg: Any = Registry(tmp_path / "r.db") if kind == "sqlite" else RedisRegistry(redis_url)
+    mids = [bytes([n]) * 32 for n in range(6)]
+    reg.add_app("a", b"k" * 32, b"t" * 32, 10.0)
+    reg.add_app("b", b"K" * 32, b"T" * 32, 11.0)
+    with pytest.raises(Conflict):
+        reg.add_app("a", b"x" * 32, b"y" * 32, 12.0)
+    assert [x.name for x in reg.list_apps()] == ["a", "b"]
+    assert reg.get_app("a").key == b"k" * 32 and reg.get_app("a").token_hash == b"t" * 32
+    assert reg.get_app("nope") is None and reg.head("a", "stable") is None
+
+    def pub(app: str, ch: str, n: int, build: int, now: float) -> int:
+        return int(
+            reg.publish(
+                app=app,
+                channel=ch,
+                manifest_id=mids[n],
+                build=build,
+                version=f"1.{build}",
+                size=100 + n,
+                signed=b"signed %d" % n,
+                now=now,
+                actor="admin",
+            )
+        )
+
+    assert pub("a", "stable", 0, 5, 100.0) == 1
+    assert pub("a", "stable", 1, 7, 101.0) == 2
+    assert pub("b", "stable", 2, 3, 102.0) == 3
+    for build in (7, 6, 1):
+        with pytest.raises(Conflict):
+            pub("a", "stable", 3, build, 103.0)
+    assert reg.get_manifest(mids[3]) is None and reg.manifest_info(mids[3]) is None
+    # promote a build of another channel, then roll back twice
+    assert reg.move(app="a", channel="beta", manifest_id=mids[0], action="promote", now=104.0,
+                    actor="publisher") == 4  # fmt: skip
+    with pytest.raises(Conflict):  # b's build is not a build of a
+        reg.move(app="a", channel="beta", manifest_id=mids[2], action="promote", now=105.0,
+                 actor="admin")  # fmt: skip
+    assert reg.previous_head("a", "stable") == mids[0]
+    assert reg.previous_head("a", "beta") is None
+    assert reg.move(app="a", channel="stable", manifest_id=mids[0], action="rollback", now=106.0,
+                    actor="admin") == 5  # fmt: skip
+    assert reg.previous_head("a", "stable") == mids[1]
+    with pytest.raises(Conflict):  # max_build is 7 even after the rollback
+        pub("a", "stable", 4, 7, 107.0)
+    assert pub("a", "stable", 4, 2**62, 108.0) == 6  # exact comparison at the top of the range
+    with pytest.raises(Conflict):
+        pub("a", "stable", 5, 2**62 - 1, 109.0)
+
+    head = reg.head("a", "stable")
+    assert (head.seq, head.manifest_id, head.build, head.version, head.updated) == (
+        6,
+        mids[4],
+        2**62,
+        f"1.{2**62}",
+        108.0,
+    )
+    assert [(h.channel, h.seq, h.build) for h in reg.channels("a")] == [
+        ("beta", 4, 5),
+        ("stable", 6, 2**62),
+    ]
+    hist = reg.history("a", "stable")
+    assert [(e["seq"], e["action"], e["build"], e["at"], e["actor"]) for e in hist] == [
+        (6, "publish", 2**62, 108.0, "admin"),
+        (5, "rollback", 5, 106.0, "admin"),
+        (2, "publish", 7, 101.0, "admin"),
+        (1, "publish", 5, 100.0, "admin"),
+    ]
+    assert hist[0]["manifest_id"] == mids[4].hex() and hist[0]["version"] == f"1.{2**62}"
+    assert [e["seq"] for e in reg.history("a", "stable", limit=2)] == [6, 5]
+    assert reg.get_manifest(mids[1]) == b"signed 1"
+    assert reg.manifest_info(mids[1]) == ("a", 7, "1.7", 101)
+    assert reg.releases() == {
+        mids[0]: ("a", 5, "1.5"),
+        mids[1]: ("a", 7, "1.7"),
+        mids[2]: ("b", 3, "1.3"),
+        mids[4]: ("a", 2**62, f"1.{2**62}"),
+    }
+    reg.close()
+
+
+def test_another_replicas_change_moves_the_version(redis_url: str) -> None:
+    a, b = RedisRegistry(redis_url, prefix="v:"), RedisRegistry(redis_url, prefix="v:")
+    v0 = b.data_version()
+    a.add_app("a", b"k" * 32, b"t" * 32, 1.0)
+    v1 = b.data_version()
+    assert v1 != v0
+    with pytest.raises(Conflict):  # a refusal changes nothing, so it does not wake anyone
+        a.add_app("a", b"k" * 32, b"t" * 32, 1.0)
+    assert b.data_version() == v1
+    a.close()
+    b.close()
+
+
+class RedisProcess:
+    """A redis-server this test can stop and start again on the same port, with AOF."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (fix: bash scripts/setup.sh)")
+        self.binary, self.workdir = binary, workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                pytest.fail("redis-server did not start within 10 s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    (tmp_path / "redis").mkdir()
+    r = RedisProcess(tmp_path / "redis")
+    r.start()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+async def test_registry_redis_down_is_503_and_nothing_half_applied(
+    replicas: Callable[..., Tracker],
+    own_redis: RedisProcess,
+    publisher: Any,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    t = replicas("a", own_redis.url)
+    c = client_for(t)
+    await c.add_app(APP, keys.public_key_bytes(publisher))
+    b1, b2 = make_manifest(1), make_manifest(2)
+    await c.publish(APP, "stable", b1.encode())
+    own_redis.stop()
+    http: httpx.AsyncClient = c._http
+    for method, path, body in (
+        ("POST", f"/v1/apps/{APP}/channels/stable/manifests", b2.encode()),
+        ("GET", f"/v1/apps/{APP}/channels/stable", b""),
+        ("GET", f"/v1/apps/{APP}/channels/stable/history", b""),
+        ("GET", f"/v1/manifests/{b2.id.hex()}", b""),
+        ("GET", "/healthz", b""),
+    ):
+        resp = await http.request(
+            method, path, content=body, headers={"Authorization": f"Bearer {ADMIN}"}
+        )
+        assert resp.status_code == 503, (path, resp.text)
+        if path != "/healthz":
+            err = resp.json()
+            assert err["error"] == "registry_unavailable", err
+            assert f"127.0.0.1:{own_redis.port}/0" in err["message"] and err["fix"]
+    # what is cached (the app row, the published manifest) is still served
+    assert (await http.get(f"/v1/manifests/{b1.id.hex()}")).content == b1.encode()
+
+    own_redis.start()
+    with trio.fail_after(5):  # the health probe closes the circuit breaker
+        while (await http.get("/healthz")).status_code != 200:
+            await trio.sleep(0.05)
+    head = await c.latest(APP, "stable")
+    assert head is not None and head.manifest_id == b1.id
+    assert len(await c.history(APP, "stable")) == 1
+    assert (await c.publish(APP, "stable", b2.encode()))["seq"] == head.seq + 1
+    await http.aclose()
+
+
+def test_unreachable_registry_fails_fast(tmp_path: Path) -> None:
+    reg = RedisRegistry(f"redis://127.0.0.1:{free_port()}/0")
+    t0 = time.monotonic()
+    with pytest.raises(RegistryUnavailable, match="unreachable"):
+        reg.head("a", "stable")
+    with pytest.raises(RegistryUnavailable, match="within the last"):  # the breaker is open
+        reg.get_app("a")
+    assert time.monotonic() - t0 < 2
+    reg.close()
+
+
+def test_cli_serve_with_registry(tmp_path: Path, redis_url: str, publisher: Any) -> None:
+    """Two `tracker serve` processes, separate --data, one --registry: an app added through
+    one with `tracker app add` is listed by the other; an unreachable --registry is refused."""
+    key = keys.format_public_key(keys.public_key_bytes(publisher))
+    one = LocalTracker(tmp_path / "one", ADMIN, "--registry", redis_url)
+    two = LocalTracker(tmp_path / "two", ADMIN, "--registry", redis_url)
+    try:
+        url_one, url_two = one.start(), two.start()
+    except P2PNodeError as exc:
+        pytest.fail(str(exc))
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "tracker", "app", "add", APP, "--key", key, "--url", url_one,
+             "--admin-token", ADMIN, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        apps = httpx.get(url_two + "/v1/apps", timeout=10).json()["apps"]
+        assert apps == [{"app": APP, "key": key}]
+    finally:
+        assert one.stop() == 0 and two.stop() == 0
+    bad = subprocess.run(
+        [sys.executable, "-m", "tracker", "serve", "--listen", "127.0.0.1:0", "--data",
+         str(tmp_path / "three"), "--admin-token", ADMIN, "--registry",
+         f"redis://127.0.0.1:{free_port()}/0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "cannot reach the registry" in bad.stderr
+    assert "--registry" in bad.stderr
+
+
+async def test_announces_make_no_registry_round_trip_once_warm(
+    replicas: Callable[..., Tracker],
+    own_redis: RedisProcess,
+    publisher: Any,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    """The registry has its own Redis here: counting the commands it served shows that
+    announces, publisher-token checks and manifest downloads are answered from memory."""
+    t = replicas("a", own_redis.url)
+    c = client_for(t)
+    reg = await c.add_app(APP, keys.public_key_bytes(publisher))
+    b1 = make_manifest(1)
+    await c.publish(APP, "stable", b1.encode())
+    node = keys.generate_key()
+    await c.announce(node, app=APP, manifest_id=b1.id, port=7000, numwant=5)  # warms the cache
+
+    def served() -> dict[str, int]:
+        stats = t.registry._fast.info("commandstats")  # type: ignore[attr-defined]
+        return {k: v["calls"] for k, v in stats.items()}
+
+    before = served()
+    for i in range(20):
+        await c.announce(keys.generate_key(), app=APP, manifest_id=b1.id, port=7001 + i)
+    assert await c.fetch_manifest(b1.id) == b1.encode()
+    pc = client_for(t, token=str(reg["publisher_token"]))
+    with pytest.raises(TrackerRefusedError):  # the token check is served from memory too
+        await pc.publish(APP, "stable", b1.encode())
+    # Redis saw only the refused publish's script (commandstats counts the commands a script
+    # runs: it read the app and max_build and wrote nothing) and this INFO
+    after = served()
+    assert {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k)} == {
+        "cmdstat_evalsha": 1,
+        "cmdstat_hexists": 1,
+        "cmdstat_hget": 1,
+        "cmdstat_info": 1,
+    }
+    await c._http.aclose()
+    await pc._http.aclose()
+
+
+def test_copy_a_sqlite_registry_into_redis(tmp_path: Path, redis_url: str) -> None:
+    """`tracker registry copy` moves everything, seq included, so nodes following a channel
+    with since=SEQ go on; a second copy into the now non-empty registry is refused."""
+    (tmp_path / "d").mkdir()
+    old = Registry(tmp_path / "d" / "registry.db")
+    old.add_app("a", b"k" * 32, b"t" * 32, 10.0)
+    old.add_app("b", b"K" * 32, b"T" * 32, 11.0)
+    mids = [bytes([n]) * 32 for n in range(4)]
+    for n, (app, ch, build) in enumerate([("a", "stable", 5), ("a", "stable", 9), ("b", "x", 1)]):
+        old.publish(app=app, channel=ch, manifest_id=mids[n], build=build, version=f"v{build}",
+                    size=n, signed=b"s%d" % n, now=100.0 + n, actor="admin")  # fmt: skip
+    old.move(app="a", channel="beta", manifest_id=mids[1], action="promote", now=104.0,
+             actor="publisher")  # fmt: skip
+    old.move(app="a", channel="stable", manifest_id=mids[0], action="rollback", now=105.0,
+             actor="admin")  # fmt: skip
+    cmd = [sys.executable, "-m", "tracker", "registry", "copy", "--data", str(tmp_path / "d"),
+           "--registry", redis_url, "--json"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"apps": 2, "manifests": 3, "moves": 5, "channels": 3}
+
+    new = RedisRegistry(redis_url)
+    assert new.list_apps() == old.list_apps()
+    for app in ("a", "b"):
+        assert new.channels(app) == old.channels(app)
+        for h in old.channels(app):
+            assert new.history(app, h.channel) == old.history(app, h.channel)
+            assert new.previous_head(app, h.channel) == old.previous_head(app, h.channel)
+    assert new.releases() == old.releases()
+    for mid in mids:
+        assert new.get_manifest(mid) == old.get_manifest(mid)
+        assert new.manifest_info(mid) == old.manifest_info(mid)
+    with pytest.raises(Conflict):  # max_build came along: 9 was published before the rollback
+        new.publish(app="a", channel="stable", manifest_id=mids[3], build=9, version="v9",
+                    size=1, signed=b"s", now=106.0, actor="admin")  # fmt: skip
+    seq = new.publish(app="a", channel="stable", manifest_id=mids[3], build=10, version="v10",
+                      size=1, signed=b"s", now=106.0, actor="admin")  # fmt: skip
+    assert seq == 6
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert again.returncode != 0 and "is not empty" in again.stderr
+    assert new.head("a", "stable").seq == 6  # type: ignore[union-attr]
+    new.close()
+    old.close()
