@@ -204,8 +204,14 @@ class TrackerClient:
             )
         except httpx.HTTPError as exc:
             raise TrackerError(f"tracker {self.base_url} unreachable: {exc!r}") from exc
-        if resp.status_code >= 500:
-            raise TrackerError(f"tracker {self.base_url} failed: HTTP {resp.status_code}")
+        if resp.status_code >= 500:  # with the tracker's own account of why, when it gives one
+            why, fix = f"HTTP {resp.status_code}", None
+            try:
+                err = resp.json()
+                why, fix = f"HTTP {resp.status_code}: {err['message']}", str(err["fix"])
+            except (ValueError, KeyError, TypeError):
+                pass
+            raise TrackerError(f"tracker {self.base_url} failed: {why}", fix=fix)
         if resp.status_code >= 400:
             try:
                 err = resp.json()
