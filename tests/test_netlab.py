@@ -137,7 +137,7 @@ def test_two_hosts_shaped_isolated_and_torn_down() -> None:
         # both directions at once: each is limited by one of a's caps only. A cap is never
         # exceeded; a reading below it can be a CPU-starved sender on a loaded machine (one
         # flow once read 1.7 of 12 Mbit/s under a parallel benchmark), so a low reading is
-        # measured again, at most twice.
+        # measured again, at most twice; 0.6 still catches a cap in the wrong unit (8x off).
         for _attempt in range(3):
             c0 = a.counters()
             rates = netlab.measure_flows(
@@ -146,9 +146,9 @@ def test_two_hosts_shaped_isolated_and_torn_down() -> None:
             up, down = rates[netlab.Flow(a, b)], rates[netlab.Flow(b, a)]
             # tbf counts frame bytes, so TCP goodput is ~95 % of the cap
             assert up <= 1.02 * up_a and down <= 1.02 * down_a, (up, down)
-            if up >= 0.80 * up_a and down >= 0.80 * down_a:
+            if up >= 0.60 * up_a and down >= 0.60 * down_a:
                 break
-        assert 0.80 * up_a <= up and 0.80 * down_a <= down, (up, down)
+        assert 0.60 * up_a <= up and 0.60 * down_a <= down, (up, down)
         d = a.counters() - c0
         assert d.tx_bytes >= up / 8 * 1.2  # at least the window's worth left a
         assert d.rx_bytes >= down / 8 * 1.2
