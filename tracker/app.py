@@ -702,9 +702,9 @@ class Tracker:
         now = self.config.clock()
         vouched = False
 
-        def by_session(public: bytes) -> bool:
+        def by_session(node_id: bytes) -> bool:
             nonlocal vouched
-            vouched = self.sessions.valid(session, keys.node_id_of(public), seen_ip, now)
+            vouched = self.sessions.valid(session, node_id, seen_ip, now)
             return vouched
 
         a = core.parse_announce(body, signature, now=now, vouched=by_session if session else None)

@@ -243,7 +243,7 @@ async def test_a_change_the_log_cannot_take_is_refused_with_503(
     publisher: object,
     make_manifest: Callable[..., M.SignedManifest],
 ) -> None:
-    import redis
+    from tracker.resp import TrioRedis
 
     from .conftest import free_port
 
@@ -254,16 +254,53 @@ async def test_a_change_the_log_cannot_take_is_refused_with_503(
         m = make_manifest(1)
         await c.publish(APP, "stable", m.encode())
         log = log_of(t)
-        healthy, log._r = log._r, redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+        healthy, log._tx = log._tx, TrioRedis(f"redis://127.0.0.1:{free_port()}/0")
         with trio.fail_after(5):
             resp = await c._http.post(c.base_url + "/v1/announce", content=b"{}")
             assert resp.status_code == 400  # refused before the log: nothing to commit
             body, headers = signed_announce(keys.generate_key(), m.id, 7000)
             resp = await c._http.post(c.base_url + "/v1/announce", content=body, headers=headers)
         assert resp.status_code == 503 and resp.json()["error"] == "log_unavailable"
-        log._r.close()
-        log._r = healthy
+        log._tx = healthy
         res = await c.announce(keys.generate_key(), app=APP, manifest_id=m.id, port=7001)
         assert res.seeders + res.leechers == 1  # the refused one never reached the log
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_change_that_does_not_come_back_in_time_is_503_and_applies_later(
+    make_tracker: Callable[..., Tracker],
+    redis_url: str,
+    publisher: object,
+    make_manifest: Callable[..., M.SignedManifest],
+    monkeypatch: Any,
+) -> None:
+    """The apply timeout is one sweeper for all waiting requests (no timer per request)."""
+    from tracker import replicated
+    from tracker.resp import TrioRedis
+
+    from .conftest import free_port
+
+    monkeypatch.setattr(replicated, "APPLY_TIMEOUT", 0.3)
+    monkeypatch.setattr(replicated, "SWEEP_EVERY", 0.05)
+    t = make_tracker("solo", redis_url=redis_url, prefix="e:", redis_mode="log")
+    async with trio.open_nursery() as nursery:
+        c = await start(nursery, t)
+        await c.add_app(APP, keys.public_key_bytes(publisher))  # type: ignore[arg-type]
+        m = make_manifest(1)
+        await c.publish(APP, "stable", m.encode())
+        log = log_of(t)
+        # the reader loses Redis (its XREAD in flight ends empty within READ_BLOCK_MS)
+        healthy, log._rx = log._rx, TrioRedis(f"redis://127.0.0.1:{free_port()}/0")
+        await trio.sleep(replicated.READ_BLOCK_MS / 1000 + 0.2)
+        body, headers = signed_announce(keys.generate_key(), m.id, 7000)
+        with trio.fail_after(5):
+            resp = await c._http.post(c.base_url + "/v1/announce", content=body, headers=headers)
+        assert resp.status_code == 503 and "within 0.3 s" in resp.json()["message"]
+        assert not log._waiting  # the sweeper let go of it
+        log._rx = healthy  # the reader catches up: the change was in the log all along
+        with trio.fail_after(5):
+            while log.live_members(time.time()) != 1:
+                await trio.sleep(0.02)
         await c.aclose()
         nursery.cancel_scope.cancel()
