@@ -85,3 +85,51 @@ def test_order_refreshes_within_rank_refresh() -> None:
     # the lagging order still shows current data
     assert any(b'"seed":true' in p and x.hex().encode() in p for p in soon.peers)
     assert (later.seeders, later.leechers) == (1, 2)
+
+
+def nodes_in(answer: object) -> list[bytes]:
+    import json
+
+    return [bytes.fromhex(json.loads(p)["node_id"]) for p in answer.peers]  # type: ignore[attr-defined]
+
+
+def test_the_cached_head_of_the_ranking_follows_every_change_at_once() -> None:
+    """Answers reuse each swarm's first TOP servable members; whatever changes who may be
+    handed out (joining, leaving, port 0, expiry, a flag) shows in the very next answer."""
+    s = MemorySwarm()
+    now = 1_000_000.0
+    mid = os.urandom(32)
+    a, b, c, me = (bytes([i]) * 20 for i in (1, 2, 3, 9))
+    go(s, ann(mid, a, left=10), now)
+    go(s, ann(mid, b, left=20), now + 5)  # expires 5 s after a
+    assert nodes_in(s.answer(mid, "game", me, 30, now + 1)) == [a, b]
+    assert nodes_in(s.answer(mid, "game", a, 30, now + 1)) == [b]  # never the asker
+    assert nodes_in(s.answer(mid, "game", me, 1, now + 1)) == [a]  # numwant bounds it
+    go(s, ann(mid, c, left=0), now + 2)  # joins ahead of both (a seed)
+    assert nodes_in(s.answer(mid, "game", me, 30, now + 2)) == [c, a, b]
+    go(s, ann(mid, c, left=0, port=0), now + 3)  # stops serving: counted, not handed out
+    got = s.answer(mid, "game", me, 30, now + 3)
+    assert nodes_in(got) == [a, b] and (got.seeders, got.leechers) == (1, 2)
+    go(s, ann(mid, c, left=0), now + 4)  # serves again
+    assert nodes_in(s.answer(mid, "game", me, 30, now + 4)) == [c, a, b]
+    for reporter in (b"\x06" * 20, b"\x07" * 20, b"\x08" * 20):  # three saw corrupt data
+        report = Report(b"", reporter, 0, (PeerReport(c, 0, 0, 0, 1),))
+        s.report(report, now=now + 4, digest=os.urandom(16), window=600)
+    assert nodes_in(s.answer(mid, "game", me, 30, now + 4)) == [a, b]
+    assert nodes_in(s.answer(mid, "game", me, 30, now + 180.5)) == [b]  # a expired
+    go(s, ann(mid, b, event="stopped"), now + 181)
+    assert nodes_in(s.answer(mid, "game", me, 30, now + 181)) == []
+
+
+def test_partial_seeds_from_another_build_drop_out_when_they_expire() -> None:
+    """Other builds' swarms are not expired by an answer; their cached head ends at the first
+    expiry among its members."""
+    s = MemorySwarm()
+    now = 1_000_000.0
+    old, new = os.urandom(32), os.urandom(32)
+    d, e, me = b"\x04" * 20, b"\x05" * 20, b"\x09" * 20
+    go(s, ann(old, d, left=50), now)
+    go(s, ann(old, e, left=60), now + 10)
+    go(s, ann(new, me), now + 10)
+    assert nodes_in(s.answer(new, "game", me, 30, now + 11)) == [d, e]
+    assert nodes_in(s.answer(new, "game", me, 30, now + 181)) == [e]  # d's 180 s are up
