@@ -190,10 +190,15 @@ _REASONS = {
 }
 
 
+_OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+
+
 def response(
     status: int, body: bytes, *, close: bool = False, headers: dict[str, str] | None = None
 ) -> bytes:
     """One complete HTTP/1.1 response with a JSON body."""
+    if status == 200 and not close and not headers:  # nearly every answer: one formatting
+        return _OK % (len(body), body)
     head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % (
         status,
         _REASONS.get(status, b"Error"),

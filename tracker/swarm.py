@@ -300,10 +300,19 @@ class MemorySwarm:
                 sw.stale = True
             if (old.port == 0) != (m.port == 0):
                 sw.top = None  # it starts or stops being handed out
-            # update in place: the sorted list holds this object
-            for name in Member.__slots__:
-                if name != "frag":
-                    setattr(old, name, getattr(m, name))
+            # update in place (the sorted list holds this object): every slot but the key
+            # (manifest, node); the fragment is rendered again when next needed
+            old.app = m.app
+            old.key = m.key
+            old.ip = m.ip
+            old.port = m.port
+            old.size = m.size
+            old.left = m.left
+            old.from_peers = m.from_peers
+            old.from_cdn = m.from_cdn
+            old.uploaded = m.uploaded
+            old.expires = m.expires
+            old.record = m.record
             old.frag = None
             m = old
         sw.members[m.node] = m
@@ -385,7 +394,7 @@ class MemorySwarm:
                 ),
                 now,
             )
-        return self.answer(a.manifest, a.app, a.node_id, a.numwant, now)
+        return self._answer(sw, a.app, a.node_id, a.numwant, now)  # sw was just expired
 
     def count(
         self,
@@ -432,21 +441,22 @@ class MemorySwarm:
         if sw is None:
             return AnnounceAnswer([], 0, 0)
         self._expire(sw, now)
+        return self._answer(sw, app, exclude, numwant, now)
+
+    def _answer(
+        self, sw: _Swarm, app: str, exclude: bytes, numwant: int, now: float
+    ) -> AnnounceAnswer:
         seeders, leechers = sw.seeds, len(sw.members) - sw.seeds
         if numwant <= 0:
             return AnnounceAnswer([], seeders, leechers)
-        own: list[Member] = []
-        for m in self._top(sw, now):
-            if m.node != exclude:
-                own.append(m)
-                if len(own) == numwant:
-                    break
+        # the asker is at most one of the first numwant + 1
+        own = [m for m in self._top(sw, now)[: numwant + 1] if m.node != exclude][:numwant]
         need = numwant - len(own)
         if need > 0:
             taken = {m.node for m in own}
             taken.add(exclude)
             others: list[Member] = []
-            for other in self._partial_swarms(app, manifest, now):
+            for other in self._partial_swarms(app, sw.manifest, now):
                 n = 0
                 for m in self._top(other, now):
                     if m.node not in taken:
