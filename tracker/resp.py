@@ -109,19 +109,22 @@ class TrioRedis:
             raise RuntimeError("TrioRedis: one command at a time per connection")
         self._busy = True
         try:
-            with trio.fail_after(self.timeout + extra_time):
+            now = trio.current_time()
+            # a plain cancel scope: trio.fail_after is a generator-based context manager,
+            # measurably dearer on a path taken twice per group commit
+            with trio.CancelScope(deadline=now + self.timeout + extra_time) as scope:
                 if self._stream is None:
                     await self._connect()
-                elif trio.current_time() - self._last_used > HEALTH_CHECK_IDLE:
+                elif now - self._last_used > HEALTH_CHECK_IDLE:
                     await self._roundtrip(encode_command(b"PING"))
                 reply = await self._roundtrip(encode_command(*args))
+            if scope.cancelled_caught:
+                await self.aclose()
+                raise RedisUnavailable(
+                    f"Redis at {self.where} did not answer within {self.timeout + extra_time:g} s"
+                )
             self._last_used = trio.current_time()
             return reply
-        except trio.TooSlowError as exc:
-            await self.aclose()
-            raise RedisUnavailable(
-                f"Redis at {self.where} did not answer within {self.timeout + extra_time:g} s"
-            ) from exc
         except (OSError, trio.BrokenResourceError, hiredis.ProtocolError) as exc:
             await self.aclose()
             raise RedisUnavailable(
