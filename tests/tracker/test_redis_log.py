@@ -304,3 +304,44 @@ async def test_a_change_that_does_not_come_back_in_time_is_503_and_applies_later
                 await trio.sleep(0.02)
         await c.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_entries_of_the_previous_all_json_format_are_still_applied(
+    make_tracker: Callable[..., Tracker],
+    redis_url: str,
+    publisher: object,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    """Announces are packed binary now (field ``b``); a log written by the previous version
+    (field ``e``, one JSON list per change) still replays."""
+    import redis
+
+    t = make_tracker("solo", redis_url=redis_url, prefix="f:", redis_mode="log")
+    async with trio.open_nursery() as nursery:
+        c = await start(nursery, t)
+        await c.add_app(APP, keys.public_key_bytes(publisher))  # type: ignore[arg-type]
+        m = make_manifest(1)
+        await c.publish(APP, "stable", m.encode())
+        ours = await c.announce(keys.generate_key(), app=APP, manifest_id=m.id, port=7001)
+        assert ours.seeders + ours.leechers == 1
+        pk = keys.public_key_bytes(keys.generate_key())
+        now = time.time()
+        old = [
+            "a", now, 180, os.urandom(16).hex(), 600, "10.0.0.9", "", pk.hex(),
+            keys.node_id_of(pk).hex(), APP, m.id.hex(), 7002, "completed", 10, 0, 5, 5, 0,
+        ]  # fmt: skip
+        r = redis.Redis.from_url(redis_url)
+        r.xadd("f:log", {"o": "oldreplica:1", "n": 1, "e": json.dumps([old])})
+        r.close()
+        log = log_of(t)
+        with trio.fail_after(5):
+            while log.live_members(time.time()) != 2:
+                await trio.sleep(0.02)
+        (rel,) = log.stats(time.time())["releases"]
+        assert (rel["seeders"], rel["completed"], rel["bytes_from_peers"]) == (
+            ours.seeders + 1,
+            1,
+            5,
+        )
+        await c.aclose()
+        nursery.cancel_scope.cancel()
