@@ -38,7 +38,6 @@ changes), so an answer is a join of ready-made bytes.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import deque
 from collections.abc import Iterable
@@ -73,6 +72,10 @@ TOP = MAX_NUMWANT + 1
 ADOPTION_KEEP_S = 7 * 24 * 3600
 
 UNKNOWN_SCORE = quality_score(PeerQuality())
+_FRAG = (
+    b'{"node_id":"%s","key":"%s","ip":"%s","port":%d,"manifest":"%s","seed":%s,'
+    b'"progress":%s,"score":%s%s}'
+)
 
 
 class Member:
@@ -523,25 +526,31 @@ class MemorySwarm:
         return top
 
     def _frag(self, m: Member) -> bytes:
-        """The member's JSON object in answers (docs/tracker-api.md, Announce)."""
+        """The member's JSON object in answers (docs/tracker-api.md, Announce).
+
+        Formatted directly rather than through ``json.dumps``: every value is a number, a
+        boolean, hex, or an address literal (validated, or the socket's), so nothing needs
+        escaping, and floats print as ``json`` prints them (``repr``)."""
         score = self._scores.get(m.node, UNKNOWN_SCORE)
         progress = 1.0 if m.size <= 0 else max(0.0, min(1.0, 1 - m.left / m.size))
-        d: dict[str, Any] = {
-            "node_id": m.node.hex(),
-            "key": keys.format_public_key(m.key),
-            "ip": m.ip,
-            "port": m.port,
-            "manifest": m.manifest.hex(),
-            "seed": m.left == 0,
-            "progress": round(progress, 4),
-            "score": round(score, 4),
-        }
+        records = b""
         if m.record is not None:
             try:
-                d["records"] = [r.hex() for r in decode_bundle(m.record)]
+                hexed = [r.hex().encode() for r in decode_bundle(m.record)]
+                records = b',"records":["%s"]' % b'","'.join(hexed)
             except PeerRecordError:
                 pass
-        frag = m.frag = json.dumps(d, separators=(",", ":")).encode()
+        frag = m.frag = _FRAG % (
+            m.node.hex().encode(),
+            keys.format_public_key(m.key).encode(),
+            m.ip.encode(),
+            m.port,
+            m.manifest.hex().encode(),
+            b"true" if m.left == 0 else b"false",
+            repr(round(progress, 4)).encode(),
+            repr(round(score, 4)).encode(),
+            records,
+        )
         return frag
 
     # ------------------------------------------------------------------ quality

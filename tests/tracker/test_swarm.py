@@ -133,3 +133,62 @@ def test_partial_seeds_from_another_build_drop_out_when_they_expire() -> None:
     go(s, ann(new, me), now + 10)
     assert nodes_in(s.answer(new, "game", me, 30, now + 11)) == [d, e]
     assert nodes_in(s.answer(new, "game", me, 30, now + 181)) == [e]  # d's 180 s are up
+
+
+def test_answer_fragments_are_the_json_of_each_member() -> None:
+    """Fragments are formatted by hand (no json.dumps): they must parse to exactly what the
+    API documents, records included, for seeds, leechers and scored peers."""
+    import json
+    import time
+
+    from p2pnode import keys
+    from p2pnode.dht.records import Topic, encode_bundle, make_record
+
+    s = MemorySwarm()
+    now = time.time()
+    mid = os.urandom(32)
+    k = keys.generate_key()
+    pk = keys.public_key_bytes(k)
+    rec = make_record(k, Topic.manifest(mid), "10.0.0.9", 7002, now=now, ttl=600)
+    bundle = encode_bundle([rec])
+    a, b, me = keys.node_id_of(pk), b"\x02" * 20, b"\x09" * 20
+    s.announce(
+        ann(mid, a, public_key=pk, port=7002, size=3, left=1),
+        "fd00::1",
+        bundle,
+        now=now,
+        ttl=180,
+        digest=os.urandom(16),
+        window=600,
+    )
+    go(s, ann(mid, b, left=0, size=100), now)
+    s.report(
+        Report(b"", me, 0, (PeerReport(b, 3 << 20, 500_000, 1, 0),)),
+        now=now,
+        digest=os.urandom(16),
+        window=600,
+    )
+    got = [json.loads(p) for p in s.answer(mid, "game", me, 30, now).peers]
+    assert got == [
+        {
+            "node_id": b.hex(),
+            "key": keys.format_public_key(bytes(32)),
+            "ip": "10.0.0.1",
+            "port": 7000,
+            "manifest": mid.hex(),
+            "seed": True,
+            "progress": 1.0,
+            "score": round(s.quality(b).score, 4),
+        },
+        {
+            "node_id": a.hex(),
+            "key": keys.format_public_key(pk),
+            "ip": "fd00::1",
+            "port": 7002,
+            "manifest": mid.hex(),
+            "seed": False,
+            "progress": 0.6667,
+            "score": 0.5,
+            "records": [rec.encoded.hex()],
+        },
+    ]
