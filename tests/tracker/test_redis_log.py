@@ -53,6 +53,20 @@ async def populate(
     await cb.report(keys.generate_key(), [PeerQualityReport(target, bytes=1 << 20, corrupt=1)])
 
 
+async def start_with_a_build(
+    nursery: trio.Nursery,
+    t: Tracker,
+    publisher: Any,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> tuple[TrackerClient, M.SignedManifest]:
+    """Serve ``t``, register the app and publish build 1 to ``stable``."""
+    c = await start(nursery, t)
+    await c.add_app(APP, keys.public_key_bytes(publisher))
+    m = make_manifest(1)
+    await c.publish(APP, "stable", m.encode())
+    return c, m
+
+
 def signed_announce(key: Any, mid: bytes, port: int) -> tuple[bytes, dict[str, str]]:
     """A raw signed announce (body and headers), to send the very same bytes twice."""
     body = json.dumps(
@@ -249,10 +263,7 @@ async def test_a_change_the_log_cannot_take_is_refused_with_503(
 
     t = make_tracker("solo", redis_url=redis_url, prefix="d:", redis_mode="log")
     async with trio.open_nursery() as nursery:
-        c = await start(nursery, t)
-        await c.add_app(APP, keys.public_key_bytes(publisher))  # type: ignore[arg-type]
-        m = make_manifest(1)
-        await c.publish(APP, "stable", m.encode())
+        c, m = await start_with_a_build(nursery, t, publisher, make_manifest)
         log = log_of(t)
         healthy, log._tx = log._tx, TrioRedis(f"redis://127.0.0.1:{free_port()}/0")
         with trio.fail_after(5):
@@ -285,10 +296,7 @@ async def test_a_change_that_does_not_come_back_in_time_is_503_and_applies_later
     monkeypatch.setattr(replicated, "SWEEP_EVERY", 0.05)
     t = make_tracker("solo", redis_url=redis_url, prefix="e:", redis_mode="log")
     async with trio.open_nursery() as nursery:
-        c = await start(nursery, t)
-        await c.add_app(APP, keys.public_key_bytes(publisher))  # type: ignore[arg-type]
-        m = make_manifest(1)
-        await c.publish(APP, "stable", m.encode())
+        c, m = await start_with_a_build(nursery, t, publisher, make_manifest)
         log = log_of(t)
         # the reader loses Redis (its XREAD in flight ends empty within READ_BLOCK_MS)
         healthy, log._rx = log._rx, TrioRedis(f"redis://127.0.0.1:{free_port()}/0")
@@ -318,10 +326,7 @@ async def test_entries_of_the_previous_all_json_format_are_still_applied(
 
     t = make_tracker("solo", redis_url=redis_url, prefix="f:", redis_mode="log")
     async with trio.open_nursery() as nursery:
-        c = await start(nursery, t)
-        await c.add_app(APP, keys.public_key_bytes(publisher))  # type: ignore[arg-type]
-        m = make_manifest(1)
-        await c.publish(APP, "stable", m.encode())
+        c, m = await start_with_a_build(nursery, t, publisher, make_manifest)
         ours = await c.announce(keys.generate_key(), app=APP, manifest_id=m.id, port=7001)
         assert ours.seeders + ours.leechers == 1
         pk = keys.public_key_bytes(keys.generate_key())
