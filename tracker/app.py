@@ -724,9 +724,9 @@ class Tracker:
         now = self.config.clock()
         vouched = False
 
-        def by_session(public: bytes) -> bool:
+        def by_session(node_id: bytes) -> bool:
             nonlocal vouched
-            vouched = self.sessions.valid(session, keys.node_id_of(public), seen_ip, now)
+            vouched = self.sessions.valid(session, node_id, seen_ip, now)
             return vouched
 
         a = core.parse_announce(body, signature, now=now, vouched=by_session if session else None)
@@ -740,24 +740,23 @@ class Tracker:
         bundle = self._records.check(a, now) if a.records else None
         assert signature is not None  # parse_announce checked it
         digest = blake3.blake3(bytes.fromhex(signature)).digest()[:16]
+        ttl = self.config.ttl
         if isinstance(self.swarm, LogSwarm):
             answer = await self.swarm.commit_announce(
-                a, ip, bundle, now=now, ttl=self.config.ttl, digest=digest, window=2 * MAX_SKEW
+                a, ip, bundle, now=now, ttl=ttl, digest=digest, window=2 * MAX_SKEW
             )
             if answer is None:
                 raise _replay()
             peers, seeders, leechers = answer.peers, answer.seeders, answer.leechers
         elif isinstance(self.swarm, MemorySwarm):
             answer = self.swarm.announce(
-                a, ip, bundle, now=now, ttl=self.config.ttl, digest=digest, window=2 * MAX_SKEW
+                a, ip, bundle, now=now, ttl=ttl, digest=digest, window=2 * MAX_SKEW
             )
             if answer is None:
                 raise _replay()
             peers, seeders, leechers = answer.peers, answer.seeders, answer.leechers
         else:
-            res = await self._group_commit(
-                (a, ip, bundle, now, self.config.ttl, digest, 2 * MAX_SKEW)
-            )
+            res = await self._group_commit((a, ip, bundle, now, ttl, digest, 2 * MAX_SKEW))
             if res is None:
                 raise _replay()
             assert isinstance(res, AnnounceAnswer)
@@ -780,9 +779,9 @@ class Tracker:
                 issued,
                 b'"node_id":"',
                 a.node_id.hex().encode(),
-                b'","ip":',
-                json.dumps(ip).encode(),
-                b',"seeders":%d,"leechers":%d,"peers":[' % (seeders, leechers),
+                b'","ip":"',
+                ip.encode(),  # an address literal (validated, or the socket's): nothing to escape
+                b'","seeders":%d,"leechers":%d,"peers":[' % (seeders, leechers),
                 b",".join(peers),
                 b"]}",
             )

@@ -298,13 +298,23 @@ def verify_signed_body(
 ) -> dict[str, Any]:
     """Check ``body`` is JSON whose ``key`` signed it under ``domain``; return the object.
 
-    ``vouched(public_key)`` may say the key was proven recently from where this request comes
-    (an announce session); the signature is then well-formed but not checked again.
+    ``vouched(node_id)`` may say the key's node was proven recently from where this request
+    comes (an announce session); the signature is then well-formed but not checked again.
 
     Raises:
         BadRequest: not a JSON object, or no/garbled signature header.
         Forbidden: the signature does not verify with the key the body names.
     """
+    return _verified(body, signature_hex, domain, vouched)[0]
+
+
+def _verified(
+    body: bytes,
+    signature_hex: str | None,
+    domain: bytes,
+    vouched: Callable[[bytes], bool] | None,
+) -> tuple[dict[str, Any], bytes, bytes]:
+    """:func:`verify_signed_body`, also returning the public key and node id it checked."""
     if not signature_hex:
         raise BadRequest(f"missing {SIGNATURE_HEADER} header")
     try:
@@ -315,13 +325,21 @@ def verify_signed_body(
         raise BadRequest(f"{SIGNATURE_HEADER} must be 128 hex digits")
     obj = _json_object(body)
     public = _key(obj.get("key"))
-    if vouched is not None and vouched(public):
-        return obj
+    node_id = keys.node_id_of(public)
+    if vouched is not None and vouched(node_id):
+        return obj, public, node_id
     try:
         keys.verify_signature(public, signature, domain, body)
     except SignatureError as exc:
         raise Forbidden(f"signature does not verify with {keys.format_public_key(public)}") from exc
-    return obj
+    return obj, public, node_id
+
+
+_ANNOUNCE_REQUIRED = frozenset({"key", "ts", "nonce", "app", "manifest", "port"})
+_ANNOUNCE_OPTIONAL = frozenset(
+    {"ip", "event", "size", "left", "from_peers", "from_cdn", "uploaded", "numwant", "records"}
+)
+_ANNOUNCE_FIELDS = _ANNOUNCE_REQUIRED | _ANNOUNCE_OPTIONAL
 
 
 def parse_announce(
@@ -333,26 +351,16 @@ def parse_announce(
     vouched: Callable[[bytes], bool] | None = None,
 ) -> Announce:
     """Verify and parse a signed announce. See docs/tracker-api.md for every field.
-    ``vouched``: as in ``verify_signed_body`` (announce sessions)."""
+    ``vouched(node_id)``: as in ``verify_signed_body`` (announce sessions).
+
+    This runs for every announce, so the common case is kept to cheap checks (the field set
+    against precomputed sets; the key parsed and hashed once); the checks are the same."""
     if len(body) > max_bytes:
         raise TooLarge(f"announce body is {len(body)} bytes, the limit is {max_bytes}")
-    obj = verify_signed_body(body, signature_hex, ANNOUNCE_DOMAIN, vouched)
-    _only(
-        obj,
-        required={"key", "ts", "nonce", "app", "manifest", "port"},
-        optional={
-            "ip",
-            "event",
-            "size",
-            "left",
-            "from_peers",
-            "from_cdn",
-            "uploaded",
-            "numwant",
-            "records",
-        },
-    )
-    public = _key(obj["key"])
+    obj, public, node_id = _verified(body, signature_hex, ANNOUNCE_DOMAIN, vouched)
+    present = obj.keys()
+    if not (present <= _ANNOUNCE_FIELDS and present >= _ANNOUNCE_REQUIRED):
+        _only(obj, required=set(_ANNOUNCE_REQUIRED), optional=set(_ANNOUNCE_OPTIONAL))
     ts = _ts(obj, now)
     _nonce(obj)
     app = _name(obj, "app")
@@ -370,22 +378,23 @@ def parse_announce(
         raise BadRequest("left is larger than size")
     if event == "completed" and left != 0:
         raise BadRequest("a completed announce must have left = 0")
-    records_raw = obj.get("records", [])
-    if not isinstance(records_raw, list) or len(records_raw) > 2:
-        raise BadRequest("records must be a list of at most 2 hex strings")
-    if records_raw and port == 0:
-        raise BadRequest("a node that does not serve (port 0) has no peer records to attach")
     records: list[bytes] = []
-    for r in records_raw:
-        if not isinstance(r, str) or len(r) > 1024:
-            raise BadRequest("each record must be a hex string of at most 512 bytes")
-        try:
-            records.append(bytes.fromhex(r))
-        except ValueError as exc:
-            raise BadRequest("records must be hex") from exc
+    if "records" in obj:
+        records_raw = obj["records"]
+        if not isinstance(records_raw, list) or len(records_raw) > 2:
+            raise BadRequest("records must be a list of at most 2 hex strings")
+        if records_raw and port == 0:
+            raise BadRequest("a node that does not serve (port 0) has no peer records to attach")
+        for r in records_raw:
+            if not isinstance(r, str) or len(r) > 1024:
+                raise BadRequest("each record must be a hex string of at most 512 bytes")
+            try:
+                records.append(bytes.fromhex(r))
+            except ValueError as exc:
+                raise BadRequest("records must be hex") from exc
     return Announce(
         public_key=public,
-        node_id=keys.node_id_of(public),
+        node_id=node_id,
         ts=ts,
         app=app,
         manifest=manifest,
@@ -423,11 +432,17 @@ class AnnounceSessions:
     even that.
     """
 
+    #: Tokens remembered as checked (a node presents the same token on every announce for
+    #: ``ttl``): a dict lookup instead of a MAC per announce. Oldest forgotten first.
+    CHECKED_MAX = 65_536
+
     def __init__(self, secret: str, ttl: int = SESSION_TTL) -> None:
         self._key = blake3.blake3(
             secret.encode(), derive_key_context="p2pnode tracker announce session v1"
         ).digest()
         self.ttl = ttl
+        #: token -> (node id, ip, expiry) its MAC was checked for
+        self._checked: dict[str, tuple[bytes, str, int]] = {}
 
     def _mac(self, node_id: bytes, ip: str, expires: int) -> bytes:
         msg = node_id + expires.to_bytes(8, "big") + ip.encode()
@@ -440,6 +455,9 @@ class AnnounceSessions:
     def valid(self, token: str | None, node_id: bytes, ip: str, now: float) -> bool:
         if not token or len(token) != 48:
             return False
+        hit = self._checked.get(token)
+        if hit is not None:  # this exact token's MAC was checked for (node id, ip, expiry)
+            return hit[0] == node_id and hit[1] == ip and now < hit[2]
         try:
             raw = bytes.fromhex(token)
         except ValueError:
@@ -447,7 +465,13 @@ class AnnounceSessions:
         expires = int.from_bytes(raw[:8], "big")
         if expires <= now or expires > now + self.ttl:
             return False
-        return hmac.compare_digest(raw[8:], self._mac(node_id, ip, expires))
+        if not hmac.compare_digest(raw[8:], self._mac(node_id, ip, expires)):
+            return False
+        checked = self._checked
+        if len(checked) >= self.CHECKED_MAX:
+            del checked[next(iter(checked))]
+        checked[token] = (node_id, ip, expires)
+        return True
 
 
 def parse_report(
@@ -503,7 +527,7 @@ def check_manifest_id(value: str) -> bytes:
 
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(body)
+        obj = json.loads(body.decode())  # UTF-8 (docs/tracker-api.md); no encoding sniffing
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest("body is not valid JSON") from exc
     if not isinstance(obj, dict):

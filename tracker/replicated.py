@@ -9,18 +9,25 @@ every replica keeps the whole swarm state in memory (:class:`tracker.swarm.Memor
 same code as the SQLite mode) and applies the same changes in the same order:
 
 * A state change (a verified announce, a verified report, an operator's ``clear_peer``, and a
-  periodic ``gc``) is a JSON list carrying all its apply needs, including the origin's clock
-  reading ``now`` (so expiry and the replay window are decided identically everywhere). The
-  changes a replica queued meanwhile go out together as **one** entry of the Redis stream
-  ``PREFIX + "log"`` (a group commit: one ``XADD`` from a worker thread), applied in their
+  periodic ``gc``) is a record carrying all its apply needs, including the origin's clock
+  reading ``now`` (so expiry and the replay window are decided identically everywhere). An
+  announce, nearly every change, is packed binary (``_ANN``: fixed fields, then the address,
+  app and record bundle); the others are a JSON list behind a length. The changes a replica
+  queued meanwhile go out together as **one** entry of the Redis stream ``PREFIX + "log"`` (a
+  group commit: one ``XADD`` whose field ``b`` is the records back to back), applied in their
   order within it. One entry per batch, not per change, is what keeps redis-server's CPU near
-  15 us per announce and the tracker's encoding and parsing to one JSON call per batch.
-* A reader task per replica (``XREAD BLOCK`` in a worker thread) applies every entry, its own
-  included, **in stream order**, on the trio thread. The replica that received a request
-  answers when it applies its own entry: the answer reflects every entry before it in the log
-  and none after (sequential consistency). The replay guard (:meth:`MemorySwarm.fresh`) is
-  part of the apply, so a replay sent to any replica is refused (409) by whichever applies it
-  second: all of them agree which copy came first.
+  15 us per announce. (Entries of the previous, all-JSON format, field ``e``, are still read.)
+* A reader task per replica (``XREAD BLOCK``) applies every entry, its own included, **in
+  stream order**, on the trio thread. The replica that received a request answers when it
+  applies its own entry: the answer reflects every entry before it in the log and none after
+  (sequential consistency). The replay guard (:meth:`MemorySwarm.fresh`) is part of the
+  apply, so a replay sent to any replica is refused (409) by whichever applies it second: all
+  of them agree which copy came first.
+* The committer and the reader each speak to Redis on their own connection from trio
+  (:mod:`tracker.resp`), not through redis-py in worker threads: a thread hop per call cost
+  more tracker CPU than the announces' own work. If Redis fails the reader, it retries every
+  ``READ_RETRY`` seconds (``/healthz`` reports the outage); a failed commit fails its batch's
+  requests (503).
 * Snapshots keep the log bounded and let a replica start: every ``snapshot_every`` seconds one
   replica (``SET NX EX`` lock) serialises its state at the stream id ``S`` it has applied up to
   into ``PREFIX + "log:snap"``, then trims the log to the *previous* snapshot's id (``XTRIM
@@ -41,6 +48,7 @@ last ``RANK_REFRESH`` second (each replica re-sorts on its own reads), and ``/v1
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import struct
 import time
@@ -52,13 +60,18 @@ import trio
 
 from p2pnode.errors import P2PNodeError
 
-from .core import Announce, APIError, PeerQuality, PeerReport, Report
+from .core import EVENTS, Announce, APIError, PeerQuality, PeerReport, Report
+from .resp import RedisUnavailable, TrioRedis
 from .swarm import AnnounceAnswer, Member, MemorySwarm
 
 __all__ = ["LogSwarm", "LogUnavailable"]
 
-#: Seconds a request waits for its own entry to come back through the log before giving up.
+log = logging.getLogger(__name__)
+
+#: Seconds a request waits for its own entry to come back through the log before giving up
+#: (checked every ``SWEEP_EVERY`` seconds: one timer for all waiting requests, not one each).
 APPLY_TIMEOUT = 10.0
+SWEEP_EVERY = 0.5
 #: ``XREAD BLOCK`` milliseconds (bounds how long cancelling the reader takes).
 READ_BLOCK_MS = 500
 #: Entries read per ``XREAD``.
@@ -67,7 +80,17 @@ READ_COUNT = 2000
 COMMIT_MAX = 2000
 #: The reader is unhealthy when its last successful read is older than this (seconds).
 HEALTHY_WITHIN = 5.0
+#: Seconds the reader waits before trying again after Redis failed it.
+READ_RETRY = 0.5
+#: Seconds each Redis call may take (plus the ``BLOCK`` time for the reader's).
+REDIS_TIMEOUT = 5.0
 _MAGIC = b"p2pnode-tracker-snapshot-1\n"
+#: A packed announce: now, ttl, replay digest, window, public key, node id, manifest, port,
+#: event (index in core.EVENTS), size, left, from_peers, from_cdn, uploaded, then the lengths
+#: of the address, the app name and the record bundle that follow it.
+_ANN = struct.Struct(">dd16sd32s20s32sHBQQQQQBBH")
+_EVENT_INDEX = {e: i for i, e in enumerate(EVENTS)}
+_JSON_LEN = struct.Struct(">I")
 _SEEN = struct.Struct(">16sd")
 
 
@@ -82,13 +105,20 @@ class LogUnavailable(APIError):
 class _Wait:
     """A request waiting for its own entry to be applied."""
 
-    __slots__ = ("done", "error", "numwant", "result")
+    __slots__ = ("deadline", "done", "error", "expired", "numwant", "result")
 
-    def __init__(self, numwant: int) -> None:
+    def __init__(self, numwant: int, deadline: float) -> None:
         self.numwant = numwant
+        self.deadline = deadline
         self.done = trio.Event()
         self.result: Any = None
         self.error: Exception | None = None
+        self.expired = False
+
+
+#: An announce as this replica decoded it, applied as is when its own entry comes back (the
+#: other replicas decode the same values from the entry's JSON).
+_Prepared = tuple[Announce, str, "bytes | None", float, float, bytes, float]
 
 
 def _sid(text: str) -> tuple[int, int]:
@@ -111,9 +141,11 @@ class LogSwarm(MemorySwarm):
         import redis
 
         opts: dict[str, Any] = {"socket_connect_timeout": 5.0, "health_check_interval": 30}
-        self._r: Any = redis.Redis.from_url(url, socket_timeout=5.0, **opts)
-        # the reader's own connection: it sits in XREAD BLOCK
-        self._rx: Any = redis.Redis.from_url(url, socket_timeout=READ_BLOCK_MS / 1000 + 5, **opts)
+        # snapshots, their lock and trimming (rare): redis-py in a worker thread
+        self._r: Any = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT, **opts)
+        # the hot path, from trio: the committer's XADDs and the reader's XREADs
+        self._tx = TrioRedis(url, timeout=REDIS_TIMEOUT)
+        self._rx = TrioRedis(url, timeout=REDIS_TIMEOUT)
         self.prefix = prefix
         self.stream = prefix + "log"
         self.snapshot_every = snapshot_every
@@ -122,8 +154,9 @@ class LogSwarm(MemorySwarm):
         self.applied = "0-0"
         self._seq = 0
         self._waiting: dict[int, _Wait] = {}
-        #: changes this replica appended and has not applied yet, by sequence number
-        self._local: dict[int, list[Any]] = {}
+        #: changes this replica appended and has not applied yet, by sequence number: the
+        #: entry, and for an announce its decoded form (see ``_Prepared``)
+        self._local: dict[int, tuple[bytes, _Prepared | None]] = {}
         #: sequence numbers queued for the next commit (consecutive)
         self._out: list[int] = []
         self._wake = trio.Event()
@@ -141,8 +174,8 @@ class LogSwarm(MemorySwarm):
             raise LogUnavailable(f"no read from the log {self.stream} for {HEALTHY_WITHIN:g} s")
 
     def close(self) -> None:
+        """Close the redis-py client (the trio connections close with :meth:`run`)."""
         self._r.close()
-        self._rx.close()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Catch up (snapshot, then the log after it), then apply, commit and snapshot until
@@ -150,16 +183,21 @@ class LogSwarm(MemorySwarm):
         state = await trio.to_thread.run_sync(self._read_snapshot)
         if state is not None:
             self._install(state)
-        await self._catch_up()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._reader)
-            nursery.start_soon(self._committer)
-            nursery.start_soon(self._snapshotter)
-            task_status.started()
+        try:
+            await self._catch_up()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._committer)
+                nursery.start_soon(self._snapshotter)
+                nursery.start_soon(self._sweeper)
+                task_status.started()
+        finally:
+            await self._tx.aclose()
+            await self._rx.aclose()
 
     async def _catch_up(self) -> None:
         while True:
-            entries = await trio.to_thread.run_sync(self._read, 0)
+            entries = await self._read(None)
             if not entries:
                 return
             self._apply_batch(entries)
@@ -178,68 +216,88 @@ class LogSwarm(MemorySwarm):
         window: float,
     ) -> AnnounceAnswer | None:
         """Append the announce to the log; its answer once applied here (``None``: replay)."""
-        entry = [
-            "a",
-            now,
-            ttl,
-            digest.hex(),
-            window,
-            ip,
-            record.hex() if record else "",
-            a.public_key.hex(),
-            a.node_id.hex(),
-            a.app,
-            a.manifest.hex(),
-            a.port,
-            a.event,
-            a.size,
-            a.left,
-            a.from_peers,
-            a.from_cdn,
-            a.uploaded,
-        ]
-        res: AnnounceAnswer | None = await self._submit(entry, a.numwant)
+        ip_b, app_b, rec = ip.encode(), a.app.encode(), record or b""
+        packed = b"".join(
+            (
+                b"a",
+                _ANN.pack(
+                    now,
+                    ttl,
+                    digest,
+                    window,
+                    a.public_key,
+                    a.node_id,
+                    a.manifest,
+                    a.port,
+                    _EVENT_INDEX[a.event],
+                    a.size,
+                    a.left,
+                    a.from_peers,
+                    a.from_cdn,
+                    a.uploaded,
+                    len(ip_b),
+                    len(app_b),
+                    len(rec),
+                ),
+                ip_b,
+                app_b,
+                rec,
+            )
+        )
+        prepared = (a, ip, record, now, ttl, digest, window)
+        res: AnnounceAnswer | None = await self._submit(packed, a.numwant, prepared)
         return res
 
     async def commit_report(self, r: Report, *, now: float, digest: bytes, window: float) -> bool:
         """Append the report to the log; False if it turned out a replay."""
         peers = [[e.node_id.hex(), e.bytes, e.rate, e.failures, e.corrupt] for e in r.peers]
         entry = ["r", now, digest.hex(), window, r.node_id.hex(), peers]
-        return bool(await self._submit(entry, 0))
+        return bool(await self._submit(_json_record(entry), 0))
 
     async def commit_clear(self, node_id: bytes) -> bool:
         """Append an operator's ``clear_peer``; whether the peer had a quality record."""
-        return bool(await self._submit(["c", node_id.hex()], 0))
+        return bool(await self._submit(_json_record(["c", node_id.hex()]), 0))
 
     def gc(self, now: float) -> int:
         """Queue a housekeeping entry: every replica drops the same expired state at the same
         log position (a local, clock-driven gc would make replicas diverge)."""
-        self._enqueue(["g", now])
+        self._enqueue(_json_record(["g", now]))
         return 0
 
-    def _enqueue(self, entry: list[Any]) -> int:
+    def _enqueue(self, entry: bytes, prepared: _Prepared | None = None) -> int:
         self._seq += 1
-        self._local[self._seq] = entry
+        self._local[self._seq] = (entry, prepared)
         self._out.append(self._seq)
         self._wake.set()
         return self._seq
 
-    async def _submit(self, entry: list[Any], numwant: int) -> Any:
-        seq = self._enqueue(entry)
-        w = self._waiting[seq] = _Wait(numwant)
+    async def _submit(self, entry: bytes, numwant: int, prepared: _Prepared | None = None) -> Any:
+        seq = self._enqueue(entry, prepared)
+        w = self._waiting[seq] = _Wait(numwant, trio.current_time() + APPLY_TIMEOUT)
         try:
-            with trio.move_on_after(APPLY_TIMEOUT):
-                await w.done.wait()
+            await w.done.wait()
         finally:
             self._waiting.pop(seq, None)
         if w.error is not None:
             raise LogUnavailable(f"appending to the log {self.stream} failed: {w.error}")
-        if not w.done.is_set():
+        if w.expired:
             raise LogUnavailable(
                 f"this replica did not see its change come back through {self.stream} "
                 f"within {APPLY_TIMEOUT:g} s (the change may still apply)"
             )
         return w.result
+
+    async def _sweeper(self) -> None:
+        """Give up on requests whose entry did not come back within ``APPLY_TIMEOUT``."""
+        while True:
+            await trio.sleep(SWEEP_EVERY)
+            now = trio.current_time()
+            for seq, w in list(self._waiting.items()):  # in submission order: oldest first
+                if w.deadline > now:
+                    break
+                del self._waiting[seq]  # its entry, if it comes, applies with no one waiting
+                w.expired = True
+                w.done.set()
 
     async def _committer(self) -> None:
         while True:
@@ -248,14 +306,19 @@ class LogSwarm(MemorySwarm):
             while self._out:
                 batch, self._out = self._out[:COMMIT_MAX], self._out[COMMIT_MAX:]
                 local = self._local
-                fields = {
-                    "o": b"%s:%d" % (self.me.encode(), batch[0]),
-                    "n": len(batch),
-                    "e": json.dumps([local[s] for s in batch], separators=(",", ":")),
-                }
                 try:
-                    await trio.to_thread.run_sync(self._r.xadd, self.stream, fields)
-                except Exception as exc:  # redis-py's errors: every waiter of the batch fails
+                    await self._tx.call(
+                        b"XADD",
+                        self.stream,
+                        b"*",
+                        b"o",
+                        b"%s:%d" % (self.me.encode(), batch[0]),
+                        b"n",
+                        len(batch),
+                        b"b",
+                        b"".join([local[s][0] for s in batch]),
+                    )
+                except RedisUnavailable as exc:  # every waiter of the batch fails
                     for seq in batch:
                         local.pop(seq, None)  # if it did reach the log, it is decoded there
                         w = self._waiting.get(seq)
@@ -265,21 +328,28 @@ class LogSwarm(MemorySwarm):
 
     # ------------------------------------------------------------------ applying the log
 
-    def _read(self, block: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        conn = self._rx if block else self._r
-        res = conn.xread({self.stream: self.applied}, count=READ_COUNT, block=block or None)
+    async def _read(self, block_ms: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The entries after :attr:`applied` (at most ``READ_COUNT``), waiting up to
+        ``block_ms`` for one when there are none (``None``: do not wait)."""
+        args: list[bytes | str | int] = [b"XREAD", b"COUNT", READ_COUNT]
+        if block_ms is not None:
+            args += [b"BLOCK", block_ms]
+        args += [b"STREAMS", self.stream, self.applied]
+        res = await self._rx.call(*args, extra_time=(block_ms or 0) / 1000)
         self._last_read = time.monotonic()
         if not res:
             return []
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = res[0][1]
-        return entries
+        return [(sid, dict(zip(f[::2], f[1::2], strict=True))) for sid, f in res[0][1]]
 
     async def _reader(self) -> None:
         checked = time.monotonic()
         while True:
-            entries = await trio.to_thread.run_sync(
-                self._read, READ_BLOCK_MS, abandon_on_cancel=True
-            )
+            try:
+                entries = await self._read(READ_BLOCK_MS)
+            except RedisUnavailable as exc:  # /healthz turns 503 after HEALTHY_WITHIN
+                log.warning("tracker log reader: %s; retrying in %g s", exc.message, READ_RETRY)
+                await trio.sleep(READ_RETRY)
+                continue
             if entries:
                 self._apply_batch(entries)
             if time.monotonic() - checked >= self.snapshot_every:
@@ -293,22 +363,81 @@ class LogSwarm(MemorySwarm):
             origin, _, seq = fields[b"o"].partition(b":")
             first, n = int(seq), int(fields[b"n"])
             mine = origin == me
-            changes: list[Any] | None = None
-            if mine:
-                # our own batch: the lists it was encoded from (JSON round-trips them exactly)
-                changes = [local.pop(s, None) for s in range(first, first + n)]
-                if None in changes:  # its XADD "failed" yet reached the log
-                    changes = None
-            if changes is None:
-                changes = json.loads(fields[b"e"])
-            for i, e in enumerate(changes):
-                w = waiting.get(first + i) if mine else None
-                if w is None:
-                    self._apply(e, 0)
-                else:
-                    w.result = self._apply(e, w.numwant)
-                    w.done.set()
+            popped = [local.pop(s, None) for s in range(first, first + n)] if mine else []
+            own = [c for c in popped if c is not None]
+            if mine and len(own) == n:
+                # our own batch: applied from what it was encoded from (JSON round-trips the
+                # values exactly, so the other replicas apply the very same change)
+                for i, (e, prepared) in enumerate(own):
+                    w = waiting.get(first + i)
+                    if prepared is None:
+                        (result,) = self._apply_records(e, [w.numwant if w is not None else 0])
+                    else:
+                        a, ip, record, now, ttl, digest, window = prepared
+                        result = self.announce(
+                            a, ip, record, now=now, ttl=ttl, digest=digest, window=window
+                        )
+                    if w is not None:
+                        w.result = result
+                        w.done.set()
+            else:  # another replica's batch (or ours, if its XADD "failed" yet reached the log)
+                ws = [waiting.get(first + i) if mine else None for i in range(n)]
+                if b"b" in fields:
+                    results = self._apply_records(fields[b"b"], [w.numwant if w else 0 for w in ws])
+                else:  # the previous format: one JSON list of lists
+                    changes = json.loads(fields[b"e"])
+                    results = [
+                        self._apply(e, w.numwant if w else 0)
+                        for e, w in zip(changes, ws, strict=True)
+                    ]
+                for w, result in zip(ws, results, strict=True):
+                    if w is not None:
+                        w.result = result
+                        w.done.set()
             self.applied = sid.decode()
+
+    def _apply_records(self, data: bytes, numwants: list[int]) -> list[Any]:
+        """Apply the records of one batch in order (``numwants``: one per record); their
+        results."""
+        try:
+            return self._apply_packed(data, numwants)
+        except (struct.error, UnicodeDecodeError, IndexError) as exc:
+            raise LogFormatError(f"a batch in the log {self.stream} is malformed: {exc}") from exc
+
+    def _apply_packed(self, data: bytes, numwants: list[int]) -> list[Any]:
+        out = []
+        at = 0
+        for numwant in numwants:
+            kind = data[at : at + 1]
+            at += 1
+            if kind == b"a":
+                f = _ANN.unpack_from(data, at)
+                now, ttl, digest, window, pk, node, mid, port, event = f[:9]
+                size, left, fp, fc, up, n_ip, n_app, n_rec = f[9:]
+                at += _ANN.size
+                ip = data[at : at + n_ip].decode()
+                at += n_ip
+                app = data[at : at + n_app].decode()
+                at += n_app
+                record = data[at : at + n_rec] if n_rec else None
+                at += n_rec
+                a = Announce(
+                    pk, node, 0, app, mid, None, port, EVENTS[event], size, left, fp, fc, up,
+                    numwant, (),
+                )  # fmt: skip
+                out.append(
+                    self.announce(a, ip, record, now=now, ttl=ttl, digest=digest, window=window)
+                )
+            elif kind == b"j":
+                (n,) = _JSON_LEN.unpack_from(data, at)
+                at += _JSON_LEN.size
+                out.append(self._apply(json.loads(data[at : at + n]), numwant))
+                at += n
+            else:
+                raise LogFormatError(f"unknown record kind {kind!r} in the log {self.stream}")
+        if at != len(data):
+            raise LogFormatError(f"a batch in the log {self.stream} has trailing bytes")
+        return out
 
     def _apply(self, e: list[Any], numwant: int) -> Any:
         kind = e[0]
@@ -452,6 +581,12 @@ class LogSwarm(MemorySwarm):
         self._seen = dict(s["seen"])
         self._seen_order = deque((exp, d) for d, exp in self._seen.items())
         self.applied = s["id"]
+
+
+def _json_record(change: list[Any]) -> bytes:
+    """A change other than an announce, as a log record: ``j``, length, JSON list."""
+    body = json.dumps(change, separators=(",", ":")).encode()
+    return b"j" + _JSON_LEN.pack(len(body)) + body
 
 
 class LogFormatError(P2PNodeError):

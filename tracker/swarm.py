@@ -27,6 +27,10 @@ changes (at once), or when members only moved their ``left`` (at most every ``RA
 seconds). The list holds the live member objects, so what an answer shows (address, progress)
 is always current; only the order among peers whose progress changed may lag by up to
 ``RANK_REFRESH``. Expired, stopped and flagged members are skipped when the list is read.
+Reading it is itself cached: each swarm keeps its first ``TOP`` servable members in rank order
+(``MAX_NUMWANT`` + 1, enough for any answer minus the asker), reused by every answer until the
+list is re-sorted, a member joins, leaves or changes whether it serves (port 0), or one of
+them expires; an answer is the first ``numwant`` of them that are not the asker.
 
 Every member caches its JSON fragment for answers (rebuilt when it re-announces or its score
 changes), so an answer is a join of ready-made bytes.
@@ -34,16 +38,16 @@ changes), so an answer is a join of ready-made bytes.
 
 from __future__ import annotations
 
-import json
+import math
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from p2pnode import keys
 from p2pnode.dht.records import PeerRecordError, decode_bundle
 
-from .core import Announce, PeerQuality, Report, quality_score, update_quality
+from .core import MAX_NUMWANT, Announce, PeerQuality, Report, quality_score, update_quality
 
 __all__ = [
     "PARTIAL_SWARMS",
@@ -62,10 +66,16 @@ PARTIAL_WINDOW_S = 3600.0
 #: Longest time a swarm's order may lag behind members' progress (seconds); membership and
 #: score changes re-sort at once.
 RANK_REFRESH = 1.0
+#: Members kept in each swarm's cached head of the ranking: any answer, minus the asker.
+TOP = MAX_NUMWANT + 1
 #: Completions are bucketed per minute for the adoption curve; buckets older than this go.
 ADOPTION_KEEP_S = 7 * 24 * 3600
 
 UNKNOWN_SCORE = quality_score(PeerQuality())
+_FRAG = (
+    b'{"node_id":"%s","key":"%s","ip":"%s","port":%d,"manifest":"%s","seed":%s,'
+    b'"progress":%s,"score":%s%s}'
+)
 
 
 class Member:
@@ -130,7 +140,18 @@ class Member:
 
 
 class _Swarm:
-    __slots__ = ("app", "manifest", "members", "ranked", "ranked_at", "seeds", "stale")
+    __slots__ = (
+        "app",
+        "manifest",
+        "members",
+        "ranked",
+        "ranked_at",
+        "seeds",
+        "stale",
+        "top",
+        "top_of",
+        "top_until",
+    )
 
     def __init__(self, manifest: bytes, app: str) -> None:
         self.manifest, self.app = manifest, app
@@ -142,6 +163,11 @@ class _Swarm:
         self.ranked_at = 0.0
         #: a member's ``left`` changed since the sort
         self.stale = False
+        #: the first TOP servable members of ``top_of`` (valid while it is ``ranked``, until
+        #: ``top_until``; None = walk the list again)
+        self.top: list[Member] | None = None
+        self.top_of: list[Member] | None = None
+        self.top_until = 0.0
 
 
 @dataclass
@@ -275,10 +301,21 @@ class MemorySwarm:
                 sw.seeds += 1 if m.left == 0 else -1
             if old.left != m.left:
                 sw.stale = True
-            # update in place: the sorted list holds this object
-            for name in Member.__slots__:
-                if name != "frag":
-                    setattr(old, name, getattr(m, name))
+            if (old.port == 0) != (m.port == 0):
+                sw.top = None  # it starts or stops being handed out
+            # update in place (the sorted list holds this object): every slot but the key
+            # (manifest, node); the fragment is rendered again when next needed
+            old.app = m.app
+            old.key = m.key
+            old.ip = m.ip
+            old.port = m.port
+            old.size = m.size
+            old.left = m.left
+            old.from_peers = m.from_peers
+            old.from_cdn = m.from_cdn
+            old.uploaded = m.uploaded
+            old.expires = m.expires
+            old.record = m.record
             old.frag = None
             m = old
         sw.members[m.node] = m
@@ -360,7 +397,7 @@ class MemorySwarm:
                 ),
                 now,
             )
-        return self.answer(a.manifest, a.app, a.node_id, a.numwant, now)
+        return self._answer(sw, a.app, a.node_id, a.numwant, now)  # sw was just expired
 
     def count(
         self,
@@ -407,17 +444,29 @@ class MemorySwarm:
         if sw is None:
             return AnnounceAnswer([], 0, 0)
         self._expire(sw, now)
+        return self._answer(sw, app, exclude, numwant, now)
+
+    def _answer(
+        self, sw: _Swarm, app: str, exclude: bytes, numwant: int, now: float
+    ) -> AnnounceAnswer:
         seeders, leechers = sw.seeds, len(sw.members) - sw.seeds
         if numwant <= 0:
             return AnnounceAnswer([], seeders, leechers)
-        own = list(self._pick(sw, now, exclude, numwant, ()))
+        # the asker is at most one of the first numwant + 1
+        own = [m for m in self._top(sw, now)[: numwant + 1] if m.node != exclude][:numwant]
         need = numwant - len(own)
         if need > 0:
             taken = {m.node for m in own}
             taken.add(exclude)
             others: list[Member] = []
-            for other in self._partial_swarms(app, manifest, now):
-                others.extend(self._pick(other, now, exclude, need, taken))
+            for other in self._partial_swarms(app, sw.manifest, now):
+                n = 0
+                for m in self._top(other, now):
+                    if m.node not in taken:
+                        others.append(m)
+                        n += 1
+                        if n == need:
+                            break
             if others:
                 scores = self._scores
                 others.sort(key=lambda m: (-scores.get(m.node, UNKNOWN_SCORE), m.left, m.node))
@@ -445,9 +494,9 @@ class MemorySwarm:
                 out.append(sw)
         return out
 
-    def _pick(
-        self, sw: _Swarm, now: float, exclude: bytes, limit: int, taken: Iterable[bytes]
-    ) -> Iterator[Member]:
+    def _top(self, sw: _Swarm, now: float) -> list[Member]:
+        """The first ``TOP`` members of ``sw`` that may be handed out, in rank order (see the
+        module docstring): re-sorted when needed, else cached."""
         ranked = sw.ranked
         if ranked is None or (sw.stale and now - sw.ranked_at >= RANK_REFRESH):
             scores = self._scores
@@ -457,45 +506,51 @@ class MemorySwarm:
             )
             sw.ranked_at = now
             sw.stale = False
+        elif sw.top is not None and sw.top_of is ranked and now < sw.top_until:
+            return sw.top
         members, flagged = sw.members, self._flagged
-        skip = taken if isinstance(taken, set) else set(taken)
-        n = 0
+        top: list[Member] = []
         for m in ranked:
-            node = m.node
             if (
-                node == exclude
-                or not m.port  # a node that does not serve: counted, never handed out
+                not m.port  # a node that does not serve: counted, never handed out
                 or m.expires <= now
-                or members.get(node) is not m
-                or node in flagged
-                or node in skip
+                or members.get(m.node) is not m
+                or m.node in flagged
             ):
                 continue
-            yield m
-            n += 1
-            if n >= limit:
-                return
+            top.append(m)
+            if len(top) == TOP:
+                break
+        sw.top, sw.top_of = top, ranked
+        sw.top_until = min((m.expires for m in top), default=math.inf)
+        return top
 
     def _frag(self, m: Member) -> bytes:
-        """The member's JSON object in answers (docs/tracker-api.md, Announce)."""
+        """The member's JSON object in answers (docs/tracker-api.md, Announce).
+
+        Formatted directly rather than through ``json.dumps``: every value is a number, a
+        boolean, hex, or an address literal (validated, or the socket's), so nothing needs
+        escaping, and floats print as ``json`` prints them (``repr``)."""
         score = self._scores.get(m.node, UNKNOWN_SCORE)
         progress = 1.0 if m.size <= 0 else max(0.0, min(1.0, 1 - m.left / m.size))
-        d: dict[str, Any] = {
-            "node_id": m.node.hex(),
-            "key": keys.format_public_key(m.key),
-            "ip": m.ip,
-            "port": m.port,
-            "manifest": m.manifest.hex(),
-            "seed": m.left == 0,
-            "progress": round(progress, 4),
-            "score": round(score, 4),
-        }
+        records = b""
         if m.record is not None:
             try:
-                d["records"] = [r.hex() for r in decode_bundle(m.record)]
+                hexed = [r.hex().encode() for r in decode_bundle(m.record)]
+                records = b',"records":["%s"]' % b'","'.join(hexed)
             except PeerRecordError:
                 pass
-        frag = m.frag = json.dumps(d, separators=(",", ":")).encode()
+        frag = m.frag = _FRAG % (
+            m.node.hex().encode(),
+            keys.format_public_key(m.key).encode(),
+            m.ip.encode(),
+            m.port,
+            m.manifest.hex().encode(),
+            b"true" if m.left == 0 else b"false",
+            repr(round(progress, 4)).encode(),
+            repr(round(score, 4)).encode(),
+            records,
+        )
         return frag
 
     # ------------------------------------------------------------------ quality

@@ -199,3 +199,28 @@ async def test_fast_listener_limits_connections_idle_time_and_rate(
         assert [s for s, _, _ in answers] == [400, 400, 429]
         assert int(answers[2][1]["retry-after"]) >= 1
         nursery.cancel_scope.cancel()
+
+
+async def test_send_all_waits_when_the_socket_buffer_is_full() -> None:
+    """An answer bigger than the send buffer goes out whole, waiting for the reader to drain."""
+    import socket
+
+    from tracker.fastpath import _send_all
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    data = os.urandom(1 << 20)
+    got = bytearray()
+
+    async def drain() -> None:
+        while len(got) < len(data):
+            await trio.lowlevel.wait_readable(b)
+            got.extend(b.recv(65536))
+
+    with a, b, trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain)
+            await _send_all(a, data)
+    assert bytes(got) == data

@@ -53,6 +53,20 @@ async def populate(
     await cb.report(keys.generate_key(), [PeerQualityReport(target, bytes=1 << 20, corrupt=1)])
 
 
+async def start_with_a_build(
+    nursery: trio.Nursery,
+    t: Tracker,
+    publisher: Any,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> tuple[TrackerClient, M.SignedManifest]:
+    """Serve ``t``, register the app and publish build 1 to ``stable``."""
+    c = await start(nursery, t)
+    await c.add_app(APP, keys.public_key_bytes(publisher))
+    m = make_manifest(1)
+    await c.publish(APP, "stable", m.encode())
+    return c, m
+
+
 def signed_announce(key: Any, mid: bytes, port: int) -> tuple[bytes, dict[str, str]]:
     """A raw signed announce (body and headers), to send the very same bytes twice."""
     body = json.dumps(
@@ -243,27 +257,96 @@ async def test_a_change_the_log_cannot_take_is_refused_with_503(
     publisher: object,
     make_manifest: Callable[..., M.SignedManifest],
 ) -> None:
-    import redis
+    from tracker.resp import TrioRedis
 
     from .conftest import free_port
 
     t = make_tracker("solo", redis_url=redis_url, prefix="d:", redis_mode="log")
     async with trio.open_nursery() as nursery:
-        c = await start(nursery, t)
-        await c.add_app(APP, keys.public_key_bytes(publisher))  # type: ignore[arg-type]
-        m = make_manifest(1)
-        await c.publish(APP, "stable", m.encode())
+        c, m = await start_with_a_build(nursery, t, publisher, make_manifest)
         log = log_of(t)
-        healthy, log._r = log._r, redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+        healthy, log._tx = log._tx, TrioRedis(f"redis://127.0.0.1:{free_port()}/0")
         with trio.fail_after(5):
             resp = await c._http.post(c.base_url + "/v1/announce", content=b"{}")
             assert resp.status_code == 400  # refused before the log: nothing to commit
             body, headers = signed_announce(keys.generate_key(), m.id, 7000)
             resp = await c._http.post(c.base_url + "/v1/announce", content=body, headers=headers)
         assert resp.status_code == 503 and resp.json()["error"] == "log_unavailable"
-        log._r.close()
-        log._r = healthy
+        log._tx = healthy
         res = await c.announce(keys.generate_key(), app=APP, manifest_id=m.id, port=7001)
         assert res.seeders + res.leechers == 1  # the refused one never reached the log
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_change_that_does_not_come_back_in_time_is_503_and_applies_later(
+    make_tracker: Callable[..., Tracker],
+    redis_url: str,
+    publisher: object,
+    make_manifest: Callable[..., M.SignedManifest],
+    monkeypatch: Any,
+) -> None:
+    """The apply timeout is one sweeper for all waiting requests (no timer per request)."""
+    from tracker import replicated
+    from tracker.resp import TrioRedis
+
+    from .conftest import free_port
+
+    monkeypatch.setattr(replicated, "APPLY_TIMEOUT", 0.3)
+    monkeypatch.setattr(replicated, "SWEEP_EVERY", 0.05)
+    t = make_tracker("solo", redis_url=redis_url, prefix="e:", redis_mode="log")
+    async with trio.open_nursery() as nursery:
+        c, m = await start_with_a_build(nursery, t, publisher, make_manifest)
+        log = log_of(t)
+        # the reader loses Redis (its XREAD in flight ends empty within READ_BLOCK_MS)
+        healthy, log._rx = log._rx, TrioRedis(f"redis://127.0.0.1:{free_port()}/0")
+        await trio.sleep(replicated.READ_BLOCK_MS / 1000 + 0.2)
+        body, headers = signed_announce(keys.generate_key(), m.id, 7000)
+        with trio.fail_after(5):
+            resp = await c._http.post(c.base_url + "/v1/announce", content=body, headers=headers)
+        assert resp.status_code == 503 and "within 0.3 s" in resp.json()["message"]
+        assert not log._waiting  # the sweeper let go of it
+        log._rx = healthy  # the reader catches up: the change was in the log all along
+        with trio.fail_after(5):
+            while log.live_members(time.time()) != 1:
+                await trio.sleep(0.02)
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_entries_of_the_previous_all_json_format_are_still_applied(
+    make_tracker: Callable[..., Tracker],
+    redis_url: str,
+    publisher: object,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    """Announces are packed binary now (field ``b``); a log written by the previous version
+    (field ``e``, one JSON list per change) still replays."""
+    import redis
+
+    t = make_tracker("solo", redis_url=redis_url, prefix="f:", redis_mode="log")
+    async with trio.open_nursery() as nursery:
+        c, m = await start_with_a_build(nursery, t, publisher, make_manifest)
+        ours = await c.announce(keys.generate_key(), app=APP, manifest_id=m.id, port=7001)
+        assert ours.seeders + ours.leechers == 1
+        pk = keys.public_key_bytes(keys.generate_key())
+        now = time.time()
+        old = [
+            "a", now, 180, os.urandom(16).hex(), 600, "10.0.0.9", "", pk.hex(),
+            keys.node_id_of(pk).hex(), APP, m.id.hex(), 7002, "completed", 10, 0, 5, 5, 0,
+        ]  # fmt: skip
+        r = redis.Redis.from_url(redis_url)
+        r.xadd("f:log", {"o": "oldreplica:1", "n": 1, "e": json.dumps([old])})
+        r.close()
+        log = log_of(t)
+        with trio.fail_after(5):
+            while log.live_members(time.time()) != 2:
+                await trio.sleep(0.02)
+        (rel,) = log.stats(time.time())["releases"]
+        assert (rel["seeders"], rel["completed"], rel["bytes_from_peers"]) == (
+            ours.seeders + 1,
+            1,
+            5,
+        )
         await c.aclose()
         nursery.cancel_scope.cancel()

@@ -40,6 +40,20 @@ def test_tokens_are_bound_to_node_address_and_time() -> None:
     assert not s.valid(far, NODE, "10.0.0.1", now)
 
 
+def test_checked_tokens_are_remembered_within_a_bound() -> None:
+    """valid() remembers the tokens whose MAC it checked (the same checks apply to a
+    remembered one, above); the oldest are forgotten past CHECKED_MAX and checked again."""
+    s = AnnounceSessions(ADMIN, ttl=600)
+    s.CHECKED_MAX = 2
+    now = 1_800_000_000.0
+    nodes = [bytes([i]) * 20 for i in range(3)]
+    tokens = [s.issue(n, "10.0.0.1", now) for n in nodes]
+    assert all(s.valid(t, n, "10.0.0.1", now) for t, n in zip(tokens, nodes, strict=True))
+    assert list(s._checked) == tokens[1:]
+    assert s.valid(tokens[0], nodes[0], "10.0.0.1", now + 1)  # checked again
+    assert not s.valid(tokens[0], nodes[1], "10.0.0.1", now + 1)
+
+
 def _body(key: object, mid: bytes) -> bytes:
     return json.dumps(
         {

@@ -85,3 +85,110 @@ def test_order_refreshes_within_rank_refresh() -> None:
     # the lagging order still shows current data
     assert any(b'"seed":true' in p and x.hex().encode() in p for p in soon.peers)
     assert (later.seeders, later.leechers) == (1, 2)
+
+
+def nodes_in(answer: object) -> list[bytes]:
+    import json
+
+    return [bytes.fromhex(json.loads(p)["node_id"]) for p in answer.peers]  # type: ignore[attr-defined]
+
+
+def test_the_cached_head_of_the_ranking_follows_every_change_at_once() -> None:
+    """Answers reuse each swarm's first TOP servable members; whatever changes who may be
+    handed out (joining, leaving, port 0, expiry, a flag) shows in the very next answer."""
+    s = MemorySwarm()
+    now = 1_000_000.0
+    mid = os.urandom(32)
+    a, b, c, me = (bytes([i]) * 20 for i in (1, 2, 3, 9))
+    go(s, ann(mid, a, left=10), now)
+    go(s, ann(mid, b, left=20), now + 5)  # expires 5 s after a
+    assert nodes_in(s.answer(mid, "game", me, 30, now + 1)) == [a, b]
+    assert nodes_in(s.answer(mid, "game", a, 30, now + 1)) == [b]  # never the asker
+    assert nodes_in(s.answer(mid, "game", me, 1, now + 1)) == [a]  # numwant bounds it
+    go(s, ann(mid, c, left=0), now + 2)  # joins ahead of both (a seed)
+    assert nodes_in(s.answer(mid, "game", me, 30, now + 2)) == [c, a, b]
+    go(s, ann(mid, c, left=0, port=0), now + 3)  # stops serving: counted, not handed out
+    got = s.answer(mid, "game", me, 30, now + 3)
+    assert nodes_in(got) == [a, b] and (got.seeders, got.leechers) == (1, 2)
+    go(s, ann(mid, c, left=0), now + 4)  # serves again
+    assert nodes_in(s.answer(mid, "game", me, 30, now + 4)) == [c, a, b]
+    for reporter in (b"\x06" * 20, b"\x07" * 20, b"\x08" * 20):  # three saw corrupt data
+        report = Report(b"", reporter, 0, (PeerReport(c, 0, 0, 0, 1),))
+        s.report(report, now=now + 4, digest=os.urandom(16), window=600)
+    assert nodes_in(s.answer(mid, "game", me, 30, now + 4)) == [a, b]
+    assert nodes_in(s.answer(mid, "game", me, 30, now + 180.5)) == [b]  # a expired
+    go(s, ann(mid, b, event="stopped"), now + 181)
+    assert nodes_in(s.answer(mid, "game", me, 30, now + 181)) == []
+
+
+def test_partial_seeds_from_another_build_drop_out_when_they_expire() -> None:
+    """Other builds' swarms are not expired by an answer; their cached head ends at the first
+    expiry among its members."""
+    s = MemorySwarm()
+    now = 1_000_000.0
+    old, new = os.urandom(32), os.urandom(32)
+    d, e, me = b"\x04" * 20, b"\x05" * 20, b"\x09" * 20
+    go(s, ann(old, d, left=50), now)
+    go(s, ann(old, e, left=60), now + 10)
+    go(s, ann(new, me), now + 10)
+    assert nodes_in(s.answer(new, "game", me, 30, now + 11)) == [d, e]
+    assert nodes_in(s.answer(new, "game", me, 30, now + 181)) == [e]  # d's 180 s are up
+
+
+def test_answer_fragments_are_the_json_of_each_member() -> None:
+    """Fragments are formatted by hand (no json.dumps): they must parse to exactly what the
+    API documents, records included, for seeds, leechers and scored peers."""
+    import json
+    import time
+
+    from p2pnode import keys
+    from p2pnode.dht.records import Topic, encode_bundle, make_record
+
+    s = MemorySwarm()
+    now = time.time()
+    mid = os.urandom(32)
+    k = keys.generate_key()
+    pk = keys.public_key_bytes(k)
+    rec = make_record(k, Topic.manifest(mid), "10.0.0.9", 7002, now=now, ttl=600)
+    bundle = encode_bundle([rec])
+    a, b, me = keys.node_id_of(pk), b"\x02" * 20, b"\x09" * 20
+    s.announce(
+        ann(mid, a, public_key=pk, port=7002, size=3, left=1),
+        "fd00::1",
+        bundle,
+        now=now,
+        ttl=180,
+        digest=os.urandom(16),
+        window=600,
+    )
+    go(s, ann(mid, b, left=0, size=100), now)
+    s.report(
+        Report(b"", me, 0, (PeerReport(b, 3 << 20, 500_000, 1, 0),)),
+        now=now,
+        digest=os.urandom(16),
+        window=600,
+    )
+    got = [json.loads(p) for p in s.answer(mid, "game", me, 30, now).peers]
+    assert got == [
+        {
+            "node_id": b.hex(),
+            "key": keys.format_public_key(bytes(32)),
+            "ip": "10.0.0.1",
+            "port": 7000,
+            "manifest": mid.hex(),
+            "seed": True,
+            "progress": 1.0,
+            "score": round(s.quality(b).score, 4),
+        },
+        {
+            "node_id": a.hex(),
+            "key": keys.format_public_key(pk),
+            "ip": "fd00::1",
+            "port": 7002,
+            "manifest": mid.hex(),
+            "seed": False,
+            "progress": 0.6667,
+            "score": 0.5,
+            "records": [rec.encoded.hex()],
+        },
+    ]
