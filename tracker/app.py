@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import secrets
+import sqlite3
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
@@ -83,6 +85,9 @@ FEED_POLL = 0.2
 MAX_WAIT = 60.0
 #: How often the SQLite swarm store writes its in-memory changes behind (seconds).
 FLUSH_INTERVAL = 1.0
+MAX_UNWRITTEN = 120  # write-behind batches kept while swarm.db cannot be written
+
+log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 4096
 #: Request latencies kept for the load figures in /v1/stats (a ring; about 1 MB).
 LOAD_WINDOW = 20_000
@@ -212,6 +217,8 @@ class Tracker:
         self.fast_port = 0
         self._answer_head: bytes | None = None
         self._pending: list[_Pending] = []
+        self._unwritten: list[Any] = []  # write-behind batches swarm.db has not taken yet
+        self._troubles: dict[str, str] = {}  # failing background duties, said once
         self._committing = False
         self.app = Starlette(routes=self._routes(), exception_handlers={APIError: self._api_error})
 
@@ -352,14 +359,44 @@ class Tracker:
             now = self.config.clock()
             if now - last_gc >= 10:
                 last_gc = now
-                await self._swarm_call(self.swarm.gc, now)
+                try:
+                    await self._swarm_call(self.swarm.gc, now)
+                    self._trouble("gc", None)
+                except APIError as exc:  # the store is down: requests get 503s meanwhile
+                    self._trouble("gc", exc.message)
             if (
                 isinstance(self.swarm, SQLiteSwarm)
                 and time.monotonic() - last_flush >= FLUSH_INTERVAL
             ):
                 last_flush = time.monotonic()
-                batch = self.swarm.flush_batch()
-                await trio.to_thread.run_sync(self.swarm.write, batch)
+                await self._flush(self.swarm)
+
+    async def _flush(self, swarm: SQLiteSwarm) -> None:
+        """Write behind. A failed write (a full disk) is kept and tried again first next time,
+        in order, so swarm.db catches up once it can; memory stays right meanwhile. At most
+        ``MAX_UNWRITTEN`` batches wait (the oldest go: the file is only for restarts)."""
+        self._unwritten.append(swarm.flush_batch())
+        del self._unwritten[:-MAX_UNWRITTEN]
+        while self._unwritten:
+            try:
+                await trio.to_thread.run_sync(swarm.write, self._unwritten[0])
+            except (sqlite3.Error, OSError) as exc:
+                self._trouble("swarm.db", f"writing swarm.db failed: {exc}")
+                return
+            self._unwritten.pop(0)
+        self._trouble("swarm.db", None)
+
+    def _trouble(self, what: str, error: str | None) -> None:
+        """Say once on the log when a background duty starts failing, and once when it
+        recovers."""
+        if error is not None and what not in self._troubles:
+            log.warning("tracker: %s failing: %s", what, error)
+        elif error is None and what in self._troubles:
+            log.warning("tracker: %s works again", what)
+        if error is None:
+            self._troubles.pop(what, None)
+        else:
+            self._troubles[what] = error
 
     # ---------------------------------------------------------------- auth
 

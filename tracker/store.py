@@ -35,15 +35,17 @@ Every SQL statement is parameterized; names never reach SQL text.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 from p2pnode import keys
 from p2pnode.dht.records import PeerRecordError, decode_bundle
@@ -52,6 +54,7 @@ from .core import (
     FLAG_REPORTERS,
     RATE_HALF,
     Announce,
+    APIError,
     Conflict,
     PeerQuality,
     Report,
@@ -753,6 +756,37 @@ def _answer(res: Any) -> AnnounceAnswer | None:
     return AnnounceAnswer(peers, int(res[0]), int(res[1]))
 
 
+class SwarmUnavailable(APIError):
+    """The swarm store's redis-server (``--redis``) could not be reached or failed."""
+
+    status = 503
+    code = "store_unavailable"
+    default_fix = (
+        "check that the swarm's redis-server (--redis) is up and reachable from this replica; "
+        "nodes retry their announces"
+    )
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _redis_errors(method: _F) -> _F:
+    """Redis failing becomes a 503 naming the server, never a 500 or a dead tracker."""
+
+    @functools.wraps(method)
+    def wrapper(self: RedisSwarm, *args: Any, **kw: Any) -> Any:
+        import redis
+
+        try:
+            return method(self, *args, **kw)
+        except redis.exceptions.RedisError as exc:
+            raise SwarmUnavailable(
+                f"the swarm store (Redis at {self.where}) failed: {exc}"
+            ) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
 class RedisSwarm:
     """Swarm state in redis-server, shared by every replica pointed at the same server/prefix.
 
@@ -765,6 +799,12 @@ class RedisSwarm:
         import redis
 
         self.prefix = prefix
+        parts = urlsplit(url)
+        self.where = (  # for error messages: never the password
+            parts.path
+            if parts.scheme == "unix"
+            else f"{parts.hostname}:{parts.port or 6379}{parts.path or ''}"
+        )
         self._r: Any = redis.Redis.from_url(
             url, socket_timeout=5.0, socket_connect_timeout=5.0, health_check_interval=30
         )
@@ -772,12 +812,14 @@ class RedisSwarm:
         self._announce_sha: str | None = None
         self._report = self._r.register_script(_REPORT_LUA)
 
+    @_redis_errors
     def ping(self) -> bool:
         return bool(self._r.ping())
 
     def close(self) -> None:
         self._r.close()
 
+    @_redis_errors
     def announce(
         self,
         a: Announce,
@@ -794,6 +836,7 @@ class RedisSwarm:
         )
         return _answer(res)
 
+    @_redis_errors
     def announce_many(
         self, batch: list[tuple[Announce, str, bytes | None, float, float, bytes, float]]
     ) -> list[AnnounceAnswer | None]:
@@ -867,6 +910,7 @@ class RedisSwarm:
             a.port,
         ]
 
+    @_redis_errors
     def report(self, r: Report, *, now: float, digest: bytes, window: float) -> bool:
         args: list[Any] = [
             self.prefix,
@@ -881,6 +925,7 @@ class RedisSwarm:
             args += [e.node_id.hex(), e.bytes, e.rate, e.failures, e.corrupt]
         return bool(self._report(args=args))
 
+    @_redis_errors
     def quality(self, node_id: bytes) -> PeerQuality:
         cur = self._r.hmget(
             self.prefix + "q:" + node_id.hex(),
@@ -902,6 +947,7 @@ class RedisSwarm:
             corrupt_reporters=int(cur[5]),
         )
 
+    @_redis_errors
     def clear_peer(self, node_id: bytes) -> bool:
         n = node_id.hex()
         p = self.prefix
@@ -912,6 +958,7 @@ class RedisSwarm:
             res = pipe.execute()
         return bool(res[0])
 
+    @_redis_errors
     def gc(self, now: float) -> int:
         """Drop expired members of every swarm (announces also expire their own swarm lazily)."""
         p = self.prefix
@@ -929,6 +976,7 @@ class RedisSwarm:
                 removed += len(dead)
         return removed
 
+    @_redis_errors
     def stats(self, now: float) -> dict[str, Any]:
         p = self.prefix
         releases = {k.decode(): v.decode() for k, v in self._r.hgetall(p + "releases").items()}
