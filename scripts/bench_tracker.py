@@ -278,7 +278,10 @@ def run_case(
     args: argparse.Namespace,
     sessions: bool = False,
     redis_mode: str = "script",
+    loaded: int | None = None,
 ) -> dict[str, Any]:
+    """One case; ``loaded``: how many of the replicas the generator sends to (default all; the
+    others only follow the log, which measures what following costs a replica)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-tracker-"))
     procs: list[subprocess.Popen[Any]] = []
     try:
@@ -324,7 +327,7 @@ def run_case(
             mp.Process(
                 target=load_worker,
                 args=(
-                    ports,
+                    ports[: loaded or replicas],
                     mids,
                     per,
                     args.nodes,
@@ -343,9 +346,11 @@ def run_case(
         tracker_pids = [p.pid for p in procs[-replicas:]]
         time.sleep(max(0.0, start_at - time.time()))  # presigning and sessions not counted
         cpu0 = cpu_seconds(tracker_pids)
+        each0 = [cpu_seconds([pid]) for pid in tracker_pids]
         rcpu0 = cpu_seconds(redis_pids) if redis_pids else 0.0
         results = [q.get(timeout=args.seconds + 120) for _ in workers]
         cpu = cpu_seconds(tracker_pids) - cpu0
+        each = [cpu_seconds([pid]) - c0 for pid, c0 in zip(tracker_pids, each0, strict=True)]
         rcpu = (cpu_seconds(redis_pids) - rcpu0) if redis_pids else 0.0
         for w in workers:
             w.join(timeout=10)
@@ -368,12 +373,20 @@ def run_case(
             # one core, whatever else shares this machine
             "tracker_cpu_us_per_announce": round(cpu / max(1, n) * 1e6, 1),
             "redis_cpu_us_per_announce": round(rcpu / max(1, n) * 1e6, 1) if redis else None,
+            "replica_cpu_us_per_announce": [round(c / max(1, n) * 1e6, 1) for c in each],
+            "loaded_replicas": loaded or replicas,
         }
         print(
             f"{name:>22}: {out['announces_per_s']:8.1f} announces/s  p50 {out['p50_ms']:6.2f} ms"
             f"  p99 {out['p99_ms']:6.2f} ms  ({n} requests, {errors} errors, tracker CPU "
             f"{out['tracker_cpu_us_per_announce']:.0f} us/announce"
             + (f", redis {out['redis_cpu_us_per_announce']:.0f} us" if redis else "")
+            + (
+                f"; per replica {'/'.join(f'{c:.0f}' for c in out['replica_cpu_us_per_announce'])}"
+                " us"
+                if replicas > 1
+                else ""
+            )
             + ")",
             flush=True,
         )
@@ -409,6 +422,8 @@ def main() -> None:
         "redis-2-replicas-fast-session": (2, True, True),
         "redis-log-fast-session": (1, True, True),
         "redis-log-2-replicas-fast-session": (2, True, True),
+        # load on the first replica only: the second's CPU is what following the log costs
+        "redis-log-2-replicas-follower-fast-session": (2, True, True),
     }
     ap.add_argument(
         "--cases",
@@ -425,7 +440,14 @@ def main() -> None:
         replicas, redis, fast = table[name]
         mode = "log" if name.startswith("redis-log") else "script"
         cases[name] = run_case(
-            name, replicas, redis, fast, args, name.endswith("-session"), redis_mode=mode
+            name,
+            replicas,
+            redis,
+            fast,
+            args,
+            name.endswith("-session"),
+            redis_mode=mode,
+            loaded=1 if "-follower" in name else None,
         )
     print(json.dumps({"cases": cases}))
 
