@@ -343,13 +343,21 @@ class LogSwarm(MemorySwarm):
 
     async def _reader(self) -> None:
         checked = time.monotonic()
+        failing = False  # an outage is logged once, and so is the recovery
         while True:
             try:
                 entries = await self._read(READ_BLOCK_MS)
             except RedisUnavailable as exc:  # /healthz turns 503 after HEALTHY_WITHIN
-                log.warning("tracker log reader: %s; retrying in %g s", exc.message, READ_RETRY)
+                if not failing:
+                    log.warning(
+                        "tracker log reader: %s; retrying every %g s", exc.message, READ_RETRY
+                    )
+                failing = True
                 await trio.sleep(READ_RETRY)
                 continue
+            if failing:
+                log.warning("tracker log reader: Redis answers again; catching up")
+                failing = False
             if entries:
                 self._apply_batch(entries)
             if time.monotonic() - checked >= self.snapshot_every:
