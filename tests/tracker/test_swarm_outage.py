@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,19 +18,7 @@ from p2pnode.tracker_client import TrackerError
 from tracker.app import Tracker, TrackerConfig, open_tracker
 from tracker.replicated import LogSwarm
 
-from .conftest import ADMIN, APP, client_for
-from .test_registry_redis import RedisProcess
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    (tmp_path / "redis").mkdir()
-    r = RedisProcess(tmp_path / "redis")
-    r.start()
-    try:
-        yield r
-    finally:
-        r.stop()
+from .conftest import ADMIN, APP, RedisProcess, client_for
 
 
 @pytest.mark.parametrize("mode", ["script", "log"])
