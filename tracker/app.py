@@ -452,7 +452,7 @@ class Tracker:
 
     async def _refresh_stats(self) -> dict[str, Any]:
         stats = await self._swarm_call(self.swarm.stats, self.config.clock())
-        labels = self.registry.releases()
+        labels = await self._registry_call(self.registry.releases)
         for r in stats["releases"]:
             info = labels.get(bytes.fromhex(r["manifest_id"]))
             r["build"], r["version"] = (info[1], info[2]) if info else (None, None)
@@ -536,7 +536,7 @@ class Tracker:
                 {
                     "apps": [
                         {"app": a.name, "key": keys.format_public_key(a.key)}
-                        for a in self.registry.list_apps()
+                        for a in await self._registry_call(self.registry.list_apps)
                     ]
                 }
             )
@@ -561,11 +561,12 @@ class Tracker:
 
     async def _app_info(self, request: Request) -> Response:
         row = self._app_row(request.path_params["app"])
+        heads = await self._registry_call(self.registry.channels, row.name)
         return JSONResponse(
             {
                 "app": row.name,
                 "key": keys.format_public_key(row.key),
-                "channels": [_head_json(h) for h in self.registry.channels(row.name)],
+                "channels": [_head_json(h) for h in heads],
             }
         )
 
@@ -630,7 +631,7 @@ class Tracker:
         obj = core.json_object(await _read_body(request, MAX_JSON_BYTES) or b"{}")
         target = obj.get("manifest_id")
         if target is None and action == "rollback":
-            mid = self.registry.previous_head(row.name, channel)
+            mid = await self._registry_call(self.registry.previous_head, row.name, channel)
             if mid is None:
                 raise Conflict(
                     f"channel {channel} of {row.name} has no earlier build to roll back to",
@@ -651,7 +652,7 @@ class Tracker:
         )
         self.m_publishes.labels(action).inc()
         self.notify()
-        head = self.registry.head(row.name, channel)
+        head = await self._registry_call(self.registry.head, row.name, channel)
         if head is None:  # the move just committed; only a concurrent delete could do this
             raise NotFound(f"channel {channel} vanished")
         return JSONResponse(_head_json(head))
@@ -664,24 +665,19 @@ class Tracker:
 
     async def _history(self, request: Request) -> Response:
         row, channel = self._channel(request)
-        return JSONResponse(
-            {
-                "app": row.name,
-                "channel": channel,
-                "history": self.registry.history(row.name, channel),
-            }
-        )
+        history = await self._registry_call(self.registry.history, row.name, channel)
+        return JSONResponse({"app": row.name, "channel": channel, "history": history})
 
     async def _latest(self, request: Request) -> Response:
         row, channel = self._channel(request)
         since = _query_int(request, "since", -1, 1 << 62)
         wait = _query_float(request, "wait", 0.0, MAX_WAIT)
-        head = self.registry.head(row.name, channel)
+        head = await self._registry_call(self.registry.head, row.name, channel)
         if since is not None and wait > 0:
             with trio.move_on_after(wait):
                 while head is None or head.seq <= since:
                     await self._changed.wait()
-                    head = self.registry.head(row.name, channel)
+                    head = await self._registry_call(self.registry.head, row.name, channel)
         if head is None:
             raise NotFound(
                 f"nothing is published to channel {channel} of {row.name} yet",
@@ -697,7 +693,7 @@ class Tracker:
             last = -1 if since is None else since
             yield b"retry: 1000\n\n"
             while True:
-                head = self.registry.head(row.name, channel)
+                head = await self._registry_call(self.registry.head, row.name, channel)
                 if head is not None and head.seq > last:
                     last = head.seq
                     data = json.dumps(_head_json(head))

@@ -35,13 +35,15 @@ published on another replica a moment later. Heads, channel lists and history ar
 Redis on every call (one round trip, ~100 us on loopback): they change, and a read after a
 publish on another replica must see it, as with SQLite.
 
-**Blocking.** redis-py is synchronous. The app runs the writes (which carry manifests of up to
-64 MiB) and manifest reads in a worker thread (``Tracker(registry_in_thread=True)``) and the other
-reads inline, like the SQLite registry's; the inline client has short timeouts so a stalled Redis
-holds the event loop for at most ``FAST_TIMEOUT``. After a failure to reach Redis every call fails
-at once for ``DOWN_BACKOFF`` (a circuit breaker: requests do not each wait out a timeout against a
-dead host) until a :meth:`~RedisRegistry.data_version` probe, which the watcher makes every
-0.2 s from a worker thread, gets through again.
+**Blocking.** redis-py is synchronous. The app runs every call that may reach Redis from a
+request handler (writes, which carry manifests of up to 64 MiB; heads, channel lists, history,
+the app list, release labels and manifest reads) in a worker thread
+(``Tracker(registry_in_thread=True)``); only the cached lookups (``get_app``, ``manifest_info``,
+asked synchronously by token checks and announces) run inline, and on a miss their client's
+short timeouts hold the event loop for at most ``FAST_TIMEOUT``. After a failure to reach Redis
+every call fails at once for ``DOWN_BACKOFF`` (a circuit breaker: requests do not each wait out
+a timeout against a dead host) until a :meth:`~RedisRegistry.data_version` probe, which the
+watcher makes every 0.2 s from a worker thread, gets through again.
 
 **Errors.** Any Redis failure becomes :class:`RegistryUnavailable` (HTTP 503, JSON
 ``registry_unavailable``, naming the server and the cause). A change that fails this way was
