@@ -548,6 +548,7 @@ def run_swarm(
     stay: bool = True,
     spare: bool = True,
     daemons: bool = False,
+    frugal: bool = True,
 ) -> RunResult:
     """Distribute ``release`` over the swarm: the origin seeds, every leecher installs at once.
 
@@ -610,6 +611,7 @@ def run_swarm(
             f"{origin.ip}:{SWARM_PORT}",
             "--json",
             *([] if spare else ["--no-spare"]),
+            *([] if frugal else ["--no-frugal"]),
         ],
         name="seed",
         cwd=str(REPO),
@@ -754,6 +756,12 @@ def main() -> None:
         "origin upload; the default spares it)",
     )
     ap.add_argument(
+        "--origin-not-frugal",
+        action="store_true",
+        help="the origin seeds with --no-frugal: it uploads a chunk again even while others "
+        "were never uploaded (with --origin-busy: a plain seed)",
+    )
+    ap.add_argument(
         "--daemons",
         action="store_true",
         help="also run the swarm with the leechers already running (p2pnode watch) when the "
@@ -825,6 +833,7 @@ def main() -> None:
                             timeout=10 * bound + 60,
                             stay=not args.leave_when_done,
                             spare=not args.origin_busy,
+                            frugal=not args.origin_not_frugal,
                         )
                     )
                     shutil.rmtree(run_dir, ignore_errors=True)  # ~N+1 copies of the release
@@ -841,6 +850,7 @@ def main() -> None:
                         run_dir,
                         timeout=10 * bound + 60,
                         spare=not args.origin_busy,
+                        frugal=not args.origin_not_frugal,
                         daemons=True,
                     )
                 )
@@ -959,6 +969,7 @@ def main() -> None:
             else None,
             "leechers_stay": not args.leave_when_done,
             "origin_spared": not args.origin_busy,
+            "origin_frugal": not args.origin_not_frugal,
             "swarm_timeline": swarm.details.get("timeline") if swarm else None,
             "swarm_runs": [
                 {
