@@ -80,6 +80,13 @@ class _Follower:
 
     async def run(self) -> int:
         seq, done = 0, 0
+        if self.options.policy != "cdn-only":
+            # A daemon pays for its imports at start, not when a build is out and a whole
+            # fleet starts at once (the swarm's modules load lazily: ~40 ms of CPU).
+            from .identity import load_or_create
+            from .swarm import node as _node  # noqa: F401
+
+            await trio.to_thread.run_sync(load_or_create, self.options.identity_dir)
         self.emit({"event": "watching", "app": self.opts.app, "channel": self.opts.channel})
         while self.opts.max_updates is None or done < self.opts.max_updates:
             head = await self._next_release(seq)
