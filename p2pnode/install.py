@@ -187,6 +187,9 @@ class InstallResult:
                     "rate": round(st.rate),
                     "latency_ms": round(st.latency_ms, 1),
                     "connect_ms": round(1000 * st.connect_s, 1),
+                    "first_piece_ms": None
+                    if st.first_piece_s is None
+                    else round(1000 * st.first_piece_s, 1),
                     "corrupt": st.corrupt,
                     "failures": st.failures,
                     "error": st.error,

@@ -684,6 +684,11 @@ def run_swarm(
             "bytes_peers": {n: int(r["bytes_peers"]) for n, r in results.items()},
             "bytes_cdn": {n: int(r["bytes_cdn"]) for n, r in results.items()},
             "install_s": {n: float(r["seconds"]) for n, r in results.items()},
+            # from a leecher's start on the origin to the origin's first piece: the start-up
+            "origin_first_piece_ms": {
+                n: (r["peers"].get(f"{origin.ip}:{SWARM_PORT}") or {}).get("first_piece_ms")
+                for n, r in results.items()
+            },
             "timeline": sampler.timeline({h.name: h.up_bps or 1e12 for h in lab.hosts}),
         },
     )
@@ -710,6 +715,11 @@ def _lag(run: RunResult, pick: Callable[[list[float]], float] = min) -> float:
     """From the publish to a watcher's install starting: the long poll, the manifest fetch."""
     took = run.details["install_s"]
     return pick([run.leecher_s[n] - took[n] for n in took])
+
+
+def _first_piece(run: RunResult) -> str:
+    got = [v for v in run.details["origin_first_piece_ms"].values() if v is not None]
+    return f"{min(got):.0f}-{max(got):.0f} ms" if got else "n/a"
 
 
 def _mbps(bps: float | None) -> str:
@@ -931,7 +941,8 @@ def main() -> None:
                     "daemons slowest",
                     f"{daemon.slowest_s:.1f} s = {daemon.slowest_s / bound:.2f}x from the publish "
                     f"(first done {min(daemon.leecher_s.values()):.1f} s; from the publish to "
-                    f"the install's start {_lag(daemon):.2f}-{_lag(daemon, max):.2f} s); origin "
+                    f"the install's start {_lag(daemon):.2f}-{_lag(daemon, max):.2f} s; the "
+                    f"origin's first piece after {_first_piece(daemon)}); origin "
                     f"upload {daemon.origin_tx_bytes / F:.2f}x",
                 ),
                 (

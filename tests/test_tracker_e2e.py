@@ -200,6 +200,7 @@ def test_nodes_find_each_other_through_tracker_announces(tmp_path: Path, tracker
             r2 = json.loads(proc.stdout)
             assert r2["bytes_cdn"] == 0 and r2["bytes_peers"] > 0
             assert list(r2["peers"]) == [f"127.0.0.1:{port1}"]
+            assert r2["peers"][f"127.0.0.1:{port1}"]["first_piece_ms"] > 0
             stats = httpx.get(tracker_url + "/v1/stats").json()
             release = next(x for x in stats["releases"] if x["build"] == 1)
             assert 0.4 < release["offload_ratio"] < 0.6  # one node from the CDN, one from peers

@@ -88,6 +88,8 @@ class PeerStats:
     connect_s: float = 0.0  # TCP + TLS handshake: about two round trips
     response_s: float = 0.0  # summed request-to-piece times (queueing at the peer included)
     responses: int = 0
+    opened: float = 0.0  # (trio clock) when we started on this peer
+    first_piece_s: float | None = None  # from ``opened`` to its first piece: a swarm's start-up
 
     @property
     def rate(self) -> float:
@@ -548,7 +550,7 @@ class SwarmNode:
 
     async def _fetch_from(self, job: _Fetch, host: str, port: int, st: PeerStats) -> None:
         addr = f"{host}:{port}"
-        t0 = trio.current_time()
+        t0 = st.opened = trio.current_time()
         try:
             tls = await self._connect(host, port)
             st.connect_s = trio.current_time() - t0
@@ -648,6 +650,8 @@ class SwarmNode:
                     rid_of.pop(i, None)
                     st.response_s += now - asked_at.pop(ev.rid)
                     st.responses += 1
+                    if st.first_piece_s is None:
+                        st.first_piece_s = now - st.opened
                     await self._take(job, ev, i, addr, st)
                 elif isinstance(ev, W.Reject):
                     i = inflight.pop(ev.rid)
