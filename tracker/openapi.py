@@ -17,10 +17,17 @@ _ERROR = {
 }
 
 
+_UNAVAILABLE = {
+    "description": "A store behind the tracker failed (store_unavailable, log_unavailable, "
+    "registry_unavailable); the message names it. Retry later.",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+
+
 def _op(summary: str, *, auth: str | None = None, body: str | None = None, **extra: Any) -> Any:
     op: dict[str, Any] = {
         "summary": summary,
-        "responses": {"200": {"description": "OK"}, "4XX": _ERROR},
+        "responses": {"200": {"description": "OK"}, "4XX": _ERROR, "503": _UNAVAILABLE},
     }
     if auth:
         op["security"] = [{"bearer": []}]
