@@ -202,20 +202,14 @@ async def _tracked_install(
     """An install resolved through a tracker: its peers come from the tracker (raced with the
     DHT and the LAN when those are on), and the node reports back when done. Tracker trouble
     after the manifest is in hand costs peers and statistics, not the install."""
-    import httpx
-
-    from .discover import announce_host
     from .identity import load_or_create
     from .install import install
     from .tracker_client import TrackerClient
+    from .tracking import serving_host
 
     me = await trio.to_thread.run_sync(load_or_create, options.identity_dir)
     port = _listen_port(options)
-    host = None
-    if options.listen:
-        toward = [httpx.URL(args.tracker).host]
-        listen_host = options.listen.rpartition(":")[0]
-        host = await trio.to_thread.run_sync(announce_host, listen_host, toward)
+    host = await trio.to_thread.run_sync(serving_host, options.listen, args.tracker)
     async with TrackerClient(args.tracker) as tracker:
         run = partial(
             install,
@@ -253,13 +247,11 @@ async def _tracked_install(
 
 
 async def _report(tracker: Any, me: Any, result: Any, port: int | None, host: str | None) -> None:
-    from .tracker_client import TrackerError
-    from .tracking import announce_completed
+    from .tracking import report_install
 
-    try:  # the bound port, where --listen asked for any (port 0)
-        await announce_completed(tracker, me, result, result.listen_port or port, host)
-    except TrackerError as exc:
-        print(f"p2pnode: warning: could not report to the tracker: {exc}", file=sys.stderr)
+    trouble = await report_install(tracker, me, result, port, host)
+    if trouble is not None:
+        print(f"p2pnode: warning: {trouble}", file=sys.stderr)
 
 
 async def _until_signalled() -> None:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import trio
+
 from . import manifest as M
 from .dht.records import Topic, make_record
 from .identity import NodeIdentity
-from .tracker_client import PeerQualityReport, TrackerClient
+from .tracker_client import PeerQualityReport, TrackerClient, TrackerError
 
-__all__ = ["announce_completed", "own_records"]
+__all__ = ["announce_completed", "own_records", "report_install", "serving_host"]
 
 
 def own_records(me: NodeIdentity, manifest: M.Manifest, host: str | None, port: int) -> list[bytes]:
@@ -83,3 +85,34 @@ async def announce_completed(
     ]
     if reports:
         await tracker.report(me.key, reports)
+
+
+def serving_host(listen: str | None, tracker_url: str) -> str | None:
+    """The address a node serving on ``listen`` names in its records: the listen host, or for
+    a wildcard the local address toward the tracker (``discover.announce_host``). Blocking
+    (a UDP ``connect``): call it from a thread."""
+    if not listen:
+        return None
+    import httpx
+
+    from .discover import announce_host
+
+    return announce_host(listen.rpartition(":")[0], [httpx.URL(tracker_url).host])
+
+
+async def report_install(
+    tracker: TrackerClient, me: NodeIdentity, result: Any, port: int | None, host: str | None
+) -> str | None:
+    """``announce_completed``, bounded: tracker trouble after an install costs statistics, not
+    the install. Returns why the report failed (for a warning), or ``None``."""
+    try:
+        with trio.fail_after(REPORT_TIMEOUT):
+            await announce_completed(tracker, me, result, result.listen_port or port, host)
+    except TrackerError as exc:
+        return f"could not report to the tracker: {exc.message}"
+    except trio.TooSlowError:
+        return f"could not report to the tracker: no answer within {REPORT_TIMEOUT:.0f}s"
+    return None
+
+
+REPORT_TIMEOUT = 30.0

@@ -238,23 +238,17 @@ class _Follower:
 
     async def _report(self, result: InstallResult) -> None:
         """Tell the tracker where the bytes came from and how the peers did."""
-        from .discover import announce_host
         from .identity import load_or_create
-        from .tracking import announce_completed
+        from .tracking import report_install, serving_host
 
         me = await trio.to_thread.run_sync(load_or_create, self.options.identity_dir)
-        if self.options.listen and self.host is None:
-            import httpx
-
-            toward = [httpx.URL(self.opts.tracker).host]
-            listen_host = self.options.listen.rpartition(":")[0]
-            self.host = await trio.to_thread.run_sync(announce_host, listen_host, toward)
-        try:
-            with trio.fail_after(REPORT_TIMEOUT):
-                await announce_completed(self.tracker, me, result, result.listen_port, self.host)
-        except (TrackerError, trio.TooSlowError) as exc:
-            why = exc.message if isinstance(exc, TrackerError) else "timed out"
-            self.emit({"event": "warning", "error": f"could not report to the tracker: {why}"})
+        if self.host is None:
+            self.host = await trio.to_thread.run_sync(
+                serving_host, self.options.listen, self.opts.tracker
+            )
+        trouble = await report_install(self.tracker, me, result, result.listen_port, self.host)
+        if trouble is not None:
+            self.emit({"event": "warning", "error": trouble})
 
 
 def _our_error(exc: BaseException) -> P2PNodeError:
@@ -264,6 +258,3 @@ def _our_error(exc: BaseException) -> P2PNodeError:
     if isinstance(cause, P2PNodeError):
         return cause
     raise exc
-
-
-REPORT_TIMEOUT = 30.0
