@@ -326,6 +326,12 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
     """
     from .watch import WatchOptions, watch
 
+    if args.max_updates is not None and args.max_updates < 1:
+        raise UsageError("--max-updates must be at least 1")
+    if args.origin and not args.listen:
+        raise UsageError(
+            "--origin is a seed box: it needs --listen", fix="add --listen 0.0.0.0:6881"
+        )
     options = _install_options(args, origin=args.origin)
     opts = WatchOptions(
         app=args.app,
@@ -336,8 +342,6 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
         install=options,
         max_updates=args.max_updates,
     )
-    if args.max_updates is not None and args.max_updates < 1:
-        raise UsageError("--max-updates must be at least 1")
 
     installed: list[int] = []
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from .errors import DowngradeError, P2PNodeError, most_telling
+from .errors import DowngradeError, P2PNodeError, UsageError, most_telling
 from .install import InstallOptions, InstallResult, install
 from .progress import Progress
 from .state import StateDir
@@ -80,12 +80,17 @@ class _Follower:
 
     async def run(self) -> int:
         seq, done = 0, 0
-        if self.options.policy != "cdn-only":
+        if self.options.policy != "cdn-only" or self.options.listen:
             # A daemon pays for its imports at start, not when a build is out and a whole
-            # fleet starts at once (the swarm's modules load lazily: ~40 ms of CPU).
+            # fleet starts at once (the swarm's modules load lazily: ~40 ms of CPU); and a
+            # mistyped address is said now, not at the first publish.
             from .identity import load_or_create
-            from .swarm import node as _node  # noqa: F401
+            from .swarm.node import parse_peer
 
+            for peer in self.options.peers:
+                parse_peer(peer)
+            if self.options.listen:
+                parse_peer(self.options.listen, listen=True)
             await trio.to_thread.run_sync(load_or_create, self.options.identity_dir)
         self.emit({"event": "watching", "app": self.opts.app, "channel": self.opts.channel})
         while self.opts.max_updates is None or done < self.opts.max_updates:
@@ -102,6 +107,8 @@ class _Follower:
         delay = self.opts.retry_first
         while True:
             outcome = await self._attempt(head)
+            if isinstance(outcome, UsageError):
+                raise outcome  # the command line is wrong: no retry can help
             if isinstance(outcome, InstallResult):
                 self.emit({"event": "installed", **outcome.as_json()})
                 if outcome.action != "unchanged":

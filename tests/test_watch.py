@@ -255,3 +255,22 @@ async def test_a_long_running_watcher_leaks_no_sockets_or_threads(
     fds, dht_threads = zip(*seen, strict=True)
     assert set(dht_threads) == {1}, seen  # the serving install's DHT node, and no other
     assert max(fds[2:]) <= fds[1] + 2, seen  # steady after the first update
+
+
+def test_a_mistyped_address_or_flag_is_refused_at_start(tmp_path: Path) -> None:
+    """Command-line mistakes fail the daemon at once with the cause (exit 2), instead of being
+    retried with backoff at every publish."""
+    base = [sys.executable, "-m", "p2pnode", "watch", "game", "--tracker", "http://127.0.0.1:9"]
+    for extra, cause in (
+        (["--peer", "10.0.0.5"], "is not HOST:PORT"),
+        (["--listen", "0.0.0.0:http"], "is not HOST:PORT"),
+        (["--origin"], "--origin is a seed box: it needs --listen"),
+    ):
+        proc = subprocess.run(
+            [*base, "--dest", str(tmp_path / "d"), *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 2, (extra, proc.stderr)
+        assert cause in proc.stderr and "fix:" in proc.stderr
