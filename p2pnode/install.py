@@ -342,16 +342,23 @@ async def install(
             )
             result.action = "updated" if current else "installed"
             result.seconds = time.monotonic() - t0
-            if swarm is not None and options.listen:
-                result.listen_port = swarm.node.listen_port
-            if swarm is not None and swarm.discovery is not None:
-                result.discovery = swarm.discovery.summary()
-            if options.seed and swarm is not None:
-                swarm.node.local = local_chunks(sd, sd.load())  # the tree moved into place
-                if options.on_ready is not None:
-                    options.on_ready(result)
-                await trio.sleep_forever()
+            if swarm is not None:
+                if options.seed:  # the tree moved into place: serve it from there
+                    swarm.node.local = local_chunks(sd, sd.load())
+                await _served(swarm, options, result)
         return result
+
+
+async def _served(swarm: Swarm, options: InstallOptions, result: InstallResult) -> None:
+    """Fill in where ``result``'s node serves and how discovery went; with ``--seed``, tell
+    ``on_ready`` and serve until cancelled."""
+    result.listen_port = swarm.node.listen_port if options.listen else None
+    if swarm.discovery is not None:
+        result.discovery = swarm.discovery.summary()
+    if options.seed:
+        if options.on_ready is not None:
+            options.on_ready(result)
+        await trio.sleep_forever()
 
 
 async def _serve_unchanged(
@@ -372,12 +379,7 @@ async def _serve_unchanged(
         swarm.result = result
         if swarm.more_peers is not None:
             swarm.more_peers.close()  # nothing to fetch: discovery only announces from now on
-        result.listen_port = swarm.node.listen_port if options.listen else None
-        if swarm.discovery is not None:
-            result.discovery = swarm.discovery.summary()
-        if options.on_ready is not None:
-            options.on_ready(result)
-        await trio.sleep_forever()
+        await _served(swarm, options, result)
 
 
 async def rollback(
