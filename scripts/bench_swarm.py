@@ -292,7 +292,7 @@ def _install_result(stdout: str) -> dict[str, Any]:
     """The install's JSON result: its ``installed`` event (with --seed), else its last line."""
     lines = stdout.strip().splitlines()
     events = [line for line in lines if '"event": "installed"' in line]
-    return json.loads(events[-1] if events else lines[-1])  # type: ignore[no-any-return]
+    return json.loads(events[-1] if events else lines[-1])
 
 
 class UplinkSampler:
@@ -454,11 +454,6 @@ def run_cdn_only(lab: netlab.Lab, release: Release, work: Path, timeout: float) 
 
 # ---------------------------------------------------------------------------------------------
 # ============================== SWARM RUN (issue 4 item 9) ==================================
-# To be written by the swarm engineer once `p2pnode seed` and `install --listen/--peer` work.
-# Flip SWARM_IMPLEMENTED to True when run_swarm below is real; main() then calls it, right
-# after the CDN-only run, on the same lab, and reports ratio_to_bound = slowest_s / bound_s and
-# origin_upload_x = origin_tx_bytes / release size from its result.
-SWARM_IMPLEMENTED = True
 
 
 APP = "swarmbench"
@@ -500,21 +495,13 @@ def _start_tracker(origin: netlab.Host, work: Path, release: Release) -> netlab.
         cwd=str(REPO),
         env=_python_env(),
     )
-    script = (
-        "import httpx, sys, time\n"
-        "for _ in range(200):\n"
-        "    try:\n"
-        "        r = httpx.post(sys.argv[1] + '/v1/apps',"
-        " json={'app': sys.argv[2], 'key': sys.argv[3]},"
-        " headers={'Authorization': 'Bearer ' + sys.argv[4]}); break\n"
-        "    except httpx.TransportError:\n"
-        "        time.sleep(0.1)\n"
-        "r.raise_for_status()\n"
-    )
-    origin.run(
-        [sys.executable, "-c", script, tracker_url(origin), APP, release.pub, ADMIN_TOKEN],
-        timeout=40,
-    )
+    deadline = time.monotonic() + 30
+    while "tracker listening on" not in proc.stdout():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the tracker did not start: {proc.stderr()[-600:]}")
+        time.sleep(0.05)
+    add = ["app", "add", APP, "--key", release.pub, "--url", tracker_url(origin)]
+    origin.run([sys.executable, "-m", "tracker", *add, "--admin-token", ADMIN_TOKEN], timeout=40)
     return proc
 
 
@@ -711,6 +698,21 @@ def serve_cdn(root: Path, host: str, port: int, prefix: Path) -> None:
         cdn.stop()
 
 
+def _timeline_text(run: RunResult) -> str:
+    return "  ".join(
+        f"{r['t']:.0f}s {100 * r['leechers_up']:.0f}/{100 * r['origin_up']:.0f}%"
+        for r in run.details.get("timeline", [])
+    )
+
+
+def _runs_text(runs: list[RunResult], bound: float, size: int) -> str:
+    return ", ".join(f"{r.slowest_s / bound:.2f}x/{r.origin_tx_bytes / size:.2f}x" for r in runs)
+
+
+def _median(runs: list[RunResult]) -> RunResult:
+    return sorted(runs, key=lambda r: r.slowest_s)[(len(runs) - 1) // 2]
+
+
 def _lag(run: RunResult, pick: Callable[[list[float]], float] = min) -> float:
     """From the publish to a watcher's install starting: the long poll, the manifest fetch."""
     took = run.details["install_s"]
@@ -829,47 +831,34 @@ def main() -> None:
             cdn = None
             if not args.skip_cdn:
                 cdn = run_cdn_only(lab, release, work, timeout=3 * cdn_need + 60)
-            swarm = None
-            runs: list[RunResult] = []
-            if SWARM_IMPLEMENTED:
+
+            def series(daemons: bool) -> list[RunResult]:
+                """``--runs`` swarm runs, each in a directory of its own (~N+1 copies of the
+                release, removed after)."""
+                out = []
                 for k in range(args.runs):
-                    run_dir = work / f"run{k}"
+                    run_dir = work / f"{'daemons' if daemons else 'run'}{k}"
                     run_dir.mkdir()
-                    runs.append(
+                    out.append(
                         run_swarm(
                             lab,
                             release,
                             run_dir,
                             timeout=10 * bound + 60,
-                            stay=not args.leave_when_done,
+                            stay=daemons or not args.leave_when_done,
                             spare=not args.origin_busy,
                             frugal=not args.origin_not_frugal,
+                            daemons=daemons,
                         )
                     )
-                    shutil.rmtree(run_dir, ignore_errors=True)  # ~N+1 copies of the release
-                # The median run by slowest leecher stands for all; every run is listed.
-                swarm = sorted(runs, key=lambda r: r.slowest_s)[(len(runs) - 1) // 2]
-            daemon_runs: list[RunResult] = []
-            for k in range(args.runs if args.daemons else 0):
-                run_dir = work / f"daemons{k}"
-                run_dir.mkdir()
-                daemon_runs.append(
-                    run_swarm(
-                        lab,
-                        release,
-                        run_dir,
-                        timeout=10 * bound + 60,
-                        spare=not args.origin_busy,
-                        frugal=not args.origin_not_frugal,
-                        daemons=True,
-                    )
-                )
-                shutil.rmtree(run_dir, ignore_errors=True)
-            daemon = (
-                sorted(daemon_runs, key=lambda r: r.slowest_s)[(len(daemon_runs) - 1) // 2]
-                if daemon_runs
-                else None
-            )
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                return out
+
+            # The median run by slowest leecher stands for all; every run is listed.
+            runs = series(daemons=False)
+            swarm = _median(runs)
+            daemon_runs = series(daemons=True) if args.daemons else []
+            daemon = _median(daemon_runs) if daemon_runs else None
         F = release.size
         cdn_x = cdn.origin_tx_bytes / F if cdn else None
         rows_out: list[tuple[str, str]] = [
@@ -904,37 +893,28 @@ def main() -> None:
                     f"{cdn.details['nginx_body_bytes'] / F:.2f}x)",
                 ),
             ]
-        if swarm:
-            rows_out += [
-                ("swarm slowest", f"{swarm.slowest_s:.1f} s = {swarm.slowest_s / bound:.2f}x"),
-                (
-                    "swarm leechers",
-                    f"first done {min(swarm.leecher_s.values()):.1f} s; leechers "
-                    + (
-                        "seed until the slowest is done"
-                        if not args.leave_when_done
-                        else "leave when done"
-                    ),
+        rows_out += [
+            ("swarm slowest", f"{swarm.slowest_s:.1f} s = {swarm.slowest_s / bound:.2f}x"),
+            (
+                "swarm leechers",
+                f"first done {min(swarm.leecher_s.values()):.1f} s; leechers "
+                + (
+                    "seed until the slowest is done"
+                    if not args.leave_when_done
+                    else "leave when done"
                 ),
-                ("swarm origin upload", f"{swarm.origin_tx_bytes / F:.2f}x the release"),
-                (
-                    "swarm uplinks",
-                    "  ".join(
-                        f"{r['t']:.0f}s {100 * r['leechers_up']:.0f}/{100 * r['origin_up']:.0f}%"
-                        for r in swarm.details.get("timeline", [])
-                    )
-                    + " (leechers'/origin's upload as % of caps, per 2 s)",
-                ),
-                (
-                    "swarm runs",
-                    ", ".join(
-                        f"{r.slowest_s / bound:.2f}x/{r.origin_tx_bytes / F:.2f}x" for r in runs
-                    )
-                    + " (ratio/origin upload; the median run is shown above)",
-                ),
-            ]
-        else:
-            rows_out.append(("swarm", "not run: the swarm is not implemented yet (issue 4)"))
+            ),
+            ("swarm origin upload", f"{swarm.origin_tx_bytes / F:.2f}x the release"),
+            (
+                "swarm uplinks",
+                _timeline_text(swarm) + " (leechers'/origin's upload as % of caps, per 2 s)",
+            ),
+            (
+                "swarm runs",
+                _runs_text(runs, bound, F)
+                + " (ratio/origin upload; the median run is shown above)",
+            ),
+        ]
         if daemon:
             rows_out += [
                 (
@@ -945,43 +925,27 @@ def main() -> None:
                     f"origin's first piece after {_first_piece(daemon)}); origin "
                     f"upload {daemon.origin_tx_bytes / F:.2f}x",
                 ),
-                (
-                    "daemons uplinks",
-                    "  ".join(
-                        f"{r['t']:.0f}s {100 * r['leechers_up']:.0f}/{100 * r['origin_up']:.0f}%"
-                        for r in daemon.details.get("timeline", [])
-                    ),
-                ),
-                (
-                    "daemons runs",
-                    ", ".join(
-                        f"{r.slowest_s / bound:.2f}x/{r.origin_tx_bytes / F:.2f}x"
-                        for r in daemon_runs
-                    ),
-                ),
+                ("daemons uplinks", _timeline_text(daemon)),
+                ("daemons runs", _runs_text(daemon_runs, bound, F)),
             ]
         rows_out.append(("targets", "swarm <= 1.10x the bound, origin upload <= 1.5x"))
         width = max(len(k) for k, _ in rows_out)
         for k, v in rows_out:
             print(f"{k:<{width}}  {v}")
-        origin_x = swarm.origin_tx_bytes / F if swarm else cdn_x
         out: dict[str, Any] = {
-            "ratio_to_bound": round(swarm.slowest_s / bound, 3) if swarm else None,
-            "swarm_s": round(swarm.slowest_s, 2) if swarm else None,
-            "origin_upload_x": round(origin_x, 3) if origin_x is not None else None,
-            "origin_upload_source": "swarm" if swarm else ("cdn-only" if cdn else None),
-            "note": None if swarm else "swarm not implemented yet: ratio_to_bound is null",
+            "ratio_to_bound": round(swarm.slowest_s / bound, 3),
+            "swarm_s": round(swarm.slowest_s, 2),
+            "origin_upload_x": round(swarm.origin_tx_bytes / F, 3),
+            "origin_upload_source": "swarm",
             "cdn_only_s": round(cdn.slowest_s, 2) if cdn else None,
             "cdn_only_ratio_to_bound": round(cdn.slowest_s / bound, 3) if cdn else None,
             "cdn_origin_upload_x": round(cdn_x, 3) if cdn_x is not None else None,
             "cdn_leecher_s": {k: round(v, 2) for k, v in cdn.leecher_s.items()} if cdn else None,
-            "swarm_leecher_s": {k: round(v, 2) for k, v in swarm.leecher_s.items()}
-            if swarm
-            else None,
+            "swarm_leecher_s": {k: round(v, 2) for k, v in swarm.leecher_s.items()},
             "leechers_stay": not args.leave_when_done,
             "origin_spared": not args.origin_busy,
             "origin_frugal": not args.origin_not_frugal,
-            "swarm_timeline": swarm.details.get("timeline") if swarm else None,
+            "swarm_timeline": swarm.details.get("timeline"),
             "swarm_runs": [
                 {
                     "ratio_to_bound": round(r.slowest_s / bound, 3),
