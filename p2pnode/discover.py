@@ -196,6 +196,7 @@ class Discovery:
             return send.statistics().open_receive_channels == 0
 
         first_answer, all_heard = trio.Event(), trio.Event()
+        decided = trio.Event()  # either of them: a peer, or every source's answer
         heard: set[str] = set()
 
         def take(name: str, addrs: list[Address]) -> None:
@@ -206,6 +207,7 @@ class Discovery:
                 # No point waiting out the grace for nobody; and when every source says nobody
                 # holds it, waiting only delays the CDN (whoever appears later joins anyway).
                 all_heard.set()
+                decided.set()
             new = [a for a in dict.fromkeys(addrs) if a not in seen]
             seen.update(new)
             found.extend(new)
@@ -213,6 +215,7 @@ class Discovery:
                 if new and not first_answer.is_set():
                     self.winner = name
                     first_answer.set()
+                    decided.set()
                 return
             for addr in new:
                 try:
@@ -226,9 +229,7 @@ class Discovery:
                     self._ask_forever, state, manifest, take, lambda: not started, fetch_over
                 )
             with trio.move_on_after(self.options.first_wait):
-                async with trio.open_nursery() as first:  # a peer, or every source's answer
-                    for event in (first_answer, all_heard):
-                        first.start_soon(_then_cancel, event, first.cancel_scope)
+                await decided.wait()
                 if first_answer.is_set():
                     with trio.move_on_after(self.options.grace):
                         await all_heard.wait()
@@ -422,8 +423,3 @@ BOOTSTRAP_WAIT = 3.0
 
 def _warn(text: str) -> None:
     print(f"p2pnode: warning: {text}", file=sys.stderr)
-
-
-async def _then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
