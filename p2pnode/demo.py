@@ -20,6 +20,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import trio
 
 from . import keys
 from .errors import P2PNodeError
-from .install import InstallOptions, InstallResult, rollback
+from .install import InstallOptions, rollback
 from .localcdn import LocalCDN
 from .localtracker import LocalTracker
 from .publish import publish
@@ -66,30 +67,23 @@ def _change_one_region(path: Path, seed: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def _row(step: str, r: InstallResult | None, seconds: float, note: str = "") -> dict[str, Any]:
+def _row(
+    step: str, seconds: float, note: str = "", sources: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A table row; ``sources``: where the bytes came from (an install's JSON form, a watcher's
+    ``installed`` event, or part of one)."""
+    got = sources or {}
     return {
         "step": step,
-        "bytes_peers": r.bytes_peers if r else 0,
-        "bytes_cdn": r.bytes_cdn if r else 0,
-        "bytes_reused": r.bytes_reused if r else 0,
+        "bytes_peers": got.get("bytes_peers", 0),
+        "bytes_cdn": got.get("bytes_cdn", 0),
+        "bytes_reused": got.get("bytes_reused", 0),
         "seconds": round(seconds, 2),
         "note": note,
     }
 
 
 LEECHERS = 3
-
-
-def _event_row(step: str, event: dict[str, Any], note: str) -> dict[str, Any]:
-    """A table row from a watcher's ``installed`` event (``InstallResult.as_json``)."""
-    return {
-        "step": step,
-        "bytes_peers": event["bytes_peers"],
-        "bytes_cdn": event["bytes_cdn"],
-        "bytes_reused": event["bytes_reused"],
-        "seconds": event["seconds"],
-        "note": note,
-    }
 
 
 class DemoError(P2PNodeError):
@@ -181,7 +175,6 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
                 rows.append(
                     _row(
                         f"publish build {build}",
-                        None,
                         time.monotonic() - t,
                         f"{format_bytes(p.manifest.total_size)} via the tracker",
                     )
@@ -200,12 +193,13 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
             # leechers follow it too and find the seed (and each other) through the tracker.
             origin = follower("origin-seed", policy="cdn-only")
             got = await origin.next("installed")
-            rows.append(_event_row("origin seed: install build 1", got, "CDN; serves from now on"))
+            step, note = "origin seed: install build 1", "CDN; serves from now on"
+            rows.append(_row(step, got["seconds"], note, got))
             leechers = [follower(f"node-{k}") for k in range(1, LEECHERS + 1)]
             for node in leechers:
                 got = await node.next("installed")
                 note = f"{len(got['peers'])} peers via the tracker"
-                rows.append(_event_row(f"{node.name}: install build 1", got, note))
+                rows.append(_row(f"{node.name}: install build 1", got["seconds"], note, got))
 
             # Build 2 changes one region of the largest file; every node hears of it by
             # long-poll and fetches only the new chunks.
@@ -220,12 +214,12 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
                 note = "new chunks only"
                 if node is leechers[0]:
                     note = f"heard of it {latency * 1000:.0f} ms after publish; new chunks only"
-                rows.append(_event_row(step, got, note))
+                rows.append(_row(step, got["seconds"], note, got))
             await leechers[0].stop()  # node-1 goes on: verify, repair, rollback
 
             t = time.monotonic()
             report = await verify(dest)
-            rows.append(_row("verify", None, time.monotonic() - t, "OK" if report.ok else "BAD"))
+            rows.append(_row("verify", time.monotonic() - t, "OK" if report.ok else "BAD"))
             victim = dest / "data" / "textures.pak"
             with open(victim, "r+b") as f:
                 f.seek(5_000_000)
@@ -235,16 +229,12 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
             t = time.monotonic()
             report = await verify(dest, repair=True)
             rows.append(
-                {
-                    **_row(
-                        "repair a flipped byte",
-                        None,
-                        time.monotonic() - t,
-                        f"repaired {', '.join(report.repaired)}",
-                    ),
-                    "bytes_cdn": report.bytes_cdn,
-                    "bytes_reused": report.bytes_reused,
-                }
+                _row(
+                    "repair a flipped byte",
+                    time.monotonic() - t,
+                    f"repaired {', '.join(report.repaired)}",
+                    {"bytes_cdn": report.bytes_cdn, "bytes_reused": report.bytes_reused},
+                )
             )
             async with httpx.AsyncClient() as http:
                 stats = (await http.get(tracker_url + "/v1/stats")).json()
@@ -252,7 +242,8 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
         cdn.stop()
         t = time.monotonic()
         r = await rollback(dest, InstallOptions())
-        rows.append(_row("rollback to build 1", r, time.monotonic() - t, "nginx stopped: offline"))
+        note = "nginx stopped: offline"
+        rows.append(_row("rollback to build 1", time.monotonic() - t, note, r.as_json()))
         if keep:
             say(f"dashboard: {dashboard} (Ctrl-C to stop the demo network)")
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
