@@ -85,7 +85,6 @@ FEED_POLL = 0.2
 MAX_WAIT = 60.0
 #: How often the SQLite swarm store writes its in-memory changes behind (seconds).
 FLUSH_INTERVAL = 1.0
-MAX_UNWRITTEN = 120  # write-behind batches kept while swarm.db cannot be written
 
 log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 4096
@@ -217,7 +216,6 @@ class Tracker:
         self.fast_port = 0
         self._answer_head: bytes | None = None
         self._pending: list[_Pending] = []
-        self._unwritten: list[Any] = []  # write-behind batches swarm.db has not taken yet
         self._troubles: dict[str, str] = {}  # failing background duties, said once
         self._committing = False
         self.app = Starlette(routes=self._routes(), exception_handlers={APIError: self._api_error})
@@ -372,18 +370,14 @@ class Tracker:
                 await self._flush(self.swarm)
 
     async def _flush(self, swarm: SQLiteSwarm) -> None:
-        """Write behind. A failed write (a full disk) is kept and tried again first next time,
-        in order, so swarm.db catches up once it can; memory stays right meanwhile. At most
-        ``MAX_UNWRITTEN`` batches wait (the oldest go: the file is only for restarts)."""
-        self._unwritten.append(swarm.flush_batch())
-        del self._unwritten[:-MAX_UNWRITTEN]
-        while self._unwritten:
-            try:
-                await trio.to_thread.run_sync(swarm.write, self._unwritten[0])
-            except (sqlite3.Error, OSError) as exc:
-                self._trouble("swarm.db", f"writing swarm.db failed: {exc}")
-                return
-            self._unwritten.pop(0)
+        """Write behind; a failing write (a full disk) is said once, and its batches wait in
+        the store until it works again (``SQLiteSwarm.write_queued``)."""
+        swarm.flush_batch()
+        try:
+            await trio.to_thread.run_sync(swarm.write_queued)
+        except (sqlite3.Error, OSError) as exc:
+            self._trouble("swarm.db", f"writing swarm.db failed: {exc}")
+            return
         self._trouble("swarm.db", None)
 
     def _trouble(self, what: str, error: str | None) -> None:

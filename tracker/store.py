@@ -428,15 +428,22 @@ _release_stats = release_stats
 _quality_stats = quality_stats
 
 
+#: Write-behind batches (one a second) kept while swarm.db cannot be written.
+MAX_QUEUED = 120
+
+
 class SQLiteSwarm(MemorySwarm):
     """Swarm state of a single tracker process: in memory, written behind to ``DIR/swarm.db``.
 
     Announces and reports change only memory (:class:`tracker.swarm.MemorySwarm`); the tracker
-    calls :meth:`flush_batch` every ``FLUSH_INTERVAL`` seconds on its own thread, which takes the
-    changed rows, and :meth:`write` from a worker thread, which writes them in one transaction,
-    so no announce waits for the disk. On open, the live state (members, counters, quality,
-    replay digests) is read back, so a restart keeps its swarms; a crash loses at most the last
-    interval's changes of state that is disposable anyway (nodes re-announce every interval).
+    calls :meth:`flush_batch` every ``FLUSH_INTERVAL`` seconds on its own thread, which queues
+    the changed rows, and :meth:`write_queued` from a worker thread, which writes each batch in
+    one transaction, so no announce waits for the disk. A batch that cannot be written (a full
+    disk) stays queued and is written, in order, once writing works again (at most
+    ``MAX_QUEUED`` batches wait; the oldest go: the file only serves restarts, memory stays
+    right). On open, the live state (members, counters, quality, replay digests) is read back,
+    so a restart keeps its swarms; a crash loses at most the last interval's changes of state
+    that is disposable anyway (nodes re-announce every interval).
     """
 
     def __init__(self, path: Path, *, now: float | None = None) -> None:
@@ -444,6 +451,7 @@ class SQLiteSwarm(MemorySwarm):
         self._conn = _connect(path)
         self._conn.executescript(_SWARM_SCHEMA)
         self._lock = threading.Lock()
+        self._queued: list[Dirty] = []  # batches not written yet, oldest first
         self._load(time.time() if now is None else now)
 
     def _load(self, now: float) -> None:
@@ -493,9 +501,18 @@ class SQLiteSwarm(MemorySwarm):
             self._seen_order.append((expires, bytes(digest)))
         self.take_dirty()  # what was just read is what the file holds
 
-    def flush_batch(self) -> Dirty:
-        """The rows to write (call on the thread that changes the swarm)."""
-        return self.take_dirty()
+    def flush_batch(self) -> None:
+        """Queue the rows changed since the last call (on the thread that changes the swarm)."""
+        self._queued.append(self.take_dirty())
+        del self._queued[:-MAX_QUEUED]
+
+    def write_queued(self) -> None:
+        """Write the queued batches in order (may run in a worker thread, never two at once).
+        Raises what the write raised (``sqlite3.Error``, ``OSError``), keeping the batches not
+        written for the next call."""
+        while self._queued:
+            self.write(self._queued[0])
+            self._queued.pop(0)
 
     def write(self, d: Dirty) -> None:
         """Write a batch in one transaction (may run in a worker thread)."""
@@ -550,7 +567,8 @@ class SQLiteSwarm(MemorySwarm):
 
     def flush(self) -> None:
         """Write every pending change now, on this thread."""
-        self.write(self.take_dirty())
+        self.flush_batch()
+        self.write_queued()
 
     def close(self) -> None:
         self.flush()
