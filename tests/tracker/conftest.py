@@ -81,10 +81,13 @@ def make_tracker(tmp_path: Path) -> Iterator[Callable[..., Tracker]]:
         redis_url: str | None = None,
         prefix: str = "trk:",
         redis_mode: str = "script",
+        registry_url: str | None = None,
         **kw: object,
     ) -> Tracker:
         config = TrackerConfig(admin_token=ADMIN, **kw)  # type: ignore[arg-type]
-        t = open_tracker(config, tmp_path / name, redis_url, prefix, redis_mode)
+        t = open_tracker(
+            config, tmp_path / name, redis_url, prefix, redis_mode, registry_url=registry_url
+        )
         made.append(t)
         return t
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from p2pnode import manifest as M
 from p2pnode.errors import P2PNodeError
 from p2pnode.localtracker import LocalTracker
 from p2pnode.tracker_client import TrackerClient, TrackerRefusedError
-from tracker import Tracker, TrackerConfig, open_tracker, serve_tracker
+from tracker import Tracker, serve_tracker
 from tracker.core import Conflict
 from tracker.registry_redis import RedisRegistry, RegistryUnavailable
 from tracker.store import Registry
@@ -33,20 +33,13 @@ from .conftest import ADMIN, APP, RedisProcess, client_for, free_port
 
 
 @pytest.fixture
-def replicas(tmp_path: Path) -> Iterator[Callable[..., Tracker]]:
+def replicas(make_tracker: Callable[..., Tracker]) -> Callable[..., Tracker]:
     """``replica(name, registry_url, redis_url=None)``: a tracker with its OWN data dir."""
-    made: list[Tracker] = []
 
     def make(name: str, registry_url: str, redis_url: str | None = None) -> Tracker:
-        config = TrackerConfig(admin_token=ADMIN)
-        t = open_tracker(config, tmp_path / name, redis_url, "r1:", registry_url=registry_url)
-        made.append(t)
-        return t
+        return make_tracker(name, redis_url, "r1:", registry_url=registry_url)
 
-    yield make
-    for t in made:
-        t.registry.close()
-        t.swarm.close()
+    return make
 
 
 async def start(nursery: trio.Nursery, t: Tracker, token: str = ADMIN) -> TrackerClient:
