@@ -12,6 +12,7 @@ from p2pnode.chunker import hash_chunk
 from p2pnode.identity import NodeIdentity
 from p2pnode.install import InstallOptions, install, local_chunks
 from p2pnode.publish import publish
+from p2pnode.ratelimit import RateLimiter
 from p2pnode.stage import LocalChunks
 from p2pnode.state import StateDir
 from p2pnode.swarm import wire as W
@@ -161,6 +162,65 @@ async def test_with_one_upload_slot_peers_are_served_in_turn(tmp_path: Path) -> 
     first, second = sorted(arrivals, key=min)
     # The second leecher was choked until the first left and handed the slot on.
     assert max(first) <= min(second)
+
+
+async def test_every_leecher_gets_a_first_piece_before_anyone_a_second(tmp_path: Path) -> None:
+    """First pieces first (sendorder.py): once a leecher has asked a seed for its first
+    chunk, no other leecher's later chunk arrives before it, even a chunk already being
+    written (it gives way between slices). The seed's uplink is a 4 MiB/s global cap, paid per
+    slice, so the order of writes is the order of arrivals. Leecher 0 starts first, so its
+    next pieces are being written when the others ask."""
+    seed, manifest = await seeded(tmp_path)
+    capped = SwarmNode(node(), seed.local, upload_limiter=RateLimiter(4 << 20, burst=16 << 10))
+    capped.offer(manifest)  # type: ignore[arg-type]
+    asked: dict[bytes, float] = {}  # node id -> when the seed first had a request of it
+    want = capped.send_order.want
+
+    def recording_want(peer: tuple[bytes, bytes], now: float, size: int) -> int:
+        asked.setdefault(peer[0], now)
+        return want(peer, now, size)
+
+    capped.send_order.want = recording_want  # type: ignore[method-assign]
+    # Big chunks only: a leecher whose first chunk is 18 bytes waits for nothing.
+    chunks = manifest.unique_chunks().items()  # type: ignore[attr-defined]
+    wanted = [cid for cid, size in chunks if size >= 256 << 10]
+    assert len(wanted) >= 6
+    ids = [node() for _ in range(3)]
+    arrivals: list[tuple[float, int]] = []  # (when, leecher)
+    zero_has_one = trio.Event()
+
+    async def one(k: int, port: int) -> None:
+        async def deliver(cid: bytes, data: bytes) -> None:
+            arrivals.append((trio.current_time(), k))
+            if k == 0:
+                zero_has_one.set()
+
+        leecher = SwarmNode(ids[k], LocalChunks())
+        assert await leecher.fetch(manifest, wanted, [("127.0.0.1", port)], deliver) == set()  # type: ignore[arg-type]
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(capped.serve, "127.0.0.1", 0)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as fetches:
+                fetches.start_soon(one, 0, port)
+                await zero_has_one.wait()
+                for k in (1, 2):
+                    fetches.start_soon(one, k, port)
+        nursery.cancel_scope.cancel()
+    got: dict[int, float] = {}
+    for when, k in sorted(arrivals):
+        got.setdefault(k, when)
+    # A slice at the capped rate (31 ms) may be on its way when a leecher asks.
+    slack = 0.1
+    late = [
+        (j, k)
+        for k in range(3)
+        for when, j in arrivals
+        if j != k
+        and when > got[j]  # j's later chunk...
+        and asked[ids[k].node_id] + slack < when < got[k]  # ...while k waited for its first
+    ]
+    assert late == []
 
 
 async def _cross_version_fetch(

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -40,6 +42,7 @@ from . import wire as W
 from .choker import DEFAULT_SLOTS, Choker
 from .peer import PeerSession
 from .scheduler import Scheduler
+from .sendorder import SendOrder
 
 __all__ = ["Link", "PeerStats", "SwarmNode", "parse_peer"]
 
@@ -60,6 +63,10 @@ READ_SLOTS = 16
 MAX_PUSHED = 8
 #: Peers served at once; more are refused at accept (a flood of connections costs nothing).
 MAX_CONNECTIONS = 64
+#: Unsent bytes a serving socket may hold (TCP_NOTSENT_LOWAT): little enough that the order
+#: in which pieces are written (sendorder.py) is the order they leave in, enough to keep a
+#: gigabit link busy across a wake-up (2 ms). Bytes in flight are not limited by it.
+NOTSENT_LOWAT = 256 * 1024
 
 Deliver = Callable[[bytes, bytes], Awaitable[None]]  # (chunk id, verified bytes)
 
@@ -164,6 +171,18 @@ class Link:
         if data:
             await self.out.send(data)
 
+    async def write(self, data: bytes, before_slice: Callable[[int], Awaitable[None]]) -> None:
+        """Write a piece now, between the queue's frames, in slices, awaiting
+        ``before_slice(size)`` before each: the shell's rate caps and write order
+        (sendorder.py) then apply per slice, not per piece, so a piece that must give way
+        to a first piece, or share a capped uplink, does so within a slice's time."""
+        view = memoryview(data)
+        async with self._sending:
+            for start in range(0, len(view), WRITE_SLICE):
+                part = view[start : start + WRITE_SLICE]
+                await before_slice(len(part))
+                await self.tls.send_all(part)
+
     def send_soon(self, data: bytes) -> None:
         try:
             self.out.send_nowait(data)
@@ -173,6 +192,9 @@ class Link:
 
 #: Frames queued per connection before haves are dropped and answers wait.
 LINK_QUEUE = 32
+#: Pieces are written in slices this big; rate caps are paid and a later piece gives way to
+#: a first piece (sendorder.py) between slices.
+WRITE_SLICE = 128 * 1024
 
 
 class SwarmNode:
@@ -220,6 +242,9 @@ class SwarmNode:
         self.peer_upload_rate = peer_upload_rate
         self.peer_download_rate = peer_download_rate
         self.choker = Choker(upload_slots)
+        self.send_order = SendOrder()
+        self._granted: dict[int, trio.Event] = {}  # send_order tickets waiting for a turn
+        self._turn_free: trio.Event | None = None  # set when a first piece's turn ends
         self.offers: dict[bytes, list[bytes]] = {}  # manifest id -> unique chunk ids
         self.index: dict[bytes, dict[bytes, int]] = {}  # manifest id -> chunk id -> index
         self.manifests: dict[bytes, M.Manifest] = {}
@@ -296,6 +321,10 @@ class SwarmNode:
         self.connections += 1
         link: Link | None = None
         try:
+            try:
+                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+            except (OSError, AttributeError):  # not Linux: the kernel keeps its own order
+                pass
             with trio.move_on_after(CONNECT_TIMEOUT) as scope:
                 tls = trio.SSLStream(stream, self._server_ctx, server_side=True)
                 await tls.do_handshake()
@@ -440,13 +469,58 @@ class SwarmNode:
         now = trio.current_time()
         if data is None:
             return s.send(W.Reject(req.manifest, req.index, req.rid, b"unavailable"), now)
-        await link.cap.acquire(len(data))
-        await self.upload_limiter.acquire(len(data))
-        now = trio.current_time()
-        self.uploaded += len(data)
-        self.choker.uploaded(link.node_id, len(data), now)
-        self._count_sent(req.manifest, req.index)
-        return s.send(W.Piece(req.manifest, req.index, req.rid, ids[req.index], data), now)
+        async with self._turn((link.node_id, req.manifest), len(data)) as first:
+
+            async def before_slice(size: int) -> None:
+                if not first:
+                    await self._first_pieces_pass()
+                await link.cap.acquire(size)
+                await self.upload_limiter.acquire(size)
+
+            now = trio.current_time()
+            self.uploaded += len(data)
+            self.choker.uploaded(link.node_id, len(data), now)
+            self._count_sent(req.manifest, req.index)
+            piece = W.Piece(req.manifest, req.index, req.rid, ids[req.index], data)
+            await link.write(s.send(piece, now), before_slice)
+        return b""
+
+    @asynccontextmanager
+    async def _turn(self, peer: tuple[bytes, bytes], size: int) -> AsyncIterator[bool]:
+        """Wait until this piece may be written (sendorder.py: first pieces first); a first
+        piece's turn ends with the block, or earlier by the order's turn limit."""
+        order = self.send_order
+        ticket = order.want(peer, trio.current_time(), size)
+        granted = self._granted[ticket] = trio.Event()
+        try:
+            self._grant()
+            while not granted.is_set():
+                with trio.move_on_at(order.next_change()):
+                    await granted.wait()
+                self._grant()
+            yield order.holds_turn(ticket)
+        finally:
+            self._granted.pop(ticket, None)
+            order.done(ticket, trio.current_time())
+            self._grant()
+
+    def _grant(self) -> None:
+        for ticket in self.send_order.grants(trio.current_time()):
+            event = self._granted.pop(ticket, None)
+            if event is not None:
+                event.set()
+        if self._turn_free is not None and not self.send_order.turn_held:
+            self._turn_free.set()
+            self._turn_free = None
+
+    async def _first_pieces_pass(self) -> None:
+        """Wait while a first piece holds the uplink (a later piece's pause between slices)."""
+        while self.send_order.turn_held:
+            if self._turn_free is None:
+                self._turn_free = trio.Event()
+            with trio.move_on_at(self.send_order.next_change()):
+                await self._turn_free.wait()
+            self._grant()
 
     # -- fetching ---------------------------------------------------------------------------
 
