@@ -30,7 +30,7 @@ import errno
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +40,7 @@ import trio
 
 from . import keys, layout
 from . import manifest as M
+from .cdnplan import ChunkRequest
 from .discover import Discovery, DiscoveryOptions, open_discovery
 from .errors import (
     CDNError,
@@ -480,25 +481,30 @@ async def open_swarm(
     for mid in [state.current, *state.history]:
         if mid:
             node.offer(sd.load_manifest(mid))
-    async with trio.open_nursery() as nursery:
-        listen: tuple[str, int] | None = None
-        if options.listen:
-            host, port = parse_peer(options.listen, listen=True)
-            listen = (host, await nursery.start(node.serve, host, port))
-        swarm = Swarm(node, peers)
-        if not discovery.enabled:
-            yield swarm
-            nursery.cancel_scope.cancel()
-            return
-        async with open_discovery(identity, discovery, listen) as disc:
-            disc.tally = swarm.tally
-            swarm.discovery = disc
-            nursery.start_soon(disc.announce, list(node.manifests.values()))
-            send, swarm.more_peers = trio.open_memory_channel[tuple[str, int]](256)
-            found = await nursery.start(disc.search, manifest, send)
-            swarm.peers += [p for p in found if p not in swarm.peers]
-            yield swarm
-            nursery.cancel_scope.cancel()
+    # The install's own error, not a group of one: what is raised inside ``yield`` comes
+    # out of this nursery.
+    try:
+        async with trio.open_nursery() as nursery:
+            listen: tuple[str, int] | None = None
+            if options.listen:
+                host, port = parse_peer(options.listen, listen=True)
+                listen = (host, await nursery.start(node.serve, host, port))
+            swarm = Swarm(node, peers)
+            if not discovery.enabled:
+                yield swarm
+                nursery.cancel_scope.cancel()
+                return
+            async with open_discovery(identity, discovery, listen) as disc:
+                disc.tally = swarm.tally
+                swarm.discovery = disc
+                nursery.start_soon(disc.announce, list(node.manifests.values()))
+                send, swarm.more_peers = trio.open_memory_channel[tuple[str, int]](256)
+                found = await nursery.start(disc.search, manifest, send)
+                swarm.peers += [p for p in found if p not in swarm.peers]
+                yield swarm
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise most_telling(group) from None
 
 
 async def seed(
@@ -745,17 +751,40 @@ async def _remote(
     result: InstallResult,
     swarm: Swarm | None,
 ) -> None:
-    """Chunks from peers first (per policy), then what they could not give from the CDN."""
+    """Chunks from peers (per policy), with the CDN in the same schedule for what peers lack
+    or give too slowly (p2p-first); then what the swarm phase left, from the CDN in bulk."""
     left = ids
     if swarm is not None and swarm.peers and options.policy != "cdn-only":
+        from .swarm.node import CdnSource
 
         async def deliver(cid: bytes, data: bytes) -> None:
             await trio.to_thread.run_sync(put, cid, data)
             result.bytes_peers += len(data)
             progress.advance(len(data))
 
+        async def deliver_cdn(cid: bytes, data: bytes) -> None:
+            await trio.to_thread.run_sync(put, cid, data)
+            progress.advance(len(data))
+
+        async def fetch_cdn(
+            batch: list[bytes], take: Callable[[bytes, bytes], Awaitable[None]]
+        ) -> None:
+            async def got(req: ChunkRequest, data: bytes) -> None:
+                await take(req.id, data)
+
+            await _fetch_from_cdn(stage, batch, mirrors, options, got, result)
+
+        cdn = None
+        if options.policy == "p2p-first" and mirrors:
+            cdn = CdnSource(fetch_cdn, deliver_cdn, depth=max(4, 2 * options.connections))
         rest = await swarm.node.fetch(
-            stage.manifest, ids, swarm.peers, deliver, result.peers, more_peers=swarm.more_peers
+            stage.manifest,
+            ids,
+            swarm.peers,
+            deliver,
+            result.peers,
+            more_peers=swarm.more_peers,
+            cdn=cdn,
         )
         left = [cid for cid in ids if cid in rest]
     if swarm is not None and swarm.more_peers is not None:
@@ -768,19 +797,27 @@ async def _remote(
             "had from any peer (policy p2p-only)",
             fix="add peers with --peer HOST:PORT, or use --policy p2p-first",
         )
-    await _fetch(stage, left, mirrors, options, put, progress, result)
+
+    async def deliver_bulk(req: ChunkRequest, data: bytes) -> None:
+        await trio.to_thread.run_sync(put, req.id, data)
+
+    await _fetch_from_cdn(
+        stage, left, mirrors, options, deliver_bulk, result, on_bytes=progress.advance
+    )
 
 
-async def _fetch(
+async def _fetch_from_cdn(
     stage: Stage,
     ids: list[bytes],
     mirrors: list[str],
     options: InstallOptions,
-    put: Callable[[bytes, bytes], None],
-    progress: Progress,
+    deliver: Callable[[ChunkRequest, bytes], Awaitable[None]],
     result: InstallResult,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> None:
-    from .cdn import CDNFetcher, CDNOptions, ChunkRequest
+    """Fetch ``ids`` from the mirrors, counting what the CDN sent into ``result`` (also
+    when it fails part way)."""
+    from .cdn import CDNFetcher, CDNOptions
 
     manifest = stage.manifest
     if not mirrors:
@@ -793,13 +830,6 @@ async def _fetch(
     for cid in ids:
         path, offset, length = stage.locations[cid][0]
         requests.append(ChunkRequest(cid, path, offset, length))
-
-    async def deliver(req: ChunkRequest, data: bytes) -> None:
-        await trio.to_thread.run_sync(put, req.id, data)
-
-    def on_bytes(n: int) -> None:
-        progress.advance(n)
-
     fetcher = CDNFetcher(
         app=manifest.app,
         build=manifest.build,
@@ -811,9 +841,24 @@ async def _fetch(
         on_bytes=on_bytes,
         limiter=options.limiter,
     )
-    stats = await fetcher.fetch(requests, deliver)
-    result.bytes_cdn += stats.bytes_received
-    result.mirrors = {name: vars(ms) for name, ms in stats.per_mirror.items()}
+    try:
+        await fetcher.fetch(requests, deliver)
+    finally:
+        stats = getattr(fetcher, "stats", None)
+        if stats is not None:
+            result.bytes_cdn += stats.bytes_received
+            for name, ms in stats.per_mirror.items():
+                _add_mirror_stats(result.mirrors.setdefault(name, {}), vars(ms))
+
+
+def _add_mirror_stats(total: dict[str, Any], more: dict[str, Any]) -> None:
+    """Sum one CDN fetch's per-mirror figures into an install's (the swarm phase may run
+    several)."""
+    for key, value in more.items():
+        if isinstance(value, dict):
+            _add_mirror_stats(total.setdefault(key, {}), value)
+        else:
+            total[key] = total.get(key, 0) + value
 
 
 def _check_space(root: Path, stage: Stage, needed: dict[bytes, int]) -> None:

@@ -8,6 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pnode.swarm.scheduler import (
+    CDN,
+    CDN_GRACE,
+    CDN_MAX_WAIT,
+    CDN_MIN_WAIT,
     MAX_COPIES,
     MAX_DEPTH,
     MIN_DEPTH,
@@ -206,3 +210,80 @@ def test_an_origin_is_asked_only_for_what_the_swarm_lacks() -> None:
     # 0 and 1 are held by two other peers: they come from them, never from the origin.
     assert set(s.next_requests("origin", 0.0)) == {2, 3, 4, 5}
     assert set(s.next_requests("a", 0.0)) | set(s.next_requests("b", 0.0)) == {0, 1}
+
+
+def test_the_cdn_gets_what_no_peer_has_after_the_grace() -> None:
+    s = sched(8)
+    s.enable_cdn(0.0)
+    assert s.cdn_requests(0.5, room=8) == []  # bitfields may still be on their way
+    s.bitfield("a", bits(8, {0, 1, 2, 3}))
+    assert s.cdn_requests(CDN_GRACE - 0.1, room=8) == []
+    assert s.cdn_requests(CDN_GRACE, room=8) == [4, 5, 6, 7]  # nobody has them
+    assert set(s.next_requests("a", CDN_GRACE)) <= {0, 1, 2, 3}  # the peer gets the rest
+    assert all(s.count[i] == (1 if i < 4 else 0) for i in range(8))  # the CDN counts for none
+    for i in (4, 5, 6, 7):
+        assert s.received(CDN, i, MiB, CDN_GRACE + 1)
+    assert s.done == {4, 5, 6, 7}
+
+
+def test_the_cdn_takes_no_more_than_its_room_and_nothing_twice() -> None:
+    s = sched(8)
+    s.enable_cdn(0.0)
+    assert s.cdn_requests(CDN_GRACE, room=3) == [0, 1, 2]
+    assert s.inflight(CDN) == 3
+    assert s.cdn_requests(CDN_GRACE, room=5) == [3, 4, 5, 6, 7]
+    assert s.cdn_requests(CDN_GRACE + 10, room=5) == []
+
+
+def test_a_chunk_a_peer_held_waits_the_grace_again_after_it_leaves() -> None:
+    s = sched(4)
+    s.enable_cdn(0.0)
+    s.bitfield("a", full(4))
+    assert s.cdn_requests(10.0, room=4) == []
+    s.remove_peer("a")
+    assert s.cdn_requests(10.0 + CDN_GRACE / 2, room=4) == []
+    assert s.cdn_requests(10.0 + CDN_GRACE, room=4) == [0, 1, 2, 3]
+
+
+def test_a_request_past_its_deadline_is_copied_to_the_cdn_and_the_first_copy_wins() -> None:
+    s = sched(4)
+    s.enable_cdn(0.0)
+    s.bitfield("slow", full(4))
+    asked = s.next_requests("slow", 0.0)
+    assert asked and s.cdn_requests(CDN_MIN_WAIT - 0.1, room=8) == []
+    # Unmeasured holder: 2 s expected per queued request, times CDN_SLACK, capped.
+    late = s.cdn_requests(CDN_MAX_WAIT + 0.1, room=1)
+    assert len(late) == 1 and late[0] in asked
+    assert s.received(CDN, late[0], MiB, 30.0)
+    assert s.take_cancels("slow") == {late[0]}  # the peer's copy is cancelled
+    # And the other way round: the peer first, the CDN's copy is a duplicate.
+    other = s.cdn_requests(200.0, room=1)[0]
+    assert s.received("slow", other, MiB, 200.5)
+    assert not s.received(CDN, other, MiB, 201.0)
+
+
+def test_a_failed_cdn_gives_its_chunks_back_and_takes_no_more() -> None:
+    s = sched(4)
+    s.enable_cdn(0.0)
+    assert s.cdn_requests(CDN_GRACE, room=2) == [0, 1]
+    assert s.disable_cdn() == [0, 1]
+    assert s.cdn_requests(CDN_GRACE + 1, room=4) == []
+    assert not s.holders and s.missing == {0, 1, 2, 3}
+    s.bitfield("a", full(4))
+    assert sorted(s.next_requests("a", 10.0)) == [0, 1, 2, 3]
+
+
+def test_without_the_cdn_nothing_goes_to_it() -> None:
+    s = sched(4)
+    assert s.cdn_requests(100.0, room=4) == []
+
+
+def test_a_measured_peer_is_late_for_the_cdn_at_its_slack_not_before_the_minimum() -> None:
+    s = sched(4)
+    s.enable_cdn(0.0)
+    s.bitfield("p", full(4))
+    first = s.next_requests("p", 0.0)
+    s.received("p", first[0], MiB, 0.1)  # ~10 MiB/s measured
+    assert s.cdn_requests(0.1, room=8) == []  # nothing unheld, nothing late
+    assert s.cdn_requests(CDN_MIN_WAIT, room=8) == []  # late by its rate, but not 5 s yet
+    assert s.cdn_requests(CDN_MIN_WAIT + 0.2, room=8)

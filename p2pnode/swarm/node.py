@@ -41,10 +41,10 @@ from ..stage import LocalChunks
 from . import wire as W
 from .choker import DEFAULT_SLOTS, Choker
 from .peer import PeerSession
-from .scheduler import Scheduler
+from .scheduler import CDN, Scheduler
 from .sendorder import SendOrder
 
-__all__ = ["Link", "PeerStats", "SwarmNode", "parse_peer"]
+__all__ = ["CdnSource", "Link", "PeerStats", "SwarmNode", "parse_peer"]
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,29 @@ class PeerStats:
 
 
 @dataclass
+class CdnSource:
+    """The CDN as one more source of a fetch, scheduled with the peers (scheduler.py): the
+    install builds it around its CDN fetcher.
+
+    ``fetch(ids, take)`` fetches those chunks and awaits ``take(chunk id, verified bytes)``
+    for each as it lands, raising a P2PNodeError for what it could not get; ``deliver``
+    stores a chunk the scheduler took (the fetch's ``deliver`` is for peers' chunks, so the
+    two can be counted apart); ``depth`` is how many chunks may be in flight at the CDN.
+    """
+
+    fetch: Callable[[list[bytes], Deliver], Awaitable[None]]
+    deliver: Deliver
+    depth: int = 8
+    error: P2PNodeError | None = None  # why the CDN stopped being a source, if it did
+
+
+@dataclass
 class _Fetch:
     manifest: M.Manifest
     ids: list[bytes]
     sched: Scheduler
     deliver: Deliver
+    index: dict[bytes, int] = field(default_factory=dict)
     changed: trio.Event = field(default_factory=trio.Event)
     finished: trio.CancelScope | None = None
     connecting: int = 0  # peers that have not shown a bitfield yet
@@ -532,17 +550,19 @@ class SwarmNode:
         deliver: Deliver,
         stats: dict[str, PeerStats] | None = None,
         more_peers: trio.MemoryReceiveChannel[tuple[str, int]] | None = None,
+        cdn: CdnSource | None = None,
     ) -> set[bytes]:
         """Fetch chunk ids ``wanted`` of ``manifest`` from ``peers``; returns those left over.
 
         ``more_peers`` brings peers discovered while the fetch runs (the DHT or the tracker
         answering late); each new address is connected to as it arrives, up to
-        ``max_connections`` peers in all."""
+        ``max_connections`` peers in all. With ``cdn``, chunks no peer has and requests that
+        miss their deadline come from the CDN meanwhile (scheduler.py)."""
         unique = manifest.unique_chunks()
         ids = list(unique)
         index = {cid: i for i, cid in enumerate(ids)}
         sched = Scheduler(list(unique.values()), (index[c] for c in wanted if c in index))
-        job = _Fetch(manifest, ids, sched, deliver)
+        job = _Fetch(manifest, ids, sched, deliver, index)
         stats = stats if stats is not None else {}
         if sched.finished:
             return set()
@@ -569,6 +589,9 @@ class SwarmNode:
             if more_peers is not None:
                 nursery.start_soon(self._take_more_peers, more_peers, add)
             nursery.start_soon(self._watch, job)
+            if cdn is not None:
+                sched.enable_cdn(trio.current_time())
+                nursery.start_soon(self._feed_cdn, job, cdn)
             self._fetching[manifest.id] = add
             try:
                 await trio.sleep_forever()  # until the last chunk lands or peers run dry
@@ -603,6 +626,43 @@ class SwarmNode:
                 break
         assert job.finished is not None
         job.finished.cancel()
+
+    async def _feed_cdn(self, job: _Fetch, cdn: CdnSource) -> None:
+        """Hand the CDN what the scheduler gives it, a batch at a time, until the CDN fails
+        (then it is no longer a source; the install's bulk CDN pass after the swarm phase
+        reports why, if chunks are left)."""
+        sched = job.sched
+        async with trio.open_nursery() as batches:
+            while cdn.error is None:
+                sched.take_cancels(CDN)  # a peer was first: the CDN's copy will be a duplicate
+                room = cdn.depth - sched.inflight(CDN)
+                batch = sched.cdn_requests(trio.current_time(), room)
+                if batch:
+                    batches.start_soon(self._cdn_batch, job, cdn, batch)
+                await trio.sleep(WATCH_INTERVAL)
+
+    async def _cdn_batch(self, job: _Fetch, cdn: CdnSource, batch: list[int]) -> None:
+        sched = job.sched
+
+        async def take(cid: bytes, data: bytes) -> None:
+            i = job.index.get(cid)
+            if i is None or not sched.received(CDN, i, len(data), trio.current_time()):
+                return  # a peer's copy landed first
+            await cdn.deliver(cid, data)
+            if sched.finished and job.finished is not None:
+                job.finished.cancel()
+
+        try:
+            await cdn.fetch([job.ids[i] for i in batch], take)
+        except P2PNodeError as exc:
+            if cdn.error is None:
+                cdn.error = exc
+                log.info("the CDN is no longer a source of this fetch: %s", exc)
+                sched.disable_cdn()
+        finally:
+            for i in batch:
+                if i in sched.missing:
+                    sched.timed_out(CDN, i)  # back to the pool (no-op once disabled)
 
     async def _connect(self, host: str, port: int) -> trio.SSLStream[trio.SocketStream]:
         """TLS to a peer, retried with backoff: peers of a swarm start at about the same time,

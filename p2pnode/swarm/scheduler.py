@@ -31,6 +31,17 @@ never touches a socket, so every rule below is unit-tested with explicit times
 * **Deferral.** A ``frugal`` reject (an origin that will not upload a chunk twice while others
   were never uploaded) means "ask someone else, or me later"; the pair is skipped for
   ``FRUGAL_RETRY`` seconds.
+* **The CDN, in the same schedule** (``enable_cdn``, ``cdn_requests``). The CDN is one more
+  source, named :data:`CDN`, that holds everything but counts for no chunk's availability
+  (rarest-first ranks what *peers* hold). It gets, up to the depth the shell allows: chunks
+  no connected peer has held for ``CDN_GRACE`` seconds (peers are still connecting and sending
+  bitfields at the start; a delta's new chunks nobody has yet), and a copy of a request to a
+  peer that missed its deadline: outstanding longer than ``CDN_SLACK`` times what the
+  holder's rate predicts and at least ``CDN_MIN_WAIT``, or longer than ``CDN_MAX_WAIT``
+  whatever its rate (a slow peer's own pace is no excuse). The first copy to land wins, as in
+  the endgame. Everything else stays with the peers; when no peer offers anything at all, the
+  shell ends the swarm phase and the CDN fetcher takes the rest in bulk (more connections,
+  whole ranges).
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
+    "CDN",
     "MAX_COPIES",
     "MAX_DEPTH",
     "MIN_DEPTH",
@@ -64,6 +76,15 @@ MAX_COPIES = 2
 #: An origin is asked only for chunks that at most this many other connected peers hold.
 ORIGIN_SPARE_COPIES = 1
 FRUGAL_RETRY = 1.0
+#: The name of the CDN as a source (peer names are "host:port": no clash).
+CDN = "cdn"
+#: A chunk no connected peer has held for this long goes to the CDN.
+CDN_GRACE = 2.0
+#: A request to a peer goes to the CDN too when later than this multiple of its expected time...
+CDN_SLACK = 4.0
+#: ...and outstanding at least this long; past CDN_MAX_WAIT, whatever the holder's rate.
+CDN_MIN_WAIT = 5.0
+CDN_MAX_WAIT = 20.0
 
 
 class RateMeter:
@@ -138,6 +159,8 @@ class Scheduler:
         self._cancels: dict[str, set[int]] = {}
         self._rng = rng or random.Random()
         self._mean_size = sum(self.sizes) / self.n if self.n else 1.0
+        self._held_at: dict[int, float] = {}  # missing index -> when a peer last held it
+        self._cdn_since: float | None = None  # when the CDN became a source (None: it is not)
 
     # -- what peers hold --------------------------------------------------------------------
 
@@ -251,14 +274,15 @@ class Scheduler:
                 best, best_late = i, late
         return best
 
-    def _lateness(self, holder: str, i: int, now: float) -> float:
-        """How far past its slack the holder's request for ``i`` is (> 0: late)."""
+    def _lateness(self, holder: str, i: int, now: float, slack: float = ENDGAME_SLACK) -> float:
+        """How far past ``slack`` times its expected time the holder's request for ``i`` is
+        (> 0: late)."""
         h = self.peers[holder]
         rate = h.delivering
         # Queued behind the holder's other requests: its whole pipeline must drain first.
         queued = sum(self.sizes[j] for j in h.inflight)
         expected = queued / rate if rate > 0 else UNMEASURED_CHUNK_SECONDS * len(h.inflight)
-        return (now - h.inflight[i]) - ENDGAME_SLACK * expected
+        return (now - h.inflight[i]) - slack * expected
 
     def _claim(self, peer: str, p: _Peer, i: int, now: float) -> None:
         p.inflight[i] = now
@@ -271,6 +295,59 @@ class Scheduler:
             asked.discard(peer)
             if not asked:
                 del self.holders[i]
+
+    # -- the CDN ----------------------------------------------------------------------------
+
+    def enable_cdn(self, now: float) -> None:
+        """The CDN becomes a source: it holds every chunk and is counted for none."""
+        if self._cdn_since is None:
+            self._cdn_since = now
+            self.peers[CDN] = _Peer(bytearray(b"\xff" * ((self.n + 7) // 8)))
+
+    def disable_cdn(self) -> list[int]:
+        """The CDN failed: no more chunks go to it. Returns what it still held (back in the
+        pool)."""
+        if self._cdn_since is None:
+            return []
+        self._cdn_since = None
+        p = self.peers.pop(CDN)
+        self._cancels.pop(CDN, None)
+        for i in p.inflight:
+            self._drop_holder(i, CDN)
+        return sorted(p.inflight)
+
+    def cdn_requests(self, now: float, room: int) -> list[int]:
+        """Up to ``room`` chunks to fetch from the CDN now (recorded as in flight there):
+        chunks no peer has held for ``CDN_GRACE``, then the latest requests past their
+        deadline (see the module's notes)."""
+        since = self._cdn_since
+        if since is None or room <= 0:
+            return []
+        cdn = self.peers[CDN]
+        picked: list[int] = []
+        for i in sorted(self.missing):
+            if self.count[i] > 0:
+                self._held_at[i] = now
+            elif i not in self.holders and now - self._held_at.get(i, since) >= CDN_GRACE:
+                picked.append(i)
+        late = []
+        for i, asked in self.holders.items():
+            if CDN in asked:
+                continue
+            overdue = min(self._cdn_overdue(h, i, now) for h in asked)
+            if overdue > 0:
+                late.append((overdue, i))
+        picked += [i for _, i in sorted(late, reverse=True)]
+        picked = picked[:room]
+        for i in picked:
+            self._claim(CDN, cdn, i, now)
+        return picked
+
+    def _cdn_overdue(self, holder: str, i: int, now: float) -> float:
+        """How far past the CDN deadline the holder's request for ``i`` is (> 0: overdue)."""
+        waited = now - self.peers[holder].inflight[i]
+        late = self._lateness(holder, i, now, CDN_SLACK)
+        return max(min(waited - CDN_MIN_WAIT, late), waited - CDN_MAX_WAIT)
 
     # -- outcomes ---------------------------------------------------------------------------
 
