@@ -9,7 +9,13 @@ import pytest
 from p2pnode.chunker import hash_chunk
 from p2pnode.errors import LocalProtocolError, RemoteProtocolError
 from p2pnode.swarm import wire as W
-from p2pnode.swarm.peer import IDLE_TIMEOUT, KEEPALIVE_AFTER, MAX_OUTSTANDING, PeerSession
+from p2pnode.swarm.peer import (
+    IDLE_TIMEOUT,
+    KEEPALIVE_AFTER,
+    MAX_OUTSTANDING,
+    PeerSession,
+    SessionState,
+)
 
 MID = bytes(32)
 A_ID, B_ID = b"a" * 20, b"b" * 20
@@ -52,6 +58,14 @@ def test_first_message_must_be_hello_and_only_once() -> None:
     _a, b = pair()
     with pytest.raises(RemoteProtocolError, match="second hello"):
         events(b, W.encode_bytes(W.Hello(A_ID, 1)))
+
+
+@pytest.mark.parametrize("version", [2, 999])
+def test_a_hello_of_another_protocol_version_is_refused(version: int) -> None:
+    b = PeerSession(B_ID, 1, now=0.0)
+    with pytest.raises(RemoteProtocolError, match=f"version {version} is not supported"):
+        events(b, W.encode_bytes(W.Hello(A_ID, 1, version=version)))
+    assert b.state is SessionState.CLOSED and b.peer is None
 
 
 def test_hello_must_name_the_node_we_dialled() -> None:
