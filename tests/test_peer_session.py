@@ -103,6 +103,22 @@ def test_answers_to_cancelled_requests_are_dropped_without_blame() -> None:
     assert a.unsolicited == 0 and not a.cancelled
 
 
+@pytest.mark.parametrize("caps", [(), (b"zstd",)])
+def test_pieces_are_compressed_only_for_a_peer_that_lists_zstd(caps: tuple[bytes, ...]) -> None:
+    b = PeerSession(B_ID, 1, now=0.0)
+    events(
+        b,
+        W.encode_bytes(W.Hello(A_ID, 1, capabilities=caps)) + W.encode_bytes(W.Request(MID, 0, 7)),
+    )
+    data = b"\0" * 100_000  # compresses very well
+    frame = b.send(W.Piece(MID, 0, 7, hash_chunk(data), data), 0.0)
+    assert (len(frame) < len(data)) == (caps == (b"zstd",))
+    decoder = W.FrameDecoder()
+    decoder.feed(frame)
+    piece = decoder.next_event()
+    assert isinstance(piece, W.Piece) and bytes(piece.data) == data
+
+
 def test_manifest_pushes_are_bounded_per_connection() -> None:
     _a, b = pair()
     push = W.encode_bytes(W.ManifestPush(MID, b"x" * 1000))
