@@ -38,6 +38,7 @@ from .errors import RemoteProtocolError, UsageError
 __all__ = [
     "ALPN",
     "NodeIdentity",
+    "check_alpn",
     "client_context",
     "default_identity_dir",
     "load_or_create",
@@ -163,6 +164,27 @@ def client_context(identity: NodeIdentity) -> ssl.SSLContext:
 
 class _HasPeerCert(Protocol):
     def getpeercert(self, binary_form: bool = ...) -> Any: ...
+
+
+class _HasALPN(Protocol):
+    def selected_alpn_protocol(self) -> str | None: ...
+
+
+def check_alpn(tls: _HasALPN) -> None:
+    """Refuse a peer that did not agree on ``p2pnode/1``.
+
+    OpenSSL completes a handshake in which the two sides share no ALPN name (or the client
+    offers none): the server just leaves the extension out. Only this check, after the
+    handshake, keeps another protocol (or a later, incompatible version of this one) from
+    being spoken at us.
+
+    Raises:
+        RemoteProtocolError: the handshake selected another protocol or none.
+    """
+    selected = tls.selected_alpn_protocol()
+    if selected != ALPN:
+        got = "none" if selected is None else repr(selected)
+        raise RemoteProtocolError(f"the peer did not negotiate ALPN {ALPN!r} (it chose {got})")
 
 
 def peer_node_id(tls: _HasPeerCert) -> bytes:

@@ -15,15 +15,30 @@ What it does, in order:
 4. CDN-only: nginx in the origin namespace serves the published release and every leecher runs
    ``p2pnode install ... --mirror http://<origin>:8080/`` at the same time. The origin's upload
    is read from its interface counters (link-layer bytes: headers included).
-5. The swarm run: not written yet (see SWARM RUN below); until it is, ``ratio_to_bound`` is null.
+5. The swarm run (``run_swarm``, ``--runs`` times; the median run by slowest leecher is
+   reported, every run listed): the origin installs the release from disk and runs
+   ``p2pnode seed`` (origin-frugal, and asking leechers to spare it, unless ``--origin-busy`` /
+   ``--origin-not-frugal``); every leecher at once runs ``p2pnode install --policy p2p-only
+   --seed`` with the origin and all other leechers as ``--peer``s, serving on its own address,
+   and stays until the slowest is done (``--leave-when-done``: each stops when it finishes).
+   A leecher's time runs from its start to its ``installed`` event; ``ratio_to_bound`` is the
+   slowest leecher's time over the bound, ``origin_upload_x`` the origin's interface upload
+   over the release size. Uplinks are sampled every 0.5 s for a timeline (% of each cap).
+   With ``--daemons`` a second series has the leechers already running ``p2pnode watch``
+   against a tracker in the origin's namespace when the release is published, timed from the
+   publish.
 
 Prints a table, then one JSON line with at least ``ratio_to_bound``, ``origin_upload_x``,
-``cdn_only_s``, ``bound_s`` and the shaping check's measured rates. Targets (issue 4): swarm
-<= 1.10x the bound, origin upload <= 1.5x the release; libtorrent 2.1 measured here: 1.27x and
-2.31x, CDN-only 134 s.
+``cdn_only_s``, ``bound_s``, the per-run figures and the shaping check's measured rates.
+Targets (issue 4): swarm <= 1.10x the bound, origin upload <= 1.5x the release; libtorrent 2.1
+measured here: 1.27x and 2.31x, CDN-only 134 s. The cost of encryption (issue 4 item 9's TLS
+on vs off on loopback) is measured by ``scripts/bench_tls.py``, not here.
 
 Usage: sudo python3 scripts/bench_swarm.py [--quick] [--leechers 8] [--size-mb 200]
-       [--leecher-up 40] [--leecher-down 100] [--origin-up 100] [--origin-down 0] [--workdir DIR]
+       [--leecher-up 40] [--leecher-down 100] [--origin-up 100] [--origin-down 0] [--runs 1]
+       [--leave-when-done] [--origin-busy] [--origin-not-frugal] [--daemons] [--skip-cdn]
+       [--check-window 2] [--workdir DIR]
+
 Rates in Mbit/s; 0 means uncapped (not allowed for --origin-up: the bound needs it).
 """
 

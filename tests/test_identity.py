@@ -88,3 +88,24 @@ def test_protocol_doc_states_the_network_ca_this_code_uses() -> None:
     assert I._CA_SEED.decode() in doc
     assert raw.hex() in doc
     assert ca_cert.fingerprint(hashes.SHA256()).hex() in doc
+    assert I._network_ca()[2].decode() in doc  # the CA certificate itself, in PEM
+
+
+def test_a_node_certificate_is_as_protocol_doc_describes() -> None:
+    """What another implementation must reproduce: v3, Ed25519, issuer the CA's name, CN the
+    node id in hex (UTF8String), no extensions, signed by the CA key."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    ident = I.NodeIdentity(keys.generate_key())
+    cert = x509.load_pem_x509_certificate(ident.certificate_pem())
+    ca_cert = I._network_ca()[1]
+    assert cert.version is x509.Version.v3
+    assert cert.issuer.public_bytes() == ca_cert.subject.public_bytes()
+    (cn,) = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    assert cn.value == ident.node_id.hex()
+    utf8_string = b"\x0c\x28" + ident.node_id.hex().encode()  # tag 12, 40 bytes
+    assert utf8_string in cert.subject.public_bytes()
+    assert len(cert.subject.rdns) == 1 and len(cert.extensions) == 0
+    assert cert.serial_number == int.from_bytes(ident.node_id[:16], "big") | 1
+    cert.verify_directly_issued_by(ca_cert)

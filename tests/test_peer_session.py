@@ -9,7 +9,13 @@ import pytest
 from p2pnode.chunker import hash_chunk
 from p2pnode.errors import LocalProtocolError, RemoteProtocolError
 from p2pnode.swarm import wire as W
-from p2pnode.swarm.peer import IDLE_TIMEOUT, KEEPALIVE_AFTER, MAX_OUTSTANDING, PeerSession
+from p2pnode.swarm.peer import (
+    IDLE_TIMEOUT,
+    KEEPALIVE_AFTER,
+    MAX_OUTSTANDING,
+    PeerSession,
+    SessionState,
+)
 
 MID = bytes(32)
 A_ID, B_ID = b"a" * 20, b"b" * 20
@@ -54,6 +60,14 @@ def test_first_message_must_be_hello_and_only_once() -> None:
         events(b, W.encode_bytes(W.Hello(A_ID, 1)))
 
 
+@pytest.mark.parametrize("version", [2, 999])
+def test_a_hello_of_another_protocol_version_is_refused(version: int) -> None:
+    b = PeerSession(B_ID, 1, now=0.0)
+    with pytest.raises(RemoteProtocolError, match=f"version {version} is not supported"):
+        events(b, W.encode_bytes(W.Hello(A_ID, 1, version=version)))
+    assert b.state is SessionState.CLOSED and b.peer is None
+
+
 def test_hello_must_name_the_node_we_dialled() -> None:
     a = PeerSession(A_ID, 1, now=0.0, expected_id=B_ID)
     with pytest.raises(RemoteProtocolError, match="another node"):
@@ -87,6 +101,22 @@ def test_answers_to_cancelled_requests_are_dropped_without_blame() -> None:
         answer = b.send(W.Piece(MID, 1, rid, bytes(32), b"x"), 0.0)  # crossed the cancel
         assert events(a, answer) == []
     assert a.unsolicited == 0 and not a.cancelled
+
+
+@pytest.mark.parametrize("caps", [(), (b"zstd",)])
+def test_pieces_are_compressed_only_for_a_peer_that_lists_zstd(caps: tuple[bytes, ...]) -> None:
+    b = PeerSession(B_ID, 1, now=0.0)
+    events(
+        b,
+        W.encode_bytes(W.Hello(A_ID, 1, capabilities=caps)) + W.encode_bytes(W.Request(MID, 0, 7)),
+    )
+    data = b"\0" * 100_000  # compresses very well
+    frame = b.send(W.Piece(MID, 0, 7, hash_chunk(data), data), 0.0)
+    assert (len(frame) < len(data)) == (caps == (b"zstd",))
+    decoder = W.FrameDecoder()
+    decoder.feed(frame)
+    piece = decoder.next_event()
+    assert isinstance(piece, W.Piece) and bytes(piece.data) == data
 
 
 def test_manifest_pushes_are_bounded_per_connection() -> None:

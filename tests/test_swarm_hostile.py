@@ -146,3 +146,58 @@ async def test_stalling_peers_are_dropped_and_their_chunks_left_for_others(tmp_p
         (st,) = stats.values()
         assert "no answer within" in st.error, (cls.__name__, st.error)
         assert left == set(wanted) and not got
+
+
+async def tls_offering(port: int, alpn: list[str]) -> trio.SSLStream[trio.SocketStream]:
+    """A client with a valid network certificate that offers ``alpn`` (none when empty)."""
+    ctx = client_context(NodeIdentity(keys.generate_key()))
+    ctx.set_alpn_protocols(alpn)
+    tls = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname="p")
+    await tls.do_handshake()
+    return tls
+
+
+async def test_a_client_that_did_not_negotiate_p2pnode_1_is_refused(tmp_path: Path) -> None:
+    seed, manifest = await seeded(tmp_path)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(seed.serve, "127.0.0.1", 0)
+        for alpn in (["h2"], [], ["p2pnode/2"]):
+            tls = await tls_offering(port, alpn)
+            assert tls.selected_alpn_protocol() is None
+            received = b""
+            with trio.fail_after(5):
+                try:
+                    while data := await tls.receive_some(65536):
+                        received += data
+                except trio.BrokenResourceError:
+                    pass
+            assert received == b"", alpn  # closed before even a hello
+        tls = await tls_offering(port, ["h2", "p2pnode/1"])  # the control: it does speak
+        assert tls.selected_alpn_protocol() == "p2pnode/1"
+        with trio.fail_after(5):
+            assert await tls.receive_some(65536)  # its hello
+        await tls.aclose()
+        await still_serves(seed, port, manifest)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_dialler_drops_a_server_that_did_not_negotiate_p2pnode_1(tmp_path: Path) -> None:
+    from p2pnode.identity import server_context
+
+    seed, manifest = await seeded(tmp_path)
+    seed._server_ctx = server_context(seed.identity)
+    seed._server_ctx.set_alpn_protocols(["h2"])  # otherwise a working seed
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(seed.serve, "127.0.0.1", 0)
+        leecher = SwarmNode(node(), LocalChunks())
+        stats: dict[str, PeerStats] = {}
+        wanted = list(manifest.unique_chunks())  # type: ignore[attr-defined]
+
+        async def deliver(cid: bytes, data: bytes) -> None:
+            raise AssertionError("nothing may come from a peer that did not agree on p2pnode/1")
+
+        with trio.fail_after(20):
+            left = await leecher.fetch(manifest, wanted, [("127.0.0.1", port)], deliver, stats)  # type: ignore[arg-type]
+        nursery.cancel_scope.cancel()
+    (st,) = stats.values()
+    assert left == set(wanted) and "did not negotiate ALPN 'p2pnode/1'" in st.error, st.error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -336,3 +337,63 @@ def test_a_seed_box_asks_to_be_spared_unless_told_not_to() -> None:
     assert SwarmNode(node(), LocalChunks(), frugal=True)._caps == (b"origin",)
     assert SwarmNode(node(), LocalChunks(), frugal=True, spare=False)._caps == ()
     assert SwarmNode(node(), LocalChunks())._caps == ()  # a client is never an origin
+
+
+async def test_the_dialler_answers_joins_and_requests_instead_of_piling_them_up(
+    tmp_path: Path,
+) -> None:
+    """A node serves only on connections it accepted. A peer it dialled that joins and asks
+    anyway (a symmetric implementation) gets n = 0 and ``choked`` rejects at once, not silence
+    until 64 requests pile up and the connection drops."""
+    from p2pnode.identity import server_context
+
+    _seed, manifest = await seeded(tmp_path)
+    mid = manifest.id  # type: ignore[attr-defined]
+    me = node()
+    answers: list[W.Event] = []
+    asks = 100  # more than MAX_OUTSTANDING: unanswered, they would break the connection
+
+    async def symmetric_peer(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, server_context(me), server_side=True)
+        await tls.do_handshake()
+        await tls.send_all(
+            W.encode_bytes(W.Hello(me.node_id, 0, capabilities=(b"zstd",)))
+            + W.encode_bytes(W.Join(mid))
+        )
+        decoder = W.FrameDecoder()
+        sent = 0
+        while len(answers) < 1 + asks:
+            if sent < asks:  # a few at a time, within the 64 allowed outstanding
+                batch = range(sent, min(asks, sent + 16))
+                await tls.send_all(b"".join(W.encode_bytes(W.Request(mid, i, i)) for i in batch))
+                sent += len(batch)
+            decoder.feed(await tls.receive_some(65536))
+            while (ev := decoder.next_event()) is not None:
+                if isinstance(ev, (W.Bitfield, W.Reject)):
+                    answers.append(ev)
+        await tls.send_all(W.encode_bytes(W.Goodbye(b"done")))
+        await tls.aclose()
+
+    async def deliver(cid: bytes, data: bytes) -> None:
+        raise AssertionError("nothing should arrive")
+
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(trio.serve_tcp, host="127.0.0.1")
+        (listener,) = await nursery.start(serve, symmetric_peer, 0)
+        port = listener.socket.getsockname()[1]
+        wanted = list(manifest.unique_chunks())  # type: ignore[attr-defined]
+        stats: dict[str, PeerStats] = {}
+        with trio.fail_after(20):
+            left = await SwarmNode(node(), LocalChunks()).fetch(
+                manifest,  # type: ignore[arg-type]
+                wanted,
+                [("127.0.0.1", port)],
+                deliver,
+                stats,
+            )
+        nursery.cancel_scope.cancel()
+    assert left == set(wanted)
+    assert answers[0] == W.Bitfield(mid, 0, b"")
+    assert answers[1:] == [W.Reject(mid, i, i, b"choked") for i in range(asks)]
+    (st,) = stats.values()
+    assert "outstanding" not in st.error, st.error

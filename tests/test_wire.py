@@ -129,12 +129,37 @@ def frame_of(header: dict[bytes, object], payload: bytes = b"") -> bytes:
         frame_of({b"t": b"choke"}, b"payload"),  # payload where none belongs
         frame_of({b"t": 5}),  # type not a string
         struct.pack(">IH", 6, 4) + b"d1:t",  # truncated bencode
-        struct.pack(">IH", 12, 10) + b"d1:ti1e1:ai1ee"[:10],  # not canonical / malformed
+        struct.pack(">IH", 16, 14) + b"d1:ti1e1:ai1ee",  # keys out of order (not canonical)
     ],
 )
 def test_malformed_frames_are_remote_protocol_errors(frame: bytes) -> None:
     with pytest.raises(RemoteProtocolError):
         decode_all(frame)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"d1:ti1e1:ai1ee",  # keys out of order
+        b"d1:t2:ka1:ai1ee",  # a valid keepalive but for the key order
+        b"d1:t2:ka1:t2:kae",  # duplicate key
+    ],
+)
+def test_a_header_that_is_not_canonical_bencode_is_refused(head: bytes) -> None:
+    frame = struct.pack(">IH", 2 + len(head), len(head)) + head
+    with pytest.raises(RemoteProtocolError, match="canonical"):
+        decode_all(frame)
+
+
+def test_optional_fields_take_their_defaults() -> None:
+    """protocol.md marks hello's caps and piece's z optional: absent, they mean no
+    capabilities and a raw chunk."""
+    (hello,) = decode_all(frame_of({b"t": b"hello", b"v": 1, b"id": NID, b"port": 0}))
+    assert hello == W.Hello(NID, 0, 1, ())
+    data = b"chunk bytes"
+    header = {b"t": b"piece", b"m": MID, b"i": 2, b"r": 5, b"c": bytes(32), b"n": len(data)}
+    (piece,) = decode_all(frame_of(header, data))
+    assert same(piece, W.Piece(MID, 2, 5, bytes(32), data))
 
 
 def test_a_zstd_bomb_is_bounded_by_the_declared_size() -> None:

@@ -34,8 +34,20 @@ import trio
 
 from .. import manifest as M
 from ..chunker import hash_chunk
-from ..errors import ManifestError, P2PNodeError, ProtocolError, UsageError
-from ..identity import NodeIdentity, client_context, peer_node_id, server_context
+from ..errors import (
+    ManifestError,
+    P2PNodeError,
+    ProtocolError,
+    RemoteProtocolError,
+    UsageError,
+)
+from ..identity import (
+    NodeIdentity,
+    check_alpn,
+    client_context,
+    peer_node_id,
+    server_context,
+)
 from ..ratelimit import RateLimiter
 from ..stage import LocalChunks
 from . import wire as W
@@ -347,6 +359,11 @@ class SwarmNode:
                 tls = trio.SSLStream(stream, self._server_ctx, server_side=True)
                 await tls.do_handshake()
             if scope.cancelled_caught:
+                return
+            try:
+                check_alpn(tls)
+            except RemoteProtocolError as exc:
+                log.info("refused a connection: %s", exc.message)
                 return
             node_id = peer_node_id(tls)
             session = PeerSession(
@@ -674,12 +691,18 @@ class SwarmNode:
                     stream = await trio.open_tcp_stream(host, port)
                     tls = trio.SSLStream(stream, self._client_ctx, server_hostname="p2pnode-peer")
                     await tls.do_handshake()
-                return tls
             except (OSError, trio.BrokenResourceError, trio.TooSlowError):
                 if attempt == CONNECT_ATTEMPTS - 1:
                     raise
                 await trio.sleep(delay * (0.5 + random.random()))
                 delay = min(2 * delay, most)
+                continue
+            try:
+                check_alpn(tls)  # not retried: the peer answered, in another protocol
+            except RemoteProtocolError:
+                await trio.aclose_forcefully(tls)
+                raise
+            return tls
         raise AssertionError("unreachable")
 
     async def _fetch_from(self, job: _Fetch, host: str, port: int, st: PeerStats) -> None:
@@ -690,6 +713,7 @@ class SwarmNode:
             st.connect_s = trio.current_time() - t0
             st.node_id = peer_node_id(tls)
             if st.node_id == self.identity.node_id:
+                await trio.aclose_forcefully(tls)
                 return  # ourselves
             s = PeerSession(
                 self.identity.node_id,
@@ -792,6 +816,17 @@ class SwarmNode:
                     rid_of.pop(i, None)
                     asked_at.pop(ev.rid, None)
                     sched.rejected(addr, i, bytes(ev.reason), now)
+                elif isinstance(ev, (W.Join, W.ManifestPush, W.Request)):
+                    # This node serves only on connections it accepted (the peer gets our
+                    # chunks by dialling us, or by our dial-back); here it never unchokes.
+                    # Answer anyway, so a peer that tries is told at once instead of waiting.
+                    answer: W.Event
+                    if isinstance(ev, W.Request):
+                        answer = W.Reject(ev.manifest, ev.index, ev.rid, b"choked")
+                    else:
+                        answer = W.Bitfield(ev.manifest, 0, b"")  # not served on this link
+                    with trio.fail_after(self.request_timeout):  # a peer that does not read
+                        await link.send(s.send(answer, now))
                 elif isinstance(ev, W.Goodbye):
                     return
 

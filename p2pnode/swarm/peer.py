@@ -123,7 +123,8 @@ class PeerSession:
         elif isinstance(event, W.Goodbye):
             self.state = SessionState.CLOSED
         self._last_sent = now
-        return W.encode_bytes(event)
+        # zstd only to a peer that said it decodes it (protocol.md: the zstd capability).
+        return W.encode_bytes(event, compress=self.peer_can(b"zstd"))
 
     # -- incoming ---------------------------------------------------------------------------
 
