@@ -9,7 +9,13 @@ import pytest
 from p2pnode.chunker import hash_chunk
 from p2pnode.errors import LocalProtocolError, RemoteProtocolError
 from p2pnode.swarm import wire as W
-from p2pnode.swarm.peer import IDLE_TIMEOUT, KEEPALIVE_AFTER, MAX_OUTSTANDING, PeerSession
+from p2pnode.swarm.peer import (
+    IDLE_TIMEOUT,
+    KEEPALIVE_AFTER,
+    MAX_JOINS,
+    MAX_OUTSTANDING,
+    PeerSession,
+)
 
 MID = bytes(32)
 A_ID, B_ID = b"a" * 20, b"b" * 20
@@ -95,6 +101,14 @@ def test_manifest_pushes_are_bounded_per_connection() -> None:
     assert len(events(b, push + push)) == 2
     with pytest.raises(RemoteProtocolError, match="manifests pushed"):
         events(b, push)
+
+
+def test_joins_are_bounded_per_connection() -> None:
+    _a, b = pair()
+    join = W.encode_bytes(W.Join(MID))
+    assert len(events(b, join * MAX_JOINS)) == MAX_JOINS
+    with pytest.raises(RemoteProtocolError, match="joins"):
+        events(b, join)
 
 
 def test_answers_only_what_was_asked() -> None:

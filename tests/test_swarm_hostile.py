@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -14,17 +15,33 @@ from p2pnode.identity import NodeIdentity, client_context
 from p2pnode.stage import LocalChunks
 from p2pnode.swarm import wire as W
 from p2pnode.swarm.node import Link, PeerStats, SwarmNode
+from p2pnode.swarm.peer import MAX_JOINS
 
 from .test_swarm_node import node, seeded
 
 
-async def tls_to(port: int) -> trio.SSLStream[trio.SocketStream]:
+async def tls_to(port: int, me: NodeIdentity | None = None) -> trio.SSLStream[trio.SocketStream]:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
-    tls = trio.SSLStream(
-        stream, client_context(NodeIdentity(keys.generate_key())), server_hostname="p"
-    )
+    me = me or NodeIdentity(keys.generate_key())
+    tls = trio.SSLStream(stream, client_context(me), server_hostname="p")
     await tls.do_handshake()
     return tls
+
+
+async def bitfields_from(
+    tls: trio.SSLStream[trio.SocketStream], dec: W.FrameDecoder, count: int
+) -> list[W.Bitfield]:
+    """Read the peer's frames until ``count`` bitfields have come (within 20 s)."""
+    got: list[W.Bitfield] = []
+    with trio.fail_after(20):
+        while len(got) < count:
+            data = await tls.receive_some(1 << 16)
+            assert data, "the peer hung up"
+            dec.feed(data)
+            while (ev := dec.next_event()) is not None:
+                if isinstance(ev, W.Bitfield):
+                    got.append(ev)
+    return got
 
 
 async def hung_up(tls: trio.SSLStream[trio.SocketStream]) -> None:
@@ -146,3 +163,24 @@ async def test_stalling_peers_are_dropped_and_their_chunks_left_for_others(tmp_p
         (st,) = stats.values()
         assert "no answer within" in st.error, (cls.__name__, st.error)
         assert left == set(wanted) and not got
+
+
+async def test_a_flood_of_joins_is_answered_not_kept_and_capped(tmp_path: Path) -> None:
+    seed, manifest = await seeded(tmp_path)
+    mid = manifest.id  # type: ignore[attr-defined]
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(seed.serve, "127.0.0.1", 0)
+        me = node()
+        tls = await tls_to(port, me)
+        joins = [W.Join(mid)] + [W.Join(os.urandom(32)) for _ in range(MAX_JOINS - 1)]
+        await tls.send_all(b"".join(W.encode_bytes(e) for e in [W.Hello(me.node_id, 0), *joins]))
+        answers = await bitfields_from(tls, W.FrameDecoder(), MAX_JOINS)
+        assert [b.manifest for b in answers] == [j.manifest for j in joins]
+        assert [b.count > 0 for b in answers] == [True] + [False] * (MAX_JOINS - 1)
+        (link,) = seed.links
+        assert link.manifests == {mid}  # unknown swarms answered, not remembered
+        await tls.send_all(W.encode_bytes(W.Join(os.urandom(32))))  # one join too many
+        await hung_up(tls)
+        assert not seed.links
+        await still_serves(seed, port, manifest)
+        nursery.cancel_scope.cancel()

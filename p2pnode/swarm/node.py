@@ -373,10 +373,12 @@ class SwarmNode:
                 if isinstance(ev, W.Hello):
                     link.listen_port = ev.listen_port
                 elif isinstance(ev, W.Join):
-                    link.manifests.add(ev.manifest)
                     self._dial_back(link, ev.manifest)
                     out += s.send(self._bitfield(ev.manifest), now)
                     if ev.manifest in self.offers:
+                        # Only swarms we serve are kept: a joined id is otherwise answered
+                        # (n = 0) and forgotten, so a peer cannot grow what ``have`` walks.
+                        link.manifests.add(ev.manifest)
                         await link.send(out)
                         out = b""
                         self._apply(self.choker.interested(link.node_id, now))

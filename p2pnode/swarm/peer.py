@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from ..errors import LocalProtocolError, RemoteProtocolError
 from . import wire as W
 
-__all__ = ["MAX_OUTSTANDING", "PeerSession", "SessionState"]
+__all__ = ["MAX_JOINS", "MAX_OUTSTANDING", "PeerSession", "SessionState"]
 
 #: Requests one side may have outstanding with the other (the pipeline depth bound).
 MAX_OUTSTANDING = 64
@@ -33,6 +33,9 @@ IDLE_TIMEOUT = 120.0
 MAX_UNSOLICITED = 8
 #: Manifests a peer may push on one connection (each costs a parse and a signature check).
 MAX_PUSHES = 2
+#: Joins a peer may send on one connection: a node takes part in a few swarms, and each join
+#: costs a bitfield answer (and a swarm kept per connection), so a flood of joins is an error.
+MAX_JOINS = 64
 CAPABILITIES = (b"zstd", b"manifest")
 
 
@@ -70,6 +73,7 @@ class PeerSession:
     theirs: set[tuple[bytes, int, int]] = field(default_factory=set)  # (m, i, rid) to answer
     unsolicited: int = 0
     pushes: int = 0
+    joins: int = 0
     cancelled: dict[int, None] = field(default_factory=dict)  # our cancelled rids, oldest first
     _decoder: W.FrameDecoder = field(default_factory=W.FrameDecoder)
     _next_rid: int = 0
@@ -188,6 +192,10 @@ class PeerSession:
                     raise self._fail("too many pieces nobody asked for")
                 return None  # late (cancelled) or unrequested: dropped, counted
             del self.ours[event.rid]
+        elif isinstance(event, W.Join):
+            self.joins += 1
+            if self.joins > MAX_JOINS:
+                raise self._fail(f"more than {MAX_JOINS} joins")
         elif isinstance(event, W.ManifestPush):
             self.pushes += 1
             if self.pushes > MAX_PUSHES:
