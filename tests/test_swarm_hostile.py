@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trio
 
 from p2pnode import keys
@@ -15,7 +17,7 @@ from p2pnode.identity import NodeIdentity, client_context
 from p2pnode.stage import LocalChunks
 from p2pnode.swarm import wire as W
 from p2pnode.swarm.node import Link, PeerStats, SwarmNode
-from p2pnode.swarm.peer import MAX_JOINS
+from p2pnode.swarm.peer import MAX_JOINS, MAX_OUTSTANDING
 
 from .test_swarm_node import node, seeded
 
@@ -183,4 +185,86 @@ async def test_a_flood_of_joins_is_answered_not_kept_and_capped(tmp_path: Path) 
         await hung_up(tls)
         assert not seed.links
         await still_serves(seed, port, manifest)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_stops_reading_is_dropped_and_others_are_served(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It asks for many chunks and never reads: the seed's writes to it block (socket buffers
+    full), and after ``write_timeout`` it is dropped, while a normal leecher is served."""
+    caplog.set_level(logging.DEBUG, logger="p2pnode.swarm.node")
+    seed, manifest = await seeded(tmp_path)
+    seed.write_timeout = 2.0
+    mid = manifest.id  # type: ignore[attr-defined]
+    count = len(manifest.unique_chunks())  # type: ignore[attr-defined]
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(seed.serve, "127.0.0.1", 0)
+        me = node()
+        tls = await tls_to(port, me)
+        await tls.send_all(W.encode_bytes(W.Hello(me.node_id, 0)) + W.encode_bytes(W.Join(mid)))
+        seen: list[W.Event] = []
+        dec = W.FrameDecoder()
+        with trio.fail_after(20):  # its hello, bitfield and unchoke
+            while not any(isinstance(e, W.Unchoke) for e in seen):
+                dec.feed(await tls.receive_some(1 << 16))
+                seen += iter(dec.next_event, None)
+        requests = [W.Request(mid, r % count, r) for r in range(MAX_OUTSTANDING)]
+        await tls.send_all(b"".join(W.encode_bytes(r) for r in requests))  # then never reads
+        t0 = trio.current_time()
+        await still_serves(seed, port, manifest)
+        with trio.fail_after(30):
+            while any(link.node_id == me.node_id for link in seed.links):
+                await trio.sleep(0.1)
+        assert trio.current_time() - t0 < 30
+        assert "did not take" in caplog.text and "within 2s" in caplog.text
+        await tls.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def drip(tls: trio.SSLStream[trio.SocketStream], data: bytes, every: float) -> None:
+    """Send ``data`` a byte at a time, ``every`` seconds apart, until the peer hangs up."""
+    try:
+        for i in range(len(data)):
+            await tls.send_all(data[i : i + 1])
+            await trio.sleep(every)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def test_a_slow_drip_cannot_hold_a_connection(tmp_path: Path) -> None:
+    """Each byte comes well within the idle timeout, but no frame is ever completed: before
+    the hello the hello timeout ends it, after it the idle timeout of the unfinished frame."""
+    seed, _manifest = await seeded(tmp_path)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(seed.serve, "127.0.0.1", 0)
+        for hello_first, idle, hello_timeout in ((True, 1.0, 60.0), (False, 60.0, 1.0)):
+            seed.idle_timeout, seed.hello_timeout = idle, hello_timeout
+            me = node()
+            tls = await tls_to(port, me)
+            long_frame = W.encode_bytes(W.Goodbye(b"x" * 200))
+            if hello_first:
+                await tls.send_all(W.encode_bytes(W.Hello(me.node_id, 0)))
+            else:
+                long_frame = W.encode_bytes(W.Hello(me.node_id, 0)) + long_frame
+            async with trio.open_nursery() as dripping:
+                dripping.start_soon(drip, tls, long_frame, 0.2)
+                await hung_up(tls)
+                dripping.cancel_scope.cancel()
+        with trio.fail_after(5):
+            while seed.connections:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_silent_after_tls_is_dropped_after_the_hello_timeout(tmp_path: Path) -> None:
+    seed, _manifest = await seeded(tmp_path)
+    seed.hello_timeout = 1.0  # and the idle timeout stays 120 s
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(seed.serve, "127.0.0.1", 0)
+        tls = await tls_to(port)
+        await hung_up(tls)  # within 5 s
+        with trio.fail_after(5):
+            while seed.connections:
+                await trio.sleep(0.05)
         nursery.cancel_scope.cancel()

@@ -34,7 +34,7 @@ import trio
 
 from .. import manifest as M
 from ..chunker import hash_chunk
-from ..errors import ManifestError, P2PNodeError, ProtocolError, UsageError
+from ..errors import ManifestError, P2PNodeError, ProtocolError, SlowPeerError, UsageError
 from ..identity import NodeIdentity, client_context, peer_node_id, server_context
 from ..ratelimit import RateLimiter
 from ..stage import LocalChunks
@@ -49,6 +49,10 @@ __all__ = ["Link", "PeerStats", "SwarmNode", "parse_peer"]
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+#: One write to a peer (a queued frame, or a slice of a piece) must finish within this: a peer
+#: that stops reading is dropped then, instead of holding its connection and upload slot (a
+#: slice is 128 KiB, so this only drops peers slower than ~4 KiB/s).
+WRITE_TIMEOUT = 30.0
 CONNECT_ATTEMPTS = 7  # over ~3.5 s of backoff (0.1 s doubling, at most 1 s apart)
 CONNECT_BACKOFF = (0.1, 1.0)
 #: A request unanswered this long (a stalled or slow-dripping peer) drops the peer.
@@ -132,6 +136,8 @@ class Link:
 
     Everything sent goes through the queue, so ``have`` messages can be pushed from outside the
     connection's own loop; haves are dropped when a slow peer's queue is full (it will ask).
+    Every write is bounded by ``write_timeout`` (``SlowPeerError``), so a peer that stops
+    reading cannot hold the connection, nor the task serving it, for longer.
     """
 
     def __init__(
@@ -140,8 +146,10 @@ class Link:
         session: PeerSession,
         node_id: bytes,
         cap: RateLimiter,
+        write_timeout: float = WRITE_TIMEOUT,
     ) -> None:
         self.tls = tls
+        self.write_timeout = write_timeout
         self.session = session
         self.node_id = node_id
         #: This peer's rate cap (upload when serving it, download when fetching from it);
@@ -165,7 +173,16 @@ class Link:
     async def _drain(self, channel: trio.MemoryReceiveChannel[bytes]) -> None:
         async for data in channel:
             async with self._sending:
-                await self.tls.send_all(data)
+                await self._send_all(data)
+
+    async def _send_all(self, data: bytes | memoryview) -> None:
+        """Write to the peer, bounded: it must take the bytes within ``write_timeout``."""
+        with trio.move_on_after(self.write_timeout) as scope:
+            await self.tls.send_all(data)
+        if scope.cancelled_caught:
+            raise SlowPeerError(
+                f"the peer did not take {len(data)} bytes within {self.write_timeout:g}s"
+            )
 
     async def send(self, data: bytes) -> None:
         if data:
@@ -181,7 +198,7 @@ class Link:
             for start in range(0, len(view), WRITE_SLICE):
                 part = view[start : start + WRITE_SLICE]
                 await before_slice(len(part))
-                await self.tls.send_all(part)
+                await self._send_all(part)
 
     def send_soon(self, data: bytes) -> None:
         try:
@@ -214,6 +231,8 @@ class SwarmNode:
         listen_port: int = 0,
         *,
         idle_timeout: float = 120.0,
+        hello_timeout: float = CONNECT_TIMEOUT,
+        write_timeout: float = WRITE_TIMEOUT,
         request_timeout: float = REQUEST_TIMEOUT,
         stall_timeout: float = STALL_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
@@ -229,6 +248,8 @@ class SwarmNode:
         self.local = local
         self.listen_port = listen_port
         self.idle_timeout = idle_timeout
+        self.hello_timeout = hello_timeout
+        self.write_timeout = write_timeout
         self.request_timeout = request_timeout
         self.stall_timeout = stall_timeout
         self.max_connections = max_connections
@@ -337,13 +358,16 @@ class SwarmNode:
                 now=trio.current_time(),
                 expected_id=node_id,
                 idle_timeout=self.idle_timeout,
+                hello_timeout=self.hello_timeout,
             )
-            link = Link(tls, session, node_id, RateLimiter(self.peer_upload_rate))
+            link = Link(
+                tls, session, node_id, RateLimiter(self.peer_upload_rate), self.write_timeout
+            )
             try:
                 link.host = str(stream.socket.getpeername()[0])
             except OSError:
                 pass
-            await tls.send_all(session.hello(trio.current_time(), self._caps))
+            await link.send(session.hello(trio.current_time(), self._caps))  # (writer: first)
             self.links.add(link)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(link.writer)
@@ -639,11 +663,13 @@ class SwarmNode:
                 now=trio.current_time(),
                 expected_id=st.node_id,
                 idle_timeout=self.idle_timeout,
+                hello_timeout=self.hello_timeout,
             )
-            await tls.send_all(
-                s.hello(trio.current_time()) + s.send(W.Join(job.manifest.id), trio.current_time())
+            link = Link(
+                tls, s, st.node_id, RateLimiter(self.peer_download_rate), self.write_timeout
             )
-            link = Link(tls, s, st.node_id, RateLimiter(self.peer_download_rate))
+            now = trio.current_time()
+            await link.send(s.hello(now) + s.send(W.Join(job.manifest.id), now))
             link.manifests.add(job.manifest.id)
             self.links.add(link)
             try:
@@ -762,4 +788,10 @@ class _PeerFailed(Exception):
 
 
 #: What ends one peer's connection and nothing else.
-_CONNECTION_ENDED = (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError, OSError)
+_CONNECTION_ENDED = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    ProtocolError,
+    SlowPeerError,
+    OSError,
+)
