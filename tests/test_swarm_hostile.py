@@ -16,10 +16,10 @@ from p2pnode.chunker import hash_chunk
 from p2pnode.identity import NodeIdentity, client_context
 from p2pnode.stage import LocalChunks
 from p2pnode.swarm import wire as W
-from p2pnode.swarm.node import Link, PeerStats, SwarmNode
+from p2pnode.swarm.node import MAX_BAD_CHUNKS, MAX_BANNED, Link, PeerStats, SwarmNode
 from p2pnode.swarm.peer import MAX_JOINS, MAX_OUTSTANDING
 
-from .test_swarm_node import node, seeded
+from .test_swarm_node import CorruptSeed, node, seeded
 
 
 async def tls_to(port: int, me: NodeIdentity | None = None) -> trio.SSLStream[trio.SocketStream]:
@@ -268,3 +268,61 @@ async def test_a_peer_silent_after_tls_is_dropped_after_the_hello_timeout(tmp_pa
             while seed.connections:
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
+
+
+class CountingCorruptSeed(CorruptSeed):
+    requests = 0
+
+    async def _answer(self, link: Link, req: W.Request) -> bytes:
+        self.requests += 1
+        return await super()._answer(link, req)
+
+
+async def test_a_corrupt_peer_is_banned_by_node_id_on_every_address(tmp_path: Path) -> None:
+    """Banned in one fetch, the same node listening on another port is not asked for a chunk
+    in the next fetch (nor served when it connects to us)."""
+    seed, manifest = await seeded(tmp_path)
+    evil = CountingCorruptSeed(node(), seed.local)
+    evil.offer(manifest)  # type: ignore[arg-type]
+    wanted = list(manifest.unique_chunks())  # type: ignore[attr-defined]
+
+    async def deliver(cid: bytes, data: bytes) -> None:
+        assert hash_chunk(data) == cid
+
+    async with trio.open_nursery() as nursery:
+        first = await nursery.start(evil.serve, "127.0.0.1", 0)
+        second = await nursery.start(evil.serve, "127.0.0.1", 0)
+        leecher = SwarmNode(node(), LocalChunks())
+        stats: dict[str, PeerStats] = {}
+        with trio.fail_after(30):
+            await leecher.fetch(manifest, wanted, [("127.0.0.1", first)], deliver, stats)  # type: ignore[arg-type]
+        assert stats[f"127.0.0.1:{first}"].corrupt == MAX_BAD_CHUNKS
+        assert evil.identity.node_id in leecher.banned
+        asked = evil.requests
+        stats = {}
+        with trio.fail_after(30):
+            left = await leecher.fetch(manifest, wanted, [("127.0.0.1", second)], deliver, stats)  # type: ignore[arg-type]
+        (st,) = stats.values()
+        assert "banned" in st.error and st.corrupt == 0 and st.chunks == 0
+        assert evil.requests == asked and left == set(wanted)
+
+        leecher_port = await nursery.start(leecher.serve, "127.0.0.1", 0)
+        tls = await tls_to(leecher_port, evil.identity)  # the banned node dials us
+        try:
+            await tls.send_all(W.encode_bytes(W.Hello(evil.identity.node_id, 0)))
+        except trio.BrokenResourceError:
+            pass  # refused already
+        await hung_up(tls)
+        assert not leecher.links
+        nursery.cancel_scope.cancel()
+
+
+def test_bans_are_bounded_oldest_forgotten_first() -> None:
+    me = SwarmNode(node(), LocalChunks())
+    ids = [i.to_bytes(20, "big") for i in range(MAX_BANNED + 10)]
+    for nid in ids:
+        me.ban(nid)
+    me.ban(ids[20])  # banned again: now the newest
+    me.ban(b"x" * 20)
+    assert len(me.banned) == MAX_BANNED
+    assert ids[10] not in me.banned and ids[11] in me.banned and ids[20] in me.banned

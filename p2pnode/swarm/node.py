@@ -14,7 +14,8 @@ the sockets:
   reads, others are rejected with ``choked``. Upload is capped globally and per peer.
 * **Fetching** (``fetch``): one task per peer, each keeping the scheduler's pipeline for that
   peer full; every piece is checked with blake3 before ``deliver``; a peer that sends a bad chunk
-  twice, stalls, or breaks the protocol is dropped and its requests go to others; endgame
+  twice is banned by node id (``banned``: not fetched from nor served again, on any address);
+  one that stalls or breaks the protocol is dropped; their requests go to others; endgame
   duplicates that lose the race are cancelled. ``fetch`` returns the chunks no peer could give,
   for the CDN.
 
@@ -61,6 +62,8 @@ REQUEST_TIMEOUT = 10.0
 STALL_TIMEOUT = 15.0
 WATCH_INTERVAL = 0.25
 MAX_BAD_CHUNKS = 2
+#: Node ids banned for corrupt chunks, remembered at most (the oldest ban is forgotten).
+MAX_BANNED = 4096
 #: Chunk reads in progress at once (disk concurrency, independent of the choker's slots).
 READ_SLOTS = 16
 #: Manifests peers showed us that we serve as partial seeds, at most (oldest forgotten).
@@ -270,6 +273,9 @@ class SwarmNode:
         self.index: dict[bytes, dict[bytes, int]] = {}  # manifest id -> chunk id -> index
         self.manifests: dict[bytes, M.Manifest] = {}
         self.links: set[Link] = set()
+        #: Node ids that sent MAX_BAD_CHUNKS corrupt chunks, oldest first: never fetched from
+        #: nor served again, whatever address or port they come from (bounded: MAX_BANNED).
+        self.banned: dict[bytes, None] = {}
         self.signed: dict[bytes, bytes] = {}  # manifest id -> signed manifest, to push
         self._pushed: dict[bytes, None] = {}  # manifests peers pushed to us, oldest first
         self._verifying = trio.Semaphore(1)  # one pushed manifest parsed at a time
@@ -290,6 +296,12 @@ class SwarmNode:
         self.manifests[manifest.id] = manifest
         self.offers[manifest.id] = list(manifest.unique_chunks())
         self.index[manifest.id] = {cid: i for i, cid in enumerate(self.offers[manifest.id])}
+
+    def ban(self, node_id: bytes) -> None:
+        self.banned.pop(node_id, None)
+        self.banned[node_id] = None
+        while len(self.banned) > MAX_BANNED:
+            del self.banned[next(iter(self.banned))]
 
     def have(self, chunk_id: bytes) -> None:
         """A chunk just landed here: tell every connected peer in a swarm that has it."""
@@ -352,6 +364,9 @@ class SwarmNode:
             if scope.cancelled_caught:
                 return
             node_id = peer_node_id(tls)
+            if node_id in self.banned:
+                log.debug("refused a banned peer")
+                return
             session = PeerSession(
                 self.identity.node_id,
                 self.listen_port,
@@ -655,8 +670,11 @@ class SwarmNode:
             tls = await self._connect(host, port)
             st.connect_s = trio.current_time() - t0
             st.node_id = peer_node_id(tls)
-            if st.node_id == self.identity.node_id:
-                return  # ourselves
+            if st.node_id == self.identity.node_id or st.node_id in self.banned:
+                if st.node_id in self.banned:
+                    st.error = "banned: it sent chunks that fail blake3 before"
+                await trio.aclose_forcefully(tls)
+                return  # ourselves, or a node known to serve corrupt chunks
             s = PeerSession(
                 self.identity.node_id,
                 self.listen_port,
@@ -770,6 +788,7 @@ class SwarmNode:
             st.corrupt += 1
             job.sched.failed(addr, i)
             if st.corrupt >= MAX_BAD_CHUNKS:
+                self.ban(st.node_id)  # by node id: its other addresses and later fetches too
                 raise _PeerFailed(f"sent {st.corrupt} chunks that fail blake3: banned")
             return
         now = trio.current_time()
