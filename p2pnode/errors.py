@@ -26,6 +26,7 @@ pass a more specific one.
     │   └── dht.DHTStateError    a damaged DHT routing-table file
     ├── TransportError           a network operation failed
     │   ├── CDNError             every mirror failed for some chunk
+    │   ├── SlowPeerError        a peer took no bytes from us within the write timeout
     │   ├── dht.DHTError         the DHT node cannot start or answer
     │   └── tracker_client.TrackerError         a tracker cannot be reached or fails (5xx)
     │       └── tracker_client.TrackerRefusedError  it refused the request (4xx: status, code)
@@ -58,6 +59,7 @@ __all__ = [
     "ProtocolError",
     "RemoteProtocolError",
     "SignatureError",
+    "SlowPeerError",
     "TransportError",
     "UnsafePathError",
     "UsageError",
@@ -148,6 +150,13 @@ class TransportError(P2PNodeError):
 
 class CDNError(TransportError):
     default_fix = "check the mirrors (--mirror URL) are up and serve this release, then retry"
+
+
+class SlowPeerError(TransportError):
+    """A peer stopped reading (or reads too slowly for one write to finish in time): it would
+    hold its connection and an upload slot for as long as it liked."""
+
+    default_fix = "nothing to do: the peer is disconnected and others are served"
 
 
 class ProtocolError(P2PNodeError):

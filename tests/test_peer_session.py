@@ -10,8 +10,10 @@ from p2pnode.chunker import hash_chunk
 from p2pnode.errors import LocalProtocolError, RemoteProtocolError
 from p2pnode.swarm import wire as W
 from p2pnode.swarm.peer import (
+    HELLO_TIMEOUT,
     IDLE_TIMEOUT,
     KEEPALIVE_AFTER,
+    MAX_JOINS,
     MAX_OUTSTANDING,
     PeerSession,
     SessionState,
@@ -127,6 +129,14 @@ def test_manifest_pushes_are_bounded_per_connection() -> None:
         events(b, push)
 
 
+def test_joins_are_bounded_per_connection() -> None:
+    _a, b = pair()
+    join = W.encode_bytes(W.Join(MID))
+    assert len(events(b, join * MAX_JOINS)) == MAX_JOINS
+    with pytest.raises(RemoteProtocolError, match="joins"):
+        events(b, join)
+
+
 def test_answers_only_what_was_asked() -> None:
     _a, b = pair()
     with pytest.raises(LocalProtocolError):
@@ -148,3 +158,43 @@ def test_overdue_requests_are_listed_for_reissue() -> None:
     rid, _ = a.request(MID, 5, 1.0)
     assert a.overdue(2.0, deadline=5.0) == []
     assert [r for r, _ in a.overdue(7.0, deadline=5.0)] == [rid]
+
+
+def test_a_peer_that_sends_no_hello_is_dropped_after_the_hello_timeout() -> None:
+    b = PeerSession(B_ID, 6882, now=100.0)
+    assert b.get_timer() == 100.0 + HELLO_TIMEOUT < 100.0 + KEEPALIVE_AFTER
+    assert b.handle_timer(100.0 + HELLO_TIMEOUT - 0.1) == b""
+    with pytest.raises(RemoteProtocolError, match="no hello"):
+        b.handle_timer(100.0 + HELLO_TIMEOUT)
+    # Bytes do not extend it: a hello dripped a byte at a time is as late as no hello.
+    c = PeerSession(B_ID, 6882, now=0.0)
+    hello = PeerSession(A_ID, 6881, now=0.0).hello(0.0)
+    for t in range(int(HELLO_TIMEOUT) + 1):
+        assert events(c, hello[t : t + 1], float(t)) == []
+    with pytest.raises(RemoteProtocolError, match="no hello"):
+        c.handle_timer(c.get_timer())
+
+
+def test_a_frame_dripped_a_byte_at_a_time_must_still_arrive_within_the_idle_timeout() -> None:
+    a, b = pair()
+    b.idle_timeout = 10.0
+    frame = a.send(W.Goodbye(b"x" * 100), 0.0)
+    t = 0.0
+    for byte in range(len(frame) - 1):  # every byte well within the idle timeout of the last
+        t += 1.0
+        if t >= 10.0:
+            break
+        assert events(b, frame[byte : byte + 1], t) == []
+        assert b.get_timer() == 1.0 + 10.0  # the frame's first byte came at t = 1
+    with pytest.raises(RemoteProtocolError, match="frame took more than"):
+        b.handle_timer(11.0)
+
+
+def test_whole_frames_reset_the_drip_clock() -> None:
+    a, b = pair()
+    b.idle_timeout = 10.0
+    ka = a.send(W.Keepalive(), 0.0)
+    for t in range(1, 40):  # a keepalive every 9 s, each in two halves 4.5 s apart: alive
+        assert events(b, ka[:3], 9.0 * t - 4.5) == []
+        assert events(b, ka[3:], 9.0 * t) == [W.Keepalive()]
+        b.handle_timer(9.0 * t + 1)  # (a keepalive of ours, maybe; no error)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trio
 
 from p2pnode import keys
@@ -13,18 +16,34 @@ from p2pnode.chunker import hash_chunk
 from p2pnode.identity import NodeIdentity, client_context
 from p2pnode.stage import LocalChunks
 from p2pnode.swarm import wire as W
-from p2pnode.swarm.node import Link, PeerStats, SwarmNode
+from p2pnode.swarm.node import MAX_BAD_CHUNKS, MAX_BANNED, Link, PeerStats, SwarmNode
+from p2pnode.swarm.peer import MAX_JOINS, MAX_OUTSTANDING
 
-from .test_swarm_node import node, seeded
+from .test_swarm_node import CorruptSeed, node, seeded
 
 
-async def tls_to(port: int) -> trio.SSLStream[trio.SocketStream]:
+async def tls_to(port: int, me: NodeIdentity | None = None) -> trio.SSLStream[trio.SocketStream]:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
-    tls = trio.SSLStream(
-        stream, client_context(NodeIdentity(keys.generate_key())), server_hostname="p"
-    )
+    me = me or NodeIdentity(keys.generate_key())
+    tls = trio.SSLStream(stream, client_context(me), server_hostname="p")
     await tls.do_handshake()
     return tls
+
+
+async def bitfields_from(
+    tls: trio.SSLStream[trio.SocketStream], dec: W.FrameDecoder, count: int
+) -> list[W.Bitfield]:
+    """Read the peer's frames until ``count`` bitfields have come (within 20 s)."""
+    got: list[W.Bitfield] = []
+    with trio.fail_after(20):
+        while len(got) < count:
+            data = await tls.receive_some(1 << 16)
+            assert data, "the peer hung up"
+            dec.feed(data)
+            while (ev := dec.next_event()) is not None:
+                if isinstance(ev, W.Bitfield):
+                    got.append(ev)
+    return got
 
 
 async def hung_up(tls: trio.SSLStream[trio.SocketStream]) -> None:
@@ -181,6 +200,27 @@ async def test_a_client_that_did_not_negotiate_p2pnode_1_is_refused(tmp_path: Pa
         nursery.cancel_scope.cancel()
 
 
+async def test_a_flood_of_joins_is_answered_not_kept_and_capped(tmp_path: Path) -> None:
+    seed, manifest = await seeded(tmp_path)
+    mid = manifest.id  # type: ignore[attr-defined]
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(seed.serve, "127.0.0.1", 0)
+        me = node()
+        tls = await tls_to(port, me)
+        joins = [W.Join(mid)] + [W.Join(os.urandom(32)) for _ in range(MAX_JOINS - 1)]
+        await tls.send_all(b"".join(W.encode_bytes(e) for e in [W.Hello(me.node_id, 0), *joins]))
+        answers = await bitfields_from(tls, W.FrameDecoder(), MAX_JOINS)
+        assert [b.manifest for b in answers] == [j.manifest for j in joins]
+        assert [b.count > 0 for b in answers] == [True] + [False] * (MAX_JOINS - 1)
+        (link,) = seed.links
+        assert link.manifests == {mid}  # unknown swarms answered, not remembered
+        await tls.send_all(W.encode_bytes(W.Join(os.urandom(32))))  # one join too many
+        await hung_up(tls)
+        assert not seed.links
+        await still_serves(seed, port, manifest)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_dialler_drops_a_server_that_did_not_negotiate_p2pnode_1(tmp_path: Path) -> None:
     from p2pnode.identity import server_context
 
@@ -201,3 +241,143 @@ async def test_a_dialler_drops_a_server_that_did_not_negotiate_p2pnode_1(tmp_pat
         nursery.cancel_scope.cancel()
     (st,) = stats.values()
     assert left == set(wanted) and "did not negotiate ALPN 'p2pnode/1'" in st.error, st.error
+
+
+async def test_a_peer_that_stops_reading_is_dropped_and_others_are_served(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It asks for many chunks and never reads: the seed's writes to it block (socket buffers
+    full), and after ``write_timeout`` it is dropped, while a normal leecher is served."""
+    caplog.set_level(logging.DEBUG, logger="p2pnode.swarm.node")
+    seed, manifest = await seeded(tmp_path)
+    seed.write_timeout = 2.0
+    mid = manifest.id  # type: ignore[attr-defined]
+    count = len(manifest.unique_chunks())  # type: ignore[attr-defined]
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(seed.serve, "127.0.0.1", 0)
+        me = node()
+        tls = await tls_to(port, me)
+        await tls.send_all(W.encode_bytes(W.Hello(me.node_id, 0)) + W.encode_bytes(W.Join(mid)))
+        seen: list[W.Event] = []
+        dec = W.FrameDecoder()
+        with trio.fail_after(20):  # its hello, bitfield and unchoke
+            while not any(isinstance(e, W.Unchoke) for e in seen):
+                dec.feed(await tls.receive_some(1 << 16))
+                seen += iter(dec.next_event, None)
+        requests = [W.Request(mid, r % count, r) for r in range(MAX_OUTSTANDING)]
+        await tls.send_all(b"".join(W.encode_bytes(r) for r in requests))  # then never reads
+        t0 = trio.current_time()
+        await still_serves(seed, port, manifest)
+        with trio.fail_after(30):
+            while any(link.node_id == me.node_id for link in seed.links):
+                await trio.sleep(0.1)
+        assert trio.current_time() - t0 < 30
+        assert "did not take" in caplog.text and "within 2s" in caplog.text
+        await tls.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def drip(tls: trio.SSLStream[trio.SocketStream], data: bytes, every: float) -> None:
+    """Send ``data`` a byte at a time, ``every`` seconds apart, until the peer hangs up."""
+    try:
+        for i in range(len(data)):
+            await tls.send_all(data[i : i + 1])
+            await trio.sleep(every)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def test_a_slow_drip_cannot_hold_a_connection(tmp_path: Path) -> None:
+    """Each byte comes well within the idle timeout, but no frame is ever completed: before
+    the hello the hello timeout ends it, after it the idle timeout of the unfinished frame."""
+    seed, _manifest = await seeded(tmp_path)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(seed.serve, "127.0.0.1", 0)
+        for hello_first, idle, hello_timeout in ((True, 1.0, 60.0), (False, 60.0, 1.0)):
+            seed.idle_timeout, seed.hello_timeout = idle, hello_timeout
+            me = node()
+            tls = await tls_to(port, me)
+            long_frame = W.encode_bytes(W.Goodbye(b"x" * 200))
+            if hello_first:
+                await tls.send_all(W.encode_bytes(W.Hello(me.node_id, 0)))
+            else:
+                long_frame = W.encode_bytes(W.Hello(me.node_id, 0)) + long_frame
+            async with trio.open_nursery() as dripping:
+                dripping.start_soon(drip, tls, long_frame, 0.2)
+                await hung_up(tls)
+                dripping.cancel_scope.cancel()
+        with trio.fail_after(5):
+            while seed.connections:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_silent_after_tls_is_dropped_after_the_hello_timeout(tmp_path: Path) -> None:
+    seed, _manifest = await seeded(tmp_path)
+    seed.hello_timeout = 1.0  # and the idle timeout stays 120 s
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(seed.serve, "127.0.0.1", 0)
+        tls = await tls_to(port)
+        await hung_up(tls)  # within 5 s
+        with trio.fail_after(5):
+            while seed.connections:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+
+class CountingCorruptSeed(CorruptSeed):
+    requests = 0
+
+    async def _answer(self, link: Link, req: W.Request) -> bytes:
+        self.requests += 1
+        return await super()._answer(link, req)
+
+
+async def test_a_corrupt_peer_is_banned_by_node_id_on_every_address(tmp_path: Path) -> None:
+    """Banned in one fetch, the same node listening on another port is not asked for a chunk
+    in the next fetch (nor served when it connects to us)."""
+    seed, manifest = await seeded(tmp_path)
+    evil = CountingCorruptSeed(node(), seed.local)
+    evil.offer(manifest)  # type: ignore[arg-type]
+    wanted = list(manifest.unique_chunks())  # type: ignore[attr-defined]
+
+    async def deliver(cid: bytes, data: bytes) -> None:
+        assert hash_chunk(data) == cid
+
+    async with trio.open_nursery() as nursery:
+        first = await nursery.start(evil.serve, "127.0.0.1", 0)
+        second = await nursery.start(evil.serve, "127.0.0.1", 0)
+        leecher = SwarmNode(node(), LocalChunks())
+        stats: dict[str, PeerStats] = {}
+        with trio.fail_after(30):
+            await leecher.fetch(manifest, wanted, [("127.0.0.1", first)], deliver, stats)  # type: ignore[arg-type]
+        assert stats[f"127.0.0.1:{first}"].corrupt == MAX_BAD_CHUNKS
+        assert evil.identity.node_id in leecher.banned
+        asked = evil.requests
+        stats = {}
+        with trio.fail_after(30):
+            left = await leecher.fetch(manifest, wanted, [("127.0.0.1", second)], deliver, stats)  # type: ignore[arg-type]
+        (st,) = stats.values()
+        assert "banned" in st.error and st.corrupt == 0 and st.chunks == 0
+        assert evil.requests == asked and left == set(wanted)
+
+        leecher_port = await nursery.start(leecher.serve, "127.0.0.1", 0)
+        tls = await tls_to(leecher_port, evil.identity)  # the banned node dials us
+        try:
+            await tls.send_all(W.encode_bytes(W.Hello(evil.identity.node_id, 0)))
+        except trio.BrokenResourceError:
+            pass  # refused already
+        await hung_up(tls)
+        assert not leecher.links
+        nursery.cancel_scope.cancel()
+
+
+def test_bans_are_bounded_oldest_forgotten_first() -> None:
+    me = SwarmNode(node(), LocalChunks())
+    ids = [i.to_bytes(20, "big") for i in range(MAX_BANNED + 10)]
+    for nid in ids:
+        me.ban(nid)
+    me.ban(ids[20])  # banned again: now the newest
+    me.ban(b"x" * 20)
+    assert len(me.banned) == MAX_BANNED
+    assert ids[10] not in me.banned and ids[11] in me.banned and ids[20] in me.banned

@@ -6,6 +6,7 @@ import os
 import struct
 
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -162,15 +163,78 @@ def test_optional_fields_take_their_defaults() -> None:
     assert same(piece, W.Piece(MID, 2, 5, bytes(32), data))
 
 
-def test_a_zstd_bomb_is_bounded_by_the_declared_size() -> None:
-    import zstandard
-
-    bomb = zstandard.ZstdCompressor().compress(b"\0" * (8 << 20))
-    frame = frame_of(
-        {b"t": b"piece", b"m": MID, b"i": 0, b"r": 0, b"c": MID, b"n": 1024, b"z": 1}, bomb
+def zstd_piece(payload: bytes, n: int) -> bytes:
+    return frame_of(
+        {b"t": b"piece", b"m": MID, b"i": 0, b"r": 0, b"c": MID, b"n": n, b"z": 1}, payload
     )
-    with pytest.raises(RemoteProtocolError):
+
+
+# Decodes hostile compressed pieces in a fresh process and prints its peak RSS growth in KiB:
+# a bomb's cost must show there, whether Python or libzstd allocates it (tracemalloc would
+# see only the former; this process's own high-water mark may already be above the bomb's).
+_BOMB_PROBE = """
+import resource, sys, zstandard
+from p2pnode.errors import RemoteProtocolError
+from tests.test_wire import zstd_piece, decode_all
+
+def declaring(size):  # 256 MiB of zeros, in ~8 KiB, the header declaring its size
+    c = zstandard.ZstdCompressor(level=1).compressobj(size=size)
+    return b"".join([c.compress(bytes(1 << 20)) for _ in range(size >> 20)] + [c.flush()])
+
+hostile = [
+    zstd_piece(declaring(256 << 20), 4096),  # declares 256 MiB for a 4 KiB piece
+    zstd_piece(zstandard.ZstdCompressor(write_content_size=False).compress(bytes(4096)), 4096),
+]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+errors = []
+for frame in hostile:
+    try:
         decode_all(frame)
+    except RemoteProtocolError as exc:
+        errors.append(str(exc))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print(*errors, sep="\\n")
+"""
+
+
+def test_a_zstd_bomb_costs_no_more_memory_than_the_declared_size() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", _BOMB_PROBE],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.splitlines()
+    grown_kib, errors = int(out[0]), out[1:]
+    assert grown_kib < 64 * 1024, f"decoding the bombs grew RSS by {grown_kib} KiB"
+    assert len(errors) == 2 and all("must declare its size" in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        zstandard.ZstdCompressor().compress(b"\0" * (8 << 20)),  # declares 8 MiB, n is 1024
+        zstandard.ZstdCompressor().compress(b"\0" * 512),  # declares less than n
+        zstandard.ZstdCompressor().compress(b"\0" * 1024) + b"x",  # trailing bytes
+        zstandard.ZstdCompressor().compress(b"\0" * 1024)
+        + zstandard.ZstdCompressor().compress(b"\0" * 1024),  # a second frame
+        zstandard.ZstdCompressor().compress(b"\0" * 1024)[:-3],  # cut short
+        b"",
+    ],
+)
+def test_compressed_pieces_must_be_one_frame_declaring_their_size(payload: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode_all(zstd_piece(payload, 1024))
+    good = zstandard.ZstdCompressor().compress(b"\0" * 1024)
+    (piece,) = decode_all(zstd_piece(good, 1024))
+    assert isinstance(piece, W.Piece) and bytes(piece.data) == b"\0" * 1024
 
 
 def test_building_invalid_messages_is_a_local_error() -> None:

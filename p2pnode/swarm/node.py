@@ -14,7 +14,8 @@ the sockets:
   reads, others are rejected with ``choked``. Upload is capped globally and per peer.
 * **Fetching** (``fetch``): one task per peer, each keeping the scheduler's pipeline for that
   peer full; every piece is checked with blake3 before ``deliver``; a peer that sends a bad chunk
-  twice, stalls, or breaks the protocol is dropped and its requests go to others; endgame
+  twice is banned by node id (``banned``: not fetched from nor served again, on any address);
+  one that stalls or breaks the protocol is dropped; their requests go to others; endgame
   duplicates that lose the race are cancelled. ``fetch`` returns the chunks no peer could give,
   for the CDN.
 
@@ -39,6 +40,7 @@ from ..errors import (
     P2PNodeError,
     ProtocolError,
     RemoteProtocolError,
+    SlowPeerError,
     UsageError,
 )
 from ..identity import (
@@ -61,6 +63,10 @@ __all__ = ["CdnSource", "Link", "PeerStats", "SwarmNode", "parse_peer"]
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+#: One write to a peer (a queued frame, or a slice of a piece) must finish within this: a peer
+#: that stops reading is dropped then, instead of holding its connection and upload slot (a
+#: slice is 128 KiB, so this only drops peers slower than ~4 KiB/s).
+WRITE_TIMEOUT = 30.0
 CONNECT_ATTEMPTS = 7  # over ~3.5 s of backoff (0.1 s doubling, at most 1 s apart)
 CONNECT_BACKOFF = (0.1, 1.0)
 #: A request unanswered this long (a stalled or slow-dripping peer) drops the peer.
@@ -69,6 +75,8 @@ REQUEST_TIMEOUT = 10.0
 STALL_TIMEOUT = 15.0
 WATCH_INTERVAL = 0.25
 MAX_BAD_CHUNKS = 2
+#: Node ids banned for corrupt chunks, remembered at most (the oldest ban is forgotten).
+MAX_BANNED = 4096
 #: Chunk reads in progress at once (disk concurrency, independent of the choker's slots).
 READ_SLOTS = 16
 #: Manifests peers showed us that we serve as partial seeds, at most (oldest forgotten).
@@ -162,6 +170,8 @@ class Link:
 
     Everything sent goes through the queue, so ``have`` messages can be pushed from outside the
     connection's own loop; haves are dropped when a slow peer's queue is full (it will ask).
+    Every write is bounded by ``write_timeout`` (``SlowPeerError``), so a peer that stops
+    reading cannot hold the connection, nor the task serving it, for longer.
     """
 
     def __init__(
@@ -170,8 +180,10 @@ class Link:
         session: PeerSession,
         node_id: bytes,
         cap: RateLimiter,
+        write_timeout: float = WRITE_TIMEOUT,
     ) -> None:
         self.tls = tls
+        self.write_timeout = write_timeout
         self.session = session
         self.node_id = node_id
         #: This peer's rate cap (upload when serving it, download when fetching from it);
@@ -195,7 +207,16 @@ class Link:
     async def _drain(self, channel: trio.MemoryReceiveChannel[bytes]) -> None:
         async for data in channel:
             async with self._sending:
-                await self.tls.send_all(data)
+                await self._send_all(data)
+
+    async def _send_all(self, data: bytes | memoryview) -> None:
+        """Write to the peer, bounded: it must take the bytes within ``write_timeout``."""
+        with trio.move_on_after(self.write_timeout) as scope:
+            await self.tls.send_all(data)
+        if scope.cancelled_caught:
+            raise SlowPeerError(
+                f"the peer did not take {len(data)} bytes within {self.write_timeout:g}s"
+            )
 
     async def send(self, data: bytes) -> None:
         if data:
@@ -211,7 +232,7 @@ class Link:
             for start in range(0, len(view), WRITE_SLICE):
                 part = view[start : start + WRITE_SLICE]
                 await before_slice(len(part))
-                await self.tls.send_all(part)
+                await self._send_all(part)
 
     def send_soon(self, data: bytes) -> None:
         try:
@@ -244,6 +265,8 @@ class SwarmNode:
         listen_port: int = 0,
         *,
         idle_timeout: float = 120.0,
+        hello_timeout: float = CONNECT_TIMEOUT,
+        write_timeout: float = WRITE_TIMEOUT,
         request_timeout: float = REQUEST_TIMEOUT,
         stall_timeout: float = STALL_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
@@ -259,6 +282,8 @@ class SwarmNode:
         self.local = local
         self.listen_port = listen_port
         self.idle_timeout = idle_timeout
+        self.hello_timeout = hello_timeout
+        self.write_timeout = write_timeout
         self.request_timeout = request_timeout
         self.stall_timeout = stall_timeout
         self.max_connections = max_connections
@@ -279,6 +304,9 @@ class SwarmNode:
         self.index: dict[bytes, dict[bytes, int]] = {}  # manifest id -> chunk id -> index
         self.manifests: dict[bytes, M.Manifest] = {}
         self.links: set[Link] = set()
+        #: Node ids that sent MAX_BAD_CHUNKS corrupt chunks, oldest first: never fetched from
+        #: nor served again, whatever address or port they come from (bounded: MAX_BANNED).
+        self.banned: dict[bytes, None] = {}
         self.signed: dict[bytes, bytes] = {}  # manifest id -> signed manifest, to push
         self._pushed: dict[bytes, None] = {}  # manifests peers pushed to us, oldest first
         self._verifying = trio.Semaphore(1)  # one pushed manifest parsed at a time
@@ -299,6 +327,12 @@ class SwarmNode:
         self.manifests[manifest.id] = manifest
         self.offers[manifest.id] = list(manifest.unique_chunks())
         self.index[manifest.id] = {cid: i for i, cid in enumerate(self.offers[manifest.id])}
+
+    def ban(self, node_id: bytes) -> None:
+        self.banned.pop(node_id, None)
+        self.banned[node_id] = None
+        while len(self.banned) > MAX_BANNED:
+            del self.banned[next(iter(self.banned))]
 
     def have(self, chunk_id: bytes) -> None:
         """A chunk just landed here: tell every connected peer in a swarm that has it."""
@@ -366,19 +400,25 @@ class SwarmNode:
                 log.info("refused a connection: %s", exc.message)
                 return
             node_id = peer_node_id(tls)
+            if node_id in self.banned:
+                log.debug("refused a banned peer")
+                return
             session = PeerSession(
                 self.identity.node_id,
                 self.listen_port,
                 now=trio.current_time(),
                 expected_id=node_id,
                 idle_timeout=self.idle_timeout,
+                hello_timeout=self.hello_timeout,
             )
-            link = Link(tls, session, node_id, RateLimiter(self.peer_upload_rate))
+            link = Link(
+                tls, session, node_id, RateLimiter(self.peer_upload_rate), self.write_timeout
+            )
             try:
                 link.host = str(stream.socket.getpeername()[0])
             except OSError:
                 pass
-            await tls.send_all(session.hello(trio.current_time(), self._caps))
+            await link.send(session.hello(trio.current_time(), self._caps))  # (writer: first)
             self.links.add(link)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(link.writer)
@@ -408,10 +448,12 @@ class SwarmNode:
                 if isinstance(ev, W.Hello):
                     link.listen_port = ev.listen_port
                 elif isinstance(ev, W.Join):
-                    link.manifests.add(ev.manifest)
                     self._dial_back(link, ev.manifest)
                     out += s.send(self._bitfield(ev.manifest), now)
                     if ev.manifest in self.offers:
+                        # Only swarms we serve are kept: a joined id is otherwise answered
+                        # (n = 0) and forgotten, so a peer cannot grow what ``have`` walks.
+                        link.manifests.add(ev.manifest)
                         await link.send(out)
                         out = b""
                         self._apply(self.choker.interested(link.node_id, now))
@@ -712,20 +754,24 @@ class SwarmNode:
             tls = await self._connect(host, port)
             st.connect_s = trio.current_time() - t0
             st.node_id = peer_node_id(tls)
-            if st.node_id == self.identity.node_id:
+            if st.node_id == self.identity.node_id or st.node_id in self.banned:
+                if st.node_id in self.banned:
+                    st.error = "banned: it sent chunks that fail blake3 before"
                 await trio.aclose_forcefully(tls)
-                return  # ourselves
+                return  # ourselves, or a node known to serve corrupt chunks
             s = PeerSession(
                 self.identity.node_id,
                 self.listen_port,
                 now=trio.current_time(),
                 expected_id=st.node_id,
                 idle_timeout=self.idle_timeout,
+                hello_timeout=self.hello_timeout,
             )
-            await tls.send_all(
-                s.hello(trio.current_time()) + s.send(W.Join(job.manifest.id), trio.current_time())
+            link = Link(
+                tls, s, st.node_id, RateLimiter(self.peer_download_rate), self.write_timeout
             )
-            link = Link(tls, s, st.node_id, RateLimiter(self.peer_download_rate))
+            now = trio.current_time()
+            await link.send(s.hello(now) + s.send(W.Join(job.manifest.id), now))
             link.manifests.add(job.manifest.id)
             self.links.add(link)
             try:
@@ -837,6 +883,7 @@ class SwarmNode:
             st.corrupt += 1
             job.sched.failed(addr, i)
             if st.corrupt >= MAX_BAD_CHUNKS:
+                self.ban(st.node_id)  # by node id: its other addresses and later fetches too
                 raise _PeerFailed(f"sent {st.corrupt} chunks that fail blake3: banned")
             return
         now = trio.current_time()
@@ -855,4 +902,10 @@ class _PeerFailed(Exception):
 
 
 #: What ends one peer's connection and nothing else.
-_CONNECTION_ENDED = (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError, OSError)
+_CONNECTION_ENDED = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    ProtocolError,
+    SlowPeerError,
+    OSError,
+)

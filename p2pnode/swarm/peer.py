@@ -23,16 +23,23 @@ from dataclasses import dataclass, field
 from ..errors import LocalProtocolError, RemoteProtocolError
 from . import wire as W
 
-__all__ = ["MAX_OUTSTANDING", "PeerSession", "SessionState"]
+__all__ = ["HELLO_TIMEOUT", "MAX_JOINS", "MAX_OUTSTANDING", "PeerSession", "SessionState"]
 
 #: Requests one side may have outstanding with the other (the pipeline depth bound).
 MAX_OUTSTANDING = 64
 KEEPALIVE_AFTER = 30.0
 IDLE_TIMEOUT = 120.0
+#: The peer's hello must arrive this soon after the session starts (the TLS handshake is
+#: done): a peer that connects and says nothing would otherwise hold one of a node's
+#: connection slots for the whole idle timeout.
+HELLO_TIMEOUT = 5.0
 #: A peer may send at most this many unrequested or late pieces before it is dropped.
 MAX_UNSOLICITED = 8
 #: Manifests a peer may push on one connection (each costs a parse and a signature check).
 MAX_PUSHES = 2
+#: Joins a peer may send on one connection: a node takes part in a few swarms, and each join
+#: costs a bitfield answer (and a swarm kept per connection), so a flood of joins is an error.
+MAX_JOINS = 64
 CAPABILITIES = (b"zstd", b"manifest")
 
 
@@ -62,6 +69,7 @@ class PeerSession:
     now: float
     expected_id: bytes | None = None
     idle_timeout: float = IDLE_TIMEOUT
+    hello_timeout: float = HELLO_TIMEOUT
     state: SessionState = SessionState.HANDSHAKE
     peer: W.Hello | None = None
     am_choking: bool = True  # we reject their requests
@@ -70,11 +78,13 @@ class PeerSession:
     theirs: set[tuple[bytes, int, int]] = field(default_factory=set)  # (m, i, rid) to answer
     unsolicited: int = 0
     pushes: int = 0
+    joins: int = 0
     cancelled: dict[int, None] = field(default_factory=dict)  # our cancelled rids, oldest first
     _decoder: W.FrameDecoder = field(default_factory=W.FrameDecoder)
     _next_rid: int = 0
     _last_sent: float = 0.0
     _last_received: float = 0.0
+    _partial_since: float | None = None  # when the frame now half-received began to arrive
 
     def __post_init__(self) -> None:
         self._last_sent = self._last_received = self.now
@@ -146,7 +156,14 @@ class PeerSession:
                 self.state = SessionState.CLOSED
                 raise
             if event is None:
+                # Any byte resets the idle clock, so a peer dripping a frame a byte at a time
+                # would never be idle: a frame must also arrive whole within the idle timeout.
+                if not self._decoder.buffered:
+                    self._partial_since = None
+                elif self._partial_since is None:
+                    self._partial_since = self._last_received
                 return None
+            self._partial_since = None
             checked = self._check(event)
             if checked is not None:
                 return checked
@@ -189,6 +206,10 @@ class PeerSession:
                     raise self._fail("too many pieces nobody asked for")
                 return None  # late (cancelled) or unrequested: dropped, counted
             del self.ours[event.rid]
+        elif isinstance(event, W.Join):
+            self.joins += 1
+            if self.joins > MAX_JOINS:
+                raise self._fail(f"more than {MAX_JOINS} joins")
         elif isinstance(event, W.ManifestPush):
             self.pushes += 1
             if self.pushes > MAX_PUSHES:
@@ -206,14 +227,24 @@ class PeerSession:
 
     def get_timer(self) -> float:
         """When :meth:`handle_timer` must next run."""
-        return min(self._last_sent + KEEPALIVE_AFTER, self._last_received + self.idle_timeout)
+        timer = min(self._last_sent + KEEPALIVE_AFTER, self._last_received + self.idle_timeout)
+        if self.state is SessionState.HANDSHAKE:
+            timer = min(timer, self.now + self.hello_timeout)
+        if self._partial_since is not None:
+            timer = min(timer, self._partial_since + self.idle_timeout)
+        return timer
 
     def handle_timer(self, now: float) -> bytes:
-        """Bytes to send now (a keepalive, or nothing). Raises if the peer went silent."""
+        """Bytes to send now (a keepalive, or nothing). Raises if the peer went silent, sent
+        no hello in time, or is dripping a frame too slowly to finish it in time."""
         if self.state is SessionState.CLOSED:
             return b""
+        if self.state is SessionState.HANDSHAKE and now >= self.now + self.hello_timeout:
+            raise self._fail(f"no hello within {self.hello_timeout:g}s")
         if now >= self._last_received + self.idle_timeout:
-            raise self._fail(f"the peer was silent for {self.idle_timeout:.0f}s")
+            raise self._fail(f"the peer was silent for {self.idle_timeout:g}s")
+        if self._partial_since is not None and now >= self._partial_since + self.idle_timeout:
+            raise self._fail(f"a frame took more than {self.idle_timeout:g}s to arrive")
         if now >= self._last_sent + KEEPALIVE_AFTER and self.state is SessionState.OPEN:
             return self.send(W.Keepalive(), now)
         return b""

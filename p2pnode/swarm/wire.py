@@ -67,7 +67,6 @@ MAX_FRAME_BYTES = 2 + MAX_HEADER_BYTES + MAX_CHUNK_BYTES
 MAX_PUSHED_MANIFEST_BYTES = MAX_CHUNK_BYTES
 MAX_CAPABILITIES = 32
 MAX_TEXT_BYTES = 256
-#: zstd frames for a chunk may not be larger than the chunk itself (else we send it raw).
 _LEN = struct.Struct(">IH")
 
 
@@ -342,6 +341,9 @@ class Unknown(Event):
 #: compressed already; trying costs ~0.1 ms per MiB at level 1, measured 8.9 GB/s here).
 COMPRESS_MIN_SAVING = 0.10
 _ZSTD_LEVEL = 1
+#: The smallest zstd window (2^10, the format's minimum window log): the window bound of a
+#: compressed piece of ``n`` bytes is ``n`` rounded up to a power of two, at least this.
+MIN_ZSTD_WINDOW = 1 << 10
 
 
 def encode(event: Event, *, compress: bool = True) -> list[bytes | memoryview]:
@@ -445,12 +447,7 @@ def _piece(h: dict[bytes, Any], payload: memoryview) -> Piece:
         raise RemoteProtocolError("piece size out of bounds")
     z = h.get(b"z", 0)
     if z == 1:
-        try:
-            data: bytes | memoryview = zstandard.ZstdDecompressor().decompress(
-                payload, max_output_size=size
-            )
-        except zstandard.ZstdError as exc:
-            raise RemoteProtocolError(f"piece does not decompress: {exc}") from exc
+        data: bytes | memoryview = _decompress(payload, size)
     elif z == 0:
         data = payload
     else:
@@ -458,6 +455,29 @@ def _piece(h: dict[bytes, Any], payload: memoryview) -> Piece:
     if len(data) != size:
         raise RemoteProtocolError("piece size does not match its header")
     return Piece(h[b"m"], h[b"i"], h[b"r"], h[b"c"], data)
+
+
+def _decompress(payload: memoryview, size: int) -> bytes:
+    """A compressed piece's ``size`` bytes, using about ``size`` bytes of memory whatever the
+    frame says: zstandard sizes its output buffer by the content size a frame *declares* and
+    ignores ``max_output_size`` then, so a few KiB declaring gigabytes would be allocated
+    before any check. Hence: the frame must declare exactly ``size`` (it is then decoded in
+    one pass into a buffer of that size), its window may not exceed ``size`` (rounded up to a
+    power of two, at least 1 KiB) in case it is decoded in streaming mode, and it must be one
+    frame with nothing after it."""
+    try:
+        declared = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError as exc:
+        raise RemoteProtocolError(f"piece does not decompress: {exc}") from exc
+    if declared != size:
+        raise RemoteProtocolError("a compressed piece's zstd frame must declare its size n")
+    window = max(MIN_ZSTD_WINDOW, 1 << (size - 1).bit_length())
+    try:
+        return zstandard.ZstdDecompressor(max_window_size=window).decompress(
+            payload, allow_extra_data=False
+        )
+    except zstandard.ZstdError as exc:
+        raise RemoteProtocolError(f"piece does not decompress: {exc}") from exc
 
 
 def _hello(h: dict[bytes, Any], payload: memoryview) -> Hello:
