@@ -336,3 +336,41 @@ def test_a_seed_box_asks_to_be_spared_unless_told_not_to() -> None:
     assert SwarmNode(node(), LocalChunks(), frugal=True)._caps == (b"origin",)
     assert SwarmNode(node(), LocalChunks(), frugal=True, spare=False)._caps == ()
     assert SwarmNode(node(), LocalChunks())._caps == ()  # a client is never an origin
+
+
+async def test_a_leecher_told_only_of_a_leecher_with_nothing_yet_waits_for_its_haves(
+    tmp_path: Path,
+) -> None:
+    """B knows only A, and A has nothing when B asks (A fetches from a seed capped at
+    2 MiB/s): A's empty bitfield must not send B to the CDN; A's haves bring B everything."""
+    seed, manifest = await seeded(tmp_path)
+    seed.upload_limiter.set_rate(2 << 20)
+    wanted = list(manifest.unique_chunks())  # type: ignore[attr-defined]
+    a, b = SwarmNode(node(), LocalChunks()), SwarmNode(node(), LocalChunks())
+    got: dict[str, set[bytes]] = {"a": set(), "b": set()}
+    stats: dict[str, PeerStats] = {}
+
+    async def fetch(name: str, me: SwarmNode, peers: list[tuple[str, int]]) -> None:
+        async def deliver(cid: bytes, data: bytes) -> None:
+            got[name].add(cid)
+            path = tmp_path / f"{name}-{cid.hex()}"
+            path.write_bytes(data)
+            me.local.add(cid, path, 0, len(data))
+            me.have(cid)
+
+        left = await me.fetch(manifest, wanted, peers, deliver, stats if name == "b" else None)  # type: ignore[arg-type]
+        assert left == set(), name
+
+    async with trio.open_nursery() as nursery:
+        s_port = await nursery.start(seed.serve, "127.0.0.1", 0)
+        for me in (a, b):
+            me.offer(manifest)  # type: ignore[arg-type]
+        a_port = await nursery.start(a.serve, "127.0.0.1", 0)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as fetches:
+                fetches.start_soon(fetch, "a", a, [("127.0.0.1", s_port)])
+                fetches.start_soon(fetch, "b", b, [("127.0.0.1", a_port)])
+        nursery.cancel_scope.cancel()
+    assert got["a"] == got["b"] == set(wanted)
+    (st,) = stats.values()
+    assert st.node_id == a.identity.node_id and st.chunks == len(wanted)

@@ -55,6 +55,10 @@ CONNECT_BACKOFF = (0.1, 1.0)
 REQUEST_TIMEOUT = 10.0
 #: No chunk from any peer for this long: give the rest to the CDN (p2p-first's deadline).
 STALL_TIMEOUT = 15.0
+#: No peer has a chunk we lack, but some are fetching this release too: their haves may soon
+#: offer one, so wait this long since the last chunk (or the start) before the CDN takes the
+#: rest. Leechers told only of other leechers all start with nothing to give each other.
+LEECHER_WAIT = 5.0
 WATCH_INTERVAL = 0.25
 MAX_BAD_CHUNKS = 2
 #: Chunk reads in progress at once (disk concurrency, independent of the choker's slots).
@@ -119,6 +123,9 @@ class _Fetch:
     connecting: int = 0  # peers that have not shown a bitfield yet
     shown: set[str] = field(default_factory=set)
     active: set[str] = field(default_factory=set)  # addresses with a live fetch task
+    #: Connected peers that knew this manifest unshown and lack some of it: they are fetching
+    #: it too (a seed has it all; a holder of an earlier build had to be shown it).
+    leechers: set[str] = field(default_factory=set)
 
     def shown_by(self, peer: str) -> None:
         """The peer showed its bitfield, or its task ended: it is no longer connecting."""
@@ -216,6 +223,7 @@ class SwarmNode:
         idle_timeout: float = 120.0,
         request_timeout: float = REQUEST_TIMEOUT,
         stall_timeout: float = STALL_TIMEOUT,
+        leecher_wait: float = LEECHER_WAIT,
         max_connections: int = MAX_CONNECTIONS,
         upload_limiter: RateLimiter | None = None,
         download_limiter: RateLimiter | None = None,
@@ -231,6 +239,7 @@ class SwarmNode:
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
         self.stall_timeout = stall_timeout
+        self.leecher_wait = leecher_wait
         self.max_connections = max_connections
         self.connections = 0
         self.refused = 0
@@ -585,9 +594,10 @@ class SwarmNode:
                 add(host, port)
 
     async def _watch(self, job: _Fetch) -> None:
-        """End the fetch when peers can give no more: no connected peer has a missing chunk
-        and none is still connecting, or nothing has arrived for ``stall_timeout`` (the rest
-        then comes from the CDN, per the install's policy)."""
+        """End the fetch when peers can give no more: no connected peer has a missing chunk,
+        none is still connecting and none is fetching it too (or one is, but nothing has
+        arrived for ``leecher_wait``); or nothing has arrived for ``stall_timeout``. The rest
+        then comes from the CDN, per the install's policy."""
         sched = job.sched
         last_done, last_progress = len(sched.done), trio.current_time()
         while True:
@@ -597,8 +607,10 @@ class SwarmNode:
                 last_done, last_progress = len(sched.done), now
             if sched.finished:
                 break
-            if (not sched.offered() and job.connecting == 0) or (
-                now - last_progress > self.stall_timeout
+            idle = now - last_progress
+            waiting_on_leechers = bool(job.leechers) and idle <= self.leecher_wait
+            if (not sched.offered() and job.connecting == 0 and not waiting_on_leechers) or (
+                idle > self.stall_timeout
             ):
                 break
         assert job.finished is not None
@@ -660,6 +672,7 @@ class SwarmNode:
         finally:
             job.shown_by(addr)
             job.active.discard(addr)
+            job.leechers.discard(addr)
             job.sched.remove_peer(addr)  # what it did not deliver goes back to the pool
             st.seconds += trio.current_time() - t0
 
@@ -714,6 +727,8 @@ class SwarmNode:
                         return  # the peer is not in this swarm
                     job.shown_by(addr)
                     sched.bitfield(addr, bytes(ev.bits))
+                    if not pushed and not all(sched.has(addr, i) for i in range(len(job.ids))):
+                        job.leechers.add(addr)
                 elif isinstance(ev, W.Hello) and s.peer_can(b"origin"):
                     sched.origins.add(addr)
                 elif isinstance(ev, W.Have) and ev.manifest == mid:
