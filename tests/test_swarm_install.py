@@ -9,9 +9,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -162,15 +164,20 @@ def _free_ports(n: int) -> list[int]:
 
 
 def test_a_seed_and_eight_leecher_processes_all_at_once(tmp_path: Path) -> None:
-    """Issue 4's done-when: nine processes on loopback, every leecher told of the seed and of
-    every other leecher, all starting together: byte-identical installs, mostly from peers."""
-    with seeded_swarm(tmp_path) as sw:
+    """Issue 4's done-when: nine processes on loopback, all starting together. Leechers 0-3
+    are told of the seed and of every other leecher; leechers 4-7 only of the other leechers,
+    so all they get comes from leechers that are downloading too. Each leecher serves while
+    it downloads and, with ``--seed``, after; all are stopped once all have installed.
+    Byte-identical installs, mostly from peers."""
+    # The pool outlives the swarm: a leecher that hangs is stopped first, ending its readline.
+    with ThreadPoolExecutor(8) as pool, seeded_swarm(tmp_path) as sw:
         ports = _free_ports(8)
         leechers = []
         for k, port in enumerate(ports):
-            peers = [sw.seed_port, *(q for q in ports if q != port)]
+            others = [q for q in ports if q != port]
+            peers = [sw.seed_port, *others] if k < 4 else others
             args = ["install", sw.url, "--dest", str(tmp_path / f"l{k}"), "--trust", PUB]
-            args += ["--listen", f"127.0.0.1:{port}", "--json"]
+            args += ["--listen", f"127.0.0.1:{port}", "--seed", "--json"]
             for q in peers:
                 args += ["--peer", f"127.0.0.1:{q}"]
             home = tmp_path / f"h{k + 1}"
@@ -184,20 +191,32 @@ def test_a_seed_and_eight_leecher_processes_all_at_once(tmp_path: Path) -> None:
                 )
             )
         sw.procs.extend(leechers)
-        results = []
-        for proc in leechers:
-            out, err = proc.communicate(timeout=240)
-            assert proc.returncode == 0, err
-            results.append(json.loads(out))
-        for k in range(8):
-            assert tree(tmp_path / f"l{k}") == tree(sw.src)
-        from_peers = sum(r["bytes_peers"] for r in results)
-        from_cdn = sum(r["bytes_cdn"] for r in results)
-        assert from_peers + from_cdn == 8 * sw.unique
-        assert from_peers > 0.8 * 8 * sw.unique, results  # most bytes from peers
-        # Leechers traded among themselves: not everything came from the seed.
-        from_seed = [r["peers"][f"127.0.0.1:{sw.seed_port}"]["bytes"] for r in results]
-        assert sum(from_seed) < from_peers
+        lines = [pool.submit(first_line, proc) for proc in leechers]
+        results = [line.result(timeout=240) for line in lines]
+    for k, r in enumerate(results):
+        assert r.get("event") == "installed", (k, r)
+        assert tree(tmp_path / f"l{k}") == tree(sw.src)
+    from_peers = sum(r["bytes_peers"] for r in results)
+    from_cdn = sum(r["bytes_cdn"] for r in results)
+    assert from_peers + from_cdn == 8 * sw.unique
+    assert from_peers > 0.8 * 8 * sw.unique, results  # most bytes from peers
+    # Leechers traded among themselves: not everything came from the seed.
+    seed_addr = f"127.0.0.1:{sw.seed_port}"
+    from_seed = [r["peers"][seed_addr]["bytes"] for r in results[:4]]
+    assert sum(from_seed) < from_peers
+    for r in results[4:]:  # those told only of leechers had most of theirs from leechers
+        assert seed_addr not in r["peers"]
+        assert r["bytes_peers"] > 0.5 * sw.unique, r
+
+
+def first_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """The first JSON line a process prints (with ``--seed``: its install's summary), or,
+    if it ends first, what it said on stderr."""
+    assert proc.stdout is not None and proc.stderr is not None
+    line = proc.stdout.readline()
+    if not line:
+        return {"exit": proc.wait(), "stderr": proc.stderr.read()}
+    return dict(json.loads(line))
 
 
 def test_killing_the_only_seed_process_mid_transfer_the_cdn_finishes(tmp_path: Path) -> None:
