@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -374,3 +375,64 @@ async def test_a_leecher_told_only_of_a_leecher_with_nothing_yet_waits_for_its_h
     assert got["a"] == got["b"] == set(wanted)
     (st,) = stats.values()
     assert st.node_id == a.identity.node_id and st.chunks == len(wanted)
+
+
+async def _fetch_from_two_seeds(
+    tmp_path: Path, leecher: SwarmNode, seen: Callable[[], None] = lambda: None
+) -> tuple[float, int, dict[str, PeerStats]]:
+    """``leecher`` fetches the whole release from two uncapped seeds at once (``seen`` is
+    called on every chunk): the wall time, the release's size and what each seed gave."""
+    seed, manifest = await seeded(tmp_path)
+    other = SwarmNode(node(), seed.local)
+    other.offer(manifest)  # type: ignore[arg-type]
+    wanted = list(manifest.unique_chunks())  # type: ignore[attr-defined]
+    stats: dict[str, PeerStats] = {}
+
+    async def deliver(cid: bytes, data: bytes) -> None:
+        assert hash_chunk(data) == cid
+        seen()
+
+    async with trio.open_nursery() as nursery:
+        ports = [await nursery.start(s.serve, "127.0.0.1", 0) for s in (seed, other)]
+        t0 = trio.current_time()
+        with trio.fail_after(60):
+            left = await leecher.fetch(
+                manifest,  # type: ignore[arg-type]
+                wanted,
+                [("127.0.0.1", port) for port in ports],
+                deliver,
+                stats,
+            )
+        seconds = trio.current_time() - t0
+        nursery.cancel_scope.cancel()
+    assert left == set()
+    size = sum(manifest.unique_chunks().values())  # type: ignore[attr-defined]
+    assert sum(st.bytes for st in stats.values()) == size
+    return seconds, size, stats
+
+
+async def test_the_global_download_cap_holds_for_all_peers_together(tmp_path: Path) -> None:
+    rate = 3 << 20
+    leecher = SwarmNode(node(), LocalChunks(), download_limiter=RateLimiter(rate))
+    seconds, size, stats = await _fetch_from_two_seeds(tmp_path, leecher)
+    assert all(st.bytes > 0 for st in stats.values())  # both seeds gave, under one cap
+    burst = 0.05 * rate  # ratelimit.default_burst
+    assert seconds >= 0.7 * (size - burst) / rate
+
+
+async def test_the_per_peer_download_cap_holds_for_each_connection(tmp_path: Path) -> None:
+    rate = 2 << 20
+    leecher = SwarmNode(node(), LocalChunks(), peer_download_rate=rate)
+    caps: set[RateLimiter] = set()
+
+    def seen() -> None:  # the caps of the connections open at each chunk
+        caps.update(link.cap for link in leecher.links)
+
+    seconds, _size, stats = await _fetch_from_two_seeds(tmp_path, leecher, seen)
+    assert len(caps) == 2 and {cap.rate for cap in caps} == {rate}  # one cap per connection
+    burst = 0.05 * rate  # ratelimit.default_burst
+    for st in stats.values():
+        assert st.bytes > 0
+        assert st.seconds >= 0.7 * (st.bytes - burst) / rate, st  # each held to the cap
+    assert seconds >= 0.7 * (max(st.bytes for st in stats.values()) - burst) / rate
+    assert leecher.download_limiter.rate is None  # no global cap was set
