@@ -287,3 +287,10 @@ def test_a_measured_peer_is_late_for_the_cdn_at_its_slack_not_before_the_minimum
     assert s.cdn_requests(0.1, room=8) == []  # nothing unheld, nothing late
     assert s.cdn_requests(CDN_MIN_WAIT, room=8) == []  # late by its rate, but not 5 s yet
     assert s.cdn_requests(CDN_MIN_WAIT + 0.2, room=8)
+
+
+def test_the_shell_can_hold_unheld_chunks_back_while_peers_may_bring_them() -> None:
+    s = sched(4)
+    s.enable_cdn(0.0)
+    assert s.cdn_requests(CDN_GRACE, room=4, unheld=False) == []
+    assert s.cdn_requests(CDN_GRACE, room=4) == [0, 1, 2, 3]

@@ -381,3 +381,45 @@ def test_bans_are_bounded_oldest_forgotten_first() -> None:
     me.ban(b"x" * 20)
     assert len(me.banned) == MAX_BANNED
     assert ids[10] not in me.banned and ids[11] in me.banned and ids[20] in me.banned
+
+
+async def test_a_stalling_peer_beside_a_good_seed_is_dropped_and_the_seed_finishes(
+    tmp_path: Path,
+) -> None:
+    """The stalling peer's requests are reissued to the good seed, which is capped at 4 MiB/s
+    so the stall is noticed (request timeout 1 s) while the fetch still runs. Each fetch takes
+    about 2.5 s; the 12 s bound is there because endgame alone would duplicate the stalled
+    requests only much later (2 s per unmeasured request queued there, times a slack of 2:
+    16 s for a first pipeline of four)."""
+    seed, manifest = await seeded(tmp_path)
+    seed.upload_limiter.set_rate(4 << 20)
+    wanted = list(manifest.unique_chunks())  # type: ignore[attr-defined]
+    for cls in (StallsInHeader, StopsMidChunk):
+        bad = cls(node(), seed.local)
+        bad.offer(manifest)  # type: ignore[arg-type]
+        got: dict[bytes, bytes] = {}
+
+        async def deliver(cid: bytes, data: bytes, got: dict[bytes, bytes] = got) -> None:
+            assert hash_chunk(data) == cid
+            got[cid] = data
+
+        async with trio.open_nursery() as nursery:
+            bad_port = await nursery.start(bad.serve, "127.0.0.1", 0)
+            good_port = await nursery.start(seed.serve, "127.0.0.1", 0)
+            leecher = SwarmNode(node(), LocalChunks(), request_timeout=1.0)
+            stats: dict[str, PeerStats] = {}
+            with trio.fail_after(12):
+                left = await leecher.fetch(
+                    manifest,  # type: ignore[arg-type]
+                    wanted,
+                    [("127.0.0.1", bad_port), ("127.0.0.1", good_port)],
+                    deliver,
+                    stats,
+                )
+            nursery.cancel_scope.cancel()
+        assert left == set() and set(got) == set(wanted), cls.__name__
+        assert bad.started  # it was asked, and what it was asked came from the seed
+        stalled, good = stats[f"127.0.0.1:{bad_port}"], stats[f"127.0.0.1:{good_port}"]
+        assert "no answer within" in stalled.error and stalled.failures == 1, stalled
+        assert stalled.chunks == 0 and stalled.node_id == bad.identity.node_id
+        assert good.chunks == len(wanted) and good.failures == 0 and not good.error, good

@@ -7,10 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -19,6 +22,7 @@ from p2pnode.identity import NodeIdentity
 from p2pnode.install import InstallOptions, install, local_chunks
 from p2pnode.localcdn import LocalCDN
 from p2pnode.publish import publish
+from p2pnode.stage import Journal
 from p2pnode.state import StateDir
 from p2pnode.swarm import wire as W
 from p2pnode.swarm.node import Link, SwarmNode
@@ -61,7 +65,8 @@ class SeededSwarm:
 
 
 @contextmanager
-def seeded_swarm(tmp_path: Path) -> Iterator[SeededSwarm]:
+def seeded_swarm(tmp_path: Path, *seed_args: str) -> Iterator[SeededSwarm]:
+    """``seed_args``: more flags for the seed process (a rate cap, say)."""
     src, cdn_root = tmp_path / "src", tmp_path / "cdn"
     make_release(src, big=16 << 20)
     p = publish(src, app="game", version="1", build=1, key=KEY, out=cdn_root)
@@ -72,6 +77,7 @@ def seeded_swarm(tmp_path: Path) -> Iterator[SeededSwarm]:
         trio.run(install, url, seed_dir, [keys.public_key_bytes(KEY)], InstallOptions())
         try:
             cmd = ["seed", "--dest", str(seed_dir), "--listen", "127.0.0.1:0", "--json"]
+            cmd += seed_args
             seed, seed_port = start_serving(node_cmd(*cmd, home=tmp_path / "h0"), tmp_path / "h0")
             procs.append(seed)
             unique = sum(p.manifest.unique_chunks().values())
@@ -158,15 +164,20 @@ def _free_ports(n: int) -> list[int]:
 
 
 def test_a_seed_and_eight_leecher_processes_all_at_once(tmp_path: Path) -> None:
-    """Issue 4's done-when: nine processes on loopback, every leecher told of the seed and of
-    every other leecher, all starting together: byte-identical installs, mostly from peers."""
-    with seeded_swarm(tmp_path) as sw:
+    """Issue 4's done-when: nine processes on loopback, all starting together. Leechers 0-3
+    are told of the seed and of every other leecher; leechers 4-7 only of the other leechers,
+    so all they get comes from leechers that are downloading too. Each leecher serves while
+    it downloads and, with ``--seed``, after; all are stopped once all have installed.
+    Byte-identical installs, mostly from peers."""
+    # The pool outlives the swarm: a leecher that hangs is stopped first, ending its readline.
+    with ThreadPoolExecutor(8) as pool, seeded_swarm(tmp_path) as sw:
         ports = _free_ports(8)
         leechers = []
         for k, port in enumerate(ports):
-            peers = [sw.seed_port, *(q for q in ports if q != port)]
+            others = [q for q in ports if q != port]
+            peers = [sw.seed_port, *others] if k < 4 else others
             args = ["install", sw.url, "--dest", str(tmp_path / f"l{k}"), "--trust", PUB]
-            args += ["--listen", f"127.0.0.1:{port}", "--json"]
+            args += ["--listen", f"127.0.0.1:{port}", "--seed", "--json"]
             for q in peers:
                 args += ["--peer", f"127.0.0.1:{q}"]
             home = tmp_path / f"h{k + 1}"
@@ -180,24 +191,74 @@ def test_a_seed_and_eight_leecher_processes_all_at_once(tmp_path: Path) -> None:
                 )
             )
         sw.procs.extend(leechers)
-        results = []
-        for proc in leechers:
-            out, err = proc.communicate(timeout=240)
-            assert proc.returncode == 0, err
-            results.append(json.loads(out))
-        for k in range(8):
-            assert tree(tmp_path / f"l{k}") == tree(sw.src)
-        from_peers = sum(r["bytes_peers"] for r in results)
-        from_cdn = sum(r["bytes_cdn"] for r in results)
-        assert from_peers + from_cdn == 8 * sw.unique
-        assert from_peers > 0.8 * 8 * sw.unique, results  # most bytes from peers
-        # Leechers traded among themselves: not everything came from the seed.
-        from_seed = [r["peers"][f"127.0.0.1:{sw.seed_port}"]["bytes"] for r in results]
-        assert sum(from_seed) < from_peers
+        lines = [pool.submit(first_line, proc) for proc in leechers]
+        results = [line.result(timeout=240) for line in lines]
+    for k, r in enumerate(results):
+        assert r.get("event") == "installed", (k, r)
+        assert tree(tmp_path / f"l{k}") == tree(sw.src)
+    from_peers = sum(r["bytes_peers"] for r in results)
+    from_cdn = sum(r["bytes_cdn"] for r in results)
+    assert from_peers + from_cdn == 8 * sw.unique
+    assert from_peers > 0.8 * 8 * sw.unique, results  # most bytes from peers
+    # Leechers traded among themselves: not everything came from the seed.
+    seed_addr = f"127.0.0.1:{sw.seed_port}"
+    from_seed = [r["peers"][seed_addr]["bytes"] for r in results[:4]]
+    assert sum(from_seed) < from_peers
+    for r in results[4:]:  # those told only of leechers had most of theirs from leechers
+        assert seed_addr not in r["peers"]
+        assert r["bytes_peers"] > 0.5 * sw.unique, r
+
+
+def first_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """The first JSON line a process prints (with ``--seed``: its install's summary), or,
+    if it ends first, what it said on stderr."""
+    assert proc.stdout is not None and proc.stderr is not None
+    line = proc.stdout.readline()
+    if not line:
+        return {"exit": proc.wait(), "stderr": proc.stderr.read()}
+    return dict(json.loads(line))
+
+
+def test_killing_the_only_seed_process_mid_transfer_the_cdn_finishes(tmp_path: Path) -> None:
+    """Issue 4's done-when: the seed is its own process, capped at 4 MiB/s so the 16 MiB
+    release takes seconds; once the leecher has journaled a few of its chunks (all from the
+    seed: the CDN is asked only when peers give no more), the seed is SIGKILLed. The install
+    completes from the CDN, byte-identical, with bytes from both."""
+    with seeded_swarm(tmp_path, "--max-upload-rate", "4M") as sw:
+        dest = tmp_path / "leech"
+        args = ["install", sw.url, "--dest", str(dest), "--trust", PUB, "--json"]
+        args += ["--peer", f"127.0.0.1:{sw.seed_port}", "--mirror", sw.cdn.url]
+        home = tmp_path / "h1"
+        leecher = subprocess.Popen(
+            node_cmd(*args, home=home),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env_for(home),
+        )
+        sw.procs.append(leecher)
+        seed = sw.procs[0]
+        journal = StateDir(dest).journal
+        deadline = time.monotonic() + 60
+        while len(Journal.read_done(journal)) < 4:  # a few chunks in, of about 17
+            assert leecher.poll() is None, leecher.communicate()
+            assert time.monotonic() < deadline, "no chunk arrived from the seed"
+            time.sleep(0.02)
+        seed.kill()  # SIGKILL: no goodbye; the kernel ends its connections
+        seed.wait(timeout=10)
+        out, err = leecher.communicate(timeout=120)
+        assert leecher.returncode == 0, err
+        r = json.loads(out)
+    assert tree(dest) == tree(sw.src)
+    assert r["bytes_peers"] > 0 and r["bytes_cdn"] > 0, r
+    assert r["bytes_peers"] + r["bytes_cdn"] >= sw.unique
+    seen = r["peers"][f"127.0.0.1:{sw.seed_port}"]
+    assert seen["bytes"] == r["bytes_peers"] and seen["failures"] >= 1 and seen["error"], seen
 
 
 class DyingSeed(SwarmNode):
-    """Serves a few pieces, then drops every connection, as a seed that crashes."""
+    """Fault injection: serves a few pieces, then fails every answer as if the connection
+    broke (in-process; the test above kills a real seed process)."""
 
     served = 0
 
@@ -208,7 +269,9 @@ class DyingSeed(SwarmNode):
         return await super()._answer(link, req)
 
 
-async def test_when_the_only_seed_dies_the_cdn_finishes(tmp_path: Path) -> None:
+async def test_a_seed_whose_connections_break_mid_transfer_leaves_the_rest_to_the_cdn(
+    tmp_path: Path,
+) -> None:
     src, cdn_root = tmp_path / "src", tmp_path / "cdn"
     make_release(src, big=12 << 20)
     p = publish(src, app="game", version="1", build=1, key=KEY, out=cdn_root)

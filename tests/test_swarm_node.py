@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -397,3 +398,102 @@ async def test_the_dialler_answers_joins_and_requests_instead_of_piling_them_up(
     assert answers[1:] == [W.Reject(mid, i, i, b"choked") for i in range(asks)]
     (st,) = stats.values()
     assert "outstanding" not in st.error, st.error
+
+
+async def test_a_leecher_told_only_of_a_leecher_with_nothing_yet_waits_for_its_haves(
+    tmp_path: Path,
+) -> None:
+    """B knows only A, and A has nothing when B asks (A fetches from a seed capped at
+    2 MiB/s): A's empty bitfield must not send B to the CDN; A's haves bring B everything."""
+    seed, manifest = await seeded(tmp_path)
+    seed.upload_limiter.set_rate(2 << 20)
+    wanted = list(manifest.unique_chunks())  # type: ignore[attr-defined]
+    a, b = SwarmNode(node(), LocalChunks()), SwarmNode(node(), LocalChunks())
+    got: dict[str, set[bytes]] = {"a": set(), "b": set()}
+    stats: dict[str, PeerStats] = {}
+
+    async def fetch(name: str, me: SwarmNode, peers: list[tuple[str, int]]) -> None:
+        async def deliver(cid: bytes, data: bytes) -> None:
+            got[name].add(cid)
+            path = tmp_path / f"{name}-{cid.hex()}"
+            path.write_bytes(data)
+            me.local.add(cid, path, 0, len(data))
+            me.have(cid)
+
+        left = await me.fetch(manifest, wanted, peers, deliver, stats if name == "b" else None)  # type: ignore[arg-type]
+        assert left == set(), name
+
+    async with trio.open_nursery() as nursery:
+        s_port = await nursery.start(seed.serve, "127.0.0.1", 0)
+        for me in (a, b):
+            me.offer(manifest)  # type: ignore[arg-type]
+        a_port = await nursery.start(a.serve, "127.0.0.1", 0)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as fetches:
+                fetches.start_soon(fetch, "a", a, [("127.0.0.1", s_port)])
+                fetches.start_soon(fetch, "b", b, [("127.0.0.1", a_port)])
+        nursery.cancel_scope.cancel()
+    assert got["a"] == got["b"] == set(wanted)
+    (st,) = stats.values()
+    assert st.node_id == a.identity.node_id and st.chunks == len(wanted)
+
+
+async def _fetch_from_two_seeds(
+    tmp_path: Path, leecher: SwarmNode, seen: Callable[[], None] = lambda: None
+) -> tuple[float, int, dict[str, PeerStats]]:
+    """``leecher`` fetches the whole release from two uncapped seeds at once (``seen`` is
+    called on every chunk): the wall time, the release's size and what each seed gave."""
+    seed, manifest = await seeded(tmp_path)
+    other = SwarmNode(node(), seed.local)
+    other.offer(manifest)  # type: ignore[arg-type]
+    wanted = list(manifest.unique_chunks())  # type: ignore[attr-defined]
+    stats: dict[str, PeerStats] = {}
+
+    async def deliver(cid: bytes, data: bytes) -> None:
+        assert hash_chunk(data) == cid
+        seen()
+
+    async with trio.open_nursery() as nursery:
+        ports = [await nursery.start(s.serve, "127.0.0.1", 0) for s in (seed, other)]
+        t0 = trio.current_time()
+        with trio.fail_after(60):
+            left = await leecher.fetch(
+                manifest,  # type: ignore[arg-type]
+                wanted,
+                [("127.0.0.1", port) for port in ports],
+                deliver,
+                stats,
+            )
+        seconds = trio.current_time() - t0
+        nursery.cancel_scope.cancel()
+    assert left == set()
+    size = sum(manifest.unique_chunks().values())  # type: ignore[attr-defined]
+    assert sum(st.bytes for st in stats.values()) == size
+    return seconds, size, stats
+
+
+async def test_the_global_download_cap_holds_for_all_peers_together(tmp_path: Path) -> None:
+    rate = 3 << 20
+    leecher = SwarmNode(node(), LocalChunks(), download_limiter=RateLimiter(rate))
+    seconds, size, stats = await _fetch_from_two_seeds(tmp_path, leecher)
+    assert all(st.bytes > 0 for st in stats.values())  # both seeds gave, under one cap
+    burst = 0.05 * rate  # ratelimit.default_burst
+    assert seconds >= 0.7 * (size - burst) / rate
+
+
+async def test_the_per_peer_download_cap_holds_for_each_connection(tmp_path: Path) -> None:
+    rate = 2 << 20
+    leecher = SwarmNode(node(), LocalChunks(), peer_download_rate=rate)
+    caps: set[RateLimiter] = set()
+
+    def seen() -> None:  # the caps of the connections open at each chunk
+        caps.update(link.cap for link in leecher.links)
+
+    seconds, _size, stats = await _fetch_from_two_seeds(tmp_path, leecher, seen)
+    assert len(caps) == 2 and {cap.rate for cap in caps} == {rate}  # one cap per connection
+    burst = 0.05 * rate  # ratelimit.default_burst
+    for st in stats.values():
+        assert st.bytes > 0
+        assert st.seconds >= 0.7 * (st.bytes - burst) / rate, st  # each held to the cap
+    assert seconds >= 0.7 * (max(st.bytes for st in stats.values()) - burst) / rate
+    assert leecher.download_limiter.rate is None  # no global cap was set

@@ -35,7 +35,8 @@ never touches a socket, so every rule below is unit-tested with explicit times
   source, named :data:`CDN`, that holds everything but counts for no chunk's availability
   (rarest-first ranks what *peers* hold). It gets, up to the depth the shell allows: chunks
   no connected peer has held for ``CDN_GRACE`` seconds (peers are still connecting and sending
-  bitfields at the start; a delta's new chunks nobody has yet), and a copy of a request to a
+  bitfields at the start; a delta's new chunks nobody has yet) unless the shell says to wait
+  (connected leechers are making progress: their haves may bring it), and a copy of a request to a
   peer that missed its deadline: outstanding longer than ``CDN_SLACK`` times what the
   holder's rate predicts and at least ``CDN_MIN_WAIT``, or longer than ``CDN_MAX_WAIT``
   whatever its rate (a slow peer's own pace is no excuse). The first copy to land wins, as in
@@ -316,10 +317,11 @@ class Scheduler:
             self._drop_holder(i, CDN)
         return sorted(p.inflight)
 
-    def cdn_requests(self, now: float, room: int) -> list[int]:
+    def cdn_requests(self, now: float, room: int, *, unheld: bool = True) -> list[int]:
         """Up to ``room`` chunks to fetch from the CDN now (recorded as in flight there):
-        chunks no peer has held for ``CDN_GRACE``, then the latest requests past their
-        deadline (see the module's notes)."""
+        chunks no peer has held for ``CDN_GRACE`` (unless ``unheld`` is False: the shell
+        expects peers to get them soon), then the latest requests past their deadline (see
+        the module's notes)."""
         since = self._cdn_since
         if since is None or room <= 0:
             return []
@@ -328,7 +330,9 @@ class Scheduler:
         for i in sorted(self.missing):
             if self.count[i] > 0:
                 self._held_at[i] = now
-            elif i not in self.holders and now - self._held_at.get(i, since) >= CDN_GRACE:
+            elif (
+                unheld and i not in self.holders and now - self._held_at.get(i, since) >= CDN_GRACE
+            ):
                 picked.append(i)
         late = []
         for i, asked in self.holders.items():
