@@ -31,13 +31,14 @@ What it does, in order:
 Prints a table, then one JSON line with at least ``ratio_to_bound``, ``origin_upload_x``,
 ``cdn_only_s``, ``bound_s``, the per-run figures and the shaping check's measured rates.
 Targets (issue 4): swarm <= 1.10x the bound, origin upload <= 1.5x the release; libtorrent 2.1
-measured here: 1.27x and 2.31x, CDN-only 134 s. The cost of encryption (issue 4 item 9's TLS
-on vs off on loopback) is measured by ``scripts/bench_tls.py``, not here.
+measured here: 1.27x and 2.31x, CDN-only 134 s. Last, the cost of encryption (issue 4 item
+9's TLS on vs off on loopback), with ``scripts/bench_tls.py``'s measurement (JSON
+``encryption``; ``--skip-tls`` leaves it out).
 
 Usage: sudo python3 scripts/bench_swarm.py [--quick] [--leechers 8] [--size-mb 200]
        [--leecher-up 40] [--leecher-down 100] [--origin-up 100] [--origin-down 0] [--runs 1]
        [--leave-when-done] [--origin-busy] [--origin-not-frugal] [--daemons] [--skip-cdn]
-       [--check-window 2] [--workdir DIR]
+       [--check-window 2] [--skip-tls] [--workdir DIR]
 
 Rates in Mbit/s; 0 means uncapped (not allowed for --origin-up: the bound needs it).
 """
@@ -794,6 +795,11 @@ def main() -> None:
         help="also run the swarm with the leechers already running (p2pnode watch) when the "
         "release is published, timed from the publish",
     )
+    ap.add_argument(
+        "--skip-tls",
+        action="store_true",
+        help="no loopback measurement of what encryption costs (scripts/bench_tls.py, ~10 s)",
+    )
     ap.add_argument("--workdir", type=Path)
     args = ap.parse_args()
     if args.cmd == "serve-cdn":
@@ -944,6 +950,18 @@ def main() -> None:
                 ("daemons runs", _runs_text(daemon_runs, bound, F)),
             ]
         rows_out.append(("targets", "swarm <= 1.10x the bound, origin upload <= 1.5x"))
+        tls = None
+        if not args.skip_tls:
+            from bench_tls import measure  # (this script's directory is on sys.path)
+
+            tls = measure()
+            rows_out.append(
+                (
+                    "encryption",
+                    f"loopback, one connection of piece frames: TLS 1.3 {tls['tls_mb_s']:.0f} MB/s "
+                    f"vs plain TCP {tls['plain_mb_s']:.0f} MB/s (costs {tls['cost']:.0%})",
+                )
+            )
         width = max(len(k) for k, _ in rows_out)
         for k, v in rows_out:
             print(f"{k:<{width}}  {v}")
@@ -989,6 +1007,7 @@ def main() -> None:
             "leechers": case.leechers,
             "shaping_ok": all(r.ok for r in rows),
             "shaping": [r.as_json() for r in rows],
+            "encryption": tls,
         }
         print(json.dumps(out))
     finally:
