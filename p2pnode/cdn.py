@@ -62,7 +62,7 @@ from .errors import CDNError
 from .rangetransport import RangeTransport
 from .ratelimit import RateLimiter
 
-__all__ = ["CDNFetcher", "CDNOptions", "ChunkRequest", "FetchStats", "MirrorStats"]
+__all__ = ["CDNFetcher", "CDNOptions", "ChunkRequest", "FetchStats", "MirrorStats", "make_client"]
 
 Deliver = Callable[[ChunkRequest, bytes], Awaitable[None]]
 
@@ -162,6 +162,29 @@ def _local_root(mirror: str) -> Path | None:
     if "://" in mirror:
         return None
     return Path(mirror)
+
+
+def make_client(options: CDNOptions) -> httpx.AsyncClient:
+    """The HTTP client a fetch uses (one per :meth:`CDNFetcher.fetch` unless one is passed:
+    the swarm's CDN batches share one, so they reuse its connections)."""
+    o = options
+    socket_options = []
+    if o.max_download_rate is not None:
+        # Autotuning would let the kernel accept megabytes we have not read (and that a
+        # killed process loses); size the window to this connection's share of the budget.
+        share = o.max_download_rate * o.target_seconds / max(1, o.connections)
+        rcvbuf = int(min(4 * 2**20, max(64 * 1024, share)))
+        socket_options.append((socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf))
+    transport = RangeTransport(max_connections=o.connections, socket_options=socket_options)
+    # Timeouts are our cancel scopes; proxies from the environment are not wanted for a
+    # loopback origin and a CDN alike (the mirror URL says where to go).
+    return httpx.AsyncClient(
+        transport=transport,
+        timeout=httpx.Timeout(None),
+        headers={"Accept-Encoding": "identity"},
+        follow_redirects=True,
+        trust_env=False,
+    )
 
 
 class CDNFetcher:
@@ -271,24 +294,7 @@ class CDNFetcher:
     # -- plumbing ----------------------------------------------------------------------------
 
     def _make_client(self) -> httpx.AsyncClient:
-        o = self.options
-        socket_options = []
-        if o.max_download_rate is not None:
-            # Autotuning would let the kernel accept megabytes we have not read (and that a
-            # killed process loses); size the window to this connection's share of the budget.
-            share = o.max_download_rate * o.target_seconds / max(1, o.connections)
-            rcvbuf = int(min(4 * 2**20, max(64 * 1024, share)))
-            socket_options.append((socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf))
-        transport = RangeTransport(max_connections=o.connections, socket_options=socket_options)
-        # Timeouts are our cancel scopes; proxies from the environment are not wanted for a
-        # loopback origin and a CDN alike (the mirror URL says where to go).
-        return httpx.AsyncClient(
-            transport=transport,
-            timeout=httpx.Timeout(None),
-            headers={"Accept-Encoding": "identity"},
-            follow_redirects=True,
-            trust_env=False,
-        )
+        return make_client(self.options)
 
     def _notify(self) -> None:
         self._changed.set()

@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -60,6 +60,9 @@ from .ratelimit import RateLimiter
 from .stage import Journal, LocalChunks, Stage, read_verified
 from .state import InstallState, StateDir
 from .store import ChunkStore
+
+if TYPE_CHECKING:
+    from .cdn import CDNOptions
 
 __all__ = [
     "InstallOptions",
@@ -766,26 +769,39 @@ async def _remote(
             await trio.to_thread.run_sync(put, cid, data)
             progress.advance(len(data))
 
+        client: Any = None  # one HTTP client for all the CDN's batches: connections reused
+
         async def fetch_cdn(
             batch: list[bytes], take: Callable[[bytes, bytes], Awaitable[None]]
         ) -> None:
+            nonlocal client
+            if client is None:
+                from .cdn import make_client
+
+                client = make_client(_cdn_options(options))
+
             async def got(req: ChunkRequest, data: bytes) -> None:
                 await take(req.id, data)
 
-            await _fetch_from_cdn(stage, batch, mirrors, options, got, result)
+            await _fetch_from_cdn(stage, batch, mirrors, options, got, result, client=client)
 
         cdn = None
         if options.policy == "p2p-first" and mirrors:
             cdn = CdnSource(fetch_cdn, deliver_cdn, depth=max(4, 2 * options.connections))
-        rest = await swarm.node.fetch(
-            stage.manifest,
-            ids,
-            swarm.peers,
-            deliver,
-            result.peers,
-            more_peers=swarm.more_peers,
-            cdn=cdn,
-        )
+        try:
+            rest = await swarm.node.fetch(
+                stage.manifest,
+                ids,
+                swarm.peers,
+                deliver,
+                result.peers,
+                more_peers=swarm.more_peers,
+                cdn=cdn,
+            )
+        finally:
+            if client is not None:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
         left = [cid for cid in ids if cid in rest]
     if swarm is not None and swarm.more_peers is not None:
         swarm.more_peers.close()  # the swarm takes no more peers: discovery stops its lookups
@@ -814,10 +830,12 @@ async def _fetch_from_cdn(
     deliver: Callable[[ChunkRequest, bytes], Awaitable[None]],
     result: InstallResult,
     on_bytes: Callable[[int], None] | None = None,
+    client: Any = None,
 ) -> None:
     """Fetch ``ids`` from the mirrors, counting what the CDN sent into ``result`` (also
-    when it fails part way)."""
-    from .cdn import CDNFetcher, CDNOptions
+    when it fails part way). ``client``: an ``httpx.AsyncClient`` to use (default: the
+    fetch makes its own)."""
+    from .cdn import CDNFetcher
 
     manifest = stage.manifest
     if not mirrors:
@@ -835,9 +853,8 @@ async def _fetch_from_cdn(
         build=manifest.build,
         mirrors=mirrors,
         file_sizes={f.path: f.size for f in manifest.files},
-        options=CDNOptions(
-            connections=options.connections, max_download_rate=options.max_download_rate
-        ),
+        options=_cdn_options(options),
+        client=client,
         on_bytes=on_bytes,
         limiter=options.limiter,
     )
@@ -849,6 +866,12 @@ async def _fetch_from_cdn(
             result.bytes_cdn += stats.bytes_received
             for name, ms in stats.per_mirror.items():
                 _add_mirror_stats(result.mirrors.setdefault(name, {}), vars(ms))
+
+
+def _cdn_options(options: InstallOptions) -> CDNOptions:
+    from .cdn import CDNOptions
+
+    return CDNOptions(connections=options.connections, max_download_rate=options.max_download_rate)
 
 
 def _add_mirror_stats(total: dict[str, Any], more: dict[str, Any]) -> None:
