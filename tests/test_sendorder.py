@@ -115,7 +115,7 @@ def test_peers_are_per_swarm_and_bounded() -> None:
     order.want((A, b"m2"), 0.0, MiB)  # the same node in another swarm: a first piece again
     assert order.grants(0.0) and order.turn_held
     for k in range(MAX_PEERS + 100):
-        order._served_now(k)
+        order._served.add(k)
     assert len(order._served) == MAX_PEERS
 
 

@@ -55,6 +55,7 @@ from ..stage import LocalChunks
 from . import wire as W
 from .choker import DEFAULT_SLOTS, Choker
 from .peer import PeerSession
+from .recent import RecentSet
 from .scheduler import CDN, Scheduler
 from .sendorder import SendOrder
 
@@ -316,7 +317,7 @@ class SwarmNode:
         self.links: set[Link] = set()
         #: Node ids that sent MAX_BAD_CHUNKS corrupt chunks, oldest first: never fetched from
         #: nor served again, whatever address or port they come from (bounded: MAX_BANNED).
-        self.banned: dict[bytes, None] = {}
+        self.banned: RecentSet[bytes] = RecentSet(MAX_BANNED)
         self.signed: dict[bytes, bytes] = {}  # manifest id -> signed manifest, to push
         self._pushed: dict[bytes, None] = {}  # manifests peers pushed to us, oldest first
         self._verifying = trio.Semaphore(1)  # one pushed manifest parsed at a time
@@ -339,10 +340,7 @@ class SwarmNode:
         self.index[manifest.id] = {cid: i for i, cid in enumerate(self.offers[manifest.id])}
 
     def ban(self, node_id: bytes) -> None:
-        self.banned.pop(node_id, None)
-        self.banned[node_id] = None
-        while len(self.banned) > MAX_BANNED:
-            del self.banned[next(iter(self.banned))]
+        self.banned.add(node_id)
 
     def have(self, chunk_id: bytes) -> None:
         """A chunk just landed here: tell every connected peer in a swarm that has it."""
@@ -775,9 +773,9 @@ class SwarmNode:
             tls = await self._connect(host, port)
             st.connect_s = trio.current_time() - t0
             st.node_id = peer_node_id(tls)
+            if st.node_id in self.banned:
+                st.error = "banned: it sent chunks that fail blake3 before"
             if st.node_id == self.identity.node_id or st.node_id in self.banned:
-                if st.node_id in self.banned:
-                    st.error = "banned: it sent chunks that fail blake3 before"
                 await trio.aclose_forcefully(tls)
                 return  # ourselves, or a node known to serve corrupt chunks
             s = PeerSession(

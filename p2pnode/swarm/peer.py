@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from ..errors import LocalProtocolError, RemoteProtocolError
 from . import wire as W
+from .recent import RecentSet
 
 __all__ = ["HELLO_TIMEOUT", "MAX_JOINS", "MAX_OUTSTANDING", "PeerSession", "SessionState"]
 
@@ -79,7 +80,8 @@ class PeerSession:
     unsolicited: int = 0
     pushes: int = 0
     joins: int = 0
-    cancelled: dict[int, None] = field(default_factory=dict)  # our cancelled rids, oldest first
+    #: Our last cancelled request ids: their answers may cross the cancel, and are not blamed.
+    cancelled: RecentSet[int] = field(default_factory=lambda: RecentSet(MAX_OUTSTANDING))
     _decoder: W.FrameDecoder = field(default_factory=W.FrameDecoder)
     _next_rid: int = 0
     _last_sent: float = 0.0
@@ -118,9 +120,7 @@ class PeerSession:
         elif isinstance(event, W.Cancel):
             if self.ours.pop(event.rid, None) is not None:
                 # Its answer may already be on the way: expected, so not held against the peer.
-                self.cancelled[event.rid] = None
-                while len(self.cancelled) > MAX_OUTSTANDING:
-                    del self.cancelled[next(iter(self.cancelled))]
+                self.cancelled.add(event.rid)
         elif isinstance(event, (W.Piece, W.Reject)):
             key = (event.manifest, event.index, event.rid)
             if key not in self.theirs:
@@ -198,7 +198,7 @@ class PeerSession:
         elif isinstance(event, (W.Piece, W.Reject)):
             mine = self.ours.get(event.rid)
             if mine is None and event.rid in self.cancelled:
-                del self.cancelled[event.rid]
+                self.cancelled.discard(event.rid)
                 return None  # the answer to a request we cancelled: dropped, not counted
             if mine is None or (mine.manifest, mine.index) != (event.manifest, event.index):
                 self.unsolicited += 1

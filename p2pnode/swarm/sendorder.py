@@ -41,6 +41,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from statistics import median
 
+from .recent import RecentSet
+
 __all__ = ["SendOrder"]
 
 MAX_WAIT = 2.0
@@ -68,7 +70,7 @@ class SendOrder:
         self._waiting: dict[int, _Waiting] = {}  # ticket -> piece (tickets rise: oldest first)
         self._turn: tuple[int, float] | None = None  # (ticket, ends) of the first piece writing
         self._started: dict[int, tuple[float, int]] = {}  # first-piece ticket -> (granted, size)
-        self._served: dict[Hashable, None] = {}  # peers given a piece, oldest first
+        self._served: RecentSet[Hashable] = RecentSet(MAX_PEERS)  # peers given a piece
         self._rates: deque[float] = deque(maxlen=HISTORY)  # bytes/s of recent first pieces
         self._initial_turn = turn
         self._tickets = itertools.count()
@@ -120,14 +122,8 @@ class SendOrder:
             if ticket not in firsts and (not blocked or now - w.since >= self.max_wait):
                 granted.append(ticket)
         for ticket in granted:
-            self._served_now(self._waiting.pop(ticket).peer)
+            self._served.add(self._waiting.pop(ticket).peer)
         return granted
-
-    def _served_now(self, peer: Hashable) -> None:
-        self._served.pop(peer, None)
-        self._served[peer] = None
-        while len(self._served) > MAX_PEERS:
-            del self._served[next(iter(self._served))]
 
     def next_change(self) -> float:
         """When the turn ends or a waiting piece has waited ``max_wait`` (inf: neither)."""
