@@ -12,6 +12,7 @@ from p2pnode.swarm.scheduler import (
     CDN_GRACE,
     CDN_MAX_WAIT,
     CDN_MIN_WAIT,
+    LEECHER_WAIT,
     MAX_COPIES,
     MAX_DEPTH,
     MIN_DEPTH,
@@ -213,10 +214,11 @@ def test_an_origin_is_asked_only_for_what_the_swarm_lacks() -> None:
 
 
 def test_the_cdn_gets_what_no_peer_has_after_the_grace() -> None:
+    """A delta: the only peer holds the build before, which shares chunks 0-3."""
     s = sched(8)
     s.enable_cdn(0.0)
     assert s.cdn_requests(0.5, room=8) == []  # bitfields may still be on their way
-    s.bitfield("a", bits(8, {0, 1, 2, 3}))
+    s.bitfield("a", bits(8, {0, 1, 2, 3}), earlier_build=True)
     assert s.cdn_requests(CDN_GRACE - 0.1, room=8) == []
     assert s.cdn_requests(CDN_GRACE, room=8) == [4, 5, 6, 7]  # nobody has them
     assert set(s.next_requests("a", CDN_GRACE)) <= {0, 1, 2, 3}  # the peer gets the rest
@@ -289,8 +291,32 @@ def test_a_measured_peer_is_late_for_the_cdn_at_its_slack_not_before_the_minimum
     assert s.cdn_requests(CDN_MIN_WAIT + 0.2, room=8)
 
 
-def test_the_shell_can_hold_unheld_chunks_back_while_peers_may_bring_them() -> None:
+def test_chunks_nobody_has_wait_while_connected_leechers_make_progress() -> None:
+    """Leechers told only of leechers: nobody holds 2 and 3 yet, but "a" is fetching this
+    release too, so neither the CDN nor the end of the swarm phase takes them while chunks
+    keep landing; LEECHER_WAIT after the last one, both do."""
     s = sched(4)
     s.enable_cdn(0.0)
-    assert s.cdn_requests(CDN_GRACE, room=4, unheld=False) == []
-    assert s.cdn_requests(CDN_GRACE, room=4) == [0, 1, 2, 3]
+    s.bitfield("a", bits(4, {0, 1}))
+    assert s.leechers == {"a"}
+    s.next_requests("a", 0.0)
+    assert s.received("a", 0, MiB, 4.0) and s.received("a", 1, MiB, 4.5)
+    assert s.cdn_requests(4.5 + LEECHER_WAIT, room=4) == []
+    assert not s.peers_exhausted(4.5 + LEECHER_WAIT, connecting=0)
+    later = 4.5 + LEECHER_WAIT + 0.1
+    assert s.peers_exhausted(later, connecting=0)
+    assert s.cdn_requests(later, room=4) == [2, 3]
+    s.remove_peer("a")  # a leecher that left is no longer waited for
+    assert not s.leechers
+
+
+def test_a_seed_or_a_holder_of_an_earlier_build_is_no_leecher() -> None:
+    s = sched(4)
+    s.bitfield("seed", full(4))
+    s.bitfield("old", bits(4, {0}), earlier_build=True)
+    assert not s.leechers and not s.waiting_on_leechers(0.0)
+    assert not s.peers_exhausted(0.0, connecting=0)  # they still offer chunks
+    s.remove_peer("seed")
+    s.remove_peer("old")
+    assert s.peers_exhausted(0.0, connecting=0)  # at once: no leecher to wait for
+    assert not s.peers_exhausted(0.0, connecting=1)  # unless a peer may still show some

@@ -56,7 +56,7 @@ from . import wire as W
 from .choker import DEFAULT_SLOTS, Choker
 from .peer import PeerSession
 from .recent import RecentSet
-from .scheduler import CDN, Scheduler
+from .scheduler import CDN, LEECHER_WAIT, Scheduler
 from .sendorder import SendOrder
 
 __all__ = ["CdnSource", "Link", "PeerStats", "SwarmNode", "parse_peer"]
@@ -74,10 +74,6 @@ CONNECT_BACKOFF = (0.1, 1.0)
 REQUEST_TIMEOUT = 10.0
 #: No chunk from any peer for this long: give the rest to the CDN (p2p-first's deadline).
 STALL_TIMEOUT = 15.0
-#: No peer has a chunk we lack, but some are fetching this release too: their haves may soon
-#: offer one, so wait this long since the last chunk (or the start) before the CDN takes the
-#: rest. Leechers told only of other leechers all start with nothing to give each other.
-LEECHER_WAIT = 5.0
 WATCH_INTERVAL = 0.25
 MAX_BAD_CHUNKS = 2
 #: Node ids banned for corrupt chunks, remembered at most (the oldest ban is forgotten).
@@ -162,10 +158,6 @@ class _Fetch:
     connecting: int = 0  # peers that have not shown a bitfield yet
     shown: set[str] = field(default_factory=set)
     active: set[str] = field(default_factory=set)  # addresses with a live fetch task
-    #: Connected peers that knew this manifest unshown and lack some of it: they are fetching
-    #: it too (a seed has it all; a holder of an earlier build had to be shown it).
-    leechers: set[str] = field(default_factory=set)
-    last_progress: float = field(default_factory=trio.current_time)  # when a chunk last landed
 
     def shown_by(self, peer: str) -> None:
         """The peer showed its bitfield, or its task ended: it is no longer connecting."""
@@ -628,7 +620,12 @@ class SwarmNode:
         unique = manifest.unique_chunks()
         ids = list(unique)
         index = {cid: i for i, cid in enumerate(ids)}
-        sched = Scheduler(list(unique.values()), (index[c] for c in wanted if c in index))
+        sched = Scheduler(
+            list(unique.values()),
+            (index[c] for c in wanted if c in index),
+            now=trio.current_time(),
+            leecher_wait=self.leecher_wait,
+        )
         job = _Fetch(manifest, ids, sched, deliver, index)
         stats = stats if stats is not None else {}
         if sched.finished:
@@ -675,33 +672,21 @@ class SwarmNode:
                 add(host, port)
 
     async def _watch(self, job: _Fetch) -> None:
-        """End the fetch when peers can give no more: no connected peer has a missing chunk,
-        none is still connecting and none is fetching it too (or one is, but nothing has
-        arrived for ``leecher_wait``); or nothing has arrived for ``stall_timeout``. The rest
-        then comes from the CDN, per the install's policy."""
+        """End the fetch when peers can give no more (``Scheduler.peers_exhausted``), or
+        nothing has arrived for ``stall_timeout``. The rest then comes from the CDN, per the
+        install's policy."""
         sched = job.sched
-        last_done = len(sched.done)
         while True:
             await trio.sleep(WATCH_INTERVAL)
             now = trio.current_time()
-            if len(sched.done) != last_done:
-                last_done, job.last_progress = len(sched.done), now
-            if sched.finished:
-                break
-            idle = now - job.last_progress
-            waiting_on_leechers = self._waiting_on_leechers(job, now)
-            if (not sched.offered() and job.connecting == 0 and not waiting_on_leechers) or (
-                idle > self.stall_timeout
+            if (
+                sched.finished
+                or sched.peers_exhausted(now, job.connecting)
+                or now - sched.last_progress > self.stall_timeout
             ):
                 break
         assert job.finished is not None
         job.finished.cancel()
-
-    def _waiting_on_leechers(self, job: _Fetch, now: float) -> bool:
-        """A connected peer is fetching this release too and chunks arrived lately: what no
-        peer has yet may come with its haves, so neither the CDN nor the end of the swarm
-        phase should take it now."""
-        return bool(job.leechers) and now - job.last_progress <= self.leecher_wait
 
     async def _feed_cdn(self, job: _Fetch, cdn: CdnSource) -> None:
         """Hand the CDN what the scheduler gives it, a batch at a time, until the CDN fails
@@ -711,10 +696,8 @@ class SwarmNode:
         async with trio.open_nursery() as batches:
             while cdn.error is None:
                 sched.take_cancels(CDN)  # a peer was first: the CDN's copy will be a duplicate
-                now = trio.current_time()
                 room = cdn.depth - sched.inflight(CDN)
-                unheld = not self._waiting_on_leechers(job, now)
-                batch = sched.cdn_requests(now, room, unheld=unheld)
+                batch = sched.cdn_requests(trio.current_time(), room)
                 if batch:
                     batches.start_soon(self._cdn_batch, job, cdn, batch)
                 await trio.sleep(WATCH_INTERVAL)
@@ -809,7 +792,6 @@ class SwarmNode:
         finally:
             job.shown_by(addr)
             job.active.discard(addr)
-            job.leechers.discard(addr)
             job.sched.remove_peer(addr)  # what it did not deliver goes back to the pool
             st.seconds += trio.current_time() - t0
 
@@ -863,9 +845,7 @@ class SwarmNode:
                         job.shown_by(addr)
                         return  # the peer is not in this swarm
                     job.shown_by(addr)
-                    sched.bitfield(addr, bytes(ev.bits))
-                    if not pushed and not all(sched.has(addr, i) for i in range(len(job.ids))):
-                        job.leechers.add(addr)
+                    sched.bitfield(addr, bytes(ev.bits), earlier_build=pushed)
                 elif isinstance(ev, W.Hello) and s.peer_can(b"origin"):
                     sched.origins.add(addr)
                 elif isinstance(ev, W.Have) and ev.manifest == mid:

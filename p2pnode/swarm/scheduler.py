@@ -35,14 +35,18 @@ never touches a socket, so every rule below is unit-tested with explicit times
   source, named :data:`CDN`, that holds everything but counts for no chunk's availability
   (rarest-first ranks what *peers* hold). It gets, up to the depth the shell allows: chunks
   no connected peer has held for ``CDN_GRACE`` seconds (peers are still connecting and sending
-  bitfields at the start; a delta's new chunks nobody has yet) unless the shell says to wait
-  (connected leechers are making progress: their haves may bring it), and a copy of a request to a
+  bitfields at the start; a delta's new chunks nobody has yet), and a copy of a request to a
   peer that missed its deadline: outstanding longer than ``CDN_SLACK`` times what the
   holder's rate predicts and at least ``CDN_MIN_WAIT``, or longer than ``CDN_MAX_WAIT``
   whatever its rate (a slow peer's own pace is no excuse). The first copy to land wins, as in
-  the endgame. Everything else stays with the peers; when no peer offers anything at all, the
-  shell ends the swarm phase and the CDN fetcher takes the rest in bulk (more connections,
-  whole ranges).
+  the endgame. Everything else stays with the peers; when no peer offers anything at all
+  (``peers_exhausted``), the shell ends the swarm phase and the CDN fetcher takes the rest in
+  bulk (more connections, whole ranges).
+* **Leechers.** A connected peer that lacks part of the release and knew it without being
+  shown it (``leechers``) is fetching it too: its haves may soon offer what nobody has yet.
+  While one is connected and a chunk landed within ``LEECHER_WAIT`` seconds
+  (``waiting_on_leechers``), chunks nobody holds go neither to the CDN nor make the swarm
+  phase end: leechers told only of other leechers all start with nothing to give each other.
 """
 
 from __future__ import annotations
@@ -86,6 +90,10 @@ CDN_SLACK = 4.0
 #: ...and outstanding at least this long; past CDN_MAX_WAIT, whatever the holder's rate.
 CDN_MIN_WAIT = 5.0
 CDN_MAX_WAIT = 20.0
+#: No peer has a chunk we lack, but some are fetching this release too: wait this long since
+#: the last chunk (or the start) for their haves before the CDN or the end of the swarm phase
+#: takes it.
+LEECHER_WAIT = 5.0
 
 
 class RateMeter:
@@ -137,6 +145,8 @@ class Scheduler:
     sizes: every unique chunk's size, by index (the manifest's unique chunks in order).
     wanted: the indexes this node lacks.
     rng: a ``random.Random`` (tests pass a seeded one).
+    now: the clock when the fetch starts (what ``leecher_wait`` first counts from).
+    leecher_wait: see ``waiting_on_leechers``.
     """
 
     def __init__(
@@ -146,6 +156,8 @@ class Scheduler:
         *,
         rng: random.Random | None = None,
         pipeline_seconds: float = PIPELINE_SECONDS,
+        now: float = 0.0,
+        leecher_wait: float = LEECHER_WAIT,
     ) -> None:
         self.sizes = list(sizes)
         self.n = len(self.sizes)
@@ -156,6 +168,11 @@ class Scheduler:
         self.holders: dict[int, set[str]] = {}  # index in flight -> peers asked
         self.peers: dict[str, _Peer] = {}
         self.origins: set[str] = set()  # peers whose upload is spared (no endgame copies)
+        #: Connected peers fetching this release too (they lack some of it and knew it
+        #: without being shown it): their haves may soon offer what nobody has yet.
+        self.leechers: set[str] = set()
+        self.last_progress = now  # when a chunk last landed (or the fetch began)
+        self.leecher_wait = leecher_wait
         self.pipeline_seconds = pipeline_seconds
         self._cancels: dict[str, set[int]] = {}
         self._rng = rng or random.Random()
@@ -165,8 +182,10 @@ class Scheduler:
 
     # -- what peers hold --------------------------------------------------------------------
 
-    def bitfield(self, peer: str, bits: bytes) -> None:
-        """The peer's availability (replacing any earlier one)."""
+    def bitfield(self, peer: str, bits: bytes, *, earlier_build: bool = False) -> None:
+        """The peer's availability (replacing any earlier one). ``earlier_build``: it holds
+        only an earlier build (it was shown this manifest), so it is not fetching this one and
+        what it lacks will not come from it."""
         p = self.peers.get(peer)
         if p is None:
             p = self.peers[peer] = _Peer(bytearray(bits))
@@ -176,6 +195,10 @@ class Scheduler:
         for i in range(min(self.n, len(p.bits) * 8)):
             if p.bits[i >> 3] & (0x80 >> (i & 7)):
                 self.count[i] += 1
+        if not earlier_build and not all(self._has(p, i) for i in range(self.n)):
+            self.leechers.add(peer)
+        else:
+            self.leechers.discard(peer)
 
     def have(self, peer: str, i: int) -> None:
         p = self.peers.get(peer)
@@ -201,6 +224,7 @@ class Scheduler:
         """The peer is gone: its requests go back to the pool. Returns them."""
         p = self.peers.pop(peer, None)
         self._cancels.pop(peer, None)
+        self.leechers.discard(peer)
         if p is None:
             return []
         self._uncount(p)
@@ -317,15 +341,15 @@ class Scheduler:
             self._drop_holder(i, CDN)
         return sorted(p.inflight)
 
-    def cdn_requests(self, now: float, room: int, *, unheld: bool = True) -> list[int]:
+    def cdn_requests(self, now: float, room: int) -> list[int]:
         """Up to ``room`` chunks to fetch from the CDN now (recorded as in flight there):
-        chunks no peer has held for ``CDN_GRACE`` (unless ``unheld`` is False: the shell
-        expects peers to get them soon), then the latest requests past their deadline (see
-        the module's notes)."""
+        chunks no peer has held for ``CDN_GRACE`` (not while ``waiting_on_leechers``), then
+        the latest requests past their deadline (see the module's notes)."""
         since = self._cdn_since
         if since is None or room <= 0:
             return []
         cdn = self.peers[CDN]
+        unheld = not self.waiting_on_leechers(now)
         picked: list[int] = []
         for i in sorted(self.missing):
             if self.count[i] > 0:
@@ -368,6 +392,7 @@ class Scheduler:
             return False
         self.missing.discard(i)
         self.done.add(i)
+        self.last_progress = now
         for other in self.holders.pop(i, set()):
             op = self.peers.get(other)
             if op is not None:
@@ -423,3 +448,15 @@ class Scheduler:
         if self.holders:
             return True
         return any(self.count[i] > 0 for i in self.missing)
+
+    def waiting_on_leechers(self, now: float) -> bool:
+        """A connected peer is fetching this release too and a chunk landed within
+        ``leecher_wait``: what no peer has yet may come with its haves (leechers told only of
+        leechers all start with nothing to give each other), so neither the CDN nor the end
+        of the swarm phase should take it now."""
+        return bool(self.leechers) and now - self.last_progress <= self.leecher_wait
+
+    def peers_exhausted(self, now: float, connecting: int) -> bool:
+        """Peers can give no more: no connected peer offers a missing chunk, none of
+        ``connecting`` peers may still show one, and no leecher is about to."""
+        return not self.offered() and connecting == 0 and not self.waiting_on_leechers(now)
