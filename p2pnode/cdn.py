@@ -224,6 +224,8 @@ class CDNFetcher:
         self._shared_limiter = limiter  # a node-wide download cap shared with the swarm
         self._changed = trio.Event()
         self._etags: dict[tuple[int, str], str] = {}
+        #: The last (or running) fetch's figures; read them also after a fetch that raised.
+        self.stats = FetchStats(per_mirror={m: MirrorStats() for m in self.mirrors})
 
     # -- public ------------------------------------------------------------------------------
 

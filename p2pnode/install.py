@@ -62,6 +62,8 @@ from .state import InstallState, StateDir
 from .store import ChunkStore
 
 if TYPE_CHECKING:
+    import httpx
+
     from .cdn import CDNOptions
 
 __all__ = [
@@ -760,16 +762,16 @@ async def _remote(
     if swarm is not None and swarm.peers and options.policy != "cdn-only":
         from .swarm.node import CdnSource
 
-        async def deliver(cid: bytes, data: bytes) -> None:
-            await trio.to_thread.run_sync(put, cid, data)
+        async def store(cid: bytes, data: bytes) -> None:  # (the CDN's bytes are counted
+            await trio.to_thread.run_sync(put, cid, data)  # as they arrive: bytes_cdn)
+            progress.advance(len(data))
+
+        async def deliver(cid: bytes, data: bytes) -> None:  # from a peer
+            await store(cid, data)
             result.bytes_peers += len(data)
-            progress.advance(len(data))
 
-        async def deliver_cdn(cid: bytes, data: bytes) -> None:
-            await trio.to_thread.run_sync(put, cid, data)
-            progress.advance(len(data))
-
-        client: Any = None  # one HTTP client for all the CDN's batches: connections reused
+        # One HTTP client for all the CDN's batches, so they reuse its connections.
+        client: httpx.AsyncClient | None = None
 
         async def fetch_cdn(
             batch: list[bytes], take: Callable[[bytes, bytes], Awaitable[None]]
@@ -787,7 +789,7 @@ async def _remote(
 
         cdn = None
         if options.policy == "p2p-first" and mirrors:
-            cdn = CdnSource(fetch_cdn, deliver_cdn, depth=max(4, 2 * options.connections))
+            cdn = CdnSource(fetch_cdn, store, depth=max(4, 2 * options.connections))
         try:
             rest = await swarm.node.fetch(
                 stage.manifest,
@@ -830,7 +832,7 @@ async def _fetch_from_cdn(
     deliver: Callable[[ChunkRequest, bytes], Awaitable[None]],
     result: InstallResult,
     on_bytes: Callable[[int], None] | None = None,
-    client: Any = None,
+    client: httpx.AsyncClient | None = None,
 ) -> None:
     """Fetch ``ids`` from the mirrors, counting what the CDN sent into ``result`` (also
     when it fails part way). ``client``: an ``httpx.AsyncClient`` to use (default: the
@@ -861,11 +863,9 @@ async def _fetch_from_cdn(
     try:
         await fetcher.fetch(requests, deliver)
     finally:
-        stats = getattr(fetcher, "stats", None)
-        if stats is not None:
-            result.bytes_cdn += stats.bytes_received
-            for name, ms in stats.per_mirror.items():
-                _add_mirror_stats(result.mirrors.setdefault(name, {}), vars(ms))
+        result.bytes_cdn += fetcher.stats.bytes_received
+        for name, ms in fetcher.stats.per_mirror.items():
+            _add_mirror_stats(result.mirrors.setdefault(name, {}), vars(ms))
 
 
 def _cdn_options(options: InstallOptions) -> CDNOptions:
