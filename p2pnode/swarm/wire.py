@@ -470,7 +470,10 @@ def _decompress(payload: memoryview, size: int) -> bytes:
     except zstandard.ZstdError as exc:
         raise RemoteProtocolError(f"piece does not decompress: {exc}") from exc
     if declared != size:
-        raise RemoteProtocolError("a compressed piece's zstd frame must declare its size n")
+        said = "no size" if declared < 0 else f"{declared} bytes"  # (-1: not declared)
+        raise RemoteProtocolError(
+            f"a compressed piece's zstd frame must declare its size n = {size}; it declares {said}"
+        )
     window = max(MIN_ZSTD_WINDOW, 1 << (size - 1).bit_length())
     try:
         return zstandard.ZstdDecompressor(max_window_size=window).decompress(
