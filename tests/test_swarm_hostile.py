@@ -7,6 +7,7 @@ import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -137,34 +138,45 @@ class StopsMidChunk(StallsMidPiece):
     keep = staticmethod(lambda n: n // 2)
 
 
+async def fetch_beside_a_staller(
+    cls: type[StallsMidPiece], seed: SwarmNode, manifest: Any, *, with_seed: bool, limit: float
+) -> tuple[set[bytes], set[bytes], dict[str, PeerStats], StallsMidPiece, list[str]]:
+    """A leecher (request timeout 1 s) fetches everything from a ``cls`` peer, and from
+    ``seed`` too if ``with_seed``, within ``limit`` seconds. Returns what was left, what
+    arrived (each chunk verified), the peers' stats, the stalling peer and the addresses
+    (the staller's first)."""
+    bad = cls(node(), seed.local)
+    bad.offer(manifest)
+    got: set[bytes] = set()
+
+    async def deliver(cid: bytes, data: bytes) -> None:
+        assert hash_chunk(data) == cid
+        got.add(cid)
+
+    async with trio.open_nursery() as nursery:
+        peers = [("127.0.0.1", await nursery.start(bad.serve, "127.0.0.1", 0))]
+        if with_seed:
+            peers.append(("127.0.0.1", await nursery.start(seed.serve, "127.0.0.1", 0)))
+        leecher = SwarmNode(node(), LocalChunks(), request_timeout=1.0)
+        stats: dict[str, PeerStats] = {}
+        with trio.fail_after(limit):
+            left = await leecher.fetch(
+                manifest, list(manifest.unique_chunks()), peers, deliver, stats
+            )
+        nursery.cancel_scope.cancel()
+    return left, got, stats, bad, [f"{host}:{port}" for host, port in peers]
+
+
 async def test_stalling_peers_are_dropped_and_their_chunks_left_for_others(tmp_path: Path) -> None:
     seed, manifest = await seeded(tmp_path)
+    wanted = set(manifest.unique_chunks())  # type: ignore[attr-defined]
     for cls in (StallsInHeader, StopsMidChunk):
-        bad = cls(node(), seed.local)
-        bad.offer(manifest)  # type: ignore[arg-type]
-        got: dict[bytes, bytes] = {}
-
-        async def deliver(cid: bytes, data: bytes, got: dict[bytes, bytes] = got) -> None:
-            assert hash_chunk(data) == cid
-            got[cid] = data
-
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(bad.serve, "127.0.0.1", 0)
-            leecher = SwarmNode(node(), LocalChunks(), request_timeout=1.0)
-            stats: dict[str, PeerStats] = {}
-            wanted = list(manifest.unique_chunks())  # type: ignore[attr-defined]
-            with trio.fail_after(15):
-                left = await leecher.fetch(
-                    manifest,
-                    wanted,
-                    [("127.0.0.1", port)],
-                    deliver,  # type: ignore[arg-type]
-                    stats,
-                )
-            nursery.cancel_scope.cancel()
+        left, got, stats, _bad, _ = await fetch_beside_a_staller(
+            cls, seed, manifest, with_seed=False, limit=15
+        )
         (st,) = stats.values()
         assert "no answer within" in st.error, (cls.__name__, st.error)
-        assert left == set(wanted) and not got
+        assert left == wanted and not got
 
 
 async def tls_offering(port: int, alpn: list[str]) -> trio.SSLStream[trio.SocketStream]:
@@ -393,33 +405,14 @@ async def test_a_stalling_peer_beside_a_good_seed_is_dropped_and_the_seed_finish
     16 s for a first pipeline of four)."""
     seed, manifest = await seeded(tmp_path)
     seed.upload_limiter.set_rate(4 << 20)
-    wanted = list(manifest.unique_chunks())  # type: ignore[attr-defined]
+    wanted = set(manifest.unique_chunks())  # type: ignore[attr-defined]
     for cls in (StallsInHeader, StopsMidChunk):
-        bad = cls(node(), seed.local)
-        bad.offer(manifest)  # type: ignore[arg-type]
-        got: dict[bytes, bytes] = {}
-
-        async def deliver(cid: bytes, data: bytes, got: dict[bytes, bytes] = got) -> None:
-            assert hash_chunk(data) == cid
-            got[cid] = data
-
-        async with trio.open_nursery() as nursery:
-            bad_port = await nursery.start(bad.serve, "127.0.0.1", 0)
-            good_port = await nursery.start(seed.serve, "127.0.0.1", 0)
-            leecher = SwarmNode(node(), LocalChunks(), request_timeout=1.0)
-            stats: dict[str, PeerStats] = {}
-            with trio.fail_after(12):
-                left = await leecher.fetch(
-                    manifest,  # type: ignore[arg-type]
-                    wanted,
-                    [("127.0.0.1", bad_port), ("127.0.0.1", good_port)],
-                    deliver,
-                    stats,
-                )
-            nursery.cancel_scope.cancel()
-        assert left == set() and set(got) == set(wanted), cls.__name__
+        left, got, stats, bad, (bad_addr, good_addr) = await fetch_beside_a_staller(
+            cls, seed, manifest, with_seed=True, limit=12
+        )
+        assert left == set() and got == wanted, cls.__name__
         assert bad.started  # it was asked, and what it was asked came from the seed
-        stalled, good = stats[f"127.0.0.1:{bad_port}"], stats[f"127.0.0.1:{good_port}"]
+        stalled, good = stats[bad_addr], stats[good_addr]
         assert "no answer within" in stalled.error and stalled.failures == 1, stalled
         assert stalled.chunks == 0 and stalled.node_id == bad.identity.node_id
         assert good.chunks == len(wanted) and good.failures == 0 and not good.error, good

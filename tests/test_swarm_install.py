@@ -41,10 +41,19 @@ def env_for(home: Path) -> dict[str, str]:
     return {**os.environ, "XDG_DATA_HOME": str(home)}
 
 
-def start_serving(cmd: list[str], home: Path) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for(home)
+def spawn(*args: str, home: Path) -> subprocess.Popen[str]:
+    """``p2pnode *args`` as its own node (data under ``home``), its output piped."""
+    return subprocess.Popen(
+        node_cmd(*args, home=home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_for(home),
     )
+
+
+def start_serving(*args: str, home: Path) -> tuple[subprocess.Popen[str], int]:
+    proc = spawn(*args, home=home)
     assert proc.stdout is not None
     line = json.loads(proc.stdout.readline() or "{}")
     assert line, proc.stderr.read() if proc.stderr else ""
@@ -78,7 +87,7 @@ def seeded_swarm(tmp_path: Path, *seed_args: str) -> Iterator[SeededSwarm]:
         try:
             cmd = ["seed", "--dest", str(seed_dir), "--listen", "127.0.0.1:0", "--json"]
             cmd += seed_args
-            seed, seed_port = start_serving(node_cmd(*cmd, home=tmp_path / "h0"), tmp_path / "h0")
+            seed, seed_port = start_serving(*cmd, home=tmp_path / "h0")
             procs.append(seed)
             unique = sum(p.manifest.unique_chunks().values())
             yield SeededSwarm(src, url, unique, cdn, seed_port, procs)
@@ -96,26 +105,20 @@ def test_processes_fetch_from_a_seed_and_from_each_other(tmp_path: Path) -> None
     with seeded_swarm(tmp_path) as sw:
         sent_before = sw.cdn.bytes_sent("/game/1/files/")
         # Leecher 1 from the seed, then keeps seeding on its own port.
-        l1 = subprocess.Popen(
-            node_cmd(
-                "install",
-                sw.url,
-                "--dest",
-                str(tmp_path / "l1"),
-                "--trust",
-                PUB,
-                "--peer",
-                f"127.0.0.1:{sw.seed_port}",
-                "--listen",
-                "127.0.0.1:0",
-                "--seed",
-                "--json",
-                home=tmp_path / "h1",
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env_for(tmp_path / "h1"),
+        l1 = spawn(
+            "install",
+            sw.url,
+            "--dest",
+            str(tmp_path / "l1"),
+            "--trust",
+            PUB,
+            "--peer",
+            f"127.0.0.1:{sw.seed_port}",
+            "--listen",
+            "127.0.0.1:0",
+            "--seed",
+            "--json",
+            home=tmp_path / "h1",
         )
         sw.procs.append(l1)
         assert l1.stdout is not None
@@ -180,16 +183,7 @@ def test_a_seed_and_eight_leecher_processes_all_at_once(tmp_path: Path) -> None:
             args += ["--listen", f"127.0.0.1:{port}", "--seed", "--json"]
             for q in peers:
                 args += ["--peer", f"127.0.0.1:{q}"]
-            home = tmp_path / f"h{k + 1}"
-            leechers.append(
-                subprocess.Popen(
-                    node_cmd(*args, home=home),
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    env=env_for(home),
-                )
-            )
+            leechers.append(spawn(*args, home=tmp_path / f"h{k + 1}"))
         sw.procs.extend(leechers)
         lines = [pool.submit(first_line, proc) for proc in leechers]
         results = [line.result(timeout=240) for line in lines]
@@ -222,20 +216,14 @@ def first_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
 def test_killing_the_only_seed_process_mid_transfer_the_cdn_finishes(tmp_path: Path) -> None:
     """Issue 4's done-when: the seed is its own process, capped at 4 MiB/s so the 16 MiB
     release takes seconds; once the leecher has journaled a few of its chunks (all from the
-    seed: the CDN is asked only when peers give no more), the seed is SIGKILLed. The install
+    seed: it holds every chunk and answers in time, so the CDN gets none), the seed is
+    SIGKILLed. The install
     completes from the CDN, byte-identical, with bytes from both."""
     with seeded_swarm(tmp_path, "--max-upload-rate", "4M") as sw:
         dest = tmp_path / "leech"
         args = ["install", sw.url, "--dest", str(dest), "--trust", PUB, "--json"]
         args += ["--peer", f"127.0.0.1:{sw.seed_port}", "--mirror", sw.cdn.url]
-        home = tmp_path / "h1"
-        leecher = subprocess.Popen(
-            node_cmd(*args, home=home),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env_for(home),
-        )
+        leecher = spawn(*args, home=tmp_path / "h1")
         sw.procs.append(leecher)
         seed = sw.procs[0]
         journal = StateDir(dest).journal
