@@ -198,3 +198,14 @@ def test_whole_frames_reset_the_drip_clock() -> None:
         assert events(b, ka[:3], 9.0 * t - 4.5) == []
         assert events(b, ka[3:], 9.0 * t) == [W.Keepalive()]
         b.handle_timer(9.0 * t + 1)  # (a keepalive of ours, maybe; no error)
+
+
+def test_a_side_that_does_not_serve_declines_joins_pushes_and_requests_at_once() -> None:
+    a, _b = pair()
+    join, req = events(a, W.encode_bytes(W.Join(MID)) + W.encode_bytes(W.Request(MID, 3, 7)))
+    assert isinstance(join, W.Join) and isinstance(req, W.Request)
+    decoder = W.FrameDecoder()
+    decoder.feed(a.decline(join, 0.0) + a.decline(req, 0.0))
+    assert decoder.next_event() == W.Bitfield(MID, 0, b"")
+    assert decoder.next_event() == W.Reject(MID, 3, 7, b"choked")
+    assert not a.theirs  # the request is answered: nothing owed

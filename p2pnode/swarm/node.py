@@ -866,15 +866,9 @@ class SwarmNode:
                     sched.rejected(addr, i, bytes(ev.reason), now)
                 elif isinstance(ev, (W.Join, W.ManifestPush, W.Request)):
                     # This node serves only on connections it accepted (the peer gets our
-                    # chunks by dialling us, or by our dial-back); here it never unchokes.
-                    # Answer anyway, so a peer that tries is told at once instead of waiting.
-                    answer: W.Event
-                    if isinstance(ev, W.Request):
-                        answer = W.Reject(ev.manifest, ev.index, ev.rid, b"choked")
-                    else:
-                        answer = W.Bitfield(ev.manifest, 0, b"")  # not served on this link
+                    # chunks by dialling us, or by our dial-back).
                     with trio.fail_after(self.request_timeout):  # a peer that does not read
-                        await link.send(s.send(answer, now))
+                        await link.send(s.decline(ev, now))
                 elif isinstance(ev, W.Goodbye):
                     return
 

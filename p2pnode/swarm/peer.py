@@ -108,6 +108,14 @@ class PeerSession:
         self._next_rid = (self._next_rid + 1) % (1 << 32)
         return rid, self.send(W.Request(manifest, index, rid), now)
 
+    def decline(self, event: W.Join | W.ManifestPush | W.Request, now: float) -> bytes:
+        """The answer to a ``join``, ``manifest`` or ``req`` on a connection that does not
+        serve (one we dialled: protocol.md section 5, roles): ``n`` = 0 for the first two,
+        a ``choked`` reject for a request, so the peer is told at once instead of waiting."""
+        if isinstance(event, W.Request):
+            return self.send(W.Reject(event.manifest, event.index, event.rid, b"choked"), now)
+        return self.send(W.Bitfield(event.manifest, 0, b""), now)
+
     def send(self, event: W.Event, now: float) -> bytes:
         if self.state is SessionState.CLOSED:
             raise LocalProtocolError("the session is closed")
