@@ -301,8 +301,8 @@ class SwarmNode:
         self.peer_download_rate = peer_download_rate
         self.choker = Choker(upload_slots)
         self.send_order = SendOrder()
-        self._granted: dict[int, trio.Event] = {}  # send_order tickets waiting for a turn
-        self._turn_free: trio.Event | None = None  # set when a first piece's turn ends
+        self._granted: set[int] = set()  # send_order tickets granted, not yet started
+        self._order_changed = trio.Event()  # set (and replaced) when the write order changes
         self.offers: dict[bytes, list[bytes]] = {}  # manifest id -> unique chunk ids
         self.index: dict[bytes, dict[bytes, int]] = {}  # manifest id -> chunk id -> index
         self.manifests: dict[bytes, M.Manifest] = {}
@@ -564,40 +564,41 @@ class SwarmNode:
 
     @asynccontextmanager
     async def _turn(self, peer: tuple[bytes, bytes], size: int) -> AsyncIterator[bool]:
-        """Wait until this piece may be written (sendorder.py: first pieces first); a first
-        piece's turn ends with the block, or earlier by the order's turn limit."""
+        """Wait until this piece may be written (sendorder.py: first pieces first); yields
+        whether it is a first piece holding the turn, which ends with the block, or earlier
+        by the order's turn limit."""
         order = self.send_order
         ticket = order.want(peer, trio.current_time(), size)
-        granted = self._granted[ticket] = trio.Event()
         try:
-            self._grant()
-            while not granted.is_set():
-                with trio.move_on_at(order.next_change()):
-                    await granted.wait()
-                self._grant()
+            await self._order_allows(lambda: ticket in self._granted)
             yield order.holds_turn(ticket)
         finally:
-            self._granted.pop(ticket, None)
+            self._granted.discard(ticket)
             order.done(ticket, trio.current_time())
-            self._grant()
-
-    def _grant(self) -> None:
-        for ticket in self.send_order.grants(trio.current_time()):
-            event = self._granted.pop(ticket, None)
-            if event is not None:
-                event.set()
-        if self._turn_free is not None and not self.send_order.turn_held:
-            self._turn_free.set()
-            self._turn_free = None
+            self._order_update(changed=True)  # (a turn may have ended)
 
     async def _first_pieces_pass(self) -> None:
         """Wait while a first piece holds the uplink (a later piece's pause between slices)."""
-        while self.send_order.turn_held:
-            if self._turn_free is None:
-                self._turn_free = trio.Event()
+        await self._order_allows(lambda: not self.send_order.turn_held)
+
+    async def _order_allows(self, ready: Callable[[], bool]) -> None:
+        """Wait until ``ready()``, looking again whenever the write order changes or may
+        (a turn's limit, a piece's wait; ``SendOrder.next_change``)."""
+        while True:
+            self._order_update()
+            if ready():
+                return
             with trio.move_on_at(self.send_order.next_change()):
-                await self._turn_free.wait()
-            self._grant()
+                await self._order_changed.wait()
+
+    def _order_update(self, *, changed: bool = False) -> None:
+        """Take the order's grants; if there were any, or ``changed``, wake every waiter to
+        look again (only then: waiters that woke each other for nothing would spin)."""
+        granted = self.send_order.grants(trio.current_time())
+        if granted or changed:
+            self._granted.update(granted)
+            self._order_changed.set()
+            self._order_changed = trio.Event()
 
     # -- fetching ---------------------------------------------------------------------------
 
