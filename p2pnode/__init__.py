@@ -1,8 +1,11 @@
 """p2pnode: peer-to-peer content distribution for game and software updates.
 
-The package is layered like httpx over httpcore: pure, sans-IO logic (``manifest``,
-``chunker``, ``plan``, the fetch scheduler) underneath a thin trio shell (``cdn``, ``install``,
-``cli``). See ``docs/architecture.md`` for the data flow and which module holds each step.
+The subpackages follow a chunk's path, each importing only those before it:
+``release`` (manifest, chunker, keys, publish) -> ``cdn`` (range plan and fetcher) and
+``disk`` (store, stage, state, switch) -> ``swarm`` (wire, sessions, scheduler, node) and
+``discovery`` (DHT, LAN, tracker) -> ``node`` (install, verify, watch, cli). ``errors``,
+``identity``, ``progress``, ``ratelimit`` and ``units`` are shared by all. See
+``docs/architecture.md``.
 """
 
 from .errors import P2PNodeError

@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from . import keys
 from .errors import RemoteProtocolError, UsageError
+from .release import keys
 
 __all__ = [
     "ALPN",

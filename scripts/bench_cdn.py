@@ -28,9 +28,9 @@ import blake3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from p2pnode import keys
-from p2pnode.localcdn import LocalCDN
-from p2pnode.publish import publish
+from p2pnode.demo.cdn import LocalCDN
+from p2pnode.release import keys
+from p2pnode.release.publish import publish
 
 
 def make_release(root: Path, total: int, seed: int = 7) -> None:

@@ -8,7 +8,8 @@ included), and the same lookups while the trio thread is busy verifying chunks (
 4 MiB, then a checkpoint, in a loop), as it is during an install.
 
 Part 2 (network): for each size (default 50 and 200 nodes) a loopback DHT in several host
-processes (p2pnode.dht.cluster). Every node announces one topic and a few topics get several
+processes (p2pnode.discovery.dht.cluster). Every node announces one topic and a few topics get
+several
 announcers; then three phases of lookups from random live nodes for random topics:
 
 * ``stable``: everyone up;
@@ -37,9 +38,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from p2pnode.dht.cluster import ClusterProcess, parse_topic, percentile, topic_text
-from p2pnode.dht.node import DHTConfig, open_bridge, open_dht_node
-from p2pnode.dht.records import Topic
+from p2pnode.discovery.dht.cluster import ClusterProcess, parse_topic, percentile, topic_text
+from p2pnode.discovery.dht.node import DHTConfig, open_bridge, open_dht_node
+from p2pnode.discovery.dht.records import Topic
 
 SUCCESS_SECONDS = 2.0
 

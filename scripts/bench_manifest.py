@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from p2pnode import keys
-from p2pnode import manifest as M
+from p2pnode.release import keys
+from p2pnode.release import manifest as M
 
 
 def main(total_gib: int = 10, files: int = 5000) -> None:

@@ -69,9 +69,9 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import netlab  # noqa: E402 (scripts/ is not a package)
 
-from p2pnode import keys  # noqa: E402
-from p2pnode.localcdn import LocalCDN  # noqa: E402
-from p2pnode.publish import publish  # noqa: E402
+from p2pnode.demo.cdn import LocalCDN  # noqa: E402
+from p2pnode.release import keys  # noqa: E402
+from p2pnode.release.publish import publish  # noqa: E402
 
 MiB = 1 << 20
 SWARM_PORT = 6881

@@ -19,8 +19,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from p2pnode import keys
 from p2pnode.identity import NodeIdentity, client_context, server_context
+from p2pnode.release import keys
 from p2pnode.swarm import wire as W
 
 CHUNK = 1 << 20

@@ -36,9 +36,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from p2pnode import keys
-from p2pnode import manifest as M
-from p2pnode.tracker_client import ANNOUNCE_DOMAIN, SESSION_HEADER, SIGNATURE_HEADER
+from p2pnode.discovery.tracker import ANNOUNCE_DOMAIN, SESSION_HEADER, SIGNATURE_HEADER
+from p2pnode.release import keys
+from p2pnode.release import manifest as M
 
 ADMIN = "bench-admin-token-0123456789abcdef"
 APP = "benchgame"

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from p2pnode import layout
-from p2pnode.cdn import ChunkRequest
-from p2pnode.chunker import chunk_stream
-from p2pnode.localcdn import find_nginx
-from p2pnode.manifest import Chunking
-
-from .nginx import Nginx, NginxMissing
+from p2pnode.cdn.fetcher import ChunkRequest
+from p2pnode.demo.cdn import find_nginx
+from p2pnode.release import layout
+from p2pnode.release.chunker import chunk_stream
+from p2pnode.release.manifest import Chunking
+from tests.support.nginx import Nginx, NginxMissing
 
 #: Small chunks so a few MB of test data make dozens of chunks.
 TEST_CHUNKING = Chunking(min=16 * 1024, avg=64 * 1024, max=256 * 1024)

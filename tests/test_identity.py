@@ -9,8 +9,8 @@ import pytest
 import trio
 
 from p2pnode import identity as I
-from p2pnode import keys
 from p2pnode.errors import UsageError
+from p2pnode.release import keys
 
 
 def test_key_is_made_once_and_kept_private(tmp_path: Path) -> None:

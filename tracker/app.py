@@ -49,15 +49,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from p2pnode import keys
-from p2pnode.dht.records import (
-    Topic,
-    encode_bundle,
-    parse_record,
-)
+from p2pnode.discovery.dht.records import Topic, encode_bundle, parse_record
 from p2pnode.errors import P2PNodeError
-from p2pnode.manifest import MAX_MANIFEST_BYTES, parse_signed, verify
 from p2pnode.ratelimit import TokenBucket
+from p2pnode.release import keys
+from p2pnode.release.manifest import MAX_MANIFEST_BYTES, parse_signed, verify
 
 from . import core
 from .core import (

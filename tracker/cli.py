@@ -24,9 +24,9 @@ from typing import Any
 
 import trio
 
-from p2pnode import keys
+from p2pnode.discovery.tracker import TrackerClient
 from p2pnode.errors import P2PNodeError, UsageError
-from p2pnode.tracker_client import TrackerClient
+from p2pnode.release import keys
 
 from .app import TrackerConfig, open_tracker
 from .server import serve_tracker
@@ -43,7 +43,7 @@ def _hostport(text: str) -> tuple[str, int]:
 
 def _dht_nodes(texts: Sequence[str]) -> list[str]:
     """Validated ``--dht-bootstrap`` values, normalised to HOST:PORT."""
-    from p2pnode.dht.node import parse_hostport
+    from p2pnode.discovery.dht.node import parse_hostport
 
     out = []
     for text in texts:

@@ -43,8 +43,8 @@ from typing import Any
 
 import blake3
 
-from p2pnode import keys
 from p2pnode.errors import P2PNodeError, SignatureError
+from p2pnode.release import keys
 
 __all__ = [
     "ANNOUNCE_DOMAIN",

@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-from p2pnode import keys
-from p2pnode.dht.records import PeerRecordError, decode_bundle
+from p2pnode.discovery.dht.records import PeerRecordError, decode_bundle
+from p2pnode.release import keys
 
 from .core import (
     FLAG_REPORTERS,

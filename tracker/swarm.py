@@ -44,8 +44,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from p2pnode import keys
-from p2pnode.dht.records import PeerRecordError, decode_bundle
+from p2pnode.discovery.dht.records import PeerRecordError, decode_bundle
+from p2pnode.release import keys
 
 from .core import MAX_NUMWANT, Announce, PeerQuality, Report, quality_score, update_quality
 

@@ -9,7 +9,7 @@ classes: :class:`~p2pnode.swarm.scheduler.Scheduler` (what to request of whom) a
 the sockets:
 
 * **Serving** (``serve``): every manifest this node ``offer``s is answered with its availability
-  bitfield (from :class:`~p2pnode.stage.LocalChunks`, so an unfinished install and the kept
+  bitfield (from :class:`~p2pnode.disk.stage.LocalChunks`, so an unfinished install and the kept
   earlier builds of an app serve too); peers the choker unchokes are served from verified local
   reads, others are rejected with ``choked``. Upload is capped globally and per peer.
 * **Fetching** (``fetch``): one task per peer, each keeping the scheduler's pipeline for that
@@ -33,8 +33,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .. import manifest as M
-from ..chunker import hash_chunk
+from ..disk.stage import LocalChunks
 from ..errors import (
     ManifestError,
     P2PNodeError,
@@ -43,15 +42,10 @@ from ..errors import (
     SlowPeerError,
     UsageError,
 )
-from ..identity import (
-    NodeIdentity,
-    check_alpn,
-    client_context,
-    peer_node_id,
-    server_context,
-)
+from ..identity import NodeIdentity, check_alpn, client_context, peer_node_id, server_context
 from ..ratelimit import RateLimiter
-from ..stage import LocalChunks
+from ..release import manifest as M
+from ..release.chunker import hash_chunk
 from . import wire as W
 from .choker import DEFAULT_SLOTS, Choker
 from .peer import PeerSession

@@ -7,7 +7,7 @@ trio shell (``node.py``) feeds it what the peers say (``bitfield``, ``have``, ``
 and what happened to requests (``received``, ``rejected``, ``timed_out``), all with ``now``
 passed in, and asks it ``next_requests(peer, now)`` whenever a peer's pipeline has room. It
 never touches a socket, so every rule below is unit-tested with explicit times
-(``tests/test_scheduler.py``).
+(``tests/swarm/test_scheduler.py``).
 
 * **Rarest first**, ties broken at random: leechers that start together fetch different chunks
   and can trade them at once. Availability is counted incrementally per chunk.

@@ -29,8 +29,8 @@ from typing import Any, ClassVar
 
 import zstandard
 
-from .. import canonical
 from ..errors import LocalProtocolError, ManifestError, RemoteProtocolError
+from ..release import canonical
 
 __all__ = [
     "MAX_CHUNK_BYTES",

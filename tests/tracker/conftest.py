@@ -1,7 +1,7 @@
 """Fixtures for the tracker tests: keys, signed manifests, an in-process tracker, redis.
 
 ``tracker`` is a :class:`tracker.Tracker` over a fresh DIR; ``client`` is a
-:class:`p2pnode.tracker_client.TrackerClient` whose httpx transport is that app, in-process, on
+:class:`p2pnode.discovery.tracker.TrackerClient` whose httpx transport is that app, in-process, on
 trio (no sockets). ``redis_url`` starts a private ``redis-server`` on a free loopback port for
 the test and stops it after; if the binary is missing the test fails with the fix.
 """
@@ -20,9 +20,9 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from p2pnode import keys
-from p2pnode import manifest as M
-from p2pnode.tracker_client import TrackerClient
+from p2pnode.discovery.tracker import TrackerClient
+from p2pnode.release import keys
+from p2pnode.release import manifest as M
 from tracker import Tracker, TrackerConfig, open_tracker
 
 ADMIN = "admin-token-for-tests-0123456789"

@@ -13,19 +13,18 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from p2pnode import keys
-from p2pnode import manifest as M
-from p2pnode.dht.records import Topic, make_record
-from p2pnode.tracker_client import (
+from p2pnode.discovery.dht.records import Topic, make_record
+from p2pnode.discovery.tracker import (
     ANNOUNCE_DOMAIN,
     PeerQualityReport,
     TrackerClient,
     TrackerPeerSource,
     TrackerRefusedError,
 )
+from p2pnode.release import keys
+from p2pnode.release import manifest as M
+from tests.tracker.conftest import ADMIN, APP, client_for
 from tracker import Tracker
-
-from .conftest import ADMIN, APP, client_for
 
 
 async def publish(client: TrackerClient, signed: M.SignedManifest, channel: str = "stable") -> Any:

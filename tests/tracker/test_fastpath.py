@@ -11,13 +11,12 @@ from collections.abc import Callable
 import pytest
 import trio
 
-from p2pnode import keys
-from p2pnode import manifest as M
-from p2pnode.tracker_client import ANNOUNCE_DOMAIN, TrackerClient, TrackerRefusedError
+from p2pnode.discovery.tracker import ANNOUNCE_DOMAIN, TrackerClient, TrackerRefusedError
+from p2pnode.release import keys
+from p2pnode.release import manifest as M
+from tests.tracker.conftest import ADMIN, APP
 from tracker import Tracker, serve_tracker
 from tracker.fastpath import MAX_HEAD_BYTES, HTTPRefusal, Request, RequestReader
-
-from .conftest import ADMIN, APP
 
 GOOD = (
     b"POST /v1/announce HTTP/1.1\r\nHost: t\r\nX-P2PNode-Signature: ab\r\n"

@@ -12,10 +12,11 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pnode import keys
-from p2pnode import manifest as M
-from p2pnode.dht.records import Topic, make_record
-from p2pnode.tracker_client import PeerQualityReport, TrackerClient, TrackerRefusedError
+from p2pnode.discovery.dht.records import Topic, make_record
+from p2pnode.discovery.tracker import PeerQualityReport, TrackerClient, TrackerRefusedError
+from p2pnode.release import keys
+from p2pnode.release import manifest as M
+from tests.tracker.conftest import ADMIN, APP, client_for
 from tracker import Tracker, serve_tracker
 from tracker.core import (
     Announce,
@@ -28,8 +29,6 @@ from tracker.core import (
 from tracker.replicated import LogSwarm
 from tracker.store import RedisSwarm
 from tracker.swarm import UNKNOWN_SCORE
-
-from .conftest import ADMIN, APP, client_for
 
 
 async def start(nursery: trio.Nursery, t: Tracker) -> TrackerClient:

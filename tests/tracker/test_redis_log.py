@@ -11,14 +11,13 @@ from typing import Any
 import httpx
 import trio
 
-from p2pnode import keys
-from p2pnode import manifest as M
-from p2pnode.tracker_client import ANNOUNCE_DOMAIN, PeerQualityReport, TrackerClient
+from p2pnode.discovery.tracker import ANNOUNCE_DOMAIN, PeerQualityReport, TrackerClient
+from p2pnode.release import keys
+from p2pnode.release import manifest as M
+from tests.tracker.conftest import ADMIN, APP
+from tests.tracker.test_redis import start, synced
 from tracker import Tracker
 from tracker.replicated import LogSwarm, pack_snapshot, unpack_snapshot
-
-from .conftest import ADMIN, APP
-from .test_redis import start, synced
 
 
 def log_of(t: Tracker) -> LogSwarm:
@@ -257,9 +256,8 @@ async def test_a_change_the_log_cannot_take_is_refused_with_503(
     publisher: object,
     make_manifest: Callable[..., M.SignedManifest],
 ) -> None:
+    from tests.tracker.conftest import free_port
     from tracker.resp import TrioRedis
-
-    from .conftest import free_port
 
     t = make_tracker("solo", redis_url=redis_url, prefix="d:", redis_mode="log")
     async with trio.open_nursery() as nursery:
@@ -287,10 +285,9 @@ async def test_a_change_that_does_not_come_back_in_time_is_503_and_applies_later
     monkeypatch: Any,
 ) -> None:
     """The apply timeout is one sweeper for all waiting requests (no timer per request)."""
+    from tests.tracker.conftest import free_port
     from tracker import replicated
     from tracker.resp import TrioRedis
-
-    from .conftest import free_port
 
     monkeypatch.setattr(replicated, "APPLY_TIMEOUT", 0.3)
     monkeypatch.setattr(replicated, "SWEEP_EVERY", 0.05)

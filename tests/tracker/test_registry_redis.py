@@ -19,17 +19,16 @@ import httpx
 import pytest
 import trio
 
-from p2pnode import keys
-from p2pnode import manifest as M
+from p2pnode.demo.tracker import LocalTracker
+from p2pnode.discovery.tracker import TrackerClient, TrackerRefusedError
 from p2pnode.errors import P2PNodeError
-from p2pnode.localtracker import LocalTracker
-from p2pnode.tracker_client import TrackerClient, TrackerRefusedError
+from p2pnode.release import keys
+from p2pnode.release import manifest as M
+from tests.tracker.conftest import ADMIN, APP, RedisProcess, client_for, free_port
 from tracker import Tracker, serve_tracker
 from tracker.core import Conflict
 from tracker.registry_redis import RedisRegistry, RegistryUnavailable
 from tracker.store import Registry
-
-from .conftest import ADMIN, APP, RedisProcess, client_for, free_port
 
 
 @pytest.fixture

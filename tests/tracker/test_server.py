@@ -18,13 +18,12 @@ import httpx
 import pytest
 import trio
 
-from p2pnode import keys
-from p2pnode import manifest as M
+from p2pnode.demo.tracker import LocalTracker
+from p2pnode.discovery.tracker import PeerQualityReport, TrackerClient
 from p2pnode.errors import P2PNodeError
-from p2pnode.localtracker import LocalTracker
-from p2pnode.tracker_client import PeerQualityReport, TrackerClient
-
-from .conftest import ADMIN, APP
+from p2pnode.release import keys
+from p2pnode.release import manifest as M
+from tests.tracker.conftest import ADMIN, APP
 
 
 def tracker_cmd(*args: str) -> list[str]:

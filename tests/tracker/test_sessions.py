@@ -9,13 +9,12 @@ import time
 from collections.abc import Callable
 from unittest import mock
 
-from p2pnode import keys
-from p2pnode import manifest as M
-from p2pnode.tracker_client import ANNOUNCE_DOMAIN, SIGNATURE_HEADER, TrackerClient
+from p2pnode.discovery.tracker import ANNOUNCE_DOMAIN, SIGNATURE_HEADER, TrackerClient
+from p2pnode.release import keys
+from p2pnode.release import manifest as M
+from tests.tracker.conftest import ADMIN, APP, client_for
 from tracker import Tracker
 from tracker.core import SESSION_HEADER, AnnounceSessions
-
-from .conftest import ADMIN, APP, client_for
 
 NODE = bytes(range(20))
 
@@ -81,7 +80,9 @@ async def test_a_session_spares_the_signature_check_only_where_it_was_issued(
     token = first.json()["session"]
     assert first.json()["session_ttl"] == tracker.sessions.ttl
 
-    with mock.patch("p2pnode.keys.verify_signature", side_effect=AssertionError("verified")):
+    with mock.patch(
+        "p2pnode.release.keys.verify_signature", side_effect=AssertionError("verified")
+    ):
         body = _body(node, m.id)
         sig = keys.sign(node, ANNOUNCE_DOMAIN, body).hex()
         again = await http.post(
@@ -126,7 +127,7 @@ async def test_the_client_uses_its_session(
         calls.append(a)
         real(*a)  # type: ignore[arg-type]
 
-    with mock.patch("p2pnode.keys.verify_signature", side_effect=counting):
+    with mock.patch("p2pnode.release.keys.verify_signature", side_effect=counting):
         for _ in range(5):
             await client.announce(node, app=APP, manifest_id=m.id, port=7000)
     assert calls == []

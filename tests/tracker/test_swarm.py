@@ -141,8 +141,8 @@ def test_answer_fragments_are_the_json_of_each_member() -> None:
     import json
     import time
 
-    from p2pnode import keys
-    from p2pnode.dht.records import Topic, encode_bundle, make_record
+    from p2pnode.discovery.dht.records import Topic, encode_bundle, make_record
+    from p2pnode.release import keys
 
     s = MemorySwarm()
     now = time.time()

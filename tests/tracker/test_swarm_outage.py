@@ -12,13 +12,12 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from p2pnode import keys
-from p2pnode import manifest as M
-from p2pnode.tracker_client import TrackerError
+from p2pnode.discovery.tracker import TrackerError
+from p2pnode.release import keys
+from p2pnode.release import manifest as M
+from tests.tracker.conftest import ADMIN, APP, RedisProcess, client_for
 from tracker.app import Tracker, TrackerConfig, open_tracker
 from tracker.replicated import LogSwarm
-
-from .conftest import ADMIN, APP, RedisProcess, client_for
 
 
 @pytest.mark.parametrize("mode", ["script", "log"])

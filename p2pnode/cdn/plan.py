@@ -1,0 +1,674 @@
+"""The decisions of the CDN fetcher, without IO: what to request, from which mirror, how much.
+
+Theory of operation
+-------------------
+The installer hands :class:`FetchPlan` a list of :class:`ChunkRequest` (a chunk id and where it
+sits in a release file). The trio shell in :mod:`p2pnode.cdn.fetcher` runs a fixed number of
+workers;
+each asks :meth:`FetchPlan.next_action` for work and gets one of
+
+* :class:`Job`: "GET bytes ``start..end`` of ``path`` from ``mirror``"; the byte range is a run of
+  chunks adjacent in the file (coalesced), cut to a size the plan picks;
+* :class:`Wait`: nothing to do until ``until`` (a backoff or a cooldown ends) or until the plan
+  changes (``until is None``);
+* :data:`DONE`: every chunk was delivered or given up on.
+
+and reports back what happened (:meth:`FetchPlan.job_bytes`, :meth:`chunk_ok`,
+:meth:`chunk_bad`, :meth:`job_finished`). Time is always passed in as ``now``.
+
+**Range sizing.** What a server has pushed into sockets, or the process holds in half-received
+chunks, but has not yet verified
+is lost if the process dies, so the plan bounds *bytes requested but not yet received* by a
+budget proportional to the download rate (``rate * target_seconds``, the measured rate, or the
+cap when one is set) instead of ``connections * max_range_bytes``. It starts small
+(``initial_budget``) and grows with the measured rate. Each request is cut to
+``budget / connections`` (at least one chunk, at most ``max_range_bytes``); a new request is
+admitted only when it fits in what is left of the budget, or when nothing is in flight.
+
+**Failures.** A failed job hands back its unfinished chunks. Each chunk counts its attempts over
+all mirrors (``max_attempts``) and remembers, per mirror, why it failed there (for the one-line
+error). A chunk that failed on a mirror may not return to *that* mirror before an exponential
+backoff with full jitter has passed, but any other mirror may take it at once: failover is
+immediate, hammering is not. Bytes that fail blake3 exclude that mirror for that chunk for good;
+a 404, 416 or a size mismatch excludes the mirror for the whole file. A chunk that no mirror
+may serve any more, or that ran out of attempts, is *failed*; the rest go on, so everything that
+can be delivered is before :class:`p2pnode.cdn.fetcher.CDNFetcher` raises.
+
+**Mirror health.** :class:`MirrorHealth` counts consecutive failures; past a threshold a mirror
+sits out a cooldown that doubles each time (with jitter). Healthy mirrors come first, then
+mirrors that honour Range, then the least loaded, then the fastest.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "DONE",
+    "PERMANENT_FOR_FILE",
+    "ChunkRequest",
+    "ChunkSplitter",
+    "FetchPlan",
+    "Job",
+    "MirrorHealth",
+    "PlanParams",
+    "RateMeter",
+    "Wait",
+    "backoff_delay",
+    "coalesce",
+    "parse_content_range",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRequest:
+    """One chunk to fetch: its blake3-256 id and where it sits in a release file."""
+
+    id: bytes
+    path: str
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+# --------------------------------------------------------------------------------------------
+# Coalescing
+
+
+def coalesce(requests: Iterable[ChunkRequest], max_bytes: int) -> list[list[ChunkRequest]]:
+    """Group requests into runs adjacent in one file, each run at most ``max_bytes`` long
+    (a single chunk longer than that is a run of its own). Identical requests appear once.
+
+    The fetcher cuts runs at request time rather than with this function (the size depends on
+    the rate then), but the grouping rule is the same, and this is its executable statement.
+    """
+    by_path: dict[str, set[ChunkRequest]] = {}
+    for r in requests:
+        by_path.setdefault(r.path, set()).add(r)
+    runs: list[list[ChunkRequest]] = []
+    for path in sorted(by_path):
+        current: list[ChunkRequest] = []
+        size = 0
+        for r in sorted(by_path[path], key=lambda c: (c.offset, c.length, c.id)):
+            if current and r.offset == current[-1].end and size + r.length <= max_bytes:
+                current.append(r)
+                size += r.length
+            else:
+                if current:
+                    runs.append(current)
+                current, size = [r], r.length
+        if current:
+            runs.append(current)
+    return runs
+
+
+# --------------------------------------------------------------------------------------------
+# Splitting a streamed body at chunk boundaries
+
+
+class ChunkSplitter:
+    """Cuts a streamed response body into the chunks of one job, as their last byte arrives.
+
+    Args:
+        chunks: adjacent chunks in file order (``chunks[i].end == chunks[i+1].offset``).
+        skip: body bytes to discard before the first chunk (a server that ignored Range and
+            sent the file from byte 0 has ``skip = chunks[0].offset``).
+
+    Pieces are kept as memoryviews of the caller's buffers and joined once per chunk, so each
+    body byte is copied exactly once on its way to ``deliver``.
+    """
+
+    __slots__ = ("_chunks", "_have", "_index", "_parts", "_skip")
+
+    def __init__(self, chunks: Sequence[ChunkRequest], skip: int = 0) -> None:
+        for a, b in itertools.pairwise(chunks):
+            if a.end != b.offset or a.path != b.path:
+                raise ValueError("ChunkSplitter needs adjacent chunks of one file")
+        self._chunks = chunks
+        self._index = 0
+        self._skip = skip
+        self._parts: list[memoryview] = []
+        self._have = 0
+
+    @property
+    def done(self) -> bool:
+        return self._index >= len(self._chunks)
+
+    @property
+    def wanted(self) -> int:
+        """Body bytes still needed to complete every chunk (skip included)."""
+        if self.done:
+            return 0
+        rest = sum(c.length for c in self._chunks[self._index :]) - self._have
+        return self._skip + rest
+
+    def remaining(self) -> list[ChunkRequest]:
+        """Chunks not completed yet."""
+        return list(self._chunks[self._index :])
+
+    def feed(self, data: bytes | memoryview) -> tuple[list[tuple[ChunkRequest, bytes]], int]:
+        """Take the next piece of body; return completed ``(chunk, bytes)`` pairs and how many
+        bytes of ``data`` were beyond the last chunk (surplus, to be discarded)."""
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        pos = 0
+        n = len(view)
+        if self._skip:
+            step = min(self._skip, n)
+            self._skip -= step
+            pos = step
+        out: list[tuple[ChunkRequest, bytes]] = []
+        chunks = self._chunks
+        while pos < n and self._index < len(chunks):
+            chunk = chunks[self._index]
+            take = min(chunk.length - self._have, n - pos)
+            if self._have == 0 and take == chunk.length:
+                # The whole chunk is inside this piece: one copy, no join.
+                out.append((chunk, bytes(view[pos : pos + take])))
+                self._index += 1
+            else:
+                self._parts.append(view[pos : pos + take])
+                self._have += take
+                if self._have == chunk.length:
+                    out.append((chunk, b"".join(self._parts)))
+                    self._parts = []
+                    self._have = 0
+                    self._index += 1
+            pos += take
+        return out, n - pos if self.done else 0
+
+
+# --------------------------------------------------------------------------------------------
+# Rates, backoff, health
+
+
+class RateMeter:
+    """Bytes per second over a sliding window of ``window`` seconds, in ``slots`` buckets."""
+
+    __slots__ = ("_buckets", "_slot", "_slots", "_start", "_width")
+
+    def __init__(self, window: float = 1.0, slots: int = 10, now: float = 0.0) -> None:
+        self._width = window / slots
+        self._slots = slots
+        self._buckets: deque[int] = deque([0] * slots, maxlen=slots)
+        self._slot = int(now / self._width)
+        self._start = now
+
+    def _advance(self, now: float) -> None:
+        slot = int(now / self._width)
+        if slot > self._slot:
+            for _ in range(min(slot - self._slot, self._slots)):
+                self._buckets.append(0)
+            self._slot = slot
+
+    @property
+    def started(self) -> float:
+        return self._start
+
+    def add(self, n: int, now: float) -> None:
+        self._advance(now)
+        self._buckets[-1] += n
+
+    def rate(self, now: float) -> float:
+        """The average over the window, or over the time since creation if that is shorter."""
+        self._advance(now)
+        span = min(self._width * self._slots, max(now - self._start, self._width))
+        return sum(self._buckets) / span
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter (uniform in [0, min(cap, base * 2**attempt)]):
+    spreads retries of many clients after a shared outage instead of synchronising them."""
+    return rng.uniform(0.0, min(cap, base * (2.0 ** min(attempt, 30))))
+
+
+@dataclass
+class _Mirror:
+    url: str
+    consecutive_failures: int = 0
+    cooldowns: int = 0
+    cooldown_until: float = float("-inf")
+    active: int = 0
+    ignores_range: bool = False
+    rate: float = 0.0  # EWMA of bytes per second over finished jobs
+
+
+class MirrorHealth:
+    """Per-mirror failure counting, cooldowns and preference order.
+
+    Args:
+        mirrors: mirror roots, in the caller's order of preference (ties keep this order).
+        failure_threshold: consecutive failures that put a mirror on cooldown.
+        cooldown_base: first cooldown, doubled at each further cooldown, up to ``cooldown_cap``.
+    """
+
+    def __init__(
+        self,
+        mirrors: Sequence[str],
+        *,
+        failure_threshold: int = 2,
+        cooldown_base: float = 1.0,
+        cooldown_cap: float = 30.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not mirrors:
+            raise ValueError("at least one mirror is needed")
+        self._m = [_Mirror(u) for u in mirrors]
+        self.threshold = failure_threshold
+        self.base = cooldown_base
+        self.cap = cooldown_cap
+        self._rng = rng or random.Random()
+
+    def __len__(self) -> int:
+        return len(self._m)
+
+    def url(self, i: int) -> str:
+        return self._m[i].url
+
+    def available(self, i: int, now: float) -> bool:
+        return self._m[i].cooldown_until <= now
+
+    def cooldown_until(self, i: int) -> float:
+        return self._m[i].cooldown_until
+
+    def order(self, now: float) -> list[int]:
+        """Mirrors not on cooldown, best first."""
+        ms = [i for i, m in enumerate(self._m) if m.cooldown_until <= now]
+        return sorted(
+            ms,
+            key=lambda i: (
+                self._m[i].consecutive_failures > 0,
+                self._m[i].ignores_range,
+                self._m[i].active,
+                -self._m[i].rate,
+                i,
+            ),
+        )
+
+    def started(self, i: int) -> None:
+        self._m[i].active += 1
+
+    def stopped(self, i: int) -> None:
+        self._m[i].active -= 1
+
+    def success(self, i: int, nbytes: int, seconds: float) -> None:
+        m = self._m[i]
+        m.consecutive_failures = 0
+        m.cooldowns = 0
+        if seconds > 0 and nbytes > 0:
+            sample = nbytes / seconds
+            m.rate = sample if m.rate == 0 else 0.7 * m.rate + 0.3 * sample
+
+    def failure(self, i: int, now: float, *, immediate: bool = False) -> None:
+        """Count a failure; ``immediate`` (connection refused) cools down at once."""
+        m = self._m[i]
+        if m.cooldown_until > now:
+            # Requests in flight when the mirror went down report one by one; one outage is
+            # one cooldown step, not one per request.
+            return
+        m.consecutive_failures += 1
+        if immediate or m.consecutive_failures >= self.threshold:
+            span = min(self.cap, self.base * 2.0**m.cooldowns)
+            m.cooldowns += 1
+            # "Equal jitter": at least half the span, so a cooldown is never ~0.
+            m.cooldown_until = now + span / 2 + self._rng.uniform(0, span / 2)
+
+    def mark_ignores_range(self, i: int) -> None:
+        self._m[i].ignores_range = True
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+
+
+#: Failure kinds after which a mirror is not asked for the same file again (it lacks the file,
+#: or has another version of it): retrying there cannot help.
+PERMANENT_FOR_FILE = frozenset(
+    {"http_404", "http_410", "http_403", "http_416", "size_mismatch", "not_found"}
+)
+
+#: Failure kinds that mean the mirror cannot be reached at all: cool it down at once.
+UNREACHABLE = frozenset({"connect"})
+
+
+@dataclass(frozen=True)
+class PlanParams:
+    connections: int = 8
+    max_range_bytes: int = 16 * 2**20
+    max_attempts: int = 6
+    rate_cap: float | None = None
+    target_seconds: float = 0.25
+    initial_budget: int = 4 * 2**20
+    min_budget: int = 512 * 1024
+    max_budget: int = 64 * 2**20
+    retry_base: float = 0.2
+    retry_cap: float = 10.0
+    failure_threshold: int = 2
+    cooldown_base: float = 1.0
+    cooldown_cap: float = 30.0
+
+
+class _Item:
+    """Book-keeping for one requested chunk."""
+
+    __slots__ = ("attempts", "excluded", "reasons", "req", "retry_at", "state")
+
+    def __init__(self, req: ChunkRequest) -> None:
+        self.req = req
+        self.attempts = 0
+        self.state = "pending"  # pending | active | ok | failed
+        self.retry_at: dict[int, float] = {}  # mirror -> earliest retry there
+        self.excluded: set[int] = set()  # mirrors that served bytes failing blake3
+        self.reasons: dict[int, str] = {}  # mirror -> last failure there
+
+
+@dataclass(eq=False)
+class Job:
+    """One range request: chunks ``items`` of ``path``, bytes ``start..end`` from ``mirror``."""
+
+    mirror: int
+    url: str
+    path: str
+    items: list[_Item]
+    started: float
+    received: int = 0
+    settled: int = 0  # bytes of chunks delivered or rejected
+    finished: set[int] = field(default_factory=set)  # indexes into items, ok or bad
+
+    @property
+    def start(self) -> int:
+        return self.items[0].req.offset
+
+    @property
+    def end(self) -> int:
+        return self.items[-1].req.end
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @property
+    def chunks(self) -> list[ChunkRequest]:
+        return [it.req for it in self.items]
+
+
+@dataclass(frozen=True)
+class Wait:
+    until: float | None  # None: until the plan changes
+
+
+class _Done:
+    def __repr__(self) -> str:
+        return "DONE"
+
+
+DONE = _Done()
+
+
+class FetchPlan:
+    """The scheduler behind :class:`p2pnode.cdn.fetcher.CDNFetcher`; see the module docstring."""
+
+    def __init__(
+        self,
+        requests: Iterable[ChunkRequest],
+        mirrors: Sequence[str],
+        params: PlanParams,
+        *,
+        now: float,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.p = params
+        self._rng = rng or random.Random()
+        self.health = MirrorHealth(
+            mirrors,
+            failure_threshold=params.failure_threshold,
+            cooldown_base=params.cooldown_base,
+            cooldown_cap=params.cooldown_cap,
+            rng=self._rng,
+        )
+        unique = dict.fromkeys(requests)  # identical requests are fetched and delivered once
+        self.items = [_Item(r) for r in unique]
+        self._pending: dict[str, list[tuple[int, int, _Item]]] = {}
+        self._paths: deque[str] = deque()
+        for n, it in enumerate(self.items):
+            self._pending.setdefault(it.req.path, []).append((it.req.offset, n, it))
+        for path, lst in sorted(self._pending.items()):
+            lst.sort(key=lambda e: (e[0], e[1]))
+            self._paths.append(path)
+        self._seq = {id(it): n for n, it in enumerate(self.items)}
+        self._file_excluded: set[tuple[int, str]] = set()
+        self._file_reasons: dict[tuple[int, str], str] = {}
+        self.unresolved = len(self.items)
+        self.active: set[Job] = set()
+        self.inflight = 0  # bytes requested and not yet verified
+        self.meter = RateMeter(window=1.0, slots=10, now=now)
+        self.retries = 0
+        self.failed: list[_Item] = []
+
+    # -- sizing ------------------------------------------------------------------------------
+
+    def budget(self, now: float) -> int:
+        """Bytes that may be requested and not yet verified, over all connections."""
+        p = self.p
+        measured = self.meter.rate(now)
+        if p.rate_cap is not None:
+            rate = p.rate_cap
+        elif now - self.meter.started < 0.2 or measured <= 0:
+            return p.initial_budget
+        else:
+            rate = measured * 1.5  # headroom, so the budget can grow with a faster link
+        return int(min(p.max_budget, max(p.min_budget, rate * p.target_seconds)))
+
+    def target_request(self, now: float) -> int:
+        budget = self.budget(now)
+        per = budget // max(1, self.p.connections)
+        target = min(self.p.max_range_bytes, max(256 * 1024, per))
+        if self.inflight:
+            target = min(target, budget - self.inflight)
+        return target
+
+    # -- work --------------------------------------------------------------------------------
+
+    def next_action(self, now: float) -> Job | Wait | _Done:
+        if self.unresolved == 0 and not self.active:
+            return DONE
+        if not any(self._pending.values()):
+            return Wait(None)
+        budget = self.budget(now)
+        if self.inflight and self.inflight >= budget:
+            return Wait(None)
+        target = self.target_request(now)
+        for m in self.health.order(now):
+            job = self._take(m, now, max(1, target))
+            if job is not None:
+                self.active.add(job)
+                self.inflight += job.length
+                self.health.started(m)
+                return job
+        return Wait(self._next_eligible(now))
+
+    def _eligible(self, it: _Item, m: int, now: float) -> bool:
+        return m not in it.excluded and it.retry_at.get(m, float("-inf")) <= now
+
+    def _take(self, m: int, now: float, target: int) -> Job | None:
+        for _ in range(len(self._paths)):
+            path = self._paths[0]
+            self._paths.rotate(-1)  # spread requests over files (and so over mirrors' disks)
+            lst = self._pending.get(path)
+            if not lst or (m, path) in self._file_excluded:
+                continue
+            k = next((k for k, e in enumerate(lst) if self._eligible(e[2], m, now)), -1)
+            if k < 0:
+                continue
+            first = lst[k][2]
+            taken = [first]
+            size = first.req.length
+            j = k + 1
+            while j < len(lst):
+                nxt = lst[j][2]
+                if (
+                    nxt.req.offset != taken[-1].req.end
+                    or size + nxt.req.length > target
+                    or not self._eligible(nxt, m, now)
+                ):
+                    break
+                taken.append(nxt)
+                size += nxt.req.length
+                j += 1
+            del lst[k:j]
+            for it in taken:
+                it.state = "active"
+            return Job(m, self.health.url(m), path, taken, now)
+        return None
+
+    def _next_eligible(self, now: float) -> float | None:
+        """When waiting could end: the earliest retry time or cooldown end that unblocks a
+        pending chunk; None if only a change in the plan (a job finishing) can."""
+        best: float | None = None
+        for path, lst in self._pending.items():
+            for _, _, it in lst:
+                for m in range(len(self.health)):
+                    if m in it.excluded or (m, path) in self._file_excluded:
+                        continue
+                    t = max(it.retry_at.get(m, now), self.health.cooldown_until(m))
+                    if best is None or t < best:
+                        best = t
+        if best is not None and best <= now:
+            return now
+        return best
+
+    def _requeue(self, it: _Item) -> None:
+        it.state = "pending"
+        lst = self._pending.setdefault(it.req.path, [])
+        bisect.insort(lst, (it.req.offset, self._seq[id(it)], it), key=lambda e: (e[0], e[1]))
+        if it.req.path not in self._paths:
+            self._paths.append(it.req.path)
+
+    def _fail(self, it: _Item) -> None:
+        it.state = "failed"
+        self.failed.append(it)
+        self.unresolved -= 1
+
+    def _hopeless(self, it: _Item) -> bool:
+        return all(
+            m in it.excluded or (m, it.req.path) in self._file_excluded
+            for m in range(len(self.health))
+        )
+
+    # -- reports from the shell --------------------------------------------------------------
+
+    def job_bytes(self, job: Job, n: int, now: float) -> None:
+        """``n`` body bytes of ``job`` arrived. They stay in the in-flight budget until their
+        chunk is verified: bytes of a half-received chunk are lost to a killed process just
+        like bytes still in a socket, so the budget bounds both together."""
+        self.meter.add(n, now)
+        job.received += n
+
+    def chunk_ok(self, job: Job, req: ChunkRequest) -> _Item:
+        k = self._index(job, req)
+        it = job.items[k]
+        job.finished.add(k)
+        job.settled += req.length
+        self.inflight -= req.length
+        it.state = "ok"
+        self.unresolved -= 1
+        return it
+
+    def chunk_bad(self, job: Job, req: ChunkRequest, now: float) -> None:
+        """The mirror served bytes for ``req`` that fail blake3: never ask it for them again."""
+        k = self._index(job, req)
+        it = job.items[k]
+        job.finished.add(k)
+        job.settled += req.length
+        self.inflight -= req.length
+        it.excluded.add(job.mirror)
+        it.reasons[job.mirror] = "served bytes that fail blake3"
+        it.attempts += 1
+        self._retry_or_fail(it)
+
+    def _retry_or_fail(self, it: _Item) -> None:
+        if it.attempts >= self.p.max_attempts or self._hopeless(it):
+            self._fail(it)
+        else:
+            self.retries += 1
+            self._requeue(it)
+
+    def job_finished(
+        self, job: Job, now: float, *, kind: str | None = None, detail: str = ""
+    ) -> list[ChunkRequest]:
+        """End ``job``: ``kind`` names the failure (None for success). Chunks the job did not
+        finish go back to the queue (or fail). Returns the chunks that failed for good."""
+        self.active.discard(job)
+        self.health.stopped(job.mirror)
+        self.inflight -= job.length - job.settled
+        failed_before = len(self.failed)
+        if kind is None:
+            self.health.success(job.mirror, job.received, now - job.started)
+        else:
+            self.health.failure(job.mirror, now, immediate=kind in UNREACHABLE)
+            if kind in PERMANENT_FOR_FILE:
+                self._file_excluded.add((job.mirror, job.path))
+                self._file_reasons[(job.mirror, job.path)] = detail or kind
+        for k, it in enumerate(job.items):
+            if k in job.finished:
+                continue
+            if kind is None:
+                # Success without this chunk: the shell ended the body early on purpose
+                # (never happens today); give it back without charging an attempt.
+                self._requeue(it)
+                continue
+            it.attempts += 1
+            it.reasons[job.mirror] = detail or kind
+            it.retry_at[job.mirror] = now + backoff_delay(
+                it.attempts, self.p.retry_base, self.p.retry_cap, self._rng
+            )
+            self._retry_or_fail(it)
+        if kind in PERMANENT_FOR_FILE:
+            # Other pending chunks of the same file may have just become hopeless.
+            lst = self._pending.get(job.path, [])
+            for entry in list(lst):
+                it = entry[2]
+                if self._hopeless(it):
+                    lst.remove(entry)
+                    it.reasons.setdefault(job.mirror, detail or kind)
+                    self._fail(it)
+        return [it.req for it in self.failed[failed_before:]]
+
+    def _index(self, job: Job, req: ChunkRequest) -> int:
+        for k, it in enumerate(job.items):
+            if it.req is req:
+                return k
+        raise RuntimeError("chunk does not belong to this job")
+
+    def reasons(self, it: _Item) -> dict[str, str]:
+        """Why ``it`` could not be had, per mirror URL."""
+        out: dict[str, str] = {}
+        for m in range(len(self.health)):
+            why = it.reasons.get(m) or self._file_reasons.get((m, it.req.path))
+            if why:
+                out[self.health.url(m)] = why
+        return out
+
+
+def parse_content_range(value: str) -> tuple[int, int, int | None] | None:
+    """``bytes 0-99/1234`` -> (0, 100, 1234) (end exclusive); total None for ``*``."""
+    try:
+        unit, _, spec = value.strip().partition(" ")
+        if unit.lower() != "bytes":
+            return None
+        rng, _, total = spec.partition("/")
+        first, _, last = rng.partition("-")
+        start, end = int(first), int(last) + 1
+        tot = None if total.strip() == "*" else int(total)
+    except ValueError:
+        return None
+    if start < 0 or end <= start or (tot is not None and end > tot):
+        return None
+    return start, end, tot

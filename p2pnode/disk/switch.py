@@ -1,0 +1,184 @@
+"""The install directory's life on disk: open it under its lock, switch a finished stage in
+atomically, finish or undo what a killed process left half done, and keep in the store what
+rollback needs.
+
+Recovery
+--------
+``pending = {"op": "switch", "inode": N, ...}``: if the install directory's inode is N the
+switch happened and is completed; otherwise it did not, and the stage stays for the next
+install to resume. ``pending = {"op": "harvest"}``: harvest again (it is idempotent).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from ..errors import DiskSpaceError, InstallError, NotInstalledError, P2PNodeError
+from ..release import manifest as M
+from .fsutil import exchange, fsync_dir
+from .stage import Journal, LocalChunks, Stage, read_verified
+from .state import InstallState, StateDir
+from .store import ChunkStore
+
+__all__ = [
+    "check_space",
+    "harvest",
+    "installed",
+    "local_chunks",
+    "recover",
+    "refuse_foreign_directory",
+    "switch",
+]
+
+
+@asynccontextmanager
+async def installed(dest: Path) -> AsyncIterator[tuple[StateDir, InstallState, M.Manifest]]:
+    """Lock the install at ``dest``, finish any interrupted switch, and give its state and
+    current manifest; for operations on an existing install (rollback, verify, repair)."""
+    sd = StateDir(dest)
+    if not sd.exists:
+        raise NotInstalledError(f"nothing is installed in {dest}")
+    with sd:
+        state = sd.load()
+        await trio.to_thread.run_sync(recover, sd, state)
+        if not state.current:
+            raise NotInstalledError(f"nothing is installed in {dest}")
+        yield sd, state, sd.load_manifest(state.current)
+
+
+def local_chunks(sd: StateDir, state: InstallState) -> LocalChunks:
+    """Every chunk this install can serve: the current tree, the store (kept versions) and the
+    verified part of an unfinished stage. What the swarm serves from, and offers to the swarms
+    of other builds of the app."""
+    local = LocalChunks(ChunkStore(sd.store_dir))
+    if state.current:
+        local.add_tree(sd.dest, sd.load_manifest(state.current))
+    target = Journal.target_of(sd.journal)
+    if target is not None and sd.manifest_file(target.hex()).exists():
+        staged = sd.load_manifest(target.hex())
+        local.add_stage(Stage(sd.stage, staged, staged.files), Journal.read_done(sd.journal))
+    return local
+
+
+def refuse_foreign_directory(sd: StateDir) -> None:
+    if sd.exists or not sd.dest.exists():
+        return
+    if not sd.dest.is_dir() or any(sd.dest.iterdir()):
+        raise InstallError(
+            f"{sd.dest} exists and is not a p2pnode install",
+            fix="install into a new or empty directory",
+        )
+
+
+def check_space(root: Path, stage: Stage, needed: dict[bytes, int]) -> None:
+    want = sum(len(stage.locations[cid]) * n for cid, n in needed.items())
+    free = shutil.disk_usage(root).free
+    margin = 64 * 1024 * 1024
+    if want + margin > free:
+        raise DiskSpaceError(
+            f"staging needs {want // 2**20} MiB more, but {root.parent} has "
+            f"{free // 2**20} MiB free"
+        )
+
+
+def switch(
+    sd: StateDir,
+    state: InstallState,
+    signed: M.SignedManifest,
+    history_after: list[str],
+    keep_versions: int,
+) -> None:
+    new_id = signed.id.hex()
+    sd.keep_manifest(signed)
+    state.pending = {
+        "op": "switch",
+        "to": new_id,
+        "inode": os.stat(sd.stage).st_ino,
+        "history": [h for h in history_after if h != new_id][:keep_versions],
+    }
+    sd.save(state)
+    shutil.rmtree(sd.old, ignore_errors=True)
+    if not sd.dest.exists():
+        os.rename(sd.stage, sd.dest)
+    elif exchange(sd.stage, sd.dest):
+        os.rename(sd.stage, sd.old)
+    else:  # no atomic exchange here: two renames, bridged by recover()
+        os.rename(sd.dest, sd.old)
+        os.rename(sd.stage, sd.dest)
+    fsync_dir(sd.dest.parent)
+    fsync_dir(sd.root)
+    sd.journal.unlink(missing_ok=True)
+    _complete_switch(sd, state)
+
+
+def _complete_switch(sd: StateDir, state: InstallState) -> None:
+    p = state.pending or {}
+    state.current = p["to"]
+    state.history = list(p["history"])
+    state.pending = {"op": "harvest"}
+    sd.save(state)
+    harvest(sd, state)
+
+
+def recover(sd: StateDir, state: InstallState) -> None:
+    """Finish or undo whatever a killed process left half done (see module docstring)."""
+    p = state.pending
+    if not p:
+        if sd.old.exists():
+            shutil.rmtree(sd.old, ignore_errors=True)
+        return
+    if p.get("op") == "switch":
+        if sd.dest.exists() and os.stat(sd.dest).st_ino == p["inode"]:
+            if sd.stage.exists() and not sd.old.exists():
+                os.rename(sd.stage, sd.old)  # killed right after the exchange
+            _complete_switch(sd, state)
+            return
+        if not sd.dest.exists() and sd.stage.exists():
+            # Killed between the two renames of the non-atomic fallback.
+            os.rename(sd.stage, sd.dest)
+            _complete_switch(sd, state)
+            return
+        state.pending = None  # the switch never happened; the stage resumes next time
+        sd.save(state)
+        return
+    if p.get("op") == "harvest":
+        harvest(sd, state)
+
+
+def harvest(sd: StateDir, state: InstallState) -> None:
+    """Keep in the store what kept versions need beyond the current tree; drop the rest."""
+    current = sd.load_manifest(state.current) if state.current else None
+    in_tree = set(current.unique_chunks()) if current else set()
+    keep: set[bytes] = set()
+    kept_manifests = []
+    for mid in state.history:
+        try:
+            kept_manifests.append(sd.load_manifest(mid))
+        except P2PNodeError:
+            continue
+    store = ChunkStore(sd.store_dir)
+    for m in kept_manifests:
+        for f, c in m.iter_chunks():
+            if c.id in in_tree or c.id in keep:
+                continue
+            keep.add(c.id)
+            if c.id in store or not sd.old.exists():
+                continue
+            data = read_verified(sd.old / f.path, c.offset, c.length, c.id)
+            if data is not None:
+                store.put(c.id, data)
+    store.sync()
+    shutil.rmtree(sd.old, ignore_errors=True)
+    store.retain(keep)
+    wanted = {f"{mid}.p2pm" for mid in [state.current, *state.history] if mid}
+    for kept in sd.manifests.iterdir():
+        if kept.name not in wanted:
+            kept.unlink(missing_ok=True)
+    state.pending = None
+    sd.save(state)

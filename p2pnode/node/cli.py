@@ -1,0 +1,732 @@
+"""The ``p2pnode`` command line.
+
+Contract (scripts rely on it): every verb exits 0 on success; on failure it exits non-zero and
+prints one line on stderr naming the cause and the fix. ``--json`` prints exactly one JSON object
+on stdout (on failure too: ``{"ok": false, "error": ..., "fix": ...}``). Long operations draw a
+rich progress bar on stderr when it is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .. import __version__
+from ..errors import P2PNodeError, UsageError, most_telling
+from ..release import keys
+from ..units import format_bytes, parse_rate
+
+__all__ = ["main"]
+
+
+def _progress(args: argparse.Namespace) -> Any:
+    from ..progress import RichProgress
+
+    if args.json or args.quiet or not sys.stderr.isatty():
+        return None
+    return RichProgress()
+
+
+def _trusted(values: Sequence[str] | None) -> list[bytes]:
+    return [keys.parse_public_key(v) for v in values or ()]
+
+
+def _rate(text: str | None) -> int | None:
+    return parse_rate(text) if text else None
+
+
+def _slots(n: int) -> int:
+    if not 1 <= n <= 64:
+        raise UsageError("--upload-slots must be between 1 and 64")
+    return n
+
+
+def _add_peer_rate_flags(p: argparse.ArgumentParser, *, download: bool) -> None:
+    p.add_argument(
+        "--max-peer-upload-rate", metavar="RATE", help="cap on serving any one peer (5M)"
+    )
+    if download:
+        p.add_argument(
+            "--max-peer-download-rate", metavar="RATE", help="cap on fetching from any one peer"
+        )
+    p.add_argument(
+        "--upload-slots", type=int, default=8, metavar="N", help="peers served at once (8)"
+    )
+
+
+def _discovery_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """--dht-port, --dht-bootstrap and --lan over the config file's defaults."""
+    from .config import load_config
+
+    config = load_config(Path(args.config) if args.config else None)
+    return {
+        "dht_port": args.dht_port if args.dht_port is not None else config.dht_port,
+        "dht_bootstrap": [*config.dht_bootstrap, *(args.dht_bootstrap or ())],
+        "lan": args.lan or config.lan,
+    }
+
+
+def _install_options(args: argparse.Namespace, **extra: Any) -> Any:
+    from .install import InstallOptions
+
+    if args.connections < 1 or args.connections > 64:
+        raise UsageError("--connections must be between 1 and 64")
+    swarm = {}
+    if hasattr(args, "peer"):
+        swarm = dict(
+            peers=args.peer or (),
+            listen=args.listen,
+            seed=args.seed,
+            policy=args.policy,
+            max_upload_rate=_rate(args.max_upload_rate),
+            max_peer_upload_rate=_rate(args.max_peer_upload_rate),
+            max_peer_download_rate=_rate(args.max_peer_download_rate),
+            upload_slots=_slots(args.upload_slots),
+            **_discovery_flags(args),
+            tracker=args.tracker,
+        )
+    return InstallOptions(
+        mirrors=args.mirror or (),
+        connections=args.connections,
+        max_download_rate=parse_rate(args.max_download_rate) if args.max_download_rate else None,
+        keep_versions=args.keep_versions,
+        **swarm,
+        **extra,
+    )
+
+
+def cmd_keygen(args: argparse.Namespace) -> dict[str, Any]:
+    key = keys.generate_key()
+    keys.save_private_key(key, Path(args.keyfile))
+    public = keys.format_public_key(keys.public_key_bytes(key))
+    if not args.json:
+        print(public)
+    return {"key": public, "keyfile": str(args.keyfile)}
+
+
+def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
+    from ..release.publish import publish
+
+    key = keys.load_private_key(Path(args.key))
+    result = publish(
+        Path(args.src),
+        app=args.app,
+        version=args.version,
+        build=args.build,
+        key=key,
+        out=Path(args.out),
+        channel=args.channel,
+        mirrors=args.mirror or (),
+        lifetime=int(args.expires_days * 86400),
+        progress=_progress(args),
+    )
+    out = result.as_json()
+    if args.tracker:
+        out["tracker"] = trio.run(_publish_to_tracker, args, result)
+    if not args.json:
+        m = result.manifest
+        print(
+            f"published {m.app} {m.version} (build {m.build}, channel {m.channel}): "
+            f"{len(m.files)} files, {format_bytes(m.total_size)}, "
+            f"{out['chunks']} chunks -> {Path(args.out) / result.manifest_path}"
+        )
+        print(f"manifest id {out['manifest_id']}")
+    return out
+
+
+async def _publish_to_tracker(args: argparse.Namespace, result: Any) -> dict[str, Any]:
+    from ..discovery.tracker import TrackerClient
+
+    if not args.token:
+        raise UsageError("--tracker needs --token", fix="pass the publisher or admin token")
+    m = result.manifest
+    async with TrackerClient(args.tracker, token=args.token) as tracker:
+        answer: dict[str, Any] = await tracker.publish(m.app, m.channel, result.signed.encode())
+    return answer
+
+
+def _print_install(out: dict[str, Any]) -> None:
+    """One install's summary for a person, from its JSON form (``InstallResult.as_json``)."""
+    name = f"{out['app']} {out['version']} (build {out['build']})"
+    if out["action"] == "unchanged":
+        print(f"{name} is already installed")
+        return
+    print(
+        f"{out['action']} {name}: {format_bytes(out['bytes_total'])} "
+        f"in {out['seconds']:.1f}s; {format_bytes(out['bytes_peers'])} from peers, "
+        f"{format_bytes(out['bytes_cdn'])} from the CDN, "
+        f"{format_bytes(out['bytes_reused'])} reused locally, "
+        f"{format_bytes(out['bytes_resumed'])} resumed"
+    )
+    for addr, st in out["peers"].items():
+        note = f" ({st['error']})" if st["error"] else ""
+        print(
+            f"  peer {addr}: {format_bytes(st['bytes'])} in {st['chunks']} chunks, "
+            f"{st['corrupt']} corrupt{note}"
+        )
+
+
+async def _from_tracker(url: str, app: str, channel: str) -> tuple[str, bytes, Any]:
+    """The channel's current signed manifest, via the tracker (verified by the caller)."""
+    from ..discovery.tracker import TrackerClient
+
+    async with TrackerClient(url) as tracker:
+        head = await tracker.latest(app, channel)
+        if head is None:
+            raise UsageError(
+                f"nothing is published on channel {channel!r} of {app} at {url}",
+                fix="publish a build first (p2pnode publish ... --tracker URL)",
+            )
+        data = await tracker.fetch_manifest(head.manifest_id)
+    return f"{url} ({app}/{channel})", data, head
+
+
+def _listen_port(options: Any) -> int | None:
+    if not options.listen:
+        return None
+    port = int(options.listen.rpartition(":")[2] or 0)
+    return port or None
+
+
+async def _tracked_install(
+    args: argparse.Namespace, options: Any, location: str, data: bytes
+) -> Any:
+    """An install resolved through a tracker: its peers come from the tracker (raced with the
+    DHT and the LAN when those are on), and the node reports back when done. Tracker trouble
+    after the manifest is in hand costs peers and statistics, not the install."""
+    from ..discovery.tracker import TrackerClient
+    from ..identity import load_or_create
+    from .install import install
+    from .tracking import serving_host
+
+    me = await trio.to_thread.run_sync(load_or_create, options.identity_dir)
+    port = _listen_port(options)
+    host = await trio.to_thread.run_sync(serving_host, options.listen, args.tracker)
+    async with TrackerClient(args.tracker) as tracker:
+        run = partial(
+            install,
+            location,
+            Path(args.dest),
+            _trusted(args.trust),
+            options,
+            _progress(args),
+            manifest_data=data,
+        )
+        if not options.seed:
+            result = await run()
+        else:  # install, report, then keep seeding until SIGINT/SIGTERM
+            installed: list[Any] = []
+            ready = trio.Event()
+            announce_ready = options.on_ready
+
+            def on_ready(r: Any) -> None:
+                installed.append(r)
+                if announce_ready is not None:
+                    announce_ready(r)
+                ready.set()
+
+            options.on_ready = on_ready
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                await ready.wait()
+                result = installed[0]
+                await _report(tracker, me, result, port, host)
+                await _until_signalled()
+                nursery.cancel_scope.cancel()
+            return result
+        await _report(tracker, me, result, port, host)
+    return result
+
+
+async def _report(tracker: Any, me: Any, result: Any, port: int | None, host: str | None) -> None:
+    from .tracking import report_install
+
+    trouble = await report_install(tracker, me, result, port, host)
+    if trouble is not None:
+        print(f"p2pnode: warning: {trouble}", file=sys.stderr)
+
+
+async def _until_signalled() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            return
+
+
+def cmd_install(args: argparse.Namespace, *, update: bool = False) -> dict[str, Any]:
+    from .install import install
+
+    options = _install_options(args, require_installed=update)
+    if options.seed and not options.listen:
+        raise UsageError("--seed needs --listen HOST:PORT", fix="add --listen 0.0.0.0:6881")
+    done: list[Any] = []
+
+    def ready(result: Any) -> None:  # with --seed: report the install, then keep serving
+        done.append(result)
+        if args.json:
+            print(json.dumps({"event": "installed", **result.as_json()}), flush=True)
+        else:
+            _print_install(result.as_json())
+            print(f"seeding on {args.listen} (Ctrl-C to stop)", flush=True)
+
+    options.on_ready = ready
+
+    async def run() -> Any:
+        location, data = args.manifest, None
+        if args.tracker:
+            location, data, _head = await _from_tracker(args.tracker, args.manifest, args.channel)
+            return await _tracked_install(args, options, location, data)
+        if not options.seed:
+            return await install(
+                location,
+                Path(args.dest),
+                _trusted(args.trust),
+                options,
+                _progress(args),
+                manifest_data=data,
+            )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(
+                    install,
+                    location,
+                    Path(args.dest),
+                    _trusted(args.trust),
+                    options,
+                    _progress(args),
+                    manifest_data=data,
+                )
+            )
+            await _until_signalled()
+            nursery.cancel_scope.cancel()
+        return done[0] if done else None
+
+    result = trio.run(run)
+    if result is None:
+        raise UsageError("stopped before the install finished", fix="run it again to resume")
+    if options.seed:
+        return {"event": "stopped", "build": result.manifest.build}
+    if not args.json:
+        _print_install(result.as_json())
+    return dict(result.as_json())
+
+
+def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
+    """Follow a channel: install each new build the moment the tracker announces it, and with
+    ``--listen`` serve what is installed in between (``p2pnode/node/watch.py``).
+
+    With ``--json`` this verb streams: one JSON line per event, then the summary.
+    """
+    from .watch import WatchOptions, watch
+
+    if args.max_updates is not None and args.max_updates < 1:
+        raise UsageError("--max-updates must be at least 1")
+    if args.origin and not args.listen:
+        raise UsageError(
+            "--origin is a seed box: it needs --listen", fix="add --listen 0.0.0.0:6881"
+        )
+    options = _install_options(args, origin=args.origin)
+    opts = WatchOptions(
+        app=args.app,
+        channel=args.channel,
+        tracker=args.tracker,
+        dest=Path(args.dest),
+        trusted=_trusted(args.trust),
+        install=options,
+        max_updates=args.max_updates,
+    )
+
+    installed: list[int] = []
+
+    def emit(event: dict[str, Any]) -> None:
+        if event["event"] == "installed":
+            installed.append(event["build"])
+        if args.json:
+            print(json.dumps(event), flush=True)
+        elif event["event"] == "installed":
+            _print_install(event)
+            if event.get("listen_port"):
+                print(f"serving on port {event['listen_port']} until the next build", flush=True)
+        elif event["event"] == "watching":
+            print(f"following {event['app']} on {event['channel']}", flush=True)
+        elif event["event"] == "release":
+            print(f"{event['app']} build {event['build']} ({event['version']}) is out", flush=True)
+        else:
+            retry = event.get("retry_in_s")
+            tail = f"; trying again in {retry:.0f}s" if retry else ""
+            fix = f" (fix: {event['fix']})" if event.get("fix") else ""
+            print(f"p2pnode: {event['event']}: {event['error']}{fix}{tail}", file=sys.stderr)
+
+    async def run() -> None:
+        with trio.move_on_after(args.timeout or math.inf):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
+                await watch(opts, emit, _progress(args))
+                nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    return {"updates": len(installed), "builds": installed}
+
+
+async def _cancel_on_signal(scope: trio.CancelScope) -> None:
+    await _until_signalled()
+    scope.cancel()
+
+
+def cmd_seed(args: argparse.Namespace) -> dict[str, Any]:
+    """Serve until SIGINT/SIGTERM; then exit 0."""
+    from ..discovery.race import DiscoveryOptions
+    from .install import seed
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(
+                partial(
+                    seed,
+                    Path(args.dest),
+                    args.listen,
+                    None,
+                    _rate(args.max_upload_rate),
+                    frugal=args.frugal,
+                    spare=args.spare,
+                    max_peer_upload_rate=_rate(args.max_peer_upload_rate),
+                    upload_slots=_slots(args.upload_slots),
+                    discovery=DiscoveryOptions(**_discovery_flags(args), tracker=args.tracker),
+                )
+            )
+            if args.json:
+                print(json.dumps({"event": "listening", "port": port}), flush=True)
+            else:
+                print(f"seeding {args.dest} on port {port} (Ctrl-C to stop)", flush=True)
+            await _until_signalled()
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    return {"stopped": True}
+
+
+def cmd_update(args: argparse.Namespace) -> dict[str, Any]:
+    return cmd_install(args, update=True)
+
+
+def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
+    from .install import rollback
+
+    result = trio.run(rollback, Path(args.dest), _install_options(args), _progress(args))
+    if not args.json:
+        _print_install(result.as_json())
+    return dict(result.as_json())
+
+
+def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
+    from .verify import verify
+
+    report = trio.run(
+        lambda: verify(
+            Path(args.dest),
+            repair=args.repair,
+            options=_install_options(args),
+            progress=_progress(args),
+        )
+    )
+    out = report.as_json()
+    if not args.json:
+        for p in report.missing:
+            print(f"missing  {p}")
+        for p, why in report.corrupt.items():
+            print(f"corrupt  {p}: {why}")
+        for p in report.extra:
+            print(f"extra    {p}")
+        for p in report.repaired:
+            print(f"repaired {p}")
+        for p in report.quarantined:
+            print(f"moved    {p} (extra file, kept in the install's quarantine)")
+        m = report.manifest
+        state = "OK" if report.ok else "DAMAGED"
+        print(f"{m.app} {m.version} (build {m.build}): {state}")
+    if not report.ok:
+        problems = len(report.missing) + len(report.corrupt) + len(report.extra)
+        raise _Failed(
+            out,
+            f"{problems} files are missing, corrupt or extra in {args.dest}",
+            "run `p2pnode verify --dest DIR --repair`",
+        )
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
+    from ..disk.state import StateDir
+
+    sd = StateDir(Path(args.dest))
+    if not sd.exists:
+        raise UsageError(f"nothing is installed in {args.dest}", fix="install a release first")
+    state = sd.load()
+    versions = []
+    for mid in [state.current, *state.history]:
+        if not mid:
+            continue
+        m = sd.load_manifest(mid)
+        versions.append({"manifest_id": mid, "version": m.version, "build": m.build})
+    out: dict[str, Any] = {
+        "app": state.app,
+        "current": versions[0] if versions else None,
+        "kept": versions[1:],
+        "mirrors": state.mirrors,
+        "trusted": state.trusted,
+    }
+    if not args.json:
+        cur = out["current"]
+        if cur:
+            print(f"{state.app} {cur['version']} (build {cur['build']}) in {args.dest}")
+        for v in versions[1:]:
+            print(f"  kept for rollback: {v['version']} (build {v['build']})")
+    return out
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from ..demo.network import run_demo
+
+    return run_demo(
+        Path(args.workdir) if args.workdir else None, json_mode=args.json, keep=args.keep
+    )
+
+
+class _Failed(Exception):
+    """A verb that ran but whose outcome is a failure (verify found damage)."""
+
+    def __init__(self, payload: dict[str, Any], message: str, fix: str) -> None:
+        super().__init__(message)
+        self.payload = payload
+        self.message = message
+        self.fix = fix
+
+
+def _add_dht_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="node config (TOML; default: config.toml in the user config dir, or $P2PNODE_CONFIG)",
+    )
+    p.add_argument(
+        "--lan",
+        action="store_true",
+        help="find peers on the local network by multicast (and, serving, be found)",
+    )
+    p.add_argument(
+        "--dht-port",
+        type=int,
+        metavar="UDP_PORT",
+        help="run a DHT node on this UDP port (0: any) to find and announce peers",
+    )
+    p.add_argument(
+        "--dht-bootstrap",
+        action="append",
+        metavar="HOST:PORT",
+        help="a DHT node to join through (repeatable); implies a DHT node",
+    )
+
+
+def _add_swarm_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--peer", action="append", metavar="HOST:PORT", help="a peer to fetch from (repeatable)"
+    )
+    p.add_argument("--listen", metavar="HOST:PORT", help="serve verified chunks here")
+    p.add_argument("--policy", choices=("p2p-first", "cdn-only", "p2p-only"), default="p2p-first")
+    p.add_argument("--max-upload-rate", metavar="RATE", help="cap on serving peers (40M)")
+    _add_peer_rate_flags(p, download=True)
+    _add_dht_flags(p)
+
+
+def _add_fetch_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mirror",
+        action="append",
+        metavar="BASE_URL",
+        help="CDN root URL (repeatable); default: where the manifest came from",
+    )
+    p.add_argument(
+        "--max-download-rate",
+        metavar="RATE",
+        help="cap in bytes/s with K/M/G suffix, as in aria2 (e.g. 40M); 0 = none",
+    )
+    p.add_argument("--connections", type=int, default=8, help="HTTP connections (default 8)")
+    p.add_argument(
+        "--keep-versions",
+        type=int,
+        default=2,
+        help="earlier versions kept for offline rollback (default 2)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2pnode", description="Peer-to-peer distribution of signed software releases."
+    )
+    parser.add_argument("--version", action="version", version=f"p2pnode {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("keygen", parents=[common], help="make a publisher key")
+    p.add_argument("keyfile")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("publish", parents=[common], help="publish a directory as a release")
+    p.add_argument("src")
+    p.add_argument("--app", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--build", required=True, type=int)
+    p.add_argument("--key", required=True, metavar="KEYFILE")
+    p.add_argument("--out", required=True, metavar="CDN_DIR")
+    p.add_argument("--channel", default="stable")
+    p.add_argument(
+        "--mirror",
+        action="append",
+        metavar="BASE_URL",
+        help="CDN root URL to record in the signed manifest (repeatable)",
+    )
+    p.add_argument("--expires-days", type=float, default=365.0)
+    p.add_argument("--tracker", metavar="URL", help="also publish to this tracker's channel")
+    p.add_argument("--token", help="publisher or admin token for --tracker")
+    p.set_defaults(func=cmd_publish)
+
+    for verb, func, helptext in (
+        ("install", cmd_install, "install a release (or update an installed one)"),
+        ("update", cmd_update, "update an installed release, fetching only new chunks"),
+    ):
+        p = sub.add_parser(verb, parents=[common], help=helptext)
+        p.add_argument("manifest", help="manifest URL or path; with --tracker, the app's name")
+        p.add_argument("--dest", required=True, metavar="DIR")
+        p.add_argument("--tracker", metavar="URL", help="resolve APP's channel through a tracker")
+        p.add_argument("--channel", default="stable", help="with --tracker (default stable)")
+        _add_swarm_flags(p)
+        p.add_argument(
+            "--seed",
+            action="store_true",
+            help="with --listen: keep serving after the install until stopped",
+        )
+        p.add_argument(
+            "--trust",
+            action="append",
+            metavar="ed25519:HEX",
+            help="publisher key to trust (repeatable; update defaults to the pinned)",
+        )
+        _add_fetch_flags(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("watch", parents=[common], help="install each new build of a channel")
+    p.add_argument("app")
+    p.add_argument("--tracker", required=True, metavar="URL")
+    p.add_argument("--channel", default="stable")
+    p.add_argument("--dest", required=True, metavar="DIR")
+    p.add_argument("--trust", action="append", metavar="ed25519:HEX")
+    p.add_argument("--max-updates", type=int, help="stop after this many installs")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds")
+    _add_swarm_flags(p)  # with --listen: serve what is installed between builds
+    p.add_argument(
+        "--origin",
+        action="store_true",
+        help="a CDN-origin seed box: upload each chunk once before any twice, and leechers "
+        "spare its upload (as `seed` does); use with --policy cdn-only",
+    )
+    _add_fetch_flags(p)
+    p.set_defaults(func=cmd_watch, seed=False)
+
+    p = sub.add_parser("seed", parents=[common], help="serve an installed release to peers")
+    p.add_argument("--dest", required=True, metavar="DIR")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT")
+    p.add_argument("--max-upload-rate", metavar="RATE", help="cap in bytes/s (K/M/G)")
+    _add_peer_rate_flags(p, download=False)
+    p.add_argument(
+        "--no-frugal",
+        dest="frugal",
+        action="store_false",
+        help="upload chunks again even while some were never uploaded",
+    )
+    p.add_argument(
+        "--no-spare",
+        dest="spare",
+        action="store_false",
+        help="do not ask leechers to spare this box's upload: faster swarms, more egress",
+    )
+    p.add_argument("--tracker", metavar="URL", help="keep the installed build listed here")
+    _add_dht_flags(p)
+    p.set_defaults(func=cmd_seed)
+
+    p = sub.add_parser("rollback", parents=[common], help="go back to the previous version")
+    p.add_argument("--dest", required=True, metavar="DIR")
+    _add_fetch_flags(p)
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("verify", parents=[common], help="check (and --repair) an install")
+    p.add_argument("--dest", required=True, metavar="DIR")
+    p.add_argument("--repair", action="store_true")
+    _add_fetch_flags(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("status", parents=[common], help="what is installed and kept")
+    p.add_argument("--dest", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", parents=[common], help="run the local demo network")
+    p.add_argument("--workdir", help="where to keep the demo's files (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the tracker up until Ctrl-C")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _emit_error(
+    args: argparse.Namespace | None, message: str, fix: str, payload: dict[str, Any] | None = None
+) -> None:
+    print(f"p2pnode: error: {message} (fix: {fix})", file=sys.stderr)
+    if args is not None and getattr(args, "json", False):
+        out = {"ok": False, "error": message, "fix": fix}
+        if payload:
+            out.update({k: v for k, v in payload.items() if k != "ok"})
+        print(json.dumps(out))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], dict[str, Any]] = args.func
+    try:
+        out = func(args)
+    except _Failed as exc:
+        _emit_error(args, exc.message, exc.fix, exc.payload)
+        return 1
+    except P2PNodeError as exc:
+        _emit_error(args, exc.message, exc.fix)
+        return exc.exit_code
+    except BaseExceptionGroup as group:  # concurrent tasks failed: report the root cause
+        cause = most_telling(group)
+        if isinstance(cause, P2PNodeError):
+            _emit_error(args, cause.message, cause.fix)
+            return cause.exit_code
+        if isinstance(cause, KeyboardInterrupt):
+            _emit_error(args, "interrupted", "run the same command again to resume")
+            return 130
+        raise
+    except KeyboardInterrupt:
+        _emit_error(args, "interrupted", "run the same command again to resume")
+        return 130
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        _emit_error(args, f"{exc.strerror or exc}{where}", "check the path and permissions")
+        return 1
+    if args.json:
+        print(json.dumps({"ok": True, **out}))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

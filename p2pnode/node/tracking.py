@@ -1,0 +1,118 @@
+"""A node's conversation with a tracker around one install: announce, peers, reports.
+
+While a node installs and serves, discovery (``discover.py``, ``TrackerPeerSource``) announces
+it and takes the peers the tracker ranks for it; after the install, it announces completion with the
+bytes it got from peers and from the CDN (the tracker's offload figures) and reports the quality
+of every peer it used (signed, as docs/tracker-api.md specifies). A node that does not serve
+announces with port 0: it is counted (offload, completions) but never handed out as a peer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import trio
+
+from ..discovery.dht.records import Topic, make_record
+from ..discovery.tracker import PeerQualityReport, TrackerClient, TrackerError
+from ..identity import NodeIdentity
+from ..release import manifest as M
+
+__all__ = ["announce_completed", "own_records", "report_install", "serving_host"]
+
+
+def own_records(me: NodeIdentity, manifest: M.Manifest, host: str | None, port: int) -> list[bytes]:
+    """Our signed peer records for ``manifest`` and its app, attached to every announce: the
+    tracker keeps only the latest announce's records, and nodes take tracker peers only with
+    records that verify (``TrackerPeerSource``)."""
+    if host is None:
+        return []
+    now = time.time()
+    return [
+        make_record(me.key, topic, host, port, now=now, ttl=RECORD_TTL).encoded
+        for topic in (Topic.manifest(manifest.id), Topic.app(manifest.app))
+    ]
+
+
+RECORD_TTL = 1800.0
+
+
+async def announce_completed(
+    tracker: TrackerClient,
+    me: NodeIdentity,
+    result: Any,
+    port: int | None,
+    host: str | None = None,
+) -> None:
+    """Tell the tracker where this install's bytes came from, and how each peer did.
+    ``host``: the address this node serves on (``discover.announce_host``), for its records."""
+    m = result.manifest
+    port = port or 0
+    if result.previous_id is not None:
+        # Its earlier build is kept for rollback but no longer installed: leave that swarm's
+        # seeders (the app-wide partial-seed answers still find this node).
+        await tracker.announce(
+            me.key,
+            app=m.app,
+            manifest_id=result.previous_id,
+            port=port,
+            event="stopped",
+        )
+    await tracker.announce(
+        me.key,
+        app=m.app,
+        manifest_id=m.id,
+        port=port,
+        event="completed",
+        size=m.total_size,
+        left=0,
+        from_peers=result.bytes_peers,
+        from_cdn=result.bytes_cdn,
+        ip=host if port else None,
+        records=own_records(me, m, host, port) if port else [],
+    )
+    reports = [
+        PeerQualityReport(
+            node_id=st.node_id,
+            bytes=st.bytes,
+            rate=int(st.rate),
+            failures=st.failures,
+            corrupt=st.corrupt,
+        )
+        for st in result.peers.values()
+        if st.node_id
+    ]
+    if reports:
+        await tracker.report(me.key, reports)
+
+
+def serving_host(listen: str | None, tracker_url: str) -> str | None:
+    """The address a node serving on ``listen`` names in its records: the listen host, or for
+    a wildcard the local address toward the tracker (``discover.announce_host``). Blocking
+    (a UDP ``connect``): call it from a thread."""
+    if not listen:
+        return None
+    import httpx
+
+    from ..discovery.race import announce_host
+
+    return announce_host(listen.rpartition(":")[0], [httpx.URL(tracker_url).host])
+
+
+async def report_install(
+    tracker: TrackerClient, me: NodeIdentity, result: Any, port: int | None, host: str | None
+) -> str | None:
+    """``announce_completed``, bounded: tracker trouble after an install costs statistics, not
+    the install. Returns why the report failed (for a warning), or ``None``."""
+    try:
+        with trio.fail_after(REPORT_TIMEOUT):
+            await announce_completed(tracker, me, result, result.listen_port or port, host)
+    except TrackerError as exc:
+        return f"could not report to the tracker: {exc.message}"
+    except trio.TooSlowError:
+        return f"could not report to the tracker: no answer within {REPORT_TIMEOUT:.0f}s"
+    return None
+
+
+REPORT_TIMEOUT = 30.0

@@ -1,0 +1,208 @@
+"""Turn a directory into a signed release laid out for any static HTTP server.
+
+Each file is read once: the bytes go to the CDN copy and through the chunker in the same pass,
+so the manifest always describes exactly the bytes that were published, even if the source
+changes while we read it. The release is assembled in a hidden temporary directory and renamed
+into place at the end, so a mirror never serves half a build, and a build number, once published,
+is immutable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import stat
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ..disk.fsutil import write_atomic
+from ..errors import ManifestError, P2PNodeError, UsageError
+from ..progress import NullProgress, Progress
+from . import keys, layout
+from . import manifest as M
+from .chunker import chunk_stream
+
+__all__ = ["PublishResult", "collect_files", "publish"]
+
+DEFAULT_LIFETIME = 365 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    manifest: M.Manifest
+    signed: M.SignedManifest
+    manifest_path: str  # relative to the output directory
+    channel_path: str
+
+    def as_json(self) -> dict[str, object]:
+        m = self.manifest
+        return {
+            "manifest": self.manifest_path,
+            "manifest_id": m.id.hex(),
+            "channel_manifest": self.channel_path,
+            "app": m.app,
+            "version": m.version,
+            "build": m.build,
+            "channel": m.channel,
+            "files": len(m.files),
+            "bytes": m.total_size,
+            "chunks": len(m.unique_chunks()),
+            "key": keys.format_public_key(m.key),
+        }
+
+
+def collect_files(src: Path) -> list[tuple[str, Path, bool]]:
+    """(release path, source path, executable) for every regular file under ``src``, sorted."""
+    if not src.is_dir():
+        raise UsageError(f"{src} is not a directory", fix="pass the release's root directory")
+    found: list[tuple[str, Path, bool]] = []
+    for root, dirs, files in os.walk(src):
+        dirs.sort()
+        for name in sorted(files) + [d for d in dirs if (Path(root) / d).is_symlink()]:
+            full = Path(root) / name
+            rel = full.relative_to(src).as_posix()
+            st = full.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                raise UsageError(
+                    f"{full} is a symbolic link; releases hold regular files only",
+                    fix="replace the link with the file it points to, or remove it",
+                )
+            if not stat.S_ISREG(st.st_mode):
+                raise UsageError(f"{full} is not a regular file", fix="remove it from the release")
+            M.validate_path(rel)
+            found.append((rel, full, bool(st.st_mode & 0o111)))
+    found.sort(key=lambda item: item[0])
+    return found
+
+
+def _previous_manifest(out: Path, app: str, channel: str, build: int) -> bytes | None:
+    pointer = out / layout.channel_manifest_path(app, channel)
+    if not pointer.exists():
+        return None
+    try:
+        prev = M.parse_signed(pointer.read_bytes(), source=str(pointer)).manifest
+    except P2PNodeError:
+        return None
+    if prev.build >= build:
+        raise UsageError(
+            f"channel {channel!r} of {app} already has build {prev.build}; builds only go up",
+            fix=f"publish with --build {prev.build + 1} or higher",
+        )
+    return prev.id
+
+
+def publish(
+    src: Path,
+    *,
+    app: str,
+    version: str,
+    build: int,
+    key: Ed25519PrivateKey,
+    out: Path,
+    channel: str = "stable",
+    mirrors: Sequence[str] = (),
+    lifetime: int = DEFAULT_LIFETIME,
+    chunking: M.Chunking | None = None,
+    progress: Progress | None = None,
+) -> PublishResult:
+    """Publish ``src`` as ``app`` ``version`` (build ``build``) under ``out``."""
+    chunking = chunking or M.Chunking()
+    files = collect_files(src)
+    progress = progress or NullProgress()
+    now = int(time.time())
+    # Validate the cheap fields before reading gigabytes.
+    probe = M.Manifest(
+        app=app,
+        version=version,
+        build=build,
+        channel=channel,
+        created=now,
+        expires=now + lifetime,
+        key=keys.public_key_bytes(key),
+        files=(),
+        chunking=chunking,
+        mirrors=tuple(mirrors),
+    )
+    try:
+        M.Manifest.from_obj(probe.to_obj())
+    except ManifestError as exc:
+        raise UsageError(exc.message, fix="use letters, digits, '.', '_' and '-'") from exc
+    final = out / layout.release_dir(app, build)
+    if final.exists():
+        raise UsageError(
+            f"build {build} of {app} is already published at {final}",
+            fix="builds are immutable: publish with a higher --build",
+        )
+    previous = _previous_manifest(out, app, channel, build)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{build}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    progress.start(sum(p.stat().st_size for _, p, _ in files), f"publish {app} {version}")
+    try:
+        entries = [
+            _copy_and_chunk(src_path, tmp / "files" / rel, rel, exe, chunking, progress)
+            for rel, src_path, exe in files
+        ]
+        manifest = dataclasses.replace(probe, files=tuple(entries), previous=previous)
+        signed = M.sign(manifest, key)
+        blob = signed.encode()
+        write_atomic(tmp / layout.MANIFEST_NAME, blob)
+        _fsync_tree(tmp)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        progress.finish()
+    pointer = out / layout.channel_manifest_path(app, channel)
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(pointer, blob)
+    return PublishResult(
+        manifest,
+        signed,
+        layout.manifest_path(app, build),
+        layout.channel_manifest_path(app, channel),
+    )
+
+
+def _copy_and_chunk(
+    src: Path,
+    dest: Path,
+    rel: str,
+    executable: bool,
+    chunking: M.Chunking,
+    progress: Progress,
+) -> M.FileEntry:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    mode = M.MODE_EXEC if executable else M.MODE_FILE
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+
+        def sink(view: memoryview) -> None:
+            fout.write(view)
+            progress.advance(len(view))
+
+        chunks = tuple(chunk_stream(fin, chunking, sink=sink))
+        fout.flush()
+        os.fchmod(fout.fileno(), mode)
+    size = chunks[-1].offset + chunks[-1].length if chunks else 0
+    return M.FileEntry(rel, size, mode, chunks)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,209 @@
+"""The whole publishing path through a real tracker process and a real nginx."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from p2pnode.demo.cdn import LocalCDN
+from p2pnode.demo.tracker import LocalTracker
+from tests.node.test_install import make_release, tree
+
+ADMIN = "e2e-admin-token-0123456789abcdef"
+
+
+def cli(*args: str) -> dict[str, object]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "p2pnode", *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out: dict[str, object] = json.loads(proc.stdout)
+    return out
+
+
+@pytest.fixture
+def tracker_url(tmp_path: Path) -> Iterator[str]:
+    with LocalTracker(tmp_path / "tracker", ADMIN) as url:
+        yield url
+
+
+def registered_app(tmp_path: Path, tracker_url: str) -> tuple[Path, Path, Path, str]:
+    """A release to publish, a CDN folder, a publisher key, and app "game" on the tracker."""
+    src, cdn_root = tmp_path / "src", tmp_path / "cdn"
+    cdn_root.mkdir()
+    make_release(src, big=4 << 20)
+    key = tmp_path / "k.pem"
+    pub = str(cli("keygen", str(key))["key"])
+    add = ["app", "add", "game", "--key", pub, "--url", tracker_url, "--admin-token", ADMIN]
+    subprocess.run([sys.executable, "-m", "tracker", *add], check=True, capture_output=True)
+    return src, cdn_root, key, pub
+
+
+def test_publish_through_tracker_reaches_a_watching_node(tmp_path: Path, tracker_url: str) -> None:
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    dest = tmp_path / "game"
+    with LocalCDN(cdn_root) as cdn:
+        common = [
+            "--app",
+            "game",
+            "--key",
+            str(key),
+            "--out",
+            str(cdn_root),
+            "--tracker",
+            tracker_url,
+            "--token",
+            ADMIN,
+            "--mirror",
+            cdn.url,
+        ]
+        cli("publish", str(src), "--version", "1", "--build", "1", *common)
+        # Resolve the channel through the tracker; files come from the mirror in the manifest.
+        out = cli("install", "game", "--tracker", tracker_url, "--dest", str(dest), "--trust", pub)
+        assert out["build"] == 1 and tree(dest) == tree(src)
+
+        watcher = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "p2pnode",
+                "watch",
+                "game",
+                "--tracker",
+                tracker_url,
+                "--dest",
+                str(dest),
+                "--max-updates",
+                "2",
+                "--timeout",
+                "60",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert watcher.stdout is not None
+        events = [json.loads(watcher.stdout.readline()) for _ in range(3)]
+        assert [e["event"] for e in events] == ["watching", "release", "installed"]
+        assert events[2]["action"] == "unchanged"  # the current head (build 1, installed)
+        (src / "data" / "new.pak").write_bytes(b"build two" * 1000)
+        cli("publish", str(src), "--version", "2", "--build", "2", *common)
+        published = time.monotonic()
+        release = json.loads(watcher.stdout.readline())
+        seen = time.monotonic()
+        assert release["event"] == "release" and release["build"] == 2
+        assert seen - published < 1.0, f"the node learned of build 2 after {seen - published:.2f}s"
+        installed = json.loads(watcher.stdout.readline())
+        assert installed["event"] == "installed" and installed["build"] == 2
+        watcher.wait(timeout=30)
+        assert tree(dest) == tree(src)
+        assert 0 < int(installed["bytes_cdn"]) < (1 << 20)  # only the new file's chunks
+
+
+def test_nodes_find_each_other_through_tracker_announces(tmp_path: Path, tracker_url: str) -> None:
+    """A seeding node announces itself; the next node gets it from the tracker as a peer and
+    fetches everything from it; both report, and the tracker's offload shows it."""
+    import httpx
+
+    from p2pnode.demo.cdn import free_port
+
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    with LocalCDN(cdn_root) as cdn:
+        cli(
+            "publish",
+            str(src),
+            "--app",
+            "game",
+            "--version",
+            "1",
+            "--build",
+            "1",
+            "--key",
+            str(key),
+            "--out",
+            str(cdn_root),
+            "--tracker",
+            tracker_url,
+            "--token",
+            ADMIN,
+            "--mirror",
+            cdn.url,
+        )
+        env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "home1")}
+        port1 = free_port()
+        first = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "p2pnode",
+                "install",
+                "game",
+                "--tracker",
+                tracker_url,
+                "--dest",
+                str(tmp_path / "n1"),
+                "--trust",
+                pub,
+                "--listen",
+                f"127.0.0.1:{port1}",
+                "--seed",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            assert first.stdout is not None
+            r1 = json.loads(first.stdout.readline() or "{}")
+            assert r1.get("event") == "installed", first.stderr.read() if first.stderr else ""
+            assert r1["bytes_cdn"] > 0
+            time.sleep(0.3)  # its completed announce goes out right after the install
+            env2 = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "home2")}
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "p2pnode",
+                    "install",
+                    "game",
+                    "--tracker",
+                    tracker_url,
+                    "--dest",
+                    str(tmp_path / "n2"),
+                    "--trust",
+                    pub,
+                    "--listen",
+                    f"127.0.0.1:{free_port()}",
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env2,
+            )
+            assert proc.returncode == 0, proc.stderr
+            r2 = json.loads(proc.stdout)
+            assert r2["bytes_cdn"] == 0 and r2["bytes_peers"] > 0
+            assert list(r2["peers"]) == [f"127.0.0.1:{port1}"]
+            assert r2["peers"][f"127.0.0.1:{port1}"]["first_piece_ms"] > 0
+            stats = httpx.get(tracker_url + "/v1/stats").json()
+            release = next(x for x in stats["releases"] if x["build"] == 1)
+            assert 0.4 < release["offload_ratio"] < 0.6  # one node from the CDN, one from peers
+        finally:
+            first.send_signal(signal.SIGINT)
+            first.wait(timeout=10)
+        assert tree(tmp_path / "n2") == tree(src)

@@ -1,0 +1,275 @@
+"""``p2pnode watch``: the long-running node that follows a channel through the swarm."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from p2pnode.demo.cdn import LocalCDN
+from p2pnode.node.install import InstallOptions
+from p2pnode.node.watch import WatchOptions, watch
+from p2pnode.release import keys
+from tests.node.test_install import tree
+from tests.node.test_tracker_e2e import ADMIN, cli, registered_app, tracker_url  # noqa: F401 (fixture)
+
+
+def _publish(src: Path, out: Path, key: Path, url: str, mirror: str, build: int) -> None:
+    cli(
+        "publish",
+        str(src),
+        "--app",
+        "game",
+        "--version",
+        str(build),
+        "--build",
+        str(build),
+        "--key",
+        str(key),
+        "--out",
+        str(out),
+        "--tracker",
+        url,
+        "--token",
+        ADMIN,
+        "--mirror",
+        mirror,
+    )
+
+
+def _in_process(tmp_path: Path, url: str, pub: str, **install: Any) -> WatchOptions:
+    """A serving watcher of "game" into tmp_path/node, for ``watch()`` in this process."""
+    return WatchOptions(
+        app="game",
+        channel="stable",
+        tracker=url,
+        dest=tmp_path / "node",
+        trusted=[keys.parse_public_key(pub)],
+        install=InstallOptions(listen="127.0.0.1:0", identity_dir=tmp_path / "id", **install),
+    )
+
+
+class Watcher:
+    """A ``p2pnode watch --listen`` process, read event by event."""
+
+    def __init__(self, tmp: Path, name: str, url: str, pub: str, *extra: str) -> None:
+        env = {**os.environ, "XDG_DATA_HOME": str(tmp / f"home-{name}")}
+        self.dest = tmp / name
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "p2pnode",
+                "watch",
+                "game",
+                "--tracker",
+                url,
+                "--dest",
+                str(self.dest),
+                "--trust",
+                pub,
+                "--listen",
+                "127.0.0.1:0",
+                "--timeout",
+                "120",
+                "--json",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    def until(self, kind: str) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise AssertionError(f"watcher ended before a {kind!r} event: {err}")
+            event: dict[str, Any] = json.loads(line)
+            assert event["event"] in ("watching", "release", "installed"), event
+            if event["event"] == kind:
+                return event
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout=15)
+
+
+def test_watchers_update_through_the_swarm_and_serve_between_builds(
+    tmp_path: Path,
+    tracker_url: str,  # noqa: F811
+) -> None:
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    watchers: list[Watcher] = []
+    with LocalCDN(cdn_root) as cdn:
+        _publish(src, cdn_root, key, tracker_url, cdn.url, 1)
+        try:
+            # A seed box: builds from the CDN, leechers spare its upload.
+            origin = Watcher(
+                tmp_path, "origin", tracker_url, pub, "--policy", "cdn-only", "--origin"
+            )
+            watchers.append(origin)
+            first = origin.until("installed")
+            assert first["action"] == "installed" and first["bytes_cdn"] > 0
+            # Two more nodes find the first through the tracker and take build 1 from it.
+            watchers += [Watcher(tmp_path, f"w{i}", tracker_url, pub) for i in (1, 2)]
+            for w in watchers[1:]:
+                got = w.until("installed")
+                assert got["build"] == 1 and got["listen_port"]
+                assert got["bytes_peers"] >= got["bytes_total"] // 2, got
+            # Build 2 reaches all of them; each fetches only what changed.
+            (src / "data" / "new.pak").write_bytes(os.urandom(1 << 20))
+            _publish(src, cdn_root, key, tracker_url, cdn.url, 2)
+            for w in watchers:
+                assert w.until("release")["build"] == 2
+                got = w.until("installed")
+                assert got["action"] == "updated" and got["build"] == 2, got
+                assert got["bytes_peers"] + got["bytes_cdn"] < (3 << 20), got
+                assert tree(w.dest) == tree(src)
+            # Between builds they serve: a new node gets all of build 2 from them, none from
+            # the CDN.
+            out = cli(
+                "install",
+                "game",
+                "--tracker",
+                tracker_url,
+                "--dest",
+                str(tmp_path / "late"),
+                "--trust",
+                pub,
+                "--policy",
+                "p2p-only",
+            )
+            assert out["build"] == 2 and out["bytes_cdn"] == 0 and out["bytes_peers"] > 0
+            assert tree(tmp_path / "late") == tree(src)
+        finally:
+            codes = [w.stop() for w in watchers]
+    assert codes == [0] * len(watchers)
+
+
+async def test_a_failed_install_is_retried_and_a_downgrade_refused(
+    tmp_path: Path,
+    tracker_url: str,  # noqa: F811
+) -> None:
+    """The CDN lacks build 2's files at first: the node reports the failure, keeps serving
+    build 1, and installs build 2 on a retry once the files are there. A channel rolled back
+    by the tracker is refused, and build 2 stays installed and served."""
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with LocalCDN(cdn_root) as cdn:
+        await trio.to_thread.run_sync(_publish, src, cdn_root, key, tracker_url, cdn.url, 1)
+        send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
+
+        async def until(kind: str, **match: Any) -> dict[str, Any]:
+            """The next event of ``kind`` with ``match``ing fields (others are passed over)."""
+            with trio.fail_after(60):
+                async for e in receive:
+                    if e["event"] == kind and all(e.get(k) == v for k, v in match.items()):
+                        return e
+            raise AssertionError("watch ended")
+
+        opts = _in_process(tmp_path, tracker_url, pub, discovery_wait=0.5)
+        opts.retry_first = 0.3
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, opts, send.send_nowait)
+            one = await until("installed", build=1)
+            port = one["listen_port"]
+            # Build 2 is published, but its files reach the CDN only later.
+            (src / "data" / "new.pak").write_bytes(os.urandom(1 << 20))
+            await trio.to_thread.run_sync(_publish, src, staging, key, tracker_url, cdn.url, 2)
+            failed = await until("error", build=2)
+            assert failed["retry_in_s"] == pytest.approx(0.3) and failed["fix"]
+            # ... and meanwhile build 1 is still served, on the same port.
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.aclose()
+            await trio.to_thread.run_sync(
+                lambda: shutil.copytree(staging, cdn_root, dirs_exist_ok=True)
+            )
+            two = await until("installed", build=2)
+            assert two["action"] == "updated" and two["listen_port"] == port
+            assert tree(tmp_path / "node") == tree(src)
+            # The tracker moves the channel back to build 1: refused, build 2 kept.
+            async with httpx.AsyncClient() as client:
+                resp = await client.post(
+                    f"{tracker_url}/v1/apps/game/channels/stable/rollback",
+                    json={},
+                    headers={"Authorization": f"Bearer {ADMIN}"},
+                )
+                assert resp.status_code == 200, resp.text
+            refused = await until("error", build=1)
+            assert refused["retry_in_s"] is None and "rollback" in refused["fix"]
+            assert tree(tmp_path / "node") == tree(src)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_long_running_watcher_leaks_no_sockets_or_threads(
+    tmp_path: Path,
+    tracker_url: str,  # noqa: F811
+) -> None:
+    """A daemon goes through build after build: each install's swarm node, DHT node (its
+    asyncio thread and UDP socket), listener and tracker connections end with it."""
+    import threading
+
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    with LocalCDN(cdn_root) as cdn:
+        send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
+        opts = _in_process(tmp_path, tracker_url, pub, dht_port=0, policy="cdn-only")
+
+        def resources() -> tuple[int, int]:
+            dht = sum(t.name == "p2pnode-dht-asyncio" for t in threading.enumerate())
+            return len(os.listdir("/proc/self/fd")), dht
+
+        seen: list[tuple[int, int]] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, opts, send.send_nowait)
+            for build in range(1, 7):
+                (src / "data" / "new.pak").write_bytes(os.urandom(256 << 10))
+                await trio.to_thread.run_sync(
+                    _publish, src, cdn_root, key, tracker_url, cdn.url, build
+                )
+                with trio.fail_after(60):
+                    async for e in receive:
+                        assert e["event"] != "error", e
+                        if e["event"] == "installed" and e["build"] == build:
+                            break
+                await trio.sleep(0.3)  # the report to the tracker goes out after the event
+                seen.append(resources())
+            nursery.cancel_scope.cancel()
+    fds, dht_threads = zip(*seen, strict=True)
+    assert set(dht_threads) == {1}, seen  # the serving install's DHT node, and no other
+    assert max(fds[2:]) <= fds[1] + 2, seen  # steady after the first update
+
+
+def test_a_mistyped_address_or_flag_is_refused_at_start(tmp_path: Path) -> None:
+    """Command-line mistakes fail the daemon at once with the cause (exit 2), instead of being
+    retried with backoff at every publish."""
+    base = [sys.executable, "-m", "p2pnode", "watch", "game", "--tracker", "http://127.0.0.1:9"]
+    for extra, cause in (
+        (["--peer", "10.0.0.5"], "is not HOST:PORT"),
+        (["--listen", "0.0.0.0:http"], "is not HOST:PORT"),
+        (["--origin"], "--origin is a seed box: it needs --listen"),
+    ):
+        proc = subprocess.run(
+            [*base, "--dest", str(tmp_path / "d"), *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 2, (extra, proc.stderr)
+        assert cause in proc.stderr and "fix:" in proc.stderr
