@@ -21,7 +21,7 @@ with reason ``choked`` (the fetcher then asks someone else; it does not mark the
   swarm smaller than the slot count never waits for a tick.
 
 Peers are keyed by node id (proven by TLS), so the download a peer gives us on our outbound
-connection counts for the upload slot of its inbound one. The shell (``node.py``) calls
+connection counts for the upload slot of its inbound one. The shell (``serving.py``) calls
 :meth:`tick` at :meth:`next_tick` and sends the returned choke/unchoke messages.
 """
 

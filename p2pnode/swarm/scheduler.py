@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 One :class:`Scheduler` serves one fetch (a manifest and the chunk indexes this node lacks). The
-trio shell (``node.py``) feeds it what the peers say (``bitfield``, ``have``, ``remove_peer``)
+trio shell (``fetching.py``) feeds it what the peers say (``bitfield``, ``have``, ``remove_peer``)
 and what happened to requests (``received``, ``rejected``, ``timed_out``), all with ``now``
 passed in, and asks it ``next_requests(peer, now)`` whenever a peer's pipeline has room. It
 never touches a socket, so every rule below is unit-tested with explicit times

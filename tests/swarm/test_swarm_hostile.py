@@ -259,7 +259,7 @@ async def test_a_peer_that_stops_reading_is_dropped_and_others_are_served(
 ) -> None:
     """It asks for many chunks and never reads: the seed's writes to it block (socket buffers
     full), and after ``write_timeout`` it is dropped, while a normal leecher is served."""
-    caplog.set_level(logging.DEBUG, logger="p2pnode.swarm.node")
+    caplog.set_level(logging.DEBUG, logger="p2pnode.swarm")
     seed, manifest = await seeded(tmp_path)
     seed.write_timeout = 2.0
     mid = manifest.id  # type: ignore[attr-defined]
