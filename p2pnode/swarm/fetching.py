@@ -257,7 +257,7 @@ class Fetching(Shell):
                 tls, s, st.node_id, RateLimiter(self.peer_download_rate), self.write_timeout
             )
             now = trio.current_time()
-            await link.send(s.hello(now) + s.send(W.Join(job.manifest.id), now))
+            await link.send(s.hello(now) + s.join(job.manifest.id, len(job.ids), now))
             link.manifests.add(job.manifest.id)
             self.links.add(link)
             try:
@@ -281,26 +281,18 @@ class Fetching(Shell):
 
     async def _fetch_loop(self, job: _Fetch, link: Link, addr: str, st: PeerStats) -> None:
         tls, s, sched, mid = link.tls, link.session, job.sched, job.manifest.id
-        inflight: dict[int, int] = {}  # rid -> index
-        rid_of: dict[int, int] = {}  # index -> rid
-        asked_at: dict[int, float] = {}  # rid -> when requested
-        pushed = False
         last_piece = trio.current_time()  # a busy peer answers late but keeps answering
         while True:
             now = trio.current_time()
             out = b""
             for i in sched.take_cancels(addr):  # another peer answered first (endgame)
-                if (rid := rid_of.pop(i, None)) is not None:
-                    del inflight[rid], asked_at[rid]
-                    out += s.send(W.Cancel(mid, i, rid), now)
+                out += s.cancel(mid, i, now)
             if addr in sched.peers and not s.peer_choking:
                 for i in sched.next_requests(addr, now):
-                    rid, data = s.request(mid, i, now)
-                    inflight[rid], rid_of[i], asked_at[rid] = i, rid, now
-                    out += data
+                    out += s.request(mid, i, now)[1]
             await link.send(out)
             deadline = min(s.get_timer(), now + self.request_timeout)
-            if len(inflight) < sched.depth(addr, now):
+            if len(s.ours) < sched.depth(addr, now):
                 # Room in the pipeline: look again soon, as requests are given back, deferrals
                 # end and others' requests turn late, without anything arriving here.
                 deadline = min(deadline, now + WATCH_INTERVAL)
@@ -317,37 +309,31 @@ class Fetching(Shell):
             await link.send(s.handle_timer(trio.current_time()))
             while (ev := s.next_event()) is not None:
                 now = trio.current_time()
-                if isinstance(ev, W.Bitfield) and ev.manifest == mid:
-                    if ev.count not in (0, len(job.ids)):
-                        raise PeerFailed("bitfield size does not match the manifest")
+                if isinstance(ev, W.Bitfield) and ev.manifest == mid:  # (its size checked)
                     if ev.count == 0:  # the peer does not know this manifest
                         signed = self.signed.get(mid)
-                        if signed is not None and s.peer_can(b"manifest") and not pushed:
-                            pushed = True  # show it: it may hold an earlier build's chunks
-                            await link.send(s.send(W.ManifestPush(mid, signed), now))
+                        # Show it, once: the peer may hold an earlier build's chunks.
+                        if signed is not None and (push := s.show(mid, signed, now)):
+                            await link.send(push)
                             continue
                         job.shown_by(addr)
                         return  # the peer is not in this swarm
                     job.shown_by(addr)
-                    sched.bitfield(addr, bytes(ev.bits), earlier_build=pushed)
+                    sched.bitfield(addr, bytes(ev.bits), earlier_build=mid in s.shown)
                 elif isinstance(ev, W.Hello) and s.peer_can(b"origin"):
                     sched.origins.add(addr)
                 elif isinstance(ev, W.Have) and ev.manifest == mid:
                     sched.have(addr, ev.index)
                 elif isinstance(ev, W.Piece):
+                    assert s.answered is not None  # a piece comes out only as an answer
                     last_piece = now
-                    i = inflight.pop(ev.rid)
-                    rid_of.pop(i, None)
-                    st.response_s += now - asked_at.pop(ev.rid)
+                    st.response_s += now - s.answered.sent_at
                     st.responses += 1
                     if st.first_piece_s is None:
                         st.first_piece_s = now - st.opened
-                    await self._take(job, ev, i, addr, st)
-                elif isinstance(ev, W.Reject):
-                    i = inflight.pop(ev.rid)
-                    rid_of.pop(i, None)
-                    asked_at.pop(ev.rid, None)
-                    sched.rejected(addr, i, bytes(ev.reason), now)
+                    await self._take(job, ev, addr, st)
+                elif isinstance(ev, W.Reject):  # (one of ours: the session checked)
+                    sched.rejected(addr, ev.index, bytes(ev.reason), now)
                 elif isinstance(ev, (W.Join, W.ManifestPush, W.Request)):
                     # This node serves only on connections it accepted (the peer gets our
                     # chunks by dialling us, or by our dial-back).
@@ -356,7 +342,8 @@ class Fetching(Shell):
                 elif isinstance(ev, W.Goodbye):
                     return
 
-    async def _take(self, job: _Fetch, piece: W.Piece, i: int, addr: str, st: PeerStats) -> None:
+    async def _take(self, job: _Fetch, piece: W.Piece, addr: str, st: PeerStats) -> None:
+        i = piece.index  # (the session checked it is what this request asked for)
         expected = job.ids[i]
         data = bytes(piece.data)
         if piece.chunk_id != expected or hash_chunk(data) != expected:

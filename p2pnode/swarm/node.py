@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from .fetching import MAX_BAD_CHUNKS, WATCH_INTERVAL, CdnSource, Deliver, Fetching, PeerStats
 from .links import CONNECT_TIMEOUT, WRITE_TIMEOUT, Link, parse_peer
-from .serving import MAX_PUSHED, Serving
+from .offers import MAX_PUSHED
+from .serving import Serving
 from .shell import MAX_BANNED, MAX_CONNECTIONS, REQUEST_TIMEOUT, STALL_TIMEOUT
 
 __all__ = [

@@ -21,10 +21,9 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..errors import ManifestError, P2PNodeError
+from ..errors import P2PNodeError
 from ..identity import peer_node_id
 from ..ratelimit import RateLimiter
-from ..release import manifest as M
 from . import wire as W
 from .links import CONNECTION_ENDED, Link, accept
 from .peer import PeerSession
@@ -33,9 +32,6 @@ from .shell import Shell
 __all__ = ["Serving"]
 
 log = logging.getLogger(__name__)
-
-#: Manifests peers showed us that we serve as partial seeds, at most (oldest forgotten).
-MAX_PUSHED = 8
 
 
 class Serving(Shell):
@@ -165,55 +161,22 @@ class Serving(Shell):
             add(link.host, link.listen_port)
 
     async def _accept_push(self, push: W.ManifestPush) -> bool:
-        """Take part in the swarm of a manifest a peer showed us, when it is signed by the
-        publisher key of an app we already serve: our chunks of the app's earlier builds then
-        serve its newer build (a cross-version partial seed). Anything else is refused."""
+        """Take part in the swarm of a manifest a peer showed us, when the trust rule
+        (offers.py) accepts it: our chunks of the app's earlier builds then serve its newer
+        build (a cross-version partial seed). Anything else is refused."""
         if push.manifest in self.manifests:
             return True
         async with self._verifying:
             try:
-                manifest = await trio.to_thread.run_sync(self._verify_push, push)
+                manifest = await trio.to_thread.run_sync(self.swarms.verify_push, push)
             except P2PNodeError as exc:
                 log.info("refused a pushed manifest: %s", exc)
                 return False
-        self.offer(manifest)
-        self._pushed[manifest.id] = None
-        while len(self._pushed) > MAX_PUSHED:  # forget the oldest (its peers get rejects)
-            old = next(iter(self._pushed))
-            del self._pushed[old]
-            for table in (self.manifests, self.offers, self.index, self.signed):
-                table.pop(old, None)
+        self.swarms.take_pushed(manifest)
         return True
 
-    def _verify_push(self, push: W.ManifestPush) -> M.Manifest:
-        signed = M.parse_signed(bytes(push.signed), source="a manifest pushed by a peer")
-        if signed.id != push.manifest:
-            raise ManifestError("a pushed manifest is not the one its message names")
-        app = signed.manifest.app
-        trusted = {m.key for m in list(self.manifests.values()) if m.app == app}
-        return M.verify(signed, trusted)
-
     def _bitfield(self, mid: bytes) -> W.Bitfield:
-        manifest = self.manifests.get(mid)
-        if manifest is None:
-            return W.Bitfield(mid, 0, b"")  # not a swarm we take part in
-        return W.Bitfield(mid, len(self.offers[mid]), self.local.availability(manifest))
-
-    def _frugal_refuses(self, mid: bytes, index: int) -> bool:
-        """Origin-frugal seeding: while some chunk of this swarm has never been uploaded,
-        refuse to upload one again. The refused leecher takes it from the peer that got it
-        (its ``have`` says so), so the origin's upload goes to chunks the swarm lacks."""
-        if not self.frugal:
-            return False
-        counts = self._sent.setdefault(mid, [0] * len(self.offers[mid]))
-        return counts[index] > 0 and self._unsent.get(mid, len(counts)) > 0
-
-    def _count_sent(self, mid: bytes, index: int) -> None:
-        if self.frugal:
-            counts = self._sent.setdefault(mid, [0] * len(self.offers[mid]))
-            if counts[index] == 0:
-                self._unsent[mid] = self._unsent.get(mid, len(counts)) - 1
-            counts[index] += 1
+        return self.swarms.bitfield(mid, self.local.availability)
 
     async def _answer(self, link: Link, req: W.Request) -> bytes:
         s = link.session
@@ -224,7 +187,7 @@ class Serving(Shell):
         self._apply(self.choker.interested(link.node_id, now))  # asking keeps the interest
         if s.am_choking:
             return s.send(W.Reject(req.manifest, req.index, req.rid, b"choked"), now)
-        if self._frugal_refuses(req.manifest, req.index):
+        if self.choker.frugal_refuses(req.manifest, req.index, len(ids)):
             return s.send(W.Reject(req.manifest, req.index, req.rid, b"frugal"), now)
         async with self._reads:
             data = await trio.to_thread.run_sync(self.local.read, ids[req.index])
@@ -242,7 +205,7 @@ class Serving(Shell):
             now = trio.current_time()
             self.uploaded += len(data)
             self.choker.uploaded(link.node_id, len(data), now)
-            self._count_sent(req.manifest, req.index)
+            self.choker.sent(req.manifest, req.index, len(ids))
             piece = W.Piece(req.manifest, req.index, req.rid, ids[req.index], data)
             await link.write(s.send(piece, now), before_slice)
         return b""

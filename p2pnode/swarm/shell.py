@@ -18,6 +18,7 @@ from ..release import manifest as M
 from . import wire as W
 from .choker import DEFAULT_SLOTS, Choker
 from .links import CONNECT_TIMEOUT, WRITE_TIMEOUT, Link
+from .offers import Offers
 from .recent import RecentSet
 from .scheduler import LEECHER_WAIT
 from .sendorder import SendOrder
@@ -41,7 +42,7 @@ class Shell:
     upload_limiter, download_limiter: global caps, shared with other transfers (the CDN's).
     peer_upload_rate, peer_download_rate: caps per peer connection, bytes/s (None: none).
     upload_slots: peers served at once (the choker's slots).
-    frugal: origin-frugal seeding (see ``Serving._frugal_refuses``).
+    frugal: origin-frugal seeding (see choker.py).
     spare: with ``frugal``, say ``origin`` in the hello so leechers spare this node's upload
         (they ask it only for rare chunks: less upload, a slower finish; see scheduler.py).
     """
@@ -79,26 +80,19 @@ class Shell:
         self.max_connections = max_connections
         self.connections = 0
         self.refused = 0
-        self.frugal = frugal
-        self._sent: dict[bytes, list[int]] = {}  # manifest id -> uploads per chunk index
-        self._unsent: dict[bytes, int] = {}  # manifest id -> chunks never uploaded
         self.upload_limiter = upload_limiter or RateLimiter(None)
         self.download_limiter = download_limiter or RateLimiter(None)
         self.peer_upload_rate = peer_upload_rate
         self.peer_download_rate = peer_download_rate
-        self.choker = Choker(upload_slots)
+        self.choker = Choker(upload_slots, frugal=frugal)
         self.send_order = SendOrder()
         self._granted: set[int] = set()  # send_order tickets granted, not yet started
         self._order_changed = trio.Event()  # set (and replaced) when the write order changes
-        self.offers: dict[bytes, list[bytes]] = {}  # manifest id -> unique chunk ids
-        self.index: dict[bytes, dict[bytes, int]] = {}  # manifest id -> chunk id -> index
-        self.manifests: dict[bytes, M.Manifest] = {}
+        self.swarms = Offers()
         self.links: set[Link] = set()
         #: Node ids that sent MAX_BAD_CHUNKS corrupt chunks, oldest first: never fetched from
         #: nor served again, whatever address or port they come from (bounded: MAX_BANNED).
         self.banned: RecentSet[bytes] = RecentSet(MAX_BANNED)
-        self.signed: dict[bytes, bytes] = {}  # manifest id -> signed manifest, to push
-        self._pushed: dict[bytes, None] = {}  # manifests peers pushed to us, oldest first
         self._verifying = trio.Semaphore(1)  # one pushed manifest parsed at a time
         self.uploaded = 0
         self._reads = trio.Semaphore(READ_SLOTS)
@@ -112,11 +106,22 @@ class Shell:
     def offer(self, manifest: M.Manifest, signed: bytes | None = None) -> None:
         """Serve ``manifest``'s swarm; with ``signed`` (its signed encoding), peers that do
         not know it yet can be shown it and serve the chunks they share with it."""
-        if signed is not None:
-            self.signed[manifest.id] = signed
-        self.manifests[manifest.id] = manifest
-        self.offers[manifest.id] = list(manifest.unique_chunks())
-        self.index[manifest.id] = {cid: i for i, cid in enumerate(self.offers[manifest.id])}
+        self.swarms.offer(manifest, signed)
+
+    @property
+    def manifests(self) -> dict[bytes, M.Manifest]:
+        """The manifests served, by id."""
+        return self.swarms.manifests
+
+    @property
+    def offers(self) -> dict[bytes, list[bytes]]:
+        """Each served manifest's unique chunk ids, by manifest id."""
+        return self.swarms.chunks
+
+    @property
+    def signed(self) -> dict[bytes, bytes]:
+        """Signed manifests to show peers that do not know them, by manifest id."""
+        return self.swarms.signed
 
     def ban(self, node_id: bytes) -> None:
         self.banned.add(node_id)
@@ -126,6 +131,6 @@ class Shell:
         now = trio.current_time()
         for link in list(self.links):
             for mid in link.manifests:
-                i = self.index.get(mid, {}).get(chunk_id)
+                i = self.swarms.index.get(mid, {}).get(chunk_id)
                 if i is not None and link.session.state.value == "open":
                     link.send_soon(link.session.send(W.Have(mid, i), now))
