@@ -20,7 +20,7 @@ import logging
 import random
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -185,13 +185,21 @@ class Link:
         if data:
             await self.out.send(data)
 
-    async def write(self, data: bytes, before_slice: Callable[[int], Awaitable[None]]) -> None:
-        """Write a piece now, between the queue's frames, in slices, awaiting
+    async def write(
+        self, frame: Sequence[bytes | memoryview], before_slice: Callable[[int], Awaitable[None]]
+    ) -> None:
+        """Write a piece's ``frame`` (``PeerSession.send_frame``) now, between the queue's
+        frames: its leading parts (length and header, a few dozen bytes) as one slice, then
+        its payload in slices of the caller's buffer (not copied), awaiting
         ``before_slice(size)`` before each: the shell's rate caps and write order
         (sendorder.py) then apply per slice, not per piece, so a piece that must give way
         to a first piece, or share a capped uplink, does so within a slice's time."""
-        view = memoryview(data)
+        *lead, payload = frame
+        head = b"".join(lead)
+        view = memoryview(payload)
         async with self._sending:
+            await before_slice(len(head))
+            await self._send_all(head)
             for start in range(0, len(view), WRITE_SLICE):
                 part = view[start : start + WRITE_SLICE]
                 await before_slice(len(part))

@@ -147,6 +147,11 @@ class PeerSession:
         return self.send(W.Bitfield(event.manifest, 0, b""), now)
 
     def send(self, event: W.Event, now: float) -> bytes:
+        return b"".join(self.send_frame(event, now))
+
+    def send_frame(self, event: W.Event, now: float) -> list[bytes | memoryview]:
+        """As :meth:`send`, but the frame as buffers to write in order: a piece's bytes are
+        the caller's buffer, not a copy (h11's data passthrough)."""
         if self.state is SessionState.CLOSED:
             raise LocalProtocolError("the session is closed")
         if isinstance(event, W.Request):
@@ -172,7 +177,7 @@ class PeerSession:
             self.state = SessionState.CLOSED
         self._last_sent = now
         # zstd only to a peer that said it decodes it (protocol.md: the zstd capability).
-        return W.encode_bytes(event, compress=self.peer_can(b"zstd"))
+        return W.encode(event, compress=self.peer_can(b"zstd"))
 
     # -- incoming ---------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from ..identity import peer_node_id
 from ..ratelimit import RateLimiter
 from . import wire as W
 from .links import CONNECTION_ENDED, Link, accept
-from .peer import PeerSession
+from .peer import PeerSession, SessionState
 from .shell import Shell
 
 __all__ = ["Serving"]
@@ -60,7 +60,9 @@ class Serving(Shell):
         for node_id, unchoke in decisions:
             for link in list(self.links):
                 s = link.session
-                if link.node_id != node_id or s.state.value != "open" or link.manifests == set():
+                if link.node_id != node_id or not link.manifests:
+                    continue
+                if s.state is not SessionState.OPEN:
                     continue
                 if s.am_choking == unchoke:  # a change for this link
                     msg: W.Event = W.Unchoke() if unchoke else W.Choke()
@@ -207,7 +209,7 @@ class Serving(Shell):
             self.choker.uploaded(link.node_id, len(data), now)
             self.choker.sent(req.manifest, req.index, len(ids))
             piece = W.Piece(req.manifest, req.index, req.rid, ids[req.index], data)
-            await link.write(s.send(piece, now), before_slice)
+            await link.write(s.send_frame(piece, now), before_slice)
         return b""
 
     @asynccontextmanager

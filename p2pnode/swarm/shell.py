@@ -19,6 +19,7 @@ from . import wire as W
 from .choker import DEFAULT_SLOTS, Choker
 from .links import CONNECT_TIMEOUT, WRITE_TIMEOUT, Link
 from .offers import Offers
+from .peer import SessionState
 from .recent import RecentSet
 from .scheduler import LEECHER_WAIT
 from .sendorder import SendOrder
@@ -132,5 +133,5 @@ class Shell:
         for link in list(self.links):
             for mid in link.manifests:
                 i = self.swarms.index.get(mid, {}).get(chunk_id)
-                if i is not None and link.session.state.value == "open":
+                if i is not None and link.session.state is SessionState.OPEN:
                     link.send_soon(link.session.send(W.Have(mid, i), now))

@@ -257,3 +257,15 @@ def test_a_manifest_is_shown_once_and_only_to_a_peer_that_takes_pushes() -> None
     c = PeerSession(A_ID, 1, now=0.0)
     events(c, W.encode_bytes(W.Hello(B_ID, 2, capabilities=(b"zstd",))))
     assert c.show(MID, b"signed", 0.0) == b"" and not c.shown
+
+
+def test_a_served_piece_is_framed_around_the_callers_buffer_not_a_copy() -> None:
+    a, b = pair()
+    events(a, b.send(W.Unchoke(), 0.0))
+    data = os.urandom(1 << 20)  # incompressible: sent as is even to a zstd peer
+    rid, req = a.request(MID, 0, 0.0)
+    events(b, req)
+    frame = b.send_frame(W.Piece(MID, 0, rid, hash_chunk(data), data), 0.1)
+    assert frame[-1] is data
+    (piece,) = events(a, b"".join(frame))
+    assert isinstance(piece, W.Piece) and bytes(piece.data) == data
