@@ -15,6 +15,7 @@ Every network wait is bounded by a cancel scope.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -35,7 +36,8 @@ __all__ = ["CdnSource", "Deliver", "Fetching", "PeerStats"]
 
 log = logging.getLogger(__name__)
 
-WATCH_INTERVAL = 0.25
+#: The swarm phase is not ended before this: the peers handed in start connecting.
+START_GRACE = 0.25
 MAX_BAD_CHUNKS = 2
 
 Deliver = Callable[[bytes, bytes], Awaitable[None]]  # (chunk id, verified bytes)
@@ -99,11 +101,33 @@ class _Fetch:
     shown: set[str] = field(default_factory=set)
     active: set[str] = field(default_factory=set)  # addresses with a live fetch task
 
+    _seen: tuple[int, int] = (-1, 0)  # (scheduler version, connecting) last woken for
+
     def shown_by(self, peer: str) -> None:
         """The peer showed its bitfield, or its task ended: it is no longer connecting."""
         if peer not in self.shown:
             self.shown.add(peer)
             self.connecting -= 1
+
+    def sync(self) -> None:
+        """Wake the tasks waiting on ``changed`` if the scheduler or the peers connecting
+        changed since they were last woken. Only then: tasks that woke each other for
+        nothing would spin, and each wake-up that changes nothing wakes no one."""
+        now = (self.sched.version, self.connecting)
+        if now != self._seen:
+            self._seen = now
+            self.poke()
+
+    def poke(self) -> None:
+        """Wake every task waiting on ``changed`` (take it before acting, then wait on it)."""
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+async def wait_for(changed: trio.Event, deadline: float) -> None:
+    """Until ``changed`` is set or ``deadline`` (the scheduler's, for what only time moves)."""
+    with trio.move_on_at(deadline):
+        await changed.wait()
 
 
 class Fetching(Shell):
@@ -153,6 +177,7 @@ class Fetching(Shell):
                 job.active.add(addr)
                 job.shown.discard(addr)  # (again) connecting
                 job.connecting += 1
+                job.sync()
                 stats[addr] = st or PeerStats(addr)
                 nursery.start_soon(self._fetch_from, job, host, port, stats[addr])
 
@@ -182,10 +207,11 @@ class Fetching(Shell):
     async def _watch(self, job: _Fetch) -> None:
         """End the fetch when peers can give no more (``Scheduler.peers_exhausted``), or
         nothing has arrived for ``stall_timeout``. The rest then comes from the CDN, per the
-        install's policy."""
+        install's policy. Looks first after ``START_GRACE`` (peers handed in start
+        connecting), then whenever the fetch changes or its phase deadline comes."""
         sched = job.sched
+        await trio.sleep(START_GRACE)
         while True:
-            await trio.sleep(WATCH_INTERVAL)
             now = trio.current_time()
             if (
                 sched.finished
@@ -193,22 +219,27 @@ class Fetching(Shell):
                 or now - sched.last_progress > self.stall_timeout
             ):
                 break
+            await wait_for(job.changed, sched.phase_deadline(self.stall_timeout))
         assert job.finished is not None
         job.finished.cancel()
 
     async def _feed_cdn(self, job: _Fetch, cdn: CdnSource) -> None:
         """Hand the CDN what the scheduler gives it, a batch at a time, until the CDN fails
         (then it is no longer a source; the install's bulk CDN pass after the swarm phase
-        reports why, if chunks are left)."""
+        reports why, if chunks are left). Looks again when the fetch changes, or when the
+        scheduler says time alone may give the CDN more (``next_cdn_change``)."""
         sched = job.sched
         async with trio.open_nursery() as batches:
             while cdn.error is None:
+                now = trio.current_time()
                 sched.take_cancels(CDN)  # a peer was first: the CDN's copy will be a duplicate
                 room = cdn.depth - sched.inflight(CDN)
-                batch = sched.cdn_requests(trio.current_time(), room)
+                batch = sched.cdn_requests(now, room)
                 if batch:
                     batches.start_soon(self._cdn_batch, job, cdn, batch)
-                await trio.sleep(WATCH_INTERVAL)
+                job.sync()
+                deadline = sched.next_cdn_change(now) if room > len(batch) else math.inf
+                await wait_for(job.changed, deadline)
 
     async def _cdn_batch(self, job: _Fetch, cdn: CdnSource, batch: list[int]) -> None:
         sched = job.sched
@@ -216,7 +247,9 @@ class Fetching(Shell):
         async def take(cid: bytes, data: bytes) -> None:
             i = job.index.get(cid)
             if i is None or not sched.received(CDN, i, len(data), trio.current_time()):
+                job.sync()
                 return  # a peer's copy landed first
+            job.sync()
             await cdn.deliver(cid, data)
             if sched.finished and job.finished is not None:
                 job.finished.cancel()
@@ -232,6 +265,7 @@ class Fetching(Shell):
             for i in batch:
                 if i in sched.missing:
                     sched.timed_out(CDN, i)  # back to the pool (no-op once disabled)
+            job.sync()  # (the CDN has room again)
 
     async def _fetch_from(self, job: _Fetch, host: str, port: int, st: PeerStats) -> None:
         addr = f"{host}:{port}"
@@ -263,6 +297,7 @@ class Fetching(Shell):
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(link.writer)
+                    nursery.start_soon(self._ask, job, link, addr)
                     await self._fetch_loop(job, link, addr, st)
                     nursery.cancel_scope.cancel()
             finally:
@@ -276,26 +311,40 @@ class Fetching(Shell):
         finally:
             job.shown_by(addr)
             job.active.discard(addr)
-            job.sched.remove_peer(addr)  # what it did not deliver goes back to the pool
+            # What it did not deliver goes back to the pool.
+            job.sched.remove_peer(addr, trio.current_time())
+            job.sync()
             st.seconds += trio.current_time() - t0
 
+    async def _ask(self, job: _Fetch, link: Link, addr: str) -> None:
+        """Keep the peer's pipeline full: cancel what another peer answered first (endgame),
+        request what the scheduler gives this peer. Looks again when the fetch changes (a
+        piece lands, a request is given back, the peer unchokes us) or when the scheduler
+        says time alone may give this peer more (``Scheduler.next_change``)."""
+        s, sched, mid = link.session, job.sched, job.manifest.id
+        while True:
+            now = trio.current_time()
+            out = b""
+            for i in sched.take_cancels(addr):
+                out += s.cancel(mid, i, now)
+            deadline = math.inf
+            if addr in sched.peers and not s.peer_choking:
+                for i in sched.next_requests(addr, now):
+                    out += s.request(mid, i, now)[1]
+                if sched.inflight(addr) < sched.depth(addr, now):
+                    deadline = sched.next_change(addr, now)  # room: what time may bring
+            job.sync()
+            changed = job.changed  # (taken before sending: a change meanwhile wakes us)
+            await link.send(out)
+            await wait_for(changed, deadline)
+
     async def _fetch_loop(self, job: _Fetch, link: Link, addr: str, st: PeerStats) -> None:
+        """Read the peer's messages and act on them; the requests are ``_ask``'s."""
         tls, s, sched, mid = link.tls, link.session, job.sched, job.manifest.id
         last_piece = trio.current_time()  # a busy peer answers late but keeps answering
         while True:
             now = trio.current_time()
-            out = b""
-            for i in sched.take_cancels(addr):  # another peer answered first (endgame)
-                out += s.cancel(mid, i, now)
-            if addr in sched.peers and not s.peer_choking:
-                for i in sched.next_requests(addr, now):
-                    out += s.request(mid, i, now)[1]
-            await link.send(out)
             deadline = min(s.get_timer(), now + self.request_timeout)
-            if len(s.ours) < sched.depth(addr, now):
-                # Room in the pipeline: look again soon, as requests are given back, deferrals
-                # end and others' requests turn late, without anything arriving here.
-                deadline = min(deadline, now + WATCH_INTERVAL)
             with trio.move_on_at(deadline):
                 received = await tls.receive_some(1 << 20)
                 s.receive_data(received, trio.current_time())
@@ -321,7 +370,9 @@ class Fetching(Shell):
                     job.shown_by(addr)
                     sched.bitfield(addr, bytes(ev.bits), earlier_build=mid in s.shown)
                 elif isinstance(ev, W.Hello) and s.peer_can(b"origin"):
-                    sched.origins.add(addr)
+                    sched.add_origin(addr)
+                elif isinstance(ev, W.Unchoke):
+                    job.poke()  # our requests may go now
                 elif isinstance(ev, W.Have) and ev.manifest == mid:
                     sched.have(addr, ev.index)
                 elif isinstance(ev, W.Piece):
@@ -341,6 +392,7 @@ class Fetching(Shell):
                         await link.send(s.decline(ev, now))
                 elif isinstance(ev, W.Goodbye):
                     return
+            job.sync()
 
     async def _take(self, job: _Fetch, piece: W.Piece, addr: str, st: PeerStats) -> None:
         i = piece.index  # (the session checked it is what this request asked for)

@@ -22,7 +22,7 @@ imports the swarm from.
 
 from __future__ import annotations
 
-from .fetching import MAX_BAD_CHUNKS, WATCH_INTERVAL, CdnSource, Deliver, Fetching, PeerStats
+from .fetching import MAX_BAD_CHUNKS, START_GRACE, CdnSource, Deliver, Fetching, PeerStats
 from .links import CONNECT_TIMEOUT, WRITE_TIMEOUT, Link, parse_peer
 from .offers import MAX_PUSHED
 from .serving import Serving
@@ -36,7 +36,7 @@ __all__ = [
     "MAX_PUSHED",
     "REQUEST_TIMEOUT",
     "STALL_TIMEOUT",
-    "WATCH_INTERVAL",
+    "START_GRACE",
     "WRITE_TIMEOUT",
     "CdnSource",
     "Deliver",
