@@ -34,7 +34,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from .scheduler import RateMeter
+from .ratemeter import RateMeter
 
 __all__ = ["Choker", "Decision"]
 
