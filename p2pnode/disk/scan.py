@@ -20,7 +20,7 @@ from ..progress import Progress
 from ..release import manifest as M
 from .stage import read_verified
 from .state import StateDir
-from .userfiles import displaced_name
+from .userfiles import displaced_name, free_name
 
 __all__ = ["MISSING", "VerifyReport", "clear_way", "file_problem", "prune_empty_dirs", "scan"]
 
@@ -156,11 +156,7 @@ def clear_way(sd: StateDir, target: Path, when: str) -> dict[str, str]:
         last = probe == target
         in_way = probe.is_dir() if last else probe.exists() and not probe.is_dir()
         if probe.is_symlink() or in_way:
-            aside = probe.with_name(displaced_name(probe.name, when))
-            n = 2
-            while os.path.lexists(aside):
-                aside = probe.with_name(f"{displaced_name(probe.name, when)}.{n}")
-                n += 1
+            aside = free_name(probe.with_name(displaced_name(probe.name, when)))
             os.rename(probe, aside)
             moved[probe.relative_to(sd.dest).as_posix()] = aside.relative_to(sd.dest).as_posix()
         if last:

@@ -36,7 +36,7 @@ from typing import Any
 from ..release import manifest as M
 from .fsutil import fsync_dir
 
-__all__ = ["Carried", "carry", "dirs_of", "displaced_name", "stamp", "user_entries"]
+__all__ = ["Carried", "carry", "dirs_of", "displaced_name", "free_name", "stamp", "user_entries"]
 
 DISPLACED_INFIX = ".user-"
 
@@ -103,7 +103,10 @@ def _destination(rel: str, files: set[str], dirs: set[str], when: str) -> tuple[
     return rel, False
 
 
-def _free(path: Path) -> Path:
+def free_name(path: Path) -> Path:
+    """``path``, or the first of ``path.2``, ``path.3``... that names nothing yet."""
+    if not os.path.lexists(path):
+        return path
     n = 2
     while os.path.lexists(path.with_name(f"{path.name}.{n}")):
         n += 1
@@ -157,7 +160,7 @@ def carry(
         changed |= _make_parents(old, new, dst_rel)
         src, dst = old / rel, new / dst_rel
         if os.path.lexists(dst):  # only a stranger's name collides: never overwrite it
-            dst = _free(dst)
+            dst = free_name(dst)
             displaced = True
         done.kept += _count(src)
         os.rename(src, dst)

@@ -8,11 +8,14 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import trio
 
 from p2pnode.disk.state import StateDir
+from p2pnode.disk.userfiles import carry
 from p2pnode.node.install import InstallOptions, install, rollback
 from p2pnode.node.verify import verify
 from p2pnode.release.publish import PublishResult, publish
@@ -210,3 +213,33 @@ def test_kill_9_at_every_step_of_a_switch_loses_no_user_file(tmp_path: Path) -> 
     # (saves/, settings.ini, latest.sav, screenshots/, data/mods/, data/user.cfg,
     # data/sub/notes.txt) each killed before and after.
     assert sum(s.startswith("os.rename:") for s in STEPS) - finished == 1 + 7
+
+
+def fake_manifest(*paths: str) -> Any:
+    return SimpleNamespace(files=[SimpleNamespace(path=p) for p in paths])
+
+
+def test_carry_displaces_under_a_parent_the_new_build_ships_as_a_file(tmp_path: Path) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    for rel in ("data/a.pak", "data/mods/m.lua", "notes", "cfg/user.ini", "cfg/x"):
+        (old / rel).parent.mkdir(parents=True, exist_ok=True)
+        (old / rel).write_text(rel)
+    (new / "cfg").mkdir(parents=True)
+    (new / "data").write_text("now a file")  # build 2 ships a file where data/ was
+    (new / "cfg" / "x").write_text("ours")  # and cfg/x, which the user had
+    (new / "cfg" / "x.user-T").write_text("someone else's")  # a name already taken
+    shipped = fake_manifest("data/a.pak")
+    target = fake_manifest("data", "cfg/x")
+    done = carry(old, new, shipped, target, "T")
+    assert done.kept == 4
+    assert done.displaced == {"data/mods": "data.user-T/mods", "cfg/x": "cfg/x.user-T.2"}
+    assert (new / "data.user-T/mods/m.lua").read_text() == "data/mods/m.lua"
+    assert (new / "notes").read_text() == "notes"
+    assert (new / "cfg/user.ini").read_text() == "cfg/user.ini"
+    assert (new / "cfg/x.user-T").read_text() == "someone else's"
+    assert (new / "cfg/x").read_text() == "ours"
+    # Left in the old tree: only what the old build shipped. A second run moves nothing.
+    assert sorted(p.relative_to(old).as_posix() for p in old.rglob("*") if p.is_file()) == [
+        "data/a.pak"
+    ]
+    assert carry(old, new, shipped, target, "T").kept == 0
