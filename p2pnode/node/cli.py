@@ -501,12 +501,9 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
         if cur:
             print(f"{state.app} {cur['version']} (build {cur['build']}) in {args.dest}")
         if health and not health.ok:
-            gone = health.gone
             n = len(health.missing) + len(health.damaged)
-            print(
-                f"  {'the install directory is gone' if gone else f'{n} files are damaged'};"
-                " `p2pnode install` (or `verify --repair`) restores it"
-            )
+            what = "the install directory is gone" if health.gone else f"{n} files are not right"
+            print(f"  {what}; `p2pnode install` (or `verify --repair`) restores it")
         for v in versions[1:]:
             how = "offline" if v["offline"] else "needs the network"
             print(f"  kept for rollback: {v['version']} (build {v['build']}), {how}")
