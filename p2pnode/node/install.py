@@ -13,8 +13,9 @@ Theory of operation
    switch, and it is exchanged with the install directory in one ``renameat2`` call. Whatever
    moment a process dies, the install directory is the complete old or the complete new tree;
    the next run reads the pending record and finishes (or forgets) the switch.
-4. **Harvest.** Chunks of kept earlier versions that the new version lacks are copied from the
-   old tree into the chunk store, then the old tree is deleted. Rollback rebuilds an earlier
+4. **Harvest.** The user's files in the old tree are carried into the new one
+   (``disk/userfiles.py``); chunks of kept versions that the new version lacks are copied from
+   the old tree into the chunk store, then the old tree is deleted. Rollback rebuilds an earlier
    version from the current tree plus the store, offline.
 
 Recovery
