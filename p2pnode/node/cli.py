@@ -167,6 +167,10 @@ def _print_install(out: dict[str, Any]) -> None:
         f"{format_bytes(out['bytes_reused'])} reused locally, "
         f"{format_bytes(out['bytes_resumed'])} resumed"
     )
+    if out.get("kept_user_files"):
+        print(f"  kept {out['kept_user_files']} files of your own in place")
+    for path, to in out.get("displaced", {}).items():
+        print(f"  moved your {path} to {to}: the new build ships a file there")
     for addr, st in out["peers"].items():
         note = f" ({st['error']})" if st["error"] else ""
         print(
@@ -420,7 +424,7 @@ def cmd_update(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
     from .install import rollback
 
-    result = trio.run(rollback, Path(args.dest), _install_options(args), _progress(args))
+    result = trio.run(rollback, Path(args.dest), _install_options(args), _progress(args), args.to)
     if not args.json:
         _print_install(result.as_json())
     return dict(result.as_json())
@@ -449,6 +453,10 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
             print(f"repaired {p}")
         for p in report.quarantined:
             print(f"moved    {p} (extra file, kept in the install's quarantine)")
+        for p, to in report.displaced.items():
+            print(f"moved    {p} -> {to} (yours, in the way of a repaired file)")
+        if report.user_files:
+            print(f"{len(report.user_files)} files of your own (not the release's) left alone")
         m = report.manifest
         state = "OK" if report.ok else "DAMAGED"
         print(f"{m.app} {m.version} (build {m.build}): {state}")
@@ -463,7 +471,9 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
+    from ..disk.snapshot import check
     from ..disk.state import StateDir
+    from ..disk.switch import kept_offline
 
     sd = StateDir(Path(args.dest))
     if not sd.exists:
@@ -474,10 +484,14 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
         if not mid:
             continue
         m = sd.load_manifest(mid)
+        offline = mid != state.current and kept_offline(sd, state, mid)
         versions.append({"manifest_id": mid, "version": m.version, "build": m.build})
+        versions[-1].update({"offline": offline} if mid != state.current else {})
+    health = check(sd, sd.load_manifest(state.current), update=False) if state.current else None
     out: dict[str, Any] = {
         "app": state.app,
         "current": versions[0] if versions else None,
+        **(health.as_json() if health else {}),
         "kept": versions[1:],
         "mirrors": state.mirrors,
         "trusted": state.trusted,
@@ -486,8 +500,13 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
         cur = out["current"]
         if cur:
             print(f"{state.app} {cur['version']} (build {cur['build']}) in {args.dest}")
+        if health and not health.ok:
+            n = len(health.missing) + len(health.damaged)
+            what = "the install directory is gone" if health.gone else f"{n} files are not right"
+            print(f"  {what}; `p2pnode install` (or `verify --repair`) restores it")
         for v in versions[1:]:
-            print(f"  kept for rollback: {v['version']} (build {v['build']})")
+            how = "offline" if v["offline"] else "needs the network"
+            print(f"  kept for rollback: {v['version']} (build {v['build']}), {how}")
     return out
 
 
@@ -662,8 +681,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dht_flags(p)
     p.set_defaults(func=cmd_seed)
 
-    p = sub.add_parser("rollback", parents=[common], help="go back to the previous version")
+    p = sub.add_parser("rollback", parents=[common], help="go back to a kept version")
     p.add_argument("--dest", required=True, metavar="DIR")
+    p.add_argument(
+        "--to",
+        type=int,
+        metavar="BUILD",
+        help="the kept build to go to (default: the newest kept build older than the installed)",
+    )
     _add_fetch_flags(p)
     p.set_defaults(func=cmd_rollback)
 

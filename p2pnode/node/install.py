@@ -13,8 +13,9 @@ Theory of operation
    switch, and it is exchanged with the install directory in one ``renameat2`` call. Whatever
    moment a process dies, the install directory is the complete old or the complete new tree;
    the next run reads the pending record and finishes (or forgets) the switch.
-4. **Harvest.** Chunks of kept earlier versions that the new version lacks are copied from the
-   old tree into the chunk store, then the old tree is deleted. Rollback rebuilds an earlier
+4. **Harvest.** The user's files in the old tree are carried into the new one
+   (``disk/userfiles.py``); chunks of kept versions that the new version lacks are copied from
+   the old tree into the chunk store, then the old tree is deleted. Rollback rebuilds an earlier
    version from the current tree plus the store, offline.
 
 Recovery
@@ -38,6 +39,7 @@ import trio
 
 from ..cdn.plan import ChunkRequest
 from ..discovery.race import Discovery, DiscoveryOptions, open_discovery
+from ..disk import snapshot
 from ..disk.stage import Journal, LocalChunks, Stage
 from ..disk.state import InstallState, StateDir
 from ..disk.store import ChunkStore
@@ -47,6 +49,7 @@ from ..disk.switch import (
     local_chunks,
     recover,
     refuse_foreign_directory,
+    rollback_target,
     switch,
 )
 from ..errors import (
@@ -170,6 +173,9 @@ class InstallResult:
     peers: dict[str, Any] = field(default_factory=dict)  # address -> swarm.node.PeerStats
     listen_port: int | None = None  # where this node serves chunks, with --listen
     discovery: dict[str, Any] | None = None  # which peer source answered first, and how each did
+    kept_user_files: int = 0  # the user's files carried into the new tree (disk/userfiles.py)
+    displaced: dict[str, str] = field(default_factory=dict)  # user path -> where it moved
+    repaired: list[str] = field(default_factory=list)  # files healed in an "unchanged" install
 
     def as_json(self) -> dict[str, Any]:
         m = self.manifest
@@ -189,6 +195,9 @@ class InstallResult:
             "listen_port": self.listen_port,
             "discovery": self.discovery,
             "seconds": round(self.seconds, 3),
+            "kept_user_files": self.kept_user_files,
+            "displaced": self.displaced,
+            "repaired": self.repaired,
             "mirrors": self.mirrors,
             "peers": {
                 addr: {
@@ -302,6 +311,8 @@ async def install(
         state = sd.load()
         await trio.to_thread.run_sync(recover, sd, state)
         current = sd.load_manifest(state.current) if state.current else None
+        # The state may say "installed" of a tree that was deleted or edited since.
+        reinstall = await _damaged(sd, current) if current and current.id == manifest.id else None
         if current is None and options.require_installed:
             raise NotInstalledError(f"nothing is installed in {dest} to update")
         if current is not None:
@@ -310,7 +321,7 @@ async def install(
                     f"{dest} holds {current.app}, not {manifest.app}",
                     fix="install each app into its own directory",
                 )
-            if manifest.id == current.id:
+            if manifest.id == current.id and not reinstall:
                 result = InstallResult(
                     "unchanged",
                     manifest,
@@ -321,12 +332,20 @@ async def install(
                 if options.seed:
                     await _serve_unchanged(sd, state, signed, manifest, options, result)
                 return result
+            if reinstall == "repair":  # what `verify --repair` would do, then as unchanged
+                from .verify import heal
+
+                result = await heal(sd, state, current, options, progress or NullProgress())
+                result.seconds = time.monotonic() - t0
+                if options.seed:
+                    await _serve_unchanged(sd, state, signed, manifest, options, result)
+                return result
             if manifest.build < current.build:
                 raise DowngradeError(
                     f"{dest} has build {current.build}; the manifest offers older build "
                     f"{manifest.build}"
                 )
-            if manifest.build == current.build:
+            if manifest.build == current.build and manifest.id != current.id:
                 raise DowngradeError(
                     f"build {manifest.build} is installed with different content than this "
                     "manifest describes (two manifests claim one build)",
@@ -337,7 +356,7 @@ async def install(
         origin = location if manifest_data is None else None
         mirrors = resolve_mirrors(options.mirrors, origin, manifest, state)
         state.mirrors = mirrors[:8]  # for repair and rollback when chunks must be refetched
-        history = [state.current] if state.current else []
+        history = [state.current] if state.current and not reinstall else []
         async with open_swarm(sd, state, manifest, options, signed=signed) as swarm:
             result = await _apply(
                 sd,
@@ -351,13 +370,20 @@ async def install(
                 history + state.history,
                 swarm,
             )
-            result.action = "updated" if current else "installed"
+            result.action = "reinstalled" if reinstall else "updated" if current else "installed"
             result.seconds = time.monotonic() - t0
             if swarm is not None:
                 if options.seed:  # the tree moved into place: serve it from there
                     swarm.node.local = local_chunks(sd, sd.load())
                 await _served(swarm, options, result)
         return result
+
+
+async def _damaged(sd: StateDir, current: M.Manifest) -> str | None:
+    """None if the install directory holds ``current`` (disk/snapshot.py), else "repair"
+    (files are missing or damaged) or "gone" (the directory is)."""
+    health = await trio.to_thread.run_sync(snapshot.check, sd, current)
+    return None if health.ok else "gone" if health.gone else "repair"
 
 
 async def _served(swarm: Swarm, options: InstallOptions, result: InstallResult) -> None:
@@ -394,15 +420,21 @@ async def _serve_unchanged(
 
 
 async def rollback(
-    dest: Path, options: InstallOptions | None = None, progress: Progress | None = None
+    dest: Path,
+    options: InstallOptions | None = None,
+    progress: Progress | None = None,
+    to: int | None = None,
 ) -> InstallResult:
-    """Go back to the most recent kept earlier version, offline when its chunks are kept."""
+    """Go back to kept build ``to``, or the newest kept build older than the installed one;
+    offline when its chunks are kept."""
     options = options or InstallOptions()
     t0 = time.monotonic()
     async with installed(dest) as (sd, state, current):
         if not state.history:
             raise NoRollbackError(f"{dest} keeps no version earlier than the installed one")
-        signed = sd.load_signed(state.history[0])
+        builds = {mid: sd.load_manifest(mid).build for mid in state.history}
+        target = rollback_target(state, builds, current.build, to)
+        signed = sd.load_signed(target)
         trusted = {keys.parse_public_key(k) for k in state.trusted}
         manifest = M.verify(signed, trusted, check_expiry=False)
         mirrors = resolve_mirrors(options.mirrors, None, manifest, state)
@@ -415,7 +447,7 @@ async def rollback(
             mirrors,
             options,
             progress or NullProgress(),
-            [current.id.hex(), *state.history[1:]],
+            [current.id.hex(), *(h for h in state.history if h != target)],
         )
         result.action = "rolled-back"
         result.seconds = time.monotonic() - t0
@@ -631,7 +663,10 @@ async def _apply(
     await assemble(
         stage, journal, local, mirrors, options, progress, result, sd.root, on_chunk, swarm
     )
-    await trio.to_thread.run_sync(switch, sd, state, signed, history_after, options.keep_versions)
+    carried = await trio.to_thread.run_sync(
+        switch, sd, state, signed, history_after, options.keep_versions
+    )
+    result.kept_user_files, result.displaced = carried.kept, carried.displaced
     return result
 
 
