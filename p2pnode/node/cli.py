@@ -24,6 +24,8 @@ from .. import __version__
 from ..errors import P2PNodeError, UsageError, most_telling
 from ..release import keys
 from ..units import format_bytes, parse_rate
+from .render import install_json, print_install, print_watch_event
+from .sources import SourcePolicy
 
 __all__ = ["main"]
 
@@ -154,27 +156,6 @@ async def _publish_to_tracker(args: argparse.Namespace, result: Any) -> dict[str
     return answer
 
 
-def _print_install(out: dict[str, Any]) -> None:
-    """One install's summary for a person, from its JSON form (``InstallResult.as_json``)."""
-    name = f"{out['app']} {out['version']} (build {out['build']})"
-    if out["action"] == "unchanged":
-        print(f"{name} is already installed")
-        return
-    print(
-        f"{out['action']} {name}: {format_bytes(out['bytes_total'])} "
-        f"in {out['seconds']:.1f}s; {format_bytes(out['bytes_peers'])} from peers, "
-        f"{format_bytes(out['bytes_cdn'])} from the CDN, "
-        f"{format_bytes(out['bytes_reused'])} reused locally, "
-        f"{format_bytes(out['bytes_resumed'])} resumed"
-    )
-    for addr, st in out["peers"].items():
-        note = f" ({st['error']})" if st["error"] else ""
-        print(
-            f"  peer {addr}: {format_bytes(st['bytes'])} in {st['chunks']} chunks, "
-            f"{st['corrupt']} corrupt{note}"
-        )
-
-
 async def _from_tracker(url: str, app: str, channel: str) -> tuple[str, bytes, Any]:
     """The channel's current signed manifest, via the tracker (verified by the caller)."""
     from ..discovery.tracker import TrackerClient
@@ -272,9 +253,9 @@ def cmd_install(args: argparse.Namespace, *, update: bool = False) -> dict[str, 
     def ready(result: Any) -> None:  # with --seed: report the install, then keep serving
         done.append(result)
         if args.json:
-            print(json.dumps({"event": "installed", **result.as_json()}), flush=True)
+            print(json.dumps({"event": "installed", **install_json(result)}), flush=True)
         else:
-            _print_install(result.as_json())
+            print_install(install_json(result))
             print(f"seeding on {args.listen} (Ctrl-C to stop)", flush=True)
 
     options.on_ready = ready
@@ -315,8 +296,8 @@ def cmd_install(args: argparse.Namespace, *, update: bool = False) -> dict[str, 
     if options.seed:
         return {"event": "stopped", "build": result.manifest.build}
     if not args.json:
-        _print_install(result.as_json())
-    return dict(result.as_json())
+        print_install(install_json(result))
+    return dict(install_json(result))
 
 
 def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
@@ -351,19 +332,8 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
             installed.append(event["build"])
         if args.json:
             print(json.dumps(event), flush=True)
-        elif event["event"] == "installed":
-            _print_install(event)
-            if event.get("listen_port"):
-                print(f"serving on port {event['listen_port']} until the next build", flush=True)
-        elif event["event"] == "watching":
-            print(f"following {event['app']} on {event['channel']}", flush=True)
-        elif event["event"] == "release":
-            print(f"{event['app']} build {event['build']} ({event['version']}) is out", flush=True)
         else:
-            retry = event.get("retry_in_s")
-            tail = f"; trying again in {retry:.0f}s" if retry else ""
-            fix = f" (fix: {event['fix']})" if event.get("fix") else ""
-            print(f"p2pnode: {event['event']}: {event['error']}{fix}{tail}", file=sys.stderr)
+            print_watch_event(event)
 
     async def run() -> None:
         with trio.move_on_after(args.timeout or math.inf):
@@ -384,7 +354,7 @@ async def _cancel_on_signal(scope: trio.CancelScope) -> None:
 def cmd_seed(args: argparse.Namespace) -> dict[str, Any]:
     """Serve until SIGINT/SIGTERM; then exit 0."""
     from ..discovery.race import DiscoveryOptions
-    from .install import seed
+    from .seed import seed
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -422,8 +392,8 @@ def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
 
     result = trio.run(rollback, Path(args.dest), _install_options(args), _progress(args))
     if not args.json:
-        _print_install(result.as_json())
-    return dict(result.as_json())
+        print_install(install_json(result))
+    return dict(install_json(result))
 
 
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
@@ -539,7 +509,9 @@ def _add_swarm_flags(p: argparse.ArgumentParser) -> None:
         "--peer", action="append", metavar="HOST:PORT", help="a peer to fetch from (repeatable)"
     )
     p.add_argument("--listen", metavar="HOST:PORT", help="serve verified chunks here")
-    p.add_argument("--policy", choices=("p2p-first", "cdn-only", "p2p-only"), default="p2p-first")
+    p.add_argument(
+        "--policy", choices=[p.value for p in SourcePolicy], default=SourcePolicy.P2P_FIRST.value
+    )
     p.add_argument("--max-upload-rate", metavar="RATE", help="cap on serving peers (40M)")
     _add_peer_rate_flags(p, download=True)
     _add_dht_flags(p)

@@ -10,7 +10,6 @@ announces with port 0: it is counted (offload, completions) but never handed out
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import trio
 
@@ -18,6 +17,7 @@ from ..discovery.dht.records import Topic, make_record
 from ..discovery.tracker import PeerQualityReport, TrackerClient, TrackerError
 from ..identity import NodeIdentity
 from ..release import manifest as M
+from .result import InstallResult
 
 __all__ = ["announce_completed", "own_records", "report_install", "serving_host"]
 
@@ -41,7 +41,7 @@ RECORD_TTL = 1800.0
 async def announce_completed(
     tracker: TrackerClient,
     me: NodeIdentity,
-    result: Any,
+    result: InstallResult,
     port: int | None,
     host: str | None = None,
 ) -> None:
@@ -101,7 +101,11 @@ def serving_host(listen: str | None, tracker_url: str) -> str | None:
 
 
 async def report_install(
-    tracker: TrackerClient, me: NodeIdentity, result: Any, port: int | None, host: str | None
+    tracker: TrackerClient,
+    me: NodeIdentity,
+    result: InstallResult,
+    port: int | None,
+    host: str | None,
 ) -> str | None:
     """``announce_completed``, bounded: tracker trouble after an install costs statistics, not
     the install. Returns why the report failed (for a warning), or ``None``."""

@@ -27,6 +27,7 @@ from ..disk.state import StateDir
 from ..errors import DowngradeError, P2PNodeError, UsageError, most_telling
 from ..progress import Progress
 from .install import InstallOptions, InstallResult, install
+from .render import install_json
 
 __all__ = ["WatchOptions", "watch"]
 
@@ -80,7 +81,7 @@ class _Follower:
 
     async def run(self) -> int:
         seq, done = 0, 0
-        if self.options.policy != "cdn-only" or self.options.listen:
+        if self.options.policy.asks_peers or self.options.listen:
             # A daemon pays for its imports at start, not when a build is out and a whole
             # fleet starts at once (the swarm's modules load lazily: ~40 ms of CPU); and a
             # mistyped address is said now, not at the first publish.
@@ -110,7 +111,7 @@ class _Follower:
             if isinstance(outcome, UsageError):
                 raise outcome  # the command line is wrong: no retry can help
             if isinstance(outcome, InstallResult):
-                self.emit({"event": "installed", **outcome.as_json()})
+                self.emit({"event": "installed", **install_json(outcome)})
                 if outcome.action != "unchanged":
                     await self._report(outcome)
                 return head, outcome
@@ -187,7 +188,7 @@ class _Follower:
         """Install, tell the caller (``task_status``), then serve until cancelled."""
         ready = False
 
-        def on_ready(result: Any) -> None:
+        def on_ready(result: InstallResult) -> None:
             nonlocal ready
             ready = True
             if result.listen_port:  # --listen HOST:0 keeps the port it got, for good

@@ -1,0 +1,98 @@
+"""How the node's results read: as JSON (``--json``, the watch event stream, the demo's
+table) and as a person's summary on the terminal.
+
+The person's summary is made from the JSON form, not from the result, so the two cannot say
+different things.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from ..units import format_bytes
+
+if TYPE_CHECKING:
+    from ..swarm.node import PeerStats
+    from .result import InstallResult
+
+__all__ = ["install_json", "peer_json", "print_install", "print_watch_event"]
+
+
+def install_json(result: InstallResult) -> dict[str, Any]:
+    """One install's figures; the keys are a contract (scripts and the tracker's dashboards
+    read them)."""
+    m = result.manifest
+    return {
+        "action": result.action,
+        "app": m.app,
+        "version": m.version,
+        "build": m.build,
+        "manifest_id": m.id.hex(),
+        "previous_build": result.previous_build,
+        "files": len(m.files),
+        "bytes_total": result.bytes_total,
+        "bytes_cdn": result.bytes_cdn,
+        "bytes_reused": result.bytes_reused,
+        "bytes_resumed": result.bytes_resumed,
+        "bytes_peers": result.bytes_peers,
+        "listen_port": result.listen_port,
+        "discovery": result.discovery,
+        "seconds": round(result.seconds, 3),
+        "mirrors": result.mirrors,
+        "peers": {addr: peer_json(st) for addr, st in result.peers.items()},
+    }
+
+
+def peer_json(st: PeerStats) -> dict[str, Any]:
+    """How one peer did in an install, rounded for reading."""
+    return {
+        "node_id": st.node_id.hex(),
+        "bytes": st.bytes,
+        "chunks": st.chunks,
+        "rate": round(st.rate),
+        "latency_ms": round(st.latency_ms, 1),
+        "connect_ms": round(1000 * st.connect_s, 1),
+        "first_piece_ms": None if st.first_piece_s is None else round(1000 * st.first_piece_s, 1),
+        "corrupt": st.corrupt,
+        "failures": st.failures,
+        "error": st.error,
+    }
+
+
+def print_install(out: dict[str, Any]) -> None:
+    """One install's summary for a person, from its JSON form (``install_json``)."""
+    name = f"{out['app']} {out['version']} (build {out['build']})"
+    if out["action"] == "unchanged":
+        print(f"{name} is already installed")
+        return
+    print(
+        f"{out['action']} {name}: {format_bytes(out['bytes_total'])} "
+        f"in {out['seconds']:.1f}s; {format_bytes(out['bytes_peers'])} from peers, "
+        f"{format_bytes(out['bytes_cdn'])} from the CDN, "
+        f"{format_bytes(out['bytes_reused'])} reused locally, "
+        f"{format_bytes(out['bytes_resumed'])} resumed"
+    )
+    for addr, st in out["peers"].items():
+        note = f" ({st['error']})" if st["error"] else ""
+        print(
+            f"  peer {addr}: {format_bytes(st['bytes'])} in {st['chunks']} chunks, "
+            f"{st['corrupt']} corrupt{note}"
+        )
+
+
+def print_watch_event(event: dict[str, Any]) -> None:
+    """One of ``watch``'s events for a person: progress on stdout, trouble on stderr."""
+    if event["event"] == "installed":
+        print_install(event)
+        if event.get("listen_port"):
+            print(f"serving on port {event['listen_port']} until the next build", flush=True)
+    elif event["event"] == "watching":
+        print(f"following {event['app']} on {event['channel']}", flush=True)
+    elif event["event"] == "release":
+        print(f"{event['app']} build {event['build']} ({event['version']}) is out", flush=True)
+    else:
+        retry = event.get("retry_in_s")
+        tail = f"; trying again in {retry:.0f}s" if retry else ""
+        fix = f" (fix: {event['fix']})" if event.get("fix") else ""
+        print(f"p2pnode: {event['event']}: {event['error']}{fix}{tail}", file=sys.stderr)
