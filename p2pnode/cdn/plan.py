@@ -340,10 +340,27 @@ UNREACHABLE = frozenset({"connect"})
 
 @dataclass(frozen=True)
 class PlanParams:
+    """What :class:`FetchPlan` decides by. Durations are seconds, sizes bytes.
+
+    Attributes:
+        connections: concurrent requests over all mirrors (the HTTP pool's size).
+        max_download_rate: bytes/s over all connections; None = unlimited.
+        max_range_bytes: the most one coalesced range request asks for.
+        max_attempts: per chunk, over all mirrors, before it is given up.
+        target_seconds: requested-but-unreceived bytes are bounded by this many seconds of
+            transfer at the current rate (caps what a killed process loses).
+        initial_budget, max_budget: that bound before the rate is known, and its ceiling.
+        min_budget: its floor once the rate is known (never above ``initial_budget``).
+        retry_base, retry_cap: exponential backoff with full jitter before a chunk returns
+            to a mirror that failed it.
+        failure_threshold, cooldown_base, cooldown_cap: consecutive failures that put a mirror
+            on cooldown, and the cooldown's first length and ceiling (doubling).
+    """
+
     connections: int = 8
+    max_download_rate: float | None = None
     max_range_bytes: int = 16 * 2**20
     max_attempts: int = 6
-    rate_cap: float | None = None
     target_seconds: float = 0.25
     initial_budget: int = 4 * 2**20
     min_budget: int = 512 * 1024
@@ -458,13 +475,14 @@ class FetchPlan:
         """Bytes that may be requested and not yet verified, over all connections."""
         p = self.p
         measured = self.meter.rate(now)
-        if p.rate_cap is not None:
-            rate = p.rate_cap
+        if p.max_download_rate is not None:
+            rate = p.max_download_rate
         elif now - self.meter.started < 0.2 or measured <= 0:
             return p.initial_budget
         else:
             rate = measured * 1.5  # headroom, so the budget can grow with a faster link
-        return int(min(p.max_budget, max(p.min_budget, rate * p.target_seconds)))
+        floor = min(p.min_budget, p.initial_budget)
+        return int(min(p.max_budget, max(floor, rate * p.target_seconds)))
 
     def target_request(self, now: float) -> int:
         budget = self.budget(now)

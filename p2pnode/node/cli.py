@@ -14,9 +14,10 @@ import math
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -27,10 +28,17 @@ from ..units import format_bytes, parse_rate
 from .render import install_json, print_install, print_watch_event
 from .sources import SourcePolicy
 
+if TYPE_CHECKING:
+    from ..discovery.tracker import TrackerClient
+    from ..progress import Progress
+    from ..release.publish import PublishResult
+    from .options import InstallOptions
+    from .result import InstallResult
+
 __all__ = ["main"]
 
 
-def _progress(args: argparse.Namespace) -> Any:
+def _progress(args: argparse.Namespace) -> Progress | None:
     from ..progress import RichProgress
 
     if args.json or args.quiet or not sys.stderr.isatty():
@@ -77,8 +85,8 @@ def _discovery_flags(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _install_options(args: argparse.Namespace, **extra: Any) -> Any:
-    from .install import InstallOptions
+def _install_options(args: argparse.Namespace, **extra: Any) -> InstallOptions:
+    from .options import InstallOptions
 
     if args.connections < 1 or args.connections > 64:
         raise UsageError("--connections must be between 1 and 64")
@@ -87,7 +95,6 @@ def _install_options(args: argparse.Namespace, **extra: Any) -> Any:
         swarm = dict(
             peers=args.peer or (),
             listen=args.listen,
-            seed=args.seed,
             policy=args.policy,
             max_upload_rate=_rate(args.max_upload_rate),
             max_peer_upload_rate=_rate(args.max_peer_upload_rate),
@@ -145,7 +152,7 @@ def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-async def _publish_to_tracker(args: argparse.Namespace, result: Any) -> dict[str, Any]:
+async def _publish_to_tracker(args: argparse.Namespace, result: PublishResult) -> dict[str, Any]:
     from ..discovery.tracker import TrackerClient
 
     if not args.token:
@@ -156,8 +163,9 @@ async def _publish_to_tracker(args: argparse.Namespace, result: Any) -> dict[str
     return answer
 
 
-async def _from_tracker(url: str, app: str, channel: str) -> tuple[str, bytes, Any]:
-    """The channel's current signed manifest, via the tracker (verified by the caller)."""
+async def _from_tracker(url: str, app: str, channel: str) -> tuple[str, bytes]:
+    """The channel's current signed manifest, via the tracker (verified by the caller), and
+    where it came from."""
     from ..discovery.tracker import TrackerClient
 
     async with TrackerClient(url) as tracker:
@@ -168,70 +176,65 @@ async def _from_tracker(url: str, app: str, channel: str) -> tuple[str, bytes, A
                 fix="publish a build first (p2pnode publish ... --tracker URL)",
             )
         data = await tracker.fetch_manifest(head.manifest_id)
-    return f"{url} ({app}/{channel})", data, head
+    return f"{url} ({app}/{channel})", data
 
 
-def _listen_port(options: Any) -> int | None:
+def _listen_port(options: InstallOptions) -> int | None:
     if not options.listen:
         return None
     port = int(options.listen.rpartition(":")[2] or 0)
     return port or None
 
 
-async def _tracked_install(
-    args: argparse.Namespace, options: Any, location: str, data: bytes
-) -> Any:
-    """An install resolved through a tracker: its peers come from the tracker (raced with the
-    DHT and the LAN when those are on), and the node reports back when done. Tracker trouble
-    after the manifest is in hand costs peers and statistics, not the install."""
+async def _install_verb(args: argparse.Namespace, options: InstallOptions) -> InstallResult | None:
+    """``install``/``update``: the install, reported to the tracker when one resolved it, and
+    with ``--seed`` served until SIGINT/SIGTERM (``None``: stopped before it was installed).
+
+    Through a tracker, peers come from the tracker (raced with the DHT and the LAN when those
+    are on) and the node reports back when done; tracker trouble after the manifest is in hand
+    costs peers and statistics, not the install.
+    """
     from ..discovery.tracker import TrackerClient
-    from ..identity import load_or_create
-    from .install import install
-    from .tracking import serving_host
+    from .install import install, install_and_seed
 
-    me = await trio.to_thread.run_sync(load_or_create, options.identity_dir)
-    port = _listen_port(options)
-    host = await trio.to_thread.run_sync(serving_host, options.listen, args.tracker)
-    async with TrackerClient(args.tracker) as tracker:
-        run = partial(
-            install,
-            location,
-            Path(args.dest),
-            _trusted(args.trust),
-            options,
-            _progress(args),
-            manifest_data=data,
-        )
-        if not options.seed:
-            result = await run()
-        else:  # install, report, then keep seeding until SIGINT/SIGTERM
-            installed: list[Any] = []
-            ready = trio.Event()
-            announce_ready = options.on_ready
-
-            def on_ready(r: Any) -> None:
-                installed.append(r)
-                if announce_ready is not None:
-                    announce_ready(r)
-                ready.set()
-
-            options.on_ready = on_ready
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run)
-                await ready.wait()
-                result = installed[0]
-                await _report(tracker, me, result, port, host)
-                await _until_signalled()
-                nursery.cancel_scope.cancel()
+    location, data = args.manifest, None
+    if args.tracker:
+        location, data = await _from_tracker(args.tracker, args.manifest, args.channel)
+    run = (location, Path(args.dest), _trusted(args.trust), options, _progress(args))
+    async with AsyncExitStack() as stack:
+        tracker = None
+        if args.tracker:
+            tracker = await stack.enter_async_context(TrackerClient(args.tracker))
+        if not args.seed:
+            result = await install(*run, manifest_data=data)
+            if tracker is not None:
+                await _report(tracker, options, result)
             return result
-        await _report(tracker, me, result, port, host)
-    return result
+        seeded: InstallResult | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
+            seeded = await nursery.start(partial(install_and_seed, *run, manifest_data=data))
+            _print_seeding(args, seeded)
+            if tracker is not None:
+                await _report(tracker, options, seeded)
+            await trio.sleep_forever()
+        return seeded
 
 
-async def _report(tracker: Any, me: Any, result: Any, port: int | None, host: str | None) -> None:
-    from .tracking import report_install
+def _print_seeding(args: argparse.Namespace, result: InstallResult) -> None:
+    """``--seed``: the install is done and served; say so before serving on."""
+    if args.json:
+        print(json.dumps({"event": "installed", **install_json(result)}), flush=True)
+    else:
+        print_install(install_json(result))
+        print(f"seeding on {args.listen} (Ctrl-C to stop)", flush=True)
 
-    trouble = await report_install(tracker, me, result, port, host)
+
+async def _report(tracker: TrackerClient, options: InstallOptions, result: InstallResult) -> None:
+    from .tracking import report_install, reporter
+
+    me, host = await reporter(options.identity_dir, options.listen, tracker.base_url)
+    trouble = await report_install(tracker, me, result, _listen_port(options), host)
     if trouble is not None:
         print(f"p2pnode: warning: {trouble}", file=sys.stderr)
 
@@ -243,57 +246,13 @@ async def _until_signalled() -> None:
 
 
 def cmd_install(args: argparse.Namespace, *, update: bool = False) -> dict[str, Any]:
-    from .install import install
-
     options = _install_options(args, require_installed=update)
-    if options.seed and not options.listen:
+    if args.seed and not options.listen:
         raise UsageError("--seed needs --listen HOST:PORT", fix="add --listen 0.0.0.0:6881")
-    done: list[Any] = []
-
-    def ready(result: Any) -> None:  # with --seed: report the install, then keep serving
-        done.append(result)
-        if args.json:
-            print(json.dumps({"event": "installed", **install_json(result)}), flush=True)
-        else:
-            print_install(install_json(result))
-            print(f"seeding on {args.listen} (Ctrl-C to stop)", flush=True)
-
-    options.on_ready = ready
-
-    async def run() -> Any:
-        location, data = args.manifest, None
-        if args.tracker:
-            location, data, _head = await _from_tracker(args.tracker, args.manifest, args.channel)
-            return await _tracked_install(args, options, location, data)
-        if not options.seed:
-            return await install(
-                location,
-                Path(args.dest),
-                _trusted(args.trust),
-                options,
-                _progress(args),
-                manifest_data=data,
-            )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                partial(
-                    install,
-                    location,
-                    Path(args.dest),
-                    _trusted(args.trust),
-                    options,
-                    _progress(args),
-                    manifest_data=data,
-                )
-            )
-            await _until_signalled()
-            nursery.cancel_scope.cancel()
-        return done[0] if done else None
-
-    result = trio.run(run)
+    result = trio.run(_install_verb, args, options)
     if result is None:
         raise UsageError("stopped before the install finished", fix="run it again to resume")
-    if options.seed:
+    if args.seed:
         return {"event": "stopped", "build": result.manifest.build}
     if not args.json:
         print_install(install_json(result))
@@ -611,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
         "spare its upload (as `seed` does); use with --policy cdn-only",
     )
     _add_fetch_flags(p)
-    p.set_defaults(func=cmd_watch, seed=False)
+    p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("seed", parents=[common], help="serve an installed release to peers")
     p.add_argument("--dest", required=True, metavar="DIR")

@@ -64,6 +64,7 @@ __all__ = [
     "SourcePolicy",
     "assemble",
     "install",
+    "install_and_seed",
     "rollback",
 ]
 
@@ -83,6 +84,42 @@ async def install(
     only names where it came from, and mirrors come from the manifest and ``options``.
     """
     options = options or InstallOptions()
+    return await _install(location, dest, trusted, options, progress, manifest_data, None)
+
+
+async def install_and_seed(
+    location: str,
+    dest: Path,
+    trusted: Sequence[bytes],
+    options: InstallOptions,
+    progress: Progress | None = None,
+    *,
+    manifest_data: bytes | None = None,
+    task_status: trio.TaskStatus[InstallResult] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``install``, then serve what it installed until cancelled: ``install --seed`` and
+    ``watch --listen`` (start it with ``nursery.start``: the install's result comes back once
+    the build is in place and served from there).
+
+    The install lock is held while serving, so nothing else changes ``dest`` under the
+    served index. With nothing to serve on (no ``listen``, peers or discovery) it returns
+    once installed.
+    """
+    result = await _install(location, dest, trusted, options, progress, manifest_data, task_status)
+    task_status.started(result)  # (reached only when there was nothing to serve on)
+
+
+async def _install(
+    location: str,
+    dest: Path,
+    trusted: Sequence[bytes],
+    options: InstallOptions,
+    progress: Progress | None,
+    manifest_data: bytes | None,
+    seed: trio.TaskStatus[InstallResult] | None,
+) -> InstallResult:
+    """The install; with ``seed``, once it is done and something serves it, ``seed`` gets
+    the result and this serves until cancelled (it never returns)."""
     t0 = time.monotonic()
     sd = StateDir(dest)
     data = manifest_data if manifest_data is not None else await read_manifest(location)
@@ -103,8 +140,8 @@ async def install(
                 manifest.total_size,
                 seconds=time.monotonic() - t0,
             )
-            if options.seed:
-                await _serve_unchanged(sd, state, signed, manifest, options, result)
+            if seed is not None:
+                await _serve_unchanged(sd, state, signed, manifest, options, result, seed)
             return result
         state.app = manifest.app
         state.trusted = sorted({*state.trusted, keys.format_public_key(manifest.key)})
@@ -128,21 +165,25 @@ async def install(
             result.action = "updated" if current else "installed"
             result.seconds = time.monotonic() - t0
             if swarm is not None:
-                if options.seed:  # the tree moved into place: serve it from there
+                if seed is not None:  # the tree moved into place: serve it from there
                     swarm.node.local = local_chunks(sd, sd.load())
-                await _served(swarm, options, result)
+                await _served(swarm, options, result, seed)
         return result
 
 
-async def _served(swarm: Swarm, options: InstallOptions, result: InstallResult) -> None:
-    """Fill in where ``result``'s node serves and how discovery went; with ``--seed``, tell
-    ``on_ready`` and serve until cancelled."""
+async def _served(
+    swarm: Swarm,
+    options: InstallOptions,
+    result: InstallResult,
+    seed: trio.TaskStatus[InstallResult] | None,
+) -> None:
+    """Fill in where ``result``'s node serves and how discovery went; with ``seed``, hand it
+    the result and serve until cancelled."""
     result.listen_port = swarm.node.listen_port if options.listen else None
     if swarm.discovery is not None:
         result.discovery = swarm.discovery.summary()
-    if options.seed:
-        if options.on_ready is not None:
-            options.on_ready(result)
+    if seed is not None:
+        seed.started(result)
         await trio.sleep_forever()
 
 
@@ -153,18 +194,19 @@ async def _serve_unchanged(
     manifest: M.Manifest,
     options: InstallOptions,
     result: InstallResult,
+    seed: trio.TaskStatus[InstallResult],
 ) -> None:
-    """``--seed`` of the build already installed (a restarted seeder, ``watch`` starting up):
+    """Seeding the build already installed (a restarted seeder, ``watch`` starting up):
     nothing to fetch, so serve at once instead of waiting for discovery's first answer."""
     async with open_swarm(
         sd, state, manifest, replace(options, discovery_wait=0.0), signed=signed
     ) as swarm:
-        if swarm is None:  # --seed without --listen or discovery: nothing to serve on
+        if swarm is None:  # nothing to serve on: no --listen, peers or discovery
             return
         swarm.result = result
         if swarm.more_peers is not None:
             swarm.more_peers.close()  # nothing to fetch: discovery only announces from now on
-        await _served(swarm, options, result)
+        await _served(swarm, options, result, seed)
 
 
 async def rollback(
@@ -177,8 +219,7 @@ async def rollback(
         if not state.history:
             raise NoRollbackError(f"{dest} keeps no version earlier than the installed one")
         signed = sd.load_signed(state.history[0])
-        trusted = {keys.parse_public_key(k) for k in state.trusted}
-        manifest = M.verify(signed, trusted, check_expiry=False)
+        manifest = M.verify(signed, trusted_keys((), state.trusted), check_expiry=False)
         mirrors = resolve_mirrors(options.mirrors, None, manifest, state.mirrors)
         result = await _apply(
             sd,

@@ -6,17 +6,13 @@ every build it follows; the install, its swarm node and its CDN fetches read the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..discovery.race import DiscoveryOptions
 from ..ratelimit import RateLimiter
 from .sources import SourcePolicy
-
-if TYPE_CHECKING:
-    from .result import InstallResult
 
 __all__ = ["InstallOptions", "SourcePolicy"]
 
@@ -36,7 +32,6 @@ class InstallOptions:
     now: float | None = None  # for tests of expiry
     peers: Sequence[str] = ()  # HOST:PORT of peers to fetch from
     listen: str | None = None  # HOST:PORT to serve verified chunks on while installing
-    seed: bool = False  # keep serving after the install, until cancelled
     policy: SourcePolicy = SourcePolicy.P2P_FIRST  # a CLI string is accepted and converted
     limiter: RateLimiter | None = None  # the download cap, shared (made from the rate)
     identity_dir: Path | None = None  # where the node key lives (default: user data dir)
@@ -46,7 +41,6 @@ class InstallOptions:
     lan_port: int | None = None  # the LAN discovery group's port (None: the default)
     tracker: str | None = None  # tracker URL: announce there (port 0 unless serving), take peers
     discovery_wait: float = 5.0  # wait at most this long for discovery's first answer
-    on_ready: Callable[[InstallResult], None] | None = None  # with seed: once the install is done
 
     def discovery(self) -> DiscoveryOptions:
         return DiscoveryOptions(

@@ -10,6 +10,7 @@ announces with port 0: it is counted (offload, completions) but never handed out
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import trio
 
@@ -19,7 +20,7 @@ from ..identity import NodeIdentity
 from ..release import manifest as M
 from .result import InstallResult
 
-__all__ = ["announce_completed", "own_records", "report_install", "serving_host"]
+__all__ = ["announce_completed", "own_records", "report_install", "reporter", "serving_host"]
 
 
 def own_records(me: NodeIdentity, manifest: M.Manifest, host: str | None, port: int) -> list[bytes]:
@@ -98,6 +99,18 @@ def serving_host(listen: str | None, tracker_url: str) -> str | None:
     from ..discovery.race import announce_host
 
     return announce_host(listen.rpartition(":")[0], [httpx.URL(tracker_url).host])
+
+
+async def reporter(
+    identity_dir: Path | None, listen: str | None, tracker_url: str
+) -> tuple[NodeIdentity, str | None]:
+    """Who reports installs to the tracker at ``tracker_url``: this node's identity, and the
+    host its records name when it serves on ``listen`` (``serving_host``)."""
+    from ..identity import load_or_create
+
+    me = await trio.to_thread.run_sync(load_or_create, identity_dir)
+    host = await trio.to_thread.run_sync(serving_host, listen, tracker_url)
+    return me, host
 
 
 async def report_install(
