@@ -213,6 +213,7 @@ class CDNFetcher:
         with ``data`` verified against ``req.id``, in any order.
 
         Raises:
+            ValueError: a request names a path ``file_sizes`` lacks (a bug in the caller).
             CDNError: some chunk could not be had from any mirror (after every other chunk
                 that could be fetched was delivered); names the chunk, its file, and why per
                 mirror.
@@ -221,9 +222,8 @@ class CDNFetcher:
         o = self.options
         for r in requests:
             if r.path not in self.file_sizes:
-                raise CDNError(
-                    f"chunk {r.id.hex()[:12]} names {r.path!r}, which is not in the release",
-                    fix="this is a bug in the caller; report it",
+                raise ValueError(  # misuse: the caller's requests do not match its file_sizes
+                    f"chunk {r.id.hex()[:12]} names {r.path!r}, which is not in the release"
                 )
         start = trio.current_time()
         rng = random.Random(o.seed)

@@ -29,7 +29,7 @@ import httpx
 import trio
 
 from ..discovery.tracker import TrackerClient
-from ..errors import P2PNodeError
+from ..errors import DemoError
 from ..node.install import InstallOptions, rollback
 from ..node.render import install_json
 from ..node.sources import SourcePolicy
@@ -86,10 +86,6 @@ def _row(
 
 
 LEECHERS = 3
-
-
-class DemoError(P2PNodeError):
-    default_fix = "run the demo again; if it fails the same way, report it with its output"
 
 
 class _Follower:

@@ -428,14 +428,13 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-class _Failed(Exception):
-    """A verb that ran but whose outcome is a failure (verify found damage)."""
+class _Failed(P2PNodeError):
+    """A verb that ran but whose outcome is a failure (verify found damage): ``main`` prints
+    its payload with the error."""
 
     def __init__(self, payload: dict[str, Any], message: str, fix: str) -> None:
-        super().__init__(message)
+        super().__init__(message, fix=fix)
         self.payload = payload
-        self.message = message
-        self.fix = fix
 
 
 def _add_dht_flags(p: argparse.ArgumentParser) -> None:

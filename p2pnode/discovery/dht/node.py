@@ -57,7 +57,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 
-from ...errors import InstallError, TransportError, UsageError
+from ...errors import DHTError, DHTStateError, UsageError
 from ...release.keys import node_id_of, public_key_bytes
 from .lookup import Contact, Lookup, RttEstimator
 from .records import (
@@ -109,18 +109,6 @@ SUSPECT_SECONDS = 60.0
 MAX_LOOKUP_RECORDS = 256
 MAX_STATE_CONTACTS = 1024
 STATE_FORMAT = "p2pnode-dht-routing-v1"
-
-
-class DHTError(TransportError):
-    """The DHT could not be started or used (port in use, no bootstrap reachable)."""
-
-    default_fix = "check --dht-port is free and --dht-bootstrap names a reachable DHT node"
-
-
-class DHTStateError(InstallError):
-    """The saved routing table cannot be read; the node starts without it."""
-
-    default_fix = "delete the routing table file; it is rebuilt from --dht-bootstrap"
 
 
 @dataclass
