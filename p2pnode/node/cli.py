@@ -13,7 +13,7 @@ import json
 import math
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
@@ -24,8 +24,15 @@ import trio
 from .. import __version__
 from ..errors import P2PNodeError, UsageError, most_telling
 from ..release import keys
-from ..units import format_bytes, parse_rate
-from .render import install_json, print_install, print_watch_event
+from ..units import parse_rate
+from .render import (
+    install_json,
+    print_install,
+    print_published,
+    print_status,
+    print_verify,
+    print_watch_event,
+)
 from .sources import SourcePolicy
 
 if TYPE_CHECKING:
@@ -85,12 +92,14 @@ def _discovery_flags(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _install_options(args: argparse.Namespace, **extra: Any) -> InstallOptions:
+def _install_options(
+    args: argparse.Namespace, *, require_installed: bool = False, origin: bool = False
+) -> InstallOptions:
     from .options import InstallOptions
 
     if args.connections < 1 or args.connections > 64:
         raise UsageError("--connections must be between 1 and 64")
-    swarm = {}
+    swarm: dict[str, Any] = {}
     if hasattr(args, "peer"):
         swarm = dict(
             peers=args.peer or (),
@@ -108,8 +117,9 @@ def _install_options(args: argparse.Namespace, **extra: Any) -> InstallOptions:
         connections=args.connections,
         max_download_rate=parse_rate(args.max_download_rate) if args.max_download_rate else None,
         keep_versions=args.keep_versions,
+        require_installed=require_installed,
+        origin=origin,
         **swarm,
-        **extra,
     )
 
 
@@ -142,13 +152,7 @@ def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
     if args.tracker:
         out["tracker"] = trio.run(_publish_to_tracker, args, result)
     if not args.json:
-        m = result.manifest
-        print(
-            f"published {m.app} {m.version} (build {m.build}, channel {m.channel}): "
-            f"{len(m.files)} files, {format_bytes(m.total_size)}, "
-            f"{out['chunks']} chunks -> {Path(args.out) / result.manifest_path}"
-        )
-        print(f"manifest id {out['manifest_id']}")
+        print_published(out, result, Path(args.out))
     return out
 
 
@@ -161,22 +165,6 @@ async def _publish_to_tracker(args: argparse.Namespace, result: PublishResult) -
     async with TrackerClient(args.tracker, token=args.token) as tracker:
         answer: dict[str, Any] = await tracker.publish(m.app, m.channel, result.signed.encode())
     return answer
-
-
-async def _from_tracker(url: str, app: str, channel: str) -> tuple[str, bytes]:
-    """The channel's current signed manifest, via the tracker (verified by the caller), and
-    where it came from."""
-    from ..discovery.tracker import TrackerClient
-
-    async with TrackerClient(url) as tracker:
-        head = await tracker.latest(app, channel)
-        if head is None:
-            raise UsageError(
-                f"nothing is published on channel {channel!r} of {app} at {url}",
-                fix="publish a build first (p2pnode publish ... --tracker URL)",
-            )
-        data = await tracker.fetch_manifest(head.manifest_id)
-    return f"{url} ({app}/{channel})", data
 
 
 def _listen_port(options: InstallOptions) -> int | None:
@@ -196,10 +184,11 @@ async def _install_verb(args: argparse.Namespace, options: InstallOptions) -> In
     """
     from ..discovery.tracker import TrackerClient
     from .install import install, install_and_seed
+    from .tracking import channel_manifest
 
     location, data = args.manifest, None
     if args.tracker:
-        location, data = await _from_tracker(args.tracker, args.manifest, args.channel)
+        location, data = await channel_manifest(args.tracker, args.manifest, args.channel)
     run = (location, Path(args.dest), _trusted(args.trust), options, _progress(args))
     async with AsyncExitStack() as stack:
         tracker = None
@@ -210,14 +199,14 @@ async def _install_verb(args: argparse.Namespace, options: InstallOptions) -> In
             if tracker is not None:
                 await _report(tracker, options, result)
             return result
-        seeded: InstallResult | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
-            seeded = await nursery.start(partial(install_and_seed, *run, manifest_data=data))
-            _print_seeding(args, seeded)
+
+        async def ready(result: InstallResult) -> None:
+            _print_seeding(args, result)
             if tracker is not None:
-                await _report(tracker, options, seeded)
-            await trio.sleep_forever()
+                await _report(tracker, options, result)
+
+        seeding = partial(install_and_seed, *run, manifest_data=data)
+        seeded: InstallResult | None = await _serve_until_signalled(seeding, ready)
         return seeded
 
 
@@ -237,6 +226,21 @@ async def _report(tracker: TrackerClient, options: InstallOptions, result: Insta
     trouble = await report_install(tracker, me, result, _listen_port(options), host)
     if trouble is not None:
         print(f"p2pnode: warning: {trouble}", file=sys.stderr)
+
+
+async def _serve_until_signalled(
+    start: Callable[..., Awaitable[object]], ready: Callable[[Any], Awaitable[None]]
+) -> Any:
+    """Start a long-running task (``nursery.start(start)``: an installing seeder, a seed box),
+    await ``ready`` with what it started with, then keep it running until SIGINT/SIGTERM.
+    Returns what it started with, or ``None`` if stopped before it started."""
+    started = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
+        started = await nursery.start(start)
+        await ready(started)
+        await trio.sleep_forever()
+    return started
 
 
 async def _until_signalled() -> None:
@@ -315,30 +319,25 @@ def cmd_seed(args: argparse.Namespace) -> dict[str, Any]:
     from ..discovery.race import DiscoveryOptions
     from .seed import seed
 
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(
-                partial(
-                    seed,
-                    Path(args.dest),
-                    args.listen,
-                    None,
-                    _rate(args.max_upload_rate),
-                    frugal=args.frugal,
-                    spare=args.spare,
-                    max_peer_upload_rate=_rate(args.max_peer_upload_rate),
-                    upload_slots=_slots(args.upload_slots),
-                    discovery=DiscoveryOptions(**_discovery_flags(args), tracker=args.tracker),
-                )
-            )
-            if args.json:
-                print(json.dumps({"event": "listening", "port": port}), flush=True)
-            else:
-                print(f"seeding {args.dest} on port {port} (Ctrl-C to stop)", flush=True)
-            await _until_signalled()
-            nursery.cancel_scope.cancel()
+    async def ready(port: int) -> None:
+        if args.json:
+            print(json.dumps({"event": "listening", "port": port}), flush=True)
+        else:
+            print(f"seeding {args.dest} on port {port} (Ctrl-C to stop)", flush=True)
 
-    trio.run(run)
+    serve = partial(
+        seed,
+        Path(args.dest),
+        args.listen,
+        None,
+        _rate(args.max_upload_rate),
+        frugal=args.frugal,
+        spare=args.spare,
+        max_peer_upload_rate=_rate(args.max_peer_upload_rate),
+        upload_slots=_slots(args.upload_slots),
+        discovery=DiscoveryOptions(**_discovery_flags(args), tracker=args.tracker),
+    )
+    trio.run(_serve_until_signalled, serve, ready)
     return {"stopped": True}
 
 
@@ -368,19 +367,7 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     )
     out = report.as_json()
     if not args.json:
-        for p in report.missing:
-            print(f"missing  {p}")
-        for p, why in report.corrupt.items():
-            print(f"corrupt  {p}: {why}")
-        for p in report.extra:
-            print(f"extra    {p}")
-        for p in report.repaired:
-            print(f"repaired {p}")
-        for p in report.quarantined:
-            print(f"moved    {p} (extra file, kept in the install's quarantine)")
-        m = report.manifest
-        state = "OK" if report.ok else "DAMAGED"
-        print(f"{m.app} {m.version} (build {m.build}): {state}")
+        print_verify(report)
     if not report.ok:
         problems = len(report.missing) + len(report.corrupt) + len(report.extra)
         raise _Failed(
@@ -412,11 +399,7 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
         "trusted": state.trusted,
     }
     if not args.json:
-        cur = out["current"]
-        if cur:
-            print(f"{state.app} {cur['version']} (build {cur['build']}) in {args.dest}")
-        for v in versions[1:]:
-            print(f"  kept for rollback: {v['version']} (build {v['build']})")
+        print_status(out, args.dest)
     return out
 
 

@@ -13,10 +13,22 @@ from typing import TYPE_CHECKING, Any
 from ..units import format_bytes
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ..disk.scan import VerifyReport
+    from ..release.publish import PublishResult
     from ..swarm.node import PeerStats
     from .result import InstallResult
 
-__all__ = ["install_json", "peer_json", "print_install", "print_watch_event"]
+__all__ = [
+    "install_json",
+    "peer_json",
+    "print_install",
+    "print_published",
+    "print_status",
+    "print_verify",
+    "print_watch_event",
+]
 
 
 def install_json(result: InstallResult) -> dict[str, Any]:
@@ -96,3 +108,40 @@ def print_watch_event(event: dict[str, Any]) -> None:
         tail = f"; trying again in {retry:.0f}s" if retry else ""
         fix = f" (fix: {event['fix']})" if event.get("fix") else ""
         print(f"p2pnode: {event['event']}: {event['error']}{fix}{tail}", file=sys.stderr)
+
+
+def print_published(out: dict[str, Any], result: PublishResult, cdn_dir: Path) -> None:
+    """A publish's summary, from its JSON form (``PublishResult.as_json``)."""
+    m = result.manifest
+    print(
+        f"published {m.app} {m.version} (build {m.build}, channel {m.channel}): "
+        f"{len(m.files)} files, {format_bytes(m.total_size)}, "
+        f"{out['chunks']} chunks -> {cdn_dir / result.manifest_path}"
+    )
+    print(f"manifest id {out['manifest_id']}")
+
+
+def print_verify(report: VerifyReport) -> None:
+    """What ``verify`` found (and repaired or moved), a line per file, then the verdict."""
+    for p in report.missing:
+        print(f"missing  {p}")
+    for p, why in report.corrupt.items():
+        print(f"corrupt  {p}: {why}")
+    for p in report.extra:
+        print(f"extra    {p}")
+    for p in report.repaired:
+        print(f"repaired {p}")
+    for p in report.quarantined:
+        print(f"moved    {p} (extra file, kept in the install's quarantine)")
+    m = report.manifest
+    state = "OK" if report.ok else "DAMAGED"
+    print(f"{m.app} {m.version} (build {m.build}): {state}")
+
+
+def print_status(out: dict[str, Any], dest: str) -> None:
+    """What is installed in ``dest`` and kept for rollback, from ``status``'s JSON form."""
+    cur = out["current"]
+    if cur:
+        print(f"{out['app']} {cur['version']} (build {cur['build']}) in {dest}")
+    for v in out["kept"]:
+        print(f"  kept for rollback: {v['version']} (build {v['build']})")

@@ -16,11 +16,19 @@ import trio
 
 from ..discovery.dht.records import Topic, make_record
 from ..discovery.tracker import PeerQualityReport, TrackerClient, TrackerError
+from ..errors import UsageError
 from ..identity import NodeIdentity
 from ..release import manifest as M
 from .result import InstallResult
 
-__all__ = ["announce_completed", "own_records", "report_install", "reporter", "serving_host"]
+__all__ = [
+    "announce_completed",
+    "channel_manifest",
+    "own_records",
+    "report_install",
+    "reporter",
+    "serving_host",
+]
 
 
 def own_records(me: NodeIdentity, manifest: M.Manifest, host: str | None, port: int) -> list[bytes]:
@@ -99,6 +107,20 @@ def serving_host(listen: str | None, tracker_url: str) -> str | None:
     from ..discovery.race import announce_host
 
     return announce_host(listen.rpartition(":")[0], [httpx.URL(tracker_url).host])
+
+
+async def channel_manifest(url: str, app: str, channel: str) -> tuple[str, bytes]:
+    """The channel's current signed manifest, via the tracker (verified by the caller), and
+    where it came from."""
+    async with TrackerClient(url) as tracker:
+        head = await tracker.latest(app, channel)
+        if head is None:
+            raise UsageError(
+                f"nothing is published on channel {channel!r} of {app} at {url}",
+                fix="publish a build first (p2pnode publish ... --tracker URL)",
+            )
+        data = await tracker.fetch_manifest(head.manifest_id)
+    return f"{url} ({app}/{channel})", data
 
 
 async def reporter(
