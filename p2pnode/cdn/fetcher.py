@@ -50,16 +50,8 @@ import trio
 from ..errors import CDNError
 from ..ratelimit import RateLimiter
 from ..release import layout
-from .plan import (
-    DONE,
-    ChunkRequest,
-    ChunkSplitter,
-    FetchPlan,
-    Job,
-    PlanParams,
-    Wait,
-    parse_content_range,
-)
+from .plan import DONE, FetchPlan, Job, PlanParams, Wait
+from .ranges import ChunkRequest, ChunkSplitter, parse_content_range
 from .transport import RangeTransport
 
 __all__ = ["CDNFetcher", "CDNOptions", "ChunkRequest", "FetchStats", "MirrorStats", "make_client"]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..cdn.plan import ChunkRequest
+from ..cdn.ranges import ChunkRequest
 from ..disk.stage import Stage
 from ..errors import CDNError, TransportError, UsageError
 from ..progress import Progress
