@@ -31,8 +31,8 @@ import trio
 from ..discovery.tracker import TrackerClient
 from ..errors import DemoError
 from ..node.install import InstallOptions, rollback
+from ..node.policy import SourcePolicy
 from ..node.render import install_json
-from ..node.sources import SourcePolicy
 from ..node.verify import verify
 from ..node.watch import WatchOptions, watch
 from ..release import keys

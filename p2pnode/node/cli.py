@@ -25,6 +25,7 @@ from .. import __version__
 from ..errors import P2PNodeError, UsageError, most_telling
 from ..release import keys
 from ..units import parse_rate
+from .policy import SourcePolicy
 from .render import (
     install_json,
     print_install,
@@ -33,7 +34,6 @@ from .render import (
     print_verify,
     print_watch_event,
 )
-from .sources import SourcePolicy
 
 if TYPE_CHECKING:
     from ..discovery.tracker import TrackerClient

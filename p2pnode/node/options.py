@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..discovery.race import DiscoveryOptions
 from ..ratelimit import RateLimiter
-from .sources import SourcePolicy
+from .policy import SourcePolicy
 
 __all__ = ["InstallOptions", "SourcePolicy"]
 

@@ -22,8 +22,8 @@ from ..errors import most_telling
 from ..ratelimit import RateLimiter
 from ..release import manifest as M
 from .options import InstallOptions
+from .policy import SourcePolicy
 from .result import InstallResult
-from .sources import SourcePolicy
 
 if TYPE_CHECKING:
     from ..swarm.node import SwarmNode

@@ -1,14 +1,13 @@
-"""Where an install's missing chunks come from: the source policy, then peers and the CDN.
+"""Where an install's missing chunks come from: peers and the CDN, as the source policy
+(``policy.SourcePolicy``) allows.
 
-``p2p-first`` (the default) asks peers and schedules the CDN beside them for what no peer has
-or gives too slowly; ``p2p-only`` never touches the CDN (a swarm test, or a site whose CDN is
-the origin seed box); ``cdn-only`` never asks a peer (the origin seed box itself). Whatever the
-swarm phase leaves comes from the CDN in bulk, unless the policy forbids it.
+Peers are asked first, with the CDN in the same schedule for what no peer has or gives too
+slowly (``p2p-first``); whatever the swarm phase leaves comes from the CDN in bulk, unless the
+policy forbids it (``p2p-only``).
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -16,8 +15,9 @@ import trio
 
 from ..cdn.ranges import ChunkRequest
 from ..disk.stage import Stage
-from ..errors import CDNError, TransportError, UsageError
+from ..errors import CDNError, TransportError
 from ..progress import Progress
+from .policy import SourcePolicy
 from .result import InstallResult, add_mirror_stats
 
 if TYPE_CHECKING:
@@ -27,32 +27,7 @@ if TYPE_CHECKING:
     from .options import InstallOptions
     from .peers import Swarm
 
-__all__ = ["SourcePolicy", "fetch_from_cdn", "fetch_missing"]
-
-
-class SourcePolicy(enum.StrEnum):
-    """Which sources an install may fetch from; the values are the ``--policy`` strings."""
-
-    P2P_FIRST = "p2p-first"
-    CDN_ONLY = "cdn-only"
-    P2P_ONLY = "p2p-only"
-
-    @classmethod
-    def parse(cls, text: str) -> SourcePolicy:
-        try:
-            return cls(text)
-        except ValueError:
-            raise UsageError(
-                f"unknown policy {text!r}", fix=f"use one of {', '.join(p.value for p in cls)}"
-            ) from None
-
-    @property
-    def asks_peers(self) -> bool:
-        return self is not SourcePolicy.CDN_ONLY
-
-    @property
-    def uses_cdn(self) -> bool:
-        return self is not SourcePolicy.P2P_ONLY
+__all__ = ["fetch_from_cdn", "fetch_missing"]
 
 
 async def fetch_missing(
