@@ -24,8 +24,17 @@ import trio
 from .. import __version__
 from ..errors import P2PNodeError, UsageError, most_telling
 from ..release import keys
-from ..units import parse_rate
-from .policy import SourcePolicy
+from .flags import (
+    add_dht_flags,
+    add_fetch_flags,
+    add_peer_rate_flags,
+    add_swarm_flags,
+    discovery_flags,
+    install_options,
+    rate,
+    slots,
+    trusted,
+)
 from .render import (
     install_json,
     print_install,
@@ -51,76 +60,6 @@ def _progress(args: argparse.Namespace) -> Progress | None:
     if args.json or args.quiet or not sys.stderr.isatty():
         return None
     return RichProgress()
-
-
-def _trusted(values: Sequence[str] | None) -> list[bytes]:
-    return [keys.parse_public_key(v) for v in values or ()]
-
-
-def _rate(text: str | None) -> int | None:
-    return parse_rate(text) if text else None
-
-
-def _slots(n: int) -> int:
-    if not 1 <= n <= 64:
-        raise UsageError("--upload-slots must be between 1 and 64")
-    return n
-
-
-def _add_peer_rate_flags(p: argparse.ArgumentParser, *, download: bool) -> None:
-    p.add_argument(
-        "--max-peer-upload-rate", metavar="RATE", help="cap on serving any one peer (5M)"
-    )
-    if download:
-        p.add_argument(
-            "--max-peer-download-rate", metavar="RATE", help="cap on fetching from any one peer"
-        )
-    p.add_argument(
-        "--upload-slots", type=int, default=8, metavar="N", help="peers served at once (8)"
-    )
-
-
-def _discovery_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """--dht-port, --dht-bootstrap and --lan over the config file's defaults."""
-    from .config import load_config
-
-    config = load_config(Path(args.config) if args.config else None)
-    return {
-        "dht_port": args.dht_port if args.dht_port is not None else config.dht_port,
-        "dht_bootstrap": [*config.dht_bootstrap, *(args.dht_bootstrap or ())],
-        "lan": args.lan or config.lan,
-    }
-
-
-def _install_options(
-    args: argparse.Namespace, *, require_installed: bool = False, origin: bool = False
-) -> InstallOptions:
-    from .options import InstallOptions
-
-    if args.connections < 1 or args.connections > 64:
-        raise UsageError("--connections must be between 1 and 64")
-    swarm: dict[str, Any] = {}
-    if hasattr(args, "peer"):
-        swarm = dict(
-            peers=args.peer or (),
-            listen=args.listen,
-            policy=args.policy,
-            max_upload_rate=_rate(args.max_upload_rate),
-            max_peer_upload_rate=_rate(args.max_peer_upload_rate),
-            max_peer_download_rate=_rate(args.max_peer_download_rate),
-            upload_slots=_slots(args.upload_slots),
-            **_discovery_flags(args),
-            tracker=args.tracker,
-        )
-    return InstallOptions(
-        mirrors=args.mirror or (),
-        connections=args.connections,
-        max_download_rate=parse_rate(args.max_download_rate) if args.max_download_rate else None,
-        keep_versions=args.keep_versions,
-        require_installed=require_installed,
-        origin=origin,
-        **swarm,
-    )
 
 
 def cmd_keygen(args: argparse.Namespace) -> dict[str, Any]:
@@ -189,7 +128,7 @@ async def _install_verb(args: argparse.Namespace, options: InstallOptions) -> In
     location, data = args.manifest, None
     if args.tracker:
         location, data = await channel_manifest(args.tracker, args.manifest, args.channel)
-    run = (location, Path(args.dest), _trusted(args.trust), options, _progress(args))
+    run = (location, Path(args.dest), trusted(args.trust), options, _progress(args))
     async with AsyncExitStack() as stack:
         tracker = None
         if args.tracker:
@@ -250,7 +189,7 @@ async def _until_signalled() -> None:
 
 
 def cmd_install(args: argparse.Namespace, *, update: bool = False) -> dict[str, Any]:
-    options = _install_options(args, require_installed=update)
+    options = install_options(args, require_installed=update)
     if args.seed and not options.listen:
         raise UsageError("--seed needs --listen HOST:PORT", fix="add --listen 0.0.0.0:6881")
     result = trio.run(_install_verb, args, options)
@@ -277,13 +216,13 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(
             "--origin is a seed box: it needs --listen", fix="add --listen 0.0.0.0:6881"
         )
-    options = _install_options(args, origin=args.origin)
+    options = install_options(args, origin=args.origin)
     opts = WatchOptions(
         app=args.app,
         channel=args.channel,
         tracker=args.tracker,
         dest=Path(args.dest),
-        trusted=_trusted(args.trust),
+        trusted=trusted(args.trust),
         install=options,
         max_updates=args.max_updates,
     )
@@ -330,12 +269,12 @@ def cmd_seed(args: argparse.Namespace) -> dict[str, Any]:
         Path(args.dest),
         args.listen,
         None,
-        _rate(args.max_upload_rate),
+        rate(args.max_upload_rate),
         frugal=args.frugal,
         spare=args.spare,
-        max_peer_upload_rate=_rate(args.max_peer_upload_rate),
-        upload_slots=_slots(args.upload_slots),
-        discovery=DiscoveryOptions(**_discovery_flags(args), tracker=args.tracker),
+        max_peer_upload_rate=rate(args.max_peer_upload_rate),
+        upload_slots=slots(args.upload_slots),
+        discovery=DiscoveryOptions(**discovery_flags(args), tracker=args.tracker),
     )
     trio.run(_serve_until_signalled, serve, ready)
     return {"stopped": True}
@@ -348,7 +287,7 @@ def cmd_update(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
     from .install import rollback
 
-    result = trio.run(rollback, Path(args.dest), _install_options(args), _progress(args))
+    result = trio.run(rollback, Path(args.dest), install_options(args), _progress(args))
     if not args.json:
         print_install(install_json(result))
     return dict(install_json(result))
@@ -361,7 +300,7 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
         lambda: verify(
             Path(args.dest),
             repair=args.repair,
-            options=_install_options(args),
+            options=install_options(args),
             progress=_progress(args),
         )
     )
@@ -420,65 +359,6 @@ class _Failed(P2PNodeError):
         self.payload = payload
 
 
-def _add_dht_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config",
-        metavar="PATH",
-        help="node config (TOML; default: config.toml in the user config dir, or $P2PNODE_CONFIG)",
-    )
-    p.add_argument(
-        "--lan",
-        action="store_true",
-        help="find peers on the local network by multicast (and, serving, be found)",
-    )
-    p.add_argument(
-        "--dht-port",
-        type=int,
-        metavar="UDP_PORT",
-        help="run a DHT node on this UDP port (0: any) to find and announce peers",
-    )
-    p.add_argument(
-        "--dht-bootstrap",
-        action="append",
-        metavar="HOST:PORT",
-        help="a DHT node to join through (repeatable); implies a DHT node",
-    )
-
-
-def _add_swarm_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--peer", action="append", metavar="HOST:PORT", help="a peer to fetch from (repeatable)"
-    )
-    p.add_argument("--listen", metavar="HOST:PORT", help="serve verified chunks here")
-    p.add_argument(
-        "--policy", choices=[p.value for p in SourcePolicy], default=SourcePolicy.P2P_FIRST.value
-    )
-    p.add_argument("--max-upload-rate", metavar="RATE", help="cap on serving peers (40M)")
-    _add_peer_rate_flags(p, download=True)
-    _add_dht_flags(p)
-
-
-def _add_fetch_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--mirror",
-        action="append",
-        metavar="BASE_URL",
-        help="CDN root URL (repeatable); default: where the manifest came from",
-    )
-    p.add_argument(
-        "--max-download-rate",
-        metavar="RATE",
-        help="cap in bytes/s with K/M/G suffix, as in aria2 (e.g. 40M); 0 = none",
-    )
-    p.add_argument("--connections", type=int, default=8, help="HTTP connections (default 8)")
-    p.add_argument(
-        "--keep-versions",
-        type=int,
-        default=2,
-        help="earlier versions kept for offline rollback (default 2)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="p2pnode", description="Peer-to-peer distribution of signed software releases."
@@ -521,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dest", required=True, metavar="DIR")
         p.add_argument("--tracker", metavar="URL", help="resolve APP's channel through a tracker")
         p.add_argument("--channel", default="stable", help="with --tracker (default stable)")
-        _add_swarm_flags(p)
+        add_swarm_flags(p)
         p.add_argument(
             "--seed",
             action="store_true",
@@ -533,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="ed25519:HEX",
             help="publisher key to trust (repeatable; update defaults to the pinned)",
         )
-        _add_fetch_flags(p)
+        add_fetch_flags(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("watch", parents=[common], help="install each new build of a channel")
@@ -544,21 +424,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust", action="append", metavar="ed25519:HEX")
     p.add_argument("--max-updates", type=int, help="stop after this many installs")
     p.add_argument("--timeout", type=float, help="stop after this many seconds")
-    _add_swarm_flags(p)  # with --listen: serve what is installed between builds
+    add_swarm_flags(p)  # with --listen: serve what is installed between builds
     p.add_argument(
         "--origin",
         action="store_true",
         help="a CDN-origin seed box: upload each chunk once before any twice, and leechers "
         "spare its upload (as `seed` does); use with --policy cdn-only",
     )
-    _add_fetch_flags(p)
+    add_fetch_flags(p)
     p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("seed", parents=[common], help="serve an installed release to peers")
     p.add_argument("--dest", required=True, metavar="DIR")
     p.add_argument("--listen", required=True, metavar="HOST:PORT")
     p.add_argument("--max-upload-rate", metavar="RATE", help="cap in bytes/s (K/M/G)")
-    _add_peer_rate_flags(p, download=False)
+    add_peer_rate_flags(p, download=False)
     p.add_argument(
         "--no-frugal",
         dest="frugal",
@@ -572,18 +452,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not ask leechers to spare this box's upload: faster swarms, more egress",
     )
     p.add_argument("--tracker", metavar="URL", help="keep the installed build listed here")
-    _add_dht_flags(p)
+    add_dht_flags(p)
     p.set_defaults(func=cmd_seed)
 
     p = sub.add_parser("rollback", parents=[common], help="go back to the previous version")
     p.add_argument("--dest", required=True, metavar="DIR")
-    _add_fetch_flags(p)
+    add_fetch_flags(p)
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("verify", parents=[common], help="check (and --repair) an install")
     p.add_argument("--dest", required=True, metavar="DIR")
     p.add_argument("--repair", action="store_true")
-    _add_fetch_flags(p)
+    add_fetch_flags(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("status", parents=[common], help="what is installed and kept")
