@@ -10,10 +10,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY p2pnode ./p2pnode
 COPY tracker ./tracker
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir -c requirements.lock . \
     && groupadd --system --gid 10001 p2pnode \
     && useradd --system --create-home --home-dir /var/lib/p2pnode --uid 10001 --gid 10001 p2pnode \
     && mkdir -p /var/lib/p2pnode/tracker \

@@ -38,10 +38,12 @@ pass a more specific one.
     └── (server side) the tracker's own refusals, under P2PNodeError too: see ``tracker/``
 
 Every class above is defined here; the modules that raise them (``discovery.tracker``,
-``discovery.dht``, ``demo``) import them from here and re-export them. Exceptions whose name
-starts with ``_`` (``cdn.fetcher._JobFailure``, ``swarm.node._PeerFailed``,
-``discovery.dht.node._BadRequest``) are control flow inside one module and never leave it;
-``node.cli._Failed`` is a P2PNodeError that carries a verb's JSON payload to ``main``.
+``discovery.dht``, ``demo``) import them from here and re-export them. Outside the tree are
+only exceptions that are control flow and never reach a caller: those whose name starts with
+``_`` (``cdn.fetcher._JobFailure``, ``discovery.dht.node._BadRequest``) inside one module, and
+``swarm.links.PeerFailed`` inside the swarm's shell (one peer is dropped, the reason goes to its
+``PeerStats``). ``node.cli._Failed`` is a P2PNodeError that carries a verb's JSON payload to
+``main``.
 
 Misuse of the API is a bug in the caller, never one of these, so it is never mistaken for bad
 input or a network failure: an argument no call could accept raises ``TypeError`` or

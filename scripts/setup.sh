@@ -23,9 +23,12 @@ if ((${#need_apt[@]})); then
   $SUDO service redis-server stop >/dev/null 2>&1 || true
 fi
 
+# Python packages at the versions of the last green run (requirements.lock; refresh it with
+# scripts/lock-deps), then the project itself without resolving anything again.
 if ! python3 -c "import p2pnode, pytest_trio, hypothesis, ruff" >/dev/null 2>&1 \
    || ! command -v hadolint >/dev/null 2>&1 \
-   || [[ pyproject.toml -nt .setup-stamp ]]; then
-  python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+   || [[ pyproject.toml -nt .setup-stamp ]] || [[ requirements.lock -nt .setup-stamp ]]; then
+  python3 -m pip install -q --disable-pip-version-check -r requirements.lock
+  python3 -m pip install -q --disable-pip-version-check --no-deps -e .
   touch .setup-stamp
 fi

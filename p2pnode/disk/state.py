@@ -2,7 +2,7 @@
 
 For an install at ``PARENT/NAME`` everything p2pnode needs lives in ``PARENT/.NAME.p2pnode/``,
 on the same filesystem (so trees can be renamed into place) and outside the install (which holds
-exactly the published files)::
+the published files and the user's own, see userfiles.py)::
 
     state.json          current manifest id, kept versions, pinned keys, mirrors, pending step
     lock                flock'd while a process works on this install
@@ -10,11 +10,13 @@ exactly the published files)::
     store/<hh>/<id>     chunks of kept versions that the current version does not have
     stage/              the next version being assembled (see stage.py)
     stage.journal       which chunks of stage/ are verified and written
-    old/                the previous tree right after a switch, until its chunks are harvested
-    quarantine/         extra files that ``verify --repair`` moved out of the install
+    old/                the previous tree right after a switch, until the user's files in it
+                        are carried into the new tree and its chunks are harvested
+    tree.json           size and mtime of each installed file at switch time (snapshot.py)
+    quarantine/         leftovers of earlier builds that ``verify --repair`` moved out
 
 ``state.json`` is replaced atomically; a ``pending`` entry records a switch or harvest in
-progress so that the next run finishes it (see install.py, "Recovery").
+progress so that the next run finishes it (see switch.py, "Recovery").
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class StateDir:
         self.journal = self.root / "stage.journal"
         self.old = self.root / "old"
         self.quarantine = self.root / "quarantine"
+        self.snapshot = self.root / "tree.json"
         self._lock_fd: int | None = None
 
     @property

@@ -4,9 +4,20 @@ rollback needs.
 
 Recovery
 --------
-``pending = {"op": "switch", "inode": N, ...}``: if the install directory's inode is N the
-switch happened and is completed; otherwise it did not, and the stage stays for the next
-install to resume. ``pending = {"op": "harvest"}``: harvest again (it is idempotent).
+Each step is recorded in ``state.json`` (``pending``) before it starts:
+
+``{"op": "switch", "inode": N, "from": OLD, "to": NEW, ...}``: if the install directory's inode
+is N the switch happened and is completed; otherwise it did not, and the stage stays for the
+next install to resume (the user's files never leave the live tree before the exchange).
+
+``{"op": "carry", "from": OLD, "stamp": S}``: the new tree is in place and the old one is in
+``old/``; the user's entries still in ``old/`` are carried into the new tree
+(``userfiles.carry``: one rename each, so what is left in ``old/`` is what is left to do, and
+running it again finishes it). Only then is the new tree's snapshot taken and the next step
+recorded.
+
+``{"op": "harvest"}``: harvest again (it is idempotent); ``old/`` then holds only files the
+old build shipped, and is deleted.
 """
 
 from __future__ import annotations
@@ -19,20 +30,30 @@ from pathlib import Path
 
 import trio
 
-from ..errors import DiskSpaceError, InstallError, NotInstalledError, P2PNodeError
+from ..errors import (
+    DiskSpaceError,
+    InstallError,
+    NoRollbackError,
+    NotInstalledError,
+    P2PNodeError,
+)
 from ..release import manifest as M
+from . import snapshot
 from .fsutil import exchange, fsync_dir
 from .stage import Journal, LocalChunks, Stage, read_verified
 from .state import InstallState, StateDir
 from .store import ChunkStore
+from .userfiles import Carried, carry, stamp
 
 __all__ = [
     "check_space",
     "harvest",
     "installed",
+    "kept_offline",
     "local_chunks",
     "recover",
     "refuse_foreign_directory",
+    "rollback_target",
     "switch",
 ]
 
@@ -93,14 +114,18 @@ def switch(
     signed: M.SignedManifest,
     history_after: list[str],
     keep_versions: int,
-) -> None:
+) -> Carried:
+    """Put the finished stage in place of the install directory, carry the user's files of
+    the old tree into it, and harvest the old tree (each step recorded; see Recovery)."""
     new_id = signed.id.hex()
     sd.keep_manifest(signed)
     state.pending = {
         "op": "switch",
+        "from": state.current,
         "to": new_id,
         "inode": os.stat(sd.stage).st_ino,
         "history": [h for h in history_after if h != new_id][:keep_versions],
+        "stamp": stamp(),
     }
     sd.save(state)
     shutil.rmtree(sd.old, ignore_errors=True)
@@ -114,16 +139,40 @@ def switch(
     fsync_dir(sd.dest.parent)
     fsync_dir(sd.root)
     sd.journal.unlink(missing_ok=True)
-    _complete_switch(sd, state)
+    return _complete_switch(sd, state)
 
 
-def _complete_switch(sd: StateDir, state: InstallState) -> None:
+def _complete_switch(sd: StateDir, state: InstallState) -> Carried:
     p = state.pending or {}
     state.current = p["to"]
     state.history = list(p["history"])
+    state.pending = {"op": "carry", "from": p.get("from"), "stamp": p.get("stamp") or stamp()}
+    sd.save(state)
+    return _carry(sd, state)
+
+
+def _carry(sd: StateDir, state: InstallState) -> Carried:
+    p = state.pending or {}
+    assert state.current is not None
+    target = sd.load_manifest(state.current)
+    try:
+        # Unknown (a record from before carrying existed, or a lost manifest): then nothing
+        # in the old tree counts as ours, and every file not in the new build is kept.
+        shipped = sd.load_manifest(p["from"]) if p.get("from") else None
+    except P2PNodeError:
+        shipped = None
+    try:
+        carried = carry(sd.old, sd.dest, shipped, target, str(p.get("stamp") or stamp()))
+    except OSError as exc:
+        raise InstallError(
+            f"could not carry your own files from {sd.old} into {sd.dest}: {exc}",
+            fix=f"they are safe in {sd.old}; fix the cause and run the command again",
+        ) from exc
+    snapshot.record(sd, target)
     state.pending = {"op": "harvest"}
     sd.save(state)
     harvest(sd, state)
+    return carried
 
 
 def recover(sd: StateDir, state: InstallState) -> None:
@@ -147,7 +196,9 @@ def recover(sd: StateDir, state: InstallState) -> None:
         state.pending = None  # the switch never happened; the stage resumes next time
         sd.save(state)
         return
-    if p.get("op") == "harvest":
+    if p.get("op") == "carry":
+        _carry(sd, state)
+    elif p.get("op") == "harvest":
         harvest(sd, state)
 
 
@@ -182,3 +233,39 @@ def harvest(sd: StateDir, state: InstallState) -> None:
             kept.unlink(missing_ok=True)
     state.pending = None
     sd.save(state)
+
+
+def rollback_target(
+    state: InstallState, builds: dict[str, int], current: int, to: int | None
+) -> str:
+    """The kept version a rollback goes to: build ``to``, or the newest kept build older than
+    the installed one (so rolling back twice goes further back, never forth again)."""
+    if to is not None:
+        for mid in state.history:
+            if builds.get(mid) == to:
+                return mid
+        kept = ", ".join(str(b) for b in sorted(builds.values(), reverse=True)) or "none"
+        raise NoRollbackError(
+            f"build {to} is not kept for {state.app} (kept builds: {kept})",
+            fix="pick one of the kept builds (`p2pnode status --dest DIR`)",
+        )
+    older = [mid for mid in state.history if builds.get(mid, current) < current]
+    if not older:
+        raise NoRollbackError(
+            f"no build older than the installed build {current} is kept",
+            fix="`p2pnode status --dest DIR` lists kept builds; go to one with --to BUILD",
+        )
+    return max(older, key=lambda mid: builds[mid])
+
+
+def kept_offline(sd: StateDir, state: InstallState, manifest_id: str) -> bool:
+    """Whether a kept version can be rolled back to without the network: every chunk of it
+    is in the installed build (if its tree holds it) or in the store."""
+    try:
+        kept = sd.load_manifest(manifest_id)
+        current = sd.load_manifest(state.current) if state.current else None
+    except P2PNodeError:
+        return False
+    in_tree = set(current.unique_chunks()) if current and sd.dest.is_dir() else set()
+    store = ChunkStore(sd.store_dir)
+    return all(cid in in_tree or cid in store for cid in kept.unique_chunks())

@@ -287,7 +287,7 @@ def cmd_update(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
     from .install import rollback
 
-    result = trio.run(rollback, Path(args.dest), install_options(args), _progress(args))
+    result = trio.run(rollback, Path(args.dest), install_options(args), _progress(args), args.to)
     if not args.json:
         print_install(install_json(result))
     return dict(install_json(result))
@@ -318,7 +318,9 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
+    from ..disk.snapshot import check
     from ..disk.state import StateDir
+    from ..disk.switch import kept_offline
 
     sd = StateDir(Path(args.dest))
     if not sd.exists:
@@ -329,16 +331,20 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
         if not mid:
             continue
         m = sd.load_manifest(mid)
+        offline = mid != state.current and kept_offline(sd, state, mid)
         versions.append({"manifest_id": mid, "version": m.version, "build": m.build})
+        versions[-1].update({"offline": offline} if mid != state.current else {})
+    health = check(sd, sd.load_manifest(state.current), update=False) if state.current else None
     out: dict[str, Any] = {
         "app": state.app,
         "current": versions[0] if versions else None,
+        **(health.as_json() if health else {}),
         "kept": versions[1:],
         "mirrors": state.mirrors,
         "trusted": state.trusted,
     }
     if not args.json:
-        print_status(out, args.dest)
+        print_status(out, args.dest, health)
     return out
 
 
@@ -455,8 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_dht_flags(p)
     p.set_defaults(func=cmd_seed)
 
-    p = sub.add_parser("rollback", parents=[common], help="go back to the previous version")
+    p = sub.add_parser("rollback", parents=[common], help="go back to a kept version")
     p.add_argument("--dest", required=True, metavar="DIR")
+    p.add_argument(
+        "--to",
+        type=int,
+        metavar="BUILD",
+        help="the kept build to go to (default: the newest kept build older than the installed)",
+    )
     add_fetch_flags(p)
     p.set_defaults(func=cmd_rollback)
 

@@ -13,8 +13,9 @@ Theory of operation
    switch, and it is exchanged with the install directory in one ``renameat2`` call. Whatever
    moment a process dies, the install directory is the complete old or the complete new tree;
    the next run reads the pending record and finishes (or forgets) the switch.
-4. **Harvest.** Chunks of kept earlier versions that the new version lacks are copied from the
-   old tree into the chunk store, then the old tree is deleted. Rollback rebuilds an earlier
+4. **Harvest.** The user's files in the old tree are carried into the new one
+   (``disk/userfiles.py``); chunks of kept versions that the new version lacks are copied from
+   the old tree into the chunk store, then the old tree is deleted. Rollback rebuilds an earlier
    version from the current tree plus the store, offline.
 
 Recovery
@@ -36,6 +37,7 @@ import trio
 
 from ..cdn.manifest import read_manifest
 from ..cdn.mirrors import resolve_mirrors
+from ..disk import snapshot
 from ..disk.stage import Journal, LocalChunks, Stage
 from ..disk.state import InstallState, StateDir
 from ..disk.store import ChunkStore
@@ -45,6 +47,7 @@ from ..disk.switch import (
     local_chunks,
     recover,
     refuse_foreign_directory,
+    rollback_target,
     switch,
 )
 from ..errors import DiskSpaceError, NoRollbackError, most_telling
@@ -132,14 +135,16 @@ async def _install(
         await trio.to_thread.run_sync(recover, sd, state)
         current = sd.load_manifest(state.current) if state.current else None
         offer = judge_offer(manifest, current, dest, require_installed=options.require_installed)
-        if offer is Offer.UNCHANGED and current is not None:
-            result = InstallResult(
-                "unchanged",
-                manifest,
-                current.build,
-                manifest.total_size,
-                seconds=time.monotonic() - t0,
-            )
+        # The state may say "installed" of a tree that was deleted or edited since.
+        reinstall = await _damaged(sd, current) if current and offer is Offer.UNCHANGED else None
+        if offer is Offer.UNCHANGED and current is not None and reinstall != "gone":
+            if reinstall == "repair":  # what `verify --repair` would do, then as unchanged
+                from .verify import heal
+
+                result = await heal(sd, state, current, options, progress or NullProgress())
+            else:
+                result = InstallResult("unchanged", manifest, current.build, manifest.total_size)
+            result.seconds = time.monotonic() - t0
             if seed is not None:
                 await _serve_unchanged(sd, state, signed, manifest, options, result, seed)
             return result
@@ -148,7 +153,7 @@ async def _install(
         origin = location if manifest_data is None else None
         mirrors = resolve_mirrors(options.mirrors, origin, manifest, state.mirrors)
         state.mirrors = mirrors[:8]  # for repair and rollback when chunks must be refetched
-        history = [state.current] if state.current else []
+        history = [state.current] if state.current and not reinstall else []
         async with open_swarm(sd, state, manifest, options, signed=signed) as swarm:
             result = await _apply(
                 sd,
@@ -162,13 +167,20 @@ async def _install(
                 history + state.history,
                 swarm,
             )
-            result.action = "updated" if current else "installed"
+            result.action = "reinstalled" if reinstall else "updated" if current else "installed"
             result.seconds = time.monotonic() - t0
             if swarm is not None:
                 if seed is not None:  # the tree moved into place: serve it from there
                     swarm.node.local = local_chunks(sd, sd.load())
                 await _served(swarm, options, result, seed)
         return result
+
+
+async def _damaged(sd: StateDir, current: M.Manifest) -> str | None:
+    """None if the install directory holds ``current`` (disk/snapshot.py), else "repair"
+    (files are missing or damaged) or "gone" (the directory is)."""
+    health = await trio.to_thread.run_sync(snapshot.check, sd, current)
+    return None if health.ok else "gone" if health.gone else "repair"
 
 
 async def _served(
@@ -210,15 +222,21 @@ async def _serve_unchanged(
 
 
 async def rollback(
-    dest: Path, options: InstallOptions | None = None, progress: Progress | None = None
+    dest: Path,
+    options: InstallOptions | None = None,
+    progress: Progress | None = None,
+    to: int | None = None,
 ) -> InstallResult:
-    """Go back to the most recent kept earlier version, offline when its chunks are kept."""
+    """Go back to kept build ``to``, or the newest kept build older than the installed one;
+    offline when its chunks are kept."""
     options = options or InstallOptions()
     t0 = time.monotonic()
     async with installed(dest) as (sd, state, current):
         if not state.history:
             raise NoRollbackError(f"{dest} keeps no version earlier than the installed one")
-        signed = sd.load_signed(state.history[0])
+        builds = {mid: sd.load_manifest(mid).build for mid in state.history}
+        target = rollback_target(state, builds, current.build, to)
+        signed = sd.load_signed(target)
         manifest = M.verify(signed, trusted_keys((), state.trusted), check_expiry=False)
         mirrors = resolve_mirrors(options.mirrors, None, manifest, state.mirrors)
         result = await _apply(
@@ -230,7 +248,7 @@ async def rollback(
             mirrors,
             options,
             progress or NullProgress(),
-            [current.id.hex(), *state.history[1:]],
+            [current.id.hex(), *(h for h in state.history if h != target)],
         )
         result.action = "rolled-back"
         result.seconds = time.monotonic() - t0
@@ -284,7 +302,10 @@ async def _apply(
     await assemble(
         stage, journal, local, mirrors, options, progress, result, sd.root, on_chunk, swarm
     )
-    await trio.to_thread.run_sync(switch, sd, state, signed, history_after, options.keep_versions)
+    carried = await trio.to_thread.run_sync(
+        switch, sd, state, signed, history_after, options.keep_versions
+    )
+    result.kept_user_files, result.displaced = carried.kept, carried.displaced
     return result
 
 

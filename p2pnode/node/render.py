@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from ..disk.scan import VerifyReport
+    from ..disk.snapshot import Health
     from ..release.publish import PublishResult
     from ..swarm.node import PeerStats
     from .result import InstallResult
@@ -51,6 +52,9 @@ def install_json(result: InstallResult) -> dict[str, Any]:
         "listen_port": result.listen_port,
         "discovery": result.discovery,
         "seconds": round(result.seconds, 3),
+        "kept_user_files": result.kept_user_files,
+        "displaced": result.displaced,
+        "repaired": result.repaired,
         "mirrors": result.mirrors,
         "peers": {addr: peer_json(st) for addr, st in result.peers.items()},
     }
@@ -85,6 +89,10 @@ def print_install(out: dict[str, Any]) -> None:
         f"{format_bytes(out['bytes_reused'])} reused locally, "
         f"{format_bytes(out['bytes_resumed'])} resumed"
     )
+    if out.get("kept_user_files"):
+        print(f"  kept {out['kept_user_files']} files of your own in place")
+    for path, to in out.get("displaced", {}).items():
+        print(f"  moved your {path} to {to}: the new build ships a file there")
     for addr, st in out["peers"].items():
         note = f" ({st['error']})" if st["error"] else ""
         print(
@@ -133,15 +141,25 @@ def print_verify(report: VerifyReport) -> None:
         print(f"repaired {p}")
     for p in report.quarantined:
         print(f"moved    {p} (extra file, kept in the install's quarantine)")
+    for p, to in report.displaced.items():
+        print(f"moved    {p} -> {to} (yours, in the way of a repaired file)")
+    if report.user_files:
+        print(f"{len(report.user_files)} files of your own (not the release's) left alone")
     m = report.manifest
     state = "OK" if report.ok else "DAMAGED"
     print(f"{m.app} {m.version} (build {m.build}): {state}")
 
 
-def print_status(out: dict[str, Any], dest: str) -> None:
-    """What is installed in ``dest`` and kept for rollback, from ``status``'s JSON form."""
+def print_status(out: dict[str, Any], dest: str, health: Health | None) -> None:
+    """What is installed in ``dest`` (and whether the tree still is that build) and what is
+    kept for rollback, from ``status``'s JSON form."""
     cur = out["current"]
     if cur:
         print(f"{out['app']} {cur['version']} (build {cur['build']}) in {dest}")
+    if health and not health.ok:
+        n = len(health.missing) + len(health.damaged)
+        what = "the install directory is gone" if health.gone else f"{n} files are not right"
+        print(f"  {what}; `p2pnode install` (or `verify --repair`) restores it")
     for v in out["kept"]:
-        print(f"  kept for rollback: {v['version']} (build {v['build']})")
+        how = "offline" if v["offline"] else "needs the network"
+        print(f"  kept for rollback: {v['version']} (build {v['build']}), {how}")

@@ -24,7 +24,7 @@ MirrorFigures = dict[str, Any]
 
 @dataclass
 class InstallResult:
-    action: str  # installed | updated | unchanged | rolled-back | repair
+    action: str  # installed | updated | reinstalled | unchanged | repaired | rolled-back | repair
     manifest: M.Manifest
     previous_build: int | None
     bytes_total: int
@@ -38,6 +38,9 @@ class InstallResult:
     peers: dict[str, PeerStats] = field(default_factory=dict)  # address -> what it gave us
     listen_port: int | None = None  # where this node serves chunks, with --listen
     discovery: dict[str, Any] | None = None  # which peer source answered first, and how each did
+    kept_user_files: int = 0  # the user's files carried into the new tree (disk/userfiles.py)
+    displaced: dict[str, str] = field(default_factory=dict)  # user path -> where it moved
+    repaired: list[str] = field(default_factory=list)  # files healed in an "unchanged" install
 
     @property
     def finished(self) -> bool:

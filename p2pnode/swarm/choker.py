@@ -19,9 +19,13 @@ with reason ``choked`` (the fetcher then asks someone else; it does not mark the
   ``INTEREST_TIMEOUT`` (or having just joined). A peer that stops asking frees its slot.
 * Between rechokes a newly interested peer is unchoked at once while a slot is free, so a
   swarm smaller than the slot count never waits for a tick.
+* **Frugal seeding** (``frugal``, an origin's choice): while some chunk of a swarm has never
+  been uploaded, a chunk already uploaded once is refused (``frugal_refuses``; the shell counts
+  each upload with ``sent``). The refused leecher takes it from the peer that got it (its
+  ``have`` says so), so the origin's upload goes to chunks the swarm lacks.
 
 Peers are keyed by node id (proven by TLS), so the download a peer gives us on our outbound
-connection counts for the upload slot of its inbound one. The shell (``node.py``) calls
+connection counts for the upload slot of its inbound one. The shell (``serving.py``) calls
 :meth:`tick` at :meth:`next_tick` and sends the returned choke/unchoke messages.
 """
 
@@ -30,7 +34,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from .scheduler import RateMeter
+from .ratemeter import RateMeter
 
 __all__ = ["Choker", "Decision"]
 
@@ -64,6 +68,7 @@ class Choker:
         rechoke_interval: float = RECHOKE_INTERVAL,
         optimistic_interval: float = OPTIMISTIC_INTERVAL,
         rng: random.Random | None = None,
+        frugal: bool = False,
     ) -> None:
         if slots < 1:
             raise ValueError("a node needs at least one upload slot")
@@ -76,6 +81,9 @@ class Choker:
         self._next_rechoke = 0.0
         self._next_optimistic = 0.0
         self._down_meters: dict[bytes, RateMeter] = {}  # kept across reconnects
+        self.frugal = frugal
+        self._sent: dict[bytes, list[int]] = {}  # manifest id -> uploads per chunk index
+        self._unsent: dict[bytes, int] = {}  # manifest id -> chunks never uploaded
 
     # -- events -----------------------------------------------------------------------------
 
@@ -121,6 +129,22 @@ class Choker:
                 if self._down_meters[node].rate(now) == 0:
                     del self._down_meters[node]  # forgotten: it gave nothing lately
         self._down_meters.setdefault(peer, RateMeter(window=20.0)).add(nbytes, now)
+
+    def frugal_refuses(self, manifest: bytes, index: int, chunks: int) -> bool:
+        """Frugal seeding: refuse chunk ``index`` of ``manifest`` (of ``chunks`` unique
+        chunks), because it was uploaded already while another never was."""
+        if not self.frugal:
+            return False
+        counts = self._sent.setdefault(manifest, [0] * chunks)
+        return counts[index] > 0 and self._unsent.get(manifest, len(counts)) > 0
+
+    def sent(self, manifest: bytes, index: int, chunks: int) -> None:
+        """Chunk ``index`` of ``manifest`` (of ``chunks`` unique chunks) is being uploaded."""
+        if self.frugal:
+            counts = self._sent.setdefault(manifest, [0] * chunks)
+            if counts[index] == 0:
+                self._unsent[manifest] = self._unsent.get(manifest, len(counts)) - 1
+            counts[index] += 1
 
     def is_unchoked(self, peer: bytes) -> bool:
         p = self.peers.get(peer)

@@ -6,7 +6,9 @@ Theory of operation
 (``receive_data``); checked events come out (``next_event``). Messages to the peer go in
 (``send``); bytes come out. It enforces the session rules that do not need the node's knowledge:
 ``hello`` first, version, the bound on requests outstanding each way, that every piece answers
-a request of ours, and the keepalive and idle deadlines (``get_timer``/``handle_timer`` with
+a request of ours (``ours``, by request id: the dialler's in-flight map), that a bitfield
+answering our ``join`` has the manifest's size, at most one manifest pushed per swarm joined,
+and the keepalive and idle deadlines (``get_timer``/``handle_timer`` with
 ``now`` passed in, as aioquic does). What to request, whom to unchoke and what to serve are the
 scheduler's and choker's decisions, made outside.
 
@@ -80,6 +82,12 @@ class PeerSession:
     unsolicited: int = 0
     pushes: int = 0
     joins: int = 0
+    #: Manifests we joined, with their number of unique chunks (what their bitfields must say).
+    joined: dict[bytes, int] = field(default_factory=dict)
+    #: Manifests we pushed (``show``): once each per connection.
+    shown: set[bytes] = field(default_factory=set)
+    #: The request of ours that the last ``piece`` or ``reject`` from ``next_event`` answered.
+    answered: Outstanding | None = None
     #: Our last cancelled request ids: their answers may cross the cancel, and are not blamed.
     cancelled: RecentSet[int] = field(default_factory=lambda: RecentSet(MAX_OUTSTANDING))
     _decoder: W.FrameDecoder = field(default_factory=W.FrameDecoder)
@@ -108,6 +116,28 @@ class PeerSession:
         self._next_rid = (self._next_rid + 1) % (1 << 32)
         return rid, self.send(W.Request(manifest, index, rid), now)
 
+    def join(self, manifest: bytes, count: int, now: float) -> bytes:
+        """Join ``manifest``'s swarm, which has ``count`` unique chunks: the peer's bitfield
+        for it must then say ``count`` or 0 (protocol.md section 5, roles)."""
+        self.joined[manifest] = count
+        return self.send(W.Join(manifest), now)
+
+    def cancel(self, manifest: bytes, index: int, now: float) -> bytes:
+        """Cancel our request for chunk ``index``, if one is outstanding (b"" if not)."""
+        for rid, o in self.ours.items():
+            if (o.manifest, o.index) == (manifest, index):
+                return self.send(W.Cancel(manifest, index, rid), now)
+        return b""
+
+    def show(self, manifest: bytes, signed: bytes, now: float) -> bytes:
+        """Push the signed ``manifest`` to a peer that said it does not know it, so that it
+        may serve what its earlier builds share with it: once per manifest and connection,
+        and only to a peer that takes pushes (b"" when not allowed)."""
+        if manifest in self.shown or not self.peer_can(b"manifest"):
+            return b""
+        self.shown.add(manifest)
+        return self.send(W.ManifestPush(manifest, signed), now)
+
     def decline(self, event: W.Join | W.ManifestPush | W.Request, now: float) -> bytes:
         """The answer to a ``join``, ``manifest`` or ``req`` on a connection that does not
         serve (one we dialled: protocol.md section 5, roles): ``n`` = 0 for the first two,
@@ -117,6 +147,11 @@ class PeerSession:
         return self.send(W.Bitfield(event.manifest, 0, b""), now)
 
     def send(self, event: W.Event, now: float) -> bytes:
+        return b"".join(self.send_frame(event, now))
+
+    def send_frame(self, event: W.Event, now: float) -> list[bytes | memoryview]:
+        """As :meth:`send`, but the frame as buffers to write in order: a piece's bytes are
+        the caller's buffer, not a copy (h11's data passthrough)."""
         if self.state is SessionState.CLOSED:
             raise LocalProtocolError("the session is closed")
         if isinstance(event, W.Request):
@@ -142,7 +177,7 @@ class PeerSession:
             self.state = SessionState.CLOSED
         self._last_sent = now
         # zstd only to a peer that said it decodes it (protocol.md: the zstd capability).
-        return W.encode_bytes(event, compress=self.peer_can(b"zstd"))
+        return W.encode(event, compress=self.peer_can(b"zstd"))
 
     # -- incoming ---------------------------------------------------------------------------
 
@@ -214,6 +249,11 @@ class PeerSession:
                     raise self._fail("too many pieces nobody asked for")
                 return None  # late (cancelled) or unrequested: dropped, counted
             del self.ours[event.rid]
+            self.answered = mine
+        elif isinstance(event, W.Bitfield):
+            count = self.joined.get(event.manifest)
+            if count is not None and event.count not in (0, count):
+                raise self._fail("bitfield size does not match the manifest")
         elif isinstance(event, W.Join):
             self.joins += 1
             if self.joins > MAX_JOINS:

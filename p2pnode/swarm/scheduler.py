@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 One :class:`Scheduler` serves one fetch (a manifest and the chunk indexes this node lacks). The
-trio shell (``node.py``) feeds it what the peers say (``bitfield``, ``have``, ``remove_peer``)
+trio shell (``fetching.py``) feeds it what the peers say (``bitfield``, ``have``, ``remove_peer``)
 and what happened to requests (``received``, ``rejected``, ``timed_out``), all with ``now``
 passed in, and asks it ``next_requests(peer, now)`` whenever a peer's pipeline has room. It
 never touches a socket, so every rule below is unit-tested with explicit times
@@ -42,6 +42,12 @@ never touches a socket, so every rule below is unit-tested with explicit times
   the endgame. Everything else stays with the peers; when no peer offers anything at all
   (``peers_exhausted``), the shell ends the swarm phase and the CDN fetcher takes the rest in
   bulk (more connections, whole ranges).
+* **When to look again.** Every change to what peers hold or to a request bumps ``version``, so
+  the shell wakes its waiting tasks only when something changed. Between changes, decisions
+  move only with time, and the scheduler says when: ``next_change(peer)`` (a deferral ends, a
+  request elsewhere turns late enough to duplicate), ``next_cdn_change`` (a chunk's grace
+  ends, a request misses the CDN deadline, the wait on leechers ends) and ``phase_deadline``
+  (the stall timeout, the end of the wait on leechers).
 * **Leechers.** A connected peer that lacks part of the release and knew it without being
   shown it (``leechers``) is fetching it too: its haves may soon offer what nobody has yet.
   While one is connected and a chunk landed within ``LEECHER_WAIT`` seconds
@@ -53,9 +59,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+from .ratemeter import RateMeter
 
 __all__ = [
     "CDN",
@@ -94,41 +101,6 @@ CDN_MAX_WAIT = 20.0
 #: the last chunk (or the start) for their haves before the CDN or the end of the swarm phase
 #: takes it.
 LEECHER_WAIT = 5.0
-
-
-class RateMeter:
-    """Bytes per second over a sliding window, for pipelines, ranking and peer reports."""
-
-    def __init__(self, window: float = 3.0) -> None:
-        self.window = window
-        self._samples: deque[tuple[float, int]] = deque()
-        self._sum = 0
-        self._start: float | None = None
-        self.total = 0
-
-    def start(self, now: float) -> None:
-        """The transfer began (first request): the window never reaches back before it."""
-        if self._start is None:
-            self._start = now
-
-    def add(self, nbytes: int, now: float) -> None:
-        self.start(now)
-        self._samples.append((now, nbytes))
-        self._sum += nbytes
-        self.total += nbytes
-        self._trim(now)
-
-    def _trim(self, now: float) -> None:
-        while self._samples and self._samples[0][0] < now - self.window:
-            self._sum -= self._samples.popleft()[1]
-
-    def rate(self, now: float) -> float:
-        """0.0 until something arrived; the window is shorter while the transfer is young."""
-        if self._start is None or not self.total:
-            return 0.0
-        self._trim(now)
-        span = min(self.window, now - self._start)
-        return self._sum / span if span > 0 else 0.0
 
 
 @dataclass
@@ -179,6 +151,8 @@ class Scheduler:
         self._mean_size = sum(self.sizes) / self.n if self.n else 1.0
         self._held_at: dict[int, float] = {}  # missing index -> when a peer last held it
         self._cdn_since: float | None = None  # when the CDN became a source (None: it is not)
+        #: Bumped by every change to what peers hold or to a request (see ``next_change``).
+        self.version = 0
 
     # -- what peers hold --------------------------------------------------------------------
 
@@ -199,6 +173,12 @@ class Scheduler:
             self.leechers.add(peer)
         else:
             self.leechers.discard(peer)
+        self.version += 1
+
+    def add_origin(self, peer: str) -> None:
+        """``peer`` is a seed box whose upload is spared (it said so in its hello)."""
+        self.origins.add(peer)
+        self.version += 1
 
     def have(self, peer: str, i: int) -> None:
         p = self.peers.get(peer)
@@ -206,6 +186,7 @@ class Scheduler:
             return
         p.bits[i >> 3] |= 0x80 >> (i & 7)
         self.count[i] += 1
+        self.version += 1
 
     def has(self, peer: str, i: int) -> bool:
         p = self.peers.get(peer)
@@ -215,19 +196,27 @@ class Scheduler:
     def _has(p: _Peer, i: int) -> bool:
         return i >> 3 < len(p.bits) and bool(p.bits[i >> 3] & (0x80 >> (i & 7)))
 
-    def _uncount(self, p: _Peer) -> None:
+    def _uncount(self, p: _Peer, now: float | None = None) -> None:
         for i in range(min(self.n, len(p.bits) * 8)):
             if p.bits[i >> 3] & (0x80 >> (i & 7)):
-                self.count[i] -= 1
+                self._drop_count(i, now)
 
-    def remove_peer(self, peer: str) -> list[int]:
-        """The peer is gone: its requests go back to the pool. Returns them."""
+    def _drop_count(self, i: int, now: float | None) -> None:
+        """One peer fewer holds ``i``; at ``now`` (when known), the CDN's grace for it starts
+        if nobody holds it any more."""
+        self.count[i] -= 1
+        if now is not None and self.count[i] == 0 and i in self.missing:
+            self._held_at[i] = now
+
+    def remove_peer(self, peer: str, now: float | None = None) -> list[int]:
+        """The peer is gone (at ``now``): its requests go back to the pool. Returns them."""
         p = self.peers.pop(peer, None)
         self._cancels.pop(peer, None)
         self.leechers.discard(peer)
+        self.version += 1
         if p is None:
             return []
-        self._uncount(p)
+        self._uncount(p, now)
         for i in p.inflight:
             self._drop_holder(i, peer)
         return sorted(p.inflight)
@@ -299,20 +288,45 @@ class Scheduler:
                 best, best_late = i, late
         return best
 
+    def _expected(self, holder: str) -> float:
+        """Seconds the holder's requests take by its rate: queued behind its other requests,
+        its whole pipeline must drain first."""
+        h = self.peers[holder]
+        rate = h.delivering
+        queued = sum(self.sizes[j] for j in h.inflight)
+        return queued / rate if rate > 0 else UNMEASURED_CHUNK_SECONDS * len(h.inflight)
+
     def _lateness(self, holder: str, i: int, now: float, slack: float = ENDGAME_SLACK) -> float:
         """How far past ``slack`` times its expected time the holder's request for ``i`` is
         (> 0: late)."""
-        h = self.peers[holder]
-        rate = h.delivering
-        # Queued behind the holder's other requests: its whole pipeline must drain first.
-        queued = sum(self.sizes[j] for j in h.inflight)
-        expected = queued / rate if rate > 0 else UNMEASURED_CHUNK_SECONDS * len(h.inflight)
-        return (now - h.inflight[i]) - slack * expected
+        return (now - self.peers[holder].inflight[i]) - slack * self._expected(holder)
+
+    def next_change(self, peer: str, now: float) -> float:
+        """When ``next_requests(peer)`` may give more with nothing else changing (``version``
+        the same): a deferral of this peer's ends, or a request elsewhere that it could
+        duplicate turns late (endgame). ``math.inf`` when only a change can."""
+        p = self.peers.get(peer)
+        if p is None:
+            return math.inf
+        at = min((t for t in p.deferred.values() if t > now), default=math.inf)
+        if peer in self.origins:
+            return at  # never asked for duplicates
+        for i, asked in self.holders.items():
+            if peer in asked or len(asked) >= MAX_COPIES or not self._has(p, i):
+                continue
+            if p.deferred.get(i, 0.0) > now:
+                continue  # (when its deferral ends is counted above)
+            late_at = min(
+                self.peers[h].inflight[i] + ENDGAME_SLACK * self._expected(h) for h in asked
+            )
+            at = min(at, late_at)
+        return at
 
     def _claim(self, peer: str, p: _Peer, i: int, now: float) -> None:
         p.inflight[i] = now
         p.meter.start(now)
         self.holders.setdefault(i, set()).add(peer)
+        self.version += 1
 
     def _drop_holder(self, i: int, peer: str) -> None:
         asked = self.holders.get(i)
@@ -328,6 +342,7 @@ class Scheduler:
         if self._cdn_since is None:
             self._cdn_since = now
             self.peers[CDN] = _Peer(bytearray(b"\xff" * ((self.n + 7) // 8)))
+            self.version += 1
 
     def disable_cdn(self) -> list[int]:
         """The CDN failed: no more chunks go to it. Returns what it still held (back in the
@@ -335,6 +350,7 @@ class Scheduler:
         if self._cdn_since is None:
             return []
         self._cdn_since = None
+        self.version += 1
         p = self.peers.pop(CDN)
         self._cancels.pop(CDN, None)
         for i in p.inflight:
@@ -377,6 +393,29 @@ class Scheduler:
         late = self._lateness(holder, i, now, CDN_SLACK)
         return max(min(waited - CDN_MIN_WAIT, late), waited - CDN_MAX_WAIT)
 
+    def next_cdn_change(self, now: float) -> float:
+        """When ``cdn_requests`` may give more with nothing else changing (``version`` the
+        same): the wait on leechers ends, a chunk nobody holds ends its grace, or a request
+        to a peer misses its CDN deadline (the moment ``_cdn_overdue`` turns positive).
+        ``math.inf`` when the CDN is not a source or only a change can."""
+        since = self._cdn_since
+        if since is None:
+            return math.inf
+        at = math.inf
+        if self.waiting_on_leechers(now):
+            at = self.last_progress + self.leecher_wait
+        else:
+            for i in self.missing:
+                if self.count[i] == 0 and i not in self.holders:
+                    at = min(at, self._held_at.get(i, since) + CDN_GRACE)
+        for i, asked in self.holders.items():
+            if CDN in asked:
+                continue
+            for h in asked:
+                wait = min(max(CDN_MIN_WAIT, CDN_SLACK * self._expected(h)), CDN_MAX_WAIT)
+                at = min(at, self.peers[h].inflight[i] + wait)
+        return at
+
     # -- outcomes ---------------------------------------------------------------------------
 
     def received(self, peer: str, i: int, nbytes: int, now: float) -> bool:
@@ -388,6 +427,7 @@ class Scheduler:
             p.meter.add(nbytes, now)
             p.delivering = p.meter.rate(now)
         self._drop_holder(i, peer)
+        self.version += 1
         if i not in self.missing:
             return False
         self.missing.discard(i)
@@ -407,6 +447,7 @@ class Scheduler:
             p.inflight.pop(i, None)
             p.deferred[i] = math.inf
         self._drop_holder(i, peer)
+        self.version += 1
 
     def rejected(self, peer: str, i: int, reason: bytes, now: float) -> None:
         """The peer will not serve ``i``: ``frugal`` (later), ``choked`` (not now), else it
@@ -416,11 +457,12 @@ class Scheduler:
             return
         p.inflight.pop(i, None)
         self._drop_holder(i, peer)
+        self.version += 1
         if reason == b"frugal":
             p.deferred[i] = now + FRUGAL_RETRY
         elif reason != b"choked" and self._has(p, i):
             p.bits[i >> 3] &= ~(0x80 >> (i & 7)) & 0xFF
-            self.count[i] -= 1
+            self._drop_count(i, now)
 
     def timed_out(self, peer: str, i: int) -> None:
         """Our request to ``peer`` was given up (the shell sends the cancel)."""
@@ -428,6 +470,7 @@ class Scheduler:
         if p is not None:
             p.inflight.pop(i, None)
         self._drop_holder(i, peer)
+        self.version += 1
 
     def take_cancels(self, peer: str) -> set[int]:
         """Requests to ``peer`` that another peer answered first: cancel them."""
@@ -460,3 +503,12 @@ class Scheduler:
         """Peers can give no more: no connected peer offers a missing chunk, none of
         ``connecting`` peers may still show one, and no leecher is about to."""
         return not self.offered() and connecting == 0 and not self.waiting_on_leechers(now)
+
+    def phase_deadline(self, stall_timeout: float) -> float:
+        """When the swarm phase may end with nothing else changing: ``stall_timeout`` after
+        the last chunk landed, or sooner when the wait on leechers ends (then
+        ``peers_exhausted`` may turn true)."""
+        at = self.last_progress + stall_timeout
+        if self.leechers:
+            at = min(at, self.last_progress + self.leecher_wait)
+        return at

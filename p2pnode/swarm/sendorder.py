@@ -27,7 +27,7 @@ shell: the order of writes is then the order bytes leave in) and orders its writ
   writes (sizes differ fourfold and more, so durations alone would cut big pieces short),
   clamped to ``TURN_BOUNDS``; ``INITIAL_TURN`` before any was written.
 
-The shell (``node.py``) calls :meth:`want` when an answer is ready to be written, starts the
+The shell (``serving.py``) calls :meth:`want` when an answer is ready to be written, starts the
 writes :meth:`grants` returns, calls :meth:`done` when a write ends or is given up, and looks
 again at :meth:`next_change`.
 """

@@ -81,7 +81,8 @@ def test_kill_9_mid_install_then_rerun(tmp_path: Path) -> None:
 
 def test_kill_9_at_random_moments_of_an_update_never_shows_a_mix(tmp_path: Path) -> None:
     """Whenever the update dies (staging, switching, harvesting), the install directory is
-    exactly build 1 or exactly build 2; the same command then always ends at build 2."""
+    exactly build 1 or exactly build 2 (besides the user's files, which are never lost); the
+    same command then always ends at build 2."""
     src = tmp_path / "src"
     make_release(src, big=24 << 20)
     cdn_root = tmp_path / "cdn"
@@ -96,6 +97,25 @@ def test_kill_9_at_random_moments_of_an_update_never_shows_a_mix(tmp_path: Path)
     v2 = tree(src)
     dest = tmp_path / "game"
     trio.run(install, str(cdn_root / p1.manifest_path), dest, TRUST, InstallOptions())
+    mine = {"saves/slot1.sav": b"save", "data/user.cfg": b"cfg", "new.txt": b"a name build 2 takes"}
+    for rel, data in mine.items():
+        (dest / rel).parent.mkdir(exist_ok=True)
+        (dest / rel).write_bytes(data)
+    sd = StateDir(dest)
+
+    def release_part(t: dict[str, tuple[bytes, int]] | None = None) -> dict[str, tuple[bytes, int]]:
+        """A tree without the user's paths (new.txt is checked apart: both have one)."""
+        t = tree(dest) if t is None else t
+        return {k: v for k, v in t.items() if k not in mine and ".user-" not in k}
+
+    def user_files_all_there() -> bool:
+        places = (dest, sd.old, sd.stage)
+        return all(
+            any((d / rel).read_bytes() == data for d in places if (d / rel).is_file())
+            or any(p.read_bytes() == data for p in dest.glob(rel + ".user-*"))
+            for rel, data in mine.items()
+        )
+
     cmd = [
         sys.executable,
         "-m",
@@ -119,10 +139,11 @@ def test_kill_9_at_random_moments_of_an_update_never_shows_a_mix(tmp_path: Path)
         time.sleep(0.3 + 0.25 * k + rng.uniform(0, 0.2))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        now = tree(dest)
-        assert now in (v1, v2), "the install directory holds a mix of two builds"
-        outcomes.add("v2" if now == v2 else "v1")
-        if now == v2:  # finished before the kill: start again from a pristine build 1
+        now = release_part()
+        assert now in (release_part(v1), release_part(v2)), "a mix of two builds"
+        assert user_files_all_there()
+        outcomes.add("v2" if now == release_part(v2) else "v1")
+        if now == release_part(v2):  # finished before the kill: start again from a pristine build 1
             shutil.rmtree(dest)
             shutil.rmtree(state_dir)
             shutil.copytree(pristine / "tree", dest)
@@ -130,7 +151,12 @@ def test_kill_9_at_random_moments_of_an_update_never_shows_a_mix(tmp_path: Path)
     assert "v1" in outcomes  # some kills did interrupt the update
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert tree(dest) == v2
+    final = tree(dest)
+    (aside,) = [k for k in final if k.startswith("new.txt.user-")]  # build 2 ships new.txt
+    assert final.pop(aside)[0] == mine["new.txt"]
+    for rel in ("saves/slot1.sav", "data/user.cfg"):
+        assert final.pop(rel)[0] == mine[rel]
+    assert final == v2
     assert trio.run(lambda: verify(dest)).ok
 
 

@@ -116,23 +116,24 @@ def test_install_update_verify_repair_rollback(tmp_path: Path, cdn: LocalCDN) ->
         f.seek(8_000_000)
         f.write(bytes([b[0] ^ 1]))
     (dest / "data" / "stray.tmp").write_bytes(b"not ours")
+    mine = {"data/stray.tmp": tree(dest)["data/stray.tmp"]}  # no build lists it: the user's
     report = trio.run(lambda: verify(dest))
     assert not report.ok
     assert list(report.corrupt) == ["data/big.pak"] and report.bad_chunks == 1
-    assert report.extra == ["data/stray.tmp"]
+    assert report.extra == [] and report.user_files == ["data/stray.tmp"]
     before = cdn.bytes_sent()
     report = trio.run(lambda: verify(dest, repair=True))
     assert report.ok and report.repaired == ["data/big.pak"]
     largest = max(c.length for _, c in p2.manifest.iter_chunks())
     assert cdn.bytes_sent() - before <= 2 * largest + 4096
-    assert tree(dest) == v2
+    assert tree(dest) == {**v2, **mine}  # repair never touches the user's files
     assert trio.run(lambda: verify(dest)).ok
 
     # Rollback with nginx stopped: offline, from the tree and the store.
     cdn.stop()
     r3 = trio.run(rollback, dest, InstallOptions())
     assert r3.action == "rolled-back" and r3.bytes_cdn == 0
-    assert tree(dest) == v1
+    assert tree(dest) == {**v1, **mine} and r3.kept_user_files == 1
     assert trio.run(lambda: verify(dest)).ok
 
 

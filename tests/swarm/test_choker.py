@@ -141,3 +141,18 @@ def test_a_peer_unchoked_at_once_keeps_its_turn_until_the_rotation() -> None:
         c.interested(peer(1), 30.0)
         c.interested(peer(2), 30.0)
         assert sorted(c.tick(30.2)) == [(peer(1), False), (peer(2), True)]
+
+
+def test_a_frugal_seed_uploads_no_chunk_twice_while_another_was_never_uploaded() -> None:
+    m, other = b"m" * 32, b"o" * 32
+    c = Choker(frugal=True)
+    assert not c.frugal_refuses(m, 0, 3)
+    c.sent(m, 0, 3)
+    assert c.frugal_refuses(m, 0, 3) and not c.frugal_refuses(m, 1, 3)
+    assert not c.frugal_refuses(other, 0, 2)  # counted per swarm
+    c.sent(m, 1, 3)
+    c.sent(m, 2, 3)
+    assert not c.frugal_refuses(m, 0, 3)  # every chunk went out once: any may go again
+    plain = Choker()
+    plain.sent(m, 0, 3)
+    assert not plain.frugal_refuses(m, 0, 3)

@@ -209,3 +209,63 @@ def test_a_side_that_does_not_serve_declines_joins_pushes_and_requests_at_once()
     assert decoder.next_event() == W.Bitfield(MID, 0, b"")
     assert decoder.next_event() == W.Reject(MID, 3, 7, b"choked")
     assert not a.theirs  # the request is answered: nothing owed
+
+
+def test_cancel_finds_the_request_by_chunk_and_its_answer_is_not_blamed() -> None:
+    a, b = pair()
+    events(a, b.send(W.Unchoke(), 0.0))
+    rid, data = a.request(MID, 7, 0.0)
+    events(b, data)
+    assert a.cancel(MID, 8, 0.1) == b""  # nothing outstanding for chunk 8
+    cancel = a.cancel(MID, 7, 0.1)
+    assert events(b, cancel) == [W.Cancel(MID, 7, rid)] and not a.ours
+    assert a.cancel(MID, 7, 0.2) == b""  # once
+
+
+def test_an_answer_says_which_request_it_answered_and_when_it_was_asked() -> None:
+    a, b = pair()
+    events(a, b.send(W.Unchoke(), 0.0))
+    data = os.urandom(5000)
+    rid, req = a.request(MID, 3, 1.5)
+    events(b, req)
+    (piece,) = events(a, b.send(W.Piece(MID, 3, rid, hash_chunk(data), data), 2.0))
+    assert isinstance(piece, W.Piece) and a.answered is not None
+    assert (a.answered.manifest, a.answered.index, a.answered.sent_at) == (MID, 3, 1.5)
+    rid, req = a.request(MID, 4, 2.5)
+    events(b, req)
+    (reject,) = events(a, b.send(W.Reject(MID, 4, rid, b"choked"), 3.0))
+    assert isinstance(reject, W.Reject) and a.answered.index == 4 and not a.ours
+
+
+def test_a_bitfield_for_a_joined_manifest_must_have_its_size_or_zero() -> None:
+    a, b = pair()
+    assert events(b, a.join(MID, 10, 0.0)) == [W.Join(MID)]
+    other = bytes([1]) * 32
+    assert events(a, b.send(W.Bitfield(MID, 0, b""), 0.0)) == [W.Bitfield(MID, 0, b"")]
+    assert len(events(a, b.send(W.Bitfield(MID, 10, b"\xff\xc0"), 0.0))) == 1
+    assert len(events(a, b.send(W.Bitfield(other, 3, b"\xe0"), 0.0))) == 1  # not joined
+    with pytest.raises(RemoteProtocolError, match="bitfield size"):
+        events(a, b.send(W.Bitfield(MID, 9, b"\xff\x80"), 0.0))
+    assert a.state is SessionState.CLOSED
+
+
+def test_a_manifest_is_shown_once_and_only_to_a_peer_that_takes_pushes() -> None:
+    a, b = pair()  # b's hello lists the manifest capability
+    push = a.show(MID, b"signed", 0.0)
+    assert events(b, push) == [W.ManifestPush(MID, b"signed")] and MID in a.shown
+    assert a.show(MID, b"signed", 0.1) == b""  # once per manifest and connection
+    c = PeerSession(A_ID, 1, now=0.0)
+    events(c, W.encode_bytes(W.Hello(B_ID, 2, capabilities=(b"zstd",))))
+    assert c.show(MID, b"signed", 0.0) == b"" and not c.shown
+
+
+def test_a_served_piece_is_framed_around_the_callers_buffer_not_a_copy() -> None:
+    a, b = pair()
+    events(a, b.send(W.Unchoke(), 0.0))
+    data = os.urandom(1 << 20)  # incompressible: sent as is even to a zstd peer
+    rid, req = a.request(MID, 0, 0.0)
+    events(b, req)
+    frame = b.send_frame(W.Piece(MID, 0, rid, hash_chunk(data), data), 0.1)
+    assert frame[-1] is data
+    (piece,) = events(a, b"".join(frame))
+    assert isinstance(piece, W.Piece) and bytes(piece.data) == data

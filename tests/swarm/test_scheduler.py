@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 from hypothesis import given, settings
@@ -12,6 +13,7 @@ from p2pnode.swarm.scheduler import (
     CDN_GRACE,
     CDN_MAX_WAIT,
     CDN_MIN_WAIT,
+    FRUGAL_RETRY,
     LEECHER_WAIT,
     MAX_COPIES,
     MAX_DEPTH,
@@ -320,3 +322,75 @@ def test_a_seed_or_a_holder_of_an_earlier_build_is_no_leecher() -> None:
     s.remove_peer("old")
     assert s.peers_exhausted(0.0, connecting=0)  # at once: no leecher to wait for
     assert not s.peers_exhausted(0.0, connecting=1)  # unless a peer may still show some
+
+
+def test_next_change_is_when_a_deferral_ends_or_a_request_elsewhere_turns_late() -> None:
+    s = sched(4)
+    s.bitfield("slow", full(4))
+    taken = s.next_requests("slow", 0.0)  # 4 unmeasured: expected 8 s, late past 16 s
+    assert s.next_change("slow", 0.0) == math.inf  # nothing more it could be asked for
+    s.bitfield("b", bits(4, {0, 1, 2}))
+    assert s.next_requests("b", 1.0) == [] and s.next_change("b", 1.0) == 16.0
+    assert s.next_requests("b", 16.0) == []  # late at 16 s: not before
+    assert s.next_requests("b", 16.001) and taken
+    s.bitfield("c", full(4))
+    s.rejected("c", taken[0], b"frugal", 20.0)  # (as if it had been asked)
+    assert s.next_change("c", 20.0) <= 20.0 + FRUGAL_RETRY
+    s.add_origin("o")
+    s.bitfield("o", full(4))
+    assert s.next_change("o", 20.0) == math.inf  # an origin is never asked for duplicates
+
+
+def test_the_version_moves_with_every_change_and_only_then() -> None:
+    s = sched(4)
+    v = s.version
+    assert s.next_change("a", 0.0) == math.inf and s.offered() is False and s.version == v
+    s.bitfield("a", full(4))
+    assert s.version > v
+    v = s.version
+    (i, *_rest) = s.next_requests("a", 0.0)
+    assert s.version > v
+    v = s.version
+    s.received("a", i, MiB, 1.0)
+    assert s.version > v
+    v = s.version
+    s.remove_peer("a", now=2.0)
+    assert s.version > v
+
+
+def test_next_cdn_change_is_the_grace_the_leecher_wait_or_a_cdn_deadline() -> None:
+    s = sched(4)
+    assert s.next_cdn_change(0.0) == math.inf  # not a source
+    s.enable_cdn(0.0)
+    assert s.next_cdn_change(0.0) == CDN_GRACE  # nobody holds anything yet
+    s.bitfield("a", bits(4, {0, 1}))  # a leecher: wait for its haves
+    s.next_requests("a", 0.0)
+    assert s.next_cdn_change(0.1) == min(LEECHER_WAIT, CDN_MAX_WAIT)
+    s.remove_peer("a", now=3.0)  # chunks 0 and 1 were held until 3 s
+    assert s.next_cdn_change(3.0) == CDN_GRACE  # 2 and 3 never held: grace since 0 s
+    assert s.cdn_requests(CDN_GRACE, room=4) == [2, 3]
+    assert s.next_cdn_change(CDN_GRACE) == 3.0 + CDN_GRACE
+    assert s.cdn_requests(3.0 + CDN_GRACE - 0.01, room=4) == []
+    assert s.cdn_requests(3.0 + CDN_GRACE, room=4) == [0, 1]
+
+
+def test_a_request_misses_its_cdn_deadline_when_next_cdn_change_says() -> None:
+    s = sched(4)
+    s.enable_cdn(0.0)
+    s.bitfield("slow", full(4))
+    s.next_requests("slow", 0.0)
+    due = s.next_cdn_change(0.0)
+    assert due == CDN_MAX_WAIT  # unmeasured: 4 x 2 s x CDN_SLACK, capped
+    assert s.cdn_requests(due, room=1) == []
+    assert len(s.cdn_requests(due + 0.001, room=1)) == 1
+
+
+def test_the_swarm_phase_deadline_is_the_stall_or_the_end_of_the_leecher_wait() -> None:
+    s = sched(4)
+    assert s.phase_deadline(15.0) == 15.0
+    s.bitfield("a", bits(4, {0}))
+    s.next_requests("a", 0.0)
+    s.received("a", 0, MiB, 2.0)
+    assert s.phase_deadline(15.0) == 2.0 + LEECHER_WAIT
+    assert not s.peers_exhausted(2.0 + LEECHER_WAIT, 0)
+    assert s.peers_exhausted(2.0 + LEECHER_WAIT + 0.001, 0)

@@ -19,6 +19,7 @@ from p2pnode.release.chunker import hash_chunk
 from p2pnode.swarm import wire as W
 from p2pnode.swarm.node import MAX_BAD_CHUNKS, MAX_BANNED, Link, PeerStats, SwarmNode
 from p2pnode.swarm.peer import MAX_JOINS, MAX_OUTSTANDING
+from tests.support.waiting import until
 from tests.swarm.test_swarm_node import CorruptSeed, node, seeded
 
 
@@ -88,11 +89,11 @@ async def test_a_flood_of_connections_is_capped(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(seed.serve, "127.0.0.1", 0)
         flood = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(40)]
-        await trio.sleep(0.2)
+        await until(lambda: seed.refused >= 32)
         assert seed.connections <= 8 and seed.refused >= 32
         for s in flood:
             await s.aclose()
-        await trio.sleep(0.1)
+        await until(lambda: seed.connections == 0)  # the slots are free again
         await still_serves(seed, port, manifest)
         nursery.cancel_scope.cancel()
 
@@ -259,7 +260,7 @@ async def test_a_peer_that_stops_reading_is_dropped_and_others_are_served(
 ) -> None:
     """It asks for many chunks and never reads: the seed's writes to it block (socket buffers
     full), and after ``write_timeout`` it is dropped, while a normal leecher is served."""
-    caplog.set_level(logging.DEBUG, logger="p2pnode.swarm.node")
+    caplog.set_level(logging.DEBUG, logger="p2pnode.swarm")
     seed, manifest = await seeded(tmp_path)
     seed.write_timeout = 2.0
     mid = manifest.id  # type: ignore[attr-defined]
@@ -279,9 +280,7 @@ async def test_a_peer_that_stops_reading_is_dropped_and_others_are_served(
         await tls.send_all(b"".join(W.encode_bytes(r) for r in requests))  # then never reads
         t0 = trio.current_time()
         await still_serves(seed, port, manifest)
-        with trio.fail_after(30):
-            while any(link.node_id == me.node_id for link in seed.links):
-                await trio.sleep(0.1)
+        await until(lambda: all(link.node_id != me.node_id for link in seed.links), 30)
         assert trio.current_time() - t0 < 30
         assert "did not take" in caplog.text and "within 2s" in caplog.text
         await tls.aclose()
@@ -317,9 +316,7 @@ async def test_a_slow_drip_cannot_hold_a_connection(tmp_path: Path) -> None:
                 dripping.start_soon(drip, tls, long_frame, 0.2)
                 await hung_up(tls)
                 dripping.cancel_scope.cancel()
-        with trio.fail_after(5):
-            while seed.connections:
-                await trio.sleep(0.05)
+        await until(lambda: seed.connections == 0)
         nursery.cancel_scope.cancel()
 
 
@@ -330,9 +327,7 @@ async def test_a_peer_silent_after_tls_is_dropped_after_the_hello_timeout(tmp_pa
         port = await nursery.start(seed.serve, "127.0.0.1", 0)
         tls = await tls_to(port)
         await hung_up(tls)  # within 5 s
-        with trio.fail_after(5):
-            while seed.connections:
-                await trio.sleep(0.05)
+        await until(lambda: seed.connections == 0)
         nursery.cancel_scope.cancel()
 
 

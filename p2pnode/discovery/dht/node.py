@@ -131,6 +131,8 @@ class DHTConfig:
         reannounce_interval: how often ``serve_dht`` re-signs and re-stores our records.
         refresh_interval: how often ``serve_dht`` refreshes the routing table.
         save_interval: how often ``serve_dht`` saves the routing table.
+        clock: the wall clock records are signed and judged fresh by (seconds since the
+            epoch); tests move it instead of sleeping.
     """
 
     port: int = 0
@@ -146,6 +148,7 @@ class DHTConfig:
     reannounce_interval: float = 600.0
     refresh_interval: float = 900.0
     save_interval: float = 300.0
+    clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -620,7 +623,7 @@ class _AioCore:
         ann = self.announcements.setdefault(topic, _Announcement(host, port))
         ann.host, ann.port = host, port
         ann.record = make_record(
-            self.key, topic, host, port, now=time.time(), ttl=self.config.record_ttl
+            self.key, topic, host, port, now=self.config.clock(), ttl=self.config.record_ttl
         )
         return await self.store_record(ann.record)
 
@@ -635,7 +638,7 @@ class _AioCore:
         started = time.monotonic()
         key = topic.dht_key
         lk, bundles = await self.crawl(key, find_value=True)
-        now = time.time()
+        now = self.config.clock()
         best: dict[bytes, PeerRecord] = {}
         rejected = 0
 

@@ -4,6 +4,7 @@ routing-table persistence, and hostile datagrams."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import socket
@@ -66,7 +67,8 @@ async def test_own_fresh_record_wins_over_a_stale_copy() -> None:
         for other in nodes:
             assert [r.port for r in await other.lookup(topic)] == [2222]
         before = mine.expires
-        await trio.sleep(1.05)
+        # A second later on this node's clock (records carry whole seconds), without waiting.
+        me.core.config = dataclasses.replace(me.core.config, clock=lambda: time.time() + 1.5)
         assert await me.reannounce() >= 4
         (again,) = await nodes[0].lookup(topic)
         assert again.expires > before
@@ -204,10 +206,14 @@ async def test_serve_dht_reannounces_refreshes_and_saves(tmp_path: Path) -> None
             node = await nursery.start(serve_dht, keys(1, seed=42)[0], config, bridge)
             await node.announce(topic, "127.0.0.1", 7100)
             (first,) = await nodes[1].lookup(topic)
-            await trio.sleep(1.3)
-            (later,) = await nodes[1].lookup(topic)
-            assert later.expires > first.expires  # re-signed and re-stored on its own
-            assert len(load_routing_table(state)) == 5
+            # Wait for what serve_dht does on its own: a re-signed record and a saved table.
+            with trio.fail_after(10):
+                while True:
+                    (later,) = await nodes[1].lookup(topic)
+                    saved = state.exists() and len(load_routing_table(state)) == 5
+                    if later.expires > first.expires and saved:
+                        break
+                    await trio.sleep(0.1)
             nursery.cancel_scope.cancel()
 
 
