@@ -11,55 +11,78 @@ pass a more specific one.
     ├── IntegrityError           content or metadata that fails a trust check
     │   ├── SignatureError       bad signature, or signed by a key that is not trusted
     │   ├── ExpiredManifestError past its ``expires`` time (freeze attack)
-    │   ├── DowngradeError       a build lower than the installed one (rollback attack)
+    │   ├── DowngradeError       a build lower than the installed one (rollback attack), or
+    │   │                        a second manifest for the installed build (equivocation)
     │   ├── UnsafePathError      a path that escapes the install root or collides
     │   ├── ChunkHashError       bytes whose blake3 is not the chunk id they claim
-    │   └── dht.PeerRecordError  a malformed DHT peer record
-    │       ├── dht.RecordSignatureError  (also a SignatureError)
-    │       ├── dht.ExpiredRecordError
-    │       └── dht.LANMessageError       a malformed LAN discovery message
+    │   └── PeerRecordError      a malformed DHT/tracker peer record
+    │       ├── RecordSignatureError  (also a SignatureError)
+    │       ├── ExpiredRecordError
+    │       └── LANMessageError       a malformed LAN discovery message
     ├── InstallError             local state problems
     │   ├── InstallLockedError   another p2pnode process works on the same install
     │   ├── NotInstalledError    an operation that needs an install found none
     │   ├── NoRollbackError      no earlier version is kept
     │   ├── DiskSpaceError       not enough free space to stage the release
-    │   └── dht.DHTStateError    a damaged DHT routing-table file
+    │   └── DHTStateError        a damaged DHT routing-table file
     ├── TransportError           a network operation failed
     │   ├── CDNError             every mirror failed for some chunk
     │   ├── SlowPeerError        a peer took no bytes from us within the write timeout
-    │   ├── dht.DHTError         the DHT node cannot start or answer
-    │   └── tracker_client.TrackerError         a tracker cannot be reached or fails (5xx)
-    │       └── tracker_client.TrackerRefusedError  it refused the request (4xx: status, code)
-    ├── tracker.core.APIError    (server side) a request the tracker refuses, as a 4xx JSON error
-    └── ProtocolError            a peer broke the wire protocol (see p2pnode.swarm)
-        ├── LocalProtocolError
-        └── RemoteProtocolError
+    │   ├── DHTError             the DHT node cannot start or answer
+    │   └── TrackerError         a tracker cannot be reached or fails (5xx)
+    │       └── TrackerRefusedError  it refused the request (4xx: status, code)
+    ├── ProtocolError            a peer broke the wire protocol (see p2pnode.swarm); abstract
+    │   ├── LocalProtocolError
+    │   └── RemoteProtocolError
+    ├── DemoError                the local demo network did not come up or behave
+    └── (server side) the tracker's own refusals, under P2PNodeError too: see ``tracker/``
 
-Misuse of the API (calling things in the wrong order) raises plain ``RuntimeError`` subclasses,
-never one of these, so that it is never mistaken for bad input.
+Every class above is defined here; the modules that raise them (``discovery.tracker``,
+``discovery.dht``, ``demo``) import them from here and re-export them. Outside the tree are
+only exceptions that are control flow and never reach a caller: those whose name starts with
+``_`` (``cdn.fetcher._JobFailure``, ``discovery.dht.node._BadRequest``) inside one module, and
+``swarm.links.PeerFailed`` inside the swarm's shell (one peer is dropped, the reason goes to its
+``PeerStats``). ``node.cli._Failed`` is a P2PNodeError that carries a verb's JSON payload to
+``main``.
+
+Misuse of the API is a bug in the caller, never one of these, so it is never mistaken for bad
+input or a network failure: an argument no call could accept raises ``TypeError`` or
+``ValueError`` (as Python's own functions do), a call in the wrong order or state raises
+``RuntimeError``. Out of a nursery, such a bug is never hidden behind a typed error that a
+sibling task raised meanwhile (``most_telling``).
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "BUG_TYPES",
     "CDNError",
     "ChunkHashError",
+    "DHTError",
+    "DHTStateError",
+    "DemoError",
     "DiskSpaceError",
     "DowngradeError",
     "ExpiredManifestError",
+    "ExpiredRecordError",
     "InstallError",
     "InstallLockedError",
     "IntegrityError",
+    "LANMessageError",
     "LocalProtocolError",
     "ManifestError",
     "NoRollbackError",
     "NotCanonicalError",
     "NotInstalledError",
     "P2PNodeError",
+    "PeerRecordError",
     "ProtocolError",
+    "RecordSignatureError",
     "RemoteProtocolError",
     "SignatureError",
     "SlowPeerError",
+    "TrackerError",
+    "TrackerRefusedError",
     "TransportError",
     "UnsafePathError",
     "UsageError",
@@ -124,6 +147,26 @@ class ChunkHashError(IntegrityError):
     default_fix = "the source served wrong bytes; it is skipped, retry to use another source"
 
 
+class PeerRecordError(IntegrityError):
+    """A peer record that is malformed, oversized, mis-signed or out of date."""
+
+    default_fix = "the record came from a broken or hostile node; it is ignored"
+
+
+class RecordSignatureError(PeerRecordError, SignatureError):
+    """A peer record whose signature does not verify with the key it names."""
+
+
+class ExpiredRecordError(PeerRecordError):
+    """A peer record past its expiry (or claiming a lifetime longer than allowed)."""
+
+    default_fix = "the announcer stopped re-announcing, or this machine's clock is wrong"
+
+
+class LANMessageError(PeerRecordError):
+    """A LAN discovery datagram that is not a well-formed query or answer."""
+
+
 class InstallError(P2PNodeError):
     default_fix = "run `p2pnode verify --dest DIR --repair`"
 
@@ -144,6 +187,12 @@ class DiskSpaceError(InstallError):
     default_fix = "free disk space on the install's filesystem, or install elsewhere"
 
 
+class DHTStateError(InstallError):
+    """The saved routing table cannot be read; the node starts without it."""
+
+    default_fix = "delete the routing table file; it is rebuilt from --dht-bootstrap"
+
+
 class TransportError(P2PNodeError):
     default_fix = "check the network and the mirror URLs, then run the same command again"
 
@@ -157,6 +206,27 @@ class SlowPeerError(TransportError):
     hold its connection and an upload slot for as long as it liked."""
 
     default_fix = "nothing to do: the peer is disconnected and others are served"
+
+
+class DHTError(TransportError):
+    """The DHT could not be started or used (port in use, no bootstrap reachable)."""
+
+    default_fix = "check --dht-port is free and --dht-bootstrap names a reachable DHT node"
+
+
+class TrackerError(TransportError):
+    """The tracker could not be reached, or failed (5xx)."""
+
+    default_fix = "check the --tracker URL and that the tracker is running, then retry"
+
+
+class TrackerRefusedError(TrackerError):
+    """The tracker refused the request (4xx); ``code`` is its machine-readable reason."""
+
+    def __init__(self, message: str, *, status: int, code: str, fix: str | None = None) -> None:
+        super().__init__(message, fix=fix)
+        self.status = status
+        self.code = code
 
 
 class ProtocolError(P2PNodeError):
@@ -178,6 +248,25 @@ class RemoteProtocolError(ProtocolError):
     """The peer broke the protocol."""
 
 
+class DemoError(P2PNodeError):
+    default_fix = "run the demo again; if it fails the same way, report it with its output"
+
+
+#: Built-in exceptions that mean the code is wrong rather than the input or the world: out of
+#: a group of concurrent failures one of these outweighs any typed error (see ``most_telling``).
+BUG_TYPES: tuple[type[Exception], ...] = (
+    TypeError,
+    ValueError,
+    AttributeError,
+    NameError,
+    LookupError,
+    AssertionError,
+    ArithmeticError,
+    RuntimeError,
+    ImportError,
+)
+
+
 def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
@@ -185,10 +274,17 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def most_telling(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one error a user should see out of concurrent tasks' failures: an interrupt, then
-    a full disk (the root cause of everything else failing), then any of our typed errors;
-    the group itself if none of those is in it."""
+    """The one error a user should see out of concurrent tasks' failures.
+
+    A bug (a ``BUG_TYPES`` leaf that is not one of ours) in any task wins: the group itself
+    is returned, for the caller to raise with every traceback, because a typed error raised
+    by a sibling meanwhile (often *because* of the bug) would send the user after the wrong
+    cause. Otherwise an interrupt, then a full disk (the root cause of everything else
+    failing), then any of our typed errors; the group itself if none of those is in it.
+    """
     leaves = _leaves(group)
+    if any(isinstance(leaf, BUG_TYPES) and not isinstance(leaf, P2PNodeError) for leaf in leaves):
+        return group
     for kind in (KeyboardInterrupt, DiskSpaceError, P2PNodeError):
         for leaf in leaves:
             if isinstance(leaf, kind):

@@ -50,16 +50,8 @@ import trio
 from ..errors import CDNError
 from ..ratelimit import RateLimiter
 from ..release import layout
-from .plan import (
-    DONE,
-    ChunkRequest,
-    ChunkSplitter,
-    FetchPlan,
-    Job,
-    PlanParams,
-    Wait,
-    parse_content_range,
-)
+from .plan import DONE, FetchPlan, Job, PlanParams, Wait
+from .ranges import ChunkRequest, ChunkSplitter, parse_content_range
 from .transport import RangeTransport
 
 __all__ = ["CDNFetcher", "CDNOptions", "ChunkRequest", "FetchStats", "MirrorStats", "make_client"]
@@ -71,45 +63,24 @@ Deliver = Callable[[ChunkRequest, bytes], Awaitable[None]]
 HASH_IN_THREAD_BYTES = 2 * 2**20
 
 
-@dataclass
-class CDNOptions:
-    """Knobs of :class:`CDNFetcher`. Durations are seconds, sizes bytes.
+@dataclass(frozen=True)
+class CDNOptions(PlanParams):
+    """Knobs of :class:`CDNFetcher`: the plan's (:class:`PlanParams`, passed to it as they
+    are) and the shell's own. Durations are seconds.
 
     Attributes:
-        connections: concurrent requests over all mirrors (the HTTP pool's size).
-        max_download_rate: bytes/s over all connections; None = unlimited.
-        max_range_bytes: the most one coalesced range request asks for.
-        max_attempts: per chunk, over all mirrors, before it is given up.
         connect_timeout: connecting and receiving the response headers.
         read_timeout: the longest wait for any single piece of body.
-        min_speed, speed_window: a response slower than ``min_speed`` over ``speed_window``
-            seconds of network time is abandoned (defends against drip-feeding servers).
-        target_seconds: requested-but-unreceived bytes are bounded by this many seconds of
-            transfer at the current rate (caps what a killed process loses).
-        initial_budget, max_budget: that bound before the rate is known, and its ceiling.
-        retry_base, retry_cap: exponential backoff with full jitter before a chunk returns
-            to a mirror that failed it.
-        failure_threshold, cooldown_base, cooldown_cap: consecutive failures that put a mirror
-            on cooldown, and the cooldown's first length and ceiling (doubling).
+        min_speed, speed_window: a response slower than ``min_speed`` bytes/s over
+            ``speed_window`` seconds of network time is abandoned (defends against
+            drip-feeding servers).
         seed: seeds the jitter (tests); None = random.
     """
 
-    connections: int = 8
-    max_download_rate: int | None = None
-    max_range_bytes: int = 16 * 2**20
-    max_attempts: int = 6
     connect_timeout: float = 10.0
     read_timeout: float = 15.0
     min_speed: int = 16 * 1024
     speed_window: float = 5.0
-    target_seconds: float = 0.25
-    initial_budget: int = 4 * 2**20
-    max_budget: int = 64 * 2**20
-    retry_base: float = 0.2
-    retry_cap: float = 10.0
-    failure_threshold: int = 2
-    cooldown_base: float = 1.0
-    cooldown_cap: float = 30.0
     seed: int | None = None
 
 
@@ -234,6 +205,7 @@ class CDNFetcher:
         with ``data`` verified against ``req.id``, in any order.
 
         Raises:
+            ValueError: a request names a path ``file_sizes`` lacks (a bug in the caller).
             CDNError: some chunk could not be had from any mirror (after every other chunk
                 that could be fetched was delivered); names the chunk, its file, and why per
                 mirror.
@@ -242,30 +214,15 @@ class CDNFetcher:
         o = self.options
         for r in requests:
             if r.path not in self.file_sizes:
-                raise CDNError(
-                    f"chunk {r.id.hex()[:12]} names {r.path!r}, which is not in the release",
-                    fix="this is a bug in the caller; report it",
+                raise ValueError(  # misuse: the caller's requests do not match its file_sizes
+                    f"chunk {r.id.hex()[:12]} names {r.path!r}, which is not in the release"
                 )
         start = trio.current_time()
         rng = random.Random(o.seed)
         self._plan = FetchPlan(
             requests,
             self.mirrors,
-            PlanParams(
-                connections=o.connections,
-                max_range_bytes=o.max_range_bytes,
-                max_attempts=o.max_attempts,
-                rate_cap=o.max_download_rate,
-                target_seconds=o.target_seconds,
-                initial_budget=o.initial_budget,
-                min_budget=min(o.initial_budget, 512 * 1024),
-                max_budget=o.max_budget,
-                retry_base=o.retry_base,
-                retry_cap=o.retry_cap,
-                failure_threshold=o.failure_threshold,
-                cooldown_base=o.cooldown_base,
-                cooldown_cap=o.cooldown_cap,
-            ),
+            o,
             now=start,
             rng=rng,
         )

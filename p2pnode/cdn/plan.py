@@ -34,6 +34,10 @@ a 404, 416 or a size mismatch excludes the mirror for the whole file. A chunk th
 may serve any more, or that ran out of attempts, is *failed*; the rest go on, so everything that
 can be delivered is before :class:`p2pnode.cdn.fetcher.CDNFetcher` raises.
 
+The parts it builds on live beside it: byte ranges, chunk splitting and ``Content-Range``
+parsing in :mod:`p2pnode.cdn.ranges`; rates, mirror health and backoff in
+:mod:`p2pnode.cdn.health`.
+
 **Mirror health.** :class:`MirrorHealth` counts consecutive failures; past a threshold a mirror
 sits out a cooldown that doubles each time (with jitter). Healthy mirrors come first, then
 mirrors that honour Range, then the least loaded, then the fastest.
@@ -42,11 +46,13 @@ mirrors that honour Range, then the least loaded, then the fastest.
 from __future__ import annotations
 
 import bisect
-import itertools
 import random
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+from .health import MirrorHealth, RateMeter, backoff_delay
+from .ranges import ChunkRequest, ChunkSplitter, coalesce, parse_content_range
 
 __all__ = [
     "DONE",
@@ -65,269 +71,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkRequest:
-    """One chunk to fetch: its blake3-256 id and where it sits in a release file."""
-
-    id: bytes
-    path: str
-    offset: int
-    length: int
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
-
-
-# --------------------------------------------------------------------------------------------
-# Coalescing
-
-
-def coalesce(requests: Iterable[ChunkRequest], max_bytes: int) -> list[list[ChunkRequest]]:
-    """Group requests into runs adjacent in one file, each run at most ``max_bytes`` long
-    (a single chunk longer than that is a run of its own). Identical requests appear once.
-
-    The fetcher cuts runs at request time rather than with this function (the size depends on
-    the rate then), but the grouping rule is the same, and this is its executable statement.
-    """
-    by_path: dict[str, set[ChunkRequest]] = {}
-    for r in requests:
-        by_path.setdefault(r.path, set()).add(r)
-    runs: list[list[ChunkRequest]] = []
-    for path in sorted(by_path):
-        current: list[ChunkRequest] = []
-        size = 0
-        for r in sorted(by_path[path], key=lambda c: (c.offset, c.length, c.id)):
-            if current and r.offset == current[-1].end and size + r.length <= max_bytes:
-                current.append(r)
-                size += r.length
-            else:
-                if current:
-                    runs.append(current)
-                current, size = [r], r.length
-        if current:
-            runs.append(current)
-    return runs
-
-
-# --------------------------------------------------------------------------------------------
-# Splitting a streamed body at chunk boundaries
-
-
-class ChunkSplitter:
-    """Cuts a streamed response body into the chunks of one job, as their last byte arrives.
-
-    Args:
-        chunks: adjacent chunks in file order (``chunks[i].end == chunks[i+1].offset``).
-        skip: body bytes to discard before the first chunk (a server that ignored Range and
-            sent the file from byte 0 has ``skip = chunks[0].offset``).
-
-    Pieces are kept as memoryviews of the caller's buffers and joined once per chunk, so each
-    body byte is copied exactly once on its way to ``deliver``.
-    """
-
-    __slots__ = ("_chunks", "_have", "_index", "_parts", "_skip")
-
-    def __init__(self, chunks: Sequence[ChunkRequest], skip: int = 0) -> None:
-        for a, b in itertools.pairwise(chunks):
-            if a.end != b.offset or a.path != b.path:
-                raise ValueError("ChunkSplitter needs adjacent chunks of one file")
-        self._chunks = chunks
-        self._index = 0
-        self._skip = skip
-        self._parts: list[memoryview] = []
-        self._have = 0
-
-    @property
-    def done(self) -> bool:
-        return self._index >= len(self._chunks)
-
-    @property
-    def wanted(self) -> int:
-        """Body bytes still needed to complete every chunk (skip included)."""
-        if self.done:
-            return 0
-        rest = sum(c.length for c in self._chunks[self._index :]) - self._have
-        return self._skip + rest
-
-    def remaining(self) -> list[ChunkRequest]:
-        """Chunks not completed yet."""
-        return list(self._chunks[self._index :])
-
-    def feed(self, data: bytes | memoryview) -> tuple[list[tuple[ChunkRequest, bytes]], int]:
-        """Take the next piece of body; return completed ``(chunk, bytes)`` pairs and how many
-        bytes of ``data`` were beyond the last chunk (surplus, to be discarded)."""
-        view = data if isinstance(data, memoryview) else memoryview(data)
-        pos = 0
-        n = len(view)
-        if self._skip:
-            step = min(self._skip, n)
-            self._skip -= step
-            pos = step
-        out: list[tuple[ChunkRequest, bytes]] = []
-        chunks = self._chunks
-        while pos < n and self._index < len(chunks):
-            chunk = chunks[self._index]
-            take = min(chunk.length - self._have, n - pos)
-            if self._have == 0 and take == chunk.length:
-                # The whole chunk is inside this piece: one copy, no join.
-                out.append((chunk, bytes(view[pos : pos + take])))
-                self._index += 1
-            else:
-                self._parts.append(view[pos : pos + take])
-                self._have += take
-                if self._have == chunk.length:
-                    out.append((chunk, b"".join(self._parts)))
-                    self._parts = []
-                    self._have = 0
-                    self._index += 1
-            pos += take
-        return out, n - pos if self.done else 0
-
-
-# --------------------------------------------------------------------------------------------
-# Rates, backoff, health
-
-
-class RateMeter:
-    """Bytes per second over a sliding window of ``window`` seconds, in ``slots`` buckets."""
-
-    __slots__ = ("_buckets", "_slot", "_slots", "_start", "_width")
-
-    def __init__(self, window: float = 1.0, slots: int = 10, now: float = 0.0) -> None:
-        self._width = window / slots
-        self._slots = slots
-        self._buckets: deque[int] = deque([0] * slots, maxlen=slots)
-        self._slot = int(now / self._width)
-        self._start = now
-
-    def _advance(self, now: float) -> None:
-        slot = int(now / self._width)
-        if slot > self._slot:
-            for _ in range(min(slot - self._slot, self._slots)):
-                self._buckets.append(0)
-            self._slot = slot
-
-    @property
-    def started(self) -> float:
-        return self._start
-
-    def add(self, n: int, now: float) -> None:
-        self._advance(now)
-        self._buckets[-1] += n
-
-    def rate(self, now: float) -> float:
-        """The average over the window, or over the time since creation if that is shorter."""
-        self._advance(now)
-        span = min(self._width * self._slots, max(now - self._start, self._width))
-        return sum(self._buckets) / span
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Exponential backoff with full jitter (uniform in [0, min(cap, base * 2**attempt)]):
-    spreads retries of many clients after a shared outage instead of synchronising them."""
-    return rng.uniform(0.0, min(cap, base * (2.0 ** min(attempt, 30))))
-
-
-@dataclass
-class _Mirror:
-    url: str
-    consecutive_failures: int = 0
-    cooldowns: int = 0
-    cooldown_until: float = float("-inf")
-    active: int = 0
-    ignores_range: bool = False
-    rate: float = 0.0  # EWMA of bytes per second over finished jobs
-
-
-class MirrorHealth:
-    """Per-mirror failure counting, cooldowns and preference order.
-
-    Args:
-        mirrors: mirror roots, in the caller's order of preference (ties keep this order).
-        failure_threshold: consecutive failures that put a mirror on cooldown.
-        cooldown_base: first cooldown, doubled at each further cooldown, up to ``cooldown_cap``.
-    """
-
-    def __init__(
-        self,
-        mirrors: Sequence[str],
-        *,
-        failure_threshold: int = 2,
-        cooldown_base: float = 1.0,
-        cooldown_cap: float = 30.0,
-        rng: random.Random | None = None,
-    ) -> None:
-        if not mirrors:
-            raise ValueError("at least one mirror is needed")
-        self._m = [_Mirror(u) for u in mirrors]
-        self.threshold = failure_threshold
-        self.base = cooldown_base
-        self.cap = cooldown_cap
-        self._rng = rng or random.Random()
-
-    def __len__(self) -> int:
-        return len(self._m)
-
-    def url(self, i: int) -> str:
-        return self._m[i].url
-
-    def available(self, i: int, now: float) -> bool:
-        return self._m[i].cooldown_until <= now
-
-    def cooldown_until(self, i: int) -> float:
-        return self._m[i].cooldown_until
-
-    def order(self, now: float) -> list[int]:
-        """Mirrors not on cooldown, best first."""
-        ms = [i for i, m in enumerate(self._m) if m.cooldown_until <= now]
-        return sorted(
-            ms,
-            key=lambda i: (
-                self._m[i].consecutive_failures > 0,
-                self._m[i].ignores_range,
-                self._m[i].active,
-                -self._m[i].rate,
-                i,
-            ),
-        )
-
-    def started(self, i: int) -> None:
-        self._m[i].active += 1
-
-    def stopped(self, i: int) -> None:
-        self._m[i].active -= 1
-
-    def success(self, i: int, nbytes: int, seconds: float) -> None:
-        m = self._m[i]
-        m.consecutive_failures = 0
-        m.cooldowns = 0
-        if seconds > 0 and nbytes > 0:
-            sample = nbytes / seconds
-            m.rate = sample if m.rate == 0 else 0.7 * m.rate + 0.3 * sample
-
-    def failure(self, i: int, now: float, *, immediate: bool = False) -> None:
-        """Count a failure; ``immediate`` (connection refused) cools down at once."""
-        m = self._m[i]
-        if m.cooldown_until > now:
-            # Requests in flight when the mirror went down report one by one; one outage is
-            # one cooldown step, not one per request.
-            return
-        m.consecutive_failures += 1
-        if immediate or m.consecutive_failures >= self.threshold:
-            span = min(self.cap, self.base * 2.0**m.cooldowns)
-            m.cooldowns += 1
-            # "Equal jitter": at least half the span, so a cooldown is never ~0.
-            m.cooldown_until = now + span / 2 + self._rng.uniform(0, span / 2)
-
-    def mark_ignores_range(self, i: int) -> None:
-        self._m[i].ignores_range = True
-
-
-# --------------------------------------------------------------------------------------------
-# The plan
-
-
 #: Failure kinds after which a mirror is not asked for the same file again (it lacks the file,
 #: or has another version of it): retrying there cannot help.
 PERMANENT_FOR_FILE = frozenset(
@@ -340,10 +83,27 @@ UNREACHABLE = frozenset({"connect"})
 
 @dataclass(frozen=True)
 class PlanParams:
+    """What :class:`FetchPlan` decides by. Durations are seconds, sizes bytes.
+
+    Attributes:
+        connections: concurrent requests over all mirrors (the HTTP pool's size).
+        max_download_rate: bytes/s over all connections; None = unlimited.
+        max_range_bytes: the most one coalesced range request asks for.
+        max_attempts: per chunk, over all mirrors, before it is given up.
+        target_seconds: requested-but-unreceived bytes are bounded by this many seconds of
+            transfer at the current rate (caps what a killed process loses).
+        initial_budget, max_budget: that bound before the rate is known, and its ceiling.
+        min_budget: its floor once the rate is known (never above ``initial_budget``).
+        retry_base, retry_cap: exponential backoff with full jitter before a chunk returns
+            to a mirror that failed it.
+        failure_threshold, cooldown_base, cooldown_cap: consecutive failures that put a mirror
+            on cooldown, and the cooldown's first length and ceiling (doubling).
+    """
+
     connections: int = 8
+    max_download_rate: float | None = None
     max_range_bytes: int = 16 * 2**20
     max_attempts: int = 6
-    rate_cap: float | None = None
     target_seconds: float = 0.25
     initial_budget: int = 4 * 2**20
     min_budget: int = 512 * 1024
@@ -458,13 +218,14 @@ class FetchPlan:
         """Bytes that may be requested and not yet verified, over all connections."""
         p = self.p
         measured = self.meter.rate(now)
-        if p.rate_cap is not None:
-            rate = p.rate_cap
+        if p.max_download_rate is not None:
+            rate = p.max_download_rate
         elif now - self.meter.started < 0.2 or measured <= 0:
             return p.initial_budget
         else:
             rate = measured * 1.5  # headroom, so the budget can grow with a faster link
-        return int(min(p.max_budget, max(p.min_budget, rate * p.target_seconds)))
+        floor = min(p.min_budget, p.initial_budget)
+        return int(min(p.max_budget, max(floor, rate * p.target_seconds)))
 
     def target_request(self, now: float) -> int:
         budget = self.budget(now)
@@ -655,20 +416,3 @@ class FetchPlan:
             if why:
                 out[self.health.url(m)] = why
         return out
-
-
-def parse_content_range(value: str) -> tuple[int, int, int | None] | None:
-    """``bytes 0-99/1234`` -> (0, 100, 1234) (end exclusive); total None for ``*``."""
-    try:
-        unit, _, spec = value.strip().partition(" ")
-        if unit.lower() != "bytes":
-            return None
-        rng, _, total = spec.partition("/")
-        first, _, last = rng.partition("-")
-        start, end = int(first), int(last) + 1
-        tot = None if total.strip() == "*" else int(total)
-    except ValueError:
-        return None
-    if start < 0 or end <= start or (tot is not None and end > tot):
-        return None
-    return start, end, tot

@@ -29,8 +29,10 @@ import httpx
 import trio
 
 from ..discovery.tracker import TrackerClient
-from ..errors import P2PNodeError
+from ..errors import DemoError
 from ..node.install import InstallOptions, rollback
+from ..node.policy import SourcePolicy
+from ..node.render import install_json
 from ..node.verify import verify
 from ..node.watch import WatchOptions, watch
 from ..release import keys
@@ -86,10 +88,6 @@ def _row(
 LEECHERS = 3
 
 
-class DemoError(P2PNodeError):
-    default_fix = "run the demo again; if it fails the same way, report it with its output"
-
-
 class _Follower:
     """One demo node: ``p2pnode watch --listen`` in this process, its events in a channel."""
 
@@ -108,8 +106,8 @@ class _Follower:
             trusted=trust,
             install=InstallOptions(
                 listen="127.0.0.1:0",
-                policy=policy,
-                origin=policy == "cdn-only",  # the seed box: leechers spare its upload
+                policy=SourcePolicy.parse(policy),
+                origin=policy == SourcePolicy.CDN_ONLY,  # the seed box: leechers spare its upload
                 tracker=tracker_url,
                 identity_dir=work / "ids" / name,
             ),
@@ -243,7 +241,7 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
         t = time.monotonic()
         r = await rollback(dest, InstallOptions())
         note = "nginx stopped: offline"
-        rows.append(_row("rollback to build 1", time.monotonic() - t, note, r.as_json()))
+        rows.append(_row("rollback to build 1", time.monotonic() - t, note, install_json(r)))
         if keep:
             say(f"dashboard: {dashboard} (Ctrl-C to stop the demo network)")
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -32,7 +32,7 @@ import httpx
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..errors import P2PNodeError, TransportError
+from ..errors import P2PNodeError, TrackerError, TrackerRefusedError
 from ..release import keys
 from ..release.manifest import parse_signed
 from .dht.records import PeerRecord, Topic, make_record, parse_record
@@ -57,21 +57,6 @@ SIGNATURE_HEADER = "X-P2PNode-Signature"
 SESSION_HEADER = "X-P2PNode-Session"
 #: How long one long-poll asks the tracker to hold the request (it caps at 60).
 LONG_POLL_S = 25.0
-
-
-class TrackerError(TransportError):
-    """The tracker could not be reached, or failed (5xx)."""
-
-    default_fix = "check the --tracker URL and that the tracker is running, then retry"
-
-
-class TrackerRefusedError(TrackerError):
-    """The tracker refused the request (4xx); ``code`` is its machine-readable reason."""
-
-    def __init__(self, message: str, *, status: int, code: str, fix: str | None = None) -> None:
-        super().__init__(message, fix=fix)
-        self.status = status
-        self.code = code
 
 
 @dataclass(frozen=True, slots=True)

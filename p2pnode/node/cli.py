@@ -13,95 +13,53 @@ import json
 import math
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .. import __version__
 from ..errors import P2PNodeError, UsageError, most_telling
 from ..release import keys
-from ..units import format_bytes, parse_rate
+from .flags import (
+    add_dht_flags,
+    add_fetch_flags,
+    add_peer_rate_flags,
+    add_swarm_flags,
+    discovery_flags,
+    install_options,
+    rate,
+    slots,
+    trusted,
+)
+from .render import (
+    install_json,
+    print_install,
+    print_published,
+    print_status,
+    print_verify,
+    print_watch_event,
+)
+
+if TYPE_CHECKING:
+    from ..discovery.tracker import TrackerClient
+    from ..progress import Progress
+    from ..release.publish import PublishResult
+    from .options import InstallOptions
+    from .result import InstallResult
 
 __all__ = ["main"]
 
 
-def _progress(args: argparse.Namespace) -> Any:
+def _progress(args: argparse.Namespace) -> Progress | None:
     from ..progress import RichProgress
 
     if args.json or args.quiet or not sys.stderr.isatty():
         return None
     return RichProgress()
-
-
-def _trusted(values: Sequence[str] | None) -> list[bytes]:
-    return [keys.parse_public_key(v) for v in values or ()]
-
-
-def _rate(text: str | None) -> int | None:
-    return parse_rate(text) if text else None
-
-
-def _slots(n: int) -> int:
-    if not 1 <= n <= 64:
-        raise UsageError("--upload-slots must be between 1 and 64")
-    return n
-
-
-def _add_peer_rate_flags(p: argparse.ArgumentParser, *, download: bool) -> None:
-    p.add_argument(
-        "--max-peer-upload-rate", metavar="RATE", help="cap on serving any one peer (5M)"
-    )
-    if download:
-        p.add_argument(
-            "--max-peer-download-rate", metavar="RATE", help="cap on fetching from any one peer"
-        )
-    p.add_argument(
-        "--upload-slots", type=int, default=8, metavar="N", help="peers served at once (8)"
-    )
-
-
-def _discovery_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """--dht-port, --dht-bootstrap and --lan over the config file's defaults."""
-    from .config import load_config
-
-    config = load_config(Path(args.config) if args.config else None)
-    return {
-        "dht_port": args.dht_port if args.dht_port is not None else config.dht_port,
-        "dht_bootstrap": [*config.dht_bootstrap, *(args.dht_bootstrap or ())],
-        "lan": args.lan or config.lan,
-    }
-
-
-def _install_options(args: argparse.Namespace, **extra: Any) -> Any:
-    from .install import InstallOptions
-
-    if args.connections < 1 or args.connections > 64:
-        raise UsageError("--connections must be between 1 and 64")
-    swarm = {}
-    if hasattr(args, "peer"):
-        swarm = dict(
-            peers=args.peer or (),
-            listen=args.listen,
-            seed=args.seed,
-            policy=args.policy,
-            max_upload_rate=_rate(args.max_upload_rate),
-            max_peer_upload_rate=_rate(args.max_peer_upload_rate),
-            max_peer_download_rate=_rate(args.max_peer_download_rate),
-            upload_slots=_slots(args.upload_slots),
-            **_discovery_flags(args),
-            tracker=args.tracker,
-        )
-    return InstallOptions(
-        mirrors=args.mirror or (),
-        connections=args.connections,
-        max_download_rate=parse_rate(args.max_download_rate) if args.max_download_rate else None,
-        keep_versions=args.keep_versions,
-        **swarm,
-        **extra,
-    )
 
 
 def cmd_keygen(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,17 +91,11 @@ def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
     if args.tracker:
         out["tracker"] = trio.run(_publish_to_tracker, args, result)
     if not args.json:
-        m = result.manifest
-        print(
-            f"published {m.app} {m.version} (build {m.build}, channel {m.channel}): "
-            f"{len(m.files)} files, {format_bytes(m.total_size)}, "
-            f"{out['chunks']} chunks -> {Path(args.out) / result.manifest_path}"
-        )
-        print(f"manifest id {out['manifest_id']}")
+        print_published(out, result, Path(args.out))
     return out
 
 
-async def _publish_to_tracker(args: argparse.Namespace, result: Any) -> dict[str, Any]:
+async def _publish_to_tracker(args: argparse.Namespace, result: PublishResult) -> dict[str, Any]:
     from ..discovery.tracker import TrackerClient
 
     if not args.token:
@@ -154,109 +106,80 @@ async def _publish_to_tracker(args: argparse.Namespace, result: Any) -> dict[str
     return answer
 
 
-def _print_install(out: dict[str, Any]) -> None:
-    """One install's summary for a person, from its JSON form (``InstallResult.as_json``)."""
-    name = f"{out['app']} {out['version']} (build {out['build']})"
-    if out["action"] == "unchanged":
-        print(f"{name} is already installed")
-        return
-    print(
-        f"{out['action']} {name}: {format_bytes(out['bytes_total'])} "
-        f"in {out['seconds']:.1f}s; {format_bytes(out['bytes_peers'])} from peers, "
-        f"{format_bytes(out['bytes_cdn'])} from the CDN, "
-        f"{format_bytes(out['bytes_reused'])} reused locally, "
-        f"{format_bytes(out['bytes_resumed'])} resumed"
-    )
-    if out.get("kept_user_files"):
-        print(f"  kept {out['kept_user_files']} files of your own in place")
-    for path, to in out.get("displaced", {}).items():
-        print(f"  moved your {path} to {to}: the new build ships a file there")
-    for addr, st in out["peers"].items():
-        note = f" ({st['error']})" if st["error"] else ""
-        print(
-            f"  peer {addr}: {format_bytes(st['bytes'])} in {st['chunks']} chunks, "
-            f"{st['corrupt']} corrupt{note}"
-        )
-
-
-async def _from_tracker(url: str, app: str, channel: str) -> tuple[str, bytes, Any]:
-    """The channel's current signed manifest, via the tracker (verified by the caller)."""
-    from ..discovery.tracker import TrackerClient
-
-    async with TrackerClient(url) as tracker:
-        head = await tracker.latest(app, channel)
-        if head is None:
-            raise UsageError(
-                f"nothing is published on channel {channel!r} of {app} at {url}",
-                fix="publish a build first (p2pnode publish ... --tracker URL)",
-            )
-        data = await tracker.fetch_manifest(head.manifest_id)
-    return f"{url} ({app}/{channel})", data, head
-
-
-def _listen_port(options: Any) -> int | None:
+def _listen_port(options: InstallOptions) -> int | None:
     if not options.listen:
         return None
     port = int(options.listen.rpartition(":")[2] or 0)
     return port or None
 
 
-async def _tracked_install(
-    args: argparse.Namespace, options: Any, location: str, data: bytes
-) -> Any:
-    """An install resolved through a tracker: its peers come from the tracker (raced with the
-    DHT and the LAN when those are on), and the node reports back when done. Tracker trouble
-    after the manifest is in hand costs peers and statistics, not the install."""
+async def _install_verb(args: argparse.Namespace, options: InstallOptions) -> InstallResult | None:
+    """``install``/``update``: the install, reported to the tracker when one resolved it, and
+    with ``--seed`` served until SIGINT/SIGTERM (``None``: stopped before it was installed).
+
+    Through a tracker, peers come from the tracker (raced with the DHT and the LAN when those
+    are on) and the node reports back when done; tracker trouble after the manifest is in hand
+    costs peers and statistics, not the install.
+    """
     from ..discovery.tracker import TrackerClient
-    from ..identity import load_or_create
-    from .install import install
-    from .tracking import serving_host
+    from .install import install, install_and_seed
+    from .tracking import channel_manifest
 
-    me = await trio.to_thread.run_sync(load_or_create, options.identity_dir)
-    port = _listen_port(options)
-    host = await trio.to_thread.run_sync(serving_host, options.listen, args.tracker)
-    async with TrackerClient(args.tracker) as tracker:
-        run = partial(
-            install,
-            location,
-            Path(args.dest),
-            _trusted(args.trust),
-            options,
-            _progress(args),
-            manifest_data=data,
-        )
-        if not options.seed:
-            result = await run()
-        else:  # install, report, then keep seeding until SIGINT/SIGTERM
-            installed: list[Any] = []
-            ready = trio.Event()
-            announce_ready = options.on_ready
-
-            def on_ready(r: Any) -> None:
-                installed.append(r)
-                if announce_ready is not None:
-                    announce_ready(r)
-                ready.set()
-
-            options.on_ready = on_ready
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run)
-                await ready.wait()
-                result = installed[0]
-                await _report(tracker, me, result, port, host)
-                await _until_signalled()
-                nursery.cancel_scope.cancel()
+    location, data = args.manifest, None
+    if args.tracker:
+        location, data = await channel_manifest(args.tracker, args.manifest, args.channel)
+    run = (location, Path(args.dest), trusted(args.trust), options, _progress(args))
+    async with AsyncExitStack() as stack:
+        tracker = None
+        if args.tracker:
+            tracker = await stack.enter_async_context(TrackerClient(args.tracker))
+        if not args.seed:
+            result = await install(*run, manifest_data=data)
+            if tracker is not None:
+                await _report(tracker, options, result)
             return result
-        await _report(tracker, me, result, port, host)
-    return result
+
+        async def ready(result: InstallResult) -> None:
+            _print_seeding(args, result)
+            if tracker is not None:
+                await _report(tracker, options, result)
+
+        seeding = partial(install_and_seed, *run, manifest_data=data)
+        seeded: InstallResult | None = await _serve_until_signalled(seeding, ready)
+        return seeded
 
 
-async def _report(tracker: Any, me: Any, result: Any, port: int | None, host: str | None) -> None:
-    from .tracking import report_install
+def _print_seeding(args: argparse.Namespace, result: InstallResult) -> None:
+    """``--seed``: the install is done and served; say so before serving on."""
+    if args.json:
+        print(json.dumps({"event": "installed", **install_json(result)}), flush=True)
+    else:
+        print_install(install_json(result))
+        print(f"seeding on {args.listen} (Ctrl-C to stop)", flush=True)
 
-    trouble = await report_install(tracker, me, result, port, host)
+
+async def _report(tracker: TrackerClient, options: InstallOptions, result: InstallResult) -> None:
+    from .tracking import report_install, reporter
+
+    me, host = await reporter(options.identity_dir, options.listen, tracker.base_url)
+    trouble = await report_install(tracker, me, result, _listen_port(options), host)
     if trouble is not None:
         print(f"p2pnode: warning: {trouble}", file=sys.stderr)
+
+
+async def _serve_until_signalled(
+    start: Callable[..., Awaitable[object]], ready: Callable[[Any], Awaitable[None]]
+) -> Any:
+    """Start a long-running task (``nursery.start(start)``: an installing seeder, a seed box),
+    await ``ready`` with what it started with, then keep it running until SIGINT/SIGTERM.
+    Returns what it started with, or ``None`` if stopped before it started."""
+    started = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
+        started = await nursery.start(start)
+        await ready(started)
+        await trio.sleep_forever()
+    return started
 
 
 async def _until_signalled() -> None:
@@ -266,61 +189,17 @@ async def _until_signalled() -> None:
 
 
 def cmd_install(args: argparse.Namespace, *, update: bool = False) -> dict[str, Any]:
-    from .install import install
-
-    options = _install_options(args, require_installed=update)
-    if options.seed and not options.listen:
+    options = install_options(args, require_installed=update)
+    if args.seed and not options.listen:
         raise UsageError("--seed needs --listen HOST:PORT", fix="add --listen 0.0.0.0:6881")
-    done: list[Any] = []
-
-    def ready(result: Any) -> None:  # with --seed: report the install, then keep serving
-        done.append(result)
-        if args.json:
-            print(json.dumps({"event": "installed", **result.as_json()}), flush=True)
-        else:
-            _print_install(result.as_json())
-            print(f"seeding on {args.listen} (Ctrl-C to stop)", flush=True)
-
-    options.on_ready = ready
-
-    async def run() -> Any:
-        location, data = args.manifest, None
-        if args.tracker:
-            location, data, _head = await _from_tracker(args.tracker, args.manifest, args.channel)
-            return await _tracked_install(args, options, location, data)
-        if not options.seed:
-            return await install(
-                location,
-                Path(args.dest),
-                _trusted(args.trust),
-                options,
-                _progress(args),
-                manifest_data=data,
-            )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                partial(
-                    install,
-                    location,
-                    Path(args.dest),
-                    _trusted(args.trust),
-                    options,
-                    _progress(args),
-                    manifest_data=data,
-                )
-            )
-            await _until_signalled()
-            nursery.cancel_scope.cancel()
-        return done[0] if done else None
-
-    result = trio.run(run)
+    result = trio.run(_install_verb, args, options)
     if result is None:
         raise UsageError("stopped before the install finished", fix="run it again to resume")
-    if options.seed:
+    if args.seed:
         return {"event": "stopped", "build": result.manifest.build}
     if not args.json:
-        _print_install(result.as_json())
-    return dict(result.as_json())
+        print_install(install_json(result))
+    return dict(install_json(result))
 
 
 def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
@@ -337,13 +216,13 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(
             "--origin is a seed box: it needs --listen", fix="add --listen 0.0.0.0:6881"
         )
-    options = _install_options(args, origin=args.origin)
+    options = install_options(args, origin=args.origin)
     opts = WatchOptions(
         app=args.app,
         channel=args.channel,
         tracker=args.tracker,
         dest=Path(args.dest),
-        trusted=_trusted(args.trust),
+        trusted=trusted(args.trust),
         install=options,
         max_updates=args.max_updates,
     )
@@ -355,19 +234,8 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
             installed.append(event["build"])
         if args.json:
             print(json.dumps(event), flush=True)
-        elif event["event"] == "installed":
-            _print_install(event)
-            if event.get("listen_port"):
-                print(f"serving on port {event['listen_port']} until the next build", flush=True)
-        elif event["event"] == "watching":
-            print(f"following {event['app']} on {event['channel']}", flush=True)
-        elif event["event"] == "release":
-            print(f"{event['app']} build {event['build']} ({event['version']}) is out", flush=True)
         else:
-            retry = event.get("retry_in_s")
-            tail = f"; trying again in {retry:.0f}s" if retry else ""
-            fix = f" (fix: {event['fix']})" if event.get("fix") else ""
-            print(f"p2pnode: {event['event']}: {event['error']}{fix}{tail}", file=sys.stderr)
+            print_watch_event(event)
 
     async def run() -> None:
         with trio.move_on_after(args.timeout or math.inf):
@@ -388,32 +256,27 @@ async def _cancel_on_signal(scope: trio.CancelScope) -> None:
 def cmd_seed(args: argparse.Namespace) -> dict[str, Any]:
     """Serve until SIGINT/SIGTERM; then exit 0."""
     from ..discovery.race import DiscoveryOptions
-    from .install import seed
+    from .seed import seed
 
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(
-                partial(
-                    seed,
-                    Path(args.dest),
-                    args.listen,
-                    None,
-                    _rate(args.max_upload_rate),
-                    frugal=args.frugal,
-                    spare=args.spare,
-                    max_peer_upload_rate=_rate(args.max_peer_upload_rate),
-                    upload_slots=_slots(args.upload_slots),
-                    discovery=DiscoveryOptions(**_discovery_flags(args), tracker=args.tracker),
-                )
-            )
-            if args.json:
-                print(json.dumps({"event": "listening", "port": port}), flush=True)
-            else:
-                print(f"seeding {args.dest} on port {port} (Ctrl-C to stop)", flush=True)
-            await _until_signalled()
-            nursery.cancel_scope.cancel()
+    async def ready(port: int) -> None:
+        if args.json:
+            print(json.dumps({"event": "listening", "port": port}), flush=True)
+        else:
+            print(f"seeding {args.dest} on port {port} (Ctrl-C to stop)", flush=True)
 
-    trio.run(run)
+    serve = partial(
+        seed,
+        Path(args.dest),
+        args.listen,
+        None,
+        rate(args.max_upload_rate),
+        frugal=args.frugal,
+        spare=args.spare,
+        max_peer_upload_rate=rate(args.max_peer_upload_rate),
+        upload_slots=slots(args.upload_slots),
+        discovery=DiscoveryOptions(**discovery_flags(args), tracker=args.tracker),
+    )
+    trio.run(_serve_until_signalled, serve, ready)
     return {"stopped": True}
 
 
@@ -424,10 +287,10 @@ def cmd_update(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
     from .install import rollback
 
-    result = trio.run(rollback, Path(args.dest), _install_options(args), _progress(args), args.to)
+    result = trio.run(rollback, Path(args.dest), install_options(args), _progress(args), args.to)
     if not args.json:
-        _print_install(result.as_json())
-    return dict(result.as_json())
+        print_install(install_json(result))
+    return dict(install_json(result))
 
 
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
@@ -437,29 +300,13 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
         lambda: verify(
             Path(args.dest),
             repair=args.repair,
-            options=_install_options(args),
+            options=install_options(args),
             progress=_progress(args),
         )
     )
     out = report.as_json()
     if not args.json:
-        for p in report.missing:
-            print(f"missing  {p}")
-        for p, why in report.corrupt.items():
-            print(f"corrupt  {p}: {why}")
-        for p in report.extra:
-            print(f"extra    {p}")
-        for p in report.repaired:
-            print(f"repaired {p}")
-        for p in report.quarantined:
-            print(f"moved    {p} (extra file, kept in the install's quarantine)")
-        for p, to in report.displaced.items():
-            print(f"moved    {p} -> {to} (yours, in the way of a repaired file)")
-        if report.user_files:
-            print(f"{len(report.user_files)} files of your own (not the release's) left alone")
-        m = report.manifest
-        state = "OK" if report.ok else "DAMAGED"
-        print(f"{m.app} {m.version} (build {m.build}): {state}")
+        print_verify(report)
     if not report.ok:
         problems = len(report.missing) + len(report.corrupt) + len(report.extra)
         raise _Failed(
@@ -497,16 +344,7 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
         "trusted": state.trusted,
     }
     if not args.json:
-        cur = out["current"]
-        if cur:
-            print(f"{state.app} {cur['version']} (build {cur['build']}) in {args.dest}")
-        if health and not health.ok:
-            n = len(health.missing) + len(health.damaged)
-            what = "the install directory is gone" if health.gone else f"{n} files are not right"
-            print(f"  {what}; `p2pnode install` (or `verify --repair`) restores it")
-        for v in versions[1:]:
-            how = "offline" if v["offline"] else "needs the network"
-            print(f"  kept for rollback: {v['version']} (build {v['build']}), {how}")
+        print_status(out, args.dest, health)
     return out
 
 
@@ -518,71 +356,13 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-class _Failed(Exception):
-    """A verb that ran but whose outcome is a failure (verify found damage)."""
+class _Failed(P2PNodeError):
+    """A verb that ran but whose outcome is a failure (verify found damage): ``main`` prints
+    its payload with the error."""
 
     def __init__(self, payload: dict[str, Any], message: str, fix: str) -> None:
-        super().__init__(message)
+        super().__init__(message, fix=fix)
         self.payload = payload
-        self.message = message
-        self.fix = fix
-
-
-def _add_dht_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config",
-        metavar="PATH",
-        help="node config (TOML; default: config.toml in the user config dir, or $P2PNODE_CONFIG)",
-    )
-    p.add_argument(
-        "--lan",
-        action="store_true",
-        help="find peers on the local network by multicast (and, serving, be found)",
-    )
-    p.add_argument(
-        "--dht-port",
-        type=int,
-        metavar="UDP_PORT",
-        help="run a DHT node on this UDP port (0: any) to find and announce peers",
-    )
-    p.add_argument(
-        "--dht-bootstrap",
-        action="append",
-        metavar="HOST:PORT",
-        help="a DHT node to join through (repeatable); implies a DHT node",
-    )
-
-
-def _add_swarm_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--peer", action="append", metavar="HOST:PORT", help="a peer to fetch from (repeatable)"
-    )
-    p.add_argument("--listen", metavar="HOST:PORT", help="serve verified chunks here")
-    p.add_argument("--policy", choices=("p2p-first", "cdn-only", "p2p-only"), default="p2p-first")
-    p.add_argument("--max-upload-rate", metavar="RATE", help="cap on serving peers (40M)")
-    _add_peer_rate_flags(p, download=True)
-    _add_dht_flags(p)
-
-
-def _add_fetch_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--mirror",
-        action="append",
-        metavar="BASE_URL",
-        help="CDN root URL (repeatable); default: where the manifest came from",
-    )
-    p.add_argument(
-        "--max-download-rate",
-        metavar="RATE",
-        help="cap in bytes/s with K/M/G suffix, as in aria2 (e.g. 40M); 0 = none",
-    )
-    p.add_argument("--connections", type=int, default=8, help="HTTP connections (default 8)")
-    p.add_argument(
-        "--keep-versions",
-        type=int,
-        default=2,
-        help="earlier versions kept for offline rollback (default 2)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -627,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dest", required=True, metavar="DIR")
         p.add_argument("--tracker", metavar="URL", help="resolve APP's channel through a tracker")
         p.add_argument("--channel", default="stable", help="with --tracker (default stable)")
-        _add_swarm_flags(p)
+        add_swarm_flags(p)
         p.add_argument(
             "--seed",
             action="store_true",
@@ -639,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="ed25519:HEX",
             help="publisher key to trust (repeatable; update defaults to the pinned)",
         )
-        _add_fetch_flags(p)
+        add_fetch_flags(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("watch", parents=[common], help="install each new build of a channel")
@@ -650,21 +430,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust", action="append", metavar="ed25519:HEX")
     p.add_argument("--max-updates", type=int, help="stop after this many installs")
     p.add_argument("--timeout", type=float, help="stop after this many seconds")
-    _add_swarm_flags(p)  # with --listen: serve what is installed between builds
+    add_swarm_flags(p)  # with --listen: serve what is installed between builds
     p.add_argument(
         "--origin",
         action="store_true",
         help="a CDN-origin seed box: upload each chunk once before any twice, and leechers "
         "spare its upload (as `seed` does); use with --policy cdn-only",
     )
-    _add_fetch_flags(p)
-    p.set_defaults(func=cmd_watch, seed=False)
+    add_fetch_flags(p)
+    p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("seed", parents=[common], help="serve an installed release to peers")
     p.add_argument("--dest", required=True, metavar="DIR")
     p.add_argument("--listen", required=True, metavar="HOST:PORT")
     p.add_argument("--max-upload-rate", metavar="RATE", help="cap in bytes/s (K/M/G)")
-    _add_peer_rate_flags(p, download=False)
+    add_peer_rate_flags(p, download=False)
     p.add_argument(
         "--no-frugal",
         dest="frugal",
@@ -678,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not ask leechers to spare this box's upload: faster swarms, more egress",
     )
     p.add_argument("--tracker", metavar="URL", help="keep the installed build listed here")
-    _add_dht_flags(p)
+    add_dht_flags(p)
     p.set_defaults(func=cmd_seed)
 
     p = sub.add_parser("rollback", parents=[common], help="go back to a kept version")
@@ -689,13 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BUILD",
         help="the kept build to go to (default: the newest kept build older than the installed)",
     )
-    _add_fetch_flags(p)
+    add_fetch_flags(p)
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("verify", parents=[common], help="check (and --repair) an install")
     p.add_argument("--dest", required=True, metavar="DIR")
     p.add_argument("--repair", action="store_true")
-    _add_fetch_flags(p)
+    add_fetch_flags(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("status", parents=[common], help="what is installed and kept")

@@ -10,16 +10,25 @@ announces with port 0: it is counted (offload, completions) but never handed out
 from __future__ import annotations
 
 import time
-from typing import Any
+from pathlib import Path
 
 import trio
 
 from ..discovery.dht.records import Topic, make_record
 from ..discovery.tracker import PeerQualityReport, TrackerClient, TrackerError
+from ..errors import UsageError
 from ..identity import NodeIdentity
 from ..release import manifest as M
+from .result import InstallResult
 
-__all__ = ["announce_completed", "own_records", "report_install", "serving_host"]
+__all__ = [
+    "announce_completed",
+    "channel_manifest",
+    "own_records",
+    "report_install",
+    "reporter",
+    "serving_host",
+]
 
 
 def own_records(me: NodeIdentity, manifest: M.Manifest, host: str | None, port: int) -> list[bytes]:
@@ -41,7 +50,7 @@ RECORD_TTL = 1800.0
 async def announce_completed(
     tracker: TrackerClient,
     me: NodeIdentity,
-    result: Any,
+    result: InstallResult,
     port: int | None,
     host: str | None = None,
 ) -> None:
@@ -100,8 +109,38 @@ def serving_host(listen: str | None, tracker_url: str) -> str | None:
     return announce_host(listen.rpartition(":")[0], [httpx.URL(tracker_url).host])
 
 
+async def channel_manifest(url: str, app: str, channel: str) -> tuple[str, bytes]:
+    """The channel's current signed manifest, via the tracker (verified by the caller), and
+    where it came from."""
+    async with TrackerClient(url) as tracker:
+        head = await tracker.latest(app, channel)
+        if head is None:
+            raise UsageError(
+                f"nothing is published on channel {channel!r} of {app} at {url}",
+                fix="publish a build first (p2pnode publish ... --tracker URL)",
+            )
+        data = await tracker.fetch_manifest(head.manifest_id)
+    return f"{url} ({app}/{channel})", data
+
+
+async def reporter(
+    identity_dir: Path | None, listen: str | None, tracker_url: str
+) -> tuple[NodeIdentity, str | None]:
+    """Who reports installs to the tracker at ``tracker_url``: this node's identity, and the
+    host its records name when it serves on ``listen`` (``serving_host``)."""
+    from ..identity import load_or_create
+
+    me = await trio.to_thread.run_sync(load_or_create, identity_dir)
+    host = await trio.to_thread.run_sync(serving_host, listen, tracker_url)
+    return me, host
+
+
 async def report_install(
-    tracker: TrackerClient, me: NodeIdentity, result: Any, port: int | None, host: str | None
+    tracker: TrackerClient,
+    me: NodeIdentity,
+    result: InstallResult,
+    port: int | None,
+    host: str | None,
 ) -> str | None:
     """``announce_completed``, bounded: tracker trouble after an install costs statistics, not
     the install. Returns why the report failed (for a warning), or ``None``."""

@@ -21,15 +21,17 @@ from pathlib import Path
 
 import trio
 
+from ..cdn.mirrors import resolve_mirrors
 from ..disk import snapshot
 from ..disk.scan import VerifyReport, clear_way, prune_empty_dirs, scan
 from ..disk.stage import Journal, LocalChunks, Stage
 from ..disk.state import InstallState, StateDir
 from ..disk.store import ChunkStore
+from ..disk.switch import installed
 from ..disk.userfiles import dirs_of, stamp
 from ..progress import NullProgress, Progress
 from ..release import manifest as M
-from .install import InstallOptions, InstallResult, assemble, installed, resolve_mirrors
+from .install import InstallOptions, InstallResult, assemble
 
 __all__ = ["VerifyReport", "heal", "verify"]
 
@@ -95,9 +97,7 @@ async def _repair(
         local = LocalChunks(ChunkStore(sd.store_dir))
         local.add_tree(sd.dest, manifest)
         result = InstallResult("repair", manifest, manifest.build, 0)
-        mirrors = resolve_mirrors(
-            options.mirrors, None, manifest, InstallState(mirrors=list(known_mirrors))
-        )
+        mirrors = resolve_mirrors(options.mirrors, None, manifest, known_mirrors)
         await assemble(stage, journal, local, mirrors, options, progress, result, sd.root)
         report.bytes_cdn = result.bytes_cdn
         report.bytes_reused = result.bytes_reused

@@ -15,10 +15,11 @@ node owner's decision, ``p2pnode rollback``). Tracker outages are waited out.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -26,7 +27,11 @@ from ..discovery.tracker import ChannelHead, TrackerClient, TrackerError
 from ..disk.state import StateDir
 from ..errors import DowngradeError, P2PNodeError, UsageError, most_telling
 from ..progress import Progress
-from .install import InstallOptions, InstallResult, install
+from .install import InstallOptions, InstallResult, install, install_and_seed
+from .render import install_json
+
+if TYPE_CHECKING:
+    from ..identity import NodeIdentity
 
 __all__ = ["WatchOptions", "watch"]
 
@@ -76,11 +81,12 @@ class _Follower:
         # Peers come from the tracker the node follows (and the DHT/LAN when configured).
         self.options = replace(opts.install, tracker=opts.install.tracker or opts.tracker)
         self.serving: tuple[trio.CancelScope, trio.Event] | None = None
-        self.host: str | None = None  # the address our records and announces name
+        # Who reports to the tracker: our identity, and the address our records name.
+        self.reporter: tuple[NodeIdentity, str | None] | None = None
 
     async def run(self) -> int:
         seq, done = 0, 0
-        if self.options.policy != "cdn-only" or self.options.listen:
+        if self.options.policy.asks_peers or self.options.listen:
             # A daemon pays for its imports at start, not when a build is out and a whole
             # fleet starts at once (the swarm's modules load lazily: ~40 ms of CPU); and a
             # mistyped address is said now, not at the first publish.
@@ -110,7 +116,7 @@ class _Follower:
             if isinstance(outcome, UsageError):
                 raise outcome  # the command line is wrong: no retry can help
             if isinstance(outcome, InstallResult):
-                self.emit({"event": "installed", **outcome.as_json()})
+                self.emit({"event": "installed", **install_json(outcome)})
                 if outcome.action != "unchanged":
                     await self._report(outcome)
                 return head, outcome
@@ -160,54 +166,37 @@ class _Follower:
 
     async def _install(self, location: str, data: bytes) -> InstallResult | P2PNodeError:
         await self._stop_serving()  # frees the install lock and the listening port
+        args = (location, self.opts.dest, self.opts.trusted, self.options, self.progress)
         if not self.options.listen:
             try:
-                return await install(
-                    location,
-                    self.opts.dest,
-                    self.opts.trusted,
-                    self.options,
-                    self.progress,
-                    manifest_data=data,
-                )
+                return await install(*args, manifest_data=data)
             except (P2PNodeError, BaseExceptionGroup) as exc:
                 return _our_error(exc)
+        run = partial(install_and_seed, *args, manifest_data=data)
         outcome: InstallResult | P2PNodeError = await self.nursery.start(
-            self._install_and_serve, location, data
+            self._install_and_serve, run
         )
         return outcome
 
     async def _install_and_serve(
         self,
-        location: str,
-        data: bytes,
+        seeding: Callable[..., Awaitable[object]],
         *,
         task_status: trio.TaskStatus[InstallResult | P2PNodeError] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Install, tell the caller (``task_status``), then serve until cancelled."""
+        """Run ``seeding`` (``install_and_seed`` bound to its build); tell the caller
+        (``task_status``) how the install went, then let it serve until cancelled."""
         ready = False
-
-        def on_ready(result: Any) -> None:
-            nonlocal ready
-            ready = True
-            if result.listen_port:  # --listen HOST:0 keeps the port it got, for good
-                host = self.options.listen.rpartition(":")[0] if self.options.listen else ""
-                self.options.listen = f"{host}:{result.listen_port}"
-            task_status.started(result)
-
         finished = trio.Event()
         with trio.CancelScope() as scope:
             self.serving = (scope, finished)
             try:
-                result = await install(
-                    location,
-                    self.opts.dest,
-                    self.opts.trusted,
-                    replace(self.options, seed=True, on_ready=on_ready),
-                    self.progress,
-                    manifest_data=data,
-                )
-                if not ready:  # nothing to serve on after all
+                async with trio.open_nursery() as nursery:
+                    result: InstallResult = await nursery.start(seeding)
+                    ready = True
+                    if result.listen_port:  # --listen HOST:0 keeps the port it got, for good
+                        host = self.options.listen.rpartition(":")[0] if self.options.listen else ""
+                        self.options.listen = f"{host}:{result.listen_port}"
                     task_status.started(result)
             except (P2PNodeError, BaseExceptionGroup) as exc:
                 error = _our_error(exc)
@@ -245,15 +234,14 @@ class _Follower:
 
     async def _report(self, result: InstallResult) -> None:
         """Tell the tracker where the bytes came from and how the peers did."""
-        from ..identity import load_or_create
-        from .tracking import report_install, serving_host
+        from .tracking import report_install, reporter
 
-        me = await trio.to_thread.run_sync(load_or_create, self.options.identity_dir)
-        if self.host is None:
-            self.host = await trio.to_thread.run_sync(
-                serving_host, self.options.listen, self.opts.tracker
+        if self.reporter is None:
+            self.reporter = await reporter(
+                self.options.identity_dir, self.options.listen, self.opts.tracker
             )
-        trouble = await report_install(self.tracker, me, result, result.listen_port, self.host)
+        me, host = self.reporter
+        trouble = await report_install(self.tracker, me, result, result.listen_port, host)
         if trouble is not None:
             self.emit({"event": "warning", "error": trouble})
 

@@ -156,7 +156,9 @@ def plan_of(reqs: list[ChunkRequest], mirrors: int = 2, **kw: object) -> FetchPl
 
 def test_plan_bounds_bytes_in_flight_by_the_rate_cap() -> None:
     reqs = chunks_of("f", [100_000] * 200)  # 20 MB
-    plan = plan_of(reqs, connections=8, rate_cap=1_000_000, target_seconds=0.5, min_budget=1)
+    plan = plan_of(
+        reqs, connections=8, max_download_rate=1_000_000, target_seconds=0.5, min_budget=1
+    )
     jobs = []
     while isinstance(action := plan.next_action(0.0), Job):
         jobs.append(action)

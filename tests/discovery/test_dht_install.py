@@ -8,7 +8,8 @@ from pathlib import Path
 
 import trio
 
-from p2pnode.node.install import InstallOptions, install, seed
+from p2pnode.node.install import InstallOptions, install
+from p2pnode.node.seed import seed
 from p2pnode.release.publish import publish
 from tests.node.test_install import KEY, TRUST, make_release, tree
 

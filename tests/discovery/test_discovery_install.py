@@ -19,7 +19,8 @@ import trio
 from p2pnode.demo.tracker import LocalTracker
 from p2pnode.discovery.race import DiscoveryOptions
 from p2pnode.discovery.tracker import TrackerClient
-from p2pnode.node.install import InstallOptions, InstallResult, install, seed
+from p2pnode.node.install import InstallOptions, InstallResult, install
+from p2pnode.node.seed import seed
 from p2pnode.release.publish import publish
 from tests.node.test_install import KEY, PUB, TRUST, make_release, tree
 

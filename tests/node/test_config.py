@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from p2pnode.errors import UsageError
-from p2pnode.node.cli import _discovery_flags, build_parser
+from p2pnode.node.cli import build_parser
 from p2pnode.node.config import NodeConfig, load_config
+from p2pnode.node.flags import discovery_flags
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -58,7 +59,7 @@ def test_flags_win_and_bootstrap_lists_join(tmp_path: Path) -> None:
     path = write(tmp_path, '[discovery]\ndht_port = 6881\ndht_bootstrap = ["10.0.0.5:6881"]\n')
     argv = ["seed", "--dest", "d", "--listen", "0.0.0.0:1", "--config", str(path)]
     args = build_parser().parse_args(argv)
-    assert _discovery_flags(args) == {
+    assert discovery_flags(args) == {
         "dht_port": 6881,
         "dht_bootstrap": ["10.0.0.5:6881"],
         "lan": False,
@@ -66,7 +67,7 @@ def test_flags_win_and_bootstrap_lists_join(tmp_path: Path) -> None:
     args = build_parser().parse_args(
         [*argv, "--dht-port", "7000", "--dht-bootstrap", "10.0.0.6:1", "--lan"]
     )
-    assert _discovery_flags(args) == {
+    assert discovery_flags(args) == {
         "dht_port": 7000,
         "dht_bootstrap": ["10.0.0.5:6881", "10.0.0.6:1"],
         "lan": True,

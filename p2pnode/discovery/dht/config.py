@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import InstallError, TransportError, UsageError
+from ...errors import DHTError, DHTStateError, UsageError
 from .lookup import Contact
 from .records import MAX_TTL
 
@@ -29,18 +29,6 @@ MAX_STATE_CONTACTS = 1024
 
 
 STATE_FORMAT = "p2pnode-dht-routing-v1"
-
-
-class DHTError(TransportError):
-    """The DHT could not be started or used (port in use, no bootstrap reachable)."""
-
-    default_fix = "check --dht-port is free and --dht-bootstrap names a reachable DHT node"
-
-
-class DHTStateError(InstallError):
-    """The saved routing table cannot be read; the node starts without it."""
-
-    default_fix = "delete the routing table file; it is rebuilt from --dht-bootstrap"
 
 
 @dataclass

@@ -33,7 +33,7 @@ from typing import Any
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ...errors import ManifestError, TransportError
+from ...errors import LANMessageError, ManifestError, TransportError
 from ...release import canonical
 from ...release.keys import public_key_bytes
 from .records import (
@@ -67,10 +67,6 @@ MAX_KEYS_PER_QUERY = 4
 MAX_QUERY_BYTES = 256
 MAX_ANSWER_BYTES = MAX_BUNDLE_BYTES + 64
 NONCE_BYTES = 16
-
-
-class LANMessageError(PeerRecordError):
-    """A LAN discovery datagram that is not a well-formed query or answer."""
 
 
 def encode_query(keys: Iterable[bytes], nonce: bytes) -> bytes:

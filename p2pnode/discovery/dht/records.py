@@ -34,7 +34,13 @@ from typing import Any
 import blake3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ...errors import IntegrityError, ManifestError, SignatureError
+from ...errors import (
+    ExpiredRecordError,
+    ManifestError,
+    PeerRecordError,
+    RecordSignatureError,
+    SignatureError,
+)
 from ...release import canonical
 from ...release.keys import node_id_of, public_key_bytes, sign, verify_signature
 
@@ -80,22 +86,6 @@ DHT_KEY_BYTES = 20
 _KIND_MANIFEST = b"m"
 _KIND_APP = b"a"
 _BODY_KEYS = frozenset({b"e", b"h", b"k", b"n", b"p", b"t", b"v"})
-
-
-class PeerRecordError(IntegrityError):
-    """A peer record that is malformed, oversized, mis-signed or out of date."""
-
-    default_fix = "the record came from a broken or hostile node; it is ignored"
-
-
-class RecordSignatureError(PeerRecordError, SignatureError):
-    """A peer record whose signature does not verify with the key it names."""
-
-
-class ExpiredRecordError(PeerRecordError):
-    """A peer record past its expiry (or claiming a lifetime longer than allowed)."""
-
-    default_fix = "the announcer stopped re-announcing, or this machine's clock is wrong"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,59 @@
+"""The knobs of one install: where chunks may come from, how fast, and who to tell.
+
+``cli`` builds these from flags (and ``config`` from the TOML file), ``watch`` reuses one for
+every build it follows; the install, its swarm node and its CDN fetches read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..discovery.race import DiscoveryOptions
+from ..ratelimit import RateLimiter
+from .policy import SourcePolicy
+
+__all__ = ["InstallOptions", "SourcePolicy"]
+
+
+@dataclass
+class InstallOptions:
+    mirrors: Sequence[str] = ()  # explicit mirror roots; else derived (see resolve_mirrors)
+    connections: int = 8
+    max_download_rate: int | None = None  # bytes/s from the CDN and peers together
+    max_upload_rate: int | None = None  # bytes/s served to peers
+    max_peer_upload_rate: int | None = None  # bytes/s served to any one peer
+    max_peer_download_rate: int | None = None  # bytes/s taken from any one peer
+    upload_slots: int = 8  # peers served at once (the choker's slots)
+    origin: bool = False  # a seed box: upload each chunk once before any twice; leechers spare it
+    keep_versions: int = 2  # earlier versions kept for rollback
+    require_installed: bool = False  # `update` refuses to do a fresh install
+    now: float | None = None  # for tests of expiry
+    peers: Sequence[str] = ()  # HOST:PORT of peers to fetch from
+    listen: str | None = None  # HOST:PORT to serve verified chunks on while installing
+    policy: SourcePolicy = SourcePolicy.P2P_FIRST  # a CLI string is accepted and converted
+    limiter: RateLimiter | None = None  # the download cap, shared (made from the rate)
+    identity_dir: Path | None = None  # where the node key lives (default: user data dir)
+    dht_port: int | None = None  # run a DHT node on this UDP port (0: any); None: no DHT
+    dht_bootstrap: Sequence[str] = ()  # HOST:PORT of DHT nodes to join through
+    lan: bool = False  # find (and, serving, be found by) peers on the LAN by multicast
+    lan_port: int | None = None  # the LAN discovery group's port (None: the default)
+    tracker: str | None = None  # tracker URL: announce there (port 0 unless serving), take peers
+    discovery_wait: float = 5.0  # wait at most this long for discovery's first answer
+
+    def discovery(self) -> DiscoveryOptions:
+        return DiscoveryOptions(
+            dht_port=self.dht_port,
+            dht_bootstrap=self.dht_bootstrap,
+            lan=self.lan,
+            lan_port=self.lan_port,
+            tracker=self.tracker,
+            identity_dir=self.identity_dir,
+            first_wait=self.discovery_wait,
+        )
+
+    def __post_init__(self) -> None:
+        if self.limiter is None:
+            self.limiter = RateLimiter(self.max_download_rate)
+        self.policy = SourcePolicy.parse(self.policy)

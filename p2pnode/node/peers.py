@@ -1,0 +1,115 @@
+"""The peer-to-peer side of one install: our swarm node, the peers it asks, and discovery
+feeding it more while it fetches.
+
+The node serves (on ``--listen``) this build's swarm and those of every kept build of the app
+from the moment it is open, so a fleet installing the same build at once trades chunks as they
+land rather than after each member finishes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..discovery.race import Discovery, open_discovery
+from ..disk.state import InstallState, StateDir
+from ..disk.switch import local_chunks
+from ..errors import most_telling
+from ..ratelimit import RateLimiter
+from ..release import manifest as M
+from .options import InstallOptions
+from .policy import SourcePolicy
+from .result import InstallResult
+
+if TYPE_CHECKING:
+    from ..swarm.node import SwarmNode
+
+__all__ = ["Swarm", "open_swarm"]
+
+
+@dataclass
+class Swarm:
+    """The peer-to-peer side of one install: our node, and the peers to ask."""
+
+    node: SwarmNode  # (imported lazily: CDN-only installs never load the swarm)
+    peers: list[tuple[str, int]]
+    more_peers: trio.MemoryReceiveChannel[tuple[str, int]] | None = None  # found later
+    discovery: Discovery | None = None
+    result: InstallResult | None = None  # the install's running figures (tracker announces)
+
+    def tally(self, mid: bytes) -> tuple[int, int, int, int, int]:
+        """(size, left, from_peers, from_cdn, uploaded) for tracker announces."""
+        r = self.result
+        if r is None or r.manifest.id != mid:
+            return (0, 0, 0, 0, self.node.uploaded)
+        return (r.bytes_total, r.bytes_left(), r.bytes_peers, r.bytes_cdn, self.node.uploaded)
+
+
+@asynccontextmanager
+async def open_swarm(
+    sd: StateDir,
+    state: InstallState,
+    manifest: M.Manifest,
+    options: InstallOptions,
+    *,
+    signed: M.SignedManifest | None = None,
+) -> AsyncIterator[Swarm | None]:
+    """Our swarm node for this install (None without peers, --listen or discovery): it serves,
+    on ``options.listen``, this build's swarm and those of every kept build of the app, and
+    discovery keeps feeding it peers while it fetches."""
+    discovery = options.discovery()
+    if options.peers or options.policy is SourcePolicy.CDN_ONLY:
+        # Peers in hand answer first: start with them, discovery's join later. Or nothing is
+        # asked of peers at all: discovery only announces what we serve.
+        discovery = replace(discovery, first_wait=0.0)
+    if not options.peers and not options.listen and not discovery.enabled:
+        yield None
+        return
+    from ..identity import load_or_create
+    from ..swarm.node import SwarmNode, parse_peer
+
+    peers = [parse_peer(p) for p in options.peers]
+    identity = await trio.to_thread.run_sync(load_or_create, options.identity_dir)
+    node = SwarmNode(
+        identity,
+        local_chunks(sd, state),
+        upload_limiter=RateLimiter(options.max_upload_rate),
+        download_limiter=options.limiter,
+        peer_upload_rate=options.max_peer_upload_rate,
+        peer_download_rate=options.max_peer_download_rate,
+        upload_slots=options.upload_slots,
+        frugal=options.origin,
+    )
+    # With the signed manifest, peers that hold only earlier builds can be shown this one.
+    node.offer(manifest, signed.encode() if signed is not None else None)
+    for mid in [state.current, *state.history]:
+        if mid:
+            node.offer(sd.load_manifest(mid))
+    # The install's own error, not a group of one: what is raised inside ``yield`` comes
+    # out of this nursery.
+    try:
+        async with trio.open_nursery() as nursery:
+            listen: tuple[str, int] | None = None
+            if options.listen:
+                host, port = parse_peer(options.listen, listen=True)
+                listen = (host, await nursery.start(node.serve, host, port))
+            swarm = Swarm(node, peers)
+            if not discovery.enabled:
+                yield swarm
+                nursery.cancel_scope.cancel()
+                return
+            async with open_discovery(identity, discovery, listen) as disc:
+                disc.tally = swarm.tally
+                swarm.discovery = disc
+                nursery.start_soon(disc.announce, list(node.manifests.values()))
+                send, swarm.more_peers = trio.open_memory_channel[tuple[str, int]](256)
+                found = await nursery.start(disc.search, manifest, send)
+                swarm.peers += [p for p in found if p not in swarm.peers]
+                yield swarm
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise most_telling(group) from None
