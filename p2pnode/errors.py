@@ -30,7 +30,7 @@ pass a more specific one.
     │   ├── dht.DHTError         the DHT node cannot start or answer
     │   └── tracker_client.TrackerError         a tracker cannot be reached or fails (5xx)
     │       └── tracker_client.TrackerRefusedError  it refused the request (4xx: status, code)
-    ├── tracker.core.APIError    (server side) a request the tracker refuses, as a 4xx JSON error
+    ├── tracker.errors.TrackerError  (server side) 4xx APIError, 503 Unavailable: tracker/errors.py
     └── ProtocolError            a peer broke the wire protocol (see p2pnode.swarm)
         ├── LocalProtocolError
         └── RemoteProtocolError

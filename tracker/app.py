@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Handlers are thin: read the body under a size cap, parse and verify it with :mod:`tracker.core`
-(pure), call the store, serialise. Every refusal is an :class:`~tracker.core.APIError` raised
+(pure), call the store, serialise. Every refusal is an :class:`~tracker.errors.APIError` raised
 *before* anything is written, turned into ``{"error": code, "message": ..., "fix": ...}`` with its
 4xx status by one exception handler.
 
@@ -56,9 +56,8 @@ from p2pnode.release import keys
 from p2pnode.release.manifest import MAX_MANIFEST_BYTES, parse_signed, verify
 
 from . import core
-from .core import (
-    MAX_SKEW,
-    SIGNATURE_HEADER,
+from .core import MAX_SKEW, SIGNATURE_HEADER
+from .errors import (
     APIError,
     BadRequest,
     Conflict,
@@ -67,9 +66,10 @@ from .core import (
     RateLimited,
     TooLarge,
     Unauthorized,
+    Unavailable,
 )
 from .openapi import openapi_document
-from .registry_redis import RegistryStore, RegistryUnavailable
+from .registry_redis import RegistryStore
 from .replicated import LogSwarm
 from .store import Registry, SQLiteSwarm, SwarmStore
 from .swarm import AnnounceAnswer, MemorySwarm
@@ -214,7 +214,10 @@ class Tracker:
         self._pending: list[_Pending] = []
         self._troubles: dict[str, str] = {}  # failing background duties, said once
         self._committing = False
-        self.app = Starlette(routes=self._routes(), exception_handlers={APIError: self._api_error})
+        self.app = Starlette(
+            routes=self._routes(),
+            exception_handlers={APIError: self._api_error, Unavailable: self._api_error},
+        )
 
     # ---------------------------------------------------------------- ASGI entry and plumbing
 
@@ -275,7 +278,7 @@ class Tracker:
         self._load.append((time.monotonic(), seconds))
 
     async def _api_error(self, request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, APIError)
+        assert isinstance(exc, APIError | Unavailable)
         self.m_rejected.labels(exc.code).inc()
         return _error_response(exc)
 
@@ -330,7 +333,7 @@ class Tracker:
         watcher keeps going: requests meanwhile get 503 ``registry_unavailable``)."""
         try:
             return int(await self._registry_call(self.registry.data_version))
-        except RegistryUnavailable:
+        except Unavailable:
             return None
 
     def notify(self) -> None:
@@ -356,7 +359,7 @@ class Tracker:
                 try:
                     await self._swarm_call(self.swarm.gc, now)
                     self._trouble("gc", None)
-                except APIError as exc:  # the store is down: requests get 503s meanwhile
+                except Unavailable as exc:  # the store is down: requests get 503s meanwhile
                     self._trouble("gc", exc.message)
             if (
                 isinstance(self.swarm, SQLiteSwarm)
@@ -878,7 +881,9 @@ def _asset(name: str) -> bytes:
     return resources.files("tracker").joinpath("static", name).read_bytes()
 
 
-def _error_response(err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error_response(
+    err: APIError | Unavailable, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(
         {"error": err.code, "message": err.message, "fix": err.fix},
         status_code=err.status,

@@ -46,6 +46,8 @@ import blake3
 from p2pnode.errors import P2PNodeError, SignatureError
 from p2pnode.release import keys
 
+from .errors import BadRequest, Forbidden, TooLarge
+
 __all__ = [
     "ANNOUNCE_DOMAIN",
     "FLAG_REPORTERS",
@@ -56,18 +58,11 @@ __all__ = [
     "MAX_SKEW",
     "REPORT_DOMAIN",
     "SIGNATURE_HEADER",
-    "APIError",
     "Announce",
-    "BadRequest",
-    "Conflict",
-    "Forbidden",
-    "NotFound",
     "PeerQuality",
     "PeerReport",
     "PeerView",
-    "RateLimited",
     "Report",
-    "Unauthorized",
     "parse_announce",
     "parse_report",
     "quality_score",
@@ -103,54 +98,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _NONCE = re.compile(r"^[0-9a-f]{16,64}$")
-
-
-class APIError(P2PNodeError):
-    """An HTTP request the tracker refuses; ``status`` and ``code`` go into the JSON error."""
-
-    status = 400
-    code = "bad_request"
-    default_fix = "read docs/tracker-api.md for the request format"
-
-
-class BadRequest(APIError):
-    pass
-
-
-class Unauthorized(APIError):
-    status = 401
-    code = "unauthorized"
-    default_fix = "send Authorization: Bearer <admin or publisher token>"
-
-
-class Forbidden(APIError):
-    status = 403
-    code = "forbidden"
-    default_fix = "sign the message with the node key it names, or use the right token"
-
-
-class NotFound(APIError):
-    status = 404
-    code = "not_found"
-    default_fix = "check the app, channel or manifest id"
-
-
-class Conflict(APIError):
-    status = 409
-    code = "conflict"
-    default_fix = "publish a build with a higher build number than the channel has seen"
-
-
-class TooLarge(APIError):
-    status = 413
-    code = "too_large"
-    default_fix = "send a smaller request body"
-
-
-class RateLimited(APIError):
-    status = 429
-    code = "rate_limited"
-    default_fix = "slow down; retry after the number of seconds in Retry-After"
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import core
-from .core import APIError, RateLimited
+from .errors import APIError, HTTPRefusal, RateLimited, Unavailable
 
 if TYPE_CHECKING:
     from .app import Tracker
@@ -74,14 +74,6 @@ IDLE_TIMEOUT = 75.0
 ANNOUNCE_PATH = b"/v1/announce"
 _SIG = core.SIGNATURE_HEADER.lower().encode()
 _SESSION = core.SESSION_HEADER.lower().encode()
-
-
-class HTTPRefusal(core.P2PNodeError):
-    """A request the listener refuses at the HTTP level; the connection is closed after."""
-
-    def __init__(self, status: int, code: str, message: str, fix: str, **extra: str) -> None:
-        super().__init__(message, fix=fix)
-        self.status, self.code, self.headers = status, code, extra
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +321,7 @@ async def _answer(
         if wait > 0:
             raise RateLimited(f"more than {tracker.config.client_rate:g} requests/s from {client}")
         answer = await tracker.announce(req.body, req.signature, client, req.session)
-    except APIError as exc:
+    except (APIError, Unavailable) as exc:
         headers = {"retry-after": str(max(1, round(wait)))} if wait > 0 else None
         body = error_body(exc.code, exc.message, exc.fix)
         return response(exc.status, body, close=close, headers=headers), exc.status, exc.code, close

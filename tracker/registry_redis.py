@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from .core import APIError, Conflict
+from .errors import Conflict, RegistryUnavailable
 from .store import AppRow, ChannelHead
 
 __all__ = ["RedisRegistry", "RegistryStore", "RegistryUnavailable"]
@@ -93,17 +93,6 @@ DOWN_BACKOFF = 1.0
 FAST_TIMEOUT = 1.0
 #: Read timeout of calls made from worker threads (writes carrying up to 64 MiB; manifest reads).
 SLOW_TIMEOUT = 10.0
-
-
-class RegistryUnavailable(APIError):
-    """The registry's redis-server could not be reached or refused the command."""
-
-    status = 503
-    code = "registry_unavailable"
-    default_fix = (
-        "check that the registry's redis-server (--registry) is up, reachable from every "
-        "replica and accepts writes; then retry"
-    )
 
 
 class RegistryStore(Protocol):

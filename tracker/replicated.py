@@ -58,10 +58,9 @@ from typing import Any
 
 import trio
 
-from p2pnode.errors import P2PNodeError
-
-from .core import EVENTS, Announce, APIError, PeerQuality, PeerReport, Report
-from .resp import RedisUnavailable, TrioRedis
+from .core import EVENTS, Announce, PeerQuality, PeerReport, Report
+from .errors import LogFormatError, LogUnavailable, RedisUnavailable
+from .resp import TrioRedis
 from .swarm import AnnounceAnswer, Member, MemorySwarm
 
 __all__ = ["LogSwarm", "LogUnavailable"]
@@ -92,14 +91,6 @@ _ANN = struct.Struct(">dd16sd32s20s32sHBQQQQQBBH")
 _EVENT_INDEX = {e: i for i, e in enumerate(EVENTS)}
 _JSON_LEN = struct.Struct(">I")
 _SEEN = struct.Struct(">16sd")
-
-
-class LogUnavailable(APIError):
-    """The replicated log (Redis) did not take or return a change in time."""
-
-    status = 503
-    code = "log_unavailable"
-    default_fix = "check that redis-server is up and reachable from every replica; retry"
 
 
 class _Wait:
@@ -595,12 +586,6 @@ def _json_record(change: list[Any]) -> bytes:
     """A change other than an announce, as a log record: ``j``, length, JSON list."""
     body = json.dumps(change, separators=(",", ":")).encode()
     return b"j" + _JSON_LEN.pack(len(body)) + body
-
-
-class LogFormatError(P2PNodeError):
-    """The log or a snapshot holds something this version cannot read."""
-
-    default_fix = "run the same tracker version on every replica, or clear the PREFIX log keys"
 
 
 def pack_snapshot(state: dict[str, Any]) -> bytes:

@@ -54,11 +54,10 @@ from .core import (
     FLAG_REPORTERS,
     RATE_HALF,
     Announce,
-    APIError,
-    Conflict,
     PeerQuality,
     Report,
 )
+from .errors import Conflict, SwarmUnavailable
 from .swarm import (
     ADOPTION_KEEP_S,
     UNKNOWN_SCORE,
@@ -772,17 +771,6 @@ def _answer(res: Any) -> AnnounceAnswer | None:
         for frag, score in zip(res[2::2], res[3::2], strict=True)
     ]
     return AnnounceAnswer(peers, int(res[0]), int(res[1]))
-
-
-class SwarmUnavailable(APIError):
-    """The swarm store's redis-server (``--redis``) could not be reached or failed."""
-
-    status = 503
-    code = "store_unavailable"
-    default_fix = (
-        "check that the swarm's redis-server (--redis) is up and reachable from this replica; "
-        "nodes retry their announces"
-    )
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])

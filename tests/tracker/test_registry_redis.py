@@ -26,8 +26,8 @@ from p2pnode.release import keys
 from p2pnode.release import manifest as M
 from tests.tracker.conftest import ADMIN, APP, RedisProcess, client_for, free_port
 from tracker import Tracker, serve_tracker
-from tracker.core import Conflict
-from tracker.registry_redis import RedisRegistry, RegistryUnavailable
+from tracker.errors import Conflict, RegistryUnavailable
+from tracker.registry_redis import RedisRegistry
 from tracker.store import Registry
 
 
