@@ -50,13 +50,14 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from p2pnode.discovery.dht.records import Topic, encode_bundle, parse_record
+from p2pnode.discovery.tracker_api import SESSION_HEADER, SIGNATURE_HEADER
 from p2pnode.errors import P2PNodeError
 from p2pnode.ratelimit import TokenBucket
 from p2pnode.release import keys
 from p2pnode.release.manifest import MAX_MANIFEST_BYTES, parse_signed, verify
 
 from . import core
-from .core import MAX_SKEW, SIGNATURE_HEADER
+from .core import MAX_SKEW
 from .errors import (
     APIError,
     BadRequest,
@@ -559,7 +560,7 @@ class Tracker:
             {
                 "app": row.name,
                 "key": keys.format_public_key(row.key),
-                "channels": [_head_json(h) for h in heads],
+                "channels": [h.to_json() for h in heads],
             }
         )
 
@@ -648,7 +649,7 @@ class Tracker:
         head = await self._registry_call(self.registry.head, row.name, channel)
         if head is None:  # the move just committed; only a concurrent delete could do this
             raise NotFound(f"channel {channel} vanished")
-        return JSONResponse(_head_json(head))
+        return JSONResponse(head.to_json())
 
     async def _promote(self, request: Request) -> Response:
         return await self._move(request, "promote")
@@ -676,7 +677,7 @@ class Tracker:
                 f"nothing is published to channel {channel} of {row.name} yet",
                 fix="publish a build first (or wait with ?since=0&wait=S)",
             )
-        return JSONResponse(_head_json(head))
+        return JSONResponse(head.to_json())
 
     async def _events(self, request: Request) -> Response:
         row, channel = self._channel(request)
@@ -689,7 +690,7 @@ class Tracker:
                 head = await self._registry_call(self.registry.head, row.name, channel)
                 if head is not None and head.seq > last:
                     last = head.seq
-                    data = json.dumps(_head_json(head))
+                    data = json.dumps(head.to_json())
                     yield f"id: {head.seq}\nevent: release\ndata: {data}\n\n".encode()
                 with trio.move_on_after(15):
                     await self._changed.wait()
@@ -731,7 +732,7 @@ class Tracker:
             body,
             request.headers.get(SIGNATURE_HEADER),
             seen_ip,
-            request.headers.get(core.SESSION_HEADER),
+            request.headers.get(SESSION_HEADER),
         )
         return Response(answer, media_type="application/json")
 
@@ -962,19 +963,6 @@ def _query_float(request: Request, name: str, lo: float, hi: float) -> float:
     if not lo <= value <= hi:
         raise BadRequest(f"query parameter {name} must be in [{lo}, {hi}]")
     return value
-
-
-def _head_json(h: Any) -> dict[str, Any]:
-    return {
-        "app": h.app,
-        "channel": h.channel,
-        "seq": h.seq,
-        "manifest_id": h.manifest_id.hex(),
-        "build": h.build,
-        "version": h.version,
-        "updated": h.updated,
-        "manifest_url": f"/v1/manifests/{h.manifest_id.hex()}",
-    }
 
 
 class _VerifiedRecords:

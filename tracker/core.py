@@ -43,6 +43,11 @@ from typing import Any
 
 import blake3
 
+from p2pnode.discovery.tracker_api import (
+    ANNOUNCE_DOMAIN,
+    REPORT_DOMAIN,
+    SIGNATURE_HEADER,
+)
 from p2pnode.errors import P2PNodeError, SignatureError
 from p2pnode.release import keys
 
@@ -59,9 +64,9 @@ __all__ = [
     "REPORT_DOMAIN",
     "SIGNATURE_HEADER",
     "Announce",
+    "Candidate",
     "PeerQuality",
     "PeerReport",
-    "PeerView",
     "Report",
     "parse_announce",
     "parse_report",
@@ -69,11 +74,6 @@ __all__ = [
     "rank_peers",
 ]
 
-ANNOUNCE_DOMAIN = b"p2pnode-tracker-announce-v1"
-REPORT_DOMAIN = b"p2pnode-tracker-report-v1"
-SIGNATURE_HEADER = "X-P2PNode-Signature"
-#: Header carrying an announce session token (see ``AnnounceSessions``).
-SESSION_HEADER = "X-P2PNode-Session"
 
 #: Clock skew tolerated between a node and the tracker (seconds); replays are remembered for
 #: twice this, so a message is either too old or already seen.
@@ -137,38 +137,15 @@ class Report:
 
 
 @dataclass(frozen=True, slots=True)
-class PeerView:
-    """One live swarm member as the store returns it (before ranking)."""
+class Candidate:
+    """A live swarm member as ranking sees it: the reference model of the stores' ranking
+    (:func:`rank_peers`); what answers show of it is ``tracker_api.TrackerPeer``."""
 
     node_id: bytes
-    public_key: bytes
     manifest: bytes
-    ip: str
-    port: int
-    size: int
     left: int
     score: float
     flagged: bool
-    record: bytes | None = None
-
-    @property
-    def progress(self) -> float:
-        return 1.0 if self.size <= 0 else max(0.0, min(1.0, 1 - self.left / self.size))
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "node_id": self.node_id.hex(),
-            "key": keys.format_public_key(self.public_key),
-            "ip": self.ip,
-            "port": self.port,
-            "manifest": self.manifest.hex(),
-            "seed": self.left == 0,
-            "progress": round(self.progress, 4),
-            "score": round(self.score, 4),
-        }
-        if self.record is not None:
-            out["record"] = self.record.hex()
-        return out
 
 
 @dataclass(slots=True)
@@ -219,11 +196,11 @@ def update_quality(q: PeerQuality, entry: PeerReport, *, new_corrupt_reporter: b
 
 
 def rank_peers(
-    candidates: Iterable[PeerView], *, manifest: bytes, exclude: bytes, limit: int
-) -> list[PeerView]:
+    candidates: Iterable[Candidate], *, manifest: bytes, exclude: bytes, limit: int
+) -> list[Candidate]:
     """The announce answer: no self, no flagged peers, one entry per node (its entry for the
     requested build wins), requested build first, then by score and how much each holds."""
-    best: dict[bytes, PeerView] = {}
+    best: dict[bytes, Candidate] = {}
     for p in candidates:
         if p.node_id == exclude or p.flagged:
             continue

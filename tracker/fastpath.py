@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from p2pnode.discovery.tracker_api import SESSION_HEADER, SIGNATURE_HEADER
+
 from . import core
 from .errors import APIError, HTTPRefusal, RateLimited, Unavailable
 
@@ -72,8 +74,8 @@ MAX_CONNECTIONS = 4096
 #: for keep-alive; nodes announce every ``interval``, so holding connections longer buys little).
 IDLE_TIMEOUT = 75.0
 ANNOUNCE_PATH = b"/v1/announce"
-_SIG = core.SIGNATURE_HEADER.lower().encode()
-_SESSION = core.SESSION_HEADER.lower().encode()
+_SIG = SIGNATURE_HEADER.lower().encode()
+_SESSION = SESSION_HEADER.lower().encode()
 
 
 @dataclass(frozen=True, slots=True)

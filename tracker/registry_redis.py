@@ -75,8 +75,10 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from p2pnode.discovery.tracker_api import ChannelHead
+
 from .errors import Conflict, RegistryUnavailable
-from .store import AppRow, ChannelHead
+from .store import AppRow
 
 __all__ = ["RedisRegistry", "RegistryStore", "RegistryUnavailable"]
 

@@ -48,6 +48,7 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from p2pnode.discovery.dht.records import PeerRecordError, decode_bundle
+from p2pnode.discovery.tracker_api import ChannelHead
 from p2pnode.release import keys
 
 from .core import (
@@ -98,17 +99,6 @@ class AppRow:
     key: bytes
     token_hash: bytes
     created: float
-
-
-@dataclass(frozen=True, slots=True)
-class ChannelHead:
-    app: str
-    channel: str
-    seq: int
-    manifest_id: bytes
-    build: int
-    version: str
-    updated: float
 
 
 _REGISTRY_SCHEMA = """

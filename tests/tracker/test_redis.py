@@ -20,9 +20,9 @@ from tests.tracker.conftest import ADMIN, APP, client_for
 from tracker import Tracker, serve_tracker
 from tracker.core import (
     Announce,
+    Candidate,
     PeerQuality,
     PeerReport,
-    PeerView,
     rank_peers,
     update_quality,
 )
@@ -231,13 +231,9 @@ def test_redis_ranks_as_the_reference_ranking(
     got = swarm.announce(me, "10.0.0.1", None, now=now, ttl=180, digest=b"m" * 16, window=60)
     assert got is not None
     views = [
-        PeerView(
+        Candidate(
             ids[n],
-            bytes([n]) * 32,
             mine if own else other,
-            "10.0.0.1",
-            7000 + n,
-            10,
             left,
             float(scores[n]) if scores[n] else UNKNOWN_SCORE,
             scores[n] == "0",
