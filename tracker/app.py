@@ -30,7 +30,6 @@ import hmac
 import json
 import logging
 import secrets
-import sqlite3
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
@@ -57,6 +56,7 @@ from p2pnode.release import keys
 from p2pnode.release.manifest import MAX_MANIFEST_BYTES, parse_signed, verify
 
 from . import core
+from .backend import AnnounceCommit, RegistryStore, ReportCommit, SwarmStore
 from .core import MAX_SKEW
 from .errors import (
     APIError,
@@ -70,18 +70,15 @@ from .errors import (
     Unavailable,
 )
 from .openapi import openapi_document
-from .registry_redis import RegistryStore
-from .replicated import LogSwarm
-from .store import Registry, SQLiteSwarm, SwarmStore
-from .swarm import AnnounceAnswer, MemorySwarm
+from .registry_sqlite import SQLiteRegistry
+from .swarm_sqlite import SQLiteSwarm
+from .troubles import Troubles
 
 __all__ = ["Tracker", "TrackerConfig", "open_tracker"]
 
 #: How often a replica checks whether another one moved a channel (seconds).
 FEED_POLL = 0.2
 MAX_WAIT = 60.0
-#: How often the SQLite swarm store writes its in-memory changes behind (seconds).
-FLUSH_INTERVAL = 1.0
 
 log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 4096
@@ -144,26 +141,14 @@ class Tracker:
 
     Args:
         config: tokens, intervals and limits.
-        registry: apps, manifests, channels; ``registry_in_thread`` says whether it is remote
-            (Redis), so that its writes, manifest reads and version polls run in a worker thread.
-        swarm: swarm state; ``swarm_in_thread`` says whether its calls block on the network
-            (Redis) and must run in a worker thread.
+        registry: apps, manifests, channels (:class:`tracker.backend.RegistryStore`).
+        swarm: swarm state (:class:`tracker.backend.SwarmStore`).
     """
 
-    def __init__(
-        self,
-        config: TrackerConfig,
-        registry: RegistryStore,
-        swarm: SwarmStore,
-        *,
-        swarm_in_thread: bool = False,
-        registry_in_thread: bool = False,
-    ) -> None:
+    def __init__(self, config: TrackerConfig, registry: RegistryStore, swarm: SwarmStore) -> None:
         self.config = config
         self.registry = registry
-        self.registry_in_thread = registry_in_thread
         self.swarm = swarm
-        self.swarm_in_thread = swarm_in_thread
         self._changed = trio.Event()
         self._clients = _Buckets(config.client_rate, config.client_burst)
         self._reporters = _Buckets(config.report_rate, config.report_burst)
@@ -212,9 +197,7 @@ class Tracker:
         #: port of the fast announce listener, advertised in answers (0: none)
         self.fast_port = 0
         self._answer_head: bytes | None = None
-        self._pending: list[_Pending] = []
-        self._troubles: dict[str, str] = {}  # failing background duties, said once
-        self._committing = False
+        self._troubles = Troubles()
         self.app = Starlette(
             routes=self._routes(),
             exception_handlers={APIError: self._api_error, Unavailable: self._api_error},
@@ -319,13 +302,9 @@ class Tracker:
             Route("/v1/dht/bootstrap", self._dht_bootstrap),
         ]
 
-    async def _swarm_call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        if self.swarm_in_thread:
-            return await trio.to_thread.run_sync(lambda: fn(*args, **kw))
-        return fn(*args, **kw)
-
     async def _registry_call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        if self.registry_in_thread:
+        """Call the registry: in a worker thread when its calls may wait on the network."""
+        if self.registry.blocking:
             return await trio.to_thread.run_sync(lambda: fn(*args, **kw))
         return fn(*args, **kw)
 
@@ -342,12 +321,19 @@ class Tracker:
         self._changed.set()
         self._changed = trio.Event()
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Every background duty, until cancelled: the swarm store's own (it catches up with
+        the log first, in log mode), then :meth:`watch`. Serve requests once started."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.swarm.run)
+            await nursery.start(self.watch)
+            task_status.started()
+
     async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background duty: notice other replicas' channel moves, expire peers and replays."""
         version = await self._registry_version()
         task_status.started()
         last_gc = self.config.clock()
-        last_flush = time.monotonic()
         while True:
             await trio.sleep(FEED_POLL)
             v = await self._registry_version()
@@ -358,39 +344,10 @@ class Tracker:
             if now - last_gc >= 10:
                 last_gc = now
                 try:
-                    await self._swarm_call(self.swarm.gc, now)
-                    self._trouble("gc", None)
+                    await self.swarm.gc(now)
+                    self._troubles.report("gc", None)
                 except Unavailable as exc:  # the store is down: requests get 503s meanwhile
-                    self._trouble("gc", exc.message)
-            if (
-                isinstance(self.swarm, SQLiteSwarm)
-                and time.monotonic() - last_flush >= FLUSH_INTERVAL
-            ):
-                last_flush = time.monotonic()
-                await self._flush(self.swarm)
-
-    async def _flush(self, swarm: SQLiteSwarm) -> None:
-        """Write behind; a failing write (a full disk) is said once, and its batches wait in
-        the store until it works again (``SQLiteSwarm.write_queued``)."""
-        swarm.flush_batch()
-        try:
-            await trio.to_thread.run_sync(swarm.write_queued)
-        except (sqlite3.Error, OSError) as exc:
-            self._trouble("swarm.db", f"writing swarm.db failed: {exc}")
-            return
-        self._trouble("swarm.db", None)
-
-    def _trouble(self, what: str, error: str | None) -> None:
-        """Say once on the log when a background duty starts failing, and once when it
-        recovers."""
-        if error is not None and what not in self._troubles:
-            log.warning("tracker: %s failing: %s", what, error)
-        elif error is None and what in self._troubles:
-            log.warning("tracker: %s works again", what)
-        if error is None:
-            self._troubles.pop(what, None)
-        else:
-            self._troubles[what] = error
+                    self._troubles.report("gc", exc.message)
 
     # ---------------------------------------------------------------- auth
 
@@ -431,10 +388,7 @@ class Tracker:
     async def _healthz(self, request: Request) -> Response:
         try:
             await self._registry_call(self.registry.data_version)
-            if isinstance(self.swarm, LogSwarm):
-                self.swarm.healthy()
-            elif hasattr(self.swarm, "ping"):
-                await self._swarm_call(self.swarm.ping)
+            await self.swarm.check()
         except Exception as exc:  # health must answer, whatever broke
             return JSONResponse({"status": "down", "error": repr(exc)}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -445,7 +399,7 @@ class Tracker:
         return JSONResponse({"nodes": list(self.config.dht_bootstrap)})
 
     async def _refresh_stats(self) -> dict[str, Any]:
-        stats = await self._swarm_call(self.swarm.stats, self.config.clock())
+        stats = await self.swarm.stats(self.config.clock())
         labels = await self._registry_call(self.registry.releases)
         for r in stats["releases"]:
             info = labels.get(bytes.fromhex(r["manifest_id"]))
@@ -502,12 +456,9 @@ class Tracker:
             raise BadRequest("node id must be 40 hex digits") from exc
         if request.method == "DELETE":
             self._require_admin(request)
-            if isinstance(self.swarm, LogSwarm):
-                cleared = await self.swarm.commit_clear(node)
-            else:
-                cleared = await self._swarm_call(self.swarm.clear_peer, node)
+            cleared = await self.swarm.clear_peer(node)
             return JSONResponse({"node_id": text, "cleared": cleared})
-        q = await self._swarm_call(self.swarm.quality, node)
+        q = await self.swarm.quality(node)
         return JSONResponse(
             {
                 "node_id": text,
@@ -767,27 +718,10 @@ class Tracker:
         bundle = self._records.check(a, now) if a.records else None
         assert signature is not None  # parse_announce checked it
         digest = blake3.blake3(bytes.fromhex(signature)).digest()[:16]
-        ttl = self.config.ttl
-        if isinstance(self.swarm, LogSwarm):
-            answer = await self.swarm.commit_announce(
-                a, ip, bundle, now=now, ttl=ttl, digest=digest, window=2 * MAX_SKEW
-            )
-            if answer is None:
-                raise _replay()
-            peers, seeders, leechers = answer.peers, answer.seeders, answer.leechers
-        elif isinstance(self.swarm, MemorySwarm):
-            answer = self.swarm.announce(
-                a, ip, bundle, now=now, ttl=ttl, digest=digest, window=2 * MAX_SKEW
-            )
-            if answer is None:
-                raise _replay()
-            peers, seeders, leechers = answer.peers, answer.seeders, answer.leechers
-        else:
-            res = await self._group_commit((a, ip, bundle, now, ttl, digest, 2 * MAX_SKEW))
-            if res is None:
-                raise _replay()
-            assert isinstance(res, AnnounceAnswer)
-            peers, seeders, leechers = res.peers, res.seeders, res.leechers
+        commit = AnnounceCommit(a, ip, bundle, now, self.config.ttl, digest, 2 * MAX_SKEW)
+        answer = await self.swarm.announce(commit)
+        if answer is None:
+            raise _replay()
         self._announce_counters[a.event].inc()
         head = self._answer_head
         if head is None:
@@ -808,49 +742,11 @@ class Tracker:
                 a.node_id.hex().encode(),
                 b'","ip":"',
                 ip.encode(),  # an address literal (validated, or the socket's): nothing to escape
-                b'","seeders":%d,"leechers":%d,"peers":[' % (seeders, leechers),
-                b",".join(peers),
+                b'","seeders":%d,"leechers":%d,"peers":[' % (answer.seeders, answer.leechers),
+                b",".join(answer.peers),
                 b"]}",
             )
         )
-
-    async def _group_commit(self, item: tuple[Any, ...]) -> Any:
-        """Run a Redis announce in the next group commit (``RedisSwarm.announce_many``).
-
-        The first announce to arrive while no commit runs leads: it sends everything queued in
-        one pipelined round trip from a worker thread, and loops while more arrived meanwhile;
-        the others wait for their result. So under load the thread hop and the round trip are
-        paid once per batch, not per announce. The leader's loop is shielded from its own
-        request's cancellation (it works for the others too); each commit is bounded by the
-        Redis client's socket timeout.
-        """
-        slot = _Pending(item)
-        self._pending.append(slot)
-        if not self._committing:
-            self._committing = True
-            try:
-                with trio.CancelScope(shield=True):
-                    while self._pending:
-                        batch, self._pending = self._pending, []
-                        try:
-                            results = await trio.to_thread.run_sync(
-                                self.swarm.announce_many,  # type: ignore[attr-defined]
-                                [b.item for b in batch],
-                            )
-                        except Exception as exc:  # redis down: every waiter gets the error
-                            for b in batch:
-                                b.error = exc
-                                b.done.set()
-                            continue
-                        for b, r in zip(batch, results, strict=True):
-                            b.result = r
-                            b.done.set()
-            finally:
-                self._committing = False
-        await slot.done.wait()
-        if slot.error is not None:
-            raise slot.error
-        return slot.result
 
     async def _report(self, request: Request) -> Response:
         body = await _read_body(request, core.MAX_REPORT_BYTES)
@@ -863,12 +759,7 @@ class Tracker:
                 fix=f"send at most {self.config.report_rate:g} reports/s; retry in {wait:.0f} s",
             )
         digest = blake3.blake3(bytes.fromhex(request.headers[SIGNATURE_HEADER])).digest()[:16]
-        if isinstance(self.swarm, LogSwarm):
-            fresh = await self.swarm.commit_report(r, now=now, digest=digest, window=2 * MAX_SKEW)
-        else:
-            fresh = await self._swarm_call(
-                self.swarm.report, r, now=now, digest=digest, window=2 * MAX_SKEW
-            )
+        fresh = await self.swarm.report(ReportCommit(r, now, digest, 2 * MAX_SKEW))
         if not fresh:
             raise Conflict("this report was already received (a replay)")
         self.m_reports.inc()
@@ -890,18 +781,6 @@ def _error_response(
         status_code=err.status,
         headers=headers,
     )
-
-
-class _Pending:
-    """One announce waiting for a Redis group commit."""
-
-    __slots__ = ("done", "error", "item", "result")
-
-    def __init__(self, item: tuple[Any, ...]) -> None:
-        self.item = item
-        self.done = trio.Event()
-        self.result: Any = None
-        self.error: Exception | None = None
 
 
 def _replay() -> Conflict:
@@ -1078,7 +957,7 @@ def open_tracker(
     """Open (creating if needed) the stores under ``data_dir`` and build the app.
 
     ``redis_mode``: ``script`` (state in Redis, one Lua script per announce) or ``log``
-    (state in each replica's memory, changes ordered by a Redis stream: tracker.replicated).
+    (state in each replica's memory, changes ordered by a Redis stream: tracker.swarm_log).
     ``registry_url``: keep the registry in that Redis (tracker.registry_redis, keys under
     ``redis_prefix``) instead of ``data_dir/registry.db``.
     """
@@ -1089,17 +968,19 @@ def open_tracker(
 
         registry = RedisRegistry(registry_url, prefix=redis_prefix)
     else:
-        registry = Registry(data_dir / "registry.db")
-    remote = registry_url is not None
+        registry = SQLiteRegistry(data_dir / "registry.db")
+    swarm: SwarmStore
     if redis_url and redis_mode == "log":
-        swarm: SwarmStore = LogSwarm(redis_url, prefix=redis_prefix)
-        return Tracker(config, registry, swarm, registry_in_thread=remote)
-    if redis_url:
-        from .store import RedisSwarm
+        from .swarm_log import LogSwarm
+
+        swarm = LogSwarm(redis_url, prefix=redis_prefix)
+    elif redis_url:
+        from .swarm_redis import RedisSwarm
 
         swarm = RedisSwarm(redis_url, prefix=redis_prefix)
-        return Tracker(config, registry, swarm, swarm_in_thread=True, registry_in_thread=remote)
-    return Tracker(config, registry, SQLiteSwarm(data_dir / "swarm.db"), registry_in_thread=remote)
+    else:
+        swarm = SQLiteSwarm(data_dir / "swarm.db")
+    return Tracker(config, registry, swarm)
 
 
 def _held(scope: Any) -> bool:

@@ -2,13 +2,13 @@
 
 Theory of operation
 -------------------
-The default registry (:class:`tracker.store.Registry`) is SQLite in ``DIR``: replicas must share
-that directory, so they share a host. :class:`RedisRegistry` keeps the same data (apps and their
-publisher token hashes, signed manifests, channel heads and history) in a redis-server that
-every replica reaches, with the same semantics, so replicas may run anywhere behind a load
-balancer. It has its own URL because the registry is precious while swarm state is disposable:
-point ``--registry`` at a Redis with AOF (``appendonly yes``) and ``--redis`` at a throwaway one,
-or at the same server.
+The default registry (:class:`tracker.registry_sqlite.SQLiteRegistry`) is SQLite in ``DIR``:
+replicas must share that directory, so they share a host. :class:`RedisRegistry` keeps the same
+data (apps and their publisher token hashes, signed manifests, channel heads and history) in a
+redis-server that every replica reaches, with the same semantics, so replicas may run anywhere
+behind a load balancer. It has its own URL because the registry is precious while swarm state is
+disposable: point ``--registry`` at a Redis with AOF (``appendonly yes``) and ``--redis`` at a
+throwaway one, or at the same server.
 
 **Atomic changes.** Every change is one Lua script, so it applies whole or not at all and two
 replicas cannot interleave: a publish checks, in the script, that the build is strictly newer
@@ -38,7 +38,7 @@ publish on another replica must see it, as with SQLite.
 **Blocking.** redis-py is synchronous. The app runs every call that may reach Redis from a
 request handler (writes, which carry manifests of up to 64 MiB; heads, channel lists, history,
 the app list, release labels and manifest reads) in a worker thread
-(``Tracker(registry_in_thread=True)``); only the cached lookups (``get_app``, ``manifest_info``,
+(``RedisRegistry.blocking``); only the cached lookups (``get_app``, ``manifest_info``,
 asked synchronously by token checks and announces) run inline, and on a miss their client's
 short timeouts hold the event loop for at most ``FAST_TIMEOUT``. After a failure to reach Redis
 every call fails at once for ``DOWN_BACKOFF`` (a circuit breaker: requests do not each wait out
@@ -71,16 +71,17 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 from p2pnode.discovery.tracker_api import ChannelHead
 
+from .backend import AppRow
 from .errors import Conflict, RegistryUnavailable
-from .store import AppRow
 
-__all__ = ["RedisRegistry", "RegistryStore", "RegistryUnavailable"]
+__all__ = ["RedisRegistry"]
 
 #: Events kept per channel (the API shows the newest 100; rollback looks back through these).
 HISTORY_KEEP = 1000
@@ -97,125 +98,17 @@ FAST_TIMEOUT = 1.0
 SLOW_TIMEOUT = 10.0
 
 
-class RegistryStore(Protocol):
-    """What the app needs of a registry; :class:`tracker.store.Registry` (SQLite in DIR) and
-    :class:`RedisRegistry` provide it. Methods are synchronous."""
-
-    def close(self) -> None: ...
-
-    def data_version(self) -> int:
-        """A number that changes when another replica changed the registry."""
-        ...
-
-    def add_app(self, name: str, key: bytes, token_hash: bytes, now: float) -> AppRow: ...
-
-    def get_app(self, name: str) -> AppRow | None: ...
-
-    def list_apps(self) -> list[AppRow]: ...
-
-    def get_manifest(self, manifest_id: bytes) -> bytes | None: ...
-
-    def manifest_info(self, manifest_id: bytes) -> tuple[str, int, str, int] | None: ...
-
-    def head(self, app: str, channel: str) -> ChannelHead | None: ...
-
-    def channels(self, app: str) -> list[ChannelHead]: ...
-
-    def publish(
-        self,
-        *,
-        app: str,
-        channel: str,
-        manifest_id: bytes,
-        build: int,
-        version: str,
-        size: int,
-        signed: bytes,
-        now: float,
-        actor: str,
-    ) -> int: ...
-
-    def move(
-        self, *, app: str, channel: str, manifest_id: bytes, action: str, now: float, actor: str
-    ) -> int: ...
-
-    def history(self, app: str, channel: str, limit: int = 100) -> list[dict[str, Any]]: ...
-
-    def previous_head(self, app: str, channel: str) -> bytes | None: ...
-
-    def releases(self) -> dict[bytes, tuple[str, int, str]]: ...
+def _lua(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text()
 
 
-# Shared by the publish and move scripts. KEYS: 1 apps, 2 ch, 3 chs, 4 h, 5 m, 6 releases,
-# 7 seq, 8 ver. Builds travel as decimal strings: `newer` compares them exactly.
-_MOVE_LUA = """
-local function newer(a, b)
-  if #a ~= #b then return #a > #b end
-  return a > b
-end
-local function move(channel, mid, build, version, action, at, actor, keep)
-  local seq = redis.call('INCR', KEYS[7])
-  local ev = cjson.encode({seq = seq, manifest_id = mid, action = action, at = at,
-                          actor = actor, build = build, version = version})
-  redis.call('LPUSH', KEYS[4], ev)
-  redis.call('LTRIM', KEYS[4], 0, keep - 1)
-  local maxb = redis.call('HGET', KEYS[2], 'max_build')
-  if not maxb or newer(build, maxb) then maxb = build end
-  redis.call('HSET', KEYS[2], 'seq', seq, 'mid', mid, 'build', build, 'version', version,
-             'at', at, 'max_build', maxb)
-  redis.call('SADD', KEYS[3], channel)
-  local ver = redis.call('INCR', KEYS[8])
-  return {'ok', seq, ver}
-end
-"""
-
-# ARGV: app, channel, mid, build, version, size, signed, at, actor, keep, release JSON
-_PUBLISH_LUA = (
-    _MOVE_LUA
-    + """
-local app, channel, mid, build = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-if redis.call('HEXISTS', KEYS[1], app) == 0 then return {'noapp'} end
-local maxb = redis.call('HGET', KEYS[2], 'max_build')
-if maxb and not newer(build, maxb) then return {'old', maxb} end
-if redis.call('EXISTS', KEYS[5]) == 0 then
-  redis.call('HSET', KEYS[5], 'app', app, 'build', build, 'version', ARGV[5], 'size', ARGV[6],
-             'signed', ARGV[7], 'uploaded', ARGV[8])
-  redis.call('HSET', KEYS[6], mid, ARGV[11])
-end
-return move(channel, mid, build, ARGV[5], 'publish', ARGV[8], ARGV[9], tonumber(ARGV[10]))
-"""
-)
-
-# ARGV: app, channel, mid, action, at, actor, keep
-_MOVE_TO_LUA = (
-    _MOVE_LUA
-    + """
-local info = redis.call('HMGET', KEYS[5], 'app', 'build', 'version')
-if not info[1] or info[1] ~= ARGV[1] then return {'unknown'} end
-return move(ARGV[2], ARGV[3], info[2], info[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]))
-"""
-)
-
-# KEYS: 1 apps, 2 ver. ARGV: app, row JSON.
-_ADD_APP_LUA = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('INCR', KEYS[2])
-return 1
-"""
-
-# KEYS: 1 ch, 2 h. The newest event whose manifest differs from the head's.
-_PREVIOUS_LUA = """
-local head = redis.call('HGET', KEYS[1], 'mid')
-if not head then return false end
-local n = redis.call('LLEN', KEYS[2])
-for i = 0, n - 1, 100 do
-  for _, e in ipairs(redis.call('LRANGE', KEYS[2], i, i + 99)) do
-    local m = cjson.decode(e)['manifest_id']
-    if m ~= head then return m end
-  end
-end
-return false
-"""
+# The scripts, beside this module, read once at import. Every change is one script; publish and
+# move_to share the helpers of registry_redis_move.lua (prepended).
+_MOVE_LUA = _lua("registry_redis_move.lua")
+_PUBLISH_LUA = _MOVE_LUA + _lua("registry_redis_publish.lua")
+_MOVE_TO_LUA = _MOVE_LUA + _lua("registry_redis_move_to.lua")
+_ADD_APP_LUA = _lua("registry_redis_add_app.lua")
+_PREVIOUS_LUA = _lua("registry_redis_previous.lua")
 
 
 class _LRU:
@@ -269,7 +162,8 @@ def _text(value: Any) -> str:
 class RedisRegistry:
     """Apps, manifests and channels in redis-server, shared by replicas on any host.
 
-    Same interface and semantics as :class:`tracker.store.Registry`; see the module docstring.
+    Same interface (:class:`tracker.backend.RegistryStore`) and semantics as
+    :class:`tracker.registry_sqlite.SQLiteRegistry`; see the module docstring.
 
     Args:
         url: ``redis://[:password@]host:port/db`` (``rediss://`` for TLS).
@@ -278,6 +172,10 @@ class RedisRegistry:
     Raises (every method):
         RegistryUnavailable: Redis could not be reached or refused the command (HTTP 503).
     """
+
+    #: calls may wait on the network: the app runs them in a worker thread (but for the
+    #: cached ``get_app`` and ``manifest_info``; see the module docstring)
+    blocking = True
 
     def __init__(self, url: str, *, prefix: str = "trk:") -> None:
         import redis

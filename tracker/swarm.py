@@ -7,11 +7,14 @@ candidates and serialising them: about 3 ms of CPU, so ~400 announces/s. Swarm s
 (a few hundred bytes per live member) and disposable, so each tracker process keeps it in
 memory in :class:`MemorySwarm`, and durability is somebody else's job:
 
-* with SQLite, :class:`tracker.store.SQLiteSwarm` subclasses this and writes the changes behind
-  (:meth:`MemorySwarm.take_dirty`, batched every second from a worker thread);
-* with Redis, :class:`tracker.store.RedisSwarm` commits every announce to Redis first (the replay
-  guard and the counters are decided there, atomically across replicas) and this in-memory copy
-  is a *view* fed from the Redis change log (:meth:`apply_member` and friends).
+* with SQLite, :class:`tracker.swarm_sqlite.SQLiteSwarm` holds one and writes the changes
+  behind (:meth:`MemorySwarm.take_dirty`, batched every second from a worker thread);
+* in the Redis log mode, every replica of :class:`tracker.swarm_log.LogSwarm` holds one and
+  applies the same changes in the order of a Redis stream (:mod:`tracker.swarm_log_state`).
+
+(The Redis script mode, :mod:`tracker.swarm_redis`, keeps its state in Redis instead.) This
+module does no I/O: it is the sans-IO core those stores wrap in the async
+:class:`tracker.backend.SwarmStore` interface.
 
 Per swarm (one manifest) the members live in a dict **ordered by expiry**: a re-announce pops
 the member and re-inserts it at the end, and since every expiry is ``now + ttl`` the oldest is
@@ -47,13 +50,13 @@ from typing import Any
 from p2pnode.discovery.dht.records import PeerRecordError, decode_bundle
 from p2pnode.release import keys
 
-from .core import MAX_NUMWANT, Announce, PeerQuality, Report, quality_score, update_quality
+from .backend import AnnounceAnswer, AnnounceCommit, ReportCommit
+from .core import MAX_NUMWANT, PeerQuality, quality_score, update_quality
 
 __all__ = [
     "PARTIAL_SWARMS",
     "PARTIAL_WINDOW_S",
     "RANK_REFRESH",
-    "AnnounceAnswer",
     "Dirty",
     "Member",
     "MemorySwarm",
@@ -121,7 +124,7 @@ class Member:
         self.frag: bytes | None = None
 
     def row(self) -> tuple[Any, ...]:
-        """The ``peers`` table row (tracker.store's schema)."""
+        """The ``peers`` table row (tracker.swarm_sqlite's schema)."""
         return (
             self.manifest,
             self.node,
@@ -168,15 +171,6 @@ class _Swarm:
         self.top: list[Member] | None = None
         self.top_of: list[Member] | None = None
         self.top_until = 0.0
-
-
-@dataclass
-class AnnounceAnswer:
-    """What the announce answer needs: ranked peers (JSON fragments) and the swarm's counts."""
-
-    peers: list[bytes]
-    seeders: int
-    leechers: int
 
 
 @dataclass
@@ -250,6 +244,13 @@ class MemorySwarm:
         if self._track:
             self._d_seen.append((digest, now + window))
         return True
+
+    def restore_seen(self, digests: Iterable[tuple[bytes, float]]) -> None:
+        """Remember replay digests read back from a file or a snapshot: (digest, expiry),
+        oldest expiry first. Not tracked as changes (they are where they came from)."""
+        for digest, expires in digests:
+            self._seen[digest] = expires
+            self._seen_order.append((expires, digest))
 
     # ------------------------------------------------------------------ members
 
@@ -341,23 +342,14 @@ class MemorySwarm:
 
     # ------------------------------------------------------------------ announce
 
-    def announce(
-        self,
-        a: Announce,
-        ip: str,
-        record: bytes | None,
-        *,
-        now: float,
-        ttl: float,
-        digest: bytes,
-        window: float,
-    ) -> AnnounceAnswer | None:
+    def announce(self, c: AnnounceCommit) -> AnnounceAnswer | None:
         """Apply a verified announce and answer it; ``None`` if it is a replay (nothing changed).
 
         The counters take only increases of the node's cumulative totals; ``completed`` counts
         once per node (a repeated ``completed`` does not count again).
         """
-        if not self.fresh(digest, now, window):
+        a, now = c.announce, c.now
+        if not self.fresh(c.digest, now, c.window):
             return None
         sw = self._swarm(a.manifest, a.app)
         self._expire(sw, now)
@@ -385,15 +377,15 @@ class MemorySwarm:
                     a.node_id,
                     a.app,
                     a.public_key,
-                    ip,
+                    c.ip,
                     a.port,
                     a.size,
                     a.left,
                     max(a.from_peers, ofp),
                     max(a.from_cdn, ofc),
                     max(a.uploaded, oup),
-                    now + ttl,
-                    record,
+                    now + c.ttl,
+                    c.record,
                 ),
                 now,
             )
@@ -555,9 +547,10 @@ class MemorySwarm:
 
     # ------------------------------------------------------------------ quality
 
-    def report(self, r: Report, *, now: float, digest: bytes, window: float) -> bool:
+    def report(self, c: ReportCommit) -> bool:
         """Fold a verified report into peer quality; False if it is a replay."""
-        if not self.fresh(digest, now, window):
+        r = c.report
+        if not self.fresh(c.digest, c.now, c.window):
             return False
         for e in r.peers:
             q = self._quality.get(e.node_id)

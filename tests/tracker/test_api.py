@@ -277,7 +277,7 @@ async def test_bad_node_messages_get_4xx_and_store_nothing(
         assert resp.status_code == status, (obj, kw, resp.text)
         err = resp.json()
         assert set(err) == {"error", "message", "fix"}
-    assert tracker.swarm.live_members(time.time()) == 0  # type: ignore[attr-defined]
+    assert tracker.swarm.state.live_members(time.time()) == 0  # type: ignore[attr-defined]
     # the genuine one is accepted once; its replay is refused
     body = json.dumps(good).encode()
     sig = keys.sign(key, ANNOUNCE_DOMAIN, body).hex()

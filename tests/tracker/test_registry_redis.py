@@ -28,7 +28,7 @@ from tests.tracker.conftest import ADMIN, APP, RedisProcess, client_for, free_po
 from tracker import Tracker, serve_tracker
 from tracker.errors import Conflict, RegistryUnavailable
 from tracker.registry_redis import RedisRegistry
-from tracker.store import Registry
+from tracker.registry_sqlite import SQLiteRegistry
 
 
 @pytest.fixture
@@ -234,7 +234,7 @@ def test_racing_threads_never_accept_a_build_twice(redis_url: str) -> None:
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_the_registries_behave_alike(kind: str, tmp_path: Path, redis_url: str) -> None:
     """The same sequence of changes on either registry gives the same answers."""
-    reg: Any = Registry(tmp_path / "r.db") if kind == "sqlite" else RedisRegistry(redis_url)
+    reg: Any = SQLiteRegistry(tmp_path / "r.db") if kind == "sqlite" else RedisRegistry(redis_url)
     mids = [bytes([n]) * 32 for n in range(6)]
     reg.add_app("a", b"k" * 32, b"t" * 32, 10.0)
     reg.add_app("b", b"K" * 32, b"T" * 32, 11.0)
@@ -460,7 +460,7 @@ def test_copy_a_sqlite_registry_into_redis(tmp_path: Path, redis_url: str) -> No
     """`tracker registry copy` moves everything, seq included, so nodes following a channel
     with since=SEQ go on; a second copy into the now non-empty registry is refused."""
     (tmp_path / "d").mkdir()
-    old = Registry(tmp_path / "d" / "registry.db")
+    old = SQLiteRegistry(tmp_path / "d" / "registry.db")
     old.add_app("a", b"k" * 32, b"t" * 32, 10.0)
     old.add_app("b", b"K" * 32, b"T" * 32, 11.0)
     mids = [bytes([n]) * 32 for n in range(4)]
