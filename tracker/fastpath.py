@@ -273,7 +273,7 @@ async def _connection(
                             headers=exc.headers,
                         ),
                     )
-                    tracker.record_request("announce", exc.status, 0.0, exc.code)
+                    tracker.metrics.record_announce(exc.status, 0.0, exc.code)
                     return
                 if req is None:
                     await wait_readable(sock)
@@ -288,7 +288,7 @@ async def _connection(
                 t0 = time.perf_counter()
                 out, status, code, close = await _answer(tracker, req, client)
                 await _send_all(sock, out)
-                tracker.record_request("announce", status, time.perf_counter() - t0, code)
+                tracker.metrics.record_announce(status, time.perf_counter() - t0, code)
                 if close:
                     return
                 deadline = trio.current_time() + idle
