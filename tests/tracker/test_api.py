@@ -125,25 +125,27 @@ async def test_promote_rollback_history(
 
 
 async def test_long_poll_wakes_within_a_second(
-    client: TrackerClient, make_manifest: Callable[..., M.SignedManifest]
+    client: TrackerClient, tracker: Tracker, make_manifest: Callable[..., M.SignedManifest]
 ) -> None:
     await publish(client, make_manifest(1))
     head = await client.latest(APP, "stable")
     assert head is not None
     got: list[Any] = []
+    woken = trio.Event()
 
     async def waiter() -> None:
         got.append(await client.wait_for_release(APP, "stable", since=head.seq))
         got.append(trio.current_time())
+        woken.set()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(waiter)
-        await trio.sleep(0.2)
+        with trio.fail_after(5):
+            await tracker.feed.until_waiting()  # the long-poll is parked on the feed
         t0 = trio.current_time()
         await publish(client, make_manifest(2))
         with trio.fail_after(1):
-            while not got:
-                await trio.sleep(0.01)
+            await woken.wait()
     assert got[0].build == 2 and got[1] - t0 < 1.0
     # an unchanged channel answers with the same head after `wait`
     with trio.fail_after(2):

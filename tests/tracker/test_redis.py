@@ -69,19 +69,21 @@ async def test_two_replicas_answer_consistently(
         head = await cb.latest(APP, "stable")
         assert head is not None
         got: list[float] = []
+        woken = trio.Event()
 
         async def wait_b() -> None:
             h = await cb.wait_for_release(APP, "stable", since=head.seq)
             assert h.manifest_id == new.id
             got.append(trio.current_time())
+            woken.set()
 
         nursery.start_soon(wait_b)
-        await trio.sleep(0.3)
+        with trio.fail_after(5):
+            await b.feed.until_waiting()  # B holds the long-poll
         t0 = trio.current_time()
         await ca.publish(APP, "stable", new.encode())
         with trio.fail_after(1.0):
-            while not got:
-                await trio.sleep(0.01)
+            await woken.wait()
         assert got[0] - t0 < 1.0
 
         nodes = [keys.generate_key() for _ in range(12)]

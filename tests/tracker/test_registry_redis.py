@@ -69,18 +69,20 @@ async def test_replicas_on_separate_dirs_share_the_registry(
 
         # a publish on A reaches a long-poll on B within a second
         got: list[tuple[float, bytes]] = []
+        woken = trio.Event()
 
         async def wait_b() -> None:
             h = await cb.wait_for_release(APP, "stable", since=0)
             got.append((trio.current_time(), h.manifest_id))
+            woken.set()
 
         nursery.start_soon(wait_b)
-        await trio.sleep(0.3)
+        with trio.fail_after(5):
+            await b.feed.until_waiting()  # B holds the long-poll
         t0 = trio.current_time()
         await ca.publish(APP, "stable", b1.encode())
         with trio.fail_after(1.0):
-            while not got:
-                await trio.sleep(0.01)
+            await woken.wait()
         assert got[0][1] == b1.id and got[0][0] - t0 < 1.0
 
         # B serves the manifest A stored
