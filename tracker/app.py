@@ -55,6 +55,7 @@ from .middleware import Buckets, RequestMiddleware
 from .openapi import openapi_document
 from .records import VerifiedRecords
 from .registry_sqlite import SQLiteRegistry
+from .sessions import AnnounceSessions
 from .swarm_sqlite import SQLiteSwarm
 from .troubles import Troubles
 from .web import asset, error_response, read_body
@@ -84,7 +85,7 @@ class Tracker:
         self.metrics = TrackerMetrics()
         self._clients = Buckets(config.client_rate, config.client_burst)
         self._reporters = Buckets(config.report_rate, config.report_burst)
-        self.sessions = core.AnnounceSessions(config.admin_token)
+        self.sessions = AnnounceSessions(config.admin_token)
         self._records = VerifiedRecords()
         self._known_manifests: dict[bytes, str] = {}
         #: port of the fast announce listener, advertised in answers (0: none)
@@ -301,7 +302,7 @@ class Tracker:
         """Verify, apply and answer one announce; the answer's JSON bytes.
 
         Shared by the HTTP route and the fast announce listener (:mod:`tracker.fastpath`).
-        ``session``: a token from an earlier answer (``core.AnnounceSessions``); when it is
+        ``session``: a token from an earlier answer (``sessions.AnnounceSessions``); when it is
         valid for the announcing key and ``seen_ip`` the signature is not verified again.
 
         Raises:

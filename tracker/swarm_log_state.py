@@ -22,7 +22,8 @@ from typing import Any
 from .backend import AnnounceCommit, ReportCommit
 from .core import EVENTS, Announce, PeerQuality, PeerReport, Report
 from .errors import LogFormatError
-from .swarm import Member, MemorySwarm
+from .swarm import MemorySwarm
+from .swarm_members import Member
 
 __all__ = [
     "ReplicaState",

@@ -33,7 +33,8 @@ from p2pnode.release import keys
 from .backend import AnnounceAnswer, AnnounceCommit, ReportCommit
 from .core import FLAG_REPORTERS, RATE_HALF, PeerQuality
 from .errors import SwarmUnavailable
-from .swarm import PARTIAL_SWARMS, UNKNOWN_SCORE, quality_stats, release_stats
+from .stats import UNKNOWN_SCORE, quality_stats, release_stats
+from .swarm import PARTIAL_SWARMS
 
 __all__ = ["CANDIDATES_PER_SWARM", "RedisSwarm", "peer_fragment"]
 

@@ -19,7 +19,8 @@ import trio
 from .backend import AnnounceAnswer, AnnounceCommit, ReportCommit
 from .core import PeerQuality
 from .registry_sqlite import connect
-from .swarm import ADOPTION_KEEP_S, Dirty, Member, MemorySwarm
+from .swarm import ADOPTION_KEEP_S, MemorySwarm
+from .swarm_members import Dirty, Member
 from .troubles import Troubles
 
 __all__ = ["FLUSH_INTERVAL", "MAX_QUEUED", "SQLiteSwarm", "SwarmFile"]

@@ -27,7 +27,7 @@ from tracker.core import (
     rank_peers,
     update_quality,
 )
-from tracker.swarm import UNKNOWN_SCORE
+from tracker.stats import UNKNOWN_SCORE
 from tracker.swarm_log import LogSwarm
 from tracker.swarm_redis import RedisSwarm
 
