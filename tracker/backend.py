@@ -41,6 +41,7 @@ __all__ = [
     "AnnounceAnswer",
     "AnnounceCommit",
     "AppRow",
+    "Publication",
     "RegistryStore",
     "ReportCommit",
     "SwarmStore",
@@ -125,6 +126,22 @@ class SwarmStore(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class Publication:
+    """A verified manifest to store and make the head of ``channel`` (a publish): its id and
+    signed bytes, what the registry keeps of it, when, and who (``admin`` or ``publisher``)."""
+
+    app: str
+    channel: str
+    manifest_id: bytes
+    build: int
+    version: str
+    size: int
+    signed: bytes
+    now: float
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
 class AppRow:
     name: str
     key: bytes
@@ -162,19 +179,7 @@ class RegistryStore(Protocol):
 
     def channels(self, app: str) -> list[ChannelHead]: ...
 
-    def publish(
-        self,
-        *,
-        app: str,
-        channel: str,
-        manifest_id: bytes,
-        build: int,
-        version: str,
-        size: int,
-        signed: bytes,
-        now: float,
-        actor: str,
-    ) -> int:
+    def publish(self, p: Publication) -> int:
         """Store a verified manifest and make it the channel's head; returns the event seq.
 
         Raises:

@@ -25,7 +25,7 @@ from p2pnode.release.manifest import MAX_MANIFEST_BYTES, parse_signed, verify
 
 from . import core
 from .auth import require_admin, require_publisher, token_hash
-from .backend import AppRow, RegistryStore
+from .backend import AppRow, Publication, RegistryStore
 from .errors import APIError, BadRequest, Conflict, Forbidden, NotFound
 from .feed import Feed
 from .metrics import TrackerMetrics
@@ -137,8 +137,7 @@ class ChannelRoutes:
                 fix=f"publish to {m.channel}, then promote it to {channel}",
             )
         mid = signed.id
-        seq = await self.registry_call(
-            self.registry.publish,
+        publication = Publication(
             app=row.name,
             channel=channel,
             manifest_id=mid,
@@ -149,6 +148,7 @@ class ChannelRoutes:
             now=now,
             actor=actor,
         )
+        seq = await self.registry_call(self.registry.publish, publication)
         self.metrics.moves.labels("publish").inc()
         self.feed.notify()
         return JSONResponse(

@@ -14,7 +14,7 @@ The node's identity is the ``key`` field (``ed25519:<hex>``); its id is
 ``keys.node_id_of(key)``, computed here, never taken from the message. ``ts`` (Unix seconds)
 must lie within ``MAX_SKEW`` of the tracker's clock and ``nonce`` makes every message unique;
 the store remembers the digest of every signature it accepted for ``2 * MAX_SKEW``, so a captured
-message cannot be replayed (see ``SwarmStore.seen``).
+message cannot be replayed (see ``MemorySwarm.fresh``).
 
 Parsing is strict: unknown fields, wrong types, out-of-range numbers and oversized bodies raise
 :class:`BadRequest` (HTTP 400) before anything is stored. The functions here take ``now`` as an

@@ -78,7 +78,7 @@ from urllib.parse import urlsplit
 
 from p2pnode.discovery.tracker_api import ChannelHead
 
-from .backend import AppRow
+from .backend import AppRow, Publication
 from .errors import Conflict, RegistryUnavailable
 
 __all__ = ["RedisRegistry"]
@@ -363,19 +363,7 @@ class RedisRegistry:
         heads = [self._head(app, n, row) for n, row in zip(names, rows, strict=True)]
         return [h for h in heads if h is not None]
 
-    def publish(
-        self,
-        *,
-        app: str,
-        channel: str,
-        manifest_id: bytes,
-        build: int,
-        version: str,
-        size: int,
-        signed: bytes,
-        now: float,
-        actor: str,
-    ) -> int:
+    def publish(self, p: Publication) -> int:
         """Store a verified manifest and make it the channel's head; returns the event seq.
 
         Raises:
@@ -385,13 +373,14 @@ class RedisRegistry:
             RegistryUnavailable: nothing was published (or all of it was, if the answer was
                 lost on the way back: read the head).
         """
-        mid = manifest_id.hex()
+        app, channel, build, version = p.app, p.channel, p.build, p.version
+        manifest_id, mid = p.manifest_id, p.manifest_id.hex()
         label = json.dumps([app, build, version])
         with self._redis(f"publish build {build} of {app} to {channel}"):
             res = self._publish(
                 keys=self._channel_keys(app, channel, manifest_id),
-                args=[app, channel, mid, str(build), version, size, signed, repr(now), actor,
-                      HISTORY_KEEP, label],
+                args=[app, channel, mid, str(build), version, p.size, p.signed, repr(p.now),
+                      p.actor, HISTORY_KEEP, label],
             )  # fmt: skip
         status = _text(res[0])
         if status == "old":
@@ -402,8 +391,8 @@ class RedisRegistry:
             )
         if status == "noapp":
             raise Conflict(f"app {app} is not registered", fix="register it: tracker app add")
-        self._manifests.put(manifest_id, bytes(signed))
-        self._infos.put(manifest_id, (app, build, version, size))
+        self._manifests.put(manifest_id, bytes(p.signed))
+        self._infos.put(manifest_id, (app, build, version, p.size))
         return int(res[1])
 
     def move(

@@ -23,7 +23,7 @@ from typing import Any
 
 from p2pnode.discovery.tracker_api import ChannelHead
 
-from .backend import AppRow
+from .backend import AppRow, Publication
 from .errors import Conflict
 
 __all__ = ["SQLiteRegistry", "connect"]
@@ -160,25 +160,14 @@ class SQLiteRegistry:
         heads = [self.head(app, n) for n in names]
         return [h for h in heads if h is not None]
 
-    def publish(
-        self,
-        *,
-        app: str,
-        channel: str,
-        manifest_id: bytes,
-        build: int,
-        version: str,
-        size: int,
-        signed: bytes,
-        now: float,
-        actor: str,
-    ) -> int:
+    def publish(self, p: Publication) -> int:
         """Store a verified manifest and make it the channel's head; returns the event seq.
 
         Raises:
             Conflict: the build is not newer than every build ever published to the channel
                 (so a rolled-back build number can never come back with other contents).
         """
+        app, channel, build = p.app, p.channel, p.build
         with self._tx() as c:
             row = c.execute(
                 "SELECT max_build FROM channels WHERE app = ? AND channel = ?", (app, channel)
@@ -192,9 +181,9 @@ class SQLiteRegistry:
             c.execute(
                 "INSERT OR IGNORE INTO manifests (id, app, build, version, size, signed, "
                 "uploaded) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (manifest_id, app, build, version, size, signed, now),
+                (p.manifest_id, app, build, p.version, p.size, p.signed, p.now),
             )
-            return self._move(c, app, channel, manifest_id, build, "publish", now, actor)
+            return self._move(c, app, channel, p.manifest_id, build, "publish", p.now, p.actor)
 
     def move(
         self, *, app: str, channel: str, manifest_id: bytes, action: str, now: float, actor: str

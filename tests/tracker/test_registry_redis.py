@@ -26,6 +26,7 @@ from p2pnode.release import keys
 from p2pnode.release import manifest as M
 from tests.tracker.conftest import ADMIN, APP, RedisProcess, client_for, free_port
 from tracker import Tracker, serve_tracker
+from tracker.backend import Publication
 from tracker.errors import Conflict, RegistryUnavailable
 from tracker.registry_redis import RedisRegistry
 from tracker.registry_sqlite import SQLiteRegistry
@@ -201,16 +202,9 @@ def test_racing_threads_never_accept_a_build_twice(redis_url: str) -> None:
                 mid = bytes([i]) + build.to_bytes(4, "big") + bytes(27)
                 try:
                     seq = reg.publish(
-                        app=APP,
-                        channel="stable",
-                        manifest_id=mid,
-                        build=build,
-                        version=f"v{build}",
-                        size=1,
-                        signed=b"x",
-                        now=time.time(),
-                        actor="admin",
-                    )
+                        Publication(APP, "stable", mid, build, f"v{build}", 1, b"x", time.time(),
+                                    "admin")
+                    )  # fmt: skip
                 except Conflict:
                     continue
                 with lock:
@@ -249,15 +243,9 @@ def test_the_registries_behave_alike(kind: str, tmp_path: Path, redis_url: str) 
     def pub(app: str, ch: str, n: int, build: int, now: float) -> int:
         return int(
             reg.publish(
-                app=app,
-                channel=ch,
-                manifest_id=mids[n],
-                build=build,
-                version=f"1.{build}",
-                size=100 + n,
-                signed=b"signed %d" % n,
-                now=now,
-                actor="admin",
+                Publication(
+                    app, ch, mids[n], build, f"1.{build}", 100 + n, b"signed %d" % n, now, "admin"
+                )
             )
         )
 
@@ -467,8 +455,8 @@ def test_copy_a_sqlite_registry_into_redis(tmp_path: Path, redis_url: str) -> No
     old.add_app("b", b"K" * 32, b"T" * 32, 11.0)
     mids = [bytes([n]) * 32 for n in range(4)]
     for n, (app, ch, build) in enumerate([("a", "stable", 5), ("a", "stable", 9), ("b", "x", 1)]):
-        old.publish(app=app, channel=ch, manifest_id=mids[n], build=build, version=f"v{build}",
-                    size=n, signed=b"s%d" % n, now=100.0 + n, actor="admin")  # fmt: skip
+        old.publish(Publication(app, ch, mids[n], build, f"v{build}", n, b"s%d" % n, 100.0 + n,
+                                "admin"))  # fmt: skip
     old.move(app="a", channel="beta", manifest_id=mids[1], action="promote", now=104.0,
              actor="publisher")  # fmt: skip
     old.move(app="a", channel="stable", manifest_id=mids[0], action="rollback", now=105.0,
@@ -491,10 +479,8 @@ def test_copy_a_sqlite_registry_into_redis(tmp_path: Path, redis_url: str) -> No
         assert new.get_manifest(mid) == old.get_manifest(mid)
         assert new.manifest_info(mid) == old.manifest_info(mid)
     with pytest.raises(Conflict):  # max_build came along: 9 was published before the rollback
-        new.publish(app="a", channel="stable", manifest_id=mids[3], build=9, version="v9",
-                    size=1, signed=b"s", now=106.0, actor="admin")  # fmt: skip
-    seq = new.publish(app="a", channel="stable", manifest_id=mids[3], build=10, version="v10",
-                      size=1, signed=b"s", now=106.0, actor="admin")  # fmt: skip
+        new.publish(Publication("a", "stable", mids[3], 9, "v9", 1, b"s", 106.0, "admin"))
+    seq = new.publish(Publication("a", "stable", mids[3], 10, "v10", 1, b"s", 106.0, "admin"))
     assert seq == 6
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
