@@ -26,6 +26,7 @@ from p2pnode.release.manifest import MAX_MANIFEST_BYTES, parse_signed, verify
 from . import core
 from .auth import require_admin, require_publisher, token_hash
 from .backend import AppRow, Publication, RegistryStore
+from .config import TrackerConfig
 from .errors import APIError, BadRequest, Conflict, Forbidden, NotFound
 from .feed import Feed
 from .metrics import TrackerMetrics
@@ -52,7 +53,7 @@ class ChannelRoutes:
 
     def __init__(
         self,
-        config: Any,
+        config: TrackerConfig,
         registry: RegistryStore,
         registry_call: Callable[..., Awaitable[Any]],
         feed: Feed,
