@@ -23,7 +23,7 @@ from p2pnode.discovery.tracker import (
 )
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
-from tests.tracker.conftest import ADMIN, APP, client_for
+from tests.tracker.conftest import ADMIN, APP, client_for, long_poll_woken
 from tracker import Tracker
 
 
@@ -130,27 +130,15 @@ async def test_long_poll_wakes_within_a_second(
     await publish(client, make_manifest(1))
     head = await client.latest(APP, "stable")
     assert head is not None
-    got: list[Any] = []
-    woken = trio.Event()
-
-    async def waiter() -> None:
-        got.append(await client.wait_for_release(APP, "stable", since=head.seq))
-        got.append(trio.current_time())
-        woken.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(waiter)
-        with trio.fail_after(5):
-            await tracker.feed.until_waiting()  # the long-poll is parked on the feed
-        t0 = trio.current_time()
-        await publish(client, make_manifest(2))
-        with trio.fail_after(1):
-            await woken.wait()
-    assert got[0].build == 2 and got[1] - t0 < 1.0
+    second = make_manifest(2)
+    got, delay = await long_poll_woken(
+        tracker, client, lambda: publish(client, second), since=head.seq
+    )
+    assert got.build == 2 and delay < 1.0
     # an unchanged channel answers with the same head after `wait`
     with trio.fail_after(2):
-        same = await client.latest(APP, "stable", since=got[0].seq, wait=0.1)
-    assert same is not None and same.seq == got[0].seq
+        same = await client.latest(APP, "stable", since=got.seq, wait=0.1)
+    assert same is not None and same.seq == got.seq
 
 
 # ------------------------------------------------------------------ announces

@@ -16,7 +16,7 @@ from p2pnode.discovery.dht.records import Topic, make_record
 from p2pnode.discovery.tracker import PeerQualityReport, TrackerClient, TrackerRefusedError
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
-from tests.tracker.conftest import ADMIN, APP, client_for
+from tests.tracker.conftest import ADMIN, APP, client_for, long_poll_woken
 from tracker import Tracker, serve_tracker
 from tracker.backend import AnnounceCommit, ReportCommit
 from tracker.core import (
@@ -68,23 +68,10 @@ async def test_two_replicas_answer_consistently(
         # a node long-polling replica B hears of a publish made on replica A within a second
         head = await cb.latest(APP, "stable")
         assert head is not None
-        got: list[float] = []
-        woken = trio.Event()
-
-        async def wait_b() -> None:
-            h = await cb.wait_for_release(APP, "stable", since=head.seq)
-            assert h.manifest_id == new.id
-            got.append(trio.current_time())
-            woken.set()
-
-        nursery.start_soon(wait_b)
-        with trio.fail_after(5):
-            await b.feed.until_waiting()  # B holds the long-poll
-        t0 = trio.current_time()
-        await ca.publish(APP, "stable", new.encode())
-        with trio.fail_after(1.0):
-            await woken.wait()
-        assert got[0] - t0 < 1.0
+        got, delay = await long_poll_woken(
+            b, cb, lambda: ca.publish(APP, "stable", new.encode()), since=head.seq
+        )
+        assert got.manifest_id == new.id and delay < 1.0
 
         nodes = [keys.generate_key() for _ in range(12)]
         for i, k in enumerate(nodes[:10]):

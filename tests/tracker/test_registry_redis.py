@@ -24,7 +24,14 @@ from p2pnode.discovery.tracker import TrackerClient, TrackerRefusedError
 from p2pnode.errors import P2PNodeError
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
-from tests.tracker.conftest import ADMIN, APP, RedisProcess, client_for, free_port
+from tests.tracker.conftest import (
+    ADMIN,
+    APP,
+    RedisProcess,
+    client_for,
+    free_port,
+    long_poll_woken,
+)
 from tracker import Tracker, serve_tracker
 from tracker.backend import Publication
 from tracker.errors import Conflict, RegistryUnavailable
@@ -69,22 +76,10 @@ async def test_replicas_on_separate_dirs_share_the_registry(
         pb = TrackerClient(cb.base_url, token=str(reg["publisher_token"]))
 
         # a publish on A reaches a long-poll on B within a second
-        got: list[tuple[float, bytes]] = []
-        woken = trio.Event()
-
-        async def wait_b() -> None:
-            h = await cb.wait_for_release(APP, "stable", since=0)
-            got.append((trio.current_time(), h.manifest_id))
-            woken.set()
-
-        nursery.start_soon(wait_b)
-        with trio.fail_after(5):
-            await b.feed.until_waiting()  # B holds the long-poll
-        t0 = trio.current_time()
-        await ca.publish(APP, "stable", b1.encode())
-        with trio.fail_after(1.0):
-            await woken.wait()
-        assert got[0][1] == b1.id and got[0][0] - t0 < 1.0
+        got, delay = await long_poll_woken(
+            b, cb, lambda: ca.publish(APP, "stable", b1.encode()), since=0
+        )
+        assert got.manifest_id == b1.id and delay < 1.0
 
         # B serves the manifest A stored
         assert await cb.fetch_manifest(b1.id) == b1.encode()
