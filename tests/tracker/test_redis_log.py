@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from p2pnode.discovery.tracker import ANNOUNCE_DOMAIN, PeerQualityReport, TrackerClient
@@ -280,6 +281,7 @@ async def test_a_change_that_does_not_come_back_in_time_is_503_and_applies_later
     publisher: object,
     make_manifest: Callable[..., M.SignedManifest],
     monkeypatch: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The apply timeout is one sweeper for all waiting requests (no timer per request)."""
     from tests.tracker.conftest import free_port
@@ -292,9 +294,11 @@ async def test_a_change_that_does_not_come_back_in_time_is_503_and_applies_later
     async with trio.open_nursery() as nursery:
         c, m = await start_with_a_build(nursery, t, publisher, make_manifest)
         log = log_of(t)
-        # the reader loses Redis (its XREAD in flight ends empty within READ_BLOCK_MS)
+        # the reader loses Redis: its XREAD in flight ends (within READ_BLOCK_MS), the next fails
         healthy, log._rx = log._rx, TrioRedis(f"redis://127.0.0.1:{free_port()}/0")
-        await trio.sleep(swarm_log.READ_BLOCK_MS / 1000 + 0.2)
+        with trio.fail_after(5):
+            while "tracker log reader:" not in caplog.text:
+                await trio.sleep(0.02)
         body, headers = signed_announce(keys.generate_key(), m.id, 7000)
         with trio.fail_after(5):
             resp = await c._http.post(c.base_url + "/v1/announce", content=body, headers=headers)
