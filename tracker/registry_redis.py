@@ -66,9 +66,7 @@ contain ``:``)::
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -80,6 +78,7 @@ from p2pnode.discovery.tracker_api import ChannelHead
 
 from .backend import AppRow, Publication
 from .errors import Conflict, RegistryUnavailable
+from .lru import LRU
 
 __all__ = ["RedisRegistry"]
 
@@ -109,43 +108,6 @@ _PUBLISH_LUA = _MOVE_LUA + _lua("registry_redis_publish.lua")
 _MOVE_TO_LUA = _MOVE_LUA + _lua("registry_redis_move_to.lua")
 _ADD_APP_LUA = _lua("registry_redis_add_app.lua")
 _PREVIOUS_LUA = _lua("registry_redis_previous.lua")
-
-
-class _LRU:
-    """A thread-safe LRU bounded in entries and in total size (``len`` of each value)."""
-
-    def __init__(self, max_entries: int, max_bytes: int | None = None) -> None:
-        self.max_entries, self.max_bytes = max_entries, max_bytes
-        self._d: OrderedDict[Any, Any] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            value = self._d.get(key)
-            if value is not None:
-                self._d.move_to_end(key)
-            return value
-
-    def put(self, key: Any, value: Any) -> None:
-        size = len(value) if self.max_bytes is not None else 0
-        if self.max_bytes is not None and size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._d.pop(key, None)
-            if old is not None and self.max_bytes is not None:
-                self._bytes -= len(old)
-            self._d[key] = value
-            self._bytes += size
-            while len(self._d) > self.max_entries or (
-                self.max_bytes is not None and self._bytes > self.max_bytes
-            ):
-                _, evicted = self._d.popitem(last=False)
-                if self.max_bytes is not None:
-                    self._bytes -= len(evicted)
-
-    def __len__(self) -> int:
-        return len(self._d)
 
 
 def _where(url: str) -> str:
@@ -203,9 +165,9 @@ class RedisRegistry:
         self._add_app = self._slow.register_script(_ADD_APP_LUA)
         self._previous = self._fast.register_script(_PREVIOUS_LUA)
         self._down_until = 0.0
-        self._apps = _LRU(ROW_CACHE_ENTRIES)
-        self._infos = _LRU(ROW_CACHE_ENTRIES)
-        self._manifests = _LRU(MANIFEST_CACHE_ENTRIES, MANIFEST_CACHE_BYTES)
+        self._apps = LRU(ROW_CACHE_ENTRIES)
+        self._infos = LRU(ROW_CACHE_ENTRIES)
+        self._manifests = LRU(MANIFEST_CACHE_ENTRIES, MANIFEST_CACHE_BYTES)
 
     def close(self) -> None:
         self._fast.close()
