@@ -35,7 +35,8 @@ pass a more specific one.
     │   ├── LocalProtocolError
     │   └── RemoteProtocolError
     ├── DemoError                the local demo network did not come up or behave
-    └── (server side) the tracker's own refusals, under P2PNodeError too: see ``tracker/``
+    └── tracker.errors.TrackerError  (server side) 4xx APIError, 503 Unavailable:
+                                 tracker/errors.py
 
 Every class above is defined here; the modules that raise them (``discovery.tracker``,
 ``discovery.dht``, ``demo``) import them from here and re-export them. Outside the tree are

@@ -36,7 +36,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from p2pnode.discovery.tracker import ANNOUNCE_DOMAIN, SESSION_HEADER, SIGNATURE_HEADER
+from p2pnode.discovery.tracker_api import ANNOUNCE_DOMAIN, SESSION_HEADER, SIGNATURE_HEADER
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
 

@@ -29,6 +29,7 @@ from p2pnode.errors import P2PNodeError, UsageError
 from p2pnode.release import keys
 
 from .app import TrackerConfig, open_tracker
+from .errors import Unavailable
 from .server import serve_tracker
 
 __all__ = ["main"]
@@ -165,10 +166,10 @@ async def _serve(args: argparse.Namespace) -> None:
             ) from exc
     if args.redis:
         try:
-            await trio.to_thread.run_sync(tracker.swarm.ping)  # type: ignore[attr-defined]
-        except Exception as exc:  # redis-py's errors: any failure here means "cannot start"
+            await tracker.swarm.check()
+        except Unavailable as exc:
             raise UsageError(
-                f"cannot reach redis at {args.redis}: {exc}",
+                f"cannot reach redis at {args.redis}: {exc.message}",
                 fix="start redis-server or fix --redis",
             ) from exc
     announce_port = None

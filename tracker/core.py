@@ -14,7 +14,7 @@ The node's identity is the ``key`` field (``ed25519:<hex>``); its id is
 ``keys.node_id_of(key)``, computed here, never taken from the message. ``ts`` (Unix seconds)
 must lie within ``MAX_SKEW`` of the tracker's clock and ``nonce`` makes every message unique;
 the store remembers the digest of every signature it accepted for ``2 * MAX_SKEW``, so a captured
-message cannot be replayed (see ``SwarmStore.seen``).
+message cannot be replayed (see ``MemorySwarm.fresh``).
 
 Parsing is strict: unknown fields, wrong types, out-of-range numbers and oversized bodies raise
 :class:`BadRequest` (HTTP 400) before anything is stored. The functions here take ``now`` as an
@@ -33,7 +33,6 @@ by score, then by how much they hold.
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import json
 import re
@@ -41,10 +40,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import blake3
-
+from p2pnode.discovery.tracker_api import (
+    ANNOUNCE_DOMAIN,
+    REPORT_DOMAIN,
+    SIGNATURE_HEADER,
+)
 from p2pnode.errors import P2PNodeError, SignatureError
 from p2pnode.release import keys
+
+from .errors import BadRequest, Forbidden, TooLarge
 
 __all__ = [
     "ANNOUNCE_DOMAIN",
@@ -56,29 +60,17 @@ __all__ = [
     "MAX_SKEW",
     "REPORT_DOMAIN",
     "SIGNATURE_HEADER",
-    "APIError",
     "Announce",
-    "BadRequest",
-    "Conflict",
-    "Forbidden",
-    "NotFound",
+    "Candidate",
     "PeerQuality",
     "PeerReport",
-    "PeerView",
-    "RateLimited",
     "Report",
-    "Unauthorized",
     "parse_announce",
     "parse_report",
     "quality_score",
     "rank_peers",
 ]
 
-ANNOUNCE_DOMAIN = b"p2pnode-tracker-announce-v1"
-REPORT_DOMAIN = b"p2pnode-tracker-report-v1"
-SIGNATURE_HEADER = "X-P2PNode-Signature"
-#: Header carrying an announce session token (see ``AnnounceSessions``).
-SESSION_HEADER = "X-P2PNode-Session"
 
 #: Clock skew tolerated between a node and the tracker (seconds); replays are remembered for
 #: twice this, so a message is either too old or already seen.
@@ -103,54 +95,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _NONCE = re.compile(r"^[0-9a-f]{16,64}$")
-
-
-class APIError(P2PNodeError):
-    """An HTTP request the tracker refuses; ``status`` and ``code`` go into the JSON error."""
-
-    status = 400
-    code = "bad_request"
-    default_fix = "read docs/tracker-api.md for the request format"
-
-
-class BadRequest(APIError):
-    pass
-
-
-class Unauthorized(APIError):
-    status = 401
-    code = "unauthorized"
-    default_fix = "send Authorization: Bearer <admin or publisher token>"
-
-
-class Forbidden(APIError):
-    status = 403
-    code = "forbidden"
-    default_fix = "sign the message with the node key it names, or use the right token"
-
-
-class NotFound(APIError):
-    status = 404
-    code = "not_found"
-    default_fix = "check the app, channel or manifest id"
-
-
-class Conflict(APIError):
-    status = 409
-    code = "conflict"
-    default_fix = "publish a build with a higher build number than the channel has seen"
-
-
-class TooLarge(APIError):
-    status = 413
-    code = "too_large"
-    default_fix = "send a smaller request body"
-
-
-class RateLimited(APIError):
-    status = 429
-    code = "rate_limited"
-    default_fix = "slow down; retry after the number of seconds in Retry-After"
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,38 +134,15 @@ class Report:
 
 
 @dataclass(frozen=True, slots=True)
-class PeerView:
-    """One live swarm member as the store returns it (before ranking)."""
+class Candidate:
+    """A live swarm member as ranking sees it: the reference model of the stores' ranking
+    (:func:`rank_peers`); what answers show of it is ``tracker_api.TrackerPeer``."""
 
     node_id: bytes
-    public_key: bytes
     manifest: bytes
-    ip: str
-    port: int
-    size: int
     left: int
     score: float
     flagged: bool
-    record: bytes | None = None
-
-    @property
-    def progress(self) -> float:
-        return 1.0 if self.size <= 0 else max(0.0, min(1.0, 1 - self.left / self.size))
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "node_id": self.node_id.hex(),
-            "key": keys.format_public_key(self.public_key),
-            "ip": self.ip,
-            "port": self.port,
-            "manifest": self.manifest.hex(),
-            "seed": self.left == 0,
-            "progress": round(self.progress, 4),
-            "score": round(self.score, 4),
-        }
-        if self.record is not None:
-            out["record"] = self.record.hex()
-        return out
 
 
 @dataclass(slots=True)
@@ -272,11 +193,11 @@ def update_quality(q: PeerQuality, entry: PeerReport, *, new_corrupt_reporter: b
 
 
 def rank_peers(
-    candidates: Iterable[PeerView], *, manifest: bytes, exclude: bytes, limit: int
-) -> list[PeerView]:
+    candidates: Iterable[Candidate], *, manifest: bytes, exclude: bytes, limit: int
+) -> list[Candidate]:
     """The announce answer: no self, no flagged peers, one entry per node (its entry for the
     requested build wins), requested build first, then by score and how much each holds."""
-    best: dict[bytes, PeerView] = {}
+    best: dict[bytes, Candidate] = {}
     for p in candidates:
         if p.node_id == exclude or p.flagged:
             continue
@@ -409,69 +330,6 @@ def parse_announce(
         numwant=_int(obj, "numwant", 0, MAX_NUMWANT, DEFAULT_NUMWANT),
         records=tuple(records),
     )
-
-
-#: Seconds an announce session token vouches for a node (its signature is checked this often).
-SESSION_TTL = 1800
-
-
-class AnnounceSessions:
-    """Session tokens that spare the tracker an Ed25519 verification per announce.
-
-    Verifying a signature costs ~150 us on the 2-core test machine, most of an announce's CPU.
-    A node re-announces every ``interval`` from the same address with the same key, so after
-    one verified announce the tracker hands out a token: a MAC over (node id, seen IP, expiry)
-    under a key derived from the admin token (replicas share it, so any of them accepts it).
-    An announce that carries a valid token for its key and source address skips the signature
-    check; it is still signed, and the replay guard still applies. Tokens are not renewed by
-    token-vouched announces: every ``ttl`` the node's signature is verified again. This is the
-    idea of BitTorrent's UDP tracker connection ids (BEP 15): proof that the source address is
-    real and was recently used by the key's owner. Someone who can send from that address and
-    reads the token can announce for the node until it expires (statistics only: peers and
-    records are still bound to the key's own announces); HTTPS in front of the tracker closes
-    even that.
-    """
-
-    #: Tokens remembered as checked (a node presents the same token on every announce for
-    #: ``ttl``): a dict lookup instead of a MAC per announce. Oldest forgotten first.
-    CHECKED_MAX = 65_536
-
-    def __init__(self, secret: str, ttl: int = SESSION_TTL) -> None:
-        self._key = blake3.blake3(
-            secret.encode(), derive_key_context="p2pnode tracker announce session v1"
-        ).digest()
-        self.ttl = ttl
-        #: token -> (node id, ip, expiry) its MAC was checked for
-        self._checked: dict[str, tuple[bytes, str, int]] = {}
-
-    def _mac(self, node_id: bytes, ip: str, expires: int) -> bytes:
-        msg = node_id + expires.to_bytes(8, "big") + ip.encode()
-        return blake3.blake3(msg, key=self._key).digest()[:16]
-
-    def issue(self, node_id: bytes, ip: str, now: float) -> str:
-        expires = int(now) + self.ttl
-        return (expires.to_bytes(8, "big") + self._mac(node_id, ip, expires)).hex()
-
-    def valid(self, token: str | None, node_id: bytes, ip: str, now: float) -> bool:
-        if not token or len(token) != 48:
-            return False
-        hit = self._checked.get(token)
-        if hit is not None:  # this exact token's MAC was checked for (node id, ip, expiry)
-            return hit[0] == node_id and hit[1] == ip and now < hit[2]
-        try:
-            raw = bytes.fromhex(token)
-        except ValueError:
-            return False
-        expires = int.from_bytes(raw[:8], "big")
-        if expires <= now or expires > now + self.ttl:
-            return False
-        if not hmac.compare_digest(raw[8:], self._mac(node_id, ip, expires)):
-            return False
-        checked = self._checked
-        if len(checked) >= self.CHECKED_MAX:
-            del checked[next(iter(checked))]
-        checked[token] = (node_id, ip, expires)
-        return True
 
 
 def parse_report(

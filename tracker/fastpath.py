@@ -47,8 +47,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from p2pnode.discovery.tracker_api import SESSION_HEADER, SIGNATURE_HEADER
+
 from . import core
-from .core import APIError, RateLimited
+from .errors import APIError, HTTPRefusal, RateLimited, Unavailable
 
 if TYPE_CHECKING:
     from .app import Tracker
@@ -72,16 +74,8 @@ MAX_CONNECTIONS = 4096
 #: for keep-alive; nodes announce every ``interval``, so holding connections longer buys little).
 IDLE_TIMEOUT = 75.0
 ANNOUNCE_PATH = b"/v1/announce"
-_SIG = core.SIGNATURE_HEADER.lower().encode()
-_SESSION = core.SESSION_HEADER.lower().encode()
-
-
-class HTTPRefusal(core.P2PNodeError):
-    """A request the listener refuses at the HTTP level; the connection is closed after."""
-
-    def __init__(self, status: int, code: str, message: str, fix: str, **extra: str) -> None:
-        super().__init__(message, fix=fix)
-        self.status, self.code, self.headers = status, code, extra
+_SIG = SIGNATURE_HEADER.lower().encode()
+_SESSION = SESSION_HEADER.lower().encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +273,7 @@ async def _connection(
                             headers=exc.headers,
                         ),
                     )
-                    tracker.record_request("announce", exc.status, 0.0, exc.code)
+                    tracker.metrics.record_announce(exc.status, 0.0, exc.code)
                     return
                 if req is None:
                     await wait_readable(sock)
@@ -294,7 +288,7 @@ async def _connection(
                 t0 = time.perf_counter()
                 out, status, code, close = await _answer(tracker, req, client)
                 await _send_all(sock, out)
-                tracker.record_request("announce", status, time.perf_counter() - t0, code)
+                tracker.metrics.record_announce(status, time.perf_counter() - t0, code)
                 if close:
                     return
                 deadline = trio.current_time() + idle
@@ -329,7 +323,7 @@ async def _answer(
         if wait > 0:
             raise RateLimited(f"more than {tracker.config.client_rate:g} requests/s from {client}")
         answer = await tracker.announce(req.body, req.signature, client, req.session)
-    except APIError as exc:
+    except (APIError, Unavailable) as exc:
         headers = {"retry-after": str(max(1, round(wait)))} if wait > 0 else None
         body = error_body(exc.code, exc.message, exc.fix)
         return response(exc.status, body, close=close, headers=headers), exc.status, exc.code, close

@@ -2,13 +2,13 @@
 
 Theory of operation
 -------------------
-The default registry (:class:`tracker.store.Registry`) is SQLite in ``DIR``: replicas must share
-that directory, so they share a host. :class:`RedisRegistry` keeps the same data (apps and their
-publisher token hashes, signed manifests, channel heads and history) in a redis-server that
-every replica reaches, with the same semantics, so replicas may run anywhere behind a load
-balancer. It has its own URL because the registry is precious while swarm state is disposable:
-point ``--registry`` at a Redis with AOF (``appendonly yes``) and ``--redis`` at a throwaway one,
-or at the same server.
+The default registry (:class:`tracker.registry_sqlite.SQLiteRegistry`) is SQLite in ``DIR``:
+replicas must share that directory, so they share a host. :class:`RedisRegistry` keeps the same
+data (apps and their publisher token hashes, signed manifests, channel heads and history) in a
+redis-server that every replica reaches, with the same semantics, so replicas may run anywhere
+behind a load balancer. It has its own URL because the registry is precious while swarm state is
+disposable: point ``--registry`` at a Redis with AOF (``appendonly yes``) and ``--redis`` at a
+throwaway one, or at the same server.
 
 **Atomic changes.** Every change is one Lua script, so it applies whole or not at all and two
 replicas cannot interleave: a publish checks, in the script, that the build is strictly newer
@@ -38,7 +38,7 @@ publish on another replica must see it, as with SQLite.
 **Blocking.** redis-py is synchronous. The app runs every call that may reach Redis from a
 request handler (writes, which carry manifests of up to 64 MiB; heads, channel lists, history,
 the app list, release labels and manifest reads) in a worker thread
-(``Tracker(registry_in_thread=True)``); only the cached lookups (``get_app``, ``manifest_info``,
+(``RedisRegistry.blocking``); only the cached lookups (``get_app``, ``manifest_info``,
 asked synchronously by token checks and announces) run inline, and on a miss their client's
 short timeouts hold the event loop for at most ``FAST_TIMEOUT``. After a failure to reach Redis
 every call fails at once for ``DOWN_BACKOFF`` (a circuit breaker: requests do not each wait out
@@ -66,19 +66,21 @@ contain ``:``)::
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
-from .core import APIError, Conflict
-from .store import AppRow, ChannelHead
+from p2pnode.discovery.tracker_api import ChannelHead
 
-__all__ = ["RedisRegistry", "RegistryStore", "RegistryUnavailable"]
+from .backend import AppRow, Publication
+from .errors import Conflict, RegistryUnavailable
+from .lru import LRU
+
+__all__ = ["RedisRegistry"]
 
 #: Events kept per channel (the API shows the newest 100; rollback looks back through these).
 HISTORY_KEEP = 1000
@@ -95,173 +97,17 @@ FAST_TIMEOUT = 1.0
 SLOW_TIMEOUT = 10.0
 
 
-class RegistryUnavailable(APIError):
-    """The registry's redis-server could not be reached or refused the command."""
-
-    status = 503
-    code = "registry_unavailable"
-    default_fix = (
-        "check that the registry's redis-server (--registry) is up, reachable from every "
-        "replica and accepts writes; then retry"
-    )
+def _lua(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text()
 
 
-class RegistryStore(Protocol):
-    """What the app needs of a registry; :class:`tracker.store.Registry` (SQLite in DIR) and
-    :class:`RedisRegistry` provide it. Methods are synchronous."""
-
-    def close(self) -> None: ...
-
-    def data_version(self) -> int:
-        """A number that changes when another replica changed the registry."""
-        ...
-
-    def add_app(self, name: str, key: bytes, token_hash: bytes, now: float) -> AppRow: ...
-
-    def get_app(self, name: str) -> AppRow | None: ...
-
-    def list_apps(self) -> list[AppRow]: ...
-
-    def get_manifest(self, manifest_id: bytes) -> bytes | None: ...
-
-    def manifest_info(self, manifest_id: bytes) -> tuple[str, int, str, int] | None: ...
-
-    def head(self, app: str, channel: str) -> ChannelHead | None: ...
-
-    def channels(self, app: str) -> list[ChannelHead]: ...
-
-    def publish(
-        self,
-        *,
-        app: str,
-        channel: str,
-        manifest_id: bytes,
-        build: int,
-        version: str,
-        size: int,
-        signed: bytes,
-        now: float,
-        actor: str,
-    ) -> int: ...
-
-    def move(
-        self, *, app: str, channel: str, manifest_id: bytes, action: str, now: float, actor: str
-    ) -> int: ...
-
-    def history(self, app: str, channel: str, limit: int = 100) -> list[dict[str, Any]]: ...
-
-    def previous_head(self, app: str, channel: str) -> bytes | None: ...
-
-    def releases(self) -> dict[bytes, tuple[str, int, str]]: ...
-
-
-# Shared by the publish and move scripts. KEYS: 1 apps, 2 ch, 3 chs, 4 h, 5 m, 6 releases,
-# 7 seq, 8 ver. Builds travel as decimal strings: `newer` compares them exactly.
-_MOVE_LUA = """
-local function newer(a, b)
-  if #a ~= #b then return #a > #b end
-  return a > b
-end
-local function move(channel, mid, build, version, action, at, actor, keep)
-  local seq = redis.call('INCR', KEYS[7])
-  local ev = cjson.encode({seq = seq, manifest_id = mid, action = action, at = at,
-                          actor = actor, build = build, version = version})
-  redis.call('LPUSH', KEYS[4], ev)
-  redis.call('LTRIM', KEYS[4], 0, keep - 1)
-  local maxb = redis.call('HGET', KEYS[2], 'max_build')
-  if not maxb or newer(build, maxb) then maxb = build end
-  redis.call('HSET', KEYS[2], 'seq', seq, 'mid', mid, 'build', build, 'version', version,
-             'at', at, 'max_build', maxb)
-  redis.call('SADD', KEYS[3], channel)
-  local ver = redis.call('INCR', KEYS[8])
-  return {'ok', seq, ver}
-end
-"""
-
-# ARGV: app, channel, mid, build, version, size, signed, at, actor, keep, release JSON
-_PUBLISH_LUA = (
-    _MOVE_LUA
-    + """
-local app, channel, mid, build = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-if redis.call('HEXISTS', KEYS[1], app) == 0 then return {'noapp'} end
-local maxb = redis.call('HGET', KEYS[2], 'max_build')
-if maxb and not newer(build, maxb) then return {'old', maxb} end
-if redis.call('EXISTS', KEYS[5]) == 0 then
-  redis.call('HSET', KEYS[5], 'app', app, 'build', build, 'version', ARGV[5], 'size', ARGV[6],
-             'signed', ARGV[7], 'uploaded', ARGV[8])
-  redis.call('HSET', KEYS[6], mid, ARGV[11])
-end
-return move(channel, mid, build, ARGV[5], 'publish', ARGV[8], ARGV[9], tonumber(ARGV[10]))
-"""
-)
-
-# ARGV: app, channel, mid, action, at, actor, keep
-_MOVE_TO_LUA = (
-    _MOVE_LUA
-    + """
-local info = redis.call('HMGET', KEYS[5], 'app', 'build', 'version')
-if not info[1] or info[1] ~= ARGV[1] then return {'unknown'} end
-return move(ARGV[2], ARGV[3], info[2], info[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]))
-"""
-)
-
-# KEYS: 1 apps, 2 ver. ARGV: app, row JSON.
-_ADD_APP_LUA = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('INCR', KEYS[2])
-return 1
-"""
-
-# KEYS: 1 ch, 2 h. The newest event whose manifest differs from the head's.
-_PREVIOUS_LUA = """
-local head = redis.call('HGET', KEYS[1], 'mid')
-if not head then return false end
-local n = redis.call('LLEN', KEYS[2])
-for i = 0, n - 1, 100 do
-  for _, e in ipairs(redis.call('LRANGE', KEYS[2], i, i + 99)) do
-    local m = cjson.decode(e)['manifest_id']
-    if m ~= head then return m end
-  end
-end
-return false
-"""
-
-
-class _LRU:
-    """A thread-safe LRU bounded in entries and in total size (``len`` of each value)."""
-
-    def __init__(self, max_entries: int, max_bytes: int | None = None) -> None:
-        self.max_entries, self.max_bytes = max_entries, max_bytes
-        self._d: OrderedDict[Any, Any] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            value = self._d.get(key)
-            if value is not None:
-                self._d.move_to_end(key)
-            return value
-
-    def put(self, key: Any, value: Any) -> None:
-        size = len(value) if self.max_bytes is not None else 0
-        if self.max_bytes is not None and size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._d.pop(key, None)
-            if old is not None and self.max_bytes is not None:
-                self._bytes -= len(old)
-            self._d[key] = value
-            self._bytes += size
-            while len(self._d) > self.max_entries or (
-                self.max_bytes is not None and self._bytes > self.max_bytes
-            ):
-                _, evicted = self._d.popitem(last=False)
-                if self.max_bytes is not None:
-                    self._bytes -= len(evicted)
-
-    def __len__(self) -> int:
-        return len(self._d)
+# The scripts, beside this module, read once at import. Every change is one script; publish and
+# move_to share the helpers of registry_redis_move.lua (prepended).
+_MOVE_LUA = _lua("registry_redis_move.lua")
+_PUBLISH_LUA = _MOVE_LUA + _lua("registry_redis_publish.lua")
+_MOVE_TO_LUA = _MOVE_LUA + _lua("registry_redis_move_to.lua")
+_ADD_APP_LUA = _lua("registry_redis_add_app.lua")
+_PREVIOUS_LUA = _lua("registry_redis_previous.lua")
 
 
 def _where(url: str) -> str:
@@ -278,7 +124,8 @@ def _text(value: Any) -> str:
 class RedisRegistry:
     """Apps, manifests and channels in redis-server, shared by replicas on any host.
 
-    Same interface and semantics as :class:`tracker.store.Registry`; see the module docstring.
+    Same interface (:class:`tracker.backend.RegistryStore`) and semantics as
+    :class:`tracker.registry_sqlite.SQLiteRegistry`; see the module docstring.
 
     Args:
         url: ``redis://[:password@]host:port/db`` (``rediss://`` for TLS).
@@ -287,6 +134,10 @@ class RedisRegistry:
     Raises (every method):
         RegistryUnavailable: Redis could not be reached or refused the command (HTTP 503).
     """
+
+    #: calls may wait on the network: the app runs them in a worker thread (but for the
+    #: cached ``get_app`` and ``manifest_info``; see the module docstring)
+    blocking = True
 
     def __init__(self, url: str, *, prefix: str = "trk:") -> None:
         import redis
@@ -314,9 +165,9 @@ class RedisRegistry:
         self._add_app = self._slow.register_script(_ADD_APP_LUA)
         self._previous = self._fast.register_script(_PREVIOUS_LUA)
         self._down_until = 0.0
-        self._apps = _LRU(ROW_CACHE_ENTRIES)
-        self._infos = _LRU(ROW_CACHE_ENTRIES)
-        self._manifests = _LRU(MANIFEST_CACHE_ENTRIES, MANIFEST_CACHE_BYTES)
+        self._apps = LRU(ROW_CACHE_ENTRIES)
+        self._infos = LRU(ROW_CACHE_ENTRIES)
+        self._manifests = LRU(MANIFEST_CACHE_ENTRIES, MANIFEST_CACHE_BYTES)
 
     def close(self) -> None:
         self._fast.close()
@@ -474,19 +325,7 @@ class RedisRegistry:
         heads = [self._head(app, n, row) for n, row in zip(names, rows, strict=True)]
         return [h for h in heads if h is not None]
 
-    def publish(
-        self,
-        *,
-        app: str,
-        channel: str,
-        manifest_id: bytes,
-        build: int,
-        version: str,
-        size: int,
-        signed: bytes,
-        now: float,
-        actor: str,
-    ) -> int:
+    def publish(self, p: Publication) -> int:
         """Store a verified manifest and make it the channel's head; returns the event seq.
 
         Raises:
@@ -496,13 +335,14 @@ class RedisRegistry:
             RegistryUnavailable: nothing was published (or all of it was, if the answer was
                 lost on the way back: read the head).
         """
-        mid = manifest_id.hex()
+        app, channel, build, version = p.app, p.channel, p.build, p.version
+        manifest_id, mid = p.manifest_id, p.manifest_id.hex()
         label = json.dumps([app, build, version])
         with self._redis(f"publish build {build} of {app} to {channel}"):
             res = self._publish(
                 keys=self._channel_keys(app, channel, manifest_id),
-                args=[app, channel, mid, str(build), version, size, signed, repr(now), actor,
-                      HISTORY_KEEP, label],
+                args=[app, channel, mid, str(build), version, p.size, p.signed, repr(p.now),
+                      p.actor, HISTORY_KEEP, label],
             )  # fmt: skip
         status = _text(res[0])
         if status == "old":
@@ -513,8 +353,8 @@ class RedisRegistry:
             )
         if status == "noapp":
             raise Conflict(f"app {app} is not registered", fix="register it: tracker app add")
-        self._manifests.put(manifest_id, bytes(signed))
-        self._infos.put(manifest_id, (app, build, version, size))
+        self._manifests.put(manifest_id, bytes(p.signed))
+        self._infos.put(manifest_id, (app, build, version, p.size))
         return int(res[1])
 
     def move(

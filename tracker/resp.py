@@ -33,7 +33,7 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 import trio
 
-from p2pnode.errors import P2PNodeError
+from .errors import RedisUnavailable
 
 __all__ = ["RedisUnavailable", "TrioRedis", "encode_command"]
 
@@ -41,12 +41,6 @@ __all__ = ["RedisUnavailable", "TrioRedis", "encode_command"]
 #: ``health_check_interval`` as the tracker set it).
 HEALTH_CHECK_IDLE = 30.0
 READ_SIZE = 65536
-
-
-class RedisUnavailable(P2PNodeError):
-    """Redis could not be reached, did not answer in time, or refused a command."""
-
-    default_fix = "check that redis-server is up and reachable at the --redis URL"
 
 
 def encode_command(*args: bytes | str | int) -> bytes:

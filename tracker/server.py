@@ -21,7 +21,6 @@ from hypercorn.trio import serve
 
 from .app import Tracker
 from .fastpath import serve_announces
-from .replicated import LogSwarm
 
 __all__ = ["serve_tracker"]
 
@@ -45,9 +44,7 @@ async def serve_tracker(
     stop = trio.Event() if shutdown is None else shutdown
     try:
         async with trio.open_nursery() as nursery:
-            if isinstance(tracker.swarm, LogSwarm):  # catch up with the log before serving
-                await nursery.start(tracker.swarm.run)
-            await nursery.start(tracker.watch)
+            await nursery.start(tracker.run)  # the log mode catches up before serving
             if announce_port is not None:
                 await nursery.start(
                     functools.partial(serve_announces, tracker, host, announce_port)

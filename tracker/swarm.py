@@ -7,11 +7,14 @@ candidates and serialising them: about 3 ms of CPU, so ~400 announces/s. Swarm s
 (a few hundred bytes per live member) and disposable, so each tracker process keeps it in
 memory in :class:`MemorySwarm`, and durability is somebody else's job:
 
-* with SQLite, :class:`tracker.store.SQLiteSwarm` subclasses this and writes the changes behind
-  (:meth:`MemorySwarm.take_dirty`, batched every second from a worker thread);
-* with Redis, :class:`tracker.store.RedisSwarm` commits every announce to Redis first (the replay
-  guard and the counters are decided there, atomically across replicas) and this in-memory copy
-  is a *view* fed from the Redis change log (:meth:`apply_member` and friends).
+* with SQLite, :class:`tracker.swarm_sqlite.SQLiteSwarm` holds one and writes the changes
+  behind (:meth:`MemorySwarm.take_dirty`, batched every second from a worker thread);
+* in the Redis log mode, every replica of :class:`tracker.swarm_log.LogSwarm` holds one and
+  applies the same changes in the order of a Redis stream (:mod:`tracker.swarm_log_state`).
+
+(The Redis script mode, :mod:`tracker.swarm_redis`, keeps its state in Redis instead.) This
+module does no I/O: it is the sans-IO core those stores wrap in the async
+:class:`tracker.backend.SwarmStore` interface.
 
 Per swarm (one manifest) the members live in a dict **ordered by expiry**: a re-announce pops
 the member and re-inserts it at the end, and since every expiry is ``now + ttl`` the oldest is
@@ -41,21 +44,17 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
-from p2pnode.discovery.dht.records import PeerRecordError, decode_bundle
-from p2pnode.release import keys
-
-from .core import MAX_NUMWANT, Announce, PeerQuality, Report, quality_score, update_quality
+from .backend import AnnounceAnswer, AnnounceCommit, ReportCommit
+from .core import MAX_NUMWANT, PeerQuality, update_quality
+from .stats import UNKNOWN_SCORE, quality_stats, release_stats
+from .swarm_members import Dirty, Member, SwarmMembers, member_fragment
 
 __all__ = [
     "PARTIAL_SWARMS",
     "PARTIAL_WINDOW_S",
     "RANK_REFRESH",
-    "AnnounceAnswer",
-    "Dirty",
-    "Member",
     "MemorySwarm",
 ]
 
@@ -71,141 +70,6 @@ TOP = MAX_NUMWANT + 1
 #: Completions are bucketed per minute for the adoption curve; buckets older than this go.
 ADOPTION_KEEP_S = 7 * 24 * 3600
 
-UNKNOWN_SCORE = quality_score(PeerQuality())
-_FRAG = (
-    b'{"node_id":"%s","key":"%s","ip":"%s","port":%d,"manifest":"%s","seed":%s,'
-    b'"progress":%s,"score":%s%s}'
-)
-
-
-class Member:
-    """One live swarm member (a node in the swarm of one manifest)."""
-
-    __slots__ = (
-        "app",
-        "expires",
-        "frag",
-        "from_cdn",
-        "from_peers",
-        "ip",
-        "key",
-        "left",
-        "manifest",
-        "node",
-        "port",
-        "record",
-        "size",
-        "uploaded",
-    )
-
-    def __init__(
-        self,
-        manifest: bytes,
-        node: bytes,
-        app: str,
-        key: bytes,
-        ip: str,
-        port: int,
-        size: int,
-        left: int,
-        from_peers: int,
-        from_cdn: int,
-        uploaded: int,
-        expires: float,
-        record: bytes | None,
-    ) -> None:
-        self.manifest, self.node, self.app, self.key = manifest, node, app, key
-        self.ip, self.port, self.size, self.left = ip, port, size, left
-        self.from_peers, self.from_cdn, self.uploaded = from_peers, from_cdn, uploaded
-        self.expires, self.record = expires, record
-        self.frag: bytes | None = None
-
-    def row(self) -> tuple[Any, ...]:
-        """The ``peers`` table row (tracker.store's schema)."""
-        return (
-            self.manifest,
-            self.node,
-            self.app,
-            self.key,
-            self.ip,
-            self.port,
-            self.size,
-            self.left,
-            self.from_peers,
-            self.from_cdn,
-            self.uploaded,
-            self.expires,
-            self.record,
-        )
-
-
-class _Swarm:
-    __slots__ = (
-        "app",
-        "manifest",
-        "members",
-        "ranked",
-        "ranked_at",
-        "seeds",
-        "stale",
-        "top",
-        "top_of",
-        "top_until",
-    )
-
-    def __init__(self, manifest: bytes, app: str) -> None:
-        self.manifest, self.app = manifest, app
-        #: node id -> member, in expiry order (oldest first)
-        self.members: dict[bytes, Member] = {}
-        self.seeds = 0
-        #: members sorted for answers; None = re-sort before the next read
-        self.ranked: list[Member] | None = None
-        self.ranked_at = 0.0
-        #: a member's ``left`` changed since the sort
-        self.stale = False
-        #: the first TOP servable members of ``top_of`` (valid while it is ``ranked``, until
-        #: ``top_until``; None = walk the list again)
-        self.top: list[Member] | None = None
-        self.top_of: list[Member] | None = None
-        self.top_until = 0.0
-
-
-@dataclass
-class AnnounceAnswer:
-    """What the announce answer needs: ranked peers (JSON fragments) and the swarm's counts."""
-
-    peers: list[bytes]
-    seeders: int
-    leechers: int
-
-
-@dataclass
-class Dirty:
-    """Changes since the last :meth:`MemorySwarm.take_dirty`, as rows for the write-behind."""
-
-    peers_upsert: list[tuple[Any, ...]] = field(default_factory=list)
-    peers_delete: list[tuple[bytes, bytes]] = field(default_factory=list)
-    releases: list[tuple[Any, ...]] = field(default_factory=list)
-    adoption: list[tuple[bytes, int, int]] = field(default_factory=list)
-    quality_upsert: list[tuple[Any, ...]] = field(default_factory=list)
-    quality_delete: list[bytes] = field(default_factory=list)
-    corrupt: list[tuple[bytes, bytes]] = field(default_factory=list)
-    seen: list[tuple[bytes, float]] = field(default_factory=list)
-    gc_before: float | None = None
-
-    def __len__(self) -> int:
-        return (
-            len(self.peers_upsert)
-            + len(self.peers_delete)
-            + len(self.releases)
-            + len(self.adoption)
-            + len(self.quality_upsert)
-            + len(self.quality_delete)
-            + len(self.corrupt)
-            + len(self.seen)
-            + (self.gc_before is not None)
-        )
-
 
 class MemorySwarm:
     """Swarm state, peer quality, counters and the replay guard of one process, in memory.
@@ -215,7 +79,7 @@ class MemorySwarm:
     """
 
     def __init__(self, *, track_dirty: bool = False) -> None:
-        self._swarms: dict[bytes, _Swarm] = {}
+        self._swarms: dict[bytes, SwarmMembers] = {}
         #: app -> manifest -> time of its last announce (for partial seeds)
         self._builds: dict[str, dict[bytes, float]] = {}
         #: node -> manifests whose swarm it is in (to refresh it when its score changes)
@@ -251,15 +115,22 @@ class MemorySwarm:
             self._d_seen.append((digest, now + window))
         return True
 
+    def restore_seen(self, digests: Iterable[tuple[bytes, float]]) -> None:
+        """Remember replay digests read back from a file or a snapshot: (digest, expiry),
+        oldest expiry first. Not tracked as changes (they are where they came from)."""
+        for digest, expires in digests:
+            self._seen[digest] = expires
+            self._seen_order.append((expires, digest))
+
     # ------------------------------------------------------------------ members
 
-    def _swarm(self, manifest: bytes, app: str) -> _Swarm:
+    def _swarm(self, manifest: bytes, app: str) -> SwarmMembers:
         sw = self._swarms.get(manifest)
         if sw is None:
-            sw = self._swarms[manifest] = _Swarm(manifest, app)
+            sw = self._swarms[manifest] = SwarmMembers(manifest, app)
         return sw
 
-    def _remove(self, sw: _Swarm, node: bytes) -> Member | None:
+    def _remove(self, sw: SwarmMembers, node: bytes) -> Member | None:
         m = sw.members.pop(node, None)
         if m is None:
             return None
@@ -275,7 +146,7 @@ class MemorySwarm:
             self._d_peers.add((sw.manifest, node))
         return m
 
-    def _expire(self, sw: _Swarm, now: float) -> int:
+    def _expire(self, sw: SwarmMembers, now: float) -> int:
         """Drop the members whose expiry passed, from the front (the oldest)."""
         n = 0
         members = sw.members
@@ -341,23 +212,14 @@ class MemorySwarm:
 
     # ------------------------------------------------------------------ announce
 
-    def announce(
-        self,
-        a: Announce,
-        ip: str,
-        record: bytes | None,
-        *,
-        now: float,
-        ttl: float,
-        digest: bytes,
-        window: float,
-    ) -> AnnounceAnswer | None:
+    def announce(self, c: AnnounceCommit) -> AnnounceAnswer | None:
         """Apply a verified announce and answer it; ``None`` if it is a replay (nothing changed).
 
         The counters take only increases of the node's cumulative totals; ``completed`` counts
         once per node (a repeated ``completed`` does not count again).
         """
-        if not self.fresh(digest, now, window):
+        a, now = c.announce, c.now
+        if not self.fresh(c.digest, now, c.window):
             return None
         sw = self._swarm(a.manifest, a.app)
         self._expire(sw, now)
@@ -385,15 +247,15 @@ class MemorySwarm:
                     a.node_id,
                     a.app,
                     a.public_key,
-                    ip,
+                    c.ip,
                     a.port,
                     a.size,
                     a.left,
                     max(a.from_peers, ofp),
                     max(a.from_cdn, ofc),
                     max(a.uploaded, oup),
-                    now + ttl,
-                    record,
+                    now + c.ttl,
+                    c.record,
                 ),
                 now,
             )
@@ -447,7 +309,7 @@ class MemorySwarm:
         return self._answer(sw, app, exclude, numwant, now)
 
     def _answer(
-        self, sw: _Swarm, app: str, exclude: bytes, numwant: int, now: float
+        self, sw: SwarmMembers, app: str, exclude: bytes, numwant: int, now: float
     ) -> AnnounceAnswer:
         seeders, leechers = sw.seeds, len(sw.members) - sw.seeds
         if numwant <= 0:
@@ -480,7 +342,7 @@ class MemorySwarm:
         frag = self._frag
         return AnnounceAnswer([m.frag or frag(m) for m in own], seeders, leechers)
 
-    def _partial_swarms(self, app: str, manifest: bytes, now: float) -> list[_Swarm]:
+    def _partial_swarms(self, app: str, manifest: bytes, now: float) -> list[SwarmMembers]:
         builds = self._builds.get(app)
         if not builds or (len(builds) == 1 and manifest in builds):
             return []
@@ -494,7 +356,7 @@ class MemorySwarm:
                 out.append(sw)
         return out
 
-    def _top(self, sw: _Swarm, now: float) -> list[Member]:
+    def _top(self, sw: SwarmMembers, now: float) -> list[Member]:
         """The first ``TOP`` members of ``sw`` that may be handed out, in rank order (see the
         module docstring): re-sorted when needed, else cached."""
         ranked = sw.ranked
@@ -526,38 +388,15 @@ class MemorySwarm:
         return top
 
     def _frag(self, m: Member) -> bytes:
-        """The member's JSON object in answers (docs/tracker-api.md, Announce).
-
-        Formatted directly rather than through ``json.dumps``: every value is a number, a
-        boolean, hex, or an address literal (validated, or the socket's), so nothing needs
-        escaping, and floats print as ``json`` prints them (``repr``)."""
-        score = self._scores.get(m.node, UNKNOWN_SCORE)
-        progress = 1.0 if m.size <= 0 else max(0.0, min(1.0, 1 - m.left / m.size))
-        records = b""
-        if m.record is not None:
-            try:
-                hexed = [r.hex().encode() for r in decode_bundle(m.record)]
-                records = b',"records":["%s"]' % b'","'.join(hexed)
-            except PeerRecordError:
-                pass
-        frag = m.frag = _FRAG % (
-            m.node.hex().encode(),
-            keys.format_public_key(m.key).encode(),
-            m.ip.encode(),
-            m.port,
-            m.manifest.hex().encode(),
-            b"true" if m.left == 0 else b"false",
-            repr(round(progress, 4)).encode(),
-            repr(round(score, 4)).encode(),
-            records,
-        )
-        return frag
+        m.frag = member_fragment(m, self._scores.get(m.node, UNKNOWN_SCORE))
+        return m.frag
 
     # ------------------------------------------------------------------ quality
 
-    def report(self, r: Report, *, now: float, digest: bytes, window: float) -> bool:
+    def report(self, c: ReportCommit) -> bool:
         """Fold a verified report into peer quality; False if it is a replay."""
-        if not self.fresh(digest, now, window):
+        r = c.report
+        if not self.fresh(c.digest, c.now, c.window):
             return False
         for e in r.peers:
             q = self._quality.get(e.node_id)
@@ -704,46 +543,3 @@ class MemorySwarm:
 
 def _copy(q: PeerQuality) -> PeerQuality:
     return PeerQuality(q.mib, q.failures, q.corrupt, q.rate, q.reports, q.corrupt_reporters)
-
-
-def score_histogram(scores: list[float]) -> list[int]:
-    """Ten buckets over [0, 1]; bucket 9 includes 1.0."""
-    hist = [0] * 10
-    for s in scores:
-        hist[min(9, max(0, int(s * 10)))] += 1
-    return hist
-
-
-def release_stats(
-    m: bytes,
-    app: str,
-    seeders: int,
-    leechers: int,
-    completed: int,
-    fp: int,
-    fc: int,
-    up: int,
-    adoption: dict[bytes, list[list[int]]],
-) -> dict[str, Any]:
-    total = fp + fc
-    return {
-        "manifest_id": m.hex(),
-        "app": app,
-        "seeders": int(seeders or 0),
-        "leechers": int(leechers or 0),
-        "completed": int(completed),
-        "bytes_from_peers": int(fp),
-        "bytes_from_cdn": int(fc),
-        "bytes_uploaded": int(up),
-        "offload_ratio": (fp / total) if total else 0.0,
-        "adoption": adoption.get(m, []),
-    }
-
-
-def quality_stats(scores: list[float], flagged: list[str]) -> dict[str, Any]:
-    return {
-        "peers_scored": len(scores),
-        "histogram": score_histogram(scores),
-        "flagged": flagged,
-        "unknown_score": UNKNOWN_SCORE,
-    }

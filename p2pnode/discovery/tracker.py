@@ -11,8 +11,9 @@ the returned bytes are the manifest whose id was asked for (the caller still run
 ``manifest.verify`` against its pinned keys), and :class:`TrackerPeerSource` only returns peers
 whose DHT peer records (signed by the peers themselves) verify, exactly like a DHT lookup.
 
-Announces and reports are JSON bodies signed verbatim with the node's key (domain tags in
-:data:`ANNOUNCE_DOMAIN`/:data:`REPORT_DOMAIN`), each with a fresh timestamp and random nonce.
+Announces and reports are JSON bodies signed verbatim with the node's key (the wire types and
+domain tags are in :mod:`.tracker_api`, shared with the tracker), each with a fresh timestamp and
+random nonce.
 
 Errors: a tracker that cannot be reached or answers 5xx raises :class:`TrackerError`; a 4xx
 raises :class:`TrackerRefusedError` carrying the tracker's error code, message and fix. Timeouts
@@ -22,7 +23,6 @@ are the caller's cancel scopes, except the long-poll which bounds itself with ``
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -36,6 +36,15 @@ from ..errors import P2PNodeError, TrackerError, TrackerRefusedError
 from ..release import keys
 from ..release.manifest import parse_signed
 from .dht.records import PeerRecord, Topic, make_record, parse_record
+from .tracker_api import (
+    ANNOUNCE_DOMAIN,
+    REPORT_DOMAIN,
+    SESSION_HEADER,
+    SIGNATURE_HEADER,
+    ChannelHead,
+    TrackerPeer,
+    sign_body,
+)
 
 __all__ = [
     "ANNOUNCE_DOMAIN",
@@ -51,46 +60,8 @@ __all__ = [
     "sign_body",
 ]
 
-ANNOUNCE_DOMAIN = b"p2pnode-tracker-announce-v1"
-REPORT_DOMAIN = b"p2pnode-tracker-report-v1"
-SIGNATURE_HEADER = "X-P2PNode-Signature"
-SESSION_HEADER = "X-P2PNode-Session"
 #: How long one long-poll asks the tracker to hold the request (it caps at 60).
 LONG_POLL_S = 25.0
-
-
-@dataclass(frozen=True, slots=True)
-class ChannelHead:
-    app: str
-    channel: str
-    seq: int
-    manifest_id: bytes
-    build: int
-    version: str
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> ChannelHead:
-        return cls(
-            app=d["app"],
-            channel=d["channel"],
-            seq=int(d["seq"]),
-            manifest_id=bytes.fromhex(d["manifest_id"]),
-            build=int(d["build"]),
-            version=d["version"],
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class TrackerPeer:
-    node_id: bytes
-    public_key: bytes
-    ip: str
-    port: int
-    manifest: bytes
-    seed: bool
-    progress: float
-    score: float
-    records: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,16 +82,6 @@ class PeerQualityReport:
     rate: int = 0
     failures: int = 0
     corrupt: int = 0
-
-
-def sign_body(key: Ed25519PrivateKey, domain: bytes, fields: dict[str, Any]) -> tuple[bytes, str]:
-    """Serialise ``fields`` plus key, ts and nonce; return (body, signature hex)."""
-    obj = dict(fields)
-    obj["key"] = keys.format_public_key(keys.public_key_bytes(key))
-    obj["ts"] = int(time.time())
-    obj["nonce"] = os.urandom(12).hex()
-    body = json.dumps(obj, separators=(",", ":")).encode()
-    return body, keys.sign(key, domain, body).hex()
 
 
 class TrackerClient:
@@ -381,20 +342,7 @@ class TrackerClient:
         if isinstance(token, str) and len(token) <= 64 and isinstance(ttl, int) and ttl > 0:
             # stop a minute early: a token expiring in flight costs the tracker a check, no more
             self._sessions[public] = (token, time.monotonic() + max(0, ttl - 60))
-        peers = [
-            TrackerPeer(
-                node_id=bytes.fromhex(p["node_id"]),
-                public_key=keys.parse_public_key(p["key"]),
-                ip=p["ip"],
-                port=int(p["port"]),
-                manifest=bytes.fromhex(p["manifest"]),
-                seed=bool(p["seed"]),
-                progress=float(p["progress"]),
-                score=float(p["score"]),
-                records=tuple(bytes.fromhex(r) for r in p.get("records", [])),
-            )
-            for p in d["peers"]
-        ]
+        peers = [TrackerPeer.from_json(p) for p in d["peers"]]
         return AnnounceResult(
             interval=int(d["interval"]),
             min_interval=int(d["min_interval"]),

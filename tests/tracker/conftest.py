@@ -12,15 +12,17 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import blake3
 import httpx
 import pytest
+import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pnode.discovery.tracker import TrackerClient
+from p2pnode.discovery.tracker_api import ChannelHead
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
 from tracker import Tracker, TrackerConfig, open_tracker
@@ -106,6 +108,30 @@ def client_for(t: Tracker, token: str | None = ADMIN, ip: str = "127.0.0.1") -> 
     transport = httpx.ASGITransport(app=t, client=(ip, 40000))  # type: ignore[arg-type]
     http = httpx.AsyncClient(transport=transport, base_url="http://tracker")
     return TrackerClient("http://tracker", token=token, client=http)
+
+
+async def long_poll_woken(
+    holder: Tracker, follower: TrackerClient, publish: Callable[[], Awaitable[object]], since: int
+) -> tuple[ChannelHead, float]:
+    """Long-poll ``follower`` for a release past ``since``; once the request is parked on
+    ``holder``'s update feed (not after a guessed sleep), ``publish()``. Returns the head the
+    long-poll got and the seconds from the publish to its answer (at most 1, else it fails)."""
+    got: list[ChannelHead] = []
+    woken = trio.Event()
+
+    async def wait() -> None:
+        got.append(await follower.wait_for_release(APP, "stable", since=since))
+        woken.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        with trio.fail_after(5):
+            await holder.feed.until_waiting()
+        t0 = trio.current_time()
+        await publish()
+        with trio.fail_after(1.0):
+            await woken.wait()
+    return got[0], trio.current_time() - t0
 
 
 REGISTRATIONS: dict[int, dict[str, object]] = {}

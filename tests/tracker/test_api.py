@@ -23,7 +23,7 @@ from p2pnode.discovery.tracker import (
 )
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
-from tests.tracker.conftest import ADMIN, APP, client_for
+from tests.tracker.conftest import ADMIN, APP, client_for, long_poll_woken
 from tracker import Tracker
 
 
@@ -125,30 +125,20 @@ async def test_promote_rollback_history(
 
 
 async def test_long_poll_wakes_within_a_second(
-    client: TrackerClient, make_manifest: Callable[..., M.SignedManifest]
+    client: TrackerClient, tracker: Tracker, make_manifest: Callable[..., M.SignedManifest]
 ) -> None:
     await publish(client, make_manifest(1))
     head = await client.latest(APP, "stable")
     assert head is not None
-    got: list[Any] = []
-
-    async def waiter() -> None:
-        got.append(await client.wait_for_release(APP, "stable", since=head.seq))
-        got.append(trio.current_time())
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(waiter)
-        await trio.sleep(0.2)
-        t0 = trio.current_time()
-        await publish(client, make_manifest(2))
-        with trio.fail_after(1):
-            while not got:
-                await trio.sleep(0.01)
-    assert got[0].build == 2 and got[1] - t0 < 1.0
+    second = make_manifest(2)
+    got, delay = await long_poll_woken(
+        tracker, client, lambda: publish(client, second), since=head.seq
+    )
+    assert got.build == 2 and delay < 1.0
     # an unchanged channel answers with the same head after `wait`
     with trio.fail_after(2):
-        same = await client.latest(APP, "stable", since=got[0].seq, wait=0.1)
-    assert same is not None and same.seq == got[0].seq
+        same = await client.latest(APP, "stable", since=got.seq, wait=0.1)
+    assert same is not None and same.seq == got.seq
 
 
 # ------------------------------------------------------------------ announces
@@ -277,7 +267,7 @@ async def test_bad_node_messages_get_4xx_and_store_nothing(
         assert resp.status_code == status, (obj, kw, resp.text)
         err = resp.json()
         assert set(err) == {"error", "message", "fix"}
-    assert tracker.swarm.live_members(time.time()) == 0  # type: ignore[attr-defined]
+    assert tracker.swarm.state.live_members(time.time()) == 0  # type: ignore[attr-defined]
     # the genuine one is accepted once; its replay is refused
     body = json.dumps(good).encode()
     sig = keys.sign(key, ANNOUNCE_DOMAIN, body).hex()

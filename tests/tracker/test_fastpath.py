@@ -16,7 +16,8 @@ from p2pnode.release import keys
 from p2pnode.release import manifest as M
 from tests.tracker.conftest import ADMIN, APP
 from tracker import Tracker, serve_tracker
-from tracker.fastpath import MAX_HEAD_BYTES, HTTPRefusal, Request, RequestReader
+from tracker.errors import HTTPRefusal
+from tracker.fastpath import MAX_HEAD_BYTES, Request, RequestReader
 
 GOOD = (
     b"POST /v1/announce HTTP/1.1\r\nHost: t\r\nX-P2PNode-Signature: ab\r\n"

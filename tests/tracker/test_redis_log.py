@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from p2pnode.discovery.tracker import ANNOUNCE_DOMAIN, PeerQualityReport, TrackerClient
@@ -17,7 +18,8 @@ from p2pnode.release import manifest as M
 from tests.tracker.conftest import ADMIN, APP
 from tests.tracker.test_redis import start, synced
 from tracker import Tracker
-from tracker.replicated import LogSwarm, pack_snapshot, unpack_snapshot
+from tracker.swarm_log import LogSwarm
+from tracker.swarm_log_state import ReplicaState, pack_snapshot, unpack_snapshot
 
 
 def log_of(t: Tracker) -> LogSwarm:
@@ -172,12 +174,12 @@ async def test_a_replica_started_later_catches_up_from_snapshot_and_log(
             await stale._check_trimmed()
             assert stale.applied == r.get("c:log:snapid").decode()
             # the second snapshot: after nodes[:9] (3 completions, 2 reports on nodes[0])
-            assert stale.live_members(time.time()) == 9
-            (rel,) = stale.stats(time.time())["releases"]
+            assert stale.state.live_members(time.time()) == 9
+            (rel,) = stale.state.stats(time.time())["releases"]
             assert rel["completed"] == 3
             first = keys.node_id_of(keys.public_key_bytes(nodes[0]))
-            assert stale.quality(first) == log_of(a).quality(first)
-            assert stale.quality(first).reports == 2
+            assert stale.state.quality(first) == log_of(a).state.quality(first)
+            assert stale.state.quality(first).reports == 2
         finally:
             stale.close()
         r.close()
@@ -240,14 +242,10 @@ async def test_restarting_every_replica_keeps_counters_and_quality(
 
 
 def test_a_snapshot_round_trips() -> None:
-    s = LogSwarm("redis://127.0.0.1:1/0")  # no connection is made
-    try:
-        state = s._capture()
-        state["seen"] = [(b"d" * 16, 1234.5), (b"e" * 16, 99.25)]
-        back = unpack_snapshot(pack_snapshot(state))
-        assert back["seen"] == state["seen"] and back["id"] == "0-0"
-    finally:
-        s.close()
+    state = ReplicaState().capture("0-0")
+    state["seen"] = [(b"d" * 16, 1234.5), (b"e" * 16, 99.25)]
+    back = unpack_snapshot(pack_snapshot(state))
+    assert back["seen"] == state["seen"] and back["id"] == "0-0"
 
 
 async def test_a_change_the_log_cannot_take_is_refused_with_503(
@@ -283,21 +281,24 @@ async def test_a_change_that_does_not_come_back_in_time_is_503_and_applies_later
     publisher: object,
     make_manifest: Callable[..., M.SignedManifest],
     monkeypatch: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The apply timeout is one sweeper for all waiting requests (no timer per request)."""
     from tests.tracker.conftest import free_port
-    from tracker import replicated
+    from tracker import swarm_log
     from tracker.resp import TrioRedis
 
-    monkeypatch.setattr(replicated, "APPLY_TIMEOUT", 0.3)
-    monkeypatch.setattr(replicated, "SWEEP_EVERY", 0.05)
+    monkeypatch.setattr(swarm_log, "APPLY_TIMEOUT", 0.3)
+    monkeypatch.setattr(swarm_log, "SWEEP_EVERY", 0.05)
     t = make_tracker("solo", redis_url=redis_url, prefix="e:", redis_mode="log")
     async with trio.open_nursery() as nursery:
         c, m = await start_with_a_build(nursery, t, publisher, make_manifest)
         log = log_of(t)
-        # the reader loses Redis (its XREAD in flight ends empty within READ_BLOCK_MS)
+        # the reader loses Redis: its XREAD in flight ends (within READ_BLOCK_MS), the next fails
         healthy, log._rx = log._rx, TrioRedis(f"redis://127.0.0.1:{free_port()}/0")
-        await trio.sleep(replicated.READ_BLOCK_MS / 1000 + 0.2)
+        with trio.fail_after(5):
+            while "tracker log reader:" not in caplog.text:
+                await trio.sleep(0.02)
         body, headers = signed_announce(keys.generate_key(), m.id, 7000)
         with trio.fail_after(5):
             resp = await c._http.post(c.base_url + "/v1/announce", content=body, headers=headers)
@@ -305,7 +306,7 @@ async def test_a_change_that_does_not_come_back_in_time_is_503_and_applies_later
         assert not log._waiting  # the sweeper let go of it
         log._rx = healthy  # the reader catches up: the change was in the log all along
         with trio.fail_after(5):
-            while log.live_members(time.time()) != 1:
+            while log.state.live_members(time.time()) != 1:
                 await trio.sleep(0.02)
         await c.aclose()
         nursery.cancel_scope.cancel()
@@ -337,9 +338,9 @@ async def test_entries_of_the_previous_all_json_format_are_still_applied(
         r.close()
         log = log_of(t)
         with trio.fail_after(5):
-            while log.live_members(time.time()) != 2:
+            while log.state.live_members(time.time()) != 2:
                 await trio.sleep(0.02)
-        (rel,) = log.stats(time.time())["releases"]
+        (rel,) = log.state.stats(time.time())["releases"]
         assert (rel["seeders"], rel["completed"], rel["bytes_from_peers"]) == (
             ours.seeders + 1,
             1,

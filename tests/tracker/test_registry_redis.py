@@ -24,11 +24,19 @@ from p2pnode.discovery.tracker import TrackerClient, TrackerRefusedError
 from p2pnode.errors import P2PNodeError
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
-from tests.tracker.conftest import ADMIN, APP, RedisProcess, client_for, free_port
+from tests.tracker.conftest import (
+    ADMIN,
+    APP,
+    RedisProcess,
+    client_for,
+    free_port,
+    long_poll_woken,
+)
 from tracker import Tracker, serve_tracker
-from tracker.core import Conflict
-from tracker.registry_redis import RedisRegistry, RegistryUnavailable
-from tracker.store import Registry
+from tracker.backend import Publication
+from tracker.errors import Conflict, RegistryUnavailable
+from tracker.registry_redis import RedisRegistry
+from tracker.registry_sqlite import SQLiteRegistry
 
 
 @pytest.fixture
@@ -68,20 +76,10 @@ async def test_replicas_on_separate_dirs_share_the_registry(
         pb = TrackerClient(cb.base_url, token=str(reg["publisher_token"]))
 
         # a publish on A reaches a long-poll on B within a second
-        got: list[tuple[float, bytes]] = []
-
-        async def wait_b() -> None:
-            h = await cb.wait_for_release(APP, "stable", since=0)
-            got.append((trio.current_time(), h.manifest_id))
-
-        nursery.start_soon(wait_b)
-        await trio.sleep(0.3)
-        t0 = trio.current_time()
-        await ca.publish(APP, "stable", b1.encode())
-        with trio.fail_after(1.0):
-            while not got:
-                await trio.sleep(0.01)
-        assert got[0][1] == b1.id and got[0][0] - t0 < 1.0
+        got, delay = await long_poll_woken(
+            b, cb, lambda: ca.publish(APP, "stable", b1.encode()), since=0
+        )
+        assert got.manifest_id == b1.id and delay < 1.0
 
         # B serves the manifest A stored
         assert await cb.fetch_manifest(b1.id) == b1.encode()
@@ -199,16 +197,9 @@ def test_racing_threads_never_accept_a_build_twice(redis_url: str) -> None:
                 mid = bytes([i]) + build.to_bytes(4, "big") + bytes(27)
                 try:
                     seq = reg.publish(
-                        app=APP,
-                        channel="stable",
-                        manifest_id=mid,
-                        build=build,
-                        version=f"v{build}",
-                        size=1,
-                        signed=b"x",
-                        now=time.time(),
-                        actor="admin",
-                    )
+                        Publication(APP, "stable", mid, build, f"v{build}", 1, b"x", time.time(),
+                                    "admin")
+                    )  # fmt: skip
                 except Conflict:
                     continue
                 with lock:
@@ -234,7 +225,7 @@ def test_racing_threads_never_accept_a_build_twice(redis_url: str) -> None:
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_the_registries_behave_alike(kind: str, tmp_path: Path, redis_url: str) -> None:
     """The same sequence of changes on either registry gives the same answers."""
-    reg: Any = Registry(tmp_path / "r.db") if kind == "sqlite" else RedisRegistry(redis_url)
+    reg: Any = SQLiteRegistry(tmp_path / "r.db") if kind == "sqlite" else RedisRegistry(redis_url)
     mids = [bytes([n]) * 32 for n in range(6)]
     reg.add_app("a", b"k" * 32, b"t" * 32, 10.0)
     reg.add_app("b", b"K" * 32, b"T" * 32, 11.0)
@@ -247,15 +238,9 @@ def test_the_registries_behave_alike(kind: str, tmp_path: Path, redis_url: str) 
     def pub(app: str, ch: str, n: int, build: int, now: float) -> int:
         return int(
             reg.publish(
-                app=app,
-                channel=ch,
-                manifest_id=mids[n],
-                build=build,
-                version=f"1.{build}",
-                size=100 + n,
-                signed=b"signed %d" % n,
-                now=now,
-                actor="admin",
+                Publication(
+                    app, ch, mids[n], build, f"1.{build}", 100 + n, b"signed %d" % n, now, "admin"
+                )
             )
         )
 
@@ -460,13 +445,13 @@ def test_copy_a_sqlite_registry_into_redis(tmp_path: Path, redis_url: str) -> No
     """`tracker registry copy` moves everything, seq included, so nodes following a channel
     with since=SEQ go on; a second copy into the now non-empty registry is refused."""
     (tmp_path / "d").mkdir()
-    old = Registry(tmp_path / "d" / "registry.db")
+    old = SQLiteRegistry(tmp_path / "d" / "registry.db")
     old.add_app("a", b"k" * 32, b"t" * 32, 10.0)
     old.add_app("b", b"K" * 32, b"T" * 32, 11.0)
     mids = [bytes([n]) * 32 for n in range(4)]
     for n, (app, ch, build) in enumerate([("a", "stable", 5), ("a", "stable", 9), ("b", "x", 1)]):
-        old.publish(app=app, channel=ch, manifest_id=mids[n], build=build, version=f"v{build}",
-                    size=n, signed=b"s%d" % n, now=100.0 + n, actor="admin")  # fmt: skip
+        old.publish(Publication(app, ch, mids[n], build, f"v{build}", n, b"s%d" % n, 100.0 + n,
+                                "admin"))  # fmt: skip
     old.move(app="a", channel="beta", manifest_id=mids[1], action="promote", now=104.0,
              actor="publisher")  # fmt: skip
     old.move(app="a", channel="stable", manifest_id=mids[0], action="rollback", now=105.0,
@@ -489,10 +474,8 @@ def test_copy_a_sqlite_registry_into_redis(tmp_path: Path, redis_url: str) -> No
         assert new.get_manifest(mid) == old.get_manifest(mid)
         assert new.manifest_info(mid) == old.manifest_info(mid)
     with pytest.raises(Conflict):  # max_build came along: 9 was published before the rollback
-        new.publish(app="a", channel="stable", manifest_id=mids[3], build=9, version="v9",
-                    size=1, signed=b"s", now=106.0, actor="admin")  # fmt: skip
-    seq = new.publish(app="a", channel="stable", manifest_id=mids[3], build=10, version="v10",
-                      size=1, signed=b"s", now=106.0, actor="admin")  # fmt: skip
+        new.publish(Publication("a", "stable", mids[3], 9, "v9", 1, b"s", 106.0, "admin"))
+    seq = new.publish(Publication("a", "stable", mids[3], 10, "v10", 1, b"s", 106.0, "admin"))
     assert seq == 6
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=30)

@@ -7,7 +7,8 @@ import functools
 import pytest
 import trio
 
-from tracker.resp import RedisUnavailable, TrioRedis, encode_command
+from tracker.errors import RedisUnavailable
+from tracker.resp import TrioRedis, encode_command
 
 
 def test_commands_are_encoded_as_arrays_of_bulk_strings() -> None:

@@ -1,5 +1,5 @@
 """Announce sessions: after one verified announce, the same key from the same address is not
-verified again until the token expires (core.AnnounceSessions)."""
+verified again until the token expires (tracker.sessions.AnnounceSessions)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from collections.abc import Callable
 from unittest import mock
 
 from p2pnode.discovery.tracker import ANNOUNCE_DOMAIN, SIGNATURE_HEADER, TrackerClient
+from p2pnode.discovery.tracker_api import SESSION_HEADER
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
 from tests.tracker.conftest import ADMIN, APP, client_for
 from tracker import Tracker
-from tracker.core import SESSION_HEADER, AnnounceSessions
+from tracker.sessions import AnnounceSessions
 
 NODE = bytes(range(20))
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tracker.backend import AnnounceCommit, ReportCommit
 from tracker.core import Announce, PeerReport, Report
-from tracker.store import SQLiteSwarm
 from tracker.swarm import RANK_REFRESH, MemorySwarm
+from tracker.swarm_sqlite import SQLiteSwarm
 
 
 def ann(manifest: bytes, node: bytes, **kw: object) -> Announce:
@@ -33,7 +34,7 @@ def ann(manifest: bytes, node: bytes, **kw: object) -> Announce:
 
 
 def go(s: MemorySwarm, a: Announce, now: float) -> object:
-    return s.announce(a, "10.0.0.1", None, now=now, ttl=180, digest=os.urandom(16), window=600)
+    return s.announce(AnnounceCommit(a, "10.0.0.1", None, now, 180, os.urandom(16), 600))
 
 
 def test_write_behind_survives_a_restart(tmp_path: Path) -> None:
@@ -41,29 +42,29 @@ def test_write_behind_survives_a_restart(tmp_path: Path) -> None:
     mid = os.urandom(32)
     a, b, c = os.urandom(20), os.urandom(20), os.urandom(20)
     s = SQLiteSwarm(tmp_path / "swarm.db", now=now)
-    go(s, ann(mid, a, left=0, from_peers=70, from_cdn=30, event="completed"), now)
-    go(s, ann(mid, b, left=50, from_cdn=40), now)
+    go(s.state, ann(mid, a, left=0, from_peers=70, from_cdn=30, event="completed"), now)
+    go(s.state, ann(mid, b, left=50, from_cdn=40), now)
     digest = os.urandom(16)
     report = Report(b"", c, 0, (PeerReport(a, 5 << 20, 2_000_000, 0, 1),))
-    assert s.report(report, now=now, digest=digest, window=600)
-    s.flush()  # what the tracker's background duty does every second
-    go(s, ann(mid, c, left=10), now + 1)  # written by close()
+    assert s.state.report(ReportCommit(report, now, digest, 600))
+    s.file.flush()  # what the tracker's background duty does every second
+    go(s.state, ann(mid, c, left=10), now + 1)  # written by close()
     s.close()
 
     s2 = SQLiteSwarm(tmp_path / "swarm.db", now=now + 2)
-    stats = s2.stats(now + 2)
+    stats = s2.state.stats(now + 2)
     [rel] = stats["releases"]
     assert (rel["seeders"], rel["leechers"], rel["completed"]) == (1, 2, 1)
     assert (rel["bytes_from_peers"], rel["bytes_from_cdn"]) == (70, 70)
-    assert s2.quality(a).corrupt_reporters == 1 and stats["quality"]["peers_scored"] == 1
+    assert s2.state.quality(a).corrupt_reporters == 1 and stats["quality"]["peers_scored"] == 1
     # the replay guard is persistent too
-    assert not s2.report(report, now=now + 2, digest=digest, window=600)
+    assert not s2.state.report(ReportCommit(report, now + 2, digest, 600))
     # members expire after a restart as before
-    assert s2.gc(now + 200) == 3 and s2.live_members(now + 200) == 0
-    s2.flush()
+    assert s2.state.gc(now + 200) == 3 and s2.state.live_members(now + 200) == 0
+    s2.file.flush()
     s2.close()
     s3 = SQLiteSwarm(tmp_path / "swarm.db", now=now + 200)
-    assert s3.live_members(now + 200) == 0
+    assert s3.state.live_members(now + 200) == 0
     s3.close()
 
 
@@ -114,7 +115,7 @@ def test_the_cached_head_of_the_ranking_follows_every_change_at_once() -> None:
     assert nodes_in(s.answer(mid, "game", me, 30, now + 4)) == [c, a, b]
     for reporter in (b"\x06" * 20, b"\x07" * 20, b"\x08" * 20):  # three saw corrupt data
         report = Report(b"", reporter, 0, (PeerReport(c, 0, 0, 0, 1),))
-        s.report(report, now=now + 4, digest=os.urandom(16), window=600)
+        s.report(ReportCommit(report, now + 4, os.urandom(16), 600))
     assert nodes_in(s.answer(mid, "game", me, 30, now + 4)) == [a, b]
     assert nodes_in(s.answer(mid, "game", me, 30, now + 180.5)) == [b]  # a expired
     go(s, ann(mid, b, event="stopped"), now + 181)
@@ -152,22 +153,11 @@ def test_answer_fragments_are_the_json_of_each_member() -> None:
     rec = make_record(k, Topic.manifest(mid), "10.0.0.9", 7002, now=now, ttl=600)
     bundle = encode_bundle([rec])
     a, b, me = keys.node_id_of(pk), b"\x02" * 20, b"\x09" * 20
-    s.announce(
-        ann(mid, a, public_key=pk, port=7002, size=3, left=1),
-        "fd00::1",
-        bundle,
-        now=now,
-        ttl=180,
-        digest=os.urandom(16),
-        window=600,
-    )
+    a_ann = ann(mid, a, public_key=pk, port=7002, size=3, left=1)
+    s.announce(AnnounceCommit(a_ann, "fd00::1", bundle, now, 180, os.urandom(16), 600))
     go(s, ann(mid, b, left=0, size=100), now)
-    s.report(
-        Report(b"", me, 0, (PeerReport(b, 3 << 20, 500_000, 1, 0),)),
-        now=now,
-        digest=os.urandom(16),
-        window=600,
-    )
+    report = Report(b"", me, 0, (PeerReport(b, 3 << 20, 500_000, 1, 0),))
+    s.report(ReportCommit(report, now, os.urandom(16), 600))
     got = [json.loads(p) for p in s.answer(mid, "game", me, 30, now).peers]
     assert got == [
         {

@@ -2,11 +2,13 @@
 
 Theory of operation
 -------------------
-In the default Redis mode (:class:`tracker.store.RedisSwarm`) every announce runs a Lua script
+In the default Redis mode (:class:`tracker.swarm_redis.RedisSwarm`) every announce runs a Lua script
 in redis-server (~240 us of its CPU) and the tracker parses the script's answer: on a 2-core
 host that caps one tracker near 2,500 announces/s. In log mode Redis only *orders* changes;
-every replica keeps the whole swarm state in memory (:class:`tracker.swarm.MemorySwarm`, the
-same code as the SQLite mode) and applies the same changes in the same order:
+every replica keeps the whole swarm state in memory (:class:`tracker.swarm_log_state.ReplicaState`,
+a :class:`tracker.swarm.MemorySwarm` as in the SQLite mode) and applies the same changes in the
+same order. This module is the replica's I/O; the record and snapshot formats and their apply
+live in :mod:`tracker.swarm_log_state`:
 
 * A state change (a verified announce, a verified report, an operator's ``clear_peer``, and a
   periodic ``gc``) is a record carrying all its apply needs, including the origin's clock
@@ -50,21 +52,24 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import struct
 import time
-import zlib
-from collections import deque
 from typing import Any
 
 import trio
 
-from p2pnode.errors import P2PNodeError
+from .backend import AnnounceAnswer, AnnounceCommit, ReportCommit
+from .core import PeerQuality
+from .errors import LogUnavailable, RedisUnavailable
+from .resp import TrioRedis
+from .swarm_log_state import (
+    ReplicaState,
+    encode_announce,
+    json_record,
+    pack_snapshot,
+    unpack_snapshot,
+)
 
-from .core import EVENTS, Announce, APIError, PeerQuality, PeerReport, Report
-from .resp import RedisUnavailable, TrioRedis
-from .swarm import AnnounceAnswer, Member, MemorySwarm
-
-__all__ = ["LogSwarm", "LogUnavailable"]
+__all__ = ["LogSwarm"]
 
 log = logging.getLogger(__name__)
 
@@ -84,22 +89,6 @@ HEALTHY_WITHIN = 5.0
 READ_RETRY = 0.5
 #: Seconds each Redis call may take (plus the ``BLOCK`` time for the reader's).
 REDIS_TIMEOUT = 5.0
-_MAGIC = b"p2pnode-tracker-snapshot-1\n"
-#: A packed announce: now, ttl, replay digest, window, public key, node id, manifest, port,
-#: event (index in core.EVENTS), size, left, from_peers, from_cdn, uploaded, then the lengths
-#: of the address, the app name and the record bundle that follow it.
-_ANN = struct.Struct(">dd16sd32s20s32sHBQQQQQBBH")
-_EVENT_INDEX = {e: i for i, e in enumerate(EVENTS)}
-_JSON_LEN = struct.Struct(">I")
-_SEEN = struct.Struct(">16sd")
-
-
-class LogUnavailable(APIError):
-    """The replicated log (Redis) did not take or return a change in time."""
-
-    status = 503
-    code = "log_unavailable"
-    default_fix = "check that redis-server is up and reachable from every replica; retry"
 
 
 class _Wait:
@@ -116,19 +105,15 @@ class _Wait:
         self.expired = False
 
 
-#: An announce as this replica decoded it, applied as is when its own entry comes back (the
-#: other replicas decode the same values from the entry's JSON).
-_Prepared = tuple[Announce, str, "bytes | None", float, float, bytes, float]
-
-
 def _sid(text: str) -> tuple[int, int]:
     """A stream id as a comparable pair."""
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
 
 
-class LogSwarm(MemorySwarm):
-    """Swarm state in memory, replicated through a Redis stream (see the module docstring).
+class LogSwarm:
+    """Swarm state in memory, replicated through a Redis stream (see the module docstring); a
+    :class:`tracker.backend.SwarmStore`.
 
     Args:
         url: ``redis://host:port/db``.
@@ -137,8 +122,10 @@ class LogSwarm(MemorySwarm):
     """
 
     def __init__(self, url: str, *, prefix: str = "trk:", snapshot_every: float = 60.0) -> None:
-        super().__init__()
         import redis
+
+        #: this replica's copy of the state, at stream id :attr:`applied`
+        self.state = ReplicaState()
 
         opts: dict[str, Any] = {"socket_connect_timeout": 5.0, "health_check_interval": 30}
         # snapshots, their lock and trimming (rare): redis-py in a worker thread
@@ -155,8 +142,9 @@ class LogSwarm(MemorySwarm):
         self._seq = 0
         self._waiting: dict[int, _Wait] = {}
         #: changes this replica appended and has not applied yet, by sequence number: the
-        #: entry, and for an announce its decoded form (see ``_Prepared``)
-        self._local: dict[int, tuple[bytes, _Prepared | None]] = {}
+        #: entry, and for an announce the commit it was encoded from (applied as is when its
+        #: own entry comes back; the other replicas decode the same values from the entry)
+        self._local: dict[int, tuple[bytes, AnnounceCommit | None]] = {}
         #: sequence numbers queued for the next commit (consecutive)
         self._out: list[int] = []
         self._wake = trio.Event()
@@ -168,8 +156,17 @@ class LogSwarm(MemorySwarm):
         """Redis answers (a network call: run it in a worker thread)."""
         return bool(self._r.ping())
 
-    def healthy(self) -> None:
-        """Raise unless the reader has heard from Redis lately (no I/O: for ``/healthz``)."""
+    async def check(self) -> None:
+        """Before the reader runs, whether Redis answers; after, whether the reader has heard
+        from it lately (no I/O: ``/healthz`` answers at once)."""
+        if not self._last_read:
+            import redis
+
+            try:
+                await trio.to_thread.run_sync(self.ping)
+            except redis.exceptions.RedisError as exc:
+                raise LogUnavailable(f"Redis of the log {self.stream} failed: {exc}") from exc
+            return
         if time.monotonic() - self._last_read > HEALTHY_WITHIN:
             raise LogUnavailable(f"no read from the log {self.stream} for {HEALTHY_WITHIN:g} s")
 
@@ -180,9 +177,9 @@ class LogSwarm(MemorySwarm):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Catch up (snapshot, then the log after it), then apply, commit and snapshot until
         cancelled. Requests are served only after ``task_status.started()``."""
-        state = await trio.to_thread.run_sync(self._read_snapshot)
-        if state is not None:
-            self._install(state)
+        snap = await trio.to_thread.run_sync(self._read_snapshot)
+        if snap is not None:
+            self._install(snap)
         try:
             await self._catch_up()
             async with trio.open_nursery() as nursery:
@@ -204,74 +201,44 @@ class LogSwarm(MemorySwarm):
 
     # ------------------------------------------------------------------ submitting changes
 
-    async def commit_announce(
-        self,
-        a: Announce,
-        ip: str,
-        record: bytes | None,
-        *,
-        now: float,
-        ttl: float,
-        digest: bytes,
-        window: float,
-    ) -> AnnounceAnswer | None:
+    async def announce(self, c: AnnounceCommit) -> AnnounceAnswer | None:
         """Append the announce to the log; its answer once applied here (``None``: replay)."""
-        ip_b, app_b, rec = ip.encode(), a.app.encode(), record or b""
-        packed = b"".join(
-            (
-                b"a",
-                _ANN.pack(
-                    now,
-                    ttl,
-                    digest,
-                    window,
-                    a.public_key,
-                    a.node_id,
-                    a.manifest,
-                    a.port,
-                    _EVENT_INDEX[a.event],
-                    a.size,
-                    a.left,
-                    a.from_peers,
-                    a.from_cdn,
-                    a.uploaded,
-                    len(ip_b),
-                    len(app_b),
-                    len(rec),
-                ),
-                ip_b,
-                app_b,
-                rec,
-            )
-        )
-        prepared = (a, ip, record, now, ttl, digest, window)
-        res: AnnounceAnswer | None = await self._submit(packed, a.numwant, prepared)
+        res: AnnounceAnswer | None = await self._submit(encode_announce(c), c.announce.numwant, c)
         return res
 
-    async def commit_report(self, r: Report, *, now: float, digest: bytes, window: float) -> bool:
+    async def report(self, c: ReportCommit) -> bool:
         """Append the report to the log; False if it turned out a replay."""
+        r = c.report
         peers = [[e.node_id.hex(), e.bytes, e.rate, e.failures, e.corrupt] for e in r.peers]
-        entry = ["r", now, digest.hex(), window, r.node_id.hex(), peers]
-        return bool(await self._submit(_json_record(entry), 0))
+        entry = ["r", c.now, c.digest.hex(), c.window, r.node_id.hex(), peers]
+        return bool(await self._submit(json_record(entry), 0))
 
-    async def commit_clear(self, node_id: bytes) -> bool:
+    async def clear_peer(self, node_id: bytes) -> bool:
         """Append an operator's ``clear_peer``; whether the peer had a quality record."""
-        return bool(await self._submit(_json_record(["c", node_id.hex()]), 0))
+        return bool(await self._submit(json_record(["c", node_id.hex()]), 0))
 
-    def gc(self, now: float) -> int:
+    async def gc(self, now: float) -> int:
         """Queue a housekeeping entry: every replica drops the same expired state at the same
         log position (a local, clock-driven gc would make replicas diverge)."""
-        self._enqueue(_json_record(["g", now]))
+        self._enqueue(json_record(["g", now]))
         return 0
 
-    def _enqueue(self, entry: bytes, prepared: _Prepared | None = None) -> int:
+    async def quality(self, node_id: bytes) -> PeerQuality:
+        return self.state.quality(node_id)
+
+    async def stats(self, now: float) -> dict[str, Any]:
+        return self.state.stats(now)
+
+    def _enqueue(self, entry: bytes, prepared: AnnounceCommit | None = None) -> int:
         self._seq += 1
         self._local[self._seq] = (entry, prepared)
         self._out.append(self._seq)
         self._wake.set()
         return self._seq
 
-    async def _submit(self, entry: bytes, numwant: int, prepared: _Prepared | None = None) -> Any:
+    async def _submit(
+        self, entry: bytes, numwant: int, prepared: AnnounceCommit | None = None
+    ) -> Any:
         seq = self._enqueue(entry, prepared)
         w = self._waiting[seq] = _Wait(numwant, trio.current_time() + APPLY_TIMEOUT)
         try:
@@ -366,7 +333,7 @@ class LogSwarm(MemorySwarm):
 
     def _apply_batch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         me = self.me.encode()
-        local, waiting = self._local, self._waiting
+        local, waiting, state = self._local, self._waiting, self.state
         for sid, fields in entries:
             origin, _, seq = fields[b"o"].partition(b":")
             first, n = int(seq), int(fields[b"n"])
@@ -379,23 +346,23 @@ class LogSwarm(MemorySwarm):
                 for i, (e, prepared) in enumerate(own):
                     w = waiting.get(first + i)
                     if prepared is None:
-                        (result,) = self._apply_records(e, [w.numwant if w is not None else 0])
-                    else:
-                        a, ip, record, now, ttl, digest, window = prepared
-                        result = self.announce(
-                            a, ip, record, now=now, ttl=ttl, digest=digest, window=window
+                        (result,) = state.apply_records(
+                            e, [w.numwant if w is not None else 0], self.stream
                         )
+                    else:
+                        result = state.announce(prepared)
                     if w is not None:
                         w.result = result
                         w.done.set()
             else:  # another replica's batch (or ours, if its XADD "failed" yet reached the log)
                 ws = [waiting.get(first + i) if mine else None for i in range(n)]
                 if b"b" in fields:
-                    results = self._apply_records(fields[b"b"], [w.numwant if w else 0 for w in ws])
+                    numwants = [w.numwant if w else 0 for w in ws]
+                    results = state.apply_records(fields[b"b"], numwants, self.stream)
                 else:  # the previous format: one JSON list of lists
                     changes = json.loads(fields[b"e"])
                     results = [
-                        self._apply(e, w.numwant if w else 0)
+                        state.apply_json(e, w.numwant if w else 0, self.stream)
                         for e, w in zip(changes, ws, strict=True)
                     ]
                 for w, result in zip(ws, results, strict=True):
@@ -403,95 +370,6 @@ class LogSwarm(MemorySwarm):
                         w.result = result
                         w.done.set()
             self.applied = sid.decode()
-
-    def _apply_records(self, data: bytes, numwants: list[int]) -> list[Any]:
-        """Apply the records of one batch in order (``numwants``: one per record); their
-        results."""
-        try:
-            return self._apply_packed(data, numwants)
-        except (struct.error, UnicodeDecodeError, IndexError) as exc:
-            raise LogFormatError(f"a batch in the log {self.stream} is malformed: {exc}") from exc
-
-    def _apply_packed(self, data: bytes, numwants: list[int]) -> list[Any]:
-        out = []
-        at = 0
-        for numwant in numwants:
-            kind = data[at : at + 1]
-            at += 1
-            if kind == b"a":
-                f = _ANN.unpack_from(data, at)
-                now, ttl, digest, window, pk, node, mid, port, event = f[:9]
-                size, left, fp, fc, up, n_ip, n_app, n_rec = f[9:]
-                at += _ANN.size
-                ip = data[at : at + n_ip].decode()
-                at += n_ip
-                app = data[at : at + n_app].decode()
-                at += n_app
-                record = data[at : at + n_rec] if n_rec else None
-                at += n_rec
-                a = Announce(
-                    pk, node, 0, app, mid, None, port, EVENTS[event], size, left, fp, fc, up,
-                    numwant, (),
-                )  # fmt: skip
-                out.append(
-                    self.announce(a, ip, record, now=now, ttl=ttl, digest=digest, window=window)
-                )
-            elif kind == b"j":
-                (n,) = _JSON_LEN.unpack_from(data, at)
-                at += _JSON_LEN.size
-                out.append(self._apply(json.loads(data[at : at + n]), numwant))
-                at += n
-            else:
-                raise LogFormatError(f"unknown record kind {kind!r} in the log {self.stream}")
-        if at != len(data):
-            raise LogFormatError(f"a batch in the log {self.stream} has trailing bytes")
-        return out
-
-    def _apply(self, e: list[Any], numwant: int) -> Any:
-        kind = e[0]
-        if kind == "a":
-            (_, now, ttl, digest, window, ip, record, pk, node, app, mid) = e[:11]
-            port, event, size, left, fp, fc, up = e[11:]
-            a = Announce(
-                bytes.fromhex(pk),
-                bytes.fromhex(node),
-                0,
-                app,
-                bytes.fromhex(mid),
-                None,
-                port,
-                event,
-                size,
-                left,
-                fp,
-                fc,
-                up,
-                numwant,
-                (),
-            )
-            return self.announce(
-                a,
-                ip,
-                bytes.fromhex(record) if record else None,
-                now=now,
-                ttl=ttl,
-                digest=bytes.fromhex(digest),
-                window=window,
-            )
-        if kind == "r":
-            _, now, digest, window, reporter, peers = e
-            r = Report(
-                b"",
-                bytes.fromhex(reporter),
-                0,
-                tuple(PeerReport(bytes.fromhex(p[0]), *p[1:]) for p in peers),
-            )
-            return self.report(r, now=now, digest=bytes.fromhex(digest), window=window)
-        if kind == "c":
-            return self.clear_peer(bytes.fromhex(e[1]))
-        if kind == "g":
-            return MemorySwarm.gc(self, e[1])
-        raise LogFormatError(f"unknown entry kind {kind!r} in the log {self.stream}")
 
     # ------------------------------------------------------------------ snapshots
 
@@ -507,7 +385,7 @@ class LogSwarm(MemorySwarm):
         ttl = max(1, int(self.snapshot_every * 0.8))
         if not await trio.to_thread.run_sync(lambda: self._r.set(lock, self.me, nx=True, ex=ttl)):
             return False
-        state = self._capture()  # on the trio thread: nothing changes meanwhile
+        state = self.state.capture(self.applied)  # on the trio thread: nothing changes meanwhile
         await trio.to_thread.run_sync(self._write_snapshot, state)
         return True
 
@@ -515,28 +393,9 @@ class LogSwarm(MemorySwarm):
         trimmed = await trio.to_thread.run_sync(self._r.get, self.prefix + "log:trimmed")
         if trimmed is not None and _sid(self.applied) < _sid(trimmed.decode()):
             # entries this replica never applied are gone: start over from the snapshot
-            state = await trio.to_thread.run_sync(self._read_snapshot)
-            if state is not None:
-                self._install(state)
-
-    def _capture(self) -> dict[str, Any]:
-        """The state at :attr:`applied`, as plain values (cheap copies; packed elsewhere)."""
-        return {
-            "id": self.applied,
-            "members": [
-                [sw.manifest.hex(), sw.app, [m.row()[1:] for m in sw.members.values()]]
-                for sw in self._swarms.values()
-            ],
-            "builds": {app: dict(b) for app, b in self._builds.items()},
-            "releases": [[mid, *rel] for mid, rel in self._releases.items()],
-            "adoption": list(self._adoption.items()),
-            "quality": [
-                [n, q.mib, q.failures, q.corrupt, q.rate, q.reports, q.corrupt_reporters]
-                for n, q in self._quality.items()
-            ],
-            "corrupt_by": [[n, list(s)] for n, s in self._corrupt_by.items()],
-            "seen": list(self._seen.items()),
-        }
+            snap = await trio.to_thread.run_sync(self._read_snapshot)
+            if snap is not None:
+                self._install(snap)
 
     def _write_snapshot(self, state: dict[str, Any]) -> None:
         blob = pack_snapshot(state)
@@ -554,85 +413,6 @@ class LogSwarm(MemorySwarm):
         blob = self._r.get(self.prefix + "log:snap")
         return None if blob is None else unpack_snapshot(blob)
 
-    def _install(self, s: dict[str, Any]) -> None:
-        MemorySwarm.__init__(self)
-        for mid_hex, app, rows in s["members"]:
-            mid = bytes.fromhex(mid_hex)
-            for node, _app, key, ip, port, size, left, fp, fc, up, expires, record in rows:
-                m = Member(
-                    mid,
-                    bytes.fromhex(node),
-                    app,
-                    bytes.fromhex(key),
-                    ip,
-                    port,
-                    size,
-                    left,
-                    fp,
-                    fc,
-                    up,
-                    expires,
-                    bytes.fromhex(record) if record is not None else None,
-                )
-                self.apply_member(m, 0.0)
-        self._builds = {
-            app: {bytes.fromhex(m): t for m, t in b.items()} for app, b in s["builds"].items()
-        }
-        for mid, app, *counters in s["releases"]:
-            self.set_release(bytes.fromhex(mid), app, counters)
-        for mid, minute, n in s["adoption"]:
-            self.set_adoption(bytes.fromhex(mid), minute, n)
-        reporters = {bytes.fromhex(n): [bytes.fromhex(r) for r in rs] for n, rs in s["corrupt_by"]}
-        for n, *q in s["quality"]:
-            node = bytes.fromhex(n)
-            self.set_quality(node, PeerQuality(*q), reporters.get(node, ()))
-        self._seen = dict(s["seen"])
-        self._seen_order = deque((exp, d) for d, exp in self._seen.items())
-        self.applied = s["id"]
-
-
-def _json_record(change: list[Any]) -> bytes:
-    """A change other than an announce, as a log record: ``j``, length, JSON list."""
-    body = json.dumps(change, separators=(",", ":")).encode()
-    return b"j" + _JSON_LEN.pack(len(body)) + body
-
-
-class LogFormatError(P2PNodeError):
-    """The log or a snapshot holds something this version cannot read."""
-
-    default_fix = "run the same tracker version on every replica, or clear the PREFIX log keys"
-
-
-def pack_snapshot(state: dict[str, Any]) -> bytes:
-    """Serialise :meth:`LogSwarm._capture`'s output: compressed JSON, then the replay digests
-    as a fixed-width binary table (most of a snapshot's size under load)."""
-
-    def hexed(v: Any) -> Any:
-        return v.hex() if isinstance(v, bytes) else v
-
-    doc = dict(state)
-    seen = doc.pop("seen")
-    doc["members"] = [
-        [mid, app, [[hexed(v) for v in row] for row in rows]] for mid, app, rows in doc["members"]
-    ]
-    doc["builds"] = {app: {m.hex(): t for m, t in b.items()} for app, b in doc["builds"].items()}
-    doc["releases"] = [[mid.hex(), *rest] for mid, *rest in doc["releases"]]
-    doc["adoption"] = [[mid.hex(), minute, n] for (mid, minute), n in doc["adoption"]]
-    doc["quality"] = [[n.hex(), *rest] for n, *rest in doc["quality"]]
-    doc["corrupt_by"] = [[n.hex(), [r.hex() for r in rs]] for n, rs in doc["corrupt_by"]]
-    head = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)
-    table = b"".join(_SEEN.pack(d, exp) for d, exp in seen)
-    return _MAGIC + struct.pack(">Q", len(head)) + head + table
-
-
-def unpack_snapshot(blob: bytes) -> dict[str, Any]:
-    """The inverse of :func:`pack_snapshot` (hex strings stay hex; ``seen`` is bytes)."""
-    if not blob.startswith(_MAGIC):
-        raise LogFormatError("the snapshot does not start with this version's header")
-    at = len(_MAGIC)
-    (n,) = struct.unpack_from(">Q", blob, at)
-    at += 8
-    doc: dict[str, Any] = json.loads(zlib.decompress(blob[at : at + n]))
-    at += n
-    doc["seen"] = [(bytes(d), exp) for d, exp in _SEEN.iter_unpack(memoryview(blob)[at:])]
-    return doc
+    def _install(self, snap: dict[str, Any]) -> None:
+        self.state = ReplicaState.from_snapshot(snap)
+        self.applied = snap["id"]

@@ -1,0 +1,131 @@
+"""The tracker's wire types, shared by the client (``discovery.tracker``) and the server
+(the ``tracker`` package): one definition of each, so the two cannot drift apart.
+
+The HTTP contract is docs/tracker-api.md. Announces and reports are JSON bodies signed
+verbatim: ``keys.sign(node_key, DOMAIN, body)``, the signature as 128 hex digits in
+``SIGNATURE_HEADER``. The domain tags differ per message type, so an announce signature can
+never be replayed as a report, a manifest or a DHT record. The tracker may answer an announce
+with a session token the node sends back in ``SESSION_HEADER`` (it spares a signature check).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ..release import keys
+
+__all__ = [
+    "ANNOUNCE_DOMAIN",
+    "REPORT_DOMAIN",
+    "SESSION_HEADER",
+    "SIGNATURE_HEADER",
+    "ChannelHead",
+    "TrackerPeer",
+    "sign_body",
+]
+
+ANNOUNCE_DOMAIN = b"p2pnode-tracker-announce-v1"
+REPORT_DOMAIN = b"p2pnode-tracker-report-v1"
+SIGNATURE_HEADER = "X-P2PNode-Signature"
+#: Header carrying an announce session token (the tracker's ``AnnounceSessions``).
+SESSION_HEADER = "X-P2PNode-Session"
+
+
+def sign_body(key: Ed25519PrivateKey, domain: bytes, fields: dict[str, Any]) -> tuple[bytes, str]:
+    """Serialise ``fields`` plus key, ts and nonce; return (body, signature hex)."""
+    obj = dict(fields)
+    obj["key"] = keys.format_public_key(keys.public_key_bytes(key))
+    obj["ts"] = int(time.time())
+    obj["nonce"] = os.urandom(12).hex()
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    return body, keys.sign(key, domain, body).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelHead:
+    """Where a channel points: the head of ``GET /v1/apps/APP/channels/CH`` and of the
+    update feed. ``seq`` grows with every move of any channel of the tracker."""
+
+    app: str
+    channel: str
+    seq: int
+    manifest_id: bytes
+    build: int
+    version: str
+    #: when the channel last moved (tracker clock, Unix seconds)
+    updated: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "app": self.app,
+            "channel": self.channel,
+            "seq": self.seq,
+            "manifest_id": self.manifest_id.hex(),
+            "build": self.build,
+            "version": self.version,
+            "updated": self.updated,
+            "manifest_url": f"/v1/manifests/{self.manifest_id.hex()}",
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ChannelHead:
+        return cls(
+            app=d["app"],
+            channel=d["channel"],
+            seq=int(d["seq"]),
+            manifest_id=bytes.fromhex(d["manifest_id"]),
+            build=int(d["build"]),
+            version=d["version"],
+            updated=float(d.get("updated", 0.0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerPeer:
+    """One peer of an announce answer. The tracker renders these straight to bytes on its hot
+    path (``tracker.swarm``, ``tracker.swarm_redis``); :meth:`to_json` is the reference."""
+
+    node_id: bytes
+    public_key: bytes
+    ip: str
+    port: int
+    manifest: bytes
+    seed: bool
+    progress: float
+    score: float
+    records: tuple[bytes, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "node_id": self.node_id.hex(),
+            "key": keys.format_public_key(self.public_key),
+            "ip": self.ip,
+            "port": self.port,
+            "manifest": self.manifest.hex(),
+            "seed": self.seed,
+            "progress": round(self.progress, 4),
+            "score": round(self.score, 4),
+        }
+        if self.records:
+            out["records"] = [r.hex() for r in self.records]
+        return out
+
+    @classmethod
+    def from_json(cls, p: dict[str, Any]) -> TrackerPeer:
+        return cls(
+            node_id=bytes.fromhex(p["node_id"]),
+            public_key=keys.parse_public_key(p["key"]),
+            ip=p["ip"],
+            port=int(p["port"]),
+            manifest=bytes.fromhex(p["manifest"]),
+            seed=bool(p["seed"]),
+            progress=float(p["progress"]),
+            score=float(p["score"]),
+            records=tuple(bytes.fromhex(r) for r in p.get("records", [])),
+        )

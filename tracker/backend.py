@@ -1,0 +1,205 @@
+"""What the app needs of its stores: one swarm-store interface, one registry interface.
+
+Theory of operation
+-------------------
+The app (:mod:`tracker.app`) holds one :class:`SwarmStore` and one :class:`RegistryStore` and
+never asks which kind it has; :func:`tracker.app.open_tracker` picks them from the command line.
+
+Swarm stores (state that changes on every announce and may be lost):
+
+* :class:`tracker.swarm_sqlite.SQLiteSwarm`: one process; memory, written behind to a file.
+* :class:`tracker.swarm_redis.RedisSwarm`: replicas share a redis-server; a Lua script per
+  announce, sent in pipelined group commits from a worker thread.
+* :class:`tracker.swarm_log.LogSwarm`: replicas keep the state in memory and apply the same
+  changes in the order of a Redis stream.
+
+Their interface is async because what a call waits on differs (nothing, a worker thread, the
+log coming back), and only the store knows. A verified announce or report reaches the store as
+one value (:class:`AnnounceCommit`, :class:`ReportCommit`) carrying everything its apply needs,
+including the tracker's clock reading, so that replicas applying the same value agree.
+
+Registry stores (apps, manifests, channels: small and precious) keep a synchronous interface:
+:class:`tracker.registry_sqlite.SQLiteRegistry` (SQLite in DIR) and
+:class:`tracker.registry_redis.RedisRegistry` (replicas on separate hosts). Their ``blocking``
+attribute says whether a call may wait on the network, so the app runs it in a worker thread;
+``get_app`` and ``manifest_info`` always run inline (the Redis one serves them from a cache
+and bounds a miss by a short timeout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from p2pnode.discovery.tracker_api import ChannelHead
+
+from .core import Announce, PeerQuality, Report
+
+__all__ = [
+    "AnnounceAnswer",
+    "AnnounceCommit",
+    "AppRow",
+    "Publication",
+    "RegistryStore",
+    "ReportCommit",
+    "SwarmStore",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class AnnounceCommit:
+    """A verified announce as a swarm store applies it.
+
+    ``ip`` is the address peers should dial (``core.plausible_ip``), ``record`` the verified
+    DHT peer records it carries as one bundle, ``ttl`` how long the member lives without
+    re-announcing, and ``digest`` the replay guard's key, remembered for ``window`` seconds.
+    """
+
+    announce: Announce
+    ip: str
+    record: bytes | None
+    now: float
+    ttl: float
+    digest: bytes
+    window: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReportCommit:
+    """A verified peer-quality report as a swarm store applies it (replay guard as above)."""
+
+    report: Report
+    now: float
+    digest: bytes
+    window: float
+
+
+@dataclass
+class AnnounceAnswer:
+    """What the announce answer needs: ranked peers (JSON fragments) and the swarm's counts."""
+
+    peers: list[bytes]
+    seeders: int
+    leechers: int
+
+
+class SwarmStore(Protocol):
+    """Shared swarm state: members, counters, peer quality and the replay guard."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The store's background duties (write-behind, following a log), until cancelled;
+        ``task_status.started()`` once it may serve requests."""
+        ...
+
+    async def announce(self, c: AnnounceCommit) -> AnnounceAnswer | None:
+        """Apply the announce; return the answer (peers ranked as ``core.rank_peers``
+        specifies and serialised, and the swarm's seeder and leecher counts); ``None`` if
+        ``c.digest`` was already seen (a replay) and nothing changed."""
+        ...
+
+    async def report(self, c: ReportCommit) -> bool:
+        """Fold a report into peer quality; False if it is a replay (nothing changed)."""
+        ...
+
+    async def quality(self, node_id: bytes) -> PeerQuality: ...
+
+    async def clear_peer(self, node_id: bytes) -> bool:
+        """Forget what reports said of a peer (an operator's decision); whether it had any."""
+        ...
+
+    async def gc(self, now: float) -> int:
+        """Drop expired state; how many members went (0 where that is decided elsewhere)."""
+        ...
+
+    async def stats(self, now: float) -> dict[str, Any]:
+        """Per-release counters and the quality summary, as ``/v1/stats`` shows them."""
+        ...
+
+    async def check(self) -> None:
+        """Raise :class:`tracker.errors.Unavailable` unless the store works (``/healthz``, and
+        the CLI before it serves)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """A verified manifest to store and make the head of ``channel`` (a publish): its id and
+    signed bytes, what the registry keeps of it, when, and who (``admin`` or ``publisher``)."""
+
+    app: str
+    channel: str
+    manifest_id: bytes
+    build: int
+    version: str
+    size: int
+    signed: bytes
+    now: float
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
+class AppRow:
+    name: str
+    key: bytes
+    token_hash: bytes
+    created: float
+
+
+class RegistryStore(Protocol):
+    """Apps, manifests and channels. Methods are synchronous; see the module docstring for
+    ``blocking``. Failures to reach a remote store raise
+    :class:`tracker.errors.RegistryUnavailable`."""
+
+    #: Calls may wait on the network: the app runs them in a worker thread.
+    blocking: bool
+
+    def close(self) -> None: ...
+
+    def data_version(self) -> int:
+        """A number that changes when another replica changed the registry."""
+        ...
+
+    def add_app(self, name: str, key: bytes, token_hash: bytes, now: float) -> AppRow: ...
+
+    def get_app(self, name: str) -> AppRow | None: ...
+
+    def list_apps(self) -> list[AppRow]: ...
+
+    def get_manifest(self, manifest_id: bytes) -> bytes | None: ...
+
+    def manifest_info(self, manifest_id: bytes) -> tuple[str, int, str, int] | None:
+        """(app, build, version, size) of a stored manifest."""
+        ...
+
+    def head(self, app: str, channel: str) -> ChannelHead | None: ...
+
+    def channels(self, app: str) -> list[ChannelHead]: ...
+
+    def publish(self, p: Publication) -> int:
+        """Store a verified manifest and make it the channel's head; returns the event seq.
+
+        Raises:
+            Conflict: the build is not newer than every build ever published to the channel
+                (so a rolled-back build number can never come back with other contents).
+        """
+        ...
+
+    def move(
+        self, *, app: str, channel: str, manifest_id: bytes, action: str, now: float, actor: str
+    ) -> int:
+        """Point a channel at an already stored manifest of the app (promote or rollback)."""
+        ...
+
+    def history(self, app: str, channel: str, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    def previous_head(self, app: str, channel: str) -> bytes | None:
+        """The manifest the channel pointed at before its current head (for rollback)."""
+        ...
+
+    def releases(self) -> dict[bytes, tuple[str, int, str]]:
+        """manifest id -> (app, build, version), for labelling stats."""
+        ...

@@ -1,0 +1,268 @@
+"""The registry's routes: apps, publishing, channel moves, the update feed, manifests.
+
+Handlers are thin: read the body under a size cap, check names and tokens, call the registry
+(:class:`tracker.backend.RegistryStore`), answer. The uploaded manifest (up to 64 MiB) is parsed
+and its signature checked in a worker thread. Each move wakes the update feed
+(:class:`tracker.feed.Feed`); a node asks ``GET .../channels/CH?since=SEQ&wait=S`` and gets the
+head at once if it moved past ``SEQ``, else when it moves, else after ``S`` seconds; the same
+moves are pushed as server-sent events on ``.../events``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import trio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from p2pnode.errors import P2PNodeError
+from p2pnode.release import keys
+from p2pnode.release.manifest import MAX_MANIFEST_BYTES, parse_signed, verify
+
+from . import core
+from .auth import require_admin, require_publisher, token_hash
+from .backend import AppRow, Publication, RegistryStore
+from .config import TrackerConfig
+from .errors import APIError, BadRequest, Conflict, Forbidden, NotFound
+from .feed import Feed
+from .metrics import TrackerMetrics
+from .web import query_float, query_int, read_body
+
+__all__ = ["MAX_JSON_BYTES", "MAX_WAIT", "ChannelRoutes"]
+
+MAX_JSON_BYTES = 4096
+#: Longest a long-poll may ask to be held (seconds).
+MAX_WAIT = 60.0
+
+
+class ChannelRoutes:
+    """The handlers of the registry's routes; their names are the ``route`` label of the
+    request metrics, so they do not change.
+
+    Args:
+        config: the tracker's (``admin_token``, ``clock``).
+        registry: the registry store.
+        registry_call: runs a registry call (in a worker thread when it may block).
+        feed: woken by every channel move.
+        metrics: counts the moves.
+    """
+
+    def __init__(
+        self,
+        config: TrackerConfig,
+        registry: RegistryStore,
+        registry_call: Callable[..., Awaitable[Any]],
+        feed: Feed,
+        metrics: TrackerMetrics,
+    ) -> None:
+        self.config, self.registry, self.registry_call = config, registry, registry_call
+        self.feed, self.metrics = feed, metrics
+
+    def app_row(self, app: str) -> AppRow:
+        core.check_name(app, "app")
+        row = self.registry.get_app(app)
+        if row is None:
+            raise NotFound(f"app {app} is not registered", fix="register it: tracker app add")
+        return row
+
+    async def apps(self, request: Request) -> Response:
+        if request.method == "GET":
+            return JSONResponse(
+                {
+                    "apps": [
+                        {"app": a.name, "key": keys.format_public_key(a.key)}
+                        for a in await self.registry_call(self.registry.list_apps)
+                    ]
+                }
+            )
+        require_admin(request, self.config.admin_token)
+        obj = core.json_object(await read_body(request, MAX_JSON_BYTES))
+        app = core.check_name(obj.get("app"), "app")  # type: ignore[arg-type]
+        key_text = obj.get("key")
+        if not isinstance(key_text, str):
+            raise BadRequest("key must be ed25519:<64 hex>")
+        try:
+            key = keys.parse_public_key(key_text)
+        except P2PNodeError as exc:
+            raise BadRequest("key must be ed25519:<64 hex>") from exc
+        token = "pub_" + secrets.token_urlsafe(32)
+        await self.registry_call(
+            self.registry.add_app, app, key, token_hash(token), self.config.clock()
+        )
+        return JSONResponse(
+            {"app": app, "key": keys.format_public_key(key), "publisher_token": token},
+            status_code=201,
+        )
+
+    async def app_info(self, request: Request) -> Response:
+        row = self.app_row(request.path_params["app"])
+        heads = await self.registry_call(self.registry.channels, row.name)
+        return JSONResponse(
+            {
+                "app": row.name,
+                "key": keys.format_public_key(row.key),
+                "channels": [h.to_json() for h in heads],
+            }
+        )
+
+    def channel(self, request: Request) -> tuple[AppRow, str]:
+        row = self.app_row(request.path_params["app"])
+        channel = core.check_name(request.path_params["channel"], "channel")
+        return row, channel
+
+    async def publish(self, request: Request) -> Response:
+        row, channel = self.channel(request)
+        actor = require_publisher(request, self.config.admin_token, row.name, row)
+        body = await read_body(request, MAX_MANIFEST_BYTES + 1024)
+        now = self.config.clock()
+
+        def check() -> Any:
+            signed = parse_signed(body, source="uploaded manifest")
+            verify(signed, {row.key}, now=now)
+            return signed
+
+        try:
+            signed = await trio.to_thread.run_sync(check)
+        except P2PNodeError as exc:
+            raise _refusal(exc) from exc
+        m = signed.manifest
+        if m.app != row.name:
+            raise BadRequest(f"the manifest is for app {m.app}, not {row.name}")
+        if m.channel != channel:
+            raise BadRequest(
+                f"the manifest is signed for channel {m.channel}, not {channel}",
+                fix=f"publish to {m.channel}, then promote it to {channel}",
+            )
+        mid = signed.id
+        publication = Publication(
+            app=row.name,
+            channel=channel,
+            manifest_id=mid,
+            build=m.build,
+            version=m.version,
+            size=m.total_size,
+            signed=body,
+            now=now,
+            actor=actor,
+        )
+        seq = await self.registry_call(self.registry.publish, publication)
+        self.metrics.moves.labels("publish").inc()
+        self.feed.notify()
+        return JSONResponse(
+            {
+                "app": row.name,
+                "channel": channel,
+                "seq": seq,
+                "manifest_id": mid.hex(),
+                "build": m.build,
+                "version": m.version,
+            },
+            status_code=201,
+        )
+
+    async def move(self, request: Request, action: str) -> Response:
+        row, channel = self.channel(request)
+        actor = require_publisher(request, self.config.admin_token, row.name, row)
+        obj = core.json_object(await read_body(request, MAX_JSON_BYTES) or b"{}")
+        target = obj.get("manifest_id")
+        if target is None and action == "rollback":
+            mid = await self.registry_call(self.registry.previous_head, row.name, channel)
+            if mid is None:
+                raise Conflict(
+                    f"channel {channel} of {row.name} has no earlier build to roll back to",
+                    fix="pass manifest_id explicitly",
+                )
+        elif target is None:
+            raise BadRequest("manifest_id is required")
+        else:
+            mid = core.check_manifest_id(target)
+        await self.registry_call(
+            self.registry.move,
+            app=row.name,
+            channel=channel,
+            manifest_id=mid,
+            action=action,
+            now=self.config.clock(),
+            actor=actor,
+        )
+        self.metrics.moves.labels(action).inc()
+        self.feed.notify()
+        head = await self.registry_call(self.registry.head, row.name, channel)
+        if head is None:  # the move just committed; only a concurrent delete could do this
+            raise NotFound(f"channel {channel} vanished")
+        return JSONResponse(head.to_json())
+
+    async def promote(self, request: Request) -> Response:
+        return await self.move(request, "promote")
+
+    async def rollback(self, request: Request) -> Response:
+        return await self.move(request, "rollback")
+
+    async def history(self, request: Request) -> Response:
+        row, channel = self.channel(request)
+        history = await self.registry_call(self.registry.history, row.name, channel)
+        return JSONResponse({"app": row.name, "channel": channel, "history": history})
+
+    async def latest(self, request: Request) -> Response:
+        row, channel = self.channel(request)
+        since = query_int(request, "since", -1, 1 << 62)
+        wait = query_float(request, "wait", 0.0, MAX_WAIT)
+        head = await self.registry_call(self.registry.head, row.name, channel)
+        if since is not None and wait > 0:
+            with trio.move_on_after(wait):
+                while head is None or head.seq <= since:
+                    await self.feed.wait()
+                    head = await self.registry_call(self.registry.head, row.name, channel)
+        if head is None:
+            raise NotFound(
+                f"nothing is published to channel {channel} of {row.name} yet",
+                fix="publish a build first (or wait with ?since=0&wait=S)",
+            )
+        return JSONResponse(head.to_json())
+
+    async def events(self, request: Request) -> Response:
+        row, channel = self.channel(request)
+        since = query_int(request, "since", -1, 1 << 62)
+
+        async def stream() -> AsyncIterator[bytes]:
+            last = -1 if since is None else since
+            yield b"retry: 1000\n\n"
+            while True:
+                head = await self.registry_call(self.registry.head, row.name, channel)
+                if head is not None and head.seq > last:
+                    last = head.seq
+                    data = json.dumps(head.to_json())
+                    yield f"id: {head.seq}\nevent: release\ndata: {data}\n\n".encode()
+                with trio.move_on_after(15):
+                    await self.feed.wait()
+                    continue
+                yield b": keepalive\n\n"
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def manifest(self, request: Request) -> Response:
+        mid = core.check_manifest_id(request.path_params["manifest_id"])
+        raw = await self.registry_call(self.registry.get_manifest, mid)
+        if raw is None:
+            raise NotFound(f"manifest {mid.hex()} is not stored here")
+        return Response(
+            raw,
+            media_type="application/x-p2pnode-manifest",
+            headers={"Cache-Control": "public, max-age=31536000, immutable"},
+        )
+
+
+def _refusal(exc: P2PNodeError) -> APIError:
+    """A manifest problem as an HTTP refusal: trust failures are 403, format problems 400."""
+    from p2pnode.errors import IntegrityError
+
+    cls: type[APIError] = Forbidden if isinstance(exc, IntegrityError) else BadRequest
+    return cls(f"manifest refused: {exc.message}", fix=exc.fix)

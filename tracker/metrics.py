@@ -1,0 +1,173 @@
+"""The tracker's Prometheus metrics and load figures, apart from the request handlers.
+
+Names and labels are part of the operator's interface (docs/operations.md): dashboards and
+alerts use them, so they do not change. Request counts and latencies are recorded by
+:class:`tracker.middleware.RequestMiddleware` for the Starlette port and by
+:meth:`TrackerMetrics.record_announce` for the fast announce listener; the swarm gauges come from
+the stats gathered just before each scrape (:class:`SwarmCollector`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .core import EVENTS
+
+__all__ = ["LOAD_WINDOW", "SwarmCollector", "TrackerMetrics"]
+
+#: Request latencies kept for the load figures in /v1/stats (a ring; about 1 MB).
+LOAD_WINDOW = 20_000
+
+
+class TrackerMetrics:
+    """The counters of one tracker process, and the latency ring behind ``/v1/stats``'s load."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "tracker_http_requests",
+            "HTTP requests answered, by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tracker_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route",
+            ["route"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
+        )
+        announces = Counter(
+            "tracker_announces", "Accepted announces, by event", ["event"], registry=self.registry
+        )
+        self.reports = Counter(
+            "tracker_reports", "Accepted peer-quality reports", registry=self.registry
+        )
+        self.rejected = Counter(
+            "tracker_rejected_requests",
+            "Requests refused with a 4xx, by error code",
+            ["code"],
+            registry=self.registry,
+        )
+        self.moves = Counter(
+            "tracker_channel_moves",
+            "Channel moves, by action (publish, promote, rollback)",
+            ["action"],
+            registry=self.registry,
+        )
+        self.registry.register(SwarmCollector(self))
+        #: accepted announces by event, labelled once (the hot path only increments)
+        self.announces = {e: announces.labels(e) for e in EVENTS}
+        self._request_counters: dict[tuple[str, int], Any] = {}
+        self._announce_latency = self.latency.labels("announce")
+        self._load: deque[tuple[float, float]] = deque(maxlen=LOAD_WINDOW)
+        self._started = time.monotonic()
+        #: the last stats gathered (``/v1/stats`` or a scrape), for the swarm gauges
+        self.stats_cache: dict[str, Any] = {"releases": [], "quality": {}}
+
+    def record(self, route: str, status: int, seconds: float, *, held: bool = False) -> None:
+        """Count a request the Starlette port answered. Held requests (SSE, long-polls) last
+        as long as the client asks: their time is not latency."""
+        self.requests.labels(route, str(status)).inc()
+        if not held:
+            self.latency.labels(route).observe(seconds)
+            self._load.append((time.monotonic(), seconds))
+
+    def record_announce(self, status: int, seconds: float, code: str | None) -> None:
+        """Count a request the fast announce listener answered (``code``: its refusal)."""
+        key = ("announce", status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = self.requests.labels("announce", str(status))
+        counter.inc()
+        if code is not None:
+            self.rejected.labels(code).inc()
+        self._announce_latency.observe(seconds)
+        self._load.append((time.monotonic(), seconds))
+
+    def load(self) -> dict[str, Any]:
+        """Requests per second and latency percentiles over the last ten seconds."""
+        now = time.monotonic()
+        window = min(10.0, max(1e-3, now - self._started))
+        recent = sorted(d for t, d in self._load if t >= now - window)
+        n = len(recent)
+
+        def pct(p: float) -> float:
+            return recent[min(n - 1, int(p * n))] * 1000 if n else 0.0
+
+        return {
+            "window_s": round(window, 3),
+            "requests_per_s": round(n / window, 2),
+            "p50_ms": round(pct(0.50), 3),
+            "p99_ms": round(pct(0.99), 3),
+        }
+
+    def exposition(self) -> bytes:
+        """Everything, in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+
+class SwarmCollector:
+    """Prometheus view of the swarm, from the stats gathered just before each scrape."""
+
+    def __init__(self, metrics: TrackerMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        stats = self.metrics.stats_cache
+        labels = ["app", "version", "manifest"]
+        seeders = GaugeMetricFamily(
+            "tracker_swarm_seeders", "Live seeders per release", labels=labels
+        )
+        leechers = GaugeMetricFamily(
+            "tracker_swarm_leechers", "Live leechers per release", labels=labels
+        )
+        completed = CounterMetricFamily(
+            "tracker_release_completed", "Completed downloads per release", labels=labels
+        )
+        from_peers = CounterMetricFamily(
+            "tracker_release_from_peers_bytes",
+            "Bytes nodes received from peers, per release",
+            labels=labels,
+        )
+        from_cdn = CounterMetricFamily(
+            "tracker_release_from_cdn_bytes",
+            "Bytes nodes received from the CDN, per release",
+            labels=labels,
+        )
+        offload = GaugeMetricFamily(
+            "tracker_release_offload_ratio",
+            "Share of bytes that came from peers rather than the CDN, per release",
+            labels=labels,
+        )
+        for r in stats.get("releases", []):
+            lv = [r["app"], str(r.get("version")), r["manifest_id"]]
+            seeders.add_metric(lv, r["seeders"])
+            leechers.add_metric(lv, r["leechers"])
+            completed.add_metric(lv, r["completed"])
+            from_peers.add_metric(lv, r["bytes_from_peers"])
+            from_cdn.add_metric(lv, r["bytes_from_cdn"])
+            offload.add_metric(lv, r["offload_ratio"])
+        yield from (seeders, leechers, completed, from_peers, from_cdn, offload)
+        q = stats.get("quality", {})
+        dist = GaugeMetricFamily(
+            "tracker_peer_quality_peers",
+            "Scored peers per quality-score bucket (lower bound of a 0.1-wide bucket)",
+            labels=["score_ge"],
+        )
+        for i, n in enumerate(q.get("histogram", [0] * 10)):
+            dist.add_metric([f"{i / 10:.1f}"], n)
+        yield dist
+        yield GaugeMetricFamily(
+            "tracker_peers_flagged",
+            "Peers flagged for sending corrupt data to several reporters",
+            value=len(q.get("flagged", [])),
+        )
