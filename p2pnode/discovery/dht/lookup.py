@@ -96,6 +96,7 @@ class Lookup:
         self._vouched: set[bytes] = set()
         self._ref_good: dict[bytes, int] = {}
         self._ref_bad: dict[bytes, int] = {}
+        self._answers_via: dict[bytes | None, int] = {}  # answers, by who referred the answerer
         self.distrusted: set[bytes] = set()
         self._add(seeds)
 
@@ -161,8 +162,11 @@ class Lookup:
         self._leave(state)
         self.answers += 1
         ref = self._referrer.get(contact.id)
+        self._answers_via[ref] = self._answers_via.get(ref, 0) + 1
         if ref is not None:
             self._ref_good[ref] = self._ref_good.get(ref, 0) + 1
+        for suspect in [r for r, n in self._ref_bad.items() if n >= DISTRUST_AFTER]:
+            self._judge(suspect)  # held back for want of a live comparison, maybe
         if contact.id not in self.distrusted:
             self._add(list(nodes)[: self.k], referrer=contact.id)
 
@@ -191,12 +195,27 @@ class Lookup:
         ref = self._referrer.get(cid)
         if ref is None or ref in self.distrusted:
             return
-        bad = self._ref_bad[ref] = self._ref_bad.get(ref, 0) + 1
-        if bad >= DISTRUST_AFTER and not self._ref_good.get(ref):
-            self.distrusted.add(ref)
-            for other, by in self._referrer.items():
-                if by == ref and self._state.get(other) == _NEW and other not in self._vouched:
-                    self._state[other] = _FAILED
+        self._ref_bad[ref] = self._ref_bad.get(ref, 0) + 1
+        self._judge(ref)
+
+    def _judge(self, ref: bytes) -> None:
+        """Distrust ``ref`` once ``DISTRUST_AFTER`` of its referrals were duds and none
+        answered, but only once some node that ``ref`` neither is nor referred has answered: a
+        dud rate is damning only beside evidence that the rest of the network is alive. Alone,
+        an honest node among many dead ones would be cut off, and with it the whole lookup."""
+        if ref in self.distrusted or self._ref_good.get(ref):
+            return
+        if self._ref_bad.get(ref, 0) < DISTRUST_AFTER:
+            return
+        elsewhere = sum(n for r, n in self._answers_via.items() if r != ref)
+        if self._state.get(ref) == _ANSWERED:
+            elsewhere -= 1  # ref's own answer is no evidence about ref
+        if elsewhere <= 0:
+            return
+        self.distrusted.add(ref)
+        for other, by in self._referrer.items():
+            if by == ref and self._state.get(other) == _NEW and other not in self._vouched:
+                self._state[other] = _FAILED
 
     def _leave(self, state: int) -> None:
         if state == _ASKED:
