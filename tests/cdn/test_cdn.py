@@ -27,8 +27,8 @@ from p2pnode.cdn.plan import (
     parse_content_range,
 )
 from p2pnode.errors import CDNError
-from tests.conftest import TestRelease, random_files
 from tests.support.nginx import Nginx
+from tests.support.release import TestRelease, random_files
 
 # ---------------------------------------------------------------------------------------------
 # sans-IO

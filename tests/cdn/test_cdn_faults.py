@@ -17,8 +17,8 @@ import trio
 
 from p2pnode.cdn.fetcher import CDNFetcher, CDNOptions, ChunkRequest, FetchStats
 from p2pnode.errors import CDNError
-from tests.conftest import TestRelease, random_files
 from tests.support.faultserver import Fault, FaultServer, dead_url
+from tests.support.release import TestRelease, random_files
 
 FAST = dict(
     connections=3,

@@ -11,7 +11,7 @@ import trio
 from p2pnode.node.install import InstallOptions, install
 from p2pnode.node.seed import seed
 from p2pnode.release.publish import publish
-from tests.node.test_install import KEY, TRUST, make_release, tree
+from tests.support.release import KEY, TRUST, make_release, tree
 
 
 def dht_loop_threads() -> int:

@@ -22,7 +22,7 @@ from p2pnode.discovery.tracker import TrackerClient
 from p2pnode.node.install import InstallOptions, InstallResult, install
 from p2pnode.node.seed import seed
 from p2pnode.release.publish import publish
-from tests.node.test_install import KEY, PUB, TRUST, make_release, tree
+from tests.support.release import KEY, PUB, TRUST, make_release, tree
 
 ADMIN = "discovery-admin-token-0123456789ab"
 

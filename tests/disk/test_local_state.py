@@ -21,7 +21,7 @@ from p2pnode.release import layout
 from p2pnode.release.chunker import hash_chunk
 from p2pnode.release.publish import publish
 from p2pnode.units import parse_rate, parse_size
-from tests.node.test_install import KEY, TRUST, make_release, tree
+from tests.support.release import KEY, TRUST, make_release, tree
 
 
 def test_rates_use_aria2_suffixes() -> None:

@@ -20,7 +20,7 @@ from p2pnode.node.install import InstallOptions, install
 from p2pnode.node.verify import verify
 from p2pnode.release import keys
 from p2pnode.release.publish import publish
-from tests.node.test_install import KEY, TRUST, make_release, tree
+from tests.support.release import KEY, TRUST, make_release, tree
 
 
 def journal_records(dest: Path) -> int:

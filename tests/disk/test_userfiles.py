@@ -19,7 +19,7 @@ from p2pnode.disk.userfiles import carry
 from p2pnode.node.install import InstallOptions, install, rollback
 from p2pnode.node.verify import verify
 from p2pnode.release.publish import PublishResult, publish
-from tests.node.test_install import KEY, TRUST, make_release, tree
+from tests.support.release import KEY, TRUST, make_release, tree
 
 # path -> (content, mode); every one gets its own old mtime. "settings.ini" is a path build 2
 # ships; "data/sub/notes.txt" sits in a folder only build 1 has.

@@ -21,31 +21,7 @@ from p2pnode.node.install import InstallOptions, install, rollback
 from p2pnode.node.verify import verify
 from p2pnode.release import keys
 from p2pnode.release.publish import publish
-
-KEY = keys.generate_key()
-PUB = keys.public_key_bytes(KEY)
-TRUST = [PUB]
-
-
-def tree(root: Path) -> dict[str, tuple[bytes, int]]:
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            p = Path(dirpath) / name
-            out[p.relative_to(root).as_posix()] = (p.read_bytes(), stat.S_IMODE(p.stat().st_mode))
-    return out
-
-
-def make_release(root: Path, seed: int = 1, big: int = 12 << 20) -> None:
-    rng = random.Random(seed)
-    (root / "bin").mkdir(parents=True, exist_ok=True)
-    (root / "data" / "sub").mkdir(parents=True, exist_ok=True)
-    (root / "bin" / "run").write_bytes(b"#!/bin/sh\necho hi\n")
-    (root / "bin" / "run").chmod(0o755)
-    (root / "data" / "big.pak").write_bytes(rng.randbytes(big))
-    (root / "data" / "sub" / "small.txt").write_bytes(b"hello\n" * 100)
-    (root / "data" / "dup.pak").write_bytes((root / "data" / "big.pak").read_bytes()[: 3 << 20])
-    (root / "empty").write_bytes(b"")
+from tests.support.release import KEY, TRUST, make_release, tree
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from typing import Any
 
 from p2pnode.release import keys
 from p2pnode.release.publish import publish
-from tests.node.test_install import KEY, make_release, tree
+from tests.support.release import KEY, make_release, tree
 
 PUB = keys.format_public_key(keys.public_key_bytes(KEY))
 

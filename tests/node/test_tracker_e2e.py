@@ -8,46 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from p2pnode.demo.cdn import LocalCDN
-from p2pnode.demo.tracker import LocalTracker
-from tests.node.test_install import make_release, tree
-
-ADMIN = "e2e-admin-token-0123456789abcdef"
-
-
-def cli(*args: str) -> dict[str, object]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "p2pnode", *args, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    out: dict[str, object] = json.loads(proc.stdout)
-    return out
-
-
-@pytest.fixture
-def tracker_url(tmp_path: Path) -> Iterator[str]:
-    with LocalTracker(tmp_path / "tracker", ADMIN) as url:
-        yield url
-
-
-def registered_app(tmp_path: Path, tracker_url: str) -> tuple[Path, Path, Path, str]:
-    """A release to publish, a CDN folder, a publisher key, and app "game" on the tracker."""
-    src, cdn_root = tmp_path / "src", tmp_path / "cdn"
-    cdn_root.mkdir()
-    make_release(src, big=4 << 20)
-    key = tmp_path / "k.pem"
-    pub = str(cli("keygen", str(key))["key"])
-    add = ["app", "add", "game", "--key", pub, "--url", tracker_url, "--admin-token", ADMIN]
-    subprocess.run([sys.executable, "-m", "tracker", *add], check=True, capture_output=True)
-    return src, cdn_root, key, pub
+from tests.support.e2e import ADMIN, cli, registered_app
+from tests.support.release import tree
 
 
 def test_publish_through_tracker_reaches_a_watching_node(tmp_path: Path, tracker_url: str) -> None:

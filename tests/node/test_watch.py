@@ -20,8 +20,8 @@ from p2pnode.demo.cdn import LocalCDN
 from p2pnode.node.install import InstallOptions
 from p2pnode.node.watch import WatchOptions, watch
 from p2pnode.release import keys
-from tests.node.test_install import tree
-from tests.node.test_tracker_e2e import ADMIN, cli, registered_app, tracker_url  # noqa: F401 (fixture)
+from tests.support.e2e import ADMIN, cli, registered_app
+from tests.support.release import tree
 
 
 def _publish(src: Path, out: Path, key: Path, url: str, mirror: str, build: int) -> None:
@@ -110,7 +110,7 @@ class Watcher:
 
 def test_watchers_update_through_the_swarm_and_serve_between_builds(
     tmp_path: Path,
-    tracker_url: str,  # noqa: F811
+    tracker_url: str,
 ) -> None:
     src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
     watchers: list[Watcher] = []
@@ -162,7 +162,7 @@ def test_watchers_update_through_the_swarm_and_serve_between_builds(
 
 async def test_a_failed_install_is_retried_and_a_downgrade_refused(
     tmp_path: Path,
-    tracker_url: str,  # noqa: F811
+    tracker_url: str,
 ) -> None:
     """The CDN lacks build 2's files at first: the node reports the failure, keeps serving
     build 1, and installs build 2 on a retry once the files are there. A channel rolled back
@@ -220,7 +220,7 @@ async def test_a_failed_install_is_retried_and_a_downgrade_refused(
 
 async def test_a_long_running_watcher_leaks_no_sockets_or_threads(
     tmp_path: Path,
-    tracker_url: str,  # noqa: F811
+    tracker_url: str,
 ) -> None:
     """A daemon goes through build after build: each install's swarm node, DHT node (its
     asyncio thread and UDP socket), listener and tracker connections end with it."""

@@ -20,7 +20,7 @@ from p2pnode.release import keys
 from p2pnode.release.publish import PublishResult, publish
 from p2pnode.swarm import wire as W
 from p2pnode.swarm.node import Link, SwarmNode
-from tests.node.test_install import KEY, TRUST, make_release, tree
+from tests.support.release import KEY, TRUST, make_release, tree
 
 
 class TimedSeed(SwarmNode):

@@ -19,8 +19,8 @@ from p2pnode.release.chunker import hash_chunk
 from p2pnode.swarm import wire as W
 from p2pnode.swarm.node import MAX_BAD_CHUNKS, MAX_BANNED, Link, PeerStats, SwarmNode
 from p2pnode.swarm.peer import MAX_JOINS, MAX_OUTSTANDING
+from tests.support.swarm import CorruptSeed, node, seeded
 from tests.support.waiting import until
-from tests.swarm.test_swarm_node import CorruptSeed, node, seeded
 
 
 async def tls_to(port: int, me: NodeIdentity | None = None) -> trio.SSLStream[trio.SocketStream]:

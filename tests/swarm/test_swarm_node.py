@@ -10,33 +10,14 @@ from pathlib import Path
 import trio
 
 from p2pnode.disk.stage import LocalChunks
-from p2pnode.disk.state import StateDir
-from p2pnode.disk.switch import local_chunks
-from p2pnode.identity import NodeIdentity
-from p2pnode.node.install import InstallOptions, install
 from p2pnode.ratelimit import RateLimiter
 from p2pnode.release import keys
 from p2pnode.release.chunker import hash_chunk
 from p2pnode.release.publish import publish
 from p2pnode.swarm import wire as W
-from p2pnode.swarm.node import Link, PeerStats, SwarmNode
-from tests.node.test_install import KEY, TRUST, make_release
-
-
-def node() -> NodeIdentity:
-    return NodeIdentity(keys.generate_key())
-
-
-async def seeded(tmp_path: Path) -> tuple[SwarmNode, object]:
-    src = tmp_path / "src"
-    make_release(src, big=6 << 20)
-    p = publish(src, app="game", version="1", build=1, key=KEY, out=tmp_path / "cdn")
-    dest = tmp_path / "seed"
-    await install(str(tmp_path / "cdn" / p.manifest_path), dest, TRUST, InstallOptions())
-    sd = StateDir(dest)
-    seed = SwarmNode(node(), local_chunks(sd, sd.load()))
-    seed.offer(p.manifest)
-    return seed, p.manifest
+from p2pnode.swarm.node import PeerStats, SwarmNode
+from tests.support.release import KEY
+from tests.support.swarm import CorruptSeed, node, seeded
 
 
 async def test_a_leecher_fetches_everything_from_a_seed(tmp_path: Path) -> None:
@@ -59,17 +40,6 @@ async def test_a_leecher_fetches_everything_from_a_seed(tmp_path: Path) -> None:
     assert st.chunks == len(wanted) and st.corrupt == 0 and st.node_id == seed.identity.node_id
     assert st.responses == st.chunks and st.latency_ms > 0 and st.connect_s > 0
     assert seed.uploaded == sum(len(d) for d in got.values())
-
-
-class CorruptSeed(SwarmNode):
-    """Answers every request with bytes that do not match the chunk."""
-
-    async def _answer(self, link: Link, req: W.Request) -> bytes:
-        ids = self.offers[req.manifest]
-        return link.session.send(
-            W.Piece(req.manifest, req.index, req.rid, ids[req.index], b"evil" * 100),
-            trio.current_time(),
-        )
 
 
 async def test_a_corrupt_peer_is_banned_and_nothing_bad_is_delivered(tmp_path: Path) -> None:

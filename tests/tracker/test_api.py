@@ -23,7 +23,7 @@ from p2pnode.discovery.tracker import (
 )
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
-from tests.tracker.conftest import ADMIN, APP, client_for, long_poll_woken
+from tests.support.tracker import ADMIN, APP, client_for, long_poll_woken
 from tracker import Tracker
 
 

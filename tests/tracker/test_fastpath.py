@@ -14,7 +14,7 @@ import trio
 from p2pnode.discovery.tracker import ANNOUNCE_DOMAIN, TrackerClient, TrackerRefusedError
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
-from tests.tracker.conftest import ADMIN, APP
+from tests.support.tracker import ADMIN, APP
 from tracker import Tracker, serve_tracker
 from tracker.errors import HTTPRefusal
 from tracker.fastpath import MAX_HEAD_BYTES, Request, RequestReader

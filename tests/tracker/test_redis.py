@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from collections.abc import Callable
@@ -13,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2pnode.discovery.dht.records import Topic, make_record
-from p2pnode.discovery.tracker import PeerQualityReport, TrackerClient, TrackerRefusedError
+from p2pnode.discovery.tracker import PeerQualityReport, TrackerRefusedError
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
-from tests.tracker.conftest import ADMIN, APP, client_for, long_poll_woken
-from tracker import Tracker, serve_tracker
+from tests.support.tracker import APP, client_for, long_poll_woken, start, synced
+from tracker import Tracker
 from tracker.backend import AnnounceCommit, ReportCommit
 from tracker.core import (
     Announce,
@@ -28,24 +27,7 @@ from tracker.core import (
     update_quality,
 )
 from tracker.stats import UNKNOWN_SCORE
-from tracker.swarm_log import LogSwarm
 from tracker.swarm_redis import RedisSwarm
-
-
-async def start(nursery: trio.Nursery, t: Tracker) -> TrackerClient:
-    host, port = await nursery.start(functools.partial(serve_tracker, t, "127.0.0.1", 0))
-    return TrackerClient(f"http://{host}:{port}", token=ADMIN)
-
-
-async def synced(*trackers: Tracker) -> None:
-    """In log mode, wait until every replica applied the log as far as the furthest one (the
-    answers are sequential, but a replica learns of others' entries a moment later)."""
-    logs = [t.swarm for t in trackers if isinstance(t.swarm, LogSwarm)]
-    if not logs:
-        return
-    with trio.fail_after(5):
-        while len({s.applied for s in logs}) > 1:
-            await trio.sleep(0.01)
 
 
 @pytest.mark.parametrize("mode", ["script", "log"])

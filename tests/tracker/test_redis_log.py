@@ -15,8 +15,7 @@ import trio
 from p2pnode.discovery.tracker import ANNOUNCE_DOMAIN, PeerQualityReport, TrackerClient
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
-from tests.tracker.conftest import ADMIN, APP
-from tests.tracker.test_redis import start, synced
+from tests.support.tracker import ADMIN, APP, start, synced
 from tracker import Tracker
 from tracker.swarm_log import LogSwarm
 from tracker.swarm_log_state import ReplicaState, pack_snapshot, unpack_snapshot

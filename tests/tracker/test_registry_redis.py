@@ -24,14 +24,7 @@ from p2pnode.discovery.tracker import TrackerClient, TrackerRefusedError
 from p2pnode.errors import P2PNodeError
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
-from tests.tracker.conftest import (
-    ADMIN,
-    APP,
-    RedisProcess,
-    client_for,
-    free_port,
-    long_poll_woken,
-)
+from tests.support.tracker import ADMIN, APP, RedisProcess, client_for, free_port, long_poll_woken
 from tracker import Tracker, serve_tracker
 from tracker.backend import Publication
 from tracker.errors import Conflict, RegistryUnavailable

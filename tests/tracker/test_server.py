@@ -23,7 +23,7 @@ from p2pnode.discovery.tracker import PeerQualityReport, TrackerClient
 from p2pnode.errors import P2PNodeError
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
-from tests.tracker.conftest import ADMIN, APP
+from tests.support.tracker import ADMIN, APP
 
 
 def tracker_cmd(*args: str) -> list[str]:

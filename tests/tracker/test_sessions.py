@@ -13,7 +13,7 @@ from p2pnode.discovery.tracker import ANNOUNCE_DOMAIN, SIGNATURE_HEADER, Tracker
 from p2pnode.discovery.tracker_api import SESSION_HEADER
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
-from tests.tracker.conftest import ADMIN, APP, client_for
+from tests.support.tracker import ADMIN, APP, client_for
 from tracker import Tracker
 from tracker.sessions import AnnounceSessions
 

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from p2pnode.discovery.tracker import TrackerError
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
-from tests.tracker.conftest import ADMIN, APP, RedisProcess, client_for
+from tests.support.tracker import ADMIN, APP, RedisProcess, client_for
 from tracker.app import Tracker, TrackerConfig, open_tracker
 
 

@@ -16,7 +16,7 @@ from p2pnode.discovery.dht.discovery import DHTPeerSource, PeerSource, merge_rec
 from p2pnode.discovery.dht.records import PeerRecord, Topic, make_record
 from p2pnode.discovery.race import Address, Discovery, DiscoveryOptions
 from p2pnode.errors import TransportError
-from tests.discovery.dht.helpers import swarm
+from tests.support.dht import swarm
 
 MID = bytes(range(32))
 RNG = random.Random(11)

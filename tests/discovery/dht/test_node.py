@@ -29,7 +29,7 @@ from p2pnode.discovery.dht.records import Topic, encode_bundle, make_record
 from p2pnode.errors import UsageError
 from p2pnode.release import canonical
 from p2pnode.release.keys import public_key_bytes, sign
-from tests.discovery.dht.helpers import cfg, keys, swarm
+from tests.support.dht import cfg, keys, swarm
 
 RNG = random.Random(7)
 

@@ -1,0 +1,96 @@
+"""Releases for tests: the publisher key, small game trees, and TestRelease builds."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from p2pnode.cdn.fetcher import ChunkRequest
+from p2pnode.release import keys, layout
+from p2pnode.release.chunker import chunk_stream
+from p2pnode.release.manifest import Chunking
+
+KEY = keys.generate_key()
+
+
+PUB = keys.public_key_bytes(KEY)
+
+
+TRUST = [PUB]
+
+
+def tree(root: Path) -> dict[str, tuple[bytes, int]]:
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            out[p.relative_to(root).as_posix()] = (p.read_bytes(), stat.S_IMODE(p.stat().st_mode))
+    return out
+
+
+def make_release(root: Path, seed: int = 1, big: int = 12 << 20) -> None:
+    rng = random.Random(seed)
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "sub").mkdir(parents=True, exist_ok=True)
+    (root / "bin" / "run").write_bytes(b"#!/bin/sh\necho hi\n")
+    (root / "bin" / "run").chmod(0o755)
+    (root / "data" / "big.pak").write_bytes(rng.randbytes(big))
+    (root / "data" / "sub" / "small.txt").write_bytes(b"hello\n" * 100)
+    (root / "data" / "dup.pak").write_bytes((root / "data" / "big.pak").read_bytes()[: 3 << 20])
+    (root / "empty").write_bytes(b"")
+
+
+#: Small chunks so a few MB of test data make dozens of chunks.
+TEST_CHUNKING = Chunking(min=16 * 1024, avg=64 * 1024, max=256 * 1024)
+
+
+@dataclass
+class TestRelease:
+    __test__ = False  # not a test class, despite the name
+
+    root: Path
+    app: str
+    build: int
+    files: dict[str, bytes]
+    requests: list[ChunkRequest]
+
+    @property
+    def file_sizes(self) -> dict[str, int]:
+        return {p: len(d) for p, d in self.files.items()}
+
+    @property
+    def total(self) -> int:
+        return sum(r.length for r in self.requests)
+
+    def data_of(self, req: ChunkRequest) -> bytes:
+        return self.files[req.path][req.offset : req.end]
+
+    def disk_path(self, path: str) -> Path:
+        return self.root / layout.release_dir(self.app, self.build) / "files" / path
+
+
+def build_release(
+    root: Path,
+    files: dict[str, bytes],
+    *,
+    app: str = "game",
+    build: int = 1,
+    chunking: Chunking = TEST_CHUNKING,
+) -> TestRelease:
+    requests: list[ChunkRequest] = []
+    for path, data in sorted(files.items()):
+        dest = root / layout.release_dir(app, build) / "files" / path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        for c in chunk_stream(io.BytesIO(data), chunking):
+            requests.append(ChunkRequest(c.id, path, c.offset, c.length))
+    return TestRelease(root, app, build, dict(files), requests)
+
+
+def random_files(seed: int, sizes: dict[str, int]) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    return {path: rng.randbytes(n) for path, n in sizes.items()}
