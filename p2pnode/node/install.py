@@ -811,9 +811,11 @@ async def _remote(
     if not left:
         return
     if options.policy == "p2p-only":
+        from ..swarm.node import why_no_peer
+
         raise TransportError(
             f"{len(left)} chunks of {stage.manifest.app} {stage.manifest.version} could not be "
-            "had from any peer (policy p2p-only)",
+            f"had from any peer (policy p2p-only): {why_no_peer(result.peers)}",
             fix="add peers with --peer HOST:PORT, or use --policy p2p-first",
         )
 
