@@ -202,3 +202,35 @@ def test_a_link_an_earlier_switch_parked_in_the_state_is_moved_aside(tmp_path: P
     assert os.readlink(sd.root / linkeddest.REPLACED_LINK) == str(tmp_path / "disk2")
     assert not os.path.lexists(sd.old)
     assert trio.run(rollback, dest, InstallOptions()).action == "rolled-back"
+
+
+def test_an_update_that_failed_on_a_parked_link_is_completed_with_the_user_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What those versions left after "Not a directory": the trees exchanged, the old one (with
+    the user's files) still at ``stage/``, the switch pending. The next command completes it."""
+    import p2pnode.disk.switch as switch_module
+
+    p1, p2, cdn = two_builds(tmp_path)
+    dest = tmp_path / "game"
+    trio.run(install, str(cdn / p1.manifest_path), dest, TRUST, InstallOptions())
+    add_user_files(dest)
+    sd = StateDir(dest)
+    (tmp_path / "disk2").mkdir()
+    sd.old.symlink_to(tmp_path / "disk2")
+    monkeypatch.setattr(switch_module, "unpark_link", lambda old, root: None)  # as they did
+    with pytest.raises(NotADirectoryError):
+        trio.run(install, str(cdn / p2.manifest_path), dest, TRUST, InstallOptions())
+    assert (sd.stage / "saves" / "slot1.sav").exists()  # the old tree, the user's files in it
+    monkeypatch.undo()
+
+    assert trio.run(lambda: verify(dest)).ok  # any command on the install completes it
+    got = ours(dest, p2)
+    assert len(got) == len(p2.manifest.files)
+    assert all(
+        got[f.path][0] == (cdn / "game/2/files" / f.path).read_bytes() for f in p2.manifest.files
+    )
+    displaced = {"settings.ini": next(p.name for p in dest.glob("settings.ini.user-*"))}
+    assert user_view(dest, displaced) == expected_user_view()
+    assert not os.path.lexists(sd.old) and not sd.stage.exists()
+    assert os.readlink(sd.root / linkeddest.REPLACED_LINK) == str(tmp_path / "disk2")
