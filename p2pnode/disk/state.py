@@ -2,7 +2,8 @@
 
 For an install at ``PARENT/NAME`` everything p2pnode needs lives in ``PARENT/.NAME.p2pnode/``,
 on the same filesystem (so trees can be renamed into place) and outside the install (which holds
-the published files and the user's own, see userfiles.py)::
+the published files and the user's own, see userfiles.py). If ``PARENT/NAME`` is a symbolic link,
+``PARENT/NAME`` here is its target (linkeddest.py)::
 
     state.json          current manifest id, kept versions, pinned keys, mirrors, pending step
     lock                flock'd while a process works on this install
@@ -31,6 +32,7 @@ from typing import Any
 from ..errors import InstallError, InstallLockedError, NotInstalledError
 from ..release import manifest as M
 from .fsutil import write_atomic
+from .linkeddest import adopt_state_beside_link, resolve, state_root
 
 __all__ = ["InstallState", "StateDir"]
 
@@ -80,14 +82,19 @@ class InstallState:
 
 
 class StateDir:
-    """Paths and persistent records of the install at ``dest``."""
+    """Paths and persistent records of the install at ``dest``.
+
+    A ``dest`` that is a symbolic link is resolved here, once: ``dest`` is then the link's
+    target and ``link`` the link (see linkeddest.py)."""
 
     def __init__(self, dest: Path) -> None:
         dest = Path(os.path.abspath(dest))
         if dest.parent == dest:
             raise InstallError(f"cannot install into {dest}", fix="choose a subdirectory")
-        self.dest = dest
-        self.root = dest.parent / f".{dest.name}.p2pnode"
+        self.dest, self.link = resolve(dest)
+        self.root = state_root(self.dest)
+        if self.link is not None:
+            adopt_state_beside_link(self.link, self.root)
         self.state_file = self.root / "state.json"
         self.manifests = self.root / "manifests"
         self.store_dir = self.root / "store"

@@ -40,6 +40,7 @@ from ..errors import (
 from ..release import manifest as M
 from . import snapshot
 from .fsutil import exchange, fsync_dir
+from .linkeddest import unpark_link
 from .stage import Journal, LocalChunks, Stage, read_verified
 from .state import InstallState, StateDir
 from .store import ChunkStore
@@ -128,6 +129,7 @@ def switch(
         "stamp": stamp(),
     }
     sd.save(state)
+    unpark_link(sd.old, sd.root)
     shutil.rmtree(sd.old, ignore_errors=True)
     if not sd.dest.exists():
         os.rename(sd.stage, sd.dest)
@@ -177,6 +179,7 @@ def _carry(sd: StateDir, state: InstallState) -> Carried:
 
 def recover(sd: StateDir, state: InstallState) -> None:
     """Finish or undo whatever a killed process left half done (see module docstring)."""
+    unpark_link(sd.old, sd.root)
     p = state.pending
     if not p:
         if sd.old.exists():

@@ -94,9 +94,11 @@ async def fetch_missing(
     if not left:
         return
     if not options.policy.uses_cdn:
+        from ..swarm.node import why_no_peer
+
         raise TransportError(
             f"{len(left)} chunks of {stage.manifest.app} {stage.manifest.version} could not be "
-            "had from any peer (policy p2p-only)",
+            f"had from any peer (policy p2p-only): {why_no_peer(result.peers)}",
             fix="add peers with --peer HOST:PORT, or use --policy p2p-first",
         )
 

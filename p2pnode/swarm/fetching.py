@@ -5,9 +5,12 @@ Theory of operation
 ``fetch`` runs one task per peer, each keeping the scheduler's (scheduler.py) pipeline for that
 peer full; every piece is checked with blake3 before ``deliver``; a peer that sends a bad chunk
 twice is banned by node id (``banned``: not fetched from nor served again, on any address);
-one that stalls or breaks the protocol is dropped; their requests go to others; endgame
-duplicates that lose the race are cancelled. With a :class:`CdnSource`, the CDN is one more
-source in the same schedule. ``fetch`` returns the chunks no peer could give, for the CDN.
+one that stalls or breaks the protocol is dropped; one whose handshake proves it is this node
+(our own address handed back by a tracker or the DHT) is closed at once; each says why in its
+:class:`PeerStats` ``error``, and ``why_no_peer`` tells it when peers gave too little. Their
+requests go to others; endgame duplicates that lose the race are cancelled. With a
+:class:`CdnSource`, the CDN is one more source in the same schedule. ``fetch`` returns the
+chunks no peer could give, for the CDN.
 
 Every network wait is bounded by a cancel scope.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -32,13 +35,28 @@ from .peer import PeerSession
 from .scheduler import CDN, Scheduler
 from .shell import Shell
 
-__all__ = ["CdnSource", "Deliver", "Fetching", "PeerStats"]
+__all__ = [
+    "NOT_IN_SWARM",
+    "OWN_NODE",
+    "CdnSource",
+    "Deliver",
+    "Fetching",
+    "PeerStats",
+    "why_no_peer",
+]
 
 log = logging.getLogger(__name__)
 
 #: The swarm phase is not ended before this: the peers handed in start connecting.
 START_GRACE = 0.25
 MAX_BAD_CHUNKS = 2
+#: Why a peer gave nothing, as its PeerStats.error says. A tracker or the DHT may hand a node
+#: its own address (or another process may share its identity): the TLS handshake proves the
+#: node id, and a fetch never asks itself.
+OWN_NODE = "this is our own node (same node id)"
+NOT_IN_SWARM = "it does not have this release"
+#: How many peers ``why_no_peer`` names.
+PEERS_NAMED = 5
 
 Deliver = Callable[[bytes, bytes], Awaitable[None]]  # (chunk id, verified bytes)
 
@@ -69,6 +87,19 @@ class PeerStats:
     def latency_ms(self) -> float:
         """Mean time from a request to its piece: what a chunk costs waiting on this peer."""
         return 1000 * self.response_s / self.responses if self.responses else 0.0
+
+
+def why_no_peer(stats: Mapping[str, PeerStats]) -> str:
+    """What each peer of a fetch that ended short did, for the error that says chunks could
+    not be had from any peer (a peer with no error gave what it had)."""
+    if not stats:
+        return "no peer was found"
+    told = [
+        f"{addr}: {st.error or f'gave {st.chunks} chunks'}"
+        for addr, st in sorted(stats.items(), key=lambda kv: (not kv[1].error, kv[0]))
+    ]
+    more = len(told) - PEERS_NAMED
+    return "; ".join(told[:PEERS_NAMED]) + (f"; and {more} more" if more > 0 else "")
 
 
 @dataclass
@@ -274,11 +305,16 @@ class Fetching(Shell):
             tls = await dial(host, port, self._client_ctx)
             st.connect_s = trio.current_time() - t0
             st.node_id = peer_node_id(tls)
-            if st.node_id in self.banned:
-                st.error = "banned: it sent chunks that fail blake3 before"
-            if st.node_id == self.identity.node_id or st.node_id in self.banned:
+            if st.node_id == self.identity.node_id:
+                refused = OWN_NODE
+            elif st.node_id in self.banned:
+                refused = "banned: it sent chunks that fail blake3 before"
+            else:
+                refused = ""
+            if refused:
+                st.error = refused
                 await trio.aclose_forcefully(tls)
-                return  # ourselves, or a node known to serve corrupt chunks
+                return
             s = PeerSession(
                 self.identity.node_id,
                 self.listen_port,
@@ -366,7 +402,8 @@ class Fetching(Shell):
                             await link.send(push)
                             continue
                         job.shown_by(addr)
-                        return  # the peer is not in this swarm
+                        st.error = NOT_IN_SWARM
+                        return
                     job.shown_by(addr)
                     sched.bitfield(addr, bytes(ev.bits), earlier_build=mid in s.shown)
                 elif isinstance(ev, W.Hello) and s.peer_can(b"origin"):

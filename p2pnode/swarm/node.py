@@ -22,7 +22,17 @@ imports the swarm from.
 
 from __future__ import annotations
 
-from .fetching import MAX_BAD_CHUNKS, START_GRACE, CdnSource, Deliver, Fetching, PeerStats
+from .fetching import (
+    MAX_BAD_CHUNKS,
+    NOT_IN_SWARM,
+    OWN_NODE,
+    START_GRACE,
+    CdnSource,
+    Deliver,
+    Fetching,
+    PeerStats,
+    why_no_peer,
+)
 from .links import CONNECT_TIMEOUT, WRITE_TIMEOUT, Link, parse_peer
 from .offers import MAX_PUSHED
 from .serving import Serving
@@ -34,6 +44,8 @@ __all__ = [
     "MAX_BANNED",
     "MAX_CONNECTIONS",
     "MAX_PUSHED",
+    "NOT_IN_SWARM",
+    "OWN_NODE",
     "REQUEST_TIMEOUT",
     "STALL_TIMEOUT",
     "START_GRACE",
@@ -44,6 +56,7 @@ __all__ = [
     "PeerStats",
     "SwarmNode",
     "parse_peer",
+    "why_no_peer",
 ]
 
 

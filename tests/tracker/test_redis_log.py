@@ -253,7 +253,7 @@ async def test_a_change_the_log_cannot_take_is_refused_with_503(
     publisher: object,
     make_manifest: Callable[..., M.SignedManifest],
 ) -> None:
-    from tests.tracker.conftest import free_port
+    from tests.support.tracker import free_port
     from tracker.resp import TrioRedis
 
     t = make_tracker("solo", redis_url=redis_url, prefix="d:", redis_mode="log")
@@ -283,7 +283,7 @@ async def test_a_change_that_does_not_come_back_in_time_is_503_and_applies_later
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The apply timeout is one sweeper for all waiting requests (no timer per request)."""
-    from tests.tracker.conftest import free_port
+    from tests.support.tracker import free_port
     from tracker import swarm_log
     from tracker.resp import TrioRedis
 

@@ -60,7 +60,7 @@ async def test_auth_and_db_come_from_the_url_and_every_call_is_bounded() -> None
 
 
 async def test_an_unreachable_server_is_reported_by_address() -> None:
-    from tests.tracker.conftest import free_port
+    from tests.support.tracker import free_port
 
     port = free_port()
     r = TrioRedis(f"redis://127.0.0.1:{port}/0", timeout=1.0)
