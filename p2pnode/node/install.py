@@ -661,7 +661,7 @@ async def assemble(
     progress.start(sum(unique.values()), f"{manifest.app} {manifest.version}")
     progress.advance(result.bytes_resumed)
 
-    def put(cid: bytes, data: bytes) -> None:
+    def put(cid: bytes, data: bytes | bytearray) -> None:
         try:
             stage.write_chunk(cid, data)
         except OSError as exc:
@@ -717,7 +717,7 @@ async def _remote(
     ids: list[bytes],
     mirrors: list[str],
     options: InstallOptions,
-    put: Callable[[bytes, bytes], None],
+    put: Callable[[bytes, bytes | bytearray], None],
     progress: Progress,
     result: InstallResult,
     swarm: Swarm | None,
@@ -748,8 +748,8 @@ async def _remote(
 
                 client = make_client(_cdn_options(options))
 
-            async def got(req: ChunkRequest, data: bytes) -> None:
-                await take(req.id, data)
+            async def got(req: ChunkRequest, data: bytes | bytearray) -> None:
+                await take(req.id, bytes(data))  # the swarm keeps immutable bytes
 
             await _fetch_from_cdn(stage, batch, mirrors, options, got, result, client=client)
 
@@ -782,7 +782,7 @@ async def _remote(
             fix="add peers with --peer HOST:PORT, or use --policy p2p-first",
         )
 
-    async def deliver_bulk(req: ChunkRequest, data: bytes) -> None:
+    async def deliver_bulk(req: ChunkRequest, data: bytes | bytearray) -> None:
         await trio.to_thread.run_sync(put, req.id, data)
 
     await _fetch_from_cdn(
@@ -795,7 +795,7 @@ async def _fetch_from_cdn(
     ids: list[bytes],
     mirrors: list[str],
     options: InstallOptions,
-    deliver: Callable[[ChunkRequest, bytes], Awaitable[None]],
+    deliver: Callable[[ChunkRequest, bytes | bytearray], Awaitable[None]],
     result: InstallResult,
     on_bytes: Callable[[int], None] | None = None,
     client: httpx.AsyncClient | None = None,

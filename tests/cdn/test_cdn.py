@@ -150,8 +150,13 @@ def test_mirror_health_cools_down_and_recovers() -> None:
 
 
 def plan_of(reqs: list[ChunkRequest], mirrors: int = 2, **kw: object) -> FetchPlan:
+    """A plan whose mirrors have answered before (so they are not held to one request per
+    file while the plan learns whether they honour Range)."""
     params = PlanParams(**kw)  # type: ignore[arg-type]
-    return FetchPlan(reqs, [f"m{i}" for i in range(mirrors)], params, now=0.0, rng=random.Random(1))
+    plan = FetchPlan(reqs, [f"m{i}" for i in range(mirrors)], params, now=0.0, rng=random.Random(1))
+    for m in range(mirrors):
+        plan.health.mark_answered(m)
+    return plan
 
 
 def test_plan_bounds_bytes_in_flight_by_the_rate_cap() -> None:
@@ -371,3 +376,31 @@ async def test_rerun_after_nginx_stops_and_restarts(
     server.start()
     _, got = await fetch_all(rel, [server.url])
     assert set(got) == set(rel.requests)
+
+
+def test_plan_holds_a_new_mirror_to_one_request_per_file_until_it_answers() -> None:
+    reqs = chunks_of("f", [100_000] * 40)
+    plan = FetchPlan(reqs, ["m0"], PlanParams(connections=8), now=0.0, rng=random.Random(1))
+    first = plan.next_action(0.0)
+    assert isinstance(first, Job)
+    assert plan.next_action(0.0) == Wait(None)  # it may ignore Range: wait for its answer
+    plan.answered(first, honoured_range=True)
+    assert isinstance(plan.next_action(0.0), Job)
+
+
+def test_plan_streams_a_whole_file_answer_once_claiming_queued_chunks() -> None:
+    reqs = chunks_of("f", [100_000] * 10)
+    plan = FetchPlan(reqs, ["m0"], PlanParams(connections=8, initial_budget=200_000), now=0.0)
+    job = plan.next_action(0.0)
+    assert isinstance(job, Job) and job.start == 0 and job.length < 1_000_000
+    plan.answered(job, honoured_range=False)
+    assert plan.stream_whole_file(job)
+    pos, kept = 0, []
+    while (req := plan.next_in_stream(job, pos)) is not None:
+        kept.append(req.offset)
+        pos = req.end
+        plan.chunk_ok(job, req)
+    assert kept == [r.offset for r in reqs]  # every chunk from the one body, in order
+    assert plan.next_action(0.0) == Wait(None)  # nothing left to ask while it streams
+    plan.job_finished(job, 0.1)
+    assert plan.next_action(0.1) is DONE
