@@ -54,6 +54,7 @@ import trio
 from ..errors import CDNError
 from ..ratelimit import RateLimiter
 from ..release import layout
+from .buffers import BufferPool
 from .plan import (
     DONE,
     ChunkRequest,
@@ -67,7 +68,12 @@ from .transport import READINTO, RangeTransport
 
 __all__ = ["CDNFetcher", "CDNOptions", "ChunkRequest", "FetchStats", "MirrorStats", "make_client"]
 
-Deliver = Callable[[ChunkRequest, bytes | bytearray], Awaitable[None]]
+#: ``deliver(req, data)``: ``data`` may be a view of a buffer the fetcher reuses once
+#: ``deliver`` returns (write it, hash it, or copy what you keep).
+Deliver = Callable[[ChunkRequest, bytes | memoryview], Awaitable[None]]
+#: ``store(req, data)``: the same, but synchronous and run in the worker thread that verified
+#: the chunk (saves a second hop into a thread for a caller that writes chunks to disk).
+Store = Callable[[ChunkRequest, bytes | memoryview], None]
 
 #: Chunks at least this big are hashed in a worker thread: blake3 releases the GIL, so the
 #: event loop keeps reading sockets meanwhile. Below it the thread hop costs more than it saves.
@@ -159,8 +165,16 @@ class _JobFailure(Exception):
         self.detail = detail
 
 
-def _digest(data: bytes | bytearray) -> bytes:
+def _digest(data: bytes | memoryview) -> bytes:
     return blake3.blake3(data).digest()
+
+
+def _check_and_store(req: ChunkRequest, data: bytes | memoryview, store: Store | None) -> bool:
+    if len(data) != req.length or _digest(data) != req.id:
+        return False
+    if store is not None:
+        store(req, data)
+    return True
 
 
 def _local_root(mirror: str) -> Path | None:
@@ -270,9 +284,12 @@ class CDNFetcher:
 
     # -- public ------------------------------------------------------------------------------
 
-    async def fetch(self, requests: Sequence[ChunkRequest], deliver: Deliver) -> FetchStats:
+    async def fetch(
+        self, requests: Sequence[ChunkRequest], deliver: Deliver, *, store: Store | None = None
+    ) -> FetchStats:
         """Fetch every chunk in ``requests`` and await ``deliver(req, data)`` once for each,
-        with ``data`` verified against ``req.id``, in any order.
+        with ``data`` verified against ``req.id``, in any order; ``store(req, data)`` (if
+        given) runs first, in a worker thread.
 
         Raises:
             CDNError: some chunk could not be had from any mirror (after every other chunk
@@ -313,7 +330,9 @@ class CDNFetcher:
         self._limiter = self._shared_limiter or RateLimiter(o.max_download_rate)
         self.stats = FetchStats(per_mirror={m: MirrorStats() for m in self.mirrors})
         self._deliver = deliver
+        self._store = store
         self._checks = trio.Semaphore(CHECKS_PER_CONNECTION * max(1, o.connections))
+        self._buffers = BufferPool(CHECKS_PER_CONNECTION * max(1, o.connections) * 2**20)
         self._etags.clear()
         client = self._client
         own_client = client is None and any(_local_root(m) is None for m in self.mirrors)
@@ -400,13 +419,13 @@ class CDNFetcher:
             self._on_bytes(n)
 
     async def _verify_and_deliver(
-        self, job: Job, req: ChunkRequest, data: bytes | bytearray
+        self, job: Job, req: ChunkRequest, data: bytes | memoryview
     ) -> None:
-        if len(data) >= HASH_IN_THREAD_BYTES:
-            digest = await trio.to_thread.run_sync(_digest, data)
+        if len(data) >= HASH_IN_THREAD_BYTES or self._store is not None:
+            ok = await trio.to_thread.run_sync(_check_and_store, req, data, self._store)
         else:
-            digest = _digest(data)
-        if digest != req.id or len(data) != req.length:
+            ok = _check_and_store(req, data, None)
+        if not ok:
             self.stats.hash_failures += 1
             self.stats.per_mirror[job.url].hash_failures += 1
             self.stats.count(job.url, "hash")
@@ -519,8 +538,8 @@ class CDNFetcher:
                 pos += await self._read(job, body, view, req)
             await self._checks.acquire()
             try:
-                buf = bytearray(req.length)
-                view = memoryview(buf)
+                buf = self._buffers.get(req.length)
+                view = memoryview(buf)[: req.length]
                 while view:
                     n = await self._read(job, body, view, req)
                     view = view[n:]
@@ -530,11 +549,12 @@ class CDNFetcher:
                 raise
             checks.start_soon(self._check_chunk, job, req, buf)
 
-    async def _check_chunk(self, job: Job, req: ChunkRequest, data: bytearray) -> None:
+    async def _check_chunk(self, job: Job, req: ChunkRequest, buf: bytearray) -> None:
         try:
-            await self._verify_and_deliver(job, req, data)
+            await self._verify_and_deliver(job, req, memoryview(buf)[: req.length])
         finally:
             self._checks.release()
+        self._buffers.put(buf)  # not on failure: a thread may still read it
 
     async def _read(self, job: Job, body: _BodyReader, view: memoryview, req: ChunkRequest) -> int:
         """One read of body bytes into ``view`` (not empty), with the job's read timeout,

@@ -258,7 +258,7 @@ async def fetch_all(
     async def deliver(req: ChunkRequest, data: bytes) -> None:
         assert blake3.blake3(data).digest() == req.id
         assert req not in got
-        got[req] = data
+        got[req] = bytes(data)  # the fetcher reuses its buffers
 
     fetcher = CDNFetcher(
         app=rel.app,

@@ -46,7 +46,7 @@ async def fetch(rel: TestRelease, mirrors: list[str], **opts: object) -> Outcome
     async def deliver(req: ChunkRequest, data: bytes) -> None:
         assert blake3.blake3(data).digest() == req.id, "a bad chunk was delivered"
         assert req not in out.got, "a chunk was delivered twice"
-        out.got[req] = data
+        out.got[req] = bytes(data)  # the fetcher reuses its buffers
 
     options = CDNOptions(**{**FAST, **opts})  # type: ignore[arg-type]
     fetcher = CDNFetcher(
