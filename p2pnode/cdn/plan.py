@@ -540,14 +540,17 @@ class FetchPlan:
         """The next chunk at or after byte ``pos`` that ``job``'s whole-file body should be
         kept for: its own, or one still queued for that file (claimed for ``job`` now).
         None: nothing more is wanted from the rest of the body."""
-        own = next((it for it in job.items if it.req.offset >= pos), None)
+        items = job.items  # sorted by offset
+        k = bisect.bisect_left(items, pos, key=lambda i: i.req.offset)
+        own = items[k] if k < len(items) else None
         lst = self._pending.get(job.path, [])
         # Backoffs are not checked: this mirror is sending the bytes anyway.
-        for k, (offset, _, it) in enumerate(lst):
-            if offset < pos or job.mirror in it.excluded:
-                continue
+        for k in range(bisect.bisect_left(lst, pos, key=lambda e: e[0]), len(lst)):
+            offset, _, it = lst[k]
             if own is not None and offset > own.req.offset:
                 break
+            if job.mirror in it.excluded:
+                continue
             del lst[k]
             it.state = "active"
             bisect.insort(job.items, it, key=lambda i: i.req.offset)
