@@ -65,9 +65,9 @@ def mixed_sizes(total: int, seed: int = 7) -> list[int]:
 
 
 def packs_sizes(total: int) -> list[int]:
-    """Two big packs and twenty small files of a twentieth of 5% each (5 MiB each at the
-    default size); the packs share what is left equally."""
-    small = min(5 << 20, total // 400)
+    """Two big packs and twenty small files of 5 MiB (less below 400 MiB, so that the
+    packs stay the bulk); the packs share what the small files leave equally."""
+    small = min(5 << 20, total // 80)
     rest = total - 20 * small
     return [rest // 2, rest - rest // 2] + [small] * 20
 
