@@ -430,3 +430,21 @@ def test_plan_streams_a_whole_file_answer_once_claiming_queued_chunks() -> None:
     assert plan.next_action(0.0) == Wait(None)  # nothing left to ask while it streams
     plan.job_finished(job, 0.1)
     assert plan.next_action(0.1) is DONE
+
+
+async def test_nginx_ignoring_range_serves_each_file_once(
+    rel: TestRelease, nginx: Callable[[Path], Nginx]
+) -> None:
+    """``max_ranges 0`` makes nginx answer every range with the whole file: issue 15's
+    mirror that ignores Range, for real. It costs at most 1.1x the release."""
+    server = nginx(rel.root)
+    server.stop()
+    conf = server.conf.read_text()
+    server.conf.write_text(conf.replace("autoindex off;", "autoindex off; max_ranges 0;"))
+    server.start()
+    stats, got = await fetch_all(rel, [server.url], initial_budget=256 * 1024)
+    assert set(got) == set(rel.requests)
+    log = server.log()
+    assert log and all(line.status == 200 for line in log)
+    assert server.body_bytes_sent() <= 1.1 * rel.total
+    assert stats.bytes_received <= 1.1 * rel.total
