@@ -6,9 +6,11 @@ Theory of operation
 every decision (which chunks go together in one range, how big a range, which mirror, when to
 retry, when to give up). ``connections`` worker tasks loop: ask the plan for a job, perform it,
 report. A job is one ``GET`` with ``Range: bytes=start-end`` for a run of chunks adjacent in one
-file; the body is streamed, cut at chunk boundaries by :class:`ChunkSplitter` as it arrives,
-and each chunk is hashed with blake3 and handed to ``deliver`` as soon as its last byte is in.
-Nothing holds a whole range; memory is about one chunk per connection.
+file; the body is received straight into one buffer per chunk (the transport's ``readinto``:
+the kernel's copy is the only one), and each full chunk is hashed with blake3 (in a thread,
+which releases the GIL) and handed to ``deliver`` while the next one is being received.
+Nothing holds a whole range; memory is at most ``CHECKS_PER_CONNECTION`` chunks per
+connection waiting for their check, plus the one being received.
 
 Every failure is translated at this boundary into a *kind* (``connect``, ``timeout``, ``slow``,
 ``reset``, ``truncated``, ``http_503``, ``http_416``, ``size_mismatch``, ``bad_range``, ...)
@@ -25,12 +27,14 @@ What the server has pushed into socket buffers but the process has not verified 
 the plan's in-flight budget (proportional to the rate); with a rate cap the socket receive
 buffer is capped too, so a ``kill -9`` costs at most a fraction of a second of transfer.
 
-Servers that ignore ``Range`` and answer 200 are handled by streaming and discarding up to the
-range's start (counted in ``bytes_received``); such a mirror then ranks below ones that honour
-Range. ETag changes between requests to the same file are counted; they cannot cause harm,
-because each chunk is verified on its own, and a file whose content really changed fails
-blake3 and is fetched elsewhere. A size that differs from the manifest's (``Content-Range``
-total, ``Content-Length`` of a 200, a local file's size) excludes the mirror for that file.
+Servers that ignore ``Range`` and answer 200 are read once per file: the body becomes the
+file's stream, and every chunk of that file still wanted is kept as it passes (the plan claims
+them), the bytes between them read and dropped (counted in ``bytes_received``); such a mirror
+then ranks below ones that honour Range. ETag changes between requests to the same file are
+counted; they cannot cause harm, because each chunk is verified on its own, and a file whose
+content really changed fails blake3 and is fetched elsewhere. A size that differs from the
+manifest's (``Content-Range`` total, ``Content-Length`` of a 200, a local file's size)
+excludes the mirror for that file.
 """
 
 from __future__ import annotations
@@ -50,17 +54,28 @@ import trio
 from ..errors import CDNError
 from ..ratelimit import RateLimiter
 from ..release import layout
+from .buffers import BufferPool
 from .plan import DONE, FetchPlan, Job, PlanParams, Wait
-from .ranges import ChunkRequest, ChunkSplitter, parse_content_range
-from .transport import RangeTransport
+from .ranges import ChunkRequest, parse_content_range
+from .transport import READINTO, RangeTransport
 
 __all__ = ["CDNFetcher", "CDNOptions", "ChunkRequest", "FetchStats", "MirrorStats", "make_client"]
 
-Deliver = Callable[[ChunkRequest, bytes], Awaitable[None]]
+#: ``deliver(req, data)``: ``data`` may be a view of a buffer the fetcher reuses once
+#: ``deliver`` returns (write it, hash it, or copy what you keep).
+Deliver = Callable[[ChunkRequest, bytes | memoryview], Awaitable[None]]
+#: ``store(req, data)``: the same, but synchronous and run in the worker thread that verified
+#: the chunk (saves a second hop into a thread for a caller that writes chunks to disk).
+Store = Callable[[ChunkRequest, bytes | memoryview], None]
 
 #: Chunks at least this big are hashed in a worker thread: blake3 releases the GIL, so the
 #: event loop keeps reading sockets meanwhile. Below it the thread hop costs more than it saves.
-HASH_IN_THREAD_BYTES = 2 * 2**20
+HASH_IN_THREAD_BYTES = 256 * 1024
+#: Received chunks waiting for their hash and ``deliver``, over all connections, per
+#: connection: reading goes on meanwhile, up to this many (memory: this many chunks).
+CHECKS_PER_CONNECTION = 2
+#: Scratch buffer for body bytes that are read and dropped (a whole-file answer's gaps).
+DISCARD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -122,8 +137,16 @@ class _JobFailure(Exception):
         self.detail = detail
 
 
-def _digest(data: bytes) -> bytes:
+def _digest(data: bytes | memoryview) -> bytes:
     return blake3.blake3(data).digest()
+
+
+def _check_and_store(req: ChunkRequest, data: bytes | memoryview, store: Store | None) -> bool:
+    if len(data) != req.length or _digest(data) != req.id:
+        return False
+    if store is not None:
+        store(req, data)
+    return True
 
 
 def _local_root(mirror: str) -> Path | None:
@@ -156,6 +179,39 @@ def make_client(options: CDNOptions) -> httpx.AsyncClient:
         follow_redirects=True,
         trust_env=False,
     )
+
+
+class _BodyReader:
+    """A response body read into the caller's buffers: through the transport's
+    ``readinto`` when it offers one (no copy in Python), else from ``aiter_raw``'s pieces
+    (one copy; other transports, chunked bodies). Also holds the job's speed window."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._readinto: Callable[[memoryview], Awaitable[int]] | None = response.extensions.get(
+            READINTO
+        )
+        self._pieces = response.aiter_raw() if self._readinto is None else None
+        self._rest = memoryview(b"")
+        self.net = 0.0  # seconds spent waiting on the network in this speed window
+        self.window = 0  # bytes received in it
+
+    async def readinto(self, view: memoryview) -> int:
+        if self._readinto is not None:
+            return await self._readinto(view)
+        assert self._pieces is not None
+        while not self._rest:
+            try:
+                self._rest = memoryview(await self._pieces.__anext__())
+            except StopAsyncIteration:
+                return 0
+        n = min(len(view), len(self._rest))
+        view[:n] = self._rest[:n]
+        self._rest = self._rest[n:]
+        return n
+
+    async def aclose(self) -> None:
+        if self._pieces is not None:
+            await self._pieces.aclose()  # type: ignore[attr-defined]
 
 
 class CDNFetcher:
@@ -200,9 +256,12 @@ class CDNFetcher:
 
     # -- public ------------------------------------------------------------------------------
 
-    async def fetch(self, requests: Sequence[ChunkRequest], deliver: Deliver) -> FetchStats:
+    async def fetch(
+        self, requests: Sequence[ChunkRequest], deliver: Deliver, *, store: Store | None = None
+    ) -> FetchStats:
         """Fetch every chunk in ``requests`` and await ``deliver(req, data)`` once for each,
-        with ``data`` verified against ``req.id``, in any order.
+        with ``data`` verified against ``req.id``, in any order; ``store(req, data)`` (if
+        given) runs first, in a worker thread.
 
         Raises:
             ValueError: a request names a path ``file_sizes`` lacks (a bug in the caller).
@@ -229,6 +288,9 @@ class CDNFetcher:
         self._limiter = self._shared_limiter or RateLimiter(o.max_download_rate)
         self.stats = FetchStats(per_mirror={m: MirrorStats() for m in self.mirrors})
         self._deliver = deliver
+        self._store = store
+        self._checks = trio.Semaphore(CHECKS_PER_CONNECTION * max(1, o.connections))
+        self._buffers = BufferPool(CHECKS_PER_CONNECTION * max(1, o.connections) * 2**20)
         self._etags.clear()
         client = self._client
         own_client = client is None and any(_local_root(m) is None for m in self.mirrors)
@@ -314,12 +376,14 @@ class CDNFetcher:
         if self._on_bytes is not None:
             self._on_bytes(n)
 
-    async def _verify_and_deliver(self, job: Job, req: ChunkRequest, data: bytes) -> None:
-        if len(data) >= HASH_IN_THREAD_BYTES:
-            digest = await trio.to_thread.run_sync(_digest, data)
+    async def _verify_and_deliver(
+        self, job: Job, req: ChunkRequest, data: bytes | memoryview
+    ) -> None:
+        if len(data) >= HASH_IN_THREAD_BYTES or self._store is not None:
+            ok = await trio.to_thread.run_sync(_check_and_store, req, data, self._store)
         else:
-            digest = _digest(data)
-        if digest != req.id or len(data) != req.length:
+            ok = _check_and_store(req, data, None)
+        if not ok:
             self.stats.hash_failures += 1
             self.stats.per_mirror[job.url].hash_failures += 1
             self.stats.count(job.url, "hash")
@@ -327,6 +391,7 @@ class CDNFetcher:
             self._notify()
             return
         self._plan.chunk_ok(job, req)
+        self._notify()  # the budget has room again
         self.stats.bytes_delivered += len(data)
         self.stats.chunks_delivered += 1
         self.stats.per_mirror[job.url].delivered += len(data)
@@ -347,14 +412,17 @@ class CDNFetcher:
         if scope.cancelled_caught:
             raise _JobFailure("timeout", f"no response within {o.connect_timeout:g}s")
         try:
-            skip = self._check_response(job, response, expected)
-            await self._stream_body(job, response, skip)
+            whole = self._check_response(job, response, expected)
+            self._notify()  # the mirror has answered: jobs held back for that may go
+            if whole and not self._plan.stream_whole_file(job):
+                return  # another job streams this file already; it takes our chunks
+            await self._stream_body(job, _BodyReader(response), whole)
         finally:
             with trio.CancelScope(shield=True):
                 await response.aclose()
 
-    def _check_response(self, job: Job, response: httpx.Response, expected: int) -> int:
-        """Validate status and headers; return how many body bytes precede the range."""
+    def _check_response(self, job: Job, response: httpx.Response, expected: int) -> bool:
+        """Validate status and headers; True if the body is the whole file (Range ignored)."""
         status = response.status_code
         h = response.headers
         if h.get("content-encoding", "identity").lower() not in ("identity", ""):
@@ -367,6 +435,7 @@ class CDNFetcher:
                 self.stats.count(job.url, "etag_changed")
             self._etags[key] = etag
         if status == 206:
+            self._plan.answered(job, honoured_range=True)
             cr = parse_content_range(h.get("content-range", ""))
             if cr is None:
                 raise _JobFailure("bad_range", "206 without a valid Content-Range")
@@ -377,60 +446,99 @@ class CDNFetcher:
                 )
             if start != job.start:
                 raise _JobFailure("bad_range", f"asked for bytes from {job.start}, got {start}")
-            return 0
+            return False
         if status == 200:
+            self._plan.answered(job, honoured_range=False)
             length = h.get("content-length")
             if length is not None and length.isdigit() and int(length) != expected:
                 raise _JobFailure(
                     "size_mismatch", f"serves {length} bytes of it, the manifest says {expected}"
                 )
             self.stats.count(job.url, "ignored_range")
-            self._plan.health.mark_ignores_range(job.mirror)
-            return job.start
+            return True
+        self._plan.answered(job, honoured_range=True)  # an error says nothing about Range
         if status == 416:
             raise _JobFailure("http_416", "416 Range Not Satisfiable (file shorter there)")
         raise _JobFailure(f"http_{status}", f"HTTP {status} {response.reason_phrase}".strip())
 
-    async def _stream_body(self, job: Job, response: httpx.Response, skip: int) -> None:
-        o = self.options
-        splitter = ChunkSplitter(job.chunks, skip)
-        pieces = response.aiter_raw()
-        window_net = 0.0
-        window_bytes = 0
+    async def _stream_body(self, job: Job, body: _BodyReader, whole: bool) -> None:
+        """Read the body once, each wanted chunk straight into a buffer of its size, and
+        verify and deliver each beside the reading of the next. A whole-file body (``whole``)
+        starts at byte 0 and keeps every chunk of the file the plan still wants from it; a
+        206 body holds exactly the job's adjacent chunks."""
+        failure: Exception | None = None
+        async with trio.open_nursery() as checks:
+            try:
+                await self._read_chunks(job, body, whole, checks)
+            except Exception as exc:  # a broken body: the chunks read before it still count
+                failure = exc
+            finally:
+                with trio.CancelScope(shield=True):
+                    await body.aclose()
+        if failure is not None:
+            raise failure
+
+    async def _read_chunks(
+        self, job: Job, body: _BodyReader, whole: bool, checks: trio.Nursery
+    ) -> None:
+        plan = self._plan
+        own = iter(job.chunks)
+        pos = 0 if whole else job.start
+        scratch: bytearray | None = None
+        while True:
+            req = plan.next_in_stream(job, pos) if whole else next(own, None)
+            if req is None:
+                return
+            while pos < req.offset:  # bytes nobody wants (whole-file bodies only)
+                if scratch is None:
+                    scratch = bytearray(DISCARD_BYTES)
+                view = memoryview(scratch)[: min(DISCARD_BYTES, req.offset - pos)]
+                pos += await self._read(job, body, view, req)
+            await self._checks.acquire()
+            try:
+                buf = self._buffers.get(req.length)
+                view = memoryview(buf)[: req.length]
+                while view:
+                    n = await self._read(job, body, view, req)
+                    view = view[n:]
+                    pos += n
+            except BaseException:
+                self._checks.release()
+                raise
+            checks.start_soon(self._check_chunk, job, req, buf)
+
+    async def _check_chunk(self, job: Job, req: ChunkRequest, buf: bytearray) -> None:
         try:
-            while not splitter.done:
-                t0 = trio.current_time()
-                piece: bytes | None = None
-                with trio.move_on_after(o.read_timeout) as scope:
-                    try:
-                        piece = await pieces.__anext__()
-                    except StopAsyncIteration:
-                        piece = None
-                if scope.cancelled_caught:
-                    raise _JobFailure("timeout", f"no data for {o.read_timeout:g}s")
-                if piece is None:
-                    raise _JobFailure(
-                        "truncated",
-                        f"body ended {splitter.wanted} bytes short of bytes "
-                        f"{job.start}-{job.end - 1}",
-                    )
-                window_net += trio.current_time() - t0
-                window_bytes += len(piece)
-                self._account(job, len(piece))
-                done, _surplus = splitter.feed(piece)
-                for req, data in done:
-                    await self._verify_and_deliver(job, req, data)
-                if window_net >= o.speed_window:
-                    if window_bytes / window_net < o.min_speed:
-                        raise _JobFailure(
-                            "slow",
-                            f"too slow ({window_bytes / window_net:.0f} B/s for {window_net:.1f}s)",
-                        )
-                    window_net, window_bytes = 0.0, 0
-                await self._limiter.acquire(len(piece))
+            await self._verify_and_deliver(job, req, memoryview(buf)[: req.length])
         finally:
-            with trio.CancelScope(shield=True):
-                await pieces.aclose()  # type: ignore[attr-defined]
+            self._checks.release()
+        self._buffers.put(buf)  # not on failure: a thread may still read it
+
+    async def _read(self, job: Job, body: _BodyReader, view: memoryview, req: ChunkRequest) -> int:
+        """One read of body bytes into ``view`` (not empty), with the job's read timeout,
+        speed floor and rate limit."""
+        o = self.options
+        t0 = trio.current_time()
+        with trio.move_on_after(o.read_timeout) as scope:
+            n = await body.readinto(view)
+        if scope.cancelled_caught:
+            raise _JobFailure("timeout", f"no data for {o.read_timeout:g}s")
+        if n == 0:
+            raise _JobFailure(
+                "truncated",
+                f"body ended before bytes {req.offset}-{req.end - 1} of {job.path} were in",
+            )
+        body.net += trio.current_time() - t0
+        body.window += n
+        self._account(job, n)
+        if body.net >= o.speed_window:
+            if body.window / body.net < o.min_speed:
+                raise _JobFailure(
+                    "slow", f"too slow ({body.window / body.net:.0f} B/s for {body.net:.1f}s)"
+                )
+            body.net, body.window = 0.0, 0
+        await self._limiter.acquire(n)
+        return n
 
     # -- local directories -------------------------------------------------------------------
 

@@ -62,6 +62,7 @@ class _Mirror:
     cooldown_until: float = float("-inf")
     active: int = 0
     ignores_range: bool = False
+    answered: bool = False  # has answered a request (so whether it honours Range is known)
     rate: float = 0.0  # EWMA of bytes per second over finished jobs
 
 
@@ -147,6 +148,12 @@ class MirrorHealth:
 
     def mark_ignores_range(self, i: int) -> None:
         self._m[i].ignores_range = True
+
+    def answered(self, i: int) -> bool:
+        return self._m[i].answered
+
+    def mark_answered(self, i: int) -> None:
+        self._m[i].answered = True
 
 
 # --------------------------------------------------------------------------------------------

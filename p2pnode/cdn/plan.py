@@ -34,13 +34,18 @@ a 404, 416 or a size mismatch excludes the mirror for the whole file. A chunk th
 may serve any more, or that ran out of attempts, is *failed*; the rest go on, so everything that
 can be delivered is before :class:`p2pnode.cdn.fetcher.CDNFetcher` raises.
 
-The parts it builds on live beside it: byte ranges, chunk splitting and ``Content-Range``
-parsing in :mod:`p2pnode.cdn.ranges`; rates, mirror health and backoff in
-:mod:`p2pnode.cdn.health`.
-
 **Mirror health.** :class:`MirrorHealth` counts consecutive failures; past a threshold a mirror
 sits out a cooldown that doubles each time (with jitter). Healthy mirrors come first, then
 mirrors that honour Range, then the least loaded, then the fastest.
+
+**Mirrors that ignore Range.** Until a mirror has answered once (or a request to it ended),
+it gets at most one request per file at a time, so a mirror that answers 200 (the whole file)
+to every range costs one whole-file body per file, not one per range in flight. A job answered
+with 200 becomes its file's *stream* (:meth:`FetchPlan.stream_whole_file`): the shell reads the
+body once, and :meth:`FetchPlan.next_in_stream` hands it, as the body passes each offset, the
+next chunk of that file still wanted from this mirror (claimed from the queue just in time), so
+every pending chunk of the file is kept from that one body and nothing else of the file is
+asked of that mirror meanwhile. A second 200 for a file already streaming gives its chunks back.
 """
 
 from __future__ import annotations
@@ -52,13 +57,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .health import MirrorHealth, RateMeter, backoff_delay
-from .ranges import ChunkRequest, ChunkSplitter, coalesce, parse_content_range
+from .ranges import ChunkRequest, coalesce, parse_content_range
 
 __all__ = [
     "DONE",
     "PERMANENT_FOR_FILE",
     "ChunkRequest",
-    "ChunkSplitter",
     "FetchPlan",
     "Job",
     "MirrorHealth",
@@ -69,6 +73,18 @@ __all__ = [
     "coalesce",
     "parse_content_range",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Coalescing
+
+
+# --------------------------------------------------------------------------------------------
+# Rates, backoff, health
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
 
 
 #: Failure kinds after which a mirror is not asked for the same file again (it lacks the file,
@@ -140,7 +156,7 @@ class Job:
     started: float
     received: int = 0
     settled: int = 0  # bytes of chunks delivered or rejected
-    finished: set[int] = field(default_factory=set)  # indexes into items, ok or bad
+    finished: set[_Item] = field(default_factory=set)  # items delivered or rejected
 
     @property
     def start(self) -> int:
@@ -153,6 +169,11 @@ class Job:
     @property
     def length(self) -> int:
         return self.end - self.start
+
+    @property
+    def requested(self) -> int:
+        """Bytes of the job's chunks (less than ``length`` for a stream with gaps)."""
+        return sum(it.req.length for it in self.items)
 
     @property
     def chunks(self) -> list[ChunkRequest]:
@@ -211,6 +232,8 @@ class FetchPlan:
         self.meter = RateMeter(window=1.0, slots=10, now=now)
         self.retries = 0
         self.failed: list[_Item] = []
+        self._open: dict[tuple[int, str], int] = {}  # (mirror, path) -> active jobs
+        self._streams: dict[tuple[int, str], Job] = {}  # (mirror, path) -> its whole-file job
 
     # -- sizing ------------------------------------------------------------------------------
 
@@ -249,6 +272,8 @@ class FetchPlan:
         for m in self.health.order(now):
             job = self._take(m, now, max(1, target))
             if job is not None:
+                key = (m, job.path)
+                self._open[key] = self._open.get(key, 0) + 1
                 self.active.add(job)
                 self.inflight += job.length
                 self.health.started(m)
@@ -258,12 +283,18 @@ class FetchPlan:
     def _eligible(self, it: _Item, m: int, now: float) -> bool:
         return m not in it.excluded and it.retry_at.get(m, float("-inf")) <= now
 
+    def _held(self, m: int, path: str) -> bool:
+        """No new job for ``path`` on mirror ``m`` now: the file is streaming from it, or the
+        mirror has not answered yet (it may ignore Range) and already has a job for it."""
+        key = (m, path)
+        return key in self._streams or (not self.health.answered(m) and self._open.get(key, 0) > 0)
+
     def _take(self, m: int, now: float, target: int) -> Job | None:
         for _ in range(len(self._paths)):
             path = self._paths[0]
             self._paths.rotate(-1)  # spread requests over files (and so over mirrors' disks)
             lst = self._pending.get(path)
-            if not lst or (m, path) in self._file_excluded:
+            if not lst or (m, path) in self._file_excluded or self._held(m, path):
                 continue
             k = next((k for k, e in enumerate(lst) if self._eligible(e[2], m, now)), -1)
             if k < 0:
@@ -298,6 +329,8 @@ class FetchPlan:
                 for m in range(len(self.health)):
                     if m in it.excluded or (m, path) in self._file_excluded:
                         continue
+                    if self._held(m, path):
+                        continue  # until that job ends: a change in the plan
                     t = max(it.retry_at.get(m, now), self.health.cooldown_until(m))
                     if best is None or t < best:
                         best = t
@@ -325,6 +358,44 @@ class FetchPlan:
 
     # -- reports from the shell --------------------------------------------------------------
 
+    def answered(self, job: Job, *, honoured_range: bool) -> None:
+        """``job``'s mirror answered (206: ``honoured_range``; 200: it sent the whole file)."""
+        self.health.mark_answered(job.mirror)
+        if not honoured_range:
+            self.health.mark_ignores_range(job.mirror)
+
+    def stream_whole_file(self, job: Job) -> bool:
+        """``job`` was answered with the whole file: make it the file's stream on its mirror.
+        False if another job already streams that file from there; ``job`` should then end
+        at once (its chunks go back to the queue for the stream to claim)."""
+        key = (job.mirror, job.path)
+        if key in self._streams:
+            return False
+        self._streams[key] = job
+        return True
+
+    def next_in_stream(self, job: Job, pos: int) -> ChunkRequest | None:
+        """The next chunk at or after byte ``pos`` that ``job``'s whole-file body should be
+        kept for: its own, or one still queued for that file (claimed for ``job`` now).
+        None: nothing more is wanted from the rest of the body."""
+        items = job.items  # sorted by offset
+        k = bisect.bisect_left(items, pos, key=lambda i: i.req.offset)
+        own = items[k] if k < len(items) else None
+        lst = self._pending.get(job.path, [])
+        # Backoffs are not checked: this mirror is sending the bytes anyway.
+        for k in range(bisect.bisect_left(lst, pos, key=lambda e: e[0]), len(lst)):
+            offset, _, it = lst[k]
+            if own is not None and offset > own.req.offset:
+                break
+            if job.mirror in it.excluded:
+                continue
+            del lst[k]
+            it.state = "active"
+            bisect.insort(job.items, it, key=lambda i: i.req.offset)
+            self.inflight += it.req.length
+            return it.req
+        return own.req if own is not None else None
+
     def job_bytes(self, job: Job, n: int, now: float) -> None:
         """``n`` body bytes of ``job`` arrived. They stay in the in-flight budget until their
         chunk is verified: bytes of a half-received chunk are lost to a killed process just
@@ -335,7 +406,7 @@ class FetchPlan:
     def chunk_ok(self, job: Job, req: ChunkRequest) -> _Item:
         k = self._index(job, req)
         it = job.items[k]
-        job.finished.add(k)
+        job.finished.add(it)
         job.settled += req.length
         self.inflight -= req.length
         it.state = "ok"
@@ -346,7 +417,7 @@ class FetchPlan:
         """The mirror served bytes for ``req`` that fail blake3: never ask it for them again."""
         k = self._index(job, req)
         it = job.items[k]
-        job.finished.add(k)
+        job.finished.add(it)
         job.settled += req.length
         self.inflight -= req.length
         it.excluded.add(job.mirror)
@@ -368,7 +439,14 @@ class FetchPlan:
         finish go back to the queue (or fail). Returns the chunks that failed for good."""
         self.active.discard(job)
         self.health.stopped(job.mirror)
-        self.inflight -= job.length - job.settled
+        # Hold back no longer: a mirror that fails before answering (refused, reset) would
+        # otherwise be probed one request per file per cooldown.
+        self.health.mark_answered(job.mirror)
+        key = (job.mirror, job.path)
+        self._open[key] -= 1
+        if self._streams.get(key) is job:
+            del self._streams[key]
+        self.inflight -= job.requested - job.settled
         failed_before = len(self.failed)
         if kind is None:
             self.health.success(job.mirror, job.received, now - job.started)
@@ -377,12 +455,13 @@ class FetchPlan:
             if kind in PERMANENT_FOR_FILE:
                 self._file_excluded.add((job.mirror, job.path))
                 self._file_reasons[(job.mirror, job.path)] = detail or kind
-        for k, it in enumerate(job.items):
-            if k in job.finished:
+        for it in job.items:
+            if it in job.finished:
                 continue
             if kind is None:
-                # Success without this chunk: the shell ended the body early on purpose
-                # (never happens today); give it back without charging an attempt.
+                # Success without this chunk: the shell ended the body early on purpose (a
+                # second whole-file answer for a file already streaming); give it back
+                # without charging an attempt.
                 self._requeue(it)
                 continue
             it.attempts += 1

@@ -158,7 +158,7 @@ class Stage:
                 os.close(fd)
         return lost
 
-    def write_chunk(self, chunk_id: bytes, data: bytes | memoryview) -> int:
+    def write_chunk(self, chunk_id: bytes, data: bytes | bytearray | memoryview) -> int:
         """Write verified bytes at every place the chunk occurs; returns bytes written.
 
         Thread-safe: several writer threads share the cache of open files.

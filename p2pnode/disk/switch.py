@@ -98,15 +98,27 @@ def refuse_foreign_directory(sd: StateDir) -> None:
         )
 
 
+#: Free space left over after staging, for the state files, the journal and the switch.
+SPACE_RESERVE = 64 * 2**20
+
+
 def check_space(root: Path, stage: Stage, needed: dict[bytes, int]) -> None:
     want = sum(len(stage.locations[cid]) * n for cid, n in needed.items())
     free = shutil.disk_usage(root).free
-    margin = 64 * 1024 * 1024
-    if want + margin > free:
+    if want + SPACE_RESERVE > free:
+        # State the whole requirement: "needs 40 MiB, has 99 MiB free" read as a bug.
         raise DiskSpaceError(
-            f"staging needs {want // 2**20} MiB more, but {root.parent} has "
-            f"{free // 2**20} MiB free"
+            f"staging needs {_mib(want + SPACE_RESERVE)} MiB free ({_mib(want)} MiB of files "
+            f"plus a {_mib(SPACE_RESERVE)} MiB reserve), but {root.parent} has "
+            f"{free // 2**20} MiB free",
+            fix=f"free at least {_mib(want + SPACE_RESERVE - free)} MiB there, or install "
+            "elsewhere",
         )
+
+
+def _mib(n: int) -> int:
+    """Whole MiB, rounded up: a requirement is never understated."""
+    return -(-n // 2**20)
 
 
 def switch(

@@ -335,7 +335,7 @@ async def assemble(
     progress.start(sum(unique.values()), f"{manifest.app} {manifest.version}")
     progress.advance(result.bytes_resumed)
 
-    def put(cid: bytes, data: bytes) -> None:
+    def put(cid: bytes, data: bytes | memoryview) -> None:
         try:
             stage.write_chunk(cid, data)
         except OSError as exc:

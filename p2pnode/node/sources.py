@@ -35,7 +35,7 @@ async def fetch_missing(
     ids: list[bytes],
     mirrors: list[str],
     options: InstallOptions,
-    put: Callable[[bytes, bytes], None],
+    put: Callable[[bytes, bytes | memoryview], None],
     progress: Progress,
     result: InstallResult,
     swarm: Swarm | None,
@@ -66,8 +66,8 @@ async def fetch_missing(
 
                 client = make_client(cdn_options(options))
 
-            async def got(req: ChunkRequest, data: bytes) -> None:
-                await take(req.id, data)
+            async def got(req: ChunkRequest, data: bytes | memoryview) -> None:
+                await take(req.id, bytes(data))  # the swarm keeps immutable bytes
 
             await fetch_from_cdn(stage, batch, mirrors, options, got, result, client=client)
 
@@ -102,11 +102,21 @@ async def fetch_missing(
             fix="add peers with --peer HOST:PORT, or use --policy p2p-first",
         )
 
-    async def deliver_bulk(req: ChunkRequest, data: bytes) -> None:
-        await trio.to_thread.run_sync(put, req.id, data)
+    def put_verified(req: ChunkRequest, data: bytes | memoryview) -> None:
+        put(req.id, data)  # in the thread that verified it: one hop per chunk, not two
+
+    async def delivered(req: ChunkRequest, data: bytes | memoryview) -> None:
+        pass
 
     await fetch_from_cdn(
-        stage, left, mirrors, options, deliver_bulk, result, on_bytes=progress.advance
+        stage,
+        left,
+        mirrors,
+        options,
+        delivered,
+        result,
+        on_bytes=progress.advance,
+        store=put_verified,
     )
 
 
@@ -115,14 +125,15 @@ async def fetch_from_cdn(
     ids: list[bytes],
     mirrors: list[str],
     options: InstallOptions,
-    deliver: Callable[[ChunkRequest, bytes], Awaitable[None]],
+    deliver: Callable[[ChunkRequest, bytes | memoryview], Awaitable[None]],
     result: InstallResult,
     on_bytes: Callable[[int], None] | None = None,
     client: httpx.AsyncClient | None = None,
+    store: Callable[[ChunkRequest, bytes | memoryview], None] | None = None,
 ) -> None:
     """Fetch ``ids`` from the mirrors, counting what the CDN sent into ``result`` (also
     when it fails part way). ``client``: an ``httpx.AsyncClient`` to use (default: the
-    fetch makes its own)."""
+    fetch makes its own); ``store``: see :meth:`CDNFetcher.fetch`."""
     from ..cdn.fetcher import CDNFetcher
 
     manifest = stage.manifest
@@ -147,7 +158,7 @@ async def fetch_from_cdn(
         limiter=options.limiter,
     )
     try:
-        await fetcher.fetch(requests, deliver)
+        await fetcher.fetch(requests, deliver, store=store)
     finally:
         result.bytes_cdn += fetcher.stats.bytes_received
         for name, ms in fetcher.stats.per_mirror.items():

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import blake3
+import httpx
 import pytest
 import trio
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pnode.cdn.fetcher import CDNFetcher, CDNOptions, ChunkRequest, FetchStats
 from p2pnode.cdn.plan import (
     DONE,
-    ChunkSplitter,
     FetchPlan,
     Job,
     MirrorHealth,
@@ -68,40 +68,66 @@ def test_coalesce_groups_adjacent_chunks_within_the_bound(
             assert sum(c.length for c in a) + b[0].length > max_bytes
 
 
+class _Pieces(httpx.AsyncByteStream):
+    def __init__(self, body: bytes, cuts: list[int]) -> None:
+        self._body, self._cuts = body, cuts
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        pos = 0
+        for cut in itertools.cycle(self._cuts):
+            if pos >= len(self._body):
+                return
+            yield self._body[pos : pos + cut]
+            pos += cut
+
+
+@settings(max_examples=40, deadline=None)
 @given(
     st.lists(st.integers(1, 40), min_size=1, max_size=12),
-    st.integers(0, 30),
-    st.integers(0, 25),
     st.lists(st.integers(1, 37), min_size=1, max_size=60),
+    st.booleans(),
 )
-def test_splitter_cuts_any_piece_boundaries_exactly(
-    lengths: list[int], skip: int, extra: int, cuts: list[int]
+def test_bodies_in_any_pieces_are_cut_at_chunk_boundaries_exactly(
+    lengths: list[int], cuts: list[int], whole: bool
 ) -> None:
-    chunks = chunks_of("f", lengths)
-    body = random.Random(len(lengths)).randbytes(skip + sum(lengths) + extra)
-    splitter = ChunkSplitter(chunks, skip)
-    got: list[tuple[ChunkRequest, bytes]] = []
-    surplus = 0
-    pos = 0
-    for cut in itertools.cycle(cuts):
-        if pos >= len(body) or splitter.done:
-            break
-        assert splitter.wanted == skip + sum(lengths) - pos
-        piece = body[pos : pos + cut]
-        done, surplus = splitter.feed(piece)
-        got += done
-        pos += len(piece)
-    assert splitter.done
-    assert [c for c, _ in got] == chunks
-    for c, data in got:
-        assert data == body[skip + c.offset : skip + c.end]
-    assert pos - surplus == skip + sum(lengths)
+    """Through a transport without ``readinto`` (any httpx transport; chunked bodies), the
+    fetcher copies pieces into chunk buffers: every chunk comes out exact, whatever the piece
+    boundaries, from a 206 or from a whole-file 200."""
+    data = random.Random(len(lengths)).randbytes(sum(lengths))
+    reqs, off = [], 0
+    for n in lengths:
+        reqs.append(ChunkRequest(blake3.blake3(data[off : off + n]).digest(), "f", off, n))
+        off += n
 
+    async def handler(request: httpx.Request) -> httpx.Response:
+        first, _, last = request.headers["range"].removeprefix("bytes=").partition("-")
+        start, end = (0, len(data)) if whole else (int(first), int(last) + 1)
+        headers = {"Content-Length": str(end - start)}
+        if not whole:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+        body = _Pieces(data[start:end], cuts)
+        return httpx.Response(200 if whole else 206, headers=headers, stream=body)
 
-def test_splitter_rejects_gaps() -> None:
-    a, b = chunks_of("f", [10, 10])
-    with pytest.raises(ValueError):
-        ChunkSplitter([a, ChunkRequest(b.id, "f", 11, 10)])
+    got: dict[ChunkRequest, bytes] = {}
+
+    async def deliver(req: ChunkRequest, chunk: bytes | memoryview) -> None:
+        assert req not in got
+        got[req] = bytes(chunk)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            fetcher = CDNFetcher(
+                app="a",
+                build=1,
+                mirrors=["http://cdn.test/"],
+                file_sizes={"f": len(data)},
+                options=CDNOptions(seed=1, initial_budget=64),
+                client=client,
+            )
+            await fetcher.fetch(reqs, deliver)
+
+    trio.run(main)
+    assert got == {r: data[r.offset : r.end] for r in reqs}
 
 
 @pytest.mark.parametrize(
@@ -150,8 +176,13 @@ def test_mirror_health_cools_down_and_recovers() -> None:
 
 
 def plan_of(reqs: list[ChunkRequest], mirrors: int = 2, **kw: object) -> FetchPlan:
+    """A plan whose mirrors have answered before (so they are not held to one request per
+    file while the plan learns whether they honour Range)."""
     params = PlanParams(**kw)  # type: ignore[arg-type]
-    return FetchPlan(reqs, [f"m{i}" for i in range(mirrors)], params, now=0.0, rng=random.Random(1))
+    plan = FetchPlan(reqs, [f"m{i}" for i in range(mirrors)], params, now=0.0, rng=random.Random(1))
+    for m in range(mirrors):
+        plan.health.mark_answered(m)
+    return plan
 
 
 def test_plan_bounds_bytes_in_flight_by_the_rate_cap() -> None:
@@ -255,7 +286,7 @@ async def fetch_all(
     async def deliver(req: ChunkRequest, data: bytes) -> None:
         assert blake3.blake3(data).digest() == req.id
         assert req not in got
-        got[req] = data
+        got[req] = bytes(data)  # the fetcher reuses its buffers
 
     fetcher = CDNFetcher(
         app=rel.app,
@@ -373,3 +404,49 @@ async def test_rerun_after_nginx_stops_and_restarts(
     server.start()
     _, got = await fetch_all(rel, [server.url])
     assert set(got) == set(rel.requests)
+
+
+def test_plan_holds_a_new_mirror_to_one_request_per_file_until_it_answers() -> None:
+    reqs = chunks_of("f", [100_000] * 40)
+    plan = FetchPlan(reqs, ["m0"], PlanParams(connections=8), now=0.0, rng=random.Random(1))
+    first = plan.next_action(0.0)
+    assert isinstance(first, Job)
+    assert plan.next_action(0.0) == Wait(None)  # it may ignore Range: wait for its answer
+    plan.answered(first, honoured_range=True)
+    assert isinstance(plan.next_action(0.0), Job)
+
+
+def test_plan_streams_a_whole_file_answer_once_claiming_queued_chunks() -> None:
+    reqs = chunks_of("f", [100_000] * 10)
+    plan = FetchPlan(reqs, ["m0"], PlanParams(connections=8, initial_budget=200_000), now=0.0)
+    job = plan.next_action(0.0)
+    assert isinstance(job, Job) and job.start == 0 and job.length < 1_000_000
+    plan.answered(job, honoured_range=False)
+    assert plan.stream_whole_file(job)
+    pos, kept = 0, []
+    while (req := plan.next_in_stream(job, pos)) is not None:
+        kept.append(req.offset)
+        pos = req.end
+        plan.chunk_ok(job, req)
+    assert kept == [r.offset for r in reqs]  # every chunk from the one body, in order
+    assert plan.next_action(0.0) == Wait(None)  # nothing left to ask while it streams
+    plan.job_finished(job, 0.1)
+    assert plan.next_action(0.1) is DONE
+
+
+async def test_nginx_ignoring_range_serves_each_file_once(
+    rel: TestRelease, nginx: Callable[[Path], Nginx]
+) -> None:
+    """``max_ranges 0`` makes nginx answer every range with the whole file: issue 15's
+    mirror that ignores Range, for real. It costs at most 1.1x the release."""
+    server = nginx(rel.root)
+    server.stop()
+    conf = server.conf.read_text()
+    server.conf.write_text(conf.replace("autoindex off;", "autoindex off; max_ranges 0;"))
+    server.start()
+    stats, got = await fetch_all(rel, [server.url], initial_budget=256 * 1024)
+    assert set(got) == set(rel.requests)
+    log = server.log()
+    assert log and all(line.status == 200 for line in log)
+    assert server.body_bytes_sent() <= 1.1 * rel.total
+    assert stats.bytes_received <= 1.1 * rel.total

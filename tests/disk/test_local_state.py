@@ -144,3 +144,30 @@ def test_operations_on_nothing_installed_say_so(tmp_path: Path) -> None:
     with pytest.raises(NotInstalledError):
         trio.run(lambda: verify(tmp_path / "nothing"))
     assert main(["verify", "--dest", str(tmp_path / "nothing"), "--json"]) == 1
+
+
+def test_space_refusal_states_the_whole_requirement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: "needs 40 MiB more, but ... has 99 MiB free" hid the 64 MiB reserve."""
+    from types import SimpleNamespace
+
+    from p2pnode.disk import switch as switch_mod
+
+    src = tmp_path / "src"
+    make_release(src, big=1 << 20)
+    p = publish(src, app="game", version="1", build=1, key=KEY, out=tmp_path / "cdn")
+    m = p.manifest
+    stage = switch_mod.Stage(tmp_path / "stage", m, m.files)
+    needed = {cid: locs[0][2] for cid, locs in stage.locations.items()}
+    want = sum(len(stage.locations[c]) * n for c, n in needed.items())
+    free = want + 10 * 2**20  # enough for the files, not for the reserve
+    monkeypatch.setattr(
+        switch_mod.shutil, "disk_usage", lambda _p: SimpleNamespace(free=free, total=0, used=0)
+    )
+    with pytest.raises(DiskSpaceError) as info:
+        switch_mod.check_space(tmp_path / "game", stage, needed)
+    need_mib = -(-(want + switch_mod.SPACE_RESERVE) // 2**20)
+    assert f"needs {need_mib} MiB free" in info.value.message
+    assert "64 MiB reserve" in info.value.message
+    assert "free at least 54 MiB" in info.value.fix
