@@ -24,14 +24,13 @@ the file, instead of being silently reset (that would lose the user's library).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import secrets
 from pathlib import Path
 from typing import Any
 
-from ..disk.fsutil import write_atomic
+from ..disk.fsutil import lock_nowait, write_atomic
 from ..errors import InstallError, InstallLockedError
 
 __all__ = [
@@ -124,14 +123,9 @@ class StateDir:
         if self._lock_fd is not None:
             raise RuntimeError(f"{self.root} is already locked by this object")
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(fd)
-            raise ServiceLockedError(
-                f"another p2pnode daemon is using the state dir {self.root}"
-            ) from exc
+        fd = lock_nowait(self.lock_file)
+        if fd is None:
+            raise ServiceLockedError(f"another p2pnode daemon is using the state dir {self.root}")
         self._lock_fd = fd
 
     def unlock(self) -> None:
