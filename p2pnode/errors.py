@@ -6,6 +6,7 @@ pass a more specific one.
 
     P2PNodeError
     ├── UsageError               bad command-line input (a rate like "40Q", a missing flag)
+    │   └── service.JobStateError  a job action its state does not allow (pause an installed job)
     ├── ManifestError            a manifest that cannot be parsed or breaks a format rule
     │   └── NotCanonicalError    decodes, but is not byte-identical to its canonical encoding
     ├── IntegrityError           content or metadata that fails a trust check
@@ -20,6 +21,8 @@ pass a more specific one.
     │       └── dht.LANMessageError       a malformed LAN discovery message
     ├── InstallError             local state problems
     │   ├── InstallLockedError   another p2pnode process works on the same install
+    │   │   └── service.ServiceLockedError  another daemon owns the same state dir
+    │   ├── service.DamagedStateError  a service state file (library, queue) we did not write
     │   ├── NotInstalledError    an operation that needs an install found none
     │   ├── NoRollbackError      no earlier version is kept
     │   ├── DiskSpaceError       not enough free space to stage the release
