@@ -247,7 +247,7 @@ class Queue:
         return job
 
     def defer(self, ident: str, until: float) -> Job:
-        """Hold an update until ``until`` (wall-clock seconds); None-like past times clear it.
+        """Hold an update until ``until`` (wall-clock seconds; a time past lets it start now).
 
         Raises:
             JobStateError: not an update, or a critical one (those are never deferred).
