@@ -45,6 +45,7 @@ OPS = [
 def test_random_operations_keep_the_invariants(data: st.DataObject) -> None:
     q = Queue(max_active=data.draw(st.integers(1, 3)))
     running: set[tuple[str, int]] = set()
+    ghosts: set[tuple[str, int]] = set()  # stopped workers, whose late reports may still come
     ever: set[str] = set()
     now = 0.0
     for _ in range(data.draw(st.integers(1, 60))):
@@ -55,7 +56,7 @@ def test_random_operations_keep_the_invariants(data: st.DataObject) -> None:
             if op == "submit":
                 kind = data.draw(st.sampled_from([*JobKind, JobKind.UPDATE]))
                 job = q.submit(
-                    data.draw(st.sampled_from(["g1", "g2", "g3", "g4"])),
+                    data.draw(st.sampled_from([f"g{n}" for n in range(8)])),
                     kind,
                     now=now,
                     priority=data.draw(st.sampled_from(list(Priority))),
@@ -75,19 +76,26 @@ def test_random_operations_keep_the_invariants(data: st.DataObject) -> None:
                 q.move_to_top(ident)
             elif op == "defer":
                 q.defer(ident, now + data.draw(st.floats(0, 100)))
-            elif op in ("progress", "finished", "failed") and running:
-                # A worker, maybe one the queue already stopped, reports.
-                job_id, attempt = data.draw(st.sampled_from(sorted(running)))
+            elif op in ("progress", "finished", "failed") and (running or ghosts):
+                # A worker reports: a live one, or one the queue already stopped.
+                job_id, attempt = data.draw(st.sampled_from(sorted(running | ghosts)))
+                job = q.get(job_id)
+                was = job.state
                 if op == "progress":
-                    q.report(job_id, attempt, progress=Progress(1, 2, 1.0))
+                    ok = q.report(job_id, attempt, progress=Progress(1, 2, 1.0))
+                elif op == "finished":
+                    ok = q.finished(job_id, attempt, now=now)
                 else:
-                    ended = (
-                        q.finished(job_id, attempt, now=now)
-                        if op == "finished"
-                        else q.failed(job_id, attempt, "boom")
+                    ok = q.failed(job_id, attempt, "boom")
+                if (job_id, attempt) in ghosts:
+                    # Only a finish of the same attempt, stopped by a pause or cancel, counts.
+                    assert not ok or (
+                        op == "finished"
+                        and job.attempt == attempt
+                        and was in (JobState.PAUSED, JobState.CANCELLED)
                     )
-                    if ended:
-                        running.discard((job_id, attempt))
+                elif ok and op != "progress":
+                    running.discard((job_id, attempt))
             elif op == "max_active":
                 q.max_active = data.draw(st.integers(1, 3))
             elif op == "decide":
@@ -96,9 +104,11 @@ def test_random_operations_keep_the_invariants(data: st.DataObject) -> None:
                 for action in wanted.actions:
                     if isinstance(action, Start):
                         assert all(job != action.job for job, _ in running), "two workers"
+                        assert (action.job, action.attempt) not in ghosts, "attempt reused"
                         running.add((action.job, action.attempt))
                     elif isinstance(action, Stop):
                         running.discard((action.job, action.attempt))
+                        ghosts.add((action.job, action.attempt))
                     else:
                         assert isinstance(action, Discard)
                         assert q.get(action.job).state in (JobState.CANCELLED, JobState.INSTALLED)
@@ -118,7 +128,7 @@ def test_random_operations_keep_the_invariants(data: st.DataObject) -> None:
                         a.attempt,
                     )
                     assert b.progress.bytes_done == a.progress.bytes_done
-                q, running = q2, set()  # kill -9: every worker died with the process
+                q, running, ghosts = q2, set(), set()  # kill -9: every worker died with it
         except UsageError:
             pass  # refused, as the API would answer 4xx: the invariants still hold below
         assert {j.id for j in q.jobs} == ever  # nothing lost, nothing invented
