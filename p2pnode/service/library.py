@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..release.keys import format_public_key, parse_public_key
+from ..release.manifest import is_name
 from .statedir import DamagedStateError, read_json, write_json
 
 __all__ = ["MAX_ENTRIES", "MAX_TRUST_KEYS", "Entry", "Library"]
@@ -34,8 +35,6 @@ MAX_ENTRIES = 10_000
 # A publisher rotating keys needs two; more is a mistake.
 MAX_TRUST_KEYS = 4
 
-# The manifest's own rule for app and channel names (release/manifest.py).
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _URL = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 MAX_URL = 2048
 
@@ -122,7 +121,7 @@ def _checked(
                 f"tracker {tracker!r} is not an http(s) URL",
                 fix="pass --tracker http://HOST:PORT",
             )
-        if not isinstance(source, str) or not _NAME.match(source):
+        if not isinstance(source, str) or not is_name(source):
             raise UsageError(
                 f"{source!r} is not an app name",
                 fix="with --tracker, name the app as published (letters, digits, . _ -)",
@@ -132,7 +131,7 @@ def _checked(
             f"{source!r} is neither a manifest URL nor an app name with a tracker",
             fix="pass the manifest's http(s) URL, or the app name with --tracker URL",
         )
-    if not isinstance(channel, str) or not _NAME.match(channel):
+    if not isinstance(channel, str) or not is_name(channel):
         raise UsageError(
             f"channel {channel!r} is not a channel name",
             fix="pass --channel NAME (letters, digits, . _ -), like stable",

@@ -58,12 +58,14 @@ from .statedir import DamagedStateError, read_json, write_json
 
 __all__ = [
     "MAX_FINISHED",
+    "MAX_MAX_ACTIVE",
     "Action",
     "Discard",
     "Queue",
     "Start",
     "Stop",
     "Wanted",
+    "check_max_active",
 ]
 
 FORMAT = 1
@@ -71,6 +73,22 @@ FORMAT = 1
 # file does not grow for ever.
 MAX_FINISHED = 200
 MAX_MAX_ACTIVE = 64
+
+
+def check_max_active(value: object, what: str) -> int:
+    """``value`` as a number of concurrent jobs; digits in a string (from a command line) too.
+
+    Raises:
+        UsageError: naming ``what`` (the setting, and the file it came from).
+    """
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_MAX_ACTIVE:
+        raise UsageError(
+            f"{what} {value!r} is not a number of jobs",
+            fix=f"set max_active to a whole number from 1 to {MAX_MAX_ACTIVE}",
+        )
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +148,7 @@ class Queue:
 
     @max_active.setter
     def max_active(self, n: int) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_MAX_ACTIVE:
-            raise UsageError(
-                f"max_active {n!r} is not a number of jobs",
-                fix=f"set max_active to a whole number from 1 to {MAX_MAX_ACTIVE}",
-            )
-        self._max_active = n
+        self._max_active = check_max_active(n, "max_active")
 
     @property
     def jobs(self) -> list[Job]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from .queue import MAX_MAX_ACTIVE
+from .queue import check_max_active
 from .schedule import Schedule
 from .statedir import DamagedStateError, read_json, write_json
 
@@ -48,15 +48,8 @@ class ServiceSettings:
                 f"{where}: service.{sorted(unknown)[0]} is not a known setting",
                 fix=f"use one of {', '.join(KEYS)}",
             )
-        raw = table.get("max_active", 1)
-        if isinstance(raw, str) and raw.strip().isdigit():
-            raw = int(raw)  # from the command line
-        if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_MAX_ACTIVE:
-            raise UsageError(
-                f"{where}: max_active {raw!r} is not a number of jobs",
-                fix=f"set max_active to a whole number from 1 to {MAX_MAX_ACTIVE}",
-            )
-        return cls(raw, Schedule.from_config(table, where))
+        max_active = check_max_active(table.get("max_active", 1), f"{where}: max_active")
+        return cls(max_active, Schedule.from_config(table, where))
 
     def to_config(self) -> dict[str, Any]:
         return {"max_active": self.max_active, **self.schedule.to_config()}
