@@ -6,6 +6,7 @@ pass a more specific one.
 
     P2PNodeError
     ├── UsageError               bad command-line input (a rate like "40Q", a missing flag)
+    │   └── JobStateError        a job action its state does not allow (pause an installed job)
     ├── ManifestError            a manifest that cannot be parsed or breaks a format rule
     │   └── NotCanonicalError    decodes, but is not byte-identical to its canonical encoding
     ├── IntegrityError           content or metadata that fails a trust check
@@ -21,6 +22,8 @@ pass a more specific one.
     │       └── LANMessageError       a malformed LAN discovery message
     ├── InstallError             local state problems
     │   ├── InstallLockedError   another p2pnode process works on the same install
+    │   │   └── ServiceLockedError  another daemon owns the same state dir
+    │   ├── DamagedStateError    a service state file (library, queue) we did not write
     │   ├── NotInstalledError    an operation that needs an install found none
     │   ├── NoRollbackError      no earlier version is kept
     │   ├── DiskSpaceError       not enough free space to stage the release
@@ -61,6 +64,7 @@ __all__ = [
     "ChunkHashError",
     "DHTError",
     "DHTStateError",
+    "DamagedStateError",
     "DemoError",
     "DiskSpaceError",
     "DowngradeError",
@@ -69,6 +73,7 @@ __all__ = [
     "InstallError",
     "InstallLockedError",
     "IntegrityError",
+    "JobStateError",
     "LANMessageError",
     "LocalProtocolError",
     "ManifestError",
@@ -80,6 +85,7 @@ __all__ = [
     "ProtocolError",
     "RecordSignatureError",
     "RemoteProtocolError",
+    "ServiceLockedError",
     "SignatureError",
     "SlowPeerError",
     "TrackerError",
@@ -114,6 +120,12 @@ class P2PNodeError(Exception):
 class UsageError(P2PNodeError):
     default_fix = "check the command line against `p2pnode COMMAND --help`"
     exit_code = 2
+
+
+class JobStateError(UsageError):
+    """A request that the job's state does not allow (pause an installed job)."""
+
+    default_fix = "list the jobs with `p2pnode jobs` and act on one in a state that allows it"
 
 
 class ManifestError(P2PNodeError):
@@ -174,6 +186,18 @@ class InstallError(P2PNodeError):
 
 class InstallLockedError(InstallError):
     default_fix = "wait for the other p2pnode process to finish, or stop it"
+
+
+class ServiceLockedError(InstallLockedError):
+    """Another client service (daemon) owns the same state dir."""
+
+    default_fix = "stop the other daemon, or give this one its own --state DIR"
+
+
+class DamagedStateError(InstallError):
+    """A service state file (library, queue, settings) that is not what we wrote."""
+
+    default_fix = "move the named file aside (the daemon starts without it) and re-add what it held"
 
 
 class NotInstalledError(InstallError):

@@ -100,6 +100,15 @@ def default_burst(rate: float) -> float:
 class RateLimiter:
     """An optional shared cap; ``RateLimiter(None)`` is unlimited and costs one checkpoint.
 
+    The cap may change at any time (:meth:`set_rate`: a bandwidth schedule applying its caps
+    live), and the change reaches callers already asleep on a debt, not only later ones: a
+    1 MiB read debited at 50 KiB/s sleeps 20 s, and lifting the cap must not leave it asleep
+    for those 20 s. Each sleeper knows its place in the debt queue as a *target*: the number of
+    tokens the bucket will have refilled, since it was made, when this sleeper's debt is paid.
+    Refills are linear in time at the current rate, so after a change each sleeper recomputes
+    its deadline from the same target at the new rate (a lower cap pushes it out, a higher one
+    pulls it in, no cap releases it), and the sleepers keep their order and the total rate.
+
     Args:
         rate: bytes per second, or ``None`` for no limit.
         burst: see :class:`TokenBucket`; defaults to :func:`default_burst`.
@@ -107,38 +116,67 @@ class RateLimiter:
 
     def __init__(self, rate: float | None, burst: float | None = None) -> None:
         self._bucket: TokenBucket | None = None
+        # Tokens refilled up to ``_stamp`` (at the rates in force so far), for sleepers' targets.
+        self._refilled = 0.0
+        self._stamp = 0.0
+        # Bumped when the cap is lifted: the targets of an earlier bucket mean nothing to a new one.
+        self._epoch = 0
+        self._changed: trio.Event | None = None
         if rate is not None:
-            self._bucket = TokenBucket(
-                rate, burst if burst is not None else default_burst(rate), _now()
-            )
+            self._new_bucket(rate, burst)
+
+    def _new_bucket(self, rate: float, burst: float | None) -> None:
+        now = _now()
+        self._bucket = TokenBucket(rate, burst if burst is not None else default_burst(rate), now)
+        self._refilled, self._stamp = 0.0, now
 
     @property
     def rate(self) -> float | None:
         return None if self._bucket is None else self._bucket.rate
 
+    def _refilled_at(self, bucket: TokenBucket, now: float) -> float:
+        return self._refilled + (now - self._stamp) * bucket.rate
+
     async def acquire(self, n: int) -> None:
         """Account for ``n`` bytes already moved (or about to be) and sleep off any debt."""
-        if self._bucket is None:
+        bucket = self._bucket
+        if bucket is None:
             await trio.lowlevel.checkpoint()
             return
-        wait = self._bucket.consume(n, trio.current_time())
-        if wait > 0:
-            await trio.sleep(wait)
-        else:
+        now = trio.current_time()
+        wait = bucket.consume(n, now)
+        if wait <= 0:
             await trio.lowlevel.checkpoint()
+            return
+        target = self._refilled_at(bucket, now) + wait * bucket.rate
+        epoch = self._epoch
+        while True:
+            if self._changed is None:
+                self._changed = trio.Event()
+            changed = self._changed
+            with trio.move_on_at(self._stamp + (target - self._refilled) / bucket.rate) as scope:
+                await changed.wait()
+            if scope.cancelled_caught:
+                return  # paid off at the rate in force
+            bucket = self._bucket  # set_rate may have lifted it
+            if bucket is None or self._epoch != epoch:
+                return
 
     def set_rate(self, rate: float | None, burst: float | None = None) -> None:
-        """Change or lift the cap at run time."""
+        """Change or lift the cap at run time; callers asleep on a debt follow the change."""
         if rate is None:
-            self._bucket = None
+            if self._bucket is not None:
+                self._bucket = None
+                self._epoch += 1
         elif self._bucket is None:
-            self._bucket = TokenBucket(
-                rate, burst if burst is not None else default_burst(rate), _now()
-            )
+            self._new_bucket(rate, burst)
         else:
-            self._bucket.set_rate(
-                rate, burst if burst is not None else default_burst(rate), trio.current_time()
-            )
+            now = _now()
+            self._refilled, self._stamp = self._refilled_at(self._bucket, now), now
+            self._bucket.set_rate(rate, burst if burst is not None else default_burst(rate), now)
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
 
 def _now() -> float:

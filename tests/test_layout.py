@@ -9,7 +9,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "p2pnode"
 
 #: The stage of each subpackage; a module may import stages of a lower rank only.
-RANK = {"release": 0, "cdn": 1, "disk": 1, "swarm": 2, "discovery": 2, "node": 3, "demo": 4}
+RANK = {
+    "release": 0,
+    "cdn": 1,
+    "disk": 1,
+    "swarm": 2,
+    "discovery": 2,
+    "node": 3,
+    "service": 4,
+    "demo": 5,
+}
 
 #: The two arrows against the grain that docs/architecture.md names and explains.
 ALLOWED = {

@@ -112,3 +112,60 @@ async def test_unlimited_and_runtime_changes(autojump_clock: trio.testing.MockCl
 @pytest.fixture
 def autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def _sleeper(limiter: RateLimiter, n: int, done: list[float]) -> None:
+    await limiter.acquire(n)
+    done.append(trio.current_time())
+
+
+@pytest.mark.parametrize(
+    ("new_rate", "finish"),
+    [
+        (None, 1.0),  # the cap lifted: released at once
+        (10_000, 1.9),  # 9000 B of debt left, now paid at 10 kB/s
+        (500, 19.0),  # a lower cap reaches the sleeper too
+    ],
+)
+async def test_a_rate_change_reaches_callers_already_asleep(
+    autojump_clock: trio.testing.MockClock, new_rate: float | None, finish: float
+) -> None:
+    limiter = RateLimiter(1000, burst=1)
+    start = trio.current_time()
+    done: list[float] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_sleeper, limiter, 10_001, done)  # 10 s of debt at 1000 B/s
+        await trio.sleep(1)
+        limiter.set_rate(new_rate, burst=1)
+    assert done[0] - start == pytest.approx(finish, abs=1e-6)
+
+
+async def test_sleepers_keep_their_order_and_the_total_rate_across_changes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    limiter = RateLimiter(1000, burst=1)
+    start = trio.current_time()
+    done: list[float] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(_sleeper, limiter, 1000, done)  # the first 1 B is the burst
+        await trio.sleep(0.5)
+        limiter.set_rate(2000, burst=1)  # debts of 499, 1499, 2499 B left: the first is
+        await trio.sleep(0.25)  # paid at 0.7495 s; then 999 and 1999 B at 4000 B/s
+        limiter.set_rate(4000, burst=1)
+    assert [t - start for t in done] == pytest.approx([0.7495, 0.99975, 1.24975], abs=1e-6)
+
+
+async def test_lifted_then_capped_again_releases_the_old_sleepers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    limiter = RateLimiter(10, burst=1)
+    start = trio.current_time()
+    done: list[float] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_sleeper, limiter, 1000, done)
+        await trio.sleep(1)
+        limiter.set_rate(None)
+        limiter.set_rate(10, burst=1)  # before the sleeper ran: its debt was forgiven anyway
+    assert done[0] - start == pytest.approx(1.0)
+    assert limiter.rate == 10

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ __all__ = [
     "exchange",
     "fsync_dir",
     "fsync_path",
+    "lock_nowait",
     "rename_noreplace_or_exchange",
     "start_writeback",
 ]
@@ -99,6 +101,22 @@ def fsync_path(path: Path | str) -> None:
 
 def fsync_dir(path: Path | str) -> None:
     fsync_path(path)
+
+
+def lock_nowait(path: Path) -> int | None:
+    """Open (or make, mode 0600) ``path`` and take an exclusive ``flock`` on it without waiting.
+
+    Returns the open fd, which holds the lock until it is closed (or the process dies: the
+    kernel drops it, so a killed owner never leaves a stale lock); None if another open file
+    holds it.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:

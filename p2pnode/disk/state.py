@@ -22,7 +22,6 @@ progress so that the next run finishes it (see switch.py, "Recovery").
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any
 
 from ..errors import InstallError, InstallLockedError, NotInstalledError
 from ..release import manifest as M
-from .fsutil import write_atomic
+from .fsutil import lock_nowait, write_atomic
 from .linkeddest import adopt_state_beside_link, resolve, state_root
 
 __all__ = ["InstallState", "StateDir"]
@@ -116,12 +115,9 @@ class StateDir:
     def lock(self) -> None:
         """Take the install's lock, or fail at once if another process holds it."""
         self.create()
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(fd)
-            raise InstallLockedError(f"another p2pnode process is working on {self.dest}") from exc
+        fd = lock_nowait(self.root / "lock")
+        if fd is None:
+            raise InstallLockedError(f"another p2pnode process is working on {self.dest}")
         self._lock_fd = fd
 
     def unlock(self) -> None:

@@ -10,6 +10,9 @@ flags win over the file; ``dht_bootstrap`` lists are joined.
 dht_port = 6881
 dht_bootstrap = ["10.0.0.5:6881", "seed.example:6881"]
 lan = true
+
+[service]           # read by the client service's daemon only: p2pnode/service/settings.py
+max_active = 2
 ```
 """
 
@@ -31,6 +34,9 @@ class NodeConfig:
     dht_port: int | None = None
     dht_bootstrap: tuple[str, ...] = field(default_factory=tuple)
     lan: bool = False
+    # The ``[service]`` table as written; ``p2pnode.service.settings`` checks it, since only
+    # the daemon uses it (and the node layer must not import the service above it).
+    service: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 def default_config_path() -> Path:
@@ -75,9 +81,12 @@ def _parse(doc: dict[str, Any], path: Path) -> NodeConfig:
     def bad(key: str, want: str) -> UsageError:
         return UsageError(f"{path}: {key} must be {want}", fix=f"fix or remove {key} in {path}")
 
-    unknown = set(doc) - {"discovery"}
+    unknown = set(doc) - {"discovery", "service"}
     if unknown:
-        raise bad(sorted(unknown)[0], "one of the known sections ([discovery])")
+        raise bad(sorted(unknown)[0], "one of the known sections ([discovery], [service])")
+    service = doc.get("service", {})
+    if not isinstance(service, dict):
+        raise bad("service", "a table")
     disc = doc.get("discovery", {})
     if not isinstance(disc, dict):
         raise bad("discovery", "a table")
@@ -99,4 +108,4 @@ def _parse(doc: dict[str, Any], path: Path) -> NodeConfig:
     lan = disc.get("lan", False)
     if not isinstance(lan, bool):
         raise bad("discovery.lan", "true or false")
-    return NodeConfig(dht_port=port, dht_bootstrap=tuple(boot), lan=lan)
+    return NodeConfig(dht_port=port, dht_bootstrap=tuple(boot), lan=lan, service=service)

@@ -43,6 +43,7 @@ __all__ = [
     "FileEntry",
     "Manifest",
     "SignedManifest",
+    "is_name",
     "parse_signed",
     "sign",
     "validate_path",
@@ -70,6 +71,11 @@ MODE_EXEC = 0o755
 _RECORD = struct.Struct(">32sI")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_~-]{0,127}$")
+
+
+def is_name(text: str) -> bool:
+    """Whether ``text`` may name an app or a channel (the rule every node and tracker shares)."""
+    return _NAME.match(text) is not None
 
 
 class ChunkRef(NamedTuple):

@@ -47,12 +47,18 @@ def test_a_good_file(tmp_path: Path) -> None:
         ('[discovery]\ndht_bootstrap = ["10.0.0.5"]\n', "10.0.0.5"),
         ('[discovery]\nlan = "yes"\n', "discovery.lan"),
         ("discovery = 3\n", "discovery"),
+        ("service = 3\n", "service must be a table"),
         ("[discovery\n", "not valid TOML"),
     ],
 )
 def test_mistakes_are_named(tmp_path: Path, text: str, names: str) -> None:
     with pytest.raises(UsageError, match=names.replace("[", r"\[")):
         load_config(write(tmp_path, text))
+
+
+def test_the_service_table_is_kept_for_the_daemon(tmp_path: Path) -> None:
+    path = write(tmp_path, '[service]\nmax_active = 2\nmax_upload_rate = "1M"\n')
+    assert load_config(path).service == {"max_active": 2, "max_upload_rate": "1M"}
 
 
 def test_flags_win_and_bootstrap_lists_join(tmp_path: Path) -> None:
