@@ -448,6 +448,7 @@ class Fetching(Shell):
             return  # a duplicate (endgame): another peer's copy was first
         st.bytes += len(data)
         st.chunks += 1
+        job.sync()  # the peer's pipeline has room: refill it while the chunk is written
         await job.deliver(expected, data)
         if job.sched.finished and job.finished is not None:
             job.finished.cancel()  # every chunk is here: close all peer connections
