@@ -215,6 +215,16 @@ async def test_a_failed_install_is_retried_and_a_downgrade_refused(
             assert tree(tmp_path / "node") == tree(src)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             await stream.aclose()
+            # The tracker heard every attempt: build 1 installed; build 2 failed to download
+            # (at least once) and then updated from build 1. The refused downgrade is no failure.
+            async with httpx.AsyncClient() as client:
+                got = (await client.get(f"{tracker_url}/v1/outcomes")).json()["releases"]
+            by_build = {r["build"]: r for r in got}
+            assert by_build[1]["by_kind"] == {"install": {"success": 1, "failure": 0}}
+            two_kinds = by_build[2]["by_kind"]["update"]
+            assert two_kinds["success"] == 1 and two_kinds["failure"] >= 1, by_build[2]
+            assert set(by_build[2]["failure_codes"]) == {"download_failed"}, by_build[2]
+            assert by_build[2]["bytes"]["reused"] > 0
             nursery.cancel_scope.cancel()
 
 
