@@ -53,6 +53,7 @@ from .feed import Feed
 from .metrics import TrackerMetrics
 from .middleware import Buckets, RequestMiddleware
 from .openapi import openapi_document
+from .outcomes import MAX_OUTCOME_BYTES, OutcomeTally, parse_outcome
 from .records import VerifiedRecords
 from .registry_sqlite import SQLiteRegistry
 from .sessions import AnnounceSessions
@@ -85,6 +86,9 @@ class Tracker:
         self.metrics = TrackerMetrics()
         self._clients = Buckets(config.client_rate, config.client_burst)
         self._reporters = Buckets(config.report_rate, config.report_burst)
+        #: install outcomes (per process: see tracker.outcomes), rate-limited per node as reports
+        self.outcomes = OutcomeTally()
+        self._outcomers = Buckets(config.report_rate, config.report_burst)
         self.sessions = AnnounceSessions(config.admin_token)
         self._records = VerifiedRecords()
         self._known_manifests: dict[bytes, str] = {}
@@ -153,6 +157,7 @@ class Tracker:
             Route("/v1/manifests/{manifest_id:str}", ch.manifest),
             Route("/v1/announce", self._announce, methods=["POST"]),
             Route("/v1/report", self._report, methods=["POST"]),
+            Route("/v1/outcomes", self._outcomes, methods=["GET", "POST"]),
             Route("/v1/peers/{node_id:str}", self._peer, methods=["GET", "DELETE"]),
             Route("/v1/stats", self._stats),
             Route("/v1/dht/bootstrap", self._dht_bootstrap),
@@ -224,7 +229,17 @@ class Tracker:
         stats["releases"].sort(key=lambda r: (r["app"], -(r["build"] or 0)))
         stats["load"] = self.metrics.load()
         self.metrics.stats_cache = stats
+        self.metrics.outcomes_cache = self._outcome_stats(None, labels)
         return stats
+
+    def _outcome_stats(
+        self, app: str | None, labels: dict[bytes, tuple[str, int, str]]
+    ) -> list[dict[str, Any]]:
+        out = self.outcomes.stats(app)
+        for r in out:
+            info = labels.get(bytes.fromhex(r["manifest_id"]))
+            r["version"] = info[2] if info else None
+        return out
 
     async def _stats(self, request: Request) -> Response:
         return JSONResponse(await self._refresh_stats())
@@ -373,6 +388,35 @@ class Tracker:
             raise Conflict("this report was already received (a replay)")
         self.metrics.reports.inc()
         return JSONResponse({"accepted": len(r.peers)})
+
+    async def _outcomes(self, request: Request) -> Response:
+        """POST: a node's signed install outcome; GET: the tally per build (``?app=``)."""
+        if request.method == "GET":
+            app = request.query_params.get("app")
+            if app is not None:
+                core.check_name(app, "app")
+            labels = await self._registry_call(self.registry.releases)
+            return JSONResponse({"releases": self._outcome_stats(app, labels)})
+        body = await read_body(request, MAX_OUTCOME_BYTES)
+        now = self.config.clock()
+        o = parse_outcome(body, request.headers.get(SIGNATURE_HEADER), now=now)
+        wait = self._outcomers.allow(o.node_id, time.monotonic())
+        if wait > 0:
+            raise RateLimited(
+                f"node {o.node_id.hex()} sends outcomes too often",
+                fix=f"send at most {self.config.report_rate:g} outcomes/s; retry in {wait:.0f} s",
+            )
+        info = self.registry.manifest_info(o.manifest)
+        if info is None or info[0] != o.app or info[1] != o.to_build:
+            raise NotFound(
+                f"build {o.to_build} of {o.app} is not manifest {o.manifest.hex()} here",
+                fix="report outcomes of builds published on this tracker",
+            )
+        digest = blake3.blake3(bytes.fromhex(request.headers[SIGNATURE_HEADER])).digest()[:16]
+        if not self.outcomes.fresh(digest, now):
+            raise Conflict("this outcome was already received (a replay)")
+        self.outcomes.add(o, now)
+        return JSONResponse({"accepted": True}, status_code=201)
 
 
 # ------------------------------------------------------------------------------------ helpers

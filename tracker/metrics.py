@@ -69,6 +69,8 @@ class TrackerMetrics:
         self._started = time.monotonic()
         #: the last stats gathered (``/v1/stats`` or a scrape), for the swarm gauges
         self.stats_cache: dict[str, Any] = {"releases": [], "quality": {}}
+        #: the install outcomes per build at the same moment (``tracker.outcomes``)
+        self.outcomes_cache: list[dict[str, Any]] = []
 
     def record(self, route: str, status: int, seconds: float, *, held: bool = False) -> None:
         """Count a request the Starlette port answered. Held requests (SSE, long-polls) last
@@ -171,3 +173,27 @@ class SwarmCollector:
             "Peers flagged for sending corrupt data to several reporters",
             value=len(q.get("flagged", [])),
         )
+        yield from _outcome_metrics(self.metrics.outcomes_cache)
+
+
+def _outcome_metrics(builds: list[dict[str, Any]]) -> Any:
+    """Install outcomes by build, kind and result, and failures by code."""
+    labels = ["app", "version", "manifest"]
+    outcomes = CounterMetricFamily(
+        "tracker_install_outcomes",
+        "Install attempts nodes reported, by build, kind and outcome",
+        labels=[*labels, "kind", "outcome"],
+    )
+    failures = CounterMetricFamily(
+        "tracker_install_failures",
+        "Failed install attempts nodes reported, by build and failure code",
+        labels=[*labels, "code"],
+    )
+    for b in builds:
+        lv = [b["app"], str(b.get("version")), b["manifest_id"]]
+        for kind, n in b["by_kind"].items():
+            outcomes.add_metric([*lv, kind, "success"], n["success"])
+            outcomes.add_metric([*lv, kind, "failure"], n["failure"])
+        for code, n in b["failure_codes"].items():
+            failures.add_metric([*lv, code], n)
+    yield from (outcomes, failures)

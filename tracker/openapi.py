@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from p2pnode.discovery.tracker_api import OUTCOME_CODES, OUTCOME_KINDS
+
 __all__ = ["openapi_document"]
 
 _ERROR = {
@@ -104,6 +106,37 @@ def openapi_document() -> dict[str, Any]:
                         "uploaded": count,
                         "numwant": {"type": "integer", "minimum": 0, "maximum": 50},
                         "records": {"type": "array", "maxItems": 2, "items": {"type": "string"}},
+                    },
+                },
+                "Outcome": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": [
+                        "key",
+                        "ts",
+                        "nonce",
+                        "app",
+                        "manifest",
+                        "kind",
+                        "outcome",
+                        "to_build",
+                    ],
+                    "properties": {
+                        "key": {"type": "string", "pattern": "^ed25519:[0-9a-f]{64}$"},
+                        "ts": {"type": "integer"},
+                        "nonce": {"type": "string", "pattern": "^[0-9a-f]{16,64}$"},
+                        "app": {"type": "string"},
+                        "manifest": hexid,
+                        "kind": {"enum": list(OUTCOME_KINDS)},
+                        "outcome": {"enum": ["success", "failure"]},
+                        "code": {"enum": list(OUTCOME_CODES)},
+                        "duration_ms": count,
+                        "from_build": count,
+                        "to_build": count,
+                        "bytes_peers": count,
+                        "bytes_cdn": count,
+                        "bytes_reused": count,
+                        "bytes_patches": count,
                     },
                 },
                 "Report": {
@@ -202,6 +235,10 @@ def openapi_document() -> dict[str, Any]:
             },
             "/v1/announce": {"post": _signed("Signed announce; returns ranked peers", "Announce")},
             "/v1/report": {"post": _signed("Signed peer-quality report", "Report")},
+            "/v1/outcomes": {
+                "post": _signed("Signed install outcome (201)", "Outcome"),
+                "get": _op("Install outcomes per build: success rate, failure codes"),
+            },
             "/v1/peers/{node_id}": {
                 "get": _op("A peer's quality record"),
                 "delete": _op("Clear a peer's quality record and flag", auth="admin"),

@@ -67,7 +67,8 @@ PARTIAL_WINDOW_S = 3600.0
 RANK_REFRESH = 1.0
 #: Members kept in each swarm's cached head of the ranking: any answer, minus the asker.
 TOP = MAX_NUMWANT + 1
-#: Completions are bucketed per minute for the adoption curve; buckets older than this go.
+#: Completions are bucketed per minute for the adoption curve; buckets older than this go,
+#: and so does the memory of which nodes completed a build once its last completion is older.
 ADOPTION_KEEP_S = 7 * 24 * 3600
 
 
@@ -87,6 +88,10 @@ class MemorySwarm:
         #: manifest -> [app, completed, from_peers, from_cdn, uploaded]
         self._releases: dict[bytes, list[Any]] = {}
         self._adoption: dict[tuple[bytes, int], int] = {}
+        #: manifest -> ids of the nodes whose completion of it was counted, and the time of
+        #: its latest (the set goes ``ADOPTION_KEEP_S`` after that)
+        self._done: dict[bytes, set[bytes]] = {}
+        self._done_at: dict[bytes, float] = {}
         self._quality: dict[bytes, PeerQuality] = {}
         self._corrupt_by: dict[bytes, set[bytes]] = {}
         self._scores: dict[bytes, float] = {}
@@ -97,6 +102,7 @@ class MemorySwarm:
         self._d_peers: set[tuple[bytes, bytes]] = set()
         self._d_releases: set[bytes] = set()
         self._d_adoption: set[tuple[bytes, int]] = set()
+        self._d_done: list[tuple[bytes, bytes, float]] = []
         self._d_quality: set[bytes] = set()
         self._d_corrupt: list[tuple[bytes, bytes]] = []
         self._d_seen: list[tuple[bytes, float]] = []
@@ -215,8 +221,10 @@ class MemorySwarm:
     def announce(self, c: AnnounceCommit) -> AnnounceAnswer | None:
         """Apply a verified announce and answer it; ``None`` if it is a replay (nothing changed).
 
-        The counters take only increases of the node's cumulative totals; ``completed`` counts
-        once per node (a repeated ``completed`` does not count again).
+        The counters take only increases of the node's cumulative totals; a ``completed``
+        event counts once per node and build (:meth:`first_completion`), whatever the node's
+        earlier announces said: a serving node announces ``left = 0`` as soon as it holds the
+        build, before its completion report arrives.
         """
         a, now = c.announce, c.now
         if not self.fresh(c.digest, now, c.window):
@@ -228,7 +236,9 @@ class MemorySwarm:
             self._remove(sw, a.node_id)
             old = None
         ofp, ofc, oup = (old.from_peers, old.from_cdn, old.uploaded) if old else (0, 0, 0)
-        completed = 1 if a.event == "completed" and (old is None or old.left != 0) else 0
+        completed = 0
+        if a.event == "completed" and self.first_completion(a.manifest, a.node_id, now):
+            completed = 1
         self.count(
             a.manifest,
             a.app,
@@ -290,6 +300,23 @@ class MemorySwarm:
             self._adoption[key] = self._adoption.get(key, 0) + completed
             if self._track:
                 self._d_adoption.add(key)
+
+    def first_completion(self, manifest: bytes, node: bytes, now: float) -> bool:
+        """Remember that ``node`` completed ``manifest``; whether this is the first time (so
+        re-announces, repairs and replicas applying the same log count it once)."""
+        done = self._done.setdefault(manifest, set())
+        self._done_at[manifest] = now
+        if node in done:
+            return False
+        done.add(node)
+        if self._track:
+            self._d_done.append((manifest, node, now))
+        return True
+
+    def restore_completion(self, manifest: bytes, node: bytes, at: float) -> None:
+        """Remember a counted completion read back from a file or a snapshot (untracked)."""
+        self._done.setdefault(manifest, set()).add(node)
+        self._done_at[manifest] = max(at, self._done_at.get(manifest, at))
 
     def set_release(self, manifest: bytes, app: str, counters: Iterable[int]) -> None:
         """Set a release's counters (completed, from_peers, from_cdn, uploaded) outright."""
@@ -468,6 +495,8 @@ class MemorySwarm:
         oldest = int((now - ADOPTION_KEEP_S) // 60)
         for key in [k for k in self._adoption if k[1] < oldest]:
             del self._adoption[key]
+        for mid in [m for m, t in self._done_at.items() if t < now - ADOPTION_KEEP_S]:
+            del self._done[mid], self._done_at[mid]
         for builds in self._builds.values():
             for mid in [m for m, t in builds.items() if t < now - PARTIAL_WINDOW_S]:
                 del builds[mid]
@@ -501,7 +530,9 @@ class MemorySwarm:
 
     def take_dirty(self) -> Dirty:
         """Everything changed since the last call, as rows (the write-behind's batch)."""
-        out = Dirty(corrupt=self._d_corrupt, seen=self._d_seen, gc_before=self._d_gc)
+        out = Dirty(
+            corrupt=self._d_corrupt, seen=self._d_seen, done=self._d_done, gc_before=self._d_gc
+        )
         for mid, node in self._d_peers:
             sw = self._swarms.get(mid)
             m = sw.members.get(node) if sw is not None else None
@@ -535,6 +566,7 @@ class MemorySwarm:
                 )
         self._d_peers, self._d_releases, self._d_adoption = set(), set(), set()
         self._d_quality, self._d_corrupt, self._d_seen, self._d_gc = set(), [], [], None
+        self._d_done = []
         return out
 
     def close(self) -> None:

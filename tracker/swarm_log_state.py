@@ -186,6 +186,7 @@ class ReplicaState(MemorySwarm):
             "builds": {app: dict(b) for app, b in self._builds.items()},
             "releases": [[mid, *rel] for mid, rel in self._releases.items()],
             "adoption": list(self._adoption.items()),
+            "done": [[mid, self._done_at[mid], list(nodes)] for mid, nodes in self._done.items()],
             "quality": [
                 [n, q.mib, q.failures, q.corrupt, q.rate, q.reports, q.corrupt_reporters]
                 for n, q in self._quality.items()
@@ -224,6 +225,9 @@ class ReplicaState(MemorySwarm):
             self.set_release(bytes.fromhex(mid), app, counters)
         for mid, minute, n in s["adoption"]:
             self.set_adoption(bytes.fromhex(mid), minute, n)
+        for mid, at, nodes in s.get("done", ()):  # snapshots before it have none
+            for node in nodes:
+                self.restore_completion(bytes.fromhex(mid), bytes.fromhex(node), at)
         reporters = {bytes.fromhex(n): [bytes.fromhex(r) for r in rs] for n, rs in s["corrupt_by"]}
         for n, *q in s["quality"]:
             node = bytes.fromhex(n)
@@ -247,6 +251,7 @@ def pack_snapshot(state: dict[str, Any]) -> bytes:
     doc["builds"] = {app: {m.hex(): t for m, t in b.items()} for app, b in doc["builds"].items()}
     doc["releases"] = [[mid.hex(), *rest] for mid, *rest in doc["releases"]]
     doc["adoption"] = [[mid.hex(), minute, n] for (mid, minute), n in doc["adoption"]]
+    doc["done"] = [[mid.hex(), at, [n.hex() for n in nodes]] for mid, at, nodes in doc["done"]]
     doc["quality"] = [[n.hex(), *rest] for n, *rest in doc["quality"]]
     doc["corrupt_by"] = [[n.hex(), [r.hex() for r in rs]] for n, rs in doc["corrupt_by"]]
     head = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)

@@ -123,6 +123,7 @@ class Dirty:
     quality_delete: list[bytes] = field(default_factory=list)
     corrupt: list[tuple[bytes, bytes]] = field(default_factory=list)
     seen: list[tuple[bytes, float]] = field(default_factory=list)
+    done: list[tuple[bytes, bytes, float]] = field(default_factory=list)
     gc_before: float | None = None
 
     def __len__(self) -> int:
@@ -135,6 +136,7 @@ class Dirty:
             + len(self.quality_delete)
             + len(self.corrupt)
             + len(self.seen)
+            + len(self.done)
             + (self.gc_before is not None)
         )
 

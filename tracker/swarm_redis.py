@@ -34,7 +34,7 @@ from .backend import AnnounceAnswer, AnnounceCommit, ReportCommit
 from .core import FLAG_REPORTERS, RATE_HALF, PeerQuality
 from .errors import SwarmUnavailable
 from .stats import UNKNOWN_SCORE, quality_stats, release_stats
-from .swarm import PARTIAL_SWARMS
+from .swarm import ADOPTION_KEEP_S, PARTIAL_SWARMS
 
 __all__ = ["CANDIDATES_PER_SWARM", "RedisSwarm", "peer_fragment"]
 
@@ -55,6 +55,8 @@ CANDIDATES_PER_SWARM = 200
 #   P rel:<mid hex>            hash completed/from_peers/from_cdn/uploaded counters
 #   P releases                 hash mid hex -> app
 #   P adopt:<mid hex>          hash minute -> completions
+#   P done:<mid hex>           set of node hex whose completion was counted (expires
+#                              ADOPTION_KEEP_S after the latest)
 #   P q:<node hex>             hash mib/failures/corrupt/rate/reports/cr
 #   P qc:<node hex>            set of reporter ids that saw corrupt data
 #   P qs                       hash node hex -> score (a flagged node's score is 0)
@@ -274,6 +276,7 @@ class RedisSwarm:
             b"%d " % a.left + peer_fragment(c),
             repr(UNKNOWN_SCORE),
             a.port,
+            ADOPTION_KEEP_S,
         ]
 
     @_redis_errors

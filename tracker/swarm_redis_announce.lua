@@ -3,7 +3,8 @@
 -- answer. Loaded once at start. ARGV (see RedisSwarm._announce_args): 1 prefix, 2 node,
 -- 3 manifest, 4 app, 5 now, 6 expiry, 7 event, 8 left, 9 from_peers, 10 from_cdn,
 -- 11 uploaded, 12 peer JSON, 13 numwant, 14 candidates per swarm, 15 partial swarms,
--- 16 replay window, 17 digest, 18 "<left> <answer fragment>", 19 unknown score, 20 port.
+-- 16 replay window, 17 digest, 18 "<left> <answer fragment>", 19 unknown score, 20 port,
+-- 21 how long a build's set of completed nodes outlives its latest completion (seconds).
 -- Returns false for a replay, else {seeders, leechers, fragment, score, fragment, score, ...}.
 local P = ARGV[1]
 local node, mid, app = ARGV[2], ARGV[3], ARGV[4]
@@ -32,8 +33,13 @@ local raw = redis.call('HGET', pi, node)
 if raw then old = cjson.decode(raw) end
 local ofp, ofc, oup = 0, 0, 0
 if old then ofp, ofc, oup = old['fp'], old['fc'], old['up'] end
+-- a node's completion of a build counts once, whatever its earlier announces said of left
 local completed = 0
-if event == 'completed' and (old == nil or old['left'] ~= 0) then completed = 1 end
+if event == 'completed' then
+  local done = P .. 'done:' .. mid
+  completed = redis.call('SADD', done, node)
+  redis.call('EXPIRE', done, ARGV[21])
+end
 redis.call('HSET', P .. 'releases', mid, app)
 if fp > ofp then redis.call('HINCRBY', rel, 'from_peers', fp - ofp) end
 if fc > ofc then redis.call('HINCRBY', rel, 'from_cdn', fc - ofc) end

@@ -54,6 +54,9 @@ CREATE TABLE IF NOT EXISTS quality (
 CREATE TABLE IF NOT EXISTS corrupt_reports (
     node BLOB NOT NULL, reporter BLOB NOT NULL, PRIMARY KEY (node, reporter)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS completions (
+    manifest BLOB NOT NULL, node BLOB NOT NULL, at REAL NOT NULL, PRIMARY KEY (manifest, node)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS seen (digest BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
 """
 
@@ -113,6 +116,8 @@ class SwarmFile:
             s.set_release(bytes(mid), app, (completed, fp, fc, up))
         for mid, minute, n in c.execute("SELECT manifest, minute, completed FROM adoption"):
             s.set_adoption(bytes(mid), minute, n)
+        for mid, node, at in c.execute("SELECT manifest, node, at FROM completions"):
+            s.restore_completion(bytes(mid), bytes(node), at)
         reporters: dict[bytes, list[bytes]] = {}
         for node, reporter in c.execute("SELECT node, reporter FROM corrupt_reports"):
             reporters.setdefault(bytes(node), []).append(bytes(reporter))
@@ -180,6 +185,10 @@ class SwarmFile:
                     d.corrupt,
                 )
                 c.executemany("INSERT OR IGNORE INTO seen (digest, expires) VALUES (?, ?)", d.seen)
+                c.executemany(
+                    "INSERT OR IGNORE INTO completions (manifest, node, at) VALUES (?, ?, ?)",
+                    d.done,
+                )
                 if d.gc_before is not None:
                     now = d.gc_before
                     c.execute("DELETE FROM peers WHERE expires <= ?", (now,))
@@ -187,6 +196,11 @@ class SwarmFile:
                     c.execute(
                         "DELETE FROM adoption WHERE minute < ?",
                         (int((now - ADOPTION_KEEP_S) // 60),),
+                    )
+                    c.execute(  # as MemorySwarm.gc: a build's set goes after its last one
+                        "DELETE FROM completions WHERE manifest IN (SELECT manifest FROM "
+                        "completions GROUP BY manifest HAVING max(at) < ?)",
+                        (now - ADOPTION_KEEP_S,),
                     )
             except BaseException:
                 c.execute("ROLLBACK")

@@ -86,6 +86,8 @@ def _row(
 
 
 LEECHERS = 3
+#: How long the demo waits for the tracker to have counted every install (seconds).
+REPORTS_WAIT = 2.0
 
 
 class _Follower:
@@ -136,6 +138,19 @@ class _Follower:
     async def stop(self) -> None:
         self.scope.cancel()
         await self.done.wait()
+
+
+async def _reports_counted(tracker_url: str, *, builds: int, nodes: int) -> None:
+    """Wait (at most ``REPORTS_WAIT``) until the tracker counted ``nodes`` completions of each
+    of ``builds`` builds."""
+    async with httpx.AsyncClient() as http:
+        with trio.move_on_after(REPORTS_WAIT):
+            while True:
+                stats = (await http.get(tracker_url + "/v1/stats")).json()
+                counted = [x["completed"] for x in stats["releases"]]
+                if len(counted) == builds and min(counted) >= nodes:
+                    return
+                await trio.sleep(0.05)
 
 
 async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
@@ -213,6 +228,9 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
                 if node is leechers[0]:
                     note = f"heard of it {latency * 1000:.0f} ms after publish; new chunks only"
                 rows.append(_row(step, got["seconds"], note, got))
+            # A watcher reports each install just after saying so: let the tracker count them
+            # all (briefly) before node-1 is stopped, which would cancel its report.
+            await _reports_counted(tracker_url, builds=2, nodes=1 + LEECHERS)
             await leechers[0].stop()  # node-1 goes on: verify, repair, rollback
 
             t = time.monotonic()
@@ -258,6 +276,8 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
             "tracker": tracker_url,
             "dashboard": dashboard,
             "offload_ratio": offload,
+            # completions per build, as the tracker counted them (each node once per build)
+            "completed": {str(x["build"]): x["completed"] for x in stats["releases"]},
             "update_notice_ms": round(latency * 1000),
         }
 

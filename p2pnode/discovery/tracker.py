@@ -38,6 +38,7 @@ from ..release.manifest import parse_signed
 from .dht.records import PeerRecord, Topic, make_record, parse_record
 from .tracker_api import (
     ANNOUNCE_DOMAIN,
+    OUTCOME_DOMAIN,
     REPORT_DOMAIN,
     SESSION_HEADER,
     SIGNATURE_HEADER,
@@ -377,6 +378,17 @@ class TrackerClient:
             headers={"Content-Type": "application/json", SIGNATURE_HEADER: sig},
         )
         return int(resp.json()["accepted"])
+
+    async def report_outcome(self, key: Ed25519PrivateKey, fields: dict[str, Any]) -> None:
+        """Send one install outcome (``POST /v1/outcomes``; ``fields`` as docs/tracker-api.md
+        lists them), signed like announces."""
+        body, sig = sign_body(key, OUTCOME_DOMAIN, fields)
+        await self._request(
+            "POST",
+            "/v1/outcomes",
+            content=body,
+            headers={"Content-Type": "application/json", SIGNATURE_HEADER: sig},
+        )
 
 
 class TrackerPeerSource:

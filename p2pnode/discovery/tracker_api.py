@@ -22,6 +22,9 @@ from ..release import keys
 
 __all__ = [
     "ANNOUNCE_DOMAIN",
+    "OUTCOME_CODES",
+    "OUTCOME_DOMAIN",
+    "OUTCOME_KINDS",
     "REPORT_DOMAIN",
     "SESSION_HEADER",
     "SIGNATURE_HEADER",
@@ -32,6 +35,30 @@ __all__ = [
 
 ANNOUNCE_DOMAIN = b"p2pnode-tracker-announce-v1"
 REPORT_DOMAIN = b"p2pnode-tracker-report-v1"
+OUTCOME_DOMAIN = b"p2pnode-tracker-outcome-v1"
+#: What a node did to its install, as ``POST /v1/outcomes`` names it.
+OUTCOME_KINDS = ("install", "update", "repair", "rollback")
+#: Why an install failed: stable codes (operators alert on them), derived on the node from its
+#: error tree (``node.tracking.outcome_code``); the tracker refuses any other.
+OUTCOME_CODES = (
+    "download_failed",  # every mirror and peer failed for some chunk
+    "network_timeout",
+    "network_error",
+    "tracker_unreachable",
+    "peer_protocol_error",
+    "insufficient_storage",
+    "permission_denied",
+    "corrupted_download",  # bytes that do not hash to their chunk id
+    "integrity_check_failed",  # a trust check of the manifest or the tree failed
+    "signature_invalid",
+    "manifest_expired",
+    "manifest_invalid",
+    "downgrade_refused",
+    "install_locked",
+    "rollback_failed",
+    "install_failed",  # another local-state problem
+    "other",
+)
 SIGNATURE_HEADER = "X-P2PNode-Signature"
 #: Header carrying an announce session token (the tracker's ``AnnounceSessions``).
 SESSION_HEADER = "X-P2PNode-Session"

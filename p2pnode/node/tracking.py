@@ -5,18 +5,40 @@ it and takes the peers the tracker ranks for it; after the install, it announces
 bytes it got from peers and from the CDN (the tracker's offload figures) and reports the quality
 of every peer it used (signed, as docs/tracker-api.md specifies). A node that does not serve
 announces with port 0: it is counted (offload, completions) but never handed out as a peer.
+
+Every attempt, failed or not, is also sent as an install outcome (``POST /v1/outcomes``): the
+kind, success or a stable failure code (:func:`outcome_code`, from the error tree), how long it
+took, bytes by source, from-build and to-build. Like the completion report it is bounded: the
+tracker's trouble costs statistics, never the install.
 """
 
 from __future__ import annotations
 
+import errno
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from ..discovery.dht.records import Topic, make_record
 from ..discovery.tracker import PeerQualityReport, TrackerClient, TrackerError
-from ..errors import UsageError
+from ..errors import (
+    CDNError,
+    ChunkHashError,
+    DiskSpaceError,
+    DowngradeError,
+    ExpiredManifestError,
+    InstallError,
+    InstallLockedError,
+    IntegrityError,
+    ManifestError,
+    NoRollbackError,
+    ProtocolError,
+    SignatureError,
+    TransportError,
+    UsageError,
+)
 from ..identity import NodeIdentity
 from ..release import manifest as M
 from .result import InstallResult
@@ -24,8 +46,11 @@ from .result import InstallResult
 __all__ = [
     "announce_completed",
     "channel_manifest",
+    "outcome_code",
+    "outcome_fields",
     "own_records",
     "report_install",
+    "report_outcome",
     "reporter",
     "serving_host",
 ]
@@ -155,3 +180,104 @@ async def report_install(
 
 
 REPORT_TIMEOUT = 30.0
+
+
+#: The outcome kind of each install action (``InstallResult.action``).
+KINDS = {
+    "installed": "install",
+    "reinstalled": "install",
+    "updated": "update",
+    "repaired": "repair",
+    "repair": "repair",
+    "rolled-back": "rollback",
+}
+
+#: Error classes to failure codes (``tracker_api.OUTCOME_CODES``), most specific first.
+_CODES: tuple[tuple[type[BaseException], str], ...] = (
+    (DiskSpaceError, "insufficient_storage"),
+    (PermissionError, "permission_denied"),
+    (TimeoutError, "network_timeout"),
+    (trio.TooSlowError, "network_timeout"),
+    (ChunkHashError, "corrupted_download"),
+    (SignatureError, "signature_invalid"),
+    (ExpiredManifestError, "manifest_expired"),
+    (DowngradeError, "downgrade_refused"),
+    (IntegrityError, "integrity_check_failed"),
+    (ManifestError, "manifest_invalid"),
+    (NoRollbackError, "rollback_failed"),
+    (InstallLockedError, "install_locked"),
+    (CDNError, "download_failed"),
+    (TrackerError, "tracker_unreachable"),
+    (ProtocolError, "peer_protocol_error"),
+    (TransportError, "network_error"),
+    (InstallError, "install_failed"),
+)
+
+
+def outcome_code(exc: BaseException) -> str:
+    """The stable failure code of an install's error: what the error or any error behind it
+    (``__cause__``/``__context__``) is, the root cause first (a full disk behind an
+    ``InstallError`` is ``insufficient_storage``); ``other`` when nothing matches."""
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in chain and len(chain) < 16:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for cause in reversed(chain):
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "insufficient_storage"
+        for cls, code in _CODES:
+            if isinstance(cause, cls):
+                return code
+    return "other"
+
+
+def outcome_fields(
+    *,
+    app: str,
+    manifest_id: bytes,
+    to_build: int,
+    from_build: int | None,
+    seconds: float,
+    result: InstallResult | None = None,
+    error: BaseException | None = None,
+    kind: str | None = None,
+) -> dict[str, Any]:
+    """The body of one outcome: a ``result`` (success) or an ``error`` (failure, its kind
+    given: ``update`` when a build was installed, else ``install``)."""
+    fields: dict[str, Any] = {
+        "app": app,
+        "manifest": manifest_id.hex(),
+        "to_build": to_build,
+        "duration_ms": max(0, round(seconds * 1000)),
+    }
+    if from_build is not None:
+        fields["from_build"] = from_build
+    if result is not None:
+        fields.update(
+            kind=KINDS.get(result.action, "install"),
+            outcome="success",
+            bytes_peers=result.bytes_peers,
+            bytes_cdn=result.bytes_cdn,
+            bytes_reused=result.bytes_reused + result.bytes_resumed,
+        )
+    else:
+        assert error is not None, "an outcome is a result or an error"
+        fields.update(kind=kind or "install", outcome="failure", code=outcome_code(error))
+    return fields
+
+
+async def report_outcome(
+    tracker: TrackerClient, me: NodeIdentity, fields: dict[str, Any]
+) -> str | None:
+    """Send an outcome, bounded as ``report_install``; why it failed, or ``None``."""
+    try:
+        with trio.fail_after(REPORT_TIMEOUT):
+            await tracker.report_outcome(me.key, fields)
+    except TrackerError as exc:
+        return f"could not report the outcome to the tracker: {exc.message}"
+    except trio.TooSlowError:
+        return (
+            f"could not report the outcome to the tracker: no answer within {REPORT_TIMEOUT:.0f}s"
+        )
+    return None

@@ -8,9 +8,10 @@ and the CDN supply only what changed.
 
 A daemon must outlive bad news: a failed install (CDN down, a full disk, a manifest that does
 not verify) is reported as an event, the installed build goes on being served, and the release
-is tried again with backoff until it lands or a newer one supersedes it. A channel moved back to
-an older build is not followed (a tracker must not be able to downgrade nodes: rollback is the
-node owner's decision, ``p2pnode rollback``). Tracker outages are waited out.
+is tried again with backoff until it lands or a newer one supersedes it. Every attempt's
+outcome, success or failure with its code, is reported to the tracker (``tracking``). A channel
+moved back to an older build is not followed (a tracker must not be able to downgrade nodes:
+rollback is the node owner's decision, ``p2pnode rollback``). Tracker outages are waited out.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ class _Follower:
         self.serving: tuple[trio.CancelScope, trio.Event] | None = None
         # Who reports to the tracker: our identity, and the address our records name.
         self.reporter: tuple[NodeIdentity, str | None] | None = None
+        # The build this watcher last installed (an outcome's from-build), once it knows.
+        self.build: int | None = None
 
     async def run(self) -> int:
         seq, done = 0, 0
@@ -112,14 +115,19 @@ class _Follower:
         """Install ``head``, retrying with backoff; a newer release supersedes it."""
         delay = self.opts.retry_first
         while True:
+            started = trio.current_time()
             outcome = await self._attempt(head)
+            seconds = trio.current_time() - started
             if isinstance(outcome, UsageError):
                 raise outcome  # the command line is wrong: no retry can help
             if isinstance(outcome, InstallResult):
                 self.emit({"event": "installed", **install_json(outcome)})
                 if outcome.action != "unchanged":
-                    await self._report(outcome)
+                    await self._report(outcome, seconds)
+                self.build = outcome.manifest.build
                 return head, outcome
+            if not isinstance(outcome, DowngradeError):  # a refusal by design, not a failure
+                self.nursery.start_soon(self._report_failure, head, outcome, seconds)
             await self._serve_installed()  # first, so the event finds the node serving
             self.emit(
                 {
@@ -232,16 +240,50 @@ class _Follower:
         if isinstance(outcome, P2PNodeError):
             self.emit({"event": "error", "error": outcome.message, "fix": outcome.fix})
 
-    async def _report(self, result: InstallResult) -> None:
-        """Tell the tracker where the bytes came from and how the peers did."""
-        from .tracking import report_install, reporter
+    async def _me(self) -> tuple[NodeIdentity, str | None]:
+        from .tracking import reporter
 
         if self.reporter is None:
             self.reporter = await reporter(
                 self.options.identity_dir, self.options.listen, self.opts.tracker
             )
-        me, host = self.reporter
+        return self.reporter
+
+    async def _report(self, result: InstallResult, seconds: float) -> None:
+        """Tell the tracker where the bytes came from, how the peers did, and the outcome."""
+        from .tracking import outcome_fields, report_install, report_outcome
+
+        me, host = await self._me()
         trouble = await report_install(self.tracker, me, result, result.listen_port, host)
+        m = result.manifest
+        fields = outcome_fields(
+            app=m.app,
+            manifest_id=m.id,
+            to_build=m.build,
+            from_build=result.previous_build,
+            seconds=seconds,
+            result=result,
+        )
+        trouble = await report_outcome(self.tracker, me, fields) or trouble
+        if trouble is not None:
+            self.emit({"event": "warning", "error": trouble})
+
+    async def _report_failure(self, head: ChannelHead, error: P2PNodeError, seconds: float) -> None:
+        """Tell the tracker an attempt at ``head`` failed, and why (in the background: the
+        tracker may be what failed)."""
+        from .tracking import outcome_fields, report_outcome
+
+        me, _ = await self._me()
+        fields = outcome_fields(
+            app=head.app,
+            manifest_id=head.manifest_id,
+            to_build=head.build,
+            from_build=self.build,
+            seconds=seconds,
+            error=error,
+            kind="install" if self.build is None else "update",
+        )
+        trouble = await report_outcome(self.tracker, me, fields)
         if trouble is not None:
             self.emit({"event": "warning", "error": trouble})
 

@@ -22,6 +22,7 @@ def test_demo_runs_and_reports_where_bytes_came_from() -> None:
         leecher = steps[f"node-{k}: install build 1"]
         assert leecher["bytes_peers"] > 40 << 20 and leecher["bytes_cdn"] == 0
     assert out["offload_ratio"] > 0.5
+    assert out["completed"] == {"1": 4, "2": 4}  # every follower's install, counted once
     update = steps["update to build 2"]
     assert update["bytes_cdn"] + update["bytes_peers"] < 4 << 20 < update["bytes_reused"]  # delta
     for name in ("origin-seed", "node-2", "node-3"):  # every follower updated, by delta too

@@ -215,6 +215,16 @@ async def test_a_failed_install_is_retried_and_a_downgrade_refused(
             assert tree(tmp_path / "node") == tree(src)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             await stream.aclose()
+            # The tracker heard every attempt: build 1 installed; build 2 failed to download
+            # (at least once) and then updated from build 1. The refused downgrade is no failure.
+            async with httpx.AsyncClient() as client:
+                got = (await client.get(f"{tracker_url}/v1/outcomes")).json()["releases"]
+            by_build = {r["build"]: r for r in got}
+            assert by_build[1]["by_kind"] == {"install": {"success": 1, "failure": 0}}
+            two_kinds = by_build[2]["by_kind"]["update"]
+            assert two_kinds["success"] == 1 and two_kinds["failure"] >= 1, by_build[2]
+            assert set(by_build[2]["failure_codes"]) == {"download_failed"}, by_build[2]
+            assert by_build[2]["bytes"]["reused"] > 0
             nursery.cancel_scope.cancel()
 
 
@@ -273,3 +283,58 @@ def test_a_mistyped_address_or_flag_is_refused_at_start(tmp_path: Path) -> None:
         )
         assert proc.returncode == 2, (extra, proc.stderr)
         assert cause in proc.stderr and "fix:" in proc.stderr
+
+
+async def test_every_watchers_install_of_a_build_is_counted_once(
+    tmp_path: Path,
+    tracker_url: str,
+) -> None:
+    """The demo's flow: serving watchers install build 1, then build 2. Each install is one
+    completion of its build in ``/v1/stats`` with an adoption point, although a serving node's
+    own announces say it has nothing left before its completion report arrives."""
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    with LocalCDN(cdn_root) as cdn:
+        await trio.to_thread.run_sync(_publish, src, cdn_root, key, tracker_url, cdn.url, 1)
+        send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
+        names = ("a", "b")
+        installed: dict[int, set[str]] = {1: set(), 2: set()}
+
+        async def one(name: str) -> None:
+            opts = _in_process(tmp_path / name, tracker_url, pub, discovery_wait=0.5)
+            await watch(opts, lambda e: send.send_nowait({**e, "node": name}))
+
+        async def until_all(build: int) -> None:
+            with trio.fail_after(60):
+                async for e in receive:
+                    assert e["event"] != "error", e
+                    if e["event"] == "installed" and e["build"] == build:
+                        installed[build].add(e["node"])
+                        if len(installed[build]) == len(names):
+                            return
+
+        async def stats() -> dict[int, dict[str, Any]]:
+            async with httpx.AsyncClient() as client:
+                got = (await client.get(f"{tracker_url}/v1/stats")).json()["releases"]
+            return {r["build"]: r for r in got}
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                (tmp_path / name).mkdir()
+                nursery.start_soon(one, name)
+            await until_all(1)
+            (src / "data" / "new.pak").write_bytes(os.urandom(1 << 20))
+            await trio.to_thread.run_sync(_publish, src, cdn_root, key, tracker_url, cdn.url, 2)
+            await until_all(2)
+            # the completion reports go out after the event; the watchers re-announce meanwhile
+            with trio.move_on_after(15):
+                while True:
+                    by_build = await stats()
+                    if all(by_build.get(b, {}).get("completed") == 2 for b in (1, 2)):
+                        break
+                    await trio.sleep(0.2)
+            await trio.sleep(1.5)  # more re-announces and reports: still counted once
+            by_build = await stats()
+            nursery.cancel_scope.cancel()
+    for b in (1, 2):
+        assert by_build[b]["completed"] == 2, by_build
+        assert sum(n for _, n in by_build[b]["adoption"]) == 2, by_build

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2pnode.discovery.dht.records import Topic, make_record
-from p2pnode.discovery.tracker import PeerQualityReport, TrackerRefusedError
+from p2pnode.discovery.tracker import PeerQualityReport, TrackerClient, TrackerRefusedError
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
 from tests.support.tracker import APP, client_for, long_poll_woken, start, synced
@@ -262,3 +262,54 @@ async def test_a_node_that_does_not_serve_is_counted_never_handed_out(
     rel = {r["manifest_id"]: r for r in stats["releases"]}[m.id.hex()]
     assert rel["completed"] == 1 and rel["bytes_from_peers"] == 6 and rel["bytes_from_cdn"] == 4
     await c._http.aclose()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "script", "log"])
+async def test_each_nodes_completion_of_a_build_counts_once_on_every_store(
+    make_tracker: Callable[..., Tracker],
+    redis_url: str,
+    store: str,
+    publisher: object,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    """A serving node announces ``left = 0`` before its completion report (the demo's watchers
+    do): the report still counts. Repeating it, on another replica or after leaving the swarm,
+    does not count again."""
+    if store == "sqlite":
+        a = b = make_tracker("sqlite")
+    else:
+        a = make_tracker("shared", redis_url=redis_url, prefix="c:", redis_mode=store)
+        b = make_tracker("shared", redis_url=redis_url, prefix="c:", redis_mode=store)
+    async with trio.open_nursery() as nursery:
+        ca = await start(nursery, a)
+        cb = ca if b is a else await start(nursery, b)
+        await ca.add_app(APP, keys.public_key_bytes(publisher))  # type: ignore[arg-type]
+        one, two = make_manifest(1), make_manifest(2)
+        await ca.publish(APP, "stable", one.encode())
+        await ca.publish(APP, "stable", two.encode())
+        x, y = keys.generate_key(), keys.generate_key()
+
+        async def completes(c: TrackerClient, k: object, m: bytes) -> None:
+            await c.announce(
+                k, app=APP, manifest_id=m, port=7000, size=10, left=0, event="completed"
+            )  # type: ignore[arg-type]
+
+        for k in (x, y):  # holding build 1 already, then its completion report
+            await ca.announce(k, app=APP, manifest_id=one.id, port=7000, size=10, left=0)
+            await completes(cb, k, one.id)
+        await completes(ca, x, one.id)  # a repair, a restart: the same node again
+        await ca.announce(x, app=APP, manifest_id=one.id, port=7000, event="stopped")
+        await completes(cb, x, one.id)
+        await completes(ca, x, two.id)  # another build is another completion
+        await synced(a, b)
+        for c in {ca, cb}:
+            stats = (await c._http.get(c.base_url + "/v1/stats")).json()
+            got = {r["build"]: r for r in stats["releases"]}
+            assert (got[1]["completed"], got[2]["completed"]) == (2, 1), got
+            assert sum(n for _, n in got[1]["adoption"]) == 2
+            metrics = (await c._http.get(c.base_url + "/metrics")).text
+            label = f'app="{APP}",manifest="{one.id.hex()}",version="1.1"'
+            assert f"tracker_release_completed_total{{{label}}} 2.0" in metrics
+        for c in {ca, cb}:
+            await c.aclose()
+        nursery.cancel_scope.cancel()

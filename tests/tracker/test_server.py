@@ -3,6 +3,7 @@ feed, graceful shutdown, and the dashboard rendered by headless Chromium."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -159,6 +160,18 @@ async def test_sse_feed_and_dashboard(
         re.findall(r'<canvas id="chart-([a-z]+)"[^>]*data-(?:bars|points)="([^"]*)"', dom)
     )
     assert charts["offload"] == "[300]", charts
+    # ... and says what it shows: a title, axes with their units, a legend of the series
+    offload = dom.split('<canvas id="chart-offload"', 1)[1].split(">", 1)[0]
+    assert 'data-x-label="Release (app and version)"' in offload
+    assert 'data-y-label="Bytes received (B)"' in offload  # 300 B: ticks in bytes
+    ticks = re.search(r'data-y-ticks="([^"]*)"', offload)
+    assert ticks is not None and json.loads(html.unescape(ticks[1])) == ["0", "100", "200", "300"]
+    assert "came from: peers vs the CDN</figcaption>" in dom
+    legend = dom.split('<ul id="chart-offload-legend"', 1)[1].split("</ul>", 1)[0]
+    assert re.findall(r'class="swatch"[^>]*></span>([^<]+)</li>', legend) == [
+        "From peers",
+        "From the CDN",
+    ]
     assert charts["quality"] == "[0,0,0,0,0,0,3,0,0,0]", charts
     assert charts["adoption"] == "1", charts  # one minute bucket so far
     assert int(charts["load"]) >= 1

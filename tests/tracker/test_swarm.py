@@ -7,7 +7,8 @@ from pathlib import Path
 
 from tracker.backend import AnnounceCommit, ReportCommit
 from tracker.core import Announce, PeerReport, Report
-from tracker.swarm import RANK_REFRESH, MemorySwarm
+from tracker.swarm import ADOPTION_KEEP_S, RANK_REFRESH, MemorySwarm
+from tracker.swarm_log_state import ReplicaState, pack_snapshot, unpack_snapshot
 from tracker.swarm_sqlite import SQLiteSwarm
 
 
@@ -182,3 +183,35 @@ def test_answer_fragments_are_the_json_of_each_member() -> None:
             "records": [rec.encoded.hex()],
         },
     ]
+
+
+def test_a_completion_is_remembered_across_restarts_and_snapshots(tmp_path: Path) -> None:
+    """Which nodes completed a build outlives their membership, a restart (swarm.db) and a log
+    snapshot; it goes ``ADOPTION_KEEP_S`` after the build's latest completion."""
+    now = 1_000_000.0
+    mid, a = os.urandom(32), os.urandom(20)
+    s = SQLiteSwarm(tmp_path / "swarm.db", now=now)
+    go(s.state, ann(mid, a, left=0), now)  # holds it already (a serving node)
+    go(s.state, ann(mid, a, left=0, event="completed"), now)
+    assert s.state.gc(now + 1000) == 1  # its membership expires
+    s.close()
+
+    def completed(state: MemorySwarm, at: float) -> int:
+        [rel] = state.stats(at)["releases"]
+        return int(rel["completed"])
+
+    s2 = SQLiteSwarm(tmp_path / "swarm.db", now=now + 2000)
+    go(s2.state, ann(mid, a, left=0, event="completed"), now + 2000)
+    assert completed(s2.state, now + 2000) == 1
+    replica = ReplicaState()  # a log replica: restored from its snapshot
+    go(replica, ann(mid, a, left=0, event="completed"), now)
+    replica = ReplicaState.from_snapshot(unpack_snapshot(pack_snapshot(replica.capture("1-0"))))
+    go(replica, ann(mid, a, left=0, event="completed"), now + 1)
+    assert completed(replica, now + 1) == 1
+    later = now + 2000 + ADOPTION_KEEP_S + 1
+    s2.state.gc(later)
+    s2.close()
+    s3 = SQLiteSwarm(tmp_path / "swarm.db", now=later)
+    go(s3.state, ann(mid, a, left=0, event="completed"), later)
+    assert completed(s3.state, later) == 2  # forgotten with the adoption curve
+    s3.close()

@@ -22,26 +22,97 @@ function clear(canvas) {
   return ctx;
 }
 
-function barChart(canvas, labels, series, colors) {
-  // series: list of arrays (stacked), one value per label
+// A round step for about `parts` ticks up to `max`: 1, 2 or 5 times a power of ten.
+function tickStep(max, parts) {
+  const raw = max / parts, p = Math.pow(10, Math.floor(Math.log10(raw)));
+  return [1, 2, 5, 10].map(k => k * p).find(s => s >= raw);
+}
+
+// Byte ticks in one decimal unit, chosen from the top tick: [unit name, divisor].
+function byteUnit(top) {
+  const units = [["B", 1], ["KB", 1e3], ["MB", 1e6], ["GB", 1e9], ["TB", 1e12]];
+  return units.filter(([, d]) => top >= d).pop() || units[0];
+}
+
+// Legend entries (name and colour of each series) under the chart, as HTML so that they are
+// read as text, not pixels.
+function legend(canvas, names, colors) {
+  const id = canvas.id + "-legend";
+  let ul = document.getElementById(id);
+  if (!ul) {
+    ul = document.createElement("ul");
+    ul.id = id;
+    ul.className = "legend";
+    canvas.after(ul);
+  }
+  ul.replaceChildren(...names.map((name, i) => {
+    const li = document.createElement("li"), swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = colors[i];
+    li.append(swatch, name);
+    return li;
+  }));
+}
+
+function barChart(canvas, labels, series, colors, axes) {
+  // series: list of arrays (stacked), one value per label. axes: {x, y: axis titles,
+  // bytes: the values are bytes (ticks in one unit, named in the y title), names: a legend}
   const ctx = clear(canvas);
-  const w = canvas.width, h = canvas.height, pad = 28;
+  const w = canvas.width, h = canvas.height;
+  const left = 56, right = 8, top = 10, bottom = 38;
   const totals = labels.map((_, i) => series.reduce((s, arr) => s + arr[i], 0));
-  const max = Math.max(1, ...totals);
-  const bw = Math.max(4, (w - 2 * pad) / Math.max(1, labels.length) - 8);
+  const step = Math.max(1, tickStep(Math.max(1, ...totals), 4));  // counts: whole ticks
+  const max = step * Math.max(1, Math.ceil(Math.max(1, ...totals) / step));
+  const [unit, div] = axes.bytes ? byteUnit(max) : ["", 1];
+  const yTitle = axes.bytes ? axes.y + " (" + unit + ")" : axes.y;
+  const sy = v => h - bottom - (v / max) * (h - top - bottom);
+  // y axis: gridlines and tick values in the chosen unit
+  const ticks = [];
+  ctx.textAlign = "right";
+  ctx.textBaseline = "middle";
+  for (let v = 0; v <= max + step / 2; v += step) {
+    const label = String(+(v / div).toFixed(2));
+    ticks.push(label);
+    ctx.strokeStyle = v ? "#e3e6ea" : "#667";
+    ctx.beginPath(); ctx.moveTo(left, sy(v)); ctx.lineTo(w - right, sy(v)); ctx.stroke();
+    ctx.fillStyle = "#445";
+    ctx.fillText(label, left - 4, sy(v));
+  }
+  ctx.strokeStyle = "#667";
+  ctx.beginPath(); ctx.moveTo(left, top); ctx.lineTo(left, h - bottom); ctx.stroke();
+  const slot = (w - left - right) / Math.max(1, labels.length);
+  const bw = Math.max(4, Math.min(60, slot - 8));
+  ctx.textAlign = "center";
+  ctx.textBaseline = "top";
   labels.forEach((label, i) => {
-    let y = h - pad;
-    const x = pad + i * (bw + 8);
+    let y = h - bottom;
+    const x = left + i * slot + (slot - bw) / 2;
     series.forEach((arr, s) => {
-      const bh = (arr[i] / max) * (h - 2 * pad);
+      const bh = (arr[i] / max) * (h - top - bottom);
       ctx.fillStyle = colors[s];
       ctx.fillRect(x, y - bh, bw, bh);
       y -= bh;
     });
     ctx.fillStyle = "#334";
-    ctx.fillText(label, x, h - pad + 14);
+    ctx.fillText(label, x + bw / 2, h - bottom + 4, slot);
   });
+  // axis titles: x under the bar labels, y turned along the axis
+  ctx.fillStyle = "#1d2430";
+  ctx.textBaseline = "bottom";
+  ctx.fillText(axes.x, left + (w - left - right) / 2, h - 2);
+  ctx.save();
+  ctx.translate(12, top + (h - top - bottom) / 2);
+  ctx.rotate(-Math.PI / 2);
+  ctx.textBaseline = "middle";
+  ctx.fillText(yTitle, 0, 0);
+  ctx.restore();
+  if (axes.names) legend(canvas, axes.names, colors);
   canvas.dataset.bars = JSON.stringify(totals);
+  canvas.dataset.xLabel = axes.x;
+  canvas.dataset.yLabel = yTitle;
+  canvas.dataset.yTicks = JSON.stringify(ticks);
+  canvas.setAttribute("aria-label", canvas.closest("figure").querySelector("figcaption")
+    .textContent + ". " + yTitle + " by " + axes.x);
 }
 
 function lineChart(canvas, lines, colors) {
@@ -60,6 +131,10 @@ function lineChart(canvas, lines, colors) {
     ctx.beginPath();
     line.forEach((p, j) => (j ? ctx.lineTo(sx(p[0]), sy(p[1])) : ctx.moveTo(sx(p[0]), sy(p[1]))));
     ctx.stroke();
+    if (line.length === 1) {  // a lone point draws no line: a dot, so that it shows
+      ctx.fillStyle = ctx.strokeStyle;
+      ctx.beginPath(); ctx.arc(sx(line[0][0]), sy(line[0][1]), 3, 0, 2 * Math.PI); ctx.fill();
+    }
   });
   ctx.fillStyle = "#334";
   ctx.fillText(String(y1), 2, pad);
@@ -99,12 +174,15 @@ function render(stats) {
   const labels = rel.map(r => r.app + " " + r.version);
   barChart(document.getElementById("chart-offload"), labels,
            [rel.map(r => r.bytes_from_peers), rel.map(r => r.bytes_from_cdn)],
-           ["#2a9d8f", "#e76f51"]);
+           ["#2a9d8f", "#e76f51"],
+           { x: "Release (app and version)", y: "Bytes received", bytes: true,
+             names: ["From peers", "From the CDN"] });
   lineChart(document.getElementById("chart-adoption"), rel.map(r => cumulative(r.adoption)),
             ["#264653", "#2a9d8f", "#e9c46a", "#f4a261", "#e76f51"]);
   barChart(document.getElementById("chart-quality"),
            stats.quality.histogram.map((_, i) => (i / 10).toFixed(1)),
-           [stats.quality.histogram], ["#264653"]);
+           [stats.quality.histogram], ["#264653"],
+           { x: "Quality score (bucket's lower bound)", y: "Peers" });
   loadHistory.push([Date.now() / 1000, stats.load.requests_per_s]);
   if (loadHistory.length > LOAD_POINTS) loadHistory.shift();
   lineChart(document.getElementById("chart-load"), [loadHistory], ["#e76f51"]);

@@ -1,0 +1,124 @@
+"""Install outcomes: signed, checked, rate-limited, tallied per build in the API and /metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from p2pnode.discovery.tracker import TrackerClient, TrackerRefusedError
+from p2pnode.discovery.tracker_api import (
+    ANNOUNCE_DOMAIN,
+    OUTCOME_DOMAIN,
+    SIGNATURE_HEADER,
+    sign_body,
+)
+from p2pnode.release import keys
+from p2pnode.release import manifest as M
+from tests.support.tracker import APP
+from tracker.outcomes import MAX_RELEASES, Outcome, OutcomeTally
+
+
+def fields(m: M.SignedManifest, **kw: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "app": APP,
+        "manifest": m.id.hex(),
+        "to_build": m.manifest.build,
+        "kind": "update",
+        "outcome": "success",
+        "duration_ms": 1500,
+        "from_build": 1,
+        "bytes_peers": 700,
+        "bytes_cdn": 300,
+        "bytes_reused": 9000,
+    }
+    out.update(kw)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+async def test_outcomes_are_tallied_per_build_with_their_failure_codes(
+    client: TrackerClient, make_manifest: Callable[..., M.SignedManifest]
+) -> None:
+    one, two = make_manifest(1), make_manifest(2)
+    for m in (one, two):
+        await client.publish(APP, "stable", m.encode())
+    nodes = [keys.generate_key() for _ in range(5)]
+    for k in nodes[:3]:
+        await client.report_outcome(k, fields(two))
+    await client.report_outcome(nodes[3], fields(two, outcome="failure", code="download_failed"))
+    await client.report_outcome(
+        nodes[4], fields(two, outcome="failure", code="insufficient_storage", bytes_peers=None)
+    )
+    await client.report_outcome(nodes[4], fields(one, kind="rollback", from_build=2))
+    got = (await client._http.get("/v1/outcomes")).json()["releases"]
+    by_build = {r["build"]: r for r in got}
+    b2 = by_build[2]
+    assert (b2["reports"], b2["success"], b2["failure"]) == (5, 3, 2)
+    assert b2["success_rate"] == pytest.approx(0.6) and b2["version"] == "1.2"
+    assert b2["failure_codes"] == {"download_failed": 1, "insufficient_storage": 1}
+    assert b2["by_kind"] == {"update": {"success": 3, "failure": 2}}
+    assert b2["bytes"] == {"peers": 2800, "cdn": 1500, "reused": 45000, "patches": 0}
+    assert b2["mean_success_s"] == pytest.approx(1.5)
+    assert by_build[1]["by_kind"] == {"rollback": {"success": 1, "failure": 0}}
+    only = (await client._http.get("/v1/outcomes", params={"app": "other"})).json()
+    assert only == {"releases": []}
+    text = (await client._http.get("/metrics")).text
+    label = f'app="{APP}",kind="update",manifest="{two.id.hex()}",outcome="failure",version="1.2"'
+    assert f"tracker_install_outcomes_total{{{label}}} 2.0" in text
+    label = f'app="{APP}",code="download_failed",manifest="{two.id.hex()}",version="1.2"'
+    assert f"tracker_install_failures_total{{{label}}} 1.0" in text
+
+
+async def test_bad_forged_replayed_and_too_frequent_outcomes_are_refused(
+    client: TrackerClient, make_manifest: Callable[..., M.SignedManifest]
+) -> None:
+    m = make_manifest(1)
+    await client.publish(APP, "stable", m.encode())
+    k = keys.generate_key()
+
+    async def refused(f: dict[str, Any]) -> int:
+        with pytest.raises(TrackerRefusedError) as err:
+            await client.report_outcome(k, f)
+        return err.value.status
+
+    assert await refused(fields(m, outcome="failure")) == 400  # no code
+    assert await refused(fields(m, outcome="failure", code="gremlins")) == 400
+    assert await refused(fields(m, code="download_failed")) == 400  # a success has none
+    assert await refused(fields(m, kind="reboot")) == 400
+    assert await refused(fields(m, extra=1)) == 400
+    assert await refused(fields(m, to_build=7)) == 404  # not that manifest's build
+    # an announce's signature is not an outcome's
+    body, sig = sign_body(k, ANNOUNCE_DOMAIN, fields(m))
+    headers = {SIGNATURE_HEADER: sig, "Content-Type": "application/json"}
+    resp = await client._http.post("/v1/outcomes", content=body, headers=headers)
+    assert resp.status_code == 403
+    # a replay is refused; so is a node that sends too many (the reports' rate)
+    body, sig = sign_body(k, OUTCOME_DOMAIN, fields(m))
+    headers[SIGNATURE_HEADER] = sig
+    assert (
+        await client._http.post("/v1/outcomes", content=body, headers=headers)
+    ).status_code == 201
+    assert (
+        await client._http.post("/v1/outcomes", content=body, headers=headers)
+    ).status_code == 409
+    statuses = []
+    for _ in range(8):
+        try:
+            await client.report_outcome(k, fields(m))
+            statuses.append(201)
+        except TrackerRefusedError as exc:
+            statuses.append(exc.status)
+    assert 429 in statuses
+    [rel] = (await client._http.get("/v1/outcomes")).json()["releases"]
+    assert rel["reports"] == statuses.count(201) + 1
+
+
+def test_the_tally_is_bounded() -> None:
+    tally = OutcomeTally()
+    for i in range(MAX_RELEASES + 10):
+        mid = i.to_bytes(32, "big")
+        tally.add(Outcome(b"n" * 20, APP, mid, "install", None, 1, None, i, (0, 0, 0, 0)), 1.0)
+    builds = tally.stats()
+    assert len(builds) == MAX_RELEASES and builds[0]["build"] == MAX_RELEASES + 9
+    assert min(b["build"] for b in builds) == 10  # the least recently reported went
