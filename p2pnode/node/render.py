@@ -130,6 +130,12 @@ def print_published(out: dict[str, Any], result: PublishResult, cdn_dir: Path) -
         f"{out['chunks']} chunks -> {cdn_dir / result.manifest_path}"
     )
     print(f"manifest id {out['manifest_id']}")
+    if m.nokeep:
+        # Worth saying every time: nodes older than the field refuse this manifest.
+        print(
+            f"never kept across updates to this build: {', '.join(m.nokeep)} "
+            "(nodes older than the nokeep field refuse this manifest)"
+        )
 
 
 def print_verify(report: VerifyReport) -> None:

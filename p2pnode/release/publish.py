@@ -117,6 +117,11 @@ def publish(
     files = collect_files(src)
     progress = progress or NullProgress()
     now = int(time.time())
+    if len(nokeep) > M.MAX_NOKEEP:
+        raise UsageError(
+            f"{len(nokeep)} --never-keep patterns; a manifest holds at most {M.MAX_NOKEEP}",
+            fix="name folders ('cache') rather than each file in them",
+        )
     # Validate the cheap fields before reading gigabytes.
     probe = M.Manifest(
         app=app,
