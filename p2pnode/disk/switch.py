@@ -176,7 +176,9 @@ def _carry(sd: StateDir, state: InstallState) -> Carried:
     except P2PNodeError:
         shipped = None
     try:
-        carried = carry(sd.old, sd.dest, shipped, target, str(p.get("stamp") or stamp()))
+        carried = carry(
+            sd.old, sd.dest, shipped, target, str(p.get("stamp") or stamp()), sd.quarantine
+        )
     except OSError as exc:
         raise InstallError(
             f"could not carry your own files from {sd.old} into {sd.dest}: {exc}",

@@ -16,6 +16,10 @@ more than a release. The rule (``docs/user-files.md``):
   tree goes under ``PARENT.user-<stamp>/``), and the switch reports it.
 * A file the old build shipped and the new one does not is ours: it stays in the old tree,
   which is deleted once its chunks are harvested.
+* A user entry the *new* build's manifest names in ``nokeep`` (a cache or log that build
+  invalidates) is **not kept**: it moves to ``quarantine/not-kept-<stamp>/`` in the state
+  directory instead of the new tree (a pattern may be wrong, so never deleted), and the switch
+  reports it. A folder that only *holds* such paths is looked into rather than moved whole.
 
 ``carry`` takes what is left in the old tree as its only record: each entry moves with one
 atomic rename, so after a kill the entries still in the old tree are exactly those left to
@@ -28,7 +32,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,9 +51,14 @@ class Carried:
 
     kept: int = 0
     displaced: dict[str, str] = field(default_factory=dict)
+    not_kept: list[str] = field(default_factory=list)  # moved to the quarantine (nokeep)
 
     def as_json(self) -> dict[str, Any]:
-        return {"kept_user_files": self.kept, "displaced": self.displaced}
+        return {
+            "kept_user_files": self.kept,
+            "displaced": self.displaced,
+            "not_kept": self.not_kept,
+        }
 
 
 def stamp(now: float | None = None) -> str:
@@ -71,9 +80,15 @@ def dirs_of(paths: Iterable[str]) -> set[str]:
     return out
 
 
-def user_entries(root: Path, ours: set[str], descend: set[str]) -> Iterator[str]:
+def user_entries(
+    root: Path,
+    ours: set[str],
+    descend: set[str],
+    look_inside: Callable[[str], bool] = lambda rel: False,
+) -> Iterator[str]:
     """The user's entries under ``root``, outermost first: every non-folder not in ``ours``,
-    and every folder not in ``descend`` (folders that hold nothing of ours) as one entry."""
+    and every folder not in ``descend`` (folders that hold nothing of ours) as one entry,
+    unless ``look_inside(folder)``: then its own entries instead."""
     todo = [""]
     while todo:
         rel_dir = todo.pop()
@@ -85,7 +100,7 @@ def user_entries(root: Path, ours: set[str], descend: set[str]) -> Iterator[str]
         for e in entries:
             rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
             if e.is_dir(follow_symlinks=False):
-                if rel in descend:
+                if rel in descend or look_inside(rel):
                     todo.append(rel)
                 else:
                     yield rel
@@ -143,22 +158,53 @@ def _make_parents(old: Path, new: Path, rel: str) -> set[Path]:
     return changed
 
 
+def _make_dirs(path: Path) -> set[Path]:
+    """``mkdir -p``; returns the folders whose listings changed (to fsync)."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        d.mkdir()
+    return {d.parent for d in missing}
+
+
 def carry(
-    old: Path, new: Path, shipped_old: M.Manifest | None, target: M.Manifest, when: str
+    old: Path,
+    new: Path,
+    shipped_old: M.Manifest | None,
+    target: M.Manifest,
+    when: str,
+    quarantine: Path | None = None,
 ) -> Carried:
     """Move the user's entries of the tree ``old`` (where ``shipped_old``'s files are ours)
-    into the tree ``new`` (which holds ``target``'s files). Idempotent; see the module text."""
+    into the tree ``new`` (which holds ``target``'s files), or those ``target.nokeep`` names
+    into ``quarantine/not-kept-<when>``. Idempotent; see the module text."""
     done = Carried()
     if not old.is_dir():
         return done
     ours = {f.path for f in shipped_old.files} if shipped_old is not None else set()
     files = {f.path for f in target.files}
     dirs = dirs_of(files)
+    nokeep = target.nokeep if quarantine is not None else ()
     changed: set[Path] = set()
-    for rel in list(user_entries(old, ours, dirs_of(ours) | dirs)):
+
+    def look_inside(rel: str) -> bool:
+        return M.could_hold_nokeep(rel, nokeep) and not M.matches_nokeep(rel, nokeep)
+
+    for rel in list(user_entries(old, ours, dirs_of(ours) | dirs, look_inside)):
+        src = old / rel
+        if nokeep and M.matches_nokeep(rel, nokeep):
+            assert quarantine is not None
+            dst = free_name(quarantine / f"not-kept-{when}" / rel)
+            changed |= _make_dirs(dst.parent)
+            os.rename(src, dst)  # same filesystem as the state directory: one atomic rename
+            changed |= {src.parent, dst.parent}
+            done.not_kept.append(rel)
+            continue
         dst_rel, displaced = _destination(rel, files, dirs, when)
         changed |= _make_parents(old, new, dst_rel)
-        src, dst = old / rel, new / dst_rel
+        dst = new / dst_rel
         if os.path.lexists(dst):  # only a stranger's name collides: never overwrite it
             dst = free_name(dst)
             displaced = True

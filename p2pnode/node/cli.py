@@ -84,6 +84,7 @@ def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
         out=Path(args.out),
         channel=args.channel,
         mirrors=args.mirror or (),
+        nokeep=args.never_keep or (),
         lifetime=int(args.expires_days * 86400),
         progress=_progress(args),
     )
@@ -392,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="BASE_URL",
         help="CDN root URL to record in the signed manifest (repeatable)",
+    )
+    p.add_argument(
+        "--never-keep",
+        action="append",
+        metavar="PATTERN",
+        help="the user's files at these release paths (glob, e.g. 'cache/*') are not kept "
+        "across an update to this build but moved to the install's quarantine (repeatable)",
     )
     p.add_argument("--expires-days", type=float, default=365.0)
     p.add_argument("--tracker", metavar="URL", help="also publish to this tracker's channel")

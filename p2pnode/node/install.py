@@ -306,6 +306,7 @@ async def _apply(
         switch, sd, state, signed, history_after, options.keep_versions
     )
     result.kept_user_files, result.displaced = carried.kept, carried.displaced
+    result.not_kept = carried.not_kept
     return result
 
 

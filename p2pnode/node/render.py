@@ -54,6 +54,7 @@ def install_json(result: InstallResult) -> dict[str, Any]:
         "seconds": round(result.seconds, 3),
         "kept_user_files": result.kept_user_files,
         "displaced": result.displaced,
+        "not_kept": result.not_kept,
         "repaired": result.repaired,
         "mirrors": result.mirrors,
         "peers": {addr: peer_json(st) for addr, st in result.peers.items()},
@@ -93,6 +94,8 @@ def print_install(out: dict[str, Any]) -> None:
         print(f"  kept {out['kept_user_files']} files of your own in place")
     for path, to in out.get("displaced", {}).items():
         print(f"  moved your {path} to {to}: the new build ships a file there")
+    for path in out.get("not_kept", []):
+        print(f"  moved your {path} to the install's quarantine: this build does not keep it")
     for addr, st in out["peers"].items():
         note = f" ({st['error']})" if st["error"] else ""
         print(
@@ -127,6 +130,12 @@ def print_published(out: dict[str, Any], result: PublishResult, cdn_dir: Path) -
         f"{out['chunks']} chunks -> {cdn_dir / result.manifest_path}"
     )
     print(f"manifest id {out['manifest_id']}")
+    if m.nokeep:
+        # Worth saying every time: nodes older than the field refuse this manifest.
+        print(
+            f"never kept across updates to this build: {', '.join(m.nokeep)} "
+            "(nodes older than the nokeep field refuse this manifest)"
+        )
 
 
 def print_verify(report: VerifyReport) -> None:

@@ -40,6 +40,7 @@ class InstallResult:
     discovery: dict[str, Any] | None = None  # which peer source answered first, and how each did
     kept_user_files: int = 0  # the user's files carried into the new tree (disk/userfiles.py)
     displaced: dict[str, str] = field(default_factory=dict)  # user path -> where it moved
+    not_kept: list[str] = field(default_factory=list)  # user paths the build's nokeep names
     repaired: list[str] = field(default_factory=list)  # files healed in an "unchanged" install
 
     @property

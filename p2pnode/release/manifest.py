@@ -26,6 +26,7 @@ import time
 import unicodedata
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from functools import cached_property
 from typing import Any, NamedTuple
 
@@ -38,14 +39,18 @@ from . import canonical, keys
 __all__ = [
     "FORMAT_VERSION",
     "MAX_MANIFEST_BYTES",
+    "MAX_NOKEEP",
     "ChunkRef",
     "Chunking",
     "FileEntry",
     "Manifest",
     "SignedManifest",
+    "could_hold_nokeep",
     "is_name",
+    "matches_nokeep",
     "parse_signed",
     "sign",
+    "validate_nokeep",
     "validate_path",
     "verify",
 ]
@@ -64,6 +69,10 @@ MAX_CHUNK_BYTES = 16 * 1024 * 1024
 MAX_FILE_BYTES = 1 << 48
 MAX_MIRRORS = 32
 MAX_URL_BYTES = 2048
+#: ``nokeep`` patterns: a handful names a build's caches and logs; the bounds keep matching
+#: every user entry against them cheap and the field small.
+MAX_NOKEEP = 64
+MAX_NOKEEP_BYTES = 256
 
 MODE_FILE = 0o644
 MODE_EXEC = 0o755
@@ -131,6 +140,9 @@ class Manifest:
     previous: bytes | None = None
     mirrors: tuple[str, ...] = ()
     format: int = FORMAT_VERSION
+    #: Glob patterns over release paths the node must not keep across a switch to this build
+    #: (caches, logs it invalidates); see :func:`matches_nokeep`.
+    nokeep: tuple[str, ...] = ()
 
     def to_obj(self) -> dict[bytes, Any]:
         obj: dict[bytes, Any] = {
@@ -161,6 +173,10 @@ class Manifest:
             obj[b"previous"] = self.previous
         if self.mirrors:
             obj[b"mirrors"] = [m.encode() for m in self.mirrors]
+        if self.nokeep:
+            # Omitted when empty, so a manifest without it encodes (and is signed and named)
+            # exactly as before the field existed.
+            obj[b"nokeep"] = [p.encode() for p in self.nokeep]
         return obj
 
     @cached_property
@@ -200,6 +216,7 @@ class Manifest:
             b"format",
             b"key",
             b"mirrors",
+            b"nokeep",
             b"previous",
             b"version",
         }
@@ -237,6 +254,14 @@ class Manifest:
         if not isinstance(mirrors_raw, list) or len(mirrors_raw) > MAX_MIRRORS:
             raise ManifestError(f"manifest 'mirrors' must be a list of at most {MAX_MIRRORS}")
         mirrors = tuple(_url(m) for m in mirrors_raw)
+        nokeep_raw = d.get(b"nokeep", None)
+        # Present means non-empty: to_obj omits an empty list, so one on the wire was not
+        # made by us, and refusing it keeps one encoding per manifest.
+        if nokeep_raw is not None and (
+            not isinstance(nokeep_raw, list) or not 0 < len(nokeep_raw) <= MAX_NOKEEP
+        ):
+            raise ManifestError(f"manifest 'nokeep' must be a list of 1..{MAX_NOKEEP} patterns")
+        nokeep = tuple(validate_nokeep(_pattern_text(v)) for v in nokeep_raw or ())
         files_raw = d.get(b"files")
         if not isinstance(files_raw, list) or len(files_raw) > MAX_FILES:
             raise ManifestError(f"manifest 'files' must be a list of at most {MAX_FILES} files")
@@ -259,6 +284,7 @@ class Manifest:
             previous=previous,
             mirrors=mirrors,
             format=fmt,
+            nokeep=nokeep,
         )
 
 
@@ -355,6 +381,44 @@ def validate_path(path: str) -> str:
     return path
 
 
+def validate_nokeep(pattern: str) -> str:
+    """Check a ``nokeep`` pattern: a safe release path (:func:`validate_path`) of at most
+    ``MAX_NOKEEP_BYTES`` whose parts may hold ``*``, ``?`` and ``[...]``, each matching within
+    one part. ``**`` is refused rather than read as one ``*``, so no publisher mistakes it for
+    "any depth" (a pattern already covers everything under what it matches)."""
+    if len(pattern.encode("utf-8", "surrogatepass")) > MAX_NOKEEP_BYTES:
+        raise UnsafePathError(f"nokeep pattern {pattern[:80]!r} is longer than {MAX_NOKEEP_BYTES}")
+    validate_path(pattern)
+    if "**" in pattern:
+        raise UnsafePathError(
+            f"nokeep pattern {pattern!r} has '**'; '*' matches within one path part, and a "
+            "pattern also covers everything under what it matches"
+        )
+    return pattern
+
+
+def matches_nokeep(path: str, patterns: Collection[str]) -> bool:
+    """Whether ``path`` (release-relative) or a folder above it matches one of ``patterns``,
+    part by part (``cache/*`` matches ``cache/x`` and ``cache/x/y``, not ``cache``)."""
+    parts = path.split("/")
+    for pattern in patterns:
+        pp = pattern.split("/")
+        if len(pp) <= len(parts) and all(map(fnmatchcase, parts, pp)):
+            return True
+    return False
+
+
+def could_hold_nokeep(folder: str, patterns: Collection[str]) -> bool:
+    """Whether something inside ``folder`` could match a pattern the folder does not: the
+    carry then looks inside it instead of moving it whole."""
+    parts = folder.split("/")
+    for pattern in patterns:
+        pp = pattern.split("/")
+        if len(pp) > len(parts) and all(map(fnmatchcase, parts, pp)):
+            return True
+    return False
+
+
 def _check_collisions(files: tuple[FileEntry, ...]) -> None:
     # Case-insensitive, so that a release installs the same on Windows and macOS; and a file
     # may not also be a directory of another file.
@@ -427,6 +491,15 @@ def _text(d: dict[bytes, Any], key: bytes) -> str:
         return _bytes(d, key).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ManifestError(f"field {key.decode()!r} is not UTF-8") from exc
+
+
+def _pattern_text(value: Any) -> str:
+    if not isinstance(value, bytes):
+        raise ManifestError("a nokeep pattern is not a string")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError("a nokeep pattern is not UTF-8") from exc
 
 
 def _url(value: Any) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..disk.fsutil import write_atomic
-from ..errors import ManifestError, P2PNodeError, UsageError
+from ..errors import ManifestError, P2PNodeError, UnsafePathError, UsageError
 from ..progress import NullProgress, Progress
 from . import keys, layout
 from . import manifest as M
@@ -53,6 +53,7 @@ class PublishResult:
             "bytes": m.total_size,
             "chunks": len(m.unique_chunks()),
             "key": keys.format_public_key(m.key),
+            "nokeep": list(m.nokeep),
         }
 
 
@@ -106,6 +107,7 @@ def publish(
     out: Path,
     channel: str = "stable",
     mirrors: Sequence[str] = (),
+    nokeep: Sequence[str] = (),
     lifetime: int = DEFAULT_LIFETIME,
     chunking: M.Chunking | None = None,
     progress: Progress | None = None,
@@ -115,6 +117,11 @@ def publish(
     files = collect_files(src)
     progress = progress or NullProgress()
     now = int(time.time())
+    if len(nokeep) > M.MAX_NOKEEP:
+        raise UsageError(
+            f"{len(nokeep)} --never-keep patterns; a manifest holds at most {M.MAX_NOKEEP}",
+            fix="name folders ('cache') rather than each file in them",
+        )
     # Validate the cheap fields before reading gigabytes.
     probe = M.Manifest(
         app=app,
@@ -127,9 +134,14 @@ def publish(
         files=(),
         chunking=chunking,
         mirrors=tuple(mirrors),
+        nokeep=tuple(nokeep),
     )
     try:
         M.Manifest.from_obj(probe.to_obj())
+    except UnsafePathError as exc:
+        raise UsageError(
+            exc.message, fix="--never-keep takes a path relative to the release, with * ? [..]"
+        ) from exc
     except ManifestError as exc:
         raise UsageError(exc.message, fix="use letters, digits, '.', '_' and '-'") from exc
     final = out / layout.release_dir(app, build)

@@ -215,8 +215,8 @@ def test_kill_9_at_every_step_of_a_switch_loses_no_user_file(tmp_path: Path) -> 
     assert sum(s.startswith("os.rename:") for s in STEPS) - finished == 1 + 7
 
 
-def fake_manifest(*paths: str) -> Any:
-    return SimpleNamespace(files=[SimpleNamespace(path=p) for p in paths])
+def fake_manifest(*paths: str, nokeep: tuple[str, ...] = ()) -> Any:
+    return SimpleNamespace(files=[SimpleNamespace(path=p) for p in paths], nokeep=nokeep)
 
 
 def test_carry_displaces_under_a_parent_the_new_build_ships_as_a_file(tmp_path: Path) -> None:
@@ -243,3 +243,72 @@ def test_carry_displaces_under_a_parent_the_new_build_ships_as_a_file(tmp_path: 
         "data/a.pak"
     ]
     assert carry(old, new, shipped, target, "T").kept == 0
+
+
+def nokeep_builds(tmp_path: Path, nokeep: tuple[str, ...]) -> tuple[Path, Path, Path]:
+    src, cdn = tmp_path / "src", tmp_path / "cdn"
+    make_release(src, big=1 << 16)
+    p1 = publish(src, app="game", version="1", build=1, key=KEY, out=cdn)
+    (src / "bin" / "run").write_bytes(b"#!/bin/sh\necho two\n")
+    p2 = publish(src, app="game", version="2", build=2, key=KEY, out=cdn, nokeep=nokeep)
+    dest = tmp_path / "game"
+    trio.run(install, str(cdn / p1.manifest_path), dest, TRUST, InstallOptions())
+    for rel in ("cache/x", "saves/slot1.sav"):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_bytes(rel.encode())
+    return cdn / p2.manifest_path, dest, StateDir(dest).quarantine
+
+
+def test_an_update_does_not_keep_what_its_build_names_in_nokeep(tmp_path: Path) -> None:
+    manifest, dest, quarantine = nokeep_builds(tmp_path, ("cache/*",))
+    r = trio.run(install, str(manifest), dest, TRUST, InstallOptions())
+    assert r.action == "updated" and r.not_kept == ["cache/x"]
+    assert r.kept_user_files == 1
+    assert (dest / "saves/slot1.sav").read_bytes() == b"saves/slot1.sav"
+    assert not (dest / "cache/x").exists()
+    (moved,) = quarantine.glob("not-kept-*/cache/x")  # moved aside, never deleted
+    assert moved.read_bytes() == b"cache/x"
+    report = trio.run(lambda: verify(dest))
+    assert report.ok and report.extra == [] and report.user_files == ["saves/slot1.sav"]
+
+
+def test_a_build_without_nokeep_keeps_everything(tmp_path: Path) -> None:
+    manifest, dest, quarantine = nokeep_builds(tmp_path, ())
+    r = trio.run(install, str(manifest), dest, TRUST, InstallOptions())
+    assert r.action == "updated" and r.not_kept == [] and r.kept_user_files == 2
+    assert (dest / "cache/x").read_bytes() == b"cache/x"
+    assert (dest / "saves/slot1.sav").read_bytes() == b"saves/slot1.sav"
+    assert not quarantine.exists() or not any(quarantine.iterdir())
+
+
+def test_carry_quarantines_nokeep_entries_and_resumes_after_a_kill(tmp_path: Path) -> None:
+    old, new, bin_ = tmp_path / "old", tmp_path / "new", tmp_path / "quarantine"
+    for rel in ("cache/a", "cache/b", "cache/keep/c", "logs/today.log", "saves/s.sav"):
+        (old / rel).parent.mkdir(parents=True, exist_ok=True)
+        (old / rel).write_text(rel)
+    new.mkdir()
+    target = fake_manifest("bin/run", nokeep=("cache/[ab]", "logs"))
+    real_rename = os.rename
+    calls = 0
+
+    def dying_rename(src: Any, dst: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError("killed")
+        real_rename(src, dst)
+
+    os.rename = dying_rename  # type: ignore[assignment]
+    try:
+        with pytest.raises(OSError):
+            carry(old, new, None, target, "T", bin_)
+    finally:
+        os.rename = real_rename
+    done = carry(old, new, None, target, "T", bin_)  # what recovery does: run it again
+    got = sorted(p.relative_to(bin_).as_posix() for p in bin_.rglob("*") if p.is_file())
+    assert got == ["not-kept-T/cache/a", "not-kept-T/cache/b", "not-kept-T/logs/today.log"]
+    assert (new / "cache/keep/c").read_text() == "cache/keep/c"
+    assert (new / "saves/s.sav").read_text() == "saves/s.sav"
+    assert not [p for p in old.rglob("*") if p.is_file()]
+    assert carry(old, new, None, target, "T", bin_).not_kept == []
+    assert len(done.not_kept) == 2  # the first run had moved one before it died

@@ -170,3 +170,83 @@ def test_mutated_bencode_never_crashes(value: object, pos: int, byte: int) -> No
         canonical.decode(bytes(blob), max_size=1 << 20)
     except ManifestError:
         pass
+
+
+def _golden(**kw: object) -> M.Manifest:
+    fields: dict[str, object] = dict(
+        app="game",
+        version="1.0",
+        build=7,
+        channel="stable",
+        created=1_700_000_000,
+        expires=1_800_000_000,
+        key=bytes(range(32)),
+        files=(M.FileEntry("saves/readme.txt", 5, 0o644, (M.ChunkRef(bytes(32), 0, 5),)),),
+        previous=bytes([1]) * 32,
+        mirrors=("https://cdn.example/",),
+    )
+    fields.update(kw)
+    return M.Manifest(**fields)  # type: ignore[arg-type]
+
+
+def test_manifest_without_nokeep_encodes_as_before_the_field() -> None:
+    # Id computed by the code before `nokeep` existed: every published manifest, signature and
+    # id stays valid only if this never changes.
+    m = _golden()
+    assert m.id.hex() == "9db5a957fb5a7eaf6f8cd65d063277b3a2c40c4ce8897d2a7d85f125775700b7"
+    assert b"nokeep" not in m.to_obj()
+    got = M.parse_signed(M.sign(_golden(key=PUB), KEY).encode()).manifest
+    assert got.nokeep == ()
+
+
+def test_nokeep_round_trips_signed() -> None:
+    m = make_manifest({"a.txt": b"hello"}, nokeep=("cache/*", "logs", "shader?.bin"))
+    got = M.verify(M.parse_signed(M.sign(m, KEY).encode()), {PUB})
+    assert got.nokeep == ("cache/*", "logs", "shader?.bin")
+    assert got.id == m.id != make_manifest({"a.txt": b"hello"}).id
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "/abs/*",
+        "../x",
+        "a/../b",
+        "a//b",
+        "./a",
+        "a\\b",
+        "c:*",
+        "x\x00",
+        "cache/**",
+        "a" * 257,
+        "e\u0301",
+    ],
+)
+def test_bad_nokeep_patterns_are_refused(pattern: str) -> None:
+    m = make_manifest({"a.txt": b"hello"}, nokeep=(pattern,))
+    with pytest.raises(P2PNodeError):
+        M.sign(m, KEY)
+
+
+def test_nokeep_list_is_bounded_and_never_empty() -> None:
+    with pytest.raises(ManifestError):
+        M.sign(make_manifest({}, nokeep=tuple(f"c{i}" for i in range(M.MAX_NOKEEP + 1))), KEY)
+    obj = make_manifest({}).to_obj()
+    obj[b"nokeep"] = []
+    with pytest.raises(ManifestError):
+        M.Manifest.from_obj(obj)
+    obj[b"nokeep"] = [5]
+    with pytest.raises(ManifestError):
+        M.Manifest.from_obj(obj)
+
+
+def test_nokeep_matching_is_per_part() -> None:
+    pats = ("cache/*", "logs")
+    assert M.matches_nokeep("cache/x", pats)
+    assert M.matches_nokeep("cache/x/y", pats)
+    assert M.matches_nokeep("logs/today.log", pats)
+    assert not M.matches_nokeep("cache", pats)
+    assert not M.matches_nokeep("saves/cache/x", pats)
+    assert not M.matches_nokeep("saves/slot1.sav", pats)
+    assert M.could_hold_nokeep("cache", pats)
+    assert not M.could_hold_nokeep("saves", pats)
