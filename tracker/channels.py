@@ -32,11 +32,13 @@ from .feed import Feed
 from .metrics import TrackerMetrics
 from .web import query_float, query_int, read_body
 
-__all__ = ["MAX_JSON_BYTES", "MAX_WAIT", "ChannelRoutes"]
+__all__ = ["MAX_JSON_BYTES", "MAX_SINCE", "MAX_WAIT", "ChannelRoutes"]
 
 MAX_JSON_BYTES = 4096
 #: Longest a long-poll may ask to be held (seconds).
 MAX_WAIT = 60.0
+#: Largest ``since`` (a channel sequence number) a feed request may name.
+MAX_SINCE = 1 << 62
 
 
 class ChannelRoutes:
@@ -209,7 +211,7 @@ class ChannelRoutes:
 
     async def latest(self, request: Request) -> Response:
         row, channel = self.channel(request)
-        since = query_int(request, "since", -1, 1 << 62)
+        since = query_int(request, "since", -1, MAX_SINCE)
         wait = query_float(request, "wait", 0.0, MAX_WAIT)
         head = await self.registry_call(self.registry.head, row.name, channel)
         if since is not None and wait > 0:
@@ -226,7 +228,7 @@ class ChannelRoutes:
 
     async def events(self, request: Request) -> Response:
         row, channel = self.channel(request)
-        since = query_int(request, "since", -1, 1 << 62)
+        since = query_int(request, "since", -1, MAX_SINCE)
 
         async def stream() -> AsyncIterator[bytes]:
             last = -1 if since is None else since

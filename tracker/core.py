@@ -47,17 +47,28 @@ from p2pnode.discovery.tracker_api import (
 )
 from p2pnode.errors import P2PNodeError, SignatureError
 from p2pnode.release import keys
+from p2pnode.release.manifest import NAME_PATTERN
 
 from .errors import BadRequest, Forbidden, TooLarge
 
 __all__ = [
     "ANNOUNCE_DOMAIN",
     "FLAG_REPORTERS",
+    "HEX40_PATTERN",
+    "HEX64_PATTERN",
     "MAX_ANNOUNCE_BYTES",
+    "MAX_BYTES",
+    "MAX_COUNT",
     "MAX_NUMWANT",
+    "MAX_PORT",
+    "MAX_RATE",
+    "MAX_RECORDS",
+    "MAX_RECORD_HEX",
     "MAX_REPORT_BYTES",
     "MAX_REPORT_PEERS",
     "MAX_SKEW",
+    "MAX_TS",
+    "NONCE_PATTERN",
     "REPORT_DOMAIN",
     "SIGNATURE_HEADER",
     "Announce",
@@ -91,10 +102,20 @@ MAX_RATE = 1 << 40
 MAX_COUNT = 1_000_000
 
 EVENTS = ("started", "update", "completed", "stopped")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
-_NONCE = re.compile(r"^[0-9a-f]{16,64}$")
+MAX_PORT = 65535
+MAX_TS = 1 << 40
+#: Peer records an announce may attach.
+MAX_RECORDS = 2
+#: Hex characters of one attached peer record.
+MAX_RECORD_HEX = 1024
+#: Patterns as strings: the checks below and tracker.openapi's schemas share them.
+HEX64_PATTERN = r"^[0-9a-f]{64}$"
+HEX40_PATTERN = r"^[0-9a-f]{40}$"
+NONCE_PATTERN = r"^[0-9a-f]{16,64}$"
+_NAME = re.compile(NAME_PATTERN)
+_HEX64 = re.compile(HEX64_PATTERN)
+_HEX40 = re.compile(HEX40_PATTERN)
+_NONCE = re.compile(NONCE_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +307,7 @@ def parse_announce(
     _nonce(obj)
     app = _name(obj, "app")
     manifest = _hex_id(obj, "manifest")
-    port = _int(obj, "port", 0, 65535)  # 0: not reachable (counted, never handed out)
+    port = _int(obj, "port", 0, MAX_PORT)  # 0: not reachable (counted, never handed out)
     ip = obj.get("ip")
     if ip is not None:
         ip = _ip(ip)
@@ -302,12 +323,12 @@ def parse_announce(
     records: list[bytes] = []
     if "records" in obj:
         records_raw = obj["records"]
-        if not isinstance(records_raw, list) or len(records_raw) > 2:
+        if not isinstance(records_raw, list) or len(records_raw) > MAX_RECORDS:
             raise BadRequest("records must be a list of at most 2 hex strings")
         if records_raw and port == 0:
             raise BadRequest("a node that does not serve (port 0) has no peer records to attach")
         for r in records_raw:
-            if not isinstance(r, str) or len(r) > 1024:
+            if not isinstance(r, str) or len(r) > MAX_RECORD_HEX:
                 raise BadRequest("each record must be a hex string of at most 512 bytes")
             try:
                 records.append(bytes.fromhex(r))
@@ -425,7 +446,7 @@ def _int(obj: dict[str, Any], name: str, lo: int, hi: int, default: int | None =
 
 
 def _ts(obj: dict[str, Any], now: float) -> int:
-    ts = _int(obj, "ts", 0, 1 << 40)
+    ts = _int(obj, "ts", 0, MAX_TS)
     if abs(ts - now) > MAX_SKEW:
         raise Forbidden(
             f"message timestamp {ts} is {int(ts - now):+d} s from the tracker's clock",

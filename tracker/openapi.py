@@ -1,71 +1,350 @@
 """The OpenAPI 3.1 description served at ``/openapi.json``.
 
-Written out by hand from the same facts as docs/tracker-api.md (the field tables there are the
-normative text); a test checks every route of the app appears here, so the two cannot drift in
-which endpoints exist.
+Built from the definitions the handlers validate with: name patterns, hex patterns and bounds
+are imported from :mod:`tracker.core`, :mod:`tracker.outcomes`, :mod:`tracker.channels` and the
+manifest's name rule, so a limit changed in the code changes here too. docs/tracker-api.md
+stays the normative text; tests/tracker/test_openapi.py checks that every route appears, that
+every path parameter is declared and that declared status codes are the ones the server returns.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from p2pnode.discovery.tracker_api import OUTCOME_CODES, OUTCOME_KINDS
+from p2pnode.discovery.tracker_api import OUTCOME_CODES, OUTCOME_KINDS, SIGNATURE_HEADER
+from p2pnode.release.keys import KEY_PREFIX
+from p2pnode.release.manifest import NAME_PATTERN
+
+from . import core
+from .channels import MAX_SINCE, MAX_WAIT
+from .outcomes import MAX_BUILD, MAX_DURATION_MS
 
 __all__ = ["openapi_document"]
 
-_ERROR = {
-    "description": "Refused; nothing was stored",
-    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-}
+_JSON = "application/json"
+_MANIFEST = "application/x-p2pnode-manifest"
 
 
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _content(schema: dict[str, Any], media: str = _JSON) -> dict[str, Any]:
+    return {media: {"schema": schema}}
+
+
+_ERROR = {"description": "Refused; nothing was stored", "content": _content(_ref("Error"))}
 _UNAVAILABLE = {
     "description": "A store behind the tracker failed (store_unavailable, log_unavailable, "
     "registry_unavailable); the message names it. Retry later.",
-    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    "content": _content(_ref("Error")),
 }
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
-def _op(summary: str, *, auth: str | None = None, body: str | None = None, **extra: Any) -> Any:
+def _op(
+    summary: str,
+    *,
+    status: int = 200,
+    answer: dict[str, Any] | None = None,
+    media: str = _JSON,
+    auth: str | None = None,
+    body: dict[str, Any] | None = None,
+    body_media: str = _JSON,
+    body_required: bool = True,
+    parameters: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One operation: ``status`` is the code the handler answers with on success."""
     op: dict[str, Any] = {
         "summary": summary,
-        "responses": {"200": {"description": "OK"}, "4XX": _ERROR, "503": _UNAVAILABLE},
+        "responses": {
+            str(status): {"description": "OK", "content": _content(answer or _ANY_OBJECT, media)},
+            "4XX": _ERROR,
+            "503": _UNAVAILABLE,
+        },
     }
     if auth:
         op["security"] = [{"bearer": []}]
         op["description"] = f"Needs the {auth} token."
-    if body:
-        op["requestBody"] = {"required": True, "content": {body: {}}}
-    op.update(extra)
+    if body is not None:
+        op["requestBody"] = {"required": body_required, "content": _content(body, body_media)}
+    if parameters:
+        op["parameters"] = parameters
     return op
 
 
-def _signed(summary: str, schema: str) -> Any:
+def _signed(summary: str, schema: str, *, status: int = 200) -> dict[str, Any]:
     return _op(
         summary,
+        status=status,
+        body=_ref(schema),
         parameters=[
             {
-                "name": "X-P2PNode-Signature",
+                "name": SIGNATURE_HEADER,
                 "in": "header",
                 "required": True,
                 "description": "Ed25519 signature of the exact body bytes, 128 hex digits",
                 "schema": {"type": "string", "pattern": "^[0-9a-f]{128}$"},
             }
         ],
-        requestBody={
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
-        },
     )
 
 
-_APP = {"name": "app", "in": "path", "required": True, "schema": {"type": "string"}}
-_CH = {"name": "channel", "in": "path", "required": True, "schema": {"type": "string"}}
+def _move(summary: str, schema: str, *, body_required: bool) -> dict[str, Any]:
+    """Promote and rollback: a JSON body naming the target, the channel's new head back."""
+    return _op(
+        summary,
+        answer=_ref("Head"),
+        auth="publisher or admin",
+        body=_ref(schema),
+        body_required=body_required,
+        parameters=[_APP, _CH],
+    )
+
+
+def _path(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+_NAME = {"type": "string", "pattern": NAME_PATTERN}
+_HEX64 = {"type": "string", "pattern": core.HEX64_PATTERN}
+_KEY = {"type": "string", "pattern": f"^{KEY_PREFIX}{core.HEX64_PATTERN[1:]}"}
+_NONCE = {"type": "string", "pattern": core.NONCE_PATTERN}
+_TS = {"type": "integer", "minimum": 0, "maximum": core.MAX_TS}
+_APP = _path("app", _NAME)
+_CH = _path("channel", _NAME)
+#: The peer handler takes any 40 hex digits (``bytes.fromhex``), either case.
+_NODE = _path("node_id", {"type": "string", "pattern": "^[0-9a-fA-F]{40}$"})
+
+
+def _bounded(hi: int) -> dict[str, Any]:
+    return {"type": "integer", "minimum": 0, "maximum": hi}
+
+
+def _schemas() -> dict[str, Any]:
+    count = _bounded(core.MAX_BYTES)
+    build = _bounded(MAX_BUILD)
+    return {
+        "Error": {
+            "type": "object",
+            "required": ["error", "message", "fix"],
+            "properties": {
+                "error": {"type": "string"},
+                "message": {"type": "string"},
+                "fix": {"type": "string"},
+            },
+        },
+        "NewApp": {
+            "type": "object",
+            "required": ["app", "key"],
+            "properties": {"app": _NAME, "key": _KEY},
+        },
+        "Promote": {
+            "type": "object",
+            "required": ["manifest_id"],
+            "properties": {"manifest_id": _HEX64},
+        },
+        "Rollback": {
+            "type": "object",
+            "description": "without manifest_id (or without a body): back to the previous build",
+            "properties": {"manifest_id": _HEX64},
+        },
+        "Head": {
+            "type": "object",
+            "required": ["app", "channel", "seq", "manifest_id", "build", "version"],
+            "properties": {
+                "app": _NAME,
+                "channel": _NAME,
+                "seq": {"type": "integer"},
+                "manifest_id": _HEX64,
+                "build": {"type": "integer"},
+                "version": {"type": "string"},
+                "updated": {"type": "number"},
+                "manifest_url": {"type": "string"},
+            },
+        },
+        "Announce": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["key", "ts", "nonce", "app", "manifest", "port"],
+            "properties": {
+                "key": _KEY,
+                "ts": _TS,
+                "nonce": _NONCE,
+                "app": _NAME,
+                "manifest": _HEX64,
+                "port": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "maximum": core.MAX_PORT,
+                    "description": "0: the node does not serve (counted, never handed out)",
+                },
+                "ip": {"type": "string"},
+                "event": {"enum": list(core.EVENTS)},
+                "size": count,
+                "left": count,
+                "from_peers": count,
+                "from_cdn": count,
+                "uploaded": count,
+                "numwant": _bounded(core.MAX_NUMWANT),
+                "records": {
+                    "type": "array",
+                    "maxItems": core.MAX_RECORDS,
+                    "items": {"type": "string", "maxLength": core.MAX_RECORD_HEX},
+                },
+            },
+        },
+        "Outcome": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["key", "ts", "nonce", "app", "manifest", "kind", "outcome", "to_build"],
+            "properties": {
+                "key": _KEY,
+                "ts": _TS,
+                "nonce": _NONCE,
+                "app": _NAME,
+                "manifest": _HEX64,
+                "kind": {"enum": list(OUTCOME_KINDS)},
+                "outcome": {"enum": ["success", "failure"]},
+                "code": {"enum": list(OUTCOME_CODES)},
+                "duration_ms": _bounded(MAX_DURATION_MS),
+                "from_build": build,
+                "to_build": build,
+                "bytes_peers": count,
+                "bytes_cdn": count,
+                "bytes_reused": count,
+                "bytes_patches": count,
+            },
+        },
+        "Report": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["key", "ts", "nonce", "peers"],
+            "properties": {
+                "key": _KEY,
+                "ts": _TS,
+                "nonce": _NONCE,
+                "peers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": core.MAX_REPORT_PEERS,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["node_id"],
+                        "properties": {
+                            "node_id": {"type": "string", "pattern": core.HEX40_PATTERN},
+                            "bytes": count,
+                            "rate": _bounded(core.MAX_RATE),
+                            "failures": _bounded(core.MAX_COUNT),
+                            "corrupt": _bounded(core.MAX_COUNT),
+                        },
+                    },
+                },
+            },
+        },
+    }
+
+
+def _paths() -> dict[str, Any]:
+    since = {
+        "name": "since",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": -1, "maximum": MAX_SINCE},
+    }
+    return {
+        "/healthz": {"get": _op("Liveness and store health")},
+        "/v1/dht/bootstrap": {"get": _op("DHT nodes to bootstrap from (HOST:PORT list)")},
+        "/metrics": {
+            "get": _op("Prometheus metrics", answer={"type": "string"}, media="text/plain")
+        },
+        "/openapi.json": {"get": _op("This document")},
+        "/dashboard": {
+            "get": _op("Operator dashboard (HTML)", answer={"type": "string"}, media="text/html")
+        },
+        "/v1/apps": {
+            "get": _op("List registered apps"),
+            "post": _op(
+                "Register an app and its publisher key",
+                status=201,
+                auth="admin",
+                body=_ref("NewApp"),
+            ),
+        },
+        "/v1/apps/{app}": {"get": _op("An app, its key and channel heads", parameters=[_APP])},
+        "/v1/apps/{app}/channels/{channel}": {
+            "get": _op(
+                "Latest build of a channel; long-poll with since and wait",
+                answer=_ref("Head"),
+                parameters=[
+                    _APP,
+                    _CH,
+                    since,
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT},
+                    },
+                ],
+            )
+        },
+        "/v1/apps/{app}/channels/{channel}/events": {
+            "get": _op(
+                "Server-sent events: one `release` event per channel move",
+                answer={"type": "string"},
+                media="text/event-stream",
+                parameters=[_APP, _CH, since],
+            )
+        },
+        "/v1/apps/{app}/channels/{channel}/history": {
+            "get": _op("Channel history, newest first", parameters=[_APP, _CH])
+        },
+        "/v1/apps/{app}/channels/{channel}/manifests": {
+            "post": _op(
+                "Publish a signed manifest",
+                status=201,
+                auth="publisher or admin",
+                body={"type": "string", "format": "binary"},
+                body_media=_MANIFEST,
+                parameters=[_APP, _CH],
+            )
+        },
+        "/v1/apps/{app}/channels/{channel}/promote": {
+            "post": _move("Point a channel at a published build", "Promote", body_required=True)
+        },
+        "/v1/apps/{app}/channels/{channel}/rollback": {
+            "post": _move(
+                "Point a channel back at an earlier build", "Rollback", body_required=False
+            )
+        },
+        "/v1/manifests/{manifest_id}": {
+            "get": _op(
+                "A signed manifest, byte for byte as published",
+                answer={"type": "string", "format": "binary"},
+                media=_MANIFEST,
+                parameters=[_path("manifest_id", _HEX64)],
+            )
+        },
+        "/v1/announce": {"post": _signed("Signed announce; returns ranked peers", "Announce")},
+        "/v1/report": {"post": _signed("Signed peer-quality report", "Report")},
+        "/v1/outcomes": {
+            "post": _signed("Signed install outcome", "Outcome", status=201),
+            "get": _op(
+                "Install outcomes per build: success rate, failure codes",
+                parameters=[{"name": "app", "in": "query", "schema": _NAME}],
+            ),
+        },
+        "/v1/peers/{node_id}": {
+            "get": _op("A peer's quality record", parameters=[_NODE]),
+            "delete": _op(
+                "Clear a peer's quality record and flag", auth="admin", parameters=[_NODE]
+            ),
+        },
+        "/v1/stats": {"get": _op("Per-release swarm stats, peer quality, tracker load")},
+    }
 
 
 def openapi_document() -> dict[str, Any]:
-    hexid = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
-    count = {"type": "integer", "minimum": 0}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -76,173 +355,7 @@ def openapi_document() -> dict[str, Any]:
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error", "message", "fix"],
-                    "properties": {
-                        "error": {"type": "string"},
-                        "message": {"type": "string"},
-                        "fix": {"type": "string"},
-                    },
-                },
-                "Announce": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["key", "ts", "nonce", "app", "manifest", "port"],
-                    "properties": {
-                        "key": {"type": "string", "pattern": "^ed25519:[0-9a-f]{64}$"},
-                        "ts": {"type": "integer"},
-                        "nonce": {"type": "string", "pattern": "^[0-9a-f]{16,64}$"},
-                        "app": {"type": "string"},
-                        "manifest": hexid,
-                        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
-                        "ip": {"type": "string"},
-                        "event": {"enum": ["started", "update", "completed", "stopped"]},
-                        "size": count,
-                        "left": count,
-                        "from_peers": count,
-                        "from_cdn": count,
-                        "uploaded": count,
-                        "numwant": {"type": "integer", "minimum": 0, "maximum": 50},
-                        "records": {"type": "array", "maxItems": 2, "items": {"type": "string"}},
-                    },
-                },
-                "Outcome": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": [
-                        "key",
-                        "ts",
-                        "nonce",
-                        "app",
-                        "manifest",
-                        "kind",
-                        "outcome",
-                        "to_build",
-                    ],
-                    "properties": {
-                        "key": {"type": "string", "pattern": "^ed25519:[0-9a-f]{64}$"},
-                        "ts": {"type": "integer"},
-                        "nonce": {"type": "string", "pattern": "^[0-9a-f]{16,64}$"},
-                        "app": {"type": "string"},
-                        "manifest": hexid,
-                        "kind": {"enum": list(OUTCOME_KINDS)},
-                        "outcome": {"enum": ["success", "failure"]},
-                        "code": {"enum": list(OUTCOME_CODES)},
-                        "duration_ms": count,
-                        "from_build": count,
-                        "to_build": count,
-                        "bytes_peers": count,
-                        "bytes_cdn": count,
-                        "bytes_reused": count,
-                        "bytes_patches": count,
-                    },
-                },
-                "Report": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["key", "ts", "nonce", "peers"],
-                    "properties": {
-                        "key": {"type": "string"},
-                        "ts": {"type": "integer"},
-                        "nonce": {"type": "string"},
-                        "peers": {
-                            "type": "array",
-                            "minItems": 1,
-                            "maxItems": 64,
-                            "items": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "required": ["node_id"],
-                                "properties": {
-                                    "node_id": {"type": "string", "pattern": "^[0-9a-f]{40}$"},
-                                    "bytes": count,
-                                    "rate": count,
-                                    "failures": count,
-                                    "corrupt": count,
-                                },
-                            },
-                        },
-                    },
-                },
-            },
+            "schemas": _schemas(),
         },
-        "paths": {
-            "/healthz": {"get": _op("Liveness and store health")},
-            "/v1/dht/bootstrap": {"get": _op("DHT nodes to bootstrap from (HOST:PORT list)")},
-            "/metrics": {"get": _op("Prometheus metrics")},
-            "/openapi.json": {"get": _op("This document")},
-            "/dashboard": {"get": _op("Operator dashboard (HTML)")},
-            "/v1/apps": {
-                "get": _op("List registered apps"),
-                "post": _op(
-                    "Register an app and its publisher key", auth="admin", body="application/json"
-                ),
-            },
-            "/v1/apps/{app}": {"get": _op("An app, its key and channel heads", parameters=[_APP])},
-            "/v1/apps/{app}/channels/{channel}": {
-                "get": _op(
-                    "Latest build of a channel; long-poll with since and wait",
-                    parameters=[
-                        _APP,
-                        _CH,
-                        {"name": "since", "in": "query", "schema": {"type": "integer"}},
-                        {"name": "wait", "in": "query", "schema": {"type": "number"}},
-                    ],
-                )
-            },
-            "/v1/apps/{app}/channels/{channel}/events": {
-                "get": _op(
-                    "Server-sent events: one `release` event per channel move",
-                    parameters=[_APP, _CH],
-                )
-            },
-            "/v1/apps/{app}/channels/{channel}/history": {
-                "get": _op("Channel history, newest first", parameters=[_APP, _CH])
-            },
-            "/v1/apps/{app}/channels/{channel}/manifests": {
-                "post": _op(
-                    "Publish a signed manifest",
-                    auth="publisher or admin",
-                    body="application/x-p2pnode-manifest",
-                    parameters=[_APP, _CH],
-                )
-            },
-            "/v1/apps/{app}/channels/{channel}/promote": {
-                "post": _op(
-                    "Point a channel at a published build",
-                    auth="publisher or admin",
-                    body="application/json",
-                    parameters=[_APP, _CH],
-                )
-            },
-            "/v1/apps/{app}/channels/{channel}/rollback": {
-                "post": _op(
-                    "Point a channel back at an earlier build",
-                    auth="publisher or admin",
-                    body="application/json",
-                    parameters=[_APP, _CH],
-                )
-            },
-            "/v1/manifests/{manifest_id}": {
-                "get": _op(
-                    "A signed manifest, byte for byte as published",
-                    parameters=[
-                        {"name": "manifest_id", "in": "path", "required": True, "schema": hexid}
-                    ],
-                )
-            },
-            "/v1/announce": {"post": _signed("Signed announce; returns ranked peers", "Announce")},
-            "/v1/report": {"post": _signed("Signed peer-quality report", "Report")},
-            "/v1/outcomes": {
-                "post": _signed("Signed install outcome (201)", "Outcome"),
-                "get": _op("Install outcomes per build: success rate, failure codes"),
-            },
-            "/v1/peers/{node_id}": {
-                "get": _op("A peer's quality record"),
-                "delete": _op("Clear a peer's quality record and flag", auth="admin"),
-            },
-            "/v1/stats": {"get": _op("Per-release swarm stats, peer quality, tracker load")},
-        },
+        "paths": _paths(),
     }

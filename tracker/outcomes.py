@@ -40,6 +40,8 @@ from .core import (
 from .errors import BadRequest, TooLarge
 
 __all__ = [
+    "MAX_BUILD",
+    "MAX_DURATION_MS",
     "MAX_OUTCOME_BYTES",
     "MAX_RELEASES",
     "MAX_SEEN",

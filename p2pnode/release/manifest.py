@@ -78,7 +78,10 @@ MODE_FILE = 0o644
 MODE_EXEC = 0o755
 
 _RECORD = struct.Struct(">32sI")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: The rule for app and channel names, as a pattern string: the tracker checks names and
+#: describes them in its OpenAPI document with this same text.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_NAME = re.compile(NAME_PATTERN)
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_~-]{0,127}$")
 
 
