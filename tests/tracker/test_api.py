@@ -469,12 +469,7 @@ async def test_healthz_openapi_and_dashboard_assets(
     http = client._http
     assert (await http.get("/healthz")).json() == {"status": "ok"}
     doc = (await http.get("/openapi.json")).json()
-    assert doc["openapi"].startswith("3.")
-    for route in tracker.app.routes:
-        path = route.path.replace(":str", "")  # type: ignore[attr-defined]
-        if path in ("/", "/dashboard/{name}"):
-            continue
-        assert path in doc["paths"], path
+    assert doc["openapi"].startswith("3.")  # its content: tests/tracker/test_openapi.py
     page = await http.get("/dashboard")
     assert page.status_code == 200 and "dashboard.js" in page.text
     assert (await http.get("/dashboard/dashboard.js")).status_code == 200

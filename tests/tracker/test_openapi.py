@@ -1,0 +1,175 @@
+"""``/openapi.json`` tells the truth: valid OpenAPI, every path parameter declared, and the
+status codes, bounds and request bodies it declares are the ones the server acts on."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jsonschema
+from openapi_spec_validator import validate
+
+from p2pnode.discovery.tracker import TrackerClient
+from p2pnode.discovery.tracker_api import (
+    ANNOUNCE_DOMAIN,
+    OUTCOME_DOMAIN,
+    SIGNATURE_HEADER,
+    sign_body,
+)
+from p2pnode.release import keys
+from p2pnode.release import manifest as M
+from tests.support.tracker import ADMIN, APP
+from tracker import Tracker
+from tracker.openapi import openapi_document
+
+METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+
+
+def operations(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        (path, method, op)
+        for path, item in doc["paths"].items()
+        for method, op in item.items()
+        if method in METHODS
+    ]
+
+
+def declared_success(doc: dict[str, Any], path: str, method: str) -> int:
+    """The one 2xx status code the document declares for an operation."""
+    codes = [int(c) for c in doc["paths"][path][method]["responses"] if c.startswith("2")]
+    assert len(codes) == 1, (path, method, codes)
+    return codes[0]
+
+
+def body_schema(doc: dict[str, Any], path: str, method: str) -> dict[str, Any]:
+    """The declared JSON request-body schema, resolvable on its own (it may $ref components)."""
+    schema = doc["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
+    return {**schema, "components": doc["components"]}
+
+
+def test_the_document_is_valid_openapi_with_every_path_parameter_declared() -> None:
+    doc = openapi_document()
+    validate(doc)  # raises on the first violation of the OpenAPI 3.1 specification
+    for path, method, op in operations(doc):
+        assert op["responses"], (path, method)
+        assert any(c.startswith("2") for c in op["responses"]), (path, method)
+        for answer in op["responses"].values():
+            assert answer.get("content"), (path, method)  # every answer has a content type
+        declared = {
+            p["name"]
+            for p in doc["paths"][path].get("parameters", []) + op.get("parameters", [])
+            if p["in"] == "path"
+        }
+        assert declared == set(re.findall(r"{(\w+)}", path)), (path, method)
+        for p in op.get("parameters", []):
+            assert p["in"] != "path" or p["required"] is True, (path, method, p["name"])
+        if method == "post":
+            assert "requestBody" in op, path
+
+
+def test_every_route_of_the_app_is_in_the_document(tracker: Tracker) -> None:
+    doc = openapi_document()
+    for route in tracker.app.routes:
+        path = route.path.replace(":str", "")  # type: ignore[attr-defined]
+        if path in ("/", "/dashboard/{name}"):
+            continue
+        for method in route.methods or ():  # type: ignore[attr-defined]
+            if method != "HEAD":
+                assert method.lower() in doc["paths"][path], (method, path)
+
+
+async def test_declared_status_codes_are_what_the_server_answers(
+    client: TrackerClient, make_manifest: Callable[..., M.SignedManifest]
+) -> None:
+    http = client._http
+    doc = (await http.get("/openapi.json")).json()
+    assert doc == json.loads(json.dumps(openapi_document()))
+
+    new_app = {
+        "app": "other.app_1",
+        "key": keys.format_public_key(keys.public_key_bytes(keys.generate_key())),
+    }
+    jsonschema.validate(new_app, body_schema(doc, "/v1/apps", "post"))
+    res = await http.post("/v1/apps", json=new_app, headers=AUTH)
+    assert res.status_code == declared_success(doc, "/v1/apps", "post") == 201
+
+    one, two = make_manifest(1), make_manifest(2)
+    publish = "/v1/apps/{app}/channels/{channel}/manifests"
+    for m in (one, two):
+        res = await http.post(
+            f"/v1/apps/{APP}/channels/stable/manifests",
+            content=m.encode(),
+            headers={**AUTH, "Content-Type": "application/x-p2pnode-manifest"},
+        )
+        assert res.status_code == declared_success(doc, publish, "post") == 201
+
+    for action, body in (("promote", {"manifest_id": two.id.hex()}), ("rollback", {})):
+        path = f"/v1/apps/{{app}}/channels/{{channel}}/{action}"
+        jsonschema.validate(body, body_schema(doc, path, "post"))
+        res = await http.post(f"/v1/apps/{APP}/channels/stable/{action}", json=body, headers=AUTH)
+        assert res.status_code == declared_success(doc, path, "post") == 200
+
+    node = keys.generate_key()
+    outcome = {
+        "app": APP,
+        "manifest": one.id.hex(),
+        "to_build": 1,
+        "kind": "install",
+        "outcome": "success",
+    }
+    raw, sig = sign_body(node, OUTCOME_DOMAIN, outcome)
+    jsonschema.validate(json.loads(raw), body_schema(doc, "/v1/outcomes", "post"))
+    res = await http.post("/v1/outcomes", content=raw, headers={SIGNATURE_HEADER: sig})
+    assert res.status_code == declared_success(doc, "/v1/outcomes", "post") == 201
+
+    node_id = keys.node_id_of(keys.public_key_bytes(node)).hex()
+    for method in ("get", "delete"):
+        res = await http.request(method.upper(), f"/v1/peers/{node_id}", headers=AUTH)
+        assert res.status_code == declared_success(doc, "/v1/peers/{node_id}", method) == 200
+
+
+async def test_port_zero_is_declared_and_accepted_and_the_bounds_match(
+    client: TrackerClient, make_manifest: Callable[..., M.SignedManifest]
+) -> None:
+    http = client._http
+    m = make_manifest(1)
+    await client.publish(APP, "stable", m.encode())
+    doc = openapi_document()
+    schema = body_schema(doc, "/v1/announce", "post")
+    key = keys.generate_key()
+    base = {
+        "key": keys.format_public_key(keys.public_key_bytes(key)),
+        "app": APP,
+        "manifest": m.id.hex(),
+    }
+
+    async def post(**fields: Any) -> int:
+        obj = {**base, "ts": int(time.time()), "nonce": os.urandom(8).hex(), **fields}
+        body = json.dumps(obj).encode()
+        sig = keys.sign(key, ANNOUNCE_DOMAIN, body).hex()
+        res = await http.post("/v1/announce", content=body, headers={SIGNATURE_HEADER: sig})
+        return res.status_code
+
+    def declared_valid(**fields: Any) -> bool:
+        obj = {**base, "ts": int(time.time()), "nonce": "00" * 8, **fields}
+        return jsonschema.Draft202012Validator(schema).is_valid(obj)
+
+    cases: list[dict[str, Any]] = [
+        {"port": 0},
+        {"port": 65535},
+        {"port": -1},
+        {"port": 65536},
+        {"port": 7000, "numwant": 50},
+        {"port": 7000, "numwant": 51},
+        {"port": 7000, "app": "../etc"},
+        {"port": 7000, "app": "a" * 65},
+    ]
+    for fields in cases:
+        accepted = await post(**fields) == declared_success(doc, "/v1/announce", "post")
+        assert accepted == declared_valid(**fields), fields
+    assert await post(port=0) == 200
