@@ -124,6 +124,8 @@ def _bounded(hi: int) -> dict[str, Any]:
 def _schemas() -> dict[str, Any]:
     count = _bounded(core.MAX_BYTES)
     build = _bounded(MAX_BUILD)
+    #: what every signed node message carries, and the build an announce or outcome is about
+    about_build = {"key": _KEY, "ts": _TS, "nonce": _NONCE, "app": _NAME, "manifest": _HEX64}
     return {
         "Error": {
             "type": "object",
@@ -168,11 +170,7 @@ def _schemas() -> dict[str, Any]:
             "additionalProperties": False,
             "required": ["key", "ts", "nonce", "app", "manifest", "port"],
             "properties": {
-                "key": _KEY,
-                "ts": _TS,
-                "nonce": _NONCE,
-                "app": _NAME,
-                "manifest": _HEX64,
+                **about_build,
                 "port": {
                     "type": "integer",
                     "minimum": 0,
@@ -199,11 +197,7 @@ def _schemas() -> dict[str, Any]:
             "additionalProperties": False,
             "required": ["key", "ts", "nonce", "app", "manifest", "kind", "outcome", "to_build"],
             "properties": {
-                "key": _KEY,
-                "ts": _TS,
-                "nonce": _NONCE,
-                "app": _NAME,
-                "manifest": _HEX64,
+                **about_build,
                 "kind": {"enum": list(OUTCOME_KINDS)},
                 "outcome": {"enum": ["success", "failure"]},
                 "code": {"enum": list(OUTCOME_CODES)},

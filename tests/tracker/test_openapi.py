@@ -23,7 +23,7 @@ from p2pnode.discovery.tracker_api import (
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
 from tests.support.tracker import ADMIN, APP
-from tracker import Tracker
+from tracker import Tracker, core, outcomes
 from tracker.openapi import openapi_document
 
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
@@ -70,6 +70,17 @@ def test_the_document_is_valid_openapi_with_every_path_parameter_declared() -> N
             assert p["in"] != "path" or p["required"] is True, (path, method, p["name"])
         if method == "post":
             assert "requestBody" in op, path
+
+
+def test_signed_bodies_declare_the_fields_the_parsers_take() -> None:
+    schemas = openapi_document()["components"]["schemas"]
+    for name, required, optional in (
+        ("Announce", core._ANNOUNCE_REQUIRED, core._ANNOUNCE_OPTIONAL),
+        ("Outcome", outcomes._REQUIRED, outcomes._OPTIONAL),
+    ):
+        assert schemas[name]["additionalProperties"] is False
+        assert set(schemas[name]["required"]) == required, name
+        assert set(schemas[name]["properties"]) == required | optional, name
 
 
 def test_every_route_of_the_app_is_in_the_document(tracker: Tracker) -> None:
