@@ -90,6 +90,18 @@ def _signed(summary: str, schema: str, *, status: int = 200) -> dict[str, Any]:
     )
 
 
+def _healthz() -> dict[str, Any]:
+    """Health answers 503 with its own body (not an Error) when a store fails."""
+    status = {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"enum": ["ok", "down"]}, "error": {"type": "string"}},
+    }
+    op = _op("Liveness and store health", answer=status)
+    op["responses"]["503"] = {"description": "A store failed", "content": _content(status)}
+    return op
+
+
 def _move(summary: str, schema: str, *, body_required: bool) -> dict[str, Any]:
     """Promote and rollback: a JSON body naming the target, the channel's new head back."""
     return _op(
@@ -247,7 +259,7 @@ def _paths() -> dict[str, Any]:
         "schema": {"type": "integer", "minimum": -1, "maximum": MAX_SINCE},
     }
     return {
-        "/healthz": {"get": _op("Liveness and store health")},
+        "/healthz": {"get": _healthz()},
         "/v1/dht/bootstrap": {"get": _op("DHT nodes to bootstrap from (HOST:PORT list)")},
         "/metrics": {
             "get": _op("Prometheus metrics", answer={"type": "string"}, media="text/plain")

@@ -52,6 +52,16 @@ def body_schema(doc: dict[str, Any], path: str, method: str) -> dict[str, Any]:
     return {**schema, "components": doc["components"]}
 
 
+def check_answer(doc: dict[str, Any], path: str, method: str, res: Any) -> None:
+    """``res`` has the declared status, content type and (JSON) schema."""
+    declared = doc["paths"][path][method]["responses"][str(res.status_code)]
+    (media,) = declared["content"]
+    assert res.headers["content-type"].split(";")[0] == media, (path, method)
+    if media == "application/json":
+        schema = {**declared["content"][media]["schema"], "components": doc["components"]}
+        jsonschema.validate(res.json(), schema)
+
+
 def test_the_document_is_valid_openapi_with_every_path_parameter_declared() -> None:
     doc = openapi_document()
     validate(doc)  # raises on the first violation of the OpenAPI 3.1 specification
@@ -100,6 +110,9 @@ async def test_declared_status_codes_are_what_the_server_answers(
     http = client._http
     doc = (await http.get("/openapi.json")).json()
     assert doc == json.loads(json.dumps(openapi_document()))
+    check_answer(doc, "/healthz", "get", await http.get("/healthz"))
+    check_answer(doc, "/metrics", "get", await http.get("/metrics"))
+    check_answer(doc, "/dashboard", "get", await http.get("/dashboard"))
 
     new_app = {
         "app": "other.app_1",
@@ -124,6 +137,7 @@ async def test_declared_status_codes_are_what_the_server_answers(
         jsonschema.validate(body, body_schema(doc, path, "post"))
         res = await http.post(f"/v1/apps/{APP}/channels/stable/{action}", json=body, headers=AUTH)
         assert res.status_code == declared_success(doc, path, "post") == 200
+        check_answer(doc, path, "post", res)
 
     node = keys.generate_key()
     outcome = {
