@@ -134,10 +134,14 @@ def test_two_hosts_shaped_isolated_and_torn_down() -> None:
             routes = h.run(["ip", "-4", "route", "show"]).stdout
             assert "default" not in routes and routes.count("\n") == 1, routes
 
-        # both directions at once: each is limited by one of a's caps only. A cap is never
-        # exceeded; a reading below it can be a CPU-starved sender on a loaded machine (one
-        # flow once read 1.7 of 12 Mbit/s under a parallel benchmark), so a low reading is
-        # measured again, at most twice; 0.6 still catches a cap in the wrong unit (8x off).
+        # both directions at once: each is limited by one of a's caps only. The link never
+        # exceeds its cap, but a reading can, a little: the receiver counts what it reads in
+        # the window, and a receiver starved of CPU reads bytes queued before the window
+        # inside it (12.4 and 12.85 of 12 Mbit/s were read under parallel benchmarks), so the
+        # ceiling is 1.10x, which still catches an unshaped link or a cap in the wrong unit. A
+        # reading below the cap can be a CPU-starved sender (one flow once read 1.7 of 12
+        # Mbit/s), so a low reading is measured again, at most twice; 0.6 still catches a cap
+        # in the wrong unit (8x off).
         for _attempt in range(3):
             c0 = a.counters()
             rates = netlab.measure_flows(
@@ -145,7 +149,7 @@ def test_two_hosts_shaped_isolated_and_torn_down() -> None:
             )
             up, down = rates[netlab.Flow(a, b)], rates[netlab.Flow(b, a)]
             # tbf counts frame bytes, so TCP goodput is ~95 % of the cap
-            assert up <= 1.02 * up_a and down <= 1.02 * down_a, (up, down)
+            assert up <= 1.10 * up_a and down <= 1.10 * down_a, (up, down)
             if up >= 0.60 * up_a and down >= 0.60 * down_a:
                 break
         assert 0.60 * up_a <= up and 0.60 * down_a <= down, (up, down)
