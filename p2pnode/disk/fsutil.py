@@ -15,9 +15,10 @@ import errno
 import fcntl
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 __all__ = [
+    "LockedDir",
     "exchange",
     "fsync_dir",
     "fsync_path",
@@ -117,6 +118,42 @@ def lock_nowait(path: Path) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+class LockedDir:
+    """Something one process at a time may work on (an install's state, a daemon's state dir):
+    ``with obj:`` holds an exclusive ``flock`` (see :func:`lock_nowait`), leaving releases it.
+    Subclasses define :meth:`lock`: where the lock file is and which error names the holder;
+    they take it with :meth:`_take_lock`."""
+
+    _lock_fd: int | None = None
+
+    @property
+    def locked(self) -> bool:
+        return self._lock_fd is not None
+
+    def lock(self) -> None:
+        raise NotImplementedError
+
+    def _take_lock(self, path: Path) -> bool:
+        """Hold the lock on ``path``; False if another open file holds it."""
+        fd = lock_nowait(path)
+        if fd is None:
+            return False
+        self._lock_fd = fd
+        return True
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Self:
+        self.lock()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unlock()
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..errors import InstallError, InstallLockedError, NotInstalledError
 from ..release import manifest as M
-from .fsutil import lock_nowait, write_atomic
+from .fsutil import LockedDir, write_atomic
 from .linkeddest import adopt_state_beside_link, resolve, state_root
 
 __all__ = ["InstallState", "StateDir"]
@@ -80,7 +80,7 @@ class InstallState:
             ) from exc
 
 
-class StateDir:
+class StateDir(LockedDir):
     """Paths and persistent records of the install at ``dest``.
 
     A ``dest`` that is a symbolic link is resolved here, once: ``dest`` is then the link's
@@ -102,7 +102,6 @@ class StateDir:
         self.old = self.root / "old"
         self.quarantine = self.root / "quarantine"
         self.snapshot = self.root / "tree.json"
-        self._lock_fd: int | None = None
 
     @property
     def exists(self) -> bool:
@@ -115,22 +114,8 @@ class StateDir:
     def lock(self) -> None:
         """Take the install's lock, or fail at once if another process holds it."""
         self.create()
-        fd = lock_nowait(self.root / "lock")
-        if fd is None:
+        if not self._take_lock(self.root / "lock"):
             raise InstallLockedError(f"another p2pnode process is working on {self.dest}")
-        self._lock_fd = fd
-
-    def unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-    def __enter__(self) -> StateDir:
-        self.lock()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.unlock()
 
     def load(self) -> InstallState:
         if not self.state_file.exists():

@@ -30,7 +30,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from ..disk.fsutil import lock_nowait, write_atomic
+from ..disk.fsutil import LockedDir, write_atomic
 from ..errors import DamagedStateError, ServiceLockedError
 
 __all__ = [
@@ -85,7 +85,7 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
     write_atomic(path, data, mode=0o600)
 
 
-class StateDir:
+class StateDir(LockedDir):
     """The paths of one state dir, its lock, and its API token.
 
     Args:
@@ -99,11 +99,6 @@ class StateDir:
         self.library = root / "library.json"
         self.queue = root / "queue.json"
         self.settings = root / "settings.json"
-        self._lock_fd: int | None = None
-
-    @property
-    def locked(self) -> bool:
-        return self._lock_fd is not None
 
     def lock(self) -> None:
         """Own this state dir until :meth:`unlock` (or the process ends).
@@ -112,25 +107,11 @@ class StateDir:
             ServiceLockedError: another process (or another :class:`StateDir` in this one)
                 holds it.
         """
-        if self._lock_fd is not None:
+        if self.locked:
             raise RuntimeError(f"{self.root} is already locked by this object")
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = lock_nowait(self.lock_file)
-        if fd is None:
+        if not self._take_lock(self.lock_file):
             raise ServiceLockedError(f"another p2pnode daemon is using the state dir {self.root}")
-        self._lock_fd = fd
-
-    def unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-    def __enter__(self) -> StateDir:
-        self.lock()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.unlock()
 
     def api_token(self) -> str:
         """The API token, made on first use; the same string on every later call and run.
