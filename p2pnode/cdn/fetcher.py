@@ -257,11 +257,16 @@ class CDNFetcher:
     # -- public ------------------------------------------------------------------------------
 
     async def fetch(
-        self, requests: Sequence[ChunkRequest], deliver: Deliver, *, store: Store | None = None
+        self,
+        requests: Sequence[ChunkRequest],
+        deliver: Deliver | None,
+        *,
+        store: Store | None = None,
     ) -> FetchStats:
         """Fetch every chunk in ``requests`` and await ``deliver(req, data)`` once for each,
         with ``data`` verified against ``req.id``, in any order; ``store(req, data)`` (if
-        given) runs first, in a worker thread.
+        given) runs first, in a worker thread. ``deliver`` may be None when ``store`` is all
+        the caller needs.
 
         Raises:
             ValueError: a request names a path ``file_sizes`` lacks (a bug in the caller).
@@ -395,7 +400,8 @@ class CDNFetcher:
         self.stats.bytes_delivered += len(data)
         self.stats.chunks_delivered += 1
         self.stats.per_mirror[job.url].delivered += len(data)
-        await self._deliver(req, data)
+        if self._deliver is not None:  # (None: ``store`` did all that was wanted)
+            await self._deliver(req, data)
 
     # -- HTTP --------------------------------------------------------------------------------
 

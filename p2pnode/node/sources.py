@@ -105,15 +105,12 @@ async def fetch_missing(
     def put_verified(req: ChunkRequest, data: bytes | memoryview) -> None:
         put(req.id, data)  # in the thread that verified it: one hop per chunk, not two
 
-    async def delivered(req: ChunkRequest, data: bytes | memoryview) -> None:
-        pass
-
     await fetch_from_cdn(
         stage,
         left,
         mirrors,
         options,
-        delivered,
+        None,
         result,
         on_bytes=progress.advance,
         store=put_verified,
@@ -125,7 +122,7 @@ async def fetch_from_cdn(
     ids: list[bytes],
     mirrors: list[str],
     options: InstallOptions,
-    deliver: Callable[[ChunkRequest, bytes | memoryview], Awaitable[None]],
+    deliver: Callable[[ChunkRequest, bytes | memoryview], Awaitable[None]] | None,
     result: InstallResult,
     on_bytes: Callable[[int], None] | None = None,
     client: httpx.AsyncClient | None = None,
