@@ -24,7 +24,7 @@ from tests.disk.test_userfiles import (
     two_builds,
     user_view,
 )
-from tests.node.test_install_state import cli
+from tests.support.e2e import cli
 from tests.support.release import TRUST, tree
 
 

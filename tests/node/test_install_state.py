@@ -3,33 +3,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 from p2pnode.release import keys
 from p2pnode.release.publish import publish
+from tests.support.e2e import cli
 from tests.support.release import KEY, make_release, tree
 
 PUB = keys.format_public_key(keys.public_key_bytes(KEY))
-
-
-def cli(*args: str, ok: bool = True) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "p2pnode", *args, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if ok:
-        assert proc.returncode == 0, proc.stderr
-    out: dict[str, Any] = json.loads(proc.stdout) if proc.stdout.strip() else {}
-    out["_stderr"] = proc.stderr
-    return out
 
 
 def test_deleted_or_damaged_install_is_restored_byte_identical(tmp_path: Path) -> None:

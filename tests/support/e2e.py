@@ -6,21 +6,28 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.support.release import make_release
 
 ADMIN = "e2e-admin-token-0123456789abcdef"
 
 
-def cli(*args: str) -> dict[str, object]:
+def cli(*args: str, ok: bool = True) -> dict[str, Any]:
+    """Run ``p2pnode ARGS --json`` in a subprocess: its JSON answer, plus ``_stderr``. With
+    ``ok`` it must exit 0; without, a failure's (possibly empty) answer is returned."""
     proc = subprocess.run(
         [sys.executable, "-m", "p2pnode", *args, "--json"],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 0, proc.stderr
-    out: dict[str, object] = json.loads(proc.stdout)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+        out: dict[str, Any] = json.loads(proc.stdout)
+    else:
+        out = json.loads(proc.stdout) if proc.stdout.strip() else {}
+    out["_stderr"] = proc.stderr
     return out
 
 
