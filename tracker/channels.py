@@ -30,6 +30,7 @@ from .config import TrackerConfig
 from .errors import APIError, BadRequest, Conflict, Forbidden, NotFound
 from .feed import Feed
 from .metrics import TrackerMetrics
+from .operations import PERCENT_RANGE, Operations
 from .web import query_float, query_int, read_body
 
 __all__ = ["MAX_JSON_BYTES", "MAX_SINCE", "MAX_WAIT", "ChannelRoutes"]
@@ -51,6 +52,7 @@ class ChannelRoutes:
         registry_call: runs a registry call (in a worker thread when it may block).
         feed: woken by every channel move.
         metrics: counts the moves.
+        operations: rollouts and the audit log (:class:`tracker.operations.Operations`).
     """
 
     def __init__(
@@ -60,9 +62,10 @@ class ChannelRoutes:
         registry_call: Callable[..., Awaitable[Any]],
         feed: Feed,
         metrics: TrackerMetrics,
+        operations: Operations,
     ) -> None:
         self.config, self.registry, self.registry_call = config, registry, registry_call
-        self.feed, self.metrics = feed, metrics
+        self.feed, self.metrics, self.ops = feed, metrics, operations
 
     def app_row(self, app: str) -> AppRow:
         core.check_name(app, "app")
@@ -81,7 +84,7 @@ class ChannelRoutes:
                     ]
                 }
             )
-        require_admin(request, self.config.admin_token)
+        actor = require_admin(request, self.config.admin_token)
         obj = core.json_object(await read_body(request, MAX_JSON_BYTES))
         app = core.check_name(obj.get("app"), "app")  # type: ignore[arg-type]
         key_text = obj.get("key")
@@ -95,6 +98,7 @@ class ChannelRoutes:
         await self.registry_call(
             self.registry.add_app, app, key, token_hash(token), self.config.clock()
         )
+        await self.ops.record(request, "app-registered", actor, app, key=key_text)
         return JSONResponse(
             {"app": app, "key": keys.format_public_key(key), "publisher_token": token},
             status_code=201,
@@ -119,6 +123,11 @@ class ChannelRoutes:
     async def publish(self, request: Request) -> Response:
         row, channel = self.channel(request)
         actor = require_publisher(request, self.config.admin_token, row.name, row)
+        percent = (
+            query_float(request, "rollout", *PERCENT_RANGE)
+            if "rollout" in request.query_params
+            else None
+        )
         body = await read_body(request, MAX_MANIFEST_BYTES + 1024)
         now = self.config.clock()
 
@@ -151,20 +160,27 @@ class ChannelRoutes:
             now=now,
             actor=actor,
         )
+        staged = None
+        if percent is not None and percent < 100:
+            staged = await self.ops.stage(row.name, channel, mid, m.build, percent)
         seq = await self.registry_call(self.registry.publish, publication)
         self.metrics.moves.labels("publish").inc()
         self.feed.notify()
-        return JSONResponse(
-            {
-                "app": row.name,
-                "channel": channel,
-                "seq": seq,
-                "manifest_id": mid.hex(),
-                "build": m.build,
-                "version": m.version,
-            },
-            status_code=201,
-        )
+        await self.ops.record(
+            request, "publish", actor, f"{row.name}/{channel}",
+            manifest_id=mid.hex(), build=m.build, rollout=percent,
+        )  # fmt: skip
+        answer = {
+            "app": row.name,
+            "channel": channel,
+            "seq": seq,
+            "manifest_id": mid.hex(),
+            "build": m.build,
+            "version": m.version,
+        }
+        if staged is not None:
+            answer["rollout"] = staged.view()
+        return JSONResponse(answer, status_code=201)
 
     async def move(self, request: Request, action: str) -> Response:
         row, channel = self.channel(request)
@@ -193,6 +209,9 @@ class ChannelRoutes:
         )
         self.metrics.moves.labels(action).inc()
         self.feed.notify()
+        await self.ops.record(
+            request, action, actor, f"{row.name}/{channel}", manifest_id=mid.hex()
+        )
         head = await self.registry_call(self.registry.head, row.name, channel)
         if head is None:  # the move just committed; only a concurrent delete could do this
             raise NotFound(f"channel {channel} vanished")
@@ -204,6 +223,20 @@ class ChannelRoutes:
     async def rollback(self, request: Request) -> Response:
         return await self.move(request, "rollback")
 
+    async def rollout(self, request: Request) -> Response:
+        row, channel = self.channel(request)
+        return await self.ops.rollout_route(request, row.name, channel)
+
+    def _node(self, request: Request) -> tuple[bytes | None, bytes | None]:
+        """``?node=ID&have=MANIFEST``: who asks the feed, and what it runs (rollouts)."""
+        node, have = request.query_params.get("node"), request.query_params.get("have")
+        if node is not None and not core._HEX40.match(node):
+            raise BadRequest("node must be a node id, 40 lowercase hex digits")
+        return (
+            bytes.fromhex(node) if node is not None else None,
+            core.check_manifest_id(have) if have is not None else None,
+        )
+
     async def history(self, request: Request) -> Response:
         row, channel = self.channel(request)
         history = await self.registry_call(self.registry.history, row.name, channel)
@@ -211,6 +244,7 @@ class ChannelRoutes:
 
     async def latest(self, request: Request) -> Response:
         row, channel = self.channel(request)
+        node, have = self._node(request)
         since = query_int(request, "since", -1, MAX_SINCE)
         wait = query_float(request, "wait", 0.0, MAX_WAIT)
         head = await self.registry_call(self.registry.head, row.name, channel)
@@ -224,10 +258,11 @@ class ChannelRoutes:
                 f"nothing is published to channel {channel} of {row.name} yet",
                 fix="publish a build first (or wait with ?since=0&wait=S)",
             )
-        return JSONResponse(head.to_json())
+        return JSONResponse(await self.ops.personal(head, node, have))
 
     async def events(self, request: Request) -> Response:
         row, channel = self.channel(request)
+        node, have = self._node(request)
         since = query_int(request, "since", -1, MAX_SINCE)
 
         async def stream() -> AsyncIterator[bytes]:
@@ -237,7 +272,7 @@ class ChannelRoutes:
                 head = await self.registry_call(self.registry.head, row.name, channel)
                 if head is not None and head.seq > last:
                     last = head.seq
-                    data = json.dumps(head.to_json())
+                    data = json.dumps(await self.ops.personal(head, node, have))
                     yield f"id: {head.seq}\nevent: release\ndata: {data}\n\n".encode()
                 with trio.move_on_after(15):
                     await self.feed.wait()
