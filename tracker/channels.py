@@ -164,6 +164,8 @@ class ChannelRoutes:
         if percent is not None and percent < 100:
             staged = await self.ops.stage(row.name, channel, mid, m.build, percent)
         seq = await self.registry_call(self.registry.publish, publication)
+        if staged is None:
+            await self.ops.moved(row.name, channel, mid, "publish")
         self.metrics.moves.labels("publish").inc()
         self.feed.notify()
         await self.ops.record(
@@ -208,6 +210,7 @@ class ChannelRoutes:
             actor=actor,
         )
         self.metrics.moves.labels(action).inc()
+        await self.ops.moved(row.name, channel, mid, action)
         self.feed.notify()
         await self.ops.record(
             request, action, actor, f"{row.name}/{channel}", manifest_id=mid.hex()

@@ -234,7 +234,7 @@ def _rollout_metrics(rollouts: list[dict[str, Any]]) -> Any:
         labels=labels,
     )
     for r in rollouts:
-        if r["state"] == "complete":
+        if r["state"] in ("complete", "ended"):
             continue
         lv = [r["app"], r["channel"], str(r["build"])]
         percent.add_metric(lv, r["percent"])

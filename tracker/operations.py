@@ -139,7 +139,10 @@ class Operations:
             )
         now = self.config.clock()
         old = await self.call(self.ops.rollout, app, channel)
-        r = Rollout(app, channel, manifest, build, head.manifest_id, percent, started=now,
+        base = head.manifest_id
+        if old is not None and old.manifest == base and old.state in ("active", "halted"):
+            base = old.previous  # most nodes still run the build before the unfinished one
+        r = Rollout(app, channel, manifest, build, base, percent, started=now,
                     changed=now)  # fmt: skip
         if old is not None:  # the channel's own threshold stays
             r = replace(r, threshold=old.threshold, min_outcomes=old.min_outcomes)
@@ -147,9 +150,22 @@ class Operations:
         return r
 
     async def current(self, app: str, channel: str, head: ChannelHead) -> Rollout | None:
-        """The channel's rollout if it still applies (its build is the head)."""
+        """The channel's rollout if it still applies (its build is the head, not ended)."""
         r: Rollout | None = await self.call(self.ops.rollout, app, channel)
-        return r if r is not None and r.manifest == head.manifest_id else None
+        if r is None or r.manifest != head.manifest_id or r.state == "ended":
+            return None
+        return r
+
+    async def moved(self, app: str, channel: str, head: bytes, action: str) -> None:
+        """The channel now points at ``head``: a rollout of another build ends (it must not
+        count outcomes, halt, or move the channel back to its build)."""
+        now = self.config.clock()
+        await self.call(
+            self.ops.update_rollout,
+            app,
+            channel,
+            lambda r: rollout.superseded(r, head, action, now),
+        )
 
     async def personal(
         self, head: ChannelHead, node: bytes | None, have: bytes | None
@@ -175,7 +191,11 @@ class Operations:
         return out
 
     async def _move(self, r: Rollout, action: str, actor: str) -> None:
-        """A rollout change as a channel move to the same head (history, seq, feed)."""
+        """A rollout change as a channel move to the same head (history, seq, feed); none
+        if the channel moved on meanwhile."""
+        head = await self.registry_call(self.registry.head, r.app, r.channel)
+        if head is None or head.manifest_id != r.manifest:
+            return
         await self.registry_call(
             self.registry.move,
             app=r.app,

@@ -40,6 +40,7 @@ __all__ = [
     "change",
     "member",
     "offered",
+    "superseded",
     "with_outcome",
 ]
 
@@ -49,7 +50,8 @@ DEFAULT_THRESHOLD = 0.05
 DEFAULT_MIN_OUTCOMES = 20
 #: Resolution of the percentage: 1/100 of a percent.
 BUCKETS = 10_000
-STATES = ("active", "halted", "complete")
+#: ``ended``: another build became the channel's head (a publish, promote or rollback).
+STATES = ("active", "halted", "complete", "ended")
 #: What an operator may do to a rollout (``POST .../rollout``).
 ACTIONS = ("raise", "halt", "resume", "complete")
 
@@ -123,7 +125,7 @@ def offered(r: Rollout | None, node_id: bytes | None, have: bytes | None) -> byt
     A node that did not name itself is out (offered ``previous``) while the rollout is not
     complete: an old client must not take a staged build it cannot be counted in.
     """
-    if r is None or r.state == "complete":
+    if r is None or r.state in ("complete", "ended"):
         return None
     if have == r.manifest:
         return r.manifest  # it runs the build already: halting does not take it back
@@ -153,8 +155,8 @@ def change(r: Rollout, action: str, now: float, percent: float | None = None) ->
     Raises:
         RolloutError: the change does not apply (a completed rollout, a lower percentage...).
     """
-    if r.state == "complete":
-        raise RolloutError("the rollout is complete already")
+    if r.state in ("complete", "ended"):
+        raise RolloutError(f"the rollout is {r.state} already")
     if action == "raise":
         if percent is None or not r.percent <= percent <= 100:
             raise RolloutError(
@@ -172,3 +174,11 @@ def change(r: Rollout, action: str, now: float, percent: float | None = None) ->
     if action == "complete":
         return replace(r, state="complete", percent=100.0, changed=now, reason="")
     raise RolloutError(f"action must be one of {', '.join(ACTIONS)}")
+
+
+def superseded(r: Rollout, head: bytes, action: str, now: float) -> Rollout:
+    """``r`` once the channel moved to ``head`` by ``action``: ended unless it is still the
+    rollout's build (a rollout applies only while its build is the head)."""
+    if r.manifest == head or r.state in ("complete", "ended"):
+        return r
+    return replace(r, state="ended", changed=now, reason=f"ended by a {action}")

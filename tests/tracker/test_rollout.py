@@ -99,3 +99,14 @@ def test_operator_changes() -> None:
         change(done, "raise", 2.0, 100.0)
     assert Rollout.from_json(r.to_json()) == r
     assert set(rollout.ACTIONS) == {"raise", "halt", "resume", "complete"}
+
+
+def test_another_head_ends_the_rollout() -> None:
+    r = make()
+    assert rollout.superseded(r, NEW, "promote", 1.0) == r  # still its build
+    ended = rollout.superseded(r, b"x" * 32, "publish", 2.0)
+    assert ended.state == "ended" and ended.reason == "ended by a publish"
+    assert offered(ended, os.urandom(20), None) is None
+    assert with_outcome(ended, True, 3.0) == ended
+    with pytest.raises(RolloutError):
+        change(ended, "resume", 3.0)

@@ -196,3 +196,34 @@ async def test_the_audit_log_records_changes_and_refused_tokens_with_actor_and_a
     assert rest["next_before"] is None
     for c in (admin, pub, intruder):
         await c._http.aclose()
+
+
+async def test_a_new_build_ends_a_rollout_and_a_staged_one_keeps_the_fleets_base(
+    store_tracker: Tracker,
+    publisher: Ed25519PrivateKey,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    t = store_tracker
+    c = client_for(t)
+    await c.add_app(APP, keys.public_key_bytes(publisher))
+    one, two, three, four = (make_manifest(b) for b in (1, 2, 3, 4))
+    await c.publish(APP, "stable", one.encode())
+    await c.publish(APP, "stable", two.encode(), rollout=10)
+    # build 3 staged while build 2 is at 10%: the nodes out of it keep build 1, not 2
+    staged = await c.publish(APP, "stable", three.encode(), rollout=10)
+    assert staged["rollout"]["previous"] == one.id.hex()
+    fleet = [keys.node_id_of(keys.public_key_bytes(keys.generate_key())) for _ in range(50)]
+    assert set((await builds(c, fleet)).values()) <= {1, 3}
+    # a plain publish ends it: everyone is offered build 4, and build 3's failures no longer
+    # count (a halt must not move the channel back to build 3)
+    await c.publish(APP, "stable", four.encode())
+    assert set((await builds(c, fleet)).values()) == {4}
+    for _ in range(25):
+        await c.report_outcome(keys.generate_key(), outcome(three, failed=True))
+    head = await c.latest(APP, "stable")
+    assert head is not None and head.build == 4
+    assert (await c._http.get(f"/v1/apps/{APP}/channels/stable/rollout")).status_code == 404
+    stats = (await c._http.get("/v1/stats")).json()
+    assert [r["state"] for r in stats["rollouts"]] == ["ended"]
+    assert "tracker_rollout_percent{" not in (await c._http.get("/metrics")).text
+    await c._http.aclose()

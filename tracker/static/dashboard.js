@@ -217,7 +217,7 @@ function emptyRow(cols, text) {
 }
 
 function renderOperations(stats) {
-  const rollouts = (stats.rollouts || []).filter(r => r.state !== "complete");
+  const rollouts = (stats.rollouts || []).filter(r => r.state === "active" || r.state === "halted");
   const rtbody = document.querySelector("#rollouts tbody");
   rtbody.replaceChildren(...(rollouts.length ? rollouts.map(r => {
     const tr = row([r.app + " / " + r.channel, r.state, r.build, r.percent + "%",
