@@ -194,6 +194,37 @@ def _schemas() -> dict[str, Any]:
                 },
             },
         },
+        "AuditPage": {
+            "type": "object",
+            "required": ["entries", "next_before"],
+            "properties": {
+                "entries": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["seq", "at", "action", "actor", "token_id", "address"],
+                        "properties": {
+                            "seq": {"type": "integer"},
+                            "at": {"type": "number"},
+                            "action": {"type": "string"},
+                            "actor": {"type": "string"},
+                            "token_id": {
+                                "type": "string",
+                                "description": "admin, or t-<8 hex of the token's hash>; "
+                                "never the token",
+                            },
+                            "address": {"type": "string"},
+                            "target": {"type": "string"},
+                            "detail": {"type": "object"},
+                        },
+                    },
+                },
+                "next_before": {
+                    "type": ["integer", "null"],
+                    "description": "pass as before for the next (older) page; null: no more",
+                },
+            },
+        },
         "RolloutChange": {
             "type": "object",
             "additionalProperties": False,
@@ -400,6 +431,7 @@ def _paths() -> dict[str, Any]:
         "/v1/audit": {
             "get": _op(
                 "The audit log, newest first, paged with before",
+                answer=_ref("AuditPage"),
                 auth="admin",
                 parameters=[
                     {
