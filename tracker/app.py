@@ -154,6 +154,7 @@ class Tracker:
             Route("/dashboard/{name:str}", self._static),
             Route("/v1/apps", ch.apps, methods=["GET", "POST"]),
             Route("/v1/apps/{app:str}", ch.app_info),
+            Route("/v1/apps/{app:str}/token", ch.rotate_token, methods=["POST"]),
             Route(
                 "/v1/apps/{app:str}/channels/{channel:str}/manifests",
                 ch.publish,

@@ -3,6 +3,7 @@
     tracker serve --listen HOST:PORT --data DIR --admin-token TOKEN [--redis URL [--redis-mode log]]
                   [--registry URL] [--announce-listen HOST:PORT]
     tracker app add APP --key ed25519:<hex> --url URL --admin-token TOKEN [--json]
+    tracker app rotate-token APP --url URL --admin-token TOKEN [--json]
     tracker registry copy --data DIR --registry URL [--redis-prefix P] [--json]
     tracker rollout APP CHANNEL show|raise PERCENT|halt|resume|complete --url URL [--token T]
                     [--threshold SHARE] [--min-outcomes N] [--json]
@@ -114,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--url", required=True, help="tracker URL, e.g. http://127.0.0.1:7070")
     add.add_argument("--admin-token", help="admin token (or env TRACKER_ADMIN_TOKEN)")
     add.add_argument("--json", action="store_true")
+    rot = asub.add_parser("rotate-token", help="give an app a new publisher token")
+    rot.add_argument("app")
+    rot.add_argument("--url", required=True, help="tracker URL, e.g. http://127.0.0.1:7070")
+    rot.add_argument("--admin-token", help="admin token (or env TRACKER_ADMIN_TOKEN)")
+    rot.add_argument("--json", action="store_true")
     r = sub.add_parser("registry", help="move the registry")
     rsub = r.add_subparsers(dest="registry_command", required=True)
     cp = rsub.add_parser(
@@ -229,9 +235,10 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 async def _app_add(args: argparse.Namespace) -> dict[str, Any]:
-    key = keys.parse_public_key(args.key)
     async with TrackerClient(args.url, token=_admin_token(args)) as client:
-        return await client.add_app(args.app, key)
+        if args.app_command == "rotate-token":
+            return {"app": args.app, "publisher_token": await client.rotate_token(args.app)}
+        return await client.add_app(args.app, keys.parse_public_key(args.key))
 
 
 async def _rollout(args: argparse.Namespace) -> dict[str, Any]:
@@ -314,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.json:
         print(json.dumps(result))
+    elif args.app_command == "rotate-token":
+        print(f"new publisher token of {result['app']} (shown once; the old one no longer works):")
+        print(result["publisher_token"])
     else:
         print(f"registered {result['app']} with key {result['key']}")
         print(f"publisher token (shown once): {result['publisher_token']}")

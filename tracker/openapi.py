@@ -365,6 +365,21 @@ def _paths() -> dict[str, Any]:
             ),
         },
         "/v1/apps/{app}": {"get": _op("An app, its key and channel heads", parameters=[_APP])},
+        "/v1/apps/{app}/token": {
+            "post": _op(
+                "Rotate the app's publisher token (the old one stops working)",
+                status=201,
+                auth="publisher or admin",
+                answer={
+                    "type": "object",
+                    "required": ["app", "publisher_token"],
+                    "properties": {"app": _NAME, "publisher_token": {"type": "string"}},
+                },
+                body={"type": "object", "maxProperties": 0, "description": "none needed"},
+                body_required=False,
+                parameters=[_APP],
+            )
+        },
         "/v1/apps/{app}/channels/{channel}": {
             "get": _op(
                 "Latest build of a channel; long-poll with since and wait",

@@ -114,6 +114,11 @@ class SQLiteRegistry:
             ).fetchone()
         return AppRow(*row) if row else None
 
+    def rotate_token(self, name: str, token_hash: bytes) -> AppRow | None:
+        with self._tx() as c:
+            c.execute("UPDATE apps SET token_hash = ? WHERE name = ?", (token_hash, name))
+        return self.get_app(name)
+
     def list_apps(self) -> list[AppRow]:
         with self._lock:
             rows = self._conn.execute(

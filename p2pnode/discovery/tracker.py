@@ -188,6 +188,12 @@ class TrackerClient:
         )
         return dict(resp.json())
 
+    async def rotate_token(self, app: str) -> str:
+        """A new publisher token for ``app`` (admin or its current publisher token); the old
+        one stops working."""
+        resp = await self._request("POST", f"/v1/apps/{app}/token", auth=True)
+        return str(resp.json()["publisher_token"])
+
     async def publish(
         self, app: str, channel: str, signed_manifest: bytes, *, rollout: float | None = None
     ) -> dict[str, Any]:

@@ -263,3 +263,13 @@ async def test_rollout_feed_and_audit_answer_as_declared(
     check_answer(doc, "/v1/audit", "get", res)
     assert res.json()["next_before"] is not None
     check_answer(doc, "/v1/audit", "get", await http.get("/v1/audit"))  # 401 without a token
+
+
+async def test_token_rotation_answers_as_declared(client: TrackerClient) -> None:
+    http = client._http
+    doc = (await http.get("/openapi.json")).json()
+    path = "/v1/apps/{app}/token"
+    res = await http.post(f"/v1/apps/{APP}/token", headers=AUTH)
+    assert res.status_code == declared_success(doc, path, "post") == 201
+    check_answer(doc, path, "post", res)
+    check_answer(doc, path, "post", await http.post(f"/v1/apps/{APP}/token"))  # 401

@@ -1,6 +1,7 @@
-"""Staged rollouts end to end against the in-process tracker, on SQLite and on Redis: 200
+"""The operator's side end to end against the in-process tracker, on SQLite and on Redis: 200
 simulated nodes (their own keys and node ids) ask the feed which build is theirs, report
-outcomes, and a rollout halts itself; the audit log records who did what from where."""
+outcomes, and a rollout halts itself; the audit log records who did what from where; a rotated
+publisher token stops working everywhere."""
 
 from __future__ import annotations
 
@@ -227,3 +228,37 @@ async def test_a_new_build_ends_a_rollout_and_a_staged_one_keeps_the_fleets_base
     assert [r["state"] for r in stats["rollouts"]] == ["ended"]
     assert "tracker_rollout_percent{" not in (await c._http.get("/metrics")).text
     await c._http.aclose()
+
+
+async def test_a_rotated_publisher_token_stops_working_on_every_replica(
+    request: pytest.FixtureRequest,
+    make_tracker: Callable[..., Tracker],
+    publisher: Ed25519PrivateKey,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    for store in ("sqlite", "redis"):
+        url = request.getfixturevalue("redis_url") if store == "redis" else None
+        one = make_tracker(f"{store}-one", registry_url=url)
+        two = make_tracker(f"{store}-one" if url is None else f"{store}-two", registry_url=url)
+        admin = client_for(one)
+        old = str((await admin.add_app(APP, keys.public_key_bytes(publisher)))["publisher_token"])
+        on_one, on_two = client_for(one, token=old), client_for(two, token=old)
+        await on_one.publish(APP, "stable", make_manifest(1).encode())
+        await on_two.publish(APP, "stable", make_manifest(2).encode())  # its cache is warm
+        new = await on_one.rotate_token(APP)  # the publisher rotates its own token
+        await trio.to_thread.run_sync(two.registry.data_version)  # what its watcher does
+        for c in (on_one, on_two):
+            with pytest.raises(TrackerRefusedError) as err:
+                await c.publish(APP, "stable", make_manifest(3).encode())
+            assert err.value.status == 401
+        for b, t in ((3, one), (4, two)):
+            await client_for(t, token=new).publish(APP, "stable", make_manifest(b).encode())
+        auth = {"Authorization": "Bearer " + ADMIN}
+        entries = (await admin._http.get("/v1/audit", headers=auth)).json()["entries"]
+        rotated = next(e for e in entries if e["action"] == "token-rotated")
+        assert rotated["actor"] == "publisher" and rotated["target"] == APP
+        assert rotated["token_id"] != rotated["detail"]["new_token_id"]
+        assert [e["action"] for e in entries].count("auth-refused") == 2
+        assert old not in str(entries) and new not in str(entries)
+        for c in (admin, on_one, on_two):
+            await c._http.aclose()
