@@ -174,10 +174,15 @@ class ChannelRoutes:
             now=now,
             actor=actor,
         )
-        staged = None
+        staged = replaced = None
         if percent is not None and percent < 100:
-            staged = await self.ops.stage(row.name, channel, mid, m.build, percent)
-        seq = await self.registry_call(self.registry.publish, publication)
+            staged, replaced = await self.ops.stage(row.name, channel, mid, m.build, percent)
+        try:
+            seq = await self.registry_call(self.registry.publish, publication)
+        except BaseException:
+            if staged is not None:
+                await self.ops.unstage(staged, replaced)
+            raise
         if staged is None:
             await self.ops.moved(row.name, channel, mid, "publish")
         self.metrics.moves.labels("publish").inc()

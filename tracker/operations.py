@@ -128,9 +128,10 @@ class Operations:
 
     async def stage(
         self, app: str, channel: str, manifest: bytes, build: int, percent: float
-    ) -> Rollout:
+    ) -> tuple[Rollout, Rollout | None]:
         """Store a rollout of ``manifest`` at ``percent`` before it is published (see the
-        module docstring); the previous build is the channel's current head."""
+        module docstring); the previous build is the channel's current head. Returns it and
+        the rollout it replaced, for :meth:`unstage`."""
         head = await self.registry_call(self.registry.head, app, channel)
         if head is None:
             raise Conflict(
@@ -147,7 +148,14 @@ class Operations:
         if old is not None:  # the channel's own threshold stays
             r = replace(r, threshold=old.threshold, min_outcomes=old.min_outcomes)
         await self.call(self.ops.put_rollout, r)
-        return r
+        return r, old
+
+    async def unstage(self, staged: Rollout, old: Rollout | None) -> None:
+        """The publish of a staged build was refused: the channel's rollout is what it was."""
+        now = self.config.clock()
+        why = "its publish was refused"
+        back = old or replace(staged, state="ended", changed=now, reason=why)
+        await self.call(self.ops.put_rollout, back)
 
     async def current(self, app: str, channel: str, head: ChannelHead) -> Rollout | None:
         """The channel's rollout if it still applies (its build is the head, not ended)."""

@@ -262,3 +262,26 @@ async def test_a_rotated_publisher_token_stops_working_on_every_replica(
         assert old not in str(entries) and new not in str(entries)
         for c in (admin, on_one, on_two):
             await c._http.aclose()
+
+
+async def test_a_refused_staged_publish_leaves_the_channels_rollout_as_it_was(
+    store_tracker: Tracker,
+    publisher: Ed25519PrivateKey,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    c = client_for(store_tracker)
+    await c.add_app(APP, keys.public_key_bytes(publisher))
+    await c.publish(APP, "stable", make_manifest(1).encode())
+    with pytest.raises(TrackerRefusedError) as err:  # nothing to keep the others on
+        await c.publish(APP, "stable", make_manifest(2, channel="beta").encode(), rollout=5)
+    assert err.value.status == 400
+    await c.publish(APP, "stable", make_manifest(3).encode(), rollout=10)
+    with pytest.raises(TrackerRefusedError) as err:  # not newer than build 3
+        await c.publish(APP, "stable", make_manifest(2).encode(), rollout=50)
+    assert err.value.status == 409
+    r = (await c._http.get(f"/v1/apps/{APP}/channels/stable/rollout")).json()
+    assert (r["build"], r["percent"], r["state"]) == (3, 10, "active")
+    with pytest.raises(TrackerRefusedError) as err:
+        await c.publish(APP, "beta", make_manifest(4, channel="beta").encode(), rollout=10)
+    assert err.value.status == 409  # a first build cannot be staged
+    await c._http.aclose()
