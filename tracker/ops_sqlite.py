@@ -9,16 +9,13 @@ ever inserted into.
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .backend import AuditEntry
 from .outcomes import MAX_RELEASES, Outcome, counts_of, summary
-from .registry_sqlite import connect
+from .registry_sqlite import SQLiteFile
 from .rollout import Rollout
 
 __all__ = ["SQLiteOps"]
@@ -59,31 +56,11 @@ def audit_row(seq: int, e: AuditEntry) -> dict[str, Any]:
     }
 
 
-class SQLiteOps:
+class SQLiteOps(SQLiteFile):
     """A :class:`tracker.backend.OpsStore` in one SQLite file."""
 
-    blocking = False
-
     def __init__(self, path: Path) -> None:
-        self._conn = connect(path)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._conn.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        super().__init__(path, _SCHEMA)
 
     # ---------------------------------------------------------------- outcomes
 
