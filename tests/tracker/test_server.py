@@ -252,3 +252,30 @@ def dump_dom(url: str, profile: Path) -> str:
     assert out.returncode == 0, out.stderr[-2000:]
     assert time.monotonic() - t0 < 60
     return out.stdout
+
+
+def test_cli_rotate_token_rollout_and_audit(served: str) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(tracker_cmd(*args), capture_output=True, text=True, timeout=30)
+
+    key = keys.format_public_key(keys.public_key_bytes(keys.generate_key()))
+    auth = ("--url", served, "--admin-token", ADMIN)
+    first = json.loads(run("app", "add", APP, "--key", key, *auth, "--json").stdout)
+    rotated = run("app", "rotate-token", APP, *auth, "--json")
+    assert rotated.returncode == 0, rotated.stderr
+    token = json.loads(rotated.stdout)["publisher_token"]
+    assert token.startswith("pub_") and token != first["publisher_token"]
+    none = run("rollout", APP, "stable", "show", "--url", served)
+    assert none.returncode != 0 and "no rollout" in none.stderr
+    lower = run("rollout", APP, "stable", "raise", "--url", served, "--token", token)
+    assert lower.returncode != 0 and "percentage" in lower.stderr
+    wrong = run("audit", "--url", served, "--admin-token", "x" * 20)
+    assert wrong.returncode != 0 and "admin token is wrong" in wrong.stderr
+    page = json.loads(run("audit", *auth, "--json").stdout)
+    actions = [e["action"] for e in page["entries"]]
+    assert actions == ["auth-refused", "token-rotated", "app-registered"], actions
+    assert token not in json.dumps(page) and first["publisher_token"] not in json.dumps(page)
+    text = run("audit", *auth, "--limit", "2")
+    lines = text.stdout.splitlines()
+    assert "token-rotated" in lines[1] and "admin (admin) from 127.0.0.1" in lines[1]
+    assert lines[-1].startswith("older: --before ")
