@@ -375,8 +375,9 @@ async def test_a_staged_rollout_reaches_only_the_watchers_in_it(
             for name in names:
                 (tmp_path / name).mkdir()
                 nursery.start_soon(one, name)
-            for name in names:
-                await until("installed", build=1, node=name)
+            on_one: set[str] = set()
+            while on_one != set(names):
+                on_one.add((await until("installed", build=1))["node"])
             (src / "data" / "new.pak").write_bytes(os.urandom(1 << 20))
             staged = tmp_path / "staged"
             staged.mkdir()
