@@ -136,6 +136,14 @@ def print_published(out: dict[str, Any], result: PublishResult, cdn_dir: Path) -
             f"never kept across updates to this build: {', '.join(m.nokeep)} "
             "(nodes older than the nokeep field refuse this manifest)"
         )
+    info = m.info
+    if not info.empty:
+        said = [f"type {info.update_type}" if info.update_type else ""]
+        said.append(f"for {', '.join(info.platforms)}" if info.platforms else "")
+        said.append(f"needs p2pnode >= {info.min_client}" if info.min_client else "")
+        said.append(f"{len(info.notes.encode())} bytes of notes" if info.notes else "")
+        # Also worth saying: only nodes that read manifest format 2 install this build.
+        print(f"release info: {'; '.join(w for w in said if w)} (manifest format {m.format})")
 
 
 def print_verify(report: VerifyReport) -> None:
