@@ -42,6 +42,7 @@ def install_json(result: InstallResult) -> dict[str, Any]:
         "version": m.version,
         "build": m.build,
         "manifest_id": m.id.hex(),
+        "update_type": m.info.update_type,  # the signed word: null for an ordinary update
         "previous_build": result.previous_build,
         "files": len(m.files),
         "bytes_total": result.bytes_total,
