@@ -3,28 +3,13 @@ this node cannot run is refused before a single chunk is asked of the CDN."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from p2pnode import __version__
 from p2pnode.demo.cdn import LocalCDN
 from p2pnode.release.metadata import this_platform
 from tests.support.e2e import cli
 from tests.support.release import make_release
-
-
-@pytest.fixture
-def cdn(tmp_path: Path) -> Iterator[LocalCDN]:
-    root = tmp_path / "cdn"
-    root.mkdir()
-    server = LocalCDN(root)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def _other_platform() -> str:

@@ -51,6 +51,17 @@ def _publish(
     )
 
 
+async def _until(
+    receive: trio.MemoryReceiveChannel[dict[str, Any]], kind: str, **match: Any
+) -> dict[str, Any]:
+    """The next event of ``kind`` with ``match``ing fields (others are passed over)."""
+    with trio.fail_after(60):
+        async for e in receive:
+            if e["event"] == kind and all(e.get(k) == v for k, v in match.items()):
+                return e
+    raise AssertionError("watch ended")
+
+
 def _in_process(tmp_path: Path, url: str, pub: str, **install: Any) -> WatchOptions:
     """A serving watcher of "game" into tmp_path/node, for ``watch()`` in this process."""
     return WatchOptions(
@@ -177,14 +188,7 @@ async def test_a_failed_install_is_retried_and_a_downgrade_refused(
     with LocalCDN(cdn_root) as cdn:
         await trio.to_thread.run_sync(_publish, src, cdn_root, key, tracker_url, cdn.url, 1)
         send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
-
-        async def until(kind: str, **match: Any) -> dict[str, Any]:
-            """The next event of ``kind`` with ``match``ing fields (others are passed over)."""
-            with trio.fail_after(60):
-                async for e in receive:
-                    if e["event"] == kind and all(e.get(k) == v for k, v in match.items()):
-                        return e
-            raise AssertionError("watch ended")
+        until = partial(_until, receive)
 
         opts = _in_process(tmp_path, tracker_url, pub, discovery_wait=0.5)
         opts.retry_first = 0.3
@@ -356,13 +360,7 @@ async def test_release_events_carry_the_type_and_a_build_for_newer_clients_is_no
         publish = partial(_publish, src, cdn_root, key, tracker_url, cdn.url)
         await trio.to_thread.run_sync(publish, 1, "--type", "critical")
         send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
-
-        async def until(kind: str, **match: Any) -> dict[str, Any]:
-            with trio.fail_after(60):
-                async for e in receive:
-                    if e["event"] == kind and all(e.get(k) == v for k, v in match.items()):
-                        return e
-            raise AssertionError("watch ended")
+        until = partial(_until, receive)
 
         opts = _in_process(tmp_path, tracker_url, pub, discovery_wait=0.5)
         async with trio.open_nursery() as nursery:

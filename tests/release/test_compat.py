@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from p2pnode import __version__
@@ -11,22 +9,11 @@ from p2pnode.errors import ClientTooOldError, IncompatibleError, PlatformError
 from p2pnode.release import manifest as M
 from p2pnode.release.compat import check_compatible
 from p2pnode.release.metadata import ReleaseInfo, this_platform
-from tests.support.release import PUB
+from tests.support.release import small_manifest
 
 
 def _manifest(info: ReleaseInfo) -> M.Manifest:
-    now = int(time.time())
-    return M.Manifest(
-        app="game",
-        version="2.0",
-        build=2,
-        channel="stable",
-        created=now,
-        expires=now + 60,
-        key=PUB,
-        files=(),
-        info=info,
-    )
+    return small_manifest(version="2.0", build=2, info=info)
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +23,9 @@ from p2pnode.release.metadata import (
     this_platform,
 )
 from p2pnode.release.publish import publish, read_notes, release_info
-from tests.support.release import KEY, TRUST
+from tests.support.release import KEY, TRUST, small_manifest
 
 PUB = keys.public_key_bytes(KEY)
-
-
-def _manifest(**kw: Any) -> M.Manifest:
-    now = int(time.time())
-    fields: dict[str, Any] = dict(
-        app="game",
-        version="1.0",
-        build=1,
-        channel="stable",
-        created=now,
-        expires=now + 3600,
-        key=PUB,
-        files=(M.FileEntry("a.txt", 5, 0o644, (M.ChunkRef(bytes(32), 0, 5),)),),
-    )
-    fields.update(kw)
-    return M.Manifest(**fields)
 
 
 def _round_trip(m: M.Manifest) -> M.Manifest:
@@ -72,23 +55,23 @@ _infos = st.builds(
 
 @settings(max_examples=60, deadline=None)
 @given(_infos)
-def test_metadata_round_trips_through_a_signed_manifest(info: ReleaseInfo) -> None:
-    m = _manifest(info=info)
+def test_metadata_round_trips_through_a_signedsmall_manifest(info: ReleaseInfo) -> None:
+    m = small_manifest(info=info)
     got = _round_trip(m)
     assert got.info == info and got == m and got.id == m.id
     assert got.format == (1 if info.empty else 2)
 
 
 def test_a_manifest_without_metadata_is_still_written_and_read_as_format_1() -> None:
-    m = _manifest()
+    m = small_manifest()
     assert m.format == 1 and b"update_type" not in m.canonical_bytes
     assert _round_trip(m).info == ReleaseInfo()
-    with_type = _manifest(info=ReleaseInfo(UpdateType.CRITICAL))
+    with_type = small_manifest(info=ReleaseInfo(UpdateType.CRITICAL))
     assert with_type.format == 2 and _round_trip(with_type).info.critical
 
 
 def test_format_1_with_format_2_fields_and_unknown_formats_are_refused() -> None:
-    obj = _manifest(info=ReleaseInfo(UpdateType.MINOR)).to_obj()
+    obj = small_manifest(info=ReleaseInfo(UpdateType.MINOR)).to_obj()
     obj[b"format"] = 1
     with pytest.raises(ManifestError, match="format-2 fields"):
         _parse_obj(obj)
@@ -120,7 +103,7 @@ def test_format_1_with_format_2_fields_and_unknown_formats_are_refused() -> None
     ],
 )
 def test_metadata_is_checked_strictly_at_parse(key: bytes, value: Any, match: str) -> None:
-    obj = _manifest(info=ReleaseInfo(UpdateType.MINOR)).to_obj()
+    obj = small_manifest(info=ReleaseInfo(UpdateType.MINOR)).to_obj()
     obj[key] = value
     with pytest.raises(ManifestError, match=match):
         _parse_obj(obj)
