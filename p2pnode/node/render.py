@@ -81,6 +81,8 @@ def peer_json(st: PeerStats) -> dict[str, Any]:
 def print_install(out: dict[str, Any]) -> None:
     """One install's summary for a person, from its JSON form (``install_json``)."""
     name = f"{out['app']} {out['version']} (build {out['build']})"
+    if out.get("update_type"):
+        name += f", a {out['update_type']} update"
     if out["action"] == "unchanged":
         print(f"{name} is already installed")
         return
@@ -114,7 +116,9 @@ def print_watch_event(event: dict[str, Any]) -> None:
     elif event["event"] == "watching":
         print(f"following {event['app']} on {event['channel']}", flush=True)
     elif event["event"] == "release":
-        print(f"{event['app']} build {event['build']} ({event['version']}) is out", flush=True)
+        kind = f" ({event['update_type']} update)" if event.get("update_type") else ""
+        out = f"{event['app']} build {event['build']} ({event['version']}) is out{kind}"
+        print(out, flush=True)
     else:
         retry = event.get("retry_in_s")
         tail = f"; trying again in {retry:.0f}s" if retry else ""

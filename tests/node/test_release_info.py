@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from p2pnode import __version__
 from p2pnode.demo.cdn import LocalCDN
+from p2pnode.node.render import print_install, print_watch_event
 from p2pnode.release.metadata import this_platform
 from tests.support.e2e import cli
 from tests.support.release import make_release
@@ -85,3 +88,23 @@ def test_publish_refuses_bad_metadata_before_reading(tmp_path: Path) -> None:
     big.write_text("x" * (16 * 1024 + 1))
     out = cli(*base, "--notes", str(big), ok=False)
     assert "longer than 16384 bytes" in str(out["error"])
+
+
+def test_people_read_the_update_type_too(capsys: pytest.CaptureFixture[str]) -> None:
+    release = {"event": "release", "app": "game", "build": 2, "version": "1.2"}
+    print_watch_event({**release, "update_type": "critical", "critical": True})
+    print_watch_event({**release, "update_type": None, "critical": False})
+    print_install(
+        {
+            "app": "game",
+            "version": "1.2",
+            "build": 2,
+            "action": "unchanged",
+            "update_type": "hotfix",
+        }
+    )
+    assert capsys.readouterr().out.splitlines() == [
+        "game build 2 (1.2) is out (critical update)",
+        "game build 2 (1.2) is out",
+        "game 1.2 (build 2), a hotfix update is already installed",
+    ]
