@@ -14,6 +14,7 @@ from p2pnode.release import canonical, keys
 from p2pnode.release import manifest as M
 from p2pnode.release.metadata import (
     ARCHES,
+    KEYS,
     MAX_NOTES_BYTES,
     OSES,
     ReleaseInfo,
@@ -189,3 +190,28 @@ def test_notes_files_are_bounded_and_utf8(tmp_path: Path) -> None:
     exact = tmp_path / "exact.txt"
     exact.write_bytes("é".encode() * (MAX_NOTES_BYTES // 2))
     assert len(read_notes(exact)) == MAX_NOTES_BYTES // 2
+
+
+_bencode_values = st.recursive(
+    st.integers(-5, 1 << 20) | st.binary(max_size=40) | st.sampled_from([b"critical", b"any"]),
+    lambda inner: st.lists(inner, max_size=4),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(KEYS)), _bencode_values, max_size=4))
+def test_any_metadata_value_parses_or_is_a_manifest_error(fields: dict[bytes, Any]) -> None:
+    """The parser's one promise for hostile input: a valid ReleaseInfo or a ManifestError."""
+    try:
+        info = ReleaseInfo.from_obj(fields)
+    except ManifestError:
+        return
+    assert ReleaseInfo.from_obj(info.to_obj()) == info
+    assert set(info.to_obj()) == set(fields)  # present means set: one encoding per value
+
+
+@given(st.sampled_from([*_PLATFORMS, "any", "Linux/AMD64", "darwin/aarch64", "win32/i686"]))
+def test_normalising_a_platform_twice_changes_nothing(text: str) -> None:
+    once = normalise_platform(text)
+    assert normalise_platform(once) == once
