@@ -66,6 +66,7 @@ from .ops_sqlite import SQLiteOps
 from .outcomes import MAX_OUTCOME_BYTES, parse_outcome
 from .records import VerifiedRecords
 from .registry_sqlite import SQLiteRegistry
+from .releaseinfo import ReleaseInfos
 from .sessions import AnnounceSessions
 from .swarm_sqlite import SQLiteSwarm
 from .troubles import Troubles
@@ -112,8 +113,15 @@ class Tracker:
         self.operations = Operations(
             config, registry, ops, self._registry_call, self.feed, self.metrics
         )
+        self.infos = ReleaseInfos(registry, self._registry_call)
         self.channels = ChannelRoutes(
-            config, registry, self._registry_call, self.feed, self.metrics, self.operations
+            config,
+            registry,
+            self._registry_call,
+            self.feed,
+            self.metrics,
+            self.infos,
+            self.operations,
         )
         self.app = Starlette(
             routes=self._routes(),
@@ -251,6 +259,7 @@ class Tracker:
         for r in stats["releases"]:
             info = labels.get(bytes.fromhex(r["manifest_id"]))
             r["build"], r["version"] = (info[1], info[2]) if info else (None, None)
+            r.update(await self.infos.fields(bytes.fromhex(r["manifest_id"])))
         stats["releases"].sort(key=lambda r: (r["app"], -(r["build"] or 0)))
         stats["load"] = self.metrics.load()
         self.metrics.stats_cache = stats

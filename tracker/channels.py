@@ -5,7 +5,8 @@ Handlers are thin: read the body under a size cap, check names and tokens, call 
 and its signature checked in a worker thread. Each move wakes the update feed
 (:class:`tracker.feed.Feed`); a node asks ``GET .../channels/CH?since=SEQ&wait=S`` and gets the
 head at once if it moved past ``SEQ``, else when it moves, else after ``S`` seconds; the same
-moves are pushed as server-sent events on ``.../events``.
+moves are pushed as server-sent events on ``.../events``. Heads carry the build's update type
+and release notes (:class:`tracker.releaseinfo.ReleaseInfos`), history entries its type.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from p2pnode.discovery.tracker_api import ChannelHead
 from p2pnode.errors import P2PNodeError
 from p2pnode.release import keys
 from p2pnode.release.manifest import MAX_MANIFEST_BYTES, parse_signed, verify
@@ -31,6 +33,7 @@ from .errors import APIError, BadRequest, Conflict, Forbidden, NotFound
 from .feed import Feed
 from .metrics import TrackerMetrics
 from .operations import PERCENT_RANGE, Operations
+from .releaseinfo import ReleaseInfos
 from .web import query_float, query_int, read_body
 
 __all__ = ["MAX_JSON_BYTES", "MAX_SINCE", "MAX_WAIT", "ChannelRoutes"]
@@ -52,6 +55,7 @@ class ChannelRoutes:
         registry_call: runs a registry call (in a worker thread when it may block).
         feed: woken by every channel move.
         metrics: counts the moves.
+        infos: each build's update type and notes, which heads and history carry.
         operations: rollouts and the audit log (:class:`tracker.operations.Operations`).
     """
 
@@ -62,10 +66,11 @@ class ChannelRoutes:
         registry_call: Callable[..., Awaitable[Any]],
         feed: Feed,
         metrics: TrackerMetrics,
+        infos: ReleaseInfos,
         operations: Operations,
     ) -> None:
         self.config, self.registry, self.registry_call = config, registry, registry_call
-        self.feed, self.metrics, self.ops = feed, metrics, operations
+        self.feed, self.metrics, self.infos, self.ops = feed, metrics, infos, operations
 
     def app_row(self, app: str) -> AppRow:
         core.check_name(app, "app")
@@ -125,7 +130,7 @@ class ChannelRoutes:
             {
                 "app": row.name,
                 "key": keys.format_public_key(row.key),
-                "channels": [h.to_json() for h in heads],
+                "channels": [(await self.infos.head(h)).to_json() for h in heads],
             }
         )
 
@@ -183,6 +188,7 @@ class ChannelRoutes:
             if staged is not None:
                 await self.ops.unstage(staged, replaced)
             raise
+        self.infos.put(mid, m.info)
         if staged is None:
             await self.ops.moved(row.name, channel, mid, "publish")
         self.metrics.moves.labels("publish").inc()
@@ -191,13 +197,14 @@ class ChannelRoutes:
             request, "publish", actor, f"{row.name}/{channel}",
             manifest_id=mid.hex(), build=m.build, rollout=percent,
         )  # fmt: skip
-        answer = {
+        answer: dict[str, Any] = {
             "app": row.name,
             "channel": channel,
             "seq": seq,
             "manifest_id": mid.hex(),
             "build": m.build,
             "version": m.version,
+            "update_type": m.info.update_type,
         }
         if staged is not None:
             answer["rollout"] = staged.view()
@@ -237,7 +244,7 @@ class ChannelRoutes:
         head = await self.registry_call(self.registry.head, row.name, channel)
         if head is None:  # the move just committed; only a concurrent delete could do this
             raise NotFound(f"channel {channel} vanished")
-        return JSONResponse(head.to_json())
+        return JSONResponse((await self.infos.head(head)).to_json())
 
     async def promote(self, request: Request) -> Response:
         return await self.move(request, "promote")
@@ -248,6 +255,17 @@ class ChannelRoutes:
     async def rollout(self, request: Request) -> Response:
         row, channel = self.channel(request)
         return await self.ops.rollout_route(request, row.name, channel)
+
+    async def _answer(
+        self, head: ChannelHead, node: bytes | None, have: bytes | None
+    ) -> dict[str, Any]:
+        """The feed's answer: the build this node is offered (a staged rollout may keep it on
+        the previous one), with its update type and notes."""
+        mine, rollout = await self.ops.personal(head, node, have)
+        out = (await self.infos.head(mine)).to_json()
+        if rollout is not None:
+            out["rollout"] = rollout
+        return out
 
     def _node(self, request: Request) -> tuple[bytes | None, bytes | None]:
         """``?node=ID&have=MANIFEST``: who asks the feed, and what it runs (rollouts)."""
@@ -262,6 +280,8 @@ class ChannelRoutes:
     async def history(self, request: Request) -> Response:
         row, channel = self.channel(request)
         history = await self.registry_call(self.registry.history, row.name, channel)
+        for entry in history:  # the type, not the notes: 100 entries of 16 KiB is too much
+            entry.update(await self.infos.fields(bytes.fromhex(entry["manifest_id"]), notes=False))
         return JSONResponse({"app": row.name, "channel": channel, "history": history})
 
     async def latest(self, request: Request) -> Response:
@@ -280,7 +300,7 @@ class ChannelRoutes:
                 f"nothing is published to channel {channel} of {row.name} yet",
                 fix="publish a build first (or wait with ?since=0&wait=S)",
             )
-        return JSONResponse(await self.ops.personal(head, node, have))
+        return JSONResponse(await self._answer(head, node, have))
 
     async def events(self, request: Request) -> Response:
         row, channel = self.channel(request)
@@ -294,7 +314,7 @@ class ChannelRoutes:
                 head = await self.registry_call(self.registry.head, row.name, channel)
                 if head is not None and head.seq > last:
                     last = head.seq
-                    data = json.dumps(await self.ops.personal(head, node, have))
+                    data = json.dumps(await self._answer(head, node, have))
                     yield f"id: {head.seq}\nevent: release\ndata: {data}\n\n".encode()
                 with trio.move_on_after(15):
                     await self.feed.wait()

@@ -177,26 +177,22 @@ class Operations:
 
     async def personal(
         self, head: ChannelHead, node: bytes | None, have: bytes | None
-    ) -> dict[str, Any]:
+    ) -> tuple[ChannelHead, dict[str, Any] | None]:
         """The feed's answer for one node: the head, or the build it keeps while the
-        channel's rollout leaves it out; with the rollout's state when there is one."""
+        channel's rollout leaves it out (same ``seq``); and the rollout's state for the
+        answer's ``rollout`` field when there is one."""
         r = await self.current(head.app, head.channel, head)
         if r is None:
-            return head.to_json()
+            return head, None
         mid = rollout.offered(r, node, have)
         answer = head
         if mid is not None and mid != head.manifest_id:
             info = self.registry.manifest_info(mid)
             if info is not None:
                 answer = replace(head, manifest_id=mid, build=info[1], version=info[2])
-        out = answer.to_json()
-        out["rollout"] = {
-            "build": r.build,
-            "percent": r.percent,
-            "state": r.state,
-            "member": mid == r.manifest,
-        }
-        return out
+        state = {"build": r.build, "percent": r.percent, "state": r.state,
+                 "member": mid == r.manifest}  # fmt: skip
+        return answer, state
 
     async def _move(self, r: Rollout, action: str, actor: str) -> None:
         """A rollout change as a channel move to the same head (history, seq, feed); none
