@@ -285,3 +285,29 @@ async def test_a_refused_staged_publish_leaves_the_channels_rollout_as_it_was(
         await c.publish(APP, "beta", make_manifest(4, channel="beta").encode(), rollout=10)
     assert err.value.status == 409  # a first build cannot be staged
     await c._http.aclose()
+
+
+async def test_a_node_out_of_the_rollout_gets_the_previous_builds_type_and_notes(
+    store_tracker: Tracker,
+    publisher: Ed25519PrivateKey,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    from p2pnode.release.metadata import ReleaseInfo, UpdateType
+
+    c = client_for(store_tracker)
+    await c.add_app(APP, keys.public_key_bytes(publisher))
+    one = make_manifest(1, info=ReleaseInfo(UpdateType.MINOR, "first"))
+    two = make_manifest(2, info=ReleaseInfo(UpdateType.CRITICAL, "second"))
+    await c.publish(APP, "stable", one.encode())
+    await c.publish(APP, "stable", two.encode(), rollout=50)
+    nodes = [keys.node_id_of(keys.public_key_bytes(keys.generate_key())) for _ in range(40)]
+    inside = next(n for n in nodes if member(two.id, n, 50))
+    outside = next(n for n in nodes if not member(two.id, n, 50))
+    for node, (build, kind, notes) in ((inside, (2, "critical", "second")),
+                                       (outside, (1, "minor", "first"))):  # fmt: skip
+        got = (
+            await c._http.get(f"/v1/apps/{APP}/channels/stable", params={"node": node.hex()})
+        ).json()
+        assert (got["build"], got["update_type"], got["notes"]) == (build, kind, notes)
+        assert got["rollout"]["member"] is (build == 2)
+    await c._http.aclose()
