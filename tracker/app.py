@@ -40,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from p2pnode.discovery.tracker_api import SESSION_HEADER, SIGNATURE_HEADER
+from p2pnode.discovery.tracker_api import CLIENT_FIELD, SESSION_HEADER, SIGNATURE_HEADER
 
 from . import core
 from .auth import require_admin
@@ -50,6 +50,8 @@ from .config import TrackerConfig
 from .core import MAX_SKEW
 from .errors import APIError, BadRequest, Conflict, NotFound, RateLimited, Unavailable
 from .feed import Feed
+from .fleet_http import FleetCollector, FleetRoutes
+from .fleet_store import LocalFleet, open_fleet
 from .metrics import TrackerMetrics
 from .middleware import Buckets, RequestMiddleware
 from .openapi import openapi_document
@@ -98,6 +100,9 @@ class Tracker:
         self._answer_head: bytes | None = None
         self._troubles = Troubles()
         self.infos = ReleaseInfos(registry, self._registry_call)
+        #: the fleet view (tracker.fleet): in memory here; open_tracker may put it in Redis
+        self.fleet = FleetRoutes(LocalFleet(), registry)
+        self.metrics.registry.register(FleetCollector(self.fleet))
         self.channels = ChannelRoutes(
             config, registry, self._registry_call, self.feed, self.metrics, self.infos
         )
@@ -162,6 +167,8 @@ class Tracker:
             Route("/v1/outcomes", self._outcomes, methods=["GET", "POST"]),
             Route("/v1/peers/{node_id:str}", self._peer, methods=["GET", "DELETE"]),
             Route("/v1/stats", self._stats),
+            Route("/v1/apps/{app:str}/fleet", self.fleet.app_fleet),
+            Route("/v1/nodes/{node_id:str}", self.fleet.node),
             Route("/v1/dht/bootstrap", self._dht_bootstrap),
         ]
 
@@ -184,6 +191,7 @@ class Tracker:
         the log first, in log mode), then :meth:`watch`. Serve requests once started."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.swarm.run)
+            await nursery.start(self.fleet.store.run)
             await nursery.start(self.watch)
             task_status.started()
 
@@ -203,6 +211,7 @@ class Tracker:
                 last_gc = now
                 try:
                     await self.swarm.gc(now)
+                    await self.fleet.store.gc(now)
                     self._troubles.report("gc", None)
                 except Unavailable as exc:  # the store is down: requests get 503s meanwhile
                     self._troubles.report("gc", exc.message)
@@ -224,6 +233,7 @@ class Tracker:
 
     async def _refresh_stats(self) -> dict[str, Any]:
         stats = await self.swarm.stats(self.config.clock())
+        await self.fleet.refresh()
         labels = await self._registry_call(self.registry.releases)
         for r in stats["releases"]:
             info = labels.get(bytes.fromhex(r["manifest_id"]))
@@ -350,12 +360,13 @@ class Tracker:
         if answer is None:
             raise _replay()
         self.metrics.announces[a.event].inc()
+        self.fleet.announced(a, now)
         head = self._answer_head
         if head is None:
             fast = f',"announce_port":{self.fast_port}' if self.fast_port else ""
             head = self._answer_head = (
                 f'{{"interval":{self.config.interval},"min_interval":{self.config.min_interval},'
-                f'"ttl":{self.config.ttl}{fast},'
+                f'"ttl":{self.config.ttl}{fast},"announce_fields":["{CLIENT_FIELD}"],'
             ).encode()
         issued = b""
         if not vouched:  # the signature was verified: vouch for the next announces
@@ -418,6 +429,7 @@ class Tracker:
         digest = blake3.blake3(bytes.fromhex(request.headers[SIGNATURE_HEADER])).digest()[:16]
         if not self.outcomes.fresh(digest, now):
             raise Conflict("this outcome was already received (a replay)")
+        self.fleet.reported(o, now)
         self.outcomes.add(o, now)
         return JSONResponse({"accepted": True}, status_code=201)
 
@@ -467,4 +479,6 @@ def open_tracker(
         swarm = RedisSwarm(redis_url, prefix=redis_prefix)
     else:
         swarm = SQLiteSwarm(data_dir / "swarm.db")
-    return Tracker(config, registry, swarm)
+    tracker = Tracker(config, registry, swarm)
+    tracker.fleet.store = open_fleet(redis_url, redis_prefix)
+    return tracker

@@ -64,3 +64,4 @@ async def serve_tracker(
     finally:
         tracker.registry.close()
         tracker.swarm.close()
+        tracker.fleet.store.close()
