@@ -36,8 +36,8 @@ import trio
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from tracker.fleet import FleetOutcome, MemoryFleet, Sighting  # noqa: E402
-from tracker.fleet_store import FleetStore, LocalFleet  # noqa: E402
+from tracker.fleet import FleetOutcome, MemoryFleet, Sighting
+from tracker.fleet_store import FleetStore, LocalFleet
 
 BUILDS = [(bytes([b]) * 32, b) for b in range(1, 9)]
 CLIENTS = ["0.1.0", "0.1.1", "0.2.0", None]
@@ -74,7 +74,7 @@ def load(store: FleetStore, n: int) -> float:
 async def views(store: FleetStore) -> dict[str, float]:
     out = {}
     for name, call in (
-        ("app_view_ms", lambda: store.app_view("game")),
+        ("app_view_ms", lambda: store.app_view("game", T0)),
         ("node_view_ms", lambda: store.node_view(node_id(12345))),
         ("gauges_ms", store.gauges),
     ):

@@ -43,6 +43,7 @@ from starlette.types import Receive, Scope, Send
 from p2pnode.discovery.tracker_api import CLIENT_FIELD, SESSION_HEADER, SIGNATURE_HEADER
 
 from . import core
+from .alerts import AlertWatch
 from .auth import require_admin
 from .backend import AnnounceCommit, RegistryStore, ReportCommit, SwarmStore
 from .channels import ChannelRoutes
@@ -101,8 +102,10 @@ class Tracker:
         self._troubles = Troubles()
         self.infos = ReleaseInfos(registry, self._registry_call)
         #: the fleet view (tracker.fleet): in memory here; open_tracker may put it in Redis
-        self.fleet = FleetRoutes(LocalFleet(), registry)
+        self.fleet = FleetRoutes(LocalFleet(), registry, config.clock)
         self.metrics.registry.register(FleetCollector(self.fleet))
+        #: the dashboard banner's alerts (docs/alerts.yml's conditions, evaluated here)
+        self._alerts = AlertWatch()
         self.channels = ChannelRoutes(
             config, registry, self._registry_call, self.feed, self.metrics, self.infos
         )
@@ -255,7 +258,10 @@ class Tracker:
         return out
 
     async def _stats(self, request: Request) -> Response:
-        return JSONResponse(await self._refresh_stats())
+        stats = await self._refresh_stats()
+        alerts = self._alerts.evaluate(stats, self.metrics.outcomes_cache, self.config.clock())
+        stats["alerts"] = [a.to_json() for a in alerts]
+        return JSONResponse(stats)
 
     async def _metrics(self, request: Request) -> Response:
         await self._refresh_stats()
@@ -270,7 +276,12 @@ class Tracker:
 
     async def _static(self, request: Request) -> Response:
         name = request.path_params["name"]
-        types = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+        types = {
+            "dashboard.js": "text/javascript",
+            "dashboard.css": "text/css",
+            "fleet.js": "text/javascript",
+            "fleet.css": "text/css",
+        }
         if name not in types:
             raise NotFound(f"no dashboard asset {name}")
         return Response(asset(name), media_type=types[name] + "; charset=utf-8")

@@ -335,8 +335,9 @@ class MemoryFleet:
     def apps(self) -> list[str]:
         return list(self._apps)
 
-    def app_view(self, app: str) -> dict[str, Any] | None:
-        """Per build: seats, share, last seen, curve; client versions; seats updating."""
+    def app_view(self, app: str, now: float) -> dict[str, Any] | None:
+        """Per build: seats, share, last seen, curve (its samples, then now); client
+        versions; seats updating."""
         n = self._app_no.get(app)
         if n is None:
             return None
@@ -360,7 +361,7 @@ class MemoryFleet:
                     "nodes": r.nodes,
                     "share": r.nodes / total if total else 0.0,
                     "last_seen": r.last_seen,
-                    "adoption": [list(p) for p in r.series],
+                    "adoption": [*(list(p) for p in r.series), [int(now), r.nodes]],
                 }
                 for r in builds
             ],

@@ -12,6 +12,7 @@ bounded by the fleet's tables (:mod:`tracker.fleet`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
@@ -34,8 +35,11 @@ _BUILDS_CACHED = 10_000
 class FleetRoutes:
     """Feeds the fleet store from the node routes and answers its routes."""
 
-    def __init__(self, store: FleetStore, registry: RegistryStore) -> None:
+    def __init__(
+        self, store: FleetStore, registry: RegistryStore, clock: Callable[[], float]
+    ) -> None:
         self.store = store
+        self._clock = clock
         self._registry = registry
         self._builds: dict[bytes, int] = {}
         #: the last gauges read (``refresh``), for the collector
@@ -74,9 +78,12 @@ class FleetRoutes:
 
     async def app_fleet(self, request: Request) -> Response:
         app = core.check_name(request.path_params["app"], "app")
-        view = await self.store.app_view(app)
+        view = await self.store.app_view(app, self._clock())
         if view is None:
             raise NotFound(f"no node of {app} was seen", fix="check the app's name")
+        for b in view["builds"]:  # the registry names the version a node would show
+            info = self._registry.manifest_info(bytes.fromhex(b["manifest_id"]))
+            b["version"] = info[2] if info else None
         return JSONResponse(view)
 
     async def node(self, request: Request) -> Response:

@@ -264,7 +264,7 @@ class RedisFleet:
 
     # ------------------------------------------------------------------ views
 
-    def _app_view(self, app: str) -> dict[str, Any] | None:
+    def _app_view(self, app: str, now: float) -> dict[str, Any] | None:
         if not self._r.sismember(self.p + "apps", app):
             return None
         p = self.p
@@ -281,7 +281,8 @@ class RedisFleet:
         for m, text in info.items():
             curve = [[at, pts.get(m, 0)] for at, pts in series if m in pts]
             n = counts.get(m, 0)
-            if not n and not curve:
+            curve.append([int(now), n])
+            if not n and len(curve) == 1:
                 continue
             manifest, build = text.split("|")
             builds.append(
@@ -369,8 +370,8 @@ class RedisFleet:
 
         return await self._call(both)
 
-    async def app_view(self, app: str) -> dict[str, Any] | None:
-        res: dict[str, Any] | None = await self._read(self._app_view, app)
+    async def app_view(self, app: str, now: float) -> dict[str, Any] | None:
+        res: dict[str, Any] | None = await self._read(self._app_view, app, now)
         return res
 
     async def node_view(self, node: bytes) -> dict[str, Any] | None:

@@ -41,7 +41,9 @@ class FleetStore(Protocol):
         """Sample the adoption curves, expire a slice of the seats; how many went."""
         ...
 
-    async def app_view(self, app: str) -> dict[str, Any] | None: ...
+    async def app_view(self, app: str, now: float) -> dict[str, Any] | None:
+        """The app's fleet; each build's adoption curve ends with its count ``now``."""
+        ...
 
     async def node_view(self, node: bytes) -> dict[str, Any] | None: ...
 
@@ -71,8 +73,8 @@ class LocalFleet:
     async def gc(self, now: float) -> int:
         return self.fleet.gc(now)
 
-    async def app_view(self, app: str) -> dict[str, Any] | None:
-        return self.fleet.app_view(app)
+    async def app_view(self, app: str, now: float) -> dict[str, Any] | None:
+        return self.fleet.app_view(app, now)
 
     async def node_view(self, node: bytes) -> dict[str, Any] | None:
         return self.fleet.node_view(node)

@@ -314,6 +314,7 @@ def _fleet_schemas() -> dict[str, Any]:
                         "properties": {
                             "manifest_id": _HEX64,
                             "build": {"type": "integer"},
+                            "version": {"type": ["string", "null"]},
                             "nodes": {"type": "integer"},
                             "share": {"type": "number"},
                             "last_seen": {"type": "number"},

@@ -44,7 +44,7 @@ def test_counts_move_with_each_node_and_never_count_a_node_twice() -> None:
     for i in range(4):  # four move to build 2, one of them twice
         f.seen(Sighting(node(i), "game", M2, 2, "0.2.0", T0 + 10))
     f.seen(Sighting(node(0), "game", M2, 2, None, T0 + 20))  # no version said: keeps 0.2.0
-    view = f.app_view("game")
+    view = f.app_view("game", T0)
     assert builds(view) == {2: 4, 1: 6}
     assert view is not None and view["nodes"] == 11 and view["updating"] == 1
     assert view["clients"] == {"0.1.0": 6, "0.2.0": 4, "unknown": 1}
@@ -52,7 +52,7 @@ def test_counts_move_with_each_node_and_never_count_a_node_twice() -> None:
     assert view["builds"][0]["last_seen"] == T0 + 20
     # the same node in another app is another seat; its node view shows both
     f.seen(Sighting(node(0), "tool", M1 + b"", 1, "0.2.0", T0))
-    assert f.app_view("nothing") is None
+    assert f.app_view("nothing", T0) is None
     nv = f.node_view(node(0))
     assert nv is not None
     assert {(s["app"], s["build"], s["client"]) for s in nv["apps"]} == {
@@ -66,9 +66,9 @@ def test_outcomes_set_the_running_build_on_success_and_are_kept_per_node() -> No
     f = MemoryFleet()
     f.seen(Sighting(node(1), "game", M1, 1, None, T0))
     f.outcome(FleetOutcome(node(1), "game", M2, "update", "download_failed", 1, 2, T0 + 5))
-    assert builds(f.app_view("game")) == {1: 1}  # a failure leaves it where it was
+    assert builds(f.app_view("game", T0)) == {1: 1}  # a failure leaves it where it was
     f.outcome(FleetOutcome(node(1), "game", M2, "update", None, 1, 2, T0 + 9))
-    assert builds(f.app_view("game")) == {2: 1}  # a build nobody runs (and no curve) goes
+    assert builds(f.app_view("game", T0)) == {2: 1}  # a build nobody runs (and no curve) goes
     nv = f.node_view(node(1))
     assert nv is not None
     (seat,) = nv["apps"]
@@ -90,11 +90,11 @@ def test_unseen_nodes_expire_a_slice_at_a_time_and_their_slots_are_reused() -> N
     assert f.gc(T0 + 120, budget=5) == 2  # the first five slots: three are fresh
     assert len(f) == 8  # slots 0-2 were seen later; 3 and 4 went
     f.gc(T0 + 120, budget=5)
-    assert len(f) == 3 and builds(f.app_view("game")) == {1: 3}
-    assert f.app_view("game")["clients"] == {"0.1.0": 3}  # type: ignore[index]
+    assert len(f) == 3 and builds(f.app_view("game", T0)) == {1: 3}
+    assert f.app_view("game", T0)["clients"] == {"0.1.0": 3}  # type: ignore[index]
     f.seen(Sighting(node(50), "game", M2, 2, None, T0 + 130))
     assert len(f._keys) == 10  # a freed slot was reused
-    view = f.app_view("game")
+    view = f.app_view("game", T0)
     assert view is not None and view["nodes"] == 4 and view["updating"] == 0
 
 
@@ -105,11 +105,12 @@ def test_adoption_curves_are_sampled_per_bucket_and_bounded() -> None:
         f.seen(Sighting(node(minute), "game", M1, 1, None, now))
         f.gc(now)
         f.gc(now + 1)  # same bucket: no second sample
-    view = f.app_view("game")
+    view = f.app_view("game", T0 + 300)
     assert view is not None
     (b,) = view["builds"]
     start = int(T0) // 60 * 60
-    assert b["adoption"] == [[start + 60 * m, m + 1] for m in (2, 3, 4)]
+    # the last three samples, then the count now
+    assert b["adoption"] == [[start + 60 * m, m + 1] for m in (2, 3, 4)] + [[int(T0) + 300, 5]]
 
 
 def test_tables_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,11 +120,11 @@ def test_tables_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     f.seen(Sighting(node(1), "game", M1, 1, "1.0", T0))
     f.seen(Sighting(node(2), "game", M2, 2, "2.0", T0))
     f.seen(Sighting(node(3), "game", b"\x03" * 32, 3, None, T0))  # no room: counted updating
-    assert builds(f.app_view("game")) == {1: 1, 2: 1}
+    assert builds(f.app_view("game", T0)) == {1: 1, 2: 1}
     f.seen(Sighting(node(1), "game", M2, 2, None, T0 + 1))  # build 1 is run by nobody now
     f.seen(Sighting(node(3), "game", b"\x03" * 32, 3, None, T0 + 2))  # it makes room
-    assert builds(f.app_view("game")) == {3: 1, 2: 2}
-    assert f.app_view("game")["clients"] == {  # type: ignore[index]
+    assert builds(f.app_view("game", T0)) == {3: 1, 2: 2}
+    assert f.app_view("game", T0)["clients"] == {  # type: ignore[index]
         "1.0": 1,
         "other": 1,
         "unknown": 1,
@@ -163,6 +164,7 @@ async def test_the_api_answers_per_build_and_per_node_with_client_versions(
     assert {b["build"]: b["nodes"] for b in view["builds"]} == {2: 2, 1: 4}
     assert view["nodes"] == 7 and view["updating"] == 1
     assert view["clients"] == {__version__: 6, "unknown": 1}
+    assert [b["version"] for b in view["builds"]] == ["1.2", "1.1"]
     nid = keys.node_id_of(keys.public_key_bytes(ks[0]))
     outcome = {
         "app": APP,
@@ -212,13 +214,13 @@ async def test_every_store_counts_expires_and_samples_alike(store: FleetStore) -
         store.seen(Sighting(node(i), "game", M2, 2, "0.2.0", T0 + 60))
     store.outcome(FleetOutcome(node(1), "game", M2, "update", "network_timeout", 1, 3, T0 + 61))
     await store.gc(T0 + 61)  # a sample, nothing expired yet
-    view = await store.app_view("game")
+    view = await store.app_view("game", T0 + 62)
     assert builds(view) == {2: 2, 1: 4}
     assert view is not None and view["updating"] == 1 and view["nodes"] == 7
     assert view["clients"] == {"0.1.0": 4, "0.2.0": 2, "unknown": 1}
     assert [b["adoption"] for b in view["builds"]] == [
-        [[int(T0 + 61) // 60 * 60, 2]],
-        [[int(T0 + 61) // 60 * 60, 4]],
+        [[int(T0 + 61) // 60 * 60, 2], [int(T0 + 62), 2]],
+        [[int(T0 + 61) // 60 * 60, 4], [int(T0 + 62), 4]],
     ]
     nv = await store.node_view(node(1))
     assert nv is not None
@@ -232,11 +234,11 @@ async def test_every_store_counts_expires_and_samples_alike(store: FleetStore) -
     assert g["updating"] == [("game", 1)]
     while await store.gc(T0 + 140):  # the ones seen at T0 are past ttl=100
         pass
-    view = await store.app_view("game")
+    view = await store.app_view("game", T0)
     assert builds(view) == {2: 2, 1: 0}  # build 1's curve keeps it listed
     assert view is not None and view["clients"] == {"0.2.0": 2} and view["updating"] == 0
     assert await store.node_view(node(4)) is None
-    assert await store.app_view("other") is None
+    assert await store.app_view("other", T0) is None
 
 
 async def test_the_fleet_of_a_tracker_on_redis_is_shared_by_its_replicas(
