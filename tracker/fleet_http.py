@@ -12,6 +12,7 @@ bounded by the fleet's tables (:mod:`tracker.fleet`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from .outcomes import Outcome
 
 __all__ = ["FleetCollector", "FleetRoutes"]
 
+_NODE_ID = re.compile(r"^[0-9a-fA-F]{40}$")
 #: Manifests whose build number is remembered (a manifest's build never changes).
 _BUILDS_CACHED = 10_000
 
@@ -88,12 +90,9 @@ class FleetRoutes:
 
     async def node(self, request: Request) -> Response:
         text = request.path_params["node_id"]
-        try:
-            node = bytes.fromhex(text) if len(text) == 40 else b""
-        except ValueError:
-            node = b""
-        if not node:
+        if not _NODE_ID.match(text):  # fromhex alone would take spaces
             raise BadRequest("node id must be 40 hex digits")
+        node = bytes.fromhex(text)
         view = await self.store.node_view(node)
         if view is None:
             raise NotFound(f"node {node.hex()} was not seen lately", fix="check the node id")

@@ -182,7 +182,13 @@ async def test_the_api_answers_per_build_and_per_node_with_client_versions(
     assert (seat["app"], seat["build"], seat["client"]) == (APP, 2, __version__)
     assert seat["last_outcome"]["code"] == "insufficient_storage"
     assert got["recent_outcomes"][0]["from_build"] == 1
-    for bad, status in (("zz" * 20, 400), ("ab", 400), (os.urandom(20).hex(), 404)):
+    for bad, status in (
+        ("zz" * 20, 400),
+        ("ab", 400),
+        ("ab " * 13 + "a", 400),  # 40 characters that fromhex would take
+        (os.urandom(20).hex(), 404),
+        (nid.hex().upper(), 200),
+    ):
         assert (await http.get(f"/v1/nodes/{bad}")).status_code == status
     assert (await http.get("/v1/apps/nope/fleet")).status_code == 404
     assert (await http.get("/v1/apps/../fleet")).status_code in (400, 404)
