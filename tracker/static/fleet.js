@@ -20,8 +20,10 @@ function renderAlerts(alerts) {
   }));
 }
 
-function hhmm(t) {
-  return new Date(t * 1000).toISOString().slice(11, 16);
+// A tick's UTC time: the clock time, with the day when the chart spans more than one
+function when(t, span) {
+  const iso = new Date(t * 1000).toISOString();
+  return span > 86400 ? iso.slice(5, 10) + " " + iso.slice(11, 16) : iso.slice(11, 16);
 }
 
 // Lines over time with both axes titled, ticks in their units and a legend.
@@ -53,8 +55,11 @@ function timeChart(canvas, lines, axes) {
   const n = x1 === x0 ? 1 : 4;
   for (let i = 0; i <= n && pts.length; i++) {
     const t = x0 + (x1 - x0) * i / n;
-    xTicks.push(hhmm(t));
-    ctx.fillStyle = "#445"; ctx.fillText(hhmm(t), sx(t), h - bottom + 4);
+    const label = when(t, x1 - x0);
+    xTicks.push(label);
+    // the end ticks lean inwards, so that none is cut at the canvas's edge
+    ctx.textAlign = n > 1 && i === 0 ? "left" : n > 1 && i === n ? "right" : "center";
+    ctx.fillStyle = "#445"; ctx.fillText(label, sx(t), h - bottom + 4);
   }
   if (!pts.length) { ctx.fillStyle = "#889"; ctx.fillText("no samples yet", w / 2, h / 2); }
   lines.forEach((line, i) => {
