@@ -12,8 +12,8 @@ command -v aria2c >/dev/null 2>&1 || need_apt+=(aria2)
 if [[ "${P2PNODE_SKIP_BROWSER:-0}" != 1 ]]; then
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 fi
+if [[ $(id -u) -eq 0 ]]; then SUDO=""; else SUDO="sudo"; fi
 if ((${#need_apt[@]})); then
-  if [[ $(id -u) -eq 0 ]]; then SUDO=""; else SUDO="sudo"; fi
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
@@ -21,6 +21,21 @@ if ((${#need_apt[@]})); then
   $SUDO systemctl disable --now nginx redis-server >/dev/null 2>&1 || true
   $SUDO service nginx stop >/dev/null 2>&1 || true
   $SUDO service redis-server stop >/dev/null 2>&1 || true
+fi
+
+# promtool checks docs/alerts.yml (tests/tracker/test_alerts.py). Debian ships it only inside
+# the `prometheus` server package (19 MB; installed, 96 MB with a daemon that starts and web
+# assets), so the one binary is taken out of that package, which is downloaded and not installed.
+if ! command -v promtool >/dev/null 2>&1; then
+  tmp=$(mktemp -d)
+  chmod 755 "$tmp"  # apt's download user writes here
+  if ! (cd "$tmp" && $SUDO apt-get download -qq prometheus >/dev/null 2>&1); then
+    $SUDO apt-get update -qq
+    (cd "$tmp" && $SUDO apt-get download -qq prometheus >/dev/null 2>&1)
+  fi
+  dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -xO ./usr/bin/promtool >"$tmp/promtool"
+  $SUDO install -m 755 "$tmp/promtool" /usr/local/bin/promtool
+  rm -rf "$tmp"
 fi
 
 # Python packages at the versions of the last green run (requirements.lock; refresh it with

@@ -40,9 +40,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from p2pnode.discovery.tracker_api import SESSION_HEADER, SIGNATURE_HEADER
+from p2pnode.discovery.tracker_api import CLIENT_FIELD, SESSION_HEADER, SIGNATURE_HEADER
 
 from . import core
+from .alerts import AlertWatch
 from .auth import require_admin
 from .backend import AnnounceCommit, OpsStore, RegistryStore, ReportCommit, SwarmStore
 from .channels import ChannelRoutes
@@ -58,6 +59,8 @@ from .errors import (
     Unavailable,
 )
 from .feed import Feed
+from .fleet_http import FleetCollector, FleetRoutes
+from .fleet_store import LocalFleet, open_fleet
 from .metrics import TrackerMetrics
 from .middleware import Buckets, RequestMiddleware
 from .openapi import openapi_document
@@ -114,6 +117,11 @@ class Tracker:
             config, registry, ops, self._registry_call, self.feed, self.metrics
         )
         self.infos = ReleaseInfos(registry, self._registry_call)
+        #: the fleet view (tracker.fleet): in memory here; open_tracker may put it in Redis
+        self.fleet = FleetRoutes(LocalFleet(), registry, config.clock)
+        self.metrics.registry.register(FleetCollector(self.fleet))
+        #: the dashboard banner's alerts (docs/alerts.yml's conditions, evaluated here)
+        self._alerts = AlertWatch()
         self.channels = ChannelRoutes(
             config,
             registry,
@@ -193,6 +201,8 @@ class Tracker:
             Route("/v1/peers/{node_id:str}", self._peer, methods=["GET", "DELETE"]),
             Route("/v1/stats", self._stats),
             Route("/v1/audit", self.operations.audit),
+            Route("/v1/apps/{app:str}/fleet", self.fleet.app_fleet),
+            Route("/v1/nodes/{node_id:str}", self.fleet.node),
             Route("/v1/dht/bootstrap", self._dht_bootstrap),
         ]
 
@@ -215,6 +225,7 @@ class Tracker:
         the log first, in log mode), then :meth:`watch`. Serve requests once started."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.swarm.run)
+            await nursery.start(self.fleet.store.run)
             await nursery.start(self.watch)
             task_status.started()
 
@@ -234,6 +245,7 @@ class Tracker:
                 last_gc = now
                 try:
                     await self.swarm.gc(now)
+                    await self.fleet.store.gc(now)
                     self._troubles.report("gc", None)
                 except Unavailable as exc:  # the store is down: requests get 503s meanwhile
                     self._troubles.report("gc", exc.message)
@@ -255,6 +267,7 @@ class Tracker:
 
     async def _refresh_stats(self) -> dict[str, Any]:
         stats = await self.swarm.stats(self.config.clock())
+        await self.fleet.refresh()
         labels = await self._registry_call(self.registry.releases)
         for r in stats["releases"]:
             info = labels.get(bytes.fromhex(r["manifest_id"]))
@@ -278,7 +291,10 @@ class Tracker:
         return out
 
     async def _stats(self, request: Request) -> Response:
-        return JSONResponse(await self._refresh_stats())
+        stats = await self._refresh_stats()
+        alerts = self._alerts.evaluate(stats, self.metrics.outcomes_cache, self.config.clock())
+        stats["alerts"] = [a.to_json() for a in alerts]
+        return JSONResponse(stats)
 
     async def _metrics(self, request: Request) -> Response:
         await self._refresh_stats()
@@ -293,7 +309,12 @@ class Tracker:
 
     async def _static(self, request: Request) -> Response:
         name = request.path_params["name"]
-        types = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+        types = {
+            "dashboard.js": "text/javascript",
+            "dashboard.css": "text/css",
+            "fleet.js": "text/javascript",
+            "fleet.css": "text/css",
+        }
         if name not in types:
             raise NotFound(f"no dashboard asset {name}")
         return Response(asset(name), media_type=types[name] + "; charset=utf-8")
@@ -384,12 +405,13 @@ class Tracker:
         if answer is None:
             raise _replay()
         self.metrics.announces[a.event].inc()
+        self.fleet.announced(a, now)
         head = self._answer_head
         if head is None:
             fast = f',"announce_port":{self.fast_port}' if self.fast_port else ""
             head = self._answer_head = (
                 f'{{"interval":{self.config.interval},"min_interval":{self.config.min_interval},'
-                f'"ttl":{self.config.ttl}{fast},'
+                f'"ttl":{self.config.ttl}{fast},"announce_fields":["{CLIENT_FIELD}"],'
             ).encode()
         issued = b""
         if not vouched:  # the signature was verified: vouch for the next announces
@@ -452,6 +474,7 @@ class Tracker:
         digest = blake3.blake3(bytes.fromhex(request.headers[SIGNATURE_HEADER])).digest()[:16]
         if not await self.operations.outcome(o, digest, now, 2 * MAX_SKEW):
             raise Conflict("this outcome was already received (a replay)")
+        self.fleet.reported(o, now)
         return JSONResponse({"accepted": True}, status_code=201)
 
 
@@ -504,4 +527,6 @@ def open_tracker(
         swarm = RedisSwarm(redis_url, prefix=redis_prefix)
     else:
         swarm = SQLiteSwarm(data_dir / "swarm.db")
-    return Tracker(config, registry, swarm, ops)
+    tracker = Tracker(config, registry, swarm, ops)
+    tracker.fleet.store = open_fleet(redis_url, redis_prefix)
+    return tracker

@@ -42,6 +42,7 @@ from typing import Any
 
 from p2pnode.discovery.tracker_api import (
     ANNOUNCE_DOMAIN,
+    CLIENT_PATTERN,
     REPORT_DOMAIN,
     SIGNATURE_HEADER,
 )
@@ -116,6 +117,7 @@ _NAME = re.compile(NAME_PATTERN)
 _HEX64 = re.compile(HEX64_PATTERN)
 _HEX40 = re.compile(HEX40_PATTERN)
 _NONCE = re.compile(NONCE_PATTERN)
+_CLIENT = re.compile(CLIENT_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +137,8 @@ class Announce:
     uploaded: int
     numwant: int
     records: tuple[bytes, ...]
+    #: the node's p2pnode version (``tracker_api.CLIENT_FIELD``); None from older nodes
+    client: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +283,18 @@ def _verified(
 
 _ANNOUNCE_REQUIRED = frozenset({"key", "ts", "nonce", "app", "manifest", "port"})
 _ANNOUNCE_OPTIONAL = frozenset(
-    {"ip", "event", "size", "left", "from_peers", "from_cdn", "uploaded", "numwant", "records"}
+    {
+        "ip",
+        "event",
+        "size",
+        "left",
+        "from_peers",
+        "from_cdn",
+        "uploaded",
+        "numwant",
+        "records",
+        "client",
+    }
 )
 _ANNOUNCE_FIELDS = _ANNOUNCE_REQUIRED | _ANNOUNCE_OPTIONAL
 
@@ -350,6 +365,7 @@ def parse_announce(
         uploaded=_int(obj, "uploaded", 0, MAX_BYTES, 0),
         numwant=_int(obj, "numwant", 0, MAX_NUMWANT, DEFAULT_NUMWANT),
         records=tuple(records),
+        client=_client(obj.get("client")),
     )
 
 
@@ -470,6 +486,14 @@ def _hex_id(obj: dict[str, Any], field: str) -> bytes:
     if not isinstance(value, str) or not _HEX64.match(value):
         raise BadRequest(f"{field} must be 64 lowercase hex digits")
     return bytes.fromhex(value)
+
+
+def _client(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _CLIENT.match(value):
+        raise BadRequest("client must be a version: 1 to 32 of letters, digits and . + ! _ -")
+    return value
 
 
 def _ip(value: Any) -> str:

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from p2pnode.discovery.tracker_api import OUTCOME_CODES, OUTCOME_KINDS, SIGNATURE_HEADER
+from p2pnode.discovery.tracker_api import (
+    CLIENT_PATTERN,
+    OUTCOME_CODES,
+    OUTCOME_KINDS,
+    SIGNATURE_HEADER,
+)
 from p2pnode.release.keys import KEY_PREFIX
 from p2pnode.release.manifest import NAME_PATTERN
 from p2pnode.release.metadata import MAX_NOTES_BYTES, UpdateType
@@ -295,6 +300,12 @@ def _schemas() -> dict[str, Any]:
                     "maxItems": core.MAX_RECORDS,
                     "items": {"type": "string", "maxLength": core.MAX_RECORD_HEX},
                 },
+                "client": {
+                    "type": "string",
+                    "pattern": CLIENT_PATTERN,
+                    "description": "the node's p2pnode version, for the fleet view; send it "
+                    "only to a tracker whose answers list it in announce_fields",
+                },
             },
         },
         "Outcome": {
@@ -340,6 +351,95 @@ def _schemas() -> dict[str, Any]:
                         },
                     },
                 },
+            },
+        },
+        **_fleet_schemas(),
+    }
+
+
+def _fleet_schemas() -> dict[str, Any]:
+    """The fleet view's answers (tracker.fleet)."""
+    outcome = {
+        "type": "object",
+        "required": ["kind", "outcome", "code", "to_build", "at"],
+        "properties": {
+            "app": _NAME,
+            "manifest_id": _HEX64,
+            "kind": {"enum": list(OUTCOME_KINDS)},
+            "outcome": {"enum": ["success", "failure"]},
+            "code": {"enum": [*OUTCOME_CODES, None]},
+            "from_build": {"type": ["integer", "null"]},
+            "to_build": {"type": "integer"},
+            "at": {"type": "number"},
+        },
+    }
+    return {
+        "Fleet": {
+            "type": "object",
+            "required": ["app", "nodes", "updating", "builds", "clients"],
+            "properties": {
+                "app": _NAME,
+                "nodes": {"type": "integer", "description": "nodes seen within ttl_s"},
+                "updating": {
+                    "type": "integer",
+                    "description": "nodes seen downloading whose running build is not known",
+                },
+                "ttl_s": {"type": "number"},
+                "bucket_s": {"type": "integer"},
+                "builds": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["manifest_id", "build", "nodes", "share", "adoption"],
+                        "properties": {
+                            "manifest_id": _HEX64,
+                            "build": {"type": "integer"},
+                            "version": {"type": ["string", "null"]},
+                            "nodes": {"type": "integer"},
+                            "share": {"type": "number"},
+                            "last_seen": {"type": "number"},
+                            "adoption": {
+                                "type": "array",
+                                "description": "[bucket start (Unix s), nodes running it]",
+                                "items": {
+                                    "type": "array",
+                                    "items": {"type": "number"},
+                                    "minItems": 2,
+                                    "maxItems": 2,
+                                },
+                            },
+                        },
+                    },
+                },
+                "clients": {
+                    "type": "object",
+                    "description": "nodes per p2pnode client version ('unknown': too old to say)",
+                    "additionalProperties": {"type": "integer"},
+                },
+            },
+        },
+        "FleetNode": {
+            "type": "object",
+            "required": ["node_id", "apps", "recent_outcomes"],
+            "properties": {
+                "node_id": {"type": "string", "pattern": core.HEX40_PATTERN},
+                "apps": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["app", "manifest_id", "build", "client", "last_seen"],
+                        "properties": {
+                            "app": _NAME,
+                            "manifest_id": {"oneOf": [_HEX64, {"type": "null"}]},
+                            "build": {"type": ["integer", "null"]},
+                            "client": {"type": "string"},
+                            "last_seen": {"type": "number"},
+                            "expires": {"type": "number"},
+                            "last_outcome": {"oneOf": [outcome, {"type": "null"}]},
+                        },
+                    },
+                },
+                "recent_outcomes": {"type": "array", "items": outcome},
             },
         },
     }
@@ -499,6 +599,20 @@ def _paths() -> dict[str, Any]:
             ),
         },
         "/v1/stats": {"get": _op("Per-release swarm stats, peer quality, tracker load")},
+        "/v1/apps/{app}/fleet": {
+            "get": _op(
+                "Nodes running each build of the app, adoption curves, client versions",
+                answer=_ref("Fleet"),
+                parameters=[_APP],
+            )
+        },
+        "/v1/nodes/{node_id}": {
+            "get": _op(
+                "What one node runs in each app, and its recent install outcomes",
+                answer=_ref("FleetNode"),
+                parameters=[_NODE],
+            )
+        },
     }
 
 

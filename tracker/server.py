@@ -65,3 +65,4 @@ async def serve_tracker(
         tracker.ops.close()
         tracker.registry.close()
         tracker.swarm.close()
+        tracker.fleet.store.close()

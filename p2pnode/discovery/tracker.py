@@ -32,12 +32,14 @@ import httpx
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from .. import __version__
 from ..errors import P2PNodeError, TrackerError, TrackerRefusedError
 from ..release import keys
 from ..release.manifest import parse_signed
 from .dht.records import PeerRecord, Topic, make_record, parse_record
 from .tracker_api import (
     ANNOUNCE_DOMAIN,
+    CLIENT_FIELD,
     OUTCOME_DOMAIN,
     REPORT_DOMAIN,
     SESSION_HEADER,
@@ -105,6 +107,9 @@ class TrackerClient:
         self.announce_url: str | None = None
         #: announce session per node key: (token, monotonic time to stop using it)
         self._sessions: dict[bytes, tuple[str, float]] = {}
+        #: optional announce fields the tracker said it accepts (``announce_fields``): sent
+        #: only then, since trackers older than a field refuse it
+        self._accepted_fields: frozenset[str] = frozenset()
 
     async def aclose(self) -> None:
         if self._own:
@@ -362,6 +367,8 @@ class TrackerClient:
             fields["ip"] = ip
         if records:
             fields["records"] = [r.hex() for r in records]
+        if CLIENT_FIELD in self._accepted_fields:
+            fields[CLIENT_FIELD] = __version__  # for the tracker's fleet view
         body, sig = sign_body(key, ANNOUNCE_DOMAIN, fields)
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sig}
         public = keys.public_key_bytes(key)
@@ -385,6 +392,9 @@ class TrackerClient:
             resp = await self._request("POST", "/v1/announce", content=body, headers=headers)
         d = resp.json()
         self._learn_announce_port(d.get("announce_port"))
+        accepted = d.get("announce_fields")
+        if isinstance(accepted, list):
+            self._accepted_fields = frozenset(f for f in accepted[:16] if isinstance(f, str))
         token, ttl = d.get("session"), d.get("session_ttl")
         if isinstance(token, str) and len(token) <= 64 and isinstance(ttl, int) and ttl > 0:
             # stop a minute early: a token expiring in flight costs the tracker a check, no more

@@ -23,6 +23,8 @@ from ..release.metadata import MAX_NOTES_BYTES, UpdateType
 
 __all__ = [
     "ANNOUNCE_DOMAIN",
+    "CLIENT_FIELD",
+    "CLIENT_PATTERN",
     "OUTCOME_CODES",
     "OUTCOME_DOMAIN",
     "OUTCOME_KINDS",
@@ -63,6 +65,13 @@ OUTCOME_CODES = (
     "other",
 )
 SIGNATURE_HEADER = "X-P2PNode-Signature"
+#: Optional announce field: the node's p2pnode version (``p2pnode.__version__``), for the
+#: tracker's fleet view. A tracker that accepts it lists it in its answers' ``announce_fields``;
+#: a node sends it only after seeing that, because trackers older than the field refuse unknown
+#: fields (their parser is strict), and a tracker never requires it (older nodes omit it).
+CLIENT_FIELD = "client"
+#: A version as PEP 440 and local builds spell it, at most 32 characters.
+CLIENT_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z.+!_-]{0,31}$"
 #: Header carrying an announce session token (the tracker's ``AnnounceSessions``).
 SESSION_HEADER = "X-P2PNode-Session"
 
