@@ -28,6 +28,7 @@ import importlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,8 @@ class DaemonOptions:
     listen: str | None = None  # HOST:PORT of the swarm node serving everything installed
     api: str | None = None  # HOST:PORT of the local API
     report: bool = True  # report installs and outcomes to the entries' trackers
+    clock: Callable[[], float] = time.time  # wall-clock seconds (tests pass their own)
+    local_now: Callable[[], datetime] = datetime.now  # the schedule's local time (tests too)
 
 
 @dataclass
@@ -88,7 +91,9 @@ async def run_daemon(
     state = StateDir(opts.state)
     state.lock()
     try:
-        service = Service.open(state, opts.table, opts.where)
+        service = Service.open(
+            state, opts.table, opts.where, clock=opts.clock, local_now=opts.local_now
+        )
         try:
             async with trio.open_nursery() as nursery:
                 daemon = Daemon(service, opts, emit, nursery)
@@ -181,7 +186,7 @@ class Daemon:
             if change is not None:
                 timeout = min(timeout, change + 0.05)
             if wanted.deadline is not None:
-                timeout = min(timeout, max(0.0, wanted.deadline - time.time()) + 0.05)
+                timeout = min(timeout, max(0.0, wanted.deadline - self.opts.clock()) + 0.05)
             with trio.move_on_after(timeout):
                 await self._wake.wait()
 

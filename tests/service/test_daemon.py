@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 import trio
 
 from p2pnode.demo.cdn import LocalCDN
+from p2pnode.disk.launchlock import launching
 from p2pnode.disk.stage import Journal
 from p2pnode.disk.state import StateDir
 from p2pnode.errors import ServiceLockedError
@@ -140,3 +143,58 @@ def test_a_second_daemon_on_the_same_state_dir_is_refused(tmp_path: Path) -> Non
                 await run_daemon(DaemonOptions(tmp_path / "state"))
 
     trio.run(main)
+
+
+def test_a_schedule_window_caps_the_measured_rate_within_two_seconds_of_its_start(
+    tmp_path: Path, cdn: LocalCDN
+) -> None:
+    url, _ = game(tmp_path, cdn, "capped", 6_000_000)
+    start = datetime(2026, 12, 2, 17, 59, 57)  # a Wednesday, 3 s before the window opens
+    t0 = time.monotonic()
+    window = {"days": "all", "begin": "18:00", "end": "19:00", "download": "200K"}
+    table = {"max_download_rate": "1M", "alt_speed": [window]}
+
+    def local_now() -> datetime:
+        return start + timedelta(seconds=time.monotonic() - t0)
+
+    async def main() -> None:
+        async with daemon(tmp_path / "state", table=table, local_now=local_now) as running:
+            _, j = running.service.add(url, str(tmp_path / "dest"), TRUST)
+
+            async def rate_over(seconds: float) -> float:
+                before, t = job(running, j.id).progress.bytes_done, time.monotonic()
+                await trio.sleep(seconds)
+                return (job(running, j.id).progress.bytes_done - before) / (time.monotonic() - t)
+
+            await until(lambda: job(running, j.id).progress.bytes_done > 0)
+            fast = await rate_over(1.5)
+            await until(lambda: local_now() >= start.replace(minute=0, hour=18, second=2))
+            slow = await rate_over(2.0)
+            assert fast > 600_000 and slow < 300_000, (fast, slow)
+            assert running.daemon.download.rate == 200 * 1024
+
+    trio.run(main)
+
+
+def test_an_update_waits_for_the_launcher_lock_before_it_switches(
+    tmp_path: Path, cdn: LocalCDN
+) -> None:
+    v1, _ = game(tmp_path, cdn, "played", 400_000)
+    v2, _ = game(tmp_path, cdn, "played", 400_000, build=2, seed=2)
+    dest = tmp_path / "dest"
+
+    async def main() -> None:
+        async with daemon(tmp_path / "state") as running:
+            svc = running.service
+            entry, first = svc.add(v1, str(dest), TRUST)
+            await installed(running, first.id)
+            with launching(dest):  # the game runs
+                up = svc.submit(entry.id, JobKind.UPDATE, target=v2)
+                await until(lambda: job(running, up.id).state is JobState.VERIFYING)
+                await trio.sleep(1.5)
+                assert job(running, up.id).state is JobState.VERIFYING
+                assert tree(dest) == tree(tmp_path / "src-played-1")  # not switched under it
+            await installed(running, up.id, timeout=10)
+
+    trio.run(main)
+    assert tree(dest) == tree(tmp_path / "src-played-2")
