@@ -38,12 +38,13 @@ import trio
 from ..errors import P2PNodeError
 from ..node.result import InstallResult
 from ..ratelimit import RateLimiter
+from ..release import manifest as M
 from .control import Service
 from .follow import Followers
 from .library import Entry
 from .queue import Discard, Start, Stop
 from .schedule import Caps
-from .serving import RESEED_SECONDS, refresh
+from .serving import RESEED_SECONDS, Listings, refresh
 from .statedir import StateDir
 from .worker import WorkerContext, discard, run_job
 
@@ -130,6 +131,7 @@ class Daemon:
         self._busy: dict[str, trio.Event] = {}
         self._wake = trio.Event()
         self.node: SwarmNode | None = None
+        self.listings: Listings | None = None
         self.listen_port: int | None = None
         self.identity: NodeIdentity | None = None
         self.followers = Followers(service, nursery, emit)
@@ -159,8 +161,16 @@ class Daemon:
                 upload_limiter=self.upload,
                 download_limiter=self.download,
             )
-            await self._refresh()
             self.listen_port = await self.nursery.start(self.node.serve, host, port)
+            if self.opts.report:
+                self.listings = Listings(
+                    self.identity,
+                    self.service.state.root,
+                    (host, self.listen_port),
+                    self.node,
+                    self.nursery,
+                )
+            await self._refresh()
             self.nursery.start_soon(self._reseed)
         if self.opts.api:
             await start_api(self.service, self.opts.api, self.nursery, self.emit)
@@ -272,8 +282,15 @@ class Daemon:
     async def _refresh(self) -> None:
         if self.node is None:
             return
-        dests = [Path(e.dest) for e in self.service.library.entries]
-        await trio.to_thread.run_sync(refresh, self.node, dests)
+        entries = list(self.service.library.entries)
+        dests = [Path(e.dest) for e in entries]
+        current = await trio.to_thread.run_sync(refresh, self.node, dests)
+        if self.listings is not None:
+            wanted: dict[str, list[M.Manifest]] = {}
+            for e in entries:
+                if e.tracker is not None and Path(e.dest) in current:
+                    wanted.setdefault(e.tracker, []).append(current[Path(e.dest)])
+            self.listings.set(wanted)
 
     async def _reseed(self) -> None:
         while True:

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import trio
+
 from ..disk.stage import LocalChunks
 from ..disk.state import StateDir
 from ..disk.switch import local_chunks
@@ -21,9 +23,11 @@ from ..errors import P2PNodeError
 from ..release import manifest as M
 
 if TYPE_CHECKING:
+    from ..discovery.race import Discovery
+    from ..identity import NodeIdentity
     from ..swarm.node import SwarmNode
 
-__all__ = ["RESEED_SECONDS", "Holdings", "holdings_of", "refresh"]
+__all__ = ["RESEED_SECONDS", "Holdings", "Listings", "holdings_of", "refresh"]
 
 #: How often the served index is rebuilt from the install directories.
 RESEED_SECONDS = 30.0
@@ -71,16 +75,87 @@ def holdings_of(dests: Iterable[Path]) -> tuple[Holdings, list[tuple[M.Manifest,
     return Holdings(parts), offers
 
 
-def refresh(node: SwarmNode, dests: Iterable[Path]) -> list[M.Manifest]:
-    """Rebuild ``node``'s index from ``dests``; returns the builds installed now (current
-    ones, for the tracker's listing). Blocking: call from a thread (the node is only assigned
-    new objects, which the trio thread reads whole)."""
+def refresh(node: SwarmNode, dests: Iterable[Path]) -> dict[Path, M.Manifest]:
+    """Rebuild ``node``'s index from ``dests``; returns the build installed at each (for the
+    trackers' listings). Blocking: call from a thread (the node is only assigned new objects,
+    which the trio thread reads whole)."""
+    dests = list(dests)
     local, offers = holdings_of(dests)
-    current: list[M.Manifest] = []
     for manifest, signed in offers:
         if manifest.id not in node.manifests or (signed and manifest.id not in node.signed):
             node.offer(manifest, signed)
-        if signed is not None:
-            current.append(manifest)
     node.local = local
+    current: dict[Path, M.Manifest] = {}
+    for dest in dests:
+        sd = StateDir(dest)
+        try:
+            state = sd.load() if sd.exists else None
+            if state is not None and state.current:
+                current[dest] = sd.load_manifest(state.current)
+        except (P2PNodeError, OSError):
+            continue
     return current
+
+
+class Listings:
+    """Every installed build kept listed on its entry's tracker while the daemon serves it
+    (as ``seed`` keeps its one build listed): one discovery per tracker, one ``keep_listed``
+    task per build, re-announced every ``requery`` so the node never expires from the
+    tracker's peer lists. Builds no longer installed are dropped at the next :meth:`set`."""
+
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        identity_dir: Path,
+        listen: tuple[str, int],
+        node: SwarmNode,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.identity = identity
+        self.identity_dir = identity_dir
+        self.listen = listen
+        self.node = node
+        self.nursery = nursery
+        self._wanted: dict[str, dict[bytes, M.Manifest]] = {}
+        self._changed: dict[str, trio.Event] = {}
+
+    def set(self, wanted: dict[str, list[M.Manifest]]) -> None:
+        """The builds to keep listed, by tracker URL."""
+        for url in set(wanted) | set(self._wanted):
+            self._wanted[url] = {m.id: m for m in wanted.get(url, [])}
+            if url not in self._changed:
+                self._changed[url] = trio.Event()
+                self.nursery.start_soon(self._tracker, url)
+            self._changed[url].set()
+
+    async def _tracker(self, url: str) -> None:
+        from ..discovery.race import DiscoveryOptions, open_discovery
+
+        options = DiscoveryOptions(tracker=url, identity_dir=self.identity_dir, first_wait=0.0)
+        node = self.node
+        async with (
+            open_discovery(self.identity, options, self.listen) as disc,
+            trio.open_nursery() as nursery,
+        ):
+            disc.tally = lambda mid: (node.manifests[mid].total_size, 0, 0, 0, node.uploaded)
+            listed: dict[bytes, trio.CancelScope] = {}
+            while True:
+                changed = self._changed[url] = trio.Event()
+                wanted = self._wanted.get(url, {})
+                for mid in [m for m in listed if m not in wanted]:
+                    listed.pop(mid).cancel()
+                for mid, manifest in wanted.items():
+                    if mid not in listed:
+                        listed[mid] = await nursery.start(_listed, disc, manifest)
+                await changed.wait()
+
+
+async def _listed(
+    disc: Discovery,
+    manifest: M.Manifest,
+    *,
+    task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with trio.CancelScope() as scope:
+        task_status.started(scope)
+        await disc.keep_listed(manifest)
