@@ -44,7 +44,7 @@ from .follow import Followers
 from .library import Entry
 from .queue import Discard, Start, Stop
 from .schedule import Caps
-from .serving import RESEED_SECONDS, Listings, refresh
+from .serving import RESEED_SECONDS, Listings, ServedIndex
 from .statedir import StateDir
 from .worker import WorkerContext, discard, run_job
 
@@ -101,7 +101,11 @@ async def run_daemon(
                 port = await daemon.start()
                 emit({"event": "started", "state": str(opts.state), "listen_port": port})
                 task_status.started(Running(service, port, daemon))
-                await daemon.loop()
+                try:
+                    await daemon.loop()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await daemon.followers.aclose()
         finally:
             service.flush()
     finally:
@@ -132,6 +136,7 @@ class Daemon:
         self._wake = trio.Event()
         self.node: SwarmNode | None = None
         self.listings: Listings | None = None
+        self.index = ServedIndex()
         self.listen_port: int | None = None
         self.identity: NodeIdentity | None = None
         self.followers = Followers(service, nursery, emit)
@@ -284,7 +289,7 @@ class Daemon:
             return
         entries = list(self.service.library.entries)
         dests = [Path(e.dest) for e in entries]
-        current = await trio.to_thread.run_sync(refresh, self.node, dests)
+        current = await trio.to_thread.run_sync(self.index.refresh, self.node, dests)
         if self.listings is not None:
             wanted: dict[str, list[M.Manifest]] = {}
             for e in entries:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from ..discovery.tracker import ChannelHead, TrackerClient, TrackerError
@@ -56,12 +57,16 @@ def installed_build(dest: Path) -> int | None:
 
 
 async def follow(
-    service: Service, entry: Entry, emit: Callable[[dict[str, Any]], None] | None = None
+    service: Service,
+    entry: Entry,
+    emit: Callable[[dict[str, Any]], None] | None = None,
+    http: httpx.AsyncClient | None = None,
 ) -> None:
-    """Queue an update for every newer build on ``entry``'s channel, until cancelled."""
+    """Queue an update for every newer build on ``entry``'s channel, until cancelled.
+    ``http``: a client shared by many followers (one connection pool, not one per game)."""
     assert entry.tracker is not None
     emit = emit or (lambda event: None)
-    async with TrackerClient(entry.tracker) as tracker:
+    async with TrackerClient(entry.tracker, client=http) as tracker:
         seq = 0
         while True:
             head = await _next(tracker, entry, seq, emit)
@@ -131,6 +136,18 @@ class Followers:
         self.nursery = nursery
         self.emit = emit
         self.running: dict[str, tuple[Entry, trio.CancelScope]] = {}
+        # One HTTP client for every long poll: an httpx client costs about a megabyte (its
+        # TLS context), and a library of fifty games would hold fifty.
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0, read=90.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+
+    async def aclose(self) -> None:
+        for _, scope in self.running.values():
+            scope.cancel()
+        self.running.clear()
+        await self.http.aclose()
 
     def sync(self) -> None:
         wanted = {
@@ -148,4 +165,4 @@ class Followers:
 
     async def _run(self, entry: Entry, scope: trio.CancelScope) -> None:
         with scope:
-            await follow(self.service, entry, self.emit)
+            await follow(self.service, entry, self.emit, self.http)

@@ -11,6 +11,7 @@ job and every :data:`RESEED_SECONDS`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,10 +28,12 @@ if TYPE_CHECKING:
     from ..identity import NodeIdentity
     from ..swarm.node import SwarmNode
 
-__all__ = ["RESEED_SECONDS", "Holdings", "Listings", "holdings_of", "refresh"]
+__all__ = ["RESEED_SECONDS", "Holdings", "Install", "Listings", "ServedIndex", "read_install"]
 
 #: How often the served index is rebuilt from the install directories.
 RESEED_SECONDS = 30.0
+#: Seconds between announces keeping an installed build listed on its tracker.
+LISTING_INTERVAL = 60.0
 
 
 class Holdings(LocalChunks):
@@ -53,48 +56,75 @@ class Holdings(LocalChunks):
         return None
 
 
-def holdings_of(dests: Iterable[Path]) -> tuple[Holdings, list[tuple[M.Manifest, bytes | None]]]:
-    """The chunks of every install at ``dests`` and the builds to offer (current first, with
-    its signed encoding so peers holding only older builds can be shown it). An install whose
-    state cannot be read is skipped (its job will say why). Blocking: call from a thread."""
-    parts: list[LocalChunks] = []
-    offers: list[tuple[M.Manifest, bytes | None]] = []
-    for dest in dests:
-        sd = StateDir(dest)
+@dataclass(frozen=True)
+class Install:
+    """What one install contributes to the served index, read at ``stamp``."""
+
+    stamp: tuple[int, int]  # mtime_ns of state.json and of the stage journal (0: none)
+    local: LocalChunks
+    offers: list[tuple[M.Manifest, bytes | None]]  # current (signed) first, then kept builds
+    current: M.Manifest | None
+
+
+def _stamp(sd: StateDir) -> tuple[int, int]:
+    def mtime(path: Path) -> int:
         try:
-            if not sd.exists:
+            return path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+    return mtime(sd.state_file), mtime(sd.journal)
+
+
+def read_install(dest: Path) -> Install | None:
+    """The chunks and builds of the install at ``dest``; None if nothing is installed or its
+    state cannot be read (its job will say why). Blocking."""
+    sd = StateDir(dest)
+    try:
+        if not sd.exists:
+            return None
+        stamp = _stamp(sd)
+        state = sd.load()
+        offers: list[tuple[M.Manifest, bytes | None]] = []
+        current = None
+        if state.current:
+            signed = sd.load_signed(state.current)
+            current = signed.manifest
+            offers.append((current, signed.encode()))
+        offers += [(sd.load_manifest(mid), None) for mid in state.history]
+        return Install(stamp, local_chunks(sd, state), offers, current)
+    except (P2PNodeError, OSError):
+        return None
+
+
+class ServedIndex:
+    """The serving node's index over many installs, rebuilt cheaply: an install whose state
+    file and journal have not changed since the last look is not read again (an idle daemon
+    holding fifty games should not parse fifty manifests every half minute)."""
+
+    def __init__(self) -> None:
+        self._installs: dict[Path, Install] = {}
+
+    def refresh(self, node: SwarmNode, dests: Iterable[Path]) -> dict[Path, M.Manifest]:
+        """Rebuild ``node``'s index from ``dests``; returns the build installed at each (for
+        the trackers' listings). Blocking: call from a thread (the node is only assigned new
+        objects, which the trio thread reads whole)."""
+        installs: dict[Path, Install] = {}
+        for dest in dests:
+            known = self._installs.get(dest)
+            if known is not None and known.stamp == _stamp(StateDir(dest)):
+                installs[dest] = known
                 continue
-            state = sd.load()
-            parts.append(local_chunks(sd, state))
-            if state.current:
-                signed = sd.load_signed(state.current)
-                offers.append((signed.manifest, signed.encode()))
-            offers += [(sd.load_manifest(mid), None) for mid in state.history]
-        except (P2PNodeError, OSError):
-            continue
-    return Holdings(parts), offers
-
-
-def refresh(node: SwarmNode, dests: Iterable[Path]) -> dict[Path, M.Manifest]:
-    """Rebuild ``node``'s index from ``dests``; returns the build installed at each (for the
-    trackers' listings). Blocking: call from a thread (the node is only assigned new objects,
-    which the trio thread reads whole)."""
-    dests = list(dests)
-    local, offers = holdings_of(dests)
-    for manifest, signed in offers:
-        if manifest.id not in node.manifests or (signed and manifest.id not in node.signed):
-            node.offer(manifest, signed)
-    node.local = local
-    current: dict[Path, M.Manifest] = {}
-    for dest in dests:
-        sd = StateDir(dest)
-        try:
-            state = sd.load() if sd.exists else None
-            if state is not None and state.current:
-                current[dest] = sd.load_manifest(state.current)
-        except (P2PNodeError, OSError):
-            continue
-    return current
+            fresh = read_install(dest)
+            if fresh is not None:
+                installs[dest] = fresh
+        self._installs = installs
+        for install in installs.values():
+            for manifest, signed in install.offers:
+                if manifest.id not in node.manifests or (signed and manifest.id not in node.signed):
+                    node.offer(manifest, signed)
+        node.local = Holdings(i.local for i in installs.values())
+        return {d: i.current for d, i in installs.items() if i.current is not None}
 
 
 class Listings:
@@ -131,7 +161,11 @@ class Listings:
     async def _tracker(self, url: str) -> None:
         from ..discovery.race import DiscoveryOptions, open_discovery
 
-        options = DiscoveryOptions(tracker=url, identity_dir=self.identity_dir, first_wait=0.0)
+        # Re-announced at the tracker's own announce interval (its default 60 s; a peer is
+        # dropped after three missed), not discovery's 30 s: fifty games, half the requests.
+        options = DiscoveryOptions(
+            tracker=url, identity_dir=self.identity_dir, first_wait=0.0, requery=LISTING_INTERVAL
+        )
         node = self.node
         async with (
             open_discovery(self.identity, options, self.listen) as disc,
