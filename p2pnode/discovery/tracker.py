@@ -238,11 +238,14 @@ class TrackerClient:
             raise
         return ChannelHead.from_json(resp.json())
 
-    async def wait_for_release(self, app: str, channel: str, *, since: int = 0) -> ChannelHead:
+    async def wait_for_release(
+        self, app: str, channel: str, *, since: int = 0, wait: float = LONG_POLL_S
+    ) -> ChannelHead:
         """Long-poll until the channel's head has a seq above ``since``; returns it. Unbounded:
-        wrap it in ``trio.move_on_after``/``fail_after``."""
+        wrap it in ``trio.move_on_after``/``fail_after``. ``wait``: how long each poll asks
+        the tracker to hold it (a daemon following many channels asks for longer)."""
         while True:
-            head = await self.latest(app, channel, since=since, wait=LONG_POLL_S)
+            head = await self.latest(app, channel, since=since, wait=wait)
             if head is not None and head.seq > since:
                 return head
             if head is None:

@@ -35,6 +35,9 @@ __all__ = ["Followers", "follow", "installed_build", "is_critical"]
 #: Backoff cap while the tracker cannot be reached, and the wait before asking the queue again
 #: when the entry has a job of another kind (a verify) in the way.
 RETRY_MAX = 30.0
+#: How long each long poll asks the tracker to hold it: near the tracker's 60 s cap, since an
+#: idle daemon following fifty channels pays for every poll (a publish still answers at once).
+POLL_WAIT = 55.0
 
 
 def is_critical(manifest: M.Manifest) -> bool:
@@ -80,7 +83,9 @@ async def _next(
     backoff, warned = 1.0, False
     while True:
         try:
-            return await tracker.wait_for_release(entry.source, entry.channel, since=since)
+            return await tracker.wait_for_release(
+                entry.source, entry.channel, since=since, wait=POLL_WAIT
+            )
         except TrackerError as exc:
             if not warned:
                 emit({"event": "tracker-unreachable", "entry": entry.id, "error": exc.message})
