@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .fsutil import lock_nowait
 from .state import StateDir
 
 __all__ = ["LAUNCH_LOCK", "launch_lock_path", "launching", "try_hold_for_switch"]
@@ -54,10 +55,6 @@ def launching(dest: Path) -> Iterator[None]:
 def try_hold_for_switch(dest: Path) -> int | None:
     """The lock taken exclusively (its fd: close it after the switch), or None while a
     launcher holds it."""
-    fd = _open(launch_lock_path(dest))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    path = launch_lock_path(dest)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return lock_nowait(path)

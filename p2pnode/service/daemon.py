@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..discovery.tracker import TrackerClient
 from ..errors import P2PNodeError
 from ..node.result import InstallResult
 from ..ratelimit import RateLimiter
@@ -281,8 +282,12 @@ class Daemon:
             if entry.tracker and self.opts.report and result.action != "unchanged":
                 self.nursery.start_soon(self._report, entry, result, seconds)
 
-    def _failed(self, entry: Entry, error: P2PNodeError, seconds: float) -> None:
+    def _failed(
+        self, entry: Entry, error: P2PNodeError, seconds: float, attempted: InstallResult | None
+    ) -> None:
         self.emit({"event": "job-failed", "entry": entry.id, "error": str(error)})
+        if entry.tracker and self.opts.report and attempted is not None:
+            self.nursery.start_soon(self._report_failure, entry, attempted, error, seconds)
 
     async def _refresh(self) -> None:
         if self.node is None:
@@ -304,23 +309,36 @@ class Daemon:
 
     async def _report(self, entry: Entry, result: InstallResult, seconds: float) -> None:
         """As ``watch`` does: where the bytes came from, the peers' quality, the outcome."""
-        from ..discovery.tracker import TrackerClient
-        from ..node.tracking import outcome_fields, report_install, report_outcome, serving_host
+        from ..node.tracking import report_success, serving_host
 
         assert entry.tracker is not None and self.identity is not None
         host = await trio.to_thread.run_sync(serving_host, self.opts.listen, entry.tracker)
-        m = result.manifest
         async with TrackerClient(entry.tracker) as tracker:
-            trouble = await report_install(tracker, self.identity, result, self.listen_port, host)
-            fields = outcome_fields(
-                app=m.app,
-                manifest_id=m.id,
-                to_build=m.build,
-                from_build=result.previous_build,
-                seconds=seconds,
-                result=result,
+            trouble = await report_success(
+                tracker, self.identity, result, seconds, self.listen_port, host
             )
-            trouble = await report_outcome(tracker, self.identity, fields) or trouble
+        if trouble is not None:
+            self.emit({"event": "warning", "entry": entry.id, "error": trouble})
+
+    async def _report_failure(
+        self, entry: Entry, attempted: InstallResult, error: P2PNodeError, seconds: float
+    ) -> None:
+        """A failed attempt at a known build, with its failure code (as ``watch`` reports)."""
+        from ..node.tracking import outcome_fields, report_outcome
+
+        assert entry.tracker is not None and self.identity is not None
+        m = attempted.manifest
+        fields = outcome_fields(
+            app=m.app,
+            manifest_id=m.id,
+            to_build=m.build,
+            from_build=attempted.previous_build,
+            seconds=seconds,
+            error=error,
+            kind="install" if attempted.previous_build is None else "update",
+        )
+        async with TrackerClient(entry.tracker) as tracker:
+            trouble = await report_outcome(tracker, self.identity, fields)
         if trouble is not None:
             self.emit({"event": "warning", "entry": entry.id, "error": trouble})
 

@@ -96,9 +96,10 @@ class WorkerContext:
     on_installed: Callable[[Entry, InstallResult | None, float], None] = field(
         default=lambda entry, result, seconds: None
     )
-    #: Called with an entry and the error of a failed attempt (the tracker's outcome report).
-    on_failed: Callable[[Entry, P2PNodeError, float], None] = field(
-        default=lambda entry, error, seconds: None
+    #: Called with an entry, the error of a failed attempt, its seconds and, once the build
+    #: was known, the attempt's figures (the tracker's outcome report names the build).
+    on_failed: Callable[[Entry, P2PNodeError, float, InstallResult | None], None] = field(
+        default=lambda entry, error, seconds, attempted: None
     )
     connections: int = 8
 
@@ -126,7 +127,7 @@ async def run_job(
     except (P2PNodeError, OSError, BaseExceptionGroup) as exc:
         error = _our_error(exc)
         service.failed(job_id, attempt, str(error))
-        ctx.on_failed(entry, error, time.monotonic() - started)
+        ctx.on_failed(entry, error, time.monotonic() - started, meter.result)
         return
     service.report(job_id, attempt, progress=meter.sample(time.monotonic()))
     service.finished(job_id, attempt)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -19,14 +18,6 @@ from p2pnode.service.daemon import DaemonOptions, run_daemon
 from p2pnode.service.job import JobKind, JobState
 from tests.support.daemon import TRUST, daemon, game, installed, job, sent, until
 from tests.support.release import tree
-
-
-@pytest.fixture
-def cdn(tmp_path: Path) -> Iterator[LocalCDN]:
-    root = tmp_path / "cdn"
-    root.mkdir()
-    with LocalCDN(root) as server:
-        yield server
 
 
 def test_max_active_one_runs_games_one_after_the_other_in_priority_order(

@@ -8,10 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from p2pnode.demo.cdn import LocalCDN
 from p2pnode.disk.stage import Journal
@@ -21,14 +18,6 @@ from p2pnode.service.statedir import StateDir as ServiceState
 from p2pnode.service.statedir import read_json
 from tests.support.daemon import TRUST, game, sent
 from tests.support.release import tree
-
-
-@pytest.fixture
-def cdn(tmp_path: Path) -> Iterator[LocalCDN]:
-    root = tmp_path / "cdn"
-    root.mkdir()
-    with LocalCDN(root) as server:
-        yield server
 
 
 def start_daemon(state: Path, config: Path) -> subprocess.Popen[str]:

@@ -11,7 +11,6 @@ import trio
 
 from p2pnode.demo.cdn import LocalCDN
 from p2pnode.service.job import JobKind
-from tests.node.conftest import tracker_url  # noqa: F401 (the fixture)
 from tests.support.daemon import daemon, installed, until
 from tests.support.e2e import ADMIN, cli, registered_app
 from tests.support.release import tree
@@ -27,7 +26,7 @@ def publish(src: Path, out: Path, key: Path, url: str, mirror: str, build: int) 
 
 def test_daemon_follows_the_channel_reports_and_serves_peers(
     tmp_path: Path,
-    tracker_url: str,  # noqa: F811
+    tracker_url: str,
 ) -> None:
     src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
     with LocalCDN(cdn_root) as cdn:
