@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..discovery.tracker import TrackerClient
-from ..errors import P2PNodeError
+from ..errors import P2PNodeError, UsageError
 from ..node.result import InstallResult
 from ..ratelimit import RateLimiter
 from ..release import manifest as M
@@ -351,8 +351,16 @@ async def start_api(service: Service, api: str, nursery: trio.Nursery, emit: Emi
     except ModuleNotFoundError:
         emit({"event": "warning", "error": "the local API is not built in this version"})
         return
-    host, _, port = api.rpartition(":")
+    if api.startswith("unix:"):  # a Unix socket: unix:/path
+        host, port = api, "0"
+    else:
+        host, _, port = api.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        fix = "e.g. --api 127.0.0.1:7656 or --api unix:/run/user/1000/p2pnode.sock"
+        raise UsageError(f"--api {api!r} is not HOST:PORT", fix=fix) from None
     token = service.state.api_token()
-    serve = partial(module.serve_api, service, host or "127.0.0.1", int(port), token)
+    serve = partial(module.serve_api, service, host or "127.0.0.1", number, token)
     await nursery.start(serve)
     emit({"event": "api", "listen": api})
