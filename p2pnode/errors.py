@@ -20,6 +20,9 @@ pass a more specific one.
     │       ├── RecordSignatureError  (also a SignatureError)
     │       ├── ExpiredRecordError
     │       └── LANMessageError       a malformed LAN discovery message
+    ├── IncompatibleError        a genuine build this node cannot install (release.compat)
+    │   ├── ClientTooOldError    the manifest's min_client is newer than this p2pnode
+    │   └── PlatformError        the build is for other platforms than this machine
     ├── InstallError             local state problems
     │   ├── InstallLockedError   another p2pnode process works on the same install
     │   │   └── ServiceLockedError  another daemon owns the same state dir
@@ -62,6 +65,7 @@ __all__ = [
     "BUG_TYPES",
     "CDNError",
     "ChunkHashError",
+    "ClientTooOldError",
     "DHTError",
     "DHTStateError",
     "DamagedStateError",
@@ -70,6 +74,7 @@ __all__ = [
     "DowngradeError",
     "ExpiredManifestError",
     "ExpiredRecordError",
+    "IncompatibleError",
     "InstallError",
     "InstallLockedError",
     "IntegrityError",
@@ -82,6 +87,7 @@ __all__ = [
     "NotInstalledError",
     "P2PNodeError",
     "PeerRecordError",
+    "PlatformError",
     "ProtocolError",
     "RecordSignatureError",
     "RemoteProtocolError",
@@ -178,6 +184,26 @@ class ExpiredRecordError(PeerRecordError):
 
 class LANMessageError(PeerRecordError):
     """A LAN discovery datagram that is not a well-formed query or answer."""
+
+
+class IncompatibleError(P2PNodeError):
+    """A genuine, trusted build that this node may not install (``release.compat``): refused
+    before anything is fetched, and not retried until something changes (a newer build, or an
+    upgraded p2pnode)."""
+
+    default_fix = "install a build made for this machine and this p2pnode"
+
+
+class ClientTooOldError(IncompatibleError):
+    """The manifest's ``min_client`` is newer than this p2pnode."""
+
+    default_fix = "upgrade p2pnode, then run the same command again"
+
+
+class PlatformError(IncompatibleError):
+    """The build names its platforms, and this machine is not one of them."""
+
+    default_fix = "install the build published for this platform (ask the publisher which)"
 
 
 class InstallError(P2PNodeError):

@@ -56,6 +56,7 @@ from .openapi import openapi_document
 from .outcomes import MAX_OUTCOME_BYTES, OutcomeTally, parse_outcome
 from .records import VerifiedRecords
 from .registry_sqlite import SQLiteRegistry
+from .releaseinfo import ReleaseInfos
 from .sessions import AnnounceSessions
 from .swarm_sqlite import SQLiteSwarm
 from .troubles import Troubles
@@ -96,8 +97,9 @@ class Tracker:
         self.fast_port = 0
         self._answer_head: bytes | None = None
         self._troubles = Troubles()
+        self.infos = ReleaseInfos(registry, self._registry_call)
         self.channels = ChannelRoutes(
-            config, registry, self._registry_call, self.feed, self.metrics
+            config, registry, self._registry_call, self.feed, self.metrics, self.infos
         )
         self.app = Starlette(
             routes=self._routes(),
@@ -226,6 +228,7 @@ class Tracker:
         for r in stats["releases"]:
             info = labels.get(bytes.fromhex(r["manifest_id"]))
             r["build"], r["version"] = (info[1], info[2]) if info else (None, None)
+            r.update(await self.infos.fields(bytes.fromhex(r["manifest_id"])))
         stats["releases"].sort(key=lambda r: (r["app"], -(r["build"] or 0)))
         stats["load"] = self.metrics.load()
         self.metrics.stats_cache = stats

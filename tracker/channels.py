@@ -5,7 +5,8 @@ Handlers are thin: read the body under a size cap, check names and tokens, call 
 and its signature checked in a worker thread. Each move wakes the update feed
 (:class:`tracker.feed.Feed`); a node asks ``GET .../channels/CH?since=SEQ&wait=S`` and gets the
 head at once if it moved past ``SEQ``, else when it moves, else after ``S`` seconds; the same
-moves are pushed as server-sent events on ``.../events``.
+moves are pushed as server-sent events on ``.../events``. Heads carry the build's update type
+and release notes (:class:`tracker.releaseinfo.ReleaseInfos`), history entries its type.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .config import TrackerConfig
 from .errors import APIError, BadRequest, Conflict, Forbidden, NotFound
 from .feed import Feed
 from .metrics import TrackerMetrics
+from .releaseinfo import ReleaseInfos
 from .web import query_float, query_int, read_body
 
 __all__ = ["MAX_JSON_BYTES", "MAX_SINCE", "MAX_WAIT", "ChannelRoutes"]
@@ -51,6 +53,7 @@ class ChannelRoutes:
         registry_call: runs a registry call (in a worker thread when it may block).
         feed: woken by every channel move.
         metrics: counts the moves.
+        infos: each build's update type and notes, which heads and history carry.
     """
 
     def __init__(
@@ -60,9 +63,10 @@ class ChannelRoutes:
         registry_call: Callable[..., Awaitable[Any]],
         feed: Feed,
         metrics: TrackerMetrics,
+        infos: ReleaseInfos,
     ) -> None:
         self.config, self.registry, self.registry_call = config, registry, registry_call
-        self.feed, self.metrics = feed, metrics
+        self.feed, self.metrics, self.infos = feed, metrics, infos
 
     def app_row(self, app: str) -> AppRow:
         core.check_name(app, "app")
@@ -107,7 +111,7 @@ class ChannelRoutes:
             {
                 "app": row.name,
                 "key": keys.format_public_key(row.key),
-                "channels": [h.to_json() for h in heads],
+                "channels": [(await self.infos.head(h)).to_json() for h in heads],
             }
         )
 
@@ -152,6 +156,7 @@ class ChannelRoutes:
             actor=actor,
         )
         seq = await self.registry_call(self.registry.publish, publication)
+        self.infos.put(mid, m.info)
         self.metrics.moves.labels("publish").inc()
         self.feed.notify()
         return JSONResponse(
@@ -162,6 +167,7 @@ class ChannelRoutes:
                 "manifest_id": mid.hex(),
                 "build": m.build,
                 "version": m.version,
+                "update_type": m.info.update_type,
             },
             status_code=201,
         )
@@ -196,7 +202,7 @@ class ChannelRoutes:
         head = await self.registry_call(self.registry.head, row.name, channel)
         if head is None:  # the move just committed; only a concurrent delete could do this
             raise NotFound(f"channel {channel} vanished")
-        return JSONResponse(head.to_json())
+        return JSONResponse((await self.infos.head(head)).to_json())
 
     async def promote(self, request: Request) -> Response:
         return await self.move(request, "promote")
@@ -207,6 +213,8 @@ class ChannelRoutes:
     async def history(self, request: Request) -> Response:
         row, channel = self.channel(request)
         history = await self.registry_call(self.registry.history, row.name, channel)
+        for entry in history:  # the type, not the notes: 100 entries of 16 KiB is too much
+            entry.update(await self.infos.fields(bytes.fromhex(entry["manifest_id"]), notes=False))
         return JSONResponse({"app": row.name, "channel": channel, "history": history})
 
     async def latest(self, request: Request) -> Response:
@@ -224,7 +232,7 @@ class ChannelRoutes:
                 f"nothing is published to channel {channel} of {row.name} yet",
                 fix="publish a build first (or wait with ?since=0&wait=S)",
             )
-        return JSONResponse(head.to_json())
+        return JSONResponse((await self.infos.head(head)).to_json())
 
     async def events(self, request: Request) -> Response:
         row, channel = self.channel(request)
@@ -237,7 +245,7 @@ class ChannelRoutes:
                 head = await self.registry_call(self.registry.head, row.name, channel)
                 if head is not None and head.seq > last:
                     last = head.seq
-                    data = json.dumps(head.to_json())
+                    data = json.dumps((await self.infos.head(head)).to_json())
                     yield f"id: {head.seq}\nevent: release\ndata: {data}\n\n".encode()
                 with trio.move_on_after(15):
                     await self.feed.wait()

@@ -14,6 +14,7 @@ from typing import Any
 from p2pnode.discovery.tracker_api import OUTCOME_CODES, OUTCOME_KINDS, SIGNATURE_HEADER
 from p2pnode.release.keys import KEY_PREFIX
 from p2pnode.release.manifest import NAME_PATTERN
+from p2pnode.release.metadata import MAX_NOTES_BYTES, UpdateType
 
 from . import core
 from .channels import MAX_SINCE, MAX_WAIT
@@ -165,6 +166,7 @@ def _schemas() -> dict[str, Any]:
         },
         "Head": {
             "type": "object",
+            "additionalProperties": False,
             "required": ["app", "channel", "seq", "manifest_id", "build", "version"],
             "properties": {
                 "app": _NAME,
@@ -175,6 +177,17 @@ def _schemas() -> dict[str, Any]:
                 "version": {"type": "string"},
                 "updated": {"type": "number"},
                 "manifest_url": {"type": "string"},
+                "update_type": {
+                    "enum": [*(t.value for t in UpdateType), None],
+                    "description": "as the build's signed manifest states it; null: none "
+                    "(an ordinary update). `critical` is queued first by client services",
+                },
+                "notes": {
+                    "type": "string",
+                    "maxLength": MAX_NOTES_BYTES,
+                    "description": "the build's release notes (UTF-8, at most "
+                    f"{MAX_NOTES_BYTES} bytes); empty when it has none",
+                },
             },
         },
         "Announce": {

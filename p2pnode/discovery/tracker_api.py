@@ -19,6 +19,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..release import keys
+from ..release.metadata import MAX_NOTES_BYTES, UpdateType
 
 __all__ = [
     "ANNOUNCE_DOMAIN",
@@ -54,6 +55,8 @@ OUTCOME_CODES = (
     "manifest_expired",
     "manifest_invalid",
     "downgrade_refused",
+    "client_too_old",  # the build's min_client is newer than the node (release.compat)
+    "platform_unsupported",  # the build is for other platforms
     "install_locked",
     "rollback_failed",
     "install_failed",  # another local-state problem
@@ -87,6 +90,17 @@ class ChannelHead:
     version: str
     #: when the channel last moved (tracker clock, Unix seconds)
     updated: float = 0.0
+    #: The build's update type and release notes as its signed manifest states them (format 2;
+    #: ``None`` and "" for a manifest without them, or from a tracker older than the fields).
+    #: The tracker's word: good for ordering a queue before the manifest is fetched; the
+    #: manifest, once verified, is what counts.
+    update_type: UpdateType | None = None
+    notes: str = ""
+
+    @property
+    def critical(self) -> bool:
+        """The build is a critical update: the client service queues it first."""
+        return self.update_type is UpdateType.CRITICAL
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,6 +112,8 @@ class ChannelHead:
             "version": self.version,
             "updated": self.updated,
             "manifest_url": f"/v1/manifests/{self.manifest_id.hex()}",
+            "update_type": self.update_type,
+            "notes": self.notes,
         }
 
     @classmethod
@@ -110,7 +126,17 @@ class ChannelHead:
             build=int(d["build"]),
             version=d["version"],
             updated=float(d.get("updated", 0.0)),
+            update_type=_update_type(d.get("update_type")),
+            notes=d["notes"][:MAX_NOTES_BYTES] if isinstance(d.get("notes"), str) else "",
         )
+
+
+def _update_type(value: Any) -> UpdateType | None:
+    """A head's update type; an unknown one (a newer tracker's) is an ordinary update."""
+    try:
+        return UpdateType(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,8 +72,14 @@ def cmd_keygen(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
-    from ..release.publish import publish
+    from ..release.publish import publish, read_notes, release_info
 
+    info = release_info(
+        update_type=args.type,
+        notes=read_notes(Path(args.notes)) if args.notes else None,
+        min_client=args.min_client,
+        platforms=args.platform or (),
+    )
     key = keys.load_private_key(Path(args.key))
     result = publish(
         Path(args.src),
@@ -85,6 +91,7 @@ def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
         channel=args.channel,
         mirrors=args.mirror or (),
         nokeep=args.never_keep or (),
+        info=info,
         lifetime=int(args.expires_days * 86400),
         progress=_progress(args),
     )
@@ -438,6 +445,25 @@ def build_parser() -> argparse.ArgumentParser:
         "across an update to this build but moved to the install's quarantine (repeatable)",
     )
     p.add_argument("--expires-days", type=float, default=365.0)
+    p.add_argument(
+        "--type",
+        metavar="TYPE",
+        help="update type: critical (queued first, outside update windows), major, minor, "
+        "hotfix or beta",
+    )
+    p.add_argument("--notes", metavar="FILE", help="release notes: a UTF-8 text file, <= 16 KiB")
+    p.add_argument(
+        "--min-client",
+        metavar="VERSION",
+        help="oldest p2pnode (PEP 440 version) that may install this build",
+    )
+    p.add_argument(
+        "--platform",
+        action="append",
+        metavar="OS/ARCH",
+        help="a platform the build is for, e.g. linux/x86_64, windows/x86_64, macos/arm64 or "
+        "any (repeatable or comma-separated; default any)",
+    )
     p.add_argument("--tracker", metavar="URL", help="also publish to this tracker's channel")
     p.add_argument("--token", help="publisher or admin token for --tracker")
     p.set_defaults(func=cmd_publish)

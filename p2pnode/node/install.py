@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 1. **Trust first.** The manifest is fetched (size-bounded), parsed and verified (pinned key,
-   signature, expiry) and checked against the installed version (same app, no downgrade)
-   before anything on disk is touched.
+   signature, expiry), checked against this node (``min_client``, platforms:
+   ``release.compat``) and against the installed version (same app, no downgrade) before
+   anything on disk is touched.
 2. **Plan.** Every unique chunk of the new version is either already in the stage (journal),
    somewhere local (the installed version's files, the chunk store), or fetched from the CDN.
    Local copies and CDN fetches run at the same time; every chunk is verified before it is
@@ -54,6 +55,7 @@ from ..errors import DiskSpaceError, NoRollbackError, most_telling
 from ..progress import NullProgress, Progress
 from ..release import keys
 from ..release import manifest as M
+from ..release.compat import check_compatible
 from ..release.trust import Offer, judge_offer, trusted_keys
 from .options import InstallOptions, SourcePolicy
 from .peers import Swarm, open_swarm
@@ -129,6 +131,7 @@ async def _install(
     signed = M.parse_signed(data, source=location)
     pinned = sd.load().trusted if sd.exists else ()
     manifest = M.verify(signed, trusted_keys(trusted, pinned), now=options.now)
+    check_compatible(manifest)  # a build this node cannot run: say so before fetching any of it
     refuse_foreign_directory(sd)
     with sd:
         state = sd.load()

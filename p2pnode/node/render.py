@@ -42,6 +42,7 @@ def install_json(result: InstallResult) -> dict[str, Any]:
         "version": m.version,
         "build": m.build,
         "manifest_id": m.id.hex(),
+        "update_type": m.info.update_type,  # the signed word: null for an ordinary update
         "previous_build": result.previous_build,
         "files": len(m.files),
         "bytes_total": result.bytes_total,
@@ -80,6 +81,8 @@ def peer_json(st: PeerStats) -> dict[str, Any]:
 def print_install(out: dict[str, Any]) -> None:
     """One install's summary for a person, from its JSON form (``install_json``)."""
     name = f"{out['app']} {out['version']} (build {out['build']})"
+    if out.get("update_type"):
+        name += f", a {out['update_type']} update"
     if out["action"] == "unchanged":
         print(f"{name} is already installed")
         return
@@ -113,7 +116,9 @@ def print_watch_event(event: dict[str, Any]) -> None:
     elif event["event"] == "watching":
         print(f"following {event['app']} on {event['channel']}", flush=True)
     elif event["event"] == "release":
-        print(f"{event['app']} build {event['build']} ({event['version']}) is out", flush=True)
+        kind = f" ({event['update_type']} update)" if event.get("update_type") else ""
+        out = f"{event['app']} build {event['build']} ({event['version']}) is out{kind}"
+        print(out, flush=True)
     else:
         retry = event.get("retry_in_s")
         tail = f"; trying again in {retry:.0f}s" if retry else ""
@@ -136,6 +141,14 @@ def print_published(out: dict[str, Any], result: PublishResult, cdn_dir: Path) -
             f"never kept across updates to this build: {', '.join(m.nokeep)} "
             "(nodes older than the nokeep field refuse this manifest)"
         )
+    info = m.info
+    if not info.empty:
+        said = [f"type {info.update_type}" if info.update_type else ""]
+        said.append(f"for {', '.join(info.platforms)}" if info.platforms else "")
+        said.append(f"needs p2pnode >= {info.min_client}" if info.min_client else "")
+        said.append(f"{len(info.notes.encode())} bytes of notes" if info.notes else "")
+        # Also worth saying: only nodes that read manifest format 2 install this build.
+        print(f"release info: {'; '.join(w for w in said if w)} (manifest format {m.format})")
 
 
 def print_verify(report: VerifyReport) -> None:

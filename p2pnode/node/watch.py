@@ -11,7 +11,10 @@ not verify) is reported as an event, the installed build goes on being served, a
 is tried again with backoff until it lands or a newer one supersedes it. Every attempt's
 outcome, success or failure with its code, is reported to the tracker (``tracking``). A channel
 moved back to an older build is not followed (a tracker must not be able to downgrade nodes:
-rollback is the node owner's decision, ``p2pnode rollback``). Tracker outages are waited out.
+rollback is the node owner's decision, ``p2pnode rollback``), nor is a build this node cannot
+install (``release.compat``: too old a p2pnode, another platform), which is reported once and
+not retried. Tracker outages are waited out. Each ``release`` event carries the build's update
+type as the tracker's feed states it (``critical``: what a queue puts first).
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ import trio
 
 from ..discovery.tracker import ChannelHead, TrackerClient, TrackerError
 from ..disk.state import StateDir
-from ..errors import DowngradeError, P2PNodeError, UsageError, most_telling
+from ..errors import (
+    DowngradeError,
+    IncompatibleError,
+    P2PNodeError,
+    UsageError,
+    most_telling,
+)
 from ..progress import Progress
 from .install import InstallOptions, InstallResult, install, install_and_seed
 from .render import install_json
@@ -128,6 +137,9 @@ class _Follower:
                 return head, outcome
             if not isinstance(outcome, DowngradeError):  # a refusal by design, not a failure
                 self.nursery.start_soon(self._report_failure, head, outcome, seconds)
+            # Retrying cannot help a build that is older, or not for this node (too old a
+            # p2pnode, another platform): wait for the next publish instead.
+            final = isinstance(outcome, (DowngradeError, IncompatibleError))
             await self._serve_installed()  # first, so the event finds the node serving
             self.emit(
                 {
@@ -135,10 +147,10 @@ class _Follower:
                     "build": head.build,
                     "error": outcome.message,
                     "fix": outcome.fix,
-                    "retry_in_s": None if isinstance(outcome, DowngradeError) else delay,
+                    "retry_in_s": None if final else delay,
                 }
             )
-            if isinstance(outcome, DowngradeError):
+            if final:
                 return head, None  # wait for a newer publish
             with trio.move_on_after(delay):
                 head = await self._next_release(head.seq)
@@ -161,7 +173,10 @@ class _Follower:
                 backoff = min(2 * backoff, self.opts.tracker_retry_max)
                 continue
             release = {"app": head.app, "build": head.build, "version": head.version}
-            self.emit({"event": "release", **release})
+            # The tracker's word on the build's type (its signed manifest is not fetched yet):
+            # what a queue orders by (critical first; ``head.critical``).
+            kind = {"update_type": head.update_type, "critical": head.critical}
+            self.emit({"event": "release", **release, **kind})
             return head
 
     async def _attempt(self, head: ChannelHead) -> InstallResult | P2PNodeError:

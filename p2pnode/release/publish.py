@@ -26,8 +26,15 @@ from ..progress import NullProgress, Progress
 from . import keys, layout
 from . import manifest as M
 from .chunker import chunk_stream
+from .metadata import (
+    MAX_NOTES_BYTES,
+    ReleaseInfo,
+    UpdateType,
+    normalise_platforms,
+    normalise_version,
+)
 
-__all__ = ["PublishResult", "collect_files", "publish"]
+__all__ = ["PublishResult", "collect_files", "publish", "read_notes", "release_info"]
 
 DEFAULT_LIFETIME = 365 * 24 * 3600
 
@@ -54,7 +61,56 @@ class PublishResult:
             "chunks": len(m.unique_chunks()),
             "key": keys.format_public_key(m.key),
             "nokeep": list(m.nokeep),
+            "format": m.format,
+            **m.info.as_json(),
         }
+
+
+def release_info(
+    *,
+    update_type: str | None = None,
+    notes: str | None = None,
+    min_client: str | None = None,
+    platforms: Sequence[str] = (),
+) -> ReleaseInfo:
+    """The metadata a publisher gave (``--type``, ``--notes``, ``--min-client``,
+    ``--platform``), normalised to its one spelling and checked as nodes will check it.
+
+    Raises:
+        UsageError: a value nodes would refuse, saying which and what is allowed.
+    """
+    try:
+        kind = None if update_type is None else UpdateType(update_type.strip().lower())
+    except ValueError as exc:
+        names = ", ".join(t.value for t in UpdateType)
+        raise UsageError(f"--type {update_type!r} is not one of {names}") from exc
+    try:
+        version = None if min_client is None else normalise_version(min_client)
+        plats = normalise_platforms(platforms)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    try:
+        return ReleaseInfo(kind, notes or "", version, plats)
+    except ManifestError as exc:
+        raise UsageError(exc.message, fix=exc.fix) from exc
+
+
+def read_notes(path: Path) -> str:
+    """Release notes from a UTF-8 text file (``--notes FILE``), refused beyond the bound
+    without reading the rest of a file that is far too large."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_NOTES_BYTES + 1)
+    if len(data) > MAX_NOTES_BYTES:
+        raise UsageError(
+            f"release notes in {path} are longer than {MAX_NOTES_BYTES} bytes",
+            fix="shorten the notes and link to the full changelog",
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"release notes in {path} are not UTF-8 text", fix="save the file as UTF-8"
+        ) from exc
 
 
 def collect_files(src: Path) -> list[tuple[str, Path, bool]]:
@@ -108,11 +164,13 @@ def publish(
     channel: str = "stable",
     mirrors: Sequence[str] = (),
     nokeep: Sequence[str] = (),
+    info: ReleaseInfo | None = None,
     lifetime: int = DEFAULT_LIFETIME,
     chunking: M.Chunking | None = None,
     progress: Progress | None = None,
 ) -> PublishResult:
-    """Publish ``src`` as ``app`` ``version`` (build ``build``) under ``out``."""
+    """Publish ``src`` as ``app`` ``version`` (build ``build``) under ``out``, with ``info``
+    (update type, notes, minimum client, platforms) signed into its manifest."""
     chunking = chunking or M.Chunking()
     files = collect_files(src)
     progress = progress or NullProgress()
@@ -135,6 +193,7 @@ def publish(
         chunking=chunking,
         mirrors=tuple(mirrors),
         nokeep=tuple(nokeep),
+        info=info or ReleaseInfo(),
     )
     try:
         M.Manifest.from_obj(probe.to_obj())
@@ -160,7 +219,8 @@ def publish(
             _copy_and_chunk(src_path, tmp / "files" / rel, rel, exe, chunking, progress)
             for rel, src_path, exe in files
         ]
-        manifest = dataclasses.replace(probe, files=tuple(entries), previous=previous)
+        # format=0: the lowest format that holds every field, the files' included.
+        manifest = dataclasses.replace(probe, files=tuple(entries), previous=previous, format=0)
         signed = M.sign(manifest, key)
         blob = signed.encode()
         write_atomic(tmp / layout.MANIFEST_NAME, blob)

@@ -8,7 +8,6 @@ import random
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,18 +21,6 @@ from p2pnode.node.verify import verify
 from p2pnode.release import keys
 from p2pnode.release.publish import publish
 from tests.support.release import KEY, TRUST, make_release, tree
-
-
-@pytest.fixture
-def cdn(tmp_path: Path) -> Iterator[LocalCDN]:
-    root = tmp_path / "cdn"
-    root.mkdir()
-    server = LocalCDN(root)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def test_install_update_verify_repair_rollback(tmp_path: Path, cdn: LocalCDN) -> None:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ from tests.support.e2e import ADMIN, cli, registered_app
 from tests.support.release import tree
 
 
-def _publish(src: Path, out: Path, key: Path, url: str, mirror: str, build: int) -> None:
+def _publish(
+    src: Path, out: Path, key: Path, url: str, mirror: str, build: int, *extra: str
+) -> None:
     cli(
         "publish",
         str(src),
@@ -44,7 +47,19 @@ def _publish(src: Path, out: Path, key: Path, url: str, mirror: str, build: int)
         ADMIN,
         "--mirror",
         mirror,
+        *extra,
     )
+
+
+async def _until(
+    receive: trio.MemoryReceiveChannel[dict[str, Any]], kind: str, **match: Any
+) -> dict[str, Any]:
+    """The next event of ``kind`` with ``match``ing fields (others are passed over)."""
+    with trio.fail_after(60):
+        async for e in receive:
+            if e["event"] == kind and all(e.get(k) == v for k, v in match.items()):
+                return e
+    raise AssertionError("watch ended")
 
 
 def _in_process(tmp_path: Path, url: str, pub: str, **install: Any) -> WatchOptions:
@@ -173,14 +188,7 @@ async def test_a_failed_install_is_retried_and_a_downgrade_refused(
     with LocalCDN(cdn_root) as cdn:
         await trio.to_thread.run_sync(_publish, src, cdn_root, key, tracker_url, cdn.url, 1)
         send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
-
-        async def until(kind: str, **match: Any) -> dict[str, Any]:
-            """The next event of ``kind`` with ``match``ing fields (others are passed over)."""
-            with trio.fail_after(60):
-                async for e in receive:
-                    if e["event"] == kind and all(e.get(k) == v for k, v in match.items()):
-                        return e
-            raise AssertionError("watch ended")
+        until = partial(_until, receive)
 
         opts = _in_process(tmp_path, tracker_url, pub, discovery_wait=0.5)
         opts.retry_first = 0.3
@@ -338,3 +346,47 @@ async def test_every_watchers_install_of_a_build_is_counted_once(
     for b in (1, 2):
         assert by_build[b]["completed"] == 2, by_build
         assert sum(n for _, n in by_build[b]["adoption"]) == 2, by_build
+
+
+async def test_release_events_carry_the_type_and_a_build_for_newer_clients_is_not_retried(
+    tmp_path: Path,
+    tracker_url: str,
+) -> None:
+    """The watch learns a build's update type from the feed (what a queue orders by); a build
+    that needs a newer p2pnode is refused once, reported as client_too_old, fetches nothing,
+    and the watch goes on to the next publish."""
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    with LocalCDN(cdn_root) as cdn:
+        publish = partial(_publish, src, cdn_root, key, tracker_url, cdn.url)
+        await trio.to_thread.run_sync(publish, 1, "--type", "critical")
+        send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
+        until = partial(_until, receive)
+
+        opts = _in_process(tmp_path, tracker_url, pub, discovery_wait=0.5)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, opts, send.send_nowait)
+            release = await until("release", build=1)
+            assert release["update_type"] == "critical" and release["critical"] is True
+            assert (await until("installed", build=1))["update_type"] == "critical"
+            cdn.clear_log()
+            await trio.to_thread.run_sync(publish, 2, "--min-client", "99.0")
+            assert (await until("release", build=2))["critical"] is False
+            refused = await until("error", build=2)
+            assert refused["retry_in_s"] is None and "upgrade p2pnode" in refused["fix"]
+            assert "needs p2pnode 99.0 or newer" in refused["error"]
+            assert not [x for x in cdn.log() if "/files/" in x.uri]  # not a chunk asked for
+            (src / "data" / "new.pak").write_bytes(os.urandom(1 << 16))
+            await trio.to_thread.run_sync(publish, 3, "--type", "minor")
+            three = await until("installed", build=3)
+            assert three["update_type"] == "minor" and three["previous_build"] == 1
+            assert tree(tmp_path / "node") == tree(src)
+            with trio.fail_after(10):
+                while True:  # the failure report runs in the background
+                    async with httpx.AsyncClient() as client:
+                        got = (await client.get(f"{tracker_url}/v1/outcomes")).json()
+                    two = [r for r in got["releases"] if r["build"] == 2]
+                    if two:
+                        break
+                    await trio.sleep(0.05)
+            assert set(two[0]["failure_codes"]) == {"client_too_old"}, two
+            nursery.cancel_scope.cancel()

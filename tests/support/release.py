@@ -6,11 +6,13 @@ import io
 import os
 import random
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from p2pnode.cdn.fetcher import ChunkRequest
 from p2pnode.release import keys, layout
+from p2pnode.release import manifest as M
 from p2pnode.release.chunker import chunk_stream
 from p2pnode.release.manifest import Chunking
 
@@ -21,6 +23,23 @@ PUB = keys.public_key_bytes(KEY)
 
 
 TRUST = [PUB]
+
+
+def small_manifest(**fields: object) -> M.Manifest:
+    """A one-file manifest of app "game" 1.0 (build 1) by KEY, valid for an hour, for checks
+    that need no real files; ``fields`` override any field."""
+    now = int(time.time())
+    base: dict[str, object] = dict(
+        app="game",
+        version="1.0",
+        build=1,
+        channel="stable",
+        created=now,
+        expires=now + 3600,
+        key=PUB,
+        files=(M.FileEntry("a.txt", 5, 0o644, (M.ChunkRef(bytes(32), 0, 5),)),),
+    )
+    return M.Manifest(**{**base, **fields})  # type: ignore[arg-type]
 
 
 def tree(root: Path) -> dict[str, tuple[bytes, int]]:

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from p2pnode.discovery.tracker import TrackerClient
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
+from p2pnode.release.metadata import ReleaseInfo
 from tests.support.tracker import ADMIN, APP, RedisProcess, client_for, free_port
 from tracker import Tracker, TrackerConfig, open_tracker
 
@@ -33,7 +34,7 @@ def publisher() -> Ed25519PrivateKey:
 
 @pytest.fixture
 def make_manifest(publisher: Ed25519PrivateKey) -> Callable[..., M.SignedManifest]:
-    """``make_manifest(build, channel="stable", key=publisher, expires_in=3600)``."""
+    """``make_manifest(build, channel="stable", key=publisher, expires_in=3600, info=None)``."""
 
     def make(
         build: int,
@@ -42,6 +43,7 @@ def make_manifest(publisher: Ed25519PrivateKey) -> Callable[..., M.SignedManifes
         app: str = APP,
         expires_in: int = 3600,
         size: int = 1000,
+        info: ReleaseInfo | None = None,
     ) -> M.SignedManifest:
         k = key or publisher
         data = f"build {build}".encode() * (size // 8 + 1)
@@ -63,6 +65,7 @@ def make_manifest(publisher: Ed25519PrivateKey) -> Callable[..., M.SignedManifes
                     (M.ChunkRef(blake3.blake3(data).digest(), 0, size),),
                 ),
             ),
+            info=info or ReleaseInfo(),
         )
         return M.sign(m, k)
 

@@ -22,6 +22,7 @@ from p2pnode.discovery.tracker_api import (
 )
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
+from p2pnode.release.metadata import ReleaseInfo, UpdateType
 from tests.support.tracker import ADMIN, APP
 from tracker import Tracker, core, outcomes
 from tracker.openapi import openapi_document
@@ -122,7 +123,8 @@ async def test_declared_status_codes_are_what_the_server_answers(
     res = await http.post("/v1/apps", json=new_app, headers=AUTH)
     assert res.status_code == declared_success(doc, "/v1/apps", "post") == 201
 
-    one, two = make_manifest(1), make_manifest(2)
+    one = make_manifest(1)
+    two = make_manifest(2, info=ReleaseInfo(UpdateType.CRITICAL, "notes <b>"))
     publish = "/v1/apps/{app}/channels/{channel}/manifests"
     for m in (one, two):
         res = await http.post(
@@ -131,6 +133,10 @@ async def test_declared_status_codes_are_what_the_server_answers(
             headers={**AUTH, "Content-Type": "application/x-p2pnode-manifest"},
         )
         assert res.status_code == declared_success(doc, publish, "post") == 201
+    latest = "/v1/apps/{app}/channels/{channel}"
+    res = await http.get(f"/v1/apps/{APP}/channels/stable")
+    check_answer(doc, latest, "get", res)  # a head with every field: the schema lists them
+    assert res.json()["update_type"] == "critical" and res.json()["notes"] == "notes <b>"
 
     for action, body in (("promote", {"manifest_id": two.id.hex()}), ("rollback", {})):
         path = f"/v1/apps/{{app}}/channels/{{channel}}/{action}"

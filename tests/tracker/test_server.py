@@ -24,7 +24,13 @@ from p2pnode.discovery.tracker import PeerQualityReport, TrackerClient
 from p2pnode.errors import P2PNodeError
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
+from p2pnode.release.metadata import ReleaseInfo, UpdateType
 from tests.support.tracker import ADMIN, APP
+
+#: Release notes a hostile or careless publisher might write: markup, and more than a line.
+NOTES = (
+    "Fixes <script>alert('x')</script> & the crash on load " + "(really) " * 12 + "\nSecond line."
+)
 
 
 def tracker_cmd(*args: str) -> list[str]:
@@ -110,13 +116,15 @@ async def test_sse_feed_and_dashboard(
             while not events:  # the current head arrives at once
                 await trio.sleep(0.01)
         t0 = trio.current_time()
-        second = make_manifest(2)
+        second = make_manifest(2, info=ReleaseInfo(UpdateType.CRITICAL, NOTES))
         await client.publish(APP, "stable", second.encode())
         with trio.fail_after(1):
             while len(events) < 2:
                 await trio.sleep(0.01)
         assert trio.current_time() - t0 < 1.0
         assert [e["build"] for e in events] == [1, 2]
+        assert [e["update_type"] for e in events] == [None, "critical"]
+        assert events[1]["notes"] == NOTES
         nursery.cancel_scope.cancel()
 
     # some swarm activity, then look at the dashboard in a real browser
@@ -151,6 +159,12 @@ async def test_sse_feed_and_dashboard(
     cells = [c.split("</td>", 1)[0] for c in cells]
     assert cells[:6] == [APP, "1.2", "2", "3", "1", "3"], cells
     assert cells[8] == "75.0%"
+    # the build's type, and its notes escaped: the first line cut short, the rest one click away
+    assert cells[9] == "critical"
+    summary = cells[10].split("<summary>", 1)[1].split("</summary>", 1)[0]
+    assert summary == html.escape(NOTES.split("\n", 1)[0][:80], quote=False) + "…"
+    full = cells[10].split('<div class="notes-full">', 1)[1].split("</div>", 1)[0]
+    assert full == html.escape(NOTES, quote=False) and "<script>" not in dom.split("<table", 1)[1]
     assert 'id="k-seeders">3<' in dom and 'id="k-offload">75.0%<' in dom
     assert 'id="k-leechers">1<' in dom
     assert 'data-refreshes="' in dom and "cannot load stats" not in dom

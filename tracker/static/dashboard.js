@@ -147,6 +147,26 @@ function cumulative(series) {
   return series.map(([t, n]) => [t, (total += n)]);
 }
 
+// Release notes (up to 16 KiB, the publisher's text): the first NOTES_SHOWN characters in the
+// table; when there is more, the whole text one click away. Always set as text, never as HTML.
+const NOTES_SHOWN = 80;
+function notesCell(notes) {
+  const td = document.createElement("td");
+  td.className = "notes";
+  if (notes.length <= NOTES_SHOWN && !notes.trim().includes("\n")) {
+    td.textContent = notes.trim() || "–";
+    return td;
+  }
+  const details = document.createElement("details"), summary = document.createElement("summary");
+  const full = document.createElement("div");
+  summary.textContent = notes.trim().split("\n")[0].slice(0, NOTES_SHOWN) + "…";
+  full.className = "notes-full";
+  full.textContent = notes;
+  details.append(summary, full);
+  td.append(details);
+  return td;
+}
+
 function render(stats) {
   const rel = stats.releases;
   const seeders = rel.reduce((s, r) => s + r.seeders, 0);
@@ -168,6 +188,10 @@ function render(stats) {
     [r.app, r.version, r.build, r.seeders, r.leechers, r.completed,
      fmtBytes(r.bytes_from_peers), fmtBytes(r.bytes_from_cdn), pct(r.offload_ratio)]
       .forEach(v => { const td = document.createElement("td"); td.textContent = v; tr.append(td); });
+    const type = document.createElement("td");
+    type.textContent = r.update_type || "–";
+    type.className = r.update_type ? "type-" + r.update_type : "muted";
+    tr.append(type, notesCell(r.notes || ""));
     return tr;
   }));
 
