@@ -8,9 +8,9 @@ a newer build announced while the update waits or runs is folded into it. A chan
 to an older build is not followed (rollback is the owner's decision), and tracker outages are
 waited out with backoff.
 
-Critical updates: :func:`is_critical` reads the manifest's release metadata (the publisher's
-update type, ``manifest.info.critical`` once manifests carry it); until then every update is
-normal. It is the one hook to change when the metadata lands.
+Critical updates: :func:`is_critical` reads the signed manifest's release metadata (the
+publisher's update type, ``publish --type critical``); the queue then starts the update first,
+taking a slot from a running normal job if it must, inside or outside update windows.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ POLL_WAIT = 55.0
 
 def is_critical(manifest: M.Manifest) -> bool:
     """Whether the publisher marked this build critical (it jumps the queue and ignores update
-    windows and deferral). Reads release metadata where the manifest carries it."""
-    info: Any = getattr(manifest, "info", None)
-    return bool(getattr(info, "critical", False))
+    windows and deferral). Read from the signed manifest's release metadata, not from the
+    tracker's head: a tracker must not be able to push a build past the user's windows (the
+    install verifies these same bytes, so a forged manifest is refused there)."""
+    return manifest.info.critical
 
 
 def installed_build(dest: Path) -> int | None:
