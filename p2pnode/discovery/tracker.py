@@ -287,13 +287,14 @@ class TrackerClient:
         since: int = 0,
         node: bytes | None = None,
         have: bytes | None = None,
+        wait: float = LONG_POLL_S,
     ) -> ChannelHead:
         """Long-poll until the channel's head has a seq above ``since``; returns it (for
-        ``node``: see :meth:`latest`). Unbounded: wrap it in ``trio.move_on_after``."""
+        ``node``: see :meth:`latest`). Unbounded: wrap it in ``trio.move_on_after``/
+        ``fail_after``. ``wait``: how long each poll asks the tracker to hold it (a daemon
+        following many channels asks for longer)."""
         while True:
-            head = await self.latest(
-                app, channel, since=since, wait=LONG_POLL_S, node=node, have=have
-            )
+            head = await self.latest(app, channel, since=since, wait=wait, node=node, have=have)
             if head is not None and head.seq > since:
                 return head
             if head is None:

@@ -370,6 +370,42 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def cmd_daemon(args: argparse.Namespace) -> dict[str, Any]:
+    """The client service in the foreground until SIGINT/SIGTERM (``p2pnode/service/``: this
+    verb is the one arrow from ``node`` up to ``service``, see docs/architecture.md).
+
+    With ``--json`` it streams one JSON line per event, then the summary."""
+    from ..service.daemon import DaemonOptions, run_daemon
+    from ..service.statedir import default_state_dir
+    from .config import default_config_path, load_config
+
+    config_path = Path(args.config) if args.config else None
+    config = load_config(config_path)
+    opts = DaemonOptions(
+        state=Path(args.state) if args.state else default_state_dir(),
+        table=config.service,
+        where=str(config_path or default_config_path()),
+        listen=args.listen,
+        api=args.api,
+    )
+
+    def emit(event: dict[str, Any]) -> None:
+        if args.json:
+            print(json.dumps(event), flush=True)
+        elif not args.quiet:
+            name = event.pop("event")
+            print(f"{name}: " + " ".join(f"{k}={v}" for k, v in event.items()), flush=True)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
+            await run_daemon(opts, emit)
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    return {"stopped": True}
+
+
 class _Failed(P2PNodeError):
     """A verb that ran but whose outcome is a failure (verify found damage): ``main`` prints
     its payload with the error."""
@@ -528,6 +564,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="what is installed and kept")
     p.add_argument("--dest", required=True, metavar="DIR")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("daemon", parents=[common], help="run the client service (foreground)")
+    p.add_argument(
+        "--state",
+        metavar="DIR",
+        help="the state dir: library, queue, settings, node key (default: the user data dir)",
+    )
+    p.add_argument("--api", metavar="HOST:PORT", help="serve the local API here (loopback)")
+    p.add_argument(
+        "--listen", metavar="HOST:PORT", help="serve every installed build to peers on this port"
+    )
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="node config (TOML, its [service] table; default: config.toml in the user config "
+        "dir, or $P2PNODE_CONFIG)",
+    )
+    p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("demo", parents=[common], help="run the local demo network")
     p.add_argument("--workdir", help="where to keep the demo's files (default: a temp dir)")

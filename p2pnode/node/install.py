@@ -280,6 +280,8 @@ async def _apply(
     )
     if swarm is not None:
         swarm.result = result
+    if options.watch_result is not None:
+        options.watch_result(result)
     sd.keep_manifest(signed)  # names the stage's content (see local_chunks); harvest prunes it
     stage = Stage(sd.stage, manifest, manifest.files)
     journal = Journal(sd.journal, manifest.id)
@@ -305,6 +307,8 @@ async def _apply(
     await assemble(
         stage, journal, local, mirrors, options, progress, result, sd.root, on_chunk, swarm
     )
+    if options.before_switch is not None:
+        await options.before_switch()  # the stage is complete and journaled: safe to wait
     carried = await trio.to_thread.run_sync(
         switch, sd, state, signed, history_after, options.keep_versions
     )

@@ -6,13 +6,17 @@ every build it follows; the install, its swarm node and its CDN fetches read the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..discovery.race import DiscoveryOptions
 from ..ratelimit import RateLimiter
 from .policy import SourcePolicy
+
+if TYPE_CHECKING:
+    from .result import InstallResult
 
 __all__ = ["InstallOptions", "SourcePolicy"]
 
@@ -41,6 +45,12 @@ class InstallOptions:
     lan_port: int | None = None  # the LAN discovery group's port (None: the default)
     tracker: str | None = None  # tracker URL: announce there (port 0 unless serving), take peers
     discovery_wait: float = 5.0  # wait at most this long for discovery's first answer
+    # The client service's hooks (None for the standalone verbs): one upload cap shared by
+    # every job and the daemon's serving node; the install's running figures as soon as they
+    # exist (live bytes by source); and a wait before the switch (a game is running).
+    upload_limiter: RateLimiter | None = None
+    watch_result: Callable[[InstallResult], None] | None = None
+    before_switch: Callable[[], Awaitable[None]] | None = None
 
     def discovery(self) -> DiscoveryOptions:
         return DiscoveryOptions(

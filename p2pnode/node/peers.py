@@ -77,7 +77,7 @@ async def open_swarm(
     node = SwarmNode(
         identity,
         local_chunks(sd, state),
-        upload_limiter=RateLimiter(options.max_upload_rate),
+        upload_limiter=options.upload_limiter or RateLimiter(options.max_upload_rate),
         download_limiter=options.limiter,
         peer_upload_rate=options.max_peer_upload_rate,
         peer_download_rate=options.max_peer_download_rate,

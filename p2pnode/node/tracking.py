@@ -53,6 +53,7 @@ __all__ = [
     "own_records",
     "report_install",
     "report_outcome",
+    "report_success",
     "reporter",
     "serving_host",
 ]
@@ -285,3 +286,26 @@ async def report_outcome(
             f"could not report the outcome to the tracker: no answer within {REPORT_TIMEOUT:.0f}s"
         )
     return None
+
+
+async def report_success(
+    tracker: TrackerClient,
+    me: NodeIdentity,
+    result: InstallResult,
+    seconds: float,
+    port: int | None,
+    host: str | None,
+) -> str | None:
+    """After an install: where its bytes came from and how the peers did
+    (:func:`report_install`), then its outcome; why either report failed, or ``None``."""
+    trouble = await report_install(tracker, me, result, port, host)
+    m = result.manifest
+    fields = outcome_fields(
+        app=m.app,
+        manifest_id=m.id,
+        to_build=m.build,
+        from_build=result.previous_build,
+        seconds=seconds,
+        result=result,
+    )
+    return await report_outcome(tracker, me, fields) or trouble

@@ -286,20 +286,10 @@ class _Follower:
 
     async def _report(self, result: InstallResult, seconds: float) -> None:
         """Tell the tracker where the bytes came from, how the peers did, and the outcome."""
-        from .tracking import outcome_fields, report_install, report_outcome
+        from .tracking import report_success
 
         me, host = await self._me()
-        trouble = await report_install(self.tracker, me, result, result.listen_port, host)
-        m = result.manifest
-        fields = outcome_fields(
-            app=m.app,
-            manifest_id=m.id,
-            to_build=m.build,
-            from_build=result.previous_build,
-            seconds=seconds,
-            result=result,
-        )
-        trouble = await report_outcome(self.tracker, me, fields) or trouble
+        trouble = await report_success(self.tracker, me, result, seconds, result.listen_port, host)
         if trouble is not None:
             self.emit({"event": "warning", "error": trouble})
 

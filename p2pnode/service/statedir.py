@@ -9,7 +9,7 @@ the library names what a user installs)::
         library.json    the library (p2pnode.service.library)
         queue.json      the job queue (p2pnode.service.queue)
         settings.json   settings changed through the API (caps, max_active, schedule)
-        node.key        the node identity (p2pnode.identity), so two state dirs are two nodes
+        node-key.pem    the node identity (p2pnode.identity), so two state dirs are two nodes
 
 Two daemons on one state dir would each think they own the queue and race on every file, so
 the second is refused at once with :class:`ServiceLockedError`. The lock is ``flock`` on an

@@ -1,0 +1,91 @@
+"""The daemon with a tracker: it follows the channel, reports as ``watch`` does, and serves what
+it holds from its one port to another node."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import trio
+
+from p2pnode.demo.cdn import LocalCDN
+from p2pnode.service.job import JobKind, JobState
+from tests.support.daemon import daemon, installed, until
+from tests.support.e2e import ADMIN, cli, registered_app
+from tests.support.release import tree
+
+
+def publish(
+    src: Path, out: Path, key: Path, url: str, mirror: str, build: int, *extra: str
+) -> None:
+    cli(
+        *("publish", str(src), "--app", "game", "--version", str(build), "--build", str(build)),
+        *("--key", str(key), "--out", str(out), "--tracker", url, "--token", ADMIN),
+        *("--mirror", mirror, *extra),
+    )
+
+
+def change(src: Path, seed: int) -> None:
+    big = src / "data" / "big.pak"
+    big.write_bytes(big.read_bytes()[:1_000_000] + random.Random(seed).randbytes(9999))
+
+
+def test_daemon_follows_the_channel_reports_and_serves_peers(
+    tmp_path: Path,
+    tracker_url: str,
+) -> None:
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    with LocalCDN(cdn_root) as cdn:
+        publish(src, cdn_root, key, tracker_url, cdn.url, 1)
+        v1 = tree(src)
+
+        async def main() -> None:
+            # Update windows that are shut at the (fixed) local time: automatic updates wait.
+            window = {"days": "all", "begin": "03:00", "end": "04:00"}
+            table = {"update_window": [window]}
+            noon = {"local_now": lambda: datetime(2026, 12, 2, 12, 0)}
+            async with daemon(tmp_path / "s1", listen="127.0.0.1:0", table=table, **noon) as one:
+                svc = one.service
+                _, first = svc.add("game", str(tmp_path / "one"), [pub], tracker=tracker_url)
+                await installed(one, first.id)
+                assert tree(tmp_path / "one") == v1
+
+                # A publish reaches the queue through the feed as an automatic update, which
+                # waits for an update window ...
+                change(src, 2)
+                publish(src, cdn_root, key, tracker_url, cdn.url, 2)
+                await until(lambda: len(svc.queue.jobs) == 2, 20)
+                update = svc.queue.jobs[1]
+                assert update.kind is JobKind.UPDATE and update.auto and not update.critical
+                await trio.sleep(1.5)
+                assert update.state is JobState.QUEUED
+                # ... until a critical build is published: it takes the update's place and
+                # installs at once, window or not.
+                change(src, 3)
+                publish(src, cdn_root, key, tracker_url, cdn.url, 3, "--type", "critical")
+                await installed(one, update.id)
+                assert update.critical and len(svc.queue.jobs) == 2
+                assert tree(tmp_path / "one") == tree(src)
+
+                # Its outcomes reached the tracker (as watch reports them).
+                async def reported() -> int:
+                    async with httpx.AsyncClient() as http:
+                        r = await http.get(f"{tracker_url}/v1/outcomes", params={"app": "game"})
+                    return sum(x.get("success", 0) for x in r.json()["releases"])
+
+                with trio.fail_after(20):
+                    while await reported() < 2:
+                        await trio.sleep(0.2)
+
+                # Another node, with the CDN down, gets the build from this daemon's port.
+                cdn.stop()
+                async with daemon(tmp_path / "s2") as two:
+                    where = str(tmp_path / "two")
+                    _, j = two.service.add("game", where, [pub], tracker=tracker_url)
+                    await installed(two, j.id, timeout=60)
+                    assert dict(two.service.queue.jobs[0].progress.by_source)["peers"] > 0
+                assert tree(tmp_path / "two") == tree(src)
+
+        trio.run(main)
