@@ -189,7 +189,16 @@ async def _until_signalled() -> None:
             return
 
 
+def _refuse_managed(args: argparse.Namespace) -> None:
+    """A DEST in the daemon's library is the daemon's: a standalone verb would switch or repair
+    it under the daemon's feet (``service/client.py``, one of cli's arrows up the layers)."""
+    from ..service.client import refuse_managed_dest
+
+    refuse_managed_dest(args.dest, args.verb)
+
+
 def cmd_install(args: argparse.Namespace, *, update: bool = False) -> dict[str, Any]:
+    _refuse_managed(args)
     options = install_options(args, require_installed=update)
     if args.seed and not options.listen:
         raise UsageError("--seed needs --listen HOST:PORT", fix="add --listen 0.0.0.0:6881")
@@ -211,6 +220,7 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
     """
     from .watch import WatchOptions, watch
 
+    _refuse_managed(args)
     if args.max_updates is not None and args.max_updates < 1:
         raise UsageError("--max-updates must be at least 1")
     if args.origin and not args.listen:
@@ -288,6 +298,7 @@ def cmd_update(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
     from .install import rollback
 
+    _refuse_managed(args)
     result = trio.run(rollback, Path(args.dest), install_options(args), _progress(args), args.to)
     if not args.json:
         print_install(install_json(result))
@@ -297,6 +308,7 @@ def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     from .verify import verify
 
+    _refuse_managed(args)
     report = trio.run(
         lambda: verify(
             Path(args.dest),
@@ -489,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="what is installed and kept")
     p.add_argument("--dest", required=True, metavar="DIR")
     p.set_defaults(func=cmd_status)
+
+    from ..service.client import add_client_verbs  # one command line for the daemon's clients
+
+    add_client_verbs(sub, common)
 
     p = sub.add_parser("demo", parents=[common], help="run the local demo network")
     p.add_argument("--workdir", help="where to keep the demo's files (default: a temp dir)")

@@ -72,7 +72,7 @@ async def snapshots(
 
 def event_stream(service: Service, changes: Changes) -> StreamingResponse:
     return StreamingResponse(
-        snapshots(service, changes),
+        snapshots(service, changes, min_interval=MIN_INTERVAL, keepalive=KEEPALIVE),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
