@@ -53,7 +53,13 @@ class ApiClient:
         import httpx  # loaded by the client verbs only: it costs every other verb 0.1 s
 
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=TIMEOUT)
+        transport, base = None, self.url
+        if url.startswith(("unix:", "http+unix:")):  # a Unix socket: the Host is a bare name
+            transport = httpx.HTTPTransport(uds=url.split("unix:", 1)[1])
+            base = "http://localhost"
+        self._http = httpx.Client(
+            base_url=base, headers=headers, timeout=TIMEOUT, transport=transport
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ApiClient:
@@ -65,7 +71,7 @@ class ApiClient:
                 f"no daemon is running on {state} (it has no {sd.api_file.name})",
                 fix="start it with `p2pnode daemon --api 127.0.0.1:0`, or pass --api URL",
             )
-        if not url.startswith(("http://", "https://")):
+        if not url.startswith(("http://", "https://", "unix:", "http+unix:")):
             url = f"http://{url}"
         token = os.environ.get("P2PNODE_API_TOKEN") or sd.read_api_token()
         return cls(url, token, state)

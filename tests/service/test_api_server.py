@@ -251,6 +251,20 @@ async def test_jobs_watch_streams_snapshots(served: Served) -> None:
         await proc.wait()
 
 
+async def test_unix_socket(tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "state")
+    state.lock()
+    service = Service.open(state, {}, "config.toml")
+    sock = tmp_path / "api.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_api, service, f"unix:{sock}", 0, state.api_token())
+        assert state.api_address() == f"http+unix:{sock}"
+        r = await run("settings", "max_active", "3", "--state", str(tmp_path / "state"), "--json")
+        assert r.returncode == 0, r.stderr
+        assert service.queue.max_active == 3
+        nursery.cancel_scope.cancel()
+
+
 def test_no_daemon_is_a_clear_error(tmp_path: Path) -> None:
     r = p2pnode("jobs", "--state", str(tmp_path / "none"), "--json")
     out = json.loads(r.stdout)
