@@ -20,14 +20,31 @@ from typing import Any
 
 import pytest
 
+#: Headless, quiet, and nothing fetched but what the test asks for.
+HEADLESS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+
+def chromium_binary() -> str:
+    binary = shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(binary):
+        pytest.fail("chromium is not installed (fix: bash scripts/setup.sh)")
+    return binary
+
 
 class Chromium:
     """One headless browser with one page (``session``)."""
 
     def __init__(self, profile: Path) -> None:
-        binary = shutil.which("chromium") or "/usr/bin/chromium"
-        if not os.path.exists(binary):
-            pytest.fail("chromium is not installed (fix: bash scripts/setup.sh)")
         to_child, self._out = os.pipe()
         self._in, from_child = os.pipe()
 
@@ -37,15 +54,8 @@ class Chromium:
 
         self.proc = subprocess.Popen(
             [
-                binary,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
+                chromium_binary(),
+                *HEADLESS,
                 f"--user-data-dir={profile}",
                 "--window-size=1400,900",
                 "--remote-debugging-pipe",

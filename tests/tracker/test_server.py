@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ from p2pnode.discovery.tracker import PeerQualityReport, TrackerClient
 from p2pnode.errors import P2PNodeError
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
+from tests.support.chromium import HEADLESS, chromium_binary
 from tests.support.tracker import ADMIN, APP
 
 
@@ -178,20 +177,9 @@ async def test_sse_feed_and_dashboard(
 
 
 def dump_dom(url: str, profile: Path) -> str:
-    binary = shutil.which("chromium") or "/usr/bin/chromium"
-    if not os.path.exists(binary):
-        pytest.fail("chromium is not installed (fix: bash scripts/setup.sh)")
     cmd = [
-        binary,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
+        chromium_binary(),
+        *HEADLESS,
         f"--user-data-dir={profile}",
         "--virtual-time-budget=3000",
         "--dump-dom",
