@@ -347,6 +347,7 @@ async def serve_api(
     app = make_app(service, token, hosts)
     config = Config()
     unix = host.startswith("unix:")
+    host = host if unix else host.strip("[]")  # "[::1]" as split from "[::1]:PORT"
     config.bind = [host if unix else f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = None

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 __all__ = ["ApiClient", "add_client_verbs", "refuse_managed_dest", "state_dir_from"]
 
 TIMEOUT = 10.0
+#: Finished jobs `p2pnode jobs` shows on a terminal without --all (--json has them all).
+HISTORY_SHOWN = 10
 
 
 def state_dir_from(arg: str | None) -> Path:
@@ -192,13 +194,15 @@ def cmd_jobs(args: argparse.Namespace) -> dict[str, Any]:
     if args.watch:
         return _watch(args, client)
     jobs = client.call("GET", "/jobs")["jobs"]
-    if not args.all:
-        jobs = [j for j in jobs if j["state"] not in ("installed", "cancelled")] or jobs[:5]
-    if not args.json:
+    if not args.json:  # a terminal gets the unfinished jobs and the newest of the history
         from rich.console import Console
 
-        Console().print(jobs_table(jobs) if jobs else "no jobs")
-    return {"jobs": jobs}
+        shown = jobs
+        if not args.all:
+            done = [j for j in jobs if j["state"] in ("installed", "cancelled")]
+            shown = [j for j in jobs if j not in done] + done[:HISTORY_SHOWN]
+        Console().print(jobs_table(shown) if shown else "no jobs")
+    return {"jobs": jobs}  # scripts get every job, history included
 
 
 def _watch(args: argparse.Namespace, client: ApiClient) -> dict[str, Any]:
@@ -306,7 +310,7 @@ def add_client_verbs(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("jobs", parents=[client], help="the daemon's jobs")
     p.add_argument("--watch", action="store_true", help="live progress until Ctrl-C")
-    p.add_argument("--all", action="store_true", help="with finished jobs")
+    p.add_argument("--all", action="store_true", help="the whole history on a terminal")
     p.set_defaults(func=cmd_jobs)
 
     for verb in ("pause", "resume", "cancel"):

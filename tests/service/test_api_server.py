@@ -192,6 +192,8 @@ async def test_client_verbs_end_to_end(served: Served) -> None:
     jobs = json.loads((await run("jobs", *state)).stdout)["jobs"]
     assert [j["id"] for j in jobs] == ["j2", "j1"]
     assert all({"id", "app", "state", "bytes_done", "bytes_total", "rate"} <= set(j) for j in jobs)
+    r = await run("jobs", *state[:2])  # for people: a table
+    assert r.returncode == 0 and "other" in r.stdout and "queued" in r.stdout, r.stderr
     r = await run("priority", "j1", "top", *state)
     assert json.loads(r.stdout)["priority"] == "high"
     assert json.loads((await run("pause", "j2", *state)).stdout)["state"] == "paused"
