@@ -201,28 +201,32 @@ def cmd_jobs(args: argparse.Namespace) -> dict[str, Any]:
         if not args.all:
             done = [j for j in jobs if j["state"] in ("installed", "cancelled")]
             shown = [j for j in jobs if j not in done] + done[:HISTORY_SHOWN]
-        Console().print(jobs_table(shown) if shown else "no jobs")
+        console = Console()
+        console.print(jobs_table(shown) if shown else "no jobs")
+        for j in shown:
+            if j["state"] == "failed" and j.get("error"):
+                console.print(f"{j['id']} failed: {j['error']}", markup=False, highlight=False)
     return {"jobs": jobs}  # scripts get every job, history included
 
 
 def _watch(args: argparse.Namespace, client: ApiClient) -> dict[str, Any]:
-    """Live progress from the push stream until Ctrl-C (``--json``: one line per snapshot)."""
+    """Live progress from the push stream until Ctrl-C, the normal way out (``--json``: one
+    line per snapshot)."""
     last: dict[str, Any] = {"jobs": []}
-    if args.json:
-        for snap in client.events():
-            last = snap
-            print(json.dumps({"event": "snapshot", "jobs": snap["jobs"]}), flush=True)
-        return {"jobs": last["jobs"]}
-    from rich.live import Live
+    try:
+        if args.json:
+            for snap in client.events():
+                last = snap
+                print(json.dumps({"event": "snapshot", "jobs": snap["jobs"]}), flush=True)
+            return {"jobs": last["jobs"]}
+        from rich.live import Live
 
-    with Live(jobs_table([]), refresh_per_second=4, transient=False) as live:
-        for snap in client.events():
-            last = snap
-            caps = snap["settings"]["caps_now"]
-            live.update(jobs_table(snap["jobs"]))
-            live.console.set_window_title(
-                f"p2pnode: {len(snap['jobs'])} jobs, down cap {caps['download'] or 'none'}"
-            )
+        with Live(jobs_table([]), refresh_per_second=4) as live:
+            for snap in client.events():
+                last = snap
+                live.update(jobs_table(snap["jobs"]))
+    except KeyboardInterrupt:
+        pass
     return {"jobs": last["jobs"]}
 
 
