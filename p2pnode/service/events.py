@@ -12,27 +12,41 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import trio
 from starlette.responses import StreamingResponse
 
 from .control import Service
 
-__all__ = ["KEEPALIVE", "MIN_INTERVAL", "Changes", "event_stream"]
+__all__ = ["KEEPALIVE", "MIN_INTERVAL", "STREAM_HISTORY", "Changes", "event_stream", "streamed"]
 
 #: Seconds between two events to one client (changes in between are sent as one).
 MIN_INTERVAL = 0.25
 #: Seconds of silence after which a keepalive comment is sent.
 KEEPALIVE = 15.0
+#: Finished jobs in a streamed snapshot (the newest; GET /jobs has them all). The queue keeps
+#: 200, and sending them all four times a second to every page would cost more than the rest.
+STREAM_HISTORY = 20
 
 
 class Changes:
     """Wakes every waiting stream when the Service changes (one listener for all clients:
-    the Service keeps its listeners for good, so streams must not each add one)."""
+    the Service keeps its listeners for good, so streams must not each add one), and encodes
+    each version's event once for all of them."""
 
     def __init__(self, service: Service) -> None:
+        self._service = service
         self._event = trio.Event()
+        self._encoded: tuple[int, bytes] = (-1, b"")
         service.on_change(self._changed)
+
+    def encoded(self) -> tuple[int, bytes]:
+        """The current version and its ``snapshot`` event."""
+        version = self._service.version
+        if self._encoded[0] != version:
+            self._encoded = (version, _event("snapshot", streamed(self._service.snapshot())))
+        return self._encoded
 
     def _changed(self) -> None:
         self._event.set()
@@ -42,6 +56,16 @@ class Changes:
         """Until the next change, or ``timeout`` seconds."""
         with trio.move_on_after(timeout):
             await self._event.wait()
+
+
+def streamed(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The snapshot with the history cut to the newest :data:`STREAM_HISTORY` jobs."""
+    jobs = snapshot["jobs"]
+    done = [j for j in jobs if j["state"] in ("installed", "cancelled")]
+    if len(done) <= STREAM_HISTORY:
+        return snapshot
+    cut = {id(j) for j in done[STREAM_HISTORY:]}  # jobs_view lists history newest first
+    return {**snapshot, "jobs": [j for j in jobs if id(j) not in cut], "history_cut": len(cut)}
 
 
 def _event(name: str, doc: object) -> bytes:
@@ -57,16 +81,16 @@ async def snapshots(
 ) -> AsyncIterator[bytes]:
     """The stream's bytes: ``retry``, the snapshot now, then one per burst of changes."""
     yield b"retry: 2000\n\n"
-    sent = service.version
-    yield _event("snapshot", service.snapshot())
+    sent, data = changes.encoded()
+    yield data
     while True:
         if service.version == sent:
             await changes.wait(keepalive)
         if service.version == sent:
             yield b": keepalive\n\n"
             continue
-        sent = service.version
-        yield _event("snapshot", service.snapshot())
+        sent, data = changes.encoded()
+        yield data
         await trio.sleep(min_interval)  # changes meanwhile go out together in the next one
 
 

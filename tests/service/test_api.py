@@ -16,7 +16,7 @@ from p2pnode.service.api import make_app
 from p2pnode.service.apiguard import MAX_BODY
 from p2pnode.service.apischema import BODIES, PREFIX, openapi_document
 from p2pnode.service.control import Service
-from p2pnode.service.job import JobState, Progress
+from p2pnode.service.job import JobKind, JobState, Progress
 from p2pnode.service.statedir import StateDir
 
 KEY = "ed25519:" + "ab" * 32
@@ -234,3 +234,23 @@ def test_openapi_document_is_valid_and_names_every_route(service: Service) -> No
     assert served - {"/jobs/{job}/{verb}"} <= set(doc["paths"])
     for name in BODIES:
         assert name in doc["components"]["schemas"]
+
+
+def test_stream_cuts_history_but_keeps_every_unfinished_job(
+    service: Service, tmp_path: Path
+) -> None:
+    from p2pnode.service.events import STREAM_HISTORY, Changes, streamed
+
+    for n in range(STREAM_HISTORY + 5):
+        service.add(f"game{n}", str(tmp_path / f"g{n}"), [KEY], tracker="http://127.0.0.1:1")
+        (start,) = service.next_actions().actions
+        service.finished(start.job, start.attempt)
+    service.submit("g1", JobKind.VERIFY)
+    snap = streamed(service.snapshot())
+    assert snap["history_cut"] == 5 and len(snap["jobs"]) == STREAM_HISTORY + 1
+    assert snap["jobs"][0]["kind"] == "verify"
+    changes = Changes(service)
+    version, data = changes.encoded()
+    assert changes.encoded()[1] is data  # one encoding per version, shared by every client
+    service.set_setting("max_active", 2)
+    assert changes.encoded()[0] == version + 1
