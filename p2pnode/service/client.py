@@ -23,8 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import DamagedStateError, JobStateError, TransportError, UsageError
 from ..units import format_bytes
-from .apischema import PREFIX
-from .library import Library
 from .statedir import StateDir, default_state_dir
 
 if TYPE_CHECKING:
@@ -52,7 +50,9 @@ class ApiClient:
         self.url = url.rstrip("/")
         self.token = token
         self.state = state
-        import httpx  # loaded by the client verbs only: it costs every other verb 0.1 s
+        import httpx  # these load with the client verbs only: every verb builds the parser
+
+        from .apischema import PREFIX
 
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         transport, base = None, self.url
@@ -60,7 +60,7 @@ class ApiClient:
             transport = httpx.HTTPTransport(uds=url.split("unix:", 1)[1])
             base = "http://localhost"
         self._http = httpx.Client(
-            base_url=base, headers=headers, timeout=TIMEOUT, transport=transport
+            base_url=base + PREFIX, headers=headers, timeout=TIMEOUT, transport=transport
         )
 
     @classmethod
@@ -85,7 +85,7 @@ class ApiClient:
         import httpx
 
         try:
-            r = self._http.request(method, PREFIX + path, json=body)
+            r = self._http.request(method, path.lstrip("/"), json=body)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
         return self._answer(r)
@@ -118,9 +118,7 @@ class ApiClient:
         import httpx
 
         try:
-            with self._http.stream(
-                "GET", f"{PREFIX}/events", timeout=httpx.Timeout(TIMEOUT, read=60.0)
-            ) as r:
+            with self._http.stream("GET", "events", timeout=httpx.Timeout(TIMEOUT, read=60.0)) as r:
                 if r.status_code >= 400:
                     r.read()
                     self._answer(r)
@@ -341,6 +339,8 @@ def refuse_managed_dest(dest: str, verb: str) -> None:
 
     A damaged or unreadable library does not stop a standalone verb: the daemon reports it.
     """
+    from .library import Library
+
     path = StateDir(state_dir_from(None)).library
     try:
         entry = Library.load(path).at_dest(os.path.realpath(os.path.abspath(dest)))
