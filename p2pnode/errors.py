@@ -49,8 +49,9 @@ Every class above is defined here; the modules that raise them (``discovery.trac
 only exceptions that are control flow and never reach a caller: those whose name starts with
 ``_`` (``cdn.fetcher._JobFailure``, ``discovery.dht.node._BadRequest``) inside one module, and
 ``swarm.links.PeerFailed`` inside the swarm's shell (one peer is dropped, the reason goes to its
-``PeerStats``). ``node.cli._Failed`` is a P2PNodeError that carries a verb's JSON payload to
-``main``.
+``PeerStats``), and ``service.apiguard.Refused`` inside the local API (answered as a 4xx JSON
+error, never raised to a caller). ``node.cli._Failed`` is a P2PNodeError that carries a verb's
+JSON payload to ``main``.
 
 Misuse of the API is a bug in the caller, never one of these, so it is never mistaken for bad
 input or a network failure: an argument no call could accept raises ``TypeError`` or

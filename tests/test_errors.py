@@ -24,7 +24,7 @@ from p2pnode.node import cli
 from p2pnode.node.watch import _our_error
 
 #: Control flow that never reaches a caller, drawn in errors.py's note instead of its tree.
-INTERNAL = {"p2pnode.swarm.links.PeerFailed"}
+INTERNAL = {"p2pnode.swarm.links.PeerFailed", "p2pnode.service.apiguard.Refused"}
 
 
 def _modules() -> list[str]:

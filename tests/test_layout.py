@@ -26,6 +26,7 @@ ALLOWED = {
     ("p2pnode.node.cli", "p2pnode.demo.network"),
     ("p2pnode.node.cli", "p2pnode.service.daemon"),
     ("p2pnode.node.cli", "p2pnode.service.statedir"),
+    ("p2pnode.node.cli", "p2pnode.service.client"),
 }
 
 

@@ -202,7 +202,16 @@ async def _until_signalled() -> None:
             return
 
 
+def _refuse_managed(args: argparse.Namespace) -> None:
+    """A DEST in the daemon's library is the daemon's: a standalone verb would switch or repair
+    it under the daemon's feet (``service/client.py``, one of cli's arrows up the layers)."""
+    from ..service.client import refuse_managed_dest
+
+    refuse_managed_dest(args.dest, args.verb)
+
+
 def cmd_install(args: argparse.Namespace, *, update: bool = False) -> dict[str, Any]:
+    _refuse_managed(args)
     options = install_options(args, require_installed=update)
     if args.seed and not options.listen:
         raise UsageError("--seed needs --listen HOST:PORT", fix="add --listen 0.0.0.0:6881")
@@ -224,6 +233,7 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
     """
     from .watch import WatchOptions, watch
 
+    _refuse_managed(args)
     if args.max_updates is not None and args.max_updates < 1:
         raise UsageError("--max-updates must be at least 1")
     if args.origin and not args.listen:
@@ -301,6 +311,7 @@ def cmd_update(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
     from .install import rollback
 
+    _refuse_managed(args)
     result = trio.run(rollback, Path(args.dest), install_options(args), _progress(args), args.to)
     if not args.json:
         print_install(install_json(result))
@@ -310,6 +321,7 @@ def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     from .verify import verify
 
+    _refuse_managed(args)
     report = trio.run(
         lambda: verify(
             Path(args.dest),
@@ -375,7 +387,7 @@ def cmd_daemon(args: argparse.Namespace) -> dict[str, Any]:
     verb is the one arrow from ``node`` up to ``service``, see docs/architecture.md).
 
     With ``--json`` it streams one JSON line per event, then the summary."""
-    from ..service.daemon import DaemonOptions, run_daemon
+    from ..service.daemon import DEFAULT_API, DaemonOptions, run_daemon
     from ..service.statedir import default_state_dir
     from .config import default_config_path, load_config
 
@@ -386,7 +398,7 @@ def cmd_daemon(args: argparse.Namespace) -> dict[str, Any]:
         table=config.service,
         where=str(config_path or default_config_path()),
         listen=args.listen,
-        api=args.api,
+        api=DEFAULT_API if args.api is None else None if args.api == "off" else args.api,
     )
 
     def emit(event: dict[str, Any]) -> None:
@@ -571,7 +583,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="the state dir: library, queue, settings, node key (default: the user data dir)",
     )
-    p.add_argument("--api", metavar="HOST:PORT", help="serve the local API here (loopback)")
+    p.add_argument(
+        "--api",
+        metavar="HOST:PORT",
+        help="serve the local API and web page here: loopback HOST:PORT, unix:PATH, or off "
+        "(default: 127.0.0.1 on a free port, written to STATE/api.json for the client verbs)",
+    )
     p.add_argument(
         "--listen", metavar="HOST:PORT", help="serve every installed build to peers on this port"
     )
@@ -582,6 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
         "dir, or $P2PNODE_CONFIG)",
     )
     p.set_defaults(func=cmd_daemon)
+
+    from ..service.client import add_client_verbs  # one command line for the daemon's clients
+
+    add_client_verbs(sub, common)
 
     p = sub.add_parser("demo", parents=[common], help="run the local demo network")
     p.add_argument("--workdir", help="where to keep the demo's files (default: a temp dir)")

@@ -314,6 +314,13 @@ class Service:
         self._changed()
         return self.settings_view()
 
+    def update_settings(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change several settings, all or none (None resets a key); returns the view."""
+        current = self.settings.update(changes)
+        self.queue.max_active = current.max_active
+        self._changed()
+        return self.settings_view()
+
     def reset_setting(self, key: str) -> dict[str, Any]:
         if key not in KEYS:
             raise UsageError(f"{key!r} is not a setting", fix=f"use one of {', '.join(KEYS)}")

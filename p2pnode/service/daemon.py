@@ -24,7 +24,6 @@ new install, never meets the install lock.
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -61,13 +60,17 @@ MAX_SLEEP = 60.0
 Emit = Callable[[dict[str, Any]], None]
 
 
+#: The local API by default: loopback, a free port (``STATE/api.json`` says which).
+DEFAULT_API = "127.0.0.1:0"
+
+
 @dataclass
 class DaemonOptions:
     state: Path
     table: dict[str, Any] = field(default_factory=dict)  # the config file's [service] table
     where: str = "config.toml"  # where the table came from, for its errors
     listen: str | None = None  # HOST:PORT of the swarm node serving everything installed
-    api: str | None = None  # HOST:PORT of the local API
+    api: str | None = DEFAULT_API  # HOST:PORT (or unix:PATH) of the local API; None: none
     report: bool = True  # report installs and outcomes to the entries' trackers
     clock: Callable[[], float] = time.time  # wall-clock seconds (tests pass their own)
     local_now: Callable[[], datetime] = datetime.now  # the schedule's local time (tests too)
@@ -344,13 +347,10 @@ class Daemon:
 
 
 async def start_api(service: Service, api: str, nursery: trio.Nursery, emit: Emit) -> None:
-    """Serve the local API on ``api`` (HOST:PORT) with the state dir's token, through
-    ``p2pnode.service.api.serve_api`` (built separately); without it, say so and go on."""
-    try:
-        module = importlib.import_module("p2pnode.service.api")
-    except ModuleNotFoundError:
-        emit({"event": "warning", "error": "the local API is not built in this version"})
-        return
+    """Serve the local API on ``api`` (HOST:PORT, or unix:PATH) with the state dir's token;
+    ``STATE/api.json`` tells the client verbs where (port 0: a free port)."""
+    from .api import serve_api  # Starlette and hypercorn load only when a daemon serves
+
     if api.startswith("unix:"):  # a Unix socket: unix:/path
         host, port = api, "0"
     else:
@@ -361,6 +361,6 @@ async def start_api(service: Service, api: str, nursery: trio.Nursery, emit: Emi
         fix = "e.g. --api 127.0.0.1:7656 or --api unix:/run/user/1000/p2pnode.sock"
         raise UsageError(f"--api {api!r} is not HOST:PORT", fix=fix) from None
     token = service.state.api_token()
-    serve = partial(module.serve_api, service, host or "127.0.0.1", number, token)
-    await nursery.start(serve)
-    emit({"event": "api", "listen": api})
+    serve = partial(serve_api, service, host or "127.0.0.1", number, token)
+    bound = await nursery.start(serve)
+    emit({"event": "api", "listen": api, "bound": list(bound)})

@@ -94,6 +94,24 @@ class Settings:
         self._overrides = overrides
         return self.current
 
+    def update(self, changes: dict[str, Any]) -> ServiceSettings:
+        """Change several settings at once, all or none (the API's PATCH); a value of None
+        resets its key.
+
+        Raises:
+            UsageError: an unknown key, or a merged table a fresh start would refuse.
+        """
+        unknown = sorted(set(changes) - set(KEYS))
+        if unknown:
+            raise UsageError(
+                f"{unknown[0]!r} is not a setting", fix=f"use one of {', '.join(KEYS)}"
+            )
+        overrides = {**self._overrides, **changes}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        self.current = self._merged(overrides)
+        self._overrides = overrides
+        return self.current
+
     def reset(self, key: str) -> ServiceSettings:
         """Forget the API's value for ``key``: the config file's (or the default) applies."""
         overrides = {k: v for k, v in self._overrides.items() if k != key}

@@ -6,6 +6,7 @@ the library names what a user installs)::
     STATE/
         lock            flock'd by the one daemon that owns this state dir
         api-token       the local API's bearer token, made once, mode 0600
+        api.json        where the running daemon's API listens (written by the API server)
         library.json    the library (p2pnode.service.library)
         queue.json      the job queue (p2pnode.service.queue)
         settings.json   settings changed through the API (caps, max_active, schedule)
@@ -99,6 +100,7 @@ class StateDir(LockedDir):
         self.library = root / "library.json"
         self.queue = root / "queue.json"
         self.settings = root / "settings.json"
+        self.api_file = root / "api.json"
 
     def lock(self) -> None:
         """Own this state dir until :meth:`unlock` (or the process ends).
@@ -112,6 +114,30 @@ class StateDir(LockedDir):
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not self._take_lock(self.lock_file):
             raise ServiceLockedError(f"another p2pnode daemon is using the state dir {self.root}")
+
+    def write_api_address(self, url: str) -> None:
+        """Tell clients where this daemon's API listens (``p2pnode jobs`` reads it without
+        taking the lock); the API server writes it once bound and removes it on the way out."""
+        write_json(self.api_file, {"format": 1, "url": url, "pid": os.getpid()})
+
+    def clear_api_address(self, url: str) -> None:
+        """Remove ``api.json`` if it still names ``url`` (never a newer daemon's)."""
+        try:
+            if self.api_address() == url:
+                self.api_file.unlink()
+        except (OSError, DamagedStateError):
+            pass
+
+    def api_address(self) -> str | None:
+        """The URL in ``api.json`` (None: no file). A daemon killed with -9 leaves a stale one:
+        clients find out when the connection is refused."""
+        doc = read_json(self.api_file)
+        if doc is None:
+            return None
+        url = doc.get("url")
+        if doc.get("format") != 1 or not isinstance(url, str) or not url.startswith("http"):
+            raise DamagedStateError(f"{self.api_file} is not an API address this daemon wrote")
+        return url
 
     def api_token(self) -> str:
         """The API token, made on first use; the same string on every later call and run.
@@ -131,6 +157,10 @@ class StateDir(LockedDir):
         finally:
             os.close(fd)
         return token
+
+    def read_api_token(self) -> str | None:
+        """The token if one was made (a client's read: never makes one)."""
+        return self._read_token() if self.token_file.exists() else None
 
     def _read_token(self) -> str:
         st = os.stat(self.token_file)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +23,7 @@ from p2pnode.errors import P2PNodeError
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
 from p2pnode.release.metadata import ReleaseInfo, UpdateType
+from tests.support.chromium import HEADLESS, chromium_binary
 from tests.support.tracker import ADMIN, APP
 
 #: Release notes a hostile or careless publisher might write: markup, and more than a line.
@@ -242,20 +241,9 @@ async def test_dashboard_shows_rollouts_halts_and_outcomes_per_build(
 
 
 def dump_dom(url: str, profile: Path) -> str:
-    binary = shutil.which("chromium") or "/usr/bin/chromium"
-    if not os.path.exists(binary):
-        pytest.fail("chromium is not installed (fix: bash scripts/setup.sh)")
     cmd = [
-        binary,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
+        chromium_binary(),
+        *HEADLESS,
         f"--user-data-dir={profile}",
         "--virtual-time-budget=3000",
         "--dump-dom",
