@@ -156,7 +156,13 @@ def _registry_copy(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"{path} does not exist", fix="pass the --data DIR the tracker used")
     reg = RedisRegistry(args.registry, prefix=args.redis_prefix)
     try:
-        return reg.copy_from_sqlite(path)
+        counts = reg.copy_from_sqlite(path)
+        ops = args.data / "ops.db"  # outcomes, rollouts, audit log (absent before they were)
+        if ops.is_file():
+            from .ops_redis import RedisOps
+
+            counts |= RedisOps(reg).copy_from_sqlite(ops)
+        return counts
     finally:
         reg.close()
 

@@ -20,10 +20,13 @@ Keys (under the registry's prefix, ``trk:reg:`` unless ``--redis-prefix``)::
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .backend import AuditEntry
+from .errors import Conflict
 from .ops_sqlite import audit_row
 from .outcomes import MAX_RELEASES, Outcome, counts_of, summary
 from .registry_redis import RedisRegistry, _text
@@ -163,3 +166,51 @@ class RedisOps:
             seq, _, entry = _text(raw).partition(" ")
             out.append({**json.loads(entry), "seq": int(seq)})
         return out
+
+    # ---------------------------------------------------------------- moving from SQLite
+
+    def copy_from_sqlite(self, path: Path) -> dict[str, int]:
+        """Copy ``DIR/ops.db`` (outcome tallies, rollouts, the audit log with its numbers)
+        into this store, which must be empty; one snapshot read, one MULTI/EXEC written
+        (``tracker registry copy`` calls it after the registry's copy).
+
+        Raises:
+            Conflict: this store is not empty.
+            RegistryUnavailable: Redis failed; nothing was written.
+        """
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            conn.execute("BEGIN")
+            builds = conn.execute(
+                "SELECT manifest, app, build, last FROM outcome_builds"
+            ).fetchall()
+            counts = conn.execute("SELECT manifest, name, n FROM outcome_counts").fetchall()
+            rollouts = conn.execute("SELECT app, channel, body FROM rollouts").fetchall()
+            audit = conn.execute(
+                "SELECT seq, at, action, actor, token_id, address, target, detail FROM audit"
+            ).fetchall()
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        p, r = self.p, self._reg
+        with r._redis("copy the SQLite operations store"):
+            if r._slow.exists(p + "audit:seq", p + "rollouts", p + "builds"):
+                raise Conflict(
+                    f"the operations store in redis at {r.where} (prefix {p}) is not empty",
+                    fix="copy into an empty redis database or another --redis-prefix",
+                )
+            with r._slow.pipeline() as pipe:
+                for mid, app, build, last in builds:
+                    h = bytes(mid).hex()
+                    pipe.zadd(p + "builds", {h: last})
+                    pipe.hset(p + "o:" + h, mapping={"_app": app, "_build": build})
+                for mid, name, n in counts:
+                    pipe.hset(p + "o:" + bytes(mid).hex(), name, n)
+                for app, channel, body in rollouts:
+                    pipe.hset(p + "rollouts", f"{app}:{channel}", body)
+                for seq, at, action, actor, token_id, address, target, detail in audit:
+                    e = AuditEntry(at, action, actor, token_id, address, target, json.loads(detail))
+                    pipe.zadd(p + "audit", {f"{seq} {json.dumps(audit_row(0, e))}": seq})
+                pipe.set(p + "audit:seq", max([0] + [a[0] for a in audit]))
+                pipe.execute()
+        return {"outcome_builds": len(builds), "rollouts": len(rollouts), "audit": len(audit)}

@@ -5,8 +5,12 @@ publisher token stops working everywhere."""
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -311,3 +315,46 @@ async def test_a_node_out_of_the_rollout_gets_the_previous_builds_type_and_notes
         assert (got["build"], got["update_type"], got["notes"]) == (build, kind, notes)
         assert got["rollout"]["member"] is (build == 2)
     await c._http.aclose()
+
+
+async def test_registry_copy_brings_outcomes_rollouts_and_the_audit_log_to_redis(
+    tmp_path: Path,
+    redis_url: str,
+    make_tracker: Callable[..., Tracker],
+    publisher: Ed25519PrivateKey,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    old = make_tracker("old")
+    c = client_for(old)
+    await c.add_app(APP, keys.public_key_bytes(publisher))
+    one, two = make_manifest(1), make_manifest(2)
+    await c.publish(APP, "stable", one.encode())
+    await c.publish(APP, "stable", two.encode(), rollout=10)
+    await c.report_outcome(keys.generate_key(), outcome(two, failed=True))
+    await client_for(old, token="wrong-token-here")._http.post("/v1/apps", json={})
+    before = {
+        path: (await c._http.get(path, headers={"Authorization": "Bearer " + ADMIN})).json()
+        for path in ("/v1/outcomes", "/v1/audit", f"/v1/apps/{APP}/channels/stable/rollout")
+    }
+    cmd = [sys.executable, "-m", "tracker", "registry", "copy", "--data", str(tmp_path / "old"),
+           "--registry", redis_url, "--json"]  # fmt: skip
+    out = await trio.to_thread.run_sync(
+        lambda: subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    )
+    assert out.returncode == 0, out.stderr
+    counts = json.loads(out.stdout)
+    assert (counts["outcome_builds"], counts["rollouts"], counts["audit"]) == (1, 1, 4)
+    new = make_tracker("new", registry_url=redis_url)
+    n = client_for(new)
+    for path, want in before.items():
+        got = (await n._http.get(path, headers={"Authorization": "Bearer " + ADMIN})).json()
+        assert got == want, path
+    await n.change_rollout(APP, "stable", "raise", percent=20)  # the audit goes on numbering
+    entries = (await n._http.get("/v1/audit", headers={"Authorization": "Bearer " + ADMIN})).json()
+    assert entries["entries"][0]["seq"] == 5
+    again = await trio.to_thread.run_sync(
+        lambda: subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    )
+    assert again.returncode != 0 and "not empty" in again.stderr
+    for x in (c, n):
+        await x._http.aclose()
