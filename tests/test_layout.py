@@ -25,7 +25,6 @@ ALLOWED = {
     ("p2pnode.release.publish", "p2pnode.disk.fsutil"),
     ("p2pnode.node.cli", "p2pnode.demo.network"),
     ("p2pnode.node.cli", "p2pnode.service.daemon"),
-    ("p2pnode.node.cli", "p2pnode.service.statedir"),
     ("p2pnode.node.cli", "p2pnode.service.client"),
 }
 

@@ -387,14 +387,14 @@ def cmd_daemon(args: argparse.Namespace) -> dict[str, Any]:
     verb is the one arrow from ``node`` up to ``service``, see docs/architecture.md).
 
     With ``--json`` it streams one JSON line per event, then the summary."""
+    from ..service.client import state_dir_from
     from ..service.daemon import DEFAULT_API, DaemonOptions, run_daemon
-    from ..service.statedir import default_state_dir
     from .config import default_config_path, load_config
 
     config_path = Path(args.config) if args.config else None
     config = load_config(config_path)
     opts = DaemonOptions(
-        state=Path(args.state) if args.state else default_state_dir(),
+        state=state_dir_from(args.state),  # the same rule as the client verbs
         table=config.service,
         where=str(config_path or default_config_path()),
         listen=args.listen,
@@ -581,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--state",
         metavar="DIR",
-        help="the state dir: library, queue, settings, node key (default: the user data dir)",
+        help="the state dir: library, queue, settings, node key (default: $P2PNODE_STATE, "
+        "else the user data dir)",
     )
     p.add_argument(
         "--api",
