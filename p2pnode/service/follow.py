@@ -48,14 +48,18 @@ def is_critical(manifest: M.Manifest) -> bool:
     return manifest.info.critical
 
 
-def installed_build(dest: Path) -> int | None:
-    """The build installed at ``dest`` (None: nothing, or unreadable). Blocking."""
+def installed_build(dest: Path) -> tuple[int, bytes] | None:
+    """The build installed at ``dest`` and its manifest id (None: nothing, or unreadable).
+    Blocking."""
     sd = StateDir(dest)
     try:
         if not sd.exists:
             return None
         state = sd.load()
-        return sd.load_manifest(state.current).build if state.current else None
+        if not state.current:
+            return None
+        manifest = sd.load_manifest(state.current)
+        return manifest.build, manifest.id
     except (P2PNodeError, OSError):
         return None
 
@@ -65,27 +69,36 @@ async def follow(
     entry: Entry,
     emit: Callable[[dict[str, Any]], None] | None = None,
     http: httpx.AsyncClient | None = None,
+    node: bytes | None = None,
 ) -> None:
     """Queue an update for every newer build on ``entry``'s channel, until cancelled.
-    ``http``: a client shared by many followers (one connection pool, not one per game)."""
+    ``http``: a client shared by many followers (one connection pool, not one per game).
+    ``node``: this node's id, named to the feed with the installed build so that a staged
+    rollout offers this node its own build (without it the node is outside every rollout)."""
     assert entry.tracker is not None
     emit = emit or (lambda event: None)
     async with TrackerClient(entry.tracker, client=http) as tracker:
         seq = 0
         while True:
-            head = await _next(tracker, entry, seq, emit)
+            have = await trio.to_thread.run_sync(installed_build, Path(entry.dest))
+            head = await _next(tracker, entry, seq, emit, node, have[1] if have else None)
             seq = head.seq
             await _offer(service, tracker, entry, head, emit)
 
 
 async def _next(
-    tracker: TrackerClient, entry: Entry, since: int, emit: Callable[[dict[str, Any]], None]
+    tracker: TrackerClient,
+    entry: Entry,
+    since: int,
+    emit: Callable[[dict[str, Any]], None],
+    node: bytes | None,
+    have: bytes | None,
 ) -> ChannelHead:
     backoff, warned = 1.0, False
     while True:
         try:
             return await tracker.wait_for_release(
-                entry.source, entry.channel, since=since, wait=POLL_WAIT
+                entry.source, entry.channel, since=since, wait=POLL_WAIT, node=node, have=have
             )
         except TrackerError as exc:
             if not warned:
@@ -104,8 +117,8 @@ async def _offer(
 ) -> None:
     """Queue ``head`` as an automatic update if it is newer than what is installed."""
     while True:
-        build = await trio.to_thread.run_sync(installed_build, Path(entry.dest))
-        if build is None or head.build <= build:
+        have = await trio.to_thread.run_sync(installed_build, Path(entry.dest))
+        if have is None or head.build <= have[0]:
             return  # not installed yet (the install job takes the head), or not newer
         try:
             data = await tracker.fetch_manifest(head.manifest_id)
@@ -141,6 +154,8 @@ class Followers:
         self.service = service
         self.nursery = nursery
         self.emit = emit
+        #: this node's id for the feed's staged rollouts (set once the identity is loaded)
+        self.node_id: bytes | None = None
         self.running: dict[str, tuple[Entry, trio.CancelScope]] = {}
         # One HTTP client for every long poll: an httpx client costs about a megabyte (its
         # TLS context), and a library of fifty games would hold fifty.
@@ -171,4 +186,4 @@ class Followers:
 
     async def _run(self, entry: Entry, scope: trio.CancelScope) -> None:
         with scope:
-            await follow(self.service, entry, self.emit, self.http)
+            await follow(self.service, entry, self.emit, self.http, self.node_id)
