@@ -95,6 +95,7 @@ def make_tracker(tmp_path: Path) -> Iterator[Callable[..., Tracker]]:
     for t in made:
         t.registry.close()
         t.swarm.close()
+        t.fleet.store.close()
 
 
 @pytest.fixture
