@@ -45,18 +45,28 @@ from p2pnode.discovery.tracker_api import CLIENT_FIELD, SESSION_HEADER, SIGNATUR
 from . import core
 from .alerts import AlertWatch
 from .auth import require_admin
-from .backend import AnnounceCommit, RegistryStore, ReportCommit, SwarmStore
+from .backend import AnnounceCommit, OpsStore, RegistryStore, ReportCommit, SwarmStore
 from .channels import ChannelRoutes
 from .config import TrackerConfig
 from .core import MAX_SKEW
-from .errors import APIError, BadRequest, Conflict, NotFound, RateLimited, Unavailable
+from .errors import (
+    APIError,
+    BadRequest,
+    Conflict,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+)
 from .feed import Feed
 from .fleet_http import FleetCollector, FleetRoutes
 from .fleet_store import LocalFleet, open_fleet
 from .metrics import TrackerMetrics
 from .middleware import Buckets, RequestMiddleware
 from .openapi import openapi_document
-from .outcomes import MAX_OUTCOME_BYTES, OutcomeTally, parse_outcome
+from .operations import Operations
+from .ops_sqlite import SQLiteOps
+from .outcomes import MAX_OUTCOME_BYTES, parse_outcome
 from .records import VerifiedRecords
 from .registry_sqlite import SQLiteRegistry
 from .releaseinfo import ReleaseInfos
@@ -80,18 +90,21 @@ class Tracker:
         config: tokens, intervals and limits.
         registry: apps, manifests, channels (:class:`tracker.backend.RegistryStore`).
         swarm: swarm state (:class:`tracker.backend.SwarmStore`).
+        ops: outcomes, rollouts, audit log (:class:`tracker.backend.OpsStore`).
     """
 
-    def __init__(self, config: TrackerConfig, registry: RegistryStore, swarm: SwarmStore) -> None:
+    def __init__(
+        self, config: TrackerConfig, registry: RegistryStore, swarm: SwarmStore, ops: OpsStore
+    ) -> None:
         self.config = config
         self.registry = registry
         self.swarm = swarm
+        self.ops = ops
         self.feed = Feed()
         self.metrics = TrackerMetrics()
         self._clients = Buckets(config.client_rate, config.client_burst)
         self._reporters = Buckets(config.report_rate, config.report_burst)
-        #: install outcomes (per process: see tracker.outcomes), rate-limited per node as reports
-        self.outcomes = OutcomeTally()
+        #: install outcomes are rate-limited per node as reports are
         self._outcomers = Buckets(config.report_rate, config.report_burst)
         self.sessions = AnnounceSessions(config.admin_token)
         self._records = VerifiedRecords()
@@ -100,6 +113,9 @@ class Tracker:
         self.fast_port = 0
         self._answer_head: bytes | None = None
         self._troubles = Troubles()
+        self.operations = Operations(
+            config, registry, ops, self._registry_call, self.feed, self.metrics
+        )
         self.infos = ReleaseInfos(registry, self._registry_call)
         #: the fleet view (tracker.fleet): in memory here; open_tracker may put it in Redis
         self.fleet = FleetRoutes(LocalFleet(), registry, config.clock)
@@ -107,7 +123,13 @@ class Tracker:
         #: the dashboard banner's alerts (docs/alerts.yml's conditions, evaluated here)
         self._alerts = AlertWatch()
         self.channels = ChannelRoutes(
-            config, registry, self._registry_call, self.feed, self.metrics, self.infos
+            config,
+            registry,
+            self._registry_call,
+            self.feed,
+            self.metrics,
+            self.infos,
+            self.operations,
         )
         self.app = Starlette(
             routes=self._routes(),
@@ -133,6 +155,8 @@ class Tracker:
     async def _api_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError | Unavailable)
         self.metrics.rejected.labels(exc.code).inc()
+        if isinstance(exc, Unauthorized):
+            await self.operations.refused(request, exc.message)
         return error_response(exc)
 
     def _routes(self) -> list[Route]:
@@ -146,6 +170,7 @@ class Tracker:
             Route("/dashboard/{name:str}", self._static),
             Route("/v1/apps", ch.apps, methods=["GET", "POST"]),
             Route("/v1/apps/{app:str}", ch.app_info),
+            Route("/v1/apps/{app:str}/token", ch.rotate_token, methods=["POST"]),
             Route(
                 "/v1/apps/{app:str}/channels/{channel:str}/manifests",
                 ch.publish,
@@ -161,6 +186,11 @@ class Tracker:
                 ch.rollback,
                 methods=["POST"],
             ),
+            Route(
+                "/v1/apps/{app:str}/channels/{channel:str}/rollout",
+                ch.rollout,
+                methods=["GET", "POST"],
+            ),
             Route("/v1/apps/{app:str}/channels/{channel:str}/history", ch.history),
             Route("/v1/apps/{app:str}/channels/{channel:str}/events", ch.events),
             Route("/v1/apps/{app:str}/channels/{channel:str}", ch.latest),
@@ -170,6 +200,7 @@ class Tracker:
             Route("/v1/outcomes", self._outcomes, methods=["GET", "POST"]),
             Route("/v1/peers/{node_id:str}", self._peer, methods=["GET", "DELETE"]),
             Route("/v1/stats", self._stats),
+            Route("/v1/audit", self.operations.audit),
             Route("/v1/apps/{app:str}/fleet", self.fleet.app_fleet),
             Route("/v1/nodes/{node_id:str}", self.fleet.node),
             Route("/v1/dht/bootstrap", self._dht_bootstrap),
@@ -245,13 +276,15 @@ class Tracker:
         stats["releases"].sort(key=lambda r: (r["app"], -(r["build"] or 0)))
         stats["load"] = self.metrics.load()
         self.metrics.stats_cache = stats
-        self.metrics.outcomes_cache = self._outcome_stats(None, labels)
+        stats["outcomes"] = self.metrics.outcomes_cache = await self._outcome_stats(None, labels)
+        rollouts = await self._registry_call(self.ops.rollouts)
+        stats["rollouts"] = self.metrics.rollouts_cache = [r.view() for r in rollouts]
         return stats
 
-    def _outcome_stats(
+    async def _outcome_stats(
         self, app: str | None, labels: dict[bytes, tuple[str, int, str]]
     ) -> list[dict[str, Any]]:
-        out = self.outcomes.stats(app)
+        out: list[dict[str, Any]] = await self._registry_call(self.ops.outcome_stats, app)
         for r in out:
             info = labels.get(bytes.fromhex(r["manifest_id"]))
             r["version"] = info[2] if info else None
@@ -295,8 +328,9 @@ class Tracker:
         except ValueError as exc:
             raise BadRequest("node id must be 40 hex digits") from exc
         if request.method == "DELETE":
-            require_admin(request, self.config.admin_token)
+            actor = require_admin(request, self.config.admin_token)
             cleared = await self.swarm.clear_peer(node)
+            await self.operations.record(request, "peer-cleared", actor, text, cleared=cleared)
             return JSONResponse({"node_id": text, "cleared": cleared})
         q = await self.swarm.quality(node)
         return JSONResponse(
@@ -421,7 +455,7 @@ class Tracker:
             if app is not None:
                 core.check_name(app, "app")
             labels = await self._registry_call(self.registry.releases)
-            return JSONResponse({"releases": self._outcome_stats(app, labels)})
+            return JSONResponse({"releases": await self._outcome_stats(app, labels)})
         body = await read_body(request, MAX_OUTCOME_BYTES)
         now = self.config.clock()
         o = parse_outcome(body, request.headers.get(SIGNATURE_HEADER), now=now)
@@ -438,10 +472,9 @@ class Tracker:
                 fix="report outcomes of builds published on this tracker",
             )
         digest = blake3.blake3(bytes.fromhex(request.headers[SIGNATURE_HEADER])).digest()[:16]
-        if not self.outcomes.fresh(digest, now):
+        if not await self.operations.outcome(o, digest, now, 2 * MAX_SKEW):
             raise Conflict("this outcome was already received (a replay)")
         self.fleet.reported(o, now)
-        self.outcomes.add(o, now)
         return JSONResponse({"accepted": True}, status_code=201)
 
 
@@ -473,12 +506,16 @@ def open_tracker(
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     registry: RegistryStore
+    ops: OpsStore
     if registry_url:
+        from .ops_redis import RedisOps
         from .registry_redis import RedisRegistry
 
-        registry = RedisRegistry(registry_url, prefix=redis_prefix)
+        registry = redis_registry = RedisRegistry(registry_url, prefix=redis_prefix)
+        ops = RedisOps(redis_registry)
     else:
         registry = SQLiteRegistry(data_dir / "registry.db")
+        ops = SQLiteOps(data_dir / "ops.db")
     swarm: SwarmStore
     if redis_url and redis_mode == "log":
         from .swarm_log import LogSwarm
@@ -490,6 +527,6 @@ def open_tracker(
         swarm = RedisSwarm(redis_url, prefix=redis_prefix)
     else:
         swarm = SQLiteSwarm(data_dir / "swarm.db")
-    tracker = Tracker(config, registry, swarm)
+    tracker = Tracker(config, registry, swarm, ops)
     tracker.fleet.store = open_fleet(redis_url, redis_prefix)
     return tracker

@@ -18,6 +18,12 @@ log coming back), and only the store knows. A verified announce or report reache
 one value (:class:`AnnounceCommit`, :class:`ReportCommit`) carrying everything its apply needs,
 including the tracker's clock reading, so that replicas applying the same value agree.
 
+Operations stores (install outcomes, staged rollouts, the audit log: durable, shared by the
+replicas, kept where the registry is): :class:`tracker.ops_sqlite.SQLiteOps` (``DIR/ops.db``,
+a file of its own so that outcomes do not move the registry's ``data_version``, which wakes
+every long-poll) and :class:`tracker.ops_redis.RedisOps` (the registry's Redis). Synchronous,
+with ``blocking`` as the registry's.
+
 Registry stores (apps, manifests, channels: small and precious) keep a synchronous interface:
 :class:`tracker.registry_sqlite.SQLiteRegistry` (SQLite in DIR) and
 :class:`tracker.registry_redis.RedisRegistry` (replicas on separate hosts). Their ``blocking``
@@ -28,6 +34,7 @@ and bounds a miss by a short timeout).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,11 +43,15 @@ import trio
 from p2pnode.discovery.tracker_api import ChannelHead
 
 from .core import Announce, PeerQuality, Report
+from .outcomes import Outcome
+from .rollout import Rollout
 
 __all__ = [
     "AnnounceAnswer",
     "AnnounceCommit",
     "AppRow",
+    "AuditEntry",
+    "OpsStore",
     "Publication",
     "RegistryStore",
     "ReportCommit",
@@ -167,6 +178,11 @@ class RegistryStore(Protocol):
 
     def get_app(self, name: str) -> AppRow | None: ...
 
+    def rotate_token(self, name: str, token_hash: bytes) -> AppRow | None:
+        """Replace the app's publisher token hash (the old token stops working); ``None`` if
+        the app is not registered."""
+        ...
+
     def list_apps(self) -> list[AppRow]: ...
 
     def get_manifest(self, manifest_id: bytes) -> bytes | None: ...
@@ -202,4 +218,63 @@ class RegistryStore(Protocol):
 
     def releases(self) -> dict[bytes, tuple[str, int, str]]:
         """manifest id -> (app, build, version), for labelling stats."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One line of the audit log: a change, or a refused authentication.
+
+    ``token_id`` names the token that acted (``admin``, ``publisher:<app>:<8 hex of its
+    hash>``, or for a refused one the hash prefix of what was presented), never the token;
+    ``address`` is the client's; ``target`` what was acted on (``app/channel``, a node id).
+    """
+
+    at: float
+    action: str
+    actor: str
+    token_id: str
+    address: str
+    target: str
+    detail: dict[str, Any]
+
+
+class OpsStore(Protocol):
+    """Install outcomes, rollouts and the audit log (see the module docstring)."""
+
+    blocking: bool
+
+    def close(self) -> None: ...
+
+    def add_outcome(self, o: Outcome, digest: bytes, now: float, window: float) -> bool:
+        """Add ``o`` to its build's tally (``outcomes.counts_of``); False, and nothing
+        counted, if ``digest`` was seen within ``window`` seconds (a replay)."""
+        ...
+
+    def outcome_stats(self, app: str | None) -> list[dict[str, Any]]:
+        """Per build, newest report first: ``outcomes.summary`` of its counters."""
+        ...
+
+    def rollout(self, app: str, channel: str) -> Rollout | None: ...
+
+    def rollouts(self) -> list[Rollout]: ...
+
+    def put_rollout(self, r: Rollout) -> None:
+        """Store ``r`` as the channel's rollout (replacing any earlier one)."""
+        ...
+
+    def update_rollout(
+        self, app: str, channel: str, fn: Callable[[Rollout], Rollout]
+    ) -> tuple[Rollout, Rollout] | None:
+        """Replace the channel's rollout by ``fn`` of it, atomically across replicas;
+        (before, after), or ``None`` if the channel has none. ``fn`` may raise to change
+        nothing."""
+        ...
+
+    def audit(self, e: AuditEntry) -> int:
+        """Append ``e`` to the audit log; its sequence number."""
+        ...
+
+    def audit_page(self, before: int | None, limit: int) -> list[dict[str, Any]]:
+        """Entries newest first, with ``seq`` below ``before`` (all when ``None``)."""
         ...

@@ -20,6 +20,7 @@ import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from p2pnode.discovery.tracker_api import ChannelHead
 from p2pnode.errors import P2PNodeError
 from p2pnode.release import keys
 from p2pnode.release.manifest import MAX_MANIFEST_BYTES, parse_signed, verify
@@ -31,6 +32,7 @@ from .config import TrackerConfig
 from .errors import APIError, BadRequest, Conflict, Forbidden, NotFound
 from .feed import Feed
 from .metrics import TrackerMetrics
+from .operations import PERCENT_RANGE, Operations
 from .releaseinfo import ReleaseInfos
 from .web import query_float, query_int, read_body
 
@@ -54,6 +56,7 @@ class ChannelRoutes:
         feed: woken by every channel move.
         metrics: counts the moves.
         infos: each build's update type and notes, which heads and history carry.
+        operations: rollouts and the audit log (:class:`tracker.operations.Operations`).
     """
 
     def __init__(
@@ -64,9 +67,10 @@ class ChannelRoutes:
         feed: Feed,
         metrics: TrackerMetrics,
         infos: ReleaseInfos,
+        operations: Operations,
     ) -> None:
         self.config, self.registry, self.registry_call = config, registry, registry_call
-        self.feed, self.metrics, self.infos = feed, metrics, infos
+        self.feed, self.metrics, self.infos, self.ops = feed, metrics, infos, operations
 
     def app_row(self, app: str) -> AppRow:
         core.check_name(app, "app")
@@ -85,7 +89,7 @@ class ChannelRoutes:
                     ]
                 }
             )
-        require_admin(request, self.config.admin_token)
+        actor = require_admin(request, self.config.admin_token)
         obj = core.json_object(await read_body(request, MAX_JSON_BYTES))
         app = core.check_name(obj.get("app"), "app")  # type: ignore[arg-type]
         key_text = obj.get("key")
@@ -99,10 +103,25 @@ class ChannelRoutes:
         await self.registry_call(
             self.registry.add_app, app, key, token_hash(token), self.config.clock()
         )
+        await self.ops.record(request, "app-registered", actor, app, key=key_text)
         return JSONResponse(
             {"app": app, "key": keys.format_public_key(key), "publisher_token": token},
             status_code=201,
         )
+
+    async def rotate_token(self, request: Request) -> Response:
+        """``POST /v1/apps/APP/token``: a new publisher token; the old one stops working (on
+        other replicas within the feed's poll, ~0.2 s)."""
+        row = self.app_row(request.path_params["app"])
+        actor = require_publisher(request, self.config.admin_token, row.name, row)
+        token = "pub_" + secrets.token_urlsafe(32)
+        new = await self.registry_call(self.registry.rotate_token, row.name, token_hash(token))
+        if new is None:
+            raise NotFound(f"app {row.name} is not registered")
+        await self.ops.record(
+            request, "token-rotated", actor, row.name, new_token_id="t-" + new.token_hash[:4].hex()
+        )
+        return JSONResponse({"app": row.name, "publisher_token": token}, status_code=201)
 
     async def app_info(self, request: Request) -> Response:
         row = self.app_row(request.path_params["app"])
@@ -123,6 +142,11 @@ class ChannelRoutes:
     async def publish(self, request: Request) -> Response:
         row, channel = self.channel(request)
         actor = require_publisher(request, self.config.admin_token, row.name, row)
+        percent = (
+            query_float(request, "rollout", *PERCENT_RANGE)
+            if "rollout" in request.query_params
+            else None
+        )
         body = await read_body(request, MAX_MANIFEST_BYTES + 1024)
         now = self.config.clock()
 
@@ -155,22 +179,36 @@ class ChannelRoutes:
             now=now,
             actor=actor,
         )
-        seq = await self.registry_call(self.registry.publish, publication)
+        staged = replaced = None
+        if percent is not None and percent < 100:
+            staged, replaced = await self.ops.stage(row.name, channel, mid, m.build, percent)
+        try:
+            seq = await self.registry_call(self.registry.publish, publication)
+        except BaseException:
+            if staged is not None:
+                await self.ops.unstage(staged, replaced)
+            raise
         self.infos.put(mid, m.info)
+        if staged is None:
+            await self.ops.moved(row.name, channel, mid, "publish")
         self.metrics.moves.labels("publish").inc()
         self.feed.notify()
-        return JSONResponse(
-            {
-                "app": row.name,
-                "channel": channel,
-                "seq": seq,
-                "manifest_id": mid.hex(),
-                "build": m.build,
-                "version": m.version,
-                "update_type": m.info.update_type,
-            },
-            status_code=201,
-        )
+        await self.ops.record(
+            request, "publish", actor, f"{row.name}/{channel}",
+            manifest_id=mid.hex(), build=m.build, rollout=percent,
+        )  # fmt: skip
+        answer: dict[str, Any] = {
+            "app": row.name,
+            "channel": channel,
+            "seq": seq,
+            "manifest_id": mid.hex(),
+            "build": m.build,
+            "version": m.version,
+            "update_type": m.info.update_type,
+        }
+        if staged is not None:
+            answer["rollout"] = staged.view()
+        return JSONResponse(answer, status_code=201)
 
     async def move(self, request: Request, action: str) -> Response:
         row, channel = self.channel(request)
@@ -198,7 +236,11 @@ class ChannelRoutes:
             actor=actor,
         )
         self.metrics.moves.labels(action).inc()
+        await self.ops.moved(row.name, channel, mid, action)
         self.feed.notify()
+        await self.ops.record(
+            request, action, actor, f"{row.name}/{channel}", manifest_id=mid.hex()
+        )
         head = await self.registry_call(self.registry.head, row.name, channel)
         if head is None:  # the move just committed; only a concurrent delete could do this
             raise NotFound(f"channel {channel} vanished")
@@ -210,6 +252,31 @@ class ChannelRoutes:
     async def rollback(self, request: Request) -> Response:
         return await self.move(request, "rollback")
 
+    async def rollout(self, request: Request) -> Response:
+        row, channel = self.channel(request)
+        return await self.ops.rollout_route(request, row.name, channel)
+
+    async def _answer(
+        self, head: ChannelHead, node: bytes | None, have: bytes | None
+    ) -> dict[str, Any]:
+        """The feed's answer: the build this node is offered (a staged rollout may keep it on
+        the previous one), with its update type and notes."""
+        mine, rollout = await self.ops.personal(head, node, have)
+        out = (await self.infos.head(mine)).to_json()
+        if rollout is not None:
+            out["rollout"] = rollout
+        return out
+
+    def _node(self, request: Request) -> tuple[bytes | None, bytes | None]:
+        """``?node=ID&have=MANIFEST``: who asks the feed, and what it runs (rollouts)."""
+        node, have = request.query_params.get("node"), request.query_params.get("have")
+        if node is not None and not core._HEX40.match(node):
+            raise BadRequest("node must be a node id, 40 lowercase hex digits")
+        return (
+            bytes.fromhex(node) if node is not None else None,
+            core.check_manifest_id(have) if have is not None else None,
+        )
+
     async def history(self, request: Request) -> Response:
         row, channel = self.channel(request)
         history = await self.registry_call(self.registry.history, row.name, channel)
@@ -219,6 +286,7 @@ class ChannelRoutes:
 
     async def latest(self, request: Request) -> Response:
         row, channel = self.channel(request)
+        node, have = self._node(request)
         since = query_int(request, "since", -1, MAX_SINCE)
         wait = query_float(request, "wait", 0.0, MAX_WAIT)
         head = await self.registry_call(self.registry.head, row.name, channel)
@@ -232,10 +300,11 @@ class ChannelRoutes:
                 f"nothing is published to channel {channel} of {row.name} yet",
                 fix="publish a build first (or wait with ?since=0&wait=S)",
             )
-        return JSONResponse((await self.infos.head(head)).to_json())
+        return JSONResponse(await self._answer(head, node, have))
 
     async def events(self, request: Request) -> Response:
         row, channel = self.channel(request)
+        node, have = self._node(request)
         since = query_int(request, "since", -1, MAX_SINCE)
 
         async def stream() -> AsyncIterator[bytes]:
@@ -245,7 +314,7 @@ class ChannelRoutes:
                 head = await self.registry_call(self.registry.head, row.name, channel)
                 if head is not None and head.seq > last:
                     last = head.seq
-                    data = json.dumps((await self.infos.head(head)).to_json())
+                    data = json.dumps(await self._answer(head, node, have))
                     yield f"id: {head.seq}\nevent: release\ndata: {data}\n\n".encode()
                 with trio.move_on_after(15):
                     await self.feed.wait()

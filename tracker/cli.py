@@ -3,7 +3,11 @@
     tracker serve --listen HOST:PORT --data DIR --admin-token TOKEN [--redis URL [--redis-mode log]]
                   [--registry URL] [--announce-listen HOST:PORT]
     tracker app add APP --key ed25519:<hex> --url URL --admin-token TOKEN [--json]
+    tracker app rotate-token APP --url URL --admin-token TOKEN [--json]
     tracker registry copy --data DIR --registry URL [--redis-prefix P] [--json]
+    tracker rollout APP CHANNEL show|raise PERCENT|halt|resume|complete --url URL [--token T]
+                    [--threshold SHARE] [--min-outcomes N] [--json]
+    tracker audit --url URL [--admin-token TOKEN] [--limit N] [--before SEQ] [--json]
 
 Errors print one line on stderr (what went wrong, then the fix) and exit non-zero; ``--json``
 prints machine-readable output on stdout. The admin token may also come from the environment
@@ -30,6 +34,7 @@ from p2pnode.release import keys
 
 from .app import TrackerConfig, open_tracker
 from .errors import Unavailable
+from .rollout import ACTIONS
 from .server import serve_tracker
 
 __all__ = ["main"]
@@ -110,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--url", required=True, help="tracker URL, e.g. http://127.0.0.1:7070")
     add.add_argument("--admin-token", help="admin token (or env TRACKER_ADMIN_TOKEN)")
     add.add_argument("--json", action="store_true")
+    rot = asub.add_parser("rotate-token", help="give an app a new publisher token")
+    rot.add_argument("app")
+    rot.add_argument("--url", required=True, help="tracker URL, e.g. http://127.0.0.1:7070")
+    rot.add_argument("--admin-token", help="admin token (or env TRACKER_ADMIN_TOKEN)")
+    rot.add_argument("--json", action="store_true")
     r = sub.add_parser("registry", help="move the registry")
     rsub = r.add_subparsers(dest="registry_command", required=True)
     cp = rsub.add_parser(
@@ -119,6 +129,22 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--registry", required=True, help="redis://HOST:PORT/DB")
     cp.add_argument("--redis-prefix", default="trk:", help="key prefix in redis")
     cp.add_argument("--json", action="store_true")
+    ro = sub.add_parser("rollout", help="show or change a channel's staged rollout")
+    ro.add_argument("app")
+    ro.add_argument("channel")
+    ro.add_argument("action", choices=("show", *ACTIONS))
+    ro.add_argument("percent", nargs="?", type=float, help="for raise: the new percentage")
+    ro.add_argument("--url", required=True, help="tracker URL, e.g. http://127.0.0.1:7070")
+    ro.add_argument("--token", help="publisher or admin token (or env TRACKER_ADMIN_TOKEN)")
+    ro.add_argument("--threshold", type=float, help="failure share that halts it, e.g. 0.05")
+    ro.add_argument("--min-outcomes", type=int, help="outcomes needed before it may halt")
+    ro.add_argument("--json", action="store_true")
+    au = sub.add_parser("audit", help="read the audit log, newest first")
+    au.add_argument("--url", required=True, help="tracker URL, e.g. http://127.0.0.1:7070")
+    au.add_argument("--admin-token", help="admin token (or env TRACKER_ADMIN_TOKEN)")
+    au.add_argument("--limit", type=int, default=50)
+    au.add_argument("--before", type=int, help="only entries older than this seq")
+    au.add_argument("--json", action="store_true")
     return p
 
 
@@ -209,9 +235,60 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 async def _app_add(args: argparse.Namespace) -> dict[str, Any]:
-    key = keys.parse_public_key(args.key)
     async with TrackerClient(args.url, token=_admin_token(args)) as client:
-        return await client.add_app(args.app, key)
+        if args.app_command == "rotate-token":
+            return {"app": args.app, "publisher_token": await client.rotate_token(args.app)}
+        return await client.add_app(args.app, keys.parse_public_key(args.key))
+
+
+async def _rollout(args: argparse.Namespace) -> dict[str, Any]:
+    if args.action == "raise" and args.percent is None:
+        raise UsageError(
+            "raise needs the new percentage", fix="e.g. `tracker rollout A CH raise 50`"
+        )
+    token = args.token or os.environ.get("TRACKER_ADMIN_TOKEN")
+    async with TrackerClient(args.url, token=token) as client:
+        if args.action == "show":
+            path = f"/v1/apps/{args.app}/channels/{args.channel}/rollout"
+            return dict((await client._request("GET", path)).json())
+        fields: dict[str, float | int] = {}
+        for name, value in (
+            ("percent", args.percent),
+            ("threshold", args.threshold),
+            ("min_outcomes", args.min_outcomes),
+        ):
+            if value is not None:
+                fields[name] = value
+        return await client.change_rollout(args.app, args.channel, args.action, **fields)
+
+
+async def _audit(args: argparse.Namespace) -> dict[str, Any]:
+    params = {"limit": args.limit} | ({} if args.before is None else {"before": args.before})
+    async with TrackerClient(args.url, token=_admin_token(args)) as client:
+        resp = await client._request("GET", "/v1/audit", params=params, auth=True)
+        return dict(resp.json())
+
+
+def _print_rollout(r: dict[str, Any]) -> None:
+    rate = r.get("failure_rate")
+    failed = "no outcomes yet" if rate is None else f"{100 * rate:.1f}% of outcomes failed"
+    print(
+        f"{r['app']}/{r['channel']} build {r['build']}: {r['state']} at {r['percent']:g}% "
+        f"({r['success']} ok, {r['failure']} failed: {failed}; halts at "
+        f"{100 * r['threshold']:g}% of at least {r['min_outcomes']})"
+        + (f" - {r['reason']}" if r.get("reason") else "")
+    )
+
+
+def _print_audit(page: dict[str, Any]) -> None:
+    import time
+
+    for e in page["entries"]:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["at"]))
+        who = f"{e['actor']} ({e['token_id'] or 'no token'}) from {e['address'] or '-'}"
+        print(f"{e['seq']:>6} {at}Z {e['action']:<16} {e['target']:<24} {who}")
+    if page.get("next_before"):
+        print(f"older: --before {page['next_before']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +304,15 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print("copied " + ", ".join(f"{n} {what}" for what, n in counts.items()))
             return 0
+        if args.command in ("rollout", "audit"):
+            out = trio.run(_rollout if args.command == "rollout" else _audit, args)
+            if args.json:
+                print(json.dumps(out))
+            elif args.command == "rollout":
+                _print_rollout(out)
+            else:
+                _print_audit(out)
+            return 0
         result = trio.run(_app_add, args)
     except P2PNodeError as exc:
         print(f"tracker: {exc}", file=sys.stderr)
@@ -235,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.json:
         print(json.dumps(result))
+    elif args.app_command == "rotate-token":
+        print(f"new publisher token of {result['app']} (shown once; the old one no longer works):")
+        print(result["publisher_token"])
     else:
         print(f"registered {result['app']} with key {result['key']}")
         print(f"publisher token (shown once): {result['publisher_token']}")

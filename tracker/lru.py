@@ -42,5 +42,10 @@ class LRU:
                 if self.max_bytes is not None:
                     self._bytes -= len(evicted)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+            self._bytes = 0
+
     def __len__(self) -> int:
         return len(self._d)

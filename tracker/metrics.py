@@ -60,6 +60,12 @@ class TrackerMetrics:
             ["action"],
             registry=self.registry,
         )
+        self.rollout_halts = Counter(
+            "tracker_rollout_auto_halts",
+            "Rollouts this process halted because their build's failure rate passed the "
+            "channel's threshold",
+            registry=self.registry,
+        )
         self.registry.register(SwarmCollector(self))
         #: accepted announces by event, labelled once (the hot path only increments)
         self.announces = {e: announces.labels(e) for e in EVENTS}
@@ -71,6 +77,8 @@ class TrackerMetrics:
         self.stats_cache: dict[str, Any] = {"releases": [], "quality": {}}
         #: the install outcomes per build at the same moment (``tracker.outcomes``)
         self.outcomes_cache: list[dict[str, Any]] = []
+        #: the channels' rollouts at the same moment (``Rollout.view``)
+        self.rollouts_cache: list[dict[str, Any]] = []
 
     def record(self, route: str, status: int, seconds: float, *, held: bool = False) -> None:
         """Count a request the Starlette port answered. Held requests (SSE, long-polls) last
@@ -174,6 +182,7 @@ class SwarmCollector:
             value=len(q.get("flagged", [])),
         )
         yield from _outcome_metrics(self.metrics.outcomes_cache)
+        yield from _rollout_metrics(self.metrics.rollouts_cache)
 
 
 def _outcome_metrics(builds: list[dict[str, Any]]) -> Any:
@@ -189,11 +198,46 @@ def _outcome_metrics(builds: list[dict[str, Any]]) -> Any:
         "Failed install attempts nodes reported, by build and failure code",
         labels=[*labels, "code"],
     )
+    rate = GaugeMetricFamily(
+        "tracker_install_success_ratio",
+        "Share of reported install attempts that succeeded, per build",
+        labels=labels,
+    )
     for b in builds:
         lv = [b["app"], str(b.get("version")), b["manifest_id"]]
+        if b["success_rate"] is not None:
+            rate.add_metric(lv, b["success_rate"])
         for kind, n in b["by_kind"].items():
             outcomes.add_metric([*lv, kind, "success"], n["success"])
             outcomes.add_metric([*lv, kind, "failure"], n["failure"])
         for code, n in b["failure_codes"].items():
             failures.add_metric([*lv, code], n)
-    yield from (outcomes, failures)
+    yield from (outcomes, failures, rate)
+
+
+def _rollout_metrics(rollouts: list[dict[str, Any]]) -> Any:
+    """Each channel's staged rollout: its percentage, whether it is halted, its failures."""
+    labels = ["app", "channel", "build"]
+    percent = GaugeMetricFamily(
+        "tracker_rollout_percent",
+        "Percentage of the channel's nodes offered the build",
+        labels=labels,
+    )
+    halted = GaugeMetricFamily(
+        "tracker_rollout_halted",
+        "1 while the rollout is halted (by the tracker or an operator)",
+        labels=labels,
+    )
+    failed = GaugeMetricFamily(
+        "tracker_rollout_failure_ratio",
+        "Failed share of the outcomes counted towards the rollout's automatic halt",
+        labels=labels,
+    )
+    for r in rollouts:
+        if r["state"] in ("complete", "ended"):
+            continue
+        lv = [r["app"], r["channel"], str(r["build"])]
+        percent.add_metric(lv, r["percent"])
+        halted.add_metric(lv, 1.0 if r["state"] == "halted" else 0.0)
+        failed.add_metric(lv, r["failure_rate"] or 0.0)
+    yield from (percent, halted, failed)

@@ -23,7 +23,9 @@ from p2pnode.release.metadata import MAX_NOTES_BYTES, UpdateType
 
 from . import core
 from .channels import MAX_SINCE, MAX_WAIT
+from .operations import MAX_AUDIT_PAGE, MAX_MIN_OUTCOMES, PERCENT_RANGE, THRESHOLD_RANGE
 from .outcomes import MAX_BUILD, MAX_DURATION_MS
+from .rollout import ACTIONS, STATES
 
 __all__ = ["openapi_document"]
 
@@ -135,6 +137,10 @@ _CH = _path("channel", _NAME)
 _NODE = _path("node_id", {"type": "string", "pattern": "^[0-9a-fA-F]{40}$"})
 
 
+def _range(lo: float, hi: float) -> dict[str, Any]:
+    return {"type": "number", "minimum": lo, "maximum": hi}
+
+
 def _bounded(hi: int) -> dict[str, Any]:
     return {"type": "integer", "minimum": 0, "maximum": hi}
 
@@ -193,6 +199,80 @@ def _schemas() -> dict[str, Any]:
                     "description": "the build's release notes (UTF-8, at most "
                     f"{MAX_NOTES_BYTES} bytes); empty when it has none",
                 },
+                "rollout": {
+                    "type": "object",
+                    "description": "the channel's staged rollout, when the feed was asked "
+                    "with ?node=: whether this node is in it",
+                    "properties": {
+                        "build": {"type": "integer"},
+                        "percent": {"type": "number"},
+                        "state": {"enum": list(STATES)},
+                        "member": {"type": "boolean"},
+                    },
+                },
+            },
+        },
+        "AuditPage": {
+            "type": "object",
+            "required": ["entries", "next_before"],
+            "properties": {
+                "entries": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["seq", "at", "action", "actor", "token_id", "address"],
+                        "properties": {
+                            "seq": {"type": "integer"},
+                            "at": {"type": "number"},
+                            "action": {"type": "string"},
+                            "actor": {"type": "string"},
+                            "token_id": {
+                                "type": "string",
+                                "description": "admin, or t-<8 hex of the token's hash>; "
+                                "never the token",
+                            },
+                            "address": {"type": "string"},
+                            "target": {"type": "string"},
+                            "detail": {"type": "object"},
+                        },
+                    },
+                },
+                "next_before": {
+                    "type": ["integer", "null"],
+                    "description": "pass as before for the next (older) page; null: no more",
+                },
+            },
+        },
+        "RolloutChange": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["action"],
+            "properties": {
+                "action": {"enum": list(ACTIONS)},
+                "percent": _range(*PERCENT_RANGE),
+                "threshold": _range(*THRESHOLD_RANGE),
+                "min_outcomes": {"type": "integer", "minimum": 1, "maximum": MAX_MIN_OUTCOMES},
+            },
+        },
+        "Rollout": {
+            "type": "object",
+            "required": ["app", "channel", "manifest", "build", "previous", "percent", "state"],
+            "properties": {
+                "app": _NAME,
+                "channel": _NAME,
+                "manifest": _HEX64,
+                "build": {"type": "integer"},
+                "previous": _HEX64,
+                "percent": {"type": "number"},
+                "state": {"enum": list(STATES)},
+                "threshold": {"type": "number"},
+                "min_outcomes": {"type": "integer"},
+                "success": {"type": "integer"},
+                "failure": {"type": "integer"},
+                "failure_rate": {"type": ["number", "null"]},
+                "started": {"type": "number"},
+                "changed": {"type": "number"},
+                "reason": {"type": "string"},
             },
         },
         "Announce": {
@@ -371,6 +451,13 @@ def _paths() -> dict[str, Any]:
         "in": "query",
         "schema": {"type": "integer", "minimum": -1, "maximum": MAX_SINCE},
     }
+    #: who asks the feed, and what it runs: the build a staged rollout offers it
+    node = {
+        "name": "node",
+        "in": "query",
+        "schema": {"type": "string", "pattern": core.HEX40_PATTERN},
+    }
+    have = {"name": "have", "in": "query", "schema": _HEX64}
     return {
         "/healthz": {"get": _healthz()},
         "/v1/dht/bootstrap": {"get": _op("DHT nodes to bootstrap from (HOST:PORT list)")},
@@ -391,6 +478,21 @@ def _paths() -> dict[str, Any]:
             ),
         },
         "/v1/apps/{app}": {"get": _op("An app, its key and channel heads", parameters=[_APP])},
+        "/v1/apps/{app}/token": {
+            "post": _op(
+                "Rotate the app's publisher token (the old one stops working)",
+                status=201,
+                auth="publisher or admin",
+                answer={
+                    "type": "object",
+                    "required": ["app", "publisher_token"],
+                    "properties": {"app": _NAME, "publisher_token": {"type": "string"}},
+                },
+                body={"type": "object", "maxProperties": 0, "description": "none needed"},
+                body_required=False,
+                parameters=[_APP],
+            )
+        },
         "/v1/apps/{app}/channels/{channel}": {
             "get": _op(
                 "Latest build of a channel; long-poll with since and wait",
@@ -399,6 +501,8 @@ def _paths() -> dict[str, Any]:
                     _APP,
                     _CH,
                     since,
+                    node,
+                    have,
                     {
                         "name": "wait",
                         "in": "query",
@@ -412,7 +516,7 @@ def _paths() -> dict[str, Any]:
                 "Server-sent events: one `release` event per channel move",
                 answer={"type": "string"},
                 media="text/event-stream",
-                parameters=[_APP, _CH, since],
+                parameters=[_APP, _CH, since, node, have],
             )
         },
         "/v1/apps/{app}/channels/{channel}/history": {
@@ -425,7 +529,11 @@ def _paths() -> dict[str, Any]:
                 auth="publisher or admin",
                 body={"type": "string", "format": "binary"},
                 body_media=_MANIFEST,
-                parameters=[_APP, _CH],
+                parameters=[
+                    _APP,
+                    _CH,
+                    {"name": "rollout", "in": "query", "schema": _range(*PERCENT_RANGE)},
+                ],
             )
         },
         "/v1/apps/{app}/channels/{channel}/promote": {
@@ -434,6 +542,37 @@ def _paths() -> dict[str, Any]:
         "/v1/apps/{app}/channels/{channel}/rollback": {
             "post": _move(
                 "Point a channel back at an earlier build", "Rollback", body_required=False
+            )
+        },
+        "/v1/apps/{app}/channels/{channel}/rollout": {
+            "get": _op(
+                "The channel's staged rollout", answer=_ref("Rollout"), parameters=[_APP, _CH]
+            ),
+            "post": _op(
+                "Raise, halt, resume or complete the channel's rollout",
+                answer=_ref("Rollout"),
+                auth="publisher or admin",
+                body=_ref("RolloutChange"),
+                parameters=[_APP, _CH],
+            ),
+        },
+        "/v1/audit": {
+            "get": _op(
+                "The audit log, newest first, paged with before",
+                answer=_ref("AuditPage"),
+                auth="admin",
+                parameters=[
+                    {
+                        "name": "before",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1 << 62},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_AUDIT_PAGE},
+                    },
+                ],
             )
         },
         "/v1/manifests/{manifest_id}": {

@@ -6,20 +6,21 @@ A node sends one signed ``POST /v1/outcomes`` per attempt (docs/tracker-api.md):
 success or a failure code from the shared list (``tracker_api.OUTCOME_CODES``), its duration,
 its bytes by source, and the builds it went from and to. :func:`parse_outcome` verifies and
 checks it as :func:`tracker.core.parse_report` does a report (signature, clock skew, nonce);
-:class:`OutcomeTally` folds accepted outcomes into per-build counters: success rate, failure
-codes, rollbacks, bytes. It does no I/O.
+:func:`counts_of` names the counters an accepted outcome adds to its build's tally, and
+:func:`summary` turns a build's counters into success rate, failure codes, rollbacks and bytes.
+It does no I/O: the tally lives in the operations store (:class:`tracker.backend.OpsStore`,
+SQLite beside the registry or the registry's Redis), so replicas share one count and a restart
+keeps it; the store also keeps the replay guard, so an outcome replayed to another replica is
+refused too.
 
-Bounded: at most ``MAX_RELEASES`` builds are tallied (the least recently reported goes
-first), every label is from a closed list, and the replay guard keeps at most ``MAX_SEEN``
-signatures for ``2 * MAX_SKEW`` seconds (the app also rate-limits each node). The tally lives
-in the memory of the process that received the outcomes: each replica counts its own (sum
-``tracker_install_outcomes_total`` across replicas), and a restart starts from zero.
+Bounded: the stores tally at most ``MAX_RELEASES`` builds (the least recently reported goes
+first), every counter name is from a closed list, and the replay guard keeps each signature
+digest for ``2 * MAX_SKEW`` seconds (the app also rate-limits each node).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from p2pnode.discovery.tracker_api import OUTCOME_CODES, OUTCOME_DOMAIN, OUTCOME_KINDS
@@ -27,7 +28,6 @@ from p2pnode.release import keys
 
 from .core import (
     MAX_BYTES,
-    MAX_SKEW,
     _hex_id,
     _int,
     _key,
@@ -44,17 +44,15 @@ __all__ = [
     "MAX_DURATION_MS",
     "MAX_OUTCOME_BYTES",
     "MAX_RELEASES",
-    "MAX_SEEN",
     "Outcome",
-    "OutcomeTally",
+    "counts_of",
     "parse_outcome",
+    "summary",
 ]
 
 MAX_OUTCOME_BYTES = 2048
 #: Builds tallied at most; reporting on another drops the least recently reported one.
 MAX_RELEASES = 2000
-#: Replay digests remembered at most (each for ``2 * MAX_SKEW`` seconds).
-MAX_SEEN = 200_000
 #: The longest attempt an outcome may report (a week, in milliseconds).
 MAX_DURATION_MS = 7 * 24 * 3600 * 1000
 MAX_BUILD = (1 << 63) - 1
@@ -120,83 +118,49 @@ def parse_outcome(body: bytes, signature_hex: str | None, *, now: float) -> Outc
     )
 
 
-@dataclass
-class _Build:
-    """The tally of one build (manifest)."""
+def counts_of(o: Outcome) -> dict[str, int]:
+    """The counters one outcome adds to its build's tally (the stores sum them per build):
+    ``ok:KIND`` / ``fail:KIND``, ``code:CODE``, ``bytes:SOURCE`` and ``ms`` (summed over
+    successes). Every name comes from a closed list, so a tally has a bounded set of fields."""
+    out = {f"bytes:{s}": n for s, n in zip(SOURCES, o.bytes, strict=True) if n}
+    if o.code is None:
+        out[f"ok:{o.kind}"] = 1
+        out["ms"] = o.duration_ms
+    else:
+        out[f"fail:{o.kind}"] = 1
+        out[f"code:{o.code}"] = 1
+    return out
 
-    app: str
-    build: int
-    #: kind -> [successes, failures]
-    kinds: dict[str, list[int]] = field(default_factory=dict)
-    codes: dict[str, int] = field(default_factory=dict)
-    bytes: list[int] = field(default_factory=lambda: [0] * len(SOURCES))
-    duration_ms: int = 0  # summed over successes
-    last: float = 0.0
 
-
-class OutcomeTally:
-    """Per-build counters of accepted outcomes, and the replay guard (see the module
-    docstring)."""
-
-    def __init__(self) -> None:
-        self._builds: OrderedDict[bytes, _Build] = OrderedDict()
-        self._seen: dict[bytes, float] = {}
-        self._seen_order: deque[tuple[float, bytes]] = deque()
-
-    def fresh(self, digest: bytes, now: float) -> bool:
-        """Remember ``digest`` for ``2 * MAX_SKEW`` s; False if it is already remembered (a
-        replay). Past ``MAX_SEEN`` the oldest go early (``_ts`` still refuses stale ones)."""
-        order = self._seen
-        while self._seen_order and (self._seen_order[0][0] <= now or len(order) >= MAX_SEEN):
-            _, old = self._seen_order.popleft()
-            order.pop(old, None)
-        if digest in order:
-            return False
-        order[digest] = now + 2 * MAX_SKEW
-        self._seen_order.append((now + 2 * MAX_SKEW, digest))
-        return True
-
-    def add(self, o: Outcome, now: float) -> None:
-        b = self._builds.pop(o.manifest, None)
-        if b is None:
-            b = _Build(o.app, o.to_build)
-            while len(self._builds) >= MAX_RELEASES:
-                self._builds.popitem(last=False)
-        self._builds[o.manifest] = b  # the most recently reported last
-        counts = b.kinds.setdefault(o.kind, [0, 0])
-        if o.code is None:
-            counts[0] += 1
-            b.duration_ms += o.duration_ms
-        else:
-            counts[1] += 1
-            b.codes[o.code] = b.codes.get(o.code, 0) + 1
-        for i, n in enumerate(o.bytes):
-            b.bytes[i] += n
-        b.last = now
-
-    def stats(self, app: str | None = None) -> list[dict[str, Any]]:
-        """Per build (newest report first): counts by kind, success rate, failure codes,
-        bytes by source and the mean duration of a success."""
-        out = []
-        for mid, b in reversed(self._builds.items()):
-            if app is not None and b.app != app:
-                continue
-            ok = sum(k[0] for k in b.kinds.values())
-            failed = sum(k[1] for k in b.kinds.values())
-            out.append(
-                {
-                    "manifest_id": mid.hex(),
-                    "app": b.app,
-                    "build": b.build,
-                    "reports": ok + failed,
-                    "success": ok,
-                    "failure": failed,
-                    "success_rate": ok / (ok + failed) if ok + failed else None,
-                    "by_kind": {k: {"success": v[0], "failure": v[1]} for k, v in b.kinds.items()},
-                    "failure_codes": dict(sorted(b.codes.items(), key=lambda kv: -kv[1])),
-                    "bytes": dict(zip(SOURCES, b.bytes, strict=True)),
-                    "mean_success_s": round(b.duration_ms / ok / 1000, 3) if ok else None,
-                    "last_report": b.last,
-                }
-            )
-        return out
+def summary(
+    mid: bytes, app: str, build: int, counts: dict[str, int], last: float
+) -> dict[str, Any]:
+    """One build's tally as the API shows it: counts by kind, success rate, failure codes,
+    rollbacks, bytes by source and the mean duration of a success."""
+    kinds: dict[str, dict[str, int]] = {}
+    codes: dict[str, int] = {}
+    for name, n in counts.items():
+        what, _, label = name.partition(":")
+        if what in ("ok", "fail"):
+            k = kinds.setdefault(label, {"success": 0, "failure": 0})
+            k["success" if what == "ok" else "failure"] += n
+        elif what == "code":
+            codes[label] = n
+    ok = sum(k["success"] for k in kinds.values())
+    failed = sum(k["failure"] for k in kinds.values())
+    rollbacks = kinds.get("rollback", {"success": 0, "failure": 0})
+    return {
+        "manifest_id": mid.hex(),
+        "app": app,
+        "build": build,
+        "reports": ok + failed,
+        "success": ok,
+        "failure": failed,
+        "success_rate": ok / (ok + failed) if ok + failed else None,
+        "by_kind": {k: kinds[k] for k in sorted(kinds)},
+        "failure_codes": dict(sorted(codes.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "rollbacks": rollbacks["success"] + rollbacks["failure"],
+        "bytes": {s: counts.get(f"bytes:{s}", 0) for s in SOURCES},
+        "mean_success_s": round(counts.get("ms", 0) / ok / 1000, 3) if ok else None,
+        "last_report": last,
+    }

@@ -26,8 +26,10 @@ it moved: a publish on replica A reaches a node long-polling replica B within ~0
 also moves on this replica's own changes, unlike SQLite's: that only adds one spurious wake-up
 after a local publish, which the app already woke its waiters for.)
 
-**What is served from memory.** App rows and manifests never change once written (there is no
-API to change or delete them), so each replica caches them after the first read: publisher-token
+**What is served from memory.** Manifests never change once written and app rows change only
+when a publisher token is rotated, so each replica caches them after the first read (and drops
+its app rows whenever the change counter moves: another replica's rotation reaches it within
+``FEED_POLL``): publisher-token
 checks, ``manifest_info`` (asked on a node's first announce of each build; the app keeps the
 answer) and ``GET /v1/manifests/ID`` cost no round trip once warm. The manifest cache is an LRU
 bounded in bytes and entries. Only found rows are cached: a name or id that is missing now may be
@@ -165,6 +167,7 @@ class RedisRegistry:
         self._add_app = self._slow.register_script(_ADD_APP_LUA)
         self._previous = self._fast.register_script(_PREVIOUS_LUA)
         self._down_until = 0.0
+        self._seen_version = -1
         self._apps = LRU(ROW_CACHE_ENTRIES)
         self._infos = LRU(ROW_CACHE_ENTRIES)
         self._manifests = LRU(MANIFEST_CACHE_ENTRIES, MANIFEST_CACHE_BYTES)
@@ -206,8 +209,11 @@ class RedisRegistry:
         """The change counter (moves with every change, on any replica). Always tries Redis,
         even while the breaker is open: it is the watcher's probe."""
         with self._redis("read the registry's version", probe=True):
-            v = self._fast.get(self.p + "ver")
-        return int(v or 0)
+            v = int(self._fast.get(self.p + "ver") or 0)
+        if v != self._seen_version:  # another replica may have rotated a token
+            self._seen_version = v
+            self._apps.clear()
+        return v
 
     # ---------------------------------------------------------------- apps
 
@@ -237,6 +243,28 @@ class RedisRegistry:
         if raw is None:
             return None
         app = self._app(name, raw)
+        self._apps.put(name, app)
+        return app
+
+    def rotate_token(self, name: str, token_hash: bytes) -> AppRow | None:
+        import redis
+
+        with self._redis(f"rotate the token of {name}"), self._slow.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self.p + "apps")
+                    raw = pipe.hget(self.p + "apps", name)
+                    if raw is None:
+                        return None
+                    row = json.loads(raw) | {"token_hash": token_hash.hex()}
+                    pipe.multi()
+                    pipe.hset(self.p + "apps", name, json.dumps(row))
+                    pipe.incr(self.p + "ver")
+                    pipe.execute()
+                    break
+                except redis.exceptions.WatchError:
+                    continue
+        app = self._app(name, json.dumps(row))
         self._apps.put(name, app)
         return app
 

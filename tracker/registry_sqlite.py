@@ -26,7 +26,7 @@ from p2pnode.discovery.tracker_api import ChannelHead
 from .backend import AppRow, Publication
 from .errors import Conflict
 
-__all__ = ["SQLiteRegistry", "connect"]
+__all__ = ["SQLiteFile", "SQLiteRegistry", "connect"]
 
 _REGISTRY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS apps (
@@ -59,23 +59,23 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-class SQLiteRegistry:
-    """Apps, manifests and channels in SQLite (a :class:`tracker.backend.RegistryStore`).
-    Methods are synchronous and fast.
+class SQLiteFile:
+    """One connection to one of the tracker's SQLite files, created with ``schema``.
 
-    A lock serialises use of the one connection, so the app may call these from the trio thread
-    and from worker threads alike.
+    A lock serialises use of the one connection, so the app may call its methods from the trio
+    thread and from worker threads alike; ``_tx`` is one ``BEGIN IMMEDIATE`` transaction (which
+    also serialises the processes sharing the file).
     """
 
     #: a local file: calls are short and run inline
     blocking = False
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, schema: str) -> None:
         self.path = path
         self._conn = connect(path)
         self._lock = threading.Lock()
         with self._lock:
-            self._conn.executescript(_REGISTRY_SCHEMA)
+            self._conn.executescript(schema)
 
     def close(self) -> None:
         with self._lock:
@@ -91,6 +91,14 @@ class SQLiteRegistry:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+
+
+class SQLiteRegistry(SQLiteFile):
+    """Apps, manifests and channels in SQLite (a :class:`tracker.backend.RegistryStore`).
+    Methods are synchronous and fast."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, _REGISTRY_SCHEMA)
 
     def data_version(self) -> int:
         """Changes whenever *another* connection (another replica) commits to the database."""
@@ -113,6 +121,11 @@ class SQLiteRegistry:
                 "SELECT name, key, token_hash, created FROM apps WHERE name = ?", (name,)
             ).fetchone()
         return AppRow(*row) if row else None
+
+    def rotate_token(self, name: str, token_hash: bytes) -> AppRow | None:
+        with self._tx() as c:
+            c.execute("UPDATE apps SET token_hash = ? WHERE name = ?", (token_hash, name))
+        return self.get_app(name)
 
     def list_apps(self) -> list[AppRow]:
         with self._lock:

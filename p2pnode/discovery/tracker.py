@@ -193,12 +193,36 @@ class TrackerClient:
         )
         return dict(resp.json())
 
-    async def publish(self, app: str, channel: str, signed_manifest: bytes) -> dict[str, Any]:
+    async def rotate_token(self, app: str) -> str:
+        """A new publisher token for ``app`` (admin or its current publisher token); the old
+        one stops working."""
+        resp = await self._request("POST", f"/v1/apps/{app}/token", auth=True)
+        return str(resp.json()["publisher_token"])
+
+    async def publish(
+        self, app: str, channel: str, signed_manifest: bytes, *, rollout: float | None = None
+    ) -> dict[str, Any]:
+        """Publish; with ``rollout`` (a percentage) only that share of the channel's nodes is
+        offered the build at first (a staged rollout: :meth:`change_rollout`)."""
         resp = await self._request(
             "POST",
             f"/v1/apps/{app}/channels/{channel}/manifests",
             content=signed_manifest,
             headers={"Content-Type": "application/x-p2pnode-manifest"},
+            params=None if rollout is None else {"rollout": rollout},
+            auth=True,
+        )
+        return dict(resp.json())
+
+    async def change_rollout(
+        self, app: str, channel: str, action: str, **fields: float | int
+    ) -> dict[str, Any]:
+        """``raise`` (``percent=``), ``halt``, ``resume`` or ``complete`` the channel's staged
+        rollout (``threshold=``, ``min_outcomes=`` set its automatic halt); its new state."""
+        resp = await self._request(
+            "POST",
+            f"/v1/apps/{app}/channels/{channel}/rollout",
+            json_body={"action": action, **fields},
             auth=True,
         )
         return dict(resp.json())
@@ -228,13 +252,25 @@ class TrackerClient:
     # ------------------------------------------------------------------ update feed
 
     async def latest(
-        self, app: str, channel: str, *, since: int | None = None, wait: float = 0.0
+        self,
+        app: str,
+        channel: str,
+        *,
+        since: int | None = None,
+        wait: float = 0.0,
+        node: bytes | None = None,
+        have: bytes | None = None,
     ) -> ChannelHead | None:
         """The channel head; with ``since``, held by the tracker up to ``wait`` s until it
-        moves past ``since``. ``None`` when nothing is published yet."""
+        moves past ``since``. ``None`` when nothing is published yet. ``node`` (this node's
+        id) and ``have`` (the manifest it runs) get the build a staged rollout offers it."""
         params: dict[str, Any] = {}
         if since is not None:
             params = {"since": since, "wait": wait}
+        if node is not None:
+            params["node"] = node.hex()
+        if have is not None:
+            params["have"] = have.hex()
         try:
             resp = await self._request("GET", f"/v1/apps/{app}/channels/{channel}", params=params)
         except TrackerRefusedError as exc:
@@ -243,11 +279,21 @@ class TrackerClient:
             raise
         return ChannelHead.from_json(resp.json())
 
-    async def wait_for_release(self, app: str, channel: str, *, since: int = 0) -> ChannelHead:
-        """Long-poll until the channel's head has a seq above ``since``; returns it. Unbounded:
-        wrap it in ``trio.move_on_after``/``fail_after``."""
+    async def wait_for_release(
+        self,
+        app: str,
+        channel: str,
+        *,
+        since: int = 0,
+        node: bytes | None = None,
+        have: bytes | None = None,
+    ) -> ChannelHead:
+        """Long-poll until the channel's head has a seq above ``since``; returns it (for
+        ``node``: see :meth:`latest`). Unbounded: wrap it in ``trio.move_on_after``."""
         while True:
-            head = await self.latest(app, channel, since=since, wait=LONG_POLL_S)
+            head = await self.latest(
+                app, channel, since=since, wait=LONG_POLL_S, node=node, have=have
+            )
             if head is not None and head.seq > since:
                 return head
             if head is None:

@@ -74,6 +74,10 @@ def cmd_keygen(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
     from ..release.publish import publish, read_notes, release_info
 
+    if args.rollout is not None and not args.tracker:
+        raise UsageError("--rollout needs --tracker", fix="pass the tracker's URL")
+    if args.rollout is not None and not 0.01 <= args.rollout <= 100:
+        raise UsageError(f"--rollout {args.rollout:g} is not a percentage", fix="e.g. --rollout 10")
     info = release_info(
         update_type=args.type,
         notes=read_notes(Path(args.notes)) if args.notes else None,
@@ -110,7 +114,9 @@ async def _publish_to_tracker(args: argparse.Namespace, result: PublishResult) -
         raise UsageError("--tracker needs --token", fix="pass the publisher or admin token")
     m = result.manifest
     async with TrackerClient(args.tracker, token=args.token) as tracker:
-        answer: dict[str, Any] = await tracker.publish(m.app, m.channel, result.signed.encode())
+        answer: dict[str, Any] = await tracker.publish(
+            m.app, m.channel, result.signed.encode(), rollout=args.rollout
+        )
     return answer
 
 
@@ -430,6 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tracker", metavar="URL", help="also publish to this tracker's channel")
     p.add_argument("--token", help="publisher or admin token for --tracker")
+    p.add_argument(
+        "--rollout",
+        type=float,
+        metavar="PERCENT",
+        help="with --tracker: offer the build to this share of the channel's nodes only (a "
+        "staged rollout; the others keep the previous build); raise it with `tracker rollout`",
+    )
     p.set_defaults(func=cmd_publish)
 
     for verb, func, helptext in (

@@ -95,6 +95,9 @@ class _Follower:
         self.reporter: tuple[NodeIdentity, str | None] | None = None
         # The build this watcher last installed (an outcome's from-build), once it knows.
         self.build: int | None = None
+        # Who asks the feed and what it runs: a staged rollout offers each node its build.
+        self.node_id: bytes | None = None
+        self.have: bytes | None = None
 
     async def run(self) -> int:
         seq, done = 0, 0
@@ -102,14 +105,13 @@ class _Follower:
             # A daemon pays for its imports at start, not when a build is out and a whole
             # fleet starts at once (the swarm's modules load lazily: ~40 ms of CPU); and a
             # mistyped address is said now, not at the first publish.
-            from ..identity import load_or_create
             from ..swarm.node import parse_peer
 
             for peer in self.options.peers:
                 parse_peer(peer)
             if self.options.listen:
                 parse_peer(self.options.listen, listen=True)
-            await trio.to_thread.run_sync(load_or_create, self.options.identity_dir)
+        await self._who_and_what()
         self.emit({"event": "watching", "app": self.opts.app, "channel": self.opts.channel})
         while self.opts.max_updates is None or done < self.opts.max_updates:
             head = await self._next_release(seq)
@@ -134,6 +136,7 @@ class _Follower:
                 if outcome.action != "unchanged":
                     await self._report(outcome, seconds)
                 self.build = outcome.manifest.build
+                self.have = outcome.manifest.id
                 return head, outcome
             if not isinstance(outcome, DowngradeError):  # a refusal by design, not a failure
                 self.nursery.start_soon(self._report_failure, head, outcome, seconds)
@@ -163,7 +166,7 @@ class _Follower:
         while True:
             try:
                 head = await self.tracker.wait_for_release(
-                    self.opts.app, self.opts.channel, since=since
+                    self.opts.app, self.opts.channel, since=since, node=self.node_id, have=self.have
                 )
             except TrackerError as exc:
                 if not warned:
@@ -178,6 +181,23 @@ class _Follower:
             kind = {"update_type": head.update_type, "critical": head.critical}
             self.emit({"event": "release", **release, **kind})
             return head
+
+    async def _who_and_what(self) -> None:
+        """This node's id (made on first use) and the build installed in ``dest``, if any: the
+        feed's answer depends on them while a staged rollout is under way."""
+        from ..identity import load_or_create
+
+        def load() -> tuple[bytes, bytes | None]:
+            me = load_or_create(self.options.identity_dir)
+            sd = StateDir(self.opts.dest)
+            try:
+                state = sd.load() if sd.exists else None
+            except (P2PNodeError, OSError):
+                state = None
+            current = state.current if state is not None else None
+            return me.node_id, bytes.fromhex(current) if current else None
+
+        self.node_id, self.have = await trio.to_thread.run_sync(load)
 
     async def _attempt(self, head: ChannelHead) -> InstallResult | P2PNodeError:
         try:

@@ -348,6 +348,80 @@ async def test_every_watchers_install_of_a_build_is_counted_once(
         assert sum(n for _, n in by_build[b]["adoption"]) == 2, by_build
 
 
+async def test_a_staged_rollout_reaches_only_the_watchers_in_it(
+    tmp_path: Path,
+    tracker_url: str,
+) -> None:
+    """``publish --rollout``: the watchers stay on build 1 until ``tracker rollout raise`` lets
+    exactly one of them in (the one whose hash with build 2 is lower); that one updates, the
+    other keeps build 1. Both CLIs, the feed's ``node``/``have`` and the watchers' wake-up."""
+    from p2pnode.identity import load_or_create
+    from tracker.rollout import BUCKETS, bucket
+
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    names = ("a", "b")
+    with LocalCDN(cdn_root) as cdn:
+        await trio.to_thread.run_sync(_publish, src, cdn_root, key, tracker_url, cdn.url, 1)
+        send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
+
+        async def one(name: str) -> None:
+            opts = _in_process(tmp_path / name, tracker_url, pub, discovery_wait=0.5)
+            await watch(opts, lambda e: send.send_nowait({**e, "node": name}))
+
+        log: list[dict[str, Any]] = []
+
+        async def until(kind: str, **match: Any) -> dict[str, Any]:
+            with trio.fail_after(60):
+                async for e in receive:
+                    assert e["event"] != "error", e
+                    log.append(e)
+                    if e["event"] == kind and all(e.get(k) == v for k, v in match.items()):
+                        return e
+            raise AssertionError("watch ended")
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                (tmp_path / name).mkdir()
+                nursery.start_soon(one, name)
+            on_one: set[str] = set()
+            while on_one != set(names):
+                on_one.add((await until("installed", build=1))["node"])
+            (src / "data" / "new.pak").write_bytes(os.urandom(1 << 20))
+            staged = tmp_path / "staged"
+            staged.mkdir()
+            args = ["publish", str(src), "--app", "game", "--version", "2", "--build", "2",
+                    "--key", str(key), "--out", str(staged), "--tracker", tracker_url,
+                    "--token", ADMIN, "--mirror", cdn.url, "--rollout", "0.01"]  # fmt: skip
+            published = await trio.to_thread.run_sync(lambda: cli(*args))
+            assert published["tracker"]["rollout"]["state"] == "active"
+            shutil.copytree(staged, cdn_root, dirs_exist_ok=True)
+            two = bytes.fromhex(published["manifest_id"])
+            ids = {n: load_or_create(tmp_path / n / "id").node_id for n in names}
+            places = {n: bucket(two, i) for n, i in ids.items()}
+            first, second = sorted(names, key=places.__getitem__)
+            assume = places[first] >= 1  # 0.01% holds bucket 0 only: nobody, almost surely
+            percent = (places[first] + 1) * 100 / BUCKETS
+            if not assume or places[second] < places[first] + 1:
+                pytest.skip("the two node ids hash too close together")  # ~1e-4 chance
+            verb = [sys.executable, "-m", "tracker", "rollout", "game", "stable", "raise",
+                    str(percent), "--url", tracker_url, "--token", ADMIN, "--json"]  # fmt: skip
+            before_raise = len(log)
+            raised = await trio.to_thread.run_sync(
+                lambda: subprocess.run(verb, capture_output=True, text=True, timeout=30)
+            )
+            assert raised.returncode == 0, raised.stderr
+            assert json.loads(raised.stdout)["percent"] == pytest.approx(percent)
+            await until("installed", build=2, node=first)
+            assert tree(tmp_path / first / "node") == tree(src)
+            # the other one heard the raise too (every watcher is woken), and keeps build 1
+            heard = [e for e in log[before_raise:] if e["node"] == second]
+            if not any(e["event"] == "release" for e in heard):
+                heard.append(await until("release", node=second))
+            assert {e["build"] for e in heard if e["event"] in ("release", "installed")} == {1}
+            assert not (tmp_path / second / "node" / "data" / "new.pak").exists()
+            nursery.cancel_scope.cancel()
+
+
 async def test_release_events_carry_the_type_and_a_build_for_newer_clients_is_not_retried(
     tmp_path: Path,
     tracker_url: str,

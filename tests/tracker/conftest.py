@@ -93,6 +93,7 @@ def make_tracker(tmp_path: Path) -> Iterator[Callable[..., Tracker]]:
 
     yield make
     for t in made:
+        t.ops.close()
         t.registry.close()
         t.swarm.close()
         t.fleet.store.close()

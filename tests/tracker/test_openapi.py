@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jsonschema
+import pytest
 from openapi_spec_validator import validate
 
 from p2pnode.discovery.tracker import TrackerClient
@@ -55,7 +56,8 @@ def body_schema(doc: dict[str, Any], path: str, method: str) -> dict[str, Any]:
 
 def check_answer(doc: dict[str, Any], path: str, method: str, res: Any) -> None:
     """``res`` has the declared status, content type and (JSON) schema."""
-    declared = doc["paths"][path][method]["responses"][str(res.status_code)]
+    responses = doc["paths"][path][method]["responses"]
+    declared = responses.get(str(res.status_code)) or responses[f"{res.status_code // 100}XX"]
     (media,) = declared["content"]
     assert res.headers["content-type"].split(";")[0] == media, (path, method)
     if media == "application/json":
@@ -204,3 +206,76 @@ async def test_port_zero_is_declared_and_accepted_and_the_bounds_match(
         accepted = await post(**fields) == declared_success(doc, "/v1/announce", "post")
         assert accepted == declared_valid(**fields), fields
     assert await post(port=0) == 200
+
+
+async def test_rollout_feed_and_audit_answer_as_declared(
+    client: TrackerClient, make_manifest: Callable[..., M.SignedManifest]
+) -> None:
+    http = client._http
+    doc = (await http.get("/openapi.json")).json()
+    one, two = make_manifest(1), make_manifest(2)
+    publish = "/v1/apps/{app}/channels/{channel}/manifests"
+    params = {p["name"]: p["schema"] for p in doc["paths"][publish]["post"]["parameters"]}
+    for m, query in ((one, {}), (two, {"rollout": 10})):
+        for name, value in query.items():
+            jsonschema.validate(value, params[name])
+        res = await http.post(
+            f"/v1/apps/{APP}/channels/stable/manifests",
+            params=query,
+            content=m.encode(),
+            headers={**AUTH, "Content-Type": "application/x-p2pnode-manifest"},
+        )
+        assert res.status_code == declared_success(doc, publish, "post") == 201
+    bad = await http.post(
+        f"/v1/apps/{APP}/channels/stable/manifests",
+        params={"rollout": params["rollout"]["maximum"] + 1},
+        content=make_manifest(3).encode(),
+        headers={**AUTH, "Content-Type": "application/x-p2pnode-manifest"},
+    )
+    assert bad.status_code == 400
+
+    feed = "/v1/apps/{app}/channels/{channel}"
+    query = {"node": "ab" * 20, "have": one.id.hex()}
+    declared = {p["name"]: p["schema"] for p in doc["paths"][feed]["get"]["parameters"]}
+    for name, value in query.items():
+        jsonschema.validate(value, declared[name])
+    res = await http.get(f"/v1/apps/{APP}/channels/stable", params=query)
+    check_answer(doc, feed, "get", res)
+    assert res.json()["rollout"]["percent"] == 10
+    assert (
+        await http.get(f"/v1/apps/{APP}/channels/stable", params={"node": "x"})
+    ).status_code == 400
+
+    path = "/v1/apps/{app}/channels/{channel}/rollout"
+    check_answer(doc, path, "get", await http.get(f"/v1/apps/{APP}/channels/stable/rollout"))
+    for body in ({"action": "raise", "percent": 50}, {"action": "halt", "threshold": 0.1}):
+        jsonschema.validate(body, body_schema(doc, path, "post"))
+        res = await http.post(f"/v1/apps/{APP}/channels/stable/rollout", json=body, headers=AUTH)
+        assert res.status_code == declared_success(doc, path, "post") == 200
+        check_answer(doc, path, "post", res)
+    for body in ({"action": "fly"}, {"action": "raise", "percent": 101}, {"percent": 5}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(body, body_schema(doc, path, "post"))
+        res = await http.post(f"/v1/apps/{APP}/channels/stable/rollout", json=body, headers=AUTH)
+        assert res.status_code == 400, body
+    refused = await http.post(
+        f"/v1/apps/{APP}/channels/stable/rollout", json={"action": "halt"}, headers=AUTH
+    )
+    assert refused.status_code == 409  # halted already
+    check_answer(doc, path, "post", refused)
+
+    res = await http.get("/v1/audit", params={"limit": 3}, headers=AUTH)
+    assert res.status_code == declared_success(doc, "/v1/audit", "get") == 200
+    check_answer(doc, "/v1/audit", "get", res)
+    assert res.json()["next_before"] is not None
+    check_answer(doc, "/v1/audit", "get", await http.get("/v1/audit"))  # 401 without a token
+
+
+async def test_token_rotation_answers_as_declared(client: TrackerClient) -> None:
+    http = client._http
+    doc = (await http.get("/openapi.json")).json()
+    path = "/v1/apps/{app}/token"
+    res = await http.post(f"/v1/apps/{APP}/token", headers=AUTH)
+    assert res.status_code == declared_success(doc, path, "post") == 201
+    check_answer(doc, path, "post", res)
+    check_answer(doc, path, "post", await http.post(f"/v1/apps/{APP}/token"))  # 401

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pnode.discovery.tracker import TrackerClient, TrackerRefusedError
 from p2pnode.discovery.tracker_api import (
@@ -16,8 +18,13 @@ from p2pnode.discovery.tracker_api import (
 )
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
-from tests.support.tracker import APP
-from tracker.outcomes import MAX_RELEASES, Outcome, OutcomeTally
+from tests.support.tracker import APP, client_for
+from tracker import Tracker
+from tracker.backend import OpsStore
+from tracker.ops_redis import RedisOps
+from tracker.ops_sqlite import SQLiteOps
+from tracker.outcomes import MAX_RELEASES, Outcome
+from tracker.registry_redis import RedisRegistry
 
 
 def fields(m: M.SignedManifest, **kw: Any) -> dict[str, Any]:
@@ -114,11 +121,65 @@ async def test_bad_forged_replayed_and_too_frequent_outcomes_are_refused(
     assert rel["reports"] == statuses.count(201) + 1
 
 
-def test_the_tally_is_bounded() -> None:
-    tally = OutcomeTally()
-    for i in range(MAX_RELEASES + 10):
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_the_tally_is_bounded(store: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    ops = open_ops(store, tmp_path, request)
+    n = MAX_RELEASES + 10
+    for i in range(n):
         mid = i.to_bytes(32, "big")
-        tally.add(Outcome(b"n" * 20, APP, mid, "install", None, 1, None, i, (0, 0, 0, 0)), 1.0)
-    builds = tally.stats()
-    assert len(builds) == MAX_RELEASES and builds[0]["build"] == MAX_RELEASES + 9
+        o = Outcome(b"n" * 20, APP, mid, "install", None, 1, None, i, (0, 0, 0, 0))
+        assert ops.add_outcome(o, i.to_bytes(16, "big"), float(i), 600.0)
+    builds = ops.outcome_stats(None)
+    assert len(builds) == MAX_RELEASES and builds[0]["build"] == n - 1
     assert min(b["build"] for b in builds) == 10  # the least recently reported went
+    # a digest seen within the window is a replay; after it, it is not (Redis expires the
+    # digest on its own clock)
+    o = Outcome(b"n" * 20, APP, b"x" * 32, "install", None, 1, None, 1, (0, 0, 0, 0))
+    assert not ops.add_outcome(o, (n - 1).to_bytes(16, "big"), float(n), 600.0)
+    if store == "sqlite":
+        assert ops.add_outcome(o, (n - 1).to_bytes(16, "big"), float(n) + 601, 600.0)
+    ops.close()
+
+
+def open_ops(store: str, tmp_path: Path, request: pytest.FixtureRequest) -> OpsStore:
+    """An operations store of that kind (a fresh redis-server for ``redis``)."""
+    if store == "sqlite":
+        return SQLiteOps(tmp_path / "ops.db")
+    reg = RedisRegistry(request.getfixturevalue("redis_url"))
+    request.addfinalizer(reg.close)
+    return RedisOps(reg)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+async def test_replicas_share_the_tally_and_a_restart_keeps_it(
+    store: str,
+    make_tracker: Callable[..., Tracker],
+    publisher: Ed25519PrivateKey,
+    make_manifest: Callable[..., M.SignedManifest],
+    request: pytest.FixtureRequest,
+) -> None:
+    url = request.getfixturevalue("redis_url") if store == "redis" else None
+    one = make_tracker("one", registry_url=url)
+    two = make_tracker("one" if url is None else "two", registry_url=url)  # same DIR / Redis
+    a, b = client_for(one), client_for(two)
+    await a.add_app(APP, keys.public_key_bytes(publisher))
+    m = make_manifest(1)
+    await a.publish(APP, "stable", m.encode())
+    k = keys.generate_key()
+    body, sig = sign_body(k, OUTCOME_DOMAIN, fields(m))
+    await a.report_outcome(k, fields(m, outcome="failure", code="download_failed"))
+    await b.report_outcome(keys.generate_key(), fields(m, kind="rollback", from_build=2))
+    headers = {SIGNATURE_HEADER: sig, "Content-Type": "application/json"}
+    # the same outcome sent to both replicas counts once
+    statuses = [
+        (await c._http.post("/v1/outcomes", content=body, headers=headers)).status_code
+        for c in (a, b)
+    ]
+    assert statuses == [201, 409]
+    three = make_tracker("one" if url is None else "three", registry_url=url)  # a restart
+    for t in (one, two, three):
+        [rel] = (await client_for(t)._http.get("/v1/outcomes")).json()["releases"]
+        assert (rel["success"], rel["failure"], rel["rollbacks"]) == (2, 1, 1)
+        assert rel["failure_codes"] == {"download_failed": 1}
+    for c in (a, b):
+        await c._http.aclose()

@@ -191,6 +191,56 @@ async def test_sse_feed_and_dashboard(
     assert int(charts["load"]) >= 1
 
 
+async def test_dashboard_shows_rollouts_halts_and_outcomes_per_build(
+    served: str,
+    tmp_path: Path,
+    publisher: Any,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    client = TrackerClient(served, token=ADMIN)
+    await client.add_app(APP, keys.public_key_bytes(publisher))
+    first, second = make_manifest(1), make_manifest(2)
+    await client.publish(APP, "stable", first.encode())
+    await client.publish(APP, "stable", second.encode(), rollout=25)
+    for i in range(20):  # 2 of 20 failed: past the default 5% of at least 20
+        failed = i < 2
+        fields: dict[str, Any] = {
+            "app": APP,
+            "manifest": second.id.hex(),
+            "to_build": 2,
+            "from_build": 1,
+            "kind": "update",
+            "outcome": "failure" if failed else "success",
+        }
+        if failed:
+            fields["code"] = "integrity_check_failed"
+        await client.report_outcome(keys.generate_key(), fields)
+    back = {"app": APP, "manifest": first.id.hex(), "to_build": 1, "from_build": 2}
+    await client.report_outcome(
+        keys.generate_key(), {**back, "kind": "rollback", "outcome": "success"}
+    )
+    await client.aclose()
+    dom = await trio.to_thread.run_sync(dump_dom, f"{served}/dashboard", tmp_path / "chrome")
+
+    def cells(marker: str) -> list[str]:
+        row = dom.split(marker, 1)[1].split("</tr>", 1)[0]
+        return [
+            html.unescape(re.sub(r"<[^>]*>", "", c.split(">", 1)[1])) for c in row.split("<td")[1:]
+        ]
+
+    got = cells(f'data-rollout="{APP}/stable"')
+    assert got[:7] == [f"{APP} / stable", "halted", "2", "25%", "18 / 2", "10.0%",
+                       "5.0% of \u2265 20"], got  # fmt: skip
+    assert got[7].startswith("auto: 2 of 20 outcomes failed")
+    banner = dom.split('id="rollout-banner"', 1)[1].split("</div>", 1)[0]
+    assert "hidden" not in banner.split(">", 1)[0]
+    assert f"Rollout of {APP} build 2 on stable halted at 25%" in banner
+    two = cells(f'data-outcome="{second.id.hex()}"')
+    assert two == [APP, "1.2", "2", "20", "90.0%", "integrity_check_failed \u00d7 2", "0"], two
+    one = cells(f'data-outcome="{first.id.hex()}"')
+    assert one[4:] == ["100.0%", "\u2013", "1"], one
+
+
 def dump_dom(url: str, profile: Path) -> str:
     binary = shutil.which("chromium") or "/usr/bin/chromium"
     if not os.path.exists(binary):
@@ -216,3 +266,30 @@ def dump_dom(url: str, profile: Path) -> str:
     assert out.returncode == 0, out.stderr[-2000:]
     assert time.monotonic() - t0 < 60
     return out.stdout
+
+
+def test_cli_rotate_token_rollout_and_audit(served: str) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(tracker_cmd(*args), capture_output=True, text=True, timeout=30)
+
+    key = keys.format_public_key(keys.public_key_bytes(keys.generate_key()))
+    auth = ("--url", served, "--admin-token", ADMIN)
+    first = json.loads(run("app", "add", APP, "--key", key, *auth, "--json").stdout)
+    rotated = run("app", "rotate-token", APP, *auth, "--json")
+    assert rotated.returncode == 0, rotated.stderr
+    token = json.loads(rotated.stdout)["publisher_token"]
+    assert token.startswith("pub_") and token != first["publisher_token"]
+    none = run("rollout", APP, "stable", "show", "--url", served)
+    assert none.returncode != 0 and "no rollout" in none.stderr
+    lower = run("rollout", APP, "stable", "raise", "--url", served, "--token", token)
+    assert lower.returncode != 0 and "percentage" in lower.stderr
+    wrong = run("audit", "--url", served, "--admin-token", "x" * 20)
+    assert wrong.returncode != 0 and "admin token is wrong" in wrong.stderr
+    page = json.loads(run("audit", *auth, "--json").stdout)
+    actions = [e["action"] for e in page["entries"]]
+    assert actions == ["auth-refused", "token-rotated", "app-registered"], actions
+    assert token not in json.dumps(page) and first["publisher_token"] not in json.dumps(page)
+    text = run("audit", *auth, "--limit", "2")
+    lines = text.stdout.splitlines()
+    assert "token-rotated" in lines[1] and "admin (admin) from 127.0.0.1" in lines[1]
+    assert lines[-1].startswith("older: --before ")

@@ -220,12 +220,64 @@ function render(stats) {
   }));
 }
 
+// Staged rollouts and install outcomes (issue 18): their own tables and the halt banner.
+function row(cells, classes) {
+  const tr = document.createElement("tr");
+  cells.forEach((v, i) => {
+    const td = document.createElement("td");
+    td.textContent = v;
+    if (classes && classes[i]) td.className = classes[i];
+    tr.append(td);
+  });
+  return tr;
+}
+
+function emptyRow(cols, text) {
+  const tr = document.createElement("tr");
+  const td = document.createElement("td");
+  td.colSpan = cols; td.className = "muted"; td.textContent = text;
+  tr.append(td);
+  return tr;
+}
+
+function renderOperations(stats) {
+  const rollouts = (stats.rollouts || []).filter(r => r.state === "active" || r.state === "halted");
+  const rtbody = document.querySelector("#rollouts tbody");
+  rtbody.replaceChildren(...(rollouts.length ? rollouts.map(r => {
+    const tr = row([r.app + " / " + r.channel, r.state, r.build, r.percent + "%",
+                    r.success + " / " + r.failure,
+                    r.failure_rate === null ? "–" : pct(r.failure_rate),
+                    pct(r.threshold) + " of ≥ " + r.min_outcomes, r.reason || ""],
+                   [null, r.state === "halted" ? "halted" : null]);
+    tr.dataset.rollout = r.app + "/" + r.channel;
+    return tr;
+  }) : [emptyRow(8, "none")]));
+  const halted = rollouts.filter(r => r.state === "halted");
+  const banner = document.getElementById("rollout-banner");
+  banner.hidden = !halted.length;
+  banner.textContent = halted.map(r => "Rollout of " + r.app + " build " + r.build + " on " +
+    r.channel + " halted at " + r.percent + "%: " + r.reason).join(" · ");
+
+  const outcomes = stats.outcomes || [];
+  const otbody = document.querySelector("#outcomes tbody");
+  otbody.replaceChildren(...(outcomes.length ? outcomes.map(b => {
+    const codes = Object.entries(b.failure_codes).map(([c, n]) => c + " × " + n).join(", ");
+    const tr = row([b.app, b.version, b.build, b.reports,
+                    b.success_rate === null ? "–" : pct(b.success_rate), codes || "–",
+                    b.rollbacks], [null, null, null, null, null, "codes"]);
+    tr.dataset.outcome = b.manifest_id;
+    return tr;
+  }) : [emptyRow(7, "no outcomes reported yet")]));
+}
+
 async function refresh() {
   const status = document.getElementById("status");
   try {
     const resp = await fetch("/v1/stats", { cache: "no-store" });
     if (!resp.ok) throw new Error("HTTP " + resp.status);
-    render(await resp.json());
+    const stats = await resp.json();
+    render(stats);
+    renderOperations(stats);
     status.className = "status";
     status.textContent = "updated " + new Date().toLocaleTimeString();
     document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes || 0) + 1);

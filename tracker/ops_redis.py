@@ -1,0 +1,165 @@
+"""Install outcomes, staged rollouts and the audit log in the registry's Redis (``--registry``).
+
+Shares :class:`tracker.registry_redis.RedisRegistry`'s clients, circuit breaker and error
+translation (a failure is :class:`~tracker.errors.RegistryUnavailable`, HTTP 503). An outcome
+is one script (replay guard, counters, bound on builds: whole or nothing); a rollout change is
+an optimistic transaction (WATCH the rollouts hash, apply the pure change, MULTI/EXEC, again if
+another replica changed it meanwhile); an audit entry is one script that takes the next number
+and appends. Nothing deletes audit entries.
+
+Keys (under the registry's prefix, ``trk:reg:`` unless ``--redis-prefix``)::
+
+    P ops:seen:<digest hex>      an outcome's signature digest, expiring after the replay window
+    P ops:builds                 sorted set: manifest id hex, scored by its last report
+    P ops:o:<mid hex>            hash: counter name -> n, and _app, _build
+    P ops:rollouts               hash: "<app>:<channel>" -> rollout JSON
+    P ops:audit:seq              counter of audit entries
+    P ops:audit                  sorted set: "<seq> <entry JSON>", scored by seq
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from .backend import AuditEntry
+from .ops_sqlite import audit_row
+from .outcomes import MAX_RELEASES, Outcome, counts_of, summary
+from .registry_redis import RedisRegistry, _text
+from .rollout import Rollout
+
+__all__ = ["RedisOps"]
+
+# KEYS: seen, builds, counts. ARGV: window ms, now, mid hex, app, build, max builds, counts
+# prefix, then name, n pairs.
+_OUTCOME_LUA = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[3], '_app', ARGV[4], '_build', ARGV[5])
+for i = 8, #ARGV, 2 do redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1]) end
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[6])
+if over > 0 then
+  for _, mid in ipairs(redis.call('ZPOPMIN', KEYS[2], over)) do
+    if mid ~= ARGV[3] and string.len(mid) == 64 then redis.call('DEL', ARGV[7] .. mid) end
+  end
+end
+return 1
+"""
+# KEYS: seq, log. ARGV: entry JSON.
+_AUDIT_LUA = """
+local seq = redis.call('INCR', KEYS[1])
+redis.call('ZADD', KEYS[2], seq, seq .. ' ' .. ARGV[1])
+return seq
+"""
+
+
+class RedisOps:
+    """A :class:`tracker.backend.OpsStore` beside a :class:`RedisRegistry`, on its clients."""
+
+    blocking = True
+
+    def __init__(self, registry: RedisRegistry) -> None:
+        self._reg = registry
+        self.p = registry.p + "ops:"
+        self._outcome = registry._slow.register_script(_OUTCOME_LUA)
+        self._audit = registry._slow.register_script(_AUDIT_LUA)
+
+    def close(self) -> None:
+        """The registry owns the clients."""
+
+    # ---------------------------------------------------------------- outcomes
+
+    def add_outcome(self, o: Outcome, digest: bytes, now: float, window: float) -> bool:
+        mid = o.manifest.hex()
+        pairs: list[Any] = []
+        for name, n in counts_of(o).items():
+            pairs += [name, n]
+        with self._reg._redis("count an install outcome"):
+            fresh = self._outcome(
+                keys=[self.p + "seen:" + digest.hex(), self.p + "builds", self.p + "o:" + mid],
+                args=[int(window * 1000), repr(now), mid, o.app, o.to_build, MAX_RELEASES,
+                      self.p + "o:", *pairs],
+            )  # fmt: skip
+        return bool(fresh)
+
+    def outcome_stats(self, app: str | None) -> list[dict[str, Any]]:
+        with self._reg._redis("read install outcomes"):
+            builds = self._reg._slow.zrevrange(self.p + "builds", 0, -1, withscores=True)
+            with self._reg._slow.pipeline(transaction=False) as pipe:
+                for mid, _ in builds:
+                    pipe.hgetall(self.p + "o:" + _text(mid))
+                rows = pipe.execute()
+        out = []
+        for (mid, last), row in zip(builds, rows, strict=True):
+            fields = {_text(k): _text(v) for k, v in row.items()}
+            a = fields.pop("_app", None)
+            build = fields.pop("_build", None)
+            if a is None or build is None or (app is not None and a != app):
+                continue
+            counts = {k: int(v) for k, v in fields.items()}
+            out.append(summary(bytes.fromhex(_text(mid)), a, int(build), counts, float(last)))
+        return out
+
+    # ---------------------------------------------------------------- rollouts
+
+    def rollout(self, app: str, channel: str) -> Rollout | None:
+        with self._reg._redis(f"read the rollout of {app}/{channel}"):
+            raw = self._reg._fast.hget(self.p + "rollouts", f"{app}:{channel}")
+        return Rollout.from_json(json.loads(raw)) if raw else None
+
+    def rollouts(self) -> list[Rollout]:
+        with self._reg._redis("read rollouts"):
+            rows = self._reg._fast.hgetall(self.p + "rollouts")
+        out = [Rollout.from_json(json.loads(v)) for v in rows.values()]
+        return sorted(out, key=lambda r: (r.app, r.channel))
+
+    def put_rollout(self, r: Rollout) -> None:
+        with self._reg._redis(f"store the rollout of {r.app}/{r.channel}"):
+            self._reg._slow.hset(
+                self.p + "rollouts", f"{r.app}:{r.channel}", json.dumps(r.to_json())
+            )
+
+    def update_rollout(
+        self, app: str, channel: str, fn: Callable[[Rollout], Rollout]
+    ) -> tuple[Rollout, Rollout] | None:
+        import redis
+
+        key, field = self.p + "rollouts", f"{app}:{channel}"
+        what = f"change the rollout of {app}/{channel}"
+        with self._reg._redis(what), self._reg._slow.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.hget(key, field)
+                    if raw is None:
+                        return None
+                    before = Rollout.from_json(json.loads(raw))
+                    after = fn(before)
+                    pipe.multi()
+                    if after != before:
+                        pipe.hset(key, field, json.dumps(after.to_json()))
+                    pipe.execute()
+                    return before, after
+                except redis.exceptions.WatchError:
+                    continue  # another replica changed it: apply fn to the new value
+
+    # ---------------------------------------------------------------- audit log
+
+    def audit(self, e: AuditEntry) -> int:
+        entry = json.dumps(audit_row(0, e))
+        with self._reg._redis("append to the audit log"):
+            seq = self._audit(keys=[self.p + "audit:seq", self.p + "audit"], args=[entry])
+        return int(seq)
+
+    def audit_page(self, before: int | None, limit: int) -> list[dict[str, Any]]:
+        top = f"({before}" if before is not None else "+inf"
+        with self._reg._redis("read the audit log"):
+            rows = self._reg._fast.zrevrangebyscore(
+                self.p + "audit", top, "-inf", start=0, num=limit
+            )
+        out = []
+        for raw in rows:
+            seq, _, entry = _text(raw).partition(" ")
+            out.append({**json.loads(entry), "seq": int(seq)})
+        return out

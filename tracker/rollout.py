@@ -1,0 +1,184 @@
+"""Staged rollouts: which build each node of a channel is offered, and when a rollout halts.
+
+Theory of operation
+-------------------
+A publish may be staged (``publish --rollout PERCENT``): the channel's head becomes the new
+build, but only the nodes *in* the rollout are offered it; every other node is offered the
+build the channel pointed at before (``previous``). A node is in when a stable hash of the
+build's manifest id and its node id falls below the percentage (:func:`member`): the hash
+never changes, so raising the percentage only adds nodes, and a node's answer never flips
+back and forth. Hashing the build too means a new build is tried first by other nodes, not
+always by the same unlucky ones.
+
+Nodes name themselves in the feed request (``?node=ID``, the id their announces and outcomes
+are signed with; a node that lies only picks its own build) and may say which build they
+run (``?have=MANIFEST``): a node already on the rollout's build keeps it, even after a halt
+(halting stops the spread; taking a build back is a rollback, the operator's call).
+
+Every outcome nodes report for the rollout's build counts (:func:`with_outcome`); when at
+least ``min_outcomes`` were reported and the failure share reaches ``threshold``, the rollout
+halts by itself and no further node is offered the build. ``resume`` (the operator's call)
+starts the count afresh. ``complete`` offers the build to every node.
+
+Everything here is pure: the stores keep :class:`Rollout` values (:meth:`Rollout.to_json`)
+and apply these functions inside their transactions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+__all__ = [
+    "ACTIONS",
+    "DEFAULT_MIN_OUTCOMES",
+    "DEFAULT_THRESHOLD",
+    "STATES",
+    "Rollout",
+    "RolloutError",
+    "change",
+    "member",
+    "offered",
+    "superseded",
+    "with_outcome",
+]
+
+#: Share of failed outcomes (0..1) at which a rollout halts itself, unless the channel says.
+DEFAULT_THRESHOLD = 0.05
+#: Outcomes needed before the failure share may halt a rollout (a few early failures are noise).
+DEFAULT_MIN_OUTCOMES = 20
+#: Resolution of the percentage: 1/100 of a percent.
+BUCKETS = 10_000
+#: ``ended``: another build became the channel's head (a publish, promote or rollback).
+STATES = ("active", "halted", "complete", "ended")
+#: What an operator may do to a rollout (``POST .../rollout``).
+ACTIONS = ("raise", "halt", "resume", "complete")
+
+
+class RolloutError(ValueError):
+    """An operator's change that does not apply to the rollout as it is (HTTP 409)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """A staged rollout of ``manifest`` on one channel; ``previous``: what the others get."""
+
+    app: str
+    channel: str
+    manifest: bytes
+    build: int
+    previous: bytes
+    percent: float
+    state: str = "active"
+    threshold: float = DEFAULT_THRESHOLD
+    min_outcomes: int = DEFAULT_MIN_OUTCOMES
+    #: outcomes of the build reported since the rollout started (or last resumed)
+    success: int = 0
+    failure: int = 0
+    started: float = 0.0
+    changed: float = 0.0
+    #: why it halted (``auto: ...`` or ``operator``); empty otherwise
+    reason: str = ""
+
+    @property
+    def failure_rate(self) -> float | None:
+        total = self.success + self.failure
+        return self.failure / total if total else None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["manifest"] = self.manifest.hex()
+        d["previous"] = self.previous.hex()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Rollout:
+        return cls(
+            **{
+                **d,
+                "manifest": bytes.fromhex(d["manifest"]),
+                "previous": bytes.fromhex(d["previous"]),
+            }
+        )
+
+    def view(self) -> dict[str, Any]:
+        """What the API shows: the stored fields, ids in hex, and the failure rate."""
+        return {**self.to_json(), "failure_rate": self.failure_rate}
+
+
+def bucket(manifest: bytes, node_id: bytes) -> int:
+    """The node's place in ``[0, BUCKETS)`` for this build: fixed for the pair."""
+    h = hashlib.blake2b(manifest + node_id, digest_size=8, person=b"p2pnode-rollout").digest()
+    return int.from_bytes(h, "big") % BUCKETS
+
+
+def member(manifest: bytes, node_id: bytes, percent: float) -> bool:
+    """Whether the node is in a rollout of ``manifest`` at ``percent``: monotonic in
+    ``percent`` (a node in at 10% is in at every higher percentage)."""
+    return bucket(manifest, node_id) < round(percent * BUCKETS / 100)
+
+
+def offered(r: Rollout | None, node_id: bytes | None, have: bytes | None) -> bytes | None:
+    """The build ``node_id`` is offered while ``r`` stands; ``None``: the channel's head.
+
+    A node that did not name itself is out (offered ``previous``) while the rollout is not
+    complete: an old client must not take a staged build it cannot be counted in.
+    """
+    if r is None or r.state in ("complete", "ended"):
+        return None
+    if have == r.manifest:
+        return r.manifest  # it runs the build already: halting does not take it back
+    if r.state == "active" and node_id is not None and member(r.manifest, node_id, r.percent):
+        return r.manifest
+    return r.previous
+
+
+def with_outcome(r: Rollout, failed: bool, now: float) -> Rollout:
+    """``r`` after one more outcome of its build; halted when the failures reach the
+    threshold over at least ``min_outcomes`` outcomes (only an active rollout counts)."""
+    if r.state != "active":
+        return r
+    s, f = r.success + (not failed), r.failure + failed
+    r = replace(r, success=s, failure=f)
+    if s + f >= r.min_outcomes and f >= r.threshold * (s + f):
+        share = 100 * f / (s + f)
+        reason = f"auto: {f} of {s + f} outcomes failed ({share:.1f}% >= {100 * r.threshold:g}%)"
+        r = replace(r, state="halted", changed=now, reason=reason)
+    return r
+
+
+def change(r: Rollout, action: str, now: float, percent: float | None = None) -> Rollout:
+    """An operator's change: ``raise`` (to ``percent``, never lower), ``halt``, ``resume``
+    (counting outcomes afresh), ``complete`` (every node).
+
+    Raises:
+        RolloutError: the change does not apply (a completed rollout, a lower percentage...).
+    """
+    if r.state in ("complete", "ended"):
+        raise RolloutError(f"the rollout is {r.state} already")
+    if action == "raise":
+        if percent is None or not r.percent <= percent <= 100:
+            raise RolloutError(
+                f"raise needs a percentage from {r.percent:g} to 100 (it is at {r.percent:g}%)"
+            )
+        return replace(r, percent=percent, changed=now)
+    if action == "halt":
+        if r.state == "halted":
+            raise RolloutError("the rollout is halted already")
+        return replace(r, state="halted", changed=now, reason="operator")
+    if action == "resume":
+        if r.state != "halted":
+            raise RolloutError("only a halted rollout can be resumed")
+        return replace(r, state="active", changed=now, reason="", success=0, failure=0)
+    if action == "complete":
+        return replace(r, state="complete", percent=100.0, changed=now, reason="")
+    raise RolloutError(f"action must be one of {', '.join(ACTIONS)}")
+
+
+def superseded(r: Rollout, head: bytes, action: str, now: float) -> Rollout:
+    """``r`` once the channel moved to ``head`` by ``action``: ended unless it is still the
+    rollout's build (a rollout applies only while its build is the head)."""
+    if r.manifest == head or r.state in ("complete", "ended"):
+        return r
+    return replace(r, state="ended", changed=now, reason=f"ended by a {action}")
