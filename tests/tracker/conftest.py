@@ -96,6 +96,7 @@ def make_tracker(tmp_path: Path) -> Iterator[Callable[..., Tracker]]:
         t.ops.close()
         t.registry.close()
         t.swarm.close()
+        t.fleet.store.close()
 
 
 @pytest.fixture

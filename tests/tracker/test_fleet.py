@@ -273,5 +273,3 @@ async def test_the_fleet_of_a_tracker_on_redis_is_shared_by_its_replicas(
         assert {x["build"]: x["nodes"] for x in view["builds"]} == {1: 4}
     for c in (ca, cb):
         await c._http.aclose()
-    for t in (a, b):
-        t.fleet.store.close()

@@ -8,7 +8,10 @@ const FLEET_COLORS = ["#264653", "#2a9d8f", "#e9c46a", "#f4a261", "#e76f51", "#8
                       "#4a7bd0", "#9aa0a6"];
 const FLEET_LINES = FLEET_COLORS.length;  // builds drawn at most (the newest)
 
-function renderAlerts(alerts) {
+function renderAlerts(all) {
+  // a halted rollout has its own banner (dashboard.js: its percentage and why): not twice
+  const rolloutBanner = document.getElementById("rollout-banner");
+  const alerts = all.filter(a => !(a.name === "RolloutHalted" && rolloutBanner));
   const ul = document.getElementById("alerts");
   ul.hidden = !alerts.length;
   ul.replaceChildren(...alerts.map(a => {
