@@ -44,7 +44,7 @@ from .follow import Followers
 from .library import Entry
 from .queue import Discard, Start, Stop
 from .schedule import Caps
-from .serving import RESEED_SECONDS, Listings, ServedIndex
+from .serving import ACTIVE_RESEED_SECONDS, RESEED_SECONDS, Listings, ServedIndex
 from .statedir import StateDir
 from .worker import WorkerContext, discard, run_job
 
@@ -307,7 +307,7 @@ class Daemon:
 
     async def _reseed(self) -> None:
         while True:
-            await trio.sleep(RESEED_SECONDS)
+            await trio.sleep(ACTIVE_RESEED_SECONDS if self.workers else RESEED_SECONDS)
             await self._refresh()
 
     async def _report(self, entry: Entry, result: InstallResult, seconds: float) -> None:
