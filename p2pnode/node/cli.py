@@ -399,6 +399,7 @@ def cmd_daemon(args: argparse.Namespace) -> dict[str, Any]:
         where=str(config_path or default_config_path()),
         listen=args.listen,
         api=DEFAULT_API if args.api is None else None if args.api == "off" else args.api,
+        **discovery_flags(args),
     )
 
     def emit(event: dict[str, Any]) -> None:
@@ -593,12 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--listen", metavar="HOST:PORT", help="serve every installed build to peers on this port"
     )
-    p.add_argument(
-        "--config",
-        metavar="PATH",
-        help="node config (TOML, its [service] table; default: config.toml in the user config "
-        "dir, or $P2PNODE_CONFIG)",
-    )
+    add_dht_flags(p)  # --config (its [service] and [discovery] tables), --dht-port, --lan
     p.set_defaults(func=cmd_daemon)
 
     from ..service.client import add_client_verbs  # one command line for the daemon's clients
