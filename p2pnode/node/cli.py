@@ -87,6 +87,7 @@ def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
         nokeep=args.never_keep or (),
         lifetime=int(args.expires_days * 86400),
         progress=_progress(args),
+        patch_from_builds=0 if args.no_patches else args.patch_from_builds,
     )
     out = result.as_json()
     if args.tracker:
@@ -402,6 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
         "across an update to this build but moved to the install's quarantine (repeatable)",
     )
     p.add_argument("--expires-days", type=float, default=365.0)
+    p.add_argument(
+        "--patch-from-builds",
+        type=int,
+        default=2,
+        metavar="N",
+        help="make binary delta patches from the newest N earlier builds in CDN_DIR (default 2)",
+    )
+    p.add_argument("--no-patches", action="store_true", help="publish without delta patches")
     p.add_argument("--tracker", metavar="URL", help="also publish to this tracker's channel")
     p.add_argument("--token", help="publisher or admin token for --tracker")
     p.set_defaults(func=cmd_publish)

@@ -35,11 +35,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..errors import ExpiredManifestError, ManifestError, SignatureError, UnsafePathError
 from . import canonical, keys
+from .patchmeta import Patch, parse_patches, patch_obj
 
 __all__ = [
     "FORMAT_VERSION",
     "MAX_MANIFEST_BYTES",
     "MAX_NOKEEP",
+    "READ_FORMATS",
     "ChunkRef",
     "Chunking",
     "FileEntry",
@@ -48,6 +50,7 @@ __all__ = [
     "could_hold_nokeep",
     "is_name",
     "matches_nokeep",
+    "needed_format",
     "parse_signed",
     "sign",
     "validate_nokeep",
@@ -55,7 +58,14 @@ __all__ = [
     "verify",
 ]
 
-FORMAT_VERSION = 1
+#: The newest format this p2pnode reads and writes; it reads every format in READ_FORMATS. A
+#: manifest of a newer format is refused (see :meth:`Manifest.from_obj`); publishing writes the
+#: lowest format that holds the release's fields (:func:`needed_format`), so nodes that read
+#: only older formats keep installing every release that does not need the new fields.
+FORMAT_VERSION = 2
+READ_FORMATS = (1, 2)
+#: Top-level fields format 2 added: a format-1 manifest holding one of them is refused.
+SINCE_FORMAT_2 = frozenset({b"patches"})
 SIGNATURE_DOMAIN = b"p2pnode-manifest-v1"
 
 #: 1 TiB of release at 1 MiB average chunks is ~1M chunks * 36 bytes: 64 MiB leaves room for
@@ -142,10 +152,19 @@ class Manifest:
     chunking: Chunking = field(default_factory=Chunking)
     previous: bytes | None = None
     mirrors: tuple[str, ...] = ()
-    format: int = FORMAT_VERSION
+    #: 0 (the default) stands for the lowest format that holds the fields (:func:`needed_format`),
+    #: so that a manifest without format-2 fields stays byte-identical to what it always was
+    #: and readable by nodes that know only format 1; a parsed manifest keeps what it says.
+    format: int = 0
     #: Glob patterns over release paths the node must not keep across a switch to this build
     #: (caches, logs it invalidates); see :func:`matches_nokeep`.
     nokeep: tuple[str, ...] = ()
+    #: Format 2: binary delta patches from earlier builds (``release.patchmeta``).
+    patches: tuple[Patch, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.format == 0:
+            object.__setattr__(self, "format", needed_format(self))
 
     def to_obj(self) -> dict[bytes, Any]:
         obj: dict[bytes, Any] = {
@@ -180,6 +199,8 @@ class Manifest:
             # Omitted when empty, so a manifest without it encodes (and is signed and named)
             # exactly as before the field existed.
             obj[b"nokeep"] = [p.encode() for p in self.nokeep]
+        if self.patches:
+            obj[b"patches"] = [patch_obj(p) for p in self.patches]
         return obj
 
     @cached_property
@@ -222,15 +243,26 @@ class Manifest:
             b"nokeep",
             b"previous",
             b"version",
+            b"patches",
         }
+        fmt = _int(d, b"format", 1, 1_000)
+        # A newer format is refused, not read leniently: what it adds (a field telling how
+        # bytes are produced, or who may install) can change what installing it means, and no
+        # publisher could rely on a field that old nodes silently skip. Publishers write the
+        # lowest format a release needs instead, which is what keeps old nodes updating. The
+        # format is checked before unknown fields, so a newer manifest says "upgrade p2pnode".
+        if fmt not in READ_FORMATS:
+            raise ManifestError(
+                f"manifest format {fmt} is not supported (this p2pnode reads formats "
+                f"{', '.join(map(str, READ_FORMATS))})",
+                fix="upgrade p2pnode",
+            )
         unknown = set(d) - known
         if unknown:
             raise ManifestError(f"manifest has unknown fields {sorted(unknown)!r}")
-        fmt = _int(d, b"format", 1, 1_000)
-        if fmt != FORMAT_VERSION:
+        if fmt < 2 and SINCE_FORMAT_2 & set(d):
             raise ManifestError(
-                f"manifest format {fmt} is not supported (this p2pnode reads {FORMAT_VERSION})",
-                fix="upgrade p2pnode",
+                f"format-1 manifest has format-2 fields {sorted(SINCE_FORMAT_2 & set(d))!r}"
             )
         app = _text(d, b"app")
         if not _NAME.match(app):
@@ -270,6 +302,10 @@ class Manifest:
             raise ManifestError(f"manifest 'files' must be a list of at most {MAX_FILES} files")
         files = tuple(_file(f, chunking) for f in files_raw)
         _check_collisions(files)
+        patches: tuple[Patch, ...] = ()
+        if b"patches" in d:
+            lengths = {f.path: [c.length for c in f.chunks] for f in files}
+            patches = parse_patches(d[b"patches"], lengths)
         created = _int(d, b"created", 0, 1 << 40)
         expires = _int(d, b"expires", 0, 1 << 40)
         if expires <= created:
@@ -288,7 +324,13 @@ class Manifest:
             mirrors=mirrors,
             format=fmt,
             nokeep=nokeep,
+            patches=patches,
         )
+
+
+def needed_format(manifest: Manifest) -> int:
+    """The lowest format that holds ``manifest``'s fields: what ``publish`` writes."""
+    return 2 if manifest.patches else 1
 
 
 @dataclass(frozen=True)

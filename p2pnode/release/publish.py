@@ -26,6 +26,8 @@ from ..progress import NullProgress, Progress
 from . import keys, layout
 from . import manifest as M
 from .chunker import chunk_stream
+from .patches import DEFAULT_FROM_BUILDS, PatchStats, earlier_builds, generate
+from .patchmeta import Patch
 
 __all__ = ["PublishResult", "collect_files", "publish"]
 
@@ -38,10 +40,11 @@ class PublishResult:
     signed: M.SignedManifest
     manifest_path: str  # relative to the output directory
     channel_path: str
+    patches: PatchStats | None = None  # None: patches were not asked for
 
     def as_json(self) -> dict[str, object]:
         m = self.manifest
-        return {
+        out: dict[str, object] = {
             "manifest": self.manifest_path,
             "manifest_id": m.id.hex(),
             "channel_manifest": self.channel_path,
@@ -55,6 +58,9 @@ class PublishResult:
             "key": keys.format_public_key(m.key),
             "nokeep": list(m.nokeep),
         }
+        if self.patches is not None:
+            out["patches"] = self.patches.as_json()
+        return out
 
 
 def collect_files(src: Path) -> list[tuple[str, Path, bool]]:
@@ -111,8 +117,10 @@ def publish(
     lifetime: int = DEFAULT_LIFETIME,
     chunking: M.Chunking | None = None,
     progress: Progress | None = None,
+    patch_from_builds: int = DEFAULT_FROM_BUILDS,
 ) -> PublishResult:
-    """Publish ``src`` as ``app`` ``version`` (build ``build``) under ``out``."""
+    """Publish ``src`` as ``app`` ``version`` (build ``build``) under ``out``, with patches
+    from the newest ``patch_from_builds`` earlier builds found there (0: none)."""
     chunking = chunking or M.Chunking()
     files = collect_files(src)
     progress = progress or NullProgress()
@@ -160,7 +168,15 @@ def publish(
             _copy_and_chunk(src_path, tmp / "files" / rel, rel, exe, chunking, progress)
             for rel, src_path, exe in files
         ]
-        manifest = dataclasses.replace(probe, files=tuple(entries), previous=previous)
+        stats = None
+        patches: tuple[Patch, ...] = ()
+        if patch_from_builds > 0:
+            bases = earlier_builds(out, app, build, patch_from_builds)
+            pack = tmp / "patches" / layout.PATCH_PACK
+            patches, stats = generate(entries, tmp / "files", bases, pack)
+        manifest = dataclasses.replace(
+            probe, files=tuple(entries), previous=previous, patches=patches, format=0
+        )
         signed = M.sign(manifest, key)
         blob = signed.encode()
         write_atomic(tmp / layout.MANIFEST_NAME, blob)
@@ -179,6 +195,7 @@ def publish(
         signed,
         layout.manifest_path(app, build),
         layout.channel_manifest_path(app, channel),
+        stats,
     )
 
 
