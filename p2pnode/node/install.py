@@ -54,8 +54,10 @@ from ..errors import DiskSpaceError, NoRollbackError, most_telling
 from ..progress import NullProgress, Progress
 from ..release import keys
 from ..release import manifest as M
+from ..release.delta import PatchPlan, choose_patches
 from ..release.trust import Offer, judge_offer, trusted_keys
 from .options import InstallOptions, SourcePolicy
+from .patching import apply_patches
 from .peers import Swarm, open_swarm
 from .result import InstallResult
 from .sources import fetch_missing
@@ -353,6 +355,16 @@ async def assemble(
     local_ids = [cid for cid in needed if local.has(cid)]
     remote_ids = [cid for cid in needed if not local.has(cid)]
     missing_locally: list[bytes] = []
+    plan = PatchPlan()
+    if manifest.patches and mirrors and options.patches and options.policy.uses_cdn:
+        plan = choose_patches(manifest, set(remote_ids), local.has)
+        remote_ids = [cid for cid in remote_ids if cid not in plan.chunks]
+    unpatched: list[bytes] = []
+
+    async def patch() -> None:
+        unpatched.extend(
+            await apply_patches(stage, plan, local, mirrors, options, put, progress.advance, result)
+        )
 
     async def copy_local() -> None:
         def copy_one(cid: bytes) -> bool:
@@ -372,13 +384,15 @@ async def assemble(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(copy_local)
+            if plan.patches:
+                nursery.start_soon(patch)
             if remote_ids:
                 nursery.start_soon(
                     fetch_missing, stage, remote_ids, mirrors, options, put, progress, result, swarm
                 )
-        if missing_locally:
+        if missing_locally or unpatched:
             await fetch_missing(
-                stage, missing_locally, mirrors, options, put, progress, result, swarm
+                stage, missing_locally + unpatched, mirrors, options, put, progress, result, swarm
             )
     except BaseExceptionGroup as group:
         raise most_telling(group) from None
@@ -387,3 +401,11 @@ async def assemble(
         stage.close_files()
     await trio.to_thread.run_sync(stage.finish)
     progress.finish()
+    fetched = set(remote_ids) | set(missing_locally) | set(unpatched)
+    result.methods = {f.path: _method(f, result.patched, fetched) for f in manifest.files}
+
+
+def _method(f: M.FileEntry, patched: set[bytes], fetched: set[bytes]) -> str:
+    """How a file's bytes came, for ``--json``: from a patch, as chunks, or all local."""
+    ids = {c.id for c in f.chunks}
+    return "patch" if ids & patched else "chunks" if ids & fetched else "reused"

@@ -41,6 +41,7 @@ class InstallOptions:
     lan_port: int | None = None  # the LAN discovery group's port (None: the default)
     tracker: str | None = None  # tracker URL: announce there (port 0 unless serving), take peers
     discovery_wait: float = 5.0  # wait at most this long for discovery's first answer
+    patches: bool = True  # use the manifest's delta patches where they beat chunks
 
     def discovery(self) -> DiscoveryOptions:
         return DiscoveryOptions(
