@@ -145,16 +145,20 @@ def generate(
 
 
 def _base_file(base: M.Manifest, f: M.FileEntry, have: set[bytes]) -> M.FileEntry | None:
-    """The earlier file ``f`` most likely came from: same path, else (renamed) the one
-    sharing most chunks with it."""
+    """The earlier file ``f`` most likely came from: same path; else (renamed) the one
+    sharing most chunks with it; else one of the same name in another folder (a versioned
+    directory such as ``pkg-1.2.dist-info``), the closest in size."""
     for old in base.files:
         if old.path == f.path:
             return old
     mine = {c.id for c in f.chunks} & have
-    if not mine:
-        return None
-    best = max(base.files, key=lambda old: sum(1 for c in old.chunks if c.id in mine))
-    return best if any(c.id in mine for c in best.chunks) else None
+    if mine:
+        best = max(base.files, key=lambda old: sum(1 for c in old.chunks if c.id in mine))
+        if any(c.id in mine for c in best.chunks):
+            return best
+    name = f.path.rsplit("/", 1)[-1]
+    same_name = [old for old in base.files if old.path.rsplit("/", 1)[-1] == name]
+    return min(same_name, key=lambda old: abs(old.size - f.size), default=None)
 
 
 def _segments(f: M.FileEntry, have: set[bytes]) -> Iterator[tuple[int, int]]:

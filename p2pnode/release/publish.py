@@ -26,6 +26,7 @@ from ..progress import NullProgress, Progress
 from . import keys, layout
 from . import manifest as M
 from .chunker import chunk_stream
+from .delta import DEFAULT_LEVEL
 from .patches import DEFAULT_FROM_BUILDS, PatchStats, earlier_builds, generate
 from .patchmeta import Patch
 
@@ -118,9 +119,11 @@ def publish(
     chunking: M.Chunking | None = None,
     progress: Progress | None = None,
     patch_from_builds: int = DEFAULT_FROM_BUILDS,
+    patch_level: int = DEFAULT_LEVEL,
 ) -> PublishResult:
     """Publish ``src`` as ``app`` ``version`` (build ``build``) under ``out``, with patches
-    from the newest ``patch_from_builds`` earlier builds found there (0: none)."""
+    from the newest ``patch_from_builds`` earlier builds found there (0: none), made at zstd
+    level ``patch_level``."""
     chunking = chunking or M.Chunking()
     files = collect_files(src)
     progress = progress or NullProgress()
@@ -173,7 +176,7 @@ def publish(
         if patch_from_builds > 0:
             bases = earlier_builds(out, app, build, patch_from_builds)
             pack = tmp / "patches" / layout.PATCH_PACK
-            patches, stats = generate(entries, tmp / "files", bases, pack)
+            patches, stats = generate(entries, tmp / "files", bases, pack, level=patch_level)
         manifest = dataclasses.replace(
             probe, files=tuple(entries), previous=previous, patches=patches, format=0
         )
