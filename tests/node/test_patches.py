@@ -17,24 +17,7 @@ from p2pnode.node.install import InstallOptions, InstallResult, install
 from p2pnode.release import keys, layout
 from p2pnode.release import manifest as M
 from p2pnode.release.delta import choose_patches
-from p2pnode.release.publish import publish
-from tests.support.release import KEY, TEST_CHUNKING, TRUST, tree
-
-
-def _edit(data: bytes, seed: int, n: int = 4) -> bytes:
-    rng = random.Random(seed)
-    out = bytearray(data)
-    for _ in range(n):
-        at = rng.randrange(len(out) - 100)
-        out[at : at + 40] = rng.randbytes(40)
-    return bytes(out)
-
-
-def _write(src: Path, pack: bytes) -> None:
-    src.mkdir(parents=True)
-    (src / "data").mkdir()
-    (src / "data" / "pack.bin").write_bytes(pack)
-    (src / "readme.txt").write_bytes(b"same in every build\n" * 50)
+from tests.support.release import KEY, TRUST, publish_pack_builds, scatter_edits, tree
 
 
 @pytest.fixture(scope="module")
@@ -42,24 +25,11 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[M.Manif
     """Three builds of a 2 MB pack with a few scattered edits each, published with patches
     (build 3 has patches from builds 1 and 2)."""
     tmp = tmp_path_factory.mktemp("patched")
-    data = random.Random(1).randbytes(2_000_000)
-    out = []
-    for build in (1, 2, 3):
-        if build > 1:
-            data = _edit(data, build)
-        _write(tmp / f"src{build}", data)
-        r = publish(
-            tmp / f"src{build}",
-            app="game",
-            version=f"1.{build}",
-            build=build,
-            key=KEY,
-            out=tmp / "cdn",
-            chunking=TEST_CHUNKING,
-        )
-        out.append(r.manifest)
-    assert out[2].patches
-    return tmp, out
+    v1 = random.Random(1).randbytes(2_000_000)
+    v2 = scatter_edits(v1, 2, 4)
+    ms = publish_pack_builds(tmp, [v1, v2, scatter_edits(v2, 3, 4)])
+    assert ms[2].patches
+    return tmp, ms
 
 
 def _install(cdn: Path, build: int, dest: Path, **kw: object) -> InstallResult:

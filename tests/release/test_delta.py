@@ -23,8 +23,7 @@ from p2pnode.release.delta import (
     result_chunks,
     split_verified,
 )
-from p2pnode.release.publish import publish
-from tests.support.release import KEY, TEST_CHUNKING
+from tests.support.release import publish_pack_builds, scatter_edits
 
 # Level 3 keeps hypothesis fast; the format is the same at every level.
 FAST = 3
@@ -82,43 +81,12 @@ def test_a_patch_over_the_wrong_base_or_corrupt_fails() -> None:
 # -- the manifest ------------------------------------------------------------------------------
 
 
-def _publish(tmp_path: Path, builds: list[bytes], **kw: object) -> list[M.Manifest]:
-    out = []
-    for i, data in enumerate(builds, 1):
-        src = tmp_path / f"src{i}"
-        src.mkdir()
-        (src / "pack.bin").write_bytes(data)
-        (src / "same.txt").write_bytes(b"unchanged\n" * 100)
-        r = publish(
-            src,
-            app="game",
-            version=f"1.{i}",
-            build=i,
-            key=KEY,
-            out=tmp_path / "cdn",
-            chunking=TEST_CHUNKING,
-            **kw,  # type: ignore[arg-type]
-        )
-        out.append(r.manifest)
-    return out
-
-
-def _edit(data: bytes, seed: int, n: int = 3) -> bytes:
-    rng = random.Random(seed)
-    out = bytearray(data)
-    for _ in range(n):
-        at = rng.randrange(len(out) - 100)
-        out[at : at + 40] = rng.randbytes(40)
-    return bytes(out)
-
-
 @pytest.fixture(scope="module")
 def three_builds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[M.Manifest]]:
     tmp = tmp_path_factory.mktemp("builds")
     v1 = random.Random(1).randbytes(1_500_000)
-    v2 = _edit(v1, 2)
-    v3 = _edit(v2, 3)
-    return tmp, _publish(tmp, [v1, v2, v3])
+    v2 = scatter_edits(v1, 2, 3)
+    return tmp, publish_pack_builds(tmp, [v1, v2, scatter_edits(v2, 3, 3)])
 
 
 def test_publish_writes_patches_and_a_format_2_manifest(
@@ -130,7 +98,7 @@ def test_publish_writes_patches_and_a_format_2_manifest(
     assert {p.base for p in m3.patches} == {m1.id, m2.id}  # the last two builds
     pack = (tmp / "cdn" / layout.patch_pack_path("game", 3)).read_bytes()
     for p in m3.patches:
-        assert p.path == "pack.bin"  # the unchanged file needs none
+        assert p.path == "data/pack.bin"  # the unchanged file needs none
         _, chunks = result_chunks(m3, p)
         assert p.size < 0.8 * sum(c.length for c in chunks)
     # Parsed back from the signed bytes, the patches are the same.
@@ -147,7 +115,9 @@ def test_every_patch_applies_to_its_base_chunks(
     pack = (tmp / "cdn" / layout.patch_pack_path("game", 3)).read_bytes()
     for p in ms[2].patches:
         base_build = by_id[p.base]
-        data = (tmp / "cdn" / "game" / str(base_build.build) / "files" / "pack.bin").read_bytes()
+        data = (
+            tmp / "cdn" / "game" / str(base_build.build) / "files" / "data" / "pack.bin"
+        ).read_bytes()
         chunks = {c.id: data[c.offset : c.offset + c.length] for c in base_build.files[0].chunks}
         base = b"".join(chunks[cid] for cid, _ in p.base_chunks)
         _, result = result_chunks(ms[2], p)
@@ -157,7 +127,7 @@ def test_every_patch_applies_to_its_base_chunks(
 
 def test_no_patches_flag(tmp_path: Path) -> None:
     v1 = random.Random(1).randbytes(300_000)
-    _, m2 = _publish(tmp_path, [v1, _edit(v1, 2)], patch_from_builds=0)
+    _, m2 = publish_pack_builds(tmp_path, [v1, scatter_edits(v1, 2, 3)], patch_from_builds=0)
     assert m2.format == 1 and not m2.patches
     assert not (tmp_path / "cdn" / layout.patch_pack_path("game", 2)).exists()
 
