@@ -356,15 +356,25 @@ async def assemble(
     remote_ids = [cid for cid in needed if not local.has(cid)]
     missing_locally: list[bytes] = []
     plan = PatchPlan()
-    if manifest.patches and mirrors and options.patches and options.policy.uses_cdn:
+    has_peers = swarm is not None and bool(swarm.peers) and options.policy.asks_peers
+    if options.patches and ((mirrors and options.policy.uses_cdn) or has_peers):
         plan = choose_patches(manifest, set(remote_ids), local.has)
         remote_ids = [cid for cid in remote_ids if cid not in plan.chunks]
     unpatched: list[bytes] = []
 
-    async def patch() -> None:
-        unpatched.extend(
-            await apply_patches(stage, plan, local, mirrors, options, put, progress.advance, result)
-        )
+    async def fetch_remote() -> None:
+        """Patches first (the swarm runs one fetch per manifest at a time), then the chunks
+        left, with those of any patch that failed."""
+        if plan.patches:
+            unpatched.extend(
+                await apply_patches(
+                    stage, plan, local, mirrors, options, put, progress.advance, result, swarm
+                )
+            )
+        if remote_ids or unpatched:
+            await fetch_missing(
+                stage, remote_ids + unpatched, mirrors, options, put, progress, result, swarm
+            )
 
     async def copy_local() -> None:
         def copy_one(cid: bytes) -> bool:
@@ -384,15 +394,10 @@ async def assemble(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(copy_local)
-            if plan.patches:
-                nursery.start_soon(patch)
-            if remote_ids:
-                nursery.start_soon(
-                    fetch_missing, stage, remote_ids, mirrors, options, put, progress, result, swarm
-                )
-        if missing_locally or unpatched:
+            nursery.start_soon(fetch_remote)
+        if missing_locally:
             await fetch_missing(
-                stage, missing_locally + unpatched, mirrors, options, put, progress, result, swarm
+                stage, missing_locally, mirrors, options, put, progress, result, swarm
             )
     except BaseExceptionGroup as group:
         raise most_telling(group) from None

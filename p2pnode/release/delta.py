@@ -33,6 +33,7 @@ __all__ = [
     "apply_patch",
     "choose_patches",
     "make_patch",
+    "pieces",
     "result_chunks",
 ]
 
@@ -87,6 +88,17 @@ def apply_patch(patch: bytes | memoryview, base: bytes | memoryview, result_len:
         raise PatchError(f"patch does not decode: {exc}") from None
     if len(out) != result_len:
         raise PatchError(f"patch produced {len(out)} bytes, not {result_len}")
+    return out
+
+
+def pieces(manifest: Manifest) -> dict[bytes, int]:
+    """The swarm's index space for ``manifest``: id -> length of its unique chunks in
+    first-seen order, then of its patches not already listed. Without patches (every format-1
+    manifest) it is exactly the unique chunks, so the wire protocol is unchanged for them;
+    only nodes that read format 2 ever join a swarm of a manifest with patches."""
+    out = manifest.unique_chunks()
+    for p in manifest.patches:
+        out.setdefault(p.id, p.size)
     return out
 
 

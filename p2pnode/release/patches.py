@@ -39,9 +39,14 @@ DEFAULT_FROM_BUILDS = 2
 #: Keep a patch only if it is at most this fraction of the chunk bytes it replaces: a patch
 #: barely smaller than its chunks is not worth its manifest entry and the CPU to apply it.
 KEEP_RATIO = 0.8
-#: Base bytes read on each side of the stretch a segment maps to: edits shift data, and zstd
+#: Base bytes read on each side of the stretch a segment maps to, when the segment could only
+#: be placed by proportion (no chunk both builds share nearby): edits shift data, and zstd
 #: finds it anywhere in the dictionary.
 MIN_MARGIN = 2 * 1024 * 1024
+#: The same when shared chunks pin the segment on both sides: the old bytes are between them,
+#: so a little context is enough, and a small base is what keeps applying fast (loading the
+#: dictionary costs as much as decoding).
+ANCHORED_MARGIN = 256 * 1024
 #: How far (in chunks) to look for a chunk both builds share, to align a segment.
 ANCHOR_SEARCH = 64
 
@@ -230,7 +235,10 @@ def _base_range(
         b0 = start + (shift_lo if shift_lo is not None else shift_hi or 0)
         b1 = end + (shift_hi if shift_hi is not None else shift_lo or 0)
     b1 = max(b0, b1)
-    margin = max(MIN_MARGIN, (end - start) // 2)
+    if shift_lo is not None and shift_hi is not None:
+        margin = ANCHORED_MARGIN + (end - start) // 8
+    else:
+        margin = max(MIN_MARGIN, (end - start) // 2)
     lo, hi = max(0, b0 - margin), min(old.size, b1 + margin)
     if hi - lo > MAX_PATCH_BASE_BYTES:  # keep the middle: that is where the segment maps
         mid = (b0 + b1) // 2

@@ -20,6 +20,7 @@ from p2pnode.release.delta import (
     apply_patch,
     choose_patches,
     make_patch,
+    pieces,
     result_chunks,
     split_verified,
 )
@@ -164,7 +165,10 @@ def test_a_node_picks_patches_from_the_build_it_holds(
         have = _holding(held)
         wanted = {cid for cid in m3.unique_chunks() if cid not in have}
         plan = choose_patches(m3, wanted, have.__contains__)
-        assert plan.patches and {p.base for p in plan.patches} == {held.id}
+        assert any(p.base == held.id for p in plan.patches)
+        # Bases are matched by chunk id: another build's patch may qualify when the node
+        # holds the same bytes, but never one reading a chunk it lacks.
+        assert all(cid in have for p in plan.patches for cid, _ in p.base_chunks)
         assert set(plan.chunks) <= wanted
         saved = sum(m3.unique_chunks()[cid] for cid in plan.chunks)
         assert plan.bytes < saved
@@ -191,3 +195,15 @@ def test_nothing_wanted_chooses_nothing(three_builds: tuple[Path, list[M.Manifes
     assert not choose_patches(m3, set(), _holding(m1).__contains__).patches
     m = dataclasses.replace(m3, patches=())
     assert not choose_patches(m, set(m.unique_chunks()), _holding(m1).__contains__).patches
+
+
+def test_the_swarm_indexes_chunks_then_patches(
+    three_builds: tuple[Path, list[M.Manifest]],
+) -> None:
+    _, (m1, _, m3) = three_builds
+    assert pieces(m1) == m1.unique_chunks()  # format 1: the index space of before
+    ids = list(pieces(m3))
+    n = len(m3.unique_chunks())
+    assert ids[:n] == list(m3.unique_chunks())
+    assert ids[n:] == list(dict.fromkeys(p.id for p in m3.patches))
+    assert all(pieces(m3)[p.id] == p.size for p in m3.patches)
