@@ -197,3 +197,35 @@ def test_a_leecher_gets_patches_from_a_peer_with_the_cdn_stopped(
     assert tree(leecher) == tree(tmp / "src3")
     assert r.patches_applied and not r.patches_failed and r.bytes_cdn == 0
     assert 0 < r.bytes_patches < 20_000 and r.methods["data/pack.bin"] == "patch"
+
+
+def test_a_peer_serving_corrupt_patches_is_banned_and_the_cdn_gives_them(
+    builds: tuple[Path, list[M.Manifest]], tmp_path: Path
+) -> None:
+    from p2pnode.disk.state import StateDir
+    from p2pnode.disk.switch import local_chunks
+    from tests.support.swarm import CorruptSeed, node
+
+    tmp, ms = builds
+    seeder, leecher = tmp_path / "seeder", tmp_path / "leecher"
+    for dest in (seeder, leecher):
+        _install(tmp / "cdn", 1, dest)
+    _install(tmp / "cdn", 3, seeder)  # holds the patches, and serves garbage for them
+
+    async def go() -> InstallResult:
+        sd = StateDir(seeder)
+        evil = CorruptSeed(node(), local_chunks(sd, sd.load()))
+        evil.offer(ms[2])
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(evil.serve, "127.0.0.1", 0)
+            where = str(tmp / "cdn" / layout.manifest_path("game", 3))
+            options = InstallOptions(peers=[f"127.0.0.1:{port}"])
+            r = await install(where, leecher, TRUST, options)
+            nursery.cancel_scope.cancel()
+        return r
+
+    r = trio.run(go)
+    assert tree(leecher) == tree(tmp / "src3")  # nothing corrupt was staged
+    (st,) = r.peers.values()
+    assert st.corrupt >= 1 and "banned" in st.error
+    assert r.patches_applied and not r.patches_failed and r.bytes_peers == 0
