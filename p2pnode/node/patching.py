@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..disk.stage import LocalChunks, Stage
-from ..errors import CDNError
+from ..errors import CDNError, PatchError
 from ..release import layout
 from ..release import manifest as M
-from ..release.delta import PatchError, PatchPlan, apply_patch, result_chunks, split_verified
+from ..release.delta import PatchPlan, apply_patch, result_chunks, split_verified
 from ..release.patchmeta import Patch
 from .result import InstallResult, add_mirror_stats
 from .sources import cdn_options

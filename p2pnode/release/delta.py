@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import zstandard
 
+from ..errors import PatchError
 from .chunker import hash_chunk
 from .manifest import ChunkRef, FileEntry, Manifest
 from .patchmeta import Patch, window_log
 
 __all__ = [
-    "PatchError",
     "PatchPlan",
     "apply_patch",
     "choose_patches",
@@ -47,10 +47,6 @@ MAX_TABLE_LOG = 26
 
 def _dictionary(base: bytes | memoryview) -> zstandard.ZstdCompressionDict:
     return zstandard.ZstdCompressionDict(bytes(base), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-
-
-class PatchError(Exception):
-    """A patch did not produce the chunks it promised (corrupt, wrong base, bad result)."""
 
 
 def make_patch(

@@ -11,12 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pnode.errors import ManifestError
+from p2pnode.errors import ManifestError, PatchError
 from p2pnode.release import canonical, layout
 from p2pnode.release import manifest as M
 from p2pnode.release.chunker import hash_chunk
 from p2pnode.release.delta import (
-    PatchError,
     apply_patch,
     choose_patches,
     make_patch,
