@@ -20,7 +20,8 @@ from __future__ import annotations
 import bisect
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,9 +114,10 @@ def generate(
     out = None
     try:
         for base, base_root in bases:
-            have = {c.id for _, c in base.iter_chunks()}
+            earlier = _Earlier(base)
+            have = earlier.by_chunk.keys()
             for f in files:
-                old = _base_file(base, f, have)
+                old = earlier.base_file(f)
                 if old is None:
                     continue
                 for first, count in _segments(f, have):
@@ -149,24 +151,36 @@ def generate(
     return tuple(kept), stats
 
 
-def _base_file(base: M.Manifest, f: M.FileEntry, have: set[bytes]) -> M.FileEntry | None:
-    """The earlier file ``f`` most likely came from: same path; else (renamed) the one
-    sharing most chunks with it; else one of the same name in another folder (a versioned
-    directory such as ``pkg-1.2.dist-info``), the closest in size."""
-    for old in base.files:
-        if old.path == f.path:
-            return old
-    mine = {c.id for c in f.chunks} & have
-    if mine:
-        best = max(base.files, key=lambda old: sum(1 for c in old.chunks if c.id in mine))
-        if any(c.id in mine for c in best.chunks):
-            return best
-    name = f.path.rsplit("/", 1)[-1]
-    same_name = [old for old in base.files if old.path.rsplit("/", 1)[-1] == name]
-    return min(same_name, key=lambda old: abs(old.size - f.size), default=None)
+class _Earlier:
+    """One earlier build, indexed once for finding each new file's base: by path, by chunk
+    and by file name (a release of 100,000 files must not compare every pair)."""
+
+    def __init__(self, manifest: M.Manifest) -> None:
+        self.by_path = {f.path: f for f in manifest.files}
+        self.by_chunk: dict[bytes, M.FileEntry] = {}
+        self.by_name: dict[str, list[M.FileEntry]] = {}
+        for f in manifest.files:
+            for c in f.chunks:
+                self.by_chunk.setdefault(c.id, f)
+            self.by_name.setdefault(f.path.rsplit("/", 1)[-1], []).append(f)
+
+    def base_file(self, f: M.FileEntry) -> M.FileEntry | None:
+        """The earlier file ``f`` most likely came from: same path; else (renamed) the one
+        sharing most chunks with it; else one of the same name in another folder (a
+        versioned directory such as ``pkg-1.2.dist-info``), the closest in size."""
+        same = self.by_path.get(f.path)
+        if same is not None:
+            return same
+        shared = Counter(
+            self.by_chunk[c.id].path for c in f.chunks if c.id in self.by_chunk
+        ).most_common(1)
+        if shared:
+            return self.by_path[shared[0][0]]
+        named = self.by_name.get(f.path.rsplit("/", 1)[-1], [])
+        return min(named, key=lambda old: abs(old.size - f.size), default=None)
 
 
-def _segments(f: M.FileEntry, have: set[bytes]) -> Iterator[tuple[int, int]]:
+def _segments(f: M.FileEntry, have: Collection[bytes]) -> Iterator[tuple[int, int]]:
     """(first, count) of runs of chunks the base lacks, each at most MAX_PATCH_RESULT_BYTES."""
     first, size = -1, 0
     for i, c in enumerate(f.chunks):

@@ -206,3 +206,27 @@ def test_the_swarm_indexes_chunks_then_patches(
     assert ids[:n] == list(m3.unique_chunks())
     assert ids[n:] == list(dict.fromkeys(p.id for p in m3.patches))
     assert all(pieces(m3)[p.id] == p.size for p in m3.patches)
+
+
+def test_a_renamed_file_finds_its_base_by_shared_chunks_or_by_name() -> None:
+    from p2pnode.release.patches import _Earlier
+
+    def entry(path: str, *ids: bytes) -> M.FileEntry:
+        chunks = tuple(M.ChunkRef(i * 32, n * 10, 10) for n, i in enumerate(ids))
+        return M.FileEntry(path, 10 * len(ids), 0o644, chunks)
+
+    old = [
+        entry("a/data.pak", b"1", b"2"),
+        entry("pkg-1.0/META", b"3"),
+        entry("x/META", b"4", b"5"),
+    ]
+    earlier = _Earlier(_m(old))
+    assert earlier.base_file(entry("a/data.pak", b"9")).path == "a/data.pak"  # same path
+    assert earlier.base_file(entry("b/moved.pak", b"9", b"2")).path == "a/data.pak"
+    # By name, the closest in size (x/META is twice as big).
+    assert earlier.base_file(entry("pkg-1.1/META", b"8")).path == "pkg-1.0/META"
+    assert earlier.base_file(entry("new/other", b"7")) is None
+
+
+def _m(files: list[M.FileEntry]) -> M.Manifest:
+    return M.Manifest("g", "1", 1, "stable", 1, 2, b"k" * 32, tuple(files))
