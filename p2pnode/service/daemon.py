@@ -166,6 +166,7 @@ class Daemon:
         from ..identity import load_or_create
 
         self.identity = await trio.to_thread.run_sync(load_or_create, self.service.state.root)
+        self.followers.node_id = self.identity.node_id  # staged rollouts: the feed's node=
         if self.opts.listen:
             from ..swarm.node import SwarmNode, parse_peer
             from .serving import Holdings
