@@ -29,6 +29,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from ..errors import DemoError
@@ -40,12 +41,15 @@ __all__ = ["DaemonDemo", "daemon_demo"]
 #: The games daemon A holds: the first is installed at full speed (and then updated by a
 #: critical build); the two others go through the queue under ``RATE`` (sizes in bytes).
 FIRST = "demo-arcade"
-QUEUED = (("demo-puzzle", 4 << 20), ("demo-racer", 4 << 20))
+QUEUED = (("demo-puzzle", 3 << 20), ("demo-racer", 3 << 20))
 FIRST_SIZE = 3 << 20
-#: Daemon A's download cap while the queue runs: the queue is observable for seconds.
-RATE = "1M"
+#: Daemon A's download cap while the queue runs: each queued game takes ~6 s, so the queue
+#: stays observable through the client verbs' round trips (each a Python start) on a loaded box.
+RATE = "512K"
 #: Seconds the demo waits for any one thing a daemon does.
 WAIT = 120.0
+#: Seconds the demo waits for the tracker to list daemon A's first game.
+LISTED_WAIT = 10.0
 
 #: Publishes a build of ``app`` (its files in ``src``) to the CDN and the tracker.
 Publish = Callable[[Path, str, int, ReleaseInfo | None], Awaitable[None]]
@@ -182,6 +186,18 @@ def _sources(job: dict[str, Any]) -> dict[str, int]:
     }
 
 
+async def _listed(tracker_url: str, app: str) -> None:
+    """Wait (at most ``LISTED_WAIT``) until the tracker lists a seeder of ``app``, so that the
+    other daemon is handed it as a peer."""
+    async with httpx.AsyncClient() as http:
+        with trio.move_on_after(LISTED_WAIT):
+            while True:
+                stats = (await http.get(tracker_url + "/v1/stats")).json()
+                if any(r["app"] == app and r["seeders"] > 0 for r in stats["releases"]):
+                    return
+                await trio.sleep(0.1)
+
+
 def _seconds(job: dict[str, Any], since: float) -> float:
     return max(0.0, (job.get("finished") or since) - since)
 
@@ -217,8 +233,9 @@ async def daemon_demo(
 
     async with trio.open_nursery() as nursery:
         try:
-            await a.start(nursery)
-            await b.start(nursery)
+            async with trio.open_nursery() as starting:  # both at once: two Python starts
+                for d in (a, b):
+                    starting.start_soon(d.start, nursery)
             say(f"daemons A and B running ({a.state}, {b.state})")
 
             # A: the first game at full speed; it serves it from its port once installed.
@@ -229,7 +246,8 @@ async def daemon_demo(
             # A: one download at a time, capped.
             await a.verb("settings", "max_active", "1")
             await a.verb("settings", "max_download_rate", RATE)
-            # B: the first game, from A's port (A listed it on the tracker once installed).
+            # B: the first game, from A's port (A lists it on the tracker once installed).
+            await _listed(tracker_url, FIRST)
             t_b = time.time()
             from_a = await add(b, FIRST)
             # A: two more games: one downloads, one waits.
@@ -290,6 +308,8 @@ async def daemon_demo(
             out.web = (await a.verb("web"))["url"]
             yield out
         finally:
-            await a.stop()
-            await b.stop()
+            with trio.CancelScope(shield=True):
+                async with trio.open_nursery() as stopping:
+                    for d in (a, b):
+                        stopping.start_soon(d.stop)
             nursery.cancel_scope.cancel()
