@@ -16,6 +16,8 @@ pass a more specific one.
     │   │                        a second manifest for the installed build (equivocation)
     │   ├── UnsafePathError      a path that escapes the install root or collides
     │   ├── ChunkHashError       bytes whose blake3 is not the chunk id they claim
+    │   ├── PatchError           a delta patch that does not produce its chunks (corrupt,
+    │   │                        wrong base); the node fetches the chunks instead
     │   └── PeerRecordError      a malformed DHT/tracker peer record
     │       ├── RecordSignatureError  (also a SignatureError)
     │       ├── ExpiredRecordError
@@ -87,6 +89,7 @@ __all__ = [
     "NotCanonicalError",
     "NotInstalledError",
     "P2PNodeError",
+    "PatchError",
     "PeerRecordError",
     "PlatformError",
     "ProtocolError",
@@ -165,6 +168,12 @@ class UnsafePathError(IntegrityError):
 
 class ChunkHashError(IntegrityError):
     default_fix = "the source served wrong bytes; it is skipped, retry to use another source"
+
+
+class PatchError(IntegrityError):
+    """A delta patch that does not decode, or whose output fails its chunks' blake3."""
+
+    default_fix = "nothing to do: the chunks it was to produce are fetched instead"
 
 
 class PeerRecordError(IntegrityError):

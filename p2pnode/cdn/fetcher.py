@@ -219,6 +219,8 @@ class CDNFetcher:
 
     Args:
         app, build: which release; file URLs are ``mirror + layout.file_path(app, build, path)``.
+        area: which of the release's folders paths name: ``files``, or ``patches`` to fetch
+            patches from the pack (content-addressed and verified exactly like chunks).
         mirrors: mirror roots: ``http(s)://`` URLs, local directories or ``file://`` URLs.
         file_sizes: release path -> size from the manifest (checked against every response).
         options: see :class:`CDNOptions`.
@@ -238,11 +240,13 @@ class CDNFetcher:
         client: httpx.AsyncClient | None = None,
         on_bytes: Callable[[int], None] | None = None,
         limiter: RateLimiter | None = None,
+        area: str = "files",
     ) -> None:
         if not mirrors:
             raise CDNError("no mirror to fetch from", fix="pass --mirror BASE_URL")
         self.app = app
         self.build = build
+        self.area = area
         self.mirrors = [m if m.endswith("/") or _local_root(m) else m + "/" for m in mirrors]
         self.file_sizes = dict(file_sizes)
         self.options = options or CDNOptions()
@@ -408,7 +412,7 @@ class CDNFetcher:
     async def _run_http(self, job: Job) -> None:
         o = self.options
         assert self._http is not None
-        url = job.url + layout.file_path(self.app, self.build, job.path)
+        url = job.url + layout.file_path(self.app, self.build, job.path, self.area)
         expected = self.file_sizes[job.path]
         request = self._http.build_request(
             "GET", url, headers={"Range": f"bytes={job.start}-{job.end - 1}"}
@@ -549,7 +553,7 @@ class CDNFetcher:
     # -- local directories -------------------------------------------------------------------
 
     async def _run_local(self, job: Job, root: Path) -> None:
-        path = root / layout.release_dir(self.app, self.build) / "files" / job.path
+        path = root / layout.release_dir(self.app, self.build) / self.area / job.path
         expected = self.file_sizes[job.path]
 
         def open_checked() -> int:

@@ -27,6 +27,7 @@ from pathlib import Path
 from ..errors import InstallError
 from ..release import manifest as M
 from ..release.chunker import hash_chunk
+from ..release.delta import pieces
 from .fsutil import fsync_path, start_writeback
 from .store import ChunkStore
 
@@ -290,10 +291,10 @@ class LocalChunks:
                 self.add(cid, stage.root / path, offset, length)
 
     def availability(self, manifest: M.Manifest) -> bytes:
-        """A bitfield over ``manifest``'s unique chunks in first-seen order (bit 7 of byte 0
-        is chunk 0): which of them this node can serve. Trusts the index, not the bytes; a
-        read still verifies."""
-        ids = list(manifest.unique_chunks())
+        """A bitfield over ``manifest``'s unique chunks in first-seen order, then its patches
+        (``delta.pieces``; bit 7 of byte 0 is piece 0): which of them this node can serve.
+        Trusts the index, not the bytes; a read still verifies."""
+        ids = list(pieces(manifest))
         bits = bytearray((len(ids) + 7) // 8)
         for i, cid in enumerate(ids):
             if self.has(cid):

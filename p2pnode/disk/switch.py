@@ -243,6 +243,8 @@ def harvest(sd: StateDir, state: InstallState) -> None:
                 store.put(c.id, data)
     store.sync()
     shutil.rmtree(sd.old, ignore_errors=True)
+    if current is not None:  # patches it fetched: served to peers while it is installed
+        keep.update(p.id for p in current.patches if p.id in store)
     store.retain(keep)
     wanted = {f"{mid}.p2pm" for mid in [state.current, *state.history] if mid}
     for kept in sd.manifests.iterdir():

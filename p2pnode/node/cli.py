@@ -98,6 +98,8 @@ def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
         info=info,
         lifetime=int(args.expires_days * 86400),
         progress=_progress(args),
+        patch_from_builds=0 if args.no_patches else args.patch_from_builds,
+        patch_level=args.patch_level,
     )
     out = result.as_json()
     if args.tracker:
@@ -399,6 +401,7 @@ def cmd_daemon(args: argparse.Namespace) -> dict[str, Any]:
         where=str(config_path or default_config_path()),
         listen=args.listen,
         api=DEFAULT_API if args.api is None else None if args.api == "off" else args.api,
+        **discovery_flags(args),
     )
 
     def emit(event: dict[str, Any]) -> None:
@@ -481,6 +484,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OS/ARCH",
         help="a platform the build is for, e.g. linux/x86_64, windows/x86_64, macos/arm64 or "
         "any (repeatable or comma-separated; default any)",
+    )
+    p.add_argument(
+        "--patch-from-builds",
+        type=int,
+        default=2,
+        metavar="N",
+        help="make binary delta patches from the newest N earlier builds in CDN_DIR (default 2)",
+    )
+    p.add_argument("--no-patches", action="store_true", help="publish without delta patches")
+    p.add_argument(
+        "--patch-level",
+        type=int,
+        default=19,
+        choices=range(1, 23),
+        metavar="1-22",
+        help="zstd level of the patches: 19 (default) makes the smallest; 12 is ~10x faster "
+        "for patches ~15%% larger",
     )
     p.add_argument("--tracker", metavar="URL", help="also publish to this tracker's channel")
     p.add_argument("--token", help="publisher or admin token for --tracker")
@@ -593,12 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--listen", metavar="HOST:PORT", help="serve every installed build to peers on this port"
     )
-    p.add_argument(
-        "--config",
-        metavar="PATH",
-        help="node config (TOML, its [service] table; default: config.toml in the user config "
-        "dir, or $P2PNODE_CONFIG)",
-    )
+    add_dht_flags(p)  # --config (its [service] and [discovery] tables), --dht-port, --lan
     p.set_defaults(func=cmd_daemon)
 
     from ..service.client import add_client_verbs  # one command line for the daemon's clients

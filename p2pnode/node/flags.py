@@ -97,6 +97,7 @@ def install_options(
         connections=args.connections,
         max_download_rate=parse_rate(args.max_download_rate) if args.max_download_rate else None,
         keep_versions=args.keep_versions,
+        patches=not getattr(args, "no_patches", False),
         require_installed=require_installed,
         origin=origin,
         **swarm,
@@ -154,6 +155,11 @@ def add_fetch_flags(p: argparse.ArgumentParser) -> None:
         help="cap in bytes/s with K/M/G suffix, as in aria2 (e.g. 40M); 0 = none",
     )
     p.add_argument("--connections", type=int, default=8, help="HTTP connections (default 8)")
+    p.add_argument(
+        "--no-patches",
+        action="store_true",
+        help="fetch changed chunks whole, ignoring the release's delta patches",
+    )
     p.add_argument(
         "--keep-versions",
         type=int,

@@ -51,6 +51,7 @@ class InstallOptions:
     upload_limiter: RateLimiter | None = None
     watch_result: Callable[[InstallResult], None] | None = None
     before_switch: Callable[[], Awaitable[None]] | None = None
+    patches: bool = True  # use the manifest's delta patches where they beat chunks
 
     def discovery(self) -> DiscoveryOptions:
         return DiscoveryOptions(

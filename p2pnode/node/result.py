@@ -42,6 +42,13 @@ class InstallResult:
     displaced: dict[str, str] = field(default_factory=dict)  # user path -> where it moved
     not_kept: list[str] = field(default_factory=list)  # user paths the build's nokeep names
     repaired: list[str] = field(default_factory=list)  # files healed in an "unchanged" install
+    bytes_patches: int = 0  # delta patch bytes read from the CDN (node/patching.py)
+    patches_applied: int = 0
+    patches_failed: int = 0  # patches dropped (unfetchable, corrupt, wrong base): chunks instead
+    patched: set[bytes] = field(default_factory=set)  # chunk ids staged from patches
+    #: release path -> how its bytes came: "patch" (some from a patch), "chunks" (some
+    #: fetched as chunks), "reused" (all already on this machine)
+    methods: dict[str, str] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:

@@ -4,6 +4,8 @@
 
     CDN_ROOT/<app>/<build>/manifest.p2pm     the signed manifest of that build
     CDN_ROOT/<app>/<build>/files/<path>      the release's files, as-is
+    CDN_ROOT/<app>/<build>/patches/pack      the build's delta patches, back to back (format 2
+                                             manifests give each one's offset and size)
     CDN_ROOT/<app>/channels/<channel>.p2pm   a copy of the channel's latest signed manifest
 
 A *mirror* is a URL (or local directory) where ``CDN_ROOT`` is served. Builds are integers, so
@@ -25,10 +27,13 @@ __all__ = [
     "file_path",
     "manifest_path",
     "mirror_root_of",
+    "patch_pack_path",
     "release_dir",
 ]
 
 MANIFEST_NAME = "manifest.p2pm"
+#: The patch pack, as a path inside a release's ``patches`` area (``file_path(..., area=)``).
+PATCH_PACK = "pack"
 
 
 def release_dir(app: str, build: int) -> str:
@@ -43,9 +48,14 @@ def channel_manifest_path(app: str, channel: str) -> str:
     return f"{app}/channels/{channel}.p2pm"
 
 
-def file_path(app: str, build: int, path: str) -> str:
-    """The URL path of a release file below the mirror root, percent-encoded."""
-    return f"{release_dir(app, build)}/files/{quote(path)}"
+def file_path(app: str, build: int, path: str, area: str = "files") -> str:
+    """The URL path of a release file (or, with ``area="patches"``, of a file of the
+    release's patches) below the mirror root, percent-encoded."""
+    return f"{release_dir(app, build)}/{area}/{quote(path)}"
+
+
+def patch_pack_path(app: str, build: int) -> str:
+    return file_path(app, build, PATCH_PACK, area="patches")
 
 
 def mirror_root_of(manifest_location: str) -> str:

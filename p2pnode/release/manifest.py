@@ -37,6 +37,7 @@ from ..errors import ExpiredManifestError, ManifestError, SignatureError, Unsafe
 from . import canonical, keys
 from .metadata import KEYS as METADATA_KEYS
 from .metadata import ReleaseInfo
+from .patchmeta import Patch, parse_patches, patch_obj
 
 __all__ = [
     "FORMAT_VERSION",
@@ -66,7 +67,7 @@ __all__ = [
 FORMAT_VERSION = 2
 READ_FORMATS = (1, 2)
 #: Top-level fields format 2 added: a format-1 manifest holding one of them is refused.
-SINCE_FORMAT_2 = METADATA_KEYS
+SINCE_FORMAT_2 = METADATA_KEYS | frozenset({b"patches"})
 SIGNATURE_DOMAIN = b"p2pnode-manifest-v1"
 
 #: 1 TiB of release at 1 MiB average chunks is ~1M chunks * 36 bytes: 64 MiB leaves room for
@@ -162,6 +163,8 @@ class Manifest:
     nokeep: tuple[str, ...] = ()
     #: Format 2: update type, release notes, minimum client, platforms (``release.metadata``).
     info: ReleaseInfo = field(default_factory=ReleaseInfo)
+    #: Format 2: binary delta patches from earlier builds (``release.patchmeta``).
+    patches: tuple[Patch, ...] = ()
 
     def __post_init__(self) -> None:
         if self.format == 0:
@@ -201,6 +204,8 @@ class Manifest:
             # exactly as before the field existed.
             obj[b"nokeep"] = [p.encode() for p in self.nokeep]
         obj.update(self.info.to_obj())
+        if self.patches:
+            obj[b"patches"] = [patch_obj(p) for p in self.patches]
         return obj
 
     @cached_property
@@ -244,6 +249,7 @@ class Manifest:
             b"previous",
             b"version",
             *METADATA_KEYS,
+            b"patches",
         }
         fmt = _int(d, b"format", 1, 1_000)
         # A newer format is refused, not read leniently: what it adds (a field telling how
@@ -302,6 +308,10 @@ class Manifest:
             raise ManifestError(f"manifest 'files' must be a list of at most {MAX_FILES} files")
         files = tuple(_file(f, chunking) for f in files_raw)
         _check_collisions(files)
+        patches: tuple[Patch, ...] = ()
+        if b"patches" in d:
+            lengths = {f.path: [c.length for c in f.chunks] for f in files}
+            patches = parse_patches(d[b"patches"], lengths)
         created = _int(d, b"created", 0, 1 << 40)
         expires = _int(d, b"expires", 0, 1 << 40)
         if expires <= created:
@@ -321,12 +331,13 @@ class Manifest:
             format=fmt,
             nokeep=nokeep,
             info=ReleaseInfo.from_obj(d),
+            patches=patches,
         )
 
 
 def needed_format(manifest: Manifest) -> int:
     """The lowest format that holds ``manifest``'s fields: what ``publish`` writes."""
-    return 1 if manifest.info.empty else 2
+    return 1 if manifest.info.empty and not manifest.patches else 2
 
 
 @dataclass(frozen=True)

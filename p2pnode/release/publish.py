@@ -26,6 +26,7 @@ from ..progress import NullProgress, Progress
 from . import keys, layout
 from . import manifest as M
 from .chunker import chunk_stream
+from .delta import DEFAULT_LEVEL
 from .metadata import (
     MAX_NOTES_BYTES,
     ReleaseInfo,
@@ -33,6 +34,8 @@ from .metadata import (
     normalise_platforms,
     normalise_version,
 )
+from .patches import DEFAULT_FROM_BUILDS, PatchStats, earlier_builds, generate
+from .patchmeta import Patch
 
 __all__ = ["PublishResult", "collect_files", "publish", "read_notes", "release_info"]
 
@@ -45,10 +48,11 @@ class PublishResult:
     signed: M.SignedManifest
     manifest_path: str  # relative to the output directory
     channel_path: str
+    patches: PatchStats | None = None  # None: patches were not asked for
 
     def as_json(self) -> dict[str, object]:
         m = self.manifest
-        return {
+        out: dict[str, object] = {
             "manifest": self.manifest_path,
             "manifest_id": m.id.hex(),
             "channel_manifest": self.channel_path,
@@ -64,6 +68,9 @@ class PublishResult:
             "format": m.format,
             **m.info.as_json(),
         }
+        if self.patches is not None:
+            out["patches"] = self.patches.as_json()
+        return out
 
 
 def release_info(
@@ -168,9 +175,13 @@ def publish(
     lifetime: int = DEFAULT_LIFETIME,
     chunking: M.Chunking | None = None,
     progress: Progress | None = None,
+    patch_from_builds: int = DEFAULT_FROM_BUILDS,
+    patch_level: int = DEFAULT_LEVEL,
 ) -> PublishResult:
     """Publish ``src`` as ``app`` ``version`` (build ``build``) under ``out``, with ``info``
-    (update type, notes, minimum client, platforms) signed into its manifest."""
+    (update type, notes, minimum client, platforms) signed into its manifest, and patches from
+    the newest ``patch_from_builds`` earlier builds found there (0: none), made at zstd level
+    ``patch_level``."""
     chunking = chunking or M.Chunking()
     files = collect_files(src)
     progress = progress or NullProgress()
@@ -219,8 +230,16 @@ def publish(
             _copy_and_chunk(src_path, tmp / "files" / rel, rel, exe, chunking, progress)
             for rel, src_path, exe in files
         ]
+        stats = None
+        patches: tuple[Patch, ...] = ()
+        if patch_from_builds > 0:
+            bases = earlier_builds(out, app, build, patch_from_builds)
+            pack = tmp / "patches" / layout.PATCH_PACK
+            patches, stats = generate(entries, tmp / "files", bases, pack, level=patch_level)
         # format=0: the lowest format that holds every field, the files' included.
-        manifest = dataclasses.replace(probe, files=tuple(entries), previous=previous, format=0)
+        manifest = dataclasses.replace(
+            probe, files=tuple(entries), previous=previous, patches=patches, format=0
+        )
         signed = M.sign(manifest, key)
         blob = signed.encode()
         write_atomic(tmp / layout.MANIFEST_NAME, blob)
@@ -239,6 +258,7 @@ def publish(
         signed,
         layout.manifest_path(app, build),
         layout.channel_manifest_path(app, channel),
+        stats,
     )
 
 

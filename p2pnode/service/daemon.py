@@ -25,7 +25,7 @@ new install, never meets the install lock.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -44,11 +44,12 @@ from .follow import Followers
 from .library import Entry
 from .queue import Discard, Start, Stop
 from .schedule import Caps
-from .serving import RESEED_SECONDS, Listings, ServedIndex
+from .serving import ACTIVE_RESEED_SECONDS, RESEED_SECONDS, Listings, ServedIndex
 from .statedir import StateDir
 from .worker import WorkerContext, discard, run_job
 
 if TYPE_CHECKING:
+    from ..discovery.race import Discovery
     from ..identity import NodeIdentity
     from ..swarm.node import SwarmNode
 
@@ -72,6 +73,10 @@ class DaemonOptions:
     listen: str | None = None  # HOST:PORT of the swarm node serving everything installed
     api: str | None = DEFAULT_API  # HOST:PORT (or unix:PATH) of the local API; None: none
     report: bool = True  # report installs and outcomes to the entries' trackers
+    # With ``listen``: one DHT node (UDP port; 0: any) and LAN announces for all it serves.
+    dht_port: int | None = None
+    dht_bootstrap: Sequence[str] = ()
+    lan: bool = False
     clock: Callable[[], float] = time.time  # wall-clock seconds (tests pass their own)
     local_now: Callable[[], datetime] = datetime.now  # the schedule's local time (tests too)
 
@@ -141,6 +146,8 @@ class Daemon:
         self.node: SwarmNode | None = None
         self.listings: Listings | None = None
         self.index = ServedIndex()
+        self.discovery: Discovery | None = None
+        self._announced: set[bytes] = set()
         self.listen_port: int | None = None
         self.identity: NodeIdentity | None = None
         self.followers = Followers(service, nursery, emit)
@@ -179,6 +186,8 @@ class Daemon:
                     self.node,
                     self.nursery,
                 )
+            if self.opts.dht_port is not None or self.opts.lan:
+                self.discovery = await self.nursery.start(self._discovery, host)
             await self._refresh()
             self.nursery.start_soon(self._reseed)
         if self.opts.api:
@@ -298,6 +307,7 @@ class Daemon:
         entries = list(self.service.library.entries)
         dests = [Path(e.dest) for e in entries]
         current = await trio.to_thread.run_sync(self.index.refresh, self.node, dests)
+        await self._announce()
         if self.listings is not None:
             wanted: dict[str, list[M.Manifest]] = {}
             for e in entries:
@@ -305,9 +315,40 @@ class Daemon:
                     wanted.setdefault(e.tracker, []).append(current[Path(e.dest)])
             self.listings.set(wanted)
 
+    async def _discovery(
+        self, host: str, *, task_status: trio.TaskStatus[Discovery] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """One DHT node (and LAN announces) for everything the serving node holds: peers find
+        this daemon through it for every build, under the state dir's identity."""
+        from ..discovery.race import DiscoveryOptions, open_discovery
+
+        assert self.identity is not None and self.node is not None and self.listen_port
+        options = DiscoveryOptions(
+            dht_port=self.opts.dht_port,
+            dht_bootstrap=self.opts.dht_bootstrap,
+            lan=self.opts.lan,
+            identity_dir=self.service.state.root,
+            first_wait=0.0,
+        )
+        node = self.node
+        async with open_discovery(self.identity, options, (host, self.listen_port)) as disc:
+            disc.tally = lambda mid: (node.manifests[mid].total_size, 0, 0, 0, node.uploaded)
+            task_status.started(disc)
+            await trio.sleep_forever()
+
+    async def _announce(self) -> None:
+        """Announce what the serving node offers that was not announced yet (the DHT node
+        re-announces what it was given by itself)."""
+        if self.discovery is None or self.node is None:
+            return
+        fresh = [m for mid, m in self.node.manifests.items() if mid not in self._announced]
+        self._announced.update(m.id for m in fresh)
+        if fresh:
+            await self.discovery.announce(fresh)
+
     async def _reseed(self) -> None:
         while True:
-            await trio.sleep(RESEED_SECONDS)
+            await trio.sleep(ACTIVE_RESEED_SECONDS if self.workers else RESEED_SECONDS)
             await self._refresh()
 
     async def _report(self, entry: Entry, result: InstallResult, seconds: float) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..disk.stage import LocalChunks
+from ..disk.stage import Journal, LocalChunks
 from ..disk.state import StateDir
 from ..disk.switch import local_chunks
 from ..errors import P2PNodeError
@@ -28,10 +28,20 @@ if TYPE_CHECKING:
     from ..identity import NodeIdentity
     from ..swarm.node import SwarmNode
 
-__all__ = ["RESEED_SECONDS", "Holdings", "Install", "Listings", "ServedIndex", "read_install"]
+__all__ = [
+    "ACTIVE_RESEED_SECONDS",
+    "RESEED_SECONDS",
+    "Holdings",
+    "Install",
+    "Listings",
+    "ServedIndex",
+    "read_install",
+]
 
-#: How often the served index is rebuilt from the install directories.
+#: How often the served index is rebuilt from the install directories; and while jobs run,
+#: so that the chunks they land are served soon after (only changed installs are re-read).
 RESEED_SECONDS = 30.0
+ACTIVE_RESEED_SECONDS = 5.0
 #: Seconds between announces keeping an installed build listed on its tracker.
 LISTING_INTERVAL = 60.0
 
@@ -77,14 +87,17 @@ def _stamp(sd: StateDir) -> tuple[int, int]:
 
 
 def read_install(dest: Path) -> Install | None:
-    """The chunks and builds of the install at ``dest``; None if nothing is installed or its
-    state cannot be read (its job will say why). Blocking."""
+    """The chunks and builds of the install at ``dest``: the installed build, the kept ones,
+    and the build being staged with the chunks its journal holds (a fleet installing one
+    build trades them while they land). None if there is nothing to serve, or its state
+    cannot be read (its job will say why). Blocking."""
     sd = StateDir(dest)
     try:
-        if not sd.exists:
-            return None
         stamp = _stamp(sd)
-        state = sd.load()
+        state = sd.load()  # (empty while a first install stages)
+        staged = Journal.target_of(sd.journal)
+        if not state.current and staged is None:
+            return None
         offers: list[tuple[M.Manifest, bytes | None]] = []
         current = None
         if state.current:
@@ -92,6 +105,10 @@ def read_install(dest: Path) -> Install | None:
             current = signed.manifest
             offers.append((current, signed.encode()))
         offers += [(sd.load_manifest(mid), None) for mid in state.history]
+        kept = staged is not None and sd.manifest_file(staged.hex()).exists()
+        if staged is not None and kept and staged.hex() != state.current:
+            target = sd.load_signed(staged.hex())
+            offers.append((target.manifest, target.encode()))
         return Install(stamp, local_chunks(sd, state), offers, current)
     except (P2PNodeError, OSError):
         return None

@@ -29,6 +29,7 @@ from ..identity import peer_node_id
 from ..ratelimit import RateLimiter
 from ..release import manifest as M
 from ..release.chunker import hash_chunk
+from ..release.delta import pieces
 from . import wire as W
 from .links import CONNECTION_ENDED, Link, PeerFailed, dial
 from .peer import PeerSession
@@ -180,7 +181,7 @@ class Fetching(Shell):
         answering late); each new address is connected to as it arrives, up to
         ``max_connections`` peers in all. With ``cdn``, chunks no peer has and requests that
         miss their deadline come from the CDN meanwhile (scheduler.py)."""
-        unique = manifest.unique_chunks()
+        unique = pieces(manifest)  # chunks, then patches: both are fetched alike
         ids = list(unique)
         index = {cid: i for i, cid in enumerate(ids)}
         sched = Scheduler(

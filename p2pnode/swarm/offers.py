@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from ..errors import ManifestError
 from ..release import manifest as M
+from ..release.delta import pieces
 from . import wire as W
 
 __all__ = ["MAX_PUSHED", "Offers"]
@@ -33,7 +34,7 @@ class Offers:
         if signed is not None:
             self.signed[manifest.id] = signed
         self.manifests[manifest.id] = manifest
-        self.chunks[manifest.id] = list(manifest.unique_chunks())
+        self.chunks[manifest.id] = list(pieces(manifest))  # chunks, then patches
         self.index[manifest.id] = {cid: i for i, cid in enumerate(self.chunks[manifest.id])}
 
     def verify_push(self, push: W.ManifestPush) -> M.Manifest:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from pathlib import Path
 
@@ -11,17 +10,12 @@ import trio
 from p2pnode.node.install import InstallOptions, install
 from p2pnode.node.seed import seed
 from p2pnode.release.publish import publish
+from tests.support.dht import free_udp_port
 from tests.support.release import KEY, TRUST, make_release, tree
 
 
 def dht_loop_threads() -> int:
     return sum(t.name == "p2pnode-dht-asyncio" for t in threading.enumerate())
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_install_finds_its_seed_through_the_dht_alone(tmp_path: Path) -> None:

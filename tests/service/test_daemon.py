@@ -14,9 +14,12 @@ from p2pnode.disk.launchlock import launching
 from p2pnode.disk.stage import Journal
 from p2pnode.disk.state import StateDir
 from p2pnode.errors import ServiceLockedError
+from p2pnode.node.install import InstallOptions, install
 from p2pnode.service.daemon import DaemonOptions, run_daemon
 from p2pnode.service.job import JobKind, JobState
 from tests.support.daemon import TRUST, daemon, game, installed, job, sent, until
+from tests.support.dht import free_udp_port
+from tests.support.release import TRUST as PUBS
 from tests.support.release import tree
 
 
@@ -189,3 +192,29 @@ def test_an_update_waits_for_the_launcher_lock_before_it_switches(
 
     trio.run(main)
     assert tree(dest) == tree(tmp_path / "src-played-2")
+
+
+def test_one_dht_node_announces_everything_the_daemon_serves(tmp_path: Path, cdn: LocalCDN) -> None:
+    urls = [game(tmp_path, cdn, f"d{n}", 300_000)[0] for n in range(2)]
+    dht_port = free_udp_port()
+
+    async def main() -> None:
+        opts = {"listen": "127.0.0.1:0", "dht_port": dht_port}
+        async with daemon(tmp_path / "state", **opts) as running:
+            svc = running.service
+            jobs = [svc.add(u, str(tmp_path / f"g{n}"), TRUST)[1].id for n, u in enumerate(urls)]
+            await installed(running, *jobs)
+            await until(lambda: len(running.daemon._announced) == 2)
+            for n, url in enumerate(urls):  # each build found through the daemon's DHT node
+                options = InstallOptions(
+                    dht_bootstrap=[f"127.0.0.1:{dht_port}"],
+                    policy="p2p-only",
+                    identity_dir=tmp_path / "leecher-id",
+                )
+                with trio.fail_after(30):
+                    r = await install(url, tmp_path / f"leech{n}", PUBS, options)
+                assert r.bytes_cdn == 0 and r.bytes_peers > 0
+
+    trio.run(main)
+    for n in range(2):
+        assert tree(tmp_path / f"leech{n}") == tree(tmp_path / f"g{n}")

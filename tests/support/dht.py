@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import socket
 from collections.abc import AsyncIterator
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -30,3 +31,10 @@ async def swarm(n: int, bridge_kind: str = "thread", seed: int = 0) -> AsyncIter
             nodes.append(node)
             boot = [("127.0.0.1", nodes[0].port)]
         yield nodes
+
+
+def free_udp_port() -> int:
+    """A UDP port on loopback nothing is bound to (for a DHT node the test must name)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -14,7 +14,7 @@ from p2pnode.cdn.fetcher import ChunkRequest
 from p2pnode.release import keys, layout
 from p2pnode.release import manifest as M
 from p2pnode.release.chunker import chunk_stream
-from p2pnode.release.manifest import Chunking
+from p2pnode.release.manifest import Chunking, Manifest
 
 KEY = keys.generate_key()
 
@@ -113,3 +113,40 @@ def build_release(
 def random_files(seed: int, sizes: dict[str, int]) -> dict[str, bytes]:
     rng = random.Random(seed)
     return {path: rng.randbytes(n) for path, n in sizes.items()}
+
+
+def scatter_edits(data: bytes, seed: int, n: int) -> bytes:
+    """``data`` with ``n`` 40-byte overwrites at random places (a patched asset, a rebuild)."""
+    rng = random.Random(seed)
+    out = bytearray(data)
+    for _ in range(n):
+        at = rng.randrange(len(out) - 100)
+        out[at : at + 40] = rng.randbytes(40)
+    return bytes(out)
+
+
+def publish_pack_builds(root: Path, packs: list[bytes], **kw: object) -> list[Manifest]:
+    """Builds 1, 2, ... of app ``game`` under ``root / "cdn"``, each holding one of ``packs``
+    as ``data/pack.bin`` beside a ``readme.txt`` that never changes (sources in
+    ``root / "src<build>"``); published with patches unless ``kw`` says otherwise, at a
+    low zstd level (the format is the same at every level; level 19 costs seconds)."""
+    from p2pnode.release.publish import publish
+
+    out = []
+    for build, pack in enumerate(packs, 1):
+        src = root / f"src{build}"
+        (src / "data").mkdir(parents=True)
+        (src / "data" / "pack.bin").write_bytes(pack)
+        (src / "readme.txt").write_bytes(b"same in every build\n" * 50)
+        r = publish(
+            src,
+            app="game",
+            version=f"1.{build}",
+            build=build,
+            key=KEY,
+            out=root / "cdn",
+            chunking=TEST_CHUNKING,
+            **{"patch_level": 6, **kw},  # type: ignore[arg-type]
+        )
+        out.append(r.manifest)
+    return out
