@@ -24,9 +24,10 @@ What it does, in order:
    A leecher's time runs from its start to its ``installed`` event; ``ratio_to_bound`` is the
    slowest leecher's time over the bound, ``origin_upload_x`` the origin's interface upload
    over the release size. Uplinks are sampled every 0.5 s for a timeline (% of each cap).
-   With ``--daemons`` a second series has the leechers already running ``p2pnode watch``
-   against a tracker in the origin's namespace when the release is published, timed from the
-   publish.
+   With ``--daemons`` a second series runs every leecher as a ``p2pnode daemon`` (its own state
+   dir, serving on its own address), already running when the release is added to each one's
+   library through the local API (all at once), timed from the add; the origin's seed keeps the
+   release listed on a tracker in its namespace, where the daemons find their peers.
 
 Prints a table, then one JSON line with at least ``ratio_to_bound``, ``origin_upload_x``,
 ``cdn_only_s``, ``bound_s``, the per-run figures and the shaping check's measured rates.
@@ -387,11 +388,15 @@ class UplinkSampler:
 
 
 def _wait_installed(
-    procs: dict[str, netlab.HostProcess], timeout: float, since_wall: float | None = None
+    procs: dict[str, netlab.HostProcess],
+    timeout: float,
+    since_wall: float | None = None,
+    *,
+    stop: bool = True,
 ) -> dict[str, float]:
-    """For ``install --seed`` (or ``watch``) processes: the seconds until each printed its
+    """For ``install --seed`` (or ``daemon``) processes: the seconds until each printed its
     ``installed`` event, from its start (or from the wall-clock time ``since_wall``); then all
-    are stopped (they would seed forever)."""
+    are stopped (they would seed forever) unless not ``stop``; a failure stops them all."""
     deadline = time.monotonic() + timeout
     seconds: dict[str, float] = {}
     try:
@@ -409,9 +414,13 @@ def _wait_installed(
                 late = sorted(set(procs) - set(seconds))
                 raise SystemExit(f"{', '.join(late)} did not finish within {timeout:.0f}s")
             time.sleep(0.02)
+    except BaseException:
+        stop = True
+        raise
     finally:
-        for p in procs.values():
-            p.stop()
+        if stop:
+            for p in procs.values():
+                p.stop()
     return seconds
 
 
@@ -566,12 +575,12 @@ def run_swarm(
     serves on its own address while it downloads. Each host is its own node (its own identity
     under its own data dir).
 
-    With ``daemons``, the leechers are already running when the release appears, as a fleet of
-    clients is: each runs ``p2pnode watch`` (same peers, policy and serving) against a tracker
-    in the origin's namespace, the release is published to the channel they follow, and a
-    leecher's time runs from the publish to its ``installed`` event. Process start-up (nine
-    Python interpreters on this machine's two cores) is then outside the measurement, as it is
-    outside a real update; the publish, the long poll and discovery are inside it.
+    With ``daemons``, every leecher is a ``p2pnode daemon`` (``run_daemons``), as a player's
+    client is: already running, it is told to install the release through its local API, and
+    finds its peers (the origin, then other daemons) through a tracker in the origin's
+    namespace, where the release is published and the origin's seed keeps it listed. A
+    leecher's time runs from the add to its ``installed`` event; process start-up is outside
+    the measurement, as it is outside a user's click on "install".
     """
     origin, leechers = lab.hosts[0], lab.hosts[1:]
     manifest = str(release.cdn_dir / release.manifest_path)
@@ -602,6 +611,9 @@ def run_swarm(
         env["XDG_DATA_HOME"] = str(work / "swarm" / name / "data")
         return env
 
+    tracker = _start_tracker(origin, work, release) if daemons else None
+    if daemons:  # the channel's head, before any daemon is told to install it
+        _publish(origin, release, time.time())
     seed = origin.start(
         [
             sys.executable,
@@ -615,6 +627,7 @@ def run_swarm(
             "--json",
             *([] if spare else ["--no-spare"]),
             *([] if frugal else ["--no-frugal"]),
+            *(["--tracker", tracker_url(origin)] if daemons else []),
         ],
         name="seed",
         cwd=str(REPO),
@@ -625,76 +638,143 @@ def run_swarm(
         if seed.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"the origin's seed did not start: {seed.stderr()[-600:]}")
         time.sleep(0.05)
-    tracker = _start_tracker(origin, work, release) if daemons else None
     sampler = UplinkSampler(lab)
     try:
         before = {h.name: h.counters() for h in lab.hosts}
-        if not daemons:
-            sampler.__enter__()
-        procs: dict[str, netlab.HostProcess] = {}
-        for h in leechers:
-            dest = work / "swarm" / h.name / "install"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            peers = [f"{x.ip}:{SWARM_PORT}" for x in lab.hosts if x is not h]
-            verb = (
-                ["watch", APP, "--tracker", tracker_url(origin)]
-                if daemons
-                else ["install", manifest]
-            )
-            cmd = [
-                sys.executable,
-                "-m",
-                "p2pnode",
-                *verb,
-                "--dest",
-                str(dest),
-                "--trust",
-                release.pub,
-                "--listen",
-                f"{h.ip}:{SWARM_PORT}",
-                "--policy",
-                "p2p-only",
-                "--json",
-                "-q",
-            ]
-            for p in peers:
-                cmd += ["--peer", p]
-            if stay and not daemons:
-                cmd.append("--seed")
-            procs[h.name] = h.start(cmd, name="install", cwd=str(REPO), env=env_of(h.name))
         if daemons:
-            _wait_for(procs, '"event": "watching"', 60)
-            # Their long polls reach the tracker; the publisher starts, then sends at `at`,
-            # which is also the timeline's zero.
-            at = time.time() + 2.0
-            threading.Timer(max(0.0, at - time.time()), sampler.__enter__).start()
-            published = _publish(origin, release, at)
-            seconds = _wait_installed(procs, timeout, since_wall=published)
+            seconds, results = run_daemons(lab, release, work, sampler, timeout, env_of)
         else:
-            seconds = _wait_installed(procs, timeout) if stay else _wait_all(procs, timeout)
+            sampler.__enter__()
+            seconds, results = _run_installs(lab, release, work, timeout, stay, env_of)
         after = {h.name: h.counters() for h in lab.hosts}
-        results = {name: _install_result(p.stdout()) for name, p in procs.items()}
     finally:
         sampler.__exit__()
         seed.stop()
         if tracker is not None:
             tracker.stop()
+    details: dict[str, Any] = {
+        "bytes_peers": {n: int(r["bytes_peers"]) for n, r in results.items()},
+        "bytes_cdn": {n: int(r["bytes_cdn"]) for n, r in results.items()},
+        "timeline": sampler.timeline({h.name: h.up_bps or 1e12 for h in lab.hosts}),
+    }
+    if not daemons:  # an install's own figures (a daemon's job shows bytes by source only)
+        details["install_s"] = {n: float(r["seconds"]) for n, r in results.items()}
+        # from a leecher's start on the origin to the origin's first piece: the start-up
+        details["origin_first_piece_ms"] = {
+            n: (r["peers"].get(f"{origin.ip}:{SWARM_PORT}") or {}).get("first_piece_ms")
+            for n, r in results.items()
+        }
     return RunResult(
         leecher_s=seconds,
         origin_tx_bytes=(after["origin"] - before["origin"]).tx_bytes,
         leecher_rx_bytes={h.name: (after[h.name] - before[h.name]).rx_bytes for h in leechers},
-        details={
-            "bytes_peers": {n: int(r["bytes_peers"]) for n, r in results.items()},
-            "bytes_cdn": {n: int(r["bytes_cdn"]) for n, r in results.items()},
-            "install_s": {n: float(r["seconds"]) for n, r in results.items()},
-            # from a leecher's start on the origin to the origin's first piece: the start-up
-            "origin_first_piece_ms": {
-                n: (r["peers"].get(f"{origin.ip}:{SWARM_PORT}") or {}).get("first_piece_ms")
-                for n, r in results.items()
-            },
-            "timeline": sampler.timeline({h.name: h.up_bps or 1e12 for h in lab.hosts}),
-        },
+        details=details,
     )
+
+
+def _run_installs(
+    lab: netlab.Lab,
+    release: Release,
+    work: Path,
+    timeout: float,
+    stay: bool,
+    env_of: Callable[[str], dict[str, str]],
+) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """Every leecher runs ``p2pnode install --policy p2p-only`` at once, with every other host
+    as a peer; their seconds and install results."""
+    leechers = lab.hosts[1:]
+    manifest = str(release.cdn_dir / release.manifest_path)
+    procs: dict[str, netlab.HostProcess] = {}
+    for h in leechers:
+        dest = work / "swarm" / h.name / "install"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        peers = [f"{x.ip}:{SWARM_PORT}" for x in lab.hosts if x is not h]
+        cmd = [
+            *(sys.executable, "-m", "p2pnode", "install", manifest, "--dest", str(dest)),
+            *("--trust", release.pub, "--listen", f"{h.ip}:{SWARM_PORT}"),
+            *("--policy", "p2p-only", "--json", "-q"),
+        ]
+        for p in peers:
+            cmd += ["--peer", p]
+        if stay:
+            cmd.append("--seed")
+        procs[h.name] = h.start(cmd, name="install", cwd=str(REPO), env=env_of(h.name))
+    seconds = _wait_installed(procs, timeout) if stay else _wait_all(procs, timeout)
+    return seconds, {name: _install_result(p.stdout()) for name, p in procs.items()}
+
+
+#: Run in a leecher's namespace before the measurement: finds its daemon's API from the state
+#: dir (argv[1]) as the client verbs do, then at wall-clock time argv[3] adds the game
+#: (argv[2], the POST /library body) and prints when it sent the request.
+ADD_SCRIPT = """
+import argparse, json, sys, time
+from p2pnode.service.client import ApiClient
+api = ApiClient.from_args(argparse.Namespace(state=sys.argv[1], api=None))
+api.call("GET", "/settings")  # connected and authorised before the clock starts
+time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
+t = time.time()
+print(json.dumps({"sent": t, **api.call("POST", "/library", json.loads(sys.argv[2]))}))
+"""
+
+
+def _verb_env(env: dict[str, str], config: Path) -> dict[str, str]:
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.touch()  # empty: no user config reaches the bench's daemons
+    return {**env, "P2PNODE_CONFIG": str(config)}
+
+
+def run_daemons(
+    lab: netlab.Lab,
+    release: Release,
+    work: Path,
+    sampler: UplinkSampler,
+    timeout: float,
+    env_of: Callable[[str], dict[str, str]],
+) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """Every leecher as a ``p2pnode daemon`` serving on its own address; once all run, the
+    release is added to each one's library through its local API at the same instant (the
+    timeline's zero); each one's seconds from then to its ``installed`` event, and its job's
+    bytes by source as ``p2pnode jobs --json`` shows them."""
+    leechers = lab.hosts[1:]
+    url = tracker_url(lab.hosts[0])
+    procs: dict[str, netlab.HostProcess] = {}
+    env: dict[str, dict[str, str]] = {}
+    state: dict[str, str] = {}
+    try:
+        for h in leechers:
+            home = work / "swarm" / h.name
+            env[h.name] = _verb_env(env_of(h.name), home / "config.toml")
+            state[h.name] = str(home / "state")
+            cmd = [sys.executable, "-m", "p2pnode", "daemon", "--state", state[h.name]]
+            cmd += ["--listen", f"{h.ip}:{SWARM_PORT}", "--json"]
+            procs[h.name] = h.start(cmd, name="daemon", cwd=str(REPO), env=env[h.name])
+        _wait_for(procs, '"event": "started"', 60)
+        at = time.time() + 3.0  # the adders start and connect before it
+        adders: dict[str, netlab.HostProcess] = {}
+        for h in leechers:
+            dest = work / "swarm" / h.name / "install"
+            body = {"source": APP, "dest": str(dest), "trust": [release.pub], "tracker": url}
+            cmd = [sys.executable, "-c", ADD_SCRIPT, state[h.name], json.dumps(body), repr(at)]
+            adders[h.name] = h.start(cmd, name="add", cwd=str(REPO), env=env[h.name])
+        threading.Timer(max(0.0, at - time.time()), sampler.__enter__).start()
+        _wait_all(adders, 60)
+        sent = {n: json.loads(p.stdout().strip().splitlines()[-1]) for n, p in adders.items()}
+        seconds = _wait_installed(procs, timeout, since_wall=at, stop=False)
+        results: dict[str, dict[str, Any]] = {}
+        for h in leechers:
+            verb = [sys.executable, "-m", "p2pnode", "jobs", "--state", state[h.name], "--json"]
+            p = h.start(verb, name="jobs", cwd=str(REPO), env=env[h.name])
+            p.wait(60)
+            jobs = {j["id"]: j for j in json.loads(p.stdout())["jobs"]}
+            by_source = jobs[sent[h.name]["id"]]["progress"]["by_source"]
+            results[h.name] = {
+                "bytes_peers": by_source.get("peers", 0),
+                "bytes_cdn": by_source.get("cdn", 0),
+            }
+    finally:
+        for p in procs.values():
+            p.stop()
+    return seconds, results
 
 
 # ============================ END SWARM RUN =================================================
@@ -727,17 +807,6 @@ def _runs_text(runs: list[RunResult], bound: float, size: int) -> str:
 
 def _median(runs: list[RunResult]) -> RunResult:
     return sorted(runs, key=lambda r: r.slowest_s)[(len(runs) - 1) // 2]
-
-
-def _lag(run: RunResult, pick: Callable[[list[float]], float] = min) -> float:
-    """From the publish to a watcher's install starting: the long poll, the manifest fetch."""
-    took = run.details["install_s"]
-    return pick([run.leecher_s[n] - took[n] for n in took])
-
-
-def _first_piece(run: RunResult) -> str:
-    got = [v for v in run.details["origin_first_piece_ms"].values() if v is not None]
-    return f"{min(got):.0f}-{max(got):.0f} ms" if got else "n/a"
 
 
 def _mbps(bps: float | None) -> str:
@@ -792,8 +861,8 @@ def main() -> None:
     ap.add_argument(
         "--daemons",
         action="store_true",
-        help="also run the swarm with the leechers already running (p2pnode watch) when the "
-        "release is published, timed from the publish",
+        help="also run the swarm with every leecher a running p2pnode daemon, told to install "
+        "the release through its local API, timed from there",
     )
     ap.add_argument(
         "--skip-tls",
@@ -940,10 +1009,10 @@ def main() -> None:
             rows_out += [
                 (
                     "daemons slowest",
-                    f"{daemon.slowest_s:.1f} s = {daemon.slowest_s / bound:.2f}x from the publish "
-                    f"(first done {min(daemon.leecher_s.values()):.1f} s; from the publish to "
-                    f"the install's start {_lag(daemon):.2f}-{_lag(daemon, max):.2f} s; the "
-                    f"origin's first piece after {_first_piece(daemon)}); origin "
+                    f"{daemon.slowest_s:.1f} s = {daemon.slowest_s / bound:.2f}x from the adds "
+                    f"through the API (first done {min(daemon.leecher_s.values()):.1f} s; "
+                    f"from peers {sum(daemon.details['bytes_peers'].values()) / MiB:.0f} MiB "
+                    f"of {len(daemon.leecher_s) * F / MiB:.0f}); origin "
                     f"upload {daemon.origin_tx_bytes / F:.2f}x",
                 ),
                 ("daemons uplinks", _timeline_text(daemon)),

@@ -6,9 +6,12 @@ client's daemon would (``p2pnode watch --listen``, ``watch.py``): an origin seed
 channel taking builds from the CDN; three leechers follow it too, find the seed (and each other)
 in the tracker's announce answers and install over the encrypted swarm, serving what they hold.
 Build 2 is published: every node hears of it by long-poll within milliseconds and fetches only
-the new chunks, the leechers mostly from the seed box. Then one node stops following, verifies,
-repairs a flipped byte and, with nginx stopped, rolls back offline. Every install is reported
-to the tracker; the demo ends with the dashboard's URL and the CDN offload it shows.
+the new chunks, the leechers mostly from the seed box. Then one node stops following, verifies
+and repairs a flipped byte. Every install is reported to the tracker. Then the clients run as
+they do on a player's machine, as daemons driven by the command line (``daemons.py``): a queue,
+a pause and resume, a critical update overtaking a queued job, a game from the other daemon's
+port. Last, with nginx stopped, the first node rolls back offline. The demo ends with the
+dashboard's URL, the CDN offload it shows and the daemon's web page URL.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ from ..node.render import install_json
 from ..node.verify import verify
 from ..node.watch import WatchOptions, watch
 from ..release import keys
+from ..release.metadata import ReleaseInfo
 from ..release.publish import publish
 from ..units import format_bytes
 from .cdn import LocalCDN
+from .daemons import daemon_demo
 from .tracker import LocalTracker
 
 __all__ = ["run_demo"]
@@ -254,6 +259,34 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
             )
             async with httpx.AsyncClient() as http:
                 stats = (await http.get(tracker_url + "/v1/stats")).json()
+
+            registered = {APP}
+
+            async def publish_game(
+                game: Path, app: str, build: int, info: ReleaseInfo | None
+            ) -> None:
+                if app not in registered:
+                    await tracker.add_app(app, keys.public_key_bytes(publisher))
+                    registered.add(app)
+                p = await trio.to_thread.run_sync(
+                    lambda: publish(
+                        game,
+                        app=app,
+                        version=f"1.{build}",
+                        build=build,
+                        key=publisher,
+                        out=cdn_dir,
+                        mirrors=[cdn.url],
+                        info=info,
+                    )
+                )
+                await tracker.publish(app, "stable", p.signed.encode())
+
+            # The clients as daemons; they (and their web page) stay up until the demo ends.
+            daemons = await stack.enter_async_context(
+                daemon_demo(work, tracker_url, publisher, publish_game, say)
+            )
+            rows.extend(daemons.rows)
         dashboard = tracker_url + "/dashboard"
         cdn.stop()
         t = time.monotonic()
@@ -262,6 +295,7 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
         rows.append(_row("rollback to build 1", time.monotonic() - t, note, install_json(r)))
         if keep:
             say(f"dashboard: {dashboard} (Ctrl-C to stop the demo network)")
+            say(f"daemon A's web page: {daemons.web}")
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     break
@@ -279,6 +313,7 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
             # completions per build, as the tracker counted them (each node once per build)
             "completed": {str(x["build"]): x["completed"] for x in stats["releases"]},
             "update_notice_ms": round(latency * 1000),
+            "daemons": daemons.as_json(),
         }
 
 
@@ -303,6 +338,12 @@ def run_demo(
             f"CDN offload the tracker shows for build 1: {result['offload_ratio']:.0%} "
             "(bytes from peers / all bytes the nodes fetched)"
         )
+        d = result["daemons"]
+        print(
+            f"daemon A's queue after two adds: {d['queue']}; after a pause: {d['paused']}; "
+            f"critical update overtook the queued job: {d['critical_overtook']}"
+        )
+        print(f"daemon A's web page (while the demo ran; --keep keeps it up): {d['web']}")
     return result
 
 

@@ -622,7 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="run the local demo network")
     p.add_argument("--workdir", help="where to keep the demo's files (default: a temp dir)")
-    p.add_argument("--keep", action="store_true", help="keep the tracker up until Ctrl-C")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the tracker and the daemons up until Ctrl-C"
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

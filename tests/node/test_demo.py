@@ -33,3 +33,18 @@ def test_demo_runs_and_reports_where_bytes_came_from() -> None:
     assert steps["rollback to build 1"]["bytes_cdn"] == 0  # offline
     assert out["dashboard"].endswith("/dashboard")
     assert out["update_notice_ms"] < 1000
+    # The clients as daemons, driven by the command line's client verbs.
+    d = out["daemons"]
+    assert d["queue"] == {"demo-puzzle": "downloading", "demo-racer": "queued"}  # max_active 1
+    assert d["paused"] == {"demo-puzzle": "paused", "demo-racer": "downloading"}
+    assert d["resumed"] == "queued"
+    assert d["critical_overtook"]
+    # every job installed: the critical build 2 before the job queued ahead of it
+    assert d["installed"]["A"].index("demo-arcade", 1) < d["installed"]["A"].index("demo-puzzle")
+    assert sorted(d["installed"]["A"]) == sorted(
+        ["demo-arcade"] * 2 + ["demo-puzzle", "demo-racer"]
+    )
+    assert "demo-arcade" in d["installed"]["B"]
+    assert d["peer_bytes"] > 0  # daemon B got the game from daemon A's port
+    assert steps["daemon B: demo-arcade"]["bytes_peers"] == d["peer_bytes"]
+    assert d["web"].startswith("http://127.0.0.1:") and "/?token=" in d["web"]
