@@ -79,7 +79,8 @@ async def test_a_rollout_reaches_its_share_grows_without_flipping_and_halts_itse
 
     at10 = {n for n, b in (await builds(c, fleet)).items() if b == 2}
     assert at10 == {n for n in fleet if member(two.id, n, 10)}
-    assert 8 <= len(at10) <= 35, len(at10)  # about 10% of 200
+    # about 10% of 200: Binomial(200, 0.1) leaves these bounds with p ~ 1.5e-5 (36 was seen once)
+    assert 5 <= len(at10) <= 40, len(at10)
     head = await c.latest(APP, "stable")  # a client that does not say who it is: out
     assert head is not None and head.build == 1
 
@@ -99,7 +100,7 @@ async def test_a_rollout_reaches_its_share_grows_without_flipping_and_halts_itse
 
     at50 = {n for n, b in (await builds(c, fleet)).items() if b == 2}
     assert at10 <= at50  # rising only adds nodes
-    assert 70 <= len(at50) <= 130, len(at50)
+    assert 65 <= len(at50) <= 135, len(at50)  # Binomial(200, 0.5): outside p ~ 4e-7
     with pytest.raises(TrackerRefusedError) as err:
         await c.change_rollout(APP, "stable", "raise", percent=20)  # never lower
     assert err.value.status == 409
