@@ -312,6 +312,8 @@ class Daemon:
         dests = [Path(e.dest) for e in entries]
         async with self._refreshing:
             current = await trio.to_thread.run_sync(self.index.refresh, self.node, dests)
+            for chunk_id in self.index.landed:
+                self.node.have(chunk_id)
         await self._announce()
         if self.listings is not None:
             wanted: dict[str, list[M.Manifest]] = {}
@@ -352,9 +354,14 @@ class Daemon:
             await self.discovery.announce(fresh)
 
     async def _reseed(self) -> None:
+        # Looks every ACTIVE_RESEED_SECONDS whether a job runs (one may start during an idle
+        # wait: the chunks it stages must be offered while it runs, not after).
+        last = trio.current_time()
         while True:
-            await trio.sleep(ACTIVE_RESEED_SECONDS if self.workers else RESEED_SECONDS)
-            await self._refresh()
+            await trio.sleep(ACTIVE_RESEED_SECONDS)
+            if self.workers or trio.current_time() - last >= RESEED_SECONDS:
+                last = trio.current_time()
+                await self._refresh()
 
     async def _report(self, entry: Entry, result: InstallResult, seconds: float) -> None:
         """As ``watch`` does: where the bytes came from, the peers' quality, the outcome."""
