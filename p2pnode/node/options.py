@@ -45,6 +45,7 @@ class InstallOptions:
     lan_port: int | None = None  # the LAN discovery group's port (None: the default)
     tracker: str | None = None  # tracker URL: announce there (port 0 unless serving), take peers
     discovery_wait: float = 5.0  # wait at most this long for discovery's first answer
+    discovery_requery: float = 30.0  # ask discovery for more peers this often while fetching
     # The client service's hooks (None for the standalone verbs): one upload cap shared by
     # every job and the daemon's serving node; the install's running figures as soon as they
     # exist (live bytes by source); and a wait before the switch (a game is running).
@@ -52,6 +53,9 @@ class InstallOptions:
     watch_result: Callable[[InstallResult], None] | None = None
     before_switch: Callable[[], Awaitable[None]] | None = None
     patches: bool = True  # use the manifest's delta patches where they beat chunks
+    # The daemon's serving node (HOST, PORT), which offers what a job stages as it lands: the
+    # job's own node does not listen, so discovery announces this address for the build.
+    served_at: tuple[str, int] | None = None
 
     def discovery(self) -> DiscoveryOptions:
         return DiscoveryOptions(
@@ -62,6 +66,7 @@ class InstallOptions:
             tracker=self.tracker,
             identity_dir=self.identity_dir,
             first_wait=self.discovery_wait,
+            requery=self.discovery_requery,
         )
 
     def __post_init__(self) -> None:

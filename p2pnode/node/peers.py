@@ -102,7 +102,11 @@ async def open_swarm(
                 yield swarm
                 nursery.cancel_scope.cancel()
                 return
-            async with open_discovery(identity, discovery, listen) as disc:
+            # Not listening ourselves, another node of ours may serve what we stage (the
+            # daemon's): announce it, with our figures (left > 0), so the fleet fetching this
+            # build at once finds it.
+            announced = listen or options.served_at
+            async with open_discovery(identity, discovery, announced) as disc:
                 disc.tally = swarm.tally
                 swarm.discovery = disc
                 nursery.start_soon(disc.announce, list(node.manifests.values()))

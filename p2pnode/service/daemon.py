@@ -146,6 +146,7 @@ class Daemon:
         self.node: SwarmNode | None = None
         self.listings: Listings | None = None
         self.index = ServedIndex()
+        self._refreshing = trio.Lock()  # one rebuild of the served index at a time
         self.discovery: Discovery | None = None
         self._announced: set[bytes] = set()
         self.listen_port: int | None = None
@@ -158,6 +159,7 @@ class Daemon:
             self.upload,
             on_installed=self._installed,
             on_failed=self._failed,
+            on_staging=lambda: self.nursery.start_soon(self._refresh),
         )
         service.on_change(lambda: self._wake.set())  # (the event is replaced each turn)
 
@@ -179,6 +181,7 @@ class Daemon:
                 download_limiter=self.download,
             )
             self.listen_port = await self.nursery.start(self.node.serve, host, port)
+            self.ctx.served_at = (host, self.listen_port)
             if self.opts.report:
                 self.listings = Listings(
                     self.identity,
@@ -307,7 +310,10 @@ class Daemon:
             return
         entries = list(self.service.library.entries)
         dests = [Path(e.dest) for e in entries]
-        current = await trio.to_thread.run_sync(self.index.refresh, self.node, dests)
+        async with self._refreshing:
+            current = await trio.to_thread.run_sync(self.index.refresh, self.node, dests)
+            for chunk_id in self.index.landed:
+                self.node.have(chunk_id)
         await self._announce()
         if self.listings is not None:
             wanted: dict[str, list[M.Manifest]] = {}
@@ -348,9 +354,14 @@ class Daemon:
             await self.discovery.announce(fresh)
 
     async def _reseed(self) -> None:
+        # Looks every ACTIVE_RESEED_SECONDS whether a job runs (one may start during an idle
+        # wait: the chunks it stages must be offered while it runs, not after).
+        last = trio.current_time()
         while True:
-            await trio.sleep(ACTIVE_RESEED_SECONDS if self.workers else RESEED_SECONDS)
-            await self._refresh()
+            await trio.sleep(ACTIVE_RESEED_SECONDS)
+            if self.workers or trio.current_time() - last >= RESEED_SECONDS:
+                last = trio.current_time()
+                await self._refresh()
 
     async def _report(self, entry: Entry, result: InstallResult, seconds: float) -> None:
         """As ``watch`` does: where the bytes came from, the peers' quality, the outcome."""

@@ -74,6 +74,7 @@ class Install:
     local: LocalChunks
     offers: list[tuple[M.Manifest, bytes | None]]  # current (signed) first, then kept builds
     current: M.Manifest | None
+    staged: M.Manifest | None = None  # the build a job is assembling, if any
 
 
 def _stamp(sd: StateDir) -> tuple[int, int]:
@@ -106,10 +107,12 @@ def read_install(dest: Path) -> Install | None:
             offers.append((current, signed.encode()))
         offers += [(sd.load_manifest(mid), None) for mid in state.history]
         kept = staged is not None and sd.manifest_file(staged.hex()).exists()
+        target = None
         if staged is not None and kept and staged.hex() != state.current:
-            target = sd.load_signed(staged.hex())
-            offers.append((target.manifest, target.encode()))
-        return Install(stamp, local_chunks(sd, state), offers, current)
+            signed_target = sd.load_signed(staged.hex())
+            target = signed_target.manifest
+            offers.append((target, signed_target.encode()))
+        return Install(stamp, local_chunks(sd, state), offers, current, target)
     except (P2PNodeError, OSError):
         return None
 
@@ -121,12 +124,17 @@ class ServedIndex:
 
     def __init__(self) -> None:
         self._installs: dict[Path, Install] = {}
+        #: Chunks of staged builds held since the previous refresh: the daemon tells the peers
+        #: connected to its node (``SwarmNode.have``), as an install's own node does as each
+        #: lands; a peer that connected before them would otherwise never ask for them.
+        self.landed: list[bytes] = []
 
     def refresh(self, node: SwarmNode, dests: Iterable[Path]) -> dict[Path, M.Manifest]:
         """Rebuild ``node``'s index from ``dests``; returns the build installed at each (for
         the trackers' listings). Blocking: call from a thread (the node is only assigned new
         objects, which the trio thread reads whole)."""
         installs: dict[Path, Install] = {}
+        landed: list[bytes] = []
         for dest in dests:
             known = self._installs.get(dest)
             if known is not None and known.stamp == _stamp(StateDir(dest)):
@@ -135,13 +143,28 @@ class ServedIndex:
             fresh = read_install(dest)
             if fresh is not None:
                 installs[dest] = fresh
+                landed += _landed(known, fresh)
         self._installs = installs
+        self.landed = landed
         for install in installs.values():
             for manifest, signed in install.offers:
                 if manifest.id not in node.manifests or (signed and manifest.id not in node.signed):
                     node.offer(manifest, signed)
         node.local = Holdings(i.local for i in installs.values())
         return {d: i.current for d, i in installs.items() if i.current is not None}
+
+
+def _landed(known: Install | None, fresh: Install) -> list[bytes]:
+    """The chunks of ``fresh``'s staged build it holds and ``known`` (the previous read of
+    the install) did not."""
+    if fresh.staged is None:
+        return []
+    before = known.local if known is not None else None
+    return [
+        cid
+        for cid in fresh.staged.unique_chunks()
+        if fresh.local.has(cid) and not (before is not None and before.has(cid))
+    ]
 
 
 class Listings:

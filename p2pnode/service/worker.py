@@ -44,6 +44,10 @@ REPORT_INTERVAL = 0.5
 RATE_WINDOW = 3.0
 #: Seconds between looks at the launcher lock while a game holds an update's switch.
 LAUNCH_POLL = 1.0
+#: Seconds between a job's asks to its tracker for more peers (the tracker's default
+#: ``min_interval``): daemons fetching one build at once list themselves as they start, and
+#: those that started first learn of the later ones only by asking again.
+JOB_REQUERY = 10.0
 
 
 class Meter:
@@ -101,7 +105,13 @@ class WorkerContext:
     on_failed: Callable[[Entry, P2PNodeError, float, InstallResult | None], None] = field(
         default=lambda entry, error, seconds, attempted: None
     )
+    #: Called (in the daemon's task) as a job's stage is about to hold its build: the daemon
+    #: offers it from its serving node at once, since the job announced that node for it.
+    on_staging: Callable[[], None] = field(default=lambda: None)
     connections: int = 8
+    #: Where the daemon's serving node listens (None: it does not): jobs announce it for the
+    #: builds they stage, which it serves as they land.
+    served_at: tuple[str, int] | None = None
 
 
 async def run_job(
@@ -182,6 +192,7 @@ def _options(
 ) -> InstallOptions:
     def watch(result: InstallResult) -> None:
         meter.result = result
+        ctx.on_staging()
 
     return InstallOptions(
         connections=ctx.connections,
@@ -192,6 +203,8 @@ def _options(
         upload_limiter=ctx.upload,
         identity_dir=ctx.identity_dir,
         tracker=entry.tracker,
+        served_at=ctx.served_at,
+        discovery_requery=JOB_REQUERY,
         require_installed=kind is JobKind.UPDATE,
         watch_result=watch,
     )
