@@ -248,8 +248,8 @@ def outcome_fields(
     error: BaseException | None = None,
     kind: str | None = None,
 ) -> dict[str, Any]:
-    """The body of one outcome: a ``result`` (success) or an ``error`` (failure, its kind
-    given: ``update`` when a build was installed, else ``install``)."""
+    """The body of one outcome: a ``result`` (success) or an ``error`` (failure; its kind is
+    ``kind``, else ``update`` when a build was installed (``from_build``), else ``install``)."""
     fields: dict[str, Any] = {
         "app": app,
         "manifest": manifest_id.hex(),
@@ -268,7 +268,9 @@ def outcome_fields(
         )
     else:
         assert error is not None, "an outcome is a result or an error"
-        fields.update(kind=kind or "install", outcome="failure", code=outcome_code(error))
+        if kind is None:
+            kind = "install" if from_build is None else "update"
+        fields.update(kind=kind, outcome="failure", code=outcome_code(error))
     return fields
 
 

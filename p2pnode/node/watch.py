@@ -306,7 +306,6 @@ class _Follower:
             from_build=self.build,
             seconds=seconds,
             error=error,
-            kind="install" if self.build is None else "update",
         )
         trouble = await report_outcome(self.tracker, me, fields)
         if trouble is not None:

@@ -340,9 +340,12 @@ class Service:
         phase: JobState | None = None,
     ) -> bool:
         """A worker's progress or phase; False (nothing changed) for a stale report."""
-        job = next((j for j in self.queue.jobs if j.id == job_id), None)
-        before = job.state if job is not None else None
-        if job is None or not self.queue.report(job_id, attempt, progress=progress, phase=phase):
+        try:
+            job = self.queue.get(job_id)
+        except UsageError:  # forgotten while its worker still ran: stale
+            return False
+        before = job.state
+        if not self.queue.report(job_id, attempt, progress=progress, phase=phase):
             return False
         self._changed(save=job.state is not before)
         return True

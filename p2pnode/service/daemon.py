@@ -391,7 +391,6 @@ class Daemon:
             from_build=attempted.previous_build,
             seconds=seconds,
             error=error,
-            kind="install" if attempted.previous_build is None else "update",
         )
         async with TrackerClient(entry.tracker) as tracker:
             trouble = await report_outcome(tracker, self.identity, fields)
