@@ -139,11 +139,16 @@ async def _install_verb(args: argparse.Namespace, options: InstallOptions) -> In
     """
     from ..discovery.tracker import TrackerClient
     from .install import install, install_and_seed
-    from .tracking import channel_manifest
+    from .tracking import channel_manifest, node_and_build
 
     location, data = args.manifest, None
-    if args.tracker:
-        location, data = await channel_manifest(args.tracker, args.manifest, args.channel)
+    if args.tracker:  # named, so that a staged rollout counts this node in or out
+        node, have = await trio.to_thread.run_sync(
+            node_and_build, options.identity_dir, Path(args.dest)
+        )
+        location, data = await channel_manifest(
+            args.tracker, args.manifest, args.channel, node=node, have=have
+        )
     run = (location, Path(args.dest), trusted(args.trust), options, _progress(args))
     async with AsyncExitStack() as stack:
         tracker = None

@@ -48,6 +48,7 @@ from .result import InstallResult
 __all__ = [
     "announce_completed",
     "channel_manifest",
+    "node_and_build",
     "outcome_code",
     "outcome_fields",
     "own_records",
@@ -137,11 +138,37 @@ def serving_host(listen: str | None, tracker_url: str) -> str | None:
     return announce_host(listen.rpartition(":")[0], [httpx.URL(tracker_url).host])
 
 
-async def channel_manifest(url: str, app: str, channel: str) -> tuple[str, bytes]:
-    """The channel's current signed manifest, via the tracker (verified by the caller), and
-    where it came from."""
+def node_and_build(identity_dir: Path | None, dest: Path) -> tuple[bytes, bytes | None]:
+    """This node's id and the manifest id DEST runs (``None``: nothing installed, or a state
+    that cannot be read): what a channel's staged rollout decides by. Blocking (reads the node
+    key, creating it on first use, and DEST's state): call it from a thread."""
+    from ..disk.state import StateDir
+    from ..errors import P2PNodeError
+    from ..identity import load_or_create
+
+    me = load_or_create(identity_dir)
+    sd = StateDir(dest)
+    try:
+        state = sd.load() if sd.exists else None
+    except (P2PNodeError, OSError):
+        state = None
+    current = state.current if state is not None else None
+    return me.node_id, bytes.fromhex(current) if current else None
+
+
+async def channel_manifest(
+    url: str,
+    app: str,
+    channel: str,
+    *,
+    node: bytes | None = None,
+    have: bytes | None = None,
+) -> tuple[str, bytes]:
+    """The channel's signed manifest for this node, via the tracker (verified by the caller),
+    and where it came from. ``node``/``have`` (``node_and_build``) get the build a staged
+    rollout offers this node; without them a tracker offers the rollout's previous build."""
     async with TrackerClient(url) as tracker:
-        head = await tracker.latest(app, channel)
+        head = await tracker.latest(app, channel, node=node, have=have)
         if head is None:
             raise UsageError(
                 f"nothing is published on channel {channel!r} of {app} at {url}",

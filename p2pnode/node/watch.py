@@ -185,19 +185,11 @@ class _Follower:
     async def _who_and_what(self) -> None:
         """This node's id (made on first use) and the build installed in ``dest``, if any: the
         feed's answer depends on them while a staged rollout is under way."""
-        from ..identity import load_or_create
+        from .tracking import node_and_build
 
-        def load() -> tuple[bytes, bytes | None]:
-            me = load_or_create(self.options.identity_dir)
-            sd = StateDir(self.opts.dest)
-            try:
-                state = sd.load() if sd.exists else None
-            except (P2PNodeError, OSError):
-                state = None
-            current = state.current if state is not None else None
-            return me.node_id, bytes.fromhex(current) if current else None
-
-        self.node_id, self.have = await trio.to_thread.run_sync(load)
+        self.node_id, self.have = await trio.to_thread.run_sync(
+            node_and_build, self.options.identity_dir, self.opts.dest
+        )
 
     async def _attempt(self, head: ChannelHead) -> InstallResult | P2PNodeError:
         try:

@@ -172,3 +172,47 @@ def test_nodes_find_each_other_through_tracker_announces(tmp_path: Path, tracker
             first.send_signal(signal.SIGINT)
             first.wait(timeout=10)
         assert tree(tmp_path / "n2") == tree(src)
+
+
+def test_install_through_a_tracker_names_the_node_to_a_staged_rollout(
+    tmp_path: Path, tracker_url: str
+) -> None:
+    """``install``/``update --tracker`` send the node's id and installed build with the feed
+    request: out of a rollout the node gets the previous build, and once the rollout is raised
+    over its place it gets the new one (without its id it would stay out until completion)."""
+    from p2pnode.identity import load_or_create
+    from tracker.rollout import BUCKETS, bucket
+
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    home = tmp_path / "home"
+    me = load_or_create(home / "p2pnode")  # where the CLI finds it under XDG_DATA_HOME
+    env = {**os.environ, "XDG_DATA_HOME": str(home)}
+    dest = tmp_path / "game"
+
+    def node(verb: str) -> dict[str, object]:
+        args = [sys.executable, "-m", "p2pnode", verb, "game", "--tracker", tracker_url,
+                "--dest", str(dest), "--trust", pub, "--json"]  # fmt: skip
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr
+        out: dict[str, object] = json.loads(proc.stdout)
+        return out
+
+    with LocalCDN(cdn_root) as cdn:
+        common = ["--app", "game", "--key", str(key), "--out", str(cdn_root), "--tracker",
+                  tracker_url, "--token", ADMIN, "--mirror", cdn.url]  # fmt: skip
+        cli("publish", str(src), "--version", "1", "--build", "1", *common)
+        (src / "data" / "new.pak").write_bytes(b"build two" * 1000)
+        two = cli("publish", str(src), "--version", "2", "--build", "2", *common,
+                  "--rollout", "0.01")  # fmt: skip
+        place = bucket(bytes.fromhex(str(two["manifest_id"])), me.node_id)
+        if place < 1:
+            import pytest
+
+            pytest.skip("this node id falls in the rollout's first bucket")  # 1 in BUCKETS
+        assert node("install")["build"] == 1  # outside the rollout: the previous build
+        raise_to = (place + 1) * 100 / BUCKETS
+        verb = [sys.executable, "-m", "tracker", "rollout", "game", "stable", "raise",
+                str(raise_to), "--url", tracker_url, "--token", ADMIN, "--json"]  # fmt: skip
+        subprocess.run(verb, check=True, capture_output=True, timeout=30)
+        assert node("update")["build"] == 2
+        assert tree(dest) == tree(src)
