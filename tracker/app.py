@@ -508,6 +508,7 @@ def open_tracker(
     data_dir.mkdir(parents=True, exist_ok=True)
     registry: RegistryStore
     ops: OpsStore
+    db = None
     if is_postgres_url(registry_url):
         from .ops_pg import PGOps
         from .pg import PGDatabase
@@ -536,5 +537,5 @@ def open_tracker(
     else:
         swarm = SQLiteSwarm(data_dir / "swarm.db")
     tracker = Tracker(config, registry, swarm, ops)
-    tracker.fleet.store = open_fleet(redis_url, redis_prefix)
+    tracker.fleet.store = open_fleet(redis_url, redis_prefix, db)
     return tracker

@@ -102,6 +102,29 @@ MIGRATIONS: list[str] = [
         token_id TEXT NOT NULL, address TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL
     );
     """,
+    # 2: the fleet view (as fleet_redis keeps it: seats, build labels, sampled curves)
+    """
+    CREATE TABLE fleet_apps (app TEXT PRIMARY KEY);
+    CREATE TABLE fleet_seats (
+        app TEXT NOT NULL, node BYTEA NOT NULL, m TEXT NOT NULL, seen BIGINT NOT NULL,
+        client TEXT NOT NULL, outcome TEXT NOT NULL, PRIMARY KEY (app, node)
+    );
+    CREATE INDEX fleet_seats_by_build ON fleet_seats (app, m);
+    CREATE INDEX fleet_seats_by_seen ON fleet_seats (seen);
+    CREATE INDEX fleet_seats_by_node ON fleet_seats (node);
+    CREATE TABLE fleet_builds (
+        app TEXT NOT NULL, m TEXT NOT NULL, info TEXT NOT NULL,
+        last_seen DOUBLE PRECISION NOT NULL, PRIMARY KEY (app, m)
+    );
+    CREATE TABLE fleet_series (
+        app TEXT NOT NULL, at BIGINT NOT NULL, counts TEXT NOT NULL, PRIMARY KEY (app, at)
+    );
+    CREATE TABLE fleet_recent (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, node BYTEA NOT NULL,
+        body TEXT NOT NULL
+    );
+    CREATE INDEX fleet_recent_by_node ON fleet_recent (node, seq);
+    """,
 ]
 
 
