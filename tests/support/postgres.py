@@ -57,11 +57,13 @@ class PostgresCluster:
 
     def __init__(self) -> None:
         self.bin = find_postgres_bin()
-        self.dir = Path(tempfile.mkdtemp(prefix="p2pnode-pg-"))
+        as_root = os.geteuid() == 0
+        # as root, under /tmp: nobody must reach the directory (TMPDIR may be root's own)
+        where = "/tmp" if as_root and os.path.isdir("/tmp") else None
+        self.dir = Path(tempfile.mkdtemp(prefix="p2pnode-pg-", dir=where))
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._names = itertools.count(1)
-        as_root = os.geteuid() == 0
         self._as = (
             ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
             if as_root
