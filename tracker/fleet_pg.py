@@ -98,14 +98,15 @@ class PGFleet(WriteBehind):
                 "INSERT INTO fleet_apps (app) VALUES (%s) ON CONFLICT DO NOTHING",
                 [(a,) for a in sorted({app for _, app in pending})],
             )
-            cur.executemany(_SEAT, seats, returning=True)
-            ran: dict[tuple[str, str], int] = {}
-            while True:
-                for app, m, seen in cur.fetchall():
-                    if m != "-":
-                        ran[(app, m)] = max(ran.get((app, m), 0), int(seen))
-                if not cur.nextset():
-                    break
+            ran: dict[tuple[str, str], int] = {}  # the build each seat runs now: last seen
+            if seats:  # (none when every sighting was dropped but an outcome's whole record)
+                cur.executemany(_SEAT, seats, returning=True)
+                while True:
+                    for app, m, seen in cur.fetchall():
+                        if m != "-":
+                            ran[(app, m)] = max(ran.get((app, m), 0), int(seen))
+                    if not cur.nextset():
+                        break
             builds = sorted(
                 (app, m, infos.get((app, m), ""), float(seen)) for (app, m), seen in ran.items()
             )

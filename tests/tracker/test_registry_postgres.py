@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,11 @@ from tests.support.tracker import ADMIN, APP, client_for, free_port
 from tests.tracker.test_operations import outcome
 from tracker import Tracker
 from tracker.errors import RegistryUnavailable
+from tracker.ops_pg import PGOps
+from tracker.outcomes import Outcome
 from tracker.pg import MIGRATIONS, PGDatabase, migrate
 from tracker.registry_pg import PGRegistry
+from tracker.rollout import Rollout
 
 AUTH = {"Authorization": "Bearer " + ADMIN}
 
@@ -53,6 +57,42 @@ def test_replicas_starting_together_create_the_schema_once(pg_url: str) -> None:
     with pytest.raises(RegistryUnavailable, match="upgrade the tracker"):
         reg.data_version()
     reg.close()
+
+
+def test_replicas_counting_at_once_lose_nothing_and_count_a_replay_once(pg_url: str) -> None:
+    """Eight threads on two replicas' stores report outcomes of one build and count them into
+    its rollout at once: every outcome is in the tally and the rollout, the one digest they
+    all send counts once, and no transaction deadlocks or fails."""
+    stores = [PGOps(PGDatabase(pg_url)) for _ in range(2)]
+    mid = b"m" * 32
+    stores[0].put_rollout(Rollout(APP, "stable", mid, 2, b"p" * 32, 50.0))
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        ops = stores[i % 2]
+        try:
+            for j in range(21):
+                code = "download_failed" if j % 3 == 0 else None
+                o = Outcome(b"n" * 20, APP, mid, "update", code, 10, 1, 2, (100, j, 0, 0))
+                digest = b"same" if j == 20 else bytes([i, j])
+                if ops.add_outcome(o, digest, 1000.0 + j, 600.0):
+                    ops.update_rollout(APP, "stable", lambda r: replace(r, success=r.success + 1))
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    [tally] = stores[1].outcome_stats(APP)
+    assert tally["success"] + tally["failure"] == 8 * 20 + 1
+    assert tally["failure"] == 8 * 7 + (1 if 20 % 3 == 0 else 0)
+    r = stores[1].rollout(APP, "stable")
+    assert r is not None and r.success == 8 * 20 + 1
+    for ops in stores:
+        ops.db.close()
 
 
 def test_lost_connections_are_503_then_recover(pg_url: str, pg_cluster: Any) -> None:
