@@ -52,6 +52,10 @@ _HEAD = (
 )
 
 
+def _app_row(row: tuple[Any, ...]) -> AppRow:
+    return AppRow(row[0], bytes(row[1]), bytes(row[2]), float(row[3]))
+
+
 def _not_newer(app: str, channel: str, build: int, max_build: int) -> Conflict:
     return Conflict(
         f"build {build} of {app} is not newer than build {max_build} already "
@@ -129,7 +133,7 @@ class PGRegistry:
             ).fetchone()
         if row is None:
             return None
-        app = AppRow(row[0], bytes(row[1]), bytes(row[2]), float(row[3]))
+        app = _app_row(row)
         self._apps.put(name, app)
         return app
 
@@ -143,14 +147,14 @@ class PGRegistry:
             ).fetchone()
         if row is None:
             return None
-        app = AppRow(row[0], bytes(row[1]), bytes(row[2]), float(row[3]))
+        app = _app_row(row)
         self._apps.put(name, app)
         return app
 
     def list_apps(self) -> list[AppRow]:
         with self.db.connection("list apps") as c:
             rows = c.execute("SELECT name, key, token_hash, created FROM apps ORDER BY name")
-            return [AppRow(r[0], bytes(r[1]), bytes(r[2]), float(r[3])) for r in rows]
+            return [_app_row(r) for r in rows]
 
     # ---------------------------------------------------------------- manifests
 
