@@ -52,33 +52,33 @@ class PGOps:
 
     def add_outcome(self, o: Outcome, digest: bytes, now: float, window: float) -> bool:
         with self.db.tx("count an install outcome") as c:
-            c.execute(
-                "DELETE FROM outcome_seen WHERE digest IN (SELECT digest FROM outcome_seen "
-                "WHERE until <= %s LIMIT %s FOR UPDATE SKIP LOCKED)",
-                (now, _SWEEP),
-            )
-            cur = c.execute(
+            cur = c.execute(  # sweep a slice of expired digests, then guard this one
+                "WITH swept AS (DELETE FROM outcome_seen WHERE digest IN (SELECT digest FROM "
+                "outcome_seen WHERE until <= %s AND digest <> %s LIMIT %s FOR UPDATE SKIP LOCKED)) "
                 "INSERT INTO outcome_seen (digest, until) VALUES (%s, %s) "
                 "ON CONFLICT (digest) DO UPDATE SET until = excluded.until "
                 "WHERE outcome_seen.until <= %s",
-                (digest, now + window, now),
+                (now, digest, _SWEEP, digest, now + window, now),
             )
             if cur.rowcount == 0:
                 return False
-            c.execute(
+            row = c.execute(  # xmax = 0: the row was inserted (a build not tallied before)
                 "INSERT INTO outcome_builds (manifest, app, build, last) VALUES (%s, %s, %s, %s) "
                 "ON CONFLICT (manifest) DO UPDATE SET last = GREATEST(outcome_builds.last, "
-                "excluded.last)",
+                "excluded.last) RETURNING xmax = 0",
                 (o.manifest, o.app, o.to_build, now),
-            )
+            ).fetchone()
+            new_build = bool(row and row[0])
             with c.cursor() as counts:
                 counts.executemany(
                     "INSERT INTO outcome_counts (manifest, name, n) VALUES (%s, %s, %s) "
                     "ON CONFLICT (manifest, name) DO UPDATE SET n = outcome_counts.n + excluded.n",
                     [(o.manifest, k, n) for k, n in sorted(counts_of(o).items())],
                 )
-            row = c.execute("SELECT COUNT(*) FROM outcome_builds").fetchone()
-            over = (int(row[0]) if row else 0) - MAX_RELEASES
+            over = 0
+            if new_build:  # only a new build can take the tally past its bound
+                row = c.execute("SELECT COUNT(*) FROM outcome_builds").fetchone()
+                over = (int(row[0]) if row else 0) - MAX_RELEASES
             if over > 0:  # the least recently reported builds go (their counters cascade)
                 c.execute(
                     "DELETE FROM outcome_builds WHERE manifest IN (SELECT manifest FROM "
