@@ -7,7 +7,8 @@ precious and changes rarely: it lives in ``DIR/registry.db``, SQLite in WAL mode
 transaction per change. Several tracker processes may open the same ``DIR`` (on one host); each
 notices the others' writes through ``PRAGMA data_version`` (see
 :meth:`SQLiteRegistry.data_version`), which is how the update feed of one replica learns about a
-publish made on another. Replicas on separate hosts use :mod:`tracker.registry_redis`.
+publish made on another. Replicas on separate hosts use :mod:`tracker.registry_pg` (or
+:mod:`tracker.registry_redis`).
 
 Every SQL statement is parameterized; names never reach SQL text.
 """
