@@ -115,6 +115,36 @@ def test_lost_connections_are_503_then_recover(pg_url: str, pg_cluster: Any) -> 
     reg.close()
 
 
+async def test_a_tracker_whose_database_dropped_it_answers_503_then_recovers(
+    pg_url: str,
+    pg_cluster: Any,
+    make_tracker: Callable[..., Tracker],
+    publisher: Ed25519PrivateKey,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    t = make_tracker(registry_url=pg_url)
+    c = client_for(t)
+    await c.add_app(APP, keys.public_key_bytes(publisher))
+    one = make_manifest(1)
+    await c.publish(APP, "stable", one.encode())
+    db = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect(pg_cluster.dsn(), autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (db,)
+        )
+    resp = await c._http.get(f"/v1/apps/{APP}/channels/stable/history")
+    assert resp.status_code == 503 and resp.json()["error"] == "registry_unavailable"
+    assert f"127.0.0.1:{pg_cluster.port}/{db}" in resp.json()["message"]
+    # what is cached is still served; the health probe reconnects
+    assert (await c._http.get(f"/v1/manifests/{one.id.hex()}")).content == one.encode()
+    with trio.fail_after(5):
+        while (await c._http.get("/healthz")).status_code != 200:
+            await trio.sleep(0.05)
+    head = await c.latest(APP, "stable")
+    assert head is not None and head.manifest_id == one.id
+    await c._http.aclose()
+
+
 def test_an_unreachable_database_fails_fast() -> None:
     reg = PGRegistry(PGDatabase(f"postgresql://postgres@127.0.0.1:{free_port()}/x"))
     with pytest.raises(RegistryUnavailable, match="unreachable"):
