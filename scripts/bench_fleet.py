@@ -12,11 +12,14 @@ What it does:
    expiry sweep.
 4. With ``--redis`` (a redis-server is started on a free loopback port, as the tests do),
    loads the same seats into ``RedisFleet`` and prints Redis' ``used_memory`` per node.
+5. With ``--postgres`` (a throwaway cluster, as the tests start one), loads them into
+   ``PGFleet`` and prints the fleet tables' size on disk per node (indexes included), the load
+   rate and the views' times.
 
 Prints a table, then one JSON line. Target: tracker memory growth for 1M nodes under 1 GiB
 (the raw ids alone are 20 MB).
 
-Usage: python3 scripts/bench_fleet.py [--nodes 1000000] [--redis]
+Usage: python3 scripts/bench_fleet.py [--nodes 1000000] [--redis] [--postgres]
 """
 
 from __future__ import annotations
@@ -150,6 +153,44 @@ def bench_redis(n: int) -> dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def bench_postgres(n: int) -> dict[str, Any]:
+    from tests.support.postgres import PostgresCluster
+    from tracker.fleet_pg import PGFleet
+    from tracker.pg import PGDatabase
+
+    cluster = PostgresCluster()
+    cluster.start()
+    try:
+        db = PGDatabase(cluster.new_database())
+        store = PGFleet(db)
+        size = (
+            "SELECT SUM(pg_total_relation_size(oid)) FROM pg_class "
+            "WHERE relkind = 'r' AND relname LIKE 'fleet%%'"
+        )
+        with db.connection("measure") as c:
+            empty = int(c.execute(size).fetchone()[0])  # type: ignore[index]
+        t0 = time.perf_counter()
+        step = 50_000
+        for lo in range(0, n, step):
+            load_part(store, lo, min(n, lo + step))
+            store.write(store.take())
+        load_s = time.perf_counter() - t0
+        with db.connection("measure") as c:
+            c.execute("VACUUM ANALYZE")
+            used = int(c.execute(size).fetchone()[0])  # type: ignore[index]
+        out: dict[str, Any] = {
+            "pg_load_s": round(load_s, 1),
+            "pg_seats_per_s": round(n / load_s),
+            "pg_disk_mib": round(used / 2**20, 1),
+            "pg_bytes_per_node": round((used - empty) / n, 1),
+        }
+        out.update({f"pg_{k}": v for k, v in trio.run(views, store).items()})
+        db.close()
+        return out
+    finally:
+        cluster.stop()
+
+
 def load_part(store: FleetStore, lo: int, hi: int) -> None:
     for i in range(lo, hi):
         m, b = BUILDS[i % len(BUILDS)]
@@ -160,10 +201,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nodes", type=int, default=1_000_000)
     ap.add_argument("--redis", action="store_true", help="also measure the Redis fleet")
+    ap.add_argument("--postgres", action="store_true", help="also measure the PostgreSQL fleet")
     args = ap.parse_args()
     result = bench_memory(args.nodes)
     if args.redis:
         result.update(bench_redis(args.nodes))
+    if args.postgres:
+        result.update(bench_postgres(args.nodes))
     width = max(map(len, result))
     for k, v in result.items():
         print(f"{k:<{width}}  {v}")

@@ -9,6 +9,8 @@ command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need_apt+=(nginx
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v aria2c >/dev/null 2>&1 || need_apt+=(aria2)
 [[ -x /usr/bin/time ]] || need_apt+=(time)
+# PostgreSQL server binaries for the tests' throwaway clusters (/usr/lib/postgresql/*/bin)
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || need_apt+=(postgresql)
 if [[ "${P2PNODE_SKIP_BROWSER:-0}" != 1 ]]; then
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 fi
@@ -21,6 +23,10 @@ if ((${#need_apt[@]})); then
   $SUDO systemctl disable --now nginx redis-server >/dev/null 2>&1 || true
   $SUDO service nginx stop >/dev/null 2>&1 || true
   $SUDO service redis-server stop >/dev/null 2>&1 || true
+  if [[ " ${need_apt[*]} " == *" postgresql "* ]]; then  # and the cluster Debian created
+    $SUDO systemctl disable --now postgresql >/dev/null 2>&1 || true
+    $SUDO service postgresql stop >/dev/null 2>&1 || true
+  fi
 fi
 
 # promtool checks docs/alerts.yml (tests/tracker/test_alerts.py). Debian ships it only inside

@@ -47,7 +47,7 @@ from .alerts import AlertWatch
 from .auth import require_admin
 from .backend import AnnounceCommit, OpsStore, RegistryStore, ReportCommit, SwarmStore
 from .channels import ChannelRoutes
-from .config import TrackerConfig
+from .config import TrackerConfig, is_postgres_url
 from .core import MAX_SKEW
 from .errors import (
     APIError,
@@ -501,13 +501,22 @@ def open_tracker(
 
     ``redis_mode``: ``script`` (state in Redis, one Lua script per announce) or ``log``
     (state in each replica's memory, changes ordered by a Redis stream: tracker.swarm_log).
-    ``registry_url``: keep the registry in that Redis (tracker.registry_redis, keys under
-    ``redis_prefix``) instead of ``data_dir/registry.db``.
+    ``registry_url``: keep the registry and the operations store in that PostgreSQL database
+    (``postgresql://``: tracker.registry_pg) or Redis (tracker.registry_redis, keys under
+    ``redis_prefix``) instead of ``data_dir/registry.db`` and ``ops.db``.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     registry: RegistryStore
     ops: OpsStore
-    if registry_url:
+    db = None
+    if is_postgres_url(registry_url):
+        from .ops_pg import PGOps
+        from .pg import PGDatabase
+        from .registry_pg import PGRegistry
+
+        db = PGDatabase(str(registry_url))
+        registry, ops = PGRegistry(db), PGOps(db)
+    elif registry_url:
         from .ops_redis import RedisOps
         from .registry_redis import RedisRegistry
 
@@ -528,5 +537,5 @@ def open_tracker(
     else:
         swarm = SQLiteSwarm(data_dir / "swarm.db")
     tracker = Tracker(config, registry, swarm, ops)
-    tracker.fleet.store = open_fleet(redis_url, redis_prefix)
+    tracker.fleet.store = open_fleet(redis_url, redis_prefix, db)
     return tracker

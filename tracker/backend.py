@@ -21,15 +21,17 @@ including the tracker's clock reading, so that replicas applying the same value 
 Operations stores (install outcomes, staged rollouts, the audit log: durable, shared by the
 replicas, kept where the registry is): :class:`tracker.ops_sqlite.SQLiteOps` (``DIR/ops.db``,
 a file of its own so that outcomes do not move the registry's ``data_version``, which wakes
-every long-poll) and :class:`tracker.ops_redis.RedisOps` (the registry's Redis). Synchronous,
-with ``blocking`` as the registry's.
+every long-poll), :class:`tracker.ops_pg.PGOps` (the registry's PostgreSQL) and
+:class:`tracker.ops_redis.RedisOps` (the registry's Redis). Synchronous, with ``blocking`` as
+the registry's.
 
 Registry stores (apps, manifests, channels: small and precious) keep a synchronous interface:
-:class:`tracker.registry_sqlite.SQLiteRegistry` (SQLite in DIR) and
-:class:`tracker.registry_redis.RedisRegistry` (replicas on separate hosts). Their ``blocking``
+:class:`tracker.registry_sqlite.SQLiteRegistry` (SQLite in DIR), and for replicas on separate
+hosts :class:`tracker.registry_pg.PGRegistry` (PostgreSQL) and
+:class:`tracker.registry_redis.RedisRegistry`. Their ``blocking``
 attribute says whether a call may wait on the network, so the app runs it in a worker thread;
-``get_app`` and ``manifest_info`` always run inline (the Redis one serves them from a cache
-and bounds a miss by a short timeout).
+``get_app`` and ``manifest_info`` always run inline (the remote ones serve them from a cache
+and bound a miss by a short timeout).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@
     tracker app add APP --key ed25519:<hex> --url URL --admin-token TOKEN [--json]
     tracker app rotate-token APP --url URL --admin-token TOKEN [--json]
     tracker registry copy --data DIR --registry URL [--redis-prefix P] [--json]
+                    (also: --from DIR|DIR/registry.db --to postgresql://...|redis://...)
     tracker rollout APP CHANNEL show|raise PERCENT|halt|resume|complete --url URL [--token T]
                     [--threshold SHARE] [--min-outcomes N] [--json]
     tracker audit --url URL [--admin-token TOKEN] [--limit N] [--before SEQ] [--json]
@@ -33,6 +34,7 @@ from p2pnode.errors import P2PNodeError, UsageError
 from p2pnode.release import keys
 
 from .app import TrackerConfig, open_tracker
+from .config import is_postgres_url
 from .errors import Unavailable
 from .rollout import ACTIONS
 from .server import serve_tracker
@@ -82,8 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--registry",
-        help="redis://HOST:PORT/DB to keep the registry (apps, manifests, channels) in redis, "
-        "shared by replicas on separate hosts (default: SQLite in --data)",
+        help="postgresql://USER@HOST:PORT/DB (recommended) or redis://HOST:PORT/DB to keep the "
+        "registry (apps, manifests, channels) and the operations data (outcomes, rollouts, "
+        "audit log) there, shared by replicas on separate hosts (default: SQLite in --data)",
     )
     s.add_argument(
         "--redis-prefix", default="trk:", help="key prefix in redis (swarm state and registry)"
@@ -123,10 +126,25 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("registry", help="move the registry")
     rsub = r.add_subparsers(dest="registry_command", required=True)
     cp = rsub.add_parser(
-        "copy", help="copy DIR/registry.db (SQLite) into an empty registry in redis"
+        "copy",
+        help="copy DIR/registry.db and DIR/ops.db (SQLite) into an empty registry in "
+        "PostgreSQL or redis",
     )
-    cp.add_argument("--data", required=True, type=Path, help="the tracker's --data directory")
-    cp.add_argument("--registry", required=True, help="redis://HOST:PORT/DB")
+    cp.add_argument(
+        "--data",
+        "--from",
+        dest="data",
+        required=True,
+        type=Path,
+        help="the tracker's --data directory (or its registry.db)",
+    )
+    cp.add_argument(
+        "--registry",
+        "--to",
+        dest="registry",
+        required=True,
+        help="postgresql://USER@HOST:PORT/DB or redis://HOST:PORT/DB",
+    )
     cp.add_argument("--redis-prefix", default="trk:", help="key prefix in redis")
     cp.add_argument("--json", action="store_true")
     ro = sub.add_parser("rollout", help="show or change a channel's staged rollout")
@@ -149,15 +167,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _registry_copy(args: argparse.Namespace) -> dict[str, Any]:
-    from .registry_redis import RedisRegistry
-
-    path = args.data / "registry.db"
+    data: Path = args.data
+    path = data if data.is_file() else data / "registry.db"
     if not path.is_file():
         raise UsageError(f"{path} does not exist", fix="pass the --data DIR the tracker used")
+    ops = path.with_name("ops.db")  # outcomes, rollouts, audit log (absent before they were)
+    if is_postgres_url(args.registry):
+        from .pg import PGDatabase
+        from .registry_pg import PGRegistry
+
+        pg = PGRegistry(PGDatabase(args.registry))
+        try:
+            return pg.copy_from_sqlite(path, ops if ops.is_file() else None)
+        finally:
+            pg.close()
+    from .registry_redis import RedisRegistry
+
     reg = RedisRegistry(args.registry, prefix=args.redis_prefix)
     try:
         counts = reg.copy_from_sqlite(path)
-        ops = args.data / "ops.db"  # outcomes, rollouts, audit log (absent before they were)
         if ops.is_file():
             from .ops_redis import RedisOps
 
@@ -194,7 +222,7 @@ async def _serve(args: argparse.Namespace) -> None:
         except P2PNodeError as exc:  # RegistryUnavailable: names the server and the cause
             raise UsageError(
                 f"cannot reach the registry: {exc.message}",
-                fix="start its redis-server or fix --registry",
+                fix="start its server (PostgreSQL or redis-server) or fix --registry",
             ) from exc
     if args.redis:
         try:

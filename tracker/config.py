@@ -5,8 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-__all__ = ["TrackerConfig"]
+__all__ = ["TrackerConfig", "is_postgres_url"]
+
+
+def is_postgres_url(url: str | None) -> bool:
+    """Whether a ``--registry`` value names PostgreSQL (``tracker.registry_pg``); any other
+    URL is a Redis one (``tracker.registry_redis``)."""
+    return bool(url) and urlsplit(url or "").scheme in ("postgresql", "postgres")
 
 
 @dataclass

@@ -16,9 +16,8 @@ Replicas each hear some of the announces, so the seats live in Redis, per app (k
   ``RECENT_OUTCOMES`` outcomes, JSON).
 
 A seat costs about 100 bytes of Redis memory (field, value, hash entry). Recording stays off
-the announce path: :meth:`RedisFleet.seen` merges into a dict of pending seats, written every
-``FLUSH_S`` by :meth:`RedisFleet.run` in one pipeline from a worker thread (bounded by
-``MAX_PENDING``: past it, sightings are dropped and counted, since a node re-announces soon).
+the announce path (:class:`tracker.fleet_remote.WriteBehind`): pending seats are written every
+``FLUSH_S`` in one pipeline from a worker thread.
 Expiry walks each app's seats with ``HSCAN`` a slice per :meth:`gc` and a script drops those
 unseen for ``ttl`` (it checks again, atomically, so two replicas sweeping agree).
 """
@@ -31,22 +30,10 @@ from typing import Any
 import trio
 
 from .errors import SwarmUnavailable
-from .fleet import (
-    FLEET_TTL,
-    MAX_CLIENTS,
-    MAX_RELEASES,
-    SERIES_BUCKET,
-    SERIES_POINTS,
-    FleetOutcome,
-    Sighting,
-)
+from .fleet import FLEET_TTL, MAX_CLIENTS, MAX_RELEASES, SERIES_BUCKET, SERIES_POINTS
+from .fleet_remote import RECENT_OUTCOMES, Batch, WriteBehind, app_view_of, seat_of
 
-__all__ = ["FLUSH_S", "MAX_PENDING", "RECENT_OUTCOMES", "RedisFleet"]
-
-FLUSH_S = 0.5
-MAX_PENDING = 200_000
-#: Outcomes kept whole for the node view (fewer than in memory: a node view reads them all).
-RECENT_OUTCOMES = 2000
+__all__ = ["RedisFleet"]
 #: Seats examined per app per :meth:`RedisFleet.gc`.
 SWEEP_COUNT = 5000
 
@@ -114,7 +101,7 @@ return gone
 """
 
 
-class RedisFleet:
+class RedisFleet(WriteBehind):
     """The fleet in Redis (see the module docstring)."""
 
     def __init__(
@@ -128,15 +115,12 @@ class RedisFleet:
     ) -> None:
         import redis
 
+        super().__init__()
         self.ttl, self.bucket, self.points = ttl, bucket, points
         self.p = prefix + "fleet:"
         self._r: Any = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
         self._seen = self._r.register_script(_SEEN_LUA)
         self._expire = self._r.register_script(_EXPIRE_LUA)
-        #: (node, app) -> [m16, info, seen, client, outcome], merged until the next flush
-        self._pending: dict[tuple[bytes, str], list[str]] = {}
-        self._recent: list[str] = []
-        self.dropped = 0
         self._cursors: dict[str, int] = {}
         self._sampled = -1
 
@@ -151,42 +135,7 @@ class RedisFleet:
             f"{p}apps",
         ]
 
-    # ------------------------------------------------------------------ recording
-
-    def seen(self, s: Sighting, outcome: str = "") -> None:
-        key = (s.node, s.app)
-        p = self._pending.get(key)
-        if p is None:
-            if len(self._pending) >= MAX_PENDING:
-                self.dropped += 1
-                return
-            p = self._pending[key] = ["", "", "", "", ""]
-        if s.manifest is not None and s.build is not None:
-            p[0], p[1] = s.manifest.hex()[:16], f"{s.manifest.hex()}|{s.build}"
-        p[2] = str(int(s.now))
-        if s.client is not None:
-            p[3] = s.client
-        if outcome:
-            p[4] = outcome
-
-    def outcome(self, o: FleetOutcome) -> None:
-        ok = o.code is None
-        self.seen(
-            Sighting(
-                o.node, o.app, o.manifest if ok else None, o.to_build if ok else None, None, o.now
-            ),
-            f"{o.kind},{o.code or ''},{o.to_build},{int(o.now)}",
-        )
-        if len(self._recent) < RECENT_OUTCOMES:
-            self._recent.append(json.dumps({"node_id": o.node.hex(), **o.to_json()}))
-
-    def take(self) -> tuple[dict[tuple[bytes, str], list[str]], list[str]]:
-        """What is pending, to :meth:`write` (taken on the trio thread, where ``seen`` runs)."""
-        batch = self._pending, self._recent
-        self._pending, self._recent = {}, []
-        return batch
-
-    def write(self, batch: tuple[dict[tuple[bytes, str], list[str]], list[str]]) -> int:
+    def write(self, batch: Batch) -> int:
         """Write taken seats (blocking: from a worker thread); how many."""
         pending, recent = batch
         if not pending and not recent:
@@ -211,15 +160,6 @@ class RedisFleet:
             return await trio.to_thread.run_sync(fn, *args)
         except redis.exceptions.RedisError as exc:
             raise SwarmUnavailable(f"the fleet store (Redis) failed: {exc}") from exc
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            await trio.sleep(FLUSH_S)
-            try:
-                await self._call(self.write, self.take())
-            except SwarmUnavailable:
-                pass  # these sightings are lost; nodes announce again within an interval
 
     # ------------------------------------------------------------------ expiry and curves
 
@@ -259,9 +199,6 @@ class RedisFleet:
             fields = sorted(self._r.hkeys(series), key=int)
             self._r.hdel(series, *fields[: len(fields) - self.points])
 
-    async def gc(self, now: float) -> int:
-        return int(await self._read(self._gc, now))
-
     # ------------------------------------------------------------------ views
 
     def _app_view(self, app: str, now: float) -> dict[str, Any] | None:
@@ -275,36 +212,7 @@ class RedisFleet:
             (int(k), json.loads(v)) for k, v in self._r.hgetall(f"{p}series:{app}").items()
         )
         clients = {k.decode(): int(v) for k, v in self._r.hgetall(f"{p}clients:{app}").items()}
-        updating = counts.pop("-", 0)
-        total = updating + sum(counts.values())
-        builds = []
-        for m, text in info.items():
-            curve = [[at, pts.get(m, 0)] for at, pts in series if m in pts]
-            n = counts.get(m, 0)
-            curve.append([int(now), n])
-            if not n and len(curve) == 1:
-                continue
-            manifest, build = text.split("|")
-            builds.append(
-                {
-                    "manifest_id": manifest,
-                    "build": int(build),
-                    "nodes": n,
-                    "share": n / total if total else 0.0,
-                    "last_seen": seen.get(m, 0.0),
-                    "adoption": curve,
-                }
-            )
-        builds.sort(key=lambda b: -int(b["build"]))
-        return {
-            "app": app,
-            "nodes": total,
-            "updating": updating,
-            "ttl_s": self.ttl,
-            "bucket_s": self.bucket,
-            "builds": builds,
-            "clients": dict(sorted(clients.items(), key=lambda kv: -kv[1])),
-        }
+        return app_view_of(app, now, counts, info, seen, series, clients, self.ttl, self.bucket)
 
     def _node_view(self, node: bytes) -> dict[str, Any] | None:
         seats = []
@@ -314,28 +222,8 @@ class RedisFleet:
                 continue
             m, seen, client, out = v.decode().split("|", 3)
             info = self._r.hget(f"{self.p}binfo:{app}", m) if m != "-" else None
-            manifest, build = info.decode().split("|") if info else (None, None)
-            last = None
-            if out:
-                kind, code, to, at = out.split(",")
-                last = {
-                    "kind": kind,
-                    "outcome": "failure" if code else "success",
-                    "code": code or None,
-                    "to_build": int(to),
-                    "at": int(at),
-                }
-            seats.append(
-                {
-                    "app": app,
-                    "manifest_id": manifest,
-                    "build": int(build) if build is not None else None,
-                    "client": client,
-                    "last_seen": int(seen),
-                    "expires": int(seen) + self.ttl,
-                    "last_outcome": last,
-                }
-            )
+            text = info.decode() if info else None
+            seats.append(seat_of(app, int(seen), client, out, text, self.ttl))
         if not seats:
             return None
         recent = []
@@ -359,28 +247,6 @@ class RedisFleet:
             for c, n in self._r.hgetall(f"{self.p}clients:{app}").items():
                 out["clients"].append((app, c.decode(), int(n)))
         return out
-
-    async def _read(self, fn: Any, *args: Any) -> Any:
-        """``fn`` after writing what this replica was told: it reads its own sightings."""
-        batch = self.take()
-
-        def both() -> Any:
-            self.write(batch)
-            return fn(*args)
-
-        return await self._call(both)
-
-    async def app_view(self, app: str, now: float) -> dict[str, Any] | None:
-        res: dict[str, Any] | None = await self._read(self._app_view, app, now)
-        return res
-
-    async def node_view(self, node: bytes) -> dict[str, Any] | None:
-        res: dict[str, Any] | None = await self._read(self._node_view, node)
-        return res
-
-    async def gauges(self) -> dict[str, Any]:
-        res: dict[str, Any] = await self._read(self._gauges)
-        return res
 
     def close(self) -> None:
         self._r.close()

@@ -9,19 +9,24 @@ and writes them behind from its :meth:`FleetStore.run` duty. Views are async bec
 one reads the server.
 
 Which store: a tracker whose swarm is in Redis (replicas) shares one fleet there, since each
-replica hears only some of the announces; a single-process tracker (the SQLite default) keeps
-it in memory. The fleet is soft state like the swarm: after a restart every running node is
-back in it within one announce interval; only the adoption curves start again.
+replica hears only some of the announces; one whose registry is in PostgreSQL and whose swarm
+is not in Redis keeps it in that database (:mod:`tracker.fleet_pg`: durable, curves included);
+a single-process tracker (the SQLite default) keeps it in memory. In Redis and in memory the
+fleet is soft state like the swarm: after a restart every running node is back in it within
+one announce interval; only the adoption curves start again.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from .fleet import FleetOutcome, MemoryFleet, Sighting
+
+if TYPE_CHECKING:
+    from .pg import PGDatabase
 
 __all__ = ["FleetStore", "LocalFleet", "open_fleet"]
 
@@ -86,10 +91,15 @@ class LocalFleet:
         pass
 
 
-def open_fleet(redis_url: str | None, prefix: str) -> FleetStore:
-    """The Redis fleet beside a Redis swarm (keys under ``prefix``), else the local one."""
+def open_fleet(redis_url: str | None, prefix: str, db: PGDatabase | None = None) -> FleetStore:
+    """The Redis fleet beside a Redis swarm (keys under ``prefix``), else the PostgreSQL one
+    beside a PostgreSQL registry (``db``), else the local one."""
     if redis_url:
         from .fleet_redis import RedisFleet
 
         return RedisFleet(redis_url, prefix=prefix)
+    if db is not None:
+        from .fleet_pg import PGFleet
+
+        return PGFleet(db)
     return LocalFleet()

@@ -20,14 +20,13 @@ Keys (under the registry's prefix, ``trk:reg:`` unless ``--redis-prefix``)::
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .backend import AuditEntry
 from .errors import Conflict
-from .ops_sqlite import audit_row
+from .ops_sqlite import audit_row, read_ops_snapshot
 from .outcomes import MAX_RELEASES, Outcome, counts_of, summary
 from .registry_redis import RedisRegistry, _text
 from .rollout import Rollout
@@ -178,20 +177,8 @@ class RedisOps:
             Conflict: this store is not empty.
             RegistryUnavailable: Redis failed; nothing was written.
         """
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            conn.execute("BEGIN")
-            builds = conn.execute(
-                "SELECT manifest, app, build, last FROM outcome_builds"
-            ).fetchall()
-            counts = conn.execute("SELECT manifest, name, n FROM outcome_counts").fetchall()
-            rollouts = conn.execute("SELECT app, channel, body FROM rollouts").fetchall()
-            audit = conn.execute(
-                "SELECT seq, at, action, actor, token_id, address, target, detail FROM audit"
-            ).fetchall()
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
+        snap = read_ops_snapshot(path)
+        builds, counts, rollouts, audit = snap.builds, snap.counts, snap.rollouts, snap.audit
         p, r = self.p, self._reg
         with r._redis("copy the SQLite operations store"):
             if r._slow.exists(p + "audit:seq", p + "rollouts", p + "builds"):

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .backend import AuditEntry
 from .outcomes import MAX_RELEASES, Outcome, counts_of, summary
-from .registry_sqlite import SQLiteFile
+from .registry_sqlite import SQLiteFile, read_only
 from .rollout import Rollout
 
-__all__ = ["SQLiteOps"]
+__all__ = ["OpsSnapshot", "SQLiteOps", "audit_row", "read_ops_snapshot"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outcome_builds (
@@ -54,6 +55,31 @@ def audit_row(seq: int, e: AuditEntry) -> dict[str, Any]:
         "target": e.target,
         "detail": e.detail,
     }
+
+
+@dataclass(frozen=True)
+class OpsSnapshot:
+    """All of ``DIR/ops.db``'s rows, as ``tracker registry copy`` moves them (columns in the
+    order of the tables' definitions above; the audit log by seq)."""
+
+    builds: list[tuple[bytes, str, int, float]]
+    counts: list[tuple[bytes, str, int]]
+    rollouts: list[tuple[str, str, str]]
+    audit: list[tuple[int, float, str, str, str, str, str, str]]
+
+
+def read_ops_snapshot(path: Path) -> OpsSnapshot:
+    """Read ``DIR/ops.db`` in one consistent snapshot, without writing to it."""
+    with read_only(path) as conn:
+        return OpsSnapshot(
+            conn.execute("SELECT manifest, app, build, last FROM outcome_builds").fetchall(),
+            conn.execute("SELECT manifest, name, n FROM outcome_counts").fetchall(),
+            conn.execute("SELECT app, channel, body FROM rollouts").fetchall(),
+            conn.execute(
+                "SELECT seq, at, action, actor, token_id, address, target, detail FROM audit "
+                "ORDER BY seq"
+            ).fetchall(),
+        )
 
 
 class SQLiteOps(SQLiteFile):

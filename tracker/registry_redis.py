@@ -436,31 +436,13 @@ class RedisRegistry:
             Conflict: this registry is not empty (or a replica wrote to it meanwhile).
             RegistryUnavailable: Redis failed; nothing was written.
         """
-        import sqlite3
-
         import redis
 
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            conn.execute("BEGIN")
-            apps = conn.execute("SELECT name, key, token_hash, created FROM apps").fetchall()
-            manifests = conn.execute(
-                "SELECT id, app, build, version, size, signed, uploaded FROM manifests"
-            ).fetchall()
-            events = conn.execute(
-                "SELECT seq, app, channel, manifest_id, action, at, actor FROM channel_events "
-                "ORDER BY seq"
-            ).fetchall()
-            heads = conn.execute(
-                "SELECT app, channel, seq, manifest_id, max_build FROM channels"
-            ).fetchall()
-            row = conn.execute(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'channel_events'"
-            ).fetchone()
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-        last_seq = max([row[0] if row else 0] + [e[0] for e in events])
+        from .registry_sqlite import read_snapshot
+
+        snap = read_snapshot(path)
+        apps, manifests, events, heads = snap.apps, snap.manifests, snap.events, snap.heads
+        last_seq = snap.last_seq
         info = {bytes(m[0]): (m[2], m[3]) for m in manifests}
         at_of = {e[0]: e[5] for e in events}
         p = self.p
@@ -474,9 +456,9 @@ class RedisRegistry:
                         fix="copy into an empty redis database or another --redis-prefix",
                     )
                 pipe.multi()
-                for name, key, token_hash, created in apps:
+                for name, app_key, token_hash, created in apps:
                     pipe.hset(p + "apps", name, json.dumps(
-                        {"key": bytes(key).hex(), "token_hash": bytes(token_hash).hex(),
+                        {"key": bytes(app_key).hex(), "token_hash": bytes(token_hash).hex(),
                          "created": created}))  # fmt: skip
                 for mid, app, build, version, size, signed, uploaded in manifests:
                     h = bytes(mid).hex()

@@ -7,7 +7,8 @@ precious and changes rarely: it lives in ``DIR/registry.db``, SQLite in WAL mode
 transaction per change. Several tracker processes may open the same ``DIR`` (on one host); each
 notices the others' writes through ``PRAGMA data_version`` (see
 :meth:`SQLiteRegistry.data_version`), which is how the update feed of one replica learns about a
-publish made on another. Replicas on separate hosts use :mod:`tracker.registry_redis`.
+publish made on another. Replicas on separate hosts use :mod:`tracker.registry_pg` (or
+:mod:`tracker.registry_redis`).
 
 Every SQL statement is parameterized; names never reach SQL text.
 """
@@ -18,6 +19,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from p2pnode.discovery.tracker_api import ChannelHead
 from .backend import AppRow, Publication
 from .errors import Conflict
 
-__all__ = ["SQLiteFile", "SQLiteRegistry", "connect"]
+__all__ = ["RegistrySnapshot", "SQLiteFile", "SQLiteRegistry", "connect", "read_snapshot"]
 
 _REGISTRY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS apps (
@@ -57,6 +59,51 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
+
+
+@contextmanager
+def read_only(path: Path) -> Iterator[sqlite3.Connection]:
+    """One read transaction on a SQLite file opened read-only: a consistent snapshot."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        conn.execute("BEGIN")
+        yield conn
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True)
+class RegistrySnapshot:
+    """All of a SQLite registry's rows, as ``tracker registry copy`` moves them (columns in
+    the order of the tables' definitions above)."""
+
+    apps: list[tuple[str, bytes, bytes, float]]
+    manifests: list[tuple[bytes, str, int, str, int, bytes, float]]
+    events: list[tuple[int, str, str, bytes, str, float, str]]  # by seq
+    heads: list[tuple[str, str, int, bytes, int]]
+    last_seq: int  # the highest seq ever taken (the next move is numbered after it)
+
+
+def read_snapshot(path: Path) -> RegistrySnapshot:
+    """Read ``DIR/registry.db`` in one consistent snapshot, without writing to it."""
+    with read_only(path) as conn:
+        apps = conn.execute("SELECT name, key, token_hash, created FROM apps").fetchall()
+        manifests = conn.execute(
+            "SELECT id, app, build, version, size, signed, uploaded FROM manifests"
+        ).fetchall()
+        events = conn.execute(
+            "SELECT seq, app, channel, manifest_id, action, at, actor FROM channel_events "
+            "ORDER BY seq"
+        ).fetchall()
+        heads = conn.execute(
+            "SELECT app, channel, seq, manifest_id, max_build FROM channels"
+        ).fetchall()
+        row = conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'channel_events'"
+        ).fetchone()
+    last_seq = max([row[0] if row else 0] + [e[0] for e in events])
+    return RegistrySnapshot(apps, manifests, events, heads, last_seq)
 
 
 class SQLiteFile:

@@ -53,6 +53,18 @@ async def long_poll_woken(
     return got[0], trio.current_time() - t0
 
 
+#: The registry and operations stores the contract tests run on.
+STORES = ("sqlite", "redis", "postgres")
+
+
+def registry_url_for(request: pytest.FixtureRequest, store: str) -> str | None:
+    """``--registry`` for a store kind: none (SQLite in DIR), a fresh redis-server, or a
+    fresh PostgreSQL database (the ``redis_url`` and ``pg_url`` fixtures)."""
+    if store == "sqlite":
+        return None
+    return str(request.getfixturevalue("redis_url" if store == "redis" else "pg_url"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,7 +3,8 @@
 ``tracker`` is a :class:`tracker.Tracker` over a fresh DIR; ``client`` is a
 :class:`p2pnode.discovery.tracker.TrackerClient` whose httpx transport is that app, in-process, on
 trio (no sockets). ``redis_url`` starts a private ``redis-server`` on a free loopback port for
-the test and stops it after; if the binary is missing the test fails with the fix.
+the test and stops it after; if the binary is missing the test fails with the fix. ``pg_url``
+is a fresh database on the session's one PostgreSQL cluster (:mod:`tests.support.postgres`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from p2pnode.discovery.tracker import TrackerClient
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
 from p2pnode.release.metadata import ReleaseInfo
+from tests.support.postgres import PostgresCluster, PostgresMissing
 from tests.support.tracker import ADMIN, APP, RedisProcess, client_for, free_port
 from tracker import Tracker, TrackerConfig, open_tracker
 
@@ -178,3 +180,24 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
         yield r
     finally:
         r.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresCluster]:
+    """One PostgreSQL server for the session (initdb and start cost ~2 s); tests each get a
+    database of their own on it (``pg_url``)."""
+    try:
+        cluster = PostgresCluster()
+    except PostgresMissing as exc:
+        pytest.fail(str(exc))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PostgresCluster) -> str:
+    """A fresh, empty database's DSN (``postgresql://postgres@127.0.0.1:PORT/tN``)."""
+    return pg_cluster.new_database()

@@ -20,8 +20,10 @@ from tests.support.tracker import APP, client_for
 from tracker import Tracker
 from tracker import fleet as F
 from tracker.fleet import FleetOutcome, MemoryFleet, Sighting
+from tracker.fleet_pg import PGFleet
 from tracker.fleet_redis import RedisFleet
 from tracker.fleet_store import FleetStore, LocalFleet
+from tracker.pg import PGDatabase
 
 M1, M2 = b"\x01" * 32, b"\x02" * 32
 T0 = 1_800_000_000.0
@@ -199,12 +201,16 @@ async def test_the_api_answers_per_build_and_per_node_with_client_versions(
     assert nid.hex() not in text  # never a label per node
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "postgres"])
 def store(request: pytest.FixtureRequest) -> Iterator[FleetStore]:
-    """The same fleet behind each store: in memory, and in a real redis-server."""
+    """The same fleet behind each store: in memory, in a real redis-server, in PostgreSQL."""
     s: FleetStore
     if request.param == "memory":
         s = LocalFleet(MemoryFleet(ttl=100, bucket=60))
+    elif request.param == "postgres":
+        db = PGDatabase(request.getfixturevalue("pg_url"))
+        request.addfinalizer(db.close)
+        s = PGFleet(db, ttl=100, bucket=60)
     else:
         url = request.getfixturevalue("redis_url")
         s = RedisFleet(url, prefix="t:", ttl=100, bucket=60)
@@ -247,13 +253,19 @@ async def test_every_store_counts_expires_and_samples_alike(store: FleetStore) -
     assert await store.app_view("other", T0) is None
 
 
-async def test_the_fleet_of_a_tracker_on_redis_is_shared_by_its_replicas(
+@pytest.mark.parametrize("where", ["redis", "postgres"])
+async def test_the_fleet_of_replicas_is_shared_and_in_postgres_outlives_them(
+    where: str,
+    request: pytest.FixtureRequest,
     make_tracker: Callable[..., Tracker],
-    redis_url: str,
     publisher: Any,
     make_manifest: Callable[..., M.SignedManifest],
 ) -> None:
-    a, b = (make_tracker(n, redis_url=redis_url, registry_url=redis_url) for n in "ab")
+    """Replicas on Redis (swarm and registry) or on PostgreSQL (registry, no --redis) answer
+    for the whole fleet; in PostgreSQL a replica started afterwards still does."""
+    url = str(request.getfixturevalue("redis_url" if where == "redis" else "pg_url"))
+    swarm = url if where == "redis" else None
+    a, b = (make_tracker(n, redis_url=swarm, registry_url=url) for n in "ab")
     ca, cb = client_for(a), client_for(b)
     await ca.add_app(APP, keys.public_key_bytes(publisher))
     one = make_manifest(1)
@@ -271,5 +283,10 @@ async def test_the_fleet_of_a_tracker_on_redis_is_shared_by_its_replicas(
                 await b.fleet.store.gc(time.time())
                 view = (await c._http.get(f"/v1/apps/{APP}/fleet")).json()
         assert {x["build"]: x["nodes"] for x in view["builds"]} == {1: 4}
+    if where == "postgres":
+        later = client_for(make_tracker("c", registry_url=url))
+        view = (await later._http.get(f"/v1/apps/{APP}/fleet")).json()
+        assert {x["build"]: x["nodes"] for x in view["builds"]} == {1: 4}
+        await later._http.aclose()
     for c in (ca, cb):
         await c._http.aclose()

@@ -1,7 +1,7 @@
-"""The operator's side end to end against the in-process tracker, on SQLite and on Redis: 200
-simulated nodes (their own keys and node ids) ask the feed which build is theirs, report
-outcomes, and a rollout halts itself; the audit log records who did what from where; a rotated
-publisher token stops working everywhere."""
+"""The operator's side end to end against the in-process tracker, on SQLite, Redis and
+PostgreSQL: 200 simulated nodes (their own keys and node ids) ask the feed which build is
+theirs, report outcomes, and a rollout halts itself; the audit log records who did what from
+where; a rotated publisher token stops working everywhere."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from p2pnode.discovery.tracker import TrackerClient, TrackerRefusedError
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
-from tests.support.tracker import ADMIN, APP, client_for
+from tests.support.tracker import ADMIN, APP, STORES, client_for, registry_url_for
 from tracker import Tracker
 from tracker.rollout import member
 
@@ -54,9 +54,9 @@ async def builds(
     return out
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=STORES)
 def store_tracker(request: pytest.FixtureRequest, make_tracker: Callable[..., Tracker]) -> Tracker:
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    url = registry_url_for(request, request.param)
     # simulated nodes share one address here: lift the per-address limit
     return make_tracker(registry_url=url, client_rate=1e6, client_burst=1e6)
 
@@ -241,8 +241,8 @@ async def test_a_rotated_publisher_token_stops_working_on_every_replica(
     publisher: Ed25519PrivateKey,
     make_manifest: Callable[..., M.SignedManifest],
 ) -> None:
-    for store in ("sqlite", "redis"):
-        url = request.getfixturevalue("redis_url") if store == "redis" else None
+    for store in STORES:
+        url = registry_url_for(request, store)
         one = make_tracker(f"{store}-one", registry_url=url)
         two = make_tracker(f"{store}-one" if url is None else f"{store}-two", registry_url=url)
         admin = client_for(one)

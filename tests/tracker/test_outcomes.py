@@ -18,12 +18,14 @@ from p2pnode.discovery.tracker_api import (
 )
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
-from tests.support.tracker import APP, client_for
+from tests.support.tracker import APP, STORES, client_for, registry_url_for
 from tracker import Tracker
 from tracker.backend import OpsStore
+from tracker.ops_pg import PGOps
 from tracker.ops_redis import RedisOps
 from tracker.ops_sqlite import SQLiteOps
 from tracker.outcomes import MAX_RELEASES, Outcome
+from tracker.pg import PGDatabase
 from tracker.registry_redis import RedisRegistry
 
 
@@ -121,7 +123,7 @@ async def test_bad_forged_replayed_and_too_frequent_outcomes_are_refused(
     assert rel["reports"] == statuses.count(201) + 1
 
 
-@pytest.mark.parametrize("store", ["sqlite", "redis"])
+@pytest.mark.parametrize("store", STORES)
 def test_the_tally_is_bounded(store: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     ops = open_ops(store, tmp_path, request)
     n = MAX_RELEASES + 10
@@ -136,21 +138,26 @@ def test_the_tally_is_bounded(store: str, tmp_path: Path, request: pytest.Fixtur
     # digest on its own clock)
     o = Outcome(b"n" * 20, APP, b"x" * 32, "install", None, 1, None, 1, (0, 0, 0, 0))
     assert not ops.add_outcome(o, (n - 1).to_bytes(16, "big"), float(n), 600.0)
-    if store == "sqlite":
+    if store != "redis":
         assert ops.add_outcome(o, (n - 1).to_bytes(16, "big"), float(n) + 601, 600.0)
     ops.close()
 
 
 def open_ops(store: str, tmp_path: Path, request: pytest.FixtureRequest) -> OpsStore:
-    """An operations store of that kind (a fresh redis-server for ``redis``)."""
-    if store == "sqlite":
+    """An operations store of that kind (a fresh redis-server or PostgreSQL database)."""
+    url = registry_url_for(request, store)
+    if url is None:
         return SQLiteOps(tmp_path / "ops.db")
-    reg = RedisRegistry(request.getfixturevalue("redis_url"))
+    if store == "postgres":
+        db = PGDatabase(url)
+        request.addfinalizer(db.close)
+        return PGOps(db)
+    reg = RedisRegistry(url)
     request.addfinalizer(reg.close)
     return RedisOps(reg)
 
 
-@pytest.mark.parametrize("store", ["sqlite", "redis"])
+@pytest.mark.parametrize("store", STORES)
 async def test_replicas_share_the_tally_and_a_restart_keeps_it(
     store: str,
     make_tracker: Callable[..., Tracker],
@@ -158,7 +165,7 @@ async def test_replicas_share_the_tally_and_a_restart_keeps_it(
     make_manifest: Callable[..., M.SignedManifest],
     request: pytest.FixtureRequest,
 ) -> None:
-    url = request.getfixturevalue("redis_url") if store == "redis" else None
+    url = registry_url_for(request, store)
     one = make_tracker("one", registry_url=url)
     two = make_tracker("one" if url is None else "two", registry_url=url)  # same DIR / Redis
     a, b = client_for(one), client_for(two)

@@ -1,6 +1,6 @@
-"""The registry in Redis (``--registry``): replicas with separate DIRs share apps, manifests and
-channels; the same semantics as the SQLite registry; atomic publishes across replicas; 503 when
-Redis is down, with nothing half-applied."""
+"""The registry in Redis or PostgreSQL (``--registry``): replicas with separate DIRs share apps,
+manifests and channels; the same semantics as the SQLite registry; atomic publishes across
+replicas; 503 when Redis is down, with nothing half-applied."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -24,12 +25,37 @@ from p2pnode.discovery.tracker import TrackerClient, TrackerRefusedError
 from p2pnode.errors import P2PNodeError
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
-from tests.support.tracker import ADMIN, APP, RedisProcess, client_for, free_port, long_poll_woken
+from tests.support.tracker import (
+    ADMIN,
+    APP,
+    STORES,
+    RedisProcess,
+    client_for,
+    free_port,
+    long_poll_woken,
+    registry_url_for,
+)
 from tracker import Tracker, serve_tracker
 from tracker.backend import Publication
 from tracker.errors import Conflict, RegistryUnavailable
+from tracker.pg import PGDatabase
+from tracker.registry_pg import PGRegistry
 from tracker.registry_redis import RedisRegistry
 from tracker.registry_sqlite import SQLiteRegistry
+
+#: The shared registries: every replica on any host reads and writes the same one.
+SHARED = ("redis", "postgres")
+
+
+def shared_registry(store: str, url: str, prefix: str = "trk:") -> Any:
+    """One replica's registry on that server (``prefix``: Redis keys)."""
+    return PGRegistry(PGDatabase(url)) if store == "postgres" else RedisRegistry(url, prefix=prefix)
+
+
+def open_registry(store: str, request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """A registry of that kind, fresh (a new redis-server or PostgreSQL database)."""
+    url = registry_url_for(request, store)
+    return SQLiteRegistry(tmp_path / "r.db") if url is None else shared_registry(store, url)
 
 
 @pytest.fixture
@@ -47,14 +73,19 @@ async def start(nursery: trio.Nursery, t: Tracker, token: str = ADMIN) -> Tracke
     return TrackerClient(f"http://{host}:{port}", token=token)
 
 
+@pytest.mark.parametrize("store", SHARED)
 async def test_replicas_on_separate_dirs_share_the_registry(
+    store: str,
+    request: pytest.FixtureRequest,
     replicas: Callable[..., Tracker],
     redis_url: str,
     publisher: Any,
     make_manifest: Callable[..., M.SignedManifest],
     tmp_path: Path,
 ) -> None:
-    a, b = replicas("a", redis_url, redis_url), replicas("b", redis_url, redis_url)
+    url = registry_url_for(request, store)
+    assert url is not None
+    a, b = replicas("a", url, redis_url), replicas("b", url, redis_url)
     assert not (tmp_path / "a" / "registry.db").exists()
     b1, b2, b3 = make_manifest(1), make_manifest(2), make_manifest(3)
     async with trio.open_nursery() as nursery:
@@ -120,7 +151,7 @@ async def test_replicas_on_separate_dirs_share_the_registry(
         nursery.cancel_scope.cancel()
 
     # a replica restarted on a fresh, empty DIR keeps everything
-    c = replicas("a-again", redis_url, redis_url)
+    c = replicas("a-again", url, redis_url)
     async with trio.open_nursery() as nursery:
         cc = await start(nursery, c)
         head = await cc.latest(APP, "stable")
@@ -133,13 +164,17 @@ async def test_replicas_on_separate_dirs_share_the_registry(
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("store", SHARED)
 async def test_concurrent_publishes_of_one_build_exactly_one_wins(
+    store: str,
+    request: pytest.FixtureRequest,
     replicas: Callable[..., Tracker],
-    redis_url: str,
     publisher: Any,
     make_manifest: Callable[..., M.SignedManifest],
 ) -> None:
-    a, b = replicas("a", redis_url), replicas("b", redis_url)
+    url = registry_url_for(request, store)
+    assert url is not None
+    a, b = replicas("a", url), replicas("b", url)
     async with trio.open_nursery() as nursery:
         ca, cb = await start(nursery, a), await start(nursery, b)
         await ca.add_app(APP, keys.public_key_bytes(publisher))
@@ -172,10 +207,15 @@ async def test_concurrent_publishes_of_one_build_exactly_one_wins(
         nursery.cancel_scope.cancel()
 
 
-def test_racing_threads_never_accept_a_build_twice(redis_url: str) -> None:
+@pytest.mark.parametrize("store", SHARED)
+def test_racing_threads_never_accept_a_build_twice(
+    store: str, request: pytest.FixtureRequest
+) -> None:
     """Sixteen threads on two registries publish random builds to one channel: in seq order
     the accepted builds strictly increase, and each refusal names a build at least as high."""
-    regs = [RedisRegistry(redis_url, prefix="race:") for _ in range(2)]
+    url = registry_url_for(request, store)
+    assert url is not None
+    regs = [shared_registry(store, url, "race:") for _ in range(2)]
     regs[0].add_app(APP, b"k" * 32, b"t" * 32, 1.0)
     accepted: list[tuple[int, int]] = []
     lock = threading.Lock()
@@ -215,10 +255,12 @@ def test_racing_threads_never_accept_a_build_twice(redis_url: str) -> None:
         r.close()
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
-def test_the_registries_behave_alike(kind: str, tmp_path: Path, redis_url: str) -> None:
-    """The same sequence of changes on either registry gives the same answers."""
-    reg: Any = SQLiteRegistry(tmp_path / "r.db") if kind == "sqlite" else RedisRegistry(redis_url)
+@pytest.mark.parametrize("kind", STORES)
+def test_the_registries_behave_alike(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The same sequence of changes on any registry gives the same answers."""
+    reg = open_registry(kind, request, tmp_path)
     mids = [bytes([n]) * 32 for n in range(6)]
     reg.add_app("a", b"k" * 32, b"t" * 32, 10.0)
     reg.add_app("b", b"K" * 32, b"T" * 32, 11.0)
@@ -293,8 +335,12 @@ def test_the_registries_behave_alike(kind: str, tmp_path: Path, redis_url: str) 
     reg.close()
 
 
-def test_another_replicas_change_moves_the_version(redis_url: str) -> None:
-    a, b = RedisRegistry(redis_url, prefix="v:"), RedisRegistry(redis_url, prefix="v:")
+@pytest.mark.parametrize("store", SHARED)
+def test_another_replicas_change_moves_the_version(
+    store: str, request: pytest.FixtureRequest
+) -> None:
+    url = str(registry_url_for(request, store))
+    a, b = (shared_registry(store, url, "v:") for _ in range(2))
     v0 = b.data_version()
     a.add_app("a", b"k" * 32, b"t" * 32, 1.0)
     v1 = b.data_version()
@@ -302,6 +348,11 @@ def test_another_replicas_change_moves_the_version(redis_url: str) -> None:
     with pytest.raises(Conflict):  # a refusal changes nothing, so it does not wake anyone
         a.add_app("a", b"k" * 32, b"t" * 32, 1.0)
     assert b.data_version() == v1
+    assert b.get_app("a") is not None  # cached now
+    a.rotate_token("a", b"n" * 32)
+    b.data_version()  # what the watcher does: the cached row goes
+    row = b.get_app("a")
+    assert row is not None and row.token_hash == b"n" * 32
     a.close()
     b.close()
 
@@ -359,12 +410,16 @@ def test_unreachable_registry_fails_fast(tmp_path: Path) -> None:
     reg.close()
 
 
-def test_cli_serve_with_registry(tmp_path: Path, redis_url: str, publisher: Any) -> None:
+@pytest.mark.parametrize("store", SHARED)
+def test_cli_serve_with_registry(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path, publisher: Any
+) -> None:
     """Two `tracker serve` processes, separate --data, one --registry: an app added through
     one with `tracker app add` is listed by the other; an unreachable --registry is refused."""
+    url = str(registry_url_for(request, store))
     key = keys.format_public_key(keys.public_key_bytes(publisher))
-    one = LocalTracker(tmp_path / "one", ADMIN, "--registry", redis_url)
-    two = LocalTracker(tmp_path / "two", ADMIN, "--registry", redis_url)
+    one = LocalTracker(tmp_path / "one", ADMIN, "--registry", url)
+    two = LocalTracker(tmp_path / "two", ADMIN, "--registry", url)
     try:
         url_one, url_two = one.start(), two.start()
     except P2PNodeError as exc:
@@ -385,7 +440,7 @@ def test_cli_serve_with_registry(tmp_path: Path, redis_url: str, publisher: Any)
     bad = subprocess.run(
         [sys.executable, "-m", "tracker", "serve", "--listen", "127.0.0.1:0", "--data",
          str(tmp_path / "three"), "--admin-token", ADMIN, "--registry",
-         f"redis://127.0.0.1:{free_port()}/0"],
+         url.replace(f":{urlsplit(url).port}/", f":{free_port()}/")],
         capture_output=True,
         text=True,
         timeout=30,

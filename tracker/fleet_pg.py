@@ -1,0 +1,244 @@
+"""The fleet view in the registry's PostgreSQL: durable, shared by every replica.
+
+Theory of operation
+-------------------
+With ``--registry postgresql://`` and no ``--redis`` (see :func:`tracker.fleet_store.open_fleet`),
+the fleet lives in the same database as the registry (tables ``fleet_*`` of
+:data:`tracker.pg.MIGRATIONS`): every replica answers for the whole fleet, and a restart keeps
+the seats and the adoption curves (in memory, the curves start again).
+
+* ``fleet_seats``: one row per (app, node): ``m`` (the first 16 hex digits of the manifest it
+  runs, ``-`` while updating), last seen, client version, last outcome (``kind,code,to,at``);
+  the same fields as :mod:`tracker.fleet_redis`'s seats.
+* ``fleet_builds``: ``m`` -> ``manifest id|build`` and when a node last ran it;
+  ``fleet_series``: the curves, one row per (app, bucket) sampled by whichever replica gets
+  there first (``ON CONFLICT DO NOTHING``); ``fleet_apps``; ``fleet_recent``: the last
+  ``RECENT_OUTCOMES`` outcomes whole, for the node view.
+
+No counters are stored: counts are ``GROUP BY`` over the seats (indexed by app and build), so
+they cannot drift, and expiry is a ``DELETE`` of a slice of the seats unseen for ``ttl``.
+Recording is :class:`tracker.fleet_remote.WriteBehind`'s: every ``FLUSH_S`` one transaction
+upserts the pending seats in key order (two replicas writing never wait on each other in a
+cycle). Client versions beyond ``MAX_CLIENTS`` per app are counted as ``other`` when read.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import trio
+
+from .fleet import FLEET_TTL, MAX_CLIENTS, MAX_RELEASES, SERIES_BUCKET, SERIES_POINTS
+from .fleet_remote import RECENT_OUTCOMES, Batch, WriteBehind, app_view_of, seat_of
+from .pg import Conn, PGDatabase
+
+__all__ = ["PGFleet"]
+
+#: Seats examined per :meth:`PGFleet.gc` for expiry.
+SWEEP_COUNT = 5000
+
+_SEAT = (
+    "INSERT INTO fleet_seats AS s (app, node, m, seen, client, outcome) "
+    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (app, node) DO UPDATE SET "
+    "m = CASE WHEN excluded.m = '-' THEN s.m ELSE excluded.m END, "
+    "seen = GREATEST(s.seen, excluded.seen), "
+    "client = CASE WHEN excluded.client = 'unknown' THEN s.client ELSE excluded.client END, "
+    "outcome = CASE WHEN excluded.outcome = '' THEN s.outcome ELSE excluded.outcome END "
+    "RETURNING s.app, s.m, s.seen"
+)
+_BUILD = (
+    "INSERT INTO fleet_builds AS b (app, m, info, last_seen) VALUES (%s, %s, %s, %s) "
+    "ON CONFLICT (app, m) DO UPDATE SET "
+    "info = CASE WHEN excluded.info = '' THEN b.info ELSE excluded.info END, "
+    "last_seen = GREATEST(b.last_seen, excluded.last_seen)"
+)
+
+
+def _bounded(clients: dict[str, int]) -> dict[str, int]:
+    """At most ``MAX_CLIENTS`` versions (the most common), the rest as ``other``."""
+    if len(clients) <= MAX_CLIENTS:
+        return clients
+    ranked = sorted(clients.items(), key=lambda kv: -kv[1])
+    out = dict(ranked[: MAX_CLIENTS - 1])
+    out["other"] = out.get("other", 0) + sum(n for _, n in ranked[MAX_CLIENTS - 1 :])
+    return out
+
+
+class PGFleet(WriteBehind):
+    """The fleet in PostgreSQL (see the module docstring)."""
+
+    def __init__(
+        self,
+        db: PGDatabase,
+        *,
+        ttl: float = FLEET_TTL,
+        bucket: int = SERIES_BUCKET,
+        points: int = SERIES_POINTS,
+    ) -> None:
+        super().__init__()
+        self.db = db
+        self.ttl, self.bucket, self.points = ttl, bucket, points
+        self._sampled = -1
+
+    def close(self) -> None:
+        """The registry owns the database's connections."""
+
+    def write(self, batch: Batch) -> int:
+        pending, recent = batch
+        if not pending and not recent:
+            return 0
+        seats = sorted(
+            (app, node, m or "-", int(seen), client or "unknown", out)
+            for (node, app), (m, _, seen, client, out) in pending.items()
+        )
+        infos = {(app, m): info for (_, app), (m, info, *_) in pending.items() if m}
+        with self.db.tx("record the fleet") as c, c.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO fleet_apps (app) VALUES (%s) ON CONFLICT DO NOTHING",
+                [(a,) for a in sorted({app for _, app in pending})],
+            )
+            ran: dict[tuple[str, str], int] = {}  # the build each seat runs now: last seen
+            if seats:  # (none when every sighting was dropped but an outcome's whole record)
+                cur.executemany(_SEAT, seats, returning=True)
+                while True:
+                    for app, m, seen in cur.fetchall():
+                        if m != "-":
+                            ran[(app, m)] = max(ran.get((app, m), 0), int(seen))
+                    if not cur.nextset():
+                        break
+            builds = sorted(
+                (app, m, infos.get((app, m), ""), float(seen)) for (app, m), seen in ran.items()
+            )
+            cur.executemany(_BUILD, builds)
+            if recent:
+                rows = []
+                for raw in recent:
+                    o = json.loads(raw)
+                    rows.append((bytes.fromhex(o.pop("node_id")), json.dumps(o)))
+                cur.executemany("INSERT INTO fleet_recent (node, body) VALUES (%s, %s)", rows)
+        return len(pending)
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        """In a worker thread; :class:`~tracker.errors.RegistryUnavailable` on failure."""
+        return await trio.to_thread.run_sync(fn, *args)
+
+    # ------------------------------------------------------------------ expiry and curves
+
+    def _gc(self, now: float) -> int:
+        with self.db.tx("expire the fleet") as c:
+            gone = c.execute(
+                "DELETE FROM fleet_seats WHERE (app, node) IN (SELECT app, node FROM "
+                "fleet_seats WHERE seen < %s LIMIT %s FOR UPDATE SKIP LOCKED)",
+                (int(now - self.ttl), SWEEP_COUNT),
+            ).rowcount
+            c.execute(  # forget builds nobody runs, in apps past the bound
+                "DELETE FROM fleet_builds b WHERE b.app IN (SELECT app FROM fleet_builds "
+                "GROUP BY app HAVING COUNT(*) > %s) AND NOT EXISTS (SELECT 1 FROM fleet_seats "
+                "s WHERE s.app = b.app AND s.m = b.m)",
+                (MAX_RELEASES,),
+            )
+            c.execute(
+                "DELETE FROM fleet_recent WHERE seq <= (SELECT MAX(seq) FROM fleet_recent) - %s",
+                (RECENT_OUTCOMES,),
+            )
+            b = int(now) // self.bucket
+            if b != self._sampled:
+                self._sampled = b
+                for (app,) in c.execute("SELECT app FROM fleet_apps ORDER BY app").fetchall():
+                    self._sample(c, app, b * self.bucket)
+        return max(gone, 0)
+
+    def _sample(self, c: Conn, app: str, at: int) -> None:
+        counts = self._counts(c, app)
+        counts.pop("-", None)
+        c.execute(
+            "INSERT INTO fleet_series (app, at, counts) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+            (app, at, json.dumps(counts)),
+        )
+        c.execute(
+            "DELETE FROM fleet_series WHERE app = %s AND at < (SELECT MIN(at) FROM (SELECT at "
+            "FROM fleet_series WHERE app = %s ORDER BY at DESC LIMIT %s) newest)",
+            (app, app, self.points),
+        )
+
+    # ------------------------------------------------------------------ views
+
+    @staticmethod
+    def _tally(c: Conn, app: str | None) -> dict[str, tuple[dict[str, int], dict[str, int]]]:
+        """Per app (one, or all): seats per build ``m`` and per client version, in one scan."""
+        where, args = ("", ()) if app is None else ("WHERE app = %s ", (app,))
+        out: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
+        for a, m, client, n in c.execute(
+            "SELECT app, m, client, COUNT(*) FROM fleet_seats " + where + "GROUP BY app, m, client",
+            args,
+        ):
+            builds, clients = out.setdefault(a, ({}, {}))
+            builds[m] = builds.get(m, 0) + int(n)
+            clients[client] = clients.get(client, 0) + int(n)
+        return out
+
+    def _counts(self, c: Conn, app: str) -> dict[str, int]:
+        return self._tally(c, app).get(app, ({}, {}))[0]
+
+    def _app_view(self, app: str, now: float) -> dict[str, Any] | None:
+        with self.db.connection(f"read the fleet of {app}") as c:
+            if not c.execute("SELECT 1 FROM fleet_apps WHERE app = %s", (app,)).fetchone():
+                return None
+            counts, clients = self._tally(c, app).get(app, ({}, {}))
+            builds = c.execute(
+                "SELECT m, info, last_seen FROM fleet_builds WHERE app = %s", (app,)
+            ).fetchall()
+            series = [
+                (int(at), json.loads(raw))
+                for at, raw in c.execute(
+                    "SELECT at, counts FROM fleet_series WHERE app = %s ORDER BY at", (app,)
+                )
+            ]
+        clients = _bounded(clients)
+        info = {m: text for m, text, _ in builds if text}
+        seen = {m: float(last) for m, _, last in builds}
+        return app_view_of(app, now, counts, info, seen, series, clients, self.ttl, self.bucket)
+
+    def _node_view(self, node: bytes) -> dict[str, Any] | None:
+        with self.db.connection("read a node of the fleet") as c:
+            rows = c.execute(
+                "SELECT s.app, s.seen, s.client, s.outcome, b.info FROM fleet_seats s "
+                "LEFT JOIN fleet_builds b ON b.app = s.app AND b.m = s.m "
+                "WHERE s.node = %s ORDER BY s.app",
+                (node,),
+            ).fetchall()
+            if not rows:
+                return None
+            recent = c.execute(
+                "SELECT body FROM fleet_recent WHERE node = %s ORDER BY seq DESC LIMIT 20",
+                (node,),
+            ).fetchall()
+        seats = [
+            seat_of(app, int(seen), client, out, info or None, self.ttl)
+            for app, seen, client, out, info in rows
+        ]
+        return {
+            "node_id": node.hex(),
+            "apps": seats,
+            "recent_outcomes": [json.loads(r[0]) for r in recent],
+        }
+
+    def _gauges(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"builds": [], "clients": [], "updating": []}
+        with self.db.connection("read the fleet's gauges") as c:
+            tally = self._tally(c, None)
+            infos = {
+                (app, m): info
+                for app, m, info in c.execute("SELECT app, m, info FROM fleet_builds")
+                if info
+            }
+        for app, (builds, clients) in sorted(tally.items()):
+            for m, n in builds.items():
+                if m == "-":
+                    out["updating"].append((app, n))
+                elif (app, m) in infos:
+                    manifest, build = infos[(app, m)].split("|")
+                    out["builds"].append((app, manifest, int(build), n))
+            out["clients"] += [(app, k, n) for k, n in _bounded(clients).items()]
+        return out
