@@ -169,11 +169,14 @@ async def test_updates_and_verify(
         job["id"],
         start.attempt,
         phase=JobState.DOWNLOADING,
-        progress=Progress(5, 10, 2.0, (("peers", 5),)),
+        progress=Progress(5, 10, 2.0, (("peers", 5),), peers=2),
     )
     got = (await client.get(f"{PREFIX}/jobs/{job['id']}")).json()
     assert got["bytes_done"] == 5 and got["progress"]["by_source"] == {"peers": 5}
+    assert got["progress"]["peers"] == 2  # (the peers it exchanges with now)
     service.finished(job["id"], start.attempt)
+    got = (await client.get(f"{PREFIX}/jobs/{job['id']}")).json()
+    assert got["progress"]["peers"] == 0 and got["rate"] == 0  # a finished job has none
     hist = (await client.get(f"{PREFIX}/updates/history")).json()["jobs"]
     assert [j["id"] for j in hist] == [job["id"]]
     assert (await client.get(f"{PREFIX}/verify/g1")).status_code == 404
