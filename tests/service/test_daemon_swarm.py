@@ -11,9 +11,10 @@ import trio
 from p2pnode.demo.cdn import LocalCDN
 from p2pnode.node.result import InstallResult
 from p2pnode.service.daemon import Running
+from p2pnode.service.job import JobState
 from p2pnode.service.library import Entry
 from tests.service.test_daemon_tracker import publish
-from tests.support.daemon import daemon, installed
+from tests.support.daemon import daemon, installed, job, until
 from tests.support.e2e import registered_app
 from tests.support.release import tree
 
@@ -92,5 +93,41 @@ def test_daemons_fetching_one_build_serve_each_other(tmp_path: Path, tracker_url
                     # Their progress counted the peers they exchanged with (the seed, the other).
                     assert max(peers_shown) >= 2, peers_shown
                 assert tree(tmp_path / "one") == tree(tmp_path / "two") == tree(src)
+
+        trio.run(main)
+
+
+def test_a_paused_job_stops_its_peer_traffic_and_resumes_from_its_chunks(
+    tmp_path: Path, tracker_url: str
+) -> None:
+    """Pausing a job that fetches from peers through the daemon's node closes its connections
+    within a second (the seed sends nothing more); resuming reuses every verified chunk."""
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    with LocalCDN(cdn_root) as cdn:
+        publish(src, cdn_root, key, tracker_url, cdn.url, 1)
+
+        async def main() -> None:
+            slow = {"max_upload_rate": 800_000}
+            async with daemon(tmp_path / "s0", listen="127.0.0.1:0", table=slow) as seed:
+                _, j = seed.service.add("game", str(tmp_path / "seed"), [pub], tracker=tracker_url)
+                await installed(seed, j.id)
+                cdn.stop()  # (peers only)
+                async with daemon(tmp_path / "s1", listen="127.0.0.1:0") as one:
+                    svc, node, served = one.service, one.daemon.node, seed.daemon.node
+                    assert node is not None and served is not None
+                    _, a = svc.add("game", str(tmp_path / "one"), [pub], tracker=tracker_url)
+                    await until(lambda: job(one, a.id).progress.bytes_done > 1_500_000)
+                    svc.pause(a.id)
+                    await trio.sleep(1.0)
+                    assert not [k for k in node.links if k.host is None]  # (none we dialled)
+                    sent = served.uploaded
+                    await trio.sleep(3.0)
+                    assert served.uploaded == sent  # not a byte while paused
+                    kept = job(one, a.id).progress.bytes_done
+                    assert job(one, a.id).state is JobState.PAUSED and kept > 0
+                    svc.resume(a.id)
+                    await installed(one, a.id, timeout=60)
+                    assert dict(job(one, a.id).progress.by_source)["local"] >= 1_500_000
+                assert tree(tmp_path / "one") == tree(src)
 
         trio.run(main)
