@@ -298,7 +298,7 @@ async def _apply(
         local.add_tree(sd.dest, current)
     on_chunk = None
     if swarm is not None:
-        serving = swarm.node.local
+        serving = swarm.local
 
         def on_chunk(cid: bytes) -> None:  # serve what just landed, while still installing
             for path, offset, length in stage.locations[cid]:

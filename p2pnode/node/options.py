@@ -16,6 +16,7 @@ from ..ratelimit import RateLimiter
 from .policy import SourcePolicy
 
 if TYPE_CHECKING:
+    from ..swarm.node import SwarmNode
     from .result import InstallResult
 
 __all__ = ["InstallOptions", "SourcePolicy"]
@@ -53,8 +54,10 @@ class InstallOptions:
     watch_result: Callable[[InstallResult], None] | None = None
     before_switch: Callable[[], Awaitable[None]] | None = None
     patches: bool = True  # use the manifest's delta patches where they beat chunks
-    # The daemon's serving node (HOST, PORT), which offers what a job stages as it lands: the
-    # job's own node does not listen, so discovery announces this address for the build.
+    # The daemon's one node: the install fetches through it (its identity, its connections)
+    # instead of opening its own, and serves what it stages from it as each chunk lands; and
+    # where that node listens (HOST, PORT; None: it does not), which discovery announces.
+    node: SwarmNode | None = None
     served_at: tuple[str, int] | None = None
 
     def discovery(self) -> DiscoveryOptions:

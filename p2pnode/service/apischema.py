@@ -189,12 +189,16 @@ def check_body(name: str, body: object) -> dict[str, Any]:
 
 _PROGRESS = {
     "type": "object",
-    "required": ["bytes_done", "bytes_total", "rate", "by_source"],
+    "required": ["bytes_done", "bytes_total", "rate", "by_source", "peers"],
     "properties": {
         "bytes_done": {"type": "integer"},
         "bytes_total": {"type": ["integer", "null"]},
         "rate": {"type": "number", "description": "bytes/s"},
         "by_source": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "peers": {
+            "type": "integer",
+            "description": "peers the job's build is exchanged with now (0 once it stops)",
+        },
     },
 }
 _ANSWERS: dict[str, dict[str, Any]] = {

@@ -147,8 +147,8 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for col in ("id", "app", "kind", "state", "priority", "progress", "done", "rate"):
-        table.add_column(col, justify="right" if col in ("done", "rate") else "left")
+    for col in ("id", "app", "kind", "state", "priority", "progress", "done", "rate", "peers"):
+        table.add_column(col, justify="right" if col in ("done", "rate", "peers") else "left")
     for j in jobs:
         pct = _percent(j)
         bar = ProgressBar(total=100.0, completed=pct or 0.0, width=24)
@@ -157,7 +157,11 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Any:
             done += f" / {format_bytes(j['bytes_total'])}"
         rate = f"{format_bytes(j['rate'])}/s" if j.get("rate") else ""
         prio = j.get("priority", "") + (" critical" if j.get("critical") else "")
-        table.add_row(j["id"], j.get("app") or "?", j["kind"], j["state"], prio, bar, done, rate)
+        peers = (j.get("progress") or {}).get("peers")
+        peers = str(peers) if peers is not None and j["state"] == "downloading" else ""
+        table.add_row(
+            j["id"], j.get("app") or "?", j["kind"], j["state"], prio, bar, done, rate, peers
+        )
     return table
 
 

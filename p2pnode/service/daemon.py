@@ -12,8 +12,9 @@ asks, whenever anything changes::
             sleep until: a change (API call, worker report, feed), the queue's deadline, the
                          schedule's next change, or 60 s (wall clocks jump)
 
-Around the loop: one node identity kept in the state dir (``STATE/node-key.pem``), one
-listening swarm node serving every installed build (``serving.py``), one follower per
+Around the loop: one node identity kept in the state dir (``STATE/node-key.pem``), one swarm
+node through which every job fetches and which (with ``--listen``) serves every installed build
+and every build being staged from one port (``serving.py``), one follower per
 auto-updating entry (``follow.py``), the local API when ``--api`` is given (``api.py``'s
 ``serve_api``, built separately), and the tracker reports ``watch`` sends after each install.
 
@@ -44,7 +45,7 @@ from .follow import Followers
 from .library import Entry
 from .queue import Discard, Start, Stop
 from .schedule import Caps
-from .serving import ACTIVE_RESEED_SECONDS, RESEED_SECONDS, Listings, ServedIndex
+from .serving import RESEED_SECONDS, Listings, ServedIndex
 from .statedir import StateDir
 from .worker import WorkerContext, discard, run_job
 
@@ -164,22 +165,23 @@ class Daemon:
         service.on_change(lambda: self._wake.set())  # (the event is replaced each turn)
 
     async def start(self) -> int | None:
-        """The identity, the serving node and the API; returns the swarm port (None: none)."""
+        """The identity, the node and the API; returns the swarm port (None: none)."""
+        from ..disk.holdings import Holdings
         from ..identity import load_or_create
+        from ..swarm.node import SwarmNode, parse_peer
 
         self.identity = await trio.to_thread.run_sync(load_or_create, self.service.state.root)
         self.followers.node_id = self.identity.node_id  # staged rollouts: the feed's node=
+        # The one node every job fetches through (it listens only with --listen).
+        self.node = SwarmNode(
+            self.identity,
+            Holdings(),
+            upload_limiter=self.upload,
+            download_limiter=self.download,
+        )
+        self.ctx.node = self.node
         if self.opts.listen:
-            from ..swarm.node import SwarmNode, parse_peer
-            from .serving import Holdings
-
             host, port = parse_peer(self.opts.listen, listen=True)
-            self.node = SwarmNode(
-                self.identity,
-                Holdings([]),
-                upload_limiter=self.upload,
-                download_limiter=self.download,
-            )
             self.listen_port = await self.nursery.start(self.node.serve, host, port)
             self.ctx.served_at = (host, self.listen_port)
             if self.opts.report:
@@ -266,6 +268,7 @@ class Daemon:
 
     async def _forget_worker(self, job_id: str, worker: _Worker) -> None:
         await worker.done.wait()
+        self.nursery.start_soon(self._refresh)  # (serves what a stopped job staged from disk)
         if self.workers.get(job_id) is worker:
             del self.workers[job_id]
         self._wake.set()
@@ -291,8 +294,7 @@ class Daemon:
     # After a job -------------------------------------------------------------------------
 
     def _installed(self, entry: Entry, result: InstallResult | None, seconds: float) -> None:
-        if self.node is not None:
-            self.nursery.start_soon(self._refresh)
+        self.nursery.start_soon(self._refresh)
         if result is not None:
             self.emit({"event": "installed", "entry": entry.id, "build": result.manifest.build})
             if entry.tracker and self.opts.report and result.action != "unchanged":
@@ -306,14 +308,12 @@ class Daemon:
             self.nursery.start_soon(self._report_failure, entry, attempted, error, seconds)
 
     async def _refresh(self) -> None:
-        if self.node is None:
-            return
+        if self.node is None or self.listen_port is None:
+            return  # (not listening: nothing is served)
         entries = list(self.service.library.entries)
         dests = [Path(e.dest) for e in entries]
         async with self._refreshing:
             current = await trio.to_thread.run_sync(self.index.refresh, self.node, dests)
-            for chunk_id in self.index.landed:
-                self.node.have(chunk_id)
         await self._announce()
         if self.listings is not None:
             wanted: dict[str, list[M.Manifest]] = {}
@@ -354,14 +354,11 @@ class Daemon:
             await self.discovery.announce(fresh)
 
     async def _reseed(self) -> None:
-        # Looks every ACTIVE_RESEED_SECONDS whether a job runs (one may start during an idle
-        # wait: the chunks it stages must be offered while it runs, not after).
-        last = trio.current_time()
+        # (A running job's chunks need no re-read: it serves them through the node as they
+        # land. This catches changes made outside the daemon.)
         while True:
-            await trio.sleep(ACTIVE_RESEED_SECONDS)
-            if self.workers or trio.current_time() - last >= RESEED_SECONDS:
-                last = trio.current_time()
-                await self._refresh()
+            await trio.sleep(RESEED_SECONDS)
+            await self._refresh()
 
     async def _report(self, entry: Entry, result: InstallResult, seconds: float) -> None:
         """As ``watch`` does: where the bytes came from, the peers' quality, the outcome."""

@@ -19,7 +19,7 @@ Who moves a job, and why the table is split that way:
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeGuard
 
 from ..errors import JobStateError
@@ -106,13 +106,15 @@ class Progress:
     """What a worker last reported; carried as data for the API and the web page.
 
     ``by_source`` counts bytes by where they came from (``"cdn"``, ``"peers"``, ``"local"``),
-    the split players and operators ask about first.
+    the split players and operators ask about first; ``peers`` how many peers the job's build
+    is exchanged with now (fetched from, or served to, by the daemon's node).
     """
 
     bytes_done: int = 0
     bytes_total: int | None = None
     rate: float = 0.0
     by_source: tuple[tuple[str, int], ...] = ()
+    peers: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -120,7 +122,12 @@ class Progress:
             "bytes_total": self.bytes_total,
             "rate": self.rate,
             "by_source": dict(self.by_source),
+            "peers": self.peers,
         }
+
+    def idle(self, **changes: Any) -> Progress:
+        """These figures once the job's worker stopped: no rate, no peers (and ``changes``)."""
+        return replace(self, rate=0.0, peers=0, **changes)
 
     @classmethod
     def from_json(cls, doc: Any) -> Progress:
@@ -137,6 +144,7 @@ class Progress:
             isinstance(k, str) and _count(v) for k, v in src.items()
         ):
             raise ValueError("progress by_source is not a table of byte counts")
+        # (``peers`` is not read back: a count saved before a restart says nothing now.)
         return cls(done, total, float(rate), tuple(sorted(src.items())))
 
 

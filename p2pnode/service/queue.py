@@ -38,7 +38,7 @@ nothing is duplicated or confused on reload.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -322,7 +322,7 @@ class Queue:
         job.error = None
         job.not_before = None
         if job.progress.bytes_total is not None:
-            job.progress = replace(job.progress, bytes_done=job.progress.bytes_total, rate=0.0)
+            job.progress = job.progress.idle(bytes_done=job.progress.bytes_total)
         self._prune()
         return True
 
@@ -333,7 +333,7 @@ class Queue:
             return False
         job.state = JobState.FAILED
         job.error = error
-        job.progress = replace(job.progress, rate=0.0)
+        job.progress = job.progress.idle()
         return True
 
     # The decision ---------------------------------------------------------------------
@@ -393,7 +393,7 @@ class Queue:
     def _preempt(self, job: Job) -> None:
         self._outbox.append(Stop(job.id, job.attempt))
         job.state = _to(job, "preempt")
-        job.progress = replace(job.progress, rate=0.0)
+        job.progress = job.progress.idle()
 
     # Helpers --------------------------------------------------------------------------
 
@@ -405,7 +405,7 @@ class Queue:
         job.state = TRANSITIONS[event][was]
         if was in ACTIVE:
             self._outbox.append(Stop(job.id, job.attempt))
-            job.progress = replace(job.progress, rate=0.0)
+            job.progress = job.progress.idle()
         return job
 
     def _unfinished(self, ident: str, verb: str) -> Job:
@@ -475,7 +475,7 @@ class Queue:
                 seen_entries.add(job.entry)
             if job.state in ACTIVE:
                 job.state = JobState.QUEUED
-                job.progress = replace(job.progress, rate=0.0)
+                job.progress = job.progress.idle()
             self._jobs[job.id] = job
 
     def save(self, path: Path) -> None:

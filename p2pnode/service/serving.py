@@ -1,11 +1,14 @@
-"""The daemon's one listening swarm node: every installed build of every library entry, and the
-chunks earlier builds share, served from one port under one identity.
+"""What the daemon's one swarm node serves: every installed build of every library entry, the
+chunks earlier builds share, and the builds its jobs are staging, from one port under one
+identity.
 
 ``p2pnode seed`` serves one install; the daemon holds many, so its node's chunk index is the
-union of every install's (:class:`Holdings`), and it offers the current and kept builds of every
-entry. Like ``seed`` it holds no install lock (reads are verified, so an update switching a tree
-meanwhile costs rejected reads, never a wrong byte) and rebuilds its index after every finished
-job and every :data:`RESEED_SECONDS`.
+union of every install's (:class:`~p2pnode.disk.holdings.Holdings`), and it offers the current
+and kept builds of every entry. Like ``seed`` it holds no install lock (reads are verified, so
+an update switching a tree meanwhile costs rejected reads, never a wrong byte) and re-reads the
+installs after every job and every :data:`RESEED_SECONDS`. A running job needs no re-read: it
+fetches through this node, attaches its stage to the index and tells peers of each chunk as it
+lands (``node/peers.py``); the re-read keeps serving what a paused job staged.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..disk.holdings import Holdings
 from ..disk.stage import Journal, LocalChunks
 from ..disk.state import StateDir
 from ..disk.switch import local_chunks
@@ -29,7 +33,6 @@ if TYPE_CHECKING:
     from ..swarm.node import SwarmNode
 
 __all__ = [
-    "ACTIVE_RESEED_SECONDS",
     "RESEED_SECONDS",
     "Holdings",
     "Install",
@@ -38,32 +41,11 @@ __all__ = [
     "read_install",
 ]
 
-#: How often the served index is rebuilt from the install directories; and while jobs run,
-#: so that the chunks they land are served soon after (only changed installs are re-read).
+#: How often the served index is rebuilt from the install directories (only changed installs
+#: are re-read), for changes made outside the daemon.
 RESEED_SECONDS = 30.0
-ACTIVE_RESEED_SECONDS = 5.0
 #: Seconds between announces keeping an installed build listed on its tracker.
 LISTING_INTERVAL = 60.0
-
-
-class Holdings(LocalChunks):
-    """Several installs' chunks as one index: a chunk is had if any install has it, and read
-    (verified) from the first that gives it."""
-
-    def __init__(self, parts: Iterable[LocalChunks]) -> None:
-        super().__init__(None)
-        self.parts = list(parts)
-
-    def has(self, chunk_id: bytes) -> bool:
-        return any(p.has(chunk_id) for p in self.parts)
-
-    def read(self, chunk_id: bytes) -> bytes | None:
-        for p in self.parts:
-            if p.has(chunk_id):
-                data = p.read(chunk_id)
-                if data is not None:
-                    return data
-        return None
 
 
 @dataclass(frozen=True)
@@ -124,17 +106,12 @@ class ServedIndex:
 
     def __init__(self) -> None:
         self._installs: dict[Path, Install] = {}
-        #: Chunks of staged builds held since the previous refresh: the daemon tells the peers
-        #: connected to its node (``SwarmNode.have``), as an install's own node does as each
-        #: lands; a peer that connected before them would otherwise never ask for them.
-        self.landed: list[bytes] = []
 
     def refresh(self, node: SwarmNode, dests: Iterable[Path]) -> dict[Path, M.Manifest]:
         """Rebuild ``node``'s index from ``dests``; returns the build installed at each (for
         the trackers' listings). Blocking: call from a thread (the node is only assigned new
         objects, which the trio thread reads whole)."""
         installs: dict[Path, Install] = {}
-        landed: list[bytes] = []
         for dest in dests:
             known = self._installs.get(dest)
             if known is not None and known.stamp == _stamp(StateDir(dest)):
@@ -143,28 +120,17 @@ class ServedIndex:
             fresh = read_install(dest)
             if fresh is not None:
                 installs[dest] = fresh
-                landed += _landed(known, fresh)
         self._installs = installs
-        self.landed = landed
         for install in installs.values():
             for manifest, signed in install.offers:
                 if manifest.id not in node.manifests or (signed and manifest.id not in node.signed):
                     node.offer(manifest, signed)
-        node.local = Holdings(i.local for i in installs.values())
+        parts = [i.local for i in installs.values()]
+        if isinstance(node.local, Holdings):  # (jobs' live stages stay attached)
+            node.local.parts = parts
+        else:
+            node.local = Holdings(parts)
         return {d: i.current for d, i in installs.items() if i.current is not None}
-
-
-def _landed(known: Install | None, fresh: Install) -> list[bytes]:
-    """The chunks of ``fresh``'s staged build it holds and ``known`` (the previous read of
-    the install) did not."""
-    if fresh.staged is None:
-        return []
-    before = known.local if known is not None else None
-    return [
-        cid
-        for cid in fresh.staged.unique_chunks()
-        if fresh.local.has(cid) and not (before is not None and before.has(cid))
-    ]
 
 
 class Listings:

@@ -2,7 +2,9 @@
 
 The worker is the node's own install machinery (``node/install.py``, ``node/verify.py``) run
 with the daemon's knobs: the global download and upload limiters every job, peer link and CDN
-fetch share; the node identity of the state dir; and two hooks the standalone verbs do not use
+fetch share; the daemon's one swarm node, which the install fetches through and serves what it
+stages from (``InstallOptions.node``: the identity, connections and port of the daemon); and
+two hooks the standalone verbs do not use
 (``InstallOptions.watch_result`` for live bytes by source, ``before_switch`` for the launcher
 lock). It reports to :class:`~p2pnode.service.control.Service` only: progress and phase while
 it runs, then ``finished`` or ``failed`` with a one-line message that carries the fix.
@@ -22,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -35,6 +38,9 @@ from ..release import keys
 from .control import Service
 from .job import JobKind, JobState, Progress
 from .library import Entry
+
+if TYPE_CHECKING:
+    from ..swarm.node import SwarmNode
 
 __all__ = ["Meter", "WorkerContext", "discard", "run_job"]
 
@@ -54,10 +60,11 @@ class Meter:
     """The install's progress (the ``progress.Progress`` protocol) as counters the worker
     samples: safe to advance from the install's writer threads (an int add under the GIL)."""
 
-    def __init__(self) -> None:
+    def __init__(self, node: SwarmNode | None = None) -> None:
         self.total: int | None = None
         self.done = 0
         self.result: InstallResult | None = None
+        self.node = node  # (the daemon's: it counts the peers of the job's build)
         self._samples: list[tuple[float, int]] = []
 
     def start(self, total: int, description: str) -> None:
@@ -72,19 +79,23 @@ class Meter:
     def sample(self, now: float) -> Progress:
         """What to report at ``now`` (monotonic seconds): bytes, the recent rate, and bytes
         by source (the CDN's share is what neither peers nor local copies account for: the
-        fetcher totals its own figure only when it ends)."""
+        fetcher totals its own figure only when it ends), and the peers exchanging the build's
+        chunks with the daemon's node now."""
         done = self.done
         self._samples = [(t, d) for t, d in self._samples if now - t <= RATE_WINDOW]
         self._samples.append((now, done))
         t0, d0 = self._samples[0]
         rate = (done - d0) / (now - t0) if now > t0 else 0.0
         by_source: tuple[tuple[str, int], ...] = ()
+        peers = 0
         r = self.result
         if r is not None:
             local = r.bytes_reused + r.bytes_resumed
             cdn = max(r.bytes_cdn, done - local - r.bytes_peers)
             by_source = (("cdn", cdn), ("local", local), ("peers", r.bytes_peers))
-        return Progress(done, self.total, max(0.0, rate), by_source)
+            if self.node is not None:
+                peers = self.node.peers_in(r.manifest.id)
+        return Progress(done, self.total, max(0.0, rate), by_source, peers)
 
 
 @dataclass
@@ -109,8 +120,11 @@ class WorkerContext:
     #: offers it from its serving node at once, since the job announced that node for it.
     on_staging: Callable[[], None] = field(default=lambda: None)
     connections: int = 8
-    #: Where the daemon's serving node listens (None: it does not): jobs announce it for the
-    #: builds they stage, which it serves as they land.
+    #: The daemon's one swarm node: every job fetches through it, and serves what it stages
+    #: from it (None: each job opens its own, as the standalone verbs do).
+    node: SwarmNode | None = None
+    #: Where that node listens (None: it does not): jobs announce it for the builds they
+    #: stage, which it serves as they land.
     served_at: tuple[str, int] | None = None
 
 
@@ -126,7 +140,7 @@ async def run_job(
     service = ctx.service
     job = next(j for j in service.queue.jobs if j.id == job_id)
     entry = service.library.get(job.entry)
-    meter = Meter()
+    meter = Meter(ctx.node)
     task_status.started()
     started = time.monotonic()
     try:
@@ -203,6 +217,7 @@ def _options(
         upload_limiter=ctx.upload,
         identity_dir=ctx.identity_dir,
         tracker=entry.tracker,
+        node=ctx.node,
         served_at=ctx.served_at,
         discovery_requery=JOB_REQUERY,
         require_installed=kind is JobKind.UPDATE,

@@ -225,7 +225,8 @@ class Fetching(Shell):
             try:
                 await trio.sleep_forever()  # until the last chunk lands or peers run dry
             finally:
-                del self._fetching[manifest.id]
+                if self._fetching.get(manifest.id) is add:  # (a shared node: not another's)
+                    del self._fetching[manifest.id]
         return {ids[i] for i in sched.missing}
 
     @staticmethod

@@ -127,6 +127,17 @@ class Shell:
     def ban(self, node_id: bytes) -> None:
         self.banned.add(node_id)
 
+    def peers_in(self, mid: bytes) -> int:
+        """How many peers (node ids) this node exchanges ``mid``'s chunks with now, on the
+        connections it dialled and those it accepted: a job's "peers"."""
+        return len(
+            {
+                link.node_id
+                for link in list(self.links)
+                if mid in link.manifests and link.session.state is SessionState.OPEN
+            }
+        )
+
     def have(self, chunk_id: bytes) -> None:
         """A chunk just landed here: tell every connected peer in a swarm that has it."""
         now = trio.current_time()

@@ -169,11 +169,14 @@ async def test_updates_and_verify(
         job["id"],
         start.attempt,
         phase=JobState.DOWNLOADING,
-        progress=Progress(5, 10, 2.0, (("peers", 5),)),
+        progress=Progress(5, 10, 2.0, (("peers", 5),), peers=2),
     )
     got = (await client.get(f"{PREFIX}/jobs/{job['id']}")).json()
     assert got["bytes_done"] == 5 and got["progress"]["by_source"] == {"peers": 5}
+    assert got["progress"]["peers"] == 2  # (the peers it exchanges with now)
     service.finished(job["id"], start.attempt)
+    got = (await client.get(f"{PREFIX}/jobs/{job['id']}")).json()
+    assert got["progress"]["peers"] == 0 and got["rate"] == 0  # a finished job has none
     hist = (await client.get(f"{PREFIX}/updates/history")).json()["jobs"]
     assert [j["id"] for j in hist] == [job["id"]]
     assert (await client.get(f"{PREFIX}/verify/g1")).status_code == 404
@@ -254,3 +257,20 @@ def test_stream_cuts_history_but_keeps_every_unfinished_job(
     assert changes.encoded()[1] is data  # one encoding per version, shared by every client
     service.set_setting("max_active", 2)
     assert changes.encoded()[0] == version + 1
+
+
+def test_jobs_table_shows_the_peers_of_a_downloading_job() -> None:
+    from rich.console import Console
+
+    from p2pnode.service.client import jobs_table
+
+    job = {
+        **{"id": "j1", "app": "game", "kind": "install", "state": "downloading"},
+        **{"priority": "normal", "bytes_done": 5, "bytes_total": 10, "rate": 0.0},
+        "progress": {"by_source": {"peers": 5}, "peers": 3},
+    }
+    console = Console(width=200, record=True)
+    console.print(jobs_table([job, {**job, "id": "j2", "state": "paused"}]))
+    head, downloading, paused = console.export_text().splitlines()
+    assert head.rstrip().endswith("peers")
+    assert downloading.rstrip().endswith(" 3") and not paused.rstrip().endswith("3")

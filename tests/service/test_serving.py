@@ -7,10 +7,11 @@ from pathlib import Path
 import trio
 
 from p2pnode.demo.cdn import LocalCDN
-from p2pnode.disk.stage import Journal
+from p2pnode.disk.stage import Journal, LocalChunks
 from p2pnode.disk.state import StateDir
 from p2pnode.node.install import InstallOptions, install
 from p2pnode.ratelimit import RateLimiter
+from p2pnode.release.chunker import hash_chunk
 from p2pnode.service.serving import Holdings, read_install
 from tests.support.daemon import game
 from tests.support.release import TRUST
@@ -43,3 +44,21 @@ def test_a_staging_install_offers_its_build_and_the_chunks_it_journaled(
     assert all(both.has(c) for c in p1.manifest.unique_chunks())
     missing = next(c for c in p2.manifest.unique_chunks() if c not in journaled)
     assert not both.has(missing) and both.read(missing) is None
+
+
+def test_a_running_jobs_stage_stays_served_across_rereads(tmp_path: Path) -> None:
+    """A job attaches its stage to the node's index; the daemon's re-reads replace the
+    installs read from disk, not what a job attached."""
+    stage = tmp_path / "chunk"
+    stage.write_bytes(b"x" * 100)
+    cid = hash_chunk(b"x" * 100)
+    live = LocalChunks()
+    holdings = Holdings()
+    holdings.attach(live)
+    assert not holdings.has(cid)
+    live.add(cid, stage, 0, 100)  # landed: served at once
+    assert holdings.has(cid) and holdings.read(cid) == b"x" * 100
+    holdings.parts = [LocalChunks()]  # a re-read
+    assert holdings.has(cid)
+    holdings.detach(live)
+    assert not holdings.has(cid) and holdings.read(cid) is None

@@ -28,6 +28,7 @@ def clicks(browser: Chromium, url: str, tmp_path: Path, screenshot: Path) -> Non
     row = "document.querySelector('tr[data-job=j1]')"
     assert browser.js(f"{row}.dataset.state") == "downloading"
     assert "peers 300.0 KiB" in browser.js(f"{row}.textContent")
+    assert "3 peers" in browser.js(f"{row}.textContent")
     browser.screenshot(screenshot)  # a job downloading: bar, rate, ETA, bytes by source
     browser.js(f"{row}.querySelector('button[data-act=pause]').click()")
     browser.wait_for(f"{row}.dataset.state === 'paused'")
@@ -71,7 +72,9 @@ async def test_the_page_shows_and_acts(tmp_path: Path) -> None:
         "j1",
         start.attempt,
         phase=JobState.DOWNLOADING,
-        progress=Progress(400 << 10, 1 << 20, 250e3, (("cdn", 100 << 10), ("peers", 300 << 10))),
+        progress=Progress(
+            400 << 10, 1 << 20, 250e3, (("cdn", 100 << 10), ("peers", 300 << 10)), peers=3
+        ),
     )
     screenshot = Path(os.environ.get("P2PNODE_PAGE_SCREENSHOT", str(tmp_path / "page.png")))
     async with trio.open_nursery() as nursery:
