@@ -71,6 +71,9 @@ class ChannelRoutes:
     ) -> None:
         self.config, self.registry, self.registry_call = config, registry, registry_call
         self.feed, self.metrics, self.infos, self.ops = feed, metrics, infos, operations
+        #: called after each publish: the load forecast's summary for the answer (tracker.app
+        #: sets it to ``LoadRoutes.published``), or None
+        self.forecaster: Callable[..., Awaitable[dict[str, Any] | None]] | None = None
 
     def app_row(self, app: str) -> AppRow:
         core.check_name(app, "app")
@@ -208,6 +211,8 @@ class ChannelRoutes:
         }
         if staged is not None:
             answer["rollout"] = staged.view()
+        if self.forecaster is not None:
+            answer["forecast"] = await self.forecaster(m, mid, channel, percent, now)
         return JSONResponse(answer, status_code=201)
 
     async def move(self, request: Request, action: str) -> Response:

@@ -23,6 +23,7 @@ from p2pnode.release.metadata import MAX_NOTES_BYTES, UpdateType
 
 from . import core
 from .channels import MAX_SINCE, MAX_WAIT
+from .load_openapi import load_paths, load_schemas
 from .operations import MAX_AUDIT_PAGE, MAX_MIN_OUTCOMES, PERCENT_RANGE, THRESHOLD_RANGE
 from .outcomes import MAX_BUILD, MAX_DURATION_MS
 from .rollout import ACTIONS, STATES
@@ -354,6 +355,7 @@ def _schemas() -> dict[str, Any]:
             },
         },
         **_fleet_schemas(),
+        **load_schemas(),
     }
 
 
@@ -613,6 +615,7 @@ def _paths() -> dict[str, Any]:
                 parameters=[_NODE],
             )
         },
+        **load_paths(),
     }
 
 

@@ -9,12 +9,12 @@ source (peers, CDN, reused, patches). This module turns both into a time series 
 one row per minute, without touching the announce path's stores:
 
 * **Levels**: once a minute the tracker reads the swarm's per-release counters (``completed``,
-  ``peers``, ``cdn``: running totals) and :meth:`TrafficRecorder.sample` writes those that
-  moved, as the level *at* that minute. The store keeps the highest level written for a
-  minute, so replicas reading the same shared counters (Redis script or log mode) write the
-  same value and nothing is counted twice. A minute's bytes are the difference from the
-  previous stored minute (:func:`per_minute`); a level that fell (the disposable swarm state
-  was lost) starts again from zero.
+  ``peers``, ``cdn``: running totals) and :meth:`TrafficRecorder.sample` writes those that moved,
+  as the level at the end of the minute that just ended. The store keeps the highest level written
+  for a minute, so replicas reading the same shared counters (Redis script or log mode) write the
+  same value and nothing is counted twice. A minute's bytes are the difference from the previous
+  stored minute (:func:`per_minute`); a level that fell (the disposable swarm state was lost)
+  starts again from zero.
 * **Adds**: ``reused`` and ``patches`` exist only in outcomes; each accepted outcome is taken
   by exactly one replica, which adds its bytes to the minute it arrived in.
 * **Online hours**: every accepted announce adds one to its app's (UTC day, hour) cell. All
@@ -118,8 +118,11 @@ class TrafficRecorder:
 
     def sample(self, releases: Iterable[dict[str, Any]], now: float) -> int:
         """Levels of the releases whose counters moved since this recorder last wrote them
-        (``releases``: ``/v1/stats`` rows); how many."""
-        minute = self._sampled = int(now) // 60
+        (``releases``: ``/v1/stats`` rows); how many. A level read in a minute's first
+        seconds (housekeeping runs every 10 s) is what nodes announced until then, so it is
+        written as the level at the end of the minute before."""
+        self._sampled = int(now) // 60
+        minute = self._sampled - 1
         n = 0
         for r in releases:
             mid = bytes.fromhex(r["manifest_id"])
@@ -204,7 +207,7 @@ def release_hour(
             "window_hours": window,
         }
     windows = [sum(hist[(h + k) % 24] for k in range(window)) for h in range(24)]
-    best = max(range(24), key=lambda h: (windows[h], -h))
+    best = max(range(24), key=lambda h: (windows[h], hist[h], -h))
     quiet = min(range(24), key=lambda h: (hist[h], h))
     return {
         "histogram": hist,

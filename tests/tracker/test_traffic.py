@@ -50,11 +50,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TrafficSto
 
 def test_levels_become_bytes_per_minute_and_adds_are_summed() -> None:
     r = TrafficRecorder()
-    assert r.due(T0)
-    assert r.sample([rel(M1, 0, 0, 100)], T0) == 1
-    assert not r.due(T0 + 30)
-    assert r.sample([rel(M1, 0, 0, 100)], T0 + 60) == 0  # unchanged: nothing written
-    r.sample([rel(M1, 2, 300, 150)], T0 + 120)
+    assert r.due(T0 + 60)
+    # a level read in a minute's first seconds is the level at the end of the minute before
+    assert r.sample([rel(M1, 0, 0, 100)], T0 + 61) == 1
+    assert not r.due(T0 + 90)
+    assert r.sample([rel(M1, 0, 0, 100)], T0 + 120) == 0  # unchanged: nothing written
+    r.sample([rel(M1, 2, 300, 150)], T0 + 180)
     r.outcome("game", M1, 40, 0, T0 + 125)
     r.outcome("game", M1, 2, 7, T0 + 130)
     r.outcome("game", M1, 0, 0, T0 + 130)  # nothing to add
@@ -104,11 +105,11 @@ def write(store: TrafficStore, r: TrafficRecorder) -> None:
 def test_stores_keep_the_highest_level_and_sum_adds_across_replicas(store: TrafficStore) -> None:
     a, b = TrafficRecorder(), TrafficRecorder()
     for rec in (a, b):  # two replicas read the same shared counters in the same minute
-        rec.sample([rel(M1, 1, 100, 50), rel(M2, 0, 0, 10)], T0)
+        rec.sample([rel(M1, 1, 100, 50), rel(M2, 0, 0, 10)], T0 + 60)
         rec.outcome("game", M1, 30, 4, T0 + 1)
         rec.announced("game", T0 + 5)
-    b.sample([rel(M1, 3, 400, 60)], T0 + 60)
-    a.sample([rel(M1, 2, 200, 55)], T0 + 61)  # a lagging replica's lower reading
+    b.sample([rel(M1, 3, 400, 60)], T0 + 120)
+    a.sample([rel(M1, 2, 200, 55)], T0 + 121)  # a lagging replica's lower reading
     for rec in (a, b):
         write(store, rec)
     first, rows = store.series(M1)
@@ -148,7 +149,7 @@ def test_stores_keep_a_bounded_number_of_builds(
     monkeypatch.setattr(traffic_redis, "MAX_BUILDS", 2)
     r = TrafficRecorder()
     for i, mid in enumerate((M1, M2, M3)):
-        r.sample([rel(mid, 1, 1, 1)], T0 + 60 * i)
+        r.sample([rel(mid, 1, 1, 1)], T0 + 60 * (i + 1))
         write(store, r)
     assert store.series(M1) == (None, [])
     assert [store.series(m)[0] for m in (M2, M3)] == [MIN0 + 1, MIN0 + 2]
