@@ -330,6 +330,7 @@ class Tracker:
             "dashboard.css": "text/css",
             "fleet.js": "text/javascript",
             "fleet.css": "text/css",
+            "load.js": "text/javascript",
         }
         if name not in types:
             raise NotFound(f"no dashboard asset {name}")

@@ -63,11 +63,12 @@ async def adopt(
     m: M.SignedManifest,
     need: int,
     reused: int,
+    from_cdn: int = FROM_CDN,
 ) -> None:
-    """Every node takes ``m``, ``PER_MINUTE`` a minute, the first ``FROM_CDN`` from the CDN;
+    """Every node takes ``m``, ``PER_MINUTE`` a minute, the first ``from_cdn`` from the CDN;
     the tracker's housekeeping runs as each minute ends."""
     for i, k in enumerate(nodes):
-        cdn = i < FROM_CDN
+        cdn = i < from_cdn
         await client.announce(
             k, app=APP, manifest_id=m.id, port=0, event="completed", size=need, left=0,
             from_cdn=need if cdn else 0, from_peers=0 if cdn else need, numwant=0,
