@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from p2pnode.discovery import tracker_api
 from p2pnode.release import keys
 from tests.support.chromium import Chromium
-from tests.support.tracker import APP, client_for, start
+from tests.support.tracker import ADMIN, APP, client_for, start
 from tests.tracker.test_load import CHUNK, FROM_CDN, NODES, Clock, adopt, build
 from tracker import Tracker
 
@@ -85,9 +87,17 @@ async def test_the_load_section_shows_the_forecast_beside_what_followed(
     # build 2 finds fewer peers at first than build 1 did: 8 nodes fetch from the CDN, not 6
     await adopt(t, client, clock, nodes, two, 2 * CHUNK, 2 * CHUNK, FROM_CDN + 2)
     shot = Path(os.environ.get("P2PNODE_LOAD_SCREENSHOT", str(tmp_path / "load.png")))
+    three = build(publisher, 3, [1, 2, 5, 7], clock.now)
+    (tmp_path / "manifest.p2pm").write_bytes(three.encode())
     async with trio.open_nursery() as nursery:
         served = await start(nursery, t)
         got = await trio.to_thread.run_sync(look, served.base_url, tmp_path / "chrome", shot)
+        url = served.base_url
+        show = await trio.to_thread.run_sync(cli, "show", APP, "2", "--url", url)
+        dry = await trio.to_thread.run_sync(
+            cli, "dry-run", APP, "stable", str(tmp_path / "manifest.p2pm"), "--url", url,
+            "--token", ADMIN, "--rollout", "50",
+        )  # fmt: skip
         nursery.cancel_scope.cancel()
     await client._http.aclose()
 
@@ -111,3 +121,25 @@ async def test_the_load_section_shows_the_forecast_beside_what_followed(
     assert got["hours_x"] == "Hour of day (UTC)" and got["hours_y"] == "Announces"
     assert sum(got["hours_bars"]) == 2 * NODES
     assert shot.stat().st_size > 10_000
+    # the same, printed by the CLI: the forecast beside what followed, minute by minute
+    lines = show.splitlines()
+    assert lines[0].startswith(f"{APP} build 2 on stable, published ")
+    assert "20 nodes x 1.95 KiB each" in lines[0] or "20 nodes x 2.0 KiB each" in lines[0], lines[0]
+    assert lines[2].split() == ["CDN", "egress", "so", "far", "11.7", "KiB", "15.6", "KiB"]
+    assert lines[4].split() == ["peak", "per", "minute", "3.9", "KiB", "3.9", "KiB"]
+    minutes = [ln.split() for ln in lines[5:]]
+    assert [m[1] for m in minutes] == [str(i) for i in range(NODES // 2)]
+    assert [m[3:] for m in minutes[:4]] == [["3.9", "KiB", "3.9", "KiB"]] * 3 + [
+        ["0", "B", "3.9", "KiB"]
+    ]
+    # a dry run of build 3 at 50%: half the fleet, one new chunk each, offload as build 2's
+    assert "10 nodes x 1000 B each" in dry and "CDN egress forecast: " in dry, dry
+
+
+def cli(*args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "tracker", "forecast", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout
