@@ -3,12 +3,15 @@
 Shares :class:`tracker.registry_redis.RedisRegistry`'s clients, circuit breaker and error
 translation (a failure is :class:`~tracker.errors.RegistryUnavailable`). A recorder's batch is
 one Lua script, applied whole: levels keep the highest value per minute, adds and online
-counts are summed (:mod:`tracker.traffic`). Retention is Redis's own: every day's key expires
-``RETENTION_S`` plus a day after it was last written.
+counts are summed (:mod:`tracker.traffic`). A build's minutes are kept an hour per hash, a
+field per minute, so that each hash stays small enough for Redis's compact encoding (about 50
+bytes a minute). Retention is Redis's own: every key expires ``RETENTION_S`` plus a day after
+it was last written.
 
 Keys (under the registry's prefix, ``trk:reg:`` unless ``--redis-prefix``)::
 
-    P trf:m:<mid hex>:<day>      hash: "<minute>:<name>" -> n (one UTC day of one build)
+    P trf:m:<mid hex>:<hour>     hash: minute -> "completed,peers,cdn,reused,patches" (one hour
+                                 of one build; a level is empty when not sampled then)
     P trf:builds                 sorted set: manifest id hex, scored by its last minute
     P trf:first                  hash: manifest id hex -> its first minute
     P trf:on:<app>:<day>         hash: hour -> announces
@@ -21,25 +24,43 @@ import json
 from typing import Any
 
 from .registry_redis import RedisRegistry, _text
-from .traffic import MAX_BUILDS, RETENTION_DAYS, RETENTION_S, MinuteRow, TrafficBatch
-from .traffic_store import rows_of
+from .traffic import (
+    ADD_NAMES,
+    LEVEL_NAMES,
+    MAX_BUILDS,
+    RETENTION_DAYS,
+    RETENTION_S,
+    MinuteRow,
+    TrafficBatch,
+)
 
 __all__ = ["RedisTraffic"]
 
-# ARGV: prefix, ttl s, max builds, then the batch as JSON: {"m": [[mid, day, field, n, max]],
-# "o": [[app, day, hour, n]], "b": [[mid, first, last]]}; numbers are strings (cjson reads
-# numbers as doubles, which Redis would write back as 1e+15).
+# ARGV: prefix, ttl s, max builds, then the batch as JSON: {"m": [[mid, hour, minute, kind,
+# values...]] (kind L: completed, peers, cdn; kind A: reused, patches), "o": [[app, day, hour,
+# n]], "b": [[mid, first, last]]}; numbers are strings (cjson reads numbers as doubles, which
+# tostring would write as 1e+15).
 _WRITE_LUA = """
 local p, ttl, cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local b = cjson.decode(ARGV[4])
+local function num(x) return string.format('%.0f', x) end
 for _, c in ipairs(b.m) do
   local key = p .. 'm:' .. c[1] .. ':' .. c[2]
-  if c[5] == '1' then
-    local old = redis.call('HGET', key, c[3])
-    if not old or tonumber(old) < tonumber(c[4]) then redis.call('HSET', key, c[3], c[4]) end
-  else
-    redis.call('HINCRBY', key, c[3], c[4])
+  local old = redis.call('HGET', key, c[3])
+  local t = {'', '', '', '0', '0'}
+  if old then
+    local i = 1
+    for x in string.gmatch(old .. ',', '([^,]*),') do t[i] = x; i = i + 1 end
   end
+  if c[4] == 'L' then
+    for i = 1, 3 do
+      if t[i] == '' or tonumber(t[i]) < tonumber(c[4 + i]) then t[i] = c[4 + i] end
+    end
+  else
+    t[4] = num(tonumber(t[4]) + tonumber(c[5]))
+    t[5] = num(tonumber(t[5]) + tonumber(c[6]))
+  end
+  redis.call('HSET', key, c[3], table.concat(t, ','))
   redis.call('EXPIRE', key, ttl)
 end
 for _, c in ipairs(b.o) do
@@ -61,9 +82,11 @@ local over = redis.call('ZCARD', p .. 'builds') - cap
 if over > 0 then
   local gone = redis.call('ZPOPMIN', p .. 'builds', over)
   for i = 1, #gone, 2 do
-    local first = tonumber(redis.call('HGET', p .. 'first', gone[i]) or gone[i + 1])
-    for day = math.floor(first / 1440), math.floor(tonumber(gone[i + 1]) / 1440) do
-      redis.call('DEL', p .. 'm:' .. gone[i] .. ':' .. day)
+    local last = tonumber(gone[i + 1])
+    local first = tonumber(redis.call('HGET', p .. 'first', gone[i]) or last)
+    first = math.max(first, last - tonumber(ARGV[5]))
+    for hour = math.floor(first / 60), math.floor(last / 60) do
+      redis.call('DEL', p .. 'm:' .. gone[i] .. ':' .. hour)
     end
     redis.call('HDEL', p .. 'first', gone[i])
   end
@@ -89,13 +112,13 @@ class RedisTraffic:
     def write(self, batch: TrafficBatch) -> None:
         cells: list[list[str]] = []
         builds: dict[str, tuple[int, int]] = {}
-        for kind, part in (("1", batch.levels), ("0", batch.adds)):
+        for kind, names, part in (("L", LEVEL_NAMES, batch.levels), ("A", ADD_NAMES, batch.adds)):
             for (mid, minute), (_, counts) in part.items():
                 h = mid.hex()
                 lo, hi = builds.get(h, (minute, minute))
                 builds[h] = (min(lo, minute), max(hi, minute))
-                day = str(minute // 1440)
-                cells += [[h, day, f"{minute}:{k}", str(n), kind] for k, n in counts.items()]
+                values = [str(counts.get(n, 0)) for n in names]
+                cells.append([h, str(minute // 60), str(minute), kind, *values])
         body = {
             "m": cells,
             "o": [[a, str(d), str(h), str(n)] for (a, d, h), n in batch.online.items()],
@@ -104,7 +127,9 @@ class RedisTraffic:
         if not (cells or body["o"]):
             return
         with self._reg._redis("write the traffic series"):
-            self._write(args=[self.p, self._ttl, MAX_BUILDS, json.dumps(body)])
+            self._write(
+                args=[self.p, self._ttl, MAX_BUILDS, json.dumps(body), RETENTION_S // 60 + 1440]
+            )
 
     def gc(self, now: float) -> None:
         """Keys expire by themselves; drop the index entries of builds past retention."""
@@ -122,18 +147,26 @@ class RedisTraffic:
             first, last = r.hget(self.p + "first", h), r.zscore(self.p + "builds", h)
             if first is None or last is None:
                 return None, []
-            lo = max(int(first), int(last) - RETENTION_S // 60 - 1440) // 1440
+            lo = max(int(first), int(last) - RETENTION_S // 60 - 1440) // 60
             with r.pipeline(transaction=False) as pipe:
-                for day in range(lo, int(last) // 1440 + 1):
-                    pipe.hgetall(f"{self.p}m:{h}:{day}")
-                days = pipe.execute()
-        cells = []
-        for d in days:
-            for k, v in d.items():
-                minute, _, name = _text(k).partition(":")
-                cells.append((int(minute), name, int(v)))
-        cells.sort()
-        return int(first), rows_of(cells)
+                for hour in range(lo, int(last) // 60 + 1):
+                    pipe.hgetall(f"{self.p}m:{h}:{hour}")
+                hours = pipe.execute()
+        rows = []
+        for fields in hours:
+            for k, v in fields.items():
+                values = _text(v).split(",")
+                levels = values[: len(LEVEL_NAMES)]
+                adds = values[len(LEVEL_NAMES) :]
+                rows.append(
+                    MinuteRow(
+                        int(_text(k)),
+                        dict(zip(LEVEL_NAMES, map(int, levels), strict=True)) if levels[0] else {},
+                        {n: int(x) for n, x in zip(ADD_NAMES, adds, strict=True) if int(x)},
+                    )
+                )
+        rows.sort(key=lambda row: row.minute)
+        return int(first), rows
 
     def online_cells(self, app: str, now: float) -> list[tuple[int, int, int]]:
         today = int(now) // 86400

@@ -69,14 +69,16 @@ class TrafficStore(Protocol):
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS traffic_builds (
-    manifest BLOB PRIMARY KEY, app TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL
+    id INTEGER PRIMARY KEY, manifest BLOB NOT NULL UNIQUE, app TEXT NOT NULL,
+    first INTEGER NOT NULL, last INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS traffic_builds_by_last ON traffic_builds(last);
 CREATE TABLE IF NOT EXISTS traffic (
-    manifest BLOB NOT NULL, minute INTEGER NOT NULL, name TEXT NOT NULL, n INTEGER NOT NULL,
-    PRIMARY KEY (manifest, minute, name)
-);
-CREATE INDEX IF NOT EXISTS traffic_by_minute ON traffic(minute);
+    build INTEGER NOT NULL, minute INTEGER NOT NULL,
+    completed INTEGER, peers INTEGER, cdn INTEGER,
+    reused INTEGER NOT NULL DEFAULT 0, patches INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (build, minute)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS online (
     app TEXT NOT NULL, day INTEGER NOT NULL, hour INTEGER NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (app, day, hour)
@@ -85,10 +87,16 @@ CREATE TABLE IF NOT EXISTS forecasts (
     manifest BLOB PRIMARY KEY, app TEXT NOT NULL, at REAL NOT NULL, body TEXT NOT NULL
 );
 """
+#: A level column keeps the highest value written (NULL: not sampled that minute).
+_KEEP_HIGHEST = ", ".join(
+    f"{c} = CASE WHEN {c} IS NULL OR excluded.{c} > {c} THEN excluded.{c} ELSE {c} END"
+    for c in LEVEL_NAMES
+)
 
 
 class SQLiteTraffic(SQLiteFile):
-    """A :class:`TrafficStore` in one SQLite file (``DIR/traffic.db``)."""
+    """A :class:`TrafficStore` in one SQLite file (``DIR/traffic.db``): one row per build and
+    minute (about 60 bytes), builds numbered in ``traffic_builds``."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, _SCHEMA)
@@ -105,22 +113,28 @@ class SQLiteTraffic(SQLiteFile):
                 "last = MAX(last, excluded.last)",
                 [(mid, app, lo, hi) for mid, (app, lo, hi) in builds.items()],
             )
+            ids = {
+                mid: c.execute(
+                    "SELECT id FROM traffic_builds WHERE manifest = ?", (mid,)
+                ).fetchone()[0]
+                for mid in builds
+            }
             c.executemany(
-                "INSERT INTO traffic (manifest, minute, name, n) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (manifest, minute, name) DO UPDATE SET n = MAX(n, excluded.n)",
+                f"INSERT INTO traffic (build, minute, {', '.join(LEVEL_NAMES)}) "
+                f"VALUES (?, ?, ?, ?, ?) ON CONFLICT (build, minute) DO UPDATE SET "
+                + _KEEP_HIGHEST,
                 [
-                    (mid, minute, name, n)
+                    (ids[mid], minute, *(levels.get(n, 0) for n in LEVEL_NAMES))
                     for (mid, minute), (_, levels) in batch.levels.items()
-                    for name, n in levels.items()
                 ],
             )
             c.executemany(
-                "INSERT INTO traffic (manifest, minute, name, n) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (manifest, minute, name) DO UPDATE SET n = n + excluded.n",
+                "INSERT INTO traffic (build, minute, reused, patches) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (build, minute) DO UPDATE SET reused = reused + excluded.reused, "
+                "patches = patches + excluded.patches",
                 [
-                    (mid, minute, name, n)
+                    (ids[mid], minute, adds.get("reused", 0), adds.get("patches", 0))
                     for (mid, minute), (_, adds) in batch.adds.items()
-                    for name, n in adds.items()
                 ],
             )
             c.executemany(
@@ -130,16 +144,19 @@ class SQLiteTraffic(SQLiteFile):
             )
             over = c.execute("SELECT COUNT(*) FROM traffic_builds").fetchone()[0] - MAX_BUILDS
             if over > 0:
-                for (mid,) in c.execute(
-                    "SELECT manifest FROM traffic_builds ORDER BY last LIMIT ?", (over,)
+                for (n,) in c.execute(
+                    "SELECT id FROM traffic_builds ORDER BY last LIMIT ?", (over,)
                 ).fetchall():
-                    c.execute("DELETE FROM traffic WHERE manifest = ?", (mid,))
-                    c.execute("DELETE FROM traffic_builds WHERE manifest = ?", (mid,))
+                    c.execute("DELETE FROM traffic WHERE build = ?", (n,))
+                    c.execute("DELETE FROM traffic_builds WHERE id = ?", (n,))
 
     def gc(self, now: float) -> None:
         minute = int(now) // 60 - RETENTION_MINUTES
         with self._tx() as c:
-            c.execute("DELETE FROM traffic WHERE minute < ?", (minute,))
+            for (n,) in c.execute(
+                "SELECT id FROM traffic_builds WHERE first < ?", (minute,)
+            ).fetchall():
+                c.execute("DELETE FROM traffic WHERE build = ? AND minute < ?", (n, minute))
             c.execute("DELETE FROM traffic_builds WHERE last < ?", (minute,))
             c.execute("DELETE FROM online WHERE day < ?", (int(now) // 86400 - RETENTION_DAYS,))
             c.execute("DELETE FROM forecasts WHERE at < ?", (now - 60 * RETENTION_MINUTES,))
@@ -147,13 +164,28 @@ class SQLiteTraffic(SQLiteFile):
     def series(self, manifest: bytes) -> tuple[int | None, list[MinuteRow]]:
         with self._lock:
             row = self._conn.execute(
-                "SELECT first FROM traffic_builds WHERE manifest = ?", (manifest,)
+                "SELECT id, first FROM traffic_builds WHERE manifest = ?", (manifest,)
             ).fetchone()
+            if row is None:
+                return None, []
             cells = self._conn.execute(
-                "SELECT minute, name, n FROM traffic WHERE manifest = ? ORDER BY minute",
-                (manifest,),
+                f"SELECT minute, {', '.join(LEVEL_NAMES)}, {', '.join(ADD_NAMES)} FROM traffic "
+                "WHERE build = ? ORDER BY minute",
+                (row[0],),
             ).fetchall()
-        return (row[0] if row else None), rows_of(cells)
+        rows = []
+        for minute, *values in cells:
+            levels = dict(zip(LEVEL_NAMES, values[: len(LEVEL_NAMES)], strict=True))
+            adds = dict(zip(ADD_NAMES, values[len(LEVEL_NAMES) :], strict=True))
+            sampled = levels["completed"] is not None
+            rows.append(
+                MinuteRow(
+                    int(minute),
+                    {k: int(v) for k, v in levels.items()} if sampled else {},
+                    {k: int(v) for k, v in adds.items() if v},
+                )
+            )
+        return int(row[1]), rows
 
     def online_cells(self, app: str, now: float) -> list[tuple[int, int, int]]:
         with self._lock:
@@ -183,19 +215,6 @@ class SQLiteTraffic(SQLiteFile):
                 "SELECT body FROM forecasts WHERE manifest = ?", (manifest,)
             ).fetchone()
         return json.loads(row[0]) if row else None
-
-
-def rows_of(cells: list[tuple[int, str, int]]) -> list[MinuteRow]:
-    """(minute, name, n) cells, in minute order, as rows (both stores)."""
-    rows: list[MinuteRow] = []
-    for minute, name, n in cells:
-        if not rows or rows[-1].minute != minute:
-            rows.append(MinuteRow(int(minute), {}, {}))
-        if name in LEVEL_NAMES:
-            rows[-1].levels[name] = int(n)
-        elif name in ADD_NAMES:
-            rows[-1].adds[name] = int(n)
-    return rows
 
 
 def open_traffic(data_dir: Path, registry: Any = None) -> TrafficStore:
