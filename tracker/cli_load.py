@@ -83,7 +83,8 @@ def print_forecast(out: dict[str, Any]) -> None:
     if a is None:
         print(
             f"CDN egress forecast: {format_bytes(f['cdn_total'])}, peak "
-            f"{format_bytes(f['cdn_peak_per_min'])}/min at {_utc(f['cdn_peak_at'])}"
+            f"{format_bytes(f['cdn_peak_per_min'])}/min at {_utc(f['cdn_peak_at'])}; "
+            f"delta patches {format_bytes(f.get('patches_total', 0))} (from peers or the CDN)"
         )
         return
     print(f"{'':24}{'predicted':>14}{'actual':>14}")
@@ -92,6 +93,10 @@ def print_forecast(out: dict[str, Any]) -> None:
         f"{format_bytes(a['cdn_actual_total']):>14}"
     )
     print(f"{'CDN egress in all':<24}{format_bytes(f['cdn_total']):>14}{'':>14}")
+    print(
+        f"{'delta patches so far':<24}{format_bytes(f.get('patches_total', 0)):>14}"
+        f"{format_bytes(a.get('patches_actual_total', 0)):>14}"
+    )
     print(
         f"{'peak per minute':<24}{format_bytes(f['cdn_peak_per_min']):>14}"
         f"{format_bytes(a['cdn_actual_peak_per_min']):>14}"

@@ -10,9 +10,12 @@ holding the build; the last find many). So:
 1. **Adopters** ``N``: the nodes of the channel's fleet (the fleet view's nodes whose build is
    one the channel carried), times the rollout's percentage.
 2. **Need** ``B``: per build the fleet runs, the bytes of the new build's distinct chunks that
-   build lacks (a chunk a listed patch produces from that build counts as its patch's size);
-   :func:`bytes_needed` averages them over the nodes. Nodes on a build the tracker cannot read
-   need the whole build.
+   build lacks; :func:`bytes_needed` averages them over the nodes. Nodes on a build the
+   tracker cannot read need the whole build. A chunk a listed patch makes from that build is
+   not fetched: the patch is, and patch bytes are forecast apart (``patches_total``, every
+   adopter fetching its patches), because nodes report them apart (from peers or the CDN, not
+   split) while their announces count chunk bytes only: the CDN figures here are chunk bytes,
+   so that the forecast and what followed are measured alike.
 3. **Adoption shape** ``F(k)``: the share of a release's adopters done ``k`` minutes after its
    publish, averaged over up to ``HISTORY`` recent releases of the app from their per-minute
    completions (:mod:`tracker.traffic`); a release's share counts as complete past its last
@@ -78,25 +81,32 @@ class PastRelease:
 
 
 def bytes_needed(new: Manifest, fleet: Iterable[tuple[Manifest | None, int]]) -> dict[str, Any]:
-    """What one node lacks of ``new``, averaged over ``fleet`` ((the build it runs, nodes)).
-    See the module docstring; ``per_build`` lists each base build's need."""
+    """What one node lacks of ``new``, averaged over ``fleet`` ((the build it runs, nodes)):
+    ``need`` in chunk bytes, ``patch_need`` in patch bytes (see the module docstring);
+    ``per_build`` lists each base build's."""
     chunks = new.unique_chunks()
     size = sum(chunks.values())
-    total = nodes = 0
+    total = patched = nodes = 0
     per_build = []
     for base, n in fleet:
-        need = size if base is None else _need_from(new, chunks, base)
-        per_build.append({"build": None if base is None else base.build, "nodes": n, "need": need})
+        need, patches = (size, 0) if base is None else _need_from(new, chunks, base)
+        per_build.append(
+            {"build": None if base is None else base.build, "nodes": n, "need": need,
+             "patches": patches}
+        )  # fmt: skip
         total += need * n
+        patched += patches * n
         nodes += n
     return {
         "size": size,
         "need": total / nodes if nodes else float(size),
+        "patch_need": patched / nodes if nodes else 0.0,
         "per_build": per_build,
     }
 
 
-def _need_from(new: Manifest, chunks: dict[bytes, int], base: Manifest) -> int:
+def _need_from(new: Manifest, chunks: dict[bytes, int], base: Manifest) -> tuple[int, int]:
+    """(chunk bytes, patch bytes) a node running ``base`` fetches for ``new``."""
     have = base.unique_chunks()
     missing = {cid: n for cid, n in chunks.items() if cid not in have}
     files = {f.path: f for f in new.files}
@@ -109,7 +119,7 @@ def _need_from(new: Manifest, chunks: dict[bytes, int], base: Manifest) -> int:
             patched += p.size
             for cid in made:
                 missing.pop(cid, None)
-    return sum(missing.values()) + patched
+    return sum(missing.values()), patched
 
 
 def _shape(history: Sequence[PastRelease], now: float) -> tuple[list[float], list[int]]:
@@ -169,6 +179,7 @@ def predict(
     history: Sequence[PastRelease],
     published: float,
     percent: float = 100.0,
+    patch_need: float = 0.0,
 ) -> dict[str, Any]:
     """The forecast of a publish at ``published`` (Unix s); see the module docstring."""
     adopters = nodes * percent / 100
@@ -201,6 +212,8 @@ def predict(
         "adopters": adopters,
         "size_bytes": size,
         "need_bytes": round(need),
+        "patch_need_bytes": round(patch_need),
+        "patches_total": round(adopters * patch_need),
         "basis": "history" if builds else "default",
         "history_builds": builds,
         "offload": [round(x, 4) for x in offload],
@@ -221,6 +234,7 @@ def compare(forecast: dict[str, Any], rows: Sequence[dict[str, int]], now: float
     if now >= start + HORIZON_MIN * 60:
         predicted_so_far = forecast["cdn_total"]
     actual_total = sum(b for _, b in actual)
+    patches = sum(r.get("patches", 0) for r in rows if r["t"] >= start)
     peak_at, peak = max(((t, b) for t, b in actual), key=lambda x: x[1], default=(None, 0))
 
     def ratio(a: float, p: float) -> float | None:
@@ -230,6 +244,7 @@ def compare(forecast: dict[str, Any], rows: Sequence[dict[str, int]], now: float
         "elapsed_s": max(0, int(now) - start),
         "actual": actual,
         "cdn_actual_total": actual_total,
+        "patches_actual_total": patches,
         "cdn_predicted_so_far": round(predicted_so_far),
         "cdn_actual_peak_per_min": peak,
         "cdn_actual_peak_at": peak_at,

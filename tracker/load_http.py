@@ -40,7 +40,7 @@ from .fleet_store import FleetStore
 from .forecast import HISTORY, PastRelease, bytes_needed, compare, predict
 from .operations import PERCENT_RANGE
 from .outcomes import MAX_BUILD, Outcome
-from .traffic import RETENTION_S, TrafficRecorder, per_minute, release_hour
+from .traffic import RETENTION_S, MinuteRow, TrafficRecorder, per_minute, release_hour
 from .traffic_store import TrafficStore
 from .web import query_float, read_body
 
@@ -145,8 +145,47 @@ class LoadRoutes:
             return None
         return (await trio.to_thread.run_sync(parse_signed, raw)).manifest
 
-    async def _series(self, mid: bytes) -> list[dict[str, int]]:
+    async def _live(self, now: float) -> tuple[int, dict[bytes, dict[str, int]]]:
+        """The swarm's counters now, per build: the current minute, not sampled yet."""
+        stats = await self._swarm.stats(now)
+        return int(now) // 60, {
+            bytes.fromhex(r["manifest_id"]): {
+                "completed": int(r["completed"]),
+                "peers": int(r["bytes_from_peers"]),
+                "cdn": int(r["bytes_from_cdn"]),
+            }
+            for r in stats["releases"]
+        }
+
+    async def _series(
+        self, mid: bytes, live: tuple[int, dict[bytes, dict[str, int]]] | None = None
+    ) -> list[dict[str, int]]:
+        """The build's rows (``per_minute``), ending with ``live``'s minute when its counters
+        moved since the last sample (so an answer is never a minute behind)."""
         first, rows = await self._call(self.store.series, mid)
+        for minute, adds in self.recorder.pending_adds(mid).items():
+            at = next((i for i, r in enumerate(rows) if r.minute == minute), None)
+            if at is None:
+                rows.append(MinuteRow(minute, {}, adds))
+                first = minute if first is None else min(first, minute)
+            else:
+                mine = rows[at].adds
+                rows[at] = MinuteRow(
+                    minute,
+                    rows[at].levels,
+                    {k: mine.get(k, 0) + adds.get(k, 0) for k in {*mine, *adds}},
+                )
+        rows.sort(key=lambda r: r.minute)
+        levels = live[1].get(mid) if live else None
+        if live and levels:
+            minute = live[0]
+            last = next((r.levels for r in reversed(rows) if r.levels), None)
+            if rows and rows[-1].minute >= minute:
+                if levels != last:
+                    rows[-1] = MinuteRow(rows[-1].minute, levels, rows[-1].adds)
+            elif levels != last:
+                rows.append(MinuteRow(minute, levels, {}))
+                first = minute if first is None else first
         return per_minute(rows, first)
 
     async def make_forecast(
@@ -163,6 +202,7 @@ class LoadRoutes:
             base = await self._manifest(bytes.fromhex(b["manifest_id"])) if i < BASES else None
             fleet.append((base, b["nodes"]))
         need = await trio.to_thread.run_sync(bytes_needed, m, fleet)
+        live = await self._live(now)
         past: list[PastRelease] = []
         seen: set[str] = set()
         for h in history:  # newest first
@@ -173,7 +213,7 @@ class LoadRoutes:
             ):
                 continue
             seen.add(h["manifest_id"])
-            rows = await self._series(bytes.fromhex(h["manifest_id"]))
+            rows = await self._series(bytes.fromhex(h["manifest_id"]), live)
             if rows:
                 past.append(PastRelease(h["build"], h["at"], rows))
             if len(past) >= 2 * HISTORY:
@@ -181,7 +221,7 @@ class LoadRoutes:
         nodes = sum(n for _, n in fleet)
         f = predict(
             nodes=nodes, need=need["need"], size=need["size"], history=past, published=now,
-            percent=percent,
+            percent=percent, patch_need=need["patch_need"],
         )  # fmt: skip
         f.update(app=m.app, channel=channel, build=m.build, manifest_id=mid.hex())
         f["need_by_build"] = need["per_build"]
@@ -225,7 +265,7 @@ class LoadRoutes:
 
     async def traffic(self, request: Request) -> Response:
         app, build, mid = await self._build(request)
-        rows = await self._series(mid)
+        rows = await self._series(mid, await self._live(self._clock()))
         totals = {
             k: sum(r[k] for r in rows) for k in ("completed", "peers", "cdn", "reused", "patches")
         }
@@ -251,9 +291,9 @@ class LoadRoutes:
                 f"no forecast was recorded for build {build} of {app}",
                 fix="forecasts are made when a build is published (kept 7 days)",
             )
-        return JSONResponse(
-            {"forecast": f, "actual": compare(f, await self._series(mid), self._clock())}
-        )
+        now = self._clock()
+        rows = await self._series(mid, await self._live(now))
+        return JSONResponse({"forecast": f, "actual": compare(f, rows, now)})
 
     async def dry_run(self, request: Request) -> Response:
         app = core.check_name(request.path_params["app"], "app")
@@ -297,11 +337,12 @@ class LoadRoutes:
                 if h["action"] == "publish":
                     published.append((h["at"], h["manifest_id"], head.channel))
         builds = []
+        live = await self._live(now)
         for _, mid_hex, _ in sorted(published, reverse=True):
             f = await self._call(self.store.forecast, bytes.fromhex(mid_hex))
             if f is None:
                 continue
-            actual = compare(f, await self._series(bytes.fromhex(mid_hex)), now)
+            actual = compare(f, await self._series(bytes.fromhex(mid_hex), live), now)
             builds.append({**summary(f), "predicted": f["curve"], "actual": actual})
             if len(builds) >= LOAD_BUILDS:
                 break

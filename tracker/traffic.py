@@ -139,6 +139,10 @@ class TrafficRecorder:
             n += 1
         return n
 
+    def pending_adds(self, manifest: bytes) -> dict[int, dict[str, int]]:
+        """The build's adds not written yet, per minute (answers include them)."""
+        return {m: dict(c) for (mid, m), (_, c) in self._batch.adds.items() if mid == manifest}
+
     def take(self) -> TrafficBatch:
         """The pending batch (empty afterwards); give it to the store."""
         batch, self._batch = self._batch, TrafficBatch()

@@ -64,7 +64,10 @@ def test_a_listed_patch_replaces_the_chunks_it_makes_from_that_build() -> None:
     two = manifest(2, [(1, 100), (5, 100), (6, 100)], patches=(patch,))
     other = manifest(7, [(9, 10)])
     out = bytes_needed(two, [(one, 1), (other, 1)])
-    assert [b["need"] for b in out["per_build"]] == [30, 300]
+    assert [(b["need"], b["patches"]) for b in out["per_build"]] == [(0, 30), (300, 0)]
+    assert out["need"] == 150 and out["patch_need"] == 15
+    f = predict(nodes=2, need=out["need"], size=300, history=[], published=T0, patch_need=15)
+    assert f["patch_need_bytes"] == 15 and f["patches_total"] == 30 and f["cdn_total"] == 300
 
 
 def past(build: int, published: float, per_min: list[tuple[int, int, int]]) -> PastRelease:
@@ -143,12 +146,13 @@ def test_compare_puts_what_followed_beside_the_forecast() -> None:
     rows = [
         {"t": int(T0) - 60, "cdn": 999, "completed": 0, "peers": 0},  # before: not this publish
         {"t": int(T0), "cdn": 40, "completed": 1, "peers": 0},
-        {"t": int(T0) + 120, "cdn": 70, "completed": 1, "peers": 5},
+        {"t": int(T0) + 120, "cdn": 70, "completed": 1, "peers": 5, "patches": 9},
     ]
     c = compare(f, rows, T0 + 180)
     assert c["actual"] == [[int(T0), 40], [int(T0) + 120, 70]]
     assert c["cdn_actual_total"] == 110 and c["cdn_actual_peak_per_min"] == 70
     assert c["cdn_actual_peak_at"] == int(T0) + 120 and c["elapsed_s"] == 180
+    assert c["patches_actual_total"] == 9
     so_far = sum(b for t, b in f["curve"] if t <= T0 + 180)
     assert c["cdn_predicted_so_far"] == so_far
     assert c["total_ratio"] == round(110 / so_far, 4)

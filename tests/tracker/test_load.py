@@ -176,3 +176,30 @@ async def test_a_forecast_is_printed_beside_what_followed(
     for bad in ("/v1/apps/game/builds/x/traffic", "/v1/apps/game/builds/99/forecast"):
         assert (await http.get(bad)).status_code in (400, 404)
     await client._http.aclose()
+
+
+async def test_answers_include_the_minute_not_sampled_yet(
+    make_tracker: Callable[..., Tracker], publisher: Ed25519PrivateKey
+) -> None:
+    """No housekeeping ran: the swarm's counters now and the outcomes not written yet are in
+    the answer all the same (it is never a minute behind)."""
+    t = make_tracker(client_rate=0.0)
+    client = client_for(t)
+    await client.add_app(APP, keys.public_key_bytes(publisher))
+    m = build(publisher, 1, [1, 2], time.time())
+    await client.publish(APP, "stable", m.encode())
+    k = keys.generate_key()
+    await client.announce(
+        k, app=APP, manifest_id=m.id, port=0, event="completed", size=2 * CHUNK, left=0,
+        from_cdn=CHUNK, from_peers=CHUNK, numwant=0,
+    )  # fmt: skip
+    fields = {"app": APP, "manifest": m.id.hex(), "to_build": 1, "kind": "install"}
+    await client.report_outcome(k, {**fields, "outcome": "success", "bytes_patches": 77})
+    got = (await client._http.get(f"/v1/apps/{APP}/builds/1/traffic")).json()
+    assert got["totals"] == {"completed": 1, "peers": CHUNK, "cdn": CHUNK, "reused": 0,
+                             "patches": 77}  # fmt: skip
+    assert len(got["series"]) == 1
+    await t.load.tick(time.time() + 60, force=True)  # sampled and written: the same answer
+    again = (await client._http.get(f"/v1/apps/{APP}/builds/1/traffic")).json()
+    assert again["totals"] == got["totals"]
+    await client._http.aclose()

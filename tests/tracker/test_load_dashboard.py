@@ -115,7 +115,7 @@ async def test_the_load_section_shows_the_forecast_beside_what_followed(
     assert [r[0] for r in got["rows"]] == ["build 2", "build 1"]
     two_row = got["rows"][0]
     assert two_row[3:] == [
-        "20", "2.0 KB", "12.0 KB", "12.0 KB", "16.0 KB", "4.0 KB / 4.0 KB", "1.33"
+        "20", "2.0 KB", "12.0 KB", "12.0 KB", "16.0 KB", "4.0 KB / 4.0 KB", "1.33", "0 B / 0 B"
     ], two_row  # fmt: skip
     assert got["hour"].startswith("Recommended release hour: ")
     assert got["hours_x"] == "Hour of day (UTC)" and got["hours_y"] == "Announces"
@@ -126,8 +126,9 @@ async def test_the_load_section_shows_the_forecast_beside_what_followed(
     assert lines[0].startswith(f"{APP} build 2 on stable, published ")
     assert "20 nodes x 1.95 KiB each" in lines[0] or "20 nodes x 2.0 KiB each" in lines[0], lines[0]
     assert lines[2].split() == ["CDN", "egress", "so", "far", "11.7", "KiB", "15.6", "KiB"]
-    assert lines[4].split() == ["peak", "per", "minute", "3.9", "KiB", "3.9", "KiB"]
-    minutes = [ln.split() for ln in lines[5:]]
+    assert lines[4].split() == ["delta", "patches", "so", "far", "0", "B", "0", "B"]
+    assert lines[5].split() == ["peak", "per", "minute", "3.9", "KiB", "3.9", "KiB"]
+    minutes = [ln.split() for ln in lines[6:]]
     assert [m[1] for m in minutes] == [str(i) for i in range(NODES // 2)]
     assert [m[3:] for m in minutes[:4]] == [["3.9", "KiB", "3.9", "KiB"]] * 3 + [
         ["0", "B", "3.9", "KiB"]

@@ -45,7 +45,8 @@ function forecastRow(f) {
     new Date(f.at * 1000).toISOString().slice(0, 16).replace("T", " "),
     String(Math.round(f.adopters)), fmtBytes(f.need_bytes), fmtBytes(f.cdn_total),
     fmtBytes(a.cdn_predicted_so_far), fmtBytes(a.cdn_actual_total),
-    fmtBytes(f.cdn_peak_per_min) + " / " + fmtBytes(a.cdn_actual_peak_per_min), ratio];
+    fmtBytes(f.cdn_peak_per_min) + " / " + fmtBytes(a.cdn_actual_peak_per_min), ratio,
+    fmtBytes(f.patches_total || 0) + " / " + fmtBytes(a.patches_actual_total || 0)];
   const tr = document.createElement("tr");
   tr.dataset.build = String(f.build);
   tr.title = "show this build's chart";
@@ -57,7 +58,7 @@ function forecastRow(f) {
 function renderForecasts(list) {
   const tbody = document.querySelector("#load-forecasts tbody");
   if (!list.length) {
-    tbody.replaceChildren(emptyRow(10, "no publish forecast yet"));
+    tbody.replaceChildren(emptyRow(11, "no publish forecast yet"));
   } else {
     tbody.replaceChildren(...list.map(forecastRow));
   }
