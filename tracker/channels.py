@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from p2pnode.discovery.tracker_api import ChannelHead
 from p2pnode.errors import P2PNodeError
 from p2pnode.release import keys
-from p2pnode.release.manifest import MAX_MANIFEST_BYTES, parse_signed, verify
+from p2pnode.release.manifest import MAX_MANIFEST_BYTES, SignedManifest, parse_signed, verify
 
 from . import core
 from .auth import require_admin, require_publisher, token_hash
@@ -150,18 +150,8 @@ class ChannelRoutes:
             if "rollout" in request.query_params
             else None
         )
-        body = await read_body(request, MAX_MANIFEST_BYTES + 1024)
         now = self.config.clock()
-
-        def check() -> Any:
-            signed = parse_signed(body, source="uploaded manifest")
-            verify(signed, {row.key}, now=now)
-            return signed
-
-        try:
-            signed = await trio.to_thread.run_sync(check)
-        except P2PNodeError as exc:
-            raise _refusal(exc) from exc
+        body, signed = await checked_upload(request, row, now)
         m = signed.manifest
         if m.app != row.name:
             raise BadRequest(f"the manifest is for app {m.app}, not {row.name}")
@@ -342,6 +332,23 @@ class ChannelRoutes:
             media_type="application/x-p2pnode-manifest",
             headers={"Cache-Control": "public, max-age=31536000, immutable"},
         )
+
+
+async def checked_upload(request: Request, row: AppRow, now: float) -> tuple[bytes, SignedManifest]:
+    """The uploaded signed manifest (its bytes, and parsed) of a publish or a forecast's dry
+    run: read under its cap, parsed and verified with the app's key in a worker thread (up to
+    64 MiB); a problem is a refusal."""
+    body = await read_body(request, MAX_MANIFEST_BYTES + 1024)
+
+    def check() -> SignedManifest:
+        signed = parse_signed(body, source="uploaded manifest")
+        verify(signed, {row.key}, now=now)
+        return signed
+
+    try:
+        return body, await trio.to_thread.run_sync(check)
+    except P2PNodeError as exc:
+        raise _refusal(exc) from exc
 
 
 def _refusal(exc: P2PNodeError) -> APIError:

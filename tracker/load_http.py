@@ -29,12 +29,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from p2pnode.errors import P2PNodeError
-from p2pnode.release.manifest import MAX_MANIFEST_BYTES, Manifest, parse_signed, verify
+from p2pnode.release.manifest import Manifest, parse_signed
 
 from . import core
 from .auth import require_publisher
 from .backend import RegistryStore, SwarmStore
+from .channels import checked_upload
 from .errors import BadRequest, NotFound, Unavailable
 from .fleet_store import FleetStore
 from .forecast import HISTORY, PastRelease, bytes_needed, compare, predict
@@ -42,7 +42,7 @@ from .operations import PERCENT_RANGE
 from .outcomes import MAX_BUILD, Outcome
 from .traffic import RETENTION_S, MinuteRow, TrafficRecorder, per_minute, release_hour
 from .traffic_store import TrafficStore
-from .web import query_float, read_body
+from .web import query_float
 
 __all__ = ["LoadRoutes"]
 
@@ -307,18 +307,8 @@ class LoadRoutes:
             if "rollout" in request.query_params
             else 100.0
         )
-        body = await read_body(request, MAX_MANIFEST_BYTES + 1024)
         now = self._clock()
-
-        def check() -> Any:
-            signed = parse_signed(body, source="uploaded manifest")
-            verify(signed, {row.key}, now=now)
-            return signed
-
-        try:
-            signed = await trio.to_thread.run_sync(check)
-        except P2PNodeError as exc:
-            raise BadRequest(f"manifest refused: {exc.message}", fix=exc.fix) from exc
+        _, signed = await checked_upload(request, row, now)
         if signed.manifest.app != app:
             raise BadRequest(f"the manifest is for app {signed.manifest.app}, not {app}")
         f = await self.make_forecast(signed.manifest, signed.id, channel, percent, now)

@@ -146,8 +146,7 @@ def load_schemas() -> dict[str, Any]:
 
 
 def load_paths() -> dict[str, Any]:
-    from .openapi import _APP, _CH, _HEX64, _MANIFEST, _op, _path, _range
-    from .operations import PERCENT_RANGE
+    from .openapi import _APP, _HEX64, _op, _path, upload_op
 
     build = _path("build", {"type": "string", "pattern": BUILD_PATTERN})
     manifest = {
@@ -173,17 +172,9 @@ def load_paths() -> dict[str, Any]:
             )
         },
         "/v1/apps/{app}/channels/{channel}/forecast": {
-            "post": _op(
+            "post": upload_op(
                 "Dry run: the forecast of publishing this signed manifest now (not recorded)",
                 answer={"$ref": "#/components/schemas/Forecast"},
-                auth="publisher or admin",
-                body={"type": "string", "format": "binary"},
-                body_media=_MANIFEST,
-                parameters=[
-                    _APP,
-                    _CH,
-                    {"name": "rollout", "in": "query", "schema": _range(*PERCENT_RANGE)},
-                ],
             )
         },
         "/v1/apps/{app}/load": {

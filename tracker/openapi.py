@@ -123,6 +123,25 @@ def _move(summary: str, schema: str, *, body_required: bool) -> dict[str, Any]:
     )
 
 
+def upload_op(
+    summary: str, *, status: int = 200, answer: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A signed manifest uploaded to a channel (a publish, a forecast's dry run)."""
+    return _op(
+        summary,
+        status=status,
+        answer=answer,
+        auth="publisher or admin",
+        body={"type": "string", "format": "binary"},
+        body_media=_MANIFEST,
+        parameters=[
+            _APP,
+            _CH,
+            {"name": "rollout", "in": "query", "schema": _range(*PERCENT_RANGE)},
+        ],
+    )
+
+
 def _path(name: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": schema}
 
@@ -525,18 +544,7 @@ def _paths() -> dict[str, Any]:
             "get": _op("Channel history, newest first", parameters=[_APP, _CH])
         },
         "/v1/apps/{app}/channels/{channel}/manifests": {
-            "post": _op(
-                "Publish a signed manifest",
-                status=201,
-                auth="publisher or admin",
-                body={"type": "string", "format": "binary"},
-                body_media=_MANIFEST,
-                parameters=[
-                    _APP,
-                    _CH,
-                    {"name": "rollout", "in": "query", "schema": _range(*PERCENT_RANGE)},
-                ],
-            )
+            "post": upload_op("Publish a signed manifest", status=201)
         },
         "/v1/apps/{app}/channels/{channel}/promote": {
             "post": _move("Point a channel at a published build", "Promote", body_required=True)
