@@ -37,10 +37,17 @@ from .backend import RegistryStore, SwarmStore
 from .channels import checked_upload
 from .errors import BadRequest, NotFound, Unavailable
 from .fleet_store import FleetStore
-from .forecast import HISTORY, PastRelease, bytes_needed, compare, predict
+from .forecast import HISTORY, HORIZON_MIN, PastRelease, bytes_needed, compare, predict
 from .operations import PERCENT_RANGE
 from .outcomes import MAX_BUILD, Outcome
-from .traffic import RETENTION_S, MinuteRow, TrafficRecorder, per_minute, release_hour
+from .traffic import (
+    RETENTION_S,
+    MinuteRow,
+    TrafficRecorder,
+    per_minute,
+    profile,
+    release_hour,
+)
 from .traffic_store import TrafficStore
 from .web import query_float
 
@@ -113,7 +120,19 @@ class LoadRoutes:
                     raise
         if now - self._trimmed >= GC_S:
             self._trimmed = now
+            await self._profile(now)
             await self._call(self.store.gc, now)
+
+    async def _profile(self, now: float) -> None:
+        """Keep the first day of each build published over a day ago (and still within the
+        series' retention) with its forecast, so later forecasts can read it after its minutes
+        are gone."""
+        recorded = await self._call(self.store.forecasts_since, now - RETENTION_S)
+        for mid, app, f in recorded:
+            if "profile" in f or now - f["at"] < 60 * (HORIZON_MIN + 1):
+                continue
+            f["profile"] = profile(await self._series(mid), f["at"], HORIZON_MIN)
+            await self._call(self.store.put_forecast, mid, app, f)
 
     def close(self) -> None:
         """Write what is still gathered (a clean stop loses nothing), then close the store."""
@@ -177,7 +196,7 @@ class LoadRoutes:
                 )
         rows.sort(key=lambda r: r.minute)
         levels = live[1].get(mid) if live else None
-        if live and levels:
+        if live and levels and first is not None:  # (None: never sampled, or past retention)
             minute = live[0]
             last = next((r.levels for r in reversed(rows) if r.levels), None)
             if rows and rows[-1].minute >= minute:
@@ -185,7 +204,6 @@ class LoadRoutes:
                     rows[-1] = MinuteRow(rows[-1].minute, levels, rows[-1].adds)
             elif levels != last:
                 rows.append(MinuteRow(minute, levels, {}))
-                first = minute if first is None else first
         return per_minute(rows, first)
 
     async def make_forecast(
@@ -214,6 +232,11 @@ class LoadRoutes:
                 continue
             seen.add(h["manifest_id"])
             rows = await self._series(bytes.fromhex(h["manifest_id"]), live)
+            if rows and rows[0]["t"] - h["at"] > RETENTION_S:
+                rows = []  # a series begun after the first was gone: its start is not its start
+            if not rows:  # its minutes are gone: the profile kept with its forecast
+                kept = await self._call(self.store.forecast, bytes.fromhex(h["manifest_id"]))
+                rows = (kept or {}).get("profile", [])
             if rows:
                 past.append(PastRelease(h["build"], h["at"], rows))
             if len(past) >= 2 * HISTORY:
@@ -289,10 +312,11 @@ class LoadRoutes:
         if f is None:
             raise NotFound(
                 f"no forecast was recorded for build {build} of {app}",
-                fix="forecasts are made when a build is published (kept 7 days)",
+                fix="forecasts are made when a build is published (kept 90 days)",
             )
         now = self._clock()
         rows = await self._series(mid, await self._live(now))
+        f.pop("profile", None)
         return JSONResponse({"forecast": f, "actual": compare(f, rows, now)})
 
     async def dry_run(self, request: Request) -> Response:
@@ -341,4 +365,4 @@ class LoadRoutes:
 
 def summary(f: dict[str, Any]) -> dict[str, Any]:
     """A forecast without its per-minute curve."""
-    return {k: v for k, v in f.items() if k not in ("curve", "need_by_build")}
+    return {k: v for k, v in f.items() if k not in ("curve", "need_by_build", "profile")}

@@ -27,8 +27,9 @@ The recorder gathers all of it in memory between flushes (:meth:`TrafficRecorder
 
 Bounded: rows older than ``RETENTION_S`` (7 days of minutes) are deleted, at most
 ``MAX_BUILDS`` builds keep a series (the one written longest ago goes first), online cells are
-kept ``RETENTION_S`` too (24 per app per day), and the recorder's pending batch holds at most
-one entry per (build, minute) and per (app, hour).
+kept ``RETENTION_S`` too (24 per app per day), forecasts ``FORECAST_RETENTION_S`` (with their
+build's first day, :func:`profile`), and the recorder's pending batch holds at most one entry
+per (build, minute) and per (app, hour).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Any
 
 __all__ = [
     "ADD_NAMES",
+    "FORECAST_RETENTION_S",
     "LEVEL_NAMES",
     "MAX_BUILDS",
     "RETENTION_S",
@@ -46,6 +48,7 @@ __all__ = [
     "TrafficBatch",
     "TrafficRecorder",
     "per_minute",
+    "profile",
     "release_hour",
 ]
 
@@ -53,7 +56,11 @@ __all__ = [
 RETENTION_S = 7 * 24 * 3600
 RETENTION_MINUTES = RETENTION_S // 60
 RETENTION_DAYS = RETENTION_S // 86400
-#: Builds that keep a series at most.
+#: How long a recorded forecast is kept, with its build's *profile*: the first day of its
+#: series, which is all the forecast of a later publish reads of it (:func:`profile`), so a
+#: build's history outlives its minutes.
+FORECAST_RETENTION_S = 90 * 24 * 3600
+#: Builds that keep a series (and forecasts kept) at most.
 MAX_BUILDS = 2000
 #: Running totals sampled from the swarm's counters (the store keeps a minute's highest).
 LEVEL_NAMES = ("completed", "peers", "cdn")
@@ -222,3 +229,14 @@ def release_hour(
         "quietest_hour": quiet,
         "window_hours": window,
     }
+
+
+def profile(rows: Sequence[dict[str, int]], published: float, minutes: int) -> list[dict[str, int]]:
+    """A build's series (:func:`per_minute` rows) reduced to what a forecast reads of it: the
+    rows of its first ``minutes`` after ``published`` as they are, the rest summed into one."""
+    end = int(published) // 60 * 60 + 60 * minutes
+    out = [dict(r) for r in rows if r["t"] < end]
+    later = [r for r in rows if r["t"] >= end]
+    if later:
+        out.append({"t": end, **{k: sum(r[k] for r in later) for k in (*LEVEL_NAMES, *ADD_NAMES)}})
+    return out

@@ -16,6 +16,7 @@ Keys (under the registry's prefix, ``trk:reg:`` unless ``--redis-prefix``)::
     P trf:first                  hash: manifest id hex -> its first minute
     P trf:on:<app>:<day>         hash: hour -> announces
     P trf:fc:<mid hex>           the forecast recorded at its publish (JSON)
+    P trf:fcs                    sorted set: manifest id hex, scored by its publish time
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 from .registry_redis import RedisRegistry, _text
 from .traffic import (
     ADD_NAMES,
+    FORECAST_RETENTION_S,
     LEVEL_NAMES,
     MAX_BUILDS,
     RETENTION_DAYS,
@@ -139,6 +141,9 @@ class RedisTraffic:
             if gone:
                 self._reg._slow.zrem(self.p + "builds", *gone)
                 self._reg._slow.hdel(self.p + "first", *gone)
+            self._reg._slow.zremrangebyscore(
+                self.p + "fcs", "-inf", f"({now - FORECAST_RETENTION_S}"
+            )
 
     def series(self, manifest: bytes) -> tuple[int | None, list[MinuteRow]]:
         h = manifest.hex()
@@ -185,10 +190,32 @@ class RedisTraffic:
         ]
 
     def put_forecast(self, manifest: bytes, app: str, body: dict[str, Any]) -> None:
-        with self._reg._redis("record a forecast"):
-            self._reg._slow.set(self.p + "fc:" + manifest.hex(), json.dumps(body), ex=self._ttl)
+        h = manifest.hex()
+        with self._reg._redis("record a forecast"), self._reg._slow.pipeline() as pipe:
+            pipe.set(self.p + "fc:" + h, json.dumps({**body, "_app": app}), ex=FORECAST_RETENTION_S)
+            pipe.zadd(self.p + "fcs", {h: float(body.get("at", 0))})
+            pipe.zremrangebyrank(self.p + "fcs", 0, -MAX_BUILDS - 1)
+            pipe.execute()
 
     def forecast(self, manifest: bytes) -> dict[str, Any] | None:
         with self._reg._redis("read a forecast"):
             raw = self._reg._slow.get(self.p + "fc:" + manifest.hex())
-        return json.loads(raw) if raw else None
+        if not raw:
+            return None
+        body: dict[str, Any] = json.loads(raw)
+        body.pop("_app", None)
+        return body
+
+    def forecasts_since(self, since: float) -> list[tuple[bytes, str, dict[str, Any]]]:
+        with self._reg._redis("read forecasts"):
+            mids = self._reg._slow.zrangebyscore(self.p + "fcs", since, "+inf")
+            with self._reg._slow.pipeline(transaction=False) as pipe:
+                for h in mids:
+                    pipe.get(self.p + "fc:" + _text(h))
+                raws = pipe.execute()
+        out = []
+        for h, raw in zip(mids, raws, strict=True):
+            if raw:
+                body = json.loads(raw)
+                out.append((bytes.fromhex(_text(h)), body.pop("_app", ""), body))
+        return out

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from .registry_sqlite import SQLiteFile
 from .traffic import (
     ADD_NAMES,
+    FORECAST_RETENTION_S,
     LEVEL_NAMES,
     MAX_BUILDS,
     RETENTION_DAYS,
@@ -49,7 +50,8 @@ class TrafficStore(Protocol):
         ...
 
     def gc(self, now: float) -> None:
-        """Drop minutes, online cells and forecasts older than ``RETENTION_S``."""
+        """Drop minutes and online cells older than ``RETENTION_S``, forecasts older than
+        ``FORECAST_RETENTION_S``."""
         ...
 
     def series(self, manifest: bytes) -> tuple[int | None, list[MinuteRow]]:
@@ -65,6 +67,10 @@ class TrafficStore(Protocol):
         ...
 
     def forecast(self, manifest: bytes) -> dict[str, Any] | None: ...
+
+    def forecasts_since(self, since: float) -> list[tuple[bytes, str, dict[str, Any]]]:
+        """(manifest, app, forecast) of the publishes at or after ``since``."""
+        ...
 
 
 _SCHEMA = """
@@ -159,7 +165,7 @@ class SQLiteTraffic(SQLiteFile):
                 c.execute("DELETE FROM traffic WHERE build = ? AND minute < ?", (n, minute))
             c.execute("DELETE FROM traffic_builds WHERE last < ?", (minute,))
             c.execute("DELETE FROM online WHERE day < ?", (int(now) // 86400 - RETENTION_DAYS,))
-            c.execute("DELETE FROM forecasts WHERE at < ?", (now - 60 * RETENTION_MINUTES,))
+            c.execute("DELETE FROM forecasts WHERE at < ?", (now - FORECAST_RETENTION_S,))
 
     def series(self, manifest: bytes) -> tuple[int | None, list[MinuteRow]]:
         with self._lock:
@@ -215,6 +221,13 @@ class SQLiteTraffic(SQLiteFile):
                 "SELECT body FROM forecasts WHERE manifest = ?", (manifest,)
             ).fetchone()
         return json.loads(row[0]) if row else None
+
+    def forecasts_since(self, since: float) -> list[tuple[bytes, str, dict[str, Any]]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT manifest, app, body FROM forecasts WHERE at >= ? ORDER BY at", (since,)
+            ).fetchall()
+        return [(bytes(m), a, json.loads(b)) for m, a, b in rows]
 
 
 def open_traffic(data_dir: Path, registry: Any = None) -> TrafficStore:

@@ -11,6 +11,7 @@ from typing import Any
 
 import blake3
 import pytest
+import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pnode.discovery import tracker_api
@@ -202,4 +203,46 @@ async def test_answers_include_the_minute_not_sampled_yet(
     await t.load.tick(time.time() + 60, force=True)  # sampled and written: the same answer
     again = (await client._http.get(f"/v1/apps/{APP}/builds/1/traffic")).json()
     assert again["totals"] == got["totals"]
+    await client._http.aclose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_a_release_past_the_series_retention_still_shapes_the_next_forecast(
+    backend: str,
+    make_tracker: Callable[..., Tracker],
+    publisher: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(tracker_api, "time", types.SimpleNamespace(time=clock))
+    kw: dict[str, Any] = {"clock": clock, "client_rate": 0.0}
+    if backend == "redis":
+        url = request.getfixturevalue("redis_url")
+        kw.update(redis_url=url, registry_url=url)
+    t = make_tracker(**kw)
+    client = client_for(t)
+    await client.add_app(APP, keys.public_key_bytes(publisher))
+    nodes = [keys.generate_key() for _ in range(NODES)]
+    t0 = clock.now
+    one = build(publisher, 1, [1, 2, 3, 4], clock.now)
+    await client.publish(APP, "stable", one.encode())
+    await adopt(t, client, clock, nodes, one, 4 * CHUNK, 0)
+    clock.now = t0 + 2 * 86400  # a day on: its first day is kept with its forecast
+    await t.load.tick(clock.now, force=True)
+    kept = await trio.to_thread.run_sync(t.load.store.forecast, one.id)
+    assert kept is not None and sum(r["completed"] for r in kept["profile"]) == NODES
+    clock.now = t0 + 10 * 86400  # its minutes are gone
+    await t.load.tick(clock.now, force=True)
+    assert (await trio.to_thread.run_sync(t.load.store.series, one.id)) == (None, [])
+    for k in nodes:  # the fleet is still there (seen within the fleet's 3 days)
+        await client.announce(
+            k, app=APP, manifest_id=one.id, port=0, size=4 * CHUNK, left=0, numwant=0
+        )
+    two = build(publisher, 2, [1, 2, 5, 6], clock.now)
+    f = (await client.publish(APP, "stable", two.encode()))["forecast"]
+    assert f["basis"] == "history" and f["history_builds"] == [1]
+    assert f["offload"] == [0.0, 1.0, 1.0, 1.0] and f["cdn_total"] == FROM_CDN * 2 * CHUNK
+    got = (await client._http.get(f"/v1/apps/{APP}/builds/1/forecast")).json()
+    assert "profile" not in got["forecast"]
     await client._http.aclose()

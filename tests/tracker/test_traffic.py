@@ -12,6 +12,7 @@ import pytest
 from tracker import traffic_redis, traffic_store
 from tracker.registry_redis import RedisRegistry
 from tracker.traffic import (
+    FORECAST_RETENTION_S,
     RETENTION_S,
     MinuteRow,
     TrafficRecorder,
@@ -137,6 +138,11 @@ def test_stores_forget_what_is_past_retention(store: TrafficStore) -> None:
     assert store.series(M1)[1] == []
     assert store.series(M2)[1] != []
     assert store.online_cells("game", later) == [(int(later) // 86400, 0, 1)]
+    # forecasts (with their build's first day) outlive the minutes
+    assert store.forecast(M1) == {"at": T0, "cdn_total": 5}
+    assert [(m, a) for m, a, _ in store.forecasts_since(T0 + 1)] == [(M2, "game")]
+    store.gc(T0 + FORECAST_RETENTION_S + 1)
+    assert [m for m, _, _ in store.forecasts_since(0)] == [M2]
     if isinstance(store, SQLiteTraffic):  # Redis lets the key expire by itself
         assert store.forecast(M1) is None
     assert store.forecast(M2) == {"at": later, "cdn_total": 6}
