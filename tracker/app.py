@@ -261,10 +261,14 @@ class Tracker:
                 try:
                     await self.swarm.gc(now)
                     await self.fleet.store.gc(now)
-                    await self.load.tick(now)
                     self._troubles.report("gc", None)
                 except Unavailable as exc:  # the store is down: requests get 503s meanwhile
                     self._troubles.report("gc", exc.message)
+                try:  # the traffic series is a report: whatever breaks it, serving goes on
+                    await self.load.tick(now)
+                    self._troubles.report("traffic series", None)
+                except Exception as exc:
+                    self._troubles.report("traffic series", repr(exc))
 
     # ---------------------------------------------------------------- operators
 

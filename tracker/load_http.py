@@ -104,7 +104,7 @@ class LoadRoutes:
 
     async def tick(self, now: float, *, force: bool = False) -> None:
         """Housekeeping: sample the swarm's counters once a minute, write what was gathered
-        every ``FLUSH_S`` (``force``: now), trim the store every ``GC_S``. A store that is down
+        every ``FLUSH_S`` (``force``: now), trim the store every ``GC_S``. A write that fails
         keeps the batch for the next try."""
         if self.recorder.due(now):
             stats = await self._swarm.stats(now)
@@ -115,7 +115,7 @@ class LoadRoutes:
             if batch:
                 try:
                     await self._call(self.store.write, batch)
-                except Unavailable:
+                except BaseException:  # kept for the next try (cancelled included)
                     self.recorder.restore(batch)
                     raise
         if now - self._trimmed >= GC_S:
