@@ -61,6 +61,7 @@ from .errors import (
 from .feed import Feed
 from .fleet_http import FleetCollector, FleetRoutes
 from .fleet_store import LocalFleet, open_fleet
+from .load_http import LoadRoutes
 from .metrics import TrackerMetrics
 from .middleware import Buckets, RequestMiddleware
 from .openapi import openapi_document
@@ -72,6 +73,7 @@ from .registry_sqlite import SQLiteRegistry
 from .releaseinfo import ReleaseInfos
 from .sessions import AnnounceSessions
 from .swarm_sqlite import SQLiteSwarm
+from .traffic_store import TrafficStore, open_traffic
 from .troubles import Troubles
 from .web import asset, error_response, read_body
 
@@ -91,10 +93,17 @@ class Tracker:
         registry: apps, manifests, channels (:class:`tracker.backend.RegistryStore`).
         swarm: swarm state (:class:`tracker.backend.SwarmStore`).
         ops: outcomes, rollouts, audit log (:class:`tracker.backend.OpsStore`).
+        traffic: bytes by source per minute, online hours, forecasts
+            (:class:`tracker.traffic_store.TrafficStore`).
     """
 
     def __init__(
-        self, config: TrackerConfig, registry: RegistryStore, swarm: SwarmStore, ops: OpsStore
+        self,
+        config: TrackerConfig,
+        registry: RegistryStore,
+        swarm: SwarmStore,
+        ops: OpsStore,
+        traffic: TrafficStore,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -131,6 +140,11 @@ class Tracker:
             self.infos,
             self.operations,
         )
+        #: bandwidth and load: the traffic series, forecasts, the release hour
+        self.load = LoadRoutes(
+            traffic, registry, swarm, lambda: self.fleet.store, config.admin_token, config.clock
+        )
+        self.channels.forecaster = self.load.published
         self.app = Starlette(
             routes=self._routes(),
             middleware=[Middleware(RequestMiddleware, clients=self._clients, metrics=self.metrics)],
@@ -202,6 +216,7 @@ class Tracker:
             Route("/v1/stats", self._stats),
             Route("/v1/audit", self.operations.audit),
             Route("/v1/apps/{app:str}/fleet", self.fleet.app_fleet),
+            *self.load.routes(),
             Route("/v1/nodes/{node_id:str}", self.fleet.node),
             Route("/v1/dht/bootstrap", self._dht_bootstrap),
         ]
@@ -249,6 +264,11 @@ class Tracker:
                     self._troubles.report("gc", None)
                 except Unavailable as exc:  # the store is down: requests get 503s meanwhile
                     self._troubles.report("gc", exc.message)
+                try:  # the traffic series is a report: whatever breaks it, serving goes on
+                    await self.load.tick(now)
+                    self._troubles.report("traffic series", None)
+                except Exception as exc:
+                    self._troubles.report("traffic series", repr(exc))
 
     # ---------------------------------------------------------------- operators
 
@@ -314,6 +334,7 @@ class Tracker:
             "dashboard.css": "text/css",
             "fleet.js": "text/javascript",
             "fleet.css": "text/css",
+            "load.js": "text/javascript",
         }
         if name not in types:
             raise NotFound(f"no dashboard asset {name}")
@@ -406,6 +427,7 @@ class Tracker:
             raise _replay()
         self.metrics.announces[a.event].inc()
         self.fleet.announced(a, now)
+        self.load.announced(a.app, now)
         head = self._answer_head
         if head is None:
             fast = f',"announce_port":{self.fast_port}' if self.fast_port else ""
@@ -475,6 +497,7 @@ class Tracker:
         if not await self.operations.outcome(o, digest, now, 2 * MAX_SKEW):
             raise Conflict("this outcome was already received (a replay)")
         self.fleet.reported(o, now)
+        self.load.reported(o, now)
         return JSONResponse({"accepted": True}, status_code=201)
 
 
@@ -516,15 +539,18 @@ def open_tracker(
 
         db = PGDatabase(str(registry_url))
         registry, ops = PGRegistry(db), PGOps(db)
+        traffic = open_traffic(data_dir)
     elif registry_url:
         from .ops_redis import RedisOps
         from .registry_redis import RedisRegistry
 
         registry = redis_registry = RedisRegistry(registry_url, prefix=redis_prefix)
         ops = RedisOps(redis_registry)
+        traffic = open_traffic(data_dir, redis_registry)
     else:
         registry = SQLiteRegistry(data_dir / "registry.db")
         ops = SQLiteOps(data_dir / "ops.db")
+        traffic = open_traffic(data_dir)
     swarm: SwarmStore
     if redis_url and redis_mode == "log":
         from .swarm_log import LogSwarm
@@ -536,6 +562,6 @@ def open_tracker(
         swarm = RedisSwarm(redis_url, prefix=redis_prefix)
     else:
         swarm = SQLiteSwarm(data_dir / "swarm.db")
-    tracker = Tracker(config, registry, swarm, ops)
+    tracker = Tracker(config, registry, swarm, ops, traffic)
     tracker.fleet.store = open_fleet(redis_url, redis_prefix, db)
     return tracker

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from p2pnode.discovery.tracker_api import ChannelHead
 from p2pnode.errors import P2PNodeError
 from p2pnode.release import keys
-from p2pnode.release.manifest import MAX_MANIFEST_BYTES, parse_signed, verify
+from p2pnode.release.manifest import MAX_MANIFEST_BYTES, SignedManifest, parse_signed, verify
 
 from . import core
 from .auth import require_admin, require_publisher, token_hash
@@ -71,6 +71,9 @@ class ChannelRoutes:
     ) -> None:
         self.config, self.registry, self.registry_call = config, registry, registry_call
         self.feed, self.metrics, self.infos, self.ops = feed, metrics, infos, operations
+        #: called after each publish: the load forecast's summary for the answer (tracker.app
+        #: sets it to ``LoadRoutes.published``), or None
+        self.forecaster: Callable[..., Awaitable[dict[str, Any] | None]] | None = None
 
     def app_row(self, app: str) -> AppRow:
         core.check_name(app, "app")
@@ -147,18 +150,8 @@ class ChannelRoutes:
             if "rollout" in request.query_params
             else None
         )
-        body = await read_body(request, MAX_MANIFEST_BYTES + 1024)
         now = self.config.clock()
-
-        def check() -> Any:
-            signed = parse_signed(body, source="uploaded manifest")
-            verify(signed, {row.key}, now=now)
-            return signed
-
-        try:
-            signed = await trio.to_thread.run_sync(check)
-        except P2PNodeError as exc:
-            raise _refusal(exc) from exc
+        body, signed = await checked_upload(request, row, now)
         m = signed.manifest
         if m.app != row.name:
             raise BadRequest(f"the manifest is for app {m.app}, not {row.name}")
@@ -208,6 +201,8 @@ class ChannelRoutes:
         }
         if staged is not None:
             answer["rollout"] = staged.view()
+        if self.forecaster is not None:
+            answer["forecast"] = await self.forecaster(m, mid, channel, percent, now)
         return JSONResponse(answer, status_code=201)
 
     async def move(self, request: Request, action: str) -> Response:
@@ -337,6 +332,23 @@ class ChannelRoutes:
             media_type="application/x-p2pnode-manifest",
             headers={"Cache-Control": "public, max-age=31536000, immutable"},
         )
+
+
+async def checked_upload(request: Request, row: AppRow, now: float) -> tuple[bytes, SignedManifest]:
+    """The uploaded signed manifest (its bytes, and parsed) of a publish or a forecast's dry
+    run: read under its cap, parsed and verified with the app's key in a worker thread (up to
+    64 MiB); a problem is a refusal."""
+    body = await read_body(request, MAX_MANIFEST_BYTES + 1024)
+
+    def check() -> SignedManifest:
+        signed = parse_signed(body, source="uploaded manifest")
+        verify(signed, {row.key}, now=now)
+        return signed
+
+    try:
+        return body, await trio.to_thread.run_sync(check)
+    except P2PNodeError as exc:
+        raise _refusal(exc) from exc
 
 
 def _refusal(exc: P2PNodeError) -> APIError:

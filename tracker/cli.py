@@ -9,6 +9,8 @@
     tracker rollout APP CHANNEL show|raise PERCENT|halt|resume|complete --url URL [--token T]
                     [--threshold SHARE] [--min-outcomes N] [--json]
     tracker audit --url URL [--admin-token TOKEN] [--limit N] [--before SEQ] [--json]
+    tracker forecast show APP BUILD --url URL [--json]
+    tracker forecast dry-run APP CHANNEL MANIFEST --url URL [--token T] [--rollout P] [--json]
 
 Errors print one line on stderr (what went wrong, then the fix) and exit non-zero; ``--json``
 prints machine-readable output on stdout. The admin token may also come from the environment
@@ -33,6 +35,7 @@ from p2pnode.discovery.tracker import TrackerClient
 from p2pnode.errors import P2PNodeError, UsageError
 from p2pnode.release import keys
 
+from . import cli_load
 from .app import TrackerConfig, open_tracker
 from .config import is_postgres_url
 from .errors import Unavailable
@@ -163,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--limit", type=int, default=50)
     au.add_argument("--before", type=int, help="only entries older than this seq")
     au.add_argument("--json", action="store_true")
+    cli_load.add_parser(sub)
     return p
 
 
@@ -337,6 +341,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(counts))
             else:
                 print("copied " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+            return 0
+        if args.command == "forecast":
+            out = trio.run(cli_load.forecast_verb, args)
+            if args.json:
+                print(json.dumps(out))
+            else:
+                cli_load.print_forecast(out)
             return 0
         if args.command in ("rollout", "audit"):
             out = trio.run(_rollout if args.command == "rollout" else _audit, args)

@@ -23,6 +23,7 @@ from p2pnode.release.metadata import MAX_NOTES_BYTES, UpdateType
 
 from . import core
 from .channels import MAX_SINCE, MAX_WAIT
+from .load_openapi import load_paths, load_schemas
 from .operations import MAX_AUDIT_PAGE, MAX_MIN_OUTCOMES, PERCENT_RANGE, THRESHOLD_RANGE
 from .outcomes import MAX_BUILD, MAX_DURATION_MS
 from .rollout import ACTIONS, STATES
@@ -119,6 +120,25 @@ def _move(summary: str, schema: str, *, body_required: bool) -> dict[str, Any]:
         body=_ref(schema),
         body_required=body_required,
         parameters=[_APP, _CH],
+    )
+
+
+def upload_op(
+    summary: str, *, status: int = 200, answer: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A signed manifest uploaded to a channel (a publish, a forecast's dry run)."""
+    return _op(
+        summary,
+        status=status,
+        answer=answer,
+        auth="publisher or admin",
+        body={"type": "string", "format": "binary"},
+        body_media=_MANIFEST,
+        parameters=[
+            _APP,
+            _CH,
+            {"name": "rollout", "in": "query", "schema": _range(*PERCENT_RANGE)},
+        ],
     )
 
 
@@ -354,6 +374,7 @@ def _schemas() -> dict[str, Any]:
             },
         },
         **_fleet_schemas(),
+        **load_schemas(),
     }
 
 
@@ -523,18 +544,7 @@ def _paths() -> dict[str, Any]:
             "get": _op("Channel history, newest first", parameters=[_APP, _CH])
         },
         "/v1/apps/{app}/channels/{channel}/manifests": {
-            "post": _op(
-                "Publish a signed manifest",
-                status=201,
-                auth="publisher or admin",
-                body={"type": "string", "format": "binary"},
-                body_media=_MANIFEST,
-                parameters=[
-                    _APP,
-                    _CH,
-                    {"name": "rollout", "in": "query", "schema": _range(*PERCENT_RANGE)},
-                ],
-            )
+            "post": upload_op("Publish a signed manifest", status=201)
         },
         "/v1/apps/{app}/channels/{channel}/promote": {
             "post": _move("Point a channel at a published build", "Promote", body_required=True)
@@ -613,6 +623,7 @@ def _paths() -> dict[str, Any]:
                 parameters=[_NODE],
             )
         },
+        **load_paths(),
     }
 
 

@@ -62,6 +62,7 @@ async def serve_tracker(
             await stop.wait()
             nursery.cancel_scope.cancel()
     finally:
+        tracker.load.close()
         tracker.ops.close()
         tracker.registry.close()
         tracker.swarm.close()

@@ -74,6 +74,28 @@ def _change_one_region(path: Path, seed: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def _forecast_row(report: dict[str, Any]) -> dict[str, Any]:
+    """The tracker's CDN forecast for build 2, made at its publish, beside what its nodes then
+    reported (``GET .../builds/2/forecast``; docs/operations.md, "Bandwidth and load")."""
+    f, actual = report.get("forecast"), report.get("actual")
+    if not f or not actual:
+        return _row("forecast for build 2", 0, "the tracker made none")
+    why = (
+        "no earlier release measured yet: assumes no offload"
+        if f["basis"] == "default"
+        else "offload as build 1's"
+    )
+    note = (
+        f"CDN egress predicted {format_bytes(f['cdn_total'])} ({f['adopters']:g} nodes x "
+        f"{format_bytes(f['need_bytes'])} of chunks; {why}), actual "
+        f"{format_bytes(actual['cdn_actual_total'])}; delta patches predicted "
+        f"{format_bytes(f['patches_total'])}, actual {format_bytes(actual['patches_actual_total'])}"
+    )
+    return _row(
+        "forecast for build 2 vs what followed", 0, note, {"bytes_cdn": actual["cdn_actual_total"]}
+    )
+
+
 def _row(
     step: str, seconds: float, note: str = "", sources: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -259,6 +281,9 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
             )
             async with httpx.AsyncClient() as http:
                 stats = (await http.get(tracker_url + "/v1/stats")).json()
+                path = f"/v1/apps/{APP}/builds/2/forecast"
+                forecast = (await http.get(tracker_url + path)).json()
+            rows.append(_forecast_row(forecast))
 
             registered = {APP}
 
@@ -313,6 +338,7 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
             # completions per build, as the tracker counted them (each node once per build)
             "completed": {str(x["build"]): x["completed"] for x in stats["releases"]},
             "update_notice_ms": round(latency * 1000),
+            "forecast": forecast,  # the tracker's at build 2's publish, and what followed
             "daemons": daemons.as_json(),
         }
 

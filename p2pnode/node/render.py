@@ -152,6 +152,15 @@ def print_published(out: dict[str, Any], result: PublishResult, cdn_dir: Path) -
         said.append(f"{len(info.notes.encode())} bytes of notes" if info.notes else "")
         # Also worth saying: only nodes that read manifest format 2 install this build.
         print(f"release info: {'; '.join(w for w in said if w)} (manifest format {m.format})")
+    forecast = (out.get("tracker") or {}).get("forecast")
+    if forecast:  # the tracker's word on what this publish costs the CDN (docs/operations.md)
+        print(
+            f"forecast: {forecast['adopters']:g} nodes on {forecast['channel']} x "
+            f"{format_bytes(forecast['need_bytes'])} each -> CDN egress "
+            f"{format_bytes(forecast['cdn_total'])}, peak "
+            f"{format_bytes(forecast['cdn_peak_per_min'])}/min "
+            f"(see: tracker forecast show {m.app} {m.build} --url ...)"
+        )
 
 
 def print_verify(report: VerifyReport) -> None:

@@ -292,6 +292,7 @@ def outcome_fields(
             bytes_peers=result.bytes_peers,
             bytes_cdn=result.bytes_cdn,
             bytes_reused=result.bytes_reused + result.bytes_resumed,
+            bytes_patches=result.bytes_patches,  # the tracker's traffic series (issue 18)
         )
     else:
         assert error is not None, "an outcome is a result or an error"

@@ -31,6 +31,14 @@ def test_demo_runs_and_reports_where_bytes_came_from() -> None:
     assert steps["verify"]["note"] == "OK"
     assert 0 < steps["repair a flipped byte"]["bytes_cdn"] <= 8 << 20
     assert steps["rollback to build 1"]["bytes_cdn"] == 0  # offline
+    # the tracker's CDN forecast for build 2 (made at its publish) beside what followed
+    forecast = steps["forecast for build 2 vs what followed"]
+    assert forecast["note"].startswith("CDN egress predicted ") and " x " in forecast["note"]
+    assert "delta patches predicted " in forecast["note"], forecast["note"]
+    f, actual = out["forecast"]["forecast"], out["forecast"]["actual"]
+    assert f["adopters"] == 4 and f["patches_total"] > 0  # build 2's changed region: a patch
+    assert actual["patches_actual_total"] > 0
+    assert forecast["bytes_cdn"] == actual["cdn_actual_total"]
     assert out["dashboard"].endswith("/dashboard")
     assert out["update_notice_ms"] < 1000
     # The clients as daemons, driven by the command line's client verbs.

@@ -95,6 +95,7 @@ def make_tracker(tmp_path: Path) -> Iterator[Callable[..., Tracker]]:
 
     yield make
     for t in made:
+        t.load.close()
         t.ops.close()
         t.registry.close()
         t.swarm.close()

@@ -30,8 +30,9 @@ function when(t, span) {
 }
 
 // Lines over time with both axes titled, ticks in their units and a legend.
-// lines: [{name, points: [[unix s, value], ...]}]
-function timeChart(canvas, lines, axes) {
+// lines: [{name, points: [[unix s, value], ...], width (px, default 2), dash ([on, off] px)}];
+// colors: one per line
+function timeChart(canvas, lines, axes, colors = FLEET_COLORS) {
   const ctx = clear(canvas);
   const w = canvas.width, h = canvas.height;
   const left = 56, right = 12, top = 10, bottom = 40;
@@ -66,16 +67,18 @@ function timeChart(canvas, lines, axes) {
   }
   if (!pts.length) { ctx.fillStyle = "#889"; ctx.fillText("no samples yet", w / 2, h / 2); }
   lines.forEach((line, i) => {
-    ctx.strokeStyle = ctx.fillStyle = FLEET_COLORS[i % FLEET_COLORS.length];
-    ctx.lineWidth = 2;
+    ctx.strokeStyle = ctx.fillStyle = colors[i % colors.length];
+    ctx.lineWidth = line.width || 2;
+    ctx.setLineDash(line.dash || []);
     ctx.beginPath();
     line.points.forEach(([x, y], j) => (j ? ctx.lineTo(sx(x), sy(y)) : ctx.moveTo(sx(x), sy(y))));
     ctx.stroke();
-    line.points.forEach(([x, y]) => {
+    if (line.points.length <= 200) line.points.forEach(([x, y]) => {  // dots where they fit
       ctx.beginPath(); ctx.arc(sx(x), sy(y), 2.5, 0, 2 * Math.PI); ctx.fill();
     });
   });
   ctx.lineWidth = 1;
+  ctx.setLineDash([]);
   ctx.fillStyle = "#1d2430"; ctx.textAlign = "center"; ctx.textBaseline = "bottom";
   ctx.fillText(axes.x, left + (w - left - right) / 2, h - 2);
   ctx.save();
@@ -84,7 +87,7 @@ function timeChart(canvas, lines, axes) {
   ctx.textBaseline = "middle";
   ctx.fillText(axes.y, 0, 0);
   ctx.restore();
-  legend(canvas, lines.map(l => l.name), FLEET_COLORS);
+  legend(canvas, lines.map(l => l.name), colors);
   canvas.dataset.points = String(pts.length);
   canvas.dataset.lines = String(lines.length);
   canvas.dataset.xLabel = axes.x;

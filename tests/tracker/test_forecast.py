@@ -1,0 +1,163 @@
+"""The load forecast's model (tracker.forecast): no server, no store."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pnode.release import manifest as M
+from p2pnode.release.patchmeta import Patch
+from tracker.forecast import (
+    BINS,
+    DEFAULT_TAU_MIN,
+    HORIZON_MIN,
+    PastRelease,
+    bytes_needed,
+    compare,
+    predict,
+)
+
+T0 = 1_800_000_000.0 // 60 * 60
+DAY = 86400
+
+
+def cid(i: int) -> bytes:
+    return i.to_bytes(32, "big")
+
+
+def manifest(
+    build: int, chunks: list[tuple[int, int]], patches: tuple[Patch, ...] = ()
+) -> M.Manifest:
+    refs, off = [], 0
+    for i, n in chunks:
+        refs.append(M.ChunkRef(cid(i), off, n))
+        off += n
+    return M.Manifest(
+        app="game",
+        version=f"1.{build}",
+        build=build,
+        channel="stable",
+        created=0,
+        expires=10,
+        key=b"k" * 32,
+        files=(M.FileEntry("data.bin", off, M.MODE_FILE, tuple(refs)),),
+        patches=patches,
+    )
+
+
+def test_need_is_the_new_chunks_each_build_lacks_averaged_over_its_nodes() -> None:
+    one = manifest(1, [(1, 100), (2, 100), (3, 100)])
+    two = manifest(2, [(1, 100), (2, 100), (4, 50), (4, 50)])  # a chunk twice is fetched once
+    three = manifest(3, [(1, 100), (5, 100), (6, 100), (7, 100)])
+    out = bytes_needed(three, [(one, 3), (two, 1), (None, 1)])
+    assert out["size"] == 400
+    assert [b["need"] for b in out["per_build"]] == [300, 300, 400]
+    assert out["need"] == (300 * 3 + 300 + 400) / 5
+    assert bytes_needed(three, [])["need"] == 400  # nobody runs anything: the whole build
+
+
+def test_a_listed_patch_replaces_the_chunks_it_makes_from_that_build() -> None:
+    one = manifest(1, [(1, 100), (2, 100)])
+    patch = Patch(one.id, "data.bin", 1, 2, ((cid(2), 100),), 0, 30, b"p" * 32)
+    two = manifest(2, [(1, 100), (5, 100), (6, 100)], patches=(patch,))
+    other = manifest(7, [(9, 10)])
+    out = bytes_needed(two, [(one, 1), (other, 1)])
+    assert [(b["need"], b["patches"]) for b in out["per_build"]] == [(0, 30), (300, 0)]
+    assert out["need"] == 150 and out["patch_need"] == 15
+    f = predict(nodes=2, need=out["need"], size=300, history=[], published=T0, patch_need=15)
+    assert f["patch_need_bytes"] == 15 and f["patches_total"] == 30 and f["cdn_total"] == 300
+
+
+def past(build: int, published: float, per_min: list[tuple[int, int, int]]) -> PastRelease:
+    """per_min: (completed, peers, cdn) for minutes 0, 1, ... after the publish."""
+    rows = [
+        {"t": int(published) // 60 * 60 + 60 * k, "completed": c, "peers": p, "cdn": d}
+        for k, (c, p, d) in enumerate(per_min)
+    ]
+    return PastRelease(build, published, rows)
+
+
+def test_history_gives_the_shape_and_the_offload_per_quarter() -> None:
+    # 4 adopters over 4 minutes; the first quarter's bytes all from the CDN, then all peers
+    h = past(1, T0 - 2 * DAY, [(1, 0, 100), (1, 100, 0), (1, 100, 0), (1, 100, 0)])
+    f = predict(nodes=8, need=100, size=100, history=[h], published=T0)
+    assert f["basis"] == "history" and f["history_builds"] == [1]
+    assert f["offload"] == [0.0, 1.0, 1.0, 1.0]
+    # 2 adopters a minute; only the first minute's share is fetched from the CDN
+    assert f["curve"] == [[int(T0), 200]]
+    assert f["cdn_total"] == 200 and f["peers_total"] == 600
+    assert f["cdn_peak_per_min"] == 200 and f["cdn_peak_at"] == T0
+    staged = predict(nodes=8, need=100, size=100, history=[h], published=T0, percent=50)
+    assert staged["adopters"] == 4 and staged["cdn_total"] == 100
+
+
+def test_recent_releases_are_used_only_when_no_settled_one_is_there() -> None:
+    old = past(1, T0 - 3 * DAY, [(2, 0, 10)])
+    fresh = past(2, T0 - 600, [(1, 0, 10), (0, 0, 0), (5, 5, 5)])
+    assert predict(nodes=1, need=1, size=1, history=[old, fresh], published=T0)[
+        "history_builds"
+    ] == [1]
+    assert predict(nodes=1, need=1, size=1, history=[fresh], published=T0)["history_builds"] == [2]
+
+
+def test_without_history_every_byte_is_from_the_cdn_on_an_exponential_curve() -> None:
+    f = predict(nodes=100, need=1000, size=1000, history=[], published=T0)
+    assert f["basis"] == "default" and f["offload"] == [0.0] * BINS
+    assert f["cdn_total"] == 100_000 and f["peers_total"] == 0
+    first = 100_000 * (1 - math.exp(-1 / DEFAULT_TAU_MIN))
+    assert f["cdn_peak_per_min"] == round(first) and f["cdn_peak_at"] == T0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    nodes=st.integers(0, 10**6),
+    need=st.integers(0, 10**10),
+    percent=st.floats(0.01, 100),
+    minutes=st.lists(
+        st.tuples(st.integers(0, 50), st.integers(0, 10**9), st.integers(0, 10**9)),
+        min_size=1,
+        max_size=40,
+    ),
+    age_days=st.integers(0, 6),
+)
+def test_the_forecast_never_exceeds_what_the_adopters_fetch(
+    nodes: int, need: int, percent: float, minutes: list[tuple[int, int, int]], age_days: int
+) -> None:
+    h = past(1, T0 - age_days * DAY - 60, minutes)
+    f = predict(nodes=nodes, need=need, size=need, history=[h], published=T0, percent=percent)
+    fetched = nodes * percent / 100 * need
+    assert f["cdn_total"] + f["peers_total"] <= fetched * (1 + 1e-9) + 2
+    assert f["cdn_total"] + f["peers_total"] >= fetched * (1 - 1e-9) - 2
+    assert 0 <= f["cdn_peak_per_min"] <= f["cdn_total"] + 1
+    assert sum(b for _, b in f["curve"]) <= f["cdn_total"] + len(f["curve"]) + 1
+    assert all(0 <= r <= 1 for r in f["offload"])
+    assert all(T0 <= t < T0 + HORIZON_MIN * 60 for t, _ in f["curve"])
+    # more nodes never cost less
+    more = predict(
+        nodes=nodes + 1, need=need, size=need, history=[h], published=T0, percent=percent
+    )
+    assert more["cdn_total"] >= f["cdn_total"] - 1
+
+
+def test_compare_puts_what_followed_beside_the_forecast() -> None:
+    f = predict(nodes=10, need=100, size=100, history=[], published=T0 + 20)
+    rows = [
+        {"t": int(T0) - 60, "cdn": 999, "completed": 0, "peers": 0},  # before: not this publish
+        {"t": int(T0), "cdn": 40, "completed": 1, "peers": 0},
+        {"t": int(T0) + 120, "cdn": 70, "completed": 1, "peers": 5, "patches": 9},
+    ]
+    c = compare(f, rows, T0 + 180)
+    assert c["actual"] == [[int(T0), 40], [int(T0) + 120, 70]]
+    assert c["cdn_actual_total"] == 110 and c["cdn_actual_peak_per_min"] == 70
+    assert c["cdn_actual_peak_at"] == int(T0) + 120 and c["elapsed_s"] == 180
+    assert c["patches_actual_total"] == 9
+    so_far = sum(b for t, b in f["curve"] if t <= T0 + 180)
+    assert c["cdn_predicted_so_far"] == so_far
+    assert c["total_ratio"] == round(110 / so_far, 4)
+    assert c["peak_ratio"] == round(70 / f["cdn_peak_per_min"], 4)
+    late = compare(f, rows, T0 + 2 * DAY)
+    assert late["cdn_predicted_so_far"] == f["cdn_total"]
+    nothing = compare(predict(nodes=0, need=1, size=1, history=[], published=T0), [], T0)
+    assert nothing["total_ratio"] is None and nothing["cdn_actual_peak_at"] is None

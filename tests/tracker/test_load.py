@@ -1,0 +1,248 @@
+"""Bandwidth and load end to end: simulated nodes announce and report two releases through an
+in-process tracker (SQLite, and Redis for swarm and registry); the forecast recorded at the
+second publish is printed beside what followed, through the API."""
+
+from __future__ import annotations
+
+import time
+import types
+from collections.abc import Callable
+from typing import Any
+
+import blake3
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from p2pnode.discovery import tracker_api
+from p2pnode.discovery.tracker import TrackerClient
+from p2pnode.release import keys
+from p2pnode.release import manifest as M
+from tests.support.tracker import ADMIN, APP, client_for
+from tracker import Tracker
+
+CHUNK = 1000
+NODES = 20
+PER_MINUTE = 2
+#: the first nodes of each release find no peer: they fetch from the CDN
+FROM_CDN = 6
+
+
+def build(publisher: Ed25519PrivateKey, n: int, chunks: list[int], now: float) -> M.SignedManifest:
+    refs = tuple(
+        M.ChunkRef(blake3.blake3(b"chunk %d" % c).digest(), i * CHUNK, CHUNK)
+        for i, c in enumerate(chunks)
+    )
+    m = M.Manifest(
+        app=APP,
+        version=f"1.{n}",
+        build=n,
+        channel="stable",
+        created=int(now) - 10,
+        expires=int(now) + 7200,
+        key=keys.public_key_bytes(publisher),
+        files=(M.FileEntry("data.bin", CHUNK * len(chunks), M.MODE_FILE, refs),),
+    )
+    return M.sign(m, publisher)
+
+
+class Clock:
+    """The tracker's and the nodes' clock, moved by the test (signed bodies carry it)."""
+
+    def __init__(self) -> None:
+        self.now = float(int(time.time()) // 60 * 60)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def adopt(
+    t: Tracker,
+    client: TrackerClient,
+    clock: Clock,
+    nodes: list[Ed25519PrivateKey],
+    m: M.SignedManifest,
+    need: int,
+    reused: int,
+    from_cdn: int = FROM_CDN,
+) -> None:
+    """Every node takes ``m``, ``PER_MINUTE`` a minute, the first ``from_cdn`` from the CDN;
+    the tracker's housekeeping runs as each minute ends."""
+    for i, k in enumerate(nodes):
+        cdn = i < from_cdn
+        await client.announce(
+            k, app=APP, manifest_id=m.id, port=0, event="completed", size=need, left=0,
+            from_cdn=need if cdn else 0, from_peers=0 if cdn else need, numwant=0,
+        )  # fmt: skip
+        outcome = {"app": APP, "manifest": m.id.hex(), "to_build": m.manifest.build}
+        await client.report_outcome(
+            k,
+            {**outcome, "kind": "install" if reused == 0 else "update", "outcome": "success",
+             "bytes_cdn": need if cdn else 0, "bytes_peers": 0 if cdn else need,
+             "bytes_reused": reused},
+        )  # fmt: skip
+        if i % PER_MINUTE == PER_MINUTE - 1:
+            clock.now += 60
+            await t.load.tick(clock.now + 1, force=True)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_a_forecast_is_printed_beside_what_followed(
+    backend: str,
+    make_tracker: Callable[..., Tracker],
+    publisher: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(tracker_api, "time", types.SimpleNamespace(time=clock))
+    kw: dict[str, Any] = {"clock": clock, "client_rate": 0.0}
+    if backend == "redis":
+        url = request.getfixturevalue("redis_url")
+        kw.update(redis_url=url, registry_url=url)
+    t = make_tracker(**kw)
+    client = client_for(t)
+    await client.add_app(APP, keys.public_key_bytes(publisher))
+    http = client._http
+    nodes = [keys.generate_key() for _ in range(NODES)]
+    t0 = clock.now
+
+    one = build(publisher, 1, [1, 2, 3, 4], clock.now)
+    first = await client.publish(APP, "stable", one.encode())
+    assert first["forecast"]["nodes"] == 0 and first["forecast"]["basis"] == "default"
+    await adopt(t, client, clock, nodes, one, 4 * CHUNK, 0)
+
+    clock.now = t0 + 1800
+    two = build(publisher, 2, [1, 2, 5, 6], clock.now)  # half of it is new
+    # a dry run first: the same forecast, recorded nowhere
+    dry = await http.post(
+        f"/v1/apps/{APP}/channels/stable/forecast",
+        content=two.encode(),
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+    assert dry.status_code == 200, dry.text
+    assert (await http.get(f"/v1/apps/{APP}/builds/2/forecast")).status_code == 404
+    answer = await client.publish(APP, "stable", two.encode())
+    f = answer["forecast"]
+    assert f["nodes"] == NODES and f["need_bytes"] == 2 * CHUNK and f["size_bytes"] == 4 * CHUNK
+    assert f["basis"] == "history" and f["history_builds"] == [1]
+    # build 1: minutes 0-2 (6 nodes) took every byte from the CDN, the rest from peers
+    assert f["offload"] == [0.0, 1.0, 1.0, 1.0]
+    expected_total = FROM_CDN * 2 * CHUNK
+    assert f["cdn_total"] == expected_total == dry.json()["cdn_total"]
+    assert f["cdn_peak_per_min"] == PER_MINUTE * 2 * CHUNK
+
+    await adopt(t, client, clock, nodes, two, 2 * CHUNK, 2 * CHUNK)
+    res = await http.get(f"/v1/apps/{APP}/builds/2/forecast")
+    assert res.status_code == 200, res.text
+    report = res.json()
+    actual = report["actual"]
+    print(f"\n[{backend}] build 2 forecast vs what followed (CDN egress)")
+    print(f"  total: predicted {f['cdn_total']} B, actual {actual['cdn_actual_total']} B")
+    print(
+        f"  peak:  predicted {f['cdn_peak_per_min']} B/min, "
+        f"actual {actual['cdn_actual_peak_per_min']} B/min"
+    )
+    predicted = dict(map(tuple, report["forecast"]["curve"]))
+    for at, b in actual["actual"]:
+        minute = (at - int(t0 + 1800)) // 60
+        print(f"  minute {minute:2d}: predicted {predicted.get(at, 0):5d} B, actual {b:5d} B")
+    assert actual["cdn_actual_total"] == expected_total
+    assert actual["cdn_predicted_so_far"] == expected_total
+    assert actual["total_ratio"] == 1.0 and actual["peak_ratio"] == 1.0
+    out = capsys.readouterr().out
+    assert "predicted 12000 B, actual 12000 B" in out
+    with capsys.disabled():  # shown in the test run's output, -s or not
+        print(out, end="")
+
+    traffic = (await http.get(f"/v1/apps/{APP}/builds/2/traffic")).json()
+    assert traffic["totals"] == {
+        "completed": NODES,
+        "peers": (NODES - FROM_CDN) * 2 * CHUNK,
+        "cdn": FROM_CDN * 2 * CHUNK,
+        "reused": NODES * 2 * CHUNK,
+        "patches": 0,
+    }
+    assert traffic["offload_ratio"] == (NODES - FROM_CDN) / NODES
+    assert [r["completed"] for r in traffic["series"]] == [PER_MINUTE] * (NODES // PER_MINUTE)
+
+    load = (await http.get(f"/v1/apps/{APP}/load")).json()
+    hour = load["release_hour"]
+    assert hour["recommended_hour"] == int(t0) % 86400 // 3600 or hour["announces"] == 2 * NODES
+    assert sum(hour["histogram"]) == hour["announces"] == 2 * NODES
+    assert [b["build"] for b in load["forecasts"]] == [2, 1]
+    assert load["forecasts"][0]["actual"]["cdn_actual_total"] == expected_total
+
+    for bad in ("/v1/apps/game/builds/x/traffic", "/v1/apps/game/builds/99/forecast"):
+        assert (await http.get(bad)).status_code in (400, 404)
+    await client._http.aclose()
+
+
+async def test_answers_include_the_minute_not_sampled_yet(
+    make_tracker: Callable[..., Tracker], publisher: Ed25519PrivateKey
+) -> None:
+    """No housekeeping ran: the swarm's counters now and the outcomes not written yet are in
+    the answer all the same (it is never a minute behind)."""
+    t = make_tracker(client_rate=0.0)
+    client = client_for(t)
+    await client.add_app(APP, keys.public_key_bytes(publisher))
+    m = build(publisher, 1, [1, 2], time.time())
+    await client.publish(APP, "stable", m.encode())
+    k = keys.generate_key()
+    await client.announce(
+        k, app=APP, manifest_id=m.id, port=0, event="completed", size=2 * CHUNK, left=0,
+        from_cdn=CHUNK, from_peers=CHUNK, numwant=0,
+    )  # fmt: skip
+    fields = {"app": APP, "manifest": m.id.hex(), "to_build": 1, "kind": "install"}
+    await client.report_outcome(k, {**fields, "outcome": "success", "bytes_patches": 77})
+    got = (await client._http.get(f"/v1/apps/{APP}/builds/1/traffic")).json()
+    assert got["totals"] == {"completed": 1, "peers": CHUNK, "cdn": CHUNK, "reused": 0,
+                             "patches": 77}  # fmt: skip
+    assert len(got["series"]) == 1
+    await t.load.tick(time.time() + 60, force=True)  # sampled and written: the same answer
+    again = (await client._http.get(f"/v1/apps/{APP}/builds/1/traffic")).json()
+    assert again["totals"] == got["totals"]
+    await client._http.aclose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_a_release_past_the_series_retention_still_shapes_the_next_forecast(
+    backend: str,
+    make_tracker: Callable[..., Tracker],
+    publisher: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(tracker_api, "time", types.SimpleNamespace(time=clock))
+    kw: dict[str, Any] = {"clock": clock, "client_rate": 0.0}
+    if backend == "redis":
+        url = request.getfixturevalue("redis_url")
+        kw.update(redis_url=url, registry_url=url)
+    t = make_tracker(**kw)
+    client = client_for(t)
+    await client.add_app(APP, keys.public_key_bytes(publisher))
+    nodes = [keys.generate_key() for _ in range(NODES)]
+    t0 = clock.now
+    one = build(publisher, 1, [1, 2, 3, 4], clock.now)
+    await client.publish(APP, "stable", one.encode())
+    await adopt(t, client, clock, nodes, one, 4 * CHUNK, 0)
+    clock.now = t0 + 2 * 86400  # a day on: its first day is kept with its forecast
+    await t.load.tick(clock.now, force=True)
+    kept = await trio.to_thread.run_sync(t.load.store.forecast, one.id)
+    assert kept is not None and sum(r["completed"] for r in kept["profile"]) == NODES
+    clock.now = t0 + 10 * 86400  # its minutes are gone
+    await t.load.tick(clock.now, force=True)
+    assert (await trio.to_thread.run_sync(t.load.store.series, one.id)) == (None, [])
+    for k in nodes:  # the fleet is still there (seen within the fleet's 3 days)
+        await client.announce(
+            k, app=APP, manifest_id=one.id, port=0, size=4 * CHUNK, left=0, numwant=0
+        )
+    two = build(publisher, 2, [1, 2, 5, 6], clock.now)
+    f = (await client.publish(APP, "stable", two.encode()))["forecast"]
+    assert f["basis"] == "history" and f["history_builds"] == [1]
+    assert f["offload"] == [0.0, 1.0, 1.0, 1.0] and f["cdn_total"] == FROM_CDN * 2 * CHUNK
+    got = (await client._http.get(f"/v1/apps/{APP}/builds/1/forecast")).json()
+    assert "profile" not in got["forecast"]
+    await client._http.aclose()

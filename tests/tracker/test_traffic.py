@@ -1,0 +1,161 @@
+"""The traffic series: the recorder's arithmetic, and the same checks on the SQLite store and on
+a real redis-server (tracker.traffic, tracker.traffic_store, tracker.traffic_redis)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tracker import traffic_redis, traffic_store
+from tracker.registry_redis import RedisRegistry
+from tracker.traffic import (
+    FORECAST_RETENTION_S,
+    RETENTION_S,
+    MinuteRow,
+    TrafficRecorder,
+    per_minute,
+    release_hour,
+)
+from tracker.traffic_store import SQLiteTraffic, TrafficStore
+
+M1, M2, M3 = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+T0 = 1_800_000_000.0 // 86400 * 86400  # a UTC midnight
+MIN0 = int(T0) // 60
+
+
+def rel(mid: bytes, completed: int, peers: int, cdn: int, app: str = "game") -> dict[str, Any]:
+    return {
+        "manifest_id": mid.hex(),
+        "app": app,
+        "completed": completed,
+        "bytes_from_peers": peers,
+        "bytes_from_cdn": cdn,
+    }
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TrafficStore]:
+    if request.param == "sqlite":
+        s: TrafficStore = SQLiteTraffic(tmp_path / "traffic.db")
+        yield s
+        s.close()
+        return
+    url = request.getfixturevalue("redis_url")
+    reg = RedisRegistry(url, prefix="t:")
+    yield traffic_redis.RedisTraffic(reg)
+    reg.close()
+
+
+def test_levels_become_bytes_per_minute_and_adds_are_summed() -> None:
+    r = TrafficRecorder()
+    assert r.due(T0 + 60)
+    # a level read in a minute's first seconds is the level at the end of the minute before
+    assert r.sample([rel(M1, 0, 0, 100)], T0 + 61) == 1
+    assert not r.due(T0 + 90)
+    assert r.sample([rel(M1, 0, 0, 100)], T0 + 120) == 0  # unchanged: nothing written
+    r.sample([rel(M1, 2, 300, 150)], T0 + 180)
+    r.outcome("game", M1, 40, 0, T0 + 125)
+    r.outcome("game", M1, 2, 7, T0 + 130)
+    r.outcome("game", M1, 0, 0, T0 + 130)  # nothing to add
+    b = r.take()
+    assert not r.take()
+    assert b.adds == {(M1, MIN0 + 2): ("game", {"reused": 42, "patches": 7})}
+    rows = [
+        MinuteRow(m, levels, b.adds.get((M1, m), ("", {}))[1])
+        for (_, m), (_, levels) in sorted(b.levels.items())
+    ]
+    assert per_minute(rows, MIN0) == [
+        {"t": MIN0 * 60, "completed": 0, "peers": 0, "cdn": 100, "reused": 0, "patches": 0},
+        {"t": (MIN0 + 2) * 60, "completed": 2, "peers": 300, "cdn": 50, "reused": 42, "patches": 7},
+    ]
+    # a series whose first minutes were deleted starts from its oldest level, not from zero;
+    # a level that fell (the swarm's state was lost) counts from zero again
+    trimmed = [rows[1], MinuteRow(MIN0 + 3, {"completed": 1, "peers": 10, "cdn": 5}, {})]
+    assert [(x["peers"], x["cdn"]) for x in per_minute(trimmed, MIN0)] == [(0, 0), (10, 5)]
+
+
+def test_a_failed_write_is_put_back_for_the_next_flush() -> None:
+    r = TrafficRecorder()
+    r.outcome("game", M1, 5, 0, T0)
+    r.announced("game", T0)
+    b = r.take()
+    r.outcome("game", M1, 1, 0, T0)
+    r.restore(b)
+    again = r.take()
+    assert again.adds[(M1, MIN0)][1] == {"reused": 6}
+    assert again.online == {("game", int(T0) // 86400, 0): 1}
+
+
+def test_the_release_hour_starts_the_busiest_window() -> None:
+    cells = [(1, h, 10) for h in range(24)] + [(1, 18, 50), (2, 19, 60), (2, 20, 40), (2, 4, -9)]
+    out = release_hour(cells)
+    assert out["recommended_hour"] == 18 and out["quietest_hour"] == 4
+    assert out["days"] == 2 and len(out["histogram"]) == 24
+    assert release_hour([])["recommended_hour"] is None
+    # the window wraps around midnight
+    assert release_hour([(1, 23, 5), (1, 0, 5), (1, 1, 5), (1, 12, 9)])["recommended_hour"] == 23
+
+
+def write(store: TrafficStore, r: TrafficRecorder) -> None:
+    store.write(r.take())
+
+
+def test_stores_keep_the_highest_level_and_sum_adds_across_replicas(store: TrafficStore) -> None:
+    a, b = TrafficRecorder(), TrafficRecorder()
+    for rec in (a, b):  # two replicas read the same shared counters in the same minute
+        rec.sample([rel(M1, 1, 100, 50), rel(M2, 0, 0, 10)], T0 + 60)
+        rec.outcome("game", M1, 30, 4, T0 + 1)
+        rec.announced("game", T0 + 5)
+    b.sample([rel(M1, 3, 400, 60)], T0 + 120)
+    a.sample([rel(M1, 2, 200, 55)], T0 + 121)  # a lagging replica's lower reading
+    for rec in (a, b):
+        write(store, rec)
+    first, rows = store.series(M1)
+    assert first == MIN0
+    got = per_minute(rows, first)
+    assert [(x["completed"], x["peers"], x["cdn"]) for x in got] == [(1, 100, 50), (2, 300, 10)]
+    assert (got[0]["reused"], got[0]["patches"]) == (60, 8)
+    assert store.series(M3) == (None, [])
+    assert store.online_cells("game", T0) == [(int(T0) // 86400, 0, 2)]
+    assert store.online_cells("tool", T0) == []
+
+
+def test_stores_forget_what_is_past_retention(store: TrafficStore) -> None:
+    r = TrafficRecorder()
+    r.sample([rel(M1, 1, 100, 50)], T0)
+    r.announced("game", T0)
+    write(store, r)
+    later = T0 + RETENTION_S + 3 * 86400
+    r.sample([rel(M2, 1, 10, 5)], later)
+    r.announced("game", later)
+    write(store, r)
+    store.put_forecast(M1, "game", {"at": T0, "cdn_total": 5})
+    store.put_forecast(M2, "game", {"at": later, "cdn_total": 6})
+    store.gc(later)
+    assert store.series(M1)[1] == []
+    assert store.series(M2)[1] != []
+    assert store.online_cells("game", later) == [(int(later) // 86400, 0, 1)]
+    # forecasts (with their build's first day) outlive the minutes
+    assert store.forecast(M1) == {"at": T0, "cdn_total": 5}
+    assert [(m, a) for m, a, _ in store.forecasts_since(T0 + 1)] == [(M2, "game")]
+    store.gc(T0 + FORECAST_RETENTION_S + 1)
+    assert [m for m, _, _ in store.forecasts_since(0)] == [M2]
+    if isinstance(store, SQLiteTraffic):  # Redis lets the key expire by itself
+        assert store.forecast(M1) is None
+    assert store.forecast(M2) == {"at": later, "cdn_total": 6}
+
+
+def test_stores_keep_a_bounded_number_of_builds(
+    store: TrafficStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(traffic_store, "MAX_BUILDS", 2)
+    monkeypatch.setattr(traffic_redis, "MAX_BUILDS", 2)
+    r = TrafficRecorder()
+    for i, mid in enumerate((M1, M2, M3)):
+        r.sample([rel(mid, 1, 1, 1)], T0 + 60 * (i + 1))
+        write(store, r)
+    assert store.series(M1) == (None, [])
+    assert [store.series(m)[0] for m in (M2, M3)] == [MIN0 + 1, MIN0 + 2]

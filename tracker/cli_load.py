@@ -1,0 +1,114 @@
+"""``tracker forecast``: a publish's CDN forecast beside what followed, or a dry run.
+
+    tracker forecast show APP BUILD --url URL [--json]
+    tracker forecast dry-run APP CHANNEL MANIFEST --url URL [--token T] [--rollout P] [--json]
+
+``show`` prints the forecast recorded when the build was published and, minute by minute,
+the CDN egress predicted beside what nodes reported; ``dry-run`` uploads a signed manifest
+(``p2pnode publish --out DIR`` writes it as ``DIR/APP/BUILD/manifest.p2pm``) and prints what
+publishing it now would cost, storing nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from p2pnode.discovery.tracker import TrackerClient
+from p2pnode.errors import UsageError
+from p2pnode.units import format_bytes
+
+__all__ = ["add_parser", "forecast_verb", "print_forecast"]
+
+
+def add_parser(sub: Any) -> None:
+    f = sub.add_parser("forecast", help="a publish's CDN egress forecast (and what followed)")
+    fsub = f.add_subparsers(dest="forecast_command", required=True)
+    show = fsub.add_parser("show", help="the forecast recorded at a publish, beside what followed")
+    show.add_argument("app")
+    show.add_argument("build", type=int)
+    dry = fsub.add_parser("dry-run", help="what publishing a signed manifest now would cost")
+    dry.add_argument("app")
+    dry.add_argument("channel")
+    dry.add_argument("manifest", type=Path, help="the signed manifest file (manifest.p2pm)")
+    dry.add_argument("--token", help="publisher or admin token (or TRACKER_ADMIN_TOKEN)")
+    dry.add_argument("--rollout", type=float, help="the staged rollout's percentage")
+    for p in (show, dry):
+        p.add_argument("--url", required=True)
+        p.add_argument("--json", action="store_true")
+
+
+async def forecast_verb(args: argparse.Namespace) -> dict[str, Any]:
+    if args.forecast_command == "show":
+        async with TrackerClient(args.url) as client:
+            path = f"/v1/apps/{args.app}/builds/{args.build}/forecast"
+            return dict((await client._request("GET", path)).json())
+    try:
+        body = args.manifest.read_bytes()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read {args.manifest}: {exc.strerror}",
+            fix="pass the manifest.p2pm that `p2pnode publish --out` wrote",
+        ) from exc
+    token = args.token or os.environ.get("TRACKER_ADMIN_TOKEN")
+    async with TrackerClient(args.url, token=token) as client:
+        resp = await client._request(
+            "POST",
+            f"/v1/apps/{args.app}/channels/{args.channel}/forecast",
+            content=body,
+            headers={"Content-Type": "application/x-p2pnode-manifest"},
+            params=None if args.rollout is None else {"rollout": args.rollout},
+            auth=True,
+        )
+        return {"forecast": resp.json(), "actual": None}
+
+
+def _utc(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) + "Z"
+
+
+def print_forecast(out: dict[str, Any]) -> None:
+    f, a = out["forecast"], out["actual"]
+    print(
+        f"{f['app']} build {f['build']} on {f['channel']}, published {_utc(f['at'])}: "
+        f"{f['adopters']:g} nodes x {format_bytes(f['need_bytes'])} each "
+        f"(of {format_bytes(f['size_bytes'])}), offload by adoption quarter "
+        + " ".join(f"{100 * r:.0f}%" for r in f["offload"])
+        + f" ({f['basis']}"
+        + (f": builds {', '.join(map(str, f['history_builds']))})" if f["history_builds"] else ")")
+    )
+    if a is None:
+        print(
+            f"CDN egress forecast: {format_bytes(f['cdn_total'])}, peak "
+            f"{format_bytes(f['cdn_peak_per_min'])}/min at {_utc(f['cdn_peak_at'])}; "
+            f"delta patches {format_bytes(f.get('patches_total', 0))} (from peers or the CDN)"
+        )
+        return
+    print(f"{'':24}{'predicted':>14}{'actual':>14}")
+    print(
+        f"{'CDN egress so far':<24}{format_bytes(a['cdn_predicted_so_far']):>14}"
+        f"{format_bytes(a['cdn_actual_total']):>14}"
+    )
+    print(f"{'CDN egress in all':<24}{format_bytes(f['cdn_total']):>14}{'':>14}")
+    print(
+        f"{'delta patches so far':<24}{format_bytes(f.get('patches_total', 0)):>14}"
+        f"{format_bytes(a.get('patches_actual_total', 0)):>14}"
+    )
+    print(
+        f"{'peak per minute':<24}{format_bytes(f['cdn_peak_per_min']):>14}"
+        f"{format_bytes(a['cdn_actual_peak_per_min']):>14}"
+    )
+    predicted = {int(t): b for t, b in f["curve"]}
+    actual = {int(t): b for t, b in a["actual"]}
+    start = int(f["at"]) // 60 * 60
+    minutes = sorted(m for m in {*predicted, *actual} if m <= start + a["elapsed_s"])
+    for m in minutes[:60]:
+        print(
+            f"  minute {(m - start) // 60:>4} {_utc(m)[11:]:>8}  "
+            f"{format_bytes(predicted.get(m, 0)):>12}{format_bytes(actual.get(m, 0)):>14}"
+        )
+    if len(minutes) > 60:
+        print(f"  ... {len(minutes) - 60} more minutes (--json has them all)")

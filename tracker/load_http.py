@@ -1,0 +1,368 @@
+"""Bandwidth and load on the app: the traffic series' feed and routes, and the forecast made at
+each publish.
+
+What feeds it: every accepted announce (an online-hour count), every accepted outcome (its
+reused and patch bytes), and once a minute the swarm's per-release counters (housekeeping,
+:meth:`LoadRoutes.tick`, which also writes the gathered batch every 10 s). See
+:mod:`tracker.traffic` for the series and :mod:`tracker.forecast` for the model.
+
+Routes (open, like ``/v1/stats``, but the dry run, which takes a manifest upload):
+
+* ``GET /v1/apps/{app}/builds/{build}/traffic``: the build's bytes by source per minute.
+* ``GET /v1/apps/{app}/builds/{build}/forecast``: the forecast recorded at its publish, and
+  what followed (actual CDN egress per minute beside the predicted).
+* ``POST /v1/apps/{app}/channels/{channel}/forecast``: the forecast of publishing that signed
+  manifest now, recorded nowhere (publisher or admin token).
+* ``GET /v1/apps/{app}/load``: the release hour and the app's recent forecasts against what
+  followed (the dashboard's load section).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from p2pnode.release.manifest import Manifest, parse_signed
+
+from . import core
+from .auth import require_publisher
+from .backend import RegistryStore, SwarmStore
+from .channels import checked_upload
+from .errors import BadRequest, NotFound, Unavailable
+from .fleet_store import FleetStore
+from .forecast import HISTORY, HORIZON_MIN, PastRelease, bytes_needed, compare, predict
+from .operations import PERCENT_RANGE
+from .outcomes import MAX_BUILD, Outcome
+from .traffic import (
+    RETENTION_S,
+    MinuteRow,
+    TrafficRecorder,
+    per_minute,
+    profile,
+    release_hour,
+)
+from .traffic_store import TrafficStore
+from .web import query_float
+
+__all__ = ["LoadRoutes"]
+
+log = logging.getLogger(__name__)
+
+BUILD_PATTERN = r"^[0-9]{1,19}$"
+_BUILD = re.compile(BUILD_PATTERN)
+#: Seconds between writes of the gathered batch, and between trims of the store.
+FLUSH_S = 10
+GC_S = 3600
+#: Base builds of the fleet whose manifests are read for the need (the rest need it all).
+BASES = 10
+#: Recent forecasts the load view shows per app.
+LOAD_BUILDS = 5
+
+Call = Callable[..., Awaitable[Any]]
+
+
+class LoadRoutes:
+    """The traffic recorder and store, the forecast at publish, and their routes."""
+
+    def __init__(
+        self,
+        store: TrafficStore,
+        registry: RegistryStore,
+        swarm: SwarmStore,
+        fleet: Callable[[], FleetStore],
+        admin_token: str,
+        clock: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.recorder = TrafficRecorder()
+        self._registry = registry
+        self._swarm = swarm
+        self._fleet = fleet
+        self._admin = admin_token
+        self._clock = clock
+        self._flushed = self._trimmed = 0.0
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if getattr(fn.__self__, "blocking", False):  # type: ignore[attr-defined]
+            return await trio.to_thread.run_sync(fn, *args)
+        return fn(*args)
+
+    # ---------------------------------------------------------------- feed
+
+    def announced(self, app: str, now: float) -> None:
+        self.recorder.announced(app, now)
+
+    def reported(self, o: Outcome, now: float) -> None:
+        self.recorder.outcome(o.app, o.manifest, o.bytes[2], o.bytes[3], now)
+
+    async def tick(self, now: float, *, force: bool = False) -> None:
+        """Housekeeping: sample the swarm's counters once a minute, write what was gathered
+        every ``FLUSH_S`` (``force``: now), trim the store every ``GC_S``. A write that fails
+        keeps the batch for the next try."""
+        if self.recorder.due(now):
+            stats = await self._swarm.stats(now)
+            self.recorder.sample(stats["releases"], now)
+        if force or now - self._flushed >= FLUSH_S:
+            self._flushed = now
+            batch = self.recorder.take()
+            if batch:
+                try:
+                    await self._call(self.store.write, batch)
+                except BaseException:  # kept for the next try (cancelled included)
+                    self.recorder.restore(batch)
+                    raise
+        if now - self._trimmed >= GC_S:
+            self._trimmed = now
+            await self._profile(now)
+            await self._call(self.store.gc, now)
+
+    async def _profile(self, now: float) -> None:
+        """Keep the first day of each build published over a day ago (and still within the
+        series' retention) with its forecast, so later forecasts can read it after its minutes
+        are gone."""
+        recorded = await self._call(self.store.forecasts_since, now - RETENTION_S)
+        for mid, app, f in recorded:
+            if "profile" in f or now - f["at"] < 60 * (HORIZON_MIN + 1):
+                continue
+            f["profile"] = profile(await self._series(mid), f["at"], HORIZON_MIN)
+            await self._call(self.store.put_forecast, mid, app, f)
+
+    def close(self) -> None:
+        """Write what is still gathered (a clean stop loses nothing), then close the store."""
+        batch = self.recorder.take()
+        try:
+            if batch:
+                self.store.write(batch)
+        except Unavailable as exc:
+            log.warning("traffic of the last seconds not written: %s", exc)
+        self.store.close()
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/apps/{app:str}/builds/{build:str}/traffic", self.traffic),
+            Route("/v1/apps/{app:str}/builds/{build:str}/forecast", self.forecast),
+            Route(
+                "/v1/apps/{app:str}/channels/{channel:str}/forecast",
+                self.dry_run,
+                methods=["POST"],
+            ),
+            Route("/v1/apps/{app:str}/load", self.load),
+        ]
+
+    # ---------------------------------------------------------------- the model's inputs
+
+    async def _manifest(self, mid: bytes) -> Manifest | None:
+        raw = await self._call(self._registry.get_manifest, mid)
+        if raw is None:
+            return None
+        return (await trio.to_thread.run_sync(parse_signed, raw)).manifest
+
+    async def _live(self, now: float) -> tuple[int, dict[bytes, dict[str, int]]]:
+        """The swarm's counters now, per build: the current minute, not sampled yet."""
+        stats = await self._swarm.stats(now)
+        return int(now) // 60, {
+            bytes.fromhex(r["manifest_id"]): {
+                "completed": int(r["completed"]),
+                "peers": int(r["bytes_from_peers"]),
+                "cdn": int(r["bytes_from_cdn"]),
+            }
+            for r in stats["releases"]
+        }
+
+    async def _series(
+        self, mid: bytes, live: tuple[int, dict[bytes, dict[str, int]]] | None = None
+    ) -> list[dict[str, int]]:
+        """The build's rows (``per_minute``), ending with ``live``'s minute when its counters
+        moved since the last sample (so an answer is never a minute behind)."""
+        first, rows = await self._call(self.store.series, mid)
+        for minute, adds in self.recorder.pending_adds(mid).items():
+            at = next((i for i, r in enumerate(rows) if r.minute == minute), None)
+            if at is None:
+                rows.append(MinuteRow(minute, {}, adds))
+                first = minute if first is None else min(first, minute)
+            else:
+                mine = rows[at].adds
+                rows[at] = MinuteRow(
+                    minute,
+                    rows[at].levels,
+                    {k: mine.get(k, 0) + adds.get(k, 0) for k in {*mine, *adds}},
+                )
+        rows.sort(key=lambda r: r.minute)
+        levels = live[1].get(mid) if live else None
+        if live and levels and first is not None:  # (None: never sampled, or past retention)
+            minute = live[0]
+            last = next((r.levels for r in reversed(rows) if r.levels), None)
+            if rows and rows[-1].minute >= minute:
+                if levels != last:
+                    rows[-1] = MinuteRow(rows[-1].minute, levels, rows[-1].adds)
+            elif levels != last:
+                rows.append(MinuteRow(minute, levels, {}))
+        return per_minute(rows, first)
+
+    async def make_forecast(
+        self, m: Manifest, mid: bytes, channel: str, percent: float, now: float
+    ) -> dict[str, Any]:
+        """The forecast of publishing ``m`` (id ``mid``) to ``channel`` at ``now``."""
+        history = await self._call(self._registry.history, m.app, channel, 100)
+        carried = {h["manifest_id"] for h in history}
+        view = await self._fleet().app_view(m.app, now) or {"builds": []}
+        on_channel = [b for b in view["builds"] if b["manifest_id"] in carried and b["nodes"]]
+        on_channel.sort(key=lambda b: -b["nodes"])
+        fleet: list[tuple[Manifest | None, int]] = []
+        for i, b in enumerate(on_channel):
+            base = await self._manifest(bytes.fromhex(b["manifest_id"])) if i < BASES else None
+            fleet.append((base, b["nodes"]))
+        need = await trio.to_thread.run_sync(bytes_needed, m, fleet)
+        live = await self._live(now)
+        past: list[PastRelease] = []
+        seen: set[str] = set()
+        for h in history:  # newest first
+            if (
+                h["action"] != "publish"
+                or h["manifest_id"] in seen
+                or h["manifest_id"] == mid.hex()
+            ):
+                continue
+            seen.add(h["manifest_id"])
+            rows = await self._series(bytes.fromhex(h["manifest_id"]), live)
+            if rows and rows[0]["t"] - h["at"] > RETENTION_S:
+                rows = []  # a series begun after the first was gone: its start is not its start
+            if not rows:  # its minutes are gone: the profile kept with its forecast
+                kept = await self._call(self.store.forecast, bytes.fromhex(h["manifest_id"]))
+                rows = (kept or {}).get("profile", [])
+            if rows:
+                past.append(PastRelease(h["build"], h["at"], rows))
+            if len(past) >= 2 * HISTORY:
+                break
+        nodes = sum(n for _, n in fleet)
+        f = predict(
+            nodes=nodes, need=need["need"], size=need["size"], history=past, published=now,
+            percent=percent, patch_need=need["patch_need"],
+        )  # fmt: skip
+        f.update(app=m.app, channel=channel, build=m.build, manifest_id=mid.hex())
+        f["need_by_build"] = need["per_build"]
+        return f
+
+    async def published(
+        self, m: Manifest, mid: bytes, channel: str, percent: float | None, now: float
+    ) -> dict[str, Any] | None:
+        """Record the forecast of a publish that just happened; its summary for the publish
+        answer (``None`` if it could not be made: the publish stands regardless)."""
+        try:
+            f = await self.make_forecast(
+                m, mid, channel, 100.0 if percent is None else percent, now
+            )
+            await self._call(self.store.put_forecast, mid, m.app, f)
+        except Exception:  # a forecast that failed must not fail the publish it follows
+            log.exception("no forecast for %s build %d", m.app, m.build)
+            return None
+        return summary(f)
+
+    # ---------------------------------------------------------------- routes
+
+    async def _build(self, request: Request) -> tuple[str, int, bytes]:
+        """(app, build, manifest id) named by the path (``?manifest=`` when two channels hold
+        the build number as different manifests)."""
+        app = core.check_name(request.path_params["app"], "app")
+        text = request.path_params["build"]
+        if not _BUILD.match(text) or int(text) > MAX_BUILD:
+            raise BadRequest(f"build must be a number from 0 to {MAX_BUILD}")
+        build = int(text)
+        want = request.query_params.get("manifest")
+        if want is not None and not re.fullmatch(core.HEX64_PATTERN[1:-1], want):
+            raise BadRequest("manifest must be 64 hex digits")
+        releases = await self._call(self._registry.releases)
+        mids = sorted(mid for mid, (a, b, _) in releases.items() if a == app and b == build)
+        if want is not None:
+            mids = [m for m in mids if m.hex() == want]
+        if not mids:
+            raise NotFound(f"build {build} of {app} is not published here", fix="check the build")
+        return app, build, mids[-1]
+
+    async def traffic(self, request: Request) -> Response:
+        app, build, mid = await self._build(request)
+        rows = await self._series(mid, await self._live(self._clock()))
+        totals = {
+            k: sum(r[k] for r in rows) for k in ("completed", "peers", "cdn", "reused", "patches")
+        }
+        moved = totals["peers"] + totals["cdn"]
+        return JSONResponse(
+            {
+                "app": app,
+                "build": build,
+                "manifest_id": mid.hex(),
+                "minute_s": 60,
+                "retention_s": RETENTION_S,
+                "totals": totals,
+                "offload_ratio": totals["peers"] / moved if moved else None,
+                "series": rows,
+            }
+        )
+
+    async def forecast(self, request: Request) -> Response:
+        app, build, mid = await self._build(request)
+        f = await self._call(self.store.forecast, mid)
+        if f is None:
+            raise NotFound(
+                f"no forecast was recorded for build {build} of {app}",
+                fix="forecasts are made when a build is published (kept 90 days)",
+            )
+        now = self._clock()
+        rows = await self._series(mid, await self._live(now))
+        f.pop("profile", None)
+        return JSONResponse({"forecast": f, "actual": compare(f, rows, now)})
+
+    async def dry_run(self, request: Request) -> Response:
+        app = core.check_name(request.path_params["app"], "app")
+        channel = core.check_name(request.path_params["channel"], "channel")
+        row = self._registry.get_app(app)
+        if row is None:
+            raise NotFound(f"app {app} is not registered", fix="register it: tracker app add")
+        require_publisher(request, self._admin, app, row)
+        percent = (
+            query_float(request, "rollout", *PERCENT_RANGE)
+            if "rollout" in request.query_params
+            else 100.0
+        )
+        now = self._clock()
+        _, signed = await checked_upload(request, row, now)
+        if signed.manifest.app != app:
+            raise BadRequest(f"the manifest is for app {signed.manifest.app}, not {app}")
+        f = await self.make_forecast(signed.manifest, signed.id, channel, percent, now)
+        return JSONResponse(f)
+
+    async def load(self, request: Request) -> Response:
+        app = core.check_name(request.path_params["app"], "app")
+        if self._registry.get_app(app) is None:
+            raise NotFound(f"app {app} is not registered", fix="register it: tracker app add")
+        now = self._clock()
+        cells = await self._call(self.store.online_cells, app, now)
+        heads = await self._call(self._registry.channels, app)
+        published: list[tuple[float, str, str]] = []
+        for head in heads:
+            for h in await self._call(self._registry.history, app, head.channel, LOAD_BUILDS):
+                if h["action"] == "publish":
+                    published.append((h["at"], h["manifest_id"], head.channel))
+        builds = []
+        live = await self._live(now)
+        for _, mid_hex, _ in sorted(published, reverse=True):
+            f = await self._call(self.store.forecast, bytes.fromhex(mid_hex))
+            if f is None:
+                continue
+            actual = compare(f, await self._series(bytes.fromhex(mid_hex), live), now)
+            builds.append({**summary(f), "predicted": f["curve"], "actual": actual})
+            if len(builds) >= LOAD_BUILDS:
+                break
+        return JSONResponse({"app": app, "release_hour": release_hour(cells), "forecasts": builds})
+
+
+def summary(f: dict[str, Any]) -> dict[str, Any]:
+    """A forecast without its per-minute curve."""
+    return {k: v for k, v in f.items() if k not in ("curve", "need_by_build", "profile")}

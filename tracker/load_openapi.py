@@ -1,0 +1,187 @@
+"""The OpenAPI description of the load routes (:mod:`tracker.load_http`), merged into
+``/openapi.json`` by :mod:`tracker.openapi` from the same definitions the handlers use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .forecast import BINS, HORIZON_MIN, MODEL
+from .load_http import BUILD_PATTERN
+from .traffic import ADD_NAMES, LEVEL_NAMES
+
+__all__ = ["load_paths", "load_schemas"]
+
+_INT = {"type": "integer"}
+_NUM = {"type": "number"}
+_POINTS = {
+    "type": "array",
+    "items": {"type": "array", "items": _NUM, "minItems": 2, "maxItems": 2},
+}
+
+
+def load_schemas() -> dict[str, Any]:
+    from .openapi import _HEX64, _NAME, _ref
+
+    minute = {
+        "type": "object",
+        "required": ["t", *LEVEL_NAMES, *ADD_NAMES],
+        "properties": {
+            "t": {**_INT, "description": "the minute's start (Unix s, UTC)"},
+            "completed": {**_INT, "description": "nodes that completed the build"},
+            "peers": {**_INT, "description": "bytes nodes announced from peers"},
+            "cdn": {**_INT, "description": "bytes nodes announced from the CDN"},
+            "reused": {**_INT, "description": "bytes reused from earlier builds (outcomes)"},
+            "patches": {**_INT, "description": "bytes of delta patches fetched (outcomes)"},
+        },
+    }
+    forecast = {
+        "type": "object",
+        "required": [
+            "model",
+            "at",
+            "nodes",
+            "adopters",
+            "need_bytes",
+            "cdn_total",
+            "cdn_peak_per_min",
+            "cdn_peak_at",
+            "offload",
+            "basis",
+        ],
+        "properties": {
+            "model": {"const": MODEL},
+            "app": _NAME,
+            "channel": _NAME,
+            "build": _INT,
+            "manifest_id": _HEX64,
+            "at": {**_NUM, "description": "when the build was (or would be) published"},
+            "nodes": {**_INT, "description": "nodes of the channel's fleet"},
+            "percent": _NUM,
+            "adopters": {**_NUM, "description": "nodes x rollout percent"},
+            "size_bytes": _INT,
+            "need_bytes": {**_INT, "description": "chunk bytes one node lacks, on average"},
+            "patch_need_bytes": {**_INT, "description": "delta patch bytes one node fetches"},
+            "patches_total": {**_INT, "description": "predicted patch bytes (peers or CDN)"},
+            "basis": {"enum": ["history", "default"]},
+            "history_builds": {"type": "array", "items": _INT},
+            "offload": {"type": "array", "items": _NUM, "minItems": BINS, "maxItems": BINS},
+            "cdn_total": {**_INT, "description": "predicted CDN egress (bytes)"},
+            "peers_total": _INT,
+            "cdn_peak_per_min": {**_INT, "description": "predicted busiest minute (bytes)"},
+            "cdn_peak_at": _NUM,
+            "curve": {
+                **_POINTS,
+                "description": f"[minute (Unix s), predicted CDN bytes], first {HORIZON_MIN} min",
+            },
+            "need_by_build": {"type": "array", "items": {"type": "object"}},
+        },
+    }
+    actual = {
+        "type": "object",
+        "required": ["elapsed_s", "actual", "cdn_actual_total", "cdn_predicted_so_far"],
+        "properties": {
+            "elapsed_s": _INT,
+            "actual": {**_POINTS, "description": "[minute (Unix s), actual CDN bytes]"},
+            "cdn_actual_total": _INT,
+            "patches_actual_total": _INT,
+            "cdn_predicted_so_far": _INT,
+            "cdn_actual_peak_per_min": _INT,
+            "cdn_actual_peak_at": {"type": ["integer", "null"]},
+            "total_ratio": {"type": ["number", "null"], "description": "actual / predicted"},
+            "peak_ratio": {"type": ["number", "null"]},
+        },
+    }
+    hour = {
+        "type": "object",
+        "required": ["histogram", "days", "announces", "recommended_hour", "quietest_hour"],
+        "properties": {
+            "histogram": {"type": "array", "items": _INT, "minItems": 24, "maxItems": 24},
+            "days": _INT,
+            "announces": _INT,
+            "recommended_hour": {"type": ["integer", "null"], "minimum": 0, "maximum": 23},
+            "recommended_share": _NUM,
+            "quietest_hour": {"type": ["integer", "null"], "minimum": 0, "maximum": 23},
+            "window_hours": _INT,
+        },
+    }
+    return {
+        "Traffic": {
+            "type": "object",
+            "required": ["app", "build", "manifest_id", "minute_s", "totals", "series"],
+            "properties": {
+                "app": _NAME,
+                "build": _INT,
+                "manifest_id": _HEX64,
+                "minute_s": _INT,
+                "retention_s": _INT,
+                "totals": {"type": "object", "additionalProperties": _INT},
+                "offload_ratio": {"type": ["number", "null"]},
+                "series": {"type": "array", "items": minute},
+            },
+        },
+        "Forecast": forecast,
+        "ForecastReport": {
+            "type": "object",
+            "required": ["forecast", "actual"],
+            "properties": {"forecast": _ref("Forecast"), "actual": actual},
+        },
+        "Load": {
+            "type": "object",
+            "required": ["app", "release_hour", "forecasts"],
+            "properties": {
+                "app": _NAME,
+                "release_hour": hour,
+                "forecasts": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "description": "a Forecast without need_by_build, with its curve as "
+                        "predicted and what followed as actual",
+                        "properties": {"predicted": _POINTS, "actual": actual},
+                    },
+                },
+            },
+        },
+    }
+
+
+def load_paths() -> dict[str, Any]:
+    from .openapi import _APP, _HEX64, _op, _path, upload_op
+
+    build = _path("build", {"type": "string", "pattern": BUILD_PATTERN})
+    manifest = {
+        "name": "manifest",
+        "in": "query",
+        "description": "which manifest, when two channels hold the build number",
+        "schema": _HEX64,
+    }
+    params = [_APP, build, manifest]
+    return {
+        "/v1/apps/{app}/builds/{build}/traffic": {
+            "get": _op(
+                "The build's bytes by source and completions per minute (7 days kept)",
+                answer={"$ref": "#/components/schemas/Traffic"},
+                parameters=params,
+            )
+        },
+        "/v1/apps/{app}/builds/{build}/forecast": {
+            "get": _op(
+                "The CDN egress forecast made at the build's publish, beside what followed",
+                answer={"$ref": "#/components/schemas/ForecastReport"},
+                parameters=params,
+            )
+        },
+        "/v1/apps/{app}/channels/{channel}/forecast": {
+            "post": upload_op(
+                "Dry run: the forecast of publishing this signed manifest now (not recorded)",
+                answer={"$ref": "#/components/schemas/Forecast"},
+            )
+        },
+        "/v1/apps/{app}/load": {
+            "get": _op(
+                "The recommended release hour and recent forecasts against what followed",
+                answer={"$ref": "#/components/schemas/Load"},
+                parameters=[_APP],
+            )
+        },
+    }

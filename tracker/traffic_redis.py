@@ -1,0 +1,221 @@
+"""The traffic series in the registry's Redis (``--registry``), shared by replicas on any host.
+
+Shares :class:`tracker.registry_redis.RedisRegistry`'s clients, circuit breaker and error
+translation (a failure is :class:`~tracker.errors.RegistryUnavailable`). A recorder's batch is
+one Lua script, applied whole: levels keep the highest value per minute, adds and online
+counts are summed (:mod:`tracker.traffic`). A build's minutes are kept an hour per hash, a
+field per minute, so that each hash stays small enough for Redis's compact encoding (about 50
+bytes a minute). Retention is Redis's own: every key expires ``RETENTION_S`` plus a day after
+it was last written.
+
+Keys (under the registry's prefix, ``trk:reg:`` unless ``--redis-prefix``)::
+
+    P trf:m:<mid hex>:<hour>     hash: minute -> "completed,peers,cdn,reused,patches" (one hour
+                                 of one build; a level is empty when not sampled then)
+    P trf:builds                 sorted set: manifest id hex, scored by its last minute
+    P trf:first                  hash: manifest id hex -> its first minute
+    P trf:on:<app>:<day>         hash: hour -> announces
+    P trf:fc:<mid hex>           the forecast recorded at its publish (JSON)
+    P trf:fcs                    sorted set: manifest id hex, scored by its publish time
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .registry_redis import RedisRegistry, _text
+from .traffic import (
+    ADD_NAMES,
+    FORECAST_RETENTION_S,
+    LEVEL_NAMES,
+    MAX_BUILDS,
+    RETENTION_DAYS,
+    RETENTION_S,
+    MinuteRow,
+    TrafficBatch,
+)
+
+__all__ = ["RedisTraffic"]
+
+# ARGV: prefix, ttl s, max builds, then the batch as JSON: {"m": [[mid, hour, minute, kind,
+# values...]] (kind L: completed, peers, cdn; kind A: reused, patches), "o": [[app, day, hour,
+# n]], "b": [[mid, first, last]]}; numbers are strings (cjson reads numbers as doubles, which
+# tostring would write as 1e+15).
+_WRITE_LUA = """
+local p, ttl, cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local b = cjson.decode(ARGV[4])
+local function num(x) return string.format('%.0f', x) end
+for _, c in ipairs(b.m) do
+  local key = p .. 'm:' .. c[1] .. ':' .. c[2]
+  local old = redis.call('HGET', key, c[3])
+  local t = {'', '', '', '0', '0'}
+  if old then
+    local i = 1
+    for x in string.gmatch(old .. ',', '([^,]*),') do t[i] = x; i = i + 1 end
+  end
+  if c[4] == 'L' then
+    for i = 1, 3 do
+      if t[i] == '' or tonumber(t[i]) < tonumber(c[4 + i]) then t[i] = c[4 + i] end
+    end
+  else
+    t[4] = num(tonumber(t[4]) + tonumber(c[5]))
+    t[5] = num(tonumber(t[5]) + tonumber(c[6]))
+  end
+  redis.call('HSET', key, c[3], table.concat(t, ','))
+  redis.call('EXPIRE', key, ttl)
+end
+for _, c in ipairs(b.o) do
+  local key = p .. 'on:' .. c[1] .. ':' .. c[2]
+  redis.call('HINCRBY', key, c[3], c[4])
+  redis.call('EXPIRE', key, ttl)
+end
+for _, c in ipairs(b.b) do
+  local last = redis.call('ZSCORE', p .. 'builds', c[1])
+  if not last or tonumber(last) < tonumber(c[3]) then
+    redis.call('ZADD', p .. 'builds', c[3], c[1])
+  end
+  local first = redis.call('HGET', p .. 'first', c[1])
+  if not first or tonumber(first) > tonumber(c[2]) then
+    redis.call('HSET', p .. 'first', c[1], c[2])
+  end
+end
+local over = redis.call('ZCARD', p .. 'builds') - cap
+if over > 0 then
+  local gone = redis.call('ZPOPMIN', p .. 'builds', over)
+  for i = 1, #gone, 2 do
+    local last = tonumber(gone[i + 1])
+    local first = tonumber(redis.call('HGET', p .. 'first', gone[i]) or last)
+    first = math.max(first, last - tonumber(ARGV[5]))
+    for hour = math.floor(first / 60), math.floor(last / 60) do
+      redis.call('DEL', p .. 'm:' .. gone[i] .. ':' .. hour)
+    end
+    redis.call('HDEL', p .. 'first', gone[i])
+  end
+end
+return 1
+"""
+
+
+class RedisTraffic:
+    """A :class:`tracker.traffic_store.TrafficStore` beside a :class:`RedisRegistry`."""
+
+    blocking = True
+
+    def __init__(self, registry: RedisRegistry) -> None:
+        self._reg = registry
+        self.p = registry.p + "trf:"
+        self._write = registry._slow.register_script(_WRITE_LUA)
+        self._ttl = RETENTION_S + 86400
+
+    def close(self) -> None:
+        """The registry owns the clients."""
+
+    def write(self, batch: TrafficBatch) -> None:
+        cells: list[list[str]] = []
+        builds: dict[str, tuple[int, int]] = {}
+        for kind, names, part in (("L", LEVEL_NAMES, batch.levels), ("A", ADD_NAMES, batch.adds)):
+            for (mid, minute), (_, counts) in part.items():
+                h = mid.hex()
+                lo, hi = builds.get(h, (minute, minute))
+                builds[h] = (min(lo, minute), max(hi, minute))
+                values = [str(counts.get(n, 0)) for n in names]
+                cells.append([h, str(minute // 60), str(minute), kind, *values])
+        body = {
+            "m": cells,
+            "o": [[a, str(d), str(h), str(n)] for (a, d, h), n in batch.online.items()],
+            "b": [[h, str(lo), str(hi)] for h, (lo, hi) in builds.items()],
+        }
+        if not (cells or body["o"]):
+            return
+        with self._reg._redis("write the traffic series"):
+            self._write(
+                args=[self.p, self._ttl, MAX_BUILDS, json.dumps(body), RETENTION_S // 60 + 1440]
+            )
+
+    def gc(self, now: float) -> None:
+        """Keys expire by themselves; drop the index entries of builds past retention."""
+        oldest = (int(now) - RETENTION_S) // 60
+        with self._reg._redis("trim the traffic index"):
+            gone = self._reg._slow.zrangebyscore(self.p + "builds", "-inf", f"({oldest}")
+            if gone:
+                self._reg._slow.zrem(self.p + "builds", *gone)
+                self._reg._slow.hdel(self.p + "first", *gone)
+            self._reg._slow.zremrangebyscore(
+                self.p + "fcs", "-inf", f"({now - FORECAST_RETENTION_S}"
+            )
+
+    def series(self, manifest: bytes) -> tuple[int | None, list[MinuteRow]]:
+        h = manifest.hex()
+        with self._reg._redis("read the traffic series"):
+            r = self._reg._slow
+            first, last = r.hget(self.p + "first", h), r.zscore(self.p + "builds", h)
+            if first is None or last is None:
+                return None, []
+            lo = max(int(first), int(last) - RETENTION_S // 60 - 1440) // 60
+            with r.pipeline(transaction=False) as pipe:
+                for hour in range(lo, int(last) // 60 + 1):
+                    pipe.hgetall(f"{self.p}m:{h}:{hour}")
+                hours = pipe.execute()
+        rows = []
+        for fields in hours:
+            for k, v in fields.items():
+                values = _text(v).split(",")
+                levels = values[: len(LEVEL_NAMES)]
+                adds = values[len(LEVEL_NAMES) :]
+                rows.append(
+                    MinuteRow(
+                        int(_text(k)),
+                        dict(zip(LEVEL_NAMES, map(int, levels), strict=True)) if levels[0] else {},
+                        {n: int(x) for n, x in zip(ADD_NAMES, adds, strict=True) if int(x)},
+                    )
+                )
+        rows.sort(key=lambda row: row.minute)
+        return int(first), rows
+
+    def online_cells(self, app: str, now: float) -> list[tuple[int, int, int]]:
+        today = int(now) // 86400
+        days = range(today - RETENTION_DAYS, today + 2)
+        with (
+            self._reg._redis("read the online hours"),
+            self._reg._slow.pipeline(transaction=False) as pipe,
+        ):
+            for day in days:
+                pipe.hgetall(f"{self.p}on:{app}:{day}")
+            rows = pipe.execute()
+        return [
+            (day, int(_text(h)), int(n))
+            for day, row in zip(days, rows, strict=True)
+            for h, n in sorted(row.items(), key=lambda kv: int(_text(kv[0])))
+        ]
+
+    def put_forecast(self, manifest: bytes, app: str, body: dict[str, Any]) -> None:
+        h = manifest.hex()
+        with self._reg._redis("record a forecast"), self._reg._slow.pipeline() as pipe:
+            pipe.set(self.p + "fc:" + h, json.dumps({**body, "_app": app}), ex=FORECAST_RETENTION_S)
+            pipe.zadd(self.p + "fcs", {h: float(body.get("at", 0))})
+            pipe.zremrangebyrank(self.p + "fcs", 0, -MAX_BUILDS - 1)
+            pipe.execute()
+
+    def forecast(self, manifest: bytes) -> dict[str, Any] | None:
+        with self._reg._redis("read a forecast"):
+            raw = self._reg._slow.get(self.p + "fc:" + manifest.hex())
+        if not raw:
+            return None
+        body: dict[str, Any] = json.loads(raw)
+        body.pop("_app", None)
+        return body
+
+    def forecasts_since(self, since: float) -> list[tuple[bytes, str, dict[str, Any]]]:
+        with self._reg._redis("read forecasts"):
+            mids = self._reg._slow.zrangebyscore(self.p + "fcs", since, "+inf")
+            with self._reg._slow.pipeline(transaction=False) as pipe:
+                for h in mids:
+                    pipe.get(self.p + "fc:" + _text(h))
+                raws = pipe.execute()
+        out = []
+        for h, raw in zip(mids, raws, strict=True):
+            if raw:
+                body = json.loads(raw)
+                out.append((bytes.fromhex(_text(h)), body.pop("_app", ""), body))
+        return out

@@ -1,0 +1,240 @@
+"""Where the traffic series lives: the store interface, and the embedded SQLite store.
+
+Theory of operation
+-------------------
+The series (:mod:`tracker.traffic`), the online-hour cells and the forecasts recorded at
+publish time are kept beside the operations store: ``DIR/traffic.db`` (SQLite, a file of its
+own so that a minute's write never moves the registry's ``data_version``, which wakes every
+long-poll), or with ``--registry URL`` that Redis (:mod:`tracker.traffic_redis`). Replicas
+sharing ``DIR`` or the Redis share one series: levels are written with "keep the highest", adds
+and online counts are summed (see :mod:`tracker.traffic` for why that counts nothing twice).
+
+The interface is synchronous, with ``blocking`` saying whether a call may wait on the network
+(the app then runs it in a worker thread), as :class:`tracker.backend.OpsStore`'s. Another
+backend (PostgreSQL, say) implements :class:`TrafficStore` and is picked in
+:func:`open_traffic`; ``tests/tracker/test_traffic.py`` runs the same checks on every store.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+from .registry_sqlite import SQLiteFile
+from .traffic import (
+    ADD_NAMES,
+    FORECAST_RETENTION_S,
+    LEVEL_NAMES,
+    MAX_BUILDS,
+    RETENTION_DAYS,
+    RETENTION_MINUTES,
+    MinuteRow,
+    TrafficBatch,
+)
+
+__all__ = ["SQLiteTraffic", "TrafficStore"]
+
+
+class TrafficStore(Protocol):
+    """Per-minute bytes by source per build, online-hour cells, recorded forecasts."""
+
+    #: calls may wait on the network: the app runs them in a worker thread
+    blocking: bool
+
+    def close(self) -> None: ...
+
+    def write(self, batch: TrafficBatch) -> None:
+        """Apply a recorder's batch whole: levels keep the highest value per minute, adds and
+        online counts are summed; keeps at most ``MAX_BUILDS`` builds."""
+        ...
+
+    def gc(self, now: float) -> None:
+        """Drop minutes and online cells older than ``RETENTION_S``, forecasts older than
+        ``FORECAST_RETENTION_S``."""
+        ...
+
+    def series(self, manifest: bytes) -> tuple[int | None, list[MinuteRow]]:
+        """The build's first minute ever written (``None``: no series) and its stored rows."""
+        ...
+
+    def online_cells(self, app: str, now: float) -> list[tuple[int, int, int]]:
+        """The app's (UTC day number, hour, announces) cells of the last ``RETENTION_S``."""
+        ...
+
+    def put_forecast(self, manifest: bytes, app: str, body: dict[str, Any]) -> None:
+        """Keep the forecast made when ``manifest`` was published (replacing any earlier)."""
+        ...
+
+    def forecast(self, manifest: bytes) -> dict[str, Any] | None: ...
+
+    def forecasts_since(self, since: float) -> list[tuple[bytes, str, dict[str, Any]]]:
+        """(manifest, app, forecast) of the publishes at or after ``since``."""
+        ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS traffic_builds (
+    id INTEGER PRIMARY KEY, manifest BLOB NOT NULL UNIQUE, app TEXT NOT NULL,
+    first INTEGER NOT NULL, last INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS traffic_builds_by_last ON traffic_builds(last);
+CREATE TABLE IF NOT EXISTS traffic (
+    build INTEGER NOT NULL, minute INTEGER NOT NULL,
+    completed INTEGER, peers INTEGER, cdn INTEGER,
+    reused INTEGER NOT NULL DEFAULT 0, patches INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (build, minute)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS online (
+    app TEXT NOT NULL, day INTEGER NOT NULL, hour INTEGER NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (app, day, hour)
+);
+CREATE TABLE IF NOT EXISTS forecasts (
+    manifest BLOB PRIMARY KEY, app TEXT NOT NULL, at REAL NOT NULL, body TEXT NOT NULL
+);
+"""
+#: A level column keeps the highest value written (NULL: not sampled that minute).
+_KEEP_HIGHEST = ", ".join(
+    f"{c} = CASE WHEN {c} IS NULL OR excluded.{c} > {c} THEN excluded.{c} ELSE {c} END"
+    for c in LEVEL_NAMES
+)
+
+
+class SQLiteTraffic(SQLiteFile):
+    """A :class:`TrafficStore` in one SQLite file (``DIR/traffic.db``): one row per build and
+    minute (about 60 bytes), builds numbered in ``traffic_builds``."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, _SCHEMA)
+
+    def write(self, batch: TrafficBatch) -> None:
+        builds: dict[bytes, tuple[str, int, int]] = {}
+        for (mid, minute), (app, _) in [*batch.levels.items(), *batch.adds.items()]:
+            _, lo, hi = builds.get(mid, (app, minute, minute))
+            builds[mid] = (app, min(lo, minute), max(hi, minute))
+        with self._tx() as c:
+            c.executemany(
+                "INSERT INTO traffic_builds (manifest, app, first, last) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (manifest) DO UPDATE SET first = MIN(first, excluded.first), "
+                "last = MAX(last, excluded.last)",
+                [(mid, app, lo, hi) for mid, (app, lo, hi) in builds.items()],
+            )
+            ids = {
+                mid: c.execute(
+                    "SELECT id FROM traffic_builds WHERE manifest = ?", (mid,)
+                ).fetchone()[0]
+                for mid in builds
+            }
+            c.executemany(
+                f"INSERT INTO traffic (build, minute, {', '.join(LEVEL_NAMES)}) "
+                f"VALUES (?, ?, ?, ?, ?) ON CONFLICT (build, minute) DO UPDATE SET "
+                + _KEEP_HIGHEST,
+                [
+                    (ids[mid], minute, *(levels.get(n, 0) for n in LEVEL_NAMES))
+                    for (mid, minute), (_, levels) in batch.levels.items()
+                ],
+            )
+            c.executemany(
+                "INSERT INTO traffic (build, minute, reused, patches) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (build, minute) DO UPDATE SET reused = reused + excluded.reused, "
+                "patches = patches + excluded.patches",
+                [
+                    (ids[mid], minute, adds.get("reused", 0), adds.get("patches", 0))
+                    for (mid, minute), (_, adds) in batch.adds.items()
+                ],
+            )
+            c.executemany(
+                "INSERT INTO online (app, day, hour, n) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (app, day, hour) DO UPDATE SET n = n + excluded.n",
+                [(app, day, hour, n) for (app, day, hour), n in batch.online.items()],
+            )
+            over = c.execute("SELECT COUNT(*) FROM traffic_builds").fetchone()[0] - MAX_BUILDS
+            if over > 0:
+                for (n,) in c.execute(
+                    "SELECT id FROM traffic_builds ORDER BY last LIMIT ?", (over,)
+                ).fetchall():
+                    c.execute("DELETE FROM traffic WHERE build = ?", (n,))
+                    c.execute("DELETE FROM traffic_builds WHERE id = ?", (n,))
+
+    def gc(self, now: float) -> None:
+        minute = int(now) // 60 - RETENTION_MINUTES
+        with self._tx() as c:
+            for (n,) in c.execute(
+                "SELECT id FROM traffic_builds WHERE first < ?", (minute,)
+            ).fetchall():
+                c.execute("DELETE FROM traffic WHERE build = ? AND minute < ?", (n, minute))
+            c.execute("DELETE FROM traffic_builds WHERE last < ?", (minute,))
+            c.execute("DELETE FROM online WHERE day < ?", (int(now) // 86400 - RETENTION_DAYS,))
+            c.execute("DELETE FROM forecasts WHERE at < ?", (now - FORECAST_RETENTION_S,))
+
+    def series(self, manifest: bytes) -> tuple[int | None, list[MinuteRow]]:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT id, first FROM traffic_builds WHERE manifest = ?", (manifest,)
+            ).fetchone()
+            if row is None:
+                return None, []
+            cells = self._conn.execute(
+                f"SELECT minute, {', '.join(LEVEL_NAMES)}, {', '.join(ADD_NAMES)} FROM traffic "
+                "WHERE build = ? ORDER BY minute",
+                (row[0],),
+            ).fetchall()
+        rows = []
+        for minute, *values in cells:
+            levels = dict(zip(LEVEL_NAMES, values[: len(LEVEL_NAMES)], strict=True))
+            adds = dict(zip(ADD_NAMES, values[len(LEVEL_NAMES) :], strict=True))
+            sampled = levels["completed"] is not None
+            rows.append(
+                MinuteRow(
+                    int(minute),
+                    {k: int(v) for k, v in levels.items()} if sampled else {},
+                    {k: int(v) for k, v in adds.items() if v},
+                )
+            )
+        return int(row[1]), rows
+
+    def online_cells(self, app: str, now: float) -> list[tuple[int, int, int]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT day, hour, n FROM online WHERE app = ? AND day >= ? ORDER BY day, hour",
+                (app, int(now) // 86400 - RETENTION_DAYS),
+            ).fetchall()
+        return [(int(d), int(h), int(n)) for d, h, n in rows]
+
+    def put_forecast(self, manifest: bytes, app: str, body: dict[str, Any]) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO forecasts (manifest, app, at, body) VALUES (?, ?, ?, ?)",
+                (manifest, app, float(body.get("at", 0)), json.dumps(body)),
+            )
+            over = c.execute("SELECT COUNT(*) FROM forecasts").fetchone()[0] - MAX_BUILDS
+            if over > 0:
+                c.execute(
+                    "DELETE FROM forecasts WHERE manifest IN "
+                    "(SELECT manifest FROM forecasts ORDER BY at LIMIT ?)",
+                    (over,),
+                )
+
+    def forecast(self, manifest: bytes) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT body FROM forecasts WHERE manifest = ?", (manifest,)
+            ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def forecasts_since(self, since: float) -> list[tuple[bytes, str, dict[str, Any]]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT manifest, app, body FROM forecasts WHERE at >= ? ORDER BY at", (since,)
+            ).fetchall()
+        return [(bytes(m), a, json.loads(b)) for m, a, b in rows]
+
+
+def open_traffic(data_dir: Path, registry: Any = None) -> TrafficStore:
+    """The Redis store beside a Redis registry (``tracker.registry_redis.RedisRegistry``),
+    else ``DIR/traffic.db``."""
+    if registry is not None:
+        from .traffic_redis import RedisTraffic
+
+        return RedisTraffic(registry)
+    return SQLiteTraffic(data_dir / "traffic.db")
