@@ -46,7 +46,7 @@ from .queue import Discard, Start, Stop
 from .schedule import Caps
 from .serving import ACTIVE_RESEED_SECONDS, RESEED_SECONDS, Listings, ServedIndex
 from .statedir import StateDir
-from .worker import WorkerContext, discard, run_job
+from .worker import WorkerContext, discard, recover_moves, run_job
 
 if TYPE_CHECKING:
     from ..discovery.race import Discovery
@@ -168,6 +168,7 @@ class Daemon:
         from ..identity import load_or_create
 
         self.identity = await trio.to_thread.run_sync(load_or_create, self.service.state.root)
+        await recover_moves(self.service, self.emit)  # before anything reads a DEST
         self.followers.node_id = self.identity.node_id  # staged rollouts: the feed's node=
         if self.opts.listen:
             from ..swarm.node import SwarmNode, parse_peer
@@ -277,16 +278,22 @@ class Daemon:
             self.emit({"event": "job-stopped", "job": job_id, "attempt": attempt})
 
     def _discard(self, job_id: str) -> None:
-        job = next(j for j in self.service.queue.jobs if j.id == job_id)
-        if job.entry not in self.service.library:
+        # The DEST was taken at the cancel: the entry may be gone already (cancel, then
+        # remove, in one turn of the loop), and its stage must still go.
+        where = self.service.discard_dest(job_id)
+        if where is None:
             return
-        dest = Path(self.service.library.get(job.entry).dest)
+        entry, dest = where[0], Path(where[1])
 
         async def run() -> None:
-            await trio.to_thread.run_sync(discard, dest)
+            try:
+                await trio.to_thread.run_sync(discard, dest)
+            except (P2PNodeError, OSError) as exc:  # e.g. a standalone verb holds the install
+                self.emit({"event": "warning", "job": job_id, "error": f"discard: {exc}"})
+                return
             self.emit({"event": "job-discarded", "job": job_id})
 
-        self._after(job.entry, run)
+        self._after(entry, run)
 
     # After a job -------------------------------------------------------------------------
 

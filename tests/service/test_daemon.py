@@ -102,6 +102,27 @@ def test_cancelled_install_leaves_no_dest_and_no_stage(tmp_path: Path, cdn: Loca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cdn", "src-gone-1", "state"]
 
 
+def test_cancel_remove_and_forget_in_one_loop_turn_still_discard_the_stage(
+    tmp_path: Path, cdn: LocalCDN
+) -> None:
+    url, _ = game(tmp_path, cdn, "dropped", 2_000_000)
+    dest = tmp_path / "dest"
+
+    async def main() -> None:
+        async with daemon(tmp_path / "state", table={"max_download_rate": "500K"}) as running:
+            svc = running.service
+            entry, j = svc.add(url, str(dest), TRUST)
+            await until(lambda: job(running, j.id).progress.bytes_done > 300_000)
+            assert StateDir(dest).stage.exists()
+            svc.cancel(j.id)  # no await between: the loop sees both changes in one turn
+            svc.remove(entry.id)
+            svc.forget(j.id)
+            await until(lambda: not StateDir(dest).root.exists(), 10)
+
+    trio.run(main)
+    assert not dest.exists() and not StateDir(dest).root.exists()
+
+
 def test_critical_update_overtakes_a_queued_job_outside_the_update_window(
     tmp_path: Path, cdn: LocalCDN
 ) -> None:
