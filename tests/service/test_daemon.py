@@ -77,10 +77,12 @@ def test_pause_moves_no_bytes_and_resume_finishes_without_refetching(
     kept: list[int] = []
     trio.run(main)
     assert tree(dest) == tree(tmp_path / "src-slow-1")
-    # What a pause loses is what was requested and not yet verified: the CDN fetch's in-flight
-    # budget (at least its 512 KiB floor), not what the journal holds.
+    # A pause lets the CDN requests in flight land (their bytes were sent) before it cuts the
+    # job off: it loses at most what is still in flight after DRAIN_SECONDS, not the fetch's
+    # whole in-flight budget (at least 512 KiB: this game came to 1.18x before).
     unique = sum(chunks.values())
-    assert sent(cdn, "slow") <= 1.05 * unique + 600_000, (sent(cdn, "slow"), unique)
+    print(f"paused once: fetched {sent(cdn, 'slow') / unique:.3f}x the game")
+    assert sent(cdn, "slow") <= 1.08 * unique, (sent(cdn, "slow"), unique)
 
 
 def test_cancelled_install_leaves_no_dest_and_no_stage(tmp_path: Path, cdn: LocalCDN) -> None:
