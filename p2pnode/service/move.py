@@ -56,7 +56,6 @@ from .statedir import DamagedStateError, read_json, write_json
 __all__ = [
     "MOVE_RESERVE",
     "MoveJournal",
-    "MoveStopped",
     "check_space",
     "check_target",
     "choose_method",
@@ -75,7 +74,7 @@ BLOCK = 1 << 20
 Method = Literal["rename", "copy"]
 
 
-class MoveStopped(Exception):
+class _Stopped(Exception):
     """The job was stopped (pause, cancel) during a copy."""
 
 
@@ -297,7 +296,7 @@ def transfer(
                 _copy_tree(old, new, advance, stopped)
         on_verify()
         _verify(j, stopped)
-    except MoveStopped:
+    except _Stopped:
         _roll_back(j)
         return False
     except BaseException:
@@ -335,7 +334,7 @@ def _copy_tree(
     folders = [("", os.lstat(src))]
     for rel, st in _walk(src):
         if stopped.is_set():
-            raise MoveStopped()
+            raise _Stopped()
         s, d = src / rel, dst / rel
         if stat.S_ISDIR(st.st_mode):
             os.mkdir(d, 0o700)
@@ -363,7 +362,7 @@ def _copy_file(
     with open(src, "rb") as fin, open(dst, "xb") as fout:
         while block := fin.read(BLOCK):
             if stop.is_set():
-                raise MoveStopped()
+                raise _Stopped()
             fout.write(block)
             advance(len(block))
         fout.flush()
@@ -381,7 +380,7 @@ def _verify(j: MoveJournal, stopped: threading.Event) -> None:
             continue
         for rel, st in _walk(old):
             if stopped.is_set():
-                raise MoveStopped()
+                raise _Stopped()
             a, b = old / rel, new / rel
             if stat.S_ISLNK(st.st_mode):
                 same = os.path.islink(b) and os.readlink(a) == os.readlink(b)

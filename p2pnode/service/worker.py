@@ -29,6 +29,7 @@ import trio
 
 from ..disk.launchlock import try_hold_for_switch
 from ..disk.state import StateDir
+from ..disk.switch import recover
 from ..errors import P2PNodeError, UsageError, most_telling
 from ..node.options import InstallOptions
 from ..node.result import InstallResult
@@ -272,7 +273,10 @@ async def move_install(
     )
     moved = False
     try:
-        with StateDir(src):  # no standalone verb works on it meanwhile (InstallLockedError)
+        with StateDir(src) as sd:  # no standalone verb works on it meanwhile
+            # A switch a kill left half done is finished here: its record names DEST's inode,
+            # which a copy does not keep.
+            await trio.to_thread.run_sync(recover, sd, sd.load())
             held = await _hold_launch_lock(src)
             try:
                 meter.start(await trio.to_thread.run_sync(check_space, journal), "move")
