@@ -124,6 +124,13 @@ class LocalAPI:
             return JSONResponse(self.service.set_auto_update(ident, body["auto_update"]).to_json())
         return JSONResponse(self.service.library.get(ident).to_json())
 
+    async def move(self, request: Request) -> Response:
+        ident = self._entry_id(request.path_params["entry"])
+        body = check_body("Move", await self.guard.json_body(request))
+        priority = parse_priority(body.get("priority", "normal"))
+        job = self.service.move(ident, body["to"], priority=priority)
+        return JSONResponse(self.service.job_view(job), 201)
+
     # Jobs --------------------------------------------------------------------------------
 
     async def jobs(self, request: Request) -> Response:
@@ -303,6 +310,7 @@ def make_app(service: Service, token: str, hosts: set[str] | None = None) -> Sta
         route(f"{p}/library", api.library, ["GET"]),
         route(f"{p}/library", api.add, ["POST"]),
         route(f"{p}/library/{{entry}}", api.entry, ["GET", "PATCH", "DELETE"]),
+        route(f"{p}/library/{{entry}}/move", api.move, ["POST"]),
         route(f"{p}/jobs", api.jobs, ["GET"]),
         route(f"{p}/jobs", api.new_job, ["POST"]),
         route(f"{p}/jobs/{{job}}", api.job, ["GET", "DELETE"]),

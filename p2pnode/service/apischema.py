@@ -77,6 +77,20 @@ BODIES: dict[str, dict[str, Any]] = {
             "priority": _PRIORITY,
         },
     },
+    "Move": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["to"],
+        "properties": {
+            "to": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 4096,
+                "description": "the new DEST: absolute, a new or empty directory",
+            },
+            "priority": _PRIORITY,
+        },
+    },
     "PriorityChange": {
         "type": "object",
         "additionalProperties": False,
@@ -333,6 +347,15 @@ def _paths() -> dict[str, Any]:
                 "Turn auto-update on or off", entry, body="EntryChange", params=("entry",)
             ),
             "delete": _op("Forget an entry (its files stay)", entry, params=("entry",)),
+        },
+        "/library/{entry}/move": {
+            "post": _op(
+                "Queue a move of the installed game, the user's files included, to a new DEST",
+                job,
+                status=201,
+                body="Move",
+                params=("entry",),
+            ),
         },
         "/jobs": {
             "get": _op("Jobs: running and waiting in run order, then history", jobs),
