@@ -279,3 +279,25 @@ async def test_token_rotation_answers_as_declared(client: TrackerClient) -> None
     assert res.status_code == declared_success(doc, path, "post") == 201
     check_answer(doc, path, "post", res)
     check_answer(doc, path, "post", await http.post(f"/v1/apps/{APP}/token"))  # 401
+
+
+async def test_integers_written_with_a_zero_fraction_are_integers(
+    client: TrackerClient, make_manifest: Callable[..., M.SignedManifest]
+) -> None:
+    """JSON Schema counts 519.0 as an integer, so the server must too (found by the fuzzer:
+    a rollout change with "min_outcomes": 519.0 was refused); a fraction or a bool is not."""
+    http = client._http
+    await client.publish(APP, "stable", make_manifest(1).encode())
+    await client.publish(APP, "stable", make_manifest(2).encode(), rollout=10)
+    path = "/v1/apps/{app}/channels/{channel}/rollout"
+    schema = body_schema(openapi_document(), path, "post")
+    for value, status in ((519.0, 200), (519, 200), (519.5, 400), (True, 400), (0.0, 400)):
+        body = {"action": "raise", "percent": 20, "min_outcomes": value}
+        assert jsonschema.Draft202012Validator(schema).is_valid(body) == (status == 200)
+        res = await http.post(f"/v1/apps/{APP}/channels/stable/rollout", json=body, headers=AUTH)
+        assert res.status_code == status, value
+        if status == 200:
+            assert res.json()["min_outcomes"] == 519
+            assert type(res.json()["min_outcomes"]) is int
+    assert core.as_int(3.0) == 3 and core.as_int(float("nan")) is None
+    assert core.as_int(False) is None and core.as_int("3") is None
