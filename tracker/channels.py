@@ -114,6 +114,9 @@ class ChannelRoutes:
         other replicas within the feed's poll, ~0.2 s)."""
         row = self.app_row(request.path_params["app"])
         actor = require_publisher(request, self.config.admin_token, row.name, row)
+        # no body, or an empty object: a field here would be a mistake (none is read)
+        core._only(core.json_object(await read_body(request, MAX_JSON_BYTES) or b"{}"),
+                   required=set(), optional=set())  # fmt: skip
         token = "pub_" + secrets.token_urlsafe(32)
         new = await self.registry_call(self.registry.rotate_token, row.name, token_hash(token))
         if new is None:

@@ -279,6 +279,13 @@ async def test_token_rotation_answers_as_declared(client: TrackerClient) -> None
     assert res.status_code == declared_success(doc, path, "post") == 201
     check_answer(doc, path, "post", res)
     check_answer(doc, path, "post", await http.post(f"/v1/apps/{APP}/token"))  # 401
+    for body in ({}, None):  # no body, or an empty object
+        res = await http.post(f"/v1/apps/{APP}/token", json=body, headers=AUTH)
+        assert res.status_code == 201, body
+    # found by the fuzzer: the document says "no fields" and the server took any
+    res = await http.post(f"/v1/apps/{APP}/token", json={"x": 42}, headers=AUTH)
+    assert res.status_code == 400
+    check_answer(doc, path, "post", res)
 
 
 async def test_integers_written_with_a_zero_fraction_are_integers(
