@@ -308,3 +308,13 @@ async def test_integers_written_with_a_zero_fraction_are_integers(
             assert type(res.json()["min_outcomes"]) is int
     assert core.as_int(3.0) == 3 and core.as_int(float("nan")) is None
     assert core.as_int(False) is None and core.as_int("3") is None
+
+
+async def test_a_registered_app_without_nodes_has_an_empty_fleet(client: TrackerClient) -> None:
+    """Found by the fuzzer's stateful phase: an app just registered answered 404 on its fleet."""
+    http = client._http
+    doc = (await http.get("/openapi.json")).json()
+    res = await http.get(f"/v1/apps/{APP}/fleet")
+    check_answer(doc, "/v1/apps/{app}/fleet", "get", res)
+    assert res.status_code == 200 and res.json()["nodes"] == 0 and res.json()["builds"] == []
+    assert (await http.get("/v1/apps/nope/fleet")).status_code == 404
