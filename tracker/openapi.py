@@ -212,6 +212,22 @@ def _schemas() -> dict[str, Any]:
                 },
             },
         },
+        "ReleaseEvent": {
+            "type": "object",
+            "description": "one event of the stream (the schema of a text/event-stream answer "
+            "describes each event): `data` is the channel's new head as JSON",
+            "required": ["event", "id", "data"],
+            "properties": {
+                "event": {"const": "release"},
+                "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the head's seq"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": _JSON,
+                    "contentSchema": _ref("Head"),
+                },
+                "retry": {"type": "integer"},
+            },
+        },
         "AuditPage": {
             "type": "object",
             "required": ["entries", "next_before"],
@@ -514,7 +530,7 @@ def _paths() -> dict[str, Any]:
         "/v1/apps/{app}/channels/{channel}/events": {
             "get": _op(
                 "Server-sent events: one `release` event per channel move",
-                answer={"type": "string"},
+                answer=_ref("ReleaseEvent"),
                 media="text/event-stream",
                 parameters=[_APP, _CH, since, node, have],
             )
