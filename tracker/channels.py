@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from p2pnode.discovery.tracker_api import ChannelHead
 from p2pnode.errors import P2PNodeError
 from p2pnode.release import keys
-from p2pnode.release.manifest import MAX_MANIFEST_BYTES, parse_signed, verify
+from p2pnode.release.manifest import MAX_MANIFEST_BYTES, parse_signed
 
 from . import core
 from .auth import require_admin, require_publisher, token_hash
@@ -31,6 +31,7 @@ from .backend import AppRow, Publication, RegistryStore
 from .config import TrackerConfig
 from .errors import APIError, BadRequest, Conflict, Forbidden, NotFound
 from .feed import Feed
+from .keyrotation import app_keys
 from .metrics import TrackerMetrics
 from .operations import PERCENT_RANGE, Operations
 from .releaseinfo import ReleaseInfos
@@ -152,10 +153,11 @@ class ChannelRoutes:
         )
         body = await read_body(request, MAX_MANIFEST_BYTES + 1024)
         now = self.config.clock()
+        ring = await app_keys(self.registry, self.registry_call, row)
 
         def check() -> Any:
             signed = parse_signed(body, source="uploaded manifest")
-            verify(signed, {row.key}, now=now)
+            ring.verify(signed, now=now)  # the app's key, or one it rotated to (or from, till)
             return signed
 
         try:

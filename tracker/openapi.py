@@ -20,9 +20,11 @@ from p2pnode.discovery.tracker_api import (
 from p2pnode.release.keys import KEY_PREFIX
 from p2pnode.release.manifest import NAME_PATTERN
 from p2pnode.release.metadata import MAX_NOTES_BYTES, UpdateType
+from p2pnode.release.rotation import MAX_ROTATIONS_BYTES
 
 from . import core
 from .channels import MAX_SINCE, MAX_WAIT
+from .keyrotation import ROTATION_MEDIA, ROTATIONS_MEDIA
 from .operations import MAX_AUDIT_PAGE, MAX_MIN_OUTCOMES, PERCENT_RANGE, THRESHOLD_RANGE
 from .outcomes import MAX_BUILD, MAX_DURATION_MS
 from .rollout import ACTIONS, STATES
@@ -508,6 +510,39 @@ def _paths() -> dict[str, Any]:
                 body_required=False,
                 parameters=[_APP],
             )
+        },
+        "/v1/apps/{app}/rotations": {
+            "get": _op(
+                "The app's publisher key rotations (a bencoded list of signed statements; "
+                "empty: none), for nodes pinned to an earlier key",
+                answer={"type": "string", "format": "binary"},
+                media=ROTATIONS_MEDIA,
+                parameters=[_APP],
+            ),
+            "post": _op(
+                "Keep a key rotation signed by a key of the app (one per old key): builds "
+                "signed by the new key are accepted, the old key's until old_until",
+                status=201,
+                auth="publisher or admin",
+                answer={
+                    "type": "object",
+                    "required": ["app", "key", "old", "old_until", "rotations"],
+                    "properties": {
+                        "app": _NAME,
+                        "key": _KEY,
+                        "old": _KEY,
+                        "old_until": {"type": "integer"},
+                        "rotations": {"type": "integer"},
+                    },
+                },
+                body={
+                    "type": "string",
+                    "format": "binary",
+                    "description": f"at most {MAX_ROTATIONS_BYTES} bytes (else 413)",
+                },
+                body_media=ROTATION_MEDIA,
+                parameters=[_APP],
+            ),
         },
         "/v1/apps/{app}/channels/{channel}": {
             "get": _op(

@@ -268,6 +268,16 @@ class RedisRegistry:
         self._apps.put(name, app)
         return app
 
+    def add_rotation(self, name: str, old: bytes, signed: bytes, now: float) -> bool:
+        """One hash per app, old key -> statement: HSETNX keeps the first by each key (the
+        order of the rest does not matter to rotation.follow, which chains them itself)."""
+        with self._redis(f"keep a key rotation of {name}"):
+            return bool(self._slow.hsetnx(f"{self.p}rot:{name}", old.hex(), signed))
+
+    def rotations(self, name: str) -> list[bytes]:
+        with self._redis(f"read the key rotations of {name}"):
+            return [bytes(v) for v in self._fast.hvals(f"{self.p}rot:{name}")]
+
     def list_apps(self) -> list[AppRow]:
         with self._redis("list apps"):
             rows = self._fast.hgetall(self.p + "apps")

@@ -1,10 +1,10 @@
 """Schemathesis hooks for fuzzing the tracker's HTTP API (loaded through SCHEMATHESIS_HOOKS by
 tests/tracker/test_apifuzz.py and scripts/apifuzz).
 
-Only what keeps a run bounded and lets requests reach the handlers: a manifest body goes out as
-the raw bytes the fuzzer drew (the server's parser decides), a long-poll waits 20 ms instead of
-up to a minute, and the event stream is opened on a channel that has a build, so its first
-event arrives at once (an empty channel's stream stays open until a publish)."""
+Only what keeps a run bounded and lets requests reach the handlers: a manifest or key rotation
+body goes out as the raw bytes the fuzzer drew (the server's parser decides), a long-poll waits
+20 ms instead of up to a minute, and the event stream is opened on a channel that has a build,
+so its first event arrives at once (an empty channel's stream stays open until a publish)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ APP = os.environ.get("APIFUZZ_APP", "game")
 CHANNEL = "stable"
 MAX_WAIT = 0.02
 
-schemathesis.serializer.alias("application/x-p2pnode-manifest", "application/octet-stream")
+for media in ("application/x-p2pnode-manifest", "application/x-p2pnode-rotation"):
+    schemathesis.serializer.alias(media, "application/octet-stream")
 
 
 @schemathesis.hook
