@@ -8,13 +8,12 @@ so its first event arrives at once (an empty channel's stream stays open until a
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import schemathesis
 
 #: the seeded app and channel (tests/tracker/test_apifuzz.py publishes a build to it)
-APP = os.environ.get("APIFUZZ_APP", "game")
+APP = "game"
 CHANNEL = "stable"
 MAX_WAIT = 0.02
 

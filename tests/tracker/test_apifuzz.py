@@ -11,9 +11,6 @@ announce and an outcome) so the fuzzer's requests reach past "not found"."""
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,16 +19,11 @@ import trio
 from p2pnode.discovery.tracker import TrackerClient
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
+from tests.support.apifuzz import fuzz
 from tests.support.tracker import ADMIN, APP
 from tracker import Tracker, serve_tracker
 
 HERE = Path(__file__).parent
-ROOT = HERE.parent.parent
-#: examples per operation and phases; scripts/apifuzz raises them
-EXAMPLES = int(os.environ.get("APIFUZZ_EXAMPLES", "6"))
-PHASES = os.environ.get("APIFUZZ_PHASES", "examples,fuzzing,stateful")
-SEED = os.environ.get("APIFUZZ_SEED", "18")
-MAX_TIME = os.environ.get("APIFUZZ_MAX_TIME", "")
 
 
 async def seed(http: TrackerClient, make_manifest: Callable[..., M.SignedManifest]) -> None:
@@ -46,29 +38,6 @@ async def seed(http: TrackerClient, make_manifest: Callable[..., M.SignedManifes
     await http.report_outcome(node, {**fields, "to_build": 1})
 
 
-async def fuzz(url: str, cwd: Path) -> tuple[int, str]:
-    """Run the schemathesis CLI against ``url``: its exit code and report."""
-    args = [
-        sys.executable, "-m", "schemathesis.cli",
-        "--config-file", str(HERE / "apifuzz.toml"),
-        "--no-color",
-        "run", f"{url}/openapi.json",
-        "--max-examples", str(EXAMPLES),
-        "--phases", PHASES,
-        "--header", f"Authorization: Bearer {ADMIN}",
-    ]  # fmt: skip
-    if SEED != "random":
-        args += ["--seed", SEED, "--generation-deterministic"]
-    if MAX_TIME:
-        args += ["--max-time", MAX_TIME]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.support.apifuzz_hooks", "APIFUZZ_APP": APP}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = await trio.run_process(
-        args, capture_stdout=True, stderr=subprocess.STDOUT, env=env, check=False, cwd=cwd
-    )
-    return proc.returncode, proc.stdout.decode(errors="replace")
-
-
 async def test_the_fuzzer_finds_nothing_wrong_with_the_tracker_api(
     tracker: Tracker,
     client: TrackerClient,
@@ -81,7 +50,9 @@ async def test_the_fuzzer_finds_nothing_wrong_with_the_tracker_api(
         host, port = await nursery.start(
             functools.partial(serve_tracker, tracker, "127.0.0.1", 0, shutdown=stop)
         )
-        code, report = await fuzz(f"http://{host}:{port}", tmp_path)
+        url = f"http://{host}:{port}/openapi.json"
+        hooks = "tests.support.apifuzz_hooks"
+        code, report = await fuzz(url, ADMIN, HERE / "apifuzz.toml", tmp_path, hooks=hooks)
         stop.set()
     print(report)  # shown with -s, and on failure
     assert code == 0, report
