@@ -13,7 +13,7 @@ import trio
 
 ROOT = Path(__file__).parent.parent.parent
 #: examples per operation, phases and seed; scripts/apifuzz raises them
-EXAMPLES = int(os.environ.get("APIFUZZ_EXAMPLES", "6"))
+EXAMPLES = int(os.environ.get("APIFUZZ_EXAMPLES", "4"))
 PHASES = os.environ.get("APIFUZZ_PHASES", "examples,fuzzing,stateful")
 SEED = os.environ.get("APIFUZZ_SEED", "18")
 MAX_TIME = os.environ.get("APIFUZZ_MAX_TIME", "")
