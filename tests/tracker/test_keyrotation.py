@@ -101,3 +101,19 @@ async def test_rotations_of_an_app_answer_as_declared(client: Any) -> None:
     assert (await http.get("/v1/apps/nope/rotations")).status_code == 404
     res = await http.post(f"/v1/apps/{APP}/rotations", content=b"x")
     assert res.status_code == 401
+
+
+def test_a_replica_drops_its_cached_rotations_when_another_adds_one(redis_url: str) -> None:
+    from tracker.registry_redis import RedisRegistry
+
+    one, two = RedisRegistry(redis_url), RedisRegistry(redis_url)
+    try:
+        one.add_app(APP, bytes(32), bytes(32), 0.0)
+        assert one.rotations(APP) == []  # cached from here on
+        assert two.add_rotation(APP, b"\1" * 32, b"statement", 1.0)
+        assert not two.add_rotation(APP, b"\1" * 32, b"another", 2.0)  # one per old key
+        one.data_version()  # what the registry watcher polls
+        assert one.rotations(APP) == [b"statement"]
+    finally:
+        one.close()
+        two.close()
