@@ -125,6 +125,14 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX fleet_recent_by_node ON fleet_recent (node, seq);
     """,
+    # 3: the apps' publisher key rotations (as registry_sqlite's key_rotations)
+    """
+    CREATE TABLE key_rotations (
+        app TEXT NOT NULL REFERENCES apps(name), old BYTEA NOT NULL, signed BYTEA NOT NULL,
+        added DOUBLE PRECISION NOT NULL,
+        seq BIGINT GENERATED ALWAYS AS IDENTITY, PRIMARY KEY (app, old)
+    );
+    """,
 ]
 
 

@@ -151,6 +151,23 @@ class PGRegistry:
         self._apps.put(name, app)
         return app
 
+    def add_rotation(self, name: str, old: bytes, signed: bytes, now: float) -> bool:
+        with self.db.tx(f"keep a key rotation of {name}") as c:
+            self._changing(c)
+            cur = c.execute(
+                "INSERT INTO key_rotations (app, old, signed, added) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (app, old) DO NOTHING",
+                (name, old, signed, now),
+            )
+            return cur.rowcount == 1
+
+    def rotations(self, name: str) -> list[bytes]:
+        with self.db.connection(f"read the key rotations of {name}") as c:
+            rows = c.execute(
+                "SELECT signed FROM key_rotations WHERE app = %s ORDER BY added, seq", (name,)
+            )
+            return [bytes(r[0]) for r in rows]
+
     def list_apps(self) -> list[AppRow]:
         with self.db.connection("list apps") as c:
             rows = c.execute("SELECT name, key, token_hash, created FROM apps ORDER BY name")

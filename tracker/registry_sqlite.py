@@ -44,6 +44,10 @@ CREATE TABLE IF NOT EXISTS channel_events (
     at REAL NOT NULL, actor TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS channel_events_by_channel ON channel_events(app, channel, seq);
+CREATE TABLE IF NOT EXISTS key_rotations (
+    app TEXT NOT NULL REFERENCES apps(name), old BLOB NOT NULL, signed BLOB NOT NULL,
+    added REAL NOT NULL, PRIMARY KEY (app, old)
+);
 CREATE TABLE IF NOT EXISTS channels (
     app TEXT NOT NULL, channel TEXT NOT NULL, seq INTEGER NOT NULL,
     manifest_id BLOB NOT NULL REFERENCES manifests(id), max_build INTEGER NOT NULL,
@@ -173,6 +177,21 @@ class SQLiteRegistry(SQLiteFile):
         with self._tx() as c:
             c.execute("UPDATE apps SET token_hash = ? WHERE name = ?", (token_hash, name))
         return self.get_app(name)
+
+    def add_rotation(self, name: str, old: bytes, signed: bytes, now: float) -> bool:
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO key_rotations (app, old, signed, added) VALUES (?, ?, ?, ?)",
+                (name, old, signed, now),
+            )
+            return cur.rowcount == 1
+
+    def rotations(self, name: str) -> list[bytes]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT signed FROM key_rotations WHERE app = ? ORDER BY added, rowid", (name,)
+            ).fetchall()
+        return [bytes(r[0]) for r in rows]
 
     def list_apps(self) -> list[AppRow]:
         with self._lock:

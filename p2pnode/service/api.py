@@ -192,7 +192,7 @@ class LocalAPI:
 
     async def apply_update(self, request: Request) -> Response:
         """The user's "install it now": a user's update passes windows; a deferral is lifted."""
-        body = check_body("EntryRef", await self.guard.json_body(request))
+        body = check_body("EntryRequired", await self.guard.json_body(request))
         if "entry" not in body:
             raise UsageError("the request body needs the field 'entry'", fix="add it")
         svc = self.service
@@ -209,7 +209,7 @@ class LocalAPI:
         return JSONResponse({"jobs": self._jobs(done)})
 
     async def verify(self, request: Request) -> Response:
-        body = check_body("EntryRef", await self.guard.json_body(request))
+        body = check_body("EntryRequired", await self.guard.json_body(request))
         if "entry" not in body:
             raise UsageError("the request body needs the field 'entry'", fix="add it")
         job = self.service.submit(self._entry_id(body["entry"]), JobKind.VERIFY)

@@ -115,6 +115,12 @@ BODIES: dict[str, dict[str, Any]] = {
         "additionalProperties": False,
         "properties": {"entry": _ID},
     },
+    "EntryRequired": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["entry"],
+        "properties": {"entry": _ID},
+    },
     "SettingsPatch": {
         "type": "object",
         "additionalProperties": False,
@@ -392,13 +398,18 @@ def _paths() -> dict[str, Any]:
         },
         "/updates/apply": {
             "post": _op(
-                "Install an entry's update now: past windows and deferral", job, body="EntryRef"
+                "Install an entry's update now: past windows and deferral",
+                job,
+                body="EntryRequired",
             ),
         },
         "/updates/history": {"get": _op("Finished update jobs, newest first", jobs)},
         "/verify": {
             "post": _op(
-                "Verify an entry and repair what is damaged", job, status=201, body="EntryRef"
+                "Verify an entry and repair what is damaged",
+                job,
+                status=201,
+                body="EntryRequired",
             )
         },
         "/verify/{entry}": {
@@ -418,7 +429,17 @@ def _paths() -> dict[str, Any]:
             "get": _op(
                 "Server-sent events: `snapshot` on connect and after changes (coalesced), "
                 "keepalive comments",
-                {"type": "string"},
+                {
+                    "type": "object",
+                    "description": "one event (the schema of a text/event-stream answer "
+                    "describes each event): `data` is the snapshot, as JSON",
+                    "required": ["event", "data"],
+                    "properties": {
+                        "event": {"const": "snapshot"},
+                        "data": {"type": "string", "contentMediaType": "application/json"},
+                        "retry": {"type": "integer"},
+                    },
+                },
                 media="text/event-stream",
             )
         },
