@@ -343,14 +343,15 @@ class PGRegistry:
 
     def copy_from_sqlite(self, path: Path, ops_path: Path | None = None) -> dict[str, int]:
         """Copy a SQLite registry (``DIR/registry.db``), and ``DIR/ops.db`` when given, into
-        this database, which must be empty: apps and token hashes, manifests, heads, every
-        move and the ``seq`` counter (nodes following a channel with ``since=SEQ`` go on after
-        the switch); outcome tallies, rollouts and the audit log with its numbers. Reads one
-        snapshot of each file; writes everything in one transaction, so a failure or a refusal
-        leaves the database as it was.
+        this database, which must be empty: apps and token hashes, key rotations, manifests,
+        heads, every move and the ``seq`` counter (nodes following a channel with ``since=SEQ``
+        go on after the switch); outcome tallies, rollouts and the audit log with its numbers.
+        Reads one snapshot of each file; writes everything in one transaction, so a failure or
+        a refusal leaves the database as it was.
 
         Returns:
-            counts: apps, manifests, moves, channels (and outcome_builds, rollouts, audit).
+            counts: apps, manifests, moves, channels, rotations (and outcome_builds, rollouts,
+            audit).
 
         Raises:
             Conflict: the database already holds a registry or operations data.
@@ -388,12 +389,17 @@ class PGRegistry:
                     "VALUES (%s, %s, %s, %s, %s)",
                     snap.heads,
                 )
+                cur.executemany(
+                    "INSERT INTO key_rotations (app, old, signed, added) VALUES (%s, %s, %s, %s)",
+                    snap.rotations,
+                )
             c.execute("UPDATE reg_meta SET seq = %s WHERE id = 1", (snap.last_seq,))
             counts = {
                 "apps": len(snap.apps),
                 "manifests": len(snap.manifests),
                 "moves": len(snap.events),
                 "channels": len(snap.heads),
+                "rotations": len(snap.rotations),
             }
             if ops is not None:
                 counts |= copy_ops(c, ops)

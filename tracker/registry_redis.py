@@ -447,12 +447,13 @@ class RedisRegistry:
 
     def copy_from_sqlite(self, path: Path) -> dict[str, int]:
         """Copy a SQLite registry (``DIR/registry.db``) into this one, which must be empty:
-        apps and token hashes, manifests, heads, history (the newest ``HISTORY_KEEP`` per
-        channel) and the ``seq`` counter, so nodes that follow a channel with ``since=SEQ`` go
-        on after the switch. Reads one consistent snapshot; writes in one MULTI/EXEC.
+        apps and token hashes, key rotations, manifests, heads, history (the newest
+        ``HISTORY_KEEP`` per channel) and the ``seq`` counter, so nodes that follow a channel
+        with ``since=SEQ`` go on after the switch. Reads one consistent snapshot; writes in one
+        MULTI/EXEC.
 
         Returns:
-            counts: apps, manifests, moves, channels.
+            counts: apps, manifests, moves, channels, rotations.
 
         Raises:
             Conflict: this registry is not empty (or a replica wrote to it meanwhile).
@@ -503,6 +504,8 @@ class RedisRegistry:
                         "version": version, "at": repr(at_of[seq]),
                         "max_build": str(max_build)})  # fmt: skip
                     pipe.sadd(f"{p}chs:{app}", channel)
+                for app, old, signed, _added in snap.rotations:
+                    pipe.hsetnx(f"{p}rot:{app}", bytes(old).hex(), bytes(signed))
                 pipe.set(p + "seq", last_seq)
                 pipe.incr(p + "ver")
                 pipe.execute()
@@ -516,6 +519,7 @@ class RedisRegistry:
             "manifests": len(manifests),
             "moves": len(events),
             "channels": len(heads),
+            "rotations": len(snap.rotations),
         }
 
     def previous_head(self, app: str, channel: str) -> bytes | None:

@@ -87,6 +87,7 @@ class RegistrySnapshot:
     events: list[tuple[int, str, str, bytes, str, float, str]]  # by seq
     heads: list[tuple[str, str, int, bytes, int]]
     last_seq: int  # the highest seq ever taken (the next move is numbered after it)
+    rotations: list[tuple[str, bytes, bytes, float]]  # app, old key, signed, added; oldest first
 
 
 def read_snapshot(path: Path) -> RegistrySnapshot:
@@ -106,8 +107,14 @@ def read_snapshot(path: Path) -> RegistrySnapshot:
         row = conn.execute(
             "SELECT seq FROM sqlite_sequence WHERE name = 'channel_events'"
         ).fetchone()
+        try:
+            rotations = conn.execute(
+                "SELECT app, old, signed, added FROM key_rotations ORDER BY added, rowid"
+            ).fetchall()
+        except sqlite3.OperationalError:  # a registry from before key rotation: none
+            rotations = []
     last_seq = max([row[0] if row else 0] + [e[0] for e in events])
-    return RegistrySnapshot(apps, manifests, events, heads, last_seq)
+    return RegistrySnapshot(apps, manifests, events, heads, last_seq, rotations)
 
 
 class SQLiteFile:
