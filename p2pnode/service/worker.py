@@ -3,8 +3,9 @@
 The worker is the node's own install machinery (``node/install.py``, ``node/verify.py``) run
 with the daemon's knobs: the global download and upload limiters every job, peer link and CDN
 fetch share; the daemon's one swarm node, which the install fetches through and serves what it
-stages from (``InstallOptions.node``: the identity, connections and port of the daemon); and
-two hooks the standalone verbs do not use
+stages from (``InstallOptions.node``: the identity, connections and port of the daemon); the
+daemon's one discovery, whose DHT node and LAN the install's peer search asks beside the
+entry's tracker (``InstallOptions.shared_discovery``); and two hooks the standalone verbs do not use
 (``InstallOptions.watch_result`` for live bytes by source, ``before_switch`` for the launcher
 lock). It reports to :class:`~p2pnode.service.control.Service` only: progress and phase while
 it runs, then ``finished`` or ``failed`` with a one-line message that carries the fix.
@@ -40,6 +41,7 @@ from .job import JobKind, JobState, Progress
 from .library import Entry
 
 if TYPE_CHECKING:
+    from ..discovery.race import Discovery
     from ..swarm.node import SwarmNode
 
 __all__ = ["Meter", "WorkerContext", "discard", "run_job"]
@@ -126,6 +128,9 @@ class WorkerContext:
     #: Where that node listens (None: it does not): jobs announce it for the builds they
     #: stage, which it serves as they land.
     served_at: tuple[str, int] | None = None
+    #: The daemon's one discovery (its DHT node and LAN; None: the daemon runs none): jobs
+    #: look peers up through it, raced with their entry's tracker, never starting their own.
+    discovery: Discovery | None = None
 
 
 async def run_job(
@@ -219,6 +224,7 @@ def _options(
         tracker=entry.tracker,
         node=ctx.node,
         served_at=ctx.served_at,
+        shared_discovery=ctx.discovery,
         discovery_requery=JOB_REQUERY,
         require_installed=kind is JobKind.UPDATE,
         watch_result=watch,
