@@ -190,7 +190,7 @@ async def _run(
         raise UsageError("moving an install is not built yet", fix="cancel the move job")
     from ..node.install import install
 
-    location, data = await _manifest(entry, target)
+    location, data = await _manifest(ctx, entry, target)
     trusted = [keys.parse_public_key(k) for k in entry.trust]
     held: list[int] = []
 
@@ -231,7 +231,9 @@ def _options(
     )
 
 
-async def _manifest(entry: Entry, target: str | None) -> tuple[str, bytes | None]:
+async def _manifest(
+    ctx: WorkerContext, entry: Entry, target: str | None
+) -> tuple[str, bytes | None]:
     """Where the build comes from: the job's target manifest through the entry's tracker, the
     channel's head when the job names none, or (no tracker) the target's manifest URL, else the
     entry's."""
@@ -239,10 +241,15 @@ async def _manifest(entry: Entry, target: str | None) -> tuple[str, bytes | None
         url = target if target and target.startswith(("http://", "https://")) else entry.source
         return url, None
     from ..discovery.tracker import TrackerClient
-    from ..node.tracking import channel_manifest
+    from ..node.tracking import channel_manifest, node_and_build
 
-    if target is None:
-        return await channel_manifest(entry.tracker, entry.source, entry.channel)
+    if target is None:  # named, so that a staged rollout counts the daemon in or out
+        node, have = await trio.to_thread.run_sync(
+            node_and_build, ctx.identity_dir, Path(entry.dest)
+        )
+        return await channel_manifest(
+            entry.tracker, entry.source, entry.channel, node=node, have=have
+        )
     async with TrackerClient(entry.tracker) as tracker:
         data = await tracker.fetch_manifest(bytes.fromhex(target))
     return f"{entry.tracker} ({entry.source}/{entry.channel})", data
