@@ -19,9 +19,11 @@ from tests.support.dht import free_udp_port
 from tests.support.release import tree
 
 
+@pytest.mark.parametrize("listen", ["127.0.0.1:0", None], ids=["serving", "asking-only"])
 def test_jobs_find_peers_through_the_daemons_one_dht_node(
-    tmp_path: Path, cdn: LocalCDN, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cdn: LocalCDN, monkeypatch: pytest.MonkeyPatch, listen: str | None
 ) -> None:
+    """The second daemon serves too, or (no --listen) its DHT node only asks."""
     url, pub = game(tmp_path, cdn, "quiet", 1_500_000)
     # The second daemon's manifest URL: a host holding the manifest and no chunk, so once the
     # CDN is down its bytes can come from a peer only.
@@ -53,7 +55,7 @@ def test_jobs_find_peers_through_the_daemons_one_dht_node(
             cdn.stop()
             with LocalCDN(only) as host:
                 boot = {"dht_port": 0, "dht_bootstrap": [f"127.0.0.1:{dht_port}"]}
-                async with daemon(tmp_path / "s2", listen="127.0.0.1:0", **boot) as two:
+                async with daemon(tmp_path / "s2", listen=listen, **boot) as two:
                     got = results_of(two)
                     source = host.url + pub.manifest_path
                     _, b = two.service.add(source, str(tmp_path / "two"), TRUST)
