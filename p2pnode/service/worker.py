@@ -5,10 +5,11 @@ with the daemon's knobs: the global download and upload limiters every job, peer
 fetch share; the daemon's one swarm node, which the install fetches through and serves what it
 stages from (``InstallOptions.node``: the identity, connections and port of the daemon); the
 daemon's one discovery, whose DHT node and LAN the install's peer search asks beside the
-entry's tracker (``InstallOptions.shared_discovery``); and two hooks the standalone verbs do not use
-(``InstallOptions.watch_result`` for live bytes by source, ``before_switch`` for the launcher
-lock). It reports to :class:`~p2pnode.service.control.Service` only: progress and phase while
-it runs, then ``finished`` or ``failed`` with a one-line message that carries the fix.
+entry's tracker (``InstallOptions.shared_discovery``); and two hooks the standalone verbs do
+not use (``InstallOptions.watch_result`` for live bytes by source, ``before_switch`` for the
+launcher lock). It reports to :class:`~p2pnode.service.control.Service` only: progress and
+phase while it runs, then ``finished`` or ``failed`` with a one-line message that carries the
+fix.
 
 Stopping is trio cancellation of the worker's scope, nothing more: every chunk is journaled as
 it is written (``disk/stage.py``), so the next ``Start`` of the job resumes from the journal
