@@ -199,8 +199,10 @@ class Daemon:
                     self.node,
                     self.nursery,
                 )
-            if self.opts.dht_port is not None or self.opts.lan:
-                self.discovery = await self.nursery.start(self._discovery, host)
+        if self.opts.dht_port is not None or self.opts.dht_bootstrap or self.opts.lan:
+            self.discovery = await self.nursery.start(self._discovery, self.ctx.served_at)
+            self.ctx.discovery = self.discovery
+        if self.listen_port is not None:
             await self._refresh()
             self.nursery.start_soon(self._reseed)
         if self.opts.api:
@@ -351,13 +353,17 @@ class Daemon:
             self.listings.set(wanted)
 
     async def _discovery(
-        self, host: str, *, task_status: trio.TaskStatus[Discovery] = trio.TASK_STATUS_IGNORED
+        self,
+        listen: tuple[str, int] | None,
+        *,
+        task_status: trio.TaskStatus[Discovery] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """One DHT node (and LAN announces) for everything the serving node holds: peers find
-        this daemon through it for every build, under the state dir's identity."""
+        """One DHT node (and LAN) for the whole daemon, under the state dir's identity: every
+        job looks peers up through it, and (serving at ``listen``) it announces everything the
+        serving node holds, so peers find this daemon through it for every build."""
         from ..discovery.race import DiscoveryOptions, open_discovery
 
-        assert self.identity is not None and self.node is not None and self.listen_port
+        assert self.identity is not None and self.node is not None
         options = DiscoveryOptions(
             dht_port=self.opts.dht_port,
             dht_bootstrap=self.opts.dht_bootstrap,
@@ -366,7 +372,7 @@ class Daemon:
             first_wait=0.0,
         )
         node = self.node
-        async with open_discovery(self.identity, options, (host, self.listen_port)) as disc:
+        async with open_discovery(self.identity, options, listen) as disc:
             disc.tally = lambda mid: (node.manifests[mid].total_size, 0, 0, 0, node.uploaded)
             task_status.started(disc)
             await trio.sleep_forever()

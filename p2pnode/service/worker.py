@@ -3,11 +3,13 @@
 The worker is the node's own install machinery (``node/install.py``, ``node/verify.py``) run
 with the daemon's knobs: the global download and upload limiters every job, peer link and CDN
 fetch share; the daemon's one swarm node, which the install fetches through and serves what it
-stages from (``InstallOptions.node``: the identity, connections and port of the daemon); and
-two hooks the standalone verbs do not use
-(``InstallOptions.watch_result`` for live bytes by source, ``before_switch`` for the launcher
-lock). It reports to :class:`~p2pnode.service.control.Service` only: progress and phase while
-it runs, then ``finished`` or ``failed`` with a one-line message that carries the fix.
+stages from (``InstallOptions.node``: the identity, connections and port of the daemon); the
+daemon's one discovery, whose DHT node and LAN the install's peer search asks beside the
+entry's tracker (``InstallOptions.shared_discovery``); and two hooks the standalone verbs do
+not use (``InstallOptions.watch_result`` for live bytes by source, ``before_switch`` for the
+launcher lock). It reports to :class:`~p2pnode.service.control.Service` only: progress and
+phase while it runs, then ``finished`` or ``failed`` with a one-line message that carries the
+fix.
 
 Stopping is trio cancellation of the worker's scope, nothing more: every chunk is journaled as
 it is written (``disk/stage.py``), so the next ``Start`` of the job resumes from the journal
@@ -53,6 +55,7 @@ from .move import (
 )
 
 if TYPE_CHECKING:
+    from ..discovery.race import Discovery
     from ..swarm.node import SwarmNode
 
 __all__ = ["Meter", "WorkerContext", "discard", "move_install", "recover_moves", "run_job"]
@@ -139,6 +142,9 @@ class WorkerContext:
     #: Where that node listens (None: it does not): jobs announce it for the builds they
     #: stage, which it serves as they land.
     served_at: tuple[str, int] | None = None
+    #: The daemon's one discovery (its DHT node and LAN; None: the daemon runs none): jobs
+    #: look peers up through it, raced with their entry's tracker, never starting their own.
+    discovery: Discovery | None = None
 
 
 async def run_job(
@@ -199,7 +205,7 @@ async def _run(
         return None
     from ..node.install import install
 
-    location, data = await _manifest(entry, target)
+    location, data = await _manifest(ctx, entry, target)
     trusted = [keys.parse_public_key(k) for k in entry.trust]
     held: list[int] = []
 
@@ -233,13 +239,16 @@ def _options(
         tracker=entry.tracker,
         node=ctx.node,
         served_at=ctx.served_at,
+        shared_discovery=ctx.discovery,
         discovery_requery=JOB_REQUERY,
         require_installed=kind is JobKind.UPDATE,
         watch_result=watch,
     )
 
 
-async def _manifest(entry: Entry, target: str | None) -> tuple[str, bytes | None]:
+async def _manifest(
+    ctx: WorkerContext, entry: Entry, target: str | None
+) -> tuple[str, bytes | None]:
     """Where the build comes from: the job's target manifest through the entry's tracker, the
     channel's head when the job names none, or (no tracker) the target's manifest URL, else the
     entry's."""
@@ -247,10 +256,15 @@ async def _manifest(entry: Entry, target: str | None) -> tuple[str, bytes | None
         url = target if target and target.startswith(("http://", "https://")) else entry.source
         return url, None
     from ..discovery.tracker import TrackerClient
-    from ..node.tracking import channel_manifest
+    from ..node.tracking import channel_manifest, node_and_build
 
-    if target is None:
-        return await channel_manifest(entry.tracker, entry.source, entry.channel)
+    if target is None:  # named, so that a staged rollout counts the daemon in or out
+        node, have = await trio.to_thread.run_sync(
+            node_and_build, ctx.identity_dir, Path(entry.dest)
+        )
+        return await channel_manifest(
+            entry.tracker, entry.source, entry.channel, node=node, have=have
+        )
     async with TrackerClient(entry.tracker) as tracker:
         data = await tracker.fetch_manifest(bytes.fromhex(target))
     return f"{entry.tracker} ({entry.source}/{entry.channel})", data
