@@ -229,3 +229,89 @@ def test_a_peer_serving_corrupt_patches_is_banned_and_the_cdn_gives_them(
     (st,) = r.peers.values()
     assert st.corrupt >= 1 and "banned" in st.error
     assert r.patches_applied and not r.patches_failed and r.bytes_peers == 0
+
+
+def _seed_and_update(
+    seeder: Path, leecher: Path, manifest: M.Manifest, signed: bytes, **kw: object
+) -> InstallResult:
+    """Serve ``seeder``'s install to ``leecher``, which updates to ``manifest`` with ``kw``."""
+    from p2pnode.disk.state import StateDir
+    from p2pnode.disk.switch import local_chunks
+    from p2pnode.swarm.node import SwarmNode
+    from tests.support.swarm import node
+
+    async def go() -> InstallResult:
+        sd = StateDir(seeder)
+        seed = SwarmNode(node(), local_chunks(sd, sd.load()))
+        seed.offer(manifest)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(seed.serve, "127.0.0.1", 0)
+            options = InstallOptions(peers=[f"127.0.0.1:{port}"], **kw)  # type: ignore[arg-type]
+            r = await install("tracker", leecher, TRUST, options, manifest_data=signed)
+            nursery.cancel_scope.cancel()
+        return r
+
+    return trio.run(go)
+
+
+@pytest.mark.parametrize("policy", ["p2p-only", "p2p-first"])
+def test_with_the_cdn_gone_peers_chunks_beat_a_patch_only_the_cdn_has(
+    builds: tuple[Path, list[M.Manifest]], tmp_path: Path, policy: str
+) -> None:
+    """The seeder installed build 3 from chunks: it holds no patch. Peers-only, the planner
+    knows the patches are undeliverable and never takes one; p2p-first with the CDN gone, the
+    first plan takes them (the CDN is not known to be down), the CDN gives nothing, and the
+    re-plan takes the peers' chunks."""
+    tmp, ms = builds
+    cdn = _copy_cdn(tmp, tmp_path / "cdn")
+    seeder, leecher = tmp_path / "seeder", tmp_path / "leecher"
+    _install(cdn, 3, seeder, patches=False)
+    _install(cdn, 1, leecher)
+    signed = (cdn / layout.manifest_path("game", 3)).read_bytes()
+    subprocess.run(["rm", "-rf", str(cdn)], check=True)  # the CDN is gone
+    r = _seed_and_update(seeder, leecher, ms[2], signed, policy=policy)
+    assert tree(leecher) == tree(tmp / "src3")
+    assert not r.patches_applied and r.bytes_patches == 0 and r.bytes_cdn == 0
+    assert r.methods["data/pack.bin"] == "chunks" and r.bytes_peers > 0
+    if policy == "p2p-only":
+        assert r.patches_failed == 0  # never taken: no source had them
+    else:
+        assert r.patches_failed >= 1  # taken, undelivered, re-planned as chunks
+
+
+def test_a_patch_that_fails_is_replanned_with_another_base(
+    builds: tuple[Path, list[M.Manifest]], tmp_path: Path
+) -> None:
+    """A node holding builds 1 and 2: the patches it picks first are corrupt on the CDN, so
+    the re-plan takes the other build's patches for the same chunks instead of the chunks."""
+    tmp, ms = builds
+    cdn = _copy_cdn(tmp, tmp_path / "cdn")
+    dest = tmp_path / "game"
+    _install(cdn, 1, dest)
+    _install(cdn, 2, dest)  # build 1's chunks are kept in the store
+    have = {c.id for m in ms[:2] for _, c in m.iter_chunks()}
+    first = choose_patches(ms[2], set(ms[2].unique_chunks()) - have, have.__contains__)
+    others = [p for p in ms[2].patches if p not in first.patches]
+    assert {p.base for p in first.patches} != {p.base for p in others}
+    pack = cdn / layout.patch_pack_path("game", 3)
+    blob = bytearray(pack.read_bytes())
+    for p in first.patches:
+        blob[p.offset] ^= 0xFF
+    pack.write_bytes(bytes(blob))
+    r = _install(cdn, 3, dest)
+    assert tree(dest) == tree(tmp / "src3")
+    assert r.patches_failed == len(first.patches) and r.patches_applied
+    assert r.methods["data/pack.bin"] == "patch"
+
+
+def test_patched_bytes_count_as_got_for_the_tracker(
+    builds: tuple[Path, list[M.Manifest]], tmp_path: Path
+) -> None:
+    tmp, _ = builds
+    dest = tmp_path / "game"
+    _install(tmp / "cdn", 2, dest)
+    r = _install(tmp / "cdn", 3, dest)
+    assert r.bytes_patched > 0 and r.patches_applied
+    running = dataclasses.replace(r, action="")  # as announced while it ran, at its end
+    assert running.bytes_left() == 0
+    assert r.from_cdn == r.bytes_patches and r.from_peers == 0  # patch bytes are origin egress
