@@ -315,3 +315,30 @@ def test_patched_bytes_count_as_got_for_the_tracker(
     running = dataclasses.replace(r, action="")  # as announced while it ran, at its end
     assert running.bytes_left() == 0
     assert r.from_cdn == r.bytes_patches and r.from_peers == 0  # patch bytes are origin egress
+
+
+def test_announced_figures_count_patches_by_source(
+    builds: tuple[Path, list[M.Manifest]],
+) -> None:
+    """Mid-install figures: what patches made is not left; patch bytes are from the source
+    that gave them, in the running announces and in the outcome the fleet gets."""
+    from p2pnode.node.peers import Swarm
+    from p2pnode.node.tracking import outcome_fields
+
+    _, ms = builds
+    m = ms[2]
+    r = InstallResult("", m, 2, m.total_size)
+    r.bytes_reused, r.bytes_patched = m.total_size // 2, m.total_size // 4
+    r.bytes_patches, r.bytes_patches_peers, r.bytes_peers, r.bytes_cdn = 900, 300, 1000, 50
+    assert r.bytes_left() == m.total_size - m.total_size // 2 - m.total_size // 4 - 1050
+
+    class Node:
+        uploaded = 7
+
+    swarm = Swarm(Node(), [], result=r)  # type: ignore[arg-type]
+    assert swarm.tally(m.id) == (m.total_size, r.bytes_left(), 1300, 650, 7)
+    r.action = "updated"
+    fields = outcome_fields(
+        app=m.app, manifest_id=m.id, to_build=m.build, from_build=2, seconds=1.0, result=r
+    )
+    assert (fields["bytes_peers"], fields["bytes_cdn"]) == (1300, 650)
