@@ -62,6 +62,9 @@ def test_update_fetches_patches_not_chunks(
     plan = choose_patches(ms[2], set(ms[2].unique_chunks()) - have, have.__contains__)
     assert any(p.base == ms[2 - behind].id for p in plan.patches)
     assert r.bytes_patches == sum({p.id: p.size for p in plan.patches}.values())
+    # As announced while it ran, at its end: what the patches made is not left.
+    assert r.bytes_patched > 0 and dataclasses.replace(r, action="").bytes_left() == 0
+    assert r.from_cdn == r.bytes_patches and r.from_peers == 0  # patch bytes: origin egress
 
 
 def test_without_patches_or_a_base_the_node_fetches_chunks(
@@ -165,14 +168,32 @@ def test_patches_come_by_http_range_from_a_static_server(
     assert r.patches_applied and r.bytes_cdn == 0 and 0 < r.bytes_patches < 20_000
 
 
-def test_a_leecher_gets_patches_from_a_peer_with_the_cdn_stopped(
-    builds: tuple[Path, list[M.Manifest]], tmp_path: Path
-) -> None:
+def _seed_and_update(
+    seeder: Path, leecher: Path, manifest: M.Manifest, signed: bytes, **kw: object
+) -> InstallResult:
+    """Serve ``seeder``'s install to ``leecher``, which updates to ``manifest`` with ``kw``."""
     from p2pnode.disk.state import StateDir
     from p2pnode.disk.switch import local_chunks
     from p2pnode.swarm.node import SwarmNode
     from tests.support.swarm import node
 
+    async def go() -> InstallResult:
+        sd = StateDir(seeder)
+        seed = SwarmNode(node(), local_chunks(sd, sd.load()))
+        seed.offer(manifest)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(seed.serve, "127.0.0.1", 0)
+            options = InstallOptions(peers=[f"127.0.0.1:{port}"], **kw)  # type: ignore[arg-type]
+            r = await install("tracker", leecher, TRUST, options, manifest_data=signed)
+            nursery.cancel_scope.cancel()
+        return r
+
+    return trio.run(go)
+
+
+def test_a_leecher_gets_patches_from_a_peer_with_the_cdn_stopped(
+    builds: tuple[Path, list[M.Manifest]], tmp_path: Path
+) -> None:
     tmp, ms = builds
     cdn = _copy_cdn(tmp, tmp_path / "cdn")
     seeder, leecher = tmp_path / "seeder", tmp_path / "leecher"
@@ -181,22 +202,11 @@ def test_a_leecher_gets_patches_from_a_peer_with_the_cdn_stopped(
     _install(cdn, 1, leecher)
     signed = (cdn / layout.manifest_path("game", 3)).read_bytes()
     subprocess.run(["rm", "-rf", str(cdn)], check=True)  # the CDN is gone
-
-    async def go() -> InstallResult:
-        sd = StateDir(seeder)
-        seed = SwarmNode(node(), local_chunks(sd, sd.load()))
-        seed.offer(ms[2])
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(seed.serve, "127.0.0.1", 0)
-            options = InstallOptions(peers=[f"127.0.0.1:{port}"], policy="p2p-only")
-            r = await install("tracker", leecher, TRUST, options, manifest_data=signed)
-            nursery.cancel_scope.cancel()
-        return r
-
-    r = trio.run(go)
+    r = _seed_and_update(seeder, leecher, ms[2], signed, policy="p2p-only")
     assert tree(leecher) == tree(tmp / "src3")
     assert r.patches_applied and not r.patches_failed and r.bytes_cdn == 0
     assert 0 < r.bytes_patches < 20_000 and r.methods["data/pack.bin"] == "patch"
+    assert r.from_peers >= r.bytes_patches_peers == r.bytes_patches  # counted as from peers
 
 
 def test_a_peer_serving_corrupt_patches_is_banned_and_the_cdn_gives_them(
@@ -229,29 +239,6 @@ def test_a_peer_serving_corrupt_patches_is_banned_and_the_cdn_gives_them(
     (st,) = r.peers.values()
     assert st.corrupt >= 1 and "banned" in st.error
     assert r.patches_applied and not r.patches_failed and r.bytes_peers == 0
-
-
-def _seed_and_update(
-    seeder: Path, leecher: Path, manifest: M.Manifest, signed: bytes, **kw: object
-) -> InstallResult:
-    """Serve ``seeder``'s install to ``leecher``, which updates to ``manifest`` with ``kw``."""
-    from p2pnode.disk.state import StateDir
-    from p2pnode.disk.switch import local_chunks
-    from p2pnode.swarm.node import SwarmNode
-    from tests.support.swarm import node
-
-    async def go() -> InstallResult:
-        sd = StateDir(seeder)
-        seed = SwarmNode(node(), local_chunks(sd, sd.load()))
-        seed.offer(manifest)
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(seed.serve, "127.0.0.1", 0)
-            options = InstallOptions(peers=[f"127.0.0.1:{port}"], **kw)  # type: ignore[arg-type]
-            r = await install("tracker", leecher, TRUST, options, manifest_data=signed)
-            nursery.cancel_scope.cancel()
-        return r
-
-    return trio.run(go)
 
 
 @pytest.mark.parametrize("policy", ["p2p-only", "p2p-first"])
@@ -302,19 +289,6 @@ def test_a_patch_that_fails_is_replanned_with_another_base(
     assert tree(dest) == tree(tmp / "src3")
     assert r.patches_failed == len(first.patches) and r.patches_applied
     assert r.methods["data/pack.bin"] == "patch"
-
-
-def test_patched_bytes_count_as_got_for_the_tracker(
-    builds: tuple[Path, list[M.Manifest]], tmp_path: Path
-) -> None:
-    tmp, _ = builds
-    dest = tmp_path / "game"
-    _install(tmp / "cdn", 2, dest)
-    r = _install(tmp / "cdn", 3, dest)
-    assert r.bytes_patched > 0 and r.patches_applied
-    running = dataclasses.replace(r, action="")  # as announced while it ran, at its end
-    assert running.bytes_left() == 0
-    assert r.from_cdn == r.bytes_patches and r.from_peers == 0  # patch bytes are origin egress
 
 
 def test_announced_figures_count_patches_by_source(
