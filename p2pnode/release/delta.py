@@ -34,6 +34,7 @@ __all__ = [
     "apply_patch",
     "choose_patches",
     "make_patch",
+    "patch_memory",
     "pieces",
     "result_chunks",
 ]
@@ -68,6 +69,16 @@ def make_patch(
     )
     compressor = zstandard.ZstdCompressor(dict_data=dictionary, compression_params=params)
     return compressor.compress(result)
+
+
+def patch_memory(base_len: int, result_len: int) -> int:
+    """An upper bound of what :func:`make_patch` holds: zstd's hash and chain tables (4
+    bytes an entry, sized as ``make_patch`` sizes them) for the compressor and again for the
+    dictionary, the base three times (ours, the dictionary's copy, zstd's) and the result
+    twice (with the output)."""
+    wl = window_log(base_len, result_len)
+    tables = 2 * 4 * ((1 << min(wl, MAX_TABLE_LOG)) * 2)
+    return tables + 3 * base_len + 2 * result_len
 
 
 def apply_patch(patch: bytes | memoryview, base: bytes | memoryview, result_len: int) -> bytes:
