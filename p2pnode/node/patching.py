@@ -23,7 +23,7 @@ fetcher scores those mirrors down as it does for chunks) or cannot be applied (a
 no longer reads back, a decoding error, an output chunk that does not match) is dropped, and
 the chunks it was to produce are returned to be fetched as chunks: the update still
 completes, and nothing a bad patch made reaches the stage. Before they are, the planner runs
-again over them with what this round taught (patches that failed are skipped; a CDN that gave
+again over them with what this round taught (the round's patches are skipped; a CDN that gave
 nothing is down; the rates measured from peers and the CDN), so a chunk another patch can
 still make cheaper is not fetched whole; after :data:`MAX_ROUNDS` rounds the rest are chunks.
 """
@@ -62,7 +62,6 @@ class Round:
     """What one round of fetching and applying patches left and taught."""
 
     left: list[bytes] = field(default_factory=list)  # chunk ids of the patches that failed
-    failed: set[bytes] = field(default_factory=set)  # ids of those patches
     cdn_down: bool = False  # the CDN was asked and gave no byte
     peer_rate: float | None = None  # bytes/s measured from peers, if they gave any
     cdn_rate: float | None = None
@@ -96,8 +95,8 @@ async def patch_phase(
         todo -= set(plan.chunks)
         todo.update(r.left)
         if not r.left:
-            continue
-        skip |= r.failed
+            break  # the plan held: the chunks left were never worth a patch
+        skip |= {p.id for p in plan.patches}  # failed, or applied (not fetched twice)
         sources = replace(
             sources,
             cdn=sources.cdn and not r.cdn_down,
@@ -200,7 +199,6 @@ async def apply_patches(
     result.patches_applied += len(applied)
     result.patches_failed += len(plan.patches) - len(applied)
     result.patched.update(cid for cid, p in plan.chunks.items() if p in applied)
-    done.failed = {p.id for p in plan.patches if p not in applied}
     done.left = [cid for cid, p in plan.chunks.items() if p not in applied]
     return done
 
