@@ -101,8 +101,8 @@ class Sources:
         return by_peers * peer_f + by_cdn * cdn_f
 
 
-#: Every piece deliverable by the CDN alone: the bytes-only plan.
-EVERYWHERE = Sources()
+#: Every piece deliverable by the CDN alone, no rate measured: the plan compares bytes only.
+BYTES_ONLY = Sources()
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def choose(
     candidates: Iterable[Candidate],
     wanted: Collection[bytes],
     holds: Callable[[bytes], bool],
-    sources: Sources = EVERYWHERE,
+    sources: Sources = BYTES_ONLY,
     *,
     skip: Collection[bytes] = (),
 ) -> PatchPlan:
@@ -184,7 +184,7 @@ def choose_patches(
     holds: Callable[[bytes], bool],
     *,
     skip: Iterable[bytes] = (),
-    sources: Sources = EVERYWHERE,
+    sources: Sources = BYTES_ONLY,
 ) -> PatchPlan:
     """Pick patches of ``manifest`` that deliver chunks of ``wanted`` for less than fetching
     them, given what this node ``holds`` and what ``sources`` can deliver. ``skip``: patch
