@@ -56,10 +56,9 @@ from ..progress import NullProgress, Progress
 from ..release import keys
 from ..release import manifest as M
 from ..release.compat import check_compatible
-from ..release.delta import PatchPlan, choose_patches
 from ..release.trust import Offer, judge_offer, trusted_keys
 from .options import InstallOptions, SourcePolicy
-from .patching import apply_patches
+from .patching import patch_phase
 from .peers import Swarm, open_swarm
 from .result import InstallResult
 from .rotations import key_ring
@@ -367,26 +366,23 @@ async def assemble(
     local_ids = [cid for cid in needed if local.has(cid)]
     remote_ids = [cid for cid in needed if not local.has(cid)]
     missing_locally: list[bytes] = []
-    plan = PatchPlan()
+    fetched: list[bytes] = []  # chunk ids fetched as chunks (the rest came from patches)
     has_peers = swarm is not None and bool(swarm.peers) and options.policy.asks_peers
-    if options.patches and ((mirrors and options.policy.uses_cdn) or has_peers):
-        plan = choose_patches(manifest, set(remote_ids), local.has)
-        remote_ids = [cid for cid in remote_ids if cid not in plan.chunks]
-    unpatched: list[bytes] = []
+    patching = options.patches and bool(manifest.patches)
+    patching = patching and ((bool(mirrors) and options.policy.uses_cdn) or has_peers)
 
     async def fetch_remote() -> None:
-        """Patches first (the swarm runs one fetch per manifest at a time), then the chunks
-        left, with those of any patch that failed."""
-        if plan.patches:
-            unpatched.extend(
-                await apply_patches(
-                    stage, plan, local, mirrors, options, put, progress.advance, result, swarm
-                )
+        """Patches first (planned against what peers and the CDN can deliver; the swarm runs
+        one fetch per manifest at a time), then the chunks left, with those of any patch
+        that failed."""
+        ids = remote_ids
+        if patching and ids:
+            ids = await patch_phase(
+                stage, ids, local, mirrors, options, put, progress.advance, result, swarm
             )
-        if remote_ids or unpatched:
-            await fetch_missing(
-                stage, remote_ids + unpatched, mirrors, options, put, progress, result, swarm
-            )
+        fetched.extend(ids)
+        if ids:
+            await fetch_missing(stage, ids, mirrors, options, put, progress, result, swarm)
 
     async def copy_local() -> None:
         def copy_one(cid: bytes) -> bool:
@@ -418,8 +414,8 @@ async def assemble(
         stage.close_files()
     await trio.to_thread.run_sync(stage.finish)
     progress.finish()
-    fetched = set(remote_ids) | set(missing_locally) | set(unpatched)
-    result.methods = {f.path: _method(f, result.patched, fetched) for f in manifest.files}
+    got = set(fetched) | set(missing_locally)
+    result.methods = {f.path: _method(f, result.patched, got) for f in manifest.files}
 
 
 def _method(f: M.FileEntry, patched: set[bytes], fetched: set[bytes]) -> str:

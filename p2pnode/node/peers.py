@@ -56,7 +56,7 @@ class Swarm:
         r = self.result
         if r is None or r.manifest.id != mid:
             return (0, 0, 0, 0, self.node.uploaded)
-        return (r.bytes_total, r.bytes_left(), r.bytes_peers, r.bytes_cdn, self.node.uploaded)
+        return (r.bytes_total, r.bytes_left(), r.from_peers, r.from_cdn, self.node.uploaded)
 
 
 @asynccontextmanager

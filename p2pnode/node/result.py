@@ -42,7 +42,9 @@ class InstallResult:
     displaced: dict[str, str] = field(default_factory=dict)  # user path -> where it moved
     not_kept: list[str] = field(default_factory=list)  # user paths the build's nokeep names
     repaired: list[str] = field(default_factory=list)  # files healed in an "unchanged" install
-    bytes_patches: int = 0  # delta patch bytes read from the CDN (node/patching.py)
+    bytes_patches: int = 0  # delta patch bytes fetched, from peers and the CDN (node/patching.py)
+    bytes_patches_peers: int = 0  # of those, from peers
+    bytes_patched: int = 0  # chunk bytes staged from patches (what the patches made)
     patches_applied: int = 0
     patches_failed: int = 0  # patches dropped (unfetchable, corrupt, wrong base): chunks instead
     patched: set[bytes] = field(default_factory=set)  # chunk ids staged from patches
@@ -60,7 +62,17 @@ class InstallResult:
         if self.finished:
             return 0
         got = self.bytes_peers + self.bytes_cdn + self.bytes_reused + self.bytes_resumed
-        return max(0, self.bytes_total - got)
+        return max(0, self.bytes_total - got - self.bytes_patched)
+
+    @property
+    def from_peers(self) -> int:
+        """Bytes received from peers, chunks and patches: the tracker's ``from_peers``."""
+        return self.bytes_peers + self.bytes_patches_peers
+
+    @property
+    def from_cdn(self) -> int:
+        """Bytes read from the CDN, chunks and patches (origin egress): ``from_cdn``."""
+        return self.bytes_cdn + self.bytes_patches - self.bytes_patches_peers
 
 
 def add_mirror_stats(total: dict[str, Any], more: dict[str, Any]) -> None:

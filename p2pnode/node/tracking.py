@@ -105,8 +105,8 @@ async def announce_completed(
         event="completed",
         size=m.total_size,
         left=0,
-        from_peers=result.bytes_peers,
-        from_cdn=result.bytes_cdn,
+        from_peers=result.from_peers,
+        from_cdn=result.from_cdn,
         ip=host if port else None,
         records=own_records(me, m, host, port) if port else [],
     )
@@ -289,8 +289,8 @@ def outcome_fields(
         fields.update(
             kind=KINDS.get(result.action, "install"),
             outcome="success",
-            bytes_peers=result.bytes_peers,
-            bytes_cdn=result.bytes_cdn,
+            bytes_peers=result.from_peers,
+            bytes_cdn=result.from_cdn,
             bytes_reused=result.bytes_reused + result.bytes_resumed,
             bytes_patches=result.bytes_patches,  # the tracker's traffic series (issue 18)
         )

@@ -11,28 +11,30 @@ Patches are bounded segments (``patchmeta.MAX_PATCH_RESULT_BYTES`` of result aga
 ``MAX_PATCH_BASE_BYTES`` of base), so making or applying one holds a bounded amount in memory
 whatever the file's size; a multi-GiB file is many patches.
 
-Choosing (:func:`choose_patches`) is pure bookkeeping: a patch is usable only if the node
-holds every base chunk it reads, and worth it only if it is smaller than the chunks it would
-save fetching. The node applies what this returns and fetches the rest as chunks.
+Choosing which patches to use is :mod:`p2pnode.release.deltaplan` (re-exported here): a patch
+is usable only if the node holds every base chunk it reads and some source can deliver it, and
+worth it only if it costs less than the chunks it would save fetching.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import zstandard
 
 from ..errors import PatchError
 from .chunker import hash_chunk
+from .deltaplan import PatchPlan, Sources, choose_patches
 from .manifest import ChunkRef, FileEntry, Manifest
 from .patchmeta import Patch, window_log
 
 __all__ = [
     "PatchPlan",
+    "Sources",
     "apply_patch",
     "choose_patches",
     "make_patch",
+    "patch_memory",
     "pieces",
     "result_chunks",
 ]
@@ -67,6 +69,16 @@ def make_patch(
     )
     compressor = zstandard.ZstdCompressor(dict_data=dictionary, compression_params=params)
     return compressor.compress(result)
+
+
+def patch_memory(base_len: int, result_len: int) -> int:
+    """An upper bound of what :func:`make_patch` holds: zstd's hash and chain tables (4
+    bytes an entry, sized as ``make_patch`` sizes them) for the compressor and again for the
+    dictionary, the base three times (ours, the dictionary's copy, zstd's) and the result
+    twice (with the output)."""
+    wl = window_log(base_len, result_len)
+    tables = 2 * 4 * ((1 << min(wl, MAX_TABLE_LOG)) * 2)
+    return tables + 3 * base_len + 2 * result_len
 
 
 def apply_patch(patch: bytes | memoryview, base: bytes | memoryview, result_len: int) -> bytes:
@@ -117,53 +129,3 @@ def split_verified(data: bytes, chunks: Sequence[ChunkRef]) -> list[tuple[bytes,
         out.append((c.id, piece))
         pos += c.length
     return out
-
-
-@dataclass
-class PatchPlan:
-    """What to apply, and what it saves: ``chunks`` are the chunk ids the chosen patches
-    produce (fetch them only if a patch fails)."""
-
-    patches: list[Patch] = field(default_factory=list)
-    chunks: dict[bytes, Patch] = field(default_factory=dict)
-
-    @property
-    def bytes(self) -> int:
-        return sum(p.size for p in self.patches)
-
-
-def choose_patches(
-    manifest: Manifest,
-    wanted: Collection[bytes],
-    holds: Callable[[bytes], bool],
-    *,
-    skip: Iterable[bytes] = (),
-) -> PatchPlan:
-    """Pick patches that deliver chunks of ``wanted`` for fewer bytes than fetching them.
-
-    A patch is a candidate only if ``holds(id)`` for every base chunk it reads: a patch from a
-    build the node does not hold is never chosen. Candidates go greedily by bytes saved;
-    chunks a chosen patch produces stop counting for the others. ``skip``: patch ids known to
-    fail (a rerun after a bad patch).
-    """
-    lengths = {f.path: f for f in manifest.files}
-    skipped = set(skip)
-    scored = []
-    for p in manifest.patches:
-        if p.id in skipped or not all(holds(cid) for cid, _ in p.base_chunks):
-            continue
-        entry = lengths[p.path]
-        produces = {c.id: c.length for c in entry.chunks[p.first : p.first + p.count]}
-        saves = sum(n for cid, n in produces.items() if cid in wanted)
-        if saves > p.size:
-            scored.append((saves - p.size, p, produces))
-    scored.sort(key=lambda item: -item[0])
-    plan = PatchPlan()
-    for _, p, produces in scored:
-        fresh = {cid: n for cid, n in produces.items() if cid in wanted and cid not in plan.chunks}
-        if sum(fresh.values()) <= p.size:
-            continue
-        plan.patches.append(p)
-        for cid in fresh:
-            plan.chunks[cid] = p
-    return plan

@@ -37,6 +37,7 @@ from .links import CONNECT_TIMEOUT, WRITE_TIMEOUT, Link, parse_peer
 from .offers import MAX_PUSHED
 from .serving import Serving
 from .shell import MAX_BANNED, MAX_CONNECTIONS, REQUEST_TIMEOUT, STALL_TIMEOUT
+from .survey import SURVEY_WAIT, Surveying
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -49,6 +50,7 @@ __all__ = [
     "REQUEST_TIMEOUT",
     "STALL_TIMEOUT",
     "START_GRACE",
+    "SURVEY_WAIT",
     "WRITE_TIMEOUT",
     "CdnSource",
     "Deliver",
@@ -60,6 +62,7 @@ __all__ = [
 ]
 
 
-class SwarmNode(Serving, Fetching):
-    """A node of the swarm: it serves the manifests it ``offer``s (``serve``) and fetches
-    chunks from peers (``fetch``). Its arguments are :class:`~p2pnode.swarm.shell.Shell`'s."""
+class SwarmNode(Serving, Fetching, Surveying):
+    """A node of the swarm: it serves the manifests it ``offer``s (``serve``), fetches
+    chunks from peers (``fetch``) and asks them what they hold before a fetch (``survey``).
+    Its arguments are :class:`~p2pnode.swarm.shell.Shell`'s."""

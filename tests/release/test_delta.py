@@ -107,6 +107,57 @@ def test_publish_writes_patches_and_a_format_2_manifest(
     assert len(pack) == max(p.offset + p.size for p in m3.patches)
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_generating_in_parallel_makes_the_same_patches_and_pack(
+    three_builds: tuple[Path, list[M.Manifest]], tmp_path: Path, workers: int
+) -> None:
+    """Segments are made by worker threads, but kept and written in one order: the same
+    patches (offsets included) and pack bytes as publish made, whatever the workers."""
+    from p2pnode.release.patches import earlier_builds, generate
+
+    tmp, (_, _, m3) = three_builds
+    cdn = tmp / "cdn"
+    bases = earlier_builds(cdn, "game", 3, 2)
+    root = cdn / layout.release_dir("game", 3) / "files"
+    pack = tmp_path / "pack"
+    patches, stats = generate(m3.files, root, bases, pack, level=6, workers=workers)
+    assert patches == m3.patches and stats.patches == len(patches)
+    assert pack.read_bytes() == (cdn / layout.patch_pack_path("game", 3)).read_bytes()
+
+
+def test_segments_beyond_the_memory_budget_wait(
+    three_builds: tuple[Path, list[M.Manifest]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a budget no two segments fit in, one segment is made at a time, whatever the
+    workers (the publisher's memory bound holds on a multi-GiB file)."""
+    import threading
+
+    from p2pnode.release import patches as P
+
+    tmp, (_, _, m3) = three_builds
+    cdn = tmp / "cdn"
+    real, lock = P._one, threading.Lock()
+    now = most = 0
+
+    def counted(*args: object) -> object:
+        nonlocal now, most
+        with lock:
+            now += 1
+            most = max(most, now)
+        try:
+            return real(*args)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                now -= 1
+
+    monkeypatch.setattr(P, "_one", counted)
+    monkeypatch.setattr(P, "MEMORY_BUDGET", 1)
+    root = cdn / layout.release_dir("game", 3) / "files"
+    bases = P.earlier_builds(cdn, "game", 3, 2)
+    patches, _ = P.generate(m3.files, root, bases, tmp_path / "pack", level=6, workers=4)
+    assert patches == m3.patches and most == 1
+
+
 def test_every_patch_applies_to_its_base_chunks(
     three_builds: tuple[Path, list[M.Manifest]],
 ) -> None:
