@@ -210,3 +210,31 @@ def test_two_postgres_replicas_flushing_at_once_count_every_add_once(pg_url: str
     assert stores[1].online_cells("game", T0) == [(int(T0) // 86400, 0, 2 * rounds)]
     for s in stores:
         s.db.close()
+
+
+def test_registry_copy_moves_the_sqlite_series_into_postgres(tmp_path: Path, pg_url: str) -> None:
+    """What `tracker registry copy` does with DIR/traffic.db: every minute, online cell and
+    forecast arrives as it was, and the series goes on from there."""
+    old = SQLiteTraffic(tmp_path / "traffic.db")
+    r = TrafficRecorder()
+    for i, mid in enumerate((M1, M2)):
+        r.sample([rel(mid, 1 + i, 100, 50)], T0 + 60)
+        r.sample([rel(mid, 3 + i, 400, 60)], T0 + 180)
+        r.outcome("game", mid, 30, 4, T0 + 120)
+        r.announced("game", T0 + 5)
+        write(old, r)
+    old.put_forecast(M1, "game", {"at": T0, "cdn_total": 5})
+    db = PGDatabase(pg_url)
+    new = traffic_pg.PGTraffic(db)
+    with db.tx("copy") as c:
+        counts = traffic_pg.copy_traffic(c, tmp_path / "traffic.db")
+    assert counts == {"traffic_builds": 2, "traffic_minutes": 4, "forecasts": 1}
+    for mid in (M1, M2, M3):
+        assert new.series(mid) == old.series(mid)
+    assert new.online_cells("game", T0) == old.online_cells("game", T0)
+    assert new.forecasts_since(0) == old.forecasts_since(0)
+    r.sample([rel(M3, 1, 1, 1)], T0 + 60)  # a new build is numbered after the copied ones
+    new.write(r.take())
+    assert new.series(M3)[0] == MIN0
+    old.close()
+    db.close()
