@@ -61,6 +61,7 @@ from .errors import (
 from .feed import Feed
 from .fleet_http import FleetCollector, FleetRoutes
 from .fleet_store import LocalFleet, open_fleet
+from .keyrotation import RotationRoutes
 from .load_http import LoadRoutes
 from .metrics import TrackerMetrics
 from .middleware import Buckets, RequestMiddleware
@@ -185,6 +186,11 @@ class Tracker:
             Route("/v1/apps", ch.apps, methods=["GET", "POST"]),
             Route("/v1/apps/{app:str}", ch.app_info),
             Route("/v1/apps/{app:str}/token", ch.rotate_token, methods=["POST"]),
+            Route(
+                "/v1/apps/{app:str}/rotations",
+                RotationRoutes(ch).rotations,
+                methods=["GET", "POST"],
+            ),
             Route(
                 "/v1/apps/{app:str}/channels/{channel:str}/manifests",
                 ch.publish,

@@ -23,7 +23,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from p2pnode.discovery.tracker_api import ChannelHead
 from p2pnode.errors import P2PNodeError
 from p2pnode.release import keys
-from p2pnode.release.manifest import MAX_MANIFEST_BYTES, SignedManifest, parse_signed, verify
+from p2pnode.release.manifest import MAX_MANIFEST_BYTES, SignedManifest, parse_signed
+from p2pnode.release.rotation import KeyRing
 
 from . import core
 from .auth import require_admin, require_publisher, token_hash
@@ -31,6 +32,7 @@ from .backend import AppRow, Publication, RegistryStore
 from .config import TrackerConfig
 from .errors import APIError, BadRequest, Conflict, Forbidden, NotFound
 from .feed import Feed
+from .keyrotation import app_keys
 from .metrics import TrackerMetrics
 from .operations import PERCENT_RANGE, Operations
 from .releaseinfo import ReleaseInfos
@@ -117,6 +119,9 @@ class ChannelRoutes:
         other replicas within the feed's poll, ~0.2 s)."""
         row = self.app_row(request.path_params["app"])
         actor = require_publisher(request, self.config.admin_token, row.name, row)
+        # no body, or an empty object: a field here would be a mistake (none is read)
+        core._only(core.json_object(await read_body(request, MAX_JSON_BYTES) or b"{}"),
+                   required=set(), optional=set())  # fmt: skip
         token = "pub_" + secrets.token_urlsafe(32)
         new = await self.registry_call(self.registry.rotate_token, row.name, token_hash(token))
         if new is None:
@@ -151,7 +156,8 @@ class ChannelRoutes:
             else None
         )
         now = self.config.clock()
-        body, signed = await checked_upload(request, row, now)
+        ring = await app_keys(self.registry, self.registry_call, row)
+        body, signed = await checked_upload(request, ring, now)
         m = signed.manifest
         if m.app != row.name:
             raise BadRequest(f"the manifest is for app {m.app}, not {row.name}")
@@ -334,15 +340,18 @@ class ChannelRoutes:
         )
 
 
-async def checked_upload(request: Request, row: AppRow, now: float) -> tuple[bytes, SignedManifest]:
+async def checked_upload(
+    request: Request, ring: KeyRing, now: float
+) -> tuple[bytes, SignedManifest]:
     """The uploaded signed manifest (its bytes, and parsed) of a publish or a forecast's dry
-    run: read under its cap, parsed and verified with the app's key in a worker thread (up to
-    64 MiB); a problem is a refusal."""
+    run: read under its cap, parsed and verified in a worker thread (up to 64 MiB) with the
+    app's keys (``keyrotation.app_keys``: its key, or one it rotated to, or from until the
+    rotation's date); a problem is a refusal."""
     body = await read_body(request, MAX_MANIFEST_BYTES + 1024)
 
     def check() -> SignedManifest:
         signed = parse_signed(body, source="uploaded manifest")
-        verify(signed, {row.key}, now=now)
+        ring.verify(signed, now=now)
         return signed
 
     try:

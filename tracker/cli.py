@@ -4,6 +4,8 @@
                   [--registry URL] [--announce-listen HOST:PORT]
     tracker app add APP --key ed25519:<hex> --url URL --admin-token TOKEN [--json]
     tracker app rotate-token APP --url URL --admin-token TOKEN [--json]
+    tracker app rotate-key APP --old-key OLD.pem --new-key ed25519:<hex> --old-until WHEN
+                           --url URL [--token T] [--out ROTATIONS] [--json]
     tracker registry copy --data DIR --registry URL [--redis-prefix P] [--json]
                     (also: --from DIR|DIR/registry.db --to postgresql://...|redis://...)
     tracker rollout APP CHANNEL show|raise PERCENT|halt|resume|complete --url URL [--token T]
@@ -25,6 +27,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -126,6 +129,26 @@ def _parser() -> argparse.ArgumentParser:
     rot.add_argument("--url", required=True, help="tracker URL, e.g. http://127.0.0.1:7070")
     rot.add_argument("--admin-token", help="admin token (or env TRACKER_ADMIN_TOKEN)")
     rot.add_argument("--json", action="store_true")
+    rk = asub.add_parser(
+        "rotate-key",
+        help="move an app to a new signing key: the old key signs the rotation, its builds "
+        "stay installable until --old-until",
+    )
+    rk.add_argument("app")
+    rk.add_argument("--old-key", required=True, type=Path, help="the old key's PEM file")
+    rk.add_argument("--new-key", required=True, help="the new public key, ed25519:<hex>")
+    rk.add_argument(
+        "--old-until",
+        required=True,
+        help="when builds signed by the old key stop being accepted: YYYY-MM-DD[THH:MM[:SS]] "
+        "(UTC), or Unix seconds",
+    )
+    rk.add_argument("--url", required=True, help="tracker URL, e.g. http://127.0.0.1:7070")
+    rk.add_argument("--token", help="publisher or admin token (or env TRACKER_ADMIN_TOKEN)")
+    rk.add_argument(
+        "--out", type=Path, help="also write the app's rotations here, to put beside releases"
+    )
+    rk.add_argument("--json", action="store_true")
     r = sub.add_parser("registry", help="move the registry")
     rsub = r.add_subparsers(dest="registry_command", required=True)
     cp = rsub.add_parser(
@@ -276,10 +299,52 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 async def _app_add(args: argparse.Namespace) -> dict[str, Any]:
+    if args.app_command == "rotate-key":
+        return await _rotate_key(args)
     async with TrackerClient(args.url, token=_admin_token(args)) as client:
         if args.app_command == "rotate-token":
             return {"app": args.app, "publisher_token": await client.rotate_token(args.app)}
         return await client.add_app(args.app, keys.parse_public_key(args.key))
+
+
+def _when(text: str) -> int:
+    """Unix seconds from ``1767225600`` or ``2026-01-01[T12:00[:00]]`` (UTC)."""
+    import datetime as dt
+
+    if text.isdigit():
+        return int(text)
+    try:
+        when = dt.datetime.fromisoformat(text.removesuffix("Z"))
+    except ValueError as exc:
+        raise UsageError(
+            f"{text!r} is not a date", fix="write YYYY-MM-DD[THH:MM[:SS]] (UTC) or Unix seconds"
+        ) from exc
+    return int(when.replace(tzinfo=when.tzinfo or dt.UTC).timestamp())
+
+
+async def _rotate_key(args: argparse.Namespace) -> dict[str, Any]:
+    """Sign the rotation here, with the old key (the tracker never holds a signing key)."""
+    from p2pnode.release import rotation as R
+
+    old = keys.load_private_key(args.old_key)
+    statement = R.Rotation(
+        args.app,
+        keys.public_key_bytes(old),
+        keys.parse_public_key(args.new_key),
+        _when(args.old_until),
+        int(time.time()),
+    )
+    try:
+        signed = R.sign_rotation(statement, old)
+    except P2PNodeError as exc:
+        raise UsageError(f"cannot sign this rotation: {exc.message}") from exc
+    token = args.token or os.environ.get("TRACKER_ADMIN_TOKEN")
+    async with TrackerClient(args.url, token=token) as client:
+        answer = await client.rotate_key(args.app, signed.encode())
+        if args.out is not None:
+            args.out.write_bytes(await client.rotations(args.app))
+            answer["out"] = str(args.out)
+    return answer
 
 
 async def _rollout(args: argparse.Namespace) -> dict[str, Any]:
@@ -322,8 +387,6 @@ def _print_rollout(r: dict[str, Any]) -> None:
 
 
 def _print_audit(page: dict[str, Any]) -> None:
-    import time
-
     for e in page["entries"]:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["at"]))
         who = f"{e['actor']} ({e['token_id'] or 'no token'}) from {e['address'] or '-'}"
@@ -369,6 +432,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.json:
         print(json.dumps(result))
+    elif args.app_command == "rotate-key":
+        until = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(result["old_until"]))
+        print(f"{result['app']} is now signed by {result['key']}; builds signed by "
+              f"{result['old']} are accepted until {until}")  # fmt: skip
+        if "out" in result:
+            print(f"rotations written to {result['out']}: put it beside the releases")
     elif args.app_command == "rotate-token":
         print(f"new publisher token of {result['app']} (shown once; the old one no longer works):")
         print(result["publisher_token"])

@@ -452,13 +452,24 @@ def _key(value: Any) -> bytes:
         raise BadRequest("key must be ed25519:<64 hex>") from exc
 
 
+def as_int(value: Any) -> int | None:
+    """A JSON integer: ``5``, or ``5.0`` (JSON Schema, which /openapi.json declares these fields
+    in, counts a number without a fraction as an integer); None for anything else, bools too."""
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return None
+
+
 def _int(obj: dict[str, Any], name: str, lo: int, hi: int, default: int | None = None) -> int:
     value = obj.get(name, default)
     if value is None:
         raise BadRequest(f"missing field {name}")
-    if type(value) is not int or not lo <= value <= hi:
+    number = as_int(value)
+    if number is None or not lo <= number <= hi:
         raise BadRequest(f"{name} must be an integer in [{lo}, {hi}]")
-    return value
+    return number
 
 
 def _ts(obj: dict[str, Any], now: float) -> int:

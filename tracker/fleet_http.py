@@ -82,7 +82,10 @@ class FleetRoutes:
         app = core.check_name(request.path_params["app"], "app")
         view = await self.store.app_view(app, self._clock())
         if view is None:
-            raise NotFound(f"no node of {app} was seen", fix="check the app's name")
+            if self._registry.get_app(app) is None:
+                raise NotFound(f"app {app} is not registered", fix="check the app's name")
+            # registered, no node seen yet: an empty fleet, not "not found"
+            view = {"app": app, "nodes": 0, "updating": 0, "builds": [], "clients": {}}
         for b in view["builds"]:  # the registry names the version a node would show
             info = self._registry.manifest_info(bytes.fromhex(b["manifest_id"]))
             b["version"] = info[2] if info else None

@@ -38,6 +38,7 @@ from .channels import checked_upload
 from .errors import BadRequest, NotFound, Unavailable
 from .fleet_store import FleetStore
 from .forecast import HISTORY, HORIZON_MIN, PastRelease, bytes_needed, compare, predict
+from .keyrotation import app_keys
 from .operations import PERCENT_RANGE
 from .outcomes import MAX_BUILD, Outcome
 from .traffic import (
@@ -332,7 +333,8 @@ class LoadRoutes:
             else 100.0
         )
         now = self._clock()
-        _, signed = await checked_upload(request, row, now)
+        ring = await app_keys(self._registry, self._call, row)
+        _, signed = await checked_upload(request, ring, now)
         if signed.manifest.app != app:
             raise BadRequest(f"the manifest is for app {signed.manifest.app}, not {app}")
         f = await self.make_forecast(signed.manifest, signed.id, channel, percent, now)

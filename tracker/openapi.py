@@ -20,9 +20,11 @@ from p2pnode.discovery.tracker_api import (
 from p2pnode.release.keys import KEY_PREFIX
 from p2pnode.release.manifest import NAME_PATTERN
 from p2pnode.release.metadata import MAX_NOTES_BYTES, UpdateType
+from p2pnode.release.rotation import MAX_ROTATIONS_BYTES
 
 from . import core
 from .channels import MAX_SINCE, MAX_WAIT
+from .keyrotation import ROTATION_MEDIA, ROTATIONS_MEDIA
 from .load_openapi import load_paths, load_schemas
 from .operations import MAX_AUDIT_PAGE, MAX_MIN_OUTCOMES, PERCENT_RANGE, THRESHOLD_RANGE
 from .outcomes import MAX_BUILD, MAX_DURATION_MS
@@ -230,6 +232,22 @@ def _schemas() -> dict[str, Any]:
                         "member": {"type": "boolean"},
                     },
                 },
+            },
+        },
+        "ReleaseEvent": {
+            "type": "object",
+            "description": "one event of the stream (the schema of a text/event-stream answer "
+            "describes each event): `data` is the channel's new head as JSON",
+            "required": ["event", "id", "data"],
+            "properties": {
+                "event": {"const": "release"},
+                "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the head's seq"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": _JSON,
+                    "contentSchema": _ref("Head"),
+                },
+                "retry": {"type": "integer"},
             },
         },
         "AuditPage": {
@@ -514,6 +532,39 @@ def _paths() -> dict[str, Any]:
                 parameters=[_APP],
             )
         },
+        "/v1/apps/{app}/rotations": {
+            "get": _op(
+                "The app's publisher key rotations (a bencoded list of signed statements; "
+                "empty: none), for nodes pinned to an earlier key",
+                answer={"type": "string", "format": "binary"},
+                media=ROTATIONS_MEDIA,
+                parameters=[_APP],
+            ),
+            "post": _op(
+                "Keep a key rotation signed by a key of the app (one per old key): builds "
+                "signed by the new key are accepted, the old key's until old_until",
+                status=201,
+                auth="publisher or admin",
+                answer={
+                    "type": "object",
+                    "required": ["app", "key", "old", "old_until", "rotations"],
+                    "properties": {
+                        "app": _NAME,
+                        "key": _KEY,
+                        "old": _KEY,
+                        "old_until": {"type": "integer"},
+                        "rotations": {"type": "integer"},
+                    },
+                },
+                body={
+                    "type": "string",
+                    "format": "binary",
+                    "description": f"at most {MAX_ROTATIONS_BYTES} bytes (else 413)",
+                },
+                body_media=ROTATION_MEDIA,
+                parameters=[_APP],
+            ),
+        },
         "/v1/apps/{app}/channels/{channel}": {
             "get": _op(
                 "Latest build of a channel; long-poll with since and wait",
@@ -535,7 +586,7 @@ def _paths() -> dict[str, Any]:
         "/v1/apps/{app}/channels/{channel}/events": {
             "get": _op(
                 "Server-sent events: one `release` event per channel move",
-                answer={"type": "string"},
+                answer=_ref("ReleaseEvent"),
                 media="text/event-stream",
                 parameters=[_APP, _CH, since, node, have],
             )

@@ -232,11 +232,9 @@ class Operations:
             raise BadRequest(f"action must be one of {', '.join(rollout.ACTIONS)}")
         percent = _number(obj, "percent", *PERCENT_RANGE)
         threshold = _number(obj, "threshold", *THRESHOLD_RANGE)
-        min_outcomes = obj.get("min_outcomes")
-        if min_outcomes is not None and (
-            type(min_outcomes) is not int or not 1 <= min_outcomes <= MAX_MIN_OUTCOMES
-        ):
-            raise BadRequest(f"min_outcomes must be an integer in [1, {MAX_MIN_OUTCOMES}]")
+        min_outcomes = None
+        if obj.get("min_outcomes") is not None:
+            min_outcomes = core._int(obj, "min_outcomes", 1, MAX_MIN_OUTCOMES)
         if r is None:
             raise Conflict(
                 f"channel {channel} of {row_name} has no rollout under way",

@@ -151,6 +151,23 @@ class PGRegistry:
         self._apps.put(name, app)
         return app
 
+    def add_rotation(self, name: str, old: bytes, signed: bytes, now: float) -> bool:
+        with self.db.tx(f"keep a key rotation of {name}") as c:
+            self._changing(c)
+            cur = c.execute(
+                "INSERT INTO key_rotations (app, old, signed, added) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (app, old) DO NOTHING",
+                (name, old, signed, now),
+            )
+            return cur.rowcount == 1
+
+    def rotations(self, name: str) -> list[bytes]:
+        with self.db.connection(f"read the key rotations of {name}") as c:
+            rows = c.execute(
+                "SELECT signed FROM key_rotations WHERE app = %s ORDER BY added, seq", (name,)
+            )
+            return [bytes(r[0]) for r in rows]
+
     def list_apps(self) -> list[AppRow]:
         with self.db.connection("list apps") as c:
             rows = c.execute("SELECT name, key, token_hash, created FROM apps ORDER BY name")
@@ -329,15 +346,15 @@ class PGRegistry:
     ) -> dict[str, int]:
         """Copy a SQLite registry (``DIR/registry.db``), and ``DIR/ops.db`` and
         ``DIR/traffic.db`` when given, into this database, which must be empty: apps and token
-        hashes, manifests, heads, every move and the ``seq`` counter (nodes following a channel
-        with ``since=SEQ`` go on after the switch); outcome tallies, rollouts and the audit log
-        with its numbers; the traffic series, online hours and forecasts. Reads one snapshot
-        of each file; writes everything in one transaction, so a failure or a refusal leaves
-        the database as it was.
+        hashes, key rotations, manifests, heads, every move and the ``seq`` counter (nodes
+        following a channel with ``since=SEQ`` go on after the switch); outcome tallies,
+        rollouts and the audit log with its numbers; the traffic series, online hours and
+        forecasts. Reads one snapshot of each file; writes everything in one transaction, so a
+        failure or a refusal leaves the database as it was.
 
         Returns:
-            counts: apps, manifests, moves, channels (and outcome_builds, rollouts, audit;
-            traffic_builds, traffic_minutes, forecasts).
+            counts: apps, manifests, moves, channels, rotations (and outcome_builds, rollouts,
+            audit; traffic_builds, traffic_minutes, forecasts).
 
         Raises:
             Conflict: the database already holds a registry or operations data.
@@ -381,12 +398,17 @@ class PGRegistry:
                     "VALUES (%s, %s, %s, %s, %s)",
                     snap.heads,
                 )
+                cur.executemany(
+                    "INSERT INTO key_rotations (app, old, signed, added) VALUES (%s, %s, %s, %s)",
+                    snap.rotations,
+                )
             c.execute("UPDATE reg_meta SET seq = %s WHERE id = 1", (snap.last_seq,))
             counts = {
                 "apps": len(snap.apps),
                 "manifests": len(snap.manifests),
                 "moves": len(snap.events),
                 "channels": len(snap.heads),
+                "rotations": len(snap.rotations),
             }
             if ops is not None:
                 counts |= copy_ops(c, ops)

@@ -169,6 +169,7 @@ class RedisRegistry:
         self._down_until = 0.0
         self._seen_version = -1
         self._apps = LRU(ROW_CACHE_ENTRIES)
+        self._rotations = LRU(ROW_CACHE_ENTRIES)
         self._infos = LRU(ROW_CACHE_ENTRIES)
         self._manifests = LRU(MANIFEST_CACHE_ENTRIES, MANIFEST_CACHE_BYTES)
 
@@ -213,6 +214,7 @@ class RedisRegistry:
         if v != self._seen_version:  # another replica may have rotated a token
             self._seen_version = v
             self._apps.clear()
+            self._rotations.clear()
         return v
 
     # ---------------------------------------------------------------- apps
@@ -267,6 +269,26 @@ class RedisRegistry:
         app = self._app(name, json.dumps(row))
         self._apps.put(name, app)
         return app
+
+    def add_rotation(self, name: str, old: bytes, signed: bytes, now: float) -> bool:
+        """One hash per app, old key -> statement: HSETNX keeps the first by each key (the
+        order of the rest does not matter to rotation.follow, which chains them itself). The
+        change counter moves, so other replicas drop their cached rotations."""
+        with self._redis(f"keep a key rotation of {name}"), self._slow.pipeline() as pipe:
+            pipe.hsetnx(f"{self.p}rot:{name}", old.hex(), signed)
+            pipe.incr(self.p + "ver")
+            added = bool(pipe.execute()[0])
+        self._rotations.clear()
+        return added
+
+    def rotations(self, name: str) -> list[bytes]:
+        """Cached like app rows: a publish reads them, and costs no round trip once warm."""
+        kept: list[bytes] | None = self._rotations.get(name)
+        if kept is None:
+            with self._redis(f"read the key rotations of {name}"):
+                kept = [bytes(v) for v in self._fast.hvals(f"{self.p}rot:{name}")]
+            self._rotations.put(name, kept)
+        return kept
 
     def list_apps(self) -> list[AppRow]:
         with self._redis("list apps"):
@@ -425,12 +447,13 @@ class RedisRegistry:
 
     def copy_from_sqlite(self, path: Path) -> dict[str, int]:
         """Copy a SQLite registry (``DIR/registry.db``) into this one, which must be empty:
-        apps and token hashes, manifests, heads, history (the newest ``HISTORY_KEEP`` per
-        channel) and the ``seq`` counter, so nodes that follow a channel with ``since=SEQ`` go
-        on after the switch. Reads one consistent snapshot; writes in one MULTI/EXEC.
+        apps and token hashes, key rotations, manifests, heads, history (the newest
+        ``HISTORY_KEEP`` per channel) and the ``seq`` counter, so nodes that follow a channel
+        with ``since=SEQ`` go on after the switch. Reads one consistent snapshot; writes in one
+        MULTI/EXEC.
 
         Returns:
-            counts: apps, manifests, moves, channels.
+            counts: apps, manifests, moves, channels, rotations.
 
         Raises:
             Conflict: this registry is not empty (or a replica wrote to it meanwhile).
@@ -481,6 +504,8 @@ class RedisRegistry:
                         "version": version, "at": repr(at_of[seq]),
                         "max_build": str(max_build)})  # fmt: skip
                     pipe.sadd(f"{p}chs:{app}", channel)
+                for app, old, signed, _added in snap.rotations:
+                    pipe.hsetnx(f"{p}rot:{app}", bytes(old).hex(), bytes(signed))
                 pipe.set(p + "seq", last_seq)
                 pipe.incr(p + "ver")
                 pipe.execute()
@@ -494,6 +519,7 @@ class RedisRegistry:
             "manifests": len(manifests),
             "moves": len(events),
             "channels": len(heads),
+            "rotations": len(snap.rotations),
         }
 
     def previous_head(self, app: str, channel: str) -> bytes | None:

@@ -44,6 +44,10 @@ CREATE TABLE IF NOT EXISTS channel_events (
     at REAL NOT NULL, actor TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS channel_events_by_channel ON channel_events(app, channel, seq);
+CREATE TABLE IF NOT EXISTS key_rotations (
+    app TEXT NOT NULL REFERENCES apps(name), old BLOB NOT NULL, signed BLOB NOT NULL,
+    added REAL NOT NULL, PRIMARY KEY (app, old)
+);
 CREATE TABLE IF NOT EXISTS channels (
     app TEXT NOT NULL, channel TEXT NOT NULL, seq INTEGER NOT NULL,
     manifest_id BLOB NOT NULL REFERENCES manifests(id), max_build INTEGER NOT NULL,
@@ -83,6 +87,7 @@ class RegistrySnapshot:
     events: list[tuple[int, str, str, bytes, str, float, str]]  # by seq
     heads: list[tuple[str, str, int, bytes, int]]
     last_seq: int  # the highest seq ever taken (the next move is numbered after it)
+    rotations: list[tuple[str, bytes, bytes, float]]  # app, old key, signed, added; oldest first
 
 
 def read_snapshot(path: Path) -> RegistrySnapshot:
@@ -102,8 +107,14 @@ def read_snapshot(path: Path) -> RegistrySnapshot:
         row = conn.execute(
             "SELECT seq FROM sqlite_sequence WHERE name = 'channel_events'"
         ).fetchone()
+        try:
+            rotations = conn.execute(
+                "SELECT app, old, signed, added FROM key_rotations ORDER BY added, rowid"
+            ).fetchall()
+        except sqlite3.OperationalError:  # a registry from before key rotation: none
+            rotations = []
     last_seq = max([row[0] if row else 0] + [e[0] for e in events])
-    return RegistrySnapshot(apps, manifests, events, heads, last_seq)
+    return RegistrySnapshot(apps, manifests, events, heads, last_seq, rotations)
 
 
 class SQLiteFile:
@@ -173,6 +184,21 @@ class SQLiteRegistry(SQLiteFile):
         with self._tx() as c:
             c.execute("UPDATE apps SET token_hash = ? WHERE name = ?", (token_hash, name))
         return self.get_app(name)
+
+    def add_rotation(self, name: str, old: bytes, signed: bytes, now: float) -> bool:
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO key_rotations (app, old, signed, added) VALUES (?, ?, ?, ?)",
+                (name, old, signed, now),
+            )
+            return cur.rowcount == 1
+
+    def rotations(self, name: str) -> list[bytes]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT signed FROM key_rotations WHERE app = ? ORDER BY added, rowid", (name,)
+            ).fetchall()
+        return [bytes(r[0]) for r in rows]
 
     def list_apps(self) -> list[AppRow]:
         with self._lock:

@@ -55,6 +55,7 @@ from ..errors import CDNError
 from ..ratelimit import RateLimiter
 from ..release import layout
 from .buffers import BufferPool
+from .drain import DRAIN
 from .plan import DONE, FetchPlan, Job, PlanParams, Wait
 from .ranges import ChunkRequest, parse_content_range
 from .transport import READINTO, RangeTransport
@@ -332,7 +333,10 @@ class CDNFetcher:
 
     async def _worker(self) -> None:
         plan = self._plan
+        drain = DRAIN.get()
         while True:
+            if drain is not None and drain.requested:
+                await trio.sleep_forever()  # no new request; the drain's owner cancels us
             action = plan.next_action(trio.current_time())
             if action is DONE:
                 self._notify()  # let the others see it too
@@ -344,7 +348,14 @@ class CDNFetcher:
                     await changed.wait()
                 continue
             assert isinstance(action, Job)
-            await self._run(action)
+            if drain is None:
+                await self._run(action)
+            else:
+                drain.begin()
+                try:
+                    await self._run(action)
+                finally:
+                    drain.end()
             self._notify()
 
     async def _run(self, job: Job) -> None:

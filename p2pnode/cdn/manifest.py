@@ -13,7 +13,7 @@ import trio
 from ..errors import ManifestError, TransportError, UsageError
 from ..release import manifest as M
 
-__all__ = ["MANIFEST_FETCH_LIMIT", "read_manifest"]
+__all__ = ["MANIFEST_FETCH_LIMIT", "read_document", "read_manifest"]
 
 #: The most a manifest document may weigh: the manifest's own limit plus its signed envelope.
 MANIFEST_FETCH_LIMIT = M.MAX_MANIFEST_BYTES + 1024
@@ -25,20 +25,25 @@ NETWORK_TIMEOUT = 30
 
 async def read_manifest(location: str) -> bytes:
     """The signed manifest's bytes from a URL or a path, refusing oversized documents."""
-    limit = MANIFEST_FETCH_LIMIT
+    return await read_document(location, MANIFEST_FETCH_LIMIT, "manifest")
+
+
+async def read_document(location: str, limit: int, what: str) -> bytes:
+    """A signed document's bytes (a manifest, key rotations) from a URL or a path, refusing
+    one over ``limit`` bytes."""
     if "://" not in location:
         try:
             with open(location, "rb") as f:
                 data = f.read(limit + 1)
         except OSError as exc:
             raise UsageError(
-                f"cannot read manifest {location}: {exc.strerror}",
+                f"cannot read {what} {location}: {exc.strerror}",
                 fix="pass a manifest URL or the path of a manifest.p2pm file",
             ) from exc
     else:
         data = await _http_get(location, limit)
     if len(data) > limit:
-        raise ManifestError(f"manifest {location} is larger than {limit} bytes")
+        raise ManifestError(f"{what} {location} is larger than {limit} bytes")
     return data
 
 

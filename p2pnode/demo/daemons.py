@@ -41,10 +41,11 @@ __all__ = ["DaemonDemo", "daemon_demo"]
 #: The games daemon A holds: the first is installed at full speed (and then updated by a
 #: critical build); the two others go through the queue under ``RATE`` (sizes in bytes).
 FIRST = "demo-arcade"
-QUEUED = (("demo-puzzle", 3 << 20), ("demo-racer", 3 << 20))
+QUEUED = (("demo-puzzle", 6 << 20), ("demo-racer", 3 << 20))
 FIRST_SIZE = 3 << 20
-#: Daemon A's download cap while the queue runs: each queued game takes ~6 s, so the queue
-#: stays observable through the client verbs' round trips (each a Python start) on a loaded box.
+#: Daemon A's download cap while the queue runs: the queued games take ~12 s and ~6 s, so the
+#: first is still downloading after the two client verbs' round trips (each a Python start,
+#: several seconds on a loaded box) that come before its pause.
 RATE = "512K"
 #: Seconds the demo waits for any one thing a daemon does.
 WAIT = 120.0

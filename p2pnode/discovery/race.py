@@ -18,6 +18,10 @@ policy). Sources keep being asked every ``requery``
 seconds, and every answer that names a peer not seen before is sent to the running fetch
 (``SwarmNode.fetch(more_peers=...)``): late answers are not lost, they join the swarm.
 
+A process holding many installs (the client daemon) runs one DHT node and one LAN responder
+for all of them: each install's discovery borrows their lookups (``DiscoveryOptions.shared``)
+beside its own tracker, and the owner announces everything the process serves.
+
 A source that fails is retried with backoff and its last error kept in ``errors`` (shown by
 ``install --json`` as ``discovery``); discovery failing never fails an install.
 
@@ -68,6 +72,10 @@ class DiscoveryOptions:
     first_wait: float = 5.0  # an install waits at most this long for a first answer
     grace: float = 0.5  # after the first answer, also wait this long for the others
     requery: float = 30.0  # ask (and re-announce to) every source this often
+    #: A running discovery (the client daemon's) whose DHT node and LAN are asked in place of
+    #: starting our own: one DHT node per process. Only lookups are borrowed; what its owner
+    #: serves, its owner announces.
+    shared: Discovery | None = None
 
     @property
     def use_dht(self) -> bool:
@@ -75,7 +83,8 @@ class DiscoveryOptions:
 
     @property
     def enabled(self) -> bool:
-        return self.use_dht or self.lan or self.tracker is not None
+        borrowed = self.shared is not None and bool(_borrowed(self.shared))
+        return self.use_dht or self.lan or self.tracker is not None or borrowed
 
 
 def announce_host(listen_host: str | None, toward: Sequence[str]) -> str | None:
@@ -284,11 +293,16 @@ async def open_discovery(
     identity: Any, options: DiscoveryOptions, listen: Address | None
 ) -> AsyncIterator[Discovery]:
     """Start the configured sources for a node serving at ``listen`` (None: it does not serve,
-    so it only asks and announces nothing)."""
+    so it only asks and announces nothing), beside those borrowed from ``options.shared``: a
+    DHT node or LAN borrowed is not started a second time."""
     from .dht.node import parse_hostport
 
-    texts = list(options.dht_bootstrap)
-    if options.tracker and options.use_dht:
+    borrowed = _borrowed(options.shared) if options.shared is not None else []
+    names = {source.name for source in borrowed}
+    use_dht = options.use_dht and "dht" not in names
+    use_lan = options.lan and "lan" not in names
+    texts = list(options.dht_bootstrap) if use_dht else []
+    if options.tracker and use_dht:
         texts += await _tracker_bootstrap(options.tracker)
     bootstrap = list(dict.fromkeys(parse_hostport(b) for b in texts))
     toward = []
@@ -301,9 +315,11 @@ async def open_discovery(
     if listen is not None:
         host = await trio.to_thread.run_sync(announce_host, listen[0], toward)
     disc = Discovery(identity.node_id, options, listen, host)
+    for source in borrowed:
+        disc.add_source(source)
     async with AsyncExitStack() as stack:
         bridge = None
-        if options.use_dht:
+        if use_dht:
             from .dht.node import open_bridge
 
             bridge = await stack.enter_async_context(open_bridge())
@@ -311,11 +327,17 @@ async def open_discovery(
         stack.callback(nursery.cancel_scope.cancel)
         if bridge is not None:
             await _start_dht(disc, identity, options, bootstrap, bridge, nursery)
-        if options.lan:
+        if use_lan:
             await _start_lan(disc, identity, options, nursery)
         if options.tracker:
             await _start_tracker(disc, identity, options, stack)
         yield disc
+
+
+def _borrowed(shared: Discovery) -> list[PeerSource]:
+    """The sources another node's discovery lends: its DHT node and LAN, not its tracker (each
+    tracker client announces its own node's builds)."""
+    return [source for source in shared.sources if source.name != "tracker"]
 
 
 async def _start_dht(

@@ -193,6 +193,23 @@ class TrackerClient:
         )
         return dict(resp.json())
 
+    async def rotate_key(self, app: str, signed_rotation: bytes) -> dict[str, Any]:
+        """Hand the tracker a key rotation of ``app`` (release/rotation.py, signed by the old
+        key); from then on it takes builds signed by the new key, and the old key's until the
+        rotation's date. Returns the app's current key."""
+        resp = await self._request(
+            "POST",
+            f"/v1/apps/{app}/rotations",
+            content=signed_rotation,
+            headers={"Content-Type": "application/x-p2pnode-rotation"},
+            auth=True,
+        )
+        return dict(resp.json())
+
+    async def rotations(self, app: str) -> bytes:
+        """The app's key rotations, as a rotations document (what nodes and CDNs serve)."""
+        return (await self._request("GET", f"/v1/apps/{app}/rotations")).content
+
     async def rotate_token(self, app: str) -> str:
         """A new publisher token for ``app`` (admin or its current publisher token); the old
         one stops working."""

@@ -46,6 +46,8 @@ class InstallState:
     trusted: list[str] = field(default_factory=list)  # ed25519:<hex> pinned at install time
     mirrors: list[str] = field(default_factory=list)  # mirror roots that served us last
     pending: dict[str, Any] | None = None
+    #: publisher key rotations learnt (hex of the signed statements, release/rotation.py)
+    rotations: list[str] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         obj = {
@@ -56,6 +58,7 @@ class InstallState:
             "trusted": self.trusted,
             "mirrors": self.mirrors,
             "pending": self.pending,
+            "rotations": self.rotations,
         }
         return json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n"
 
@@ -72,6 +75,7 @@ class InstallState:
                 trusted=list(obj["trusted"]),
                 mirrors=list(obj["mirrors"]),
                 pending=obj.get("pending"),
+                rotations=list(obj.get("rotations", [])),  # absent before key rotation
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise InstallError(

@@ -62,6 +62,7 @@ from .options import InstallOptions, SourcePolicy
 from .patching import apply_patches
 from .peers import Swarm, open_swarm
 from .result import InstallResult
+from .rotations import key_ring
 from .sources import fetch_missing
 
 __all__ = [
@@ -131,8 +132,10 @@ async def _install(
     sd = StateDir(dest)
     data = manifest_data if manifest_data is not None else await read_manifest(location)
     signed = M.parse_signed(data, source=location)
-    pinned = sd.load().trusted if sd.exists else ()
-    manifest = M.verify(signed, trusted_keys(trusted, pinned), now=options.now)
+    before = sd.load() if sd.exists else None
+    pinned, kept = (before.trusted, before.rotations) if before else ((), [])
+    ring = await key_ring(signed, trusted_keys(trusted, pinned), kept, location, options.tracker)
+    manifest = ring.verify(signed, now=options.now)
     check_compatible(manifest)  # a build this node cannot run: say so before fetching any of it
     refuse_foreign_directory(sd)
     with sd:
@@ -155,6 +158,8 @@ async def _install(
             return result
         state.app = manifest.app
         state.trusted = sorted({*state.trusted, keys.format_public_key(manifest.key)})
+        learnt = [r.encode().hex() for r in ring.learned]
+        state.rotations = [*state.rotations, *(r for r in learnt if r not in state.rotations)]
         origin = location if manifest_data is None else None
         mirrors = resolve_mirrors(options.mirrors, origin, manifest, state.mirrors)
         state.mirrors = mirrors[:8]  # for repair and rollback when chunks must be refetched

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..discovery.race import DiscoveryOptions
+from ..discovery.race import Discovery, DiscoveryOptions
 from ..ratelimit import RateLimiter
 from .policy import SourcePolicy
 
@@ -59,6 +59,9 @@ class InstallOptions:
     # where that node listens (HOST, PORT; None: it does not), which discovery announces.
     node: SwarmNode | None = None
     served_at: tuple[str, int] | None = None
+    # The daemon's one discovery: the install looks peers up through its DHT node and LAN
+    # (raced with ``tracker``) instead of starting its own; None: ``dht_port``/``lan`` decide.
+    shared_discovery: Discovery | None = None
 
     def discovery(self) -> DiscoveryOptions:
         return DiscoveryOptions(
@@ -70,6 +73,7 @@ class InstallOptions:
             identity_dir=self.identity_dir,
             first_wait=self.discovery_wait,
             requery=self.discovery_requery,
+            shared=self.shared_discovery,
         )
 
     def __post_init__(self) -> None:

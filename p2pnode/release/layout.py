@@ -7,6 +7,8 @@
     CDN_ROOT/<app>/<build>/patches/pack      the build's delta patches, back to back (format 2
                                              manifests give each one's offset and size)
     CDN_ROOT/<app>/channels/<channel>.p2pm   a copy of the channel's latest signed manifest
+    CDN_ROOT/<app>/rotations                 the app's publisher key rotations, if it has any
+                                             (release/rotation.py; `tracker app rotate-key --out`)
 
 A *mirror* is a URL (or local directory) where ``CDN_ROOT`` is served. Builds are integers, so
 ``channels`` never collides with a build directory, and every manifest URL in this layout sits
@@ -29,6 +31,7 @@ __all__ = [
     "mirror_root_of",
     "patch_pack_path",
     "release_dir",
+    "rotations_path",
 ]
 
 MANIFEST_NAME = "manifest.p2pm"
@@ -46,6 +49,10 @@ def manifest_path(app: str, build: int) -> str:
 
 def channel_manifest_path(app: str, channel: str) -> str:
     return f"{app}/channels/{channel}.p2pm"
+
+
+def rotations_path(app: str) -> str:
+    return f"{app}/rotations"
 
 
 def file_path(app: str, build: int, path: str, area: str = "files") -> str:

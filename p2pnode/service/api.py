@@ -124,6 +124,13 @@ class LocalAPI:
             return JSONResponse(self.service.set_auto_update(ident, body["auto_update"]).to_json())
         return JSONResponse(self.service.library.get(ident).to_json())
 
+    async def move(self, request: Request) -> Response:
+        ident = self._entry_id(request.path_params["entry"])
+        body = check_body("Move", await self.guard.json_body(request))
+        priority = parse_priority(body.get("priority", "normal"))
+        job = self.service.move(ident, body["to"], priority=priority)
+        return JSONResponse(self.service.job_view(job), 201)
+
     # Jobs --------------------------------------------------------------------------------
 
     async def jobs(self, request: Request) -> Response:
@@ -185,7 +192,7 @@ class LocalAPI:
 
     async def apply_update(self, request: Request) -> Response:
         """The user's "install it now": a user's update passes windows; a deferral is lifted."""
-        body = check_body("EntryRef", await self.guard.json_body(request))
+        body = check_body("EntryRequired", await self.guard.json_body(request))
         if "entry" not in body:
             raise UsageError("the request body needs the field 'entry'", fix="add it")
         svc = self.service
@@ -202,7 +209,7 @@ class LocalAPI:
         return JSONResponse({"jobs": self._jobs(done)})
 
     async def verify(self, request: Request) -> Response:
-        body = check_body("EntryRef", await self.guard.json_body(request))
+        body = check_body("EntryRequired", await self.guard.json_body(request))
         if "entry" not in body:
             raise UsageError("the request body needs the field 'entry'", fix="add it")
         job = self.service.submit(self._entry_id(body["entry"]), JobKind.VERIFY)
@@ -303,6 +310,7 @@ def make_app(service: Service, token: str, hosts: set[str] | None = None) -> Sta
         route(f"{p}/library", api.library, ["GET"]),
         route(f"{p}/library", api.add, ["POST"]),
         route(f"{p}/library/{{entry}}", api.entry, ["GET", "PATCH", "DELETE"]),
+        route(f"{p}/library/{{entry}}/move", api.move, ["POST"]),
         route(f"{p}/jobs", api.jobs, ["GET"]),
         route(f"{p}/jobs", api.new_job, ["POST"]),
         route(f"{p}/jobs/{{job}}", api.job, ["GET", "DELETE"]),

@@ -77,6 +77,20 @@ BODIES: dict[str, dict[str, Any]] = {
             "priority": _PRIORITY,
         },
     },
+    "Move": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["to"],
+        "properties": {
+            "to": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 4096,
+                "description": "the new DEST: absolute, a new or empty directory",
+            },
+            "priority": _PRIORITY,
+        },
+    },
     "PriorityChange": {
         "type": "object",
         "additionalProperties": False,
@@ -99,6 +113,12 @@ BODIES: dict[str, dict[str, Any]] = {
     "EntryRef": {
         "type": "object",
         "additionalProperties": False,
+        "properties": {"entry": _ID},
+    },
+    "EntryRequired": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["entry"],
         "properties": {"entry": _ID},
     },
     "SettingsPatch": {
@@ -334,6 +354,15 @@ def _paths() -> dict[str, Any]:
             ),
             "delete": _op("Forget an entry (its files stay)", entry, params=("entry",)),
         },
+        "/library/{entry}/move": {
+            "post": _op(
+                "Queue a move of the installed game, the user's files included, to a new DEST",
+                job,
+                status=201,
+                body="Move",
+                params=("entry",),
+            ),
+        },
         "/jobs": {
             "get": _op("Jobs: running and waiting in run order, then history", jobs),
             "post": _op("Queue a job for an entry", job, status=201, body="NewJob"),
@@ -369,13 +398,18 @@ def _paths() -> dict[str, Any]:
         },
         "/updates/apply": {
             "post": _op(
-                "Install an entry's update now: past windows and deferral", job, body="EntryRef"
+                "Install an entry's update now: past windows and deferral",
+                job,
+                body="EntryRequired",
             ),
         },
         "/updates/history": {"get": _op("Finished update jobs, newest first", jobs)},
         "/verify": {
             "post": _op(
-                "Verify an entry and repair what is damaged", job, status=201, body="EntryRef"
+                "Verify an entry and repair what is damaged",
+                job,
+                status=201,
+                body="EntryRequired",
             )
         },
         "/verify/{entry}": {
@@ -395,7 +429,17 @@ def _paths() -> dict[str, Any]:
             "get": _op(
                 "Server-sent events: `snapshot` on connect and after changes (coalesced), "
                 "keepalive comments",
-                {"type": "string"},
+                {
+                    "type": "object",
+                    "description": "one event (the schema of a text/event-stream answer "
+                    "describes each event): `data` is the snapshot, as JSON",
+                    "required": ["event", "data"],
+                    "properties": {
+                        "event": {"const": "snapshot"},
+                        "data": {"type": "string", "contentMediaType": "application/json"},
+                        "retry": {"type": "integer"},
+                    },
+                },
                 media="text/event-stream",
             )
         },

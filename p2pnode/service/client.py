@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -247,6 +248,28 @@ def cmd_priority(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def cmd_move(args: argparse.Namespace) -> dict[str, Any]:
+    """``move ID|DEST --to NEWDEST``: a library entry by its id, or by the DEST it holds."""
+    client = _client(args)
+    ident = args.entry
+    if not re.fullmatch(r"g[0-9]+", ident):
+        where = os.path.realpath(os.path.abspath(ident))
+        entries = client.call("GET", "/library")["entries"]
+        found = [e["id"] for e in entries if e["dest"] == where]
+        if not found:
+            raise UsageError(
+                f"no library entry has DEST {where}",
+                fix="name the entry by its id (g1) or its DEST; `p2pnode jobs` lists them",
+            )
+        ident = found[0]
+    to = os.path.realpath(os.path.abspath(args.to))
+    body = {"to": to, "priority": args.priority}
+    out: dict[str, Any] = client.call("POST", f"/library/{ident}/move", body)
+    if not args.json:
+        print(f"move of {ident} to {to} queued as {out['id']}")
+    return out
+
+
 def _setting_value(key: str, text: str) -> Any:
     """``default`` resets; schedules are JSON; counts are numbers; rates stay text (K/M/G)."""
     if text == "default":
@@ -323,6 +346,14 @@ def add_client_verbs(sub: Any, common: argparse.ArgumentParser) -> None:
         p = sub.add_parser(verb, parents=[client], help=f"{verb} a daemon job")
         p.add_argument("id", help="job id (j3), or a library entry's id (g1) for its job")
         p.set_defaults(func=cmd_job_action, verb=verb)
+
+    p = sub.add_parser(
+        "move", parents=[client], help="move an installed game (with your files) to a new DEST"
+    )
+    p.add_argument("entry", metavar="ID|DEST", help="library entry id (g1), or its DEST")
+    p.add_argument("--to", required=True, metavar="NEWDEST", help="a new or empty directory")
+    p.add_argument("--priority", default="normal", choices=("high", "normal", "low"))
+    p.set_defaults(func=cmd_move)
 
     p = sub.add_parser("priority", parents=[client], help="change a daemon job's priority")
     p.add_argument("id")

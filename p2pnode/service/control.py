@@ -27,6 +27,7 @@ from typing import Any
 from ..errors import JobStateError, UsageError
 from .job import ACTIVE, FINISHED, Job, JobKind, JobState, Priority, Progress
 from .library import Entry, Library
+from .move import check_target
 from .queue import Queue, Wanted
 from .schedule import Caps
 from .settings import KEYS, Settings
@@ -79,6 +80,10 @@ class Service:
         self._listeners: list[Callable[[], None]] = []
         self._progress_saved = clock()
         self._progress_dirty = False
+        # job id -> (entry id, DEST) whose partial stage its Discard removes, taken when the
+        # job is cancelled: the entry may be removed (or the job forgotten) before the
+        # daemon's loop carries the Discard out.
+        self._discard_at: dict[str, tuple[str, str]] = {}
 
     @classmethod
     def open(
@@ -244,6 +249,29 @@ class Service:
         self._changed()
         return entry
 
+    def move(self, entry_id: str, to: str, *, priority: Priority = Priority.NORMAL) -> Job:
+        """Queue a move of an installed game (its files and the user's) to the new DEST ``to``.
+
+        Refused at once, changing nothing, for a target that is not a new or empty directory,
+        lies in or around the install or another entry's DEST, or for an entry with an
+        unfinished job; the worker checks again, and checks the space (service/move.py).
+        """
+        entry = self.library.get(entry_id)
+        to = self.library.check_dest(entry_id, to)
+        if self.queue.unfinished_for(entry_id) is None:  # else submit says which job is in the way
+            check_target(entry.dest, to)
+        job = self.queue.submit(
+            entry_id, JobKind.MOVE, now=self._clock(), target=to, priority=priority
+        )
+        self._changed()
+        return job
+
+    def relocate(self, entry_id: str, dest: str) -> Entry:
+        """Point an entry at the place a move put its install (the move's switch)."""
+        entry = self.library.set_dest(entry_id, dest)
+        self._changed()
+        return entry
+
     def set_auto_update(self, entry_id: str, on: bool) -> Entry:
         entry = self.library.set_auto_update(entry_id, on)
         self._changed()
@@ -285,8 +313,16 @@ class Service:
 
     def cancel(self, job_id: str) -> Job:
         job = self.queue.cancel(job_id, now=self._clock())
+        if job.entry in self.library and job.kind is not JobKind.MOVE:  # a move undoes itself
+            self._discard_at[job.id] = (job.entry, self.library.get(job.entry).dest)
         self._changed()
         return job
+
+    def discard_dest(self, job_id: str) -> tuple[str, str] | None:
+        """The entry and DEST a cancelled job's ``Discard`` cleans (once: the daemon takes
+        it), even if the entry was removed or the job forgotten meanwhile; None if there is
+        nothing to clean."""
+        return self._discard_at.pop(job_id, None)
 
     def set_priority(self, job_id: str, priority: Priority | str) -> Job:
         """``top`` moves the job ahead of every other (only a critical update goes first)."""

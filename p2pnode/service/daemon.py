@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..cdn.drain import DRAIN, Drain
 from ..discovery.tracker import TrackerClient
 from ..errors import P2PNodeError, UsageError
 from ..node.result import InstallResult
@@ -42,12 +43,13 @@ from ..ratelimit import RateLimiter
 from ..release import manifest as M
 from .control import Service
 from .follow import Followers
+from .job import JobState
 from .library import Entry
 from .queue import Discard, Start, Stop
 from .schedule import Caps
 from .serving import RESEED_SECONDS, Listings, ServedIndex
 from .statedir import StateDir
-from .worker import WorkerContext, discard, run_job
+from .worker import WorkerContext, discard, recover_moves, run_job
 
 if TYPE_CHECKING:
     from ..discovery.race import Discovery
@@ -58,6 +60,9 @@ __all__ = ["DaemonOptions", "Running", "run_daemon"]
 
 #: The longest the loop sleeps without looking at the clock (DST, NTP steps, suspend).
 MAX_SLEEP = 60.0
+#: The longest a paused job's CDN requests in flight may take to land (their bytes were sent
+#: and are paid for) before the job is cut off: a pause stops traffic within this.
+DRAIN_SECONDS = 0.8
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -127,6 +132,7 @@ class _Worker:
     attempt: int
     scope: trio.CancelScope
     done: trio.Event
+    drain: Drain = field(default_factory=Drain)
 
 
 class Daemon:
@@ -171,6 +177,7 @@ class Daemon:
         from ..swarm.node import SwarmNode, parse_peer
 
         self.identity = await trio.to_thread.run_sync(load_or_create, self.service.state.root)
+        await recover_moves(self.service, self.emit)  # before anything reads a DEST
         self.followers.node_id = self.identity.node_id  # staged rollouts: the feed's node=
         # The one node every job fetches through (it listens only with --listen).
         self.node = SwarmNode(
@@ -192,8 +199,10 @@ class Daemon:
                     self.node,
                     self.nursery,
                 )
-            if self.opts.dht_port is not None or self.opts.lan:
-                self.discovery = await self.nursery.start(self._discovery, host)
+        if self.opts.dht_port is not None or self.opts.dht_bootstrap or self.opts.lan:
+            self.discovery = await self.nursery.start(self._discovery, self.ctx.served_at)
+            self.ctx.discovery = self.discovery
+        if self.listen_port is not None:
             await self._refresh()
             self.nursery.start_soon(self._reseed)
         if self.opts.api:
@@ -256,11 +265,14 @@ class Daemon:
         job = next(j for j in self.service.queue.jobs if j.id == job_id)
         scope = trio.CancelScope()
 
+        drain = Drain()
+
         async def run() -> None:
+            DRAIN.set(drain)  # this task's CDN fetches drain on a pause (see _stop)
             with scope:
                 await run_job(self.ctx, job_id, attempt)
 
-        worker = _Worker(attempt, scope, trio.Event())
+        worker = _Worker(attempt, scope, trio.Event(), drain)
         self.workers[job_id] = worker
         worker.done = self._after(job.entry, run)
         self.nursery.start_soon(self._forget_worker, job_id, worker)
@@ -275,21 +287,39 @@ class Daemon:
 
     def _stop(self, job_id: str, attempt: int) -> None:
         worker = self.workers.get(job_id)
-        if worker is not None and worker.attempt == attempt:
-            worker.scope.cancel()
-            self.emit({"event": "job-stopped", "job": job_id, "attempt": attempt})
+        if worker is None or worker.attempt != attempt:
+            return
+        job = next((j for j in self.service.queue.jobs if j.id == job_id), None)
+        if job is None or job.state is JobState.CANCELLED:  # cancelled (and maybe forgotten):
+            worker.scope.cancel()  # its stage goes, nothing in flight is worth a wait
+        else:  # pause, preemption: let the CDN requests in flight land in the journal first
+            worker.drain.request()
+            self.nursery.start_soon(self._cancel_drained, worker)
+        self.emit({"event": "job-stopped", "job": job_id, "attempt": attempt})
+
+    @staticmethod
+    async def _cancel_drained(worker: _Worker) -> None:
+        with trio.move_on_after(DRAIN_SECONDS):
+            await worker.drain.wait_idle()
+        worker.scope.cancel()
 
     def _discard(self, job_id: str) -> None:
-        job = next(j for j in self.service.queue.jobs if j.id == job_id)
-        if job.entry not in self.service.library:
+        # The DEST was taken at the cancel: the entry may be gone already (cancel, then
+        # remove, in one turn of the loop), and its stage must still go.
+        where = self.service.discard_dest(job_id)
+        if where is None:
             return
-        dest = Path(self.service.library.get(job.entry).dest)
+        entry, dest = where[0], Path(where[1])
 
         async def run() -> None:
-            await trio.to_thread.run_sync(discard, dest)
+            try:
+                await trio.to_thread.run_sync(discard, dest)
+            except (P2PNodeError, OSError) as exc:  # e.g. a standalone verb holds the install
+                self.emit({"event": "warning", "job": job_id, "error": f"discard: {exc}"})
+                return
             self.emit({"event": "job-discarded", "job": job_id})
 
-        self._after(job.entry, run)
+        self._after(entry, run)
 
     # After a job -------------------------------------------------------------------------
 
@@ -323,13 +353,17 @@ class Daemon:
             self.listings.set(wanted)
 
     async def _discovery(
-        self, host: str, *, task_status: trio.TaskStatus[Discovery] = trio.TASK_STATUS_IGNORED
+        self,
+        listen: tuple[str, int] | None,
+        *,
+        task_status: trio.TaskStatus[Discovery] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """One DHT node (and LAN announces) for everything the serving node holds: peers find
-        this daemon through it for every build, under the state dir's identity."""
+        """One DHT node (and LAN) for the whole daemon, under the state dir's identity: every
+        job looks peers up through it, and (serving at ``listen``) it announces everything the
+        serving node holds, so peers find this daemon through it for every build."""
         from ..discovery.race import DiscoveryOptions, open_discovery
 
-        assert self.identity is not None and self.node is not None and self.listen_port
+        assert self.identity is not None and self.node is not None
         options = DiscoveryOptions(
             dht_port=self.opts.dht_port,
             dht_bootstrap=self.opts.dht_bootstrap,
@@ -338,7 +372,7 @@ class Daemon:
             first_wait=0.0,
         )
         node = self.node
-        async with open_discovery(self.identity, options, (host, self.listen_port)) as disc:
+        async with open_discovery(self.identity, options, listen) as disc:
             disc.tally = lambda mid: (node.manifests[mid].total_size, 0, 0, 0, node.uploaded)
             task_status.started(disc)
             await trio.sleep_forever()

@@ -244,6 +244,33 @@ class Library:
                     fix="give each game its own directory, not inside another game's",
                 )
 
+    def check_dest(self, ident: str, dest: str) -> str:
+        """``dest`` normalised, if entry ``ident`` may move there (absolute, not a root, not
+        on, in or around another entry's DEST).
+
+        Raises:
+            UsageError: naming the other entry.
+        """
+        entry = self.get(ident)
+        moved = _checked(
+            entry.id,
+            entry.source,
+            dest,
+            entry.trust,
+            channel=entry.channel,
+            tracker=entry.tracker,
+            auto_update=entry.auto_update,
+            added=entry.added,
+        )
+        self._refuse_overlap(moved)
+        return moved.dest
+
+    def set_dest(self, ident: str, dest: str) -> Entry:
+        """Point an entry at the place its install was moved to."""
+        entry = replace(self.get(ident), dest=self.check_dest(ident, dest))
+        self._entries[ident] = entry
+        return entry
+
     def remove(self, ident: str) -> Entry:
         entry = self.get(ident)
         del self._entries[ident]

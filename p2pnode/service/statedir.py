@@ -11,6 +11,7 @@ the library names what a user installs)::
         queue.json      the job queue (p2pnode.service.queue)
         settings.json   settings changed through the API (caps, max_active, schedule)
         node-key.pem    the node identity (p2pnode.identity), so two state dirs are two nodes
+        moves/          one journal per game being moved (p2pnode.service.move)
 
 Two daemons on one state dir would each think they own the queue and race on every file, so
 the second is refused at once with :class:`ServiceLockedError`. The lock is ``flock`` on an
@@ -101,6 +102,7 @@ class StateDir(LockedDir):
         self.queue = root / "queue.json"
         self.settings = root / "settings.json"
         self.api_file = root / "api.json"
+        self.moves = root / "moves"
 
     def lock(self) -> None:
         """Own this state dir until :meth:`unlock` (or the process ends).

@@ -3,11 +3,13 @@
 The worker is the node's own install machinery (``node/install.py``, ``node/verify.py``) run
 with the daemon's knobs: the global download and upload limiters every job, peer link and CDN
 fetch share; the daemon's one swarm node, which the install fetches through and serves what it
-stages from (``InstallOptions.node``: the identity, connections and port of the daemon); and
-two hooks the standalone verbs do not use
-(``InstallOptions.watch_result`` for live bytes by source, ``before_switch`` for the launcher
-lock). It reports to :class:`~p2pnode.service.control.Service` only: progress and phase while
-it runs, then ``finished`` or ``failed`` with a one-line message that carries the fix.
+stages from (``InstallOptions.node``: the identity, connections and port of the daemon); the
+daemon's one discovery, whose DHT node and LAN the install's peer search asks beside the
+entry's tracker (``InstallOptions.shared_discovery``); and two hooks the standalone verbs do
+not use (``InstallOptions.watch_result`` for live bytes by source, ``before_switch`` for the
+launcher lock). It reports to :class:`~p2pnode.service.control.Service` only: progress and
+phase while it runs, then ``finished`` or ``failed`` with a one-line message that carries the
+fix.
 
 Stopping is trio cancellation of the worker's scope, nothing more: every chunk is journaled as
 it is written (``disk/stage.py``), so the next ``Start`` of the job resumes from the journal
@@ -20,16 +22,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..disk.launchlock import try_hold_for_switch
 from ..disk.state import StateDir
+from ..disk.switch import recover
 from ..errors import P2PNodeError, UsageError, most_telling
 from ..node.options import InstallOptions
 from ..node.result import InstallResult
@@ -38,11 +42,23 @@ from ..release import keys
 from .control import Service
 from .job import JobKind, JobState, Progress
 from .library import Entry
+from .move import (
+    MoveJournal,
+    check_space,
+    check_target,
+    choose_method,
+    finish,
+    journal_path,
+    journals,
+    recover_files,
+    transfer,
+)
 
 if TYPE_CHECKING:
+    from ..discovery.race import Discovery
     from ..swarm.node import SwarmNode
 
-__all__ = ["Meter", "WorkerContext", "discard", "run_job"]
+__all__ = ["Meter", "WorkerContext", "discard", "move_install", "recover_moves", "run_job"]
 
 #: Seconds between progress reports while a job runs (the page's bars move at this pace).
 REPORT_INTERVAL = 0.5
@@ -126,6 +142,9 @@ class WorkerContext:
     #: Where that node listens (None: it does not): jobs announce it for the builds they
     #: stage, which it serves as they land.
     served_at: tuple[str, int] | None = None
+    #: The daemon's one discovery (its DHT node and LAN; None: the daemon runs none): jobs
+    #: look peers up through it, raced with their entry's tracker, never starting their own.
+    discovery: Discovery | None = None
 
 
 async def run_job(
@@ -182,10 +201,11 @@ async def _run(
         await verify(dest, repair=True, options=options, progress=meter)
         return None
     if kind is JobKind.MOVE:
-        raise UsageError("moving an install is not built yet", fix="cancel the move job")
+        await move_install(ctx, entry, target, meter, job_id, attempt)
+        return None
     from ..node.install import install
 
-    location, data = await _manifest(entry, target)
+    location, data = await _manifest(ctx, entry, target)
     trusted = [keys.parse_public_key(k) for k in entry.trust]
     held: list[int] = []
 
@@ -219,13 +239,16 @@ def _options(
         tracker=entry.tracker,
         node=ctx.node,
         served_at=ctx.served_at,
+        shared_discovery=ctx.discovery,
         discovery_requery=JOB_REQUERY,
         require_installed=kind is JobKind.UPDATE,
         watch_result=watch,
     )
 
 
-async def _manifest(entry: Entry, target: str | None) -> tuple[str, bytes | None]:
+async def _manifest(
+    ctx: WorkerContext, entry: Entry, target: str | None
+) -> tuple[str, bytes | None]:
     """Where the build comes from: the job's target manifest through the entry's tracker, the
     channel's head when the job names none, or (no tracker) the target's manifest URL, else the
     entry's."""
@@ -233,10 +256,15 @@ async def _manifest(entry: Entry, target: str | None) -> tuple[str, bytes | None
         url = target if target and target.startswith(("http://", "https://")) else entry.source
         return url, None
     from ..discovery.tracker import TrackerClient
-    from ..node.tracking import channel_manifest
+    from ..node.tracking import channel_manifest, node_and_build
 
-    if target is None:
-        return await channel_manifest(entry.tracker, entry.source, entry.channel)
+    if target is None:  # named, so that a staged rollout counts the daemon in or out
+        node, have = await trio.to_thread.run_sync(
+            node_and_build, ctx.identity_dir, Path(entry.dest)
+        )
+        return await channel_manifest(
+            entry.tracker, entry.source, entry.channel, node=node, have=have
+        )
     async with TrackerClient(entry.tracker) as tracker:
         data = await tracker.fetch_manifest(bytes.fromhex(target))
     return f"{entry.tracker} ({entry.source}/{entry.channel})", data
@@ -249,6 +277,84 @@ async def _hold_launch_lock(dest: Path) -> int:
         if fd is not None:
             return fd
         await trio.sleep(LAUNCH_POLL)
+
+
+async def move_install(
+    ctx: WorkerContext, entry: Entry, target: str | None, meter: Meter, job_id: str, attempt: int
+) -> None:
+    """Move the install to ``target`` (service/move.py) under its install lock and, as a
+    switch does, its launcher lock; then point the library there and delete the old tree. A
+    stop during a copy undoes it; once the copy is verified the move goes through."""
+    if target is None:
+        raise UsageError("a move job without a new DEST", fix="cancel it and move again with --to")
+    if entry.dest == target:
+        return  # a restart finished it
+    src, dst = Path(entry.dest), Path(target)
+    await trio.to_thread.run_sync(check_target, entry.dest, target)
+    service = ctx.service
+    journal = MoveJournal(
+        journal_path(service.state.moves, entry.id),
+        entry.id,
+        entry.dest,
+        target,
+        await trio.to_thread.run_sync(choose_method, src, dst),
+    )
+    moved = False
+    try:
+        with StateDir(src) as sd:  # no standalone verb works on it meanwhile
+            # A switch a kill left half done is finished here: its record names DEST's inode,
+            # which a copy does not keep.
+            await trio.to_thread.run_sync(recover, sd, sd.load())
+            held = await _hold_launch_lock(src)
+            try:
+                meter.start(await trio.to_thread.run_sync(check_space, journal), "move")
+                stopped = threading.Event()
+
+                def verifying() -> None:
+                    trio.from_thread.run_sync(
+                        lambda: service.report(job_id, attempt, phase=JobState.VERIFYING)
+                    )
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_set_when_cancelled, stopped)
+                    moved = await trio.to_thread.run_sync(
+                        transfer, journal, meter.advance, stopped, verifying
+                    )
+                    if moved:  # in the thread's step: no stop comes between the copy and this
+                        service.relocate(entry.id, target)
+                        service.report(job_id, attempt, progress=meter.sample(time.monotonic()))
+                        service.finished(job_id, attempt)
+                    nursery.cancel_scope.cancel()
+            finally:
+                os.close(held)
+    finally:
+        if moved:  # even when stopped now: the library names the new place
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(finish, journal)
+
+
+async def _set_when_cancelled(event: threading.Event) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        event.set()
+
+
+async def recover_moves(service: Service, emit: Callable[[dict[str, Any]], None]) -> None:
+    """Settle the moves a killed daemon left half done (service/move.py, "The journal"):
+    the game ends whole at one place, and the library names it. At the daemon's start."""
+    for journal in await trio.to_thread.run_sync(journals, service.state.moves):
+        try:
+            forward = await trio.to_thread.run_sync(recover_files, journal)
+            if forward and journal.entry in service.library:
+                service.relocate(journal.entry, journal.dst)
+            if forward:
+                await trio.to_thread.run_sync(finish, journal)
+        except (P2PNodeError, OSError) as exc:
+            emit({"event": "warning", "entry": journal.entry, "error": f"move: {exc}"})
+            continue
+        at = journal.dst if forward else journal.src
+        emit({"event": "move-recovered", "entry": journal.entry, "dest": at})
 
 
 def discard(dest: Path) -> None:

@@ -14,6 +14,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2pnode.cdn.drain import DRAIN, Drain
 from p2pnode.cdn.fetcher import CDNFetcher, CDNOptions, ChunkRequest, FetchStats
 from p2pnode.cdn.plan import (
     DONE,
@@ -450,3 +451,40 @@ async def test_nginx_ignoring_range_serves_each_file_once(
     assert log and all(line.status == 200 for line in log)
     assert server.body_bytes_sent() <= 1.1 * rel.total
     assert stats.bytes_received <= 1.1 * rel.total
+
+
+async def test_a_drain_lets_requests_in_flight_land_and_starts_no_new_one(
+    make_release: Callable[..., TestRelease], nginx: Callable[[Path], Nginx]
+) -> None:
+    rel = make_release(random_files(6, {"a.pak": 8 << 20}))
+    server = nginx(rel.root)
+    delivered = 0
+
+    async def deliver(req: ChunkRequest, data: bytes) -> None:
+        nonlocal delivered
+        delivered += len(data)
+
+    options = CDNOptions(connections=4, max_download_rate=1 << 20, seed=1)
+    fetcher = CDNFetcher(
+        app=rel.app, build=rel.build, mirrors=[server.url], file_sizes=rel.file_sizes,
+        options=options,
+    )  # fmt: skip
+    drain = Drain()
+
+    async def fetch() -> None:
+        DRAIN.set(drain)  # as the daemon does in a job's task
+        await fetcher.fetch(rel.requests, deliver)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fetch)
+        await trio.sleep(0.6)
+        drain.request()
+        with trio.fail_after(5):
+            await drain.wait_idle()
+        requests = fetcher.stats.requests
+        await trio.sleep(0.3)
+        assert fetcher.stats.requests == requests  # nothing new was asked for
+        nursery.cancel_scope.cancel()
+    server.stop()
+    assert 0 < delivered < rel.total
+    assert server.body_bytes_sent() == delivered  # every byte sent landed, none was lost

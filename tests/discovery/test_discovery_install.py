@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -161,3 +162,31 @@ async def test_the_tracker_hands_out_dht_bootstrap_nodes(tmp_path: Path, release
             r = await leech(tmp_path, release, tracker=url, dht_port=0)
     assert r.discovery is not None and r.discovery["winner"] == "dht"
     assert r.discovery["sources"]["tracker"]["answers"] == 0
+
+
+async def test_an_install_borrows_a_running_dht_node(
+    tmp_path: Path, release: Release, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client daemon's jobs: an install given a running discovery looks the seed up through
+    its DHT node, and starts no DHT node of its own even when asked for one."""
+    from p2pnode.discovery import race
+    from p2pnode.identity import load_or_create
+
+    started: list[object] = []
+    real = race._start_dht
+
+    async def counted(disc: race.Discovery, *args: Any) -> None:
+        started.append(disc)
+        await real(disc, *args)
+
+    monkeypatch.setattr(race, "_start_dht", counted)
+    dht_port = free_port(socket.SOCK_DGRAM)
+    async with seeding(tmp_path, release, DiscoveryOptions(dht_port=dht_port)):
+        del started[:]  # (the seed's)
+        owner = tmp_path / "daemon-id"
+        options = DiscoveryOptions(dht_bootstrap=[f"127.0.0.1:{dht_port}"], identity_dir=owner)
+        async with race.open_discovery(load_or_create(owner), options, None) as shared:
+            r = await leech(tmp_path, release, shared_discovery=shared, dht_port=0)
+    assert started == [shared]
+    assert r.discovery is not None and r.discovery["winner"] == "dht"
+    assert list(r.discovery["sources"]) == ["dht"]

@@ -12,6 +12,8 @@ import httpx
 import pytest
 from openapi_spec_validator import validate
 
+from p2pnode.disk.state import InstallState
+from p2pnode.disk.state import StateDir as InstallDir
 from p2pnode.service.api import make_app
 from p2pnode.service.apiguard import MAX_BODY
 from p2pnode.service.apischema import BODIES, PREFIX, openapi_document
@@ -188,6 +190,33 @@ async def test_updates_and_verify(
     assert result["state"] == "failed" and result["error"] == "2 files are corrupt"
     r = await client.patch(f"{PREFIX}/library/g1", json={"auto_update": False})
     assert r.json()["auto_update"] is False
+
+
+async def test_move_queues_a_move_job_and_refuses_bad_targets(
+    client: httpx.AsyncClient, service: Service, tmp_path: Path
+) -> None:
+    await client.post(f"{PREFIX}/library", json=game(tmp_path))
+    (start,) = service.next_actions().actions
+    service.finished("j1", start.attempt)
+    dest = tmp_path / "g0"
+    dest.mkdir()
+    InstallDir(dest).create()
+    InstallDir(dest).save(InstallState(app="game0", current="00" * 32))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "f").write_text("x")
+    for body, code, why in [
+        ({"to": str(tmp_path / "taken")}, 400, "not empty"),
+        ({"to": str(dest / "in")}, 400, "inside the install"),
+        ({"to": 5}, 400, "to"),
+        ({}, 400, "to"),
+    ]:
+        r = await client.post(f"{PREFIX}/library/g1/move", json=body)
+        assert r.status_code == code and why in r.json()["error"], r.text
+    assert (await client.post(f"{PREFIX}/library/g9/move", json={"to": "/x"})).status_code == 404
+    assert len(service.queue.jobs) == 1  # nothing queued by a refusal
+    r = await client.post(f"{PREFIX}/library/g1/move", json={"to": str(tmp_path / "new")})
+    assert r.status_code == 201, r.text
+    assert r.json()["kind"] == "move" and r.json()["target"] == str(tmp_path / "new")
 
 
 async def test_token_and_host(service: Service, tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ import httpx
 import pytest
 import trio
 
+from p2pnode.disk.state import InstallState
+from p2pnode.disk.state import StateDir as InstallDir
 from p2pnode.service import events
 from p2pnode.service.api import serve_api
 from p2pnode.service.control import Service
@@ -222,6 +224,20 @@ async def test_client_verbs_end_to_end(served: Served) -> None:
     assert r.returncode == 2 and "managed by the p2pnode daemon" in json.loads(r.stdout)["error"]
     r = await run("install", "http://127.0.0.1:1/m", "--dest", str(dest), "--json", env=env)
     assert r.returncode == 2 and "g1" in r.stderr and "p2pnode jobs" in r.stderr
+    # move: by DEST or id; a refusal says why and queues nothing
+    served.service.pause("j1")  # g1's install job stands for a finished one: cancel it
+    served.service.cancel("j1")
+    dest.mkdir(parents=True)
+    InstallDir(dest).create()
+    InstallDir(dest).save(InstallState(app="game", current="00" * 32))
+    (served.root / "full").mkdir()
+    (served.root / "full" / "save").write_text("x")
+    r = await run("move", "g1", "--to", str(served.root / "full"), *state)
+    assert r.returncode == 2 and "not empty" in json.loads(r.stdout)["error"], r.stderr
+    r = await run("move", str(dest), "--to", str(served.root / "elsewhere"), *state)
+    moved = json.loads(r.stdout)
+    assert r.returncode == 0 and moved["kind"] == "move" and moved["entry"] == "g1", r.stderr
+    assert moved["target"] == str(served.root / "elsewhere")
     # web: the page's login URL
     url = json.loads((await run("web", *state)).stdout)["url"]
     assert url == f"{served.url}/?token={served.token}"

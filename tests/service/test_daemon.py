@@ -77,10 +77,12 @@ def test_pause_moves_no_bytes_and_resume_finishes_without_refetching(
     kept: list[int] = []
     trio.run(main)
     assert tree(dest) == tree(tmp_path / "src-slow-1")
-    # What a pause loses is what was requested and not yet verified: the CDN fetch's in-flight
-    # budget (at least its 512 KiB floor), not what the journal holds.
+    # A pause lets the CDN requests in flight land (their bytes were sent) before it cuts the
+    # job off: it loses at most what is still in flight after DRAIN_SECONDS, not the fetch's
+    # whole in-flight budget (at least 512 KiB: this game came to 1.18x before).
     unique = sum(chunks.values())
-    assert sent(cdn, "slow") <= 1.05 * unique + 600_000, (sent(cdn, "slow"), unique)
+    print(f"paused once: fetched {sent(cdn, 'slow') / unique:.3f}x the game")
+    assert sent(cdn, "slow") <= 1.08 * unique, (sent(cdn, "slow"), unique)
 
 
 def test_cancelled_install_leaves_no_dest_and_no_stage(tmp_path: Path, cdn: LocalCDN) -> None:
@@ -100,6 +102,27 @@ def test_cancelled_install_leaves_no_dest_and_no_stage(tmp_path: Path, cdn: Loca
     trio.run(main)
     assert not dest.exists() and not StateDir(dest).root.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cdn", "src-gone-1", "state"]
+
+
+def test_cancel_remove_and_forget_in_one_loop_turn_still_discard_the_stage(
+    tmp_path: Path, cdn: LocalCDN
+) -> None:
+    url, _ = game(tmp_path, cdn, "dropped", 2_000_000)
+    dest = tmp_path / "dest"
+
+    async def main() -> None:
+        async with daemon(tmp_path / "state", table={"max_download_rate": "500K"}) as running:
+            svc = running.service
+            entry, j = svc.add(url, str(dest), TRUST)
+            await until(lambda: job(running, j.id).progress.bytes_done > 300_000)
+            assert StateDir(dest).stage.exists()
+            svc.cancel(j.id)  # no await between: the loop sees both changes in one turn
+            svc.remove(entry.id)
+            svc.forget(j.id)
+            await until(lambda: not StateDir(dest).root.exists(), 10)
+
+    trio.run(main)
+    assert not dest.exists() and not StateDir(dest).root.exists()
 
 
 def test_critical_update_overtakes_a_queued_job_outside_the_update_window(

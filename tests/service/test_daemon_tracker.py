@@ -98,11 +98,6 @@ def test_a_staged_rollout_offers_the_daemon_its_own_build(
     """The daemon names its node id and installed build to the feed: a rollout raised just far
     enough to hold this node's bucket (not completed) brings it the staged build; below that
     it keeps build 1. A follower that named no node would stay out until the rollout ends."""
-    import subprocess
-    import sys
-
-    from tracker.rollout import BUCKETS, bucket
-
     src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
     with LocalCDN(cdn_root) as cdn:
         publish(src, cdn_root, key, tracker_url, cdn.url, 1)
@@ -113,24 +108,75 @@ def test_a_staged_rollout_offers_the_daemon_its_own_build(
                 _, first = svc.add("game", str(tmp_path / "one"), [pub], tracker=tracker_url)
                 await installed(one, first.id)
                 change(src, 2)
-                args = ("publish", str(src), "--app", "game", "--version", "2", "--build", "2",
-                        "--key", str(key), "--out", str(cdn_root), "--tracker", tracker_url,
-                        "--token", ADMIN, "--mirror", cdn.url, "--rollout", "0.01")  # fmt: skip
-                published = await trio.to_thread.run_sync(lambda: cli(*args))
                 assert one.daemon.identity is not None
-                place = bucket(bytes.fromhex(published["manifest_id"]), one.daemon.identity.node_id)
+                node = one.daemon.identity.node_id
+                place = await publish_staged(src, cdn_root, key, tracker_url, cdn.url, node)
                 await trio.sleep(1.5)
                 if place > 0:  # 0.01% holds bucket 0 only
                     assert len(svc.queue.jobs) == 1, "a node outside the rollout was updated"
-                percent = min(99.99, (place + 1) * 100 / BUCKETS)
-                verb = [sys.executable, "-m", "tracker", "rollout", "game", "stable", "raise",
-                        str(percent), "--url", tracker_url, "--token", ADMIN, "--json"]  # fmt: skip
-                done = await trio.to_thread.run_sync(
-                    lambda: subprocess.run(verb, capture_output=True, text=True, timeout=30)
-                )
-                assert done.returncode == 0, done.stderr
+                await raise_rollout(tracker_url, place)
                 await until(lambda: len(svc.queue.jobs) == 2, 30, "the staged build queued")
                 await installed(one, svc.queue.jobs[1].id)
+                assert tree(tmp_path / "one") == tree(src)
+
+        trio.run(main)
+
+
+async def publish_staged(
+    src: Path, cdn_root: Path, key: Path, url: str, mirror: str, node: bytes
+) -> int:
+    """Publish build 2 as a staged rollout to 0.01% of the nodes (bucket 0 only); returns the
+    bucket ``node`` falls in for it."""
+    from tracker.rollout import bucket
+
+    args = ("publish", str(src), "--app", "game", "--version", "2", "--build", "2",
+            "--key", str(key), "--out", str(cdn_root), "--tracker", url,
+            "--token", ADMIN, "--mirror", mirror, "--rollout", "0.01")  # fmt: skip
+    published = await trio.to_thread.run_sync(lambda: cli(*args))
+    return bucket(bytes.fromhex(published["manifest_id"]), node)
+
+
+async def raise_rollout(url: str, place: int) -> None:
+    """Raise the channel's rollout just far enough to hold bucket ``place`` (not completed)."""
+    import subprocess
+    import sys
+
+    from tracker.rollout import BUCKETS
+
+    percent = min(99.99, (place + 1) * 100 / BUCKETS)
+    verb = [sys.executable, "-m", "tracker", "rollout", "game", "stable", "raise",
+            str(percent), "--url", url, "--token", ADMIN, "--json"]  # fmt: skip
+    done = await trio.to_thread.run_sync(
+        lambda: subprocess.run(verb, capture_output=True, text=True, timeout=30)
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_manual_update_names_the_daemon_to_a_staged_rollout(
+    tmp_path: Path,
+    tracker_url: str,
+) -> None:
+    """An update the user queues without a target (the channel's head) names the daemon's node
+    id and installed build as the follower does: inside a staged rollout's share it brings the
+    staged build, where a nameless ask would get the rollout's previous build (no change)."""
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    with LocalCDN(cdn_root) as cdn:
+        publish(src, cdn_root, key, tracker_url, cdn.url, 1)
+
+        async def main() -> None:
+            async with daemon(tmp_path / "s1") as one:
+                svc = one.service
+                entry, first = svc.add(
+                    "game", str(tmp_path / "one"), [pub], tracker=tracker_url, auto_update=False
+                )
+                await installed(one, first.id)
+                change(src, 2)
+                assert one.daemon.identity is not None
+                node = one.daemon.identity.node_id
+                place = await publish_staged(src, cdn_root, key, tracker_url, cdn.url, node)
+                await raise_rollout(tracker_url, place)
+                update = svc.submit(entry.id, JobKind.UPDATE)
+                await installed(one, update.id)
                 assert tree(tmp_path / "one") == tree(src)
 
         trio.run(main)

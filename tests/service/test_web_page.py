@@ -1,5 +1,6 @@
 """The web page in headless Chromium: log in with the token URL, see the library and the queue
-live, and act (pause, resume, move to the top, add a game, change a setting)."""
+live, and act (pause, resume, move to the top, add a game, change a setting, cancel, move
+a game)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 
 import trio
 
+from p2pnode.disk.state import InstallState
+from p2pnode.disk.state import StateDir as InstallDir
 from p2pnode.service.api import serve_api
 from p2pnode.service.control import Service
-from p2pnode.service.job import JobState, Progress
+from p2pnode.service.job import JobKind, JobState, Progress
 from p2pnode.service.statedir import StateDir
 from tests.support.chromium import Chromium
 
@@ -56,6 +59,21 @@ def clicks(browser: Chromium, url: str, tmp_path: Path, screenshot: Path) -> Non
     browser.js("document.querySelector('#setting-form button').click()")
     browser.wait_for("document.querySelector('dd[data-setting=max_active]').textContent === '2'")
     assert browser.js("document.getElementById('error').textContent") == ""
+    # move g1: cancel its install, let its DEST stand for an installed game, then the entry's
+    # button picks it for the move form
+    browser.js(f"{row}.querySelector('button[data-act=cancel]').click()")
+    browser.wait_for(f"{row}.dataset.state === 'cancelled'")
+    g1 = tmp_path / "g1"
+    g1.mkdir()
+    InstallDir(g1).create()
+    InstallDir(g1).save(InstallState(app="game", current="00" * 32))
+    browser.js("document.querySelector('tr[data-entry=g1] button[data-act=move]').click()")
+    assert browser.js("document.getElementById('move-entry').value") == "g1"
+    browser.js(f"document.getElementById('move-to').value = {str(tmp_path / 'moved')!r}")
+    browser.js("document.querySelector('#move-form button').click()")
+    browser.wait_for("document.querySelector('tr[data-job=j4]') !== null")
+    assert "move" in browser.js("document.querySelector('tr[data-job=j4]').textContent")
+    assert browser.js("document.getElementById('move-entry').value") == ""  # form reset
 
 
 async def test_the_page_shows_and_acts(tmp_path: Path) -> None:
@@ -86,7 +104,9 @@ async def test_the_page_shows_and_acts(tmp_path: Path) -> None:
         finally:
             await trio.to_thread.run_sync(browser.close)
         nursery.cancel_scope.cancel()
-    assert svc.queue.get("j1").state is JobState.QUEUED
+    assert svc.queue.get("j1").state is JobState.CANCELLED
+    move = svc.queue.get("j4")
+    assert move.kind is JobKind.MOVE and move.target == str(tmp_path / "moved")
     assert [j["id"] for j in svc.jobs_view()][:1] == ["j2"]
     assert "g3" in svc.library and svc.queue.max_active == 2
     assert screenshot.stat().st_size > 10_000

@@ -3,6 +3,7 @@ status codes, bounds and request bodies it declares are the ones the server acts
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -10,8 +11,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import jsonschema
 import pytest
+import trio
 from openapi_spec_validator import validate
 
 from p2pnode.discovery.tracker import TrackerClient
@@ -25,7 +28,7 @@ from p2pnode.release import keys
 from p2pnode.release import manifest as M
 from p2pnode.release.metadata import ReleaseInfo, UpdateType
 from tests.support.tracker import ADMIN, APP
-from tracker import Tracker, core, outcomes
+from tracker import Tracker, core, outcomes, serve_tracker
 from tracker.openapi import openapi_document
 
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
@@ -279,3 +282,71 @@ async def test_token_rotation_answers_as_declared(client: TrackerClient) -> None
     assert res.status_code == declared_success(doc, path, "post") == 201
     check_answer(doc, path, "post", res)
     check_answer(doc, path, "post", await http.post(f"/v1/apps/{APP}/token"))  # 401
+    for body in ({}, None):  # no body, or an empty object
+        res = await http.post(f"/v1/apps/{APP}/token", json=body, headers=AUTH)
+        assert res.status_code == 201, body
+    # found by the fuzzer: the document says "no fields" and the server took any
+    res = await http.post(f"/v1/apps/{APP}/token", json={"x": 42}, headers=AUTH)
+    assert res.status_code == 400
+    check_answer(doc, path, "post", res)
+
+
+async def test_integers_written_with_a_zero_fraction_are_integers(
+    client: TrackerClient, make_manifest: Callable[..., M.SignedManifest]
+) -> None:
+    """JSON Schema counts 519.0 as an integer, so the server must too (found by the fuzzer:
+    a rollout change with "min_outcomes": 519.0 was refused); a fraction or a bool is not."""
+    http = client._http
+    await client.publish(APP, "stable", make_manifest(1).encode())
+    await client.publish(APP, "stable", make_manifest(2).encode(), rollout=10)
+    path = "/v1/apps/{app}/channels/{channel}/rollout"
+    schema = body_schema(openapi_document(), path, "post")
+    for value, status in ((519.0, 200), (519, 200), (519.5, 400), (True, 400), (0.0, 400)):
+        body = {"action": "raise", "percent": 20, "min_outcomes": value}
+        assert jsonschema.Draft202012Validator(schema).is_valid(body) == (status == 200)
+        res = await http.post(f"/v1/apps/{APP}/channels/stable/rollout", json=body, headers=AUTH)
+        assert res.status_code == status, value
+        if status == 200:
+            assert res.json()["min_outcomes"] == 519
+            assert type(res.json()["min_outcomes"]) is int
+    assert core.as_int(3.0) == 3 and core.as_int(float("nan")) is None
+    assert core.as_int(False) is None and core.as_int("3") is None
+
+
+async def test_a_registered_app_without_nodes_has_an_empty_fleet(client: TrackerClient) -> None:
+    """Found by the fuzzer's stateful phase: an app just registered answered 404 on its fleet."""
+    http = client._http
+    doc = (await http.get("/openapi.json")).json()
+    res = await http.get(f"/v1/apps/{APP}/fleet")
+    check_answer(doc, "/v1/apps/{app}/fleet", "get", res)
+    assert res.status_code == 200 and res.json()["nodes"] == 0 and res.json()["builds"] == []
+    assert (await http.get("/v1/apps/nope/fleet")).status_code == 404
+
+
+async def test_each_release_event_matches_the_declared_event_schema(
+    tracker: Tracker, client: TrackerClient, make_manifest: Callable[..., M.SignedManifest]
+) -> None:
+    """The schema of a text/event-stream answer describes each event (found by the fuzzer: it
+    said "a string"); an event's data is the head the feed answers. Served by hypercorn: the
+    in-process transport would wait for the stream's end."""
+    await client.publish(APP, "stable", make_manifest(1).encode())
+    doc = openapi_document()
+    op = doc["paths"]["/v1/apps/{app}/channels/{channel}/events"]["get"]
+    schema = {**op["responses"]["200"]["content"]["text/event-stream"]["schema"]}
+    schema["components"] = doc["components"]
+    fields: dict[str, str] = {}
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(functools.partial(serve_tracker, tracker, "127.0.0.1", 0))
+        url = f"http://{host}:{port}/v1/apps/{APP}/channels/stable/events"
+        with trio.fail_after(10):
+            async with httpx.AsyncClient() as http, http.stream("GET", url) as res:
+                async for line in res.aiter_lines():
+                    if not line and "data" in fields:
+                        break
+                    name, _, value = line.partition(": ")
+                    if name in ("id", "event", "data"):
+                        fields[name] = value
+        nursery.cancel_scope.cancel()
+    jsonschema.validate(fields, schema)
+    head = {**doc["components"]["schemas"]["Head"], "components": doc["components"]}
+    jsonschema.validate(json.loads(fields["data"]), head)

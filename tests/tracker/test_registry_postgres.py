@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
+from p2pnode.release import rotation as R
 from tests.support.tracker import ADMIN, APP, client_for, free_port
 from tests.tracker.test_operations import outcome
 from tracker import Tracker
@@ -163,9 +164,9 @@ async def test_registry_copy_moves_a_sqlite_tracker_into_postgres(
     make_manifest: Callable[..., M.SignedManifest],
 ) -> None:
     """`tracker registry copy --from DIR --to postgresql://` brings apps, manifests, every
-    move, seq, outcomes, rollouts, the audit log and the traffic series (forecasts); the new
-    tracker answers as the old one did and goes on numbering; a second copy is refused and
-    changes nothing."""
+    move, seq, key rotations, outcomes, rollouts, the audit log and the traffic series
+    (forecasts); the new tracker answers as the old one did and goes on numbering; a second
+    copy is refused and changes nothing."""
     old = make_tracker("old")
     c = client_for(old)
     reg = await c.add_app(APP, keys.public_key_bytes(publisher))
@@ -174,13 +175,17 @@ async def test_registry_copy_moves_a_sqlite_tracker_into_postgres(
     await c.publish(APP, "stable", three.encode())
     await c.rollback(APP, "stable")
     await c.promote(APP, "beta", three.id)
+    k1 = keys.generate_key()
+    rotation = R.Rotation(APP, keys.public_key_bytes(publisher), keys.public_key_bytes(k1),
+                          int(time.time()) + 86400, 0)  # fmt: skip
+    await c.rotate_key(APP, R.sign_rotation(rotation, publisher).encode())
     await c.publish(APP, "stable", make_manifest(4).encode(), rollout=10)
     await c.report_outcome(keys.generate_key(), outcome(make_manifest(4), failed=True))
     await client_for(old, token="wrong-token-here")._http.post("/v1/apps", json={})
     channel = f"/v1/apps/{APP}/channels"
     paths = ["/v1/apps", "/v1/outcomes", "/v1/audit", f"/v1/apps/{APP}", f"{channel}/beta",
              f"{channel}/stable/rollout", f"{channel}/stable/history",
-             f"/v1/manifests/{one.id.hex()}"]  # fmt: skip
+             f"/v1/manifests/{one.id.hex()}", f"/v1/apps/{APP}/rotations"]  # fmt: skip
     before = {p: (await c._http.get(p, headers=AUTH)).content for p in paths}
     await old.load.tick(time.time(), force=True)  # the traffic series is written to traffic.db
     forecasts = [f"/v1/apps/{APP}/builds/{b}/forecast" for b in (1, 3, 4)]
@@ -193,8 +198,9 @@ async def test_registry_copy_moves_a_sqlite_tracker_into_postgres(
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == (
-        '{"apps": 1, "manifests": 3, "moves": 5, "channels": 2, "outcome_builds": 1, '
-        '"rollouts": 1, "audit": 7, "traffic_builds": 0, "traffic_minutes": 0, "forecasts": 3}'
+        '{"apps": 1, "manifests": 3, "moves": 5, "channels": 2, "rotations": 1, '
+        '"outcome_builds": 1, "rollouts": 1, "audit": 8, "traffic_builds": 0, '
+        '"traffic_minutes": 0, "forecasts": 3}'
     )
     new = make_tracker("new", registry_url=pg_url)
     n = client_for(new)
@@ -207,13 +213,15 @@ async def test_registry_copy_moves_a_sqlite_tracker_into_postgres(
         await pub.publish(APP, "stable", two.encode())
     assert (await pub.publish(APP, "stable", make_manifest(5).encode()))["seq"] == 6
     entries = (await n._http.get("/v1/audit", headers=AUTH)).json()["entries"]
-    assert entries[0]["seq"] == 8 and entries[0]["action"] == "publish"
+    assert entries[0]["seq"] == 9 and entries[0]["action"] == "publish"
+    # the rotation came along: the new key's builds are taken
+    await pub.publish(APP, "stable", make_manifest(6, key=k1).encode())
 
     again = await trio.to_thread.run_sync(
         lambda: subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     )
     assert again.returncode != 0 and "already holds a tracker's registry" in again.stderr
     head = await n.latest(APP, "stable")
-    assert head is not None and head.seq == 6
+    assert head is not None and head.seq == 7
     for x in (c, n, pub):
         await x._http.aclose()

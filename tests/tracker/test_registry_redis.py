@@ -504,11 +504,13 @@ def test_copy_a_sqlite_registry_into_redis(tmp_path: Path, redis_url: str) -> No
              actor="publisher")  # fmt: skip
     old.move(app="a", channel="stable", manifest_id=mids[0], action="rollback", now=105.0,
              actor="admin")  # fmt: skip
+    assert old.add_rotation("a", b"k" * 32, b"a signed rotation", 106.0)  # kept as bytes
     cmd = [sys.executable, "-m", "tracker", "registry", "copy", "--data", str(tmp_path / "d"),
            "--registry", redis_url, "--json"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"apps": 2, "manifests": 3, "moves": 5, "channels": 3}
+    assert json.loads(out.stdout) == {
+        "apps": 2, "manifests": 3, "moves": 5, "channels": 3, "rotations": 1}  # fmt: skip
 
     new = RedisRegistry(redis_url)
     assert new.list_apps() == old.list_apps()
@@ -518,6 +520,8 @@ def test_copy_a_sqlite_registry_into_redis(tmp_path: Path, redis_url: str) -> No
             assert new.history(app, h.channel) == old.history(app, h.channel)
             assert new.previous_head(app, h.channel) == old.previous_head(app, h.channel)
     assert new.releases() == old.releases()
+    assert new.rotations("a") == old.rotations("a") == [b"a signed rotation"]
+    assert new.rotations("b") == []
     for mid in mids:
         assert new.get_manifest(mid) == old.get_manifest(mid)
         assert new.manifest_info(mid) == old.manifest_info(mid)
