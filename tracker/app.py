@@ -530,9 +530,10 @@ def open_tracker(
 
     ``redis_mode``: ``script`` (state in Redis, one Lua script per announce) or ``log``
     (state in each replica's memory, changes ordered by a Redis stream: tracker.swarm_log).
-    ``registry_url``: keep the registry and the operations store in that PostgreSQL database
-    (``postgresql://``: tracker.registry_pg) or Redis (tracker.registry_redis, keys under
-    ``redis_prefix``) instead of ``data_dir/registry.db`` and ``ops.db``.
+    ``registry_url``: keep the registry, the operations store and the traffic series in that
+    PostgreSQL database (``postgresql://``: tracker.registry_pg) or Redis
+    (tracker.registry_redis, keys under ``redis_prefix``) instead of ``data_dir/registry.db``,
+    ``ops.db`` and ``traffic.db``.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     registry: RegistryStore
@@ -545,7 +546,7 @@ def open_tracker(
 
         db = PGDatabase(str(registry_url))
         registry, ops = PGRegistry(db), PGOps(db)
-        traffic = open_traffic(data_dir)
+        traffic = open_traffic(data_dir, db=db)
     elif registry_url:
         from .ops_redis import RedisOps
         from .registry_redis import RedisRegistry

@@ -154,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     cp = rsub.add_parser(
         "copy",
         help="copy DIR/registry.db and DIR/ops.db (SQLite) into an empty registry in "
-        "PostgreSQL or redis",
+        "PostgreSQL or redis (and DIR/traffic.db into PostgreSQL)",
     )
     cp.add_argument(
         "--data",
@@ -199,13 +199,16 @@ def _registry_copy(args: argparse.Namespace) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"{path} does not exist", fix="pass the --data DIR the tracker used")
     ops = path.with_name("ops.db")  # outcomes, rollouts, audit log (absent before they were)
+    traffic = path.with_name("traffic.db")  # bytes per minute, forecasts (PostgreSQL only)
     if is_postgres_url(args.registry):
         from .pg import PGDatabase
         from .registry_pg import PGRegistry
 
         pg = PGRegistry(PGDatabase(args.registry))
         try:
-            return pg.copy_from_sqlite(path, ops if ops.is_file() else None)
+            return pg.copy_from_sqlite(
+                path, ops if ops.is_file() else None, traffic if traffic.is_file() else None
+            )
         finally:
             pg.close()
     from .registry_redis import RedisRegistry

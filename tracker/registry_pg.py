@@ -341,17 +341,20 @@ class PGRegistry:
 
     # ---------------------------------------------------------------- moving from SQLite
 
-    def copy_from_sqlite(self, path: Path, ops_path: Path | None = None) -> dict[str, int]:
-        """Copy a SQLite registry (``DIR/registry.db``), and ``DIR/ops.db`` when given, into
-        this database, which must be empty: apps and token hashes, key rotations, manifests,
-        heads, every move and the ``seq`` counter (nodes following a channel with ``since=SEQ``
-        go on after the switch); outcome tallies, rollouts and the audit log with its numbers.
-        Reads one snapshot of each file; writes everything in one transaction, so a failure or
-        a refusal leaves the database as it was.
+    def copy_from_sqlite(
+        self, path: Path, ops_path: Path | None = None, traffic_path: Path | None = None
+    ) -> dict[str, int]:
+        """Copy a SQLite registry (``DIR/registry.db``), and ``DIR/ops.db`` and
+        ``DIR/traffic.db`` when given, into this database, which must be empty: apps and token
+        hashes, key rotations, manifests, heads, every move and the ``seq`` counter (nodes
+        following a channel with ``since=SEQ`` go on after the switch); outcome tallies,
+        rollouts and the audit log with its numbers; the traffic series, online hours and
+        forecasts. Reads one snapshot of each file; writes everything in one transaction, so a
+        failure or a refusal leaves the database as it was.
 
         Returns:
             counts: apps, manifests, moves, channels, rotations (and outcome_builds, rollouts,
-            audit).
+            audit; traffic_builds, traffic_minutes, forecasts).
 
         Raises:
             Conflict: the database already holds a registry or operations data.
@@ -359,12 +362,18 @@ class PGRegistry:
         """
         from .ops_pg import copy_ops, ops_empty
         from .ops_sqlite import read_ops_snapshot
+        from .traffic_pg import copy_traffic, traffic_empty
 
         snap = read_snapshot(path)
         ops = read_ops_snapshot(ops_path) if ops_path is not None else None
         with self.db.tx("copy the SQLite registry") as c:
             last = self._changing(c)
-            if last or c.execute("SELECT 1 FROM apps LIMIT 1").fetchone() or not ops_empty(c):
+            if (
+                last
+                or c.execute("SELECT 1 FROM apps LIMIT 1").fetchone()
+                or not ops_empty(c)
+                or not traffic_empty(c)
+            ):
                 raise Conflict(
                     f"the database at {self.where} already holds a tracker's registry",
                     fix="copy into an empty database (createdb), or drop its tables first",
@@ -403,4 +412,6 @@ class PGRegistry:
             }
             if ops is not None:
                 counts |= copy_ops(c, ops)
+            if traffic_path is not None:
+                counts |= copy_traffic(c, traffic_path)
         return counts

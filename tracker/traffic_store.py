@@ -5,19 +5,21 @@ Theory of operation
 The series (:mod:`tracker.traffic`), the online-hour cells and the forecasts recorded at
 publish time are kept beside the operations store: ``DIR/traffic.db`` (SQLite, a file of its
 own so that a minute's write never moves the registry's ``data_version``, which wakes every
-long-poll), or with ``--registry URL`` that Redis (:mod:`tracker.traffic_redis`). Replicas
-sharing ``DIR`` or the Redis share one series: levels are written with "keep the highest", adds
+long-poll), or with ``--registry URL`` that Redis (:mod:`tracker.traffic_redis`) or that
+PostgreSQL database (:mod:`tracker.traffic_pg`). Replicas sharing ``DIR``, the Redis or the
+database share one series: levels are written with "keep the highest", adds
 and online counts are summed (see :mod:`tracker.traffic` for why that counts nothing twice).
 
 The interface is synchronous, with ``blocking`` saying whether a call may wait on the network
-(the app then runs it in a worker thread), as :class:`tracker.backend.OpsStore`'s. Another
-backend (PostgreSQL, say) implements :class:`TrafficStore` and is picked in
-:func:`open_traffic`; ``tests/tracker/test_traffic.py`` runs the same checks on every store.
+(the app then runs it in a worker thread), as :class:`tracker.backend.OpsStore`'s. A
+backend implements :class:`TrafficStore` and is picked in :func:`open_traffic`;
+``tests/tracker/test_traffic.py`` runs the same checks on every store.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +35,7 @@ from .traffic import (
     TrafficBatch,
 )
 
-__all__ = ["SQLiteTraffic", "TrafficStore"]
+__all__ = ["SQLiteTraffic", "TrafficStore", "minute_rows", "open_traffic"]
 
 
 class TrafficStore(Protocol):
@@ -93,6 +95,26 @@ CREATE TABLE IF NOT EXISTS forecasts (
     manifest BLOB PRIMARY KEY, app TEXT NOT NULL, at REAL NOT NULL, body TEXT NOT NULL
 );
 """
+
+
+def minute_rows(cells: Iterable[Sequence[Any]]) -> list[MinuteRow]:
+    """Stored rows ``(minute, *LEVEL_NAMES, *ADD_NAMES)`` as :class:`MinuteRow` (levels are
+    ``NULL`` in a minute that was not sampled)."""
+    rows = []
+    for minute, *values in cells:
+        levels = dict(zip(LEVEL_NAMES, values[: len(LEVEL_NAMES)], strict=True))
+        adds = dict(zip(ADD_NAMES, values[len(LEVEL_NAMES) :], strict=True))
+        sampled = levels["completed"] is not None
+        rows.append(
+            MinuteRow(
+                int(minute),
+                {k: int(v) for k, v in levels.items()} if sampled else {},
+                {k: int(v) for k, v in adds.items() if v},
+            )
+        )
+    return rows
+
+
 #: A level column keeps the highest value written (NULL: not sampled that minute).
 _KEEP_HIGHEST = ", ".join(
     f"{c} = CASE WHEN {c} IS NULL OR excluded.{c} > {c} THEN excluded.{c} ELSE {c} END"
@@ -179,19 +201,7 @@ class SQLiteTraffic(SQLiteFile):
                 "WHERE build = ? ORDER BY minute",
                 (row[0],),
             ).fetchall()
-        rows = []
-        for minute, *values in cells:
-            levels = dict(zip(LEVEL_NAMES, values[: len(LEVEL_NAMES)], strict=True))
-            adds = dict(zip(ADD_NAMES, values[len(LEVEL_NAMES) :], strict=True))
-            sampled = levels["completed"] is not None
-            rows.append(
-                MinuteRow(
-                    int(minute),
-                    {k: int(v) for k, v in levels.items()} if sampled else {},
-                    {k: int(v) for k, v in adds.items() if v},
-                )
-            )
-        return int(row[1]), rows
+        return int(row[1]), minute_rows(cells)
 
     def online_cells(self, app: str, now: float) -> list[tuple[int, int, int]]:
         with self._lock:
@@ -230,9 +240,14 @@ class SQLiteTraffic(SQLiteFile):
         return [(bytes(m), a, json.loads(b)) for m, a, b in rows]
 
 
-def open_traffic(data_dir: Path, registry: Any = None) -> TrafficStore:
+def open_traffic(data_dir: Path, registry: Any = None, db: Any = None) -> TrafficStore:
     """The Redis store beside a Redis registry (``tracker.registry_redis.RedisRegistry``),
+    the PostgreSQL one beside a PostgreSQL registry (``db``: its ``tracker.pg.PGDatabase``),
     else ``DIR/traffic.db``."""
+    if db is not None:
+        from .traffic_pg import PGTraffic
+
+        return PGTraffic(db)
     if registry is not None:
         from .traffic_redis import RedisTraffic
 

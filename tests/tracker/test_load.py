@@ -1,12 +1,13 @@
 """Bandwidth and load end to end: simulated nodes announce and report two releases through an
-in-process tracker (SQLite, and Redis for swarm and registry); the forecast recorded at the
-second publish is printed beside what followed, through the API."""
+in-process tracker (SQLite; Redis for swarm and registry; PostgreSQL for the registry); the
+forecast recorded at the second publish is printed beside what followed, through the API."""
 
 from __future__ import annotations
 
 import time
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import blake3
@@ -86,9 +87,10 @@ async def adopt(
             await t.load.tick(clock.now + 1, force=True)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
 async def test_a_forecast_is_printed_beside_what_followed(
     backend: str,
+    tmp_path: Path,
     make_tracker: Callable[..., Tracker],
     publisher: Ed25519PrivateKey,
     monkeypatch: pytest.MonkeyPatch,
@@ -101,6 +103,8 @@ async def test_a_forecast_is_printed_beside_what_followed(
     if backend == "redis":
         url = request.getfixturevalue("redis_url")
         kw.update(redis_url=url, registry_url=url)
+    elif backend == "postgres":
+        kw.update(registry_url=request.getfixturevalue("pg_url"))
     t = make_tracker(**kw)
     client = client_for(t)
     await client.add_app(APP, keys.public_key_bytes(publisher))
@@ -176,6 +180,13 @@ async def test_a_forecast_is_printed_beside_what_followed(
 
     for bad in ("/v1/apps/game/builds/x/traffic", "/v1/apps/game/builds/99/forecast"):
         assert (await http.get(bad)).status_code in (400, 404)
+    if backend == "postgres":  # a replica on another host (a DIR of its own) reads the same
+        other = make_tracker("other", **kw)
+        assert not any((tmp_path / d / "traffic.db").exists() for d in ("t", "other"))
+        for read in ("forecast", "series"):
+            mine = await trio.to_thread.run_sync(getattr(t.load.store, read), two.id)
+            theirs = await trio.to_thread.run_sync(getattr(other.load.store, read), two.id)
+            assert mine == theirs and mine not in (None, (None, []))
     await client._http.aclose()
 
 
@@ -206,7 +217,7 @@ async def test_answers_include_the_minute_not_sampled_yet(
     await client._http.aclose()
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
 async def test_a_release_past_the_series_retention_still_shapes_the_next_forecast(
     backend: str,
     make_tracker: Callable[..., Tracker],
@@ -220,6 +231,8 @@ async def test_a_release_past_the_series_retention_still_shapes_the_next_forecas
     if backend == "redis":
         url = request.getfixturevalue("redis_url")
         kw.update(redis_url=url, registry_url=url)
+    elif backend == "postgres":
+        kw.update(registry_url=request.getfixturevalue("pg_url"))
     t = make_tracker(**kw)
     client = client_for(t)
     await client.add_app(APP, keys.public_key_bytes(publisher))

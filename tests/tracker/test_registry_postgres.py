@@ -164,8 +164,9 @@ async def test_registry_copy_moves_a_sqlite_tracker_into_postgres(
     make_manifest: Callable[..., M.SignedManifest],
 ) -> None:
     """`tracker registry copy --from DIR --to postgresql://` brings apps, manifests, every
-    move, seq, key rotations, outcomes, rollouts and the audit log; the new tracker answers as
-    the old one did and goes on numbering; a second copy is refused and changes nothing."""
+    move, seq, key rotations, outcomes, rollouts, the audit log and the traffic series
+    (forecasts); the new tracker answers as the old one did and goes on numbering; a second
+    copy is refused and changes nothing."""
     old = make_tracker("old")
     c = client_for(old)
     reg = await c.add_app(APP, keys.public_key_bytes(publisher))
@@ -186,6 +187,9 @@ async def test_registry_copy_moves_a_sqlite_tracker_into_postgres(
              f"{channel}/stable/rollout", f"{channel}/stable/history",
              f"/v1/manifests/{one.id.hex()}", f"/v1/apps/{APP}/rotations"]  # fmt: skip
     before = {p: (await c._http.get(p, headers=AUTH)).content for p in paths}
+    await old.load.tick(time.time(), force=True)  # the traffic series is written to traffic.db
+    forecasts = [f"/v1/apps/{APP}/builds/{b}/forecast" for b in (1, 3, 4)]
+    made = [(await c._http.get(p)).json()["forecast"] for p in forecasts]
 
     cmd = [sys.executable, "-m", "tracker", "registry", "copy", "--from", str(tmp_path / "old"),
            "--to", pg_url, "--json"]  # fmt: skip
@@ -195,12 +199,14 @@ async def test_registry_copy_moves_a_sqlite_tracker_into_postgres(
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == (
         '{"apps": 1, "manifests": 3, "moves": 5, "channels": 2, "rotations": 1, '
-        '"outcome_builds": 1, "rollouts": 1, "audit": 8}'
+        '"outcome_builds": 1, "rollouts": 1, "audit": 8, "traffic_builds": 0, '
+        '"traffic_minutes": 0, "forecasts": 3}'
     )
     new = make_tracker("new", registry_url=pg_url)
     n = client_for(new)
     for p in paths:
         assert (await n._http.get(p, headers=AUTH)).content == before[p], p
+    assert [(await n._http.get(p)).json()["forecast"] for p in forecasts] == made
     assert isinstance(new.registry, PGRegistry)
     pub = client_for(new, token=str(reg["publisher_token"]))  # the token came along
     with pytest.raises(Exception, match="not newer"):  # max_build came along

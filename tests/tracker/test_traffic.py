@@ -1,15 +1,18 @@
-"""The traffic series: the recorder's arithmetic, and the same checks on the SQLite store and on
-a real redis-server (tracker.traffic, tracker.traffic_store, tracker.traffic_redis)."""
+"""The traffic series: the recorder's arithmetic, and the same checks on the SQLite store, on a
+real redis-server and on a real PostgreSQL server (tracker.traffic, tracker.traffic_store,
+tracker.traffic_redis, tracker.traffic_pg)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tracker import traffic_redis, traffic_store
+from tracker import traffic_pg, traffic_redis, traffic_store
+from tracker.pg import PGDatabase
 from tracker.registry_redis import RedisRegistry
 from tracker.traffic import (
     FORECAST_RETENTION_S,
@@ -36,12 +39,17 @@ def rel(mid: bytes, completed: int, peers: int, cdn: int, app: str = "game") -> 
     }
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TrafficStore]:
     if request.param == "sqlite":
         s: TrafficStore = SQLiteTraffic(tmp_path / "traffic.db")
         yield s
         s.close()
+        return
+    if request.param == "postgres":
+        db = PGDatabase(request.getfixturevalue("pg_url"))
+        yield traffic_pg.PGTraffic(db)
+        db.close()
         return
     url = request.getfixturevalue("redis_url")
     reg = RedisRegistry(url, prefix="t:")
@@ -143,7 +151,7 @@ def test_stores_forget_what_is_past_retention(store: TrafficStore) -> None:
     assert [(m, a) for m, a, _ in store.forecasts_since(T0 + 1)] == [(M2, "game")]
     store.gc(T0 + FORECAST_RETENTION_S + 1)
     assert [m for m, _, _ in store.forecasts_since(0)] == [M2]
-    if isinstance(store, SQLiteTraffic):  # Redis lets the key expire by itself
+    if not isinstance(store, traffic_redis.RedisTraffic):  # Redis lets the key expire itself
         assert store.forecast(M1) is None
     assert store.forecast(M2) == {"at": later, "cdn_total": 6}
 
@@ -153,9 +161,80 @@ def test_stores_keep_a_bounded_number_of_builds(
 ) -> None:
     monkeypatch.setattr(traffic_store, "MAX_BUILDS", 2)
     monkeypatch.setattr(traffic_redis, "MAX_BUILDS", 2)
+    monkeypatch.setattr(traffic_pg, "MAX_BUILDS", 2)
     r = TrafficRecorder()
     for i, mid in enumerate((M1, M2, M3)):
         r.sample([rel(mid, 1, 1, 1)], T0 + 60 * (i + 1))
         write(store, r)
     assert store.series(M1) == (None, [])
     assert [store.series(m)[0] for m in (M2, M3)] == [MIN0 + 1, MIN0 + 2]
+
+
+def test_two_postgres_replicas_flushing_at_once_count_every_add_once(pg_url: str) -> None:
+    """Two replicas (each its own connections) flush overlapping batches at the same time: no
+    flush waits on the other in a cycle (a deadlock would fail one), every add and online count
+    is summed once, and each minute keeps the highest level either wrote."""
+    stores = [traffic_pg.PGTraffic(PGDatabase(pg_url)) for _ in range(2)]
+    builds = [bytes([i]) * 32 for i in range(1, 9)]
+    rounds = 20
+    errors: list[BaseException] = []
+
+    def replica(store: traffic_pg.PGTraffic, order: list[bytes], bias: int) -> None:
+        try:
+            for i in range(rounds):
+                r = TrafficRecorder()
+                r.sample([rel(mid, i + bias, 10 * i, i) for mid in order], T0 + 60 * (i % 4 + 1))
+                for mid in order:
+                    r.outcome("game", mid, 1, 2, T0 + 60 * (i % 4))
+                r.announced("game", T0)
+                store.write(r.take())
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=replica, args=(stores[0], builds, 0)),
+        threading.Thread(target=replica, args=(stores[1], builds[::-1], 1)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    for mid in builds:
+        _, rows = stores[0].series(mid)
+        assert sum(row.adds["reused"] for row in rows) == 2 * rounds
+        assert sum(row.adds["patches"] for row in rows) == 4 * rounds
+        # minute k was sampled in rounds i with i % 4 == k: the highest is replica 2's last
+        top = {row.minute - MIN0: row.levels["completed"] for row in rows if row.levels}
+        assert top == {k: max(i for i in range(rounds) if i % 4 == k) + 1 for k in range(4)}
+    assert stores[1].online_cells("game", T0) == [(int(T0) // 86400, 0, 2 * rounds)]
+    for s in stores:
+        s.db.close()
+
+
+def test_registry_copy_moves_the_sqlite_series_into_postgres(tmp_path: Path, pg_url: str) -> None:
+    """What `tracker registry copy` does with DIR/traffic.db: every minute, online cell and
+    forecast arrives as it was, and the series goes on from there."""
+    old = SQLiteTraffic(tmp_path / "traffic.db")
+    r = TrafficRecorder()
+    for i, mid in enumerate((M1, M2)):
+        r.sample([rel(mid, 1 + i, 100, 50)], T0 + 60)
+        r.sample([rel(mid, 3 + i, 400, 60)], T0 + 180)
+        r.outcome("game", mid, 30, 4, T0 + 120)
+        r.announced("game", T0 + 5)
+        write(old, r)
+    old.put_forecast(M1, "game", {"at": T0, "cdn_total": 5})
+    db = PGDatabase(pg_url)
+    new = traffic_pg.PGTraffic(db)
+    with db.tx("copy") as c:
+        counts = traffic_pg.copy_traffic(c, tmp_path / "traffic.db")
+    assert counts == {"traffic_builds": 2, "traffic_minutes": 4, "forecasts": 1}
+    for mid in (M1, M2, M3):
+        assert new.series(mid) == old.series(mid)
+    assert new.online_cells("game", T0) == old.online_cells("game", T0)
+    assert new.forecasts_since(0) == old.forecasts_since(0)
+    r.sample([rel(M3, 1, 1, 1)], T0 + 60)  # a new build is numbered after the copied ones
+    new.write(r.take())
+    assert new.series(M3)[0] == MIN0
+    old.close()
+    db.close()
