@@ -295,6 +295,17 @@ def _page_headers(nonce: str) -> dict[str, str]:
     }
 
 
+def by_method(**handlers: Handler) -> Handler:
+    """One handler per method on one route, so that a 405 on the path lists every method the
+    path has in its ``Allow`` (two routes for one path would each list only their own)."""
+
+    async def handle(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method  # Starlette adds HEAD
+        return await handlers[method](request)
+
+    return handle
+
+
 def make_app(service: Service, token: str, hosts: set[str] | None = None) -> Starlette:
     """The ASGI app. ``hosts``: the Host headers accepted (the server fills it once bound)."""
     guard = Guard(token, hosts if hosts is not None else set())
@@ -307,12 +318,10 @@ def make_app(service: Service, token: str, hosts: set[str] | None = None) -> Sta
     routes = [
         route("/", api.page, ["GET"], auth=False),
         route(f"{p}/openapi.json", api.openapi, ["GET"], auth=False),
-        route(f"{p}/library", api.library, ["GET"]),
-        route(f"{p}/library", api.add, ["POST"]),
+        route(f"{p}/library", by_method(GET=api.library, POST=api.add), ["GET", "POST"]),
         route(f"{p}/library/{{entry}}", api.entry, ["GET", "PATCH", "DELETE"]),
         route(f"{p}/library/{{entry}}/move", api.move, ["POST"]),
-        route(f"{p}/jobs", api.jobs, ["GET"]),
-        route(f"{p}/jobs", api.new_job, ["POST"]),
+        route(f"{p}/jobs", by_method(GET=api.jobs, POST=api.new_job), ["GET", "POST"]),
         route(f"{p}/jobs/{{job}}", api.job, ["GET", "DELETE"]),
         route(f"{p}/jobs/{{job}}/{{verb}}", api.job_action, ["POST"]),
         route(f"{p}/updates/check", api.check_updates, ["POST"]),
@@ -329,7 +338,9 @@ def make_app(service: Service, token: str, hosts: set[str] | None = None) -> Sta
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         fix = "see /api/v1/openapi.json for the routes and their methods"
-        return error_json(exc.status_code, str(exc.detail), "http", fix)
+        answer = error_json(exc.status_code, str(exc.detail), "http", fix)
+        answer.headers.update(exc.headers or {})  # a 405's Allow (RFC 9110)
+        return answer
 
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
     app.state.api = api

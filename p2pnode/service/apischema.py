@@ -4,19 +4,22 @@ One set of definitions serves both: the handlers check every request body with
 :func:`check_body` against the schemas in :data:`BODIES`, and :func:`openapi_document` puts the
 same dicts into ``/api/v1/openapi.json``; a bound changed here changes both. The checker knows
 only the small JSON Schema subset these bodies use (object, string, integer, number, boolean,
-array, enum, type lists, required, additionalProperties false, length and value bounds), so the
-service needs no schema library at run time. Deep checks (a trust key's form, a schedule
-window) stay with the cores (``library``, ``settings``), which raise ``UsageError`` with a fix.
+array, enum, anyOf, type lists, required, additionalProperties false, patterns, length and value
+bounds), so the service needs no schema library at run time. What the API takes is exactly what
+the document declares; deeper checks (a trust key's form) stay with the cores (``library``,
+``settings``), which raise ``UsageError`` with a fix.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ..errors import UsageError
 from ..release.manifest import NAME_PATTERN
 from .job import JobKind, JobState
 from .library import MAX_TRUST_KEYS, MAX_URL
+from .schedule import MAX_WINDOWS
 from .settings import KEYS
 
 __all__ = ["BODIES", "PREFIX", "check_body", "openapi_document"]
@@ -28,10 +31,35 @@ _ID = {"type": "string", "minLength": 1, "maxLength": 32}
 _RATE = {
     "type": ["string", "integer"],
     "maxLength": 32,
+    # units.parse_size's form (the server also takes other Unicode digits and spaces)
+    "pattern": r"^ *[0-9]+(\.[0-9]+)? *[KMGTkmgt]?([Ii]?[Bb])? *$",
     "minimum": 0,
+    "maximum": 2**53,
     "description": "bytes/s, or with K/M/G as on the command line; 0: no cap",
 }
-_WINDOWS = {"type": "array", "maxItems": 64, "items": {"type": "object"}}
+_DAY = {"enum": ["all", "weekdays", "weekend", "mon", "tue", "wed", "thu", "fri", "sat", "sun"]}
+_TIME_OF_DAY = {"type": "string", "pattern": "^([01]?[0-9]|2[0-3]):[0-5][0-9]$"}
+_WINDOW_KEYS = {
+    "days": {
+        "anyOf": [_DAY, {"type": "array", "minItems": 1, "maxItems": 16, "items": _DAY}],
+        "description": 'default "all"',
+    },
+    "begin": {**_TIME_OF_DAY, "description": "HH:MM, local time"},
+    "end": {**_TIME_OF_DAY, "description": "HH:MM; at or before begin: the next day"},
+}
+
+
+def _windows(**extra: Any) -> dict[str, Any]:
+    """An array of schedule windows (schedule.py), each with ``extra`` keys beside its own."""
+    item = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["begin", "end"],
+        "properties": {**_WINDOW_KEYS, **extra},
+    }
+    return {"type": "array", "maxItems": MAX_WINDOWS, "items": item}
+
+
 _NULLABLE = {"type": "null", "description": "null: back to the config file's value"}
 
 #: Request bodies, by name (the OpenAPI component names).
@@ -130,8 +158,12 @@ BODIES: dict[str, dict[str, Any]] = {
             "max_active": {"type": ["integer", "null"], "minimum": 1, "maximum": 64},
             "max_download_rate": {**_RATE, "type": ["string", "integer", "null"]},
             "max_upload_rate": {**_RATE, "type": ["string", "integer", "null"]},
-            "alt_speed": {**_WINDOWS, "type": ["array", "null"]},
-            "update_window": {**_WINDOWS, "type": ["array", "null"]},
+            "alt_speed": {
+                **_windows(download=_RATE, upload=_RATE),
+                "type": ["array", "null"],
+                "description": "windows with their own caps (download, upload)",
+            },
+            "update_window": {**_windows(), "type": ["array", "null"]},
         },
     },
 }
@@ -166,9 +198,16 @@ def _check(value: object, schema: dict[str, Any], where: str) -> None:
     if "enum" in schema and value not in schema["enum"]:
         choices = ", ".join(str(c) for c in schema["enum"])
         raise UsageError(f"{where} must be one of {choices}", fix=f"use one of {choices}")
+    if "anyOf" in schema:
+        _check_any(value, schema["anyOf"], where)
     if isinstance(value, str):
         if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", 1 << 30):
             raise UsageError(f"{where} is empty or too long", fix="see /api/v1/openapi.json")
+        if "pattern" in schema and not _matches(schema["pattern"], value):
+            raise UsageError(
+                f"{where} {value!r} is not of the form {schema['pattern']}",
+                fix="see /api/v1/openapi.json",
+            )
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         if not schema.get("minimum", -float("inf")) <= value <= schema.get("maximum", float("inf")):
             lo, hi = schema.get("minimum"), schema.get("maximum")
@@ -198,8 +237,44 @@ def _check(value: object, schema: dict[str, Any], where: str) -> None:
                 _check(v, props[k], f"{where}.{k}")
 
 
+def _check_any(value: object, choices: list[dict[str, Any]], where: str) -> None:
+    """``anyOf``: the first choice's complaint when none fits."""
+    first: UsageError | None = None
+    for choice in choices:
+        try:
+            _check(value, choice, where)
+        except UsageError as exc:
+            first = first or exc
+        else:
+            return
+    assert first is not None
+    raise first
+
+
+def _matches(pattern: str, value: str) -> bool:
+    """A JSON Schema ``pattern`` (ECMA-262: a search, ``$`` only at the very end) in Python's
+    ``re``, whose ``$`` would also match before a final newline; the patterns here use only
+    the syntax both share (classes, groups, ``?``/``*``/``+``/``{m,n}``, anchors)."""
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.search(pattern, value) is not None
+
+
+def _whole(value: object) -> object:
+    """``value`` with every whole-number float (``5.0``) as an int: JSON Schema's integer
+    takes both spellings, and the cores expect an int."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_whole(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole(v) for k, v in value.items()}
+    return value
+
+
 def check_body(name: str, body: object) -> dict[str, Any]:
     """The body as the handler may use it, or ``UsageError`` (a 400) if it breaks ``name``."""
+    body = _whole(body)
     _check(body, BODIES[name], "the request body")
     assert isinstance(body, dict)
     return body
@@ -304,6 +379,7 @@ def _op(
     *,
     status: int = 200,
     body: str | None = None,
+    body_optional: bool = False,
     params: tuple[str, ...] = (),
     media: str = "application/json",
     public: bool = False,
@@ -322,7 +398,7 @@ def _op(
     }
     op["security"] = [] if public else [{"bearer": []}, {"cookie": []}]
     if body is not None:
-        op["requestBody"] = {"required": True, "content": _json(_ref(body))}
+        op["requestBody"] = {"required": not body_optional, "content": _json(_ref(body))}
     if params:
         op["parameters"] = [
             {"name": p, "in": "path", "required": True, "schema": _ID} for p in params
@@ -394,6 +470,7 @@ def _paths() -> dict[str, Any]:
                 "it waits for an update window",
                 jobs,
                 body="EntryRef",
+                body_optional=True,  # no body: every entry
             ),
         },
         "/updates/apply": {
