@@ -87,6 +87,31 @@ async def adopt(
             await t.load.tick(clock.now + 1, force=True)
 
 
+async def clocked_tracker(
+    backend: str,
+    make_tracker: Callable[..., Tracker],
+    publisher: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest | None = None,
+) -> tuple[Clock, Tracker, TrackerClient]:
+    """A tracker on ``backend`` (sqlite, redis, postgres) whose clock, and the signing clock of
+    the nodes' announces, is a :class:`Clock` the test moves; app ``APP`` registered."""
+    clock = Clock()
+    monkeypatch.setattr(tracker_api, "time", types.SimpleNamespace(time=clock))
+    kw: dict[str, Any] = {"clock": clock, "client_rate": 0.0}
+    if backend == "redis":
+        assert request is not None
+        url = request.getfixturevalue("redis_url")
+        kw.update(redis_url=url, registry_url=url)
+    elif backend == "postgres":
+        assert request is not None
+        kw.update(registry_url=request.getfixturevalue("pg_url"))
+    t = make_tracker(**kw)
+    client = client_for(t)
+    await client.add_app(APP, keys.public_key_bytes(publisher))
+    return clock, t, client
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
 async def test_a_forecast_is_printed_beside_what_followed(
     backend: str,
@@ -97,17 +122,7 @@ async def test_a_forecast_is_printed_beside_what_followed(
     request: pytest.FixtureRequest,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    clock = Clock()
-    monkeypatch.setattr(tracker_api, "time", types.SimpleNamespace(time=clock))
-    kw: dict[str, Any] = {"clock": clock, "client_rate": 0.0}
-    if backend == "redis":
-        url = request.getfixturevalue("redis_url")
-        kw.update(redis_url=url, registry_url=url)
-    elif backend == "postgres":
-        kw.update(registry_url=request.getfixturevalue("pg_url"))
-    t = make_tracker(**kw)
-    client = client_for(t)
-    await client.add_app(APP, keys.public_key_bytes(publisher))
+    clock, t, client = await clocked_tracker(backend, make_tracker, publisher, monkeypatch, request)
     http = client._http
     nodes = [keys.generate_key() for _ in range(NODES)]
     t0 = clock.now
@@ -181,7 +196,8 @@ async def test_a_forecast_is_printed_beside_what_followed(
     for bad in ("/v1/apps/game/builds/x/traffic", "/v1/apps/game/builds/99/forecast"):
         assert (await http.get(bad)).status_code in (400, 404)
     if backend == "postgres":  # a replica on another host (a DIR of its own) reads the same
-        other = make_tracker("other", **kw)
+        pg = request.getfixturevalue("pg_url")  # the same database as the first tracker's
+        other = make_tracker("other", clock=clock, client_rate=0.0, registry_url=pg)
         assert not any((tmp_path / d / "traffic.db").exists() for d in ("t", "other"))
         for read in ("forecast", "series"):
             mine = await trio.to_thread.run_sync(getattr(t.load.store, read), two.id)
@@ -225,17 +241,7 @@ async def test_a_release_past_the_series_retention_still_shapes_the_next_forecas
     monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
 ) -> None:
-    clock = Clock()
-    monkeypatch.setattr(tracker_api, "time", types.SimpleNamespace(time=clock))
-    kw: dict[str, Any] = {"clock": clock, "client_rate": 0.0}
-    if backend == "redis":
-        url = request.getfixturevalue("redis_url")
-        kw.update(redis_url=url, registry_url=url)
-    elif backend == "postgres":
-        kw.update(registry_url=request.getfixturevalue("pg_url"))
-    t = make_tracker(**kw)
-    client = client_for(t)
-    await client.add_app(APP, keys.public_key_bytes(publisher))
+    clock, t, client = await clocked_tracker(backend, make_tracker, publisher, monkeypatch, request)
     nodes = [keys.generate_key() for _ in range(NODES)]
     t0 = clock.now
     one = build(publisher, 1, [1, 2, 3, 4], clock.now)

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,10 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from p2pnode.discovery import tracker_api
 from p2pnode.release import keys
 from tests.support.chromium import Chromium
-from tests.support.tracker import ADMIN, APP, client_for, start
-from tests.tracker.test_load import CHUNK, FROM_CDN, NODES, Clock, adopt, build
+from tests.support.tracker import ADMIN, APP, start
+from tests.tracker.test_load import CHUNK, FROM_CDN, NODES, adopt, build, clocked_tracker
 from tracker import Tracker
 
 #: the chart's lines as drawn (tracker/static/load.js's LOAD_COLORS), in RGB
@@ -71,11 +69,7 @@ async def test_the_load_section_shows_the_forecast_beside_what_followed(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    clock = Clock()
-    monkeypatch.setattr(tracker_api, "time", types.SimpleNamespace(time=clock))
-    t = make_tracker(clock=clock, client_rate=0.0)
-    client = client_for(t)
-    await client.add_app(APP, keys.public_key_bytes(publisher))
+    clock, t, client = await clocked_tracker("sqlite", make_tracker, publisher, monkeypatch)
     nodes = [keys.generate_key() for _ in range(NODES)]
     t0 = clock.now
     one = build(publisher, 1, [1, 2, 3, 4], clock.now)
