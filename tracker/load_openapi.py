@@ -1,5 +1,6 @@
 """The OpenAPI description of the load routes (:mod:`tracker.load_http`), merged into
-``/openapi.json`` by :mod:`tracker.openapi` from the same definitions the handlers use."""
+``/openapi.json`` by :mod:`tracker.openapi` from the same definitions the handlers use and the
+same parts (:mod:`tracker.openapi_parts`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from .forecast import BINS, HORIZON_MIN, MODEL
 from .load_http import BUILD_PATTERN
+from .openapi_parts import _APP, _HEX64, _NAME, _op, _path, _ref, upload_op
 from .traffic import ADD_NAMES, LEVEL_NAMES
 
 __all__ = ["load_paths", "load_schemas"]
@@ -20,8 +22,6 @@ _POINTS = {
 
 
 def load_schemas() -> dict[str, Any]:
-    from .openapi import _HEX64, _NAME, _ref
-
     minute = {
         "type": "object",
         "required": ["t", *LEVEL_NAMES, *ADD_NAMES],
@@ -146,8 +146,6 @@ def load_schemas() -> dict[str, Any]:
 
 
 def load_paths() -> dict[str, Any]:
-    from .openapi import _APP, _HEX64, _op, _path, upload_op
-
     build = _path("build", {"type": "string", "pattern": BUILD_PATTERN})
     manifest = {
         "name": "manifest",
