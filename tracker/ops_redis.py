@@ -28,7 +28,8 @@ from .backend import AuditEntry
 from .errors import Conflict
 from .ops_sqlite import audit_row, read_ops_snapshot
 from .outcomes import MAX_RELEASES, Outcome, counts_of, summary
-from .registry_redis import RedisRegistry, _text
+from .registry_redis import RedisRegistry
+from .registry_redis_link import _text
 from .rollout import Rollout
 
 __all__ = ["RedisOps"]

@@ -37,20 +37,8 @@ published on another replica a moment later. Heads, channel lists and history ar
 Redis on every call (one round trip, ~100 us on loopback): they change, and a read after a
 publish on another replica must see it, as with SQLite.
 
-**Blocking.** redis-py is synchronous. The app runs every call that may reach Redis from a
-request handler (writes, which carry manifests of up to 64 MiB; heads, channel lists, history,
-the app list, release labels and manifest reads) in a worker thread
-(``RedisRegistry.blocking``); only the cached lookups (``get_app``, ``manifest_info``,
-asked synchronously by token checks and announces) run inline, and on a miss their client's
-short timeouts hold the event loop for at most ``FAST_TIMEOUT``. After a failure to reach Redis
-every call fails at once for ``DOWN_BACKOFF`` (a circuit breaker: requests do not each wait out
-a timeout against a dead host) until a :meth:`~RedisRegistry.data_version` probe, which the
-watcher makes every 0.2 s from a worker thread, gets through again.
-
-**Errors.** Any Redis failure becomes :class:`RegistryUnavailable` (HTTP 503, JSON
-``registry_unavailable``, naming the server and the cause). A change that fails this way was
-either applied whole or not at all; if the connection dropped after Redis ran the script, a
-retried publish is refused with 409 (the build is already there): read the channel's head.
+**Blocking** and **errors**: :mod:`tracker.registry_redis_link` (the clients, the circuit
+breaker, what a failure becomes).
 
 Keys (under the prefix, ``trk:`` unless ``--redis-prefix``; app and channel names cannot
 contain ``:``)::
@@ -68,19 +56,16 @@ contain ``:``)::
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from p2pnode.discovery.tracker_api import ChannelHead
 
 from .backend import AppRow, Publication
-from .errors import Conflict, RegistryUnavailable
+from .errors import Conflict
 from .lru import LRU
+from .registry_redis_link import RedisLink, _text
 
 __all__ = ["RedisRegistry"]
 
@@ -91,12 +76,6 @@ MANIFEST_CACHE_BYTES = 64 << 20
 MANIFEST_CACHE_ENTRIES = 4096
 #: Apps and manifest infos cached per replica (small rows).
 ROW_CACHE_ENTRIES = 65_536
-#: Seconds every call fails at once after Redis could not be reached (unless a probe succeeds).
-DOWN_BACKOFF = 1.0
-#: Connect timeout, and the read timeout of calls made on the event loop (small reads).
-FAST_TIMEOUT = 1.0
-#: Read timeout of calls made from worker threads (writes carrying up to 64 MiB; manifest reads).
-SLOW_TIMEOUT = 10.0
 
 
 def _lua(name: str) -> str:
@@ -112,22 +91,12 @@ _ADD_APP_LUA = _lua("registry_redis_add_app.lua")
 _PREVIOUS_LUA = _lua("registry_redis_previous.lua")
 
 
-def _where(url: str) -> str:
-    """``host:port/db`` of a Redis URL, for messages (never the password)."""
-    parts = urlsplit(url)
-    db = parts.path.lstrip("/") or "0"
-    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}/{db}"
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class RedisRegistry:
+class RedisRegistry(RedisLink):
     """Apps, manifests and channels in redis-server, shared by replicas on any host.
 
     Same interface (:class:`tracker.backend.RegistryStore`) and semantics as
-    :class:`tracker.registry_sqlite.SQLiteRegistry`; see the module docstring.
+    :class:`tracker.registry_sqlite.SQLiteRegistry`; see the module docstring. Its clients and
+    circuit breaker are :class:`~tracker.registry_redis_link.RedisLink`'s.
 
     Args:
         url: ``redis://[:password@]host:port/db`` (``rediss://`` for TLS).
@@ -142,67 +111,17 @@ class RedisRegistry:
     blocking = True
 
     def __init__(self, url: str, *, prefix: str = "trk:") -> None:
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        self.where = _where(url)
+        super().__init__(url)
         self.p = prefix + "reg:"
-
-        def client(timeout: float) -> Any:
-            # One retry on a fresh connection (a pooled one may be dead after a Redis restart);
-            # redis-py's default (10 retries with backoff) would hold a request for seconds.
-            return redis.Redis.from_url(
-                url,
-                socket_timeout=timeout,
-                socket_connect_timeout=FAST_TIMEOUT,
-                health_check_interval=30,
-                retry=Retry(NoBackoff(), 1),
-            )
-
-        self._fast: Any = client(FAST_TIMEOUT)
-        self._slow: Any = client(SLOW_TIMEOUT)
         self._publish = self._slow.register_script(_PUBLISH_LUA)
         self._move_to = self._slow.register_script(_MOVE_TO_LUA)
         self._add_app = self._slow.register_script(_ADD_APP_LUA)
         self._previous = self._fast.register_script(_PREVIOUS_LUA)
-        self._down_until = 0.0
         self._seen_version = -1
         self._apps = LRU(ROW_CACHE_ENTRIES)
         self._rotations = LRU(ROW_CACHE_ENTRIES)
         self._infos = LRU(ROW_CACHE_ENTRIES)
         self._manifests = LRU(MANIFEST_CACHE_ENTRIES, MANIFEST_CACHE_BYTES)
-
-    def close(self) -> None:
-        self._fast.close()
-        self._slow.close()
-
-    @contextmanager
-    def _redis(self, what: str, *, probe: bool = False) -> Iterator[None]:
-        """Translate redis-py's errors into :class:`RegistryUnavailable`; the circuit breaker.
-
-        ``probe``: try even while the breaker is open (and close it on success).
-        """
-        import redis
-
-        if not probe and time.monotonic() < self._down_until:
-            raise RegistryUnavailable(
-                f"cannot {what}: the registry's redis at {self.where} was unreachable "
-                f"within the last {DOWN_BACKOFF:g} s"
-            )
-        try:
-            yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            self._down_until = time.monotonic() + DOWN_BACKOFF
-            raise RegistryUnavailable(
-                f"cannot {what}: the registry's redis at {self.where} is unreachable ({exc})"
-            ) from exc
-        except redis.exceptions.RedisError as exc:  # e.g. READONLY, MISCONF, OOM, NOAUTH
-            raise RegistryUnavailable(
-                f"cannot {what}: the registry's redis at {self.where} refused: {exc}"
-            ) from exc
-        if probe:
-            self._down_until = 0.0
 
     # ---------------------------------------------------------------- change feed
 
@@ -459,68 +378,9 @@ class RedisRegistry:
             Conflict: this registry is not empty (or a replica wrote to it meanwhile).
             RegistryUnavailable: Redis failed; nothing was written.
         """
-        import redis
+        from .registry_redis_copy import copy_sqlite_registry
 
-        from .registry_sqlite import read_snapshot
-
-        snap = read_snapshot(path)
-        apps, manifests, events, heads = snap.apps, snap.manifests, snap.events, snap.heads
-        last_seq = snap.last_seq
-        info = {bytes(m[0]): (m[2], m[3]) for m in manifests}
-        at_of = {e[0]: e[5] for e in events}
-        p = self.p
-        guarded = [p + "ver", p + "seq", p + "apps"]
-        with self._redis("copy the SQLite registry"), self._slow.pipeline() as pipe:
-            try:
-                pipe.watch(*guarded)
-                if pipe.exists(*guarded):
-                    raise Conflict(
-                        f"the registry in redis at {self.where} (prefix {p}) is not empty",
-                        fix="copy into an empty redis database or another --redis-prefix",
-                    )
-                pipe.multi()
-                for name, app_key, token_hash, created in apps:
-                    pipe.hset(p + "apps", name, json.dumps(
-                        {"key": bytes(app_key).hex(), "token_hash": bytes(token_hash).hex(),
-                         "created": created}))  # fmt: skip
-                for mid, app, build, version, size, signed, uploaded in manifests:
-                    h = bytes(mid).hex()
-                    pipe.hset(p + "m:" + h, mapping={
-                        "app": app, "build": str(build), "version": version, "size": size,
-                        "signed": bytes(signed), "uploaded": repr(uploaded)})  # fmt: skip
-                    pipe.hset(p + "releases", h, json.dumps([app, build, version]))
-                for seq, app, channel, mid, action, at, actor in events:
-                    build, version = info[bytes(mid)]
-                    key = f"{p}h:{app}:{channel}"
-                    pipe.lpush(key, json.dumps(
-                        {"seq": seq, "manifest_id": bytes(mid).hex(), "action": action,
-                         "at": repr(at), "actor": actor, "build": str(build),
-                         "version": version}))  # fmt: skip
-                    pipe.ltrim(key, 0, HISTORY_KEEP - 1)
-                for app, channel, seq, mid, max_build in heads:
-                    build, version = info[bytes(mid)]
-                    pipe.hset(f"{p}ch:{app}:{channel}", mapping={
-                        "seq": seq, "mid": bytes(mid).hex(), "build": str(build),
-                        "version": version, "at": repr(at_of[seq]),
-                        "max_build": str(max_build)})  # fmt: skip
-                    pipe.sadd(f"{p}chs:{app}", channel)
-                for app, old, signed, _added in snap.rotations:
-                    pipe.hsetnx(f"{p}rot:{app}", bytes(old).hex(), bytes(signed))
-                pipe.set(p + "seq", last_seq)
-                pipe.incr(p + "ver")
-                pipe.execute()
-            except redis.exceptions.WatchError as exc:
-                raise Conflict(
-                    f"a tracker wrote to the registry in redis at {self.where} during the copy",
-                    fix="stop the replicas that use --registry, empty it, and copy again",
-                ) from exc
-        return {
-            "apps": len(apps),
-            "manifests": len(manifests),
-            "moves": len(events),
-            "channels": len(heads),
-            "rotations": len(snap.rotations),
-        }
+        return copy_sqlite_registry(self, path)
 
     def previous_head(self, app: str, channel: str) -> bytes | None:
         """The manifest the channel pointed at before its current head (for rollback)."""

@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .registry_redis import RedisRegistry, _text
+from .registry_redis import RedisRegistry
+from .registry_redis_link import _text
 from .traffic import (
     ADD_NAMES,
     FORECAST_RETENTION_S,
