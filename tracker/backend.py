@@ -44,8 +44,9 @@ import trio
 
 from p2pnode.discovery.tracker_api import ChannelHead
 
-from .core import Announce, PeerQuality, Report
+from .core import Announce, Report
 from .outcomes import Outcome
+from .quality import PeerQuality
 from .rollout import Rollout
 
 __all__ = [
@@ -107,7 +108,7 @@ class SwarmStore(Protocol):
         ...
 
     async def announce(self, c: AnnounceCommit) -> AnnounceAnswer | None:
-        """Apply the announce; return the answer (peers ranked as ``core.rank_peers``
+        """Apply the announce; return the answer (peers ranked as ``quality.rank_peers``
         specifies and serialised, and the swarm's seeder and leecher counts); ``None`` if
         ``c.digest`` was already seen (a replay) and nothing changed."""
         ...

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .core import PeerQuality, quality_score
+from .quality import PeerQuality, quality_score
 
 __all__ = ["UNKNOWN_SCORE", "quality_stats", "release_stats", "score_histogram"]
 

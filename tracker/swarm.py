@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .backend import AnnounceAnswer, AnnounceCommit, ReportCommit
-from .core import PeerQuality, update_quality
+from .quality import PeerQuality, update_quality
 from .stats import quality_stats, release_stats
 from .swarm_members import Dirty, Member, SwarmMembers
 from .swarm_rank import PARTIAL_SWARMS, PARTIAL_WINDOW_S, RANK_REFRESH, SwarmRanking

@@ -58,8 +58,8 @@ from typing import Any
 import trio
 
 from .backend import AnnounceAnswer, AnnounceCommit, ReportCommit
-from .core import PeerQuality
 from .errors import LogUnavailable, RedisUnavailable
+from .quality import PeerQuality
 from .resp import TrioRedis
 from .swarm_log_state import (
     ReplicaState,

@@ -20,8 +20,9 @@ import zlib
 from typing import Any
 
 from .backend import AnnounceCommit, ReportCommit
-from .core import EVENTS, Announce, PeerQuality, PeerReport, Report
+from .core import EVENTS, Announce, PeerReport, Report
 from .errors import LogFormatError
+from .quality import PeerQuality
 from .swarm import MemorySwarm
 from .swarm_members import Member
 

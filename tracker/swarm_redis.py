@@ -5,8 +5,8 @@ Theory of operation
 Every announce and report is a single Lua script (one round trip, atomic), so two replicas can
 never interleave half-updates of the same swarm. The scripts are ``swarm_redis_announce.lua``
 and ``swarm_redis_report.lua`` beside this module, read once at import. Quality scores use the
-formula of :func:`tracker.core.quality_score` (the Lua copy is checked against it by the tests),
-and the announce script ranks the answer in Redis as :func:`tracker.core.rank_peers` specifies,
+formula of :func:`tracker.quality.quality_score` (the Lua copy is checked against it by the tests),
+and the announce script ranks the answer in Redis as :func:`tracker.quality.rank_peers` specifies,
 sending back only the answer.
 
 redis-py's client is synchronous: every call runs in a worker thread. Announces that arrive
@@ -31,8 +31,8 @@ from p2pnode.discovery.dht.records import PeerRecordError, decode_bundle
 from p2pnode.release import keys
 
 from .backend import AnnounceAnswer, AnnounceCommit, ReportCommit
-from .core import FLAG_REPORTERS, RATE_HALF, PeerQuality
 from .errors import SwarmUnavailable
+from .quality import FLAG_REPORTERS, RATE_HALF, PeerQuality
 from .stats import UNKNOWN_SCORE, quality_stats, release_stats
 from .swarm import ADOPTION_KEEP_S, PARTIAL_SWARMS
 

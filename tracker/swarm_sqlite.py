@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from .backend import AnnounceAnswer, AnnounceCommit, ReportCommit
-from .core import PeerQuality
+from .quality import PeerQuality
 from .registry_sqlite import connect
 from .swarm import ADOPTION_KEEP_S, MemorySwarm
 from .swarm_members import Dirty, Member

@@ -18,14 +18,8 @@ from p2pnode.release import manifest as M
 from tests.support.tracker import APP, client_for, long_poll_woken, start, synced
 from tracker import Tracker
 from tracker.backend import AnnounceCommit, ReportCommit
-from tracker.core import (
-    Announce,
-    Candidate,
-    PeerQuality,
-    PeerReport,
-    rank_peers,
-    update_quality,
-)
+from tracker.core import Announce, PeerReport
+from tracker.quality import Candidate, PeerQuality, rank_peers, update_quality
 from tracker.stats import UNKNOWN_SCORE
 from tracker.swarm_redis import RedisSwarm
 
@@ -112,7 +106,7 @@ async def test_two_replicas_answer_consistently(
 async def test_quality_formula_is_the_same_in_both_stores(
     make_tracker: Callable[..., Tracker], redis_url: str, store: str
 ) -> None:
-    """The Lua copy of the score arithmetic matches tracker.core's."""
+    """The Lua copy of the score arithmetic matches tracker.quality's."""
     import os
     import time
 
@@ -159,7 +153,7 @@ def test_redis_ranks_as_the_reference_ranking(
     redis_url: str, cands: list[tuple[int, bool, str, int]], want: int
 ) -> None:
     """The Lua script's ranking (done in Redis, only the answer sent back) orders exactly as
-    ``core.rank_peers`` over the same swarm state."""
+    ``quality.rank_peers`` over the same swarm state."""
     import redis
 
     r = redis.Redis.from_url(redis_url)
