@@ -16,11 +16,11 @@ wakes :class:`tracker.feed.Feed`; a publish on another replica (sharing DIR, or 
 Redis) wakes it within ``FEED_POLL`` seconds, via :meth:`Tracker.watch`.
 
 Where things live: the registry's routes (apps, channels, the feed, manifests) in
-:mod:`tracker.channels`; node and operator routes here. What applies to every request (the
-per-client-address token bucket, 429 before any body is read, and request metrics) is
-:class:`tracker.middleware.RequestMiddleware`; tokens are checked by :mod:`tracker.auth`;
-counters are :mod:`tracker.metrics`. The stores sit behind :mod:`tracker.backend`'s interfaces,
-picked by :func:`open_tracker`.
+:mod:`tracker.channels`; node routes here, operator routes in :mod:`tracker.operator_http`.
+What applies to every request (the per-client-address token bucket, 429 before any body is
+read, and request metrics) is :class:`tracker.middleware.RequestMiddleware`; tokens are checked
+by :mod:`tracker.auth`; counters are :mod:`tracker.metrics`. The stores sit behind
+:mod:`tracker.backend`'s interfaces, picked by :func:`tracker.stores.open_tracker`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import blake3
@@ -44,14 +43,12 @@ from p2pnode.discovery.tracker_api import CLIENT_FIELD, SESSION_HEADER, SIGNATUR
 
 from . import core
 from .alerts import AlertWatch
-from .auth import require_admin
 from .backend import AnnounceCommit, OpsStore, RegistryStore, ReportCommit, SwarmStore
 from .channels import ChannelRoutes
-from .config import TrackerConfig, is_postgres_url
+from .config import TrackerConfig
 from .core import MAX_SKEW
 from .errors import (
     APIError,
-    BadRequest,
     Conflict,
     NotFound,
     RateLimited,
@@ -60,25 +57,22 @@ from .errors import (
 )
 from .feed import Feed
 from .fleet_http import FleetCollector, FleetRoutes
-from .fleet_store import LocalFleet, open_fleet
+from .fleet_store import LocalFleet
 from .keyrotation import RotationRoutes
 from .load_http import LoadRoutes
 from .metrics import TrackerMetrics
 from .middleware import Buckets, RequestMiddleware
-from .openapi import openapi_document
 from .operations import Operations
-from .ops_sqlite import SQLiteOps
+from .operator_http import OperatorRoutes
 from .outcomes import MAX_OUTCOME_BYTES, parse_outcome
 from .records import VerifiedRecords
-from .registry_sqlite import SQLiteRegistry
 from .releaseinfo import ReleaseInfos
 from .sessions import AnnounceSessions
-from .swarm_sqlite import SQLiteSwarm
-from .traffic_store import TrafficStore, open_traffic
+from .traffic_store import TrafficStore
 from .troubles import Troubles
-from .web import asset, error_response, read_body
+from .web import error_response, read_body
 
-__all__ = ["Tracker", "TrackerConfig", "open_tracker"]
+__all__ = ["Tracker", "TrackerConfig"]
 
 #: How often a replica checks whether another one moved a channel (seconds).
 FEED_POLL = 0.2
@@ -86,7 +80,7 @@ FEED_POLL = 0.2
 log = logging.getLogger(__name__)
 
 
-class Tracker:
+class Tracker(OperatorRoutes):
     """The tracker service: an ASGI app plus its background duties.
 
     Args:
@@ -276,104 +270,6 @@ class Tracker:
                 except Exception as exc:
                     self._troubles.report("traffic series", repr(exc))
 
-    # ---------------------------------------------------------------- operators
-
-    async def _healthz(self, request: Request) -> Response:
-        try:
-            await self._registry_call(self.registry.data_version)
-            await self.swarm.check()
-        except Exception as exc:  # health must answer, whatever broke
-            return JSONResponse({"status": "down", "error": repr(exc)}, status_code=503)
-        return JSONResponse({"status": "ok"})
-
-    async def _dht_bootstrap(self, request: Request) -> Response:
-        """DHT nodes to join through: nodes given only a tracker URL still reach the DHT, which
-        then keeps working for them when this tracker is down."""
-        return JSONResponse({"nodes": list(self.config.dht_bootstrap)})
-
-    async def _refresh_stats(self) -> dict[str, Any]:
-        stats = await self.swarm.stats(self.config.clock())
-        await self.fleet.refresh()
-        labels = await self._registry_call(self.registry.releases)
-        for r in stats["releases"]:
-            info = labels.get(bytes.fromhex(r["manifest_id"]))
-            r["build"], r["version"] = (info[1], info[2]) if info else (None, None)
-            r.update(await self.infos.fields(bytes.fromhex(r["manifest_id"])))
-        stats["releases"].sort(key=lambda r: (r["app"], -(r["build"] or 0)))
-        stats["load"] = self.metrics.load()
-        self.metrics.stats_cache = stats
-        stats["outcomes"] = self.metrics.outcomes_cache = await self._outcome_stats(None, labels)
-        rollouts = await self._registry_call(self.ops.rollouts)
-        stats["rollouts"] = self.metrics.rollouts_cache = [r.view() for r in rollouts]
-        return stats
-
-    async def _outcome_stats(
-        self, app: str | None, labels: dict[bytes, tuple[str, int, str]]
-    ) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = await self._registry_call(self.ops.outcome_stats, app)
-        for r in out:
-            info = labels.get(bytes.fromhex(r["manifest_id"]))
-            r["version"] = info[2] if info else None
-        return out
-
-    async def _stats(self, request: Request) -> Response:
-        stats = await self._refresh_stats()
-        alerts = self._alerts.evaluate(stats, self.metrics.outcomes_cache, self.config.clock())
-        stats["alerts"] = [a.to_json() for a in alerts]
-        return JSONResponse(stats)
-
-    async def _metrics(self, request: Request) -> Response:
-        await self._refresh_stats()
-        body = self.metrics.exposition()
-        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def _openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi_document())
-
-    async def _dashboard(self, request: Request) -> Response:
-        return Response(asset("dashboard.html"), media_type="text/html; charset=utf-8")
-
-    async def _static(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        types = {
-            "dashboard.js": "text/javascript",
-            "dashboard.css": "text/css",
-            "fleet.js": "text/javascript",
-            "fleet.css": "text/css",
-            "load.js": "text/javascript",
-        }
-        if name not in types:
-            raise NotFound(f"no dashboard asset {name}")
-        return Response(asset(name), media_type=types[name] + "; charset=utf-8")
-
-    async def _peer(self, request: Request) -> Response:
-        text = request.path_params["node_id"]
-        if len(text) != 40:
-            raise BadRequest("node id must be 40 hex digits")
-        try:
-            node = bytes.fromhex(text)
-        except ValueError as exc:
-            raise BadRequest("node id must be 40 hex digits") from exc
-        if request.method == "DELETE":
-            actor = require_admin(request, self.config.admin_token)
-            cleared = await self.swarm.clear_peer(node)
-            await self.operations.record(request, "peer-cleared", actor, text, cleared=cleared)
-            return JSONResponse({"node_id": text, "cleared": cleared})
-        q = await self.swarm.quality(node)
-        return JSONResponse(
-            {
-                "node_id": text,
-                "score": round(q.score, 4),
-                "flagged": q.flagged,
-                "mib_received": round(q.mib, 3),
-                "failures": q.failures,
-                "corrupt": q.corrupt,
-                "rate": round(q.rate),
-                "reports": q.reports,
-                "corrupt_reporters": q.corrupt_reporters,
-            }
-        )
-
     # ---------------------------------------------------------------- nodes
 
     def _manifest_app(self, mid: bytes) -> str | None:
@@ -515,60 +411,3 @@ def _replay() -> Conflict:
         "this announce was already received (a replay)",
         fix="sign every announce with a fresh nonce and timestamp",
     )
-
-
-def open_tracker(
-    config: TrackerConfig,
-    data_dir: Path,
-    redis_url: str | None = None,
-    redis_prefix: str = "trk:",
-    redis_mode: str = "script",
-    *,
-    registry_url: str | None = None,
-) -> Tracker:
-    """Open (creating if needed) the stores under ``data_dir`` and build the app.
-
-    ``redis_mode``: ``script`` (state in Redis, one Lua script per announce) or ``log``
-    (state in each replica's memory, changes ordered by a Redis stream: tracker.swarm_log).
-    ``registry_url``: keep the registry, the operations store and the traffic series in that
-    PostgreSQL database (``postgresql://``: tracker.registry_pg) or Redis
-    (tracker.registry_redis, keys under ``redis_prefix``) instead of ``data_dir/registry.db``,
-    ``ops.db`` and ``traffic.db``.
-    """
-    data_dir.mkdir(parents=True, exist_ok=True)
-    registry: RegistryStore
-    ops: OpsStore
-    db = None
-    if is_postgres_url(registry_url):
-        from .ops_pg import PGOps
-        from .pg import PGDatabase
-        from .registry_pg import PGRegistry
-
-        db = PGDatabase(str(registry_url))
-        registry, ops = PGRegistry(db), PGOps(db)
-        traffic = open_traffic(data_dir, db=db)
-    elif registry_url:
-        from .ops_redis import RedisOps
-        from .registry_redis import RedisRegistry
-
-        registry = redis_registry = RedisRegistry(registry_url, prefix=redis_prefix)
-        ops = RedisOps(redis_registry)
-        traffic = open_traffic(data_dir, redis_registry)
-    else:
-        registry = SQLiteRegistry(data_dir / "registry.db")
-        ops = SQLiteOps(data_dir / "ops.db")
-        traffic = open_traffic(data_dir)
-    swarm: SwarmStore
-    if redis_url and redis_mode == "log":
-        from .swarm_log import LogSwarm
-
-        swarm = LogSwarm(redis_url, prefix=redis_prefix)
-    elif redis_url:
-        from .swarm_redis import RedisSwarm
-
-        swarm = RedisSwarm(redis_url, prefix=redis_prefix)
-    else:
-        swarm = SQLiteSwarm(data_dir / "swarm.db")
-    tracker = Tracker(config, registry, swarm, ops, traffic)
-    tracker.fleet.store = open_fleet(redis_url, redis_prefix, db)
-    return tracker

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The app (:mod:`tracker.app`) holds one :class:`SwarmStore` and one :class:`RegistryStore` and
-never asks which kind it has; :func:`tracker.app.open_tracker` picks them from the command line.
+never asks which kind it has; :func:`tracker.stores.open_tracker` picks them from the command line.
 
 Swarm stores (state that changes on every announce and may be lost):
 

@@ -39,11 +39,12 @@ from p2pnode.errors import P2PNodeError, UsageError
 from p2pnode.release import keys
 
 from . import cli_load
-from .app import TrackerConfig, open_tracker
+from .app import TrackerConfig
 from .config import is_postgres_url
 from .errors import Unavailable
 from .rollout import ACTIONS
 from .server import serve_tracker
+from .stores import open_tracker
 
 __all__ = ["main"]
 

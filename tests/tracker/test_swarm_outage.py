@@ -16,7 +16,8 @@ from p2pnode.discovery.tracker import TrackerError
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
 from tests.support.tracker import ADMIN, APP, RedisProcess, client_for
-from tracker.app import Tracker, TrackerConfig, open_tracker
+from tracker.app import Tracker, TrackerConfig
+from tracker.stores import open_tracker
 
 
 @pytest.mark.parametrize("mode", ["script", "log"])
