@@ -112,13 +112,17 @@ class LoadRoutes:
             self.recorder.sample(stats["releases"], now)
         if force or now - self._flushed >= FLUSH_S:
             self._flushed = now
-            batch = self.recorder.take()
-            if batch:
-                try:
-                    await self._call(self.store.write, batch)
-                except BaseException:  # kept for the next try (cancelled included)
-                    self.recorder.restore(batch)
-                    raise
+            for _ in range(2):  # a batch that failed before (whole, with its id), then the new
+                retried = self.recorder.retrying
+                batch = self.recorder.take()
+                if batch:
+                    try:
+                        await self._call(self.store.write, batch)
+                    except BaseException:  # kept for the next try (cancelled included)
+                        self.recorder.restore(batch)
+                        raise
+                if not retried:
+                    break
         if now - self._trimmed >= GC_S:
             self._trimmed = now
             await self._profile(now)
@@ -137,10 +141,11 @@ class LoadRoutes:
 
     def close(self) -> None:
         """Write what is still gathered (a clean stop loses nothing), then close the store."""
-        batch = self.recorder.take()
         try:
-            if batch:
-                self.store.write(batch)
+            for _ in range(2):  # a batch that failed before, then the new
+                batch = self.recorder.take()
+                if batch:
+                    self.store.write(batch)
         except Unavailable as exc:
             log.warning("traffic of the last seconds not written: %s", exc)
         self.store.close()

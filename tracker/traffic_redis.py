@@ -17,6 +17,13 @@ Keys (under the registry's prefix, ``trk:reg:`` unless ``--redis-prefix``)::
     P trf:on:<app>:<day>         hash: hour -> announces
     P trf:fc:<mid hex>           the forecast recorded at its publish (JSON)
     P trf:fcs                    sorted set: manifest id hex, scored by its publish time
+    P trf:b:<batch id hex>       "1": that batch was applied (expires after ``RETENTION_S``)
+
+Each batch is applied once: the script first sets its id's key (``NX``) and changes nothing
+if the key was there, so a write whose reply was lost and that is sent again (redis-py
+resends a command once on a dropped connection, and the recorder retries a failed batch
+whole) does not add its bytes twice. The ids cost about 100 bytes each, one per flush (every
+10 s per replica): ~6 MB per replica over the week they are kept.
 """
 
 from __future__ import annotations
@@ -38,12 +45,16 @@ from .traffic import (
 
 __all__ = ["RedisTraffic"]
 
-# ARGV: prefix, ttl s, max builds, then the batch as JSON: {"m": [[mid, hour, minute, kind,
+# ARGV: prefix, ttl s, max builds, the batch as JSON (below), the longest span of a build's
+# minutes, the batch id (hex) and how long to remember it (s). The id is set first, NX: a
+# batch sent again (redis-py resends a script whose reply was lost) finds it and changes
+# nothing. The batch as JSON: {"m": [[mid, hour, minute, kind,
 # values...]] (kind L: completed, peers, cdn; kind A: reused, patches), "o": [[app, day, hour,
 # n]], "b": [[mid, first, last]]}; numbers are strings (cjson reads numbers as doubles, which
 # tostring would write as 1e+15).
 _WRITE_LUA = """
 local p, ttl, cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if not redis.call('SET', p .. 'b:' .. ARGV[6], '1', 'NX', 'EX', ARGV[7]) then return 0 end
 local b = cjson.decode(ARGV[4])
 local function num(x) return string.format('%.0f', x) end
 for _, c in ipairs(b.m) do
@@ -130,7 +141,15 @@ class RedisTraffic:
             return
         with self._reg._redis("write the traffic series"):
             self._write(
-                args=[self.p, self._ttl, MAX_BUILDS, json.dumps(body), RETENTION_S // 60 + 1440]
+                args=[
+                    self.p,
+                    self._ttl,
+                    MAX_BUILDS,
+                    json.dumps(body),
+                    RETENTION_S // 60 + 1440,
+                    batch.id.hex(),
+                    RETENTION_S,
+                ]
             )
 
     def gc(self, now: float) -> None:

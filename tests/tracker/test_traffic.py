@@ -4,20 +4,25 @@ tracker.traffic_redis, tracker.traffic_pg)."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from tracker import traffic_pg, traffic_redis, traffic_store
+from tracker.errors import RegistryUnavailable
+from tracker.load_http import LoadRoutes
 from tracker.pg import PGDatabase
 from tracker.registry_redis import RedisRegistry
 from tracker.traffic import (
     FORECAST_RETENTION_S,
     RETENTION_S,
     MinuteRow,
+    TrafficBatch,
     TrafficRecorder,
     per_minute,
     release_hour,
@@ -85,16 +90,57 @@ def test_levels_become_bytes_per_minute_and_adds_are_summed() -> None:
     assert [(x["peers"], x["cdn"]) for x in per_minute(trimmed, MIN0)] == [(0, 0), (10, 5)]
 
 
-def test_a_failed_write_is_put_back_for_the_next_flush() -> None:
+def test_a_failed_write_is_retried_whole_before_newer_adds() -> None:
+    """The failed batch comes back as it was, with its id (it may have been applied: only the
+    store can tell), and what arrived meanwhile follows in a batch of its own."""
     r = TrafficRecorder()
     r.outcome("game", M1, 5, 0, T0)
     r.announced("game", T0)
     b = r.take()
     r.outcome("game", M1, 1, 0, T0)
     r.restore(b)
+    assert r.retrying and r.pending_adds(M1) == {MIN0: {"reused": 6}}
     again = r.take()
-    assert again.adds[(M1, MIN0)][1] == {"reused": 6}
+    assert again is b and again.adds[(M1, MIN0)][1] == {"reused": 5} and again.at == T0
     assert again.online == {("game", int(T0) // 86400, 0): 1}
+    newer = r.take()
+    assert not r.retrying and newer.id != b.id and newer.adds[(M1, MIN0)][1] == {"reused": 1}
+    assert not r.take()
+
+
+def test_housekeeping_writes_a_failed_batch_again_then_the_newer_one(tmp_path: Path) -> None:
+    """The tracker's flush: a write that raised (applied or not, it cannot tell) is retried at
+    the next flush with the same batch, before the adds gathered since."""
+    inner = SQLiteTraffic(tmp_path / "traffic.db")
+    written: list[TrafficBatch] = []
+
+    class Flaky:
+        blocking = False
+
+        def write(self, batch: TrafficBatch) -> None:
+            inner.write(batch)
+            written.append(batch)
+            if len(written) == 1:
+                raise RegistryUnavailable("the reply was lost")
+
+    class Swarm:
+        async def stats(self, now: float) -> dict[str, Any]:
+            return {"releases": []}
+
+    routes = LoadRoutes(Flaky(), None, Swarm(), None, "", lambda: T0)  # type: ignore[arg-type]
+    routes._trimmed = T0 + 1e9  # no trimming in this test
+
+    async def go() -> None:
+        routes.recorder.outcome("game", M1, 30, 4, T0)
+        with pytest.raises(RegistryUnavailable):
+            await routes.tick(T0, force=True)
+        routes.recorder.outcome("game", M1, 1, 0, T0)
+        await routes.tick(T0 + 10, force=True)
+
+    trio.run(go)
+    assert [len(b.adds) for b in written] == [1, 1, 1] and written[0] is written[1]
+    assert [row.adds for row in inner.series(M1)[1]] == [{"reused": 31, "patches": 4}]
+    inner.close()
 
 
 def test_the_release_hour_starts_the_busiest_window() -> None:
@@ -129,6 +175,105 @@ def test_stores_keep_the_highest_level_and_sum_adds_across_replicas(store: Traff
     assert store.series(M3) == (None, [])
     assert store.online_cells("game", T0) == [(int(T0) // 86400, 0, 2)]
     assert store.online_cells("tool", T0) == []
+
+
+def test_stores_apply_a_batch_written_twice_once(store: TrafficStore) -> None:
+    """A write whose reply was lost is sent again: the second changes nothing (each store
+    keeps the batch ids it applied), while a new batch with the same figures still adds."""
+    r = TrafficRecorder()
+    r.sample([rel(M1, 1, 100, 50)], T0 + 60)
+    r.outcome("game", M1, 30, 4, T0 + 1)
+    r.announced("game", T0 + 5)
+    b = r.take()
+    store.write(b)
+    store.write(b)
+    _, rows = store.series(M1)
+    assert [row.adds for row in rows] == [{"reused": 30, "patches": 4}]
+    assert store.online_cells("game", T0) == [(int(T0) // 86400, 0, 1)]
+    r.outcome("game", M1, 30, 4, T0 + 1)
+    store.write(r.take())
+    _, rows = store.series(M1)
+    assert [row.adds for row in rows] == [{"reused": 60, "patches": 8}]
+    store.gc(T0 + RETENTION_S + 120)  # past retention, the id is forgotten with the minutes
+    assert store.series(M1)[1] == []
+
+
+class LoseOneReply:
+    """A TCP proxy to redis-server that, once armed, lets the next script (EVAL/EVALSHA) reach
+    the server and then drops that connection instead of passing the reply back: a write
+    applied whose reply was lost. Other traffic passes through."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.armed = False
+        self.scripts = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            doomed = threading.Event()
+            threading.Thread(target=self._up, args=(client, server, doomed), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, doomed), daemon=True).start()
+
+    def _up(self, src: socket.socket, dst: socket.socket, doomed: threading.Event) -> None:
+        while data := self._recv(src):
+            if b"EVAL" in data.upper():
+                self.scripts += 1
+                if self.armed:
+                    self.armed = False
+                    doomed.set()
+            dst.sendall(data)
+
+    def _down(self, src: socket.socket, dst: socket.socket, doomed: threading.Event) -> None:
+        while data := self._recv(src):
+            if doomed.is_set():  # the script ran; its reply is lost with the connection
+                break
+            dst.sendall(data)
+        for sock in (src, dst):
+            sock.close()
+
+    @staticmethod
+    def _recv(sock: socket.socket) -> bytes:
+        try:
+            return sock.recv(65536)
+        except OSError:
+            return b""
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_redis_resending_a_script_whose_reply_was_lost_adds_once(redis_url: str) -> None:
+    """The connection drops after redis-server ran the traffic script: redis-py sends it
+    again on a new connection (its one retry), the write returns normally, and the bytes and
+    online counts are counted once."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = LoseOneReply(port)
+    reg = RedisRegistry(f"redis://127.0.0.1:{proxy.port}/0", prefix="lost:")
+    store = traffic_redis.RedisTraffic(reg)
+    try:
+        r = TrafficRecorder()
+        r.announced("tool", T0)
+        store.write(r.take())  # the script is loaded (the first EVALSHA finds none)
+        r.sample([rel(M1, 1, 100, 50)], T0 + 60)
+        r.outcome("game", M1, 30, 4, T0 + 1)
+        r.announced("game", T0 + 5)
+        proxy.scripts, proxy.armed = 0, True
+        store.write(r.take())
+        assert proxy.scripts == 2 and not proxy.armed  # sent, lost, sent again
+        _, rows = store.series(M1)
+        assert [row.adds for row in rows] == [{"reused": 30, "patches": 4}]
+        assert store.online_cells("game", T0) == [(int(T0) // 86400, 0, 1)]
+    finally:
+        reg.close()
+        proxy.close()
 
 
 def test_stores_forget_what_is_past_retention(store: TrafficStore) -> None:
