@@ -16,7 +16,11 @@ one row per minute, without touching the announce path's stores:
   stored minute (:func:`per_minute`); a level that fell (the disposable swarm state was lost)
   starts again from zero.
 * **Adds**: ``reused`` and ``patches`` exist only in outcomes; each accepted outcome is taken
-  by exactly one replica, which adds its bytes to the minute it arrived in.
+  by exactly one replica, which adds its bytes to the minute it arrived in. Patch bytes are
+  also split by source (``patches_cdn``, ``patches_peers``): nodes count a patch in the
+  ``from_cdn`` or ``from_peers`` they announce, so the ``cdn`` level is the CDN's whole egress
+  (chunks and patches) and these say how much of it was patches. Nodes older than the split
+  report patches without it: ``patches`` minus both parts is what no node split.
 * **Online hours**: every accepted announce adds one to its app's (UTC day, hour) cell. All
   nodes announce at the same interval, so a cell's count is proportional to the nodes online
   in that hour; :func:`release_hour` reads the last days' cells as an hour-of-day histogram.
@@ -44,7 +48,7 @@ per (build, minute) and per (app, hour).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,8 +78,10 @@ FORECAST_RETENTION_S = 90 * 24 * 3600
 MAX_BUILDS = 2000
 #: Running totals sampled from the swarm's counters (the store keeps a minute's highest).
 LEVEL_NAMES = ("completed", "peers", "cdn")
-#: Sums added by accepted outcomes (``outcomes.SOURCES`` the announces do not carry).
-ADD_NAMES = ("reused", "patches")
+#: Sums added by accepted outcomes (``outcomes.SOURCES`` the announces do not carry): the
+#: reused bytes, the delta patch bytes, and how many of those came from the CDN and from peers
+#: (already in the ``cdn`` and ``peers`` levels, which count patches with chunks).
+ADD_NAMES = ("reused", "patches", "patches_cdn", "patches_peers")
 #: The recorder forgets the last level written of this many builds at most (a bound: a
 #: forgotten build's next sample is written again, which the max keeps harmless).
 _LAST_LEVELS = 10_000
@@ -129,14 +135,15 @@ class TrafficRecorder:
         self._batch.online[key] = self._batch.online.get(key, 0) + 1
         self._batch.at = max(self._batch.at, now)
 
-    def outcome(self, app: str, manifest: bytes, reused: int, patches: int, now: float) -> None:
-        if not (reused or patches):
+    def outcome(self, app: str, manifest: bytes, adds: Mapping[str, int], now: float) -> None:
+        """An accepted outcome's bytes (``ADD_NAMES``; others are ignored)."""
+        if not any(adds.get(name) for name in ADD_NAMES):
             return
         key = (manifest, int(now) // 60)
         self._batch.at = max(self._batch.at, now)
         _, counts = self._batch.adds.setdefault(key, (app, {}))
-        for name, n in (("reused", reused), ("patches", patches)):
-            if n:
+        for name in ADD_NAMES:
+            if n := adds.get(name, 0):
                 counts[name] = counts.get(name, 0) + n
 
     def due(self, now: float) -> bool:

@@ -73,9 +73,11 @@ class PGTraffic:
         builds: dict[bytes, tuple[str, int, int]] = {}
         cells: dict[tuple[bytes, int], list[int | None]] = {}
         for (mid, minute), (_, levels) in batch.levels.items():
-            cells[(mid, minute)] = [*(levels.get(n, 0) for n in LEVEL_NAMES), 0, 0]
+            cells[(mid, minute)] = [*(levels.get(n, 0) for n in LEVEL_NAMES), *[0] * len(ADD_NAMES)]
         for (mid, minute), (_, adds) in batch.adds.items():
-            row = cells.setdefault((mid, minute), [None] * len(LEVEL_NAMES) + [0, 0])
+            row = cells.setdefault(
+                (mid, minute), [*[None] * len(LEVEL_NAMES), *[0] * len(ADD_NAMES)]
+            )
             row[len(LEVEL_NAMES) :] = [adds.get(n, 0) for n in ADD_NAMES]
         for (mid, minute), (app, _) in [*batch.levels.items(), *batch.adds.items()]:
             _, lo, hi = builds.get(mid, (app, minute, minute))
@@ -229,8 +231,11 @@ def copy_traffic(c: Conn, path: Path) -> dict[str, int]:
             builds,
         )
         minutes = 0
+        have = {row[1] for row in src.execute("PRAGMA table_info(traffic)")}
+        columns = ", ".join(c if c in have else "0" for c in (*LEVEL_NAMES, *ADD_NAMES))
         with cur.copy(f"COPY traffic_minutes (build, minute, {_COLUMNS}) FROM STDIN") as cp:
-            for row in src.execute(f"SELECT build, minute, {_COLUMNS} FROM traffic"):
+            # (a file the tracker has not opened since the patches' split has no columns for it)
+            for row in src.execute(f"SELECT build, minute, {columns} FROM traffic"):
                 cp.write_row(row)
                 minutes += 1
         online = src.execute("SELECT app, day, hour, n FROM online").fetchall()

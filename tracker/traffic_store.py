@@ -88,6 +88,7 @@ CREATE TABLE IF NOT EXISTS traffic (
     build INTEGER NOT NULL, minute INTEGER NOT NULL,
     completed INTEGER, peers INTEGER, cdn INTEGER,
     reused INTEGER NOT NULL DEFAULT 0, patches INTEGER NOT NULL DEFAULT 0,
+    patches_cdn INTEGER NOT NULL DEFAULT 0, patches_peers INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (build, minute)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS online (
@@ -133,6 +134,11 @@ class SQLiteTraffic(SQLiteFile):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, _SCHEMA)
+        with self._tx() as c:  # a file from before the patches' split by source
+            have = {row[1] for row in c.execute("PRAGMA table_info(traffic)")}
+            for name in ADD_NAMES:
+                if name not in have:
+                    c.execute(f"ALTER TABLE traffic ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0")
 
     def write(self, batch: TrafficBatch) -> None:
         builds: dict[bytes, tuple[str, int, int]] = {}
@@ -167,11 +173,12 @@ class SQLiteTraffic(SQLiteFile):
                 ],
             )
             c.executemany(
-                "INSERT INTO traffic (build, minute, reused, patches) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (build, minute) DO UPDATE SET reused = reused + excluded.reused, "
-                "patches = patches + excluded.patches",
+                f"INSERT INTO traffic (build, minute, {', '.join(ADD_NAMES)}) "
+                f"VALUES (?, ?, {', '.join('?' * len(ADD_NAMES))}) "
+                "ON CONFLICT (build, minute) DO UPDATE SET "
+                + ", ".join(f"{n} = {n} + excluded.{n}" for n in ADD_NAMES),
                 [
-                    (ids[mid], minute, adds.get("reused", 0), adds.get("patches", 0))
+                    (ids[mid], minute, *(adds.get(n, 0) for n in ADD_NAMES))
                     for (mid, minute), (_, adds) in batch.adds.items()
                 ],
             )
