@@ -236,14 +236,31 @@ class LoseOneReply:
                 if self.armed:
                     self.armed = False
                     doomed.set()
-            dst.sendall(data)
+            if not self._send(dst, data):
+                break
+        self._drop(src, dst)
 
     def _down(self, src: socket.socket, dst: socket.socket, doomed: threading.Event) -> None:
         while data := self._recv(src):
-            if doomed.is_set():  # the script ran; its reply is lost with the connection
-                break
-            dst.sendall(data)
-        for sock in (src, dst):
+            if doomed.is_set() or not self._send(dst, data):  # doomed: the script ran; its
+                break  # reply is lost with the connection
+        self._drop(src, dst)
+
+    @staticmethod
+    def _send(sock: socket.socket, data: bytes) -> bool:
+        try:
+            sock.sendall(data)
+        except OSError:
+            return False
+        return True
+
+    @staticmethod
+    def _drop(*socks: socket.socket) -> None:
+        for sock in socks:  # shutdown wakes the other direction's recv; then close
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             sock.close()
 
     @staticmethod
