@@ -39,7 +39,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from p2pnode.discovery.tracker_api import CLIENT_FIELD, SESSION_HEADER, SIGNATURE_HEADER
+from p2pnode.discovery.tracker_api import (
+    CLIENT_FIELD,
+    OUTCOME_SPLIT_FIELDS,
+    SESSION_HEADER,
+    SIGNATURE_HEADER,
+)
 
 from . import core
 from .alerts import AlertWatch
@@ -336,6 +341,7 @@ class Tracker(OperatorRoutes):
             head = self._answer_head = (
                 f'{{"interval":{self.config.interval},"min_interval":{self.config.min_interval},'
                 f'"ttl":{self.config.ttl}{fast},"announce_fields":["{CLIENT_FIELD}"],'
+                f'"outcome_fields":{_OUTCOME_FIELDS},'
             ).encode()
         issued = b""
         if not vouched:  # the signature was verified: vouch for the next announces
@@ -402,6 +408,9 @@ class Tracker(OperatorRoutes):
         self.load.reported(o, now)
         return JSONResponse({"accepted": True}, status_code=201)
 
+
+#: The optional outcome fields this tracker takes, as announce answers list them (JSON).
+_OUTCOME_FIELDS = "[" + ",".join(f'"{f}"' for f in OUTCOME_SPLIT_FIELDS) + "]"
 
 # ------------------------------------------------------------------------------------ helpers
 

@@ -2,8 +2,9 @@
 each publish.
 
 What feeds it: every accepted announce (an online-hour count), every accepted outcome (its
-reused and patch bytes), and once a minute the swarm's per-release counters (housekeeping,
-:meth:`LoadRoutes.tick`, which also writes the gathered batch every 10 s). See
+reused and patch bytes, the patches split by source), and once a minute the swarm's
+per-release counters (housekeeping, :meth:`LoadRoutes.tick`, which also writes the gathered
+batch every 10 s). See
 :mod:`tracker.traffic` for the series and :mod:`tracker.forecast` for the model.
 
 Routes (open, like ``/v1/stats``, but the dry run, which takes a manifest upload):
@@ -42,6 +43,8 @@ from .keyrotation import app_keys
 from .operations import PERCENT_RANGE
 from .outcomes import MAX_BUILD, Outcome
 from .traffic import (
+    ADD_NAMES,
+    LEVEL_NAMES,
     RETENTION_S,
     MinuteRow,
     TrafficRecorder,
@@ -101,7 +104,7 @@ class LoadRoutes:
         self.recorder.announced(app, now)
 
     def reported(self, o: Outcome, now: float) -> None:
-        self.recorder.outcome(o.app, o.manifest, o.bytes[2], o.bytes[3], now)
+        self.recorder.outcome(o.app, o.manifest, o.bytes_by_source(), now)
 
     async def tick(self, now: float, *, force: bool = False) -> None:
         """Housekeeping: sample the swarm's counters once a minute, write what was gathered
@@ -112,13 +115,17 @@ class LoadRoutes:
             self.recorder.sample(stats["releases"], now)
         if force or now - self._flushed >= FLUSH_S:
             self._flushed = now
-            batch = self.recorder.take()
-            if batch:
-                try:
-                    await self._call(self.store.write, batch)
-                except BaseException:  # kept for the next try (cancelled included)
-                    self.recorder.restore(batch)
-                    raise
+            for _ in range(2):  # a batch that failed before (whole, with its id), then the new
+                retried = self.recorder.retrying
+                batch = self.recorder.take()
+                if batch:
+                    try:
+                        await self._call(self.store.write, batch)
+                    except BaseException:  # kept for the next try (cancelled included)
+                        self.recorder.restore(batch)
+                        raise
+                if not retried:
+                    break
         if now - self._trimmed >= GC_S:
             self._trimmed = now
             await self._profile(now)
@@ -137,10 +144,11 @@ class LoadRoutes:
 
     def close(self) -> None:
         """Write what is still gathered (a clean stop loses nothing), then close the store."""
-        batch = self.recorder.take()
         try:
-            if batch:
-                self.store.write(batch)
+            for _ in range(2):  # a batch that failed before, then the new
+                batch = self.recorder.take()
+                if batch:
+                    self.store.write(batch)
         except Unavailable as exc:
             log.warning("traffic of the last seconds not written: %s", exc)
         self.store.close()
@@ -290,9 +298,7 @@ class LoadRoutes:
     async def traffic(self, request: Request) -> Response:
         app, build, mid = await self._build(request)
         rows = await self._series(mid, await self._live(self._clock()))
-        totals = {
-            k: sum(r[k] for r in rows) for k in ("completed", "peers", "cdn", "reused", "patches")
-        }
+        totals = {k: sum(r[k] for r in rows) for k in (*LEVEL_NAMES, *ADD_NAMES)}
         moved = totals["peers"] + totals["cdn"]
         return JSONResponse(
             {

@@ -28,10 +28,22 @@ def load_schemas() -> dict[str, Any]:
         "properties": {
             "t": {**_INT, "description": "the minute's start (Unix s, UTC)"},
             "completed": {**_INT, "description": "nodes that completed the build"},
-            "peers": {**_INT, "description": "bytes nodes announced from peers"},
-            "cdn": {**_INT, "description": "bytes nodes announced from the CDN"},
+            "peers": {**_INT, "description": "bytes announced from peers (chunks and patches)"},
+            "cdn": {
+                **_INT,
+                "description": "bytes announced from the CDN (chunks and patches: its egress)",
+            },
             "reused": {**_INT, "description": "bytes reused from earlier builds (outcomes)"},
             "patches": {**_INT, "description": "bytes of delta patches fetched (outcomes)"},
+            "patches_cdn": {
+                **_INT,
+                "description": "of patches, those from the CDN, within cdn (outcomes; nodes "
+                "before the split send none)",
+            },
+            "patches_peers": {
+                **_INT,
+                "description": "of patches, those from peers, within peers (outcomes)",
+            },
         },
     }
     forecast = {

@@ -145,12 +145,12 @@ class SwarmCollector:
         )
         from_peers = CounterMetricFamily(
             "tracker_release_from_peers_bytes",
-            "Bytes nodes received from peers, per release",
+            "Bytes nodes received from peers (chunks and delta patches), per release",
             labels=labels,
         )
         from_cdn = CounterMetricFamily(
             "tracker_release_from_cdn_bytes",
-            "Bytes nodes received from the CDN, per release",
+            "Bytes nodes received from the CDN (chunks and delta patches: its egress), per release",
             labels=labels,
         )
         offload = GaugeMetricFamily(
@@ -186,7 +186,9 @@ class SwarmCollector:
 
 
 def _outcome_metrics(builds: list[dict[str, Any]]) -> Any:
-    """Install outcomes by build, kind and result, and failures by code."""
+    """Install outcomes by build, kind and result, failures by code, and their bytes by
+    source (``outcomes.SOURCES``: ``patches_cdn`` and ``patches_peers`` are the delta patch
+    bytes within ``cdn`` and ``peers``)."""
     labels = ["app", "version", "manifest"]
     outcomes = CounterMetricFamily(
         "tracker_install_outcomes",
@@ -197,6 +199,12 @@ def _outcome_metrics(builds: list[dict[str, Any]]) -> Any:
         "tracker_install_failures",
         "Failed install attempts nodes reported, by build and failure code",
         labels=[*labels, "code"],
+    )
+    moved = CounterMetricFamily(
+        "tracker_install_outcome_bytes",
+        "Bytes install attempts reported, by build and source (peers and cdn count "
+        "chunks and delta patches; patches_cdn and patches_peers are the patches among them)",
+        labels=[*labels, "source"],
     )
     rate = GaugeMetricFamily(
         "tracker_install_success_ratio",
@@ -212,7 +220,9 @@ def _outcome_metrics(builds: list[dict[str, Any]]) -> Any:
             outcomes.add_metric([*lv, kind, "failure"], n["failure"])
         for code, n in b["failure_codes"].items():
             failures.add_metric([*lv, code], n)
-    yield from (outcomes, failures, rate)
+        for source, n in b["bytes"].items():
+            moved.add_metric([*lv, source], n)
+    yield from (outcomes, failures, moved, rate)
 
 
 def _rollout_metrics(rollouts: list[dict[str, Any]]) -> Any:

@@ -208,10 +208,21 @@ def _schemas() -> dict[str, Any]:
                 "duration_ms": _bounded(MAX_DURATION_MS),
                 "from_build": build,
                 "to_build": build,
-                "bytes_peers": count,
-                "bytes_cdn": count,
+                "bytes_peers": {**count, "description": "from peers: chunks and delta patches"},
+                "bytes_cdn": {**count, "description": "from the CDN: chunks and delta patches"},
                 "bytes_reused": count,
-                "bytes_patches": count,
+                "bytes_patches": {**count, "description": "delta patch bytes, from either source"},
+                "bytes_patches_cdn": {
+                    **count,
+                    "description": "of bytes_patches, those from the CDN (also in bytes_cdn); "
+                    "send it only to a tracker whose announce answers list it in "
+                    "outcome_fields (absent: 0, the patches not split by source)",
+                },
+                "bytes_patches_peers": {
+                    **count,
+                    "description": "of bytes_patches, those from peers (also in bytes_peers); "
+                    "as bytes_patches_cdn",
+                },
             },
         },
         "Report": {

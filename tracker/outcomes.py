@@ -44,6 +44,7 @@ __all__ = [
     "MAX_DURATION_MS",
     "MAX_OUTCOME_BYTES",
     "MAX_RELEASES",
+    "SOURCES",
     "Outcome",
     "counts_of",
     "parse_outcome",
@@ -56,8 +57,12 @@ MAX_RELEASES = 2000
 #: The longest attempt an outcome may report (a week, in milliseconds).
 MAX_DURATION_MS = 7 * 24 * 3600 * 1000
 MAX_BUILD = (1 << 63) - 1
-#: Sources of an attempt's bytes, as the body names them (``bytes_<source>``).
-SOURCES = ("peers", "cdn", "reused", "patches")
+#: Sources of an attempt's bytes, as the body names them (``bytes_<source>``). ``peers`` and
+#: ``cdn`` count everything from there, chunks and delta patches; ``patches`` is the patch
+#: bytes, and ``patches_cdn`` / ``patches_peers`` how many of them came from each source (so
+#: ``cdn - patches_cdn`` is chunks). Nodes older than the split send none (0): their patches
+#: count in ``patches`` only, and ``patches - patches_cdn - patches_peers`` is that unsplit rest.
+SOURCES = ("peers", "cdn", "reused", "patches", "patches_cdn", "patches_peers")
 
 _REQUIRED = frozenset({"key", "ts", "nonce", "app", "manifest", "kind", "outcome", "to_build"})
 _OPTIONAL = frozenset({"code", "duration_ms", "from_build", *(f"bytes_{s}" for s in SOURCES)})
@@ -73,7 +78,10 @@ class Outcome:
     duration_ms: int
     from_build: int | None
     to_build: int
-    bytes: tuple[int, int, int, int]  # by SOURCES
+    bytes: tuple[int, ...]  # by SOURCES (a shorter tuple: the sources after it are 0)
+
+    def bytes_by_source(self) -> dict[str, int]:
+        return dict(zip(SOURCES, (*self.bytes, *[0] * len(SOURCES)), strict=False))
 
 
 def parse_outcome(body: bytes, signature_hex: str | None, *, now: float) -> Outcome:
@@ -102,9 +110,17 @@ def parse_outcome(body: bytes, signature_hex: str | None, *, now: float) -> Outc
     else:
         raise BadRequest("outcome must be 'success' or 'failure'")
 
-    def n(source: str) -> int:
-        return _int(obj, f"bytes_{source}", 0, MAX_BYTES, 0)
-
+    by = {s: _int(obj, f"bytes_{s}", 0, MAX_BYTES, 0) for s in SOURCES}
+    if (
+        by["patches_cdn"] + by["patches_peers"] > by["patches"]
+        or by["patches_cdn"] > by["cdn"]
+        or by["patches_peers"] > by["peers"]
+    ):
+        raise BadRequest(
+            "bytes_patches_cdn and bytes_patches_peers are the parts of bytes_patches that came "
+            "from the CDN and from peers (also counted in bytes_cdn and bytes_peers)",
+            fix="send parts that fit in those totals",
+        )
     return Outcome(
         node_id=node_id,
         app=_name(obj, "app"),
@@ -114,7 +130,7 @@ def parse_outcome(body: bytes, signature_hex: str | None, *, now: float) -> Outc
         duration_ms=_int(obj, "duration_ms", 0, MAX_DURATION_MS, 0),
         from_build=_int(obj, "from_build", 0, MAX_BUILD) if "from_build" in obj else None,
         to_build=_int(obj, "to_build", 0, MAX_BUILD),
-        bytes=(n("peers"), n("cdn"), n("reused"), n("patches")),
+        bytes=tuple(by[s] for s in SOURCES),
     )
 
 
@@ -122,7 +138,7 @@ def counts_of(o: Outcome) -> dict[str, int]:
     """The counters one outcome adds to its build's tally (the stores sum them per build):
     ``ok:KIND`` / ``fail:KIND``, ``code:CODE``, ``bytes:SOURCE`` and ``ms`` (summed over
     successes). Every name comes from a closed list, so a tally has a bounded set of fields."""
-    out = {f"bytes:{s}": n for s, n in zip(SOURCES, o.bytes, strict=True) if n}
+    out = {f"bytes:{s}": n for s, n in o.bytes_by_source().items() if n}
     if o.code is None:
         out[f"ok:{o.kind}"] = 1
         out["ms"] = o.duration_ms

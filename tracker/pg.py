@@ -158,6 +158,14 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX traffic_forecasts_by_at ON traffic_forecasts (at);
     """,
+    # 5: the ids of the traffic batches applied (each is applied once: traffic_pg), and the
+    # series' patch bytes by source
+    """
+    CREATE TABLE traffic_batches (id BYTEA PRIMARY KEY, at BIGINT NOT NULL);
+    CREATE INDEX traffic_batches_by_at ON traffic_batches (at);
+    ALTER TABLE traffic_minutes ADD COLUMN patches_cdn BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN patches_peers BIGINT NOT NULL DEFAULT 0;
+    """,
 ]
 
 

@@ -16,7 +16,11 @@ one row per minute, without touching the announce path's stores:
   stored minute (:func:`per_minute`); a level that fell (the disposable swarm state was lost)
   starts again from zero.
 * **Adds**: ``reused`` and ``patches`` exist only in outcomes; each accepted outcome is taken
-  by exactly one replica, which adds its bytes to the minute it arrived in.
+  by exactly one replica, which adds its bytes to the minute it arrived in. Patch bytes are
+  also split by source (``patches_cdn``, ``patches_peers``): nodes count a patch in the
+  ``from_cdn`` or ``from_peers`` they announce, so the ``cdn`` level is the CDN's whole egress
+  (chunks and patches) and these say how much of it was patches. Nodes older than the split
+  report patches without it: ``patches`` minus both parts is what no node split.
 * **Online hours**: every accepted announce adds one to its app's (UTC day, hour) cell. All
   nodes announce at the same interval, so a cell's count is proportional to the nodes online
   in that hour; :func:`release_hour` reads the last days' cells as an hour-of-day histogram.
@@ -24,6 +28,15 @@ one row per minute, without touching the announce path's stores:
 The recorder gathers all of it in memory between flushes (:meth:`TrafficRecorder.take`, every
 10 s from the tracker's housekeeping) and the store writes it in one transaction or script
 (:mod:`tracker.traffic_store`). A crash loses at most those seconds of adds.
+
+**Each batch is applied once.** Adds and online counts are sums, so a batch written twice would
+count twice, and a write can fail after the store applied it: the reply is lost (the connection
+drops after Redis ran the script or PostgreSQL committed; redis-py then sends the script again
+by itself), and the tracker cannot tell that from a write that never arrived. So every batch
+carries a random id, and each store records the ids it applied in the same script or
+transaction as the batch (kept ``RETENTION_S``), skipping a batch whose id it already holds. A
+batch whose write failed is retried whole, with its id (:meth:`TrafficRecorder.restore`), never
+merged into newer adds.
 
 Bounded: rows older than ``RETENTION_S`` (7 days of minutes) are deleted, at most
 ``MAX_BUILDS`` builds keep a series (the one written longest ago goes first), online cells are
@@ -34,7 +47,8 @@ per (build, minute) and per (app, hour).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,8 +78,10 @@ FORECAST_RETENTION_S = 90 * 24 * 3600
 MAX_BUILDS = 2000
 #: Running totals sampled from the swarm's counters (the store keeps a minute's highest).
 LEVEL_NAMES = ("completed", "peers", "cdn")
-#: Sums added by accepted outcomes (``outcomes.SOURCES`` the announces do not carry).
-ADD_NAMES = ("reused", "patches")
+#: Sums added by accepted outcomes (``outcomes.SOURCES`` the announces do not carry): the
+#: reused bytes, the delta patch bytes, and how many of those came from the CDN and from peers
+#: (already in the ``cdn`` and ``peers`` levels, which count patches with chunks).
+ADD_NAMES = ("reused", "patches", "patches_cdn", "patches_peers")
 #: The recorder forgets the last level written of this many builds at most (a bound: a
 #: forgotten build's next sample is written again, which the max keeps harmless).
 _LAST_LEVELS = 10_000
@@ -77,6 +93,12 @@ WINDOW_HOURS = 3
 class TrafficBatch:
     """What one replica gathered since its last flush."""
 
+    #: the stores apply a batch id once (a retried write whose first try was applied is
+    #: skipped: see the module docstring)
+    id: bytes = field(default_factory=lambda: os.urandom(16))
+    #: the latest time anything was gathered (Unix s): the stores keep the id ``RETENTION_S``
+    #: from then
+    at: float = 0.0
     #: (manifest, minute) -> (app, {level name: running total})
     levels: dict[tuple[bytes, int], tuple[str, dict[str, int]]] = field(default_factory=dict)
     #: (manifest, minute) -> (app, {add name: bytes})
@@ -102,6 +124,8 @@ class TrafficRecorder:
 
     def __init__(self) -> None:
         self._batch = TrafficBatch()
+        #: a batch whose write failed: written again as it is before anything newer
+        self._unsent: TrafficBatch | None = None
         self._last: dict[bytes, tuple[int, ...]] = {}
         self._sampled = -1
 
@@ -109,14 +133,17 @@ class TrafficRecorder:
         t = int(now)
         key = (app, t // 86400, t % 86400 // 3600)
         self._batch.online[key] = self._batch.online.get(key, 0) + 1
+        self._batch.at = max(self._batch.at, now)
 
-    def outcome(self, app: str, manifest: bytes, reused: int, patches: int, now: float) -> None:
-        if not (reused or patches):
+    def outcome(self, app: str, manifest: bytes, adds: Mapping[str, int], now: float) -> None:
+        """An accepted outcome's bytes (``ADD_NAMES``; others are ignored)."""
+        if not any(adds.get(name) for name in ADD_NAMES):
             return
         key = (manifest, int(now) // 60)
+        self._batch.at = max(self._batch.at, now)
         _, counts = self._batch.adds.setdefault(key, (app, {}))
-        for name, n in (("reused", reused), ("patches", patches)):
-            if n:
+        for name in ADD_NAMES:
+            if n := adds.get(name, 0):
                 counts[name] = counts.get(name, 0) + n
 
     def due(self, now: float) -> bool:
@@ -129,6 +156,7 @@ class TrafficRecorder:
         seconds (housekeeping runs every 10 s) is what nodes announced until then, so it is
         written as the level at the end of the minute before."""
         self._sampled = int(now) // 60
+        self._batch.at = max(self._batch.at, now)
         minute = self._sampled - 1
         n = 0
         for r in releases:
@@ -148,23 +176,34 @@ class TrafficRecorder:
 
     def pending_adds(self, manifest: bytes) -> dict[int, dict[str, int]]:
         """The build's adds not written yet, per minute (answers include them)."""
-        return {m: dict(c) for (mid, m), (_, c) in self._batch.adds.items() if mid == manifest}
+        out: dict[int, dict[str, int]] = {}
+        for batch in (self._unsent, self._batch):
+            for (mid, m), (_, counts) in batch.adds.items() if batch else ():
+                if mid == manifest:
+                    mine = out.setdefault(m, {})
+                    for name, n in counts.items():
+                        mine[name] = mine.get(name, 0) + n
+        return out
 
     def take(self) -> TrafficBatch:
-        """The pending batch (empty afterwards); give it to the store."""
+        """The batch to give the store: one whose write failed, again (same id and contents),
+        else the pending batch (empty afterwards). Empty when there is nothing to write."""
+        if self._unsent is not None:
+            batch, self._unsent = self._unsent, None
+            return batch
         batch, self._batch = self._batch, TrafficBatch()
         return batch
 
     def restore(self, batch: TrafficBatch) -> None:
-        """Put back a batch the store could not write (its adds are kept for the next try)."""
-        for key, (app, counts) in batch.adds.items():
-            _, mine = self._batch.adds.setdefault(key, (app, {}))
-            for name, n in counts.items():
-                mine[name] = mine.get(name, 0) + n
-        for okey, n in batch.online.items():
-            self._batch.online[okey] = self._batch.online.get(okey, 0) + n
-        for lkey, value in batch.levels.items():
-            self._batch.levels.setdefault(lkey, value)
+        """Keep a batch the store could not write, to be taken again whole before anything
+        newer: the write may have been applied (a lost reply), which only its id tells."""
+        assert self._unsent is None, "one failed batch is retried at a time"
+        self._unsent = batch
+
+    @property
+    def retrying(self) -> bool:
+        """Whether the next :meth:`take` gives a batch whose write failed."""
+        return self._unsent is not None
 
 
 def per_minute(rows: Sequence[MinuteRow], first: int | None) -> list[dict[str, int]]:

@@ -12,6 +12,9 @@ keeps replicas apart:
   two replicas writing the same build's minutes take turns on that row, and rows are locked in
   one global order (builds, their minutes, online cells, each sorted), so two flushes never
   wait on each other in a cycle.
+* **Once**: the batch's id goes into ``traffic_batches`` first, in the same transaction: a
+  batch retried after a commit whose reply was lost finds its id and changes nothing (a retry
+  racing a first try still running waits on the id's row, then finds it).
 * **Bounds**: only a batch that added a build counts the builds; the ones written longest ago
   beyond ``MAX_BUILDS`` go (their minutes cascade), skipping any another flush holds. ``gc``
   locks the builds it trims with ``SKIP LOCKED`` too (a build being written is trimmed at the
@@ -35,6 +38,7 @@ from .traffic import (
     MAX_BUILDS,
     RETENTION_DAYS,
     RETENTION_MINUTES,
+    RETENTION_S,
     MinuteRow,
     TrafficBatch,
 )
@@ -69,9 +73,11 @@ class PGTraffic:
         builds: dict[bytes, tuple[str, int, int]] = {}
         cells: dict[tuple[bytes, int], list[int | None]] = {}
         for (mid, minute), (_, levels) in batch.levels.items():
-            cells[(mid, minute)] = [*(levels.get(n, 0) for n in LEVEL_NAMES), 0, 0]
+            cells[(mid, minute)] = [*(levels.get(n, 0) for n in LEVEL_NAMES), *[0] * len(ADD_NAMES)]
         for (mid, minute), (_, adds) in batch.adds.items():
-            row = cells.setdefault((mid, minute), [None] * len(LEVEL_NAMES) + [0, 0])
+            row = cells.setdefault(
+                (mid, minute), [*[None] * len(LEVEL_NAMES), *[0] * len(ADD_NAMES)]
+            )
             row[len(LEVEL_NAMES) :] = [adds.get(n, 0) for n in ADD_NAMES]
         for (mid, minute), (app, _) in [*batch.levels.items(), *batch.adds.items()]:
             _, lo, hi = builds.get(mid, (app, minute, minute))
@@ -80,6 +86,12 @@ class PGTraffic:
         if not (builds or online):
             return
         with self.db.tx("write the traffic series") as c, c.cursor() as cur:
+            if not cur.execute(  # first: a retry of this batch waits here for the first try
+                "INSERT INTO traffic_batches (id, at) VALUES (%s, %s) "
+                "ON CONFLICT (id) DO NOTHING RETURNING 1",
+                (batch.id, int(batch.at)),
+            ).fetchone():
+                return  # applied already: the reply to an earlier try was lost
             ids: dict[bytes, int] = {}
             added = False
             for mid, (app, lo, hi) in sorted(builds.items()):  # locks each build's row
@@ -129,6 +141,7 @@ class PGTraffic:
             c.execute(
                 "DELETE FROM traffic_online WHERE day < %s", (int(now) // 86400 - RETENTION_DAYS,)
             )
+            c.execute("DELETE FROM traffic_batches WHERE at < %s", (int(now) - RETENTION_S,))
             c.execute(
                 "DELETE FROM traffic_forecasts WHERE manifest IN (SELECT manifest FROM "
                 "traffic_forecasts WHERE at < %s FOR UPDATE SKIP LOCKED)",
@@ -218,8 +231,11 @@ def copy_traffic(c: Conn, path: Path) -> dict[str, int]:
             builds,
         )
         minutes = 0
+        have = {row[1] for row in src.execute("PRAGMA table_info(traffic)")}
+        columns = ", ".join(c if c in have else "0" for c in (*LEVEL_NAMES, *ADD_NAMES))
         with cur.copy(f"COPY traffic_minutes (build, minute, {_COLUMNS}) FROM STDIN") as cp:
-            for row in src.execute(f"SELECT build, minute, {_COLUMNS} FROM traffic"):
+            # (a file the tracker has not opened since the patches' split has no columns for it)
+            for row in src.execute(f"SELECT build, minute, {columns} FROM traffic"):
                 cp.write_row(row)
                 minutes += 1
         online = src.execute("SELECT app, day, hour, n FROM online").fetchall()

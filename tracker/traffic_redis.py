@@ -10,13 +10,22 @@ it was last written.
 
 Keys (under the registry's prefix, ``trk:reg:`` unless ``--redis-prefix``)::
 
-    P trf:m:<mid hex>:<hour>     hash: minute -> "completed,peers,cdn,reused,patches" (one hour
-                                 of one build; a level is empty when not sampled then)
+    P trf:m:<mid hex>:<hour>     hash: minute -> "completed,peers,cdn,reused,patches,
+                                 patches_cdn,patches_peers" (one hour of one build; a level
+                                 is empty when not sampled then; minutes written before the
+                                 patches' split end at patches)
     P trf:builds                 sorted set: manifest id hex, scored by its last minute
     P trf:first                  hash: manifest id hex -> its first minute
     P trf:on:<app>:<day>         hash: hour -> announces
     P trf:fc:<mid hex>           the forecast recorded at its publish (JSON)
     P trf:fcs                    sorted set: manifest id hex, scored by its publish time
+    P trf:b:<batch id hex>       "1": that batch was applied (expires after ``RETENTION_S``)
+
+Each batch is applied once: the script first sets its id's key (``NX``) and changes nothing
+if the key was there, so a write whose reply was lost and that is sent again (redis-py
+resends a command once on a dropped connection, and the recorder retries a failed batch
+whole) does not add its bytes twice. The ids cost ~113 bytes each (measured, ``used_memory``),
+one per flush (every 10 s per replica): ~7 MB per replica over the week they are kept.
 """
 
 from __future__ import annotations
@@ -39,19 +48,23 @@ from .traffic import (
 
 __all__ = ["RedisTraffic"]
 
-# ARGV: prefix, ttl s, max builds, then the batch as JSON: {"m": [[mid, hour, minute, kind,
-# values...]] (kind L: completed, peers, cdn; kind A: reused, patches), "o": [[app, day, hour,
-# n]], "b": [[mid, first, last]]}; numbers are strings (cjson reads numbers as doubles, which
-# tostring would write as 1e+15).
+# ARGV: prefix, ttl s, max builds, the batch as JSON (below), the longest span of a build's
+# minutes, the batch id (hex) and how long to remember it (s). The id is set first, NX: a
+# batch sent again (redis-py resends a script whose reply was lost) finds it and changes
+# nothing. The batch as JSON: {"m": [[mid, hour, minute, kind, values...]] (kind L:
+# completed, peers, cdn; kind A: reused, patches, patches_cdn, patches_peers), "o": [[app,
+# day, hour, n]], "b": [[mid, first, last]]}; numbers are strings (cjson reads numbers as
+# doubles, which tostring would write as 1e+15).
 _WRITE_LUA = """
 local p, ttl, cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if not redis.call('SET', p .. 'b:' .. ARGV[6], '1', 'NX', 'EX', ARGV[7]) then return 0 end
 local b = cjson.decode(ARGV[4])
 local function num(x) return string.format('%.0f', x) end
 for _, c in ipairs(b.m) do
   local key = p .. 'm:' .. c[1] .. ':' .. c[2]
   local old = redis.call('HGET', key, c[3])
-  local t = {'', '', '', '0', '0'}
-  if old then
+  local t = {'', '', '', '0', '0', '0', '0'}
+  if old then  -- (a minute written before the patches' split has five fields)
     local i = 1
     for x in string.gmatch(old .. ',', '([^,]*),') do t[i] = x; i = i + 1 end
   end
@@ -60,8 +73,7 @@ for _, c in ipairs(b.m) do
       if t[i] == '' or tonumber(t[i]) < tonumber(c[4 + i]) then t[i] = c[4 + i] end
     end
   else
-    t[4] = num(tonumber(t[4]) + tonumber(c[5]))
-    t[5] = num(tonumber(t[5]) + tonumber(c[6]))
+    for i = 4, 7 do t[i] = num(tonumber(t[i]) + tonumber(c[1 + i])) end
   end
   redis.call('HSET', key, c[3], table.concat(t, ','))
   redis.call('EXPIRE', key, ttl)
@@ -131,7 +143,15 @@ class RedisTraffic:
             return
         with self._reg._redis("write the traffic series"):
             self._write(
-                args=[self.p, self._ttl, MAX_BUILDS, json.dumps(body), RETENTION_S // 60 + 1440]
+                args=[
+                    self.p,
+                    self._ttl,
+                    MAX_BUILDS,
+                    json.dumps(body),
+                    RETENTION_S // 60 + 1440,
+                    batch.id.hex(),
+                    RETENTION_S,
+                ]
             )
 
     def gc(self, now: float) -> None:
@@ -163,12 +183,12 @@ class RedisTraffic:
             for k, v in fields.items():
                 values = _text(v).split(",")
                 levels = values[: len(LEVEL_NAMES)]
-                adds = values[len(LEVEL_NAMES) :]
+                adds = values[len(LEVEL_NAMES) :]  # fewer in a minute from before the split
                 rows.append(
                     MinuteRow(
                         int(_text(k)),
                         dict(zip(LEVEL_NAMES, map(int, levels), strict=True)) if levels[0] else {},
-                        {n: int(x) for n, x in zip(ADD_NAMES, adds, strict=True) if int(x)},
+                        {n: int(x) for n, x in zip(ADD_NAMES, adds, strict=False) if int(x)},
                     )
                 )
         rows.sort(key=lambda row: row.minute)

@@ -31,6 +31,7 @@ from .traffic import (
     MAX_BUILDS,
     RETENTION_DAYS,
     RETENTION_MINUTES,
+    RETENTION_S,
     MinuteRow,
     TrafficBatch,
 )
@@ -48,7 +49,9 @@ class TrafficStore(Protocol):
 
     def write(self, batch: TrafficBatch) -> None:
         """Apply a recorder's batch whole: levels keep the highest value per minute, adds and
-        online counts are summed; keeps at most ``MAX_BUILDS`` builds."""
+        online counts are summed; keeps at most ``MAX_BUILDS`` builds. A batch whose id was
+        applied already (within ``RETENTION_S``) is skipped whole, atomically with applying
+        it: writing a batch twice counts it once."""
         ...
 
     def gc(self, now: float) -> None:
@@ -85,6 +88,7 @@ CREATE TABLE IF NOT EXISTS traffic (
     build INTEGER NOT NULL, minute INTEGER NOT NULL,
     completed INTEGER, peers INTEGER, cdn INTEGER,
     reused INTEGER NOT NULL DEFAULT 0, patches INTEGER NOT NULL DEFAULT 0,
+    patches_cdn INTEGER NOT NULL DEFAULT 0, patches_peers INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (build, minute)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS online (
@@ -94,6 +98,8 @@ CREATE TABLE IF NOT EXISTS online (
 CREATE TABLE IF NOT EXISTS forecasts (
     manifest BLOB PRIMARY KEY, app TEXT NOT NULL, at REAL NOT NULL, body TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS traffic_batches (id BLOB PRIMARY KEY, at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS traffic_batches_by_at ON traffic_batches(at);
 """
 
 
@@ -128,6 +134,11 @@ class SQLiteTraffic(SQLiteFile):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, _SCHEMA)
+        with self._tx() as c:  # a file from before the patches' split by source
+            have = {row[1] for row in c.execute("PRAGMA table_info(traffic)")}
+            for name in ADD_NAMES:
+                if name not in have:
+                    c.execute(f"ALTER TABLE traffic ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0")
 
     def write(self, batch: TrafficBatch) -> None:
         builds: dict[bytes, tuple[str, int, int]] = {}
@@ -135,6 +146,11 @@ class SQLiteTraffic(SQLiteFile):
             _, lo, hi = builds.get(mid, (app, minute, minute))
             builds[mid] = (app, min(lo, minute), max(hi, minute))
         with self._tx() as c:
+            if not c.execute(
+                "INSERT OR IGNORE INTO traffic_batches (id, at) VALUES (?, ?)",
+                (batch.id, int(batch.at)),
+            ).rowcount:
+                return  # applied already (a write retried after it went through)
             c.executemany(
                 "INSERT INTO traffic_builds (manifest, app, first, last) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (manifest) DO UPDATE SET first = MIN(first, excluded.first), "
@@ -157,11 +173,12 @@ class SQLiteTraffic(SQLiteFile):
                 ],
             )
             c.executemany(
-                "INSERT INTO traffic (build, minute, reused, patches) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (build, minute) DO UPDATE SET reused = reused + excluded.reused, "
-                "patches = patches + excluded.patches",
+                f"INSERT INTO traffic (build, minute, {', '.join(ADD_NAMES)}) "
+                f"VALUES (?, ?, {', '.join('?' * len(ADD_NAMES))}) "
+                "ON CONFLICT (build, minute) DO UPDATE SET "
+                + ", ".join(f"{n} = {n} + excluded.{n}" for n in ADD_NAMES),
                 [
-                    (ids[mid], minute, adds.get("reused", 0), adds.get("patches", 0))
+                    (ids[mid], minute, *(adds.get(n, 0) for n in ADD_NAMES))
                     for (mid, minute), (_, adds) in batch.adds.items()
                 ],
             )
@@ -188,6 +205,7 @@ class SQLiteTraffic(SQLiteFile):
             c.execute("DELETE FROM traffic_builds WHERE last < ?", (minute,))
             c.execute("DELETE FROM online WHERE day < ?", (int(now) // 86400 - RETENTION_DAYS,))
             c.execute("DELETE FROM forecasts WHERE at < ?", (now - FORECAST_RETENTION_S,))
+            c.execute("DELETE FROM traffic_batches WHERE at < ?", (int(now) - RETENTION_S,))
 
     def series(self, manifest: bytes) -> tuple[int | None, list[MinuteRow]]:
         with self._lock:

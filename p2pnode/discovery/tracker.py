@@ -41,6 +41,7 @@ from .tracker_api import (
     ANNOUNCE_DOMAIN,
     CLIENT_FIELD,
     OUTCOME_DOMAIN,
+    OUTCOME_SPLIT_FIELDS,
     REPORT_DOMAIN,
     SESSION_HEADER,
     SIGNATURE_HEADER,
@@ -110,6 +111,8 @@ class TrackerClient:
         #: optional announce fields the tracker said it accepts (``announce_fields``): sent
         #: only then, since trackers older than a field refuse it
         self._accepted_fields: frozenset[str] = frozenset()
+        #: optional outcome fields the tracker said it accepts (``outcome_fields``), likewise
+        self._outcome_fields: frozenset[str] = frozenset()
 
     async def aclose(self) -> None:
         if self._own:
@@ -413,6 +416,9 @@ class TrackerClient:
         accepted = d.get("announce_fields")
         if isinstance(accepted, list):
             self._accepted_fields = frozenset(f for f in accepted[:16] if isinstance(f, str))
+        accepted = d.get("outcome_fields")
+        if isinstance(accepted, list):
+            self._outcome_fields = frozenset(f for f in accepted[:16] if isinstance(f, str))
         token, ttl = d.get("session"), d.get("session_ttl")
         if isinstance(token, str) and len(token) <= 64 and isinstance(ttl, int) and ttl > 0:
             # stop a minute early: a token expiring in flight costs the tracker a check, no more
@@ -455,7 +461,14 @@ class TrackerClient:
 
     async def report_outcome(self, key: Ed25519PrivateKey, fields: dict[str, Any]) -> None:
         """Send one install outcome (``POST /v1/outcomes``; ``fields`` as docs/tracker-api.md
-        lists them), signed like announces."""
+        lists them), signed like announces. The optional fields of ``OUTCOME_SPLIT_FIELDS``
+        are left out unless an announce answer of this tracker listed them (an older tracker
+        refuses them)."""
+        fields = {
+            k: v
+            for k, v in fields.items()
+            if k not in OUTCOME_SPLIT_FIELDS or k in self._outcome_fields
+        }
         body, sig = sign_body(key, OUTCOME_DOMAIN, fields)
         await self._request(
             "POST",

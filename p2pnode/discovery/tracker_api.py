@@ -28,6 +28,7 @@ __all__ = [
     "OUTCOME_CODES",
     "OUTCOME_DOMAIN",
     "OUTCOME_KINDS",
+    "OUTCOME_SPLIT_FIELDS",
     "REPORT_DOMAIN",
     "SESSION_HEADER",
     "SIGNATURE_HEADER",
@@ -70,6 +71,12 @@ SIGNATURE_HEADER = "X-P2PNode-Signature"
 #: a node sends it only after seeing that, because trackers older than the field refuse unknown
 #: fields (their parser is strict), and a tracker never requires it (older nodes omit it).
 CLIENT_FIELD = "client"
+#: Optional outcome fields: how many of an attempt's ``bytes_patches`` came from the CDN and
+#: from peers (those bytes are also in its ``bytes_cdn`` / ``bytes_peers``). A tracker that
+#: accepts them lists them in its announce answers' ``outcome_fields``; a node sends them only
+#: after seeing that (older trackers refuse unknown fields), and without them a tracker counts
+#: the attempt's patches as not split by source.
+OUTCOME_SPLIT_FIELDS = ("bytes_patches_cdn", "bytes_patches_peers")
 #: A version as PEP 440 and local builds spell it, at most 32 characters.
 CLIENT_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z.+!_-]{0,31}$"
 #: Header carrying an announce session token (the tracker's ``AnnounceSessions``).

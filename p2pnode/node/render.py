@@ -50,7 +50,10 @@ def install_json(result: InstallResult) -> dict[str, Any]:
         "bytes_reused": result.bytes_reused,
         "bytes_resumed": result.bytes_resumed,
         "bytes_peers": result.bytes_peers,
-        "bytes_patches": result.bytes_patches,
+        "bytes_patches": result.bytes_patches,  # patch bytes fetched: from peers and the CDN
+        "bytes_patches_peers": result.bytes_patches_peers,
+        "bytes_patches_cdn": result.bytes_patches_cdn,
+        "bytes_patched": result.bytes_patched,  # chunk bytes the patches made
         "patches": {"applied": result.patches_applied, "failed": result.patches_failed},
         "methods": result.methods,
         "listen_port": result.listen_port,

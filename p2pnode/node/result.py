@@ -70,9 +70,14 @@ class InstallResult:
         return self.bytes_peers + self.bytes_patches_peers
 
     @property
+    def bytes_patches_cdn(self) -> int:
+        """Delta patch bytes read from the CDN's patch pack (the rest came from peers)."""
+        return self.bytes_patches - self.bytes_patches_peers
+
+    @property
     def from_cdn(self) -> int:
         """Bytes read from the CDN, chunks and patches (origin egress): ``from_cdn``."""
-        return self.bytes_cdn + self.bytes_patches - self.bytes_patches_peers
+        return self.bytes_cdn + self.bytes_patches_cdn
 
 
 def add_mirror_stats(total: dict[str, Any], more: dict[str, Any]) -> None:

@@ -8,7 +8,8 @@ announces with port 0: it is counted (offload, completions) but never handed out
 
 Every attempt, failed or not, is also sent as an install outcome (``POST /v1/outcomes``): the
 kind, success or a stable failure code (:func:`outcome_code`, from the error tree), how long it
-took, bytes by source, from-build and to-build. Like the completion report it is bounded: the
+took, bytes by source (peers and CDN each counting the delta patches they gave, and how many
+of those bytes were patches), from-build and to-build. Like the completion report it is bounded: the
 tracker's trouble costs statistics, never the install.
 """
 
@@ -292,7 +293,11 @@ def outcome_fields(
             bytes_peers=result.from_peers,
             bytes_cdn=result.from_cdn,
             bytes_reused=result.bytes_reused + result.bytes_resumed,
-            bytes_patches=result.bytes_patches,  # the tracker's traffic series (issue 18)
+            # the tracker's traffic series: patch bytes, and how many of bytes_cdn and
+            # bytes_peers they are (TrackerClient sends the split to trackers that take it)
+            bytes_patches=result.bytes_patches,
+            bytes_patches_cdn=result.bytes_patches_cdn,
+            bytes_patches_peers=result.bytes_patches_peers,
         )
     else:
         assert error is not None, "an outcome is a result or an error"

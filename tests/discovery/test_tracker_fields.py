@@ -33,3 +33,28 @@ async def test_the_client_version_goes_only_to_a_tracker_that_lists_it() -> None
         await client.announce(key, app="game", manifest_id=b"\x01" * 32, port=0, numwant=0)
     await http.aclose()
     assert [b.get("client") for b in bodies] == [None, None, None, __version__]
+
+
+async def test_patch_bytes_by_source_go_only_to_a_tracker_that_lists_them() -> None:
+    """An outcome's split of its patch bytes by source is left out until an announce answer
+    lists the fields in ``outcome_fields``: the total ``bytes_patches`` always goes."""
+    bodies: list[dict[str, Any]] = []
+    listed = answer(outcome_fields=["bytes_patches_cdn", "bytes_patches_peers"])
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/announce":
+            return httpx.Response(200, json=listed if bodies else answer())
+        bodies.append(json.loads(request.content))
+        return httpx.Response(201, json={"accepted": True})
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handle), base_url="http://t")
+    client = TrackerClient("http://t", client=http)
+    key = keys.generate_key()
+    outcome = {"app": "game", "manifest": "01" * 32, "to_build": 2, "kind": "update",
+               "outcome": "success", "bytes_patches": 9, "bytes_patches_cdn": 5,
+               "bytes_patches_peers": 4}  # fmt: skip
+    for _ in range(2):
+        await client.announce(key, app="game", manifest_id=b"\x01" * 32, port=0, numwant=0)
+        await client.report_outcome(key, outcome)
+    await http.aclose()
+    assert [(b["bytes_patches"], b.get("bytes_patches_cdn")) for b in bodies] == [(9, None), (9, 5)]

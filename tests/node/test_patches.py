@@ -316,3 +316,16 @@ def test_announced_figures_count_patches_by_source(
         app=m.app, manifest_id=m.id, to_build=m.build, from_build=2, seconds=1.0, result=r
     )
     assert (fields["bytes_peers"], fields["bytes_cdn"]) == (1300, 650)
+    # ... and how many of those were patches, by source (the tracker's traffic series)
+    assert (fields["bytes_patches"], fields["bytes_patches_cdn"]) == (900, 600)
+    assert fields["bytes_patches_peers"] == 300
+    # ``install/update --json``: the patch bytes by source and the chunk bytes they made
+    from p2pnode.node.render import install_json
+
+    got = install_json(r)
+    assert (got["bytes_patches"], got["bytes_patches_peers"], got["bytes_patches_cdn"]) == (
+        900,
+        300,
+        600,
+    )
+    assert got["bytes_patched"] == m.total_size // 4

@@ -182,6 +182,8 @@ async def test_a_forecast_is_printed_beside_what_followed(
         "cdn": FROM_CDN * 2 * CHUNK,
         "reused": NODES * 2 * CHUNK,
         "patches": 0,
+        "patches_cdn": 0,
+        "patches_peers": 0,
     }
     assert traffic["offload_ratio"] == (NODES - FROM_CDN) / NODES
     assert [r["completed"] for r in traffic["series"]] == [PER_MINUTE] * (NODES // PER_MINUTE)
@@ -225,7 +227,7 @@ async def test_answers_include_the_minute_not_sampled_yet(
     await client.report_outcome(k, {**fields, "outcome": "success", "bytes_patches": 77})
     got = (await client._http.get(f"/v1/apps/{APP}/builds/1/traffic")).json()
     assert got["totals"] == {"completed": 1, "peers": CHUNK, "cdn": CHUNK, "reused": 0,
-                             "patches": 77}  # fmt: skip
+                             "patches": 77, "patches_cdn": 0, "patches_peers": 0}  # fmt: skip
     assert len(got["series"]) == 1
     await t.load.tick(time.time() + 60, force=True)  # sampled and written: the same answer
     again = (await client._http.get(f"/v1/apps/{APP}/builds/1/traffic")).json()

@@ -67,7 +67,8 @@ async def test_outcomes_are_tallied_per_build_with_their_failure_codes(
     assert b2["success_rate"] == pytest.approx(0.6) and b2["version"] == "1.2"
     assert b2["failure_codes"] == {"download_failed": 1, "insufficient_storage": 1}
     assert b2["by_kind"] == {"update": {"success": 3, "failure": 2}}
-    assert b2["bytes"] == {"peers": 2800, "cdn": 1500, "reused": 45000, "patches": 0}
+    assert b2["bytes"] == {"peers": 2800, "cdn": 1500, "reused": 45000, "patches": 0,
+                           "patches_cdn": 0, "patches_peers": 0}  # fmt: skip
     assert b2["mean_success_s"] == pytest.approx(1.5)
     assert by_build[1]["by_kind"] == {"rollback": {"success": 1, "failure": 0}}
     only = (await client._http.get("/v1/outcomes", params={"app": "other"})).json()
@@ -77,6 +78,37 @@ async def test_outcomes_are_tallied_per_build_with_their_failure_codes(
     assert f"tracker_install_outcomes_total{{{label}}} 2.0" in text
     label = f'app="{APP}",code="download_failed",manifest="{two.id.hex()}",version="1.2"'
     assert f"tracker_install_failures_total{{{label}}} 1.0" in text
+
+
+async def test_patch_bytes_are_split_by_source_in_the_tally_metrics_and_series(
+    client: TrackerClient, make_manifest: Callable[..., M.SignedManifest]
+) -> None:
+    """A node says how many of its CDN and peer bytes were delta patches; an older node's
+    patches (no split) count in ``patches`` only; parts that do not fit are refused."""
+    m = make_manifest(1)
+    await client.publish(APP, "stable", m.encode())
+    await client.announce(keys.generate_key(), app=APP, manifest_id=m.id, port=0, numwant=0)
+    assert client._outcome_fields == {"bytes_patches_cdn", "bytes_patches_peers"}
+    split = {"bytes_patches": 250, "bytes_patches_cdn": 200, "bytes_patches_peers": 50}
+    await client.report_outcome(keys.generate_key(), fields(m, **split))
+    await client.report_outcome(keys.generate_key(), fields(m, bytes_patches=100))  # older node
+    for bad in (
+        {"bytes_patches": 10, "bytes_patches_cdn": 8, "bytes_patches_peers": 5},  # 13 > 10
+        {"bytes_patches": 400, "bytes_patches_cdn": 301},  # more than bytes_cdn
+        {"bytes_patches": 800, "bytes_patches_peers": 701},  # more than bytes_peers
+    ):
+        with pytest.raises(TrackerRefusedError) as err:
+            await client.report_outcome(keys.generate_key(), fields(m, **bad))
+        assert err.value.status == 400 and "bytes_patches_cdn" in str(err.value)
+    [rel] = (await client._http.get("/v1/outcomes")).json()["releases"]
+    assert rel["bytes"] == {"peers": 1400, "cdn": 600, "reused": 18000, "patches": 350,
+                            "patches_cdn": 200, "patches_peers": 50}  # fmt: skip
+    text = (await client._http.get("/metrics")).text
+    label = f'app="{APP}",manifest="{m.id.hex()}",source="patches_cdn",version="1.1"'
+    assert f"tracker_install_outcome_bytes_total{{{label}}} 200.0" in text
+    traffic = (await client._http.get(f"/v1/apps/{APP}/builds/1/traffic")).json()
+    totals = traffic["totals"]
+    assert (totals["patches"], totals["patches_cdn"], totals["patches_peers"]) == (350, 200, 50)
 
 
 async def test_bad_forged_replayed_and_too_frequent_outcomes_are_refused(

@@ -151,12 +151,20 @@ async def test_sse_feed_and_dashboard(
             for k in nodes[:3]
         ],
     )
+    # one node's outcome says which of its bytes were delta patches, by source
+    await client.report_outcome(
+        nodes[0],
+        {"app": APP, "manifest": second.id.hex(), "to_build": 2, "kind": "update",
+         "outcome": "success", "bytes_peers": 75, "bytes_cdn": 25, "bytes_patches": 30,
+         "bytes_patches_cdn": 20, "bytes_patches_peers": 10},
+    )  # fmt: skip
     await client.aclose()
     dom = await trio.to_thread.run_sync(dump_dom, f"{served}/dashboard", tmp_path / "chrome")
     row = dom.split(f'data-manifest="{second.id.hex()}"', 1)[1].split("</tr>", 1)[0]
     cells = [c.split(">", 1)[1] for c in row.split("<td")[1:]]
     cells = [c.split("</td>", 1)[0] for c in cells]
     assert cells[:6] == [APP, "1.2", "2", "3", "1", "3"], cells
+    assert cells[6:8] == ["225 B (patches 10 B)", "75 B (patches 20 B)"], cells
     assert cells[8] == "75.0%"
     # the build's type, and its notes escaped: the first line cut short, the rest one click away
     assert cells[9] == "critical"
@@ -179,11 +187,13 @@ async def test_sse_feed_and_dashboard(
     assert 'data-y-label="Bytes received (B)"' in offload  # 300 B: ticks in bytes
     ticks = re.search(r'data-y-ticks="([^"]*)"', offload)
     assert ticks is not None and json.loads(html.unescape(ticks[1])) == ["0", "100", "200", "300"]
-    assert "came from: peers vs the CDN</figcaption>" in dom
+    assert "came from: peers vs the CDN, chunks vs delta\n    patches</figcaption>" in dom
     legend = dom.split('<ul id="chart-offload-legend"', 1)[1].split("</ul>", 1)[0]
     assert re.findall(r'class="swatch"[^>]*></span>([^<]+)</li>', legend) == [
-        "From peers",
-        "From the CDN",
+        "From peers: chunks",
+        "From peers: delta patches",
+        "From the CDN: chunks",
+        "From the CDN: delta patches",
     ]
     assert charts["quality"] == "[0,0,0,0,0,0,3,0,0,0]", charts
     assert charts["adoption"] == "1", charts  # one minute bucket so far

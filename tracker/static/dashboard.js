@@ -167,6 +167,19 @@ function notesCell(notes) {
   return td;
 }
 
+// How many of a release's bytes from peers or the CDN ("peers" / "cdn") were delta patches, as
+// its install outcomes say (announces count patches with chunks; outcomes split them). Capped
+// at the announced total: the two are counted apart and may differ for a while.
+function patchBytes(stats, r, source) {
+  const b = (stats.outcomes || []).find(o => o.manifest_id === r.manifest_id);
+  const total = source === "peers" ? r.bytes_from_peers : r.bytes_from_cdn;
+  return Math.min(total, b && b.bytes ? b.bytes["patches_" + source] || 0 : 0);
+}
+
+function withPatches(total, patches) {
+  return fmtBytes(total) + (patches ? " (patches " + fmtBytes(patches) + ")" : "");
+}
+
 function render(stats) {
   const rel = stats.releases;
   const seeders = rel.reduce((s, r) => s + r.seeders, 0);
@@ -186,7 +199,8 @@ function render(stats) {
     const tr = document.createElement("tr");
     tr.dataset.manifest = r.manifest_id;
     [r.app, r.version, r.build, r.seeders, r.leechers, r.completed,
-     fmtBytes(r.bytes_from_peers), fmtBytes(r.bytes_from_cdn), pct(r.offload_ratio)]
+     withPatches(r.bytes_from_peers, patchBytes(stats, r, "peers")),
+     withPatches(r.bytes_from_cdn, patchBytes(stats, r, "cdn")), pct(r.offload_ratio)]
       .forEach(v => { const td = document.createElement("td"); td.textContent = v; tr.append(td); });
     const type = document.createElement("td");
     type.textContent = r.update_type || "–";
@@ -196,11 +210,15 @@ function render(stats) {
   }));
 
   const labels = rel.map(r => r.app + " " + r.version);
+  const peerPatches = rel.map(r => patchBytes(stats, r, "peers"));
+  const cdnPatches = rel.map(r => patchBytes(stats, r, "cdn"));
   barChart(document.getElementById("chart-offload"), labels,
-           [rel.map(r => r.bytes_from_peers), rel.map(r => r.bytes_from_cdn)],
-           ["#2a9d8f", "#e76f51"],
+           [rel.map((r, i) => r.bytes_from_peers - peerPatches[i]), peerPatches,
+            rel.map((r, i) => r.bytes_from_cdn - cdnPatches[i]), cdnPatches],
+           ["#2a9d8f", "#8fd3c9", "#e76f51", "#f4b8a1"],
            { x: "Release (app and version)", y: "Bytes received", bytes: true,
-             names: ["From peers", "From the CDN"] });
+             names: ["From peers: chunks", "From peers: delta patches",
+                     "From the CDN: chunks", "From the CDN: delta patches"] });
   lineChart(document.getElementById("chart-adoption"), rel.map(r => cumulative(r.adoption)),
             ["#264653", "#2a9d8f", "#e9c46a", "#f4a261", "#e76f51"]);
   barChart(document.getElementById("chart-quality"),
