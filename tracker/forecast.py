@@ -80,6 +80,7 @@ __all__ = [
     "HISTORY",
     "HORIZON_MIN",
     "JOIN_WINDOW_S",
+    "MAX_FORECASTS",
     "REQUEST",
     "PastRelease",
     "bytes_needed",
@@ -105,6 +106,9 @@ SETTLED_MIN = 24 * 60
 MODEL = "adoption-offload-2"
 #: What a forecast is made at (:mod:`tracker.load_http`).
 EVENTS = ("publish", "promote", "rollout-raise", "rollout-complete")
+#: Forecasts (events) a traffic store keeps at most, the oldest going first: a build has a
+#: few (publish, promotes, raises), and ``MAX_BUILDS`` builds keep a series.
+MAX_FORECASTS = 8000
 #: A node's concurrent CDN requests, and the size of its first ones (``PlanParams``'
 #: defaults: ``p2pnode --connections``, the initial budget shared among them).
 CONNECTIONS = PlanParams.connections
