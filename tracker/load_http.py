@@ -148,7 +148,9 @@ class LoadRoutes:
         for mid, app, f in recorded:
             if "profile" in f or now - f["at"] < 60 * (HORIZON_MIN + 1):
                 continue
-            f["profile"] = profile(await self._series(mid), f["at"], HORIZON_MIN)
+            start = int(f["at"]) // 60 * 60  # (before it: another event's, or another fleet's)
+            rows = [r for r in await self._series(mid) if r["t"] >= start]
+            f["profile"] = profile(rows, f["at"], HORIZON_MIN)
             await self._call(self.store.put_forecast, mid, app, f)
 
     def close(self) -> None:

@@ -336,3 +336,39 @@ async def test_promotes_and_rollout_raises_get_forecasts_of_their_own(
         (2, "publish"), (1, "publish"),
     ]  # fmt: skip
     await http.aclose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
+async def test_nodes_joining_the_fleet_add_whole_builds_to_the_forecast(
+    backend: str,
+    make_tracker: Callable[..., Tracker],
+    publisher: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    clock, t, client = await clocked_tracker(backend, make_tracker, publisher, monkeypatch, request)
+    nodes = [keys.generate_key() for _ in range(NODES)]
+    one = build(publisher, 1, [1, 2, 3, 4], clock.now)
+    await client.publish(APP, "stable", one.encode())
+    await adopt(t, client, clock, nodes, one, 4 * CHUNK, 0)  # first seen done: no joins
+    clock.now = clock.now // 3600 * 3600 + 3600
+    await t.fleet.store.gc(clock.now)  # the fleet's hourly sample
+    for _hour in range(2):  # then 3 new nodes an hour, first seen downloading
+        for _ in range(3):
+            await client.announce(
+                keys.generate_key(), app=APP, manifest_id=one.id, port=0, size=4 * CHUNK,
+                left=4 * CHUNK, numwant=0,
+            )  # fmt: skip
+        clock.now += 3600
+        await t.fleet.store.gc(clock.now)
+    view = (await client._http.get(f"/v1/apps/{APP}/fleet")).json()
+    assert [n for _, n in view["joined"]][-3:] == [3, 6, 6], view["joined"]
+    two = build(publisher, 2, [1, 2, 5, 6], clock.now)
+    f = (await client.publish(APP, "stable", two.encode()))["forecast"]
+    # 6 in 2 hours, times the channel's share of the app's nodes (the joiners still updating)
+    share = NODES / (NODES + 6)
+    assert f["join_rate_per_hour"] == pytest.approx(3 * share, rel=1e-3)
+    assert f["joiners"] == pytest.approx(24 * 3 * share, rel=1e-3)
+    assert 0 < f["joiners_cdn_total"] <= f["joiners"] * 4 * CHUNK + 1  # whole builds
+    assert f["cdn_total"] > f["joiners_cdn_total"]  # beside the fleet's deltas
+    await client._http.aclose()
