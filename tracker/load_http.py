@@ -287,10 +287,8 @@ class LoadRoutes:
         others = sum(n for _, n in fleet)
         # a raise lets in a share of the whole channel, the nodes already on the build too
         nodes = others + (on_build if event.startswith("rollout") else 0)
-        everyone = view.get("nodes", 0)
-        joining = join_rate(view.get("joined", []), now) * (
-            (others + on_build) / everyone if everyone else 0.0
-        )
+        everyone = view.get("nodes", 0)  # (the channel's share of the app's joiners)
+        joining = join_rate(view.get("joined", []), now) * (nodes / everyone if everyone else 0)
         mirrors: list[str | None] = list(m.mirrors) or [None]
         split, whole = mirror_split(need, len(mirrors))
         f = predict(

@@ -56,7 +56,7 @@ def load_schemas() -> dict[str, Any]:
             "manifest_id": _HEX64,
             "event": {
                 "enum": list(EVENTS),
-                "description": "what the forecast was made at (none in a dry run)",
+                "description": "what the forecast was made at (a dry run: publish)",
             },
             "at": {
                 **_NUM,

@@ -269,7 +269,8 @@ class Operations:
             request, f"rollout-{action}", actor, f"{row_name}/{channel}",
             build=after.build, percent=after.percent, was=before.percent, state=after.state,
         )  # fmt: skip
-        if action in ("raise", "complete") and self.on_move is not None:
+        # a raise while halted lets no node in (until a resume: not forecast, see docs)
+        if action in ("raise", "complete") and after.state != "halted" and self.on_move:
             await self.on_move(
                 row_name, channel, after.manifest, f"rollout-{action}", before.percent,
                 after.percent,
