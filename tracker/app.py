@@ -145,6 +145,7 @@ class Tracker(OperatorRoutes):
             traffic, registry, swarm, lambda: self.fleet.store, config.admin_token, config.clock
         )
         self.channels.forecaster = self.load.published
+        self.channels.on_move = self.operations.on_move = self.load.moved
         self.app = Starlette(
             routes=self._routes(),
             middleware=[Middleware(RequestMiddleware, clients=self._clients, metrics=self.metrics)],

@@ -76,6 +76,9 @@ class ChannelRoutes:
         #: called after each publish: the load forecast's summary for the answer (tracker.app
         #: sets it to ``LoadRoutes.published``), or None
         self.forecaster: Callable[..., Awaitable[dict[str, Any] | None]] | None = None
+        #: called after each promote as ``(app, channel, manifest, action, 0.0, 100.0)``: its
+        #: load forecast is recorded (tracker.app sets it to ``LoadRoutes.moved``), or None
+        self.on_move: Callable[..., Awaitable[None]] | None = None
 
     def app_row(self, app: str) -> AppRow:
         core.check_name(app, "app")
@@ -242,6 +245,8 @@ class ChannelRoutes:
         await self.ops.record(
             request, action, actor, f"{row.name}/{channel}", manifest_id=mid.hex()
         )
+        if action == "promote" and self.on_move is not None:
+            await self.on_move(row.name, channel, mid, action, 0.0, 100.0)
         head = await self.registry_call(self.registry.head, row.name, channel)
         if head is None:  # the move just committed; only a concurrent delete could do this
             raise NotFound(f"channel {channel} vanished")

@@ -3,10 +3,11 @@
     tracker forecast show APP BUILD --url URL [--json]
     tracker forecast dry-run APP CHANNEL MANIFEST --url URL [--token T] [--rollout P] [--json]
 
-``show`` prints the forecast recorded when the build was published and, minute by minute,
-the CDN egress predicted beside what nodes reported; ``dry-run`` uploads a signed manifest
-(``p2pnode publish --out DIR`` writes it as ``DIR/APP/BUILD/manifest.p2pm``) and prints what
-publishing it now would cost, storing nothing.
+``show`` prints the forecasts recorded at the build's events (its publish, promotes, rollout
+raises) and, minute by minute, the CDN egress each predicted beside what nodes reported until
+the next, with the split per mirror and the late joiners' part; ``dry-run`` uploads a signed
+manifest (``p2pnode publish --out DIR`` writes it as ``DIR/APP/BUILD/manifest.p2pm``) and
+prints what publishing it now would cost, storing nothing.
 """
 
 from __future__ import annotations
@@ -70,10 +71,30 @@ def _utc(t: float | None) -> str:
     return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) + "Z"
 
 
+def _what(f: dict[str, Any]) -> str:
+    """The event a forecast was made at, in words."""
+    event = f.get("event")
+    if event == "promote":
+        return f"promoted {_utc(f['at'])}"
+    if event == "rollout-raise":
+        return f"rollout raised {f['was_percent']:g}% -> {f['percent']:g}% {_utc(f['at'])}"
+    if event == "rollout-complete":
+        return f"rollout completed ({f['was_percent']:g}% -> 100%) {_utc(f['at'])}"
+    return f"published {_utc(f['at'])}"
+
+
 def print_forecast(out: dict[str, Any]) -> None:
-    f, a = out["forecast"], out["actual"]
+    """A dry run's forecast, or every event's of ``show`` beside what followed it."""
+    reports = out.get("events") or [{"forecast": out["forecast"], "actual": out["actual"]}]
+    for i, r in enumerate(reports):
+        if i:
+            print()
+        _print_one(r["forecast"], r["actual"])
+
+
+def _print_one(f: dict[str, Any], a: dict[str, Any] | None) -> None:
     print(
-        f"{f['app']} build {f['build']} on {f['channel']}, published {_utc(f['at'])}: "
+        f"{f['app']} build {f['build']} on {f['channel']}, {_what(f)}: "
         f"{f['adopters']:g} nodes x {format_bytes(f['need_bytes'])} each "
         f"(of {format_bytes(f['size_bytes'])}), offload by adoption quarter "
         + " ".join(f"{100 * r:.0f}%" for r in f["offload"])
@@ -86,6 +107,7 @@ def print_forecast(out: dict[str, Any]) -> None:
             f"{format_bytes(f['cdn_peak_per_min'])}/min at {_utc(f['cdn_peak_at'])}; "
             f"delta patches {format_bytes(f.get('patches_total', 0))} (from peers or the CDN)"
         )
+        _print_parts(f)
         return
     print(f"{'':24}{'predicted':>14}{'actual':>14}")
     print(
@@ -101,6 +123,7 @@ def print_forecast(out: dict[str, Any]) -> None:
         f"{'peak per minute':<24}{format_bytes(f['cdn_peak_per_min']):>14}"
         f"{format_bytes(a['cdn_actual_peak_per_min']):>14}"
     )
+    _print_parts(f)
     predicted = {int(t): b for t, b in f["curve"]}
     actual = {int(t): b for t, b in a["actual"]}
     start = int(f["at"]) // 60 * 60
@@ -112,3 +135,23 @@ def print_forecast(out: dict[str, Any]) -> None:
         )
     if len(minutes) > 60:
         print(f"  ... {len(minutes) - 60} more minutes (--json has them all)")
+
+
+def _print_parts(f: dict[str, Any]) -> None:
+    """The late joiners' part of the forecast and its split per mirror (forecasts made before
+    the tracker modelled them have neither)."""
+    if f.get("joiners"):
+        print(
+            f"late joiners: {f['joiners']:g} nodes ({f['join_rate_per_hour']:g}/h on the "
+            f"channel), the whole build each: {format_bytes(f['joiners_cdn_total'])} of the "
+            "CDN egress"
+        )
+    mirrors = f.get("mirrors", [])
+    if len(mirrors) > 1 or (mirrors and mirrors[0]["url"] is not None):
+        for m in mirrors:
+            url = m["url"] or "(the nodes' own)"
+            print(
+                f"  mirror {url}: {format_bytes(m['cdn_total'])} "
+                f"({100 * m['share']:.0f}%), peak {format_bytes(m['cdn_peak_per_min'])}/min "
+                f"at {_utc(m['cdn_peak_at'])}"
+            )

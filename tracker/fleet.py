@@ -10,6 +10,13 @@ or a successful outcome says so; an announce still downloading only refreshes th
 time (a new seat is counted as *updating* until it completes). A seat unseen for ``ttl``
 seconds leaves the counts.
 
+**Joins.** A seat made by a sighting that names no complete build (a node first seen still
+downloading, or failing, its install) counts as a node joining the app's fleet: a running
+total per app, sampled with the curves (``joined``), from which the load forecast reads the
+rate new nodes arrive at (:func:`tracker.forecast.join_rate`). A node first seen with a whole
+build (one that ran it before this fleet's memory began, or came back after its seat expired)
+is not a join: that keeps a restarted tracker from reading its whole fleet as new.
+
 Counts answer "how many nodes run each build" at once: every release and every client version
 keeps a counter, moved when a seat changes build or version, so no view walks the seats. The
 adoption curve of each build is those counters sampled once per ``bucket`` seconds, at most
@@ -153,6 +160,9 @@ class MemoryFleet:
         self._app_no: dict[str, int] = {}
         #: per app: seats still downloading their first build
         self._updating: list[int] = []
+        #: per app: seats first seen with no complete build (joins), and that total sampled
+        self._joined: list[int] = []
+        self._joined_series: list[deque[tuple[int, int]]] = []
         self._releases: dict[int, _Release] = {}
         self._rel_no: dict[bytes, int] = {}
         self._next_rel = 0
@@ -177,6 +187,8 @@ class MemoryFleet:
             n = self._app_no[name] = len(self._apps)
             self._apps.append(name)
             self._updating.append(0)
+            self._joined.append(0)
+            self._joined_series.append(deque(maxlen=self.points))
         return n
 
     def _release_of(self, app: int, manifest: bytes, build: int) -> int:
@@ -259,7 +271,9 @@ class MemoryFleet:
         app = self._app_of(s.app)
         if app is None:
             return
-        slot, _ = self._seat(s.node, app, s.now)
+        slot, new = self._seat(s.node, app, s.now)
+        if new and s.manifest is None:
+            self._joined[app] += 1
         rel, client = self._rel[slot], self._client[slot]
         new_rel = rel
         if s.manifest is not None and s.build is not None:
@@ -329,6 +343,8 @@ class MemoryFleet:
         for r in self._releases.values():
             if r.nodes or r.series:
                 r.series.append((at, r.nodes))
+        for n, joined in enumerate(self._joined):
+            self._joined_series[n].append((at, joined))
 
     # ------------------------------------------------------------------ views
 
@@ -366,6 +382,7 @@ class MemoryFleet:
                 for r in builds
             ],
             "clients": dict(sorted(clients.items(), key=lambda kv: -kv[1])),
+            "joined": [*(list(p) for p in self._joined_series[n]), [int(now), self._joined[n]]],
         }
 
     def node_view(self, node: bytes) -> dict[str, Any] | None:

@@ -13,7 +13,9 @@ the seats and the adoption curves (in memory, the curves start again).
 * ``fleet_builds``: ``m`` -> ``manifest id|build`` and when a node last ran it;
   ``fleet_series``: the curves, one row per (app, bucket) sampled by whichever replica gets
   there first (``ON CONFLICT DO NOTHING``); ``fleet_apps``; ``fleet_recent``: the last
-  ``RECENT_OUTCOMES`` outcomes whole, for the node view.
+  ``RECENT_OUTCOMES`` outcomes whole, for the node view; ``fleet_apps.joined``: the seats made
+  by a sighting that names no complete build (joins, :mod:`tracker.fleet`), sampled into the
+  curves' rows as ``+``.
 
 No counters are stored: counts are ``GROUP BY`` over the seats (indexed by app and build), so
 they cannot drift, and expiry is a ``DELETE`` of a slice of the seats unseen for ``ttl``.
@@ -45,7 +47,7 @@ _SEAT = (
     "seen = GREATEST(s.seen, excluded.seen), "
     "client = CASE WHEN excluded.client = 'unknown' THEN s.client ELSE excluded.client END, "
     "outcome = CASE WHEN excluded.outcome = '' THEN s.outcome ELSE excluded.outcome END "
-    "RETURNING s.app, s.m, s.seen"
+    "RETURNING s.app, s.m, s.seen, xmax = 0"
 )
 _BUILD = (
     "INSERT INTO fleet_builds AS b (app, m, info, last_seen) VALUES (%s, %s, %s, %s) "
@@ -99,18 +101,25 @@ class PGFleet(WriteBehind):
                 [(a,) for a in sorted({app for _, app in pending})],
             )
             ran: dict[tuple[str, str], int] = {}  # the build each seat runs now: last seen
+            joined: dict[str, int] = {}  # per app: seats made with no complete build
             if seats:  # (none when every sighting was dropped but an outcome's whole record)
                 cur.executemany(_SEAT, seats, returning=True)
                 while True:
-                    for app, m, seen in cur.fetchall():
+                    for app, m, seen, made in cur.fetchall():
                         if m != "-":
                             ran[(app, m)] = max(ran.get((app, m), 0), int(seen))
+                        elif made:
+                            joined[app] = joined.get(app, 0) + 1
                     if not cur.nextset():
                         break
             builds = sorted(
                 (app, m, infos.get((app, m), ""), float(seen)) for (app, m), seen in ran.items()
             )
             cur.executemany(_BUILD, builds)
+            cur.executemany(
+                "UPDATE fleet_apps SET joined = joined + %s WHERE app = %s",
+                [(n, app) for app, n in sorted(joined.items())],
+            )
             if recent:
                 rows = []
                 for raw in recent:
@@ -152,6 +161,8 @@ class PGFleet(WriteBehind):
     def _sample(self, c: Conn, app: str, at: int) -> None:
         counts = self._counts(c, app)
         counts.pop("-", None)
+        row = c.execute("SELECT joined FROM fleet_apps WHERE app = %s", (app,)).fetchone()
+        counts["+"] = int(row[0]) if row else 0
         c.execute(
             "INSERT INTO fleet_series (app, at, counts) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
             (app, at, json.dumps(counts)),
@@ -183,7 +194,8 @@ class PGFleet(WriteBehind):
 
     def _app_view(self, app: str, now: float) -> dict[str, Any] | None:
         with self.db.connection(f"read the fleet of {app}") as c:
-            if not c.execute("SELECT 1 FROM fleet_apps WHERE app = %s", (app,)).fetchone():
+            found = c.execute("SELECT joined FROM fleet_apps WHERE app = %s", (app,)).fetchone()
+            if not found:
                 return None
             counts, clients = self._tally(c, app).get(app, ({}, {}))
             builds = c.execute(
@@ -198,7 +210,9 @@ class PGFleet(WriteBehind):
         clients = _bounded(clients)
         info = {m: text for m, text, _ in builds if text}
         seen = {m: float(last) for m, _, last in builds}
-        return app_view_of(app, now, counts, info, seen, series, clients, self.ttl, self.bucket)
+        return app_view_of(
+            app, now, counts, info, seen, series, clients, self.ttl, self.bucket, int(found[0])
+        )
 
     def _node_view(self, node: bytes) -> dict[str, Any] | None:
         with self.db.connection("read a node of the fleet") as c:

@@ -13,7 +13,8 @@ Replicas each hear some of the announces, so the seats live in Redis, per app (k
 * ``binfo:APP`` (``M`` -> ``manifest id|build``), ``bseen:APP`` (``M`` -> last seen),
   ``series:APP`` (bucket start -> JSON of ``builds:APP``, sampled once per bucket by whichever
   replica gets there first, ``HSETNX``), ``apps`` (a set), ``recent`` (the last
-  ``RECENT_OUTCOMES`` outcomes, JSON).
+  ``RECENT_OUTCOMES`` outcomes, JSON), ``joined`` (app -> seats made by a sighting that names
+  no complete build: joins, :mod:`tracker.fleet`; sampled into ``series:APP`` as ``+``).
 
 A seat costs about 100 bytes of Redis memory (field, value, hash entry). Recording stays off
 the announce path (:class:`tracker.fleet_remote.WriteBehind`): pending seats are written every
@@ -51,6 +52,7 @@ if old then
   local a, _, c, d = string.match(old, '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
   om, oc, out = a, c, d
 else
+  if m == '' then redis.call('HINCRBY', KEYS[7], ARGV[7], 1) end
   redis.call('HINCRBY', builds, '-', 1)
   redis.call('HINCRBY', clients, 'unknown', 1)
   redis.call('SADD', apps, ARGV[7])
@@ -133,6 +135,7 @@ class RedisFleet(WriteBehind):
             f"{p}binfo:{app}",
             f"{p}bseen:{app}",
             f"{p}apps",
+            f"{p}joined",
         ]
 
     def write(self, batch: Batch) -> int:
@@ -194,6 +197,7 @@ class RedisFleet(WriteBehind):
             for k, v in self._r.hgetall(f"{self.p}builds:{app}").items()
             if k != b"-"
         }
+        counts["+"] = int(self._r.hget(self.p + "joined", app) or 0)
         self._r.hsetnx(series, str(at), json.dumps(counts))
         if self._r.hlen(series) > self.points:
             fields = sorted(self._r.hkeys(series), key=int)
@@ -212,7 +216,10 @@ class RedisFleet(WriteBehind):
             (int(k), json.loads(v)) for k, v in self._r.hgetall(f"{p}series:{app}").items()
         )
         clients = {k.decode(): int(v) for k, v in self._r.hgetall(f"{p}clients:{app}").items()}
-        return app_view_of(app, now, counts, info, seen, series, clients, self.ttl, self.bucket)
+        joined = int(self._r.hget(f"{p}joined", app) or 0)
+        return app_view_of(
+            app, now, counts, info, seen, series, clients, self.ttl, self.bucket, joined
+        )
 
     def _node_view(self, node: bytes) -> dict[str, Any] | None:
         seats = []

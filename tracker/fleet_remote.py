@@ -147,10 +147,11 @@ def app_view_of(
     clients: dict[str, int],
     ttl: float,
     bucket: int,
+    joined: int = 0,
 ) -> dict[str, Any]:
     """``MemoryFleet.app_view``'s answer from what a store read: seats per ``M`` (``-``:
-    updating), ``M`` -> ``manifest id|build`` and last seen, the sampled curves by time, and
-    seats per client version."""
+    updating), ``M`` -> ``manifest id|build`` and last seen, the sampled curves by time (with
+    the joins so far as ``+``), seats per client version, and the joins so far."""
     counts = dict(counts)
     updating = counts.pop("-", 0)
     total = updating + sum(counts.values())
@@ -181,6 +182,7 @@ def app_view_of(
         "bucket_s": bucket,
         "builds": builds,
         "clients": dict(sorted(clients.items(), key=lambda kv: -kv[1])),
+        "joined": [*([at, pts["+"]] for at, pts in series if "+" in pts), [int(now), joined]],
     }
 
 

@@ -25,30 +25,69 @@ holding the build; the last find many). So:
    quarter with no bytes takes the pooled ratio, and no history at all gives 0 (every byte
    from the CDN: the safe side of a cost estimate).
 
-Minute ``k`` then costs ``N * B * (F(k) - F(k-1)) * (1 - r(F(k-1)))`` of CDN egress; the
-forecast is their sum and its largest minute (the peak), over ``HORIZON_MIN`` minutes (the
-rest of the adoption, if any, is added to the total at the end's offload). Past releases
-count their bytes at the minute nodes announced them (roughly when fetched), which is also
-how the actual series is measured, so the comparison (:func:`compare`) is like for like.
+5. **Late joiners** ``J``: nodes that join the fleet during the horizon (new machines, ones
+   back after the fleet view forgot them) fetch the whole build, ``size`` bytes, not a delta.
+   Their rate is the fleet view's first-seen rate over its recent past (:func:`join_rate`: seats
+   first seen still downloading, per minute), times the channel's share of the app's nodes;
+   each minute's joiners fetch at that minute's offload.
+
+Minute ``k`` then costs ``(N * B * (F(k) - F(k-1)) + J * size) * (1 - r(F(k-1)))`` of CDN
+egress; the forecast is their sum and its largest minute (the peak), over ``HORIZON_MIN``
+minutes (the rest of the adoption, if any, is added to the total at the end's offload; joiners
+past the horizon are not). Past releases count their bytes at the minute nodes announced them
+(roughly when fetched), which is also how the actual series is measured, so the comparison
+(:func:`compare`) is like for like.
+
+Events
+------
+A forecast is made for each event that starts nodes fetching a build: its publish, its promote
+to another channel (another fleet), and each raise of its staged rollout (``was_percent`` to
+``percent``: only the nodes the raise lets in, ``N * (percent - was_percent) / 100``, where
+``N`` counts the nodes already on the build too, since the rollout's hash spans them all).
+What followed an event is the build's series from it to the build's next event
+(:func:`compare`'s ``until``): the series is per build, not per event.
+
+Mirrors
+-------
+The CDN egress is split per mirror the way a node spreads its requests
+(:mod:`p2pnode.cdn.plan`): each fetch starts a fresh plan whose mirrors all look alike, and
+each request goes to the least busy mirror, ties to the first in the manifest's order; so a
+fetch's requests (``max(REQUEST, chunk)`` bytes each) go round the first ``min(mirrors,
+CONNECTIONS)`` mirrors in turn, and a small fetch touches only the first few
+(:func:`mirror_shares`). Upgraders' shares come from their need per base build, joiners' from
+the whole build. This assumes nodes list the manifest's mirrors only (no ``--mirror`` of their
+own, no manifest fetched from a mirror's URL, which would come first) and mirrors of like speed
+(a faster one takes more); swarm-assisted fetches come in smaller batches, each starting again
+at the first mirror, so the first mirror's share is, if anything, low.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from p2pnode.cdn.plan import PlanParams
 from p2pnode.release.manifest import Manifest
 
 __all__ = [
     "BINS",
+    "CONNECTIONS",
     "DEFAULT_TAU_MIN",
+    "EVENTS",
     "HISTORY",
     "HORIZON_MIN",
+    "JOIN_WINDOW_S",
+    "MAX_FORECASTS",
+    "REQUEST",
     "PastRelease",
     "bytes_needed",
     "compare",
+    "join_rate",
+    "mirror_shares",
+    "mirror_split",
     "predict",
 ]
 
@@ -64,7 +103,20 @@ DEFAULT_TAU_MIN = 60.0
 #: Past releases published this recently are used only when no older one is there: their
 #: curve is cut short, so it reads as faster than it will be.
 SETTLED_MIN = 24 * 60
-MODEL = "adoption-offload-1"
+MODEL = "adoption-offload-2"
+#: What a forecast is made at (:mod:`tracker.load_http`).
+EVENTS = ("publish", "promote", "rollout-raise", "rollout-complete")
+#: Forecasts (events) a traffic store keeps at most, the oldest going first: a build has a
+#: few (publish, promotes, raises), and ``MAX_BUILDS`` builds keep a series.
+MAX_FORECASTS = 8000
+#: A node's concurrent CDN requests, and the size of its first ones (``PlanParams``'
+#: defaults: ``p2pnode --connections``, the initial budget shared among them).
+CONNECTIONS = PlanParams.connections
+REQUEST = max(256 * 1024, PlanParams.initial_budget // PlanParams.connections)
+#: The recent past the join rate is measured over (the fleet view keeps a week of hours), and
+#: the least of it that says anything.
+JOIN_WINDOW_S = 7 * 86400
+MIN_JOIN_SPAN_S = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +151,7 @@ def bytes_needed(new: Manifest, fleet: Iterable[tuple[Manifest | None, int]]) ->
         nodes += n
     return {
         "size": size,
+        "chunk": size / len(chunks) if chunks else 0.0,
         "need": total / nodes if nodes else float(size),
         "patch_need": patched / nodes if nodes else 0.0,
         "per_build": per_build,
@@ -120,6 +173,46 @@ def _need_from(new: Manifest, chunks: dict[bytes, int], base: Manifest) -> tuple
             for cid in made:
                 missing.pop(cid, None)
     return sum(missing.values()), patched
+
+
+def mirror_shares(fetched: float, mirrors: int, chunk: float = 0.0) -> list[float]:
+    """The share of one fetch of ``fetched`` bytes each of ``mirrors`` serves (see the module
+    docstring): its requests (``max(REQUEST, chunk)`` bytes each) dealt in turn over the first
+    ``min(mirrors, CONNECTIONS)`` mirrors."""
+    if mirrors <= 0:
+        return []
+    jobs = max(1, math.ceil(fetched / max(REQUEST, chunk, 1.0)))
+    used = min(mirrors, CONNECTIONS)
+    return [
+        (jobs // used + (1 if q < jobs % used else 0)) / jobs if q < used else 0.0
+        for q in range(mirrors)
+    ]
+
+
+def mirror_split(need: dict[str, Any], mirrors: int) -> tuple[list[float], list[float]]:
+    """Per mirror, the share of the upgraders' chunk bytes (each base build's need weighted by
+    its nodes) and of a joiner's whole-build fetch, from :func:`bytes_needed`'s answer."""
+    whole = mirror_shares(need["size"], mirrors, need["chunk"])
+    weights = [(b["nodes"] * b["need"], b["need"]) for b in need["per_build"]]
+    total = sum(w for w, _ in weights)
+    if not total:
+        return whole, whole
+    split = [0.0] * mirrors
+    for w, n in weights:
+        for q, x in enumerate(mirror_shares(n, mirrors, need["chunk"])):
+            split[q] += w / total * x
+    return split, whole
+
+
+def join_rate(points: Sequence[Sequence[float]], now: float) -> float:
+    """Nodes joining per minute over the last ``JOIN_WINDOW_S``, from the fleet view's
+    ``joined`` points ((time, seats first seen so far)); 0 over less than ``MIN_JOIN_SPAN_S``.
+    A running total that fell (a store that started again) counts from its new value."""
+    recent = sorted((t, n) for t, n in points if now - JOIN_WINDOW_S <= t <= now)
+    if len(recent) < 2 or recent[-1][0] - recent[0][0] < MIN_JOIN_SPAN_S:
+        return 0.0
+    joined = sum(max(0.0, b - a) for (_, a), (_, b) in itertools.pairwise(recent))
+    return 60 * joined / (recent[-1][0] - recent[0][0])
 
 
 def _shape(history: Sequence[PastRelease], now: float) -> tuple[list[float], list[int]]:
@@ -180,23 +273,41 @@ def predict(
     published: float,
     percent: float = 100.0,
     patch_need: float = 0.0,
+    was_percent: float = 0.0,
+    joiners_per_min: float = 0.0,
+    mirrors: Sequence[str | None] = (None,),
+    split: Sequence[float] = (1.0,),
+    whole_split: Sequence[float] = (1.0,),
 ) -> dict[str, Any]:
-    """The forecast of a publish at ``published`` (Unix s); see the module docstring."""
-    adopters = nodes * percent / 100
+    """The forecast of an event at ``published`` (Unix s) that lets ``percent - was_percent``
+    of the channel's ``nodes`` (and of its joiners) take the build; ``mirrors`` with the
+    shares of :func:`mirror_split` (``None``: the mirrors nodes were given, when the manifest
+    lists none). See the module docstring."""
+    share = max(0.0, percent - was_percent) / 100
+    adopters = nodes * share
+    joining = joiners_per_min * share
     f, builds = _shape(history, published)
     offload = _offload(history, builds) if builds else [0.0] * BINS
     start = int(published) // 60
     curve: list[list[int]] = []
-    total_cdn = total_peers = 0.0
+    total_cdn = total_peers = joiners_cdn = 0.0
     peak, peak_at, prev = 0.0, start * 60, 0.0
+    per_mirror = [[0.0, 0.0, start * 60] for _ in mirrors]  # total, peak, peak at
     for k in range(HORIZON_MIN):
         r = offload[min(BINS - 1, int(BINS * prev))]
-        fetched = adopters * need * max(0.0, f[k] - prev)
-        cdn = fetched * (1 - r)
+        upgrade = adopters * need * max(0.0, f[k] - prev)
+        join = joining * size
+        cdn = (upgrade + join) * (1 - r)
         total_cdn += cdn
-        total_peers += fetched - cdn
+        total_peers += upgrade + join - cdn
+        joiners_cdn += join * (1 - r)
         if cdn > peak:
             peak, peak_at = cdn, (start + k) * 60
+        for m, s, w in zip(per_mirror, split, whole_split, strict=True):
+            here = (upgrade * s + join * w) * (1 - r)
+            m[0] += here
+            if here > m[1]:
+                m[1], m[2] = here, (start + k) * 60
         if cdn >= 0.5:
             curve.append([(start + k) * 60, round(cdn)])
         prev = f[k]
@@ -204,16 +315,22 @@ def predict(
         rest = adopters * need * (1 - prev)
         total_cdn += rest * (1 - offload[-1])
         total_peers += rest * offload[-1]
+        for m, s in zip(per_mirror, split, strict=True):
+            m[0] += rest * s * (1 - offload[-1])
     return {
         "model": MODEL,
         "at": published,
         "nodes": nodes,
         "percent": percent,
+        "was_percent": was_percent,
         "adopters": adopters,
         "size_bytes": size,
         "need_bytes": round(need),
         "patch_need_bytes": round(patch_need),
         "patches_total": round(adopters * patch_need),
+        "join_rate_per_hour": round(60 * joiners_per_min, 4),
+        "joiners": round(joining * HORIZON_MIN, 2),
+        "joiners_cdn_total": round(joiners_cdn),
         "basis": "history" if builds else "default",
         "history_builds": builds,
         "offload": [round(x, 4) for x in offload],
@@ -221,20 +338,41 @@ def predict(
         "peers_total": round(total_peers),
         "cdn_peak_per_min": round(peak),
         "cdn_peak_at": peak_at,
+        "mirrors": [
+            _mirror(url, m, s, total_cdn)
+            for url, m, s in zip(mirrors, per_mirror, split, strict=True)
+        ],
         "curve": curve,
     }
 
 
-def compare(forecast: dict[str, Any], rows: Sequence[dict[str, int]], now: float) -> dict[str, Any]:
-    """What followed a forecast: the actual CDN egress per minute since the publish beside the
-    predicted one, their totals so far, the peaks and their ratios (actual / predicted)."""
+def _mirror(url: str | None, m: list[float], share: float, total: float) -> dict[str, Any]:
+    """One mirror's part of a forecast: ``m`` is its (CDN total, peak, peak at)."""
+    return {
+        "url": url,
+        "share": round(m[0] / total if total else share, 4),
+        "cdn_total": round(m[0]),
+        "cdn_peak_per_min": round(m[1]),
+        "cdn_peak_at": int(m[2]),
+    }
+
+
+def compare(
+    forecast: dict[str, Any], rows: Sequence[dict[str, int]], now: float, until: float | None = None
+) -> dict[str, Any]:
+    """What followed a forecast: the actual CDN egress per minute since its event beside the
+    predicted one (up to ``until``, the build's next event, if any), their totals so far, the
+    peaks and their ratios (actual / predicted)."""
     start = int(forecast["at"]) // 60 * 60
-    actual = [[r["t"], r["cdn"]] for r in sorted(rows, key=lambda r: r["t"]) if r["t"] >= start]
+    end = math.inf if until is None else int(until) // 60 * 60
+    now = min(now, end - 1)
+    rows = [r for r in rows if start <= r["t"] < end]
+    actual = [[r["t"], r["cdn"]] for r in sorted(rows, key=lambda r: r["t"])]
     predicted_so_far = sum(b for t, b in forecast["curve"] if t <= now)
     if now >= start + HORIZON_MIN * 60:
         predicted_so_far = forecast["cdn_total"]
     actual_total = sum(b for _, b in actual)
-    patches = sum(r.get("patches", 0) for r in rows if r["t"] >= start)
+    patches = sum(r.get("patches", 0) for r in rows)
     peak_at, peak = max(((t, b) for t, b in actual), key=lambda x: x[1], default=(None, 0))
 
     def ratio(a: float, p: float) -> float | None:

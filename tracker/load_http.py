@@ -1,5 +1,6 @@
 """Bandwidth and load on the app: the traffic series' feed and routes, and the forecast made at
-each publish.
+each event that starts nodes fetching a build: its publish, a promote (another channel's
+fleet), a raise or completion of its staged rollout (more of the channel let in).
 
 What feeds it: every accepted announce (an online-hour count), every accepted outcome (its
 reused and patch bytes, the patches split by source), and once a minute the swarm's
@@ -10,8 +11,9 @@ batch every 10 s). See
 Routes (open, like ``/v1/stats``, but the dry run, which takes a manifest upload):
 
 * ``GET /v1/apps/{app}/builds/{build}/traffic``: the build's bytes by source per minute.
-* ``GET /v1/apps/{app}/builds/{build}/forecast``: the forecast recorded at its publish, and
-  what followed (actual CDN egress per minute beside the predicted).
+* ``GET /v1/apps/{app}/builds/{build}/forecast``: the forecasts recorded at the build's events,
+  each beside what followed it until the next (actual CDN egress per minute beside the
+  predicted); ``forecast``/``actual`` are the first event's (its publish).
 * ``POST /v1/apps/{app}/channels/{channel}/forecast``: the forecast of publishing that signed
   manifest now, recorded nowhere (publisher or admin token).
 * ``GET /v1/apps/{app}/load``: the release hour and the app's recent forecasts against what
@@ -20,6 +22,7 @@ Routes (open, like ``/v1/stats``, but the dry run, which takes a manifest upload
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -38,7 +41,16 @@ from .backend import RegistryStore, SwarmStore
 from .channels import checked_upload
 from .errors import BadRequest, NotFound, Unavailable
 from .fleet_store import FleetStore
-from .forecast import HISTORY, HORIZON_MIN, PastRelease, bytes_needed, compare, predict
+from .forecast import (
+    HISTORY,
+    HORIZON_MIN,
+    PastRelease,
+    bytes_needed,
+    compare,
+    join_rate,
+    mirror_split,
+    predict,
+)
 from .keyrotation import app_keys
 from .operations import PERCENT_RANGE
 from .outcomes import MAX_BUILD, Outcome
@@ -66,14 +78,19 @@ FLUSH_S = 10
 GC_S = 3600
 #: Base builds of the fleet whose manifests are read for the need (the rest need it all).
 BASES = 10
-#: Recent forecasts the load view shows per app.
-LOAD_BUILDS = 5
+#: Recent forecasts (events) the load view shows per app, from how many history entries of
+#: each channel.
+LOAD_FORECASTS = 8
+LOAD_HISTORY = 10
+#: Channel moves a forecast is made at (the publish's is made by the publish route); they
+#: are the history's action names.
+MOVES = ("promote", "rollout-raise", "rollout-complete")
 
 Call = Callable[..., Awaitable[Any]]
 
 
 class LoadRoutes:
-    """The traffic recorder and store, the forecast at publish, and their routes."""
+    """The traffic recorder and store, the forecasts at a build's events, and their routes."""
 
     def __init__(
         self,
@@ -132,14 +149,16 @@ class LoadRoutes:
             await self._call(self.store.gc, now)
 
     async def _profile(self, now: float) -> None:
-        """Keep the first day of each build published over a day ago (and still within the
-        series' retention) with its forecast, so later forecasts can read it after its minutes
-        are gone."""
+        """Keep the first day after each event over a day ago (and still within the series'
+        retention) with its forecast, so later forecasts can read it after its minutes are
+        gone."""
         recorded = await self._call(self.store.forecasts_since, now - RETENTION_S)
         for mid, app, f in recorded:
             if "profile" in f or now - f["at"] < 60 * (HORIZON_MIN + 1):
                 continue
-            f["profile"] = profile(await self._series(mid), f["at"], HORIZON_MIN)
+            start = int(f["at"]) // 60 * 60  # (before it: another event's, or another fleet's)
+            rows = [r for r in await self._series(mid) if r["t"] >= start]
+            f["profile"] = profile(rows, f["at"], HORIZON_MIN)
             await self._call(self.store.put_forecast, mid, app, f)
 
     def close(self) -> None:
@@ -215,26 +234,17 @@ class LoadRoutes:
                 rows.append(MinuteRow(minute, levels, {}))
         return per_minute(rows, first)
 
-    async def make_forecast(
-        self, m: Manifest, mid: bytes, channel: str, percent: float, now: float
-    ) -> dict[str, Any]:
-        """The forecast of publishing ``m`` (id ``mid``) to ``channel`` at ``now``."""
-        history = await self._call(self._registry.history, m.app, channel, 100)
-        carried = {h["manifest_id"] for h in history}
-        view = await self._fleet().app_view(m.app, now) or {"builds": []}
-        on_channel = [b for b in view["builds"] if b["manifest_id"] in carried and b["nodes"]]
-        on_channel.sort(key=lambda b: -b["nodes"])
-        fleet: list[tuple[Manifest | None, int]] = []
-        for i, b in enumerate(on_channel):
-            base = await self._manifest(bytes.fromhex(b["manifest_id"])) if i < BASES else None
-            fleet.append((base, b["nodes"]))
-        need = await trio.to_thread.run_sync(bytes_needed, m, fleet)
+    async def _past(
+        self, history: list[dict[str, Any]], mid: bytes, channel: str, now: float
+    ) -> list[PastRelease]:
+        """The channel's recent releases (publishes and promotes of other builds), each with
+        its series since then (a promoted build's earlier minutes were another fleet's)."""
         live = await self._live(now)
         past: list[PastRelease] = []
         seen: set[str] = set()
         for h in history:  # newest first
             if (
-                h["action"] != "publish"
+                h["action"] not in ("publish", "promote")
                 or h["manifest_id"] in seen
                 or h["manifest_id"] == mid.hex()
             ):
@@ -244,35 +254,111 @@ class LoadRoutes:
             if rows and rows[0]["t"] - h["at"] > RETENTION_S:
                 rows = []  # a series begun after the first was gone: its start is not its start
             if not rows:  # its minutes are gone: the profile kept with its forecast
-                kept = await self._call(self.store.forecast, bytes.fromhex(h["manifest_id"]))
-                rows = (kept or {}).get("profile", [])
+                kept = await self._call(self.store.forecasts, bytes.fromhex(h["manifest_id"]))
+                near = [
+                    f for f in kept
+                    if f.get("channel") == channel and abs(f["at"] - h["at"]) < 60
+                ]  # fmt: skip
+                rows = near[0].get("profile", []) if near else []
+            start = int(h["at"]) // 60 * 60
+            rows = [r for r in rows if h["action"] == "publish" or r["t"] >= start]
             if rows:
                 past.append(PastRelease(h["build"], h["at"], rows))
             if len(past) >= 2 * HISTORY:
                 break
-        nodes = sum(n for _, n in fleet)
-        f = predict(
+        return past
+
+    async def make_forecast(
+        self,
+        m: Manifest,
+        mid: bytes,
+        channel: str,
+        percent: float,
+        now: float,
+        *,
+        event: str = "publish",
+        was_percent: float = 0.0,
+    ) -> dict[str, Any]:
+        """The forecast of ``event`` (a publish, promote or rollout raise to ``percent``
+        from ``was_percent``) of ``m`` (id ``mid``) on ``channel`` at ``now``."""
+        history = await self._call(self._registry.history, m.app, channel, 100)
+        carried = {h["manifest_id"] for h in history} - {mid.hex()}
+        view = await self._fleet().app_view(m.app, now) or {"builds": []}
+        on_channel = [b for b in view["builds"] if b["manifest_id"] in carried and b["nodes"]]
+        on_channel.sort(key=lambda b: -b["nodes"])
+        on_build = sum(b["nodes"] for b in view["builds"] if b["manifest_id"] == mid.hex())
+        fleet: list[tuple[Manifest | None, int]] = []
+        for i, b in enumerate(on_channel):
+            base = await self._manifest(bytes.fromhex(b["manifest_id"])) if i < BASES else None
+            fleet.append((base, b["nodes"]))
+        need = await trio.to_thread.run_sync(bytes_needed, m, fleet)
+        past = await self._past(history, mid, channel, now)
+        others = sum(n for _, n in fleet)
+        # a raise lets in a share of the whole channel, the nodes already on the build too
+        nodes = others + (on_build if event.startswith("rollout") else 0)
+        everyone = view.get("nodes", 0)  # (the channel's share of the app's joiners)
+        joining = join_rate(view.get("joined", []), now) * (nodes / everyone if everyone else 0)
+        mirrors: list[str | None] = list(m.mirrors) or [None]
+        split, whole = mirror_split(need, len(mirrors))
+        model = functools.partial(  # a day of minutes per mirror: tens of ms, off the loop
+            predict,
             nodes=nodes, need=need["need"], size=need["size"], history=past, published=now,
-            percent=percent, patch_need=need["patch_need"],
+            percent=percent, patch_need=need["patch_need"], was_percent=was_percent,
+            joiners_per_min=joining, mirrors=mirrors, split=split, whole_split=whole,
         )  # fmt: skip
-        f.update(app=m.app, channel=channel, build=m.build, manifest_id=mid.hex())
+        f = await trio.to_thread.run_sync(model)
+        f.update(app=m.app, channel=channel, build=m.build, manifest_id=mid.hex(), event=event)
         f["need_by_build"] = need["per_build"]
         return f
+
+    async def recorded(
+        self,
+        app: str,
+        channel: str,
+        mid: bytes,
+        event: str,
+        now: float,
+        *,
+        percent: float = 100.0,
+        was_percent: float = 0.0,
+        m: Manifest | None = None,
+    ) -> dict[str, Any] | None:
+        """Record the forecast of an event that just happened (see :meth:`make_forecast`);
+        its summary (``None`` if it could not be made: the event stands regardless)."""
+        try:
+            if m is None:
+                m = await self._manifest(mid)
+            if m is None or m.app != app:
+                return None
+            f = await self.make_forecast(
+                m, mid, channel, percent, now, event=event, was_percent=was_percent
+            )
+            await self._call(self.store.put_forecast, mid, m.app, f)
+        except Exception:  # a forecast that failed must not fail the event it follows
+            log.exception("no forecast for the %s of %s on %s/%s", event, mid.hex(), app, channel)
+            return None
+        return summary(f)
 
     async def published(
         self, m: Manifest, mid: bytes, channel: str, percent: float | None, now: float
     ) -> dict[str, Any] | None:
         """Record the forecast of a publish that just happened; its summary for the publish
         answer (``None`` if it could not be made: the publish stands regardless)."""
-        try:
-            f = await self.make_forecast(
-                m, mid, channel, 100.0 if percent is None else percent, now
-            )
-            await self._call(self.store.put_forecast, mid, m.app, f)
-        except Exception:  # a forecast that failed must not fail the publish it follows
-            log.exception("no forecast for %s build %d", m.app, m.build)
-            return None
-        return summary(f)
+        return await self.recorded(
+            m.app, channel, mid, "publish", now,
+            percent=100.0 if percent is None else percent, m=m,
+        )  # fmt: skip
+
+    async def moved(
+        self, app: str, channel: str, mid: bytes, action: str, was: float, percent: float
+    ) -> None:
+        """A channel move (``MOVES``: a promote, or a rollout raised from ``was`` to
+        ``percent`` percent): record its forecast, unless it lets no node in."""
+        if action in MOVES and (action == "promote" or percent > was):
+            await self.recorded(
+                app, channel, mid, action, self._clock(), percent=percent,
+                was_percent=0.0 if action == "promote" else was,
+            )  # fmt: skip
 
     # ---------------------------------------------------------------- routes
 
@@ -313,18 +399,32 @@ class LoadRoutes:
             }
         )
 
+    async def _reports(
+        self, mid: bytes, now: float, live: tuple[int, dict[bytes, dict[str, int]]]
+    ) -> list[dict[str, Any]]:
+        """The build's forecasts, each beside what followed until the build's next event."""
+        events = await self._call(self.store.forecasts, mid)
+        if not events:
+            return []
+        rows = await self._series(mid, live)
+        out = []
+        for i, f in enumerate(events):
+            f.pop("profile", None)
+            until = events[i + 1]["at"] if i + 1 < len(events) else None
+            out.append({"forecast": f, "actual": compare(f, rows, now, until)})
+        return out
+
     async def forecast(self, request: Request) -> Response:
         app, build, mid = await self._build(request)
-        f = await self._call(self.store.forecast, mid)
-        if f is None:
+        now = self._clock()
+        reports = await self._reports(mid, now, await self._live(now))
+        if not reports:
             raise NotFound(
                 f"no forecast was recorded for build {build} of {app}",
-                fix="forecasts are made when a build is published (kept 90 days)",
+                fix="forecasts are made when a build is published or promoted, or its rollout "
+                "raised (kept 90 days)",
             )
-        now = self._clock()
-        rows = await self._series(mid, await self._live(now))
-        f.pop("profile", None)
-        return JSONResponse({"forecast": f, "actual": compare(f, rows, now)})
+        return JSONResponse({**reports[0], "events": reports})
 
     async def dry_run(self, request: Request) -> Response:
         app = core.check_name(request.path_params["app"], "app")
@@ -353,21 +453,18 @@ class LoadRoutes:
         now = self._clock()
         cells = await self._call(self.store.online_cells, app, now)
         heads = await self._call(self._registry.channels, app)
-        published: list[tuple[float, str, str]] = []
+        mids: list[str] = []
         for head in heads:
-            for h in await self._call(self._registry.history, app, head.channel, LOAD_BUILDS):
-                if h["action"] == "publish":
-                    published.append((h["at"], h["manifest_id"], head.channel))
-        builds = []
+            for h in await self._call(self._registry.history, app, head.channel, LOAD_HISTORY):
+                if h["action"] in ("publish", *MOVES) and h["manifest_id"] not in mids:
+                    mids.append(h["manifest_id"])
         live = await self._live(now)
-        for _, mid_hex, _ in sorted(published, reverse=True):
-            f = await self._call(self.store.forecast, bytes.fromhex(mid_hex))
-            if f is None:
-                continue
-            actual = compare(f, await self._series(bytes.fromhex(mid_hex), live), now)
-            builds.append({**summary(f), "predicted": f["curve"], "actual": actual})
-            if len(builds) >= LOAD_BUILDS:
-                break
+        reports = [r for mid in mids for r in await self._reports(bytes.fromhex(mid), now, live)]
+        reports.sort(key=lambda r: -r["forecast"]["at"])
+        builds = [
+            {**summary(r["forecast"]), "predicted": r["forecast"]["curve"], "actual": r["actual"]}
+            for r in reports[:LOAD_FORECASTS]
+        ]
         return JSONResponse({"app": app, "release_hour": release_hour(cells), "forecasts": builds})
 
 

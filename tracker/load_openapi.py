@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .forecast import BINS, HORIZON_MIN, MODEL
+from .forecast import BINS, EVENTS, HORIZON_MIN, MODEL
 from .load_http import BUILD_PATTERN
 from .openapi_parts import _APP, _HEX64, _NAME, _op, _path, _ref, upload_op
 from .traffic import ADD_NAMES, LEVEL_NAMES
@@ -66,14 +66,33 @@ def load_schemas() -> dict[str, Any]:
             "channel": _NAME,
             "build": _INT,
             "manifest_id": _HEX64,
-            "at": {**_NUM, "description": "when the build was (or would be) published"},
+            "event": {
+                "enum": list(EVENTS),
+                "description": "what the forecast was made at (a dry run: publish)",
+            },
+            "at": {
+                **_NUM,
+                "description": "when the event happened (or the build would be published)",
+            },
             "nodes": {**_INT, "description": "nodes of the channel's fleet"},
-            "percent": _NUM,
-            "adopters": {**_NUM, "description": "nodes x rollout percent"},
+            "percent": {**_NUM, "description": "the rollout's percentage after the event"},
+            "was_percent": {**_NUM, "description": "before it (a rollout raise), else 0"},
+            "adopters": {**_NUM, "description": "nodes x (percent - was_percent) / 100"},
             "size_bytes": _INT,
             "need_bytes": {**_INT, "description": "chunk bytes one node lacks, on average"},
             "patch_need_bytes": {**_INT, "description": "delta patch bytes one node fetches"},
             "patches_total": {**_INT, "description": "predicted patch bytes (peers or CDN)"},
+            "join_rate_per_hour": {
+                **_NUM,
+                "description": "nodes joining the channel's fleet per hour (the fleet view's "
+                "first-seen rate)",
+            },
+            "joiners": {
+                **_NUM,
+                "description": f"late joiners let in over the first {HORIZON_MIN} min, each "
+                "fetching the whole build",
+            },
+            "joiners_cdn_total": {**_INT, "description": "their part of cdn_total"},
             "basis": {"enum": ["history", "default"]},
             "history_builds": {"type": "array", "items": _INT},
             "offload": {"type": "array", "items": _NUM, "minItems": BINS, "maxItems": BINS},
@@ -85,11 +104,28 @@ def load_schemas() -> dict[str, Any]:
                 **_POINTS,
                 "description": f"[minute (Unix s), predicted CDN bytes], first {HORIZON_MIN} min",
             },
+            "mirrors": {
+                "type": "array",
+                "description": "cdn_total split per mirror of the manifest, as nodes spread "
+                "their requests (url null: the manifest lists none)",
+                "items": {
+                    "type": "object",
+                    "required": ["url", "share", "cdn_total", "cdn_peak_per_min", "cdn_peak_at"],
+                    "properties": {
+                        "url": {"type": ["string", "null"]},
+                        "share": _NUM,
+                        "cdn_total": _INT,
+                        "cdn_peak_per_min": _INT,
+                        "cdn_peak_at": _INT,
+                    },
+                },
+            },
             "need_by_build": {"type": "array", "items": {"type": "object"}},
         },
     }
     actual = {
         "type": "object",
+        "description": "what followed the event, until the build's next event",
         "required": ["elapsed_s", "actual", "cdn_actual_total", "cdn_predicted_so_far"],
         "properties": {
             "elapsed_s": _INT,
@@ -134,8 +170,22 @@ def load_schemas() -> dict[str, Any]:
         "Forecast": forecast,
         "ForecastReport": {
             "type": "object",
-            "required": ["forecast", "actual"],
-            "properties": {"forecast": _ref("Forecast"), "actual": actual},
+            "required": ["forecast", "actual", "events"],
+            "properties": {
+                "forecast": _ref("Forecast"),
+                "actual": actual,
+                "events": {
+                    "type": "array",
+                    "description": "every event's forecast (publish, promotes, rollout "
+                    "raises), oldest first, each beside what followed until the next; "
+                    "forecast and actual above are the first's",
+                    "items": {
+                        "type": "object",
+                        "required": ["forecast", "actual"],
+                        "properties": {"forecast": _ref("Forecast"), "actual": actual},
+                    },
+                },
+            },
         },
         "Load": {
             "type": "object",
@@ -147,8 +197,8 @@ def load_schemas() -> dict[str, Any]:
                     "type": "array",
                     "items": {
                         "type": "object",
-                        "description": "a Forecast without need_by_build, with its curve as "
-                        "predicted and what followed as actual",
+                        "description": "a Forecast (of any event) without need_by_build, with "
+                        "its curve as predicted and what followed as actual, newest first",
                         "properties": {"predicted": _POINTS, "actual": actual},
                     },
                 },
@@ -176,7 +226,8 @@ def load_paths() -> dict[str, Any]:
         },
         "/v1/apps/{app}/builds/{build}/forecast": {
             "get": _op(
-                "The CDN egress forecast made at the build's publish, beside what followed",
+                "The CDN egress forecasts made at the build's events (publish, promotes, "
+                "rollout raises), each beside what followed",
                 answer={"$ref": "#/components/schemas/ForecastReport"},
                 parameters=params,
             )

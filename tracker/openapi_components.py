@@ -316,6 +316,17 @@ def _fleet_schemas() -> dict[str, Any]:
                     "description": "nodes per p2pnode client version ('unknown': too old to say)",
                     "additionalProperties": {"type": "integer"},
                 },
+                "joined": {
+                    "type": "array",
+                    "description": "[bucket start (Unix s), nodes first seen still downloading "
+                    "so far], sampled per bucket, ending with now: the rate nodes join at",
+                    "items": {
+                        "type": "array",
+                        "items": {"type": "number"},
+                        "minItems": 2,
+                        "maxItems": 2,
+                    },
+                },
             },
         },
         "FleetNode": {

@@ -80,6 +80,10 @@ class Operations:
     ) -> None:
         self.config, self.registry, self.ops = config, registry, ops
         self.registry_call, self.feed, self.metrics = registry_call, feed, metrics
+        #: called after a rollout is raised or completed as ``(app, channel, manifest,
+        #: "rollout-raise" | "rollout-complete", percent before, percent after)``: its load
+        #: forecast is recorded (tracker.app sets it to ``LoadRoutes.moved``), or None
+        self.on_move: Callable[..., Awaitable[None]] | None = None
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """An operations-store call (in a worker thread when the store may block): the
@@ -265,6 +269,12 @@ class Operations:
             request, f"rollout-{action}", actor, f"{row_name}/{channel}",
             build=after.build, percent=after.percent, was=before.percent, state=after.state,
         )  # fmt: skip
+        # a raise while halted lets no node in (until a resume: not forecast, see docs)
+        if action in ("raise", "complete") and after.state != "halted" and self.on_move:
+            await self.on_move(
+                row_name, channel, after.manifest, f"rollout-{action}", before.percent,
+                after.percent,
+            )  # fmt: skip
         return JSONResponse(after.view())
 
     # ---------------------------------------------------------------- outcomes

@@ -166,6 +166,20 @@ MIGRATIONS: list[str] = [
     ALTER TABLE traffic_minutes ADD COLUMN patches_cdn BIGINT NOT NULL DEFAULT 0,
         ADD COLUMN patches_peers BIGINT NOT NULL DEFAULT 0;
     """,
+    # 6: a forecast per event of a build (publish, promote, rollout raise), not per build; the
+    # fleet's count of seats first seen (its join rate)
+    """
+    CREATE TABLE traffic_forecast_events (
+        manifest BYTEA NOT NULL, channel TEXT NOT NULL, at DOUBLE PRECISION NOT NULL,
+        app TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (manifest, channel, at)
+    );
+    CREATE INDEX traffic_forecast_events_by_at ON traffic_forecast_events (at);
+    INSERT INTO traffic_forecast_events (manifest, channel, at, app, body)
+        SELECT manifest, COALESCE(body::json->>'channel', ''), at, app, body
+        FROM traffic_forecasts;
+    DROP TABLE traffic_forecasts;
+    ALTER TABLE fleet_apps ADD COLUMN joined BIGINT NOT NULL DEFAULT 0;
+    """,
 ]
 
 

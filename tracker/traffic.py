@@ -74,7 +74,7 @@ RETENTION_DAYS = RETENTION_S // 86400
 #: series, which is all the forecast of a later publish reads of it (:func:`profile`), so a
 #: build's history outlives its minutes.
 FORECAST_RETENTION_S = 90 * 24 * 3600
-#: Builds that keep a series (and forecasts kept) at most.
+#: Builds that keep a series at most (forecasts: ``tracker.forecast.MAX_FORECASTS``).
 MAX_BUILDS = 2000
 #: Running totals sampled from the swarm's counters (the store keeps a minute's highest).
 LEVEL_NAMES = ("completed", "peers", "cdn")

@@ -18,7 +18,8 @@ keeps replicas apart:
 * **Bounds**: only a batch that added a build counts the builds; the ones written longest ago
   beyond ``MAX_BUILDS`` go (their minutes cascade), skipping any another flush holds. ``gc``
   locks the builds it trims with ``SKIP LOCKED`` too (a build being written is trimmed at the
-  next ``gc``), and forecasts are trimmed the same way.
+  next ``gc``), and forecasts are trimmed the same way (``traffic_forecast_events``: one row
+  per event of a build, keyed by manifest, channel and time).
 
 ``tracker registry copy`` brings ``DIR/traffic.db`` along (:func:`copy_traffic`).
 """
@@ -29,6 +30,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .forecast import MAX_FORECASTS
 from .pg import Conn, PGDatabase
 from .registry_sqlite import read_only
 from .traffic import (
@@ -56,6 +58,24 @@ _MINUTE = (
         + [f"{c} = t.{c} + excluded.{c}" for c in ADD_NAMES]
     )
 )
+
+
+#: A forecast's key (a build, a channel, an event's time).
+_EVENT = "(manifest, channel, at)"
+
+
+def _events(src: Any) -> str:
+    """The forecasts of a ``traffic.db``: a file not opened since a build could have several
+    still holds one per build (its publish's) in ``forecasts``."""
+    old = src.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'forecasts'"
+    ).fetchone()
+    if not old:
+        return "forecast_events"
+    return (
+        "(SELECT manifest, COALESCE(json_extract(body, '$.channel'), '') AS channel, at, app, "
+        "body FROM forecasts)"
+    )
 
 
 class PGTraffic:
@@ -143,8 +163,8 @@ class PGTraffic:
             )
             c.execute("DELETE FROM traffic_batches WHERE at < %s", (int(now) - RETENTION_S,))
             c.execute(
-                "DELETE FROM traffic_forecasts WHERE manifest IN (SELECT manifest FROM "
-                "traffic_forecasts WHERE at < %s FOR UPDATE SKIP LOCKED)",
+                f"DELETE FROM traffic_forecast_events WHERE {_EVENT} IN (SELECT manifest, "
+                "channel, at FROM traffic_forecast_events WHERE at < %s FOR UPDATE SKIP LOCKED)",
                 (now - FORECAST_RETENTION_S,),
             )
 
@@ -171,36 +191,39 @@ class PGTraffic:
         return [(int(d), int(h), int(n)) for d, h, n in rows]
 
     def put_forecast(self, manifest: bytes, app: str, body: dict[str, Any]) -> None:
+        key = (manifest, str(body.get("channel", "")), float(body.get("at", 0)))
         with self.db.tx("record a forecast") as c:
             row = c.execute(
-                "INSERT INTO traffic_forecasts (manifest, app, at, body) VALUES (%s, %s, %s, %s) "
-                "ON CONFLICT (manifest) DO UPDATE SET app = excluded.app, at = excluded.at, "
-                "body = excluded.body RETURNING xmax = 0",
-                (manifest, app, float(body.get("at", 0)), json.dumps(body)),
+                "INSERT INTO traffic_forecast_events (manifest, channel, at, app, body) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (manifest, channel, at) DO UPDATE SET "
+                "app = excluded.app, body = excluded.body RETURNING xmax = 0",
+                (*key, app, json.dumps(body)),
             ).fetchone()
             if not (row and row[0]):
                 return
-            count = c.execute("SELECT COUNT(*) FROM traffic_forecasts").fetchone()
-            over = (int(count[0]) if count else 0) - MAX_BUILDS
+            count = c.execute("SELECT COUNT(*) FROM traffic_forecast_events").fetchone()
+            over = (int(count[0]) if count else 0) - MAX_FORECASTS
             if over > 0:
                 c.execute(
-                    "DELETE FROM traffic_forecasts WHERE manifest IN (SELECT manifest FROM "
-                    "traffic_forecasts WHERE manifest <> %s ORDER BY at LIMIT %s "
-                    "FOR UPDATE SKIP LOCKED)",
-                    (manifest, over),
+                    f"DELETE FROM traffic_forecast_events WHERE {_EVENT} IN (SELECT manifest, "
+                    "channel, at FROM traffic_forecast_events WHERE "
+                    f"{_EVENT} <> (%s, %s, %s) ORDER BY at LIMIT %s FOR UPDATE SKIP LOCKED)",
+                    (*key, over),
                 )
 
-    def forecast(self, manifest: bytes) -> dict[str, Any] | None:
-        with self.db.connection("read a forecast") as c:
-            row = c.execute(
-                "SELECT body FROM traffic_forecasts WHERE manifest = %s", (manifest,)
-            ).fetchone()
-        return json.loads(row[0]) if row else None
+    def forecasts(self, manifest: bytes) -> list[dict[str, Any]]:
+        with self.db.connection("read a build's forecasts") as c:
+            rows = c.execute(
+                "SELECT body FROM traffic_forecast_events WHERE manifest = %s ORDER BY at, channel",
+                (manifest,),
+            ).fetchall()
+        return [json.loads(r[0]) for r in rows]
 
     def forecasts_since(self, since: float) -> list[tuple[bytes, str, dict[str, Any]]]:
         with self.db.connection("read forecasts") as c:
             rows = c.execute(
-                "SELECT manifest, app, body FROM traffic_forecasts WHERE at >= %s ORDER BY at",
+                "SELECT manifest, app, body FROM traffic_forecast_events WHERE at >= %s "
+                "ORDER BY at",
                 (since,),
             ).fetchall()
         return [(bytes(m), a, json.loads(b)) for m, a, b in rows]
@@ -213,7 +236,7 @@ def traffic_empty(c: Conn) -> bool:
     """Whether the database holds no traffic series, online hours or forecasts."""
     row = c.execute(
         "SELECT EXISTS (SELECT 1 FROM traffic_builds) OR EXISTS (SELECT 1 FROM traffic_online) "
-        "OR EXISTS (SELECT 1 FROM traffic_forecasts)"
+        "OR EXISTS (SELECT 1 FROM traffic_forecast_events)"
     ).fetchone()
     return not (row and row[0])
 
@@ -242,9 +265,12 @@ def copy_traffic(c: Conn, path: Path) -> dict[str, int]:
         cur.executemany(
             "INSERT INTO traffic_online (app, day, hour, n) VALUES (%s, %s, %s, %s)", online
         )
-        forecasts = src.execute("SELECT manifest, app, at, body FROM forecasts").fetchall()
+        forecasts = src.execute(
+            f"SELECT manifest, channel, at, app, body FROM {_events(src)}"
+        ).fetchall()
         cur.executemany(
-            "INSERT INTO traffic_forecasts (manifest, app, at, body) VALUES (%s, %s, %s, %s)",
+            "INSERT INTO traffic_forecast_events (manifest, channel, at, app, body) "
+            "VALUES (%s, %s, %s, %s, %s)",
             forecasts,
         )
     if builds:

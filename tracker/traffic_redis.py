@@ -17,8 +17,9 @@ Keys (under the registry's prefix, ``trk:reg:`` unless ``--redis-prefix``)::
     P trf:builds                 sorted set: manifest id hex, scored by its last minute
     P trf:first                  hash: manifest id hex -> its first minute
     P trf:on:<app>:<day>         hash: hour -> announces
-    P trf:fc:<mid hex>           the forecast recorded at its publish (JSON)
-    P trf:fcs                    sorted set: manifest id hex, scored by its publish time
+    P trf:fe:<mid hex>           hash: "<channel>|<at>" -> the forecast recorded at that event
+                                 of the build (JSON: publish, promote, rollout raise)
+    P trf:fes                    sorted set: "<mid hex>|<channel>|<at>", scored by ``at``
     P trf:b:<batch id hex>       "1": that batch was applied (expires after ``RETENTION_S``)
 
 Each batch is applied once: the script first sets its id's key (``NX``) and changes nothing
@@ -26,6 +27,9 @@ if the key was there, so a write whose reply was lost and that is sent again (re
 resends a command once on a dropped connection, and the recorder retries a failed batch
 whole) does not add its bytes twice. The ids cost ~113 bytes each (measured, ``used_memory``),
 one per flush (every 10 s per replica): ~7 MB per replica over the week they are kept.
+
+Forecasts written before a build could have several (``trf:fc:<mid hex>``, one JSON string,
+indexed in ``trf:fcs``) are still read, as publish events, until they expire.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .forecast import MAX_FORECASTS
 from .registry_redis import RedisRegistry
 from .registry_redis_link import _text
 from .traffic import (
@@ -162,9 +167,9 @@ class RedisTraffic:
             if gone:
                 self._reg._slow.zrem(self.p + "builds", *gone)
                 self._reg._slow.hdel(self.p + "first", *gone)
-            self._reg._slow.zremrangebyscore(
-                self.p + "fcs", "-inf", f"({now - FORECAST_RETENTION_S}"
-            )
+            old = f"({now - FORECAST_RETENTION_S}"
+            self._reg._slow.zremrangebyscore(self.p + "fcs", "-inf", old)
+            self._drop_events(self._reg._slow.zrangebyscore(self.p + "fes", "-inf", old))
 
     def series(self, manifest: bytes) -> tuple[int | None, list[MinuteRow]]:
         h = manifest.hex()
@@ -210,33 +215,60 @@ class RedisTraffic:
             for h, n in sorted(row.items(), key=lambda kv: int(_text(kv[0])))
         ]
 
-    def put_forecast(self, manifest: bytes, app: str, body: dict[str, Any]) -> None:
-        h = manifest.hex()
-        with self._reg._redis("record a forecast"), self._reg._slow.pipeline() as pipe:
-            pipe.set(self.p + "fc:" + h, json.dumps({**body, "_app": app}), ex=FORECAST_RETENTION_S)
-            pipe.zadd(self.p + "fcs", {h: float(body.get("at", 0))})
-            pipe.zremrangebyrank(self.p + "fcs", 0, -MAX_BUILDS - 1)
+    def _drop_events(self, members: list[Any]) -> None:
+        """Forget these ``fes`` members and their forecasts."""
+        if not members:
+            return
+        with self._reg._slow.pipeline() as pipe:
+            for m in members:
+                h, field = _text(m).split("|", 1)
+                pipe.hdel(self.p + "fe:" + h, field)
+            pipe.zrem(self.p + "fes", *members)
             pipe.execute()
 
-    def forecast(self, manifest: bytes) -> dict[str, Any] | None:
-        with self._reg._redis("read a forecast"):
-            raw = self._reg._slow.get(self.p + "fc:" + manifest.hex())
-        if not raw:
-            return None
-        body: dict[str, Any] = json.loads(raw)
-        body.pop("_app", None)
-        return body
+    def put_forecast(self, manifest: bytes, app: str, body: dict[str, Any]) -> None:
+        h = manifest.hex()
+        field = f"{body.get('channel', '')}|{float(body.get('at', 0))!r}"
+        with self._reg._redis("record a forecast"):
+            with self._reg._slow.pipeline() as pipe:
+                pipe.hset(self.p + "fe:" + h, field, json.dumps({**body, "_app": app}))
+                pipe.expire(self.p + "fe:" + h, FORECAST_RETENTION_S)
+                pipe.zadd(self.p + "fes", {f"{h}|{field}": float(body.get("at", 0))})
+                pipe.zcard(self.p + "fes")
+                count = pipe.execute()[-1]
+            if count > MAX_FORECASTS:
+                self._drop_events(
+                    self._reg._slow.zrange(self.p + "fes", 0, count - MAX_FORECASTS - 1)
+                )
+
+    def forecasts(self, manifest: bytes) -> list[dict[str, Any]]:
+        h = manifest.hex()
+        with self._reg._redis("read a build's forecasts"):
+            events = self._reg._slow.hgetall(self.p + "fe:" + h)
+            old = self._reg._slow.get(self.p + "fc:" + h)
+        bodies = [json.loads(raw) for raw in [*events.values(), *([old] if old else [])]]
+        out: dict[tuple[str, float], dict[str, Any]] = {}
+        for body in bodies:
+            body.pop("_app", None)
+            out.setdefault((str(body.get("channel", "")), float(body.get("at", 0))), body)
+        return [out[k] for k in sorted(out, key=lambda k: (k[1], k[0]))]
 
     def forecasts_since(self, since: float) -> list[tuple[bytes, str, dict[str, Any]]]:
         with self._reg._redis("read forecasts"):
-            mids = self._reg._slow.zrangebyscore(self.p + "fcs", since, "+inf")
-            with self._reg._slow.pipeline(transaction=False) as pipe:
-                for h in mids:
-                    pipe.get(self.p + "fc:" + _text(h))
+            r = self._reg._slow
+            members = [_text(m) for m in r.zrangebyscore(self.p + "fes", since, "+inf")]
+            olds = [_text(m) for m in r.zrangebyscore(self.p + "fcs", since, "+inf")]
+            with r.pipeline(transaction=False) as pipe:
+                for m in members:
+                    h, field = m.split("|", 1)
+                    pipe.hget(self.p + "fe:" + h, field)
+                for h in olds:
+                    pipe.get(self.p + "fc:" + h)
                 raws = pipe.execute()
         out = []
-        for h, raw in zip(mids, raws, strict=True):
+        for h, raw in zip([m.split("|", 1)[0] for m in members] + olds, raws, strict=True):
             if raw:
                 body = json.loads(raw)
-                out.append((bytes.fromhex(_text(h)), body.pop("_app", ""), body))
+                out.append((bytes.fromhex(h), body.pop("_app", ""), body))
+        out.sort(key=lambda x: float(x[2].get("at", 0)))
         return out

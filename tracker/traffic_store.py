@@ -3,7 +3,9 @@
 Theory of operation
 -------------------
 The series (:mod:`tracker.traffic`), the online-hour cells and the forecasts recorded at
-publish time are kept beside the operations store: ``DIR/traffic.db`` (SQLite, a file of its
+each event of a build (its publish, promotes and rollout raises: :mod:`tracker.forecast`,
+keyed by manifest, channel and time, so a build has several) are kept beside the
+operations store: ``DIR/traffic.db`` (SQLite, a file of its
 own so that a minute's write never moves the registry's ``data_version``, which wakes every
 long-poll), or with ``--registry URL`` that Redis (:mod:`tracker.traffic_redis`) or that
 PostgreSQL database (:mod:`tracker.traffic_pg`). Replicas sharing ``DIR``, the Redis or the
@@ -23,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from .forecast import MAX_FORECASTS
 from .registry_sqlite import SQLiteFile
 from .traffic import (
     ADD_NAMES,
@@ -68,13 +71,17 @@ class TrafficStore(Protocol):
         ...
 
     def put_forecast(self, manifest: bytes, app: str, body: dict[str, Any]) -> None:
-        """Keep the forecast made when ``manifest`` was published (replacing any earlier)."""
+        """Keep the forecast made at an event of ``manifest``, keyed by the build, its
+        ``body["channel"]`` and ``body["at"]`` (replacing one with the same key); at most
+        ``MAX_FORECASTS``, the oldest going first."""
         ...
 
-    def forecast(self, manifest: bytes) -> dict[str, Any] | None: ...
+    def forecasts(self, manifest: bytes) -> list[dict[str, Any]]:
+        """The forecasts of the build's events, oldest first."""
+        ...
 
     def forecasts_since(self, since: float) -> list[tuple[bytes, str, dict[str, Any]]]:
-        """(manifest, app, forecast) of the publishes at or after ``since``."""
+        """(manifest, app, forecast) of the events at or after ``since``, oldest first."""
         ...
 
 
@@ -95,11 +102,13 @@ CREATE TABLE IF NOT EXISTS online (
     app TEXT NOT NULL, day INTEGER NOT NULL, hour INTEGER NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (app, day, hour)
 );
-CREATE TABLE IF NOT EXISTS forecasts (
-    manifest BLOB PRIMARY KEY, app TEXT NOT NULL, at REAL NOT NULL, body TEXT NOT NULL
+CREATE TABLE IF NOT EXISTS forecast_events (
+    manifest BLOB NOT NULL, channel TEXT NOT NULL, at REAL NOT NULL, app TEXT NOT NULL,
+    body TEXT NOT NULL, PRIMARY KEY (manifest, channel, at)
 );
 CREATE TABLE IF NOT EXISTS traffic_batches (id BLOB PRIMARY KEY, at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS traffic_batches_by_at ON traffic_batches(at);
+CREATE INDEX IF NOT EXISTS forecast_events_by_at ON forecast_events(at);
 """
 
 
@@ -139,6 +148,16 @@ class SQLiteTraffic(SQLiteFile):
             for name in ADD_NAMES:
                 if name not in have:
                     c.execute(f"ALTER TABLE traffic ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0")
+        with self._tx() as c:  # a file of one forecast per build: they are publish events
+            if c.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'forecasts'"
+            ).fetchone():
+                c.execute(
+                    "INSERT OR IGNORE INTO forecast_events (manifest, channel, at, app, body) "
+                    "SELECT manifest, COALESCE(json_extract(body, '$.channel'), ''), at, app, "
+                    "body FROM forecasts"
+                )
+                c.execute("DROP TABLE forecasts")
 
     def write(self, batch: TrafficBatch) -> None:
         builds: dict[bytes, tuple[str, int, int]] = {}
@@ -204,7 +223,7 @@ class SQLiteTraffic(SQLiteFile):
                 c.execute("DELETE FROM traffic WHERE build = ? AND minute < ?", (n, minute))
             c.execute("DELETE FROM traffic_builds WHERE last < ?", (minute,))
             c.execute("DELETE FROM online WHERE day < ?", (int(now) // 86400 - RETENTION_DAYS,))
-            c.execute("DELETE FROM forecasts WHERE at < ?", (now - FORECAST_RETENTION_S,))
+            c.execute("DELETE FROM forecast_events WHERE at < ?", (now - FORECAST_RETENTION_S,))
             c.execute("DELETE FROM traffic_batches WHERE at < ?", (int(now) - RETENTION_S,))
 
     def series(self, manifest: bytes) -> tuple[int | None, list[MinuteRow]]:
@@ -232,28 +251,32 @@ class SQLiteTraffic(SQLiteFile):
     def put_forecast(self, manifest: bytes, app: str, body: dict[str, Any]) -> None:
         with self._tx() as c:
             c.execute(
-                "INSERT OR REPLACE INTO forecasts (manifest, app, at, body) VALUES (?, ?, ?, ?)",
-                (manifest, app, float(body.get("at", 0)), json.dumps(body)),
-            )
-            over = c.execute("SELECT COUNT(*) FROM forecasts").fetchone()[0] - MAX_BUILDS
+                "INSERT OR REPLACE INTO forecast_events (manifest, channel, at, app, body) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (manifest, str(body.get("channel", "")), float(body.get("at", 0)), app,
+                 json.dumps(body)),
+            )  # fmt: skip
+            over = c.execute("SELECT COUNT(*) FROM forecast_events").fetchone()[0] - MAX_FORECASTS
             if over > 0:
                 c.execute(
-                    "DELETE FROM forecasts WHERE manifest IN "
-                    "(SELECT manifest FROM forecasts ORDER BY at LIMIT ?)",
+                    "DELETE FROM forecast_events WHERE rowid IN "
+                    "(SELECT rowid FROM forecast_events ORDER BY at LIMIT ?)",
                     (over,),
                 )
 
-    def forecast(self, manifest: bytes) -> dict[str, Any] | None:
+    def forecasts(self, manifest: bytes) -> list[dict[str, Any]]:
         with self._lock:
-            row = self._conn.execute(
-                "SELECT body FROM forecasts WHERE manifest = ?", (manifest,)
-            ).fetchone()
-        return json.loads(row[0]) if row else None
+            rows = self._conn.execute(
+                "SELECT body FROM forecast_events WHERE manifest = ? ORDER BY at, channel",
+                (manifest,),
+            ).fetchall()
+        return [json.loads(r[0]) for r in rows]
 
     def forecasts_since(self, since: float) -> list[tuple[bytes, str, dict[str, Any]]]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT manifest, app, body FROM forecasts WHERE at >= ? ORDER BY at", (since,)
+                "SELECT manifest, app, body FROM forecast_events WHERE at >= ? ORDER BY at",
+                (since,),
             ).fetchall()
         return [(bytes(m), a, json.loads(b)) for m, a, b in rows]
 

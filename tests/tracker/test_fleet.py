@@ -23,6 +23,7 @@ from tracker.fleet import FleetOutcome, MemoryFleet, Sighting
 from tracker.fleet_pg import PGFleet
 from tracker.fleet_redis import RedisFleet
 from tracker.fleet_store import FleetStore, LocalFleet
+from tracker.forecast import join_rate
 from tracker.pg import PGDatabase
 
 M1, M2 = b"\x01" * 32, b"\x02" * 32
@@ -251,6 +252,24 @@ async def test_every_store_counts_expires_and_samples_alike(store: FleetStore) -
     assert view is not None and view["clients"] == {"0.2.0": 2} and view["updating"] == 0
     assert await store.node_view(node(4)) is None
     assert await store.app_view("other", T0) is None
+
+
+async def test_every_store_counts_nodes_first_seen_downloading_as_joins(
+    store: FleetStore,
+) -> None:
+    store.seen(Sighting(node(1), "game", M1, 1, None, T0))  # a whole build: it ran before
+    store.seen(Sighting(node(2), "game", None, None, None, T0))  # downloading: a join
+    await store.gc(T0 + 1)  # a sample
+    store.seen(Sighting(node(2), "game", M1, 1, None, T0 + 60))  # the same node, done
+    store.outcome(FleetOutcome(node(3), "game", M1, "install", "network_timeout", 0, 1, T0 + 60))
+    store.seen(Sighting(node(4), "tool", None, None, None, T0 + 60))  # another app's
+    await store.gc(T0 + 61)
+    view = await store.app_view("game", T0 + 62)
+    assert view is not None
+    assert view["joined"] == [[int(T0), 1], [int(T0) + 60, 2], [int(T0) + 62, 2]]
+    assert join_rate(view["joined"], T0 + 62) == 0  # a minute says nothing
+    tool = await store.app_view("tool", T0 + 62)
+    assert tool is not None and tool["joined"][-1] == [int(T0) + 62, 1]
 
 
 @pytest.mark.parametrize("where", ["redis", "postgres"])

@@ -11,11 +11,17 @@ from p2pnode.release import manifest as M
 from p2pnode.release.patchmeta import Patch
 from tracker.forecast import (
     BINS,
+    CONNECTIONS,
     DEFAULT_TAU_MIN,
     HORIZON_MIN,
+    JOIN_WINDOW_S,
+    REQUEST,
     PastRelease,
     bytes_needed,
     compare,
+    join_rate,
+    mirror_shares,
+    mirror_split,
     predict,
 )
 
@@ -161,3 +167,123 @@ def test_compare_puts_what_followed_beside_the_forecast() -> None:
     assert late["cdn_predicted_so_far"] == f["cdn_total"]
     nothing = compare(predict(nodes=0, need=1, size=1, history=[], published=T0), [], T0)
     assert nothing["total_ratio"] is None and nothing["cdn_actual_peak_at"] is None
+
+
+def test_compare_stops_at_the_builds_next_event() -> None:
+    f = predict(nodes=10, need=100, size=100, history=[], published=T0)
+    rows = [
+        {"t": int(T0), "cdn": 40, "completed": 1, "peers": 0},
+        {"t": int(T0) + 600, "cdn": 70, "completed": 1, "peers": 0},  # after the next event
+    ]
+    c = compare(f, rows, T0 + 3600, until=T0 + 600)
+    assert c["actual"] == [[int(T0), 40]] and c["elapsed_s"] == 599
+    assert c["cdn_predicted_so_far"] == sum(b for t, b in f["curve"] if t < T0 + 600)
+
+
+def test_a_rollout_raise_forecasts_only_the_nodes_it_lets_in() -> None:
+    whole = predict(nodes=100, need=1000, size=1000, history=[], published=T0, percent=50)
+    raise_ = predict(
+        nodes=100, need=1000, size=1000, history=[], published=T0, percent=50, was_percent=10
+    )
+    assert raise_["adopters"] == 40 and raise_["was_percent"] == 10 and raise_["percent"] == 50
+    assert raise_["cdn_total"] == round(whole["cdn_total"] * 40 / 50)
+    lowered = predict(
+        nodes=100, need=1000, size=1000, history=[], published=T0, percent=10, was_percent=50
+    )
+    assert lowered["adopters"] == 0 and lowered["cdn_total"] == 0
+
+
+def test_late_joiners_fetch_the_whole_build_over_the_horizon() -> None:
+    # no adopters at all: only joiners, 2 an hour, of a 1000-byte build whose delta is 10
+    f = predict(nodes=0, need=10, size=1000, history=[], published=T0, joiners_per_min=2 / 60)
+    assert f["joiners"] == 2 * HORIZON_MIN / 60 and f["join_rate_per_hour"] == 2
+    assert f["cdn_total"] == f["joiners_cdn_total"] == round(f["joiners"] * 1000)
+    assert f["cdn_peak_per_min"] == round(1000 * 2 / 60)
+    # with adopters, the joiners add to what they fetch; a half rollout halves both
+    both = predict(nodes=10, need=10, size=1000, history=[], published=T0, joiners_per_min=2 / 60)
+    assert both["cdn_total"] == 100 + f["cdn_total"]
+    half = predict(
+        nodes=10, need=10, size=1000, history=[], published=T0, joiners_per_min=2 / 60,
+        percent=50,
+    )  # fmt: skip
+    assert half["joiners"] == f["joiners"] / 2 and half["cdn_total"] == both["cdn_total"] / 2
+    # joiners fetch at the offload of the moment: all from peers once the swarm serves all
+    h = past(1, T0 - 2 * DAY, [(1, 0, 100), (1, 100, 0), (1, 100, 0), (1, 100, 0)])
+    late = predict(nodes=8, need=100, size=100, history=[h], published=T0, joiners_per_min=1)
+    assert late["joiners_cdn_total"] == 1 * 100  # the first minute's joiner only
+
+
+def test_the_join_rate_is_the_fleets_first_seen_rate_over_the_recent_past() -> None:
+    now = T0
+    hours = [[now - 3600 * k, 100 - 2 * k] for k in range(10, -1, -1)]  # 2 an hour
+    assert join_rate(hours, now) == 2 / 60
+    assert join_rate(hours[-1:], now) == 0  # one point says nothing
+    assert join_rate([[now - 60, 0], [now, 50]], now) == 0  # a minute is too short a span
+    old = [[now - JOIN_WINDOW_S - 3600, 0], *hours]  # before the window: not counted
+    assert join_rate(old, now) == 2 / 60
+    restarted = [[now - 7200, 500], [now - 3600, 0], [now, 6]]  # the count started again
+    assert join_rate(restarted, now) == 6 / 120
+
+
+def test_a_fetch_spreads_its_requests_over_the_first_mirrors_in_turn() -> None:
+    assert mirror_shares(10, 3) == [1.0, 0.0, 0.0]  # one request: the first mirror
+    assert mirror_shares(3 * REQUEST, 2) == [2 / 3, 1 / 3]
+    assert mirror_shares(1000 * REQUEST, 4) == [0.25] * 4
+    wide = mirror_shares(1000 * REQUEST, CONNECTIONS + 2)  # beyond the connections: none
+    assert wide[:CONNECTIONS] == [1 / CONNECTIONS] * CONNECTIONS and wide[CONNECTIONS:] == [0, 0]
+    # a chunk bigger than a request is one request
+    assert mirror_shares(2 * 4 * REQUEST, 2, chunk=4 * REQUEST) == [0.5, 0.5]
+    assert mirror_shares(0, 1) == [1.0] and mirror_shares(5, 0) == []
+
+
+def test_the_forecast_splits_cdn_egress_per_mirror() -> None:
+    big = manifest(2, [(i, REQUEST) for i in range(10, 14)])  # 4 requests' worth
+    old = manifest(1, [(10, REQUEST), (11, REQUEST), (12, REQUEST)])  # lacks one: 1 request
+    need = bytes_needed(big, [(old, 3), (None, 1)])
+    split, whole = mirror_split(need, 2)
+    assert whole == [0.5, 0.5]
+    # 3 nodes x 1 request (mirror a), 1 node x 4 requests (2 each): 5 of 7 requests on a
+    assert split == [3 / 7 + 4 / 7 * 0.5, 4 / 7 * 0.5]
+    f = predict(
+        nodes=4, need=need["need"], size=need["size"], history=[], published=T0,
+        mirrors=["https://a/", "https://b/"], split=split, whole_split=whole,
+        joiners_per_min=1 / 60,
+    )  # fmt: skip
+    a, b = f["mirrors"]
+    assert a["url"] == "https://a/" and b["url"] == "https://b/"
+    assert abs(a["cdn_total"] + b["cdn_total"] - f["cdn_total"]) <= 2
+    assert a["cdn_total"] > b["cdn_total"] and a["cdn_peak_per_min"] <= f["cdn_peak_per_min"]
+    assert abs(a["share"] + b["share"] - 1) < 1e-3
+    one = predict(nodes=4, need=1, size=1, history=[], published=T0)
+    assert one["mirrors"] == [
+        {"url": None, "share": 1.0, "cdn_total": 4, "cdn_peak_per_min": one["cdn_peak_per_min"],
+         "cdn_peak_at": T0}
+    ]  # fmt: skip
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    per_build=st.lists(st.tuples(st.integers(0, 50), st.integers(0, 10**9)), max_size=5),
+    mirrors=st.integers(1, 12),
+    size=st.integers(1, 10**10),
+    joiners=st.floats(0, 100),
+)
+def test_mirror_totals_add_up_to_the_cdn_total(
+    per_build: list[tuple[int, int]], mirrors: int, size: int, joiners: float
+) -> None:
+    need = {
+        "size": size,
+        "chunk": 2**20,
+        "need": sum(n * b for n, b in per_build) / max(1, sum(n for n, _ in per_build)),
+        "per_build": [{"nodes": n, "need": b} for n, b in per_build],
+    }
+    split, whole = mirror_split(need, mirrors)
+    assert abs(sum(split) - 1) < 1e-9 and abs(sum(whole) - 1) < 1e-9
+    f = predict(
+        nodes=sum(n for n, _ in per_build), need=need["need"], size=size, history=[],
+        published=T0, mirrors=[f"m{q}" for q in range(mirrors)], split=split,
+        whole_split=whole, joiners_per_min=joiners,
+    )  # fmt: skip
+    slack = mirrors + 1 + 1e-9 * f["cdn_total"]  # rounding, per mirror and in float sums
+    assert abs(sum(m["cdn_total"] for m in f["mirrors"]) - f["cdn_total"]) <= slack
+    assert all(m["cdn_peak_per_min"] <= f["cdn_peak_per_min"] + 1 for m in f["mirrors"])

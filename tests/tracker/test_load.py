@@ -21,6 +21,7 @@ from p2pnode.release import keys
 from p2pnode.release import manifest as M
 from tests.support.tracker import ADMIN, APP, client_for
 from tracker import Tracker
+from tracker.cli_load import print_forecast
 
 CHUNK = 1000
 NODES = 20
@@ -29,7 +30,14 @@ PER_MINUTE = 2
 FROM_CDN = 6
 
 
-def build(publisher: Ed25519PrivateKey, n: int, chunks: list[int], now: float) -> M.SignedManifest:
+def build(
+    publisher: Ed25519PrivateKey,
+    n: int,
+    chunks: list[int],
+    now: float,
+    channel: str = "stable",
+    mirrors: tuple[str, ...] = (),
+) -> M.SignedManifest:
     refs = tuple(
         M.ChunkRef(blake3.blake3(b"chunk %d" % c).digest(), i * CHUNK, CHUNK)
         for i, c in enumerate(chunks)
@@ -38,11 +46,12 @@ def build(publisher: Ed25519PrivateKey, n: int, chunks: list[int], now: float) -
         app=APP,
         version=f"1.{n}",
         build=n,
-        channel="stable",
+        channel=channel,
         created=int(now) - 10,
         expires=int(now) + 7200,
         key=keys.public_key_bytes(publisher),
         files=(M.FileEntry("data.bin", CHUNK * len(chunks), M.MODE_FILE, refs),),
+        mirrors=mirrors,
     )
     return M.sign(m, publisher)
 
@@ -201,10 +210,10 @@ async def test_a_forecast_is_printed_beside_what_followed(
         pg = request.getfixturevalue("pg_url")  # the same database as the first tracker's
         other = make_tracker("other", clock=clock, client_rate=0.0, registry_url=pg)
         assert not any((tmp_path / d / "traffic.db").exists() for d in ("t", "other"))
-        for read in ("forecast", "series"):
+        for read in ("forecasts", "series"):
             mine = await trio.to_thread.run_sync(getattr(t.load.store, read), two.id)
             theirs = await trio.to_thread.run_sync(getattr(other.load.store, read), two.id)
-            assert mine == theirs and mine not in (None, (None, []))
+            assert mine == theirs and mine not in ([], (None, []))
     await client._http.aclose()
 
 
@@ -251,8 +260,8 @@ async def test_a_release_past_the_series_retention_still_shapes_the_next_forecas
     await adopt(t, client, clock, nodes, one, 4 * CHUNK, 0)
     clock.now = t0 + 2 * 86400  # a day on: its first day is kept with its forecast
     await t.load.tick(clock.now, force=True)
-    kept = await trio.to_thread.run_sync(t.load.store.forecast, one.id)
-    assert kept is not None and sum(r["completed"] for r in kept["profile"]) == NODES
+    (kept,) = await trio.to_thread.run_sync(t.load.store.forecasts, one.id)
+    assert sum(r["completed"] for r in kept["profile"]) == NODES
     clock.now = t0 + 10 * 86400  # its minutes are gone
     await t.load.tick(clock.now, force=True)
     assert (await trio.to_thread.run_sync(t.load.store.series, one.id)) == (None, [])
@@ -266,4 +275,105 @@ async def test_a_release_past_the_series_retention_still_shapes_the_next_forecas
     assert f["offload"] == [0.0, 1.0, 1.0, 1.0] and f["cdn_total"] == FROM_CDN * 2 * CHUNK
     got = (await client._http.get(f"/v1/apps/{APP}/builds/1/forecast")).json()
     assert "profile" not in got["forecast"]
+    await client._http.aclose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
+async def test_promotes_and_rollout_raises_get_forecasts_of_their_own(
+    backend: str,
+    make_tracker: Callable[..., Tracker],
+    publisher: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    clock, t, client = await clocked_tracker(backend, make_tracker, publisher, monkeypatch, request)
+    nodes = [keys.generate_key() for _ in range(NODES)]
+    one = build(publisher, 1, [1, 2, 3, 4], clock.now)
+    await client.publish(APP, "stable", one.encode())
+    await adopt(t, client, clock, nodes, one, 4 * CHUNK, 0)
+    # a staged rollout of build 2, raised to 50%, then completed: three events of one build
+    two = build(publisher, 2, [1, 2, 5, 6], clock.now, mirrors=("https://a.example/",
+                                                                "https://b.example/"))  # fmt: skip
+    staged = (await client.publish(APP, "stable", two.encode(), rollout=10))["forecast"]
+    assert staged["event"] == "publish" and staged["adopters"] == NODES * 0.1
+    clock.now += 120
+    await client.change_rollout(APP, "stable", "raise", percent=50)
+    await client.change_rollout(APP, "stable", "halt")
+    await client.change_rollout(APP, "stable", "raise", percent=60)  # halted: no node let in
+    await client.change_rollout(APP, "stable", "resume")
+    clock.now += 120
+    await client.change_rollout(APP, "stable", "complete")
+    http = client._http
+    report = (await http.get(f"/v1/apps/{APP}/builds/2/forecast")).json()
+    events = [e["forecast"] for e in report["events"]]
+    assert [(f["event"], f["was_percent"], f["percent"]) for f in events] == [
+        ("publish", 0, 10), ("rollout-raise", 10, 50), ("rollout-complete", 60, 100)
+    ]  # fmt: skip
+    assert [f["adopters"] for f in events] == [NODES * 0.1, NODES * 0.4, NODES * 0.4]
+    assert report["forecast"] == events[0]
+    assert all(e["actual"]["elapsed_s"] <= 120 for e in report["events"][:2])  # until the next
+    # each split over the manifest's two mirrors (2000 B a node: one request, the first's)
+    for f in events:
+        assert [m["url"] for m in f["mirrors"]] == ["https://a.example/", "https://b.example/"]
+        assert [m["cdn_total"] for m in f["mirrors"]] == [f["cdn_total"], 0]
+    # `tracker forecast show` prints every event beside what followed it
+    print_forecast(report)
+    shown = capsys.readouterr().out
+    assert "build 2 on stable, rollout raised 10% -> 50% " in shown, shown
+    assert "rollout completed (60% -> 100%)" in shown and shown.count("CDN egress so far") == 3
+    assert "  mirror https://b.example/: 0 B (0%)" in shown
+    # build 3 on beta (no node there yet), then promoted to stable's fleet of NODES
+    three = build(publisher, 3, [1, 2, 5, 7], clock.now, channel="beta")
+    clock.now += 60
+    assert (await client.publish(APP, "beta", three.encode()))["forecast"]["nodes"] == 0
+    clock.now += 60
+    await client.promote(APP, "stable", three.id)
+    report = (await http.get(f"/v1/apps/{APP}/builds/3/forecast")).json()
+    got = [(e["forecast"]["event"], e["forecast"]["channel"]) for e in report["events"]]
+    assert got == [("publish", "beta"), ("promote", "stable")]
+    promoted = report["events"][1]["forecast"]
+    assert promoted["nodes"] == NODES and promoted["need_bytes"] == 2 * CHUNK
+    # the load view lists every event, newest first
+    load = (await http.get(f"/v1/apps/{APP}/load")).json()
+    assert [(f["build"], f["event"]) for f in load["forecasts"]] == [
+        (3, "promote"), (3, "publish"), (2, "rollout-complete"), (2, "rollout-raise"),
+        (2, "publish"), (1, "publish"),
+    ]  # fmt: skip
+    await http.aclose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
+async def test_nodes_joining_the_fleet_add_whole_builds_to_the_forecast(
+    backend: str,
+    make_tracker: Callable[..., Tracker],
+    publisher: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    clock, t, client = await clocked_tracker(backend, make_tracker, publisher, monkeypatch, request)
+    nodes = [keys.generate_key() for _ in range(NODES)]
+    one = build(publisher, 1, [1, 2, 3, 4], clock.now)
+    await client.publish(APP, "stable", one.encode())
+    await adopt(t, client, clock, nodes, one, 4 * CHUNK, 0)  # first seen done: no joins
+    clock.now = clock.now // 3600 * 3600 + 3600
+    await t.fleet.store.gc(clock.now)  # the fleet's hourly sample
+    for _hour in range(2):  # then 3 new nodes an hour, first seen downloading
+        for _ in range(3):
+            await client.announce(
+                keys.generate_key(), app=APP, manifest_id=one.id, port=0, size=4 * CHUNK,
+                left=4 * CHUNK, numwant=0,
+            )  # fmt: skip
+        clock.now += 3600
+        await t.fleet.store.gc(clock.now)
+    view = (await client._http.get(f"/v1/apps/{APP}/fleet")).json()
+    assert [n for _, n in view["joined"]][-3:] == [3, 6, 6], view["joined"]
+    two = build(publisher, 2, [1, 2, 5, 6], clock.now)
+    f = (await client.publish(APP, "stable", two.encode()))["forecast"]
+    # 6 in 2 hours, times the channel's share of the app's nodes (the joiners still updating)
+    share = NODES / (NODES + 6)
+    assert f["join_rate_per_hour"] == pytest.approx(3 * share, rel=1e-3)
+    assert f["joiners"] == pytest.approx(24 * 3 * share, rel=1e-3)
+    assert 0 < f["joiners_cdn_total"] <= f["joiners"] * 4 * CHUNK + 1  # whole builds
+    assert f["cdn_total"] > f["joiners_cdn_total"]  # beside the fleet's deltas
     await client._http.aclose()

@@ -108,7 +108,8 @@ async def test_the_load_section_shows_the_forecast_beside_what_followed(
     assert got["actual"] > 100 and got["predicted"] > 100, got
     assert [r[0] for r in got["rows"]] == ["build 2", "build 1"]
     two_row = got["rows"][0]
-    assert two_row[3:] == [
+    assert two_row[2] == "publish"
+    assert two_row[4:] == [
         "20", "2.0 KB", "12.0 KB", "12.0 KB", "16.0 KB", "4.0 KB / 4.0 KB", "1.33", "0 B / 0 B"
     ], two_row  # fmt: skip
     assert got["hour"].startswith("Recommended release hour: ")

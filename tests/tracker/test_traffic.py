@@ -4,19 +4,22 @@ tracker.traffic_redis, tracker.traffic_pg)."""
 
 from __future__ import annotations
 
+import json
 import socket
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 
 from tracker import traffic_pg, traffic_redis, traffic_store
 from tracker.errors import RegistryUnavailable
 from tracker.load_http import LoadRoutes
-from tracker.pg import PGDatabase
+from tracker.pg import MIGRATIONS, PGDatabase, migrate
 from tracker.registry_redis import RedisRegistry
 from tracker.traffic import (
     FORECAST_RETENTION_S,
@@ -316,13 +319,55 @@ def test_stores_forget_what_is_past_retention(store: TrafficStore) -> None:
     assert store.series(M2)[1] != []
     assert store.online_cells("game", later) == [(int(later) // 86400, 0, 1)]
     # forecasts (with their build's first day) outlive the minutes
-    assert store.forecast(M1) == {"at": T0, "cdn_total": 5}
+    assert store.forecasts(M1) == [{"at": T0, "cdn_total": 5}]
     assert [(m, a) for m, a, _ in store.forecasts_since(T0 + 1)] == [(M2, "game")]
     store.gc(T0 + FORECAST_RETENTION_S + 1)
     assert [m for m, _, _ in store.forecasts_since(0)] == [M2]
-    if not isinstance(store, traffic_redis.RedisTraffic):  # Redis lets the key expire itself
-        assert store.forecast(M1) is None
-    assert store.forecast(M2) == {"at": later, "cdn_total": 6}
+    assert store.forecasts(M1) == []
+    assert store.forecasts(M2) == [{"at": later, "cdn_total": 6}]
+
+
+def test_stores_keep_a_forecast_per_event_of_a_build(
+    store: TrafficStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish = {"at": T0, "channel": "beta", "event": "publish", "cdn_total": 5}
+    raise_ = {"at": T0 + 600, "channel": "beta", "event": "rollout-raise", "cdn_total": 6}
+    promote = {"at": T0 + 600, "channel": "stable", "event": "promote", "cdn_total": 7}
+    for f in (promote, publish, raise_):
+        store.put_forecast(M1, "game", f)
+    store.put_forecast(M2, "tool", {**publish, "at": T0 + 60})
+    assert store.forecasts(M1) == [publish, raise_, promote]  # by time, then channel
+    store.put_forecast(M1, "game", {**publish, "profile": [1]})  # the same event: replaced
+    assert store.forecasts(M1)[0] == {**publish, "profile": [1]}
+    assert [(m, a, f["at"]) for m, a, f in store.forecasts_since(T0 + 1)] == [
+        (M2, "tool", T0 + 60), (M1, "game", T0 + 600), (M1, "game", T0 + 600)
+    ]  # fmt: skip
+    # bounded: the oldest events go first
+    for module in (traffic_store, traffic_redis, traffic_pg):
+        monkeypatch.setattr(module, "MAX_FORECASTS", 3)
+    store.put_forecast(M3, "game", {"at": T0 + 900, "channel": "beta"})
+    assert [f["at"] for _, _, f in store.forecasts_since(0)] == [T0 + 600, T0 + 600, T0 + 900]
+    assert store.forecasts(M2) == []
+
+
+def test_a_sqlite_file_of_one_forecast_per_build_is_read_as_publish_events(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "traffic.db"
+    SQLiteTraffic(path).close()
+    with sqlite3.connect(path) as c:  # as a tracker before forecasts per event left it
+        c.execute("DROP TABLE forecast_events")
+        c.execute("CREATE TABLE forecasts (manifest BLOB PRIMARY KEY, app TEXT NOT NULL, "
+                  "at REAL NOT NULL, body TEXT NOT NULL)")  # fmt: skip
+        c.execute(
+            "INSERT INTO forecasts VALUES (?, 'game', ?, ?)",
+            (M1, T0, json.dumps({"at": T0, "channel": "stable"})),
+        )
+    store = SQLiteTraffic(path)
+    assert store.forecasts(M1) == [{"at": T0, "channel": "stable"}]
+    store.put_forecast(M1, "game", {"at": T0 + 60, "channel": "beta"})
+    assert len(store.forecasts(M1)) == 2
+    store.close()
 
 
 def test_stores_keep_a_bounded_number_of_builds(
@@ -392,12 +437,13 @@ def test_registry_copy_moves_the_sqlite_series_into_postgres(tmp_path: Path, pg_
         r.outcome("game", mid, {"reused": 30, "patches": 4}, T0 + 120)
         r.announced("game", T0 + 5)
         write(old, r)
-    old.put_forecast(M1, "game", {"at": T0, "cdn_total": 5})
+    old.put_forecast(M1, "game", {"at": T0, "channel": "stable", "cdn_total": 5})
+    old.put_forecast(M1, "game", {"at": T0 + 60, "channel": "beta", "cdn_total": 6})
     db = PGDatabase(pg_url)
     new = traffic_pg.PGTraffic(db)
     with db.tx("copy") as c:
         counts = traffic_pg.copy_traffic(c, tmp_path / "traffic.db")
-    assert counts == {"traffic_builds": 2, "traffic_minutes": 4, "forecasts": 1}
+    assert counts == {"traffic_builds": 2, "traffic_minutes": 4, "forecasts": 2}
     for mid in (M1, M2, M3):
         assert new.series(mid) == old.series(mid)
     assert new.online_cells("game", T0) == old.online_cells("game", T0)
@@ -464,4 +510,23 @@ def test_a_series_from_before_the_patch_split_reads_and_grows(
         }  # fmt: skip
     stores[0].close()
     reg.close()
+
+
+def test_postgres_keeps_the_forecasts_of_one_per_build_as_publish_events(pg_url: str) -> None:
+    """The schema step that keys forecasts by event moves those recorded before it."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for step in MIGRATIONS[:4]:
+            conn.execute(step)
+        conn.execute("CREATE TABLE tracker_schema (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO tracker_schema (version) VALUES (4)")
+        body = json.dumps({"at": T0, "channel": "stable", "cdn_total": 5})
+        conn.execute(
+            "INSERT INTO traffic_forecasts (manifest, app, at, body) VALUES (%s, 'game', %s, %s)",
+            (M1, T0, body),
+        )
+        assert migrate(conn) == len(MIGRATIONS)
+    db = PGDatabase(pg_url)
+    store = traffic_pg.PGTraffic(db)
+    assert store.forecasts(M1) == [{"at": T0, "channel": "stable", "cdn_total": 5}]
+    assert [(m, a) for m, a, _ in store.forecasts_since(0)] == [(M1, "game")]
     db.close()

@@ -1,13 +1,14 @@
 // Bandwidth and load (issue 18): follows dashboard.js's refreshes, for the app chosen in the
-// fleet section. From /v1/apps/APP/load: the forecast recorded at each recent publish beside
-// what followed (a table, and a chart of one build's CDN egress per minute, predicted and
-// actual), and the recommended release hour with the hour-of-day histogram it comes from.
+// fleet section. From /v1/apps/APP/load: the forecast recorded at each recent event of a build
+// (publish, promote, rollout raise) beside what followed (a table, and a chart of one event's
+// CDN egress per minute, predicted and actual), and the recommended release hour with the
+// hour-of-day histogram it comes from.
 // Uses dashboard.js's helpers (fmtBytes, byteUnit, barChart, setText) and fleet.js's
 // timeChart. What a chart drew is in data-* attributes, for the tests.
 "use strict";
 const LOAD_COLORS = ["#4a7bd0", "#e76f51"];  // predicted, actual (the CDN's orange)
 const LOAD_MINUTES = 1440;                   // minutes drawn at most per line
-let loadBuild = null;                        // the build whose chart is shown (null: newest)
+let loadEvent = null;                        // the event whose chart is shown (null: newest)
 
 // [[minute, bytes], ...] with the minutes nothing was counted filled with 0, from `start`
 // for `minutes` minutes
@@ -38,10 +39,20 @@ function renderHour(hour) {
            { x: "Hour of day (UTC)", y: "Announces", names: ["Announces (nodes online)"] });
 }
 
+// what a forecast was made at, in words (forecasts older than events were publishes)
+function eventName(f) {
+  if (f.event === "promote") return "promote";
+  if (f.event === "rollout-raise") return "rollout " + f.was_percent + "% → " + f.percent + "%";
+  if (f.event === "rollout-complete") return "rollout " + f.was_percent + "% → 100%";
+  return f.percent < 100 ? "publish at " + f.percent + "%" : "publish";
+}
+
+function eventKey(f) { return f.build + "/" + f.channel + "/" + f.at; }
+
 function forecastRow(f) {
   const a = f.actual;
   const ratio = a.total_ratio === null ? "–" : a.total_ratio.toFixed(2);
-  const cells = ["build " + f.build, f.channel,
+  const cells = ["build " + f.build, f.channel, eventName(f),
     new Date(f.at * 1000).toISOString().slice(0, 16).replace("T", " "),
     String(Math.round(f.adopters)), fmtBytes(f.need_bytes), fmtBytes(f.cdn_total),
     fmtBytes(a.cdn_predicted_so_far), fmtBytes(a.cdn_actual_total),
@@ -49,30 +60,31 @@ function forecastRow(f) {
     fmtBytes(f.patches_total || 0) + " / " + fmtBytes(a.patches_actual_total || 0)];
   const tr = document.createElement("tr");
   tr.dataset.build = String(f.build);
-  tr.title = "show this build's chart";
+  tr.dataset.event = f.event || "publish";
+  tr.title = "show this event's chart";
   cells.forEach(v => { const td = document.createElement("td"); td.textContent = v; tr.append(td); });
-  tr.addEventListener("click", () => { loadBuild = f.build; refresh(); });
+  tr.addEventListener("click", () => { loadEvent = eventKey(f); refresh(); });
   return tr;
 }
 
 function renderForecasts(list) {
   const tbody = document.querySelector("#load-forecasts tbody");
   if (!list.length) {
-    tbody.replaceChildren(emptyRow(11, "no publish forecast yet"));
+    tbody.replaceChildren(emptyRow(12, "no forecast yet"));
   } else {
     tbody.replaceChildren(...list.map(forecastRow));
   }
-  const f = list.find(x => x.build === loadBuild) || list[0];
+  const f = list.find(x => eventKey(x) === loadEvent) || list[0];
   const canvas = document.getElementById("chart-forecast");
   const caption = canvas.closest("figure").querySelector("figcaption");
   if (!f) {
-    caption.textContent = "CDN egress per minute: predicted at publish vs actual";
+    caption.textContent = "CDN egress per minute: predicted at each event vs actual";
     timeChart(canvas, [], { x: "Time (UTC, per minute)", y: "CDN egress per minute" },
               LOAD_COLORS);
     return;
   }
   caption.textContent = "CDN egress per minute of build " + f.build + " on " + f.channel +
-    ": predicted at publish vs actual";
+    ": predicted at " + eventName(f) + " vs actual";
   const start = Math.floor(f.at / 60) * 60;
   const lastPredicted = f.predicted.length ? f.predicted[f.predicted.length - 1][0] : start;
   const elapsed = Math.floor(f.actual.elapsed_s / 60);
@@ -84,11 +96,12 @@ function renderForecasts(list) {
   const scale = pts => pts.map(([t, b]) => [t, +(b / div).toFixed(3)]);
   timeChart(canvas, [
     // the forecast wide underneath, so that it shows around the actual line where they agree
-    { name: "Predicted at publish (total " + fmtBytes(f.cdn_total) + ")", points: scale(predicted),
-      width: 5 },
+    { name: "Predicted at " + eventName(f) + " (total " + fmtBytes(f.cdn_total) + ")",
+      points: scale(predicted), width: 5 },
     { name: "Actual (so far " + fmtBytes(f.actual.cdn_actual_total) + ")", points: scale(actual) },
   ], { x: "Time (UTC, per minute)", y: "CDN egress per minute (" + unit + ")" }, LOAD_COLORS);
   canvas.dataset.build = String(f.build);
+  canvas.dataset.event = f.event || "publish";
 }
 
 async function renderLoad(stats) {
