@@ -180,10 +180,39 @@ def _print_seeding(args: argparse.Namespace, result: InstallResult) -> None:
 
 
 async def _report(tracker: TrackerClient, options: InstallOptions, result: InstallResult) -> None:
-    from .tracking import report_install, reporter
+    """After ``install``/``update`` through a tracker: the completed announce and the peers'
+    quality, and the install outcome unless nothing changed, as the daemon reports them."""
+    from .tracking import report_install, report_success, reporter
 
     me, host = await reporter(options.identity_dir, options.listen, tracker.base_url)
-    trouble = await report_install(tracker, me, result, _listen_port(options), host)
+    port = _listen_port(options)
+    if result.action == "unchanged":
+        trouble = await report_install(tracker, me, result, port, host)
+    else:
+        trouble = await report_success(tracker, me, result, result.seconds, port, host)
+    if trouble is not None:
+        print(f"p2pnode: warning: {trouble}", file=sys.stderr)
+
+
+async def _report_outcome(url: str, options: InstallOptions, result: InstallResult) -> None:
+    """``rollback``/``verify --repair`` with ``--tracker``: the attempt as an install outcome
+    (kind ``rollback`` or ``repair``), so that the tracker's rollbacks and repairs per build
+    count this node; tracker trouble is a warning, never the command's failure."""
+    from ..discovery.tracker import TrackerClient
+    from .tracking import outcome_fields, report_outcome, reporter
+
+    m = result.manifest
+    fields = outcome_fields(
+        app=m.app,
+        manifest_id=m.id,
+        to_build=m.build,
+        from_build=result.previous_build,
+        seconds=result.seconds,
+        result=result,
+    )
+    async with TrackerClient(url) as tracker:
+        me, _ = await reporter(options.identity_dir, None, tracker.base_url)
+        trouble = await report_outcome(tracker, me, fields)
     if trouble is not None:
         print(f"p2pnode: warning: {trouble}", file=sys.stderr)
 
@@ -319,24 +348,36 @@ def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
     from .install import rollback
 
     _refuse_managed(args)
-    result = trio.run(rollback, Path(args.dest), install_options(args), _progress(args), args.to)
+    options = install_options(args)
+
+    async def run() -> InstallResult:
+        result = await rollback(Path(args.dest), options, _progress(args), args.to)
+        if args.tracker:
+            await _report_outcome(args.tracker, options, result)
+        return result
+
+    result = trio.run(run)
     if not args.json:
         print_install(install_json(result))
     return dict(install_json(result))
 
 
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
-    from .verify import verify
+    from ..disk.scan import VerifyReport
+    from .verify import repaired, verify
 
     _refuse_managed(args)
-    report = trio.run(
-        lambda: verify(
-            Path(args.dest),
-            repair=args.repair,
-            options=install_options(args),
-            progress=_progress(args),
+    options = install_options(args)
+
+    async def run() -> VerifyReport:
+        report = await verify(
+            Path(args.dest), repair=args.repair, options=options, progress=_progress(args)
         )
-    )
+        if args.tracker and report.repaired:
+            await _report_outcome(args.tracker, options, repaired(report))
+        return report
+
+    report = trio.run(run)
     out = report.as_json()
     if not args.json:
         print_verify(report)
@@ -589,12 +630,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BUILD",
         help="the kept build to go to (default: the newest kept build older than the installed)",
     )
+    p.add_argument(
+        "--tracker", metavar="URL", help="report the rollback to this tracker (install outcomes)"
+    )
     add_fetch_flags(p)
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("verify", parents=[common], help="check (and --repair) an install")
     p.add_argument("--dest", required=True, metavar="DIR")
     p.add_argument("--repair", action="store_true")
+    p.add_argument(
+        "--tracker", metavar="URL", help="report a repair to this tracker (install outcomes)"
+    )
     add_fetch_flags(p)
     p.set_defaults(func=cmd_verify)
 
