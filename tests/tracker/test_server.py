@@ -186,6 +186,8 @@ async def test_sse_feed_and_dashboard(
         "From the CDN",
     ]
     assert charts["quality"] == "[0,0,0,0,0,0,3,0,0,0]", charts
+    legend = dom.split('<ul id="chart-quality-legend"', 1)[1].split("</ul>", 1)[0]
+    assert "Peers scored by their reporters" in legend
     assert charts["adoption"] == "1", charts  # one minute bucket so far
     assert int(charts["load"]) >= 1
     # the line charts say what they show too: axes titled, UTC time ticks, a legend

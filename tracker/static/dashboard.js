@@ -262,7 +262,8 @@ function render(stats) {
   barChart(document.getElementById("chart-quality"),
            stats.quality.histogram.map((_, i) => (i / 10).toFixed(1)),
            [stats.quality.histogram], ["#264653"],
-           { x: "Quality score (bucket's lower bound)", y: "Peers" });
+           { x: "Quality score (bucket's lower bound)", y: "Peers",
+             names: ["Peers scored by their reporters"] });
   loadHistory.push([Date.now() / 1000, stats.load.requests_per_s]);
   if (loadHistory.length > LOAD_POINTS) loadHistory.shift();
   timeChart(document.getElementById("chart-load"),
