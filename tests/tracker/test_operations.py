@@ -295,7 +295,7 @@ async def test_a_rotated_publisher_token_stops_working_on_every_replica(
         for c in (on_one, on_two):
             with pytest.raises(TrackerRefusedError) as err:
                 await c.publish(APP, "stable", make_manifest(3).encode())
-            assert err.value.status == 401
+            assert err.value.status == 401 and "rotate-token" in (err.value.fix or "")
         for b, t in ((3, one), (4, two)):
             await client_for(t, token=new).publish(APP, "stable", make_manifest(b).encode())
         auth = {"Authorization": "Bearer " + ADMIN}
