@@ -45,7 +45,6 @@ from .render import (
 )
 
 if TYPE_CHECKING:
-    from ..discovery.tracker import TrackerClient
     from ..progress import Progress
     from ..release.publish import PublishResult
     from .options import InstallOptions
@@ -122,13 +121,6 @@ async def _publish_to_tracker(args: argparse.Namespace, result: PublishResult) -
     return answer
 
 
-def _listen_port(options: InstallOptions) -> int | None:
-    if not options.listen:
-        return None
-    port = int(options.listen.rpartition(":")[2] or 0)
-    return port or None
-
-
 async def _install_verb(args: argparse.Namespace, options: InstallOptions) -> InstallResult | None:
     """``install``/``update``: the install, reported to the tracker when one resolved it, and
     with ``--seed`` served until SIGINT/SIGTERM (``None``: stopped before it was installed).
@@ -140,8 +132,9 @@ async def _install_verb(args: argparse.Namespace, options: InstallOptions) -> In
     from ..discovery.tracker import TrackerClient
     from .install import install, install_and_seed
     from .tracking import channel_manifest, node_and_build
+    from .verbreport import report_done, report_failure
 
-    location, data = args.manifest, None
+    location, data, have = args.manifest, None, None
     if args.tracker:  # named, so that a staged rollout counts this node in or out
         node, have = await trio.to_thread.run_sync(
             node_and_build, options.identity_dir, Path(args.dest)
@@ -155,15 +148,23 @@ async def _install_verb(args: argparse.Namespace, options: InstallOptions) -> In
         if args.tracker:
             tracker = await stack.enter_async_context(TrackerClient(args.tracker))
         if not args.seed:
-            result = await install(*run, manifest_data=data)
+            started = trio.current_time()
+            try:
+                result = await install(*run, manifest_data=data)
+            except P2PNodeError as exc:
+                if tracker is not None and data is not None:
+                    seconds = trio.current_time() - started
+                    kind = "update" if have is not None else "install"
+                    await report_failure(tracker, options, data, exc, seconds, kind)
+                raise
             if tracker is not None:
-                await _report(tracker, options, result)
+                await report_done(tracker, options, result)
             return result
 
         async def ready(result: InstallResult) -> None:
             _print_seeding(args, result)
             if tracker is not None:
-                await _report(tracker, options, result)
+                await report_done(tracker, options, result)
 
         seeding = partial(install_and_seed, *run, manifest_data=data)
         seeded: InstallResult | None = await _serve_until_signalled(seeding, ready)
@@ -177,44 +178,6 @@ def _print_seeding(args: argparse.Namespace, result: InstallResult) -> None:
     else:
         print_install(install_json(result))
         print(f"seeding on {args.listen} (Ctrl-C to stop)", flush=True)
-
-
-async def _report(tracker: TrackerClient, options: InstallOptions, result: InstallResult) -> None:
-    """After ``install``/``update`` through a tracker: the completed announce and the peers'
-    quality, and the install outcome unless nothing changed, as the daemon reports them."""
-    from .tracking import report_install, report_success, reporter
-
-    me, host = await reporter(options.identity_dir, options.listen, tracker.base_url)
-    port = _listen_port(options)
-    if result.action == "unchanged":
-        trouble = await report_install(tracker, me, result, port, host)
-    else:
-        trouble = await report_success(tracker, me, result, result.seconds, port, host)
-    if trouble is not None:
-        print(f"p2pnode: warning: {trouble}", file=sys.stderr)
-
-
-async def _report_outcome(url: str, options: InstallOptions, result: InstallResult) -> None:
-    """``rollback``/``verify --repair`` with ``--tracker``: the attempt as an install outcome
-    (kind ``rollback`` or ``repair``), so that the tracker's rollbacks and repairs per build
-    count this node; tracker trouble is a warning, never the command's failure."""
-    from ..discovery.tracker import TrackerClient
-    from .tracking import outcome_fields, report_outcome, reporter
-
-    m = result.manifest
-    fields = outcome_fields(
-        app=m.app,
-        manifest_id=m.id,
-        to_build=m.build,
-        from_build=result.previous_build,
-        seconds=result.seconds,
-        result=result,
-    )
-    async with TrackerClient(url) as tracker:
-        me, _ = await reporter(options.identity_dir, None, tracker.base_url)
-        trouble = await report_outcome(tracker, me, fields)
-    if trouble is not None:
-        print(f"p2pnode: warning: {trouble}", file=sys.stderr)
 
 
 async def _serve_until_signalled(
@@ -346,6 +309,7 @@ def cmd_update(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
     from .install import rollback
+    from .verbreport import report_attempt
 
     _refuse_managed(args)
     options = install_options(args)
@@ -353,7 +317,7 @@ def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
     async def run() -> InstallResult:
         result = await rollback(Path(args.dest), options, _progress(args), args.to)
         if args.tracker:
-            await _report_outcome(args.tracker, options, result)
+            await report_attempt(args.tracker, options, result)
         return result
 
     result = trio.run(run)
@@ -364,6 +328,7 @@ def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     from ..disk.scan import VerifyReport
+    from .verbreport import report_attempt
     from .verify import repaired, verify
 
     _refuse_managed(args)
@@ -374,7 +339,7 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
             Path(args.dest), repair=args.repair, options=options, progress=_progress(args)
         )
         if args.tracker and report.repaired:
-            await _report_outcome(args.tracker, options, repaired(report))
+            await report_attempt(args.tracker, options, repaired(report))
         return report
 
     report = trio.run(run)

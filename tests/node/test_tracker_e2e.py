@@ -36,6 +36,10 @@ def test_publish_through_tracker_reaches_a_watching_node(tmp_path: Path, tracker
             cdn.url,
         ]
         cli("publish", str(src), "--version", "1", "--build", "1", *common)
+        # a node that trusts another key refuses the build: reported as a failed install
+        other = str(cli("keygen", str(tmp_path / "other.pem"))["key"])
+        refused = ["install", "game", "--tracker", tracker_url, "--dest", str(tmp_path / "x")]
+        cli(*refused, "--trust", other, ok=False)
         # Resolve the channel through the tracker; files come from the mirror in the manifest.
         out = cli("install", "game", "--tracker", tracker_url, "--dest", str(dest), "--trust", pub)
         assert out["build"] == 1 and tree(dest) == tree(src)
@@ -79,7 +83,7 @@ def test_publish_through_tracker_reaches_a_watching_node(tmp_path: Path, tracker
         assert 0 < int(installed["bytes_cdn"]) < (1 << 20)  # only the new file's chunks
 
         # a repair and a rollback with --tracker are install outcomes too (issue 18), beside
-        # the install (install --tracker) and the update (watch)
+        # the installs (install --tracker: the refused one and the first) and the update (watch)
         damaged = dest / "data" / "new.pak"
         damaged.write_bytes(b"x" + damaged.read_bytes()[1:])
         fixed = cli("verify", "--dest", str(dest), "--repair", "--tracker", tracker_url)
@@ -89,9 +93,10 @@ def test_publish_through_tracker_reaches_a_watching_node(tmp_path: Path, tracker
     tally = httpx.get(f"{tracker_url}/v1/outcomes?app=game").json()["releases"]
     kinds = {r["build"]: r["by_kind"] for r in tally}
     assert kinds[1] == {
-        "install": {"success": 1, "failure": 0},
+        "install": {"success": 1, "failure": 1},
         "rollback": {"success": 1, "failure": 0},
     }, kinds
+    assert {r["build"]: r["failure_codes"] for r in tally}[1] == {"signature_invalid": 1}
     assert kinds[2] == {
         "update": {"success": 1, "failure": 0},
         "repair": {"success": 1, "failure": 0},
