@@ -15,30 +15,16 @@ from typing import Any
 
 import httpx
 
-from ..discovery.tracker import TrackerClient
-from ..errors import DemoError
+from ..node.options import InstallOptions
 from ..node.result import InstallResult
-from ..node.tracking import outcome_fields, report_outcome, reporter
+from ..node.verbreport import report_attempt
 
 __all__ = ["operations", "report", "summary_lines"]
 
 
 async def report(tracker_url: str, identity_dir: Path, result: InstallResult) -> None:
     """Send ``result`` (a repair or a rollback) as the node at ``identity_dir``'s outcome."""
-    me, _ = await reporter(identity_dir, None, tracker_url)
-    m = result.manifest
-    fields = outcome_fields(
-        app=m.app,
-        manifest_id=m.id,
-        to_build=m.build,
-        from_build=result.previous_build,
-        seconds=result.seconds,
-        result=result,
-    )
-    async with TrackerClient(tracker_url) as tracker:
-        trouble = await report_outcome(tracker, me, fields)
-    if trouble is not None:
-        raise DemoError(trouble, fix="look at the tracker's log in the demo's work directory")
+    await report_attempt(tracker_url, InstallOptions(identity_dir=identity_dir), result)
 
 
 async def operations(tracker_url: str, admin: str, app: str) -> dict[str, Any]:
