@@ -60,5 +60,6 @@ def require_publisher(request: Request, admin_token: str, app: str, row: AppRow 
         return "publisher"
     raise Unauthorized(
         f"the token is neither the admin token nor {app}'s publisher token",
-        fix="use the publisher token printed by `tracker app add`",
+        fix="use the publisher token printed by `tracker app add`, or by the latest "
+        "`tracker app rotate-token` (a rotated token is refused from then on)",
     )

@@ -224,7 +224,11 @@ class Operations:
         r = None if head is None else await self.current(row_name, channel, head)
         if request.method == "GET":
             if r is None:
-                raise NotFound(f"channel {channel} of {row_name} has no rollout under way")
+                raise NotFound(
+                    f"channel {channel} of {row_name} has no rollout under way",
+                    fix="stage a build with publish --rollout PERCENT (GET .../channels/CH "
+                    "shows the head every node is offered)",
+                )
             return JSONResponse(r.view())
         actor = require_publisher(
             request, self.config.admin_token, row_name, self.registry.get_app(row_name)
@@ -249,7 +253,10 @@ class Operations:
 
         def apply(cur: Rollout) -> Rollout:
             if cur.manifest != manifest:
-                raise RolloutError("the channel's rollout changed meanwhile")
+                raise RolloutError(
+                    "the channel's rollout changed meanwhile",
+                    fix="look at it again (tracker rollout APP CHANNEL show), then retry",
+                )
             new = rollout.change(cur, action, now, percent)
             if threshold is not None:
                 new = replace(new, threshold=threshold)
@@ -260,9 +267,12 @@ class Operations:
         try:
             changed = await self.call(self.ops.update_rollout, row_name, channel, apply)
         except RolloutError as exc:
-            raise Conflict(str(exc)) from exc
+            raise Conflict(str(exc), fix=exc.fix) from exc
         if changed is None:
-            raise Conflict(f"channel {channel} of {row_name} has no rollout under way")
+            raise Conflict(
+                f"channel {channel} of {row_name} has no rollout under way",
+                fix="publish with --rollout PERCENT",
+            )
         before, after = changed
         await self._move(after, action, actor)
         await self.record(

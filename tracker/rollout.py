@@ -57,7 +57,12 @@ ACTIONS = ("raise", "halt", "resume", "complete")
 
 
 class RolloutError(ValueError):
-    """An operator's change that does not apply to the rollout as it is (HTTP 409)."""
+    """An operator's change that does not apply to the rollout as it is (HTTP 409); ``fix``
+    says what the operator can do instead (the generic 409 fix is about build numbers)."""
+
+    def __init__(self, message: str, fix: str) -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,24 +161,35 @@ def change(r: Rollout, action: str, now: float, percent: float | None = None) ->
         RolloutError: the change does not apply (a completed rollout, a lower percentage...).
     """
     if r.state in ("complete", "ended"):
-        raise RolloutError(f"the rollout is {r.state} already")
+        raise RolloutError(
+            f"the rollout is {r.state} already",
+            fix="to stage another build, publish it with --rollout PERCENT",
+        )
     if action == "raise":
         if percent is None or not r.percent <= percent <= 100:
             raise RolloutError(
-                f"raise needs a percentage from {r.percent:g} to 100 (it is at {r.percent:g}%)"
+                f"raise needs a percentage from {r.percent:g} to 100 (it is at {r.percent:g}%)",
+                fix="a rollout never shrinks: to take the build back, halt it and roll back",
             )
         return replace(r, percent=percent, changed=now)
     if action == "halt":
         if r.state == "halted":
-            raise RolloutError("the rollout is halted already")
+            raise RolloutError(
+                "the rollout is halted already", fix="resume it, or roll the channel back"
+            )
         return replace(r, state="halted", changed=now, reason="operator")
     if action == "resume":
         if r.state != "halted":
-            raise RolloutError("only a halted rollout can be resumed")
+            raise RolloutError(
+                f"only a halted rollout can be resumed (this one is {r.state})",
+                fix="nothing to resume: raise, halt or complete it",
+            )
         return replace(r, state="active", changed=now, reason="", success=0, failure=0)
     if action == "complete":
         return replace(r, state="complete", percent=100.0, changed=now, reason="")
-    raise RolloutError(f"action must be one of {', '.join(ACTIONS)}")
+    raise RolloutError(
+        f"action must be one of {', '.join(ACTIONS)}", fix="send one of those actions"
+    )
 
 
 def superseded(r: Rollout, head: bytes, action: str, now: float) -> Rollout:

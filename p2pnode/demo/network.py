@@ -11,7 +11,8 @@ and repairs a flipped byte. Every install is reported to the tracker. Then the c
 they do on a player's machine, as daemons driven by the command line (``daemons.py``): a queue,
 a pause and resume, a critical update overtaking a queued job, a game from the other daemon's
 port. Last, with nginx stopped, the first node rolls back offline. The demo ends with the
-dashboard's URL, the CDN offload it shows and the daemon's web page URL.
+dashboard's URL, what the tracker holds for the operator (install outcomes, the fleet view, the
+audit log: ``operator.py``), the CDN offload it shows and the daemon's web page URL.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ from ..errors import DemoError
 from ..node.install import InstallOptions, rollback
 from ..node.policy import SourcePolicy
 from ..node.render import install_json
-from ..node.verify import verify
+from ..node.verify import repaired, verify
 from ..node.watch import WatchOptions, watch
 from ..release import keys
 from ..release.metadata import ReleaseInfo
 from ..release.publish import publish
 from ..units import format_bytes
+from . import operator
 from .cdn import LocalCDN
 from .daemons import daemon_demo
 from .tracker import LocalTracker
@@ -138,7 +140,7 @@ class _Follower:
                 policy=SourcePolicy.parse(policy),
                 origin=policy == SourcePolicy.CDN_ONLY,  # the seed box: leechers spare its upload
                 tracker=tracker_url,
-                identity_dir=work / "ids" / name,
+                identity_dir=work / "ids" / name,  # the demo reports node-1 as itself
             ),
         )
 
@@ -186,6 +188,7 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
     trust = [keys.public_key_bytes(publisher)]
     src, cdn_dir = work / "release", work / "cdn"
     dest = work / "node-1"  # the leecher that then goes on through update, repair, rollback
+    node_ids = work / "ids"  # each node's identity (its node id): _Follower's identity_dir
     admin = secrets.token_hex(16)
     _make_release(src, 1)
     cdn_dir.mkdir()
@@ -271,6 +274,7 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
                 f.write(bytes([b[0] ^ 0xFF]))
             t = time.monotonic()
             report = await verify(dest, repair=True)
+            await operator.report(tracker_url, node_ids / "node-1", repaired(report))
             rows.append(
                 _row(
                     "repair a flipped byte",
@@ -318,6 +322,8 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
         r = await rollback(dest, InstallOptions())
         note = "nginx stopped: offline"
         rows.append(_row("rollback to build 1", time.monotonic() - t, note, install_json(r)))
+        await operator.report(tracker_url, node_ids / "node-1", r)  # the tracker is still up
+        ops = await operator.operations(tracker_url, admin, APP)
         if keep:
             say(f"dashboard: {dashboard} (Ctrl-C to stop the demo network)")
             say(f"daemon A's web page: {daemons.web}")
@@ -339,6 +345,7 @@ async def _demo(work: Path, say: Any, keep: bool) -> dict[str, Any]:
             "completed": {str(x["build"]): x["completed"] for x in stats["releases"]},
             "update_notice_ms": round(latency * 1000),
             "forecast": forecast,  # the tracker's at build 2's publish, and what followed
+            "operations": ops,  # outcomes, fleet view and audit log, as the tracker holds them
             "daemons": daemons.as_json(),
         }
 
@@ -360,6 +367,8 @@ def run_demo(
     if not json_mode:
         _print_table(result["steps"])
         print(f"dashboard (while the demo ran; --keep keeps it up): {result['dashboard']}")
+        for line in operator.summary_lines(result["operations"], APP):
+            print(line)
         print(
             f"CDN offload the tracker shows for build 1: {result['offload_ratio']:.0%} "
             "(bytes from peers / all bytes the nodes fetched)"

@@ -45,7 +45,6 @@ from .render import (
 )
 
 if TYPE_CHECKING:
-    from ..discovery.tracker import TrackerClient
     from ..progress import Progress
     from ..release.publish import PublishResult
     from .options import InstallOptions
@@ -122,13 +121,6 @@ async def _publish_to_tracker(args: argparse.Namespace, result: PublishResult) -
     return answer
 
 
-def _listen_port(options: InstallOptions) -> int | None:
-    if not options.listen:
-        return None
-    port = int(options.listen.rpartition(":")[2] or 0)
-    return port or None
-
-
 async def _install_verb(args: argparse.Namespace, options: InstallOptions) -> InstallResult | None:
     """``install``/``update``: the install, reported to the tracker when one resolved it, and
     with ``--seed`` served until SIGINT/SIGTERM (``None``: stopped before it was installed).
@@ -140,8 +132,9 @@ async def _install_verb(args: argparse.Namespace, options: InstallOptions) -> In
     from ..discovery.tracker import TrackerClient
     from .install import install, install_and_seed
     from .tracking import channel_manifest, node_and_build
+    from .verbreport import report_done, report_failure
 
-    location, data = args.manifest, None
+    location, data, have = args.manifest, None, None
     if args.tracker:  # named, so that a staged rollout counts this node in or out
         node, have = await trio.to_thread.run_sync(
             node_and_build, options.identity_dir, Path(args.dest)
@@ -155,15 +148,23 @@ async def _install_verb(args: argparse.Namespace, options: InstallOptions) -> In
         if args.tracker:
             tracker = await stack.enter_async_context(TrackerClient(args.tracker))
         if not args.seed:
-            result = await install(*run, manifest_data=data)
+            started = trio.current_time()
+            try:
+                result = await install(*run, manifest_data=data)
+            except P2PNodeError as exc:
+                if tracker is not None and data is not None:
+                    seconds = trio.current_time() - started
+                    kind = "update" if have is not None else "install"
+                    await report_failure(tracker, options, data, exc, seconds, kind)
+                raise
             if tracker is not None:
-                await _report(tracker, options, result)
+                await report_done(tracker, options, result)
             return result
 
         async def ready(result: InstallResult) -> None:
             _print_seeding(args, result)
             if tracker is not None:
-                await _report(tracker, options, result)
+                await report_done(tracker, options, result)
 
         seeding = partial(install_and_seed, *run, manifest_data=data)
         seeded: InstallResult | None = await _serve_until_signalled(seeding, ready)
@@ -177,15 +178,6 @@ def _print_seeding(args: argparse.Namespace, result: InstallResult) -> None:
     else:
         print_install(install_json(result))
         print(f"seeding on {args.listen} (Ctrl-C to stop)", flush=True)
-
-
-async def _report(tracker: TrackerClient, options: InstallOptions, result: InstallResult) -> None:
-    from .tracking import report_install, reporter
-
-    me, host = await reporter(options.identity_dir, options.listen, tracker.base_url)
-    trouble = await report_install(tracker, me, result, _listen_port(options), host)
-    if trouble is not None:
-        print(f"p2pnode: warning: {trouble}", file=sys.stderr)
 
 
 async def _serve_until_signalled(
@@ -317,26 +309,40 @@ def cmd_update(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
     from .install import rollback
+    from .verbreport import report_attempt
 
     _refuse_managed(args)
-    result = trio.run(rollback, Path(args.dest), install_options(args), _progress(args), args.to)
+    options = install_options(args)
+
+    async def run() -> InstallResult:
+        result = await rollback(Path(args.dest), options, _progress(args), args.to)
+        if args.tracker:
+            await report_attempt(args.tracker, options, result)
+        return result
+
+    result = trio.run(run)
     if not args.json:
         print_install(install_json(result))
     return dict(install_json(result))
 
 
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
-    from .verify import verify
+    from ..disk.scan import VerifyReport
+    from .verbreport import report_attempt
+    from .verify import repaired, verify
 
     _refuse_managed(args)
-    report = trio.run(
-        lambda: verify(
-            Path(args.dest),
-            repair=args.repair,
-            options=install_options(args),
-            progress=_progress(args),
+    options = install_options(args)
+
+    async def run() -> VerifyReport:
+        report = await verify(
+            Path(args.dest), repair=args.repair, options=options, progress=_progress(args)
         )
-    )
+        if args.tracker and report.repaired:
+            await report_attempt(args.tracker, options, repaired(report))
+        return report
+
+    report = trio.run(run)
     out = report.as_json()
     if not args.json:
         print_verify(report)
@@ -589,12 +595,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BUILD",
         help="the kept build to go to (default: the newest kept build older than the installed)",
     )
+    p.add_argument(
+        "--tracker", metavar="URL", help="report the rollback to this tracker (install outcomes)"
+    )
     add_fetch_flags(p)
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("verify", parents=[common], help="check (and --repair) an install")
     p.add_argument("--dest", required=True, metavar="DIR")
     p.add_argument("--repair", action="store_true")
+    p.add_argument(
+        "--tracker", metavar="URL", help="report a repair to this tracker (install outcomes)"
+    )
     add_fetch_flags(p)
     p.set_defaults(func=cmd_verify)
 

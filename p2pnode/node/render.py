@@ -29,6 +29,7 @@ __all__ = [
     "print_status",
     "print_verify",
     "print_watch_event",
+    "tracker_lines",
 ]
 
 
@@ -155,15 +156,35 @@ def print_published(out: dict[str, Any], result: PublishResult, cdn_dir: Path) -
         said.append(f"{len(info.notes.encode())} bytes of notes" if info.notes else "")
         # Also worth saying: only nodes that read manifest format 2 install this build.
         print(f"release info: {'; '.join(w for w in said if w)} (manifest format {m.format})")
-    forecast = (out.get("tracker") or {}).get("forecast")
+    for line in tracker_lines(out.get("tracker") or {}):
+        print(line)
+
+
+def tracker_lines(answer: dict[str, Any]) -> list[str]:
+    """What ``publish --tracker`` says of the tracker's answer (docs/tracker-api.md): the
+    channel's move, a staged rollout and how to steer it, the CDN forecast."""
+    if not answer:
+        return []
+    app, channel, build = answer["app"], answer["channel"], answer["build"]
+    lines = [f"tracker: {app}/{channel} moved to build {build} (seq {answer['seq']})"]
+    r = answer.get("rollout")
+    if r:
+        lines.append(
+            f"staged rollout: build {build} is offered to {r['percent']:g}% of {channel}'s "
+            f"nodes, the others keep the build before; it halts itself when "
+            f"{100 * r['threshold']:g}% of at least {r['min_outcomes']} outcomes fail "
+            f"(tracker rollout {app} {channel} show|raise PERCENT|halt|resume|complete --url ...)"
+        )
+    forecast = answer.get("forecast")
     if forecast:  # the tracker's word on what this publish costs the CDN (docs/operations.md)
-        print(
+        lines.append(
             f"forecast: {forecast['adopters']:g} nodes on {forecast['channel']} x "
             f"{format_bytes(forecast['need_bytes'])} each -> CDN egress "
             f"{format_bytes(forecast['cdn_total'])}, peak "
             f"{format_bytes(forecast['cdn_peak_per_min'])}/min "
-            f"(see: tracker forecast show {m.app} {m.build} --url ...)"
+            f"(see: tracker forecast show {app} {build} --url ...)"
         )
+    return lines
 
 
 def print_verify(report: VerifyReport) -> None:

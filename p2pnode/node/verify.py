@@ -33,7 +33,7 @@ from ..progress import NullProgress, Progress
 from ..release import manifest as M
 from .install import InstallOptions, InstallResult, assemble
 
-__all__ = ["VerifyReport", "heal", "verify"]
+__all__ = ["VerifyReport", "heal", "repaired", "verify"]
 
 
 async def verify(
@@ -68,11 +68,21 @@ async def heal(
     ``verify --repair`` would: for an install asked again of a build the state says is there."""
     health = await trio.to_thread.run_sync(snapshot.check, sd, manifest)
     report = VerifyReport(manifest, missing=health.missing, corrupt=health.damaged)
-    repaired = list(report.missing) + list(report.corrupt)
+    damaged = list(report.missing) + list(report.corrupt)
     await _repair(sd, manifest, report, options, progress, state.mirrors)
-    result = InstallResult("repaired", manifest, manifest.build, manifest.total_size)
+    result = repaired(report)
+    result.repaired = damaged
+    return result
+
+
+def repaired(report: VerifyReport) -> InstallResult:
+    """A repair as an install's result (action ``repaired``, the same build before and after):
+    how ``heal`` answers, and what ``verify --repair --tracker`` reports as an outcome."""
+    m = report.manifest
+    result = InstallResult("repaired", m, m.build, m.total_size)
     result.bytes_cdn, result.bytes_reused = report.bytes_cdn, report.bytes_reused
-    result.repaired, result.displaced = repaired, report.displaced
+    result.repaired, result.displaced = list(report.repaired), report.displaced
+    result.seconds = report.seconds
     return result
 
 

@@ -40,6 +40,17 @@ def test_demo_runs_and_reports_where_bytes_came_from() -> None:
     assert actual["patches_actual_total"] > 0
     assert forecast["bytes_cdn"] == actual["cdn_actual_total"]
     assert out["dashboard"].endswith("/dashboard")
+    # what the operator sees besides bytes: every install, update, the repair and the rollback
+    # as outcomes per build, the fleet view (node-1 back on build 1), the audit log
+    ops = out["operations"]
+    kinds = {r["build"]: r["by_kind"] for r in ops["outcomes"]}
+    ok = {"success": 1, "failure": 0}
+    assert kinds[1] == {"install": {"success": 4, "failure": 0}, "rollback": ok}, kinds
+    assert kinds[2] == {"update": {"success": 4, "failure": 0}, "repair": ok}, kinds
+    assert {b["build"]: b["nodes"] for b in ops["fleet"]["builds"]} == {1: 1, 2: 3}
+    actions = [e["action"] for e in ops["audit"]]
+    assert actions.count("publish") >= 2 and "app-registered" in actions
+    assert all(e["address"] == "127.0.0.1" for e in ops["audit"])
     assert out["update_notice_ms"] < 1000
     # The clients as daemons, driven by the command line's client verbs.
     d = out["daemons"]

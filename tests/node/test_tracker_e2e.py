@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
 from p2pnode.demo.cdn import LocalCDN
 from tests.support.e2e import ADMIN, cli, registered_app
 from tests.support.release import tree
@@ -34,6 +36,10 @@ def test_publish_through_tracker_reaches_a_watching_node(tmp_path: Path, tracker
             cdn.url,
         ]
         cli("publish", str(src), "--version", "1", "--build", "1", *common)
+        # a node that trusts another key refuses the build: reported as a failed install
+        other = str(cli("keygen", str(tmp_path / "other.pem"))["key"])
+        refused = ["install", "game", "--tracker", tracker_url, "--dest", str(tmp_path / "x")]
+        cli(*refused, "--trust", other, ok=False)
         # Resolve the channel through the tracker; files come from the mirror in the manifest.
         out = cli("install", "game", "--tracker", tracker_url, "--dest", str(dest), "--trust", pub)
         assert out["build"] == 1 and tree(dest) == tree(src)
@@ -76,12 +82,31 @@ def test_publish_through_tracker_reaches_a_watching_node(tmp_path: Path, tracker
         assert tree(dest) == tree(src)
         assert 0 < int(installed["bytes_cdn"]) < (1 << 20)  # only the new file's chunks
 
+        # a repair and a rollback with --tracker are install outcomes too (issue 18), beside
+        # the installs (install --tracker: the refused one and the first) and the update (watch)
+        damaged = dest / "data" / "new.pak"
+        damaged.write_bytes(b"x" + damaged.read_bytes()[1:])
+        fixed = cli("verify", "--dest", str(dest), "--repair", "--tracker", tracker_url)
+        assert fixed["repaired"] == ["data/new.pak"], fixed
+        back = cli("rollback", "--dest", str(dest), "--tracker", tracker_url)
+        assert back["build"] == 1 and "warning" not in back["_stderr"], back["_stderr"]
+    tally = httpx.get(f"{tracker_url}/v1/outcomes?app=game").json()["releases"]
+    kinds = {r["build"]: r["by_kind"] for r in tally}
+    assert kinds[1] == {
+        "install": {"success": 1, "failure": 1},
+        "rollback": {"success": 1, "failure": 0},
+    }, kinds
+    assert {r["build"]: r["failure_codes"] for r in tally}[1] == {"signature_invalid": 1}
+    assert kinds[2] == {
+        "update": {"success": 1, "failure": 0},
+        "repair": {"success": 1, "failure": 0},
+    }, kinds
+    assert {r["build"]: r["rollbacks"] for r in tally} == {1: 1, 2: 0}
+
 
 def test_nodes_find_each_other_through_tracker_announces(tmp_path: Path, tracker_url: str) -> None:
     """A seeding node announces itself; the next node gets it from the tracker as a peer and
     fetches everything from it; both report, and the tracker's offload shows it."""
-    import httpx
-
     from p2pnode.demo.cdn import free_port
 
     src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)

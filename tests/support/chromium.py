@@ -49,8 +49,13 @@ class Chromium:
         self._in, from_child = os.pipe()
 
         def fds() -> None:  # the child's fd 3 reads our commands, fd 4 writes its answers
-            os.dup2(to_child, 3)
-            os.dup2(from_child, 4)
+            # dup2 onto itself keeps close-on-exec (a script with few open files gets the
+            # pipe as fd 3): then only clearing the flag passes it on
+            for fd, want in ((to_child, 3), (from_child, 4)):
+                if fd == want:
+                    os.set_inheritable(fd, True)
+                else:
+                    os.dup2(fd, want)
 
         self.proc = subprocess.Popen(
             [

@@ -3,7 +3,9 @@
 (status codes, content types, response schemas and headers, no 5xx, valid requests accepted and
 invalid ones refused, authentication enforced) over every operation, with the admin token.
 
-Bounded to a few examples per operation and a fixed seed, so the suite stays quick and a failure
+On each store the tracker runs on: SQLite, Redis (swarm and registry) and PostgreSQL (the
+registry, beside the swarm in Redis, as docs/operations.md recommends for replicas). Bounded to
+a few examples per operation and a fixed seed, so the suite stays quick and a failure
 reproduces; ``bash scripts/apifuzz`` is the long run (more examples, a random seed, every
 phase). The tracker is seeded first (an app with a publisher key, two builds, a rollout, an
 announce and an outcome) so the fuzzer's requests reach past "not found"."""
@@ -14,16 +16,27 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trio
 
 from p2pnode.discovery.tracker import TrackerClient
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
 from tests.support.apifuzz import fuzz
-from tests.support.tracker import ADMIN, APP
+from tests.support.tracker import ADMIN, APP, STORES
 from tracker import Tracker, serve_tracker
 
 HERE = Path(__file__).parent
+
+
+@pytest.fixture(params=STORES)
+def tracker(request: pytest.FixtureRequest, make_tracker: Callable[..., Tracker]) -> Tracker:
+    """The tracker the fuzzer probes (and ``client`` seeds), on each store."""
+    if request.param == "sqlite":
+        return make_tracker()
+    redis = str(request.getfixturevalue("redis_url"))
+    registry = redis if request.param == "redis" else str(request.getfixturevalue("pg_url"))
+    return make_tracker(redis_url=redis, registry_url=registry)
 
 
 async def seed(http: TrackerClient, make_manifest: Callable[..., M.SignedManifest]) -> None:

@@ -208,6 +208,42 @@ async def test_the_audit_log_records_changes_and_refused_tokens_with_actor_and_a
         await c._http.aclose()
 
 
+async def test_the_audit_log_records_a_promote_and_a_cleared_peer(
+    store_tracker: Tracker,
+    publisher: Ed25519PrivateKey,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    """The changes the test above does not make: a promote (publisher) and a peer cleared
+    (admin), each with its actor, token id, address and target."""
+    t = store_tracker
+    admin = client_for(t, ip="192.0.2.10")
+    token = str((await admin.add_app(APP, keys.public_key_bytes(publisher)))["publisher_token"])
+    pub = client_for(t, token=token, ip="192.0.2.20")
+    one = make_manifest(1)
+    await pub.publish(APP, "stable", one.encode())
+    await pub.promote(APP, "beta", one.id)
+    peer = "ab" * 20
+    auth = {"Authorization": "Bearer " + ADMIN}
+    assert (await admin._http.delete(f"/v1/peers/{peer}", headers=auth)).status_code == 200
+    entries = (await admin._http.get("/v1/audit", headers=auth)).json()["entries"]
+    cleared, promote = entries[0], entries[1]
+    assert (cleared["action"], cleared["actor"], cleared["token_id"]) == (
+        "peer-cleared",
+        "admin",
+        "admin",
+    )
+    assert cleared["target"] == peer and cleared["address"] == "192.0.2.10"
+    assert (promote["action"], promote["actor"], promote["address"]) == (
+        "promote",
+        "publisher",
+        "192.0.2.20",
+    )
+    assert promote["target"] == f"{APP}/beta" and promote["token_id"].startswith("t-")
+    assert promote["detail"]["manifest_id"] == one.id.hex()
+    for c in (admin, pub):
+        await c._http.aclose()
+
+
 async def test_a_new_build_ends_a_rollout_and_a_staged_one_keeps_the_fleets_base(
     store_tracker: Tracker,
     publisher: Ed25519PrivateKey,
@@ -259,7 +295,7 @@ async def test_a_rotated_publisher_token_stops_working_on_every_replica(
         for c in (on_one, on_two):
             with pytest.raises(TrackerRefusedError) as err:
                 await c.publish(APP, "stable", make_manifest(3).encode())
-            assert err.value.status == 401
+            assert err.value.status == 401 and "rotate-token" in (err.value.fix or "")
         for b, t in ((3, one), (4, two)):
             await client_for(t, token=new).publish(APP, "stable", make_manifest(b).encode())
         auth = {"Authorization": "Bearer " + ADMIN}

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from p2pnode.discovery.tracker import TrackerClient, TrackerRefusedError
+from p2pnode.release import manifest as M
+from tests.support.tracker import APP
 from tracker import rollout
+from tracker.errors import Conflict
 from tracker.rollout import Rollout, RolloutError, change, member, offered, with_outcome
 
 NEW, OLD = b"n" * 32, b"o" * 32
@@ -99,6 +104,32 @@ def test_operator_changes() -> None:
         change(done, "raise", 2.0, 100.0)
     assert Rollout.from_json(r.to_json()) == r
     assert set(rollout.ACTIONS) == {"raise", "halt", "resume", "complete"}
+
+
+def test_each_refused_change_says_what_to_do_instead() -> None:
+    r, halted = make(50.0), change(make(50.0), "halt", 1.0)
+    refused = [(r, "raise", 20.0), (r, "resume", None), (halted, "halt", None), (r, "jump", None)]
+    refused.append((change(r, "complete", 1.0), "halt", None))
+    fixes = set()
+    for cur, action, percent in refused:
+        with pytest.raises(RolloutError) as err:
+            change(cur, action, 2.0, percent)
+        assert err.value.fix and err.value.fix != Conflict.default_fix, (action, err.value)
+        fixes.add(err.value.fix)
+    assert len(fixes) == len(refused)  # each names its own way out
+
+
+async def test_the_api_passes_the_fix_on(
+    client: TrackerClient, make_manifest: Callable[..., M.SignedManifest]
+) -> None:
+    with pytest.raises(TrackerRefusedError) as err:
+        await client._request("GET", f"/v1/apps/{APP}/channels/stable/rollout")
+    assert err.value.status == 404 and "--rollout" in (err.value.fix or "")
+    await client.publish(APP, "stable", make_manifest(1).encode())
+    await client.publish(APP, "stable", make_manifest(2).encode(), rollout=50)
+    with pytest.raises(TrackerRefusedError) as err:
+        await client.change_rollout(APP, "stable", "raise", percent=20)
+    assert err.value.status == 409 and "never shrinks" in (err.value.fix or ""), err.value
 
 
 def test_another_head_ends_the_rollout() -> None:

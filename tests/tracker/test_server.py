@@ -196,8 +196,25 @@ async def test_sse_feed_and_dashboard(
         "From the CDN: delta patches",
     ]
     assert charts["quality"] == "[0,0,0,0,0,0,3,0,0,0]", charts
+    legend = dom.split('<ul id="chart-quality-legend"', 1)[1].split("</ul>", 1)[0]
+    assert "Peers scored by their reporters" in legend
     assert charts["adoption"] == "1", charts  # one minute bucket so far
     assert int(charts["load"]) >= 1
+    # the line charts say what they show too: axes titled, UTC time ticks, a legend
+    for chart, x, y, names in [
+        ("adoption", "Time (UTC, per minute with completions)", "Completed installs (total)",
+         [f"{APP} 1.2 (build 2)"]),
+        ("load", "Time (UTC)", "Requests per second", ["Requests/s, both ports (every 2 s)"]),
+    ]:  # fmt: skip
+        tag = dom.split(f'<canvas id="chart-{chart}"', 1)[1].split(">", 1)[0]
+        assert f'data-x-label="{x}"' in tag and f'data-y-label="{y}"' in tag, tag
+        xticks = re.search(r'data-x-ticks="([^"]*)"', tag)
+        assert xticks is not None and json.loads(html.unescape(xticks[1])), tag
+        assert all(
+            re.fullmatch(r"\d\d:\d\d(:\d\d)?", t) for t in json.loads(html.unescape(xticks[1]))
+        )
+        legend = dom.split(f'<ul id="chart-{chart}-legend"', 1)[1].split("</ul>", 1)[0]
+        assert re.findall(r'class="swatch"[^>]*></span>([^<]+)</li>', legend) == names
 
 
 async def test_dashboard_shows_rollouts_halts_and_outcomes_per_build(

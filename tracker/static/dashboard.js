@@ -5,6 +5,9 @@
 const REFRESH_MS = 2000;
 const LOAD_POINTS = 60;
 const loadHistory = [];
+// one colour per line of a time chart (builds, releases)
+const SERIES_COLORS = ["#264653", "#2a9d8f", "#e9c46a", "#f4a261", "#e76f51", "#8d5fd3",
+                       "#4a7bd0", "#9aa0a6"];
 
 function fmtBytes(n) {
   const units = ["B", "KB", "MB", "GB", "TB"];
@@ -115,31 +118,81 @@ function barChart(canvas, labels, series, colors, axes) {
     .textContent + ". " + yTitle + " by " + axes.x);
 }
 
-function lineChart(canvas, lines, colors) {
-  // lines: list of [[x, y], ...]
+// A tick's UTC time: the clock time, with the day when the chart spans more than one, with
+// the seconds when it spans minutes (the load chart: ticks would repeat a minute)
+function when(t, span) {
+  const iso = new Date(t * 1000).toISOString();
+  if (span > 86400) return iso.slice(5, 10) + " " + iso.slice(11, 16);
+  return span < 600 ? iso.slice(11, 19) : iso.slice(11, 16);
+}
+
+// Lines over time with both axes titled, ticks in their units and a legend.
+// lines: [{name, points: [[unix s, value], ...], width (px, default 2), dash ([on, off] px)}];
+// colors: one per line
+function timeChart(canvas, lines, axes, colors = SERIES_COLORS) {
   const ctx = clear(canvas);
-  const w = canvas.width, h = canvas.height, pad = 28;
-  const pts = lines.flat();
-  if (!pts.length) { ctx.fillStyle = "#889"; ctx.fillText("no data yet", pad, h / 2); }
-  const xs = pts.map(p => p[0]), ys = pts.map(p => p[1]);
-  const x0 = Math.min(...xs), x1 = Math.max(...xs), y1 = Math.max(1, ...ys);
-  const sx = x => pad + (x1 === x0 ? 0.5 : (x - x0) / (x1 - x0)) * (w - 2 * pad);
-  const sy = y => h - pad - (y / y1) * (h - 2 * pad);
+  const w = canvas.width, h = canvas.height;
+  const left = 56, right = 12, top = 10, bottom = 40;
+  const pts = lines.flatMap(l => l.points);
+  const xs = pts.map(p => p[0]);
+  const x0 = pts.length ? Math.min(...xs) : 0, x1 = pts.length ? Math.max(...xs) : 1;
+  const step = Math.max(1, tickStep(Math.max(1, ...pts.map(p => p[1])), 4));
+  const ymax = step * Math.max(1, Math.ceil(Math.max(1, ...pts.map(p => p[1])) / step));
+  const sx = x => left + (x1 === x0 ? 0.5 : (x - x0) / (x1 - x0)) * (w - left - right);
+  const sy = y => h - bottom - (y / ymax) * (h - top - bottom);
+  ctx.textAlign = "right"; ctx.textBaseline = "middle";
+  const yTicks = [];
+  for (let v = 0; v <= ymax + step / 2; v += step) {
+    yTicks.push(String(v));
+    ctx.strokeStyle = v ? "#e3e6ea" : "#667";
+    ctx.beginPath(); ctx.moveTo(left, sy(v)); ctx.lineTo(w - right, sy(v)); ctx.stroke();
+    ctx.fillStyle = "#445"; ctx.fillText(String(v), left - 4, sy(v));
+  }
+  ctx.strokeStyle = "#667";
+  ctx.beginPath(); ctx.moveTo(left, top); ctx.lineTo(left, h - bottom); ctx.stroke();
+  // x ticks: the first and last sample and up to three between, as UTC clock times
+  const xTicks = [];
+  ctx.textAlign = "center"; ctx.textBaseline = "top";
+  const n = x1 === x0 ? 1 : 4;
+  for (let i = 0; i <= n && pts.length; i++) {
+    const t = x0 + (x1 - x0) * i / n;
+    const label = when(t, x1 - x0);
+    xTicks.push(label);
+    // the end ticks lean inwards, so that none is cut at the canvas's edge
+    ctx.textAlign = n > 1 && i === 0 ? "left" : n > 1 && i === n ? "right" : "center";
+    ctx.fillStyle = "#445"; ctx.fillText(label, sx(t), h - bottom + 4);
+  }
+  if (!pts.length) { ctx.fillStyle = "#889"; ctx.fillText("no samples yet", w / 2, h / 2); }
   lines.forEach((line, i) => {
-    ctx.strokeStyle = colors[i % colors.length];
-    ctx.lineWidth = 2;
+    ctx.strokeStyle = ctx.fillStyle = colors[i % colors.length];
+    ctx.lineWidth = line.width || 2;
+    ctx.setLineDash(line.dash || []);
     ctx.beginPath();
-    line.forEach((p, j) => (j ? ctx.lineTo(sx(p[0]), sy(p[1])) : ctx.moveTo(sx(p[0]), sy(p[1]))));
+    line.points.forEach(([x, y], j) => (j ? ctx.lineTo(sx(x), sy(y)) : ctx.moveTo(sx(x), sy(y))));
     ctx.stroke();
-    if (line.length === 1) {  // a lone point draws no line: a dot, so that it shows
-      ctx.fillStyle = ctx.strokeStyle;
-      ctx.beginPath(); ctx.arc(sx(line[0][0]), sy(line[0][1]), 3, 0, 2 * Math.PI); ctx.fill();
-    }
+    if (line.points.length <= 200) line.points.forEach(([x, y]) => {  // dots where they fit
+      ctx.beginPath(); ctx.arc(sx(x), sy(y), 2.5, 0, 2 * Math.PI); ctx.fill();
+    });
   });
-  ctx.fillStyle = "#334";
-  ctx.fillText(String(y1), 2, pad);
+  ctx.lineWidth = 1;
+  ctx.setLineDash([]);
+  ctx.fillStyle = "#1d2430"; ctx.textAlign = "center"; ctx.textBaseline = "bottom";
+  ctx.fillText(axes.x, left + (w - left - right) / 2, h - 2);
+  ctx.save();
+  ctx.translate(12, top + (h - top - bottom) / 2);
+  ctx.rotate(-Math.PI / 2);
+  ctx.textBaseline = "middle";
+  ctx.fillText(axes.y, 0, 0);
+  ctx.restore();
+  legend(canvas, lines.map(l => l.name), colors);
   canvas.dataset.points = String(pts.length);
-  canvas.dataset.max = String(y1);
+  canvas.dataset.lines = String(lines.length);
+  canvas.dataset.xLabel = axes.x;
+  canvas.dataset.yLabel = axes.y;
+  canvas.dataset.yTicks = JSON.stringify(yTicks);
+  canvas.dataset.xTicks = JSON.stringify(xTicks);
+  canvas.setAttribute("aria-label", canvas.closest("figure").querySelector("figcaption")
+    .textContent + ". " + axes.y + " by " + axes.x);
 }
 
 function cumulative(series) {
@@ -219,15 +272,22 @@ function render(stats) {
            { x: "Release (app and version)", y: "Bytes received", bytes: true,
              names: ["From peers: chunks", "From peers: delta patches",
                      "From the CDN: chunks", "From the CDN: delta patches"] });
-  lineChart(document.getElementById("chart-adoption"), rel.map(r => cumulative(r.adoption)),
-            ["#264653", "#2a9d8f", "#e9c46a", "#f4a261", "#e76f51"]);
+  timeChart(document.getElementById("chart-adoption"),
+            rel.slice(0, SERIES_COLORS.length).map(r => ({
+              name: r.app + " " + r.version + " (build " + r.build + ")",
+              points: cumulative(r.adoption) })),
+            { x: "Time (UTC, per minute with completions)", y: "Completed installs (total)" });
   barChart(document.getElementById("chart-quality"),
            stats.quality.histogram.map((_, i) => (i / 10).toFixed(1)),
            [stats.quality.histogram], ["#264653"],
-           { x: "Quality score (bucket's lower bound)", y: "Peers" });
+           { x: "Quality score (bucket's lower bound)", y: "Peers",
+             names: ["Peers scored by their reporters"] });
   loadHistory.push([Date.now() / 1000, stats.load.requests_per_s]);
   if (loadHistory.length > LOAD_POINTS) loadHistory.shift();
-  lineChart(document.getElementById("chart-load"), [loadHistory], ["#e76f51"]);
+  timeChart(document.getElementById("chart-load"),
+            [{ name: "Requests/s, both ports (every " + REFRESH_MS / 1000 + " s)",
+               points: loadHistory }],
+            { x: "Time (UTC)", y: "Requests per second" }, ["#e76f51"]);
 
   const ul = document.getElementById("flagged");
   ul.replaceChildren(...(stats.quality.flagged.length ? stats.quality.flagged : [null]).map(n => {

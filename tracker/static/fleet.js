@@ -1,12 +1,10 @@
 // Fleet view and alerts banner (issue 18): follows dashboard.js's refreshes. For each refresh
 // of /v1/stats it shows the alerts the tracker evaluated (stats.alerts, the conditions of
 // docs/alerts.yml) and the chosen app's fleet (/v1/apps/APP/fleet): nodes per build, client
-// versions and the adoption curve of each build. Uses dashboard.js's helpers (legend,
-// tickStep, pct, setText). What a chart drew is in data-* attributes, for the tests.
+// versions and the adoption curve of each build. Uses dashboard.js's helpers (timeChart,
+// pct, setText). What a chart drew is in data-* attributes, for the tests.
 "use strict";
-const FLEET_COLORS = ["#264653", "#2a9d8f", "#e9c46a", "#f4a261", "#e76f51", "#8d5fd3",
-                      "#4a7bd0", "#9aa0a6"];
-const FLEET_LINES = FLEET_COLORS.length;  // builds drawn at most (the newest)
+const FLEET_LINES = SERIES_COLORS.length;  // builds drawn at most (the newest)
 
 function renderAlerts(all) {
   // a halted rollout has its own banner (dashboard.js: its percentage and why): not twice
@@ -21,81 +19,6 @@ function renderAlerts(all) {
     li.textContent = a.summary;
     return li;
   }));
-}
-
-// A tick's UTC time: the clock time, with the day when the chart spans more than one
-function when(t, span) {
-  const iso = new Date(t * 1000).toISOString();
-  return span > 86400 ? iso.slice(5, 10) + " " + iso.slice(11, 16) : iso.slice(11, 16);
-}
-
-// Lines over time with both axes titled, ticks in their units and a legend.
-// lines: [{name, points: [[unix s, value], ...], width (px, default 2), dash ([on, off] px)}];
-// colors: one per line
-function timeChart(canvas, lines, axes, colors = FLEET_COLORS) {
-  const ctx = clear(canvas);
-  const w = canvas.width, h = canvas.height;
-  const left = 56, right = 12, top = 10, bottom = 40;
-  const pts = lines.flatMap(l => l.points);
-  const xs = pts.map(p => p[0]);
-  const x0 = pts.length ? Math.min(...xs) : 0, x1 = pts.length ? Math.max(...xs) : 1;
-  const step = Math.max(1, tickStep(Math.max(1, ...pts.map(p => p[1])), 4));
-  const ymax = step * Math.max(1, Math.ceil(Math.max(1, ...pts.map(p => p[1])) / step));
-  const sx = x => left + (x1 === x0 ? 0.5 : (x - x0) / (x1 - x0)) * (w - left - right);
-  const sy = y => h - bottom - (y / ymax) * (h - top - bottom);
-  ctx.textAlign = "right"; ctx.textBaseline = "middle";
-  const yTicks = [];
-  for (let v = 0; v <= ymax + step / 2; v += step) {
-    yTicks.push(String(v));
-    ctx.strokeStyle = v ? "#e3e6ea" : "#667";
-    ctx.beginPath(); ctx.moveTo(left, sy(v)); ctx.lineTo(w - right, sy(v)); ctx.stroke();
-    ctx.fillStyle = "#445"; ctx.fillText(String(v), left - 4, sy(v));
-  }
-  ctx.strokeStyle = "#667";
-  ctx.beginPath(); ctx.moveTo(left, top); ctx.lineTo(left, h - bottom); ctx.stroke();
-  // x ticks: the first and last sample and up to three between, as UTC clock times
-  const xTicks = [];
-  ctx.textAlign = "center"; ctx.textBaseline = "top";
-  const n = x1 === x0 ? 1 : 4;
-  for (let i = 0; i <= n && pts.length; i++) {
-    const t = x0 + (x1 - x0) * i / n;
-    const label = when(t, x1 - x0);
-    xTicks.push(label);
-    // the end ticks lean inwards, so that none is cut at the canvas's edge
-    ctx.textAlign = n > 1 && i === 0 ? "left" : n > 1 && i === n ? "right" : "center";
-    ctx.fillStyle = "#445"; ctx.fillText(label, sx(t), h - bottom + 4);
-  }
-  if (!pts.length) { ctx.fillStyle = "#889"; ctx.fillText("no samples yet", w / 2, h / 2); }
-  lines.forEach((line, i) => {
-    ctx.strokeStyle = ctx.fillStyle = colors[i % colors.length];
-    ctx.lineWidth = line.width || 2;
-    ctx.setLineDash(line.dash || []);
-    ctx.beginPath();
-    line.points.forEach(([x, y], j) => (j ? ctx.lineTo(sx(x), sy(y)) : ctx.moveTo(sx(x), sy(y))));
-    ctx.stroke();
-    if (line.points.length <= 200) line.points.forEach(([x, y]) => {  // dots where they fit
-      ctx.beginPath(); ctx.arc(sx(x), sy(y), 2.5, 0, 2 * Math.PI); ctx.fill();
-    });
-  });
-  ctx.lineWidth = 1;
-  ctx.setLineDash([]);
-  ctx.fillStyle = "#1d2430"; ctx.textAlign = "center"; ctx.textBaseline = "bottom";
-  ctx.fillText(axes.x, left + (w - left - right) / 2, h - 2);
-  ctx.save();
-  ctx.translate(12, top + (h - top - bottom) / 2);
-  ctx.rotate(-Math.PI / 2);
-  ctx.textBaseline = "middle";
-  ctx.fillText(axes.y, 0, 0);
-  ctx.restore();
-  legend(canvas, lines.map(l => l.name), colors);
-  canvas.dataset.points = String(pts.length);
-  canvas.dataset.lines = String(lines.length);
-  canvas.dataset.xLabel = axes.x;
-  canvas.dataset.yLabel = axes.y;
-  canvas.dataset.yTicks = JSON.stringify(yTicks);
-  canvas.dataset.xTicks = JSON.stringify(xTicks);
-  canvas.setAttribute("aria-label", canvas.closest("figure").querySelector("figcaption")
-    .textContent + ". " + axes.y + " by " + axes.x);
 }
 
 function renderFleetView(view) {
