@@ -13,6 +13,7 @@ from typing import Any
 
 from p2pnode.discovery.tracker_api import (
     CLIENT_PATTERN,
+    KEY_CHAIN_PATTERN,
     OUTCOME_CODES,
     OUTCOME_KINDS,
     SIGNATURE_HEADER,
@@ -220,6 +221,14 @@ def _schemas() -> dict[str, Any]:
                     "maxLength": MAX_NOTES_BYTES,
                     "description": "the build's release notes (UTF-8, at most "
                     f"{MAX_NOTES_BYTES} bytes); empty when it has none",
+                },
+                "key_chain": {
+                    "type": "string",
+                    "pattern": KEY_CHAIN_PATTERN,
+                    "description": "feed answers, for an app whose signing key was rotated: "
+                    "the digest of its rotations document (GET /v1/apps/{app}/rotations); a "
+                    "node whose last document differs fetches it again. A long poll also "
+                    "answers early when it changes",
                 },
                 "rollout": {
                     "type": "object",

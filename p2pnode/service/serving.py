@@ -25,6 +25,7 @@ from ..disk.stage import Journal, LocalChunks
 from ..disk.state import StateDir
 from ..disk.switch import local_chunks
 from ..errors import P2PNodeError
+from ..node.rotations import InstallKeys
 from ..release import manifest as M
 
 if TYPE_CHECKING:
@@ -121,10 +122,14 @@ class ServedIndex:
             if fresh is not None:
                 installs[dest] = fresh
         self._installs = installs
-        for install in installs.values():
+        for dest, install in installs.items():
             for manifest, signed in install.offers:
                 if manifest.id not in node.manifests or (signed and manifest.id not in node.signed):
                     node.offer(manifest, signed)
+            if install.current is not None and install.current.app not in node.swarms.keys:
+                # pushes of its app are checked against its keys and learnt rotations
+                app = install.current.app
+                node.swarms.keys[app] = InstallKeys(StateDir(dest), app)
         parts = [i.local for i in installs.values()]
         if isinstance(node.local, Holdings):  # (jobs' live stages stay attached)
             node.local.parts = parts
