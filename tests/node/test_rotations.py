@@ -6,38 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from p2pnode.disk.state import InstallState, StateDir
+from p2pnode.disk.state import StateDir
 from p2pnode.node.rotations import KEYCHAIN_FILE, InstallKeys, held_rotations, learn_chain
-from p2pnode.release import keys, layout
-from p2pnode.release import rotation as R
-from tests.support.release import rotation
+from p2pnode.release import keys
+from tests.support.release import mirror_chain, pinned_install, rotation
 
 NOWHERE = "http://127.0.0.1:9"  # a tracker that does not answer: the mirror does
 
 
-def installed(tmp_path: Path, key: Ed25519PrivateKey) -> tuple[Path, Path]:
-    """An install of "game" pinned to ``key`` whose mirror is a folder; (dest, mirror)."""
-    dest, mirror = tmp_path / "game", tmp_path / "cdn"
-    (mirror / "game").mkdir(parents=True)
-    sd = StateDir(dest)
-    sd.create()
-    pinned = [keys.format_public_key(keys.public_key_bytes(key))]
-    sd.save(InstallState(app="game", trusted=pinned, mirrors=[f"{mirror}/"]))
-    return dest, mirror
-
-
-def publish_chain(mirror: Path, *rotations: R.SignedRotation) -> str:
-    doc = R.encode_list(list(rotations))
-    (mirror / layout.rotations_path("game")).write_bytes(doc)
-    return R.chain_digest(doc)
-
-
 async def test_a_named_chain_is_read_once_followed_from_the_pin_and_kept(tmp_path: Path) -> None:
     k0, k1, k2 = keys.generate_key(), keys.generate_key(), keys.generate_key()
-    dest, mirror = installed(tmp_path, k0)
-    chain = publish_chain(mirror, rotation(k0, k1, 100))
+    dest, mirror = pinned_install(tmp_path, k0)
+    chain = mirror_chain(mirror, rotation(k0, k1, 100))
     assert await learn_chain(dest, "game", chain, NOWHERE) == 1
     kept = json.loads((dest.parent / ".game.p2pnode" / KEYCHAIN_FILE).read_text())
     assert kept["key_chain"] == chain and len(kept["rotations"]) == 1
@@ -46,20 +26,20 @@ async def test_a_named_chain_is_read_once_followed_from_the_pin_and_kept(tmp_pat
     ring = InstallKeys(sd, "game").ring()  # what the swarm checks pushes against
     assert ring.until[keys.public_key_bytes(k0)] == 100 and keys.public_key_bytes(k1) in ring
 
-    longer = publish_chain(mirror, rotation(k0, k1, 100), rotation(k1, k2, 100))
+    longer = mirror_chain(mirror, rotation(k0, k1, 100), rotation(k1, k2, 100))
     assert await learn_chain(dest, "game", longer, NOWHERE) == 1
     assert len(held_rotations(sd, sd.load())) == 2
 
 
 async def test_a_forged_or_stale_chain_teaches_nothing_and_is_asked_again(tmp_path: Path) -> None:
     k0, k1 = keys.generate_key(), keys.generate_key()
-    dest, mirror = installed(tmp_path, k0)
-    forged = publish_chain(mirror, rotation(k0, k1, 100, signer=k1))
+    dest, mirror = pinned_install(tmp_path, k0)
+    forged = mirror_chain(mirror, rotation(k0, k1, 100, signer=k1))
     assert await learn_chain(dest, "game", forged, NOWHERE) == 0
     sd = StateDir(dest)
     assert held_rotations(sd, sd.load()) == []
     # the feed names a chain the mirror does not hold yet: nothing is recorded as read
-    publish_chain(mirror)
+    mirror_chain(mirror)
     assert await learn_chain(dest, "game", "0" * 32, NOWHERE) == 0
     kept = json.loads((sd.root / KEYCHAIN_FILE).read_text())
     assert kept["key_chain"] == forged  # (the forged document was read: nothing in it)

@@ -13,6 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pnode.cdn.fetcher import ChunkRequest
+from p2pnode.disk.state import InstallState, StateDir
 from p2pnode.release import canonical, keys, layout
 from p2pnode.release import manifest as M
 from p2pnode.release import rotation as R
@@ -168,3 +169,21 @@ def rotation(
     r = R.Rotation(app, keys.public_key_bytes(old), keys.public_key_bytes(new), until, 0)
     raw = canonical.encode(r.to_obj())
     return R.SignedRotation(r, raw, keys.sign(signer or old, R.ROTATION_DOMAIN, raw))
+
+
+def pinned_install(tmp_path: Path, key: Ed25519PrivateKey) -> tuple[Path, Path]:
+    """An install of "game" pinned to ``key`` whose mirror is a folder; (dest, mirror)."""
+    dest, mirror = tmp_path / "game", tmp_path / "cdn"
+    (mirror / "game").mkdir(parents=True)
+    sd = StateDir(dest)
+    sd.create()
+    pinned = [keys.format_public_key(keys.public_key_bytes(key))]
+    sd.save(InstallState(app="game", trusted=pinned, mirrors=[f"{mirror}/"]))
+    return dest, mirror
+
+
+def mirror_chain(mirror: Path, *rotations: R.SignedRotation) -> str:
+    """Put a rotations document of "game" on ``mirror``; its digest (the feed's key_chain)."""
+    doc = R.encode_list(list(rotations))
+    (mirror / layout.rotations_path("game")).write_bytes(doc)
+    return R.chain_digest(doc)
