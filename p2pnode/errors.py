@@ -11,6 +11,7 @@ pass a more specific one.
     │   └── NotCanonicalError    decodes, but is not byte-identical to its canonical encoding
     ├── IntegrityError           content or metadata that fails a trust check
     │   ├── SignatureError       bad signature, or signed by a key that is not trusted
+    │   │   └── UnknownKeyError  signed by a key not known yet (a rotation may name it)
     │   ├── ExpiredManifestError past its ``expires`` time (freeze attack)
     │   ├── DowngradeError       a build lower than the installed one (rollback attack), or
     │   │                        a second manifest for the installed build (equivocation)
@@ -101,6 +102,7 @@ __all__ = [
     "TrackerError",
     "TrackerRefusedError",
     "TransportError",
+    "UnknownKeyError",
     "UnsafePathError",
     "UsageError",
     "most_telling",
@@ -152,6 +154,15 @@ class IntegrityError(P2PNodeError):
 
 class SignatureError(IntegrityError):
     default_fix = "pass the publisher's key with --trust ed25519:<hex>, or fetch a genuine manifest"
+
+
+class UnknownKeyError(SignatureError):
+    """Signed by a key this node does not know yet: the swarm asks the node's sources for the
+    app's key rotations (node/rotations.py) once, then checks again."""
+
+    def __init__(self, message: str, *, app: str, key: bytes) -> None:
+        super().__init__(message)
+        self.app, self.key = app, key
 
 
 class ExpiredManifestError(IntegrityError):

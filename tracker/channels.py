@@ -11,6 +11,7 @@ and release notes (:class:`tracker.releaseinfo.ReleaseInfos`), history entries i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,7 +33,7 @@ from .backend import AppRow, Publication, RegistryStore
 from .config import TrackerConfig
 from .errors import APIError, BadRequest, Conflict, Forbidden, NotFound
 from .feed import Feed
-from .keyrotation import app_keys
+from .keyrotation import KeyChains, app_keys
 from .metrics import TrackerMetrics
 from .operations import PERCENT_RANGE, Operations
 from .releaseinfo import ReleaseInfos
@@ -73,6 +74,8 @@ class ChannelRoutes:
     ) -> None:
         self.config, self.registry, self.registry_call = config, registry, registry_call
         self.feed, self.metrics, self.infos, self.ops = feed, metrics, infos, operations
+        #: each app's key rotation chain, named on feed answers (``key_chain``)
+        self.chains = KeyChains(registry, registry_call)
         #: called after each publish: the load forecast's summary for the answer (tracker.app
         #: sets it to ``LoadRoutes.published``), or None
         self.forecaster: Callable[..., Awaitable[dict[str, Any] | None]] | None = None
@@ -263,11 +266,12 @@ class ChannelRoutes:
         return await self.ops.rollout_route(request, row.name, channel)
 
     async def _answer(
-        self, head: ChannelHead, node: bytes | None, have: bytes | None
+        self, row: AppRow, head: ChannelHead, node: bytes | None, have: bytes | None
     ) -> dict[str, Any]:
         """The feed's answer: the build this node is offered (a staged rollout may keep it on
-        the previous one), with its update type and notes."""
+        the previous one), with its update type and notes, and the app's key chain."""
         mine, rollout = await self.ops.personal(head, node, have)
+        mine = dataclasses.replace(mine, key_chain=await self.chains.digest(row))
         out = (await self.infos.head(mine)).to_json()
         if rollout is not None:
             out["rollout"] = rollout
@@ -297,16 +301,19 @@ class ChannelRoutes:
         wait = query_float(request, "wait", 0.0, MAX_WAIT)
         head = await self.registry_call(self.registry.head, row.name, channel)
         if since is not None and wait > 0:
+            chain = await self.chains.digest(row)
             with trio.move_on_after(wait):
                 while head is None or head.seq <= since:
                     await self.feed.wait()
                     head = await self.registry_call(self.registry.head, row.name, channel)
+                    if head is not None and await self.chains.digest(row) != chain:
+                        break  # a key rotation: the node hears of it now, not at the next build
         if head is None:
             raise NotFound(
                 f"nothing is published to channel {channel} of {row.name} yet",
                 fix="publish a build first (or wait with ?since=0&wait=S)",
             )
-        return JSONResponse(await self._answer(head, node, have))
+        return JSONResponse(await self._answer(row, head, node, have))
 
     async def events(self, request: Request) -> Response:
         row, channel = self.channel(request)
@@ -320,7 +327,7 @@ class ChannelRoutes:
                 head = await self.registry_call(self.registry.head, row.name, channel)
                 if head is not None and head.seq > last:
                     last = head.seq
-                    data = json.dumps(await self._answer(head, node, have))
+                    data = json.dumps(await self._answer(row, head, node, have))
                     yield f"id: {head.seq}\nevent: release\ndata: {data}\n\n".encode()
                 with trio.move_on_after(15):
                     await self.feed.wait()

@@ -7,10 +7,17 @@ The statement is signed by the old key on the publisher's machine (``tracker app
 the tracker only checks and keeps it, so the tracker never holds a key that signs anything. One
 rotation per old key: a second one by the same key is 409, so a stolen retired key cannot
 re-route the app.
+
+The feed names each app's chain (``key_chain`` on every feed answer: the digest of its
+rotations document), so nodes learn of a rotation on their normal polls even when they never
+meet a build signed by the new key. :class:`KeyChains` caches the digest per app: a feed answer
+costs no registry read while warm; a rotation here clears it at once, one kept through another
+replica is seen within :data:`CHAIN_TTL`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -24,15 +31,26 @@ from p2pnode.release import rotation as R
 from .auth import require_publisher
 from .backend import AppRow, RegistryStore
 from .errors import BadRequest, Conflict, Forbidden
+from .lru import LRU
 from .web import read_body
 
 if TYPE_CHECKING:
     from .channels import ChannelRoutes
 
-__all__ = ["ROTATIONS_MEDIA", "ROTATION_MEDIA", "RotationRoutes", "app_keys"]
+__all__ = [
+    "CHAIN_TTL",
+    "ROTATIONS_MEDIA",
+    "ROTATION_MEDIA",
+    "KeyChains",
+    "RotationRoutes",
+    "app_keys",
+]
 
 ROTATION_MEDIA = "application/x-p2pnode-rotation"
 ROTATIONS_MEDIA = "application/x-p2pnode-rotations"
+#: How long a cached chain digest is used before the registry is read again (seconds): how late
+#: a rotation kept through another replica may reach this one's feed answers.
+CHAIN_TTL = 5.0
 
 
 async def app_keys(
@@ -42,6 +60,38 @@ async def app_keys(
     rotations make from it."""
     kept = await registry_call(registry.rotations, row.name)
     return R.follow({row.key}, row.name, [R.parse_rotation(r) for r in kept])
+
+
+class KeyChains:
+    """App -> the digest of its rotations document (``None``: it has none), for the feed.
+
+    Args:
+        registry, registry_call: where the rotations are kept.
+        max_apps: apps remembered (one digest each).
+    """
+
+    def __init__(
+        self,
+        registry: RegistryStore,
+        registry_call: Callable[..., Awaitable[Any]],
+        max_apps: int = 4096,
+    ) -> None:
+        self.registry, self.registry_call = registry, registry_call
+        self._cache = LRU(max_apps)
+
+    async def digest(self, row: AppRow) -> str | None:
+        cached: tuple[float, str | None] | None = self._cache.get(row.name)
+        now = time.monotonic()
+        if cached is not None and now < cached[0]:
+            return cached[1]
+        ring = await app_keys(self.registry, self.registry_call, row)
+        digest = R.chain_digest(R.encode_list(ring.learned)) if ring.learned else None
+        self._cache.put(row.name, (now + CHAIN_TTL, digest))
+        return digest
+
+    def forget(self, app: str) -> None:
+        """The app's chain grew here: the next answer reads it again."""
+        self._cache.put(app, (0.0, None))
 
 
 class RotationRoutes:
@@ -77,6 +127,8 @@ class RotationRoutes:
         now = ch.config.clock()
         if not await ch.registry_call(ch.registry.add_rotation, row.name, r.old, body, now):
             raise Conflict(f"{keys.format_public_key(r.old)} was rotated already")
+        ch.chains.forget(row.name)
+        ch.feed.notify()  # long polls answer again, now naming the longer chain
         await ch.ops.record(
             request,
             "key-rotated",

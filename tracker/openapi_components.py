@@ -6,7 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from p2pnode.discovery.tracker_api import CLIENT_PATTERN, OUTCOME_CODES, OUTCOME_KINDS
+from p2pnode.discovery.tracker_api import (
+    CLIENT_PATTERN,
+    KEY_CHAIN_PATTERN,
+    OUTCOME_CODES,
+    OUTCOME_KINDS,
+)
 from p2pnode.release.metadata import MAX_NOTES_BYTES, UpdateType
 
 from . import core
@@ -70,6 +75,14 @@ def _schemas() -> dict[str, Any]:
                     "maxLength": MAX_NOTES_BYTES,
                     "description": "the build's release notes (UTF-8, at most "
                     f"{MAX_NOTES_BYTES} bytes); empty when it has none",
+                },
+                "key_chain": {
+                    "type": "string",
+                    "pattern": KEY_CHAIN_PATTERN,
+                    "description": "feed answers, for an app whose signing key was rotated: "
+                    "the digest of its rotations document (GET /v1/apps/{app}/rotations); a "
+                    "node whose last document differs fetches it again. A long poll also "
+                    "answers early when it changes",
                 },
                 "rollout": {
                     "type": "object",

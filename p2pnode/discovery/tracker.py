@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -308,13 +308,17 @@ class TrackerClient:
         node: bytes | None = None,
         have: bytes | None = None,
         wait: float = LONG_POLL_S,
+        on_head: Callable[[ChannelHead], Awaitable[None]] | None = None,
     ) -> ChannelHead:
         """Long-poll until the channel's head has a seq above ``since``; returns it (for
         ``node``: see :meth:`latest`). Unbounded: wrap it in ``trio.move_on_after``/
         ``fail_after``. ``wait``: how long each poll asks the tracker to hold it (a daemon
-        following many channels asks for longer)."""
+        following many channels asks for longer). ``on_head``: shown every answer, the
+        unchanged ones too (what a head says besides its build: ``key_chain``)."""
         while True:
             head = await self.latest(app, channel, since=since, wait=wait, node=node, have=have)
+            if head is not None and on_head is not None:
+                await on_head(head)
             if head is not None and head.seq > since:
                 return head
             if head is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ __all__ = [
     "ANNOUNCE_DOMAIN",
     "CLIENT_FIELD",
     "CLIENT_PATTERN",
+    "KEY_CHAIN_PATTERN",
     "OUTCOME_CODES",
     "OUTCOME_DOMAIN",
     "OUTCOME_KINDS",
@@ -81,6 +83,8 @@ OUTCOME_SPLIT_FIELDS = ("bytes_patches_cdn", "bytes_patches_peers")
 CLIENT_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z.+!_-]{0,31}$"
 #: Header carrying an announce session token (the tracker's ``AnnounceSessions``).
 SESSION_HEADER = "X-P2PNode-Session"
+#: A head's ``key_chain``: ``rotation.chain_digest`` of the app's rotations document.
+KEY_CHAIN_PATTERN = r"^[0-9a-f]{32}$"
 
 
 def sign_body(key: Ed25519PrivateKey, domain: bytes, fields: dict[str, Any]) -> tuple[bytes, str]:
@@ -112,6 +116,12 @@ class ChannelHead:
     #: manifest, once verified, is what counts.
     update_type: UpdateType | None = None
     notes: str = ""
+    #: The app's publisher key rotations, named by the digest of its rotations document
+    #: (``release.rotation.chain_digest``); ``None``: it has none (or an older tracker, or not
+    #: a feed answer). A node whose last document differs fetches the chain and follows it from
+    #: its pinned keys (node/rotations.py): how a node that never meets a new key's build
+    #: still learns its old key retired.
+    key_chain: str | None = None
 
     @property
     def critical(self) -> bool:
@@ -130,7 +140,7 @@ class ChannelHead:
             "manifest_url": f"/v1/manifests/{self.manifest_id.hex()}",
             "update_type": self.update_type,
             "notes": self.notes,
-        }
+        } | ({} if self.key_chain is None else {"key_chain": self.key_chain})
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ChannelHead:
@@ -144,7 +154,13 @@ class ChannelHead:
             updated=float(d.get("updated", 0.0)),
             update_type=_update_type(d.get("update_type")),
             notes=d["notes"][:MAX_NOTES_BYTES] if isinstance(d.get("notes"), str) else "",
+            key_chain=_key_chain(d.get("key_chain")),
         )
+
+
+def _key_chain(value: Any) -> str | None:
+    """A head's chain digest; anything else (none, a malformed one) names no chain."""
+    return value if isinstance(value, str) and re.fullmatch(KEY_CHAIN_PATTERN, value) else None
 
 
 def _update_type(value: Any) -> UpdateType | None:

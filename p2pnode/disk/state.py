@@ -6,6 +6,7 @@ the published files and the user's own, see userfiles.py). If ``PARENT/NAME`` is
 ``PARENT/NAME`` here is its target (linkeddest.py)::
 
     state.json          current manifest id, kept versions, pinned keys, mirrors, pending step
+    keychain.json       publisher key rotations learnt from the feed's polls (node/rotations.py)
     lock                flock'd while a process works on this install
     manifests/<id>.p2pm signed manifests of the current and kept versions
     store/<hh>/<id>     chunks of kept versions that the current version does not have

@@ -139,7 +139,7 @@ async def _install_verb(args: argparse.Namespace, options: InstallOptions) -> In
         node, have = await trio.to_thread.run_sync(
             node_and_build, options.identity_dir, Path(args.dest)
         )
-        location, data = await channel_manifest(
+        location, data, options.key_chain = await channel_manifest(
             args.tracker, args.manifest, args.channel, node=node, have=have
         )
     run = (location, Path(args.dest), trusted(args.trust), options, _progress(args))

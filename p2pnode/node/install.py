@@ -61,7 +61,7 @@ from .options import InstallOptions, SourcePolicy
 from .patching import patch_phase
 from .peers import Swarm, open_swarm
 from .result import InstallResult
-from .rotations import key_ring
+from .rotations import InstallKeys, chain_read, held_rotations, install_sources, key_ring
 from .sources import fetch_missing
 
 __all__ = [
@@ -132,8 +132,13 @@ async def _install(
     data = manifest_data if manifest_data is not None else await read_manifest(location)
     signed = M.parse_signed(data, source=location)
     before = sd.load() if sd.exists else None
-    pinned, kept = (before.trusted, before.rotations) if before else ((), [])
-    ring = await key_ring(signed, trusted_keys(trusted, pinned), kept, location, options.tracker)
+    pinned = before.trusted if before else ()
+    held = held_rotations(sd, before) if before else []
+    m = signed.manifest
+    sources = install_sources(location, options.tracker, m.app)
+    trust = trusted_keys(trusted, pinned)
+    fresh = options.key_chain is not None and options.key_chain != chain_read(sd)
+    ring = await key_ring(m.app, m.key, trust, held, sources, fetch=fresh)
     manifest = ring.verify(signed, now=options.now)
     check_compatible(manifest)  # a build this node cannot run: say so before fetching any of it
     refuse_foreign_directory(sd)
@@ -163,7 +168,8 @@ async def _install(
         mirrors = resolve_mirrors(options.mirrors, origin, manifest, state.mirrors)
         state.mirrors = mirrors[:8]  # for repair and rollback when chunks must be refetched
         history = [state.current] if state.current and not reinstall else []
-        async with open_swarm(sd, state, manifest, options, signed=signed) as swarm:
+        app_keys = InstallKeys(sd, manifest.app, trust, options.tracker)
+        async with open_swarm(sd, state, manifest, options, signed=signed, keys=app_keys) as swarm:
             result = await _apply(
                 sd,
                 state,

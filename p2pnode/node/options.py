@@ -45,6 +45,10 @@ class InstallOptions:
     lan: bool = False  # find (and, serving, be found by) peers on the LAN by multicast
     lan_port: int | None = None  # the LAN discovery group's port (None: the default)
     tracker: str | None = None  # tracker URL: announce there (port 0 unless serving), take peers
+    # The app's key chain as the tracker's feed named it (ChannelHead.key_chain): when it is
+    # not the one the install read last, its rotations are fetched even for a known key, so
+    # a retired key's build is refused after its date (node/rotations.py).
+    key_chain: str | None = None
     discovery_wait: float = 5.0  # wait at most this long for discovery's first answer
     discovery_requery: float = 30.0  # ask discovery for more peers this often while fetching
     # The client service's hooks (None for the standalone verbs): one upload cap shared by

@@ -34,6 +34,7 @@ from .result import InstallResult
 
 if TYPE_CHECKING:
     from ..swarm.node import SwarmNode
+    from ..swarm.offers import AppKeys
 
 __all__ = ["Swarm", "open_swarm"]
 
@@ -67,11 +68,13 @@ async def open_swarm(
     options: InstallOptions,
     *,
     signed: M.SignedManifest | None = None,
+    keys: AppKeys | None = None,
 ) -> AsyncIterator[Swarm | None]:
     """Our swarm node for this install (None without peers, --listen, a shared node or
     discovery): it serves, on ``options.listen`` (or where the shared ``options.node``
     listens), this build's swarm and those of every kept build of the app, and discovery keeps
-    feeding it peers while it fetches."""
+    feeding it peers while it fetches. ``keys``: the app's keys, which manifests peers push
+    are checked against (node/rotations.py's ``InstallKeys``)."""
     discovery = options.discovery()
     if options.peers or options.policy is SourcePolicy.CDN_ONLY:
         # Peers in hand answer first: start with them, discovery's join later. Or nothing is
@@ -93,6 +96,8 @@ async def open_swarm(
         local = node.local
     else:
         node, local = shared, local_chunks(sd, state)
+    if keys is not None:
+        node.swarms.keys[manifest.app] = keys
     with _attached(node, local):  # (before the offers: a join is answered with the stage)
         for offered, data in offers:
             if offered.id not in node.manifests or (data and offered.id not in node.signed):

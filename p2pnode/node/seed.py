@@ -22,6 +22,7 @@ from ..disk.state import StateDir
 from ..disk.switch import local_chunks
 from ..errors import NotInstalledError
 from ..ratelimit import RateLimiter
+from .rotations import InstallKeys
 
 if TYPE_CHECKING:
     from ..swarm.node import SwarmNode
@@ -71,6 +72,10 @@ async def seed(
         spare=spare,
     )
 
+    if discovery is None:
+        discovery = DiscoveryOptions(dht_port=dht_port, dht_bootstrap=dht_bootstrap)
+    tracker = discovery.tracker
+
     def refresh() -> str | None:
         """Rebuild the index; returns the installed build's manifest id (hex)."""
         state = sd.load()
@@ -78,12 +83,12 @@ async def seed(
         for mid in [state.current, *state.history]:
             if mid:
                 node.offer(sd.load_manifest(mid))
+        if state.app and state.app not in node.swarms.keys:  # pushes: the app's known keys
+            node.swarms.keys[state.app] = InstallKeys(sd, state.app, tracker=tracker)
         return state.current
 
     current = await trio.to_thread.run_sync(refresh)
     host, port = parse_peer(listen, listen=True)
-    if discovery is None:
-        discovery = DiscoveryOptions(dht_port=dht_port, dht_bootstrap=dht_bootstrap)
     discovery.identity_dir = discovery.identity_dir or identity_dir
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(node.serve, host, port)

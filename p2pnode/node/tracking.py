@@ -164,10 +164,11 @@ async def channel_manifest(
     *,
     node: bytes | None = None,
     have: bytes | None = None,
-) -> tuple[str, bytes]:
+) -> tuple[str, bytes, str | None]:
     """The channel's signed manifest for this node, via the tracker (verified by the caller),
-    and where it came from. ``node``/``have`` (``node_and_build``) get the build a staged
-    rollout offers this node; without them a tracker offers the rollout's previous build."""
+    where it came from, and the app's key chain the feed named (``InstallOptions.key_chain``).
+    ``node``/``have`` (``node_and_build``) get the build a staged rollout offers this node;
+    without them a tracker offers the rollout's previous build."""
     async with TrackerClient(url) as tracker:
         head = await tracker.latest(app, channel, node=node, have=have)
         if head is None:
@@ -176,7 +177,7 @@ async def channel_manifest(
                 fix="publish a build first (p2pnode publish ... --tracker URL)",
             )
         data = await tracker.fetch_manifest(head.manifest_id)
-    return f"{url} ({app}/{channel})", data
+    return f"{url} ({app}/{channel})", data, head.key_chain
 
 
 async def reporter(

@@ -166,7 +166,12 @@ class _Follower:
         while True:
             try:
                 head = await self.tracker.wait_for_release(
-                    self.opts.app, self.opts.channel, since=since, node=self.node_id, have=self.have
+                    self.opts.app,
+                    self.opts.channel,
+                    since=since,
+                    node=self.node_id,
+                    have=self.have,
+                    on_head=self._key_chain,
                 )
             except TrackerError as exc:
                 if not warned:
@@ -181,6 +186,23 @@ class _Follower:
             kind = {"update_type": head.update_type, "critical": head.critical}
             self.emit({"event": "release", **release, **kind})
             return head
+
+    async def _key_chain(self, head: ChannelHead) -> None:
+        """Every feed answer names the app's key chain: learn a changed one (rotations.py),
+        so an old key's builds are refused after their date without a new key's build."""
+        if head.key_chain is None:
+            return
+        from .rotations import learn_chain
+
+        try:
+            new = await learn_chain(
+                self.opts.dest, self.opts.app, head.key_chain, self.opts.tracker, self.opts.trusted
+            )
+        except (P2PNodeError, OSError) as exc:
+            self.emit({"event": "warning", "error": f"could not learn a key rotation: {exc}"})
+            return
+        if new:
+            self.emit({"event": "key-rotation", "app": self.opts.app, "learnt": new})
 
     async def _who_and_what(self) -> None:
         """This node's id (made on first use) and the build installed in ``dest``, if any: the
@@ -197,6 +219,7 @@ class _Follower:
         except P2PNodeError as exc:
             return exc
         location = f"{self.opts.tracker} ({self.opts.app}/{self.opts.channel})"
+        self.options.key_chain = head.key_chain  # (learnt on the poll too: _key_chain)
         return await self._install(location, data)
 
     async def _install(self, location: str, data: bytes) -> InstallResult | P2PNodeError:

@@ -12,13 +12,16 @@ must be signed by a key the chain already trusts, for the same app.
 One rotation per old key: a second, different statement by the same key (a stolen old key
 naming the thief's key) loses to the first one known. The tracker keeps the first it was given,
 a node the ones it learnt (state.json), and :func:`follow` takes statements in the order given,
-so callers pass what they already hold first. A node that never learnt of a rotation still
-takes the old key's builds after its date: docs/operations.md ("Rotating an app's signing
-key") says why that is the tracker's to refuse, and what an operator does when a key leaks.
+so callers pass what they already hold first.
 
 Encoding, as manifests: canonical bencode ``{"rotation": <canonical bytes>, "signature": <64
 bytes>}``, signed under its own domain, so no manifest signature can pass for a rotation.
 A rotations document (the tracker's answer, the CDN file) is a bencoded list of them.
+
+Nodes learn of a rotation on their normal polls: the tracker's feed names the app's chain by
+:func:`chain_digest` of its rotations document (``key_chain``), and a node whose last
+document differs fetches it again (node/rotations.py). The digest only says *when* to look:
+what is followed is still only what the pinned keys sign.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import blake3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..errors import ManifestError, SignatureError
@@ -41,6 +45,7 @@ __all__ = [
     "KeyRing",
     "Rotation",
     "SignedRotation",
+    "chain_digest",
     "encode_list",
     "follow",
     "parse_list",
@@ -131,6 +136,12 @@ def parse_rotation(data: bytes, *, source: str = "key rotation") -> SignedRotati
 
 def encode_list(rotations: Sequence[SignedRotation]) -> bytes:
     return canonical.encode([r.encode() for r in rotations[:MAX_ROTATIONS]])
+
+
+def chain_digest(document: bytes) -> str:
+    """The name of a rotations document (:func:`encode_list`'s bytes) on the tracker's feed:
+    32 hex digits of its blake3, so a node can tell a chain it holds from a longer one."""
+    return blake3.blake3(document).hexdigest()[:32]
 
 
 def parse_list(data: bytes, *, source: str = "key rotations") -> list[SignedRotation]:

@@ -342,8 +342,9 @@ class Daemon:
             return  # (not listening: nothing is served)
         entries = list(self.service.library.entries)
         dests = [Path(e.dest) for e in entries]
+        trackers = {Path(e.dest): e.tracker for e in entries if e.tracker is not None}
         async with self._refreshing:
-            current = await trio.to_thread.run_sync(self.index.refresh, self.node, dests)
+            current = await trio.to_thread.run_sync(self.index.refresh, self.node, dests, trackers)
         await self._announce()
         if self.listings is not None:
             wanted: dict[str, list[M.Manifest]] = {}

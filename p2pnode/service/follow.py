@@ -16,6 +16,7 @@ taking a slot from a running normal job if it must, inside or outside update win
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ import trio
 from ..discovery.tracker import ChannelHead, TrackerClient, TrackerError
 from ..disk.state import StateDir
 from ..errors import JobStateError, P2PNodeError
+from ..node.rotations import learn_chain
+from ..release import keys
 from ..release import manifest as M
 from .control import Service
 from .job import JobKind
@@ -98,7 +101,13 @@ async def _next(
     while True:
         try:
             return await tracker.wait_for_release(
-                entry.source, entry.channel, since=since, wait=POLL_WAIT, node=node, have=have
+                entry.source,
+                entry.channel,
+                since=since,
+                wait=POLL_WAIT,
+                node=node,
+                have=have,
+                on_head=partial(_key_chain, entry, emit),
             )
         except TrackerError as exc:
             if not warned:
@@ -106,6 +115,25 @@ async def _next(
                 warned = True
             await trio.sleep(backoff)
             backoff = min(2 * backoff, RETRY_MAX)
+
+
+async def _key_chain(
+    entry: Entry, emit: Callable[[dict[str, Any]], None], head: ChannelHead
+) -> None:
+    """The feed names the app's key chain: learn a changed one for the entry's install
+    (node/rotations.py), so its old key's builds are refused after their date."""
+    if head.key_chain is None or entry.tracker is None:
+        return
+    try:
+        trusted = [keys.parse_public_key(k) for k in entry.trust]
+        new = await learn_chain(
+            Path(entry.dest), entry.source, head.key_chain, entry.tracker, trusted
+        )
+    except (P2PNodeError, OSError) as exc:
+        emit({"event": "warning", "entry": entry.id, "error": f"key rotation: {exc}"})
+        return
+    if new:
+        emit({"event": "key-rotation", "entry": entry.id, "learnt": new})
 
 
 async def _offer(

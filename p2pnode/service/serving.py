@@ -25,6 +25,7 @@ from ..disk.stage import Journal, LocalChunks
 from ..disk.state import StateDir
 from ..disk.switch import local_chunks
 from ..errors import P2PNodeError
+from ..node.rotations import InstallKeys
 from ..release import manifest as M
 
 if TYPE_CHECKING:
@@ -107,10 +108,14 @@ class ServedIndex:
     def __init__(self) -> None:
         self._installs: dict[Path, Install] = {}
 
-    def refresh(self, node: SwarmNode, dests: Iterable[Path]) -> dict[Path, M.Manifest]:
+    def refresh(
+        self, node: SwarmNode, dests: Iterable[Path], trackers: dict[Path, str] | None = None
+    ) -> dict[Path, M.Manifest]:
         """Rebuild ``node``'s index from ``dests``; returns the build installed at each (for
-        the trackers' listings). Blocking: call from a thread (the node is only assigned new
-        objects, which the trio thread reads whole)."""
+        the trackers' listings). ``trackers``: each install's tracker, where the key rotations
+        of its app are asked for when a peer pushes a build of a key the node does not know.
+        Blocking: call from a thread (the node is only assigned new objects, which the trio
+        thread reads whole)."""
         installs: dict[Path, Install] = {}
         for dest in dests:
             known = self._installs.get(dest)
@@ -121,10 +126,15 @@ class ServedIndex:
             if fresh is not None:
                 installs[dest] = fresh
         self._installs = installs
-        for install in installs.values():
+        for dest, install in installs.items():
             for manifest, signed in install.offers:
                 if manifest.id not in node.manifests or (signed and manifest.id not in node.signed):
                     node.offer(manifest, signed)
+            if install.current is not None and install.current.app not in node.swarms.keys:
+                # pushes of its app are checked against its keys and learnt rotations
+                app = install.current.app
+                tracker = (trackers or {}).get(dest)
+                node.swarms.keys[app] = InstallKeys(StateDir(dest), app, tracker=tracker)
         parts = [i.local for i in installs.values()]
         if isinstance(node.local, Holdings):  # (jobs' live stages stay attached)
             node.local.parts = parts

@@ -205,7 +205,7 @@ async def _run(
         return None
     from ..node.install import install
 
-    location, data = await _manifest(ctx, entry, target)
+    location, data, options.key_chain = await _manifest(ctx, entry, target)
     trusted = [keys.parse_public_key(k) for k in entry.trust]
     held: list[int] = []
 
@@ -248,13 +248,13 @@ def _options(
 
 async def _manifest(
     ctx: WorkerContext, entry: Entry, target: str | None
-) -> tuple[str, bytes | None]:
+) -> tuple[str, bytes | None, str | None]:
     """Where the build comes from: the job's target manifest through the entry's tracker, the
     channel's head when the job names none, or (no tracker) the target's manifest URL, else the
-    entry's."""
+    entry's; and the app's key chain, when the feed named it (``InstallOptions.key_chain``)."""
     if entry.tracker is None:  # an update may name the new build's manifest URL
         url = target if target and target.startswith(("http://", "https://")) else entry.source
-        return url, None
+        return url, None, None
     from ..discovery.tracker import TrackerClient
     from ..node.tracking import channel_manifest, node_and_build
 
@@ -267,7 +267,8 @@ async def _manifest(
         )
     async with TrackerClient(entry.tracker) as tracker:
         data = await tracker.fetch_manifest(bytes.fromhex(target))
-    return f"{entry.tracker} ({entry.source}/{entry.channel})", data
+    # (a followed update: the follower learnt the feed's chain already, node/rotations.py)
+    return f"{entry.tracker} ({entry.source}/{entry.channel})", data, None
 
 
 async def _hold_launch_lock(dest: Path) -> int:

@@ -21,13 +21,16 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..errors import P2PNodeError
+from ..errors import P2PNodeError, UnknownKeyError
 from ..identity import peer_node_id
 from ..ratelimit import RateLimiter
 from . import wire as W
 from .links import CONNECTION_ENDED, Link, accept
 from .peer import PeerSession, SessionState
 from .shell import Shell
+
+#: Longest a pushed manifest waits for its app's key rotations to be fetched (seconds).
+LEARN_TIMEOUT = 15.0
 
 __all__ = ["Serving"]
 
@@ -170,12 +173,31 @@ class Serving(Shell):
             return True
         async with self._verifying:
             try:
-                manifest = await trio.to_thread.run_sync(self.swarms.verify_push, push)
+                try:
+                    manifest = await trio.to_thread.run_sync(self.swarms.verify_push, push)
+                except UnknownKeyError as exc:
+                    if not await self._learn_keys(exc.app, exc.key):
+                        raise
+                    manifest = await trio.to_thread.run_sync(self.swarms.verify_push, push)
             except P2PNodeError as exc:
                 log.info("refused a pushed manifest: %s", exc)
                 return False
         self.swarms.take_pushed(manifest)
         return True
+
+    async def _learn_keys(self, app: str, key: bytes) -> bool:
+        """A push signed by a key this node does not know: ask for the app's key rotations
+        (from where the node learns them: its tracker, its mirrors), within LEARN_TIMEOUT and
+        at most once a minute per app; whether ``key`` is the app's now."""
+        known = self.swarms.may_learn(app, trio.current_time())
+        if known is None:
+            return False
+        with trio.move_on_after(LEARN_TIMEOUT):
+            try:
+                return key in await known.learn(key)
+            except (P2PNodeError, OSError) as exc:
+                log.info("could not learn the key rotations of %s: %s", app, exc)
+        return False
 
     def _bitfield(self, mid: bytes) -> W.Bitfield:
         return self.swarms.bitfield(mid, self.local.availability)

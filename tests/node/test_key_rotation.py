@@ -15,9 +15,11 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pnode.demo.cdn import LocalCDN
-from p2pnode.errors import SignatureError
+from p2pnode.errors import CDNError, SignatureError
 from p2pnode.node.install import install
 from p2pnode.node.options import InstallOptions
+from p2pnode.node.tracking import channel_manifest
+from p2pnode.node.watch import WatchOptions, watch
 from p2pnode.release import canonical, keys, layout
 from p2pnode.release import manifest as M
 from p2pnode.release import rotation as R
@@ -25,9 +27,12 @@ from tests.support.e2e import ADMIN, cli, registered_app
 from tests.support.release import small_manifest, tree
 
 
-def rotate_key(app: str, old: Path, new: str, until: int, url: str, out: Path) -> dict[str, str]:
+def rotate_key(
+    app: str, old: Path, new: str, until: int, url: str, out: Path | None
+) -> dict[str, str]:
     args = ["app", "rotate-key", app, "--old-key", str(old), "--new-key", new]
-    args += ["--old-until", str(until), "--url", url, "--token", ADMIN, "--out", str(out)]
+    args += ["--old-until", str(until), "--url", url, "--token", ADMIN]
+    args += ["--out", str(out)] if out is not None else []
     proc = subprocess.run(
         [sys.executable, "-m", "tracker", *args, "--json"],
         capture_output=True,
@@ -107,3 +112,77 @@ async def test_a_forged_rotation_beside_a_release_is_not_followed(tmp_path: Path
     (tmp_path / layout.rotations_path("game")).write_bytes(R.encode_list([fake, real]))
     with pytest.raises(SignatureError, match="not a trusted key"):
         await install(str(path), tmp_path / "dest", [keys.public_key_bytes(k0)])
+
+
+def test_a_watcher_that_never_sees_a_new_key_build_learns_its_old_key_retired(
+    tmp_path: Path, tracker_url: str
+) -> None:
+    """The gap a rotation for a leaked key must close: a node on the old key's build, told of
+    no new-key build, hears of the rotation on its feed poll (real tracker and nginx), keeps it
+    in keychain.json, and from then on refuses the old key's builds after ``old_until``."""
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    new_key = tmp_path / "k1.pem"
+    new_pub = str(cli("keygen", str(new_key))["key"])
+    dest = tmp_path / "game"
+    until = int(time.time()) + 3600
+    events: list[dict[str, object]] = []
+    with LocalCDN(cdn_root) as cdn:
+        common = ["--app", "game", "--out", str(cdn_root), "--tracker", tracker_url]
+        common += ["--token", ADMIN, "--mirror", cdn.url]
+        cli("publish", str(src), "--version", "1", "--build", "1", "--key", str(key), *common)
+
+        async def main() -> None:
+            opts = WatchOptions(
+                "game", "stable", tracker_url, dest, [keys.parse_public_key(pub)],
+                InstallOptions(tracker=tracker_url, identity_dir=tmp_path / "id"),
+            )  # fmt: skip
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch, opts, events.append)
+                with trio.fail_after(60):
+                    while not any(e["event"] == "installed" for e in events):
+                        await trio.sleep(0.05)
+                    # (no --out: the node hears it from its tracker alone)
+                    args = ("game", key, new_pub, until, tracker_url, None)
+                    await trio.to_thread.run_sync(rotate_key, *args)
+                    while not any(e["event"] == "key-rotation" for e in events):
+                        await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+    assert [e["learnt"] for e in events if e["event"] == "key-rotation"] == [1]
+    assert (
+        len(json.loads((tmp_path / ".game.p2pnode" / "keychain.json").read_text())["rotations"])
+        == 1
+    )
+    old = keys.load_private_key(key)
+    with pytest.raises(CDNError):  # before the date: trusted (it fails later, with no chunks)
+        trio.run(install, str(write_build(tmp_path / "o3", old, 3)), dest, [],
+                 InstallOptions(now=until - 60))  # fmt: skip
+    with pytest.raises(SignatureError, match="retired"):
+        trio.run(install, str(write_build(tmp_path / "o4", old, 4)), dest, [],
+                 InstallOptions(now=until + 1))  # fmt: skip
+
+
+def test_an_install_through_the_tracker_refuses_a_retired_keys_head(
+    tmp_path: Path, tracker_url: str
+) -> None:
+    """The channel still points at an old-key build after the rotation's date: a fresh node
+    trusting only the old key, told the chain by the feed, refuses it (with no new-key build
+    anywhere and no rotations file on the CDN)."""
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    new_pub = str(cli("keygen", str(tmp_path / "k1.pem"))["key"])
+    common = ["--app", "game", "--out", str(cdn_root), "--tracker", tracker_url]
+    common += ["--token", ADMIN, "--mirror", "http://127.0.0.1:9/"]
+    cli("publish", str(src), "--version", "1", "--build", "1", "--key", str(key), *common)
+    until = int(time.time()) + 3600
+    rotate_key("game", key, new_pub, until, tracker_url, None)
+
+    async def main() -> None:
+        location, data, chain = await channel_manifest(tracker_url, "game", "stable")
+        assert chain is not None
+        options = InstallOptions(tracker=tracker_url, key_chain=chain, now=until + 1)
+        with pytest.raises(SignatureError, match="retired"):
+            await install(location, tmp_path / "fresh", [keys.parse_public_key(pub)], options,
+                          manifest_data=data)  # fmt: skip
+
+    trio.run(main)

@@ -10,9 +10,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from p2pnode.cdn.fetcher import ChunkRequest
-from p2pnode.release import keys, layout
+from p2pnode.disk.state import InstallState, StateDir
+from p2pnode.release import canonical, keys, layout
 from p2pnode.release import manifest as M
+from p2pnode.release import rotation as R
 from p2pnode.release.chunker import chunk_stream
 from p2pnode.release.manifest import Chunking, Manifest
 
@@ -150,3 +154,36 @@ def publish_pack_builds(root: Path, packs: list[bytes], **kw: object) -> list[Ma
         )
         out.append(r.manifest)
     return out
+
+
+def rotation(
+    old: Ed25519PrivateKey,
+    new: Ed25519PrivateKey,
+    until: int,
+    *,
+    app: str = "game",
+    signer: Ed25519PrivateKey | None = None,
+) -> R.SignedRotation:
+    """``old`` hands ``app`` over to ``new``, its builds refused from ``until``; signed by
+    ``signer`` instead of ``old`` for a forgery (the new key's word for the old)."""
+    r = R.Rotation(app, keys.public_key_bytes(old), keys.public_key_bytes(new), until, 0)
+    raw = canonical.encode(r.to_obj())
+    return R.SignedRotation(r, raw, keys.sign(signer or old, R.ROTATION_DOMAIN, raw))
+
+
+def pinned_install(tmp_path: Path, key: Ed25519PrivateKey) -> tuple[Path, Path]:
+    """An install of "game" pinned to ``key`` whose mirror is a folder; (dest, mirror)."""
+    dest, mirror = tmp_path / "game", tmp_path / "cdn"
+    (mirror / "game").mkdir(parents=True)
+    sd = StateDir(dest)
+    sd.create()
+    pinned = [keys.format_public_key(keys.public_key_bytes(key))]
+    sd.save(InstallState(app="game", trusted=pinned, mirrors=[f"{mirror}/"]))
+    return dest, mirror
+
+
+def mirror_chain(mirror: Path, *rotations: R.SignedRotation) -> str:
+    """Put a rotations document of "game" on ``mirror``; its digest (the feed's key_chain)."""
+    doc = R.encode_list(list(rotations))
+    (mirror / layout.rotations_path("game")).write_bytes(doc)
+    return R.chain_digest(doc)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from p2pnode.errors import ManifestError, SignatureError
+from p2pnode.errors import ManifestError, SignatureError, UnknownKeyError
 from p2pnode.release import keys
+from p2pnode.release import rotation as R
 from p2pnode.release.publish import publish
 from p2pnode.swarm import wire as W
-from p2pnode.swarm.offers import MAX_PUSHED, Offers
+from p2pnode.swarm.offers import LEARN_INTERVAL, MAX_PUSHED, Offers
+from tests.support.release import rotation
 
 KEY = keys.generate_key()
 
@@ -56,3 +59,66 @@ def test_pushed_manifests_are_bounded_oldest_forgotten(tmp_path: Path) -> None:
         offers.take_pushed(m)
     assert pushed[0].id not in offers.manifests and pushed[0].id not in offers.index
     assert all(m.id in offers.chunks for m in pushed[1:]) and mine.id in offers.manifests
+
+
+class Keys:
+    """An app's keys as a node holds them (swarm/offers.py's AppKeys): a ring, and what
+    learning would add (a chain fetched from the node's sources)."""
+
+    def __init__(self, pinned: bytes, held: list[R.SignedRotation], more: list[R.SignedRotation]):
+        self.pinned, self.held, self.more, self.asked = pinned, held, more, 0
+
+    def ring(self) -> R.KeyRing:
+        return R.follow({self.pinned}, "game", self.held)
+
+    async def learn(self, key: bytes) -> R.KeyRing:
+        self.asked += 1
+        self.held = [*self.held, *self.more]
+        return self.ring()
+
+
+def push(p: Any) -> W.ManifestPush:
+    return W.ManifestPush(p.manifest.id, p.signed.encode())
+
+
+def test_pushed_manifests_follow_the_apps_rotation_chain(tmp_path: Path) -> None:
+    """After a rotation: the new key's build is taken, the retired key's refused after its
+    date; a key no chain names is unknown (the shell may learn, then check again)."""
+    new, other = keys.generate_key(), keys.generate_key()
+    until = int(time.time()) + 3600  # (the builds expire in a year)
+    offers = Offers()
+    offers.offer(release(tmp_path, "1").manifest)
+    offers.keys["game"] = Keys(keys.public_key_bytes(KEY), [rotation(KEY, new, until)], [])
+    by_new, by_old = release(tmp_path, "n", key=new), release(tmp_path, "o")
+    assert offers.verify_push(push(by_new), now=until + 1).id == by_new.manifest.id
+    assert offers.verify_push(push(by_old), now=until - 1).id == by_old.manifest.id
+    with pytest.raises(SignatureError, match="retired"):
+        offers.verify_push(push(by_old), now=until + 1)
+    with pytest.raises(UnknownKeyError) as unknown:
+        offers.verify_push(push(release(tmp_path, "x", key=other)))
+    assert unknown.value.app == "game" and unknown.value.key == keys.public_key_bytes(other)
+
+
+def test_a_forged_chain_teaches_nothing(tmp_path: Path) -> None:
+    new = keys.generate_key()
+    offers = Offers()
+    offers.offer(release(tmp_path, "1").manifest)
+    forged = rotation(KEY, new, 2_000_000_000, signer=new)  # the new key's word for the old
+    offers.keys["game"] = Keys(keys.public_key_bytes(KEY), [forged], [])
+    with pytest.raises(UnknownKeyError):
+        offers.verify_push(push(release(tmp_path, "n", key=new)))
+
+
+async def test_an_unknown_key_is_learnt_at_most_once_a_minute_per_app(tmp_path: Path) -> None:
+    new = keys.generate_key()
+    offers = Offers()
+    offers.offer(release(tmp_path, "1").manifest)
+    known = Keys(keys.public_key_bytes(KEY), [], [rotation(KEY, new, 2_000_000_000)])
+    assert offers.may_learn("game", 0.0) is None  # no keys set: nothing to ask
+    offers.keys["game"] = known
+    asked = offers.may_learn("game", 100.0)
+    assert asked is known and offers.may_learn("game", 100.0 + LEARN_INTERVAL - 1) is None
+    assert offers.may_learn("game", 100.0 + LEARN_INTERVAL) is known
+    assert keys.public_key_bytes(new) in await known.learn(keys.public_key_bytes(new))
+    by_new = release(tmp_path, "n", key=new)
+    assert offers.verify_push(push(by_new)).id == by_new.manifest.id

@@ -10,13 +10,16 @@ from pathlib import Path
 import trio
 
 from p2pnode.disk.stage import LocalChunks
+from p2pnode.disk.state import StateDir
+from p2pnode.node.rotations import InstallKeys
 from p2pnode.ratelimit import RateLimiter
-from p2pnode.release import keys
+from p2pnode.release import keys, layout
+from p2pnode.release import rotation as R
 from p2pnode.release.chunker import hash_chunk
 from p2pnode.release.publish import publish
 from p2pnode.swarm import wire as W
 from p2pnode.swarm.node import PeerStats, SwarmNode
-from tests.support.release import KEY
+from tests.support.release import KEY, rotation
 from tests.support.swarm import CorruptSeed, node, seeded
 
 
@@ -196,11 +199,16 @@ async def test_every_leecher_gets_a_first_piece_before_anyone_a_second(tmp_path:
 
 
 async def _cross_version_fetch(
-    tmp_path: Path, publisher: object, app: str = "game"
+    tmp_path: Path, publisher: object, app: str = "game", rotations: bytes | None = None
 ) -> tuple[dict[bytes, bytes], set[bytes], set[bytes], set[bytes]]:
     """A seed holding build 1 only; a leecher of build 2 shows it build 2's signed manifest.
-    Returns what arrived, what was left, and the chunk ids of builds 1 and 2."""
+    Returns what arrived, what was left, and the chunk ids of builds 1 and 2. ``rotations``:
+    a rotations document beside build 1 on its mirror, where the seed's install keys (as
+    an install's node has them) may learn the app's new key."""
     seed, m1 = await seeded(tmp_path)
+    if rotations is not None:
+        (tmp_path / "cdn" / layout.rotations_path("game")).write_bytes(rotations)
+        seed.swarms.keys["game"] = InstallKeys(StateDir(tmp_path / "seed"), "game")
     src = tmp_path / "src"
     big = src / "data" / "big.pak"
     data = bytearray(big.read_bytes())
@@ -237,6 +245,19 @@ async def test_a_pushed_manifest_from_another_publisher_or_app_is_refused(
     assert not got and left == new
     got, left, _old, new = await _cross_version_fetch(tmp_path / "a", KEY, app="other-app")
     assert not got and left == new
+
+
+async def test_a_holder_learns_a_rotation_to_serve_the_new_keys_build(tmp_path: Path) -> None:
+    """A build signed by the app's new key, pushed by a peer: the holder of build 1 fetches
+    the app's rotations from its mirror (the chain its pinned key signed) and serves it; a
+    forged chain (the new key's word for the old one) teaches it nothing."""
+    new = keys.generate_key()
+    doc = R.encode_list([rotation(KEY, new, 2**33)])
+    got, left, old, wanted = await _cross_version_fetch(tmp_path / "r", new, rotations=doc)
+    assert set(got) == old & wanted and got and left == wanted - old
+    doc = R.encode_list([rotation(KEY, new, 2**33, signer=new)])
+    got, left, _old, wanted = await _cross_version_fetch(tmp_path / "f", new, rotations=doc)
+    assert not got and left == wanted
 
 
 async def test_peers_found_during_the_fetch_join_it(tmp_path: Path) -> None:

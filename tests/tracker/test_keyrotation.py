@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pnode.discovery.tracker import TrackerRefusedError
@@ -119,3 +120,33 @@ def test_a_replica_drops_its_cached_rotations_when_another_adds_one(redis_url: s
     finally:
         one.close()
         two.close()
+
+
+async def test_the_feed_names_the_key_chain_and_a_long_poll_hears_of_a_rotation(
+    tracker: Tracker,
+    client: Any,
+    make_manifest: Callable[..., M.SignedManifest],
+    publisher: Ed25519PrivateKey,
+) -> None:
+    """Nodes learn of a rotation on their polls (no new-key build needed): every feed answer
+    names the app's chain, and one parked on the feed answers at once, same seq."""
+    await client.publish(APP, "stable", make_manifest(1).encode())
+    head = await client.latest(APP, "stable")
+    assert head is not None and head.key_chain is None
+    assert "key_chain" not in (await client._http.get(f"/v1/apps/{APP}/channels/stable")).json()
+
+    got: list[Any] = []
+
+    async def poll() -> None:
+        got.append(await client.latest(APP, "stable", since=head.seq, wait=30))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poll)
+        await tracker.feed.until_waiting()
+        with trio.fail_after(5):
+            await client.rotate_key(APP, rotate(publisher, keys.generate_key(), time.time()))
+    [woken] = got
+    assert woken.seq == head.seq
+    assert woken.key_chain == R.chain_digest(await client.rotations(APP))
+    answer = (await client.latest(APP, "stable", node=b"\1" * 20)).key_chain
+    assert answer == woken.key_chain  # the personal (rollout) answer too
