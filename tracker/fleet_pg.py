@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-With ``--registry postgresql://`` and no ``--redis`` (see :func:`tracker.fleet_store.open_fleet`),
-the fleet lives in the same database as the registry (tables ``fleet_*`` of
+With ``--registry postgresql://``, with or without ``--redis`` (see
+:func:`tracker.fleet_store.open_fleet` for why), the fleet lives in the same database as the
+registry (tables ``fleet_*`` of
 :data:`tracker.pg.MIGRATIONS`): every replica answers for the whole fleet, and a restart keeps
 the seats and the adoption curves (in memory, the curves start again).
 

@@ -253,7 +253,7 @@ async def test_every_store_counts_expires_and_samples_alike(store: FleetStore) -
     assert await store.app_view("other", T0) is None
 
 
-@pytest.mark.parametrize("where", ["redis", "postgres"])
+@pytest.mark.parametrize("where", ["redis", "postgres", "redis+postgres"])
 async def test_the_fleet_of_replicas_is_shared_and_in_postgres_outlives_them(
     where: str,
     request: pytest.FixtureRequest,
@@ -261,11 +261,13 @@ async def test_the_fleet_of_replicas_is_shared_and_in_postgres_outlives_them(
     publisher: Any,
     make_manifest: Callable[..., M.SignedManifest],
 ) -> None:
-    """Replicas on Redis (swarm and registry) or on PostgreSQL (registry, no --redis) answer
-    for the whole fleet; in PostgreSQL a replica started afterwards still does."""
-    url = str(request.getfixturevalue("redis_url" if where == "redis" else "pg_url"))
-    swarm = url if where == "redis" else None
+    """Replicas on Redis (swarm and registry), on PostgreSQL (registry, no --redis) or on both
+    (swarm in Redis, registry in PostgreSQL) answer for the whole fleet; whenever the registry
+    is in PostgreSQL the fleet is kept there, so a replica started afterwards still does."""
+    swarm = str(request.getfixturevalue("redis_url")) if "redis" in where else None
+    url = str(request.getfixturevalue("pg_url")) if "postgres" in where else swarm
     a, b = (make_tracker(n, redis_url=swarm, registry_url=url) for n in "ab")
+    assert isinstance(a.fleet.store, PGFleet if "postgres" in where else RedisFleet)
     ca, cb = client_for(a), client_for(b)
     await ca.add_app(APP, keys.public_key_bytes(publisher))
     one = make_manifest(1)
@@ -283,10 +285,15 @@ async def test_the_fleet_of_replicas_is_shared_and_in_postgres_outlives_them(
                 await b.fleet.store.gc(time.time())
                 view = (await c._http.get(f"/v1/apps/{APP}/fleet")).json()
         assert {x["build"]: x["nodes"] for x in view["builds"]} == {1: 4}
-    if where == "postgres":
-        later = client_for(make_tracker("c", registry_url=url))
+    if "postgres" in where:
+        later = client_for(make_tracker("c", registry_url=url))  # no Redis at all
         view = (await later._http.get(f"/v1/apps/{APP}/fleet")).json()
         assert {x["build"]: x["nodes"] for x in view["builds"]} == {1: 4}
         await later._http.aclose()
+    if swarm is not None and url != swarm:  # nothing of the fleet went to Redis
+        import redis
+
+        with redis.Redis.from_url(swarm) as r:
+            assert not r.keys("trk:fleet:*")
     for c in (ca, cb):
         await c._http.aclose()
