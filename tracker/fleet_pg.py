@@ -4,9 +4,9 @@ Theory of operation
 -------------------
 With ``--registry postgresql://``, with or without ``--redis`` (see
 :func:`tracker.fleet_store.open_fleet` for why), the fleet lives in the same database as the
-registry (tables ``fleet_*`` of
-:data:`tracker.pg.MIGRATIONS`): every replica answers for the whole fleet, and a restart keeps
-the seats and the adoption curves (in memory, the curves start again).
+registry (tables ``fleet_*`` of :data:`tracker.pg.MIGRATIONS`): every replica answers for the
+whole fleet, and a restart keeps the seats and the adoption curves (in memory, the curves start
+again).
 
 * ``fleet_seats``: one row per (app, node): ``m`` (the first 16 hex digits of the manifest it
   runs, ``-`` while updating), last seen, client version, last outcome (``kind,code,to,at``);
@@ -15,17 +15,25 @@ the seats and the adoption curves (in memory, the curves start again).
   ``fleet_series``: the curves, one row per (app, bucket) sampled by whichever replica gets
   there first (``ON CONFLICT DO NOTHING``); ``fleet_apps``; ``fleet_recent``: the last
   ``RECENT_OUTCOMES`` outcomes whole, for the node view.
+* ``fleet_counts``: seats per build (``what`` ``b``, ``key`` ``m``, ``-`` for updating) and
+  per client version (``c``), per app: what every view reads, a few rows however many seats.
 
-No counters are stored: counts are ``GROUP BY`` over the seats (indexed by app and build), so
-they cannot drift, and expiry is a ``DELETE`` of a slice of the seats unseen for ``ttl``.
-Recording is :class:`tracker.fleet_remote.WriteBehind`'s: every ``FLUSH_S`` one transaction
-upserts the pending seats in key order (two replicas writing never wait on each other in a
-cycle). Client versions beyond ``MAX_CLIENTS`` per app are counted as ``other`` when read.
+**Counters that cannot drift.** Recording is :class:`tracker.fleet_remote.WriteBehind`'s:
+every ``FLUSH_S`` one transaction upserts the pending seats. Each upsert also stores the seat's
+build and client *before* it (``pm``, ``pc``; ``NULL`` for a new seat) and returns them, so the
+transaction knows exactly how each seat moved, even when two replicas write the same node at
+once (the second upsert waits for the first's row and sees its result), and adds the moves to
+``fleet_counts`` before it commits. Expiry is a ``DELETE`` of a slice of the seats unseen for
+``ttl`` that returns what it removed and takes it off the counters in the same transaction.
+Locks are taken in one order, seats (in key order), then builds, then counters (each in key
+order), so writers never wait on each other in a cycle. Client versions beyond
+``MAX_CLIENTS`` per app are counted as ``other`` when read.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 import trio
@@ -42,11 +50,12 @@ SWEEP_COUNT = 5000
 _SEAT = (
     "INSERT INTO fleet_seats AS s (app, node, m, seen, client, outcome) "
     "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (app, node) DO UPDATE SET "
+    "pm = s.m, pc = s.client, "
     "m = CASE WHEN excluded.m = '-' THEN s.m ELSE excluded.m END, "
     "seen = GREATEST(s.seen, excluded.seen), "
     "client = CASE WHEN excluded.client = 'unknown' THEN s.client ELSE excluded.client END, "
     "outcome = CASE WHEN excluded.outcome = '' THEN s.outcome ELSE excluded.outcome END "
-    "RETURNING s.app, s.m, s.seen"
+    "RETURNING s.app, s.m, s.seen, s.client, s.pm, s.pc"
 )
 _BUILD = (
     "INSERT INTO fleet_builds AS b (app, m, info, last_seen) VALUES (%s, %s, %s, %s) "
@@ -54,6 +63,31 @@ _BUILD = (
     "info = CASE WHEN excluded.info = '' THEN b.info ELSE excluded.info END, "
     "last_seen = GREATEST(b.last_seen, excluded.last_seen)"
 )
+_COUNT = (
+    "INSERT INTO fleet_counts AS k (app, what, key, n) VALUES (%s, %s, %s, %s) "
+    "ON CONFLICT (app, what, key) DO UPDATE SET n = k.n + excluded.n"
+)
+#: (app, what, key) -> change of its count
+Moves = Counter[tuple[str, str, str]]
+
+
+def _move(moves: Moves, app: str, what: str, old: str | None, new: str) -> None:
+    """A seat went from ``old`` (``None``: it is new) to ``new``."""
+    if old != new:
+        if old is not None:
+            moves[(app, what, old)] -= 1
+        moves[(app, what, new)] += 1
+
+
+def _count(c: Conn, moves: Moves) -> None:
+    """Apply ``moves`` to ``fleet_counts`` in key order; drop the counters that reach 0."""
+    rows = sorted((*k, n) for k, n in moves.items() if n)
+    with c.cursor() as cur:
+        cur.executemany(_COUNT, rows)
+        cur.executemany(
+            "DELETE FROM fleet_counts WHERE app = %s AND what = %s AND key = %s AND n <= 0",
+            [r[:3] for r in rows if r[3] < 0],
+        )
 
 
 def _bounded(clients: dict[str, int]) -> dict[str, int]:
@@ -100,18 +134,22 @@ class PGFleet(WriteBehind):
                 [(a,) for a in sorted({app for _, app in pending})],
             )
             ran: dict[tuple[str, str], int] = {}  # the build each seat runs now: last seen
+            moves: Moves = Counter()
             if seats:  # (none when every sighting was dropped but an outcome's whole record)
                 cur.executemany(_SEAT, seats, returning=True)
                 while True:
-                    for app, m, seen in cur.fetchall():
+                    for app, m, seen, client, pm, pc in cur.fetchall():
                         if m != "-":
                             ran[(app, m)] = max(ran.get((app, m), 0), int(seen))
+                        _move(moves, app, "b", pm, m)
+                        _move(moves, app, "c", pc, client)
                     if not cur.nextset():
                         break
             builds = sorted(
                 (app, m, infos.get((app, m), ""), float(seen)) for (app, m), seen in ran.items()
             )
             cur.executemany(_BUILD, builds)
+            _count(c, moves)
             if recent:
                 rows = []
                 for raw in recent:
@@ -130,13 +168,20 @@ class PGFleet(WriteBehind):
         with self.db.tx("expire the fleet") as c:
             gone = c.execute(
                 "DELETE FROM fleet_seats WHERE (app, node) IN (SELECT app, node FROM "
-                "fleet_seats WHERE seen < %s LIMIT %s FOR UPDATE SKIP LOCKED)",
+                "fleet_seats WHERE seen < %s LIMIT %s FOR UPDATE SKIP LOCKED) "
+                "RETURNING app, m, client",
                 (int(now - self.ttl), SWEEP_COUNT),
-            ).rowcount
+            ).fetchall()
+            moves: Moves = Counter()
+            for app, m, client in gone:
+                moves[(app, "b", m)] -= 1
+                moves[(app, "c", client)] -= 1
+            _count(c, moves)
+        with self.db.tx("expire the fleet") as c:  # (builds after counters: the lock order)
             c.execute(  # forget builds nobody runs, in apps past the bound
                 "DELETE FROM fleet_builds b WHERE b.app IN (SELECT app FROM fleet_builds "
-                "GROUP BY app HAVING COUNT(*) > %s) AND NOT EXISTS (SELECT 1 FROM fleet_seats "
-                "s WHERE s.app = b.app AND s.m = b.m)",
+                "GROUP BY app HAVING COUNT(*) > %s) AND NOT EXISTS (SELECT 1 FROM fleet_counts "
+                "k WHERE k.app = b.app AND k.what = 'b' AND k.key = b.m AND k.n > 0)",
                 (MAX_RELEASES,),
             )
             c.execute(
@@ -148,7 +193,7 @@ class PGFleet(WriteBehind):
                 self._sampled = b
                 for (app,) in c.execute("SELECT app FROM fleet_apps ORDER BY app").fetchall():
                     self._sample(c, app, b * self.bucket)
-        return max(gone, 0)
+        return len(gone)
 
     def _sample(self, c: Conn, app: str, at: int) -> None:
         counts = self._counts(c, app)
@@ -167,16 +212,14 @@ class PGFleet(WriteBehind):
 
     @staticmethod
     def _tally(c: Conn, app: str | None) -> dict[str, tuple[dict[str, int], dict[str, int]]]:
-        """Per app (one, or all): seats per build ``m`` and per client version, in one scan."""
-        where, args = ("", ()) if app is None else ("WHERE app = %s ", (app,))
+        """Per app (one, or all): seats per build ``m`` and per client version."""
+        where, args = ("", ()) if app is None else ("AND app = %s ", (app,))
         out: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
-        for a, m, client, n in c.execute(
-            "SELECT app, m, client, COUNT(*) FROM fleet_seats " + where + "GROUP BY app, m, client",
-            args,
+        for a, what, key, n in c.execute(
+            "SELECT app, what, key, n FROM fleet_counts WHERE n > 0 " + where, args
         ):
             builds, clients = out.setdefault(a, ({}, {}))
-            builds[m] = builds.get(m, 0) + int(n)
-            clients[client] = clients.get(client, 0) + int(n)
+            (builds if what == "b" else clients)[key] = int(n)
         return out
 
     def _counts(self, c: Conn, app: str) -> dict[str, int]:

@@ -1,0 +1,117 @@
+"""The PostgreSQL fleet's counters: replicas writing the same nodes at once, with expiry
+running, leave them equal to a count of the seats; a database migrated from before the
+counters gets them from its seats."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+from tracker import pg
+from tracker.fleet import FleetOutcome, Sighting
+from tracker.fleet_pg import PGFleet
+from tracker.pg import PGDatabase
+
+T0 = 1_800_000_000.0
+BUILDS = [(bytes([b]) * 32, b) for b in range(1, 5)]
+
+
+def node(i: int) -> bytes:
+    return i.to_bytes(20, "big")
+
+
+def counted(url: str) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+    """(per (app, build m) and per (app, client)): the counters, and a count of the seats."""
+    with psycopg.connect(url) as c:
+        kept = {
+            (what + ":" + app, key): int(n)
+            for app, what, key, n in c.execute(
+                "SELECT app, what, key, n FROM fleet_counts WHERE n <> 0"
+            )
+        }
+        truth = {
+            ("b:" + app, m): int(n)
+            for app, m, n in c.execute("SELECT app, m, COUNT(*) FROM fleet_seats GROUP BY 1, 2")
+        }
+        truth |= {
+            ("c:" + app, cl): int(n)
+            for app, cl, n in c.execute(
+                "SELECT app, client, COUNT(*) FROM fleet_seats GROUP BY 1, 2"
+            )
+        }
+    return kept, truth
+
+
+def test_replicas_writing_the_same_nodes_at_once_never_make_the_counts_drift(
+    pg_url: str,
+) -> None:
+    """Three replicas write overlapping nodes moving between builds and client versions, in
+    batches, concurrently, while one expires old seats: the counters stay exact."""
+    fleets = [PGFleet(PGDatabase(pg_url), ttl=100) for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def replica(r: int) -> None:
+        f = fleets[r]
+        try:
+            for rnd in range(12):
+                for i in range(r * 40, r * 40 + 160):  # each node is written by two replicas
+                    m, b = BUILDS[(i + rnd + r) % len(BUILDS)]
+                    done = (i + rnd) % 3 != 0
+                    client = None if i % 5 == 0 else f"0.{(rnd + r) % 3}.0"
+                    app = "game" if i % 4 else "tool"
+                    f.seen(
+                        Sighting(
+                            node(i), app, m if done else None, b if done else None, client,
+                            T0 + rnd * 20 + (i % 7),
+                        )
+                    )  # fmt: skip
+                    if i % 11 == 0:
+                        f.outcome(FleetOutcome(node(i), app, m, "update", None, 0, b, T0 + rnd))
+                f.write(f.take())
+                if r == 0 and rnd % 3 == 2:
+                    f._gc(T0 + rnd * 20 + 150)  # expires the seats unseen for a while
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replica, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for f in fleets:
+        f.db.close()
+    assert not errors, errors
+    kept, truth = counted(pg_url)
+    assert kept == truth
+    assert sum(n for (k, _), n in truth.items() if k == "b:game") > 0
+
+
+def test_a_fleet_from_before_the_counters_is_counted_when_migrated(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        monkeypatch.setattr(pg, "MIGRATIONS", pg.MIGRATIONS[:4])
+        pg.migrate(c)
+        rows: list[Any] = [
+            ("game", node(i), f"{i % 2:016x}" if i % 3 else "-", 10, f"0.{i % 2}", "")
+            for i in range(9)
+        ]
+        with c.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO fleet_seats (app, node, m, seen, client, outcome) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                rows,
+            )
+        monkeypatch.undo()
+        assert pg.migrate(c) == len(pg.MIGRATIONS)
+    kept, truth = counted(pg_url)
+    assert kept == truth and truth[("b:game", "-")] == 3
+    f = PGFleet(PGDatabase(pg_url), ttl=100)
+    f.seen(Sighting(node(0), "game", b"\x05" * 32, 5, "0.9", T0))  # moves off "-"
+    f.write(f.take())
+    f.db.close()
+    kept, truth = counted(pg_url)
+    assert kept == truth and truth[("b:game", "-")] == 2 and truth[("c:game", "0.9")] == 1
