@@ -34,13 +34,17 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .errors import Conflict
 from .fleet import FLEET_TTL, MAX_CLIENTS, MAX_RELEASES, SERIES_BUCKET, SERIES_POINTS
 from .fleet_remote import RECENT_OUTCOMES, Batch, WriteBehind, app_view_of, seat_of
 from .pg import Conn, PGDatabase
+
+if TYPE_CHECKING:
+    from .fleet_redis import RedisFleet
 
 __all__ = ["PGFleet"]
 
@@ -207,6 +211,57 @@ class PGFleet(WriteBehind):
             "FROM fleet_series WHERE app = %s ORDER BY at DESC LIMIT %s) newest)",
             (app, app, self.points),
         )
+
+    # ------------------------------------------------------------------ moving from Redis
+
+    def copy_from_redis(self, src: RedisFleet) -> dict[str, int]:
+        """Copy the fleet that replicas kept in Redis (``tracker registry copy --fleet-from``)
+        into this database, whose fleet must be empty: seats with their counters, builds,
+        adoption samples and kept outcomes, in one transaction (a refusal or a failure
+        writes nothing). Stop the trackers first: what they record meanwhile is not copied.
+
+        Raises:
+            Conflict: the database already holds a fleet.
+            RegistryUnavailable: PostgreSQL failed; nothing was written.
+        """
+        counts = {"fleet_seats": 0, "fleet_builds": 0, "fleet_series": 0, "fleet_recent": 0}
+        with self.db.tx("copy the fleet from Redis") as c, c.cursor() as cur:
+            if any(
+                c.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone()  # (names from this code)
+                for t in ("fleet_apps", "fleet_seats", "fleet_series", "fleet_recent")
+            ):
+                raise Conflict(
+                    f"the database at {self.db.where} already holds a fleet",
+                    fix="copy the fleet before the trackers on PostgreSQL start recording",
+                )
+            moves: Moves = Counter()
+            for app in src.apps():
+                c.execute("INSERT INTO fleet_apps (app) VALUES (%s)", (app,))
+                with cur.copy(
+                    "COPY fleet_seats (app, node, m, seen, client, outcome) FROM STDIN"
+                ) as copy:
+                    for chunk in src.seat_chunks(app):
+                        for node, m, seen, client, outcome in chunk:
+                            copy.write_row((app, node, m, seen, client, outcome))
+                            _move(moves, app, "b", None, m)
+                            _move(moves, app, "c", None, client)
+                        counts["fleet_seats"] += len(chunk)
+                builds = [(app, m, info, seen) for m, info, seen in src.builds(app)]
+                cur.executemany(_BUILD, builds)
+                series = [(app, at, body) for at, body in src.series(app)]
+                cur.executemany(
+                    "INSERT INTO fleet_series (app, at, counts) VALUES (%s, %s, %s)", series
+                )
+                counts["fleet_builds"] += len(builds)
+                counts["fleet_series"] += len(series)
+            _count(c, moves)
+            rows = []
+            for raw in src.recent():
+                o = json.loads(raw)
+                rows.append((bytes.fromhex(o.pop("node_id")), json.dumps(o)))
+            cur.executemany("INSERT INTO fleet_recent (node, body) VALUES (%s, %s)", rows)
+            counts["fleet_recent"] = len(rows)
+        return counts
 
     # ------------------------------------------------------------------ views
 
