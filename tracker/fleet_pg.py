@@ -51,9 +51,15 @@ __all__ = ["PGFleet"]
 #: Seats examined per :meth:`PGFleet.gc` for expiry.
 SWEEP_COUNT = 5000
 
-_SEAT = (
+#: Seats upserted per statement: one statement per row costs the tracker's interpreter more
+#: than the database; a few thousand rows stay far inside ``STATEMENT_TIMEOUT_MS``.
+SEATS_PER_STATEMENT = 2000
+
+_SEAT = (  # arrays in, rows taken in their order (the lock order, see the module docstring)
     "INSERT INTO fleet_seats AS s (app, node, m, seen, client, outcome) "
-    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (app, node) DO UPDATE SET "
+    "SELECT a, n, m, t, c, o FROM unnest(%s::text[], %s::bytea[], %s::text[], %s::bigint[], "
+    "%s::text[], %s::text[]) WITH ORDINALITY AS u(a, n, m, t, c, o, i) ORDER BY i "
+    "ON CONFLICT (app, node) DO UPDATE SET "
     "pm = s.m, pc = s.client, "
     "m = CASE WHEN excluded.m = '-' THEN s.m ELSE excluded.m END, "
     "seen = GREATEST(s.seen, excluded.seen), "
@@ -139,16 +145,15 @@ class PGFleet(WriteBehind):
             )
             ran: dict[tuple[str, str], int] = {}  # the build each seat runs now: last seen
             moves: Moves = Counter()
-            if seats:  # (none when every sighting was dropped but an outcome's whole record)
-                cur.executemany(_SEAT, seats, returning=True)
-                while True:
-                    for app, m, seen, client, pm, pc in cur.fetchall():
-                        if m != "-":
-                            ran[(app, m)] = max(ran.get((app, m), 0), int(seen))
-                        _move(moves, app, "b", pm, m)
-                        _move(moves, app, "c", pc, client)
-                    if not cur.nextset():
-                        break
+            # (no seats when every sighting was dropped but an outcome's whole record)
+            for lo in range(0, len(seats), SEATS_PER_STATEMENT):
+                part = seats[lo : lo + SEATS_PER_STATEMENT]
+                columns = [list(col) for col in zip(*part, strict=True)]
+                for app, m, seen, client, pm, pc in cur.execute(_SEAT, columns):
+                    if m != "-":
+                        ran[(app, m)] = max(ran.get((app, m), 0), int(seen))
+                    _move(moves, app, "b", pm, m)
+                    _move(moves, app, "c", pc, client)
             builds = sorted(
                 (app, m, infos.get((app, m), ""), float(seen)) for (app, m), seen in ran.items()
             )
