@@ -4,7 +4,6 @@ API, with expiry, adoption curves, client versions and bounded Prometheus labels
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -275,16 +274,18 @@ async def test_the_fleet_of_replicas_is_shared_and_in_postgres_outlives_them(
     ks = [keys.generate_key() for _ in range(4)]
     for i, k in enumerate(ks):
         await announce_done(ca if i % 2 else cb, k, one)
-    for c in (ca, cb):
-        view = (await c._http.get(f"/v1/apps/{APP}/fleet")).json()
-        # what the other replica was told arrives with its next write (FLUSH_S)
-        with trio.fail_after(5):
-            while view["nodes"] < 4:
-                await trio.sleep(0.05)
-                await a.fleet.store.gc(time.time())
-                await b.fleet.store.gc(time.time())
-                view = (await c._http.get(f"/v1/apps/{APP}/fleet")).json()
-        assert {x["build"]: x["nodes"] for x in view["builds"]} == {1: 4}
+    async with trio.open_nursery() as nursery:
+        for t in (a, b):  # each replica's write-behind, as `tracker serve` runs it
+            await nursery.start(t.fleet.store.run)
+        for c in (ca, cb):
+            view = (await c._http.get(f"/v1/apps/{APP}/fleet")).json()
+            # what the other replica was told arrives with its next write (FLUSH_S)
+            with trio.fail_after(5):
+                while view["nodes"] < 4:
+                    await trio.sleep(0.05)
+                    view = (await c._http.get(f"/v1/apps/{APP}/fleet")).json()
+            assert {x["build"]: x["nodes"] for x in view["builds"]} == {1: 4}
+        nursery.cancel_scope.cancel()
     if "postgres" in where:
         later = client_for(make_tracker("c", registry_url=url))  # no Redis at all
         view = (await later._http.get(f"/v1/apps/{APP}/fleet")).json()
