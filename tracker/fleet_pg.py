@@ -198,24 +198,49 @@ class PGFleet(WriteBehind):
                 (RECENT_OUTCOMES,),
             )
             b = int(now) // self.bucket
+            sampled = []
             if b != self._sampled:
                 self._sampled = b
                 for (app,) in c.execute("SELECT app FROM fleet_apps ORDER BY app").fetchall():
-                    self._sample(c, app, b * self.bucket)
+                    if self._sample(c, app, b * self.bucket):
+                        sampled.append(app)
+        for app in sampled:  # once per bucket, by the replica that took the sample
+            self._recount(app)
         return len(gone)
 
-    def _sample(self, c: Conn, app: str, at: int) -> None:
+    def _recount(self, app: str) -> None:
+        """Count the app's seats afresh. The counters cannot drift while every replica moves
+        them, but a tracker from before them (during a rolling upgrade) moves seats without
+        them; this heals that within a bucket. Exact under concurrent writes: the table lock
+        holds back every writer's counter update until the recount commits, so what a writer
+        changed in the seats is not yet visible to the count, and its moves apply on top."""
+        with self.db.tx("recount the fleet") as c:
+            c.execute("LOCK TABLE fleet_counts IN EXCLUSIVE MODE")
+            c.execute("DELETE FROM fleet_counts WHERE app = %s", (app,))
+            for what, col in (("b", "m"), ("c", "client")):
+                c.execute(
+                    "INSERT INTO fleet_counts (app, what, key, n) SELECT app, %s, "
+                    + col  # one of two column names, never input
+                    + ", COUNT(*) FROM fleet_seats WHERE app = %s GROUP BY app, "
+                    + col,
+                    (what, app),
+                )
+
+    def _sample(self, c: Conn, app: str, at: int) -> bool:
+        """Store the app's counts as the sample of the bucket starting ``at``, unless another
+        replica did; whether this one did."""
         counts = self._counts(c, app)
         counts.pop("-", None)
-        c.execute(
+        took = c.execute(
             "INSERT INTO fleet_series (app, at, counts) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
             (app, at, json.dumps(counts)),
-        )
+        ).rowcount
         c.execute(
             "DELETE FROM fleet_series WHERE app = %s AND at < (SELECT MIN(at) FROM (SELECT at "
             "FROM fleet_series WHERE app = %s ORDER BY at DESC LIMIT %s) newest)",
             (app, app, self.points),
         )
+        return took == 1
 
     # ------------------------------------------------------------------ moving from Redis
 

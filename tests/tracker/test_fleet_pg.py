@@ -161,3 +161,28 @@ async def test_a_fleet_kept_in_redis_is_copied_into_postgres_and_answers_alike(
     assert again.returncode != 0 and "already holds a fleet" in again.stderr
     dst.db.close()
     src.close()
+
+
+def test_counters_a_tracker_without_them_left_behind_are_recounted_once_per_bucket(
+    pg_url: str,
+) -> None:
+    """A replica from before the counters moves seats without them (a rolling upgrade): the
+    replica that takes the next adoption sample counts the seats afresh."""
+    f = PGFleet(PGDatabase(pg_url), ttl=10_000, bucket=60)
+    for i in range(10):
+        f.seen(Sighting(node(i), "game", BUILDS[i % 2][0], i % 2 + 1, "0.1", T0))
+    f.write(f.take())
+    f._gc(T0)  # this bucket's sample (and recount)
+    with psycopg.connect(pg_url, autocommit=True) as c:  # what an older tracker would do
+        c.execute(
+            "UPDATE fleet_seats SET m = %s WHERE node = %s", (BUILDS[1][0].hex()[:16], node(0))
+        )
+        c.execute("DELETE FROM fleet_seats WHERE node = %s", (node(2),))
+    kept, truth = counted(pg_url)
+    assert kept != truth
+    f._gc(T0 + 30)  # same bucket: no recount
+    assert counted(pg_url)[0] == kept
+    f._gc(T0 + 60)
+    kept, truth = counted(pg_url)
+    assert kept == truth and truth[("b:game", BUILDS[1][0].hex()[:16])] == 6
+    f.db.close()
