@@ -14,12 +14,15 @@ What it does:
    loads the same seats into ``RedisFleet`` and prints Redis' ``used_memory`` per node.
 5. With ``--postgres`` (a throwaway cluster, as the tests start one), loads them into
    ``PGFleet`` and prints the fleet tables' size on disk per node (indexes included), the load
-   rate and the views' times.
+   rate, the tracker process's RSS growth and the views' times.
+6. For both shared stores, the CPU the tracker process spends writing a seat (its share of a
+   flush: what competes with announces for the interpreter), ``write_cpu_us_per_seat``.
+   ``--skip-memory`` leaves out 1-3, so that the RSS figures of 5 are not the in-memory fleet's.
 
 Prints a table, then one JSON line. Target: tracker memory growth for 1M nodes under 1 GiB
 (the raw ids alone are 20 MB).
 
-Usage: python3 scripts/bench_fleet.py [--nodes 1000000] [--redis] [--postgres]
+Usage: python3 scripts/bench_fleet.py [--nodes 1000000] [--redis] [--postgres] [--skip-memory]
 """
 
 from __future__ import annotations
@@ -132,15 +135,11 @@ def bench_redis(n: int) -> dict[str, Any]:
         time.sleep(0.5)
         store = RedisFleet(f"redis://127.0.0.1:{port}/0", prefix="b:")
         empty = int(store._r.info("memory")["used_memory"])
-        t0 = time.perf_counter()
-        step = 50_000
-        for lo in range(0, n, step):
-            load_part(store, lo, min(n, lo + step))
-            store.write(store.take())
-        load_s = time.perf_counter() - t0
+        load_s, cpu = load_shared(store, n)
         used = int(store._r.info("memory")["used_memory"])
         out: dict[str, Any] = {
             "redis_load_s": round(load_s, 1),
+            "redis_write_cpu_us_per_seat": round(cpu / n * 1e6, 1),
             "redis_used_mib": round(used / 2**20, 1),
             "redis_bytes_per_node": round((used - empty) / n, 1),
         }
@@ -169,18 +168,18 @@ def bench_postgres(n: int) -> dict[str, Any]:
         )
         with db.connection("measure") as c:
             empty = int(c.execute(size).fetchone()[0])  # type: ignore[index]
-        t0 = time.perf_counter()
-        step = 50_000
-        for lo in range(0, n, step):
-            load_part(store, lo, min(n, lo + step))
-            store.write(store.take())
-        load_s = time.perf_counter() - t0
+        rss0 = rss()
+        load_s, cpu = load_shared(store, n)
+        rss1 = rss()
         with db.connection("measure") as c:
             c.execute("VACUUM ANALYZE")
             used = int(c.execute(size).fetchone()[0])  # type: ignore[index]
         out: dict[str, Any] = {
             "pg_load_s": round(load_s, 1),
             "pg_seats_per_s": round(n / load_s),
+            "pg_write_cpu_us_per_seat": round(cpu / n * 1e6, 1),
+            "pg_tracker_rss_mib": round(rss1 / 2**20, 1),
+            "pg_tracker_rss_growth_mib": round((rss1 - rss0) / 2**20, 1),
             "pg_disk_mib": round(used / 2**20, 1),
             "pg_bytes_per_node": round((used - empty) / n, 1),
         }
@@ -189,6 +188,20 @@ def bench_postgres(n: int) -> dict[str, Any]:
         return out
     finally:
         cluster.stop()
+
+
+def load_shared(store: Any, n: int) -> tuple[float, float]:
+    """Load ``n`` seats into a write-behind store, 50,000 per flush; (wall seconds, CPU
+    seconds this process spent in the flushes' writes)."""
+    t0 = time.perf_counter()
+    cpu = 0.0
+    step = 50_000
+    for lo in range(0, n, step):
+        load_part(store, lo, min(n, lo + step))
+        c0 = time.process_time()
+        store.write(store.take())
+        cpu += time.process_time() - c0
+    return time.perf_counter() - t0, cpu
 
 
 def load_part(store: FleetStore, lo: int, hi: int) -> None:
@@ -202,8 +215,9 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=1_000_000)
     ap.add_argument("--redis", action="store_true", help="also measure the Redis fleet")
     ap.add_argument("--postgres", action="store_true", help="also measure the PostgreSQL fleet")
+    ap.add_argument("--skip-memory", action="store_true", help="leave out the in-memory fleet")
     args = ap.parse_args()
-    result = bench_memory(args.nodes)
+    result = {"nodes": args.nodes} if args.skip_memory else bench_memory(args.nodes)
     if args.redis:
         result.update(bench_redis(args.nodes))
     if args.postgres:

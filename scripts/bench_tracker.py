@@ -2,11 +2,13 @@
 """Announce throughput and latency of the tracker: SQLite, Redis, and two replicas on Redis.
 
 Each case starts real ``tracker serve`` processes on loopback (and a private redis-server when
-needed), registers an app, publishes ``--builds`` manifests, then runs the load generator in its
-own process(es): each opens ``--connections`` keep-alive HTTP/1.1 connections and sends signed
-announces as fast as answers come back, for ``--seconds`` or ``--max-requests``, whichever comes
-first. Announces are signed before the clock starts (a real swarm signs on many machines), come
-from ``--nodes`` distinct node keys spread over the builds, and ask for 30 peers each.
+needed; for the ``redis-pg-*`` cases also a private PostgreSQL cluster holding the registry, the
+operations store and the fleet view, as ``tests/support/postgres.py`` starts one), registers an
+app, publishes ``--builds`` manifests, then runs the load generator in its own process(es): each
+opens ``--connections`` keep-alive HTTP/1.1 connections and sends signed announces as fast as
+answers come back, for ``--seconds`` or ``--max-requests``, whichever comes first. Announces are
+signed before the clock starts (a real swarm signs on many machines), come from ``--nodes``
+distinct node keys spread over the builds, and ask for 30 peers each.
 
 Output: a table per case, then one JSON line:
 ``{"cases": {"sqlite": {"announces_per_s": .., "p99_ms": ..}, ...}}``.
@@ -64,7 +66,11 @@ def wait_port(port: int, proc: subprocess.Popen[Any], what: str) -> None:
 
 
 def start_tracker(
-    data: Path, redis_url: str | None, fast: bool, redis_mode: str = "script"
+    data: Path,
+    redis_url: str | None,
+    fast: bool,
+    redis_mode: str = "script",
+    registry_url: str | None = None,
 ) -> tuple[subprocess.Popen[Any], int, int]:
     """One ``tracker serve`` process; returns it, its main port and its announce port (the
     fast listener's when ``fast``, else the main port)."""
@@ -85,6 +91,8 @@ def start_tracker(
     ]
     if redis_url:
         cmd += ["--redis", redis_url, "--redis-mode", redis_mode]
+    if registry_url:
+        cmd += ["--registry", registry_url]
     announce_port = port
     if fast:
         announce_port = free_port()
@@ -279,12 +287,22 @@ def run_case(
     sessions: bool = False,
     redis_mode: str = "script",
     loaded: int | None = None,
+    postgres: bool = False,
 ) -> dict[str, Any]:
     """One case; ``loaded``: how many of the replicas the generator sends to (default all; the
-    others only follow the log, which measures what following costs a replica)."""
+    others only follow the log, which measures what following costs a replica); ``postgres``:
+    the registry (and with it the operations store and the fleet) in a private PostgreSQL."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-tracker-"))
     procs: list[subprocess.Popen[Any]] = []
+    cluster = None
     try:
+        registry_url = None
+        if postgres:
+            from tests.support.postgres import PostgresCluster
+
+            cluster = PostgresCluster()
+            cluster.start()
+            registry_url = cluster.new_database()
         redis_url = None
         redis_pids: list[int] = []
         if redis:
@@ -313,7 +331,9 @@ def run_case(
         ports = []
         main_ports = []
         for _ in range(replicas):
-            p, port, announce_port = start_tracker(tmp / "data", redis_url, fast, redis_mode)
+            p, port, announce_port = start_tracker(
+                tmp / "data", redis_url, fast, redis_mode, registry_url
+            )
             procs.append(p)
             main_ports.append(port)
             ports.append(announce_port)
@@ -369,6 +389,7 @@ def run_case(
             "listener": "fast" if fast else "hypercorn",
             "sessions": sessions,
             "redis_mode": redis_mode if redis else None,
+            "registry": "postgres" if postgres else "sqlite",
             # tracker CPU per announce (includes presign wait: idle costs ~0): the capacity of
             # one core, whatever else shares this machine
             "tracker_cpu_us_per_announce": round(cpu / max(1, n) * 1e6, 1),
@@ -399,6 +420,8 @@ def run_case(
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if cluster is not None:
+            cluster.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -424,13 +447,18 @@ def main() -> None:
         "redis-log-2-replicas-fast-session": (2, True, True),
         # load on the first replica only: the second's CPU is what following the log costs
         "redis-log-2-replicas-follower-fast-session": (2, True, True),
+        # the registry, operations store and fleet in PostgreSQL beside the Redis swarm
+        "redis-pg": (1, True, False),
+        "redis-pg-fast-session": (1, True, True),
+        "redis-pg-2-replicas-fast-session": (2, True, True),
     }
     ap.add_argument(
         "--cases",
         default=",".join(table),
         help="comma-separated; *-fast cases announce to the fast listener (--announce-listen), "
         "*-session cases carry announce session tokens (steady state: no signature checks), "
-        "redis-log-* cases run --redis-mode log",
+        "redis-log-* cases run --redis-mode log, redis-pg-* ones --registry postgresql:// (a "
+        "private PostgreSQL cluster, as the tests start one)",
     )
     args = ap.parse_args()
     cases = {}
@@ -448,6 +476,7 @@ def main() -> None:
             name.endswith("-session"),
             redis_mode=mode,
             loaded=1 if "-follower" in name else None,
+            postgres=name.startswith("redis-pg"),
         )
     print(json.dumps({"cases": cases}))
 

@@ -6,8 +6,9 @@
     tracker app rotate-token APP --url URL --admin-token TOKEN [--json]
     tracker app rotate-key APP --old-key OLD.pem --new-key ed25519:<hex> --old-until WHEN
                            --url URL [--token T] [--out ROTATIONS] [--json]
-    tracker registry copy --data DIR --registry URL [--redis-prefix P] [--json]
-                    (also: --from DIR|DIR/registry.db --to postgresql://...|redis://...)
+    tracker registry copy --data DIR --registry URL [--redis-prefix P] [--fleet-from URL] [--json]
+                    (also: --from DIR|DIR/registry.db --to postgresql://...|redis://...;
+                    --fleet-from redis://... without --data copies only the fleet)
     tracker rollout APP CHANNEL show|raise PERCENT|halt|resume|complete --url URL [--token T]
                     [--threshold SHARE] [--min-outcomes N] [--json]
     tracker audit --url URL [--admin-token TOKEN] [--limit N] [--before SEQ] [--json]
@@ -161,9 +162,9 @@ def _parser() -> argparse.ArgumentParser:
         "--data",
         "--from",
         dest="data",
-        required=True,
         type=Path,
-        help="the tracker's --data directory (or its registry.db)",
+        help="the tracker's --data directory (or its registry.db); may be left out with "
+        "--fleet-from, to copy only the fleet",
     )
     cp.add_argument(
         "--registry",
@@ -173,6 +174,12 @@ def _parser() -> argparse.ArgumentParser:
         help="postgresql://USER@HOST:PORT/DB or redis://HOST:PORT/DB",
     )
     cp.add_argument("--redis-prefix", default="trk:", help="key prefix in redis")
+    cp.add_argument(
+        "--fleet-from",
+        metavar="URL",
+        help="redis://HOST:PORT/DB: also copy the fleet view the trackers kept in their --redis "
+        "(into PostgreSQL only, under --redis-prefix)",
+    )
     cp.add_argument("--json", action="store_true")
     ro = sub.add_parser("rollout", help="show or change a channel's staged rollout")
     ro.add_argument("app")
@@ -195,6 +202,30 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _registry_copy(args: argparse.Namespace) -> dict[str, Any]:
+    if args.fleet_from and not is_postgres_url(args.registry):
+        raise UsageError(
+            "--fleet-from copies into PostgreSQL only", fix="give --registry postgresql://..."
+        )
+    counts: dict[str, Any] = {}
+    if args.data is not None:
+        counts |= _copy_sqlite(args)
+    elif not args.fleet_from:
+        raise UsageError("nothing to copy", fix="give --data DIR (and/or --fleet-from URL)")
+    if args.fleet_from:
+        from .fleet_pg import PGFleet
+        from .fleet_redis import RedisFleet
+        from .pg import PGDatabase
+
+        src, db = RedisFleet(args.fleet_from, prefix=args.redis_prefix), PGDatabase(args.registry)
+        try:
+            counts |= PGFleet(db).copy_from_redis(src)
+        finally:
+            src.close()
+            db.close()
+    return counts
+
+
+def _copy_sqlite(args: argparse.Namespace) -> dict[str, Any]:
     data: Path = args.data
     path = data if data.is_file() else data / "registry.db"
     if not path.is_file():

@@ -26,6 +26,7 @@ unseen for ``ttl`` (it checks again, atomically, so two replicas sweeping agree)
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import trio
@@ -254,6 +255,39 @@ class RedisFleet(WriteBehind):
             for c, n in self._r.hgetall(f"{self.p}clients:{app}").items():
                 out["clients"].append((app, c.decode(), int(n)))
         return out
+
+    # ------------------------------------------------------------------ moving to PostgreSQL
+
+    def apps(self) -> list[str]:
+        return sorted(a.decode() for a in self._r.smembers(self.p + "apps"))
+
+    def seat_chunks(self, app: str) -> Iterator[list[tuple[bytes, str, int, str, str]]]:
+        """The app's seats, ``SWEEP_COUNT`` or so at a time: (node, m, seen, client,
+        outcome)."""
+        cursor = None
+        while cursor != 0:
+            cursor, seats = self._r.hscan(f"{self.p}seats:{app}", cursor or 0, count=SWEEP_COUNT)
+            out = []
+            for node, v in seats.items():
+                m, seen, client, outcome = v.decode().split("|", 3)
+                out.append((bytes(node), m, int(seen), client, outcome))
+            yield out
+
+    def builds(self, app: str) -> list[tuple[str, str, float]]:
+        """(m, ``manifest id|build``, last seen) of every build the app's seats ran."""
+        p = self.p
+        info = {k.decode(): v.decode() for k, v in self._r.hgetall(f"{p}binfo:{app}").items()}
+        seen = {k.decode(): float(v) for k, v in self._r.hgetall(f"{p}bseen:{app}").items()}
+        return [(m, text, seen.get(m, 0.0)) for m, text in sorted(info.items())]
+
+    def series(self, app: str) -> list[tuple[int, str]]:
+        """The app's adoption samples: (bucket start, JSON of seats per ``m``)."""
+        raw = self._r.hgetall(f"{self.p}series:{app}")
+        return sorted((int(k), v.decode()) for k, v in raw.items())
+
+    def recent(self) -> list[str]:
+        """The kept outcomes (JSON with ``node_id``), oldest first."""
+        return [v.decode() for v in reversed(self._r.lrange(self.p + "recent", 0, -1))]
 
     def close(self) -> None:
         self._r.close()

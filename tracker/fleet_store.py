@@ -8,12 +8,16 @@ Recording must not slow the announce path, so :meth:`FleetStore.seen` and
 and writes them behind from its :meth:`FleetStore.run` duty. Views are async because the Redis
 one reads the server.
 
-Which store: a tracker whose swarm is in Redis (replicas) shares one fleet there, since each
-replica hears only some of the announces; one whose registry is in PostgreSQL and whose swarm
-is not in Redis keeps it in that database (:mod:`tracker.fleet_pg`: durable, curves included);
-a single-process tracker (the SQLite default) keeps it in memory. In Redis and in memory the
-fleet is soft state like the swarm: after a restart every running node is back in it within
-one announce interval; only the adoption curves start again.
+Which store: a tracker whose registry is in PostgreSQL keeps the fleet in that database
+(:mod:`tracker.fleet_pg`), whether or not its swarm is in Redis: the fleet is history (which
+build each node ran, when it was last seen, its outcomes, the adoption curves), durable like
+the registry, outcomes and audit log beside it, while Redis keeps what changes on every
+announce and may be lost (peer lists, counters, the replay guard). Recording never waits on
+the database (write-behind, below), so the announce path costs the same either way. Otherwise
+a tracker whose swarm is in Redis (replicas) shares one fleet there, since each replica hears
+only some of the announces, and a single-process tracker (the SQLite default) keeps it in
+memory. In Redis and in memory the fleet is soft state like the swarm: after a restart every
+running node is back in it within one announce interval; only the adoption curves start again.
 """
 
 from __future__ import annotations
@@ -92,14 +96,14 @@ class LocalFleet:
 
 
 def open_fleet(redis_url: str | None, prefix: str, db: PGDatabase | None = None) -> FleetStore:
-    """The Redis fleet beside a Redis swarm (keys under ``prefix``), else the PostgreSQL one
-    beside a PostgreSQL registry (``db``), else the local one."""
-    if redis_url:
-        from .fleet_redis import RedisFleet
-
-        return RedisFleet(redis_url, prefix=prefix)
+    """The PostgreSQL fleet beside a PostgreSQL registry (``db``), also when the swarm is in
+    Redis; else the Redis one beside a Redis swarm (keys under ``prefix``); else the local one."""
     if db is not None:
         from .fleet_pg import PGFleet
 
         return PGFleet(db)
+    if redis_url:
+        from .fleet_redis import RedisFleet
+
+        return RedisFleet(redis_url, prefix=prefix)
     return LocalFleet()

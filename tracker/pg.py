@@ -180,6 +180,21 @@ MIGRATIONS: list[str] = [
     DROP TABLE traffic_forecasts;
     ALTER TABLE fleet_apps ADD COLUMN joined BIGINT NOT NULL DEFAULT 0;
     """,
+    # 7: the fleet's counters (seats per build and per client version, moved by every write,
+    # so that views read a few rows instead of grouping every seat); a seat's pm/pc are its
+    # build and client before the write that set them, which that write returns
+    """
+    ALTER TABLE fleet_seats ADD COLUMN pm TEXT, ADD COLUMN pc TEXT;
+    CREATE TABLE fleet_counts (
+        app TEXT NOT NULL, what CHAR(1) NOT NULL, key TEXT NOT NULL, n BIGINT NOT NULL,
+        PRIMARY KEY (app, what, key)
+    );
+    INSERT INTO fleet_counts (app, what, key, n)
+        SELECT app, 'b', m, COUNT(*) FROM fleet_seats GROUP BY app, m;
+    INSERT INTO fleet_counts (app, what, key, n)
+        SELECT app, 'c', client, COUNT(*) FROM fleet_seats GROUP BY app, client;
+    DROP INDEX fleet_seats_by_build;
+    """,
 ]
 
 

@@ -4,7 +4,6 @@ API, with expiry, adoption curves, client versions and bounded Prometheus labels
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -272,7 +271,7 @@ async def test_every_store_counts_nodes_first_seen_downloading_as_joins(
     assert tool is not None and tool["joined"][-1] == [int(T0) + 62, 1]
 
 
-@pytest.mark.parametrize("where", ["redis", "postgres"])
+@pytest.mark.parametrize("where", ["redis", "postgres", "redis+postgres"])
 async def test_the_fleet_of_replicas_is_shared_and_in_postgres_outlives_them(
     where: str,
     request: pytest.FixtureRequest,
@@ -280,11 +279,13 @@ async def test_the_fleet_of_replicas_is_shared_and_in_postgres_outlives_them(
     publisher: Any,
     make_manifest: Callable[..., M.SignedManifest],
 ) -> None:
-    """Replicas on Redis (swarm and registry) or on PostgreSQL (registry, no --redis) answer
-    for the whole fleet; in PostgreSQL a replica started afterwards still does."""
-    url = str(request.getfixturevalue("redis_url" if where == "redis" else "pg_url"))
-    swarm = url if where == "redis" else None
+    """Replicas on Redis (swarm and registry), on PostgreSQL (registry, no --redis) or on both
+    (swarm in Redis, registry in PostgreSQL) answer for the whole fleet; whenever the registry
+    is in PostgreSQL the fleet is kept there, so a replica started afterwards still does."""
+    swarm = str(request.getfixturevalue("redis_url")) if "redis" in where else None
+    url = str(request.getfixturevalue("pg_url")) if "postgres" in where else swarm
     a, b = (make_tracker(n, redis_url=swarm, registry_url=url) for n in "ab")
+    assert isinstance(a.fleet.store, PGFleet if "postgres" in where else RedisFleet)
     ca, cb = client_for(a), client_for(b)
     await ca.add_app(APP, keys.public_key_bytes(publisher))
     one = make_manifest(1)
@@ -292,20 +293,27 @@ async def test_the_fleet_of_replicas_is_shared_and_in_postgres_outlives_them(
     ks = [keys.generate_key() for _ in range(4)]
     for i, k in enumerate(ks):
         await announce_done(ca if i % 2 else cb, k, one)
-    for c in (ca, cb):
-        view = (await c._http.get(f"/v1/apps/{APP}/fleet")).json()
-        # what the other replica was told arrives with its next write (FLUSH_S)
-        with trio.fail_after(5):
-            while view["nodes"] < 4:
-                await trio.sleep(0.05)
-                await a.fleet.store.gc(time.time())
-                await b.fleet.store.gc(time.time())
-                view = (await c._http.get(f"/v1/apps/{APP}/fleet")).json()
-        assert {x["build"]: x["nodes"] for x in view["builds"]} == {1: 4}
-    if where == "postgres":
-        later = client_for(make_tracker("c", registry_url=url))
+    async with trio.open_nursery() as nursery:
+        for t in (a, b):  # each replica's write-behind, as `tracker serve` runs it
+            await nursery.start(t.fleet.store.run)
+        for c in (ca, cb):
+            view = (await c._http.get(f"/v1/apps/{APP}/fleet")).json()
+            # what the other replica was told arrives with its next write (FLUSH_S)
+            with trio.fail_after(5):
+                while view["nodes"] < 4:
+                    await trio.sleep(0.05)
+                    view = (await c._http.get(f"/v1/apps/{APP}/fleet")).json()
+            assert {x["build"]: x["nodes"] for x in view["builds"]} == {1: 4}
+        nursery.cancel_scope.cancel()
+    if "postgres" in where:
+        later = client_for(make_tracker("c", registry_url=url))  # no Redis at all
         view = (await later._http.get(f"/v1/apps/{APP}/fleet")).json()
         assert {x["build"]: x["nodes"] for x in view["builds"]} == {1: 4}
         await later._http.aclose()
+    if swarm is not None and url != swarm:  # nothing of the fleet went to Redis
+        import redis
+
+        with redis.Redis.from_url(swarm) as r:
+            assert not r.keys("trk:fleet:*")
     for c in (ca, cb):
         await c._http.aclose()
