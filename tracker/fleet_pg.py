@@ -277,7 +277,9 @@ class PGFleet(WriteBehind):
                 )
             moves: Moves = Counter()
             for app in src.apps():
-                c.execute("INSERT INTO fleet_apps (app) VALUES (%s)", (app,))
+                c.execute(
+                    "INSERT INTO fleet_apps (app, joined) VALUES (%s, %s)", (app, src.joined(app))
+                )
                 with cur.copy(
                     "COPY fleet_seats (app, node, m, seen, client, outcome) FROM STDIN"
                 ) as copy:

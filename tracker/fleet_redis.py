@@ -285,6 +285,10 @@ class RedisFleet(WriteBehind):
         raw = self._r.hgetall(f"{self.p}series:{app}")
         return sorted((int(k), v.decode()) for k, v in raw.items())
 
+    def joined(self, app: str) -> int:
+        """The app's seats made by a sighting that named no complete build (its joins)."""
+        return int(self._r.hget(f"{self.p}joined", app) or 0)
+
     def recent(self) -> list[str]:
         """The kept outcomes (JSON with ``node_id``), oldest first."""
         return [v.decode() for v in reversed(self._r.lrange(self.p + "recent", 0, -1))]
