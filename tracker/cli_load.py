@@ -22,7 +22,7 @@ from p2pnode.discovery.tracker import TrackerClient
 from p2pnode.errors import UsageError
 from p2pnode.units import format_bytes, format_count
 
-__all__ = ["add_parser", "basis", "fetch_per_node", "forecast_verb", "print_forecast"]
+__all__ = ["add_parser", "forecast_verb", "print_forecast"]
 
 
 def add_parser(sub: Any) -> None:
@@ -85,7 +85,7 @@ def _what(f: dict[str, Any], dry: bool = False) -> str:
     return f"published {_utc(f['at'])}"
 
 
-def basis(f: dict[str, Any]) -> str:
+def _basis(f: dict[str, Any]) -> str:
     """Where a forecast's adoption shape and offload came from, in words."""
     builds = f.get("history_builds") or []
     if f.get("basis") == "default" or not builds:
@@ -97,7 +97,7 @@ def basis(f: dict[str, Any]) -> str:
     )
 
 
-def fetch_per_node(f: dict[str, Any]) -> str:
+def _fetch_per_node(f: dict[str, Any]) -> str:
     """What one adopter fetches: chunk bytes, and the delta patches' if any."""
     patches = f.get("patch_need_bytes", 0)
     chunks = format_bytes(f["need_bytes"])
@@ -118,10 +118,10 @@ def print_forecast(out: dict[str, Any]) -> None:
 def _print_one(f: dict[str, Any], a: dict[str, Any] | None) -> None:
     print(
         f"{f['app']} build {f['build']} on {f['channel']}, {_what(f, dry=a is None)}: "
-        f"{format_count(f['adopters'], 'node')} x {fetch_per_node(f)} "
+        f"{format_count(f['adopters'], 'node')} x {_fetch_per_node(f)} "
         f"(of {format_bytes(f['size_bytes'])}), offload by adoption quarter "
         + " ".join(f"{100 * r:.0f}%" for r in f["offload"])
-        + f" ({basis(f)})"
+        + f" ({_basis(f)})"
     )
     chunks_only = "cdn_patches_total" not in f  # made before the CDN figures counted patches
     what = "CDN egress (chunks)" if chunks_only else "CDN egress"
