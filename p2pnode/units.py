@@ -11,7 +11,7 @@ import re
 
 from .errors import UsageError
 
-__all__ = ["format_bytes", "parse_rate", "parse_size"]
+__all__ = ["format_bytes", "format_count", "parse_rate", "parse_size"]
 
 _SUFFIX = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -42,3 +42,15 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def format_count(n: float, noun: str) -> str:
+    """A forecast's count of machines for people: ``0.1`` nodes is "under 1 node", ``12.4`` is
+    "about 12 nodes" (a share of a fleet is rarely whole; the JSON keeps the exact figure)."""
+    if n <= 0:
+        return f"0 {noun}s"
+    if n < 0.5:
+        return f"under 1 {noun}"
+    whole = round(n)
+    about = "" if abs(n - whole) < 1e-9 else "about "
+    return f"{about}{whole} {noun}{'' if whole == 1 else 's'}"

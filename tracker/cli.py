@@ -14,6 +14,9 @@
     tracker audit --url URL [--admin-token TOKEN] [--limit N] [--before SEQ] [--json]
     tracker forecast show APP BUILD --url URL [--json]
     tracker forecast dry-run APP CHANNEL MANIFEST --url URL [--token T] [--rollout P] [--json]
+    tracker fleet APP --url URL [--json]           (tracker/cli_fleet.py)
+    tracker fleet node NODE_ID --url URL [--json]
+    tracker outcomes [APP] --url URL [--json]
 
 Errors print one line on stderr (what went wrong, then the fix) and exit non-zero; ``--json``
 prints machine-readable output on stdout. The admin token may also come from the environment
@@ -39,7 +42,7 @@ from p2pnode.discovery.tracker import TrackerClient
 from p2pnode.errors import P2PNodeError, UsageError
 from p2pnode.release import keys
 
-from . import cli_load
+from . import cli_fleet, cli_load
 from .app import TrackerConfig
 from .config import is_postgres_url
 from .errors import Unavailable
@@ -198,6 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--before", type=int, help="only entries older than this seq")
     au.add_argument("--json", action="store_true")
     cli_load.add_parser(sub)
+    cli_fleet.add_parser(sub)
     return p
 
 
@@ -446,6 +450,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(out))
             else:
                 cli_load.print_forecast(out)
+            return 0
+        if args.command in ("fleet", "outcomes"):
+            out = trio.run(cli_fleet.run, args)
+            if args.json:
+                print(json.dumps(out))
+            elif args.command == "outcomes":
+                cli_fleet.print_outcomes(out)
+            elif "node_id" in out:
+                cli_fleet.print_node(out)
+            else:
+                cli_fleet.print_fleet(out)
             return 0
         if args.command in ("rollout", "audit"):
             out = trio.run(_rollout if args.command == "rollout" else _audit, args)

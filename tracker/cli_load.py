@@ -20,7 +20,7 @@ from typing import Any
 
 from p2pnode.discovery.tracker import TrackerClient
 from p2pnode.errors import UsageError
-from p2pnode.units import format_bytes
+from p2pnode.units import format_bytes, format_count
 
 __all__ = ["add_parser", "forecast_verb", "print_forecast"]
 
@@ -71,9 +71,11 @@ def _utc(t: float | None) -> str:
     return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) + "Z"
 
 
-def _what(f: dict[str, Any]) -> str:
-    """The event a forecast was made at, in words."""
+def _what(f: dict[str, Any], dry: bool = False) -> str:
+    """The event a forecast was made at, in words (a dry run's build was not published)."""
     event = f.get("event")
+    if dry:
+        return f"if published now ({_utc(f['at'])})"
     if event == "promote":
         return f"promoted {_utc(f['at'])}"
     if event == "rollout-raise":
@@ -81,6 +83,27 @@ def _what(f: dict[str, Any]) -> str:
     if event == "rollout-complete":
         return f"rollout completed ({f['was_percent']:g}% -> 100%) {_utc(f['at'])}"
     return f"published {_utc(f['at'])}"
+
+
+def _basis(f: dict[str, Any]) -> str:
+    """Where a forecast's adoption shape and offload came from, in words."""
+    builds = f.get("history_builds") or []
+    if f.get("basis") == "default" or not builds:
+        return "no earlier release measured: assumes no offload, every byte from the CDN"
+    return (
+        "shape and offload as measured for build"
+        + ("s " if len(builds) > 1 else " ")
+        + (", ".join(map(str, builds)))
+    )
+
+
+def _fetch_per_node(f: dict[str, Any]) -> str:
+    """What one adopter fetches: chunk bytes, and the delta patches' if any."""
+    patches = f.get("patch_need_bytes", 0)
+    chunks = format_bytes(f["need_bytes"])
+    if not patches:
+        return f"{chunks} each"
+    return f"{chunks} of chunks + {format_bytes(patches)} of delta patches each"
 
 
 def print_forecast(out: dict[str, Any]) -> None:
@@ -94,33 +117,40 @@ def print_forecast(out: dict[str, Any]) -> None:
 
 def _print_one(f: dict[str, Any], a: dict[str, Any] | None) -> None:
     print(
-        f"{f['app']} build {f['build']} on {f['channel']}, {_what(f)}: "
-        f"{f['adopters']:g} nodes x {format_bytes(f['need_bytes'])} each "
+        f"{f['app']} build {f['build']} on {f['channel']}, {_what(f, dry=a is None)}: "
+        f"{format_count(f['adopters'], 'node')} x {_fetch_per_node(f)} "
         f"(of {format_bytes(f['size_bytes'])}), offload by adoption quarter "
         + " ".join(f"{100 * r:.0f}%" for r in f["offload"])
-        + f" ({f['basis']}"
-        + (f": builds {', '.join(map(str, f['history_builds']))})" if f["history_builds"] else ")")
+        + f" ({_basis(f)})"
     )
+    chunks_only = "cdn_patches_total" not in f  # made before the CDN figures counted patches
+    what = "CDN egress (chunks)" if chunks_only else "CDN egress"
     if a is None:
         print(
-            f"CDN egress forecast: {format_bytes(f['cdn_total'])}, peak "
-            f"{format_bytes(f['cdn_peak_per_min'])}/min at {_utc(f['cdn_peak_at'])}; "
-            f"delta patches {format_bytes(f.get('patches_total', 0))} (from peers or the CDN)"
+            f"{what} forecast: {format_bytes(f['cdn_total'])}, peak "
+            f"{format_bytes(f['cdn_peak_per_min'])}/min at {_utc(f['cdn_peak_at'])}"
+            + _patch_part(f)
         )
         _print_parts(f)
         return
-    print(f"{'':24}{'predicted':>14}{'actual':>14}")
+    print(f"{'':28}{'predicted':>14}{'actual':>14}")
     print(
-        f"{'CDN egress so far':<24}{format_bytes(a['cdn_predicted_so_far']):>14}"
+        f"{what + ' so far':<28}{format_bytes(a['cdn_predicted_so_far']):>14}"
         f"{format_bytes(a['cdn_actual_total']):>14}"
     )
-    print(f"{'CDN egress in all':<24}{format_bytes(f['cdn_total']):>14}{'':>14}")
+    print(f"{what + ' in all':<28}{format_bytes(f['cdn_total']):>14}{'':>14}")
+    if f.get("patches_total") or a.get("patches_actual_total"):  # a delta build
+        if not chunks_only:
+            print(
+                f"{'  of which delta patches':<28}{format_bytes(f['cdn_patches_total']):>14}"
+                f"{format_bytes(a.get('cdn_patches_actual_total', 0)):>14}"
+            )
+        print(
+            f"{'delta patches, any source':<28}{format_bytes(f.get('patches_total', 0)):>14}"
+            f"{format_bytes(a.get('patches_actual_total', 0)):>14}"
+        )
     print(
-        f"{'delta patches so far':<24}{format_bytes(f.get('patches_total', 0)):>14}"
-        f"{format_bytes(a.get('patches_actual_total', 0)):>14}"
-    )
-    print(
-        f"{'peak per minute':<24}{format_bytes(f['cdn_peak_per_min']):>14}"
+        f"{'peak per minute':<28}{format_bytes(f['cdn_peak_per_min']):>14}"
         f"{format_bytes(a['cdn_actual_peak_per_min']):>14}"
     )
     _print_parts(f)
@@ -137,12 +167,26 @@ def _print_one(f: dict[str, Any], a: dict[str, Any] | None) -> None:
         print(f"  ... {len(minutes) - 60} more minutes (--json has them all)")
 
 
+def _patch_part(f: dict[str, Any]) -> str:
+    """A forecast's delta patches, in words (none: nothing)."""
+    total = f.get("patches_total", 0)
+    if not total:
+        return ""
+    if "cdn_patches_total" not in f:
+        return f"; delta patches {format_bytes(total)} (from peers or the CDN)"
+    return (
+        f", of which delta patches {format_bytes(f['cdn_patches_total'])} "
+        f"(of {format_bytes(total)} of patches, the rest from peers)"
+    )
+
+
 def _print_parts(f: dict[str, Any]) -> None:
     """The late joiners' part of the forecast and its split per mirror (forecasts made before
     the tracker modelled them have neither)."""
     if f.get("joiners"):
         print(
-            f"late joiners: {f['joiners']:g} nodes ({f['join_rate_per_hour']:g}/h on the "
+            f"late joiners: {format_count(f['joiners'], 'node')} "
+            f"({f['join_rate_per_hour']:.1f}/h on the "
             f"channel), the whole build each: {format_bytes(f['joiners_cdn_total'])} of the "
             "CDN egress"
         )

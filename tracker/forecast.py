@@ -12,10 +12,12 @@ holding the build; the last find many). So:
 2. **Need** ``B``: per build the fleet runs, the bytes of the new build's distinct chunks that
    build lacks; :func:`bytes_needed` averages them over the nodes. Nodes on a build the
    tracker cannot read need the whole build. A chunk a listed patch makes from that build is
-   not fetched: the patch is, and patch bytes are forecast apart (``patches_total``, every
-   adopter fetching its patches), because nodes report them apart (from peers or the CDN, not
-   split) while their announces count chunk bytes only: the CDN figures here are chunk bytes,
-   so that the forecast and what followed are measured alike.
+   not fetched: the patch is (``P`` patch bytes per node, on average). Patches come from
+   peers or the CDN like chunks, and nodes count them in the ``from_peers`` / ``from_cdn``
+   they announce, so a node fetches ``B + P`` bytes at the swarm's offload and the CDN figures
+   here are the CDN's whole egress, chunks and patches, which is what the series' ``cdn``
+   column measures; ``cdn_patches_total`` says how much of it is patches (the series'
+   ``patches_cdn``), ``patches_total`` all patch bytes, from peers or the CDN.
 3. **Adoption shape** ``F(k)``: the share of a release's adopters done ``k`` minutes after its
    publish, averaged over up to ``HISTORY`` recent releases of the app from their per-minute
    completions (:mod:`tracker.traffic`); a release's share counts as complete past its last
@@ -31,12 +33,14 @@ holding the build; the last find many). So:
    first seen still downloading, per minute), times the channel's share of the app's nodes;
    each minute's joiners fetch at that minute's offload.
 
-Minute ``k`` then costs ``(N * B * (F(k) - F(k-1)) + J * size) * (1 - r(F(k-1)))`` of CDN
+Minute ``k`` then costs ``(N * (B + P) * (F(k) - F(k-1)) + J * size) * (1 - r(F(k-1)))`` of CDN
 egress; the forecast is their sum and its largest minute (the peak), over ``HORIZON_MIN``
 minutes (the rest of the adoption, if any, is added to the total at the end's offload; joiners
 past the horizon are not). Past releases count their bytes at the minute nodes announced them
 (roughly when fetched), which is also how the actual series is measured, so the comparison
-(:func:`compare`) is like for like.
+(:func:`compare`) is like for like. Forecasts made before the model counted patches (model
+``adoption-offload-2``: ``cdn_total`` in chunk bytes) are compared with the series' chunk
+bytes, ``cdn - patches_cdn``.
 
 Events
 ------
@@ -74,6 +78,7 @@ from p2pnode.release.manifest import Manifest
 
 __all__ = [
     "BINS",
+    "CHUNKS_ONLY_MODEL",
     "CONNECTIONS",
     "DEFAULT_TAU_MIN",
     "EVENTS",
@@ -103,7 +108,9 @@ DEFAULT_TAU_MIN = 60.0
 #: Past releases published this recently are used only when no older one is there: their
 #: curve is cut short, so it reads as faster than it will be.
 SETTLED_MIN = 24 * 60
-MODEL = "adoption-offload-2"
+MODEL = "adoption-offload-3"
+#: The model before the CDN figures counted patches (its ``cdn_total`` is chunk bytes).
+CHUNKS_ONLY_MODEL = "adoption-offload-2"
 #: What a forecast is made at (:mod:`tracker.load_http`).
 EVENTS = ("publish", "promote", "rollout-raise", "rollout-complete")
 #: Forecasts (events) a traffic store keeps at most, the oldest going first: a build has a
@@ -290,17 +297,19 @@ def predict(
     offload = _offload(history, builds) if builds else [0.0] * BINS
     start = int(published) // 60
     curve: list[list[int]] = []
-    total_cdn = total_peers = joiners_cdn = 0.0
+    fetch = need + patch_need  # what one upgrader fetches, chunks and patches alike
+    total_cdn = total_peers = joiners_cdn = patches_cdn = 0.0
     peak, peak_at, prev = 0.0, start * 60, 0.0
     per_mirror = [[0.0, 0.0, start * 60] for _ in mirrors]  # total, peak, peak at
     for k in range(HORIZON_MIN):
         r = offload[min(BINS - 1, int(BINS * prev))]
-        upgrade = adopters * need * max(0.0, f[k] - prev)
+        upgrade = adopters * fetch * max(0.0, f[k] - prev)
         join = joining * size
         cdn = (upgrade + join) * (1 - r)
         total_cdn += cdn
         total_peers += upgrade + join - cdn
         joiners_cdn += join * (1 - r)
+        patches_cdn += adopters * patch_need * max(0.0, f[k] - prev) * (1 - r)
         if cdn > peak:
             peak, peak_at = cdn, (start + k) * 60
         for m, s, w in zip(per_mirror, split, whole_split, strict=True):
@@ -312,8 +321,9 @@ def predict(
             curve.append([(start + k) * 60, round(cdn)])
         prev = f[k]
     if prev < 1:  # adoption beyond the horizon, at the last quarter's offload
-        rest = adopters * need * (1 - prev)
+        rest = adopters * fetch * (1 - prev)
         total_cdn += rest * (1 - offload[-1])
+        patches_cdn += adopters * patch_need * (1 - prev) * (1 - offload[-1])
         total_peers += rest * offload[-1]
         for m, s in zip(per_mirror, split, strict=True):
             m[0] += rest * s * (1 - offload[-1])
@@ -335,6 +345,8 @@ def predict(
         "history_builds": builds,
         "offload": [round(x, 4) for x in offload],
         "cdn_total": round(total_cdn),
+        "cdn_chunks_total": round(total_cdn - patches_cdn),
+        "cdn_patches_total": round(patches_cdn),
         "peers_total": round(total_peers),
         "cdn_peak_per_min": round(peak),
         "cdn_peak_at": peak_at,
@@ -362,17 +374,23 @@ def compare(
 ) -> dict[str, Any]:
     """What followed a forecast: the actual CDN egress per minute since its event beside the
     predicted one (up to ``until``, the build's next event, if any), their totals so far, the
-    peaks and their ratios (actual / predicted)."""
+    peaks and their ratios (actual / predicted). The actual egress is the series' ``cdn``
+    (chunks and patches), or its chunk bytes for a forecast of ``CHUNKS_ONLY_MODEL``."""
     start = int(forecast["at"]) // 60 * 60
     end = math.inf if until is None else int(until) // 60 * 60
     now = min(now, end - 1)
     rows = [r for r in rows if start <= r["t"] < end]
-    actual = [[r["t"], r["cdn"]] for r in sorted(rows, key=lambda r: r["t"])]
+    chunks_only = forecast.get("model") == CHUNKS_ONLY_MODEL
+    actual = [
+        [r["t"], r["cdn"] - (r.get("patches_cdn", 0) if chunks_only else 0)]
+        for r in sorted(rows, key=lambda r: r["t"])
+    ]
     predicted_so_far = sum(b for t, b in forecast["curve"] if t <= now)
     if now >= start + HORIZON_MIN * 60:
         predicted_so_far = forecast["cdn_total"]
     actual_total = sum(b for _, b in actual)
     patches = sum(r.get("patches", 0) for r in rows)
+    patches_cdn = sum(r.get("patches_cdn", 0) for r in rows)
     peak_at, peak = max(((t, b) for t, b in actual), key=lambda x: x[1], default=(None, 0))
 
     def ratio(a: float, p: float) -> float | None:
@@ -383,6 +401,7 @@ def compare(
         "actual": actual,
         "cdn_actual_total": actual_total,
         "patches_actual_total": patches,
+        "cdn_patches_actual_total": patches_cdn,
         "cdn_predicted_so_far": round(predicted_so_far),
         "cdn_actual_peak_per_min": peak,
         "cdn_actual_peak_at": peak_at,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .forecast import BINS, EVENTS, HORIZON_MIN, MODEL
+from .forecast import BINS, CHUNKS_ONLY_MODEL, EVENTS, HORIZON_MIN, MODEL
 from .load_http import BUILD_PATTERN
 from .openapi_parts import _APP, _HEX64, _NAME, _op, _path, _ref, upload_op
 from .traffic import ADD_NAMES, LEVEL_NAMES
@@ -61,7 +61,11 @@ def load_schemas() -> dict[str, Any]:
             "basis",
         ],
         "properties": {
-            "model": {"const": MODEL},
+            "model": {
+                "enum": [MODEL, CHUNKS_ONLY_MODEL],
+                "description": f"{CHUNKS_ONLY_MODEL}: made before the CDN figures counted "
+                "patches (cdn_total in chunk bytes, compared with cdn - patches_cdn)",
+            },
             "app": _NAME,
             "channel": _NAME,
             "build": _INT,
@@ -82,6 +86,11 @@ def load_schemas() -> dict[str, Any]:
             "need_bytes": {**_INT, "description": "chunk bytes one node lacks, on average"},
             "patch_need_bytes": {**_INT, "description": "delta patch bytes one node fetches"},
             "patches_total": {**_INT, "description": "predicted patch bytes (peers or CDN)"},
+            "cdn_chunks_total": {**_INT, "description": "of cdn_total, chunk bytes"},
+            "cdn_patches_total": {
+                **_INT,
+                "description": "of cdn_total, delta patch bytes (the series' patches_cdn)",
+            },
             "join_rate_per_hour": {
                 **_NUM,
                 "description": "nodes joining the channel's fleet per hour (the fleet view's "
@@ -96,7 +105,11 @@ def load_schemas() -> dict[str, Any]:
             "basis": {"enum": ["history", "default"]},
             "history_builds": {"type": "array", "items": _INT},
             "offload": {"type": "array", "items": _NUM, "minItems": BINS, "maxItems": BINS},
-            "cdn_total": {**_INT, "description": "predicted CDN egress (bytes)"},
+            "cdn_total": {
+                **_INT,
+                "description": "predicted CDN egress (bytes): chunks and patches, what the "
+                "series' cdn counts",
+            },
             "peers_total": _INT,
             "cdn_peak_per_min": {**_INT, "description": "predicted busiest minute (bytes)"},
             "cdn_peak_at": _NUM,
@@ -132,6 +145,10 @@ def load_schemas() -> dict[str, Any]:
             "actual": {**_POINTS, "description": "[minute (Unix s), actual CDN bytes]"},
             "cdn_actual_total": _INT,
             "patches_actual_total": _INT,
+            "cdn_patches_actual_total": {
+                **_INT,
+                "description": "of cdn_actual_total, patch bytes (patches_cdn)",
+            },
             "cdn_predicted_so_far": _INT,
             "cdn_actual_peak_per_min": _INT,
             "cdn_actual_peak_at": {"type": ["integer", "null"]},

@@ -42,7 +42,7 @@ from ..node.watch import WatchOptions, watch
 from ..release import keys
 from ..release.metadata import ReleaseInfo
 from ..release.publish import publish
-from ..units import format_bytes
+from ..units import format_bytes, format_count
 from . import operator
 from .cdn import LocalCDN
 from .daemons import daemon_demo
@@ -83,15 +83,20 @@ def _forecast_row(report: dict[str, Any]) -> dict[str, Any]:
     if not f or not actual:
         return _row("forecast for build 2", 0, "the tracker made none")
     why = (
-        "no earlier release measured yet: assumes no offload"
+        "no earlier release measured: assumes no offload"
         if f["basis"] == "default"
         else "offload as build 1's"
     )
+    patches_cdn = f.get("cdn_patches_total", 0)
     note = (
-        f"CDN egress predicted {format_bytes(f['cdn_total'])} ({f['adopters']:g} nodes x "
-        f"{format_bytes(f['need_bytes'])} of chunks; {why}), actual "
-        f"{format_bytes(actual['cdn_actual_total'])}; delta patches predicted "
-        f"{format_bytes(f['patches_total'])}, actual {format_bytes(actual['patches_actual_total'])}"
+        f"CDN egress predicted {format_bytes(f['cdn_total'])} "
+        f"({format_count(f['adopters'], 'node')} x {format_bytes(f['need_bytes'])} of chunks "
+        f"+ {format_bytes(f['patch_need_bytes'])} of delta patches; {why}; "
+        f"{format_bytes(patches_cdn)} of it patches), actual "
+        f"{format_bytes(actual['cdn_actual_total'])} "
+        f"({format_bytes(actual.get('cdn_patches_actual_total', 0))} of it patches); "
+        f"delta patches predicted {format_bytes(f['patches_total'])} from peers or the CDN, actual "
+        f"{format_bytes(actual['patches_actual_total'])}"
     )
     return _row(
         "forecast for build 2 vs what followed", 0, note, {"bytes_cdn": actual["cdn_actual_total"]}

@@ -113,6 +113,18 @@ class TrackerClient:
         self._accepted_fields: frozenset[str] = frozenset()
         #: optional outcome fields the tracker said it accepts (``outcome_fields``), likewise
         self._outcome_fields: frozenset[str] = frozenset()
+        #: the last announce left out the client version that its answer says the tracker
+        #: takes (:attr:`owes_client_version`)
+        self._owes_client = False
+
+    @property
+    def owes_client_version(self) -> bool:
+        """The last announce was this client's first to the tracker, so it went without the
+        client version (sent only once an answer lists the field), and the answer lists it.
+        A node that announces again anyway sends it then; a one-off install, whose completion
+        announce is its only one, re-announces once so the fleet view learns its version
+        (``tracking.announce_completed``)."""
+        return self._owes_client
 
     async def aclose(self) -> None:
         if self._own:
@@ -392,7 +404,8 @@ class TrackerClient:
             fields["ip"] = ip
         if records:
             fields["records"] = [r.hex() for r in records]
-        if CLIENT_FIELD in self._accepted_fields:
+        sent_client = CLIENT_FIELD in self._accepted_fields
+        if sent_client:
             fields[CLIENT_FIELD] = __version__  # for the tracker's fleet view
         body, sig = sign_body(key, ANNOUNCE_DOMAIN, fields)
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sig}
@@ -420,6 +433,7 @@ class TrackerClient:
         accepted = d.get("announce_fields")
         if isinstance(accepted, list):
             self._accepted_fields = frozenset(f for f in accepted[:16] if isinstance(f, str))
+        self._owes_client = not sent_client and CLIENT_FIELD in self._accepted_fields
         accepted = d.get("outcome_fields")
         if isinstance(accepted, list):
             self._outcome_fields = frozenset(f for f in accepted[:16] if isinstance(f, str))

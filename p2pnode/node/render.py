@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..units import format_bytes
+from ..units import format_bytes, format_count
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -178,8 +178,9 @@ def tracker_lines(answer: dict[str, Any]) -> list[str]:
     forecast = answer.get("forecast")
     if forecast:  # the tracker's word on what this publish costs the CDN (docs/operations.md)
         lines.append(
-            f"forecast: {forecast['adopters']:g} nodes on {forecast['channel']} x "
-            f"{format_bytes(forecast['need_bytes'])} each -> CDN egress "
+            f"forecast: {format_count(forecast['adopters'], 'node')} on {forecast['channel']} x "
+            f"{format_bytes(forecast['need_bytes'] + forecast.get('patch_need_bytes', 0))} "
+            "each -> CDN egress "
             f"{format_bytes(forecast['cdn_total'])}, peak "
             f"{format_bytes(forecast['cdn_peak_per_min'])}/min "
             f"(see: tracker forecast show {app} {build} --url ...)"

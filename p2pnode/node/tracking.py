@@ -16,6 +16,7 @@ tracker's trouble costs statistics, never the install.
 from __future__ import annotations
 
 import errno
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -98,12 +99,12 @@ async def announce_completed(
             port=port,
             event="stopped",
         )
-    await tracker.announce(
+    done = functools.partial(
+        tracker.announce,
         me.key,
         app=m.app,
         manifest_id=m.id,
         port=port,
-        event="completed",
         size=m.total_size,
         left=0,
         from_peers=result.from_peers,
@@ -111,6 +112,13 @@ async def announce_completed(
         ip=host if port else None,
         records=own_records(me, m, host, port) if port else [],
     )
+    await done(event="completed")
+    if tracker.owes_client_version:
+        # This client's first announce (a one-off install's only one) went without the
+        # p2pnode version, which the answer says the tracker takes: say it once more with it,
+        # or the fleet view counts this node as an "unknown" client. The same running totals
+        # again add no bytes, and a node already complete is not counted complete twice.
+        await done(event="update")
     reports = [
         PeerQualityReport(
             node_id=st.node_id,

@@ -4,7 +4,8 @@ that said it takes them: a tracker older than a field refuses unknown fields."""
 from __future__ import annotations
 
 import json
-from typing import Any
+import types
+from typing import Any, cast
 
 import httpx
 
@@ -33,6 +34,37 @@ async def test_the_client_version_goes_only_to_a_tracker_that_lists_it() -> None
         await client.announce(key, app="game", manifest_id=b"\x01" * 32, port=0, numwant=0)
     await http.aclose()
     assert [b.get("client") for b in bodies] == [None, None, None, __version__]
+
+
+async def test_a_completion_announce_owes_the_version_only_to_a_tracker_that_takes_it() -> None:
+    """A one-off install's completion announce is its client's first: it goes without the
+    version. To a tracker whose answer lists the field, the node announces once more with it;
+    to an older tracker (no list), nothing more is sent, so nothing it refuses."""
+    from p2pnode.node.result import InstallResult
+    from p2pnode.node.tracking import announce_completed
+
+    for listed, expected in ((True, [None, __version__]), (False, [None])):
+        bodies: list[dict[str, Any]] = []
+
+        def handle(
+            request: httpx.Request, listed: bool = listed, bodies: list[Any] = bodies
+        ) -> httpx.Response:
+            bodies.append(json.loads(request.content))
+            return httpx.Response(200, json=answer(**({"announce_fields": ["client"]} if listed
+                                                      else {})))  # fmt: skip
+
+        http = httpx.AsyncClient(transport=httpx.MockTransport(handle), base_url="http://t")
+        client = TrackerClient("http://t", client=http)
+        me = types.SimpleNamespace(key=keys.generate_key())
+        m = types.SimpleNamespace(app="game", id=b"\x01" * 32, total_size=100)
+        result = cast(InstallResult, types.SimpleNamespace(
+            manifest=m, previous_id=None, from_peers=40, from_cdn=60, peers={}))  # fmt: skip
+        await announce_completed(client, cast(Any, me), result, None)
+        assert not client.owes_client_version
+        await http.aclose()
+        assert [b.get("client") for b in bodies] == expected, listed
+        assert [b["event"] for b in bodies] == ["completed", "update"][: len(expected)]
+        assert all((b["from_cdn"], b["left"]) == (60, 0) for b in bodies)  # the same totals
 
 
 async def test_patch_bytes_by_source_go_only_to_a_tracker_that_lists_them() -> None:

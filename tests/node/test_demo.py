@@ -35,6 +35,7 @@ def test_demo_runs_and_reports_where_bytes_came_from() -> None:
     forecast = steps["forecast for build 2 vs what followed"]
     assert forecast["note"].startswith("CDN egress predicted ") and " x " in forecast["note"]
     assert "delta patches predicted " in forecast["note"], forecast["note"]
+    assert "of it patches), actual " in forecast["note"]  # the CDN's whole egress, both sides
     f, actual = out["forecast"]["forecast"], out["forecast"]["actual"]
     assert f["adopters"] == 4 and f["patches_total"] > 0  # build 2's changed region: a patch
     assert actual["patches_actual_total"] > 0

@@ -25,7 +25,7 @@ def test_a_staged_publish_says_who_gets_it_and_how_to_steer_it() -> None:
     assert "offered to 20% of stable's nodes" in staged and "the others keep" in staged
     assert "5% of at least 20 outcomes" in staged
     assert "tracker rollout game stable show|raise PERCENT|halt|resume|complete" in staged
-    assert forecast.startswith("forecast: 40.2 nodes on stable x 3 B each -> CDN egress 121 B")
+    assert forecast.startswith("forecast: about 40 nodes on stable x 3 B each -> CDN egress 121 B")
     # a plain publish: no rollout line; an old tracker without a forecast: no forecast line
     plain = {k: v for k, v in answer.items() if k not in ("rollout", "forecast")}
     assert tracker_lines(plain) == [moved]

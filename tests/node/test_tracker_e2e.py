@@ -241,3 +241,27 @@ def test_install_through_a_tracker_names_the_node_to_a_staged_rollout(
         subprocess.run(verb, check=True, capture_output=True, timeout=30)
         assert node("update")["build"] == 2
         assert tree(dest) == tree(src)
+
+
+def test_a_one_off_install_tells_the_fleet_view_its_client_version(
+    tmp_path: Path, tracker_url: str
+) -> None:
+    """`install --tracker` announces once (its completion) with a client of its own: the
+    tracker's answer lists the client field, so the node says it in one more announce, and
+    the fleet view does not count it as an "unknown" client."""
+    from p2pnode import __version__
+
+    src, cdn_root, key, pub = registered_app(tmp_path, tracker_url)
+    with LocalCDN(cdn_root) as cdn:
+        cli("publish", str(src), "--version", "1", "--build", "1", "--app", "game", "--key",
+            str(key), "--out", str(cdn_root), "--tracker", tracker_url, "--token", ADMIN,
+            "--mirror", cdn.url)  # fmt: skip
+        out = cli("install", "game", "--tracker", tracker_url, "--dest", str(tmp_path / "game"),
+                  "--trust", pub)  # fmt: skip
+    assert out["build"] == 1 and "warning" not in out["_stderr"], out["_stderr"]
+    fleet = httpx.get(f"{tracker_url}/v1/apps/game/fleet").json()
+    assert fleet["clients"] == {__version__: 1}, fleet
+    assert [(b["build"], b["nodes"]) for b in fleet["builds"]] == [(1, 1)]
+    stats = httpx.get(f"{tracker_url}/v1/stats").json()
+    (release,) = [r for r in stats["releases"] if r["app"] == "game"]
+    assert release["completed"] == 1, release  # the second announce is no second completion

@@ -11,6 +11,7 @@ from p2pnode.release import manifest as M
 from p2pnode.release.patchmeta import Patch
 from tracker.forecast import (
     BINS,
+    CHUNKS_ONLY_MODEL,
     CONNECTIONS,
     DEFAULT_TAU_MIN,
     HORIZON_MIN,
@@ -73,7 +74,29 @@ def test_a_listed_patch_replaces_the_chunks_it_makes_from_that_build() -> None:
     assert [(b["need"], b["patches"]) for b in out["per_build"]] == [(0, 30), (300, 0)]
     assert out["need"] == 150 and out["patch_need"] == 15
     f = predict(nodes=2, need=out["need"], size=300, history=[], published=T0, patch_need=15)
-    assert f["patch_need_bytes"] == 15 and f["patches_total"] == 30 and f["cdn_total"] == 300
+    assert f["patch_need_bytes"] == 15 and f["patches_total"] == 30
+    # no history, no offload: the CDN serves every chunk and every patch (nodes count patches
+    # in from_cdn, so the series' cdn column is the CDN's whole egress too)
+    assert f["cdn_total"] == 330 and f["cdn_patches_total"] == 30
+    assert f["cdn_chunks_total"] == 300
+
+
+def test_a_delta_builds_forecast_is_compared_with_the_cdns_whole_egress() -> None:
+    """Chunks and patches on both sides: predicted (the offload model applied to both) and
+    actual (the series' cdn, which counts patches fetched from the CDN). A forecast made
+    before the model counted patches is compared with the series' chunk bytes."""
+    h = past(1, T0 - 2 * DAY, [(5, 50, 50), (5, 50, 50)])  # half the bytes from peers
+    f = predict(nodes=10, need=20, size=1000, history=[h], published=T0, patch_need=80)
+    assert f["cdn_total"] == 500 and f["cdn_patches_total"] == 400
+    assert f["cdn_chunks_total"] == 100 and f["patches_total"] == 800
+    rows = [{"t": int(T0), "cdn": 450, "completed": 10, "peers": 450, "patches": 800,
+             "patches_cdn": 380, "patches_peers": 420}]  # fmt: skip
+    c = compare(f, rows, T0 + 2 * DAY)
+    assert c["cdn_actual_total"] == 450 and c["cdn_patches_actual_total"] == 380
+    assert c["patches_actual_total"] == 800 and c["total_ratio"] == round(450 / 500, 4)
+    old = {**f, "model": CHUNKS_ONLY_MODEL, "cdn_total": 100}
+    c = compare(old, rows, T0 + 2 * DAY)
+    assert c["cdn_actual_total"] == 70 and c["actual"] == [[int(T0), 70]]
 
 
 def past(build: int, published: float, per_min: list[tuple[int, int, int]]) -> PastRelease:

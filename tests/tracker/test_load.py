@@ -19,6 +19,7 @@ from p2pnode.discovery import tracker_api
 from p2pnode.discovery.tracker import TrackerClient
 from p2pnode.release import keys
 from p2pnode.release import manifest as M
+from p2pnode.release.patchmeta import Patch
 from tests.support.tracker import ADMIN, APP, client_for
 from tracker import Tracker
 from tracker.cli_load import print_forecast
@@ -37,6 +38,7 @@ def build(
     now: float,
     channel: str = "stable",
     mirrors: tuple[str, ...] = (),
+    patches: tuple[Patch, ...] = (),
 ) -> M.SignedManifest:
     refs = tuple(
         M.ChunkRef(blake3.blake3(b"chunk %d" % c).digest(), i * CHUNK, CHUNK)
@@ -52,6 +54,7 @@ def build(
         key=keys.public_key_bytes(publisher),
         files=(M.FileEntry("data.bin", CHUNK * len(chunks), M.MODE_FILE, refs),),
         mirrors=mirrors,
+        patches=patches,
     )
     return M.sign(m, publisher)
 
@@ -214,6 +217,70 @@ async def test_a_forecast_is_printed_beside_what_followed(
             mine = await trio.to_thread.run_sync(getattr(t.load.store, read), two.id)
             theirs = await trio.to_thread.run_sync(getattr(other.load.store, read), two.id)
             assert mine == theirs and mine not in ([], (None, []))
+    await client._http.aclose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
+async def test_a_delta_builds_forecast_counts_the_patches_the_cdn_serves(
+    backend: str,
+    make_tracker: Callable[..., Tracker],
+    publisher: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Build 2 is a patch from build 1 (no chunk to fetch): the first nodes fetch the patch
+    from the CDN and count it in from_cdn, as nodes do, and report it in patches_cdn. The
+    forecast predicts that egress (the patches at build 1's offload), and the comparison
+    sets it beside the series' cdn: like with like."""
+    clock, t, client = await clocked_tracker(backend, make_tracker, publisher, monkeypatch, request)
+    nodes = [keys.generate_key() for _ in range(NODES)]
+    t0 = clock.now
+    one = build(publisher, 1, [1, 2, 3, 4], clock.now)
+    await client.publish(APP, "stable", one.encode())
+    await adopt(t, client, clock, nodes, one, 4 * CHUNK, 0)
+
+    clock.now = t0 + 1800
+    made = tuple(blake3.blake3(b"chunk %d" % c).digest() for c in (5, 6))
+    base = tuple((blake3.blake3(b"chunk %d" % c).digest(), CHUNK) for c in (3, 4))
+    size = 300
+    patch = Patch(one.id, "data.bin", 2, 2, base, 0, size, blake3.blake3(b"p").digest())
+    two = build(publisher, 2, [1, 2, 5, 6], clock.now, patches=(patch,))
+    assert [c.id for c in two.manifest.files[0].chunks[2:]] == list(made)
+    f = (await client.publish(APP, "stable", two.encode()))["forecast"]
+    assert f["need_bytes"] == 0 and f["patch_need_bytes"] == size
+    assert f["patches_total"] == NODES * size
+    # build 1's offload: the first 6 nodes (its first quarter) took everything from the CDN
+    assert f["cdn_total"] == f["cdn_patches_total"] == FROM_CDN * size
+    assert f["cdn_chunks_total"] == 0
+
+    for i, k in enumerate(nodes):
+        cdn = i < FROM_CDN
+        await client.announce(
+            k, app=APP, manifest_id=two.id, port=0, event="completed", size=size, left=0,
+            from_cdn=size if cdn else 0, from_peers=0 if cdn else size, numwant=0,
+        )  # fmt: skip
+        await client.report_outcome(
+            k,
+            {"app": APP, "manifest": two.id.hex(), "to_build": 2, "from_build": 1,
+             "kind": "update", "outcome": "success", "bytes_cdn": size if cdn else 0,
+             "bytes_peers": 0 if cdn else size, "bytes_reused": 4 * CHUNK - 2 * CHUNK,
+             "bytes_patches": size, "bytes_patches_cdn": size if cdn else 0,
+             "bytes_patches_peers": 0 if cdn else size},
+        )  # fmt: skip
+        if i % PER_MINUTE == PER_MINUTE - 1:
+            clock.now += 60
+            await t.load.tick(clock.now + 1, force=True)
+    report = (await client._http.get(f"/v1/apps/{APP}/builds/2/forecast")).json()
+    a = report["actual"]
+    assert a["cdn_actual_total"] == a["cdn_patches_actual_total"] == FROM_CDN * size
+    assert a["cdn_predicted_so_far"] == FROM_CDN * size and a["total_ratio"] == 1.0
+    assert a["patches_actual_total"] == NODES * size
+    print_forecast(report)
+    out = capsys.readouterr().out
+    assert "of which delta patches" in out
+    with capsys.disabled():
+        print(f"\n[{backend}] a delta build's forecast beside what followed\n{out}", end="")
     await client._http.aclose()
 
 

@@ -121,15 +121,18 @@ async def test_the_load_section_shows_the_forecast_beside_what_followed(
     assert lines[0].startswith(f"{APP} build 2 on stable, published ")
     assert "20 nodes x 1.95 KiB each" in lines[0] or "20 nodes x 2.0 KiB each" in lines[0], lines[0]
     assert lines[2].split() == ["CDN", "egress", "so", "far", "11.7", "KiB", "15.6", "KiB"]
-    assert lines[4].split() == ["delta", "patches", "so", "far", "0", "B", "0", "B"]
-    assert lines[5].split() == ["peak", "per", "minute", "3.9", "KiB", "3.9", "KiB"]
-    minutes = [ln.split() for ln in lines[6:]]
+    # no delta patches, predicted or reported: no patch rows
+    assert lines[4].split() == ["peak", "per", "minute", "3.9", "KiB", "3.9", "KiB"]
+    minutes = [ln.split() for ln in lines[5:]]
     assert [m[1] for m in minutes] == [str(i) for i in range(NODES // 2)]
     assert [m[3:] for m in minutes[:4]] == [["3.9", "KiB", "3.9", "KiB"]] * 3 + [
         ["0", "B", "3.9", "KiB"]
     ]
     # a dry run of build 3 at 50%: half the fleet, one new chunk each, offload as build 2's
     assert "10 nodes x 1000 B each" in dry and "CDN egress forecast: " in dry, dry
+    # a dry run's build was not published; the basis says what it rests on
+    assert f"{APP} build 3 on stable, if published now (" in dry, dry
+    assert "(shape and offload as measured for build" in dry and "(default)" not in dry
 
 
 def cli(*args: str) -> str:
