@@ -76,6 +76,10 @@ RETENTION_DAYS = RETENTION_S // 86400
 FORECAST_RETENTION_S = 90 * 24 * 3600
 #: Builds that keep a series at most (forecasts: ``tracker.forecast.MAX_FORECASTS``).
 MAX_BUILDS = 2000
+#: A level read this many seconds or more into a minute is that minute's, not the one
+#: before's (:meth:`TrafficRecorder.sample`): housekeeping reads every 10 s, so on time it
+#: reads well before.
+LATE_READ_S = 20
 #: Running totals sampled from the swarm's counters (the store keeps a minute's highest).
 LEVEL_NAMES = ("completed", "peers", "cdn")
 #: Sums added by accepted outcomes (``outcomes.SOURCES`` the announces do not carry): the
@@ -154,10 +158,14 @@ class TrafficRecorder:
         """Levels of the releases whose counters moved since this recorder last wrote them
         (``releases``: ``/v1/stats`` rows); how many. A level read in a minute's first
         seconds (housekeeping runs every 10 s) is what nodes announced until then, so it is
-        written as the level at the end of the minute before."""
+        written as the level at the end of the minute before. One read later in the minute (a
+        housekeeping pass held up by a slow store or a busy process) also holds what was
+        announced in this minute, so it is written as this minute's: written as the minute
+        before's, a build's first bytes were dated before its publish, and the forecast's
+        comparison, which starts at the publish's minute, missed them."""
         self._sampled = int(now) // 60
         self._batch.at = max(self._batch.at, now)
-        minute = self._sampled - 1
+        minute = self._sampled - (1 if now % 60 < LATE_READ_S else 0)
         n = 0
         for r in releases:
             mid = bytes.fromhex(r["manifest_id"])

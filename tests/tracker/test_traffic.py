@@ -165,6 +165,17 @@ def write(store: TrafficStore, r: TrafficRecorder) -> None:
     store.write(r.take())
 
 
+def test_a_level_read_late_in_a_minute_is_that_minutes() -> None:
+    """A housekeeping pass held up past a minute's first seconds reads what nodes announced in
+    that minute too: written as the minute before's, a build's first bytes were dated before
+    its publish (the demo's forecast then compared 34 B against 293 KiB fetched)."""
+    r = TrafficRecorder()
+    r.sample([rel(M1, 1, 0, 100)], T0 + 65)  # on time: the minute before's level
+    r.sample([rel(M2, 1, 0, 300)], T0 + 120 + 48)  # late: this minute's
+    r.sample([rel(M2, 2, 0, 400)], T0 + 180 + 5)  # on time again: the same minute, higher
+    assert sorted(r.take().levels) == [(M1, MIN0), (M2, MIN0 + 2)]
+
+
 def test_stores_keep_the_highest_level_and_sum_adds_across_replicas(store: TrafficStore) -> None:
     a, b = TrafficRecorder(), TrafficRecorder()
     for rec in (a, b):  # two replicas read the same shared counters in the same minute
