@@ -27,7 +27,7 @@ from .backend import AuditEntry
 from .ops_sqlite import OpsSnapshot, audit_row
 from .outcomes import MAX_RELEASES, Outcome, counts_of, summary
 from .pg import Conn, PGDatabase
-from .rollout import Rollout
+from .rollout import MAX_NODES, NodeWas, Rollout
 
 __all__ = ["PGOps", "copy_ops", "ops_empty"]
 
@@ -117,6 +117,48 @@ class PGOps:
                 "SELECT body FROM rollouts WHERE app = %s AND channel = %s", (app, channel)
             ).fetchone()
         return Rollout.from_json(json.loads(row[0])) if row else None
+
+    def rollout_node(self, key: str, app: str, channel: str, node: bytes, failed: bool) -> NodeWas:
+        with self.db.tx(f"note a node's outcome for the rollout of {app}/{channel}") as c:
+            while True:
+                row = c.execute(
+                    "SELECT failed FROM rollout_nodes WHERE key = %s AND node = %s FOR UPDATE",
+                    (key, node),
+                ).fetchone()
+                if row is not None:
+                    c.execute(
+                        "UPDATE rollout_nodes SET failed = %s WHERE key = %s AND node = %s",
+                        (failed, key, node),
+                    )
+                    return "failed" if row[0] else "ok"
+                c.execute(  # the set's row lock orders new nodes (and keeps the count exact)
+                    "INSERT INTO rollout_node_sets (key, app, channel, n) VALUES (%s, %s, %s, 0) "
+                    "ON CONFLICT (key) DO NOTHING",
+                    (key, app, channel),
+                )
+                full = c.execute(
+                    "SELECT n >= %s FROM rollout_node_sets WHERE key = %s FOR UPDATE",
+                    (MAX_NODES, key),
+                ).fetchone()
+                if full is None or full[0]:
+                    return "full"
+                added = c.execute(
+                    "INSERT INTO rollout_nodes (key, node, failed) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (key, node) DO NOTHING",
+                    (key, node, failed),
+                )
+                if added.rowcount == 1:
+                    c.execute("UPDATE rollout_node_sets SET n = n + 1 WHERE key = %s", (key,))
+                    return "new"
+                # another replica noted this node meanwhile: read its row (under the lock)
+
+    def drop_rollout_nodes(self, app: str, channel: str, keep: str | None) -> None:
+        with self.db.tx(f"forget the old rollout node sets of {app}/{channel}") as c:
+            c.execute(  # the nodes cascade
+                "DELETE FROM rollout_node_sets WHERE app = %s AND channel = %s "
+                "AND key IS DISTINCT FROM %s",
+                (app, channel, keep),
+            )
 
     def rollouts(self) -> list[Rollout]:
         with self.db.connection("read rollouts") as c:

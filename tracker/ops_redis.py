@@ -13,6 +13,9 @@ Keys (under the registry's prefix, ``trk:reg:`` unless ``--redis-prefix``)::
     P ops:builds                 sorted set: manifest id hex, scored by its last report
     P ops:o:<mid hex>            hash: counter name -> n, and _app, _build
     P ops:rollouts               hash: "<app>:<channel>" -> rollout JSON
+    P ops:rn:<nodes key>         hash: node id (raw) -> "1" latest outcome failed / "0" not
+                                 (rollout.nodes_key; at most rollout.MAX_NODES fields)
+    P ops:rnsets                 hash: nodes key -> "<app>:<channel>", to drop old sets
     P ops:audit:seq              counter of audit entries
     P ops:audit                  sorted set: "<seq> <entry JSON>", scored by seq
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .backend import AuditEntry
 from .errors import Conflict
@@ -30,7 +33,7 @@ from .ops_sqlite import audit_row, read_ops_snapshot
 from .outcomes import MAX_RELEASES, Outcome, counts_of, summary
 from .registry_redis import RedisRegistry
 from .registry_redis_link import _text
-from .rollout import Rollout
+from .rollout import MAX_NODES, NodeWas, Rollout
 
 __all__ = ["RedisOps"]
 
@@ -48,6 +51,17 @@ if over > 0 then
   end
 end
 return 1
+"""
+# KEYS: node set, sets. ARGV: node id, "1" failed / "0", most nodes, nodes key, app:channel.
+_ROLLOUT_NODE_LUA = """
+local was = redis.call('HGET', KEYS[1], ARGV[1])
+if not was then
+  if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return 'full' end
+  redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if not was then return 'new' elseif was == '1' then return 'failed' end
+return 'ok'
 """
 # KEYS: seq, log. ARGV: entry JSON.
 _AUDIT_LUA = """
@@ -67,6 +81,7 @@ class RedisOps:
         self.p = registry.p + "ops:"
         self._outcome = registry._slow.register_script(_OUTCOME_LUA)
         self._audit = registry._slow.register_script(_AUDIT_LUA)
+        self._rollout_node = registry._slow.register_script(_ROLLOUT_NODE_LUA)
 
     def close(self) -> None:
         """The registry owns the clients."""
@@ -110,6 +125,26 @@ class RedisOps:
         with self._reg._redis(f"read the rollout of {app}/{channel}"):
             raw = self._reg._fast.hget(self.p + "rollouts", f"{app}:{channel}")
         return Rollout.from_json(json.loads(raw)) if raw else None
+
+    def rollout_node(self, key: str, app: str, channel: str, node: bytes, failed: bool) -> NodeWas:
+        with self._reg._redis(f"note a node's outcome for the rollout of {app}/{channel}"):
+            was = self._rollout_node(
+                keys=[self.p + "rn:" + key, self.p + "rnsets"],
+                args=[node, "1" if failed else "0", MAX_NODES, key, f"{app}:{channel}"],
+            )
+        return cast(NodeWas, _text(was))
+
+    def drop_rollout_nodes(self, app: str, channel: str, keep: str | None) -> None:
+        with self._reg._redis(f"forget the old rollout node sets of {app}/{channel}"):
+            sets = self._reg._slow.hgetall(self.p + "rnsets")
+            old = [
+                _text(k)
+                for k, v in sets.items()
+                if _text(v) == f"{app}:{channel}" and _text(k) != keep
+            ]
+            if old:
+                self._reg._slow.unlink(*[self.p + "rn:" + k for k in old])
+                self._reg._slow.hdel(self.p + "rnsets", *old)
 
     def rollouts(self) -> list[Rollout]:
         with self._reg._redis("read rollouts"):

@@ -17,7 +17,7 @@ from typing import Any
 from .backend import AuditEntry
 from .outcomes import MAX_RELEASES, Outcome, counts_of, summary
 from .registry_sqlite import SQLiteFile, read_only
-from .rollout import Rollout
+from .rollout import MAX_NODES, NodeWas, Rollout
 
 __all__ = ["OpsSnapshot", "SQLiteOps", "audit_row", "read_ops_snapshot"]
 
@@ -34,6 +34,12 @@ CREATE TABLE IF NOT EXISTS outcome_seen (digest BLOB PRIMARY KEY, until REAL NOT
 CREATE INDEX IF NOT EXISTS outcome_seen_by_until ON outcome_seen(until);
 CREATE TABLE IF NOT EXISTS rollouts (
     app TEXT NOT NULL, channel TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (app, channel)
+);
+CREATE TABLE IF NOT EXISTS rollout_node_sets (
+    key TEXT PRIMARY KEY, app TEXT NOT NULL, channel TEXT NOT NULL, n INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollout_nodes (
+    key TEXT NOT NULL, node BLOB NOT NULL, failed INTEGER NOT NULL, PRIMARY KEY (key, node)
 );
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, action TEXT NOT NULL,
@@ -146,6 +152,42 @@ class SQLiteOps(SQLiteFile):
                 "SELECT body FROM rollouts WHERE app = ? AND channel = ?", (app, channel)
             ).fetchone()
         return Rollout.from_json(json.loads(row[0])) if row else None
+
+    def rollout_node(self, key: str, app: str, channel: str, node: bytes, failed: bool) -> NodeWas:
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT failed FROM rollout_nodes WHERE key = ? AND node = ?", (key, node)
+            ).fetchone()
+            if row is None:
+                c.execute(
+                    "INSERT INTO rollout_node_sets (key, app, channel, n) VALUES (?, ?, ?, 0) "
+                    "ON CONFLICT (key) DO NOTHING",
+                    (key, app, channel),
+                )
+                cur = c.execute(
+                    "UPDATE rollout_node_sets SET n = n + 1 WHERE key = ? AND n < ?",
+                    (key, MAX_NODES),
+                )
+                if cur.rowcount == 0:
+                    return "full"
+                was: NodeWas = "new"
+            else:
+                was = "failed" if row[0] else "ok"
+            c.execute(
+                "INSERT OR REPLACE INTO rollout_nodes (key, node, failed) VALUES (?, ?, ?)",
+                (key, node, int(failed)),
+            )
+        return was
+
+    def drop_rollout_nodes(self, app: str, channel: str, keep: str | None) -> None:
+        with self._tx() as c:
+            keys = c.execute(
+                "SELECT key FROM rollout_node_sets WHERE app = ? AND channel = ? AND key IS NOT ?",
+                (app, channel, keep),
+            ).fetchall()
+            for (key,) in keys:
+                c.execute("DELETE FROM rollout_nodes WHERE key = ?", (key,))
+                c.execute("DELETE FROM rollout_node_sets WHERE key = ?", (key,))
 
     def rollouts(self) -> list[Rollout]:
         with self._lock:

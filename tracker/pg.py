@@ -180,6 +180,17 @@ MIGRATIONS: list[str] = [
     DROP TABLE traffic_forecasts;
     ALTER TABLE fleet_apps ADD COLUMN joined BIGINT NOT NULL DEFAULT 0;
     """,
+    # 7: the nodes each rollout counted towards its automatic halt (as ops_sqlite's)
+    """
+    CREATE TABLE rollout_node_sets (
+        key TEXT PRIMARY KEY, app TEXT NOT NULL, channel TEXT NOT NULL, n BIGINT NOT NULL
+    );
+    CREATE INDEX rollout_node_sets_by_channel ON rollout_node_sets (app, channel);
+    CREATE TABLE rollout_nodes (
+        key TEXT NOT NULL REFERENCES rollout_node_sets(key) ON DELETE CASCADE,
+        node BYTEA NOT NULL, failed BOOLEAN NOT NULL, PRIMARY KEY (key, node)
+    );
+    """,
 ]
 
 

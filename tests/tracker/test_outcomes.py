@@ -222,3 +222,27 @@ async def test_replicas_share_the_tally_and_a_restart_keeps_it(
         assert rel["failure_codes"] == {"download_failed": 1}
     for c in (a, b):
         await c._http.aclose()
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_a_rollout_node_set_keeps_each_nodes_latest_outcome_and_is_bounded(
+    store: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ops = open_ops(store, tmp_path, request)
+    monkeypatch.setattr(type(ops).__module__ + ".MAX_NODES", 3)
+    key, other = "app/stable/ab/0", "app/stable/ab/1"
+    assert ops.rollout_node(key, APP, "stable", b"a" * 20, True) == "new"
+    assert ops.rollout_node(key, APP, "stable", b"a" * 20, True) == "failed"
+    assert ops.rollout_node(key, APP, "stable", b"a" * 20, False) == "failed"
+    assert ops.rollout_node(key, APP, "stable", b"a" * 20, False) == "ok"
+    assert ops.rollout_node(key, APP, "stable", b"b" * 20, False) == "new"
+    assert ops.rollout_node(key, APP, "stable", b"c" * 20, False) == "new"
+    assert ops.rollout_node(key, APP, "stable", b"d" * 20, True) == "full"
+    assert ops.rollout_node(key, APP, "stable", b"c" * 20, True) == "ok"  # known: noted
+    assert ops.rollout_node(other, APP, "stable", b"a" * 20, True) == "new"
+    ops.drop_rollout_nodes(APP, "stable", other)  # the first set goes, the kept one stays
+    assert ops.rollout_node(key, APP, "stable", b"a" * 20, True) == "new"
+    assert ops.rollout_node(other, APP, "stable", b"a" * 20, True) == "failed"
+    ops.drop_rollout_nodes(APP, "stable", None)
+    assert ops.rollout_node(other, APP, "stable", b"a" * 20, True) == "new"
+    ops.close()
