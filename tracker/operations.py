@@ -302,6 +302,8 @@ class Operations:
 
     async def outcome(self, o: Outcome, digest: bytes, now: float, window: float) -> bool:
         """Count an accepted outcome; one of a rollout's build may halt it. False: a replay."""
+        if o.kind == "rollback" and o.from_build is not None:
+            o = replace(o, from_manifest=await self.fled(o.app, o.from_build))
         if not await self.call(self.ops.add_outcome, o, digest, now, window):
             return False
         failed = o.code is not None
@@ -322,6 +324,14 @@ class Operations:
             if changed is not None and changed[0].state == "active" != changed[1].state:
                 await self._halted(changed[1])
         return True
+
+    async def fled(self, app: str, build: int) -> bytes | None:
+        """The manifest a rollback fled: the app's one manifest with that build number (a
+        rollback names the build it left by number; None when no manifest or several
+        channels' manifests have it, and then no build's ``rollbacks_from`` counts it)."""
+        releases = await self.registry_call(self.registry.releases)
+        found = [mid for mid, (a, b, _) in releases.items() if a == app and b == build]
+        return found[0] if len(found) == 1 else None
 
     async def _halted(self, r: Rollout) -> None:
         """The outcomes halted ``r``: recorded in the channel's history and the audit log."""

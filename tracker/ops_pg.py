@@ -25,7 +25,7 @@ from typing import Any
 
 from .backend import AuditEntry
 from .ops_sqlite import OpsSnapshot, audit_row
-from .outcomes import MAX_RELEASES, Outcome, counts_of, summary
+from .outcomes import MAX_RELEASES, Outcome, summary, tallies_of
 from .pg import Conn, PGDatabase
 from .rollout import MAX_NODES, NodeWas, Rollout
 
@@ -62,19 +62,22 @@ class PGOps:
             )
             if cur.rowcount == 0:
                 return False
-            row = c.execute(  # xmax = 0: the row was inserted (a build not tallied before)
-                "INSERT INTO outcome_builds (manifest, app, build, last) VALUES (%s, %s, %s, %s) "
-                "ON CONFLICT (manifest) DO UPDATE SET last = GREATEST(outcome_builds.last, "
-                "excluded.last) RETURNING xmax = 0",
-                (o.manifest, o.app, o.to_build, now),
-            ).fetchone()
-            new_build = bool(row and row[0])
-            with c.cursor() as counts:
-                counts.executemany(
-                    "INSERT INTO outcome_counts (manifest, name, n) VALUES (%s, %s, %s) "
-                    "ON CONFLICT (manifest, name) DO UPDATE SET n = outcome_counts.n + excluded.n",
-                    [(o.manifest, k, n) for k, n in sorted(counts_of(o).items())],
-                )
+            new_build = False
+            for mid, build, counts in tallies_of(o):  # in manifest order: no lock cycles
+                row = c.execute(  # xmax = 0: the row was inserted (a build not tallied before)
+                    "INSERT INTO outcome_builds (manifest, app, build, last) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT (manifest) DO UPDATE SET "
+                    "last = GREATEST(outcome_builds.last, excluded.last) RETURNING xmax = 0",
+                    (mid, o.app, build, now),
+                ).fetchone()
+                new_build = new_build or bool(row and row[0])
+                with c.cursor() as rows:
+                    rows.executemany(
+                        "INSERT INTO outcome_counts (manifest, name, n) VALUES (%s, %s, %s) "
+                        "ON CONFLICT (manifest, name) DO UPDATE "
+                        "SET n = outcome_counts.n + excluded.n",
+                        [(mid, k, n) for k, n in sorted(counts.items())],
+                    )
             over = 0
             if new_build:  # only a new build can take the tally past its bound
                 row = c.execute("SELECT COUNT(*) FROM outcome_builds").fetchone()
@@ -82,9 +85,9 @@ class PGOps:
             if over > 0:  # the least recently reported builds go (their counters cascade)
                 c.execute(
                     "DELETE FROM outcome_builds WHERE manifest IN (SELECT manifest FROM "
-                    "outcome_builds WHERE manifest <> %s ORDER BY last LIMIT %s "
+                    "outcome_builds WHERE manifest <> ALL(%s) ORDER BY last LIMIT %s "
                     "FOR UPDATE SKIP LOCKED)",
-                    (o.manifest, over),
+                    ([mid for mid, _, _ in tallies_of(o)], over),
                 )
         return True
 

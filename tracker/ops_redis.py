@@ -30,24 +30,31 @@ from typing import Any, cast
 from .backend import AuditEntry
 from .errors import Conflict
 from .ops_sqlite import audit_row, read_ops_snapshot
-from .outcomes import MAX_RELEASES, Outcome, counts_of, summary
+from .outcomes import MAX_RELEASES, Outcome, summary, tallies_of
 from .registry_redis import RedisRegistry
 from .registry_redis_link import _text
 from .rollout import MAX_NODES, NodeWas, Rollout
 
 __all__ = ["RedisOps"]
 
-# KEYS: seen, builds, counts. ARGV: window ms, now, mid hex, app, build, max builds, counts
-# prefix, then name, n pairs.
+# KEYS: seen, builds. ARGV: window ms, now, app, max builds, counts prefix, number of
+# builds, then per build: mid hex, build, number of counters, then name, n pairs.
 _OUTCOME_LUA = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-redis.call('HSET', KEYS[3], '_app', ARGV[4], '_build', ARGV[5])
-for i = 8, #ARGV, 2 do redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1]) end
-local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[6])
+local i, mine = 7, {}
+for _ = 1, tonumber(ARGV[6]) do
+  local mid, np = ARGV[i], tonumber(ARGV[i + 2])
+  local key = ARGV[5] .. mid
+  mine[mid] = true
+  redis.call('ZADD', KEYS[2], ARGV[2], mid)
+  redis.call('HSET', key, '_app', ARGV[3], '_build', ARGV[i + 1])
+  for j = i + 3, i + 1 + 2 * np, 2 do redis.call('HINCRBY', key, ARGV[j], ARGV[j + 1]) end
+  i = i + 3 + 2 * np
+end
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
 if over > 0 then
   for _, mid in ipairs(redis.call('ZPOPMIN', KEYS[2], over)) do
-    if mid ~= ARGV[3] and string.len(mid) == 64 then redis.call('DEL', ARGV[7] .. mid) end
+    if not mine[mid] and string.len(mid) == 64 then redis.call('DEL', ARGV[5] .. mid) end
   end
 end
 return 1
@@ -89,16 +96,17 @@ class RedisOps:
     # ---------------------------------------------------------------- outcomes
 
     def add_outcome(self, o: Outcome, digest: bytes, now: float, window: float) -> bool:
-        mid = o.manifest.hex()
-        pairs: list[Any] = []
-        for name, n in counts_of(o).items():
-            pairs += [name, n]
+        tallies = tallies_of(o)
+        args: list[Any] = [int(window * 1000), repr(now), o.app, MAX_RELEASES, self.p + "o:"]
+        args.append(len(tallies))
+        for mid, build, counts in tallies:
+            args += [mid.hex(), build, len(counts)]
+            for name, n in counts.items():
+                args += [name, n]
         with self._reg._redis("count an install outcome"):
             fresh = self._outcome(
-                keys=[self.p + "seen:" + digest.hex(), self.p + "builds", self.p + "o:" + mid],
-                args=[int(window * 1000), repr(now), mid, o.app, o.to_build, MAX_RELEASES,
-                      self.p + "o:", *pairs],
-            )  # fmt: skip
+                keys=[self.p + "seen:" + digest.hex(), self.p + "builds"], args=args
+            )
         return bool(fresh)
 
     def outcome_stats(self, app: str | None) -> list[dict[str, Any]]:

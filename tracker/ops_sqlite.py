@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .backend import AuditEntry
-from .outcomes import MAX_RELEASES, Outcome, counts_of, summary
+from .outcomes import MAX_RELEASES, Outcome, summary, tallies_of
 from .registry_sqlite import SQLiteFile, read_only
 from .rollout import MAX_NODES, NodeWas, Rollout
 
@@ -105,16 +105,17 @@ class SQLiteOps(SQLiteFile):
             )
             if cur.rowcount == 0:
                 return False
-            c.execute(
-                "INSERT INTO outcome_builds (manifest, app, build, last) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (manifest) DO UPDATE SET last = excluded.last",
-                (o.manifest, o.app, o.to_build, now),
-            )
-            c.executemany(
-                "INSERT INTO outcome_counts (manifest, name, n) VALUES (?, ?, ?) "
-                "ON CONFLICT (manifest, name) DO UPDATE SET n = n + excluded.n",
-                [(o.manifest, k, n) for k, n in counts_of(o).items()],
-            )
+            for mid, build, counts in tallies_of(o):
+                c.execute(
+                    "INSERT INTO outcome_builds (manifest, app, build, last) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (manifest) DO UPDATE SET last = excluded.last",
+                    (mid, o.app, build, now),
+                )
+                c.executemany(
+                    "INSERT INTO outcome_counts (manifest, name, n) VALUES (?, ?, ?) "
+                    "ON CONFLICT (manifest, name) DO UPDATE SET n = n + excluded.n",
+                    [(mid, k, n) for k, n in counts.items()],
+                )
             over = c.execute("SELECT COUNT(*) FROM outcome_builds").fetchone()[0] - MAX_RELEASES
             if over > 0:
                 old = c.execute(

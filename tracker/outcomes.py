@@ -20,6 +20,7 @@ digest for ``2 * MAX_SKEW`` seconds (the app also rate-limits each node).
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ __all__ = [
     "counts_of",
     "parse_outcome",
     "summary",
+    "tallies_of",
 ]
 
 MAX_OUTCOME_BYTES = 2048
@@ -79,6 +81,9 @@ class Outcome:
     from_build: int | None
     to_build: int
     bytes: tuple[int, ...]  # by SOURCES (a shorter tuple: the sources after it are 0)
+    #: a rollback's build it fled (the app's manifest with build ``from_build``, found by the
+    #: app in the registry; None when unknown or ambiguous): "rollbacks from it" count there
+    from_manifest: builtins.bytes | None = None
 
     def bytes_by_source(self) -> dict[str, int]:
         return dict(zip(SOURCES, (*self.bytes, *[0] * len(SOURCES)), strict=False))
@@ -148,11 +153,23 @@ def counts_of(o: Outcome) -> dict[str, int]:
     return out
 
 
+def tallies_of(o: Outcome) -> list[tuple[bytes, int, dict[str, int]]]:
+    """Every build's counters one outcome adds, as (manifest, build, counters) in manifest
+    order (the stores lock rows in that order): its own build's (:func:`counts_of`), and for
+    a rollback whose fled build is known, ``rollback_from`` on that build."""
+    out = [(o.manifest, o.to_build, counts_of(o))]
+    if o.from_manifest is not None and o.from_manifest != o.manifest and o.from_build is not None:
+        out.append((o.from_manifest, o.from_build, {"rollback_from": 1}))
+    return sorted(out)
+
+
 def summary(
     mid: bytes, app: str, build: int, counts: dict[str, int], last: float
 ) -> dict[str, Any]:
     """One build's tally as the API shows it: counts by kind, success rate, failure codes,
-    rollbacks, bytes by source and the mean duration of a success."""
+    rollbacks (``rollbacks_from``: attempts of nodes to roll back *from* this build, the
+    figure that says it is bad; ``rollbacks_to``: attempts that landed on it, also under its
+    old name ``rollbacks``), bytes by source and the mean duration of a success."""
     kinds: dict[str, dict[str, int]] = {}
     codes: dict[str, int] = {}
     for name, n in counts.items():
@@ -175,7 +192,9 @@ def summary(
         "success_rate": ok / (ok + failed) if ok + failed else None,
         "by_kind": {k: kinds[k] for k in sorted(kinds)},
         "failure_codes": dict(sorted(codes.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "rollbacks": rollbacks["success"] + rollbacks["failure"],
+        "rollbacks_from": counts.get("rollback_from", 0),
+        "rollbacks_to": rollbacks["success"] + rollbacks["failure"],
+        "rollbacks": rollbacks["success"] + rollbacks["failure"],  # the old name of _to
         "bytes": {s: counts.get(f"bytes:{s}", 0) for s in SOURCES},
         "mean_success_s": round(counts.get("ms", 0) / ok / 1000, 3) if ok else None,
         "last_report": last,

@@ -218,7 +218,8 @@ async def test_replicas_share_the_tally_and_a_restart_keeps_it(
     three = make_tracker("one" if url is None else "three", registry_url=url)  # a restart
     for t in (one, two, three):
         [rel] = (await client_for(t)._http.get("/v1/outcomes")).json()["releases"]
-        assert (rel["success"], rel["failure"], rel["rollbacks"]) == (2, 1, 1)
+        assert (rel["success"], rel["failure"], rel["rollbacks_to"]) == (2, 1, 1)
+        assert rel["rollbacks_from"] == 0  # build 2 was never published here
         assert rel["failure_codes"] == {"download_failed": 1}
     for c in (a, b):
         await c._http.aclose()
@@ -246,3 +247,33 @@ def test_a_rollout_node_set_keeps_each_nodes_latest_outcome_and_is_bounded(
     ops.drop_rollout_nodes(APP, "stable", None)
     assert ops.rollout_node(other, APP, "stable", b"a" * 20, True) == "new"
     ops.close()
+
+
+@pytest.mark.parametrize("store", STORES)
+async def test_a_rollback_counts_against_the_build_it_fled(
+    store: str,
+    make_tracker: Callable[..., Tracker],
+    publisher: Ed25519PrivateKey,
+    make_manifest: Callable[..., M.SignedManifest],
+    request: pytest.FixtureRequest,
+) -> None:
+    c = client_for(make_tracker(registry_url=registry_url_for(request, store)))
+    await c.add_app(APP, keys.public_key_bytes(publisher))
+    one, two = make_manifest(1), make_manifest(2)
+    for m in (one, two):
+        await c.publish(APP, "stable", m.encode())
+    for _ in range(2):
+        await c.report_outcome(keys.generate_key(), fields(one, kind="rollback", from_build=2))
+    await c.report_outcome(  # a failed rollback still says the node tried to flee build 2
+        keys.generate_key(),
+        fields(one, kind="rollback", from_build=2, outcome="failure", code="rollback_failed"),
+    )
+    tally = {r["build"]: r for r in (await c._http.get("/v1/outcomes")).json()["releases"]}
+    assert (tally[2]["rollbacks_from"], tally[2]["rollbacks_to"], tally[2]["reports"]) == (3, 0, 0)
+    assert (tally[1]["rollbacks_from"], tally[1]["rollbacks_to"]) == (0, 3)
+    metrics = (await c._http.get("/metrics")).text
+    label = (
+        f'app="{APP}",direction="from",manifest="{two.id.hex()}",version="{two.manifest.version}"'
+    )
+    assert f"tracker_install_rollbacks_total{{{label}}} 3.0" in metrics, metrics
+    await c._http.aclose()
