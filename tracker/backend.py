@@ -267,6 +267,14 @@ class OpsStore(Protocol):
         """Per build, newest report first: ``outcomes.summary`` of its counters."""
         ...
 
+    def outcome_series(
+        self, app: str | None, since: int
+    ) -> dict[bytes, list[tuple[int, str, int]]]:
+        """Per build (of ``app``, or all): its hourly series rows ``(hour, name, n)`` from
+        hour ``since`` on (``outcomes.series_counts``; hours older than
+        ``outcomes.SERIES_HOURS`` are dropped as outcomes arrive)."""
+        ...
+
     def rollout(self, app: str, channel: str) -> Rollout | None: ...
 
     def rollout_node(self, key: str, app: str, channel: str, node: bytes, failed: bool) -> NodeWas:

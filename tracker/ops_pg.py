@@ -25,7 +25,16 @@ from typing import Any
 
 from .backend import AuditEntry
 from .ops_sqlite import OpsSnapshot, audit_row
-from .outcomes import MAX_RELEASES, Outcome, summary, tallies_of
+from .outcomes import (
+    MAX_RELEASES,
+    SERIES_HOURS,
+    SERIES_STEP,
+    Outcome,
+    SeriesRows,
+    series_counts,
+    summary,
+    tallies_of,
+)
 from .pg import Conn, PGDatabase
 from .rollout import MAX_NODES, NodeWas, Rollout
 
@@ -62,7 +71,7 @@ class PGOps:
             )
             if cur.rowcount == 0:
                 return False
-            new_build = False
+            new_build, hour = False, int(now // SERIES_STEP)
             for mid, build, counts in tallies_of(o):  # in manifest order: no lock cycles
                 row = c.execute(  # xmax = 0: the row was inserted (a build not tallied before)
                     "INSERT INTO outcome_builds (manifest, app, build, last) "
@@ -78,6 +87,16 @@ class PGOps:
                         "SET n = outcome_counts.n + excluded.n",
                         [(mid, k, n) for k, n in sorted(counts.items())],
                     )
+                    rows.executemany(
+                        "INSERT INTO outcome_hours (manifest, hour, name, n) "
+                        "VALUES (%s, %s, %s, %s) ON CONFLICT (manifest, hour, name) DO UPDATE "
+                        "SET n = outcome_hours.n + excluded.n",
+                        [(mid, hour, k, n) for k, n in sorted(series_counts(counts).items())],
+                    )
+                c.execute(
+                    "DELETE FROM outcome_hours WHERE manifest = %s AND hour <= %s",
+                    (mid, hour - SERIES_HOURS),
+                )
             over = 0
             if new_build:  # only a new build can take the tally past its bound
                 row = c.execute("SELECT COUNT(*) FROM outcome_builds").fetchone()
@@ -111,6 +130,20 @@ class PGOps:
             summary(bytes(mid), a, int(build), counts.get(bytes(mid), {}), float(last))
             for mid, a, build, last in builds
         ]
+
+    def outcome_series(
+        self, app: str | None, since: int
+    ) -> dict[bytes, list[tuple[int, str, int]]]:
+        where, args = ("", ()) if app is None else ("AND b.app = %s ", (app,))
+        out: SeriesRows = {}
+        with self.db.connection("read install outcome series") as c:
+            for mid, hour, name, n in c.execute(
+                "SELECT h.manifest, h.hour, h.name, h.n FROM outcome_hours h "
+                "JOIN outcome_builds b ON b.manifest = h.manifest WHERE h.hour >= %s " + where,
+                (since, *args),
+            ):
+                out.setdefault(bytes(mid), []).append((int(hour), name, int(n)))
+        return out
 
     # ---------------------------------------------------------------- rollouts
 

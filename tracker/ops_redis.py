@@ -12,6 +12,8 @@ Keys (under the registry's prefix, ``trk:reg:`` unless ``--redis-prefix``)::
     P ops:seen:<digest hex>      an outcome's signature digest, expiring after the replay window
     P ops:builds                 sorted set: manifest id hex, scored by its last report
     P ops:o:<mid hex>            hash: counter name -> n, and _app, _build
+    P ops:oh:<mid hex>           hash: "<hour>:<name>" -> n (outcomes.series_counts), and
+                                 _hour (the hour whose first outcome dropped the expired ones)
     P ops:rollouts               hash: "<app>:<channel>" -> rollout JSON
     P ops:rn:<nodes key>         hash: node id (raw) -> "1" latest outcome failed / "0" not
                                  (rollout.nodes_key; at most rollout.MAX_NODES fields)
@@ -24,13 +26,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from itertools import chain
 from pathlib import Path
 from typing import Any, cast
 
 from .backend import AuditEntry
 from .errors import Conflict
 from .ops_sqlite import audit_row, read_ops_snapshot
-from .outcomes import MAX_RELEASES, Outcome, summary, tallies_of
+from .outcomes import (
+    MAX_RELEASES,
+    SERIES_HOURS,
+    SERIES_STEP,
+    Outcome,
+    SeriesRows,
+    series_counts,
+    summary,
+    tallies_of,
+)
 from .registry_redis import RedisRegistry
 from .registry_redis_link import _text
 from .rollout import MAX_NODES, NodeWas, Rollout
@@ -38,23 +50,38 @@ from .rollout import MAX_NODES, NodeWas, Rollout
 __all__ = ["RedisOps"]
 
 # KEYS: seen, builds. ARGV: window ms, now, app, max builds, counts prefix, number of
-# builds, then per build: mid hex, build, number of counters, then name, n pairs.
+# builds, series prefix, this hour, oldest hour kept; then per build: mid hex, build, number
+# of counters, name, n pairs, number of series counters, name, n pairs.
 _OUTCOME_LUA = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
-local i, mine = 7, {}
+local i, mine, hour, oldest = 10, {}, ARGV[8], tonumber(ARGV[9])
 for _ = 1, tonumber(ARGV[6]) do
   local mid, np = ARGV[i], tonumber(ARGV[i + 2])
-  local key = ARGV[5] .. mid
+  local key, series = ARGV[5] .. mid, ARGV[7] .. mid
   mine[mid] = true
   redis.call('ZADD', KEYS[2], ARGV[2], mid)
   redis.call('HSET', key, '_app', ARGV[3], '_build', ARGV[i + 1])
   for j = i + 3, i + 1 + 2 * np, 2 do redis.call('HINCRBY', key, ARGV[j], ARGV[j + 1]) end
   i = i + 3 + 2 * np
+  local ns = tonumber(ARGV[i])
+  for j = i + 1, i - 1 + 2 * ns, 2 do
+    redis.call('HINCRBY', series, hour .. ':' .. ARGV[j], ARGV[j + 1])
+  end
+  i = i + 1 + 2 * ns
+  if redis.call('HGET', series, '_hour') ~= hour then  -- a new hour: drop the expired ones
+    for _, f in ipairs(redis.call('HKEYS', series)) do
+      local h = tonumber(string.match(f, '^(%d+):'))
+      if h and h < oldest then redis.call('HDEL', series, f) end
+    end
+    redis.call('HSET', series, '_hour', hour)
+  end
 end
 local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
 if over > 0 then
   for _, mid in ipairs(redis.call('ZPOPMIN', KEYS[2], over)) do
-    if not mine[mid] and string.len(mid) == 64 then redis.call('DEL', ARGV[5] .. mid) end
+    if not mine[mid] and string.len(mid) == 64 then
+      redis.call('DEL', ARGV[5] .. mid, ARGV[7] .. mid)
+    end
   end
 end
 return 1
@@ -96,18 +123,36 @@ class RedisOps:
     # ---------------------------------------------------------------- outcomes
 
     def add_outcome(self, o: Outcome, digest: bytes, now: float, window: float) -> bool:
-        tallies = tallies_of(o)
+        tallies, hour = tallies_of(o), int(now // SERIES_STEP)
         args: list[Any] = [int(window * 1000), repr(now), o.app, MAX_RELEASES, self.p + "o:"]
-        args.append(len(tallies))
+        args += [len(tallies), self.p + "oh:", hour, hour - SERIES_HOURS + 1]
         for mid, build, counts in tallies:
-            args += [mid.hex(), build, len(counts)]
-            for name, n in counts.items():
-                args += [name, n]
+            series = series_counts(counts)
+            args += [mid.hex(), build, len(counts), *chain(*counts.items())]
+            args += [len(series), *chain(*series.items())]
         with self._reg._redis("count an install outcome"):
             fresh = self._outcome(
                 keys=[self.p + "seen:" + digest.hex(), self.p + "builds"], args=args
             )
         return bool(fresh)
+
+    def outcome_series(self, app: str | None, since: int) -> SeriesRows:
+        r = self._reg
+        with r._redis("read install outcome series"), r._slow.pipeline(False) as pipe:
+            mids = [_text(m) for m in r._slow.zrevrange(self.p + "builds", 0, -1)]
+            for mid in mids:
+                pipe.hget(self.p + "o:" + mid, "_app")
+                pipe.hgetall(self.p + "oh:" + mid)
+            rows = pipe.execute()
+        out: SeriesRows = {}
+        for mid, a, row in zip(mids, rows[::2], rows[1::2], strict=True):
+            if a is None or (app is not None and _text(a) != app):
+                continue
+            for k, v in row.items():
+                hour, _, name = _text(k).partition(":")
+                if name and int(hour) >= since:
+                    out.setdefault(bytes.fromhex(mid), []).append((int(hour), name, int(v)))
+        return out
 
     def outcome_stats(self, app: str | None) -> list[dict[str, Any]]:
         with self._reg._redis("read install outcomes"):

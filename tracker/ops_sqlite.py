@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from .backend import AuditEntry
-from .outcomes import MAX_RELEASES, Outcome, summary, tallies_of
+from .outcomes import (
+    MAX_RELEASES,
+    SERIES_HOURS,
+    SERIES_STEP,
+    Outcome,
+    SeriesRows,
+    series_counts,
+    summary,
+    tallies_of,
+)
 from .registry_sqlite import SQLiteFile, read_only
 from .rollout import MAX_NODES, NodeWas, Rollout
 
@@ -29,6 +38,10 @@ CREATE INDEX IF NOT EXISTS outcome_builds_by_last ON outcome_builds(last);
 CREATE TABLE IF NOT EXISTS outcome_counts (
     manifest BLOB NOT NULL, name TEXT NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (manifest, name)
+);
+CREATE TABLE IF NOT EXISTS outcome_hours (
+    manifest BLOB NOT NULL, hour INTEGER NOT NULL, name TEXT NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (manifest, hour, name)
 );
 CREATE TABLE IF NOT EXISTS outcome_seen (digest BLOB PRIMARY KEY, until REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS outcome_seen_by_until ON outcome_seen(until);
@@ -105,6 +118,7 @@ class SQLiteOps(SQLiteFile):
             )
             if cur.rowcount == 0:
                 return False
+            hour = int(now // SERIES_STEP)
             for mid, build, counts in tallies_of(o):
                 c.execute(
                     "INSERT INTO outcome_builds (manifest, app, build, last) VALUES (?, ?, ?, ?) "
@@ -116,6 +130,15 @@ class SQLiteOps(SQLiteFile):
                     "ON CONFLICT (manifest, name) DO UPDATE SET n = n + excluded.n",
                     [(mid, k, n) for k, n in counts.items()],
                 )
+                c.executemany(
+                    "INSERT INTO outcome_hours (manifest, hour, name, n) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (manifest, hour, name) DO UPDATE SET n = n + excluded.n",
+                    [(mid, hour, k, n) for k, n in series_counts(counts).items()],
+                )
+                c.execute(
+                    "DELETE FROM outcome_hours WHERE manifest = ? AND hour <= ?",
+                    (mid, hour - SERIES_HOURS),
+                )
             over = c.execute("SELECT COUNT(*) FROM outcome_builds").fetchone()[0] - MAX_RELEASES
             if over > 0:
                 old = c.execute(
@@ -123,6 +146,7 @@ class SQLiteOps(SQLiteFile):
                 ).fetchall()
                 for (mid,) in old:
                     c.execute("DELETE FROM outcome_counts WHERE manifest = ?", (mid,))
+                    c.execute("DELETE FROM outcome_hours WHERE manifest = ?", (mid,))
                     c.execute("DELETE FROM outcome_builds WHERE manifest = ?", (mid,))
         return True
 
@@ -144,6 +168,20 @@ class SQLiteOps(SQLiteFile):
             summary(bytes(mid), a, build, counts.get(bytes(mid), {}), last)
             for mid, a, build, last in builds
         ]
+
+    def outcome_series(
+        self, app: str | None, since: int
+    ) -> dict[bytes, list[tuple[int, str, int]]]:
+        out: SeriesRows = {}
+        with self._lock:
+            for mid, hour, name, n in self._conn.execute(
+                "SELECT h.manifest, h.hour, h.name, h.n FROM outcome_hours h "
+                "JOIN outcome_builds b ON b.manifest = h.manifest "
+                "WHERE (? IS NULL OR b.app = ?) AND h.hour >= ?",
+                (app, app, since),
+            ):
+                out.setdefault(bytes(mid), []).append((hour, name, n))
+        return out
 
     # ---------------------------------------------------------------- rollouts
 

@@ -180,8 +180,14 @@ MIGRATIONS: list[str] = [
     DROP TABLE traffic_forecasts;
     ALTER TABLE fleet_apps ADD COLUMN joined BIGINT NOT NULL DEFAULT 0;
     """,
-    # 7: the nodes each rollout counted towards its automatic halt (as ops_sqlite's)
+    # 7: the nodes each rollout counted towards its automatic halt, and the hourly series of
+    # install outcomes per build (as ops_sqlite's)
     """
+    CREATE TABLE outcome_hours (
+        manifest BYTEA NOT NULL REFERENCES outcome_builds(manifest) ON DELETE CASCADE,
+        hour BIGINT NOT NULL, name TEXT NOT NULL, n BIGINT NOT NULL,
+        PRIMARY KEY (manifest, hour, name)
+    );
     CREATE TABLE rollout_node_sets (
         key TEXT PRIMARY KEY, app TEXT NOT NULL, channel TEXT NOT NULL, n BIGINT NOT NULL
     );
