@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -340,3 +341,28 @@ async def test_each_builds_outcomes_over_time_in_hours(
     rows = t.ops.outcome_series(APP, 0)
     assert sorted({h for h, _, _ in rows[two.id]}) == [h0 + 2 + SERIES_HOURS], rows
     await c._http.aclose()
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_replicas_noting_the_same_nodes_at_once_count_each_node_once(
+    store: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Four writers (threads, as replicas' worker threads are) note the same 30 nodes at
+    once: each node is "new" to exactly one of them."""
+    ops = open_ops(store, tmp_path, request)
+    nodes = [i.to_bytes(20, "big") for i in range(30)]
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def writer() -> None:
+        got = [ops.rollout_node("app/stable/ab/0", APP, "stable", n, False) for n in nodes]
+        with lock:
+            seen.extend(got)
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen.count("new") == len(nodes) and seen.count("ok") == 3 * len(nodes), seen
+    ops.close()
