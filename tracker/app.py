@@ -69,13 +69,13 @@ from .metrics import TrackerMetrics
 from .middleware import Buckets, RequestMiddleware
 from .operations import Operations
 from .operator_http import OperatorRoutes
-from .outcomes import MAX_OUTCOME_BYTES, parse_outcome
+from .outcomes import MAX_OUTCOME_BYTES, SERIES_HOURS, SERIES_STEP, parse_outcome, series_view
 from .records import VerifiedRecords
 from .releaseinfo import ReleaseInfos
 from .sessions import AnnounceSessions
 from .traffic_store import TrafficStore
 from .troubles import Troubles
-from .web import error_response, read_body
+from .web import error_response, query_int, read_body
 
 __all__ = ["Tracker", "TrackerConfig"]
 
@@ -380,13 +380,21 @@ class Tracker(OperatorRoutes):
         return JSONResponse({"accepted": len(r.peers)})
 
     async def _outcomes(self, request: Request) -> Response:
-        """POST: a node's signed install outcome; GET: the tally per build (``?app=``)."""
+        """POST: a node's signed install outcome; GET: the tally per build (``?app=``), and
+        with ``?hours=N`` each build's hourly series."""
         if request.method == "GET":
             app = request.query_params.get("app")
             if app is not None:
                 core.check_name(app, "app")
+            hours = query_int(request, "hours", 1, SERIES_HOURS)
             labels = await self._registry_call(self.registry.releases)
-            return JSONResponse({"releases": await self._outcome_stats(app, labels)})
+            releases = await self._outcome_stats(app, labels)
+            if hours is not None:  # and each build's hourly series over the last ``hours``
+                since = int(self.config.clock() // SERIES_STEP) - hours + 1
+                rows = await self._registry_call(self.ops.outcome_series, app, since)
+                for r in releases:
+                    r["series"] = series_view(rows.get(bytes.fromhex(r["manifest_id"]), []))
+            return JSONResponse({"releases": releases})
         body = await read_body(request, MAX_OUTCOME_BYTES)
         now = self.config.clock()
         o = parse_outcome(body, request.headers.get(SIGNATURE_HEADER), now=now)

@@ -47,7 +47,7 @@ from p2pnode.discovery.tracker_api import ChannelHead
 from .core import Announce, Report
 from .outcomes import Outcome
 from .quality import PeerQuality
-from .rollout import Rollout
+from .rollout import NodeWas, Rollout
 
 __all__ = [
     "AnnounceAnswer",
@@ -267,7 +267,26 @@ class OpsStore(Protocol):
         """Per build, newest report first: ``outcomes.summary`` of its counters."""
         ...
 
+    def outcome_series(
+        self, app: str | None, since: int
+    ) -> dict[bytes, list[tuple[int, str, int]]]:
+        """Per build (of ``app``, or all): its hourly series rows ``(hour, name, n)`` from
+        hour ``since`` on (``outcomes.series_counts``; hours older than
+        ``outcomes.SERIES_HOURS`` are dropped as outcomes arrive)."""
+        ...
+
     def rollout(self, app: str, channel: str) -> Rollout | None: ...
+
+    def rollout_node(self, key: str, app: str, channel: str, node: bytes, failed: bool) -> NodeWas:
+        """Note ``node``'s latest outcome (``failed`` or not) in the rollout node set ``key``
+        (``rollout.nodes_key``, of ``app``/``channel``) and say what it was before, atomically
+        across replicas; ``full`` (nothing noted) when the set holds ``rollout.MAX_NODES``."""
+        ...
+
+    def drop_rollout_nodes(self, app: str, channel: str, keep: str | None) -> None:
+        """Forget the channel's rollout node sets but ``keep`` (a rollout ended, resumed or
+        was replaced)."""
+        ...
 
     def rollouts(self) -> list[Rollout]: ...
 

@@ -196,6 +196,8 @@ class ChannelRoutes:
         self.infos.put(mid, m.info)
         if staged is None:
             await self.ops.moved(row.name, channel, mid, "publish")
+        else:
+            await self.ops.tidy(row.name, channel)  # the replaced rollout's node set goes
         self.metrics.moves.labels("publish").inc()
         self.feed.notify()
         await self.ops.record(

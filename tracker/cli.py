@@ -192,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     ro.add_argument("--url", required=True, help="tracker URL, e.g. http://127.0.0.1:7070")
     ro.add_argument("--token", help="publisher or admin token (or env TRACKER_ADMIN_TOKEN)")
     ro.add_argument("--threshold", type=float, help="failure share that halts it, e.g. 0.05")
-    ro.add_argument("--min-outcomes", type=int, help="outcomes needed before it may halt")
+    ro.add_argument("--min-outcomes", type=int, help="nodes with outcomes needed to halt")
     ro.add_argument("--json", action="store_true")
     au = sub.add_parser("audit", help="read the audit log, newest first")
     au.add_argument("--url", required=True, help="tracker URL, e.g. http://127.0.0.1:7070")
@@ -413,11 +413,11 @@ async def _audit(args: argparse.Namespace) -> dict[str, Any]:
 
 def _print_rollout(r: dict[str, Any]) -> None:
     rate = r.get("failure_rate")
-    failed = "no outcomes yet" if rate is None else f"{100 * rate:.1f}% of outcomes failed"
+    failed = "no node reported yet" if rate is None else f"{100 * rate:.1f}% of nodes failed"
     print(
         f"{r['app']}/{r['channel']} build {r['build']}: {r['state']} at {r['percent']:g}% "
-        f"({r['success']} ok, {r['failure']} failed: {failed}; halts at "
-        f"{100 * r['threshold']:g}% of at least {r['min_outcomes']})"
+        f"({r['success']} nodes ok, {r['failure']} failed: {failed}; halts at "
+        f"{100 * r['threshold']:g}% of at least {r['min_outcomes']} nodes)"
         + (f" - {r['reason']}" if r.get("reason") else "")
     )
 

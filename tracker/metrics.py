@@ -206,6 +206,12 @@ def _outcome_metrics(builds: list[dict[str, Any]]) -> Any:
         "chunks and delta patches; patches_cdn and patches_peers are the patches among them)",
         labels=[*labels, "source"],
     )
+    rollbacks = CounterMetricFamily(
+        "tracker_install_rollbacks",
+        "Rollback attempts nodes reported, per build: direction=from counts them against the "
+        "build the nodes fled, direction=to against the build they landed on",
+        labels=[*labels, "direction"],
+    )
     rate = GaugeMetricFamily(
         "tracker_install_success_ratio",
         "Share of reported install attempts that succeeded, per build",
@@ -222,7 +228,9 @@ def _outcome_metrics(builds: list[dict[str, Any]]) -> Any:
             failures.add_metric([*lv, code], n)
         for source, n in b["bytes"].items():
             moved.add_metric([*lv, source], n)
-    yield from (outcomes, failures, moved, rate)
+        rollbacks.add_metric([*lv, "from"], b["rollbacks_from"])
+        rollbacks.add_metric([*lv, "to"], b["rollbacks_to"])
+    yield from (outcomes, failures, moved, rollbacks, rate)
 
 
 def _rollout_metrics(rollouts: list[dict[str, Any]]) -> Any:

@@ -174,6 +174,7 @@ def _schemas() -> dict[str, Any]:
                 "started": {"type": "number"},
                 "changed": {"type": "number"},
                 "reason": {"type": "string"},
+                "epoch": {"type": "integer", "minimum": 0},
             },
         },
         "Announce": {

@@ -27,6 +27,7 @@ from .openapi_parts import (
     upload_op,
 )
 from .operations import MAX_AUDIT_PAGE
+from .outcomes import SERIES_HOURS
 
 
 def _signed(summary: str, schema: str, *, status: int = 200) -> dict[str, Any]:
@@ -235,8 +236,16 @@ def _paths() -> dict[str, Any]:
         "/v1/outcomes": {
             "post": _signed("Signed install outcome", "Outcome", status=201),
             "get": _op(
-                "Install outcomes per build: success rate, failure codes",
-                parameters=[{"name": "app", "in": "query", "schema": _NAME}],
+                "Install outcomes per build: success rate, failure codes, rollbacks; with "
+                "hours=N, each build's hourly series over the last N hours",
+                parameters=[
+                    {"name": "app", "in": "query", "schema": _NAME},
+                    {
+                        "name": "hours",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": SERIES_HOURS},
+                    },
+                ],
             ),
         },
         "/v1/peers/{node_id}": {

@@ -154,12 +154,20 @@ class Operations:
         await self.call(self.ops.put_rollout, r)
         return r, old
 
+    async def tidy(self, app: str, channel: str) -> None:
+        """Forget the channel's rollout node sets but the one its rollout counts on (after
+        a rollout was staged, resumed, replaced or ended; they are large)."""
+        r: Rollout | None = await self.call(self.ops.rollout, app, channel)
+        keep = rollout.nodes_key(r) if r is not None and r.state == "active" else None
+        await self.call(self.ops.drop_rollout_nodes, app, channel, keep)
+
     async def unstage(self, staged: Rollout, old: Rollout | None) -> None:
         """The publish of a staged build was refused: the channel's rollout is what it was."""
         now = self.config.clock()
         why = "its publish was refused"
         back = old or replace(staged, state="ended", changed=now, reason=why)
         await self.call(self.ops.put_rollout, back)
+        await self.tidy(staged.app, staged.channel)
 
     async def current(self, app: str, channel: str, head: ChannelHead) -> Rollout | None:
         """The channel's rollout if it still applies (its build is the head, not ended)."""
@@ -178,6 +186,7 @@ class Operations:
             channel,
             lambda r: rollout.superseded(r, head, action, now),
         )
+        await self.tidy(app, channel)
 
     async def personal(
         self, head: ChannelHead, node: bytes | None, have: bytes | None
@@ -274,6 +283,8 @@ class Operations:
                 fix="publish with --rollout PERCENT",
             )
         before, after = changed
+        if after.state != "active" or after.epoch != before.epoch:
+            await self.tidy(row_name, channel)
         await self._move(after, action, actor)
         await self.record(
             request, f"rollout-{action}", actor, f"{row_name}/{channel}",
@@ -291,27 +302,42 @@ class Operations:
 
     async def outcome(self, o: Outcome, digest: bytes, now: float, window: float) -> bool:
         """Count an accepted outcome; one of a rollout's build may halt it. False: a replay."""
+        if o.kind == "rollback" and o.from_build is not None:
+            o = replace(o, from_manifest=await self.fled(o.app, o.from_build))
         if not await self.call(self.ops.add_outcome, o, digest, now, window):
             return False
+        failed = o.code is not None
         for r in await self.call(self.ops.rollouts):
             if r.app != o.app or r.manifest != o.manifest or r.state != "active":
                 continue
-            failed = o.code is not None
+            key = rollout.nodes_key(r)
+            was = await self.call(self.ops.rollout_node, key, r.app, r.channel, o.node_id, failed)
+            if was == ("failed" if failed else "ok") or was == "full":
+                continue  # a retry that changes nothing, or a node beyond the set's bound
 
-            def count(cur: Rollout, failed: bool = failed) -> Rollout:
+            def count(cur: Rollout, was: rollout.NodeWas = was, epoch: int = r.epoch) -> Rollout:
                 if cur.manifest != o.manifest:
                     return cur
-                return rollout.with_outcome(cur, failed, now)
+                return rollout.with_outcome(cur, failed, now, was, epoch)
 
             changed = await self.call(self.ops.update_rollout, r.app, r.channel, count)
             if changed is not None and changed[0].state == "active" != changed[1].state:
                 await self._halted(changed[1])
         return True
 
+    async def fled(self, app: str, build: int) -> bytes | None:
+        """The manifest a rollback fled: the app's one manifest with that build number (a
+        rollback names the build it left by number; None when no manifest or several
+        channels' manifests have it, and then no build's ``rollbacks_from`` counts it)."""
+        releases = await self.registry_call(self.registry.releases)
+        found = [mid for mid, (a, b, _) in releases.items() if a == app and b == build]
+        return found[0] if len(found) == 1 else None
+
     async def _halted(self, r: Rollout) -> None:
         """The outcomes halted ``r``: recorded in the channel's history and the audit log."""
         log.warning("rollout of build %d on %s/%s halted: %s", r.build, r.app, r.channel, r.reason)
         self.metrics.rollout_halts.inc()
+        await self.tidy(r.app, r.channel)
         await self._move(r, "halt", "tracker")
         entry = AuditEntry(
             self.config.clock(),

@@ -107,6 +107,7 @@ class OperatorRoutes:
             "fleet.js": "text/javascript",
             "fleet.css": "text/css",
             "load.js": "text/javascript",
+            "outcomes.js": "text/javascript",
         }
         if name not in types:
             raise NotFound(f"no dashboard asset {name}")

@@ -25,9 +25,18 @@ from typing import Any
 
 from .backend import AuditEntry
 from .ops_sqlite import OpsSnapshot, audit_row
-from .outcomes import MAX_RELEASES, Outcome, counts_of, summary
+from .outcomes import (
+    MAX_RELEASES,
+    SERIES_HOURS,
+    SERIES_STEP,
+    Outcome,
+    SeriesRows,
+    series_counts,
+    summary,
+    tallies_of,
+)
 from .pg import Conn, PGDatabase
-from .rollout import Rollout
+from .rollout import MAX_NODES, NodeWas, Rollout
 
 __all__ = ["PGOps", "copy_ops", "ops_empty"]
 
@@ -62,18 +71,31 @@ class PGOps:
             )
             if cur.rowcount == 0:
                 return False
-            row = c.execute(  # xmax = 0: the row was inserted (a build not tallied before)
-                "INSERT INTO outcome_builds (manifest, app, build, last) VALUES (%s, %s, %s, %s) "
-                "ON CONFLICT (manifest) DO UPDATE SET last = GREATEST(outcome_builds.last, "
-                "excluded.last) RETURNING xmax = 0",
-                (o.manifest, o.app, o.to_build, now),
-            ).fetchone()
-            new_build = bool(row and row[0])
-            with c.cursor() as counts:
-                counts.executemany(
-                    "INSERT INTO outcome_counts (manifest, name, n) VALUES (%s, %s, %s) "
-                    "ON CONFLICT (manifest, name) DO UPDATE SET n = outcome_counts.n + excluded.n",
-                    [(o.manifest, k, n) for k, n in sorted(counts_of(o).items())],
+            new_build, hour = False, int(now // SERIES_STEP)
+            for mid, build, counts in tallies_of(o):  # in manifest order: no lock cycles
+                row = c.execute(  # xmax = 0: the row was inserted (a build not tallied before)
+                    "INSERT INTO outcome_builds (manifest, app, build, last) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT (manifest) DO UPDATE SET "
+                    "last = GREATEST(outcome_builds.last, excluded.last) RETURNING xmax = 0",
+                    (mid, o.app, build, now),
+                ).fetchone()
+                new_build = new_build or bool(row and row[0])
+                with c.cursor() as rows:
+                    rows.executemany(
+                        "INSERT INTO outcome_counts (manifest, name, n) VALUES (%s, %s, %s) "
+                        "ON CONFLICT (manifest, name) DO UPDATE "
+                        "SET n = outcome_counts.n + excluded.n",
+                        [(mid, k, n) for k, n in sorted(counts.items())],
+                    )
+                    rows.executemany(
+                        "INSERT INTO outcome_hours (manifest, hour, name, n) "
+                        "VALUES (%s, %s, %s, %s) ON CONFLICT (manifest, hour, name) DO UPDATE "
+                        "SET n = outcome_hours.n + excluded.n",
+                        [(mid, hour, k, n) for k, n in sorted(series_counts(counts).items())],
+                    )
+                c.execute(
+                    "DELETE FROM outcome_hours WHERE manifest = %s AND hour <= %s",
+                    (mid, hour - SERIES_HOURS),
                 )
             over = 0
             if new_build:  # only a new build can take the tally past its bound
@@ -82,9 +104,9 @@ class PGOps:
             if over > 0:  # the least recently reported builds go (their counters cascade)
                 c.execute(
                     "DELETE FROM outcome_builds WHERE manifest IN (SELECT manifest FROM "
-                    "outcome_builds WHERE manifest <> %s ORDER BY last LIMIT %s "
+                    "outcome_builds WHERE manifest <> ALL(%s) ORDER BY last LIMIT %s "
                     "FOR UPDATE SKIP LOCKED)",
-                    (o.manifest, over),
+                    ([mid for mid, _, _ in tallies_of(o)], over),
                 )
         return True
 
@@ -109,6 +131,20 @@ class PGOps:
             for mid, a, build, last in builds
         ]
 
+    def outcome_series(
+        self, app: str | None, since: int
+    ) -> dict[bytes, list[tuple[int, str, int]]]:
+        where, args = ("", ()) if app is None else ("AND b.app = %s ", (app,))
+        out: SeriesRows = {}
+        with self.db.connection("read install outcome series") as c:
+            for mid, hour, name, n in c.execute(
+                "SELECT h.manifest, h.hour, h.name, h.n FROM outcome_hours h "
+                "JOIN outcome_builds b ON b.manifest = h.manifest WHERE h.hour >= %s " + where,
+                (since, *args),
+            ):
+                out.setdefault(bytes(mid), []).append((int(hour), name, int(n)))
+        return out
+
     # ---------------------------------------------------------------- rollouts
 
     def rollout(self, app: str, channel: str) -> Rollout | None:
@@ -117,6 +153,48 @@ class PGOps:
                 "SELECT body FROM rollouts WHERE app = %s AND channel = %s", (app, channel)
             ).fetchone()
         return Rollout.from_json(json.loads(row[0])) if row else None
+
+    def rollout_node(self, key: str, app: str, channel: str, node: bytes, failed: bool) -> NodeWas:
+        with self.db.tx(f"note a node's outcome for the rollout of {app}/{channel}") as c:
+            while True:
+                row = c.execute(
+                    "SELECT failed FROM rollout_nodes WHERE key = %s AND node = %s FOR UPDATE",
+                    (key, node),
+                ).fetchone()
+                if row is not None:
+                    c.execute(
+                        "UPDATE rollout_nodes SET failed = %s WHERE key = %s AND node = %s",
+                        (failed, key, node),
+                    )
+                    return "failed" if row[0] else "ok"
+                c.execute(  # the set's row lock orders new nodes (and keeps the count exact)
+                    "INSERT INTO rollout_node_sets (key, app, channel, n) VALUES (%s, %s, %s, 0) "
+                    "ON CONFLICT (key) DO NOTHING",
+                    (key, app, channel),
+                )
+                full = c.execute(
+                    "SELECT n >= %s FROM rollout_node_sets WHERE key = %s FOR UPDATE",
+                    (MAX_NODES, key),
+                ).fetchone()
+                if full is None or full[0]:
+                    return "full"
+                added = c.execute(
+                    "INSERT INTO rollout_nodes (key, node, failed) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (key, node) DO NOTHING",
+                    (key, node, failed),
+                )
+                if added.rowcount == 1:
+                    c.execute("UPDATE rollout_node_sets SET n = n + 1 WHERE key = %s", (key,))
+                    return "new"
+                # another replica noted this node meanwhile: read its row (under the lock)
+
+    def drop_rollout_nodes(self, app: str, channel: str, keep: str | None) -> None:
+        with self.db.tx(f"forget the old rollout node sets of {app}/{channel}") as c:
+            c.execute(  # the nodes cascade
+                "DELETE FROM rollout_node_sets WHERE app = %s AND channel = %s "
+                "AND key IS DISTINCT FROM %s",
+                (app, channel, keep),
+            )
 
     def rollouts(self) -> list[Rollout]:
         with self.db.connection("read rollouts") as c:

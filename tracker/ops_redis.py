@@ -12,7 +12,12 @@ Keys (under the registry's prefix, ``trk:reg:`` unless ``--redis-prefix``)::
     P ops:seen:<digest hex>      an outcome's signature digest, expiring after the replay window
     P ops:builds                 sorted set: manifest id hex, scored by its last report
     P ops:o:<mid hex>            hash: counter name -> n, and _app, _build
+    P ops:oh:<mid hex>           hash: "<hour>:<name>" -> n (outcomes.series_counts), and
+                                 _hour (the hour whose first outcome dropped the expired ones)
     P ops:rollouts               hash: "<app>:<channel>" -> rollout JSON
+    P ops:rn:<nodes key>         hash: node id (raw) -> "1" latest outcome failed / "0" not
+                                 (rollout.nodes_key; at most rollout.MAX_NODES fields)
+    P ops:rnsets                 hash: nodes key -> "<app>:<channel>", to drop old sets
     P ops:audit:seq              counter of audit entries
     P ops:audit                  sorted set: "<seq> <entry JSON>", scored by seq
 """
@@ -21,33 +26,76 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .backend import AuditEntry
 from .errors import Conflict
 from .ops_sqlite import audit_row, read_ops_snapshot
-from .outcomes import MAX_RELEASES, Outcome, counts_of, summary
+from .outcomes import (
+    MAX_RELEASES,
+    SERIES_HOURS,
+    SERIES_STEP,
+    Outcome,
+    SeriesRows,
+    series_counts,
+    summary,
+    tallies_of,
+)
 from .registry_redis import RedisRegistry
 from .registry_redis_link import _text
-from .rollout import Rollout
+from .rollout import MAX_NODES, NodeWas, Rollout
 
 __all__ = ["RedisOps"]
 
-# KEYS: seen, builds, counts. ARGV: window ms, now, mid hex, app, build, max builds, counts
-# prefix, then name, n pairs.
+# KEYS: seen, builds. ARGV: window ms, now, app, max builds, counts prefix, number of
+# builds, series prefix, this hour, oldest hour kept; then per build: mid hex, build, number
+# of counters, name, n pairs, number of series counters, name, n pairs.
 _OUTCOME_LUA = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-redis.call('HSET', KEYS[3], '_app', ARGV[4], '_build', ARGV[5])
-for i = 8, #ARGV, 2 do redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1]) end
-local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[6])
+local i, mine, hour, oldest = 10, {}, ARGV[8], tonumber(ARGV[9])
+for _ = 1, tonumber(ARGV[6]) do
+  local mid, np = ARGV[i], tonumber(ARGV[i + 2])
+  local key, series = ARGV[5] .. mid, ARGV[7] .. mid
+  mine[mid] = true
+  redis.call('ZADD', KEYS[2], ARGV[2], mid)
+  redis.call('HSET', key, '_app', ARGV[3], '_build', ARGV[i + 1])
+  for j = i + 3, i + 1 + 2 * np, 2 do redis.call('HINCRBY', key, ARGV[j], ARGV[j + 1]) end
+  i = i + 3 + 2 * np
+  local ns = tonumber(ARGV[i])
+  for j = i + 1, i - 1 + 2 * ns, 2 do
+    redis.call('HINCRBY', series, hour .. ':' .. ARGV[j], ARGV[j + 1])
+  end
+  i = i + 1 + 2 * ns
+  if redis.call('HGET', series, '_hour') ~= hour then  -- a new hour: drop the expired ones
+    for _, f in ipairs(redis.call('HKEYS', series)) do
+      local h = tonumber(string.match(f, '^(%d+):'))
+      if h and h < oldest then redis.call('HDEL', series, f) end
+    end
+    redis.call('HSET', series, '_hour', hour)
+  end
+end
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
 if over > 0 then
   for _, mid in ipairs(redis.call('ZPOPMIN', KEYS[2], over)) do
-    if mid ~= ARGV[3] and string.len(mid) == 64 then redis.call('DEL', ARGV[7] .. mid) end
+    if not mine[mid] and string.len(mid) == 64 then
+      redis.call('DEL', ARGV[5] .. mid, ARGV[7] .. mid)
+    end
   end
 end
 return 1
+"""
+# KEYS: node set, sets. ARGV: node id, "1" failed / "0", most nodes, nodes key, app:channel.
+_ROLLOUT_NODE_LUA = """
+local was = redis.call('HGET', KEYS[1], ARGV[1])
+if not was then
+  if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return 'full' end
+  redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if not was then return 'new' elseif was == '1' then return 'failed' end
+return 'ok'
 """
 # KEYS: seq, log. ARGV: entry JSON.
 _AUDIT_LUA = """
@@ -67,6 +115,7 @@ class RedisOps:
         self.p = registry.p + "ops:"
         self._outcome = registry._slow.register_script(_OUTCOME_LUA)
         self._audit = registry._slow.register_script(_AUDIT_LUA)
+        self._rollout_node = registry._slow.register_script(_ROLLOUT_NODE_LUA)
 
     def close(self) -> None:
         """The registry owns the clients."""
@@ -74,17 +123,36 @@ class RedisOps:
     # ---------------------------------------------------------------- outcomes
 
     def add_outcome(self, o: Outcome, digest: bytes, now: float, window: float) -> bool:
-        mid = o.manifest.hex()
-        pairs: list[Any] = []
-        for name, n in counts_of(o).items():
-            pairs += [name, n]
+        tallies, hour = tallies_of(o), int(now // SERIES_STEP)
+        args: list[Any] = [int(window * 1000), repr(now), o.app, MAX_RELEASES, self.p + "o:"]
+        args += [len(tallies), self.p + "oh:", hour, hour - SERIES_HOURS + 1]
+        for mid, build, counts in tallies:
+            series = series_counts(counts)
+            args += [mid.hex(), build, len(counts), *chain(*counts.items())]
+            args += [len(series), *chain(*series.items())]
         with self._reg._redis("count an install outcome"):
             fresh = self._outcome(
-                keys=[self.p + "seen:" + digest.hex(), self.p + "builds", self.p + "o:" + mid],
-                args=[int(window * 1000), repr(now), mid, o.app, o.to_build, MAX_RELEASES,
-                      self.p + "o:", *pairs],
-            )  # fmt: skip
+                keys=[self.p + "seen:" + digest.hex(), self.p + "builds"], args=args
+            )
         return bool(fresh)
+
+    def outcome_series(self, app: str | None, since: int) -> SeriesRows:
+        r = self._reg
+        with r._redis("read install outcome series"), r._slow.pipeline(False) as pipe:
+            mids = [_text(m) for m in r._slow.zrevrange(self.p + "builds", 0, -1)]
+            for mid in mids:
+                pipe.hget(self.p + "o:" + mid, "_app")
+                pipe.hgetall(self.p + "oh:" + mid)
+            rows = pipe.execute()
+        out: SeriesRows = {}
+        for mid, a, row in zip(mids, rows[::2], rows[1::2], strict=True):
+            if a is None or (app is not None and _text(a) != app):
+                continue
+            for k, v in row.items():
+                hour, _, name = _text(k).partition(":")
+                if name and int(hour) >= since:
+                    out.setdefault(bytes.fromhex(mid), []).append((int(hour), name, int(v)))
+        return out
 
     def outcome_stats(self, app: str | None) -> list[dict[str, Any]]:
         with self._reg._redis("read install outcomes"):
@@ -110,6 +178,26 @@ class RedisOps:
         with self._reg._redis(f"read the rollout of {app}/{channel}"):
             raw = self._reg._fast.hget(self.p + "rollouts", f"{app}:{channel}")
         return Rollout.from_json(json.loads(raw)) if raw else None
+
+    def rollout_node(self, key: str, app: str, channel: str, node: bytes, failed: bool) -> NodeWas:
+        with self._reg._redis(f"note a node's outcome for the rollout of {app}/{channel}"):
+            was = self._rollout_node(
+                keys=[self.p + "rn:" + key, self.p + "rnsets"],
+                args=[node, "1" if failed else "0", MAX_NODES, key, f"{app}:{channel}"],
+            )
+        return cast(NodeWas, _text(was))
+
+    def drop_rollout_nodes(self, app: str, channel: str, keep: str | None) -> None:
+        with self._reg._redis(f"forget the old rollout node sets of {app}/{channel}"):
+            sets = self._reg._slow.hgetall(self.p + "rnsets")
+            old = [
+                _text(k)
+                for k, v in sets.items()
+                if _text(v) == f"{app}:{channel}" and _text(k) != keep
+            ]
+            if old:
+                self._reg._slow.unlink(*[self.p + "rn:" + k for k in old])
+                self._reg._slow.hdel(self.p + "rnsets", *old)
 
     def rollouts(self) -> list[Rollout]:
         with self._reg._redis("read rollouts"):

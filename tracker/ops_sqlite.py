@@ -15,9 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from .backend import AuditEntry
-from .outcomes import MAX_RELEASES, Outcome, counts_of, summary
+from .outcomes import (
+    MAX_RELEASES,
+    SERIES_HOURS,
+    SERIES_STEP,
+    Outcome,
+    SeriesRows,
+    series_counts,
+    summary,
+    tallies_of,
+)
 from .registry_sqlite import SQLiteFile, read_only
-from .rollout import Rollout
+from .rollout import MAX_NODES, NodeWas, Rollout
 
 __all__ = ["OpsSnapshot", "SQLiteOps", "audit_row", "read_ops_snapshot"]
 
@@ -30,11 +39,21 @@ CREATE TABLE IF NOT EXISTS outcome_counts (
     manifest BLOB NOT NULL, name TEXT NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (manifest, name)
 );
+CREATE TABLE IF NOT EXISTS outcome_hours (
+    manifest BLOB NOT NULL, hour INTEGER NOT NULL, name TEXT NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (manifest, hour, name)
+);
 CREATE TABLE IF NOT EXISTS outcome_seen (digest BLOB PRIMARY KEY, until REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS outcome_seen_by_until ON outcome_seen(until);
 CREATE TABLE IF NOT EXISTS rollouts (
     app TEXT NOT NULL, channel TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (app, channel)
 );
+CREATE TABLE IF NOT EXISTS rollout_node_sets (
+    key TEXT PRIMARY KEY, app TEXT NOT NULL, channel TEXT NOT NULL, n INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollout_nodes (
+    key TEXT NOT NULL, node BLOB NOT NULL, failed INTEGER NOT NULL, PRIMARY KEY (key, node)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, action TEXT NOT NULL,
     actor TEXT NOT NULL, token_id TEXT NOT NULL, address TEXT NOT NULL, target TEXT NOT NULL,
@@ -99,16 +118,27 @@ class SQLiteOps(SQLiteFile):
             )
             if cur.rowcount == 0:
                 return False
-            c.execute(
-                "INSERT INTO outcome_builds (manifest, app, build, last) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (manifest) DO UPDATE SET last = excluded.last",
-                (o.manifest, o.app, o.to_build, now),
-            )
-            c.executemany(
-                "INSERT INTO outcome_counts (manifest, name, n) VALUES (?, ?, ?) "
-                "ON CONFLICT (manifest, name) DO UPDATE SET n = n + excluded.n",
-                [(o.manifest, k, n) for k, n in counts_of(o).items()],
-            )
+            hour = int(now // SERIES_STEP)
+            for mid, build, counts in tallies_of(o):
+                c.execute(
+                    "INSERT INTO outcome_builds (manifest, app, build, last) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (manifest) DO UPDATE SET last = excluded.last",
+                    (mid, o.app, build, now),
+                )
+                c.executemany(
+                    "INSERT INTO outcome_counts (manifest, name, n) VALUES (?, ?, ?) "
+                    "ON CONFLICT (manifest, name) DO UPDATE SET n = n + excluded.n",
+                    [(mid, k, n) for k, n in counts.items()],
+                )
+                c.executemany(
+                    "INSERT INTO outcome_hours (manifest, hour, name, n) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (manifest, hour, name) DO UPDATE SET n = n + excluded.n",
+                    [(mid, hour, k, n) for k, n in series_counts(counts).items()],
+                )
+                c.execute(
+                    "DELETE FROM outcome_hours WHERE manifest = ? AND hour <= ?",
+                    (mid, hour - SERIES_HOURS),
+                )
             over = c.execute("SELECT COUNT(*) FROM outcome_builds").fetchone()[0] - MAX_RELEASES
             if over > 0:
                 old = c.execute(
@@ -116,6 +146,7 @@ class SQLiteOps(SQLiteFile):
                 ).fetchall()
                 for (mid,) in old:
                     c.execute("DELETE FROM outcome_counts WHERE manifest = ?", (mid,))
+                    c.execute("DELETE FROM outcome_hours WHERE manifest = ?", (mid,))
                     c.execute("DELETE FROM outcome_builds WHERE manifest = ?", (mid,))
         return True
 
@@ -138,6 +169,20 @@ class SQLiteOps(SQLiteFile):
             for mid, a, build, last in builds
         ]
 
+    def outcome_series(
+        self, app: str | None, since: int
+    ) -> dict[bytes, list[tuple[int, str, int]]]:
+        out: SeriesRows = {}
+        with self._lock:
+            for mid, hour, name, n in self._conn.execute(
+                "SELECT h.manifest, h.hour, h.name, h.n FROM outcome_hours h "
+                "JOIN outcome_builds b ON b.manifest = h.manifest "
+                "WHERE (? IS NULL OR b.app = ?) AND h.hour >= ?",
+                (app, app, since),
+            ):
+                out.setdefault(bytes(mid), []).append((hour, name, n))
+        return out
+
     # ---------------------------------------------------------------- rollouts
 
     def rollout(self, app: str, channel: str) -> Rollout | None:
@@ -146,6 +191,42 @@ class SQLiteOps(SQLiteFile):
                 "SELECT body FROM rollouts WHERE app = ? AND channel = ?", (app, channel)
             ).fetchone()
         return Rollout.from_json(json.loads(row[0])) if row else None
+
+    def rollout_node(self, key: str, app: str, channel: str, node: bytes, failed: bool) -> NodeWas:
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT failed FROM rollout_nodes WHERE key = ? AND node = ?", (key, node)
+            ).fetchone()
+            if row is None:
+                c.execute(
+                    "INSERT INTO rollout_node_sets (key, app, channel, n) VALUES (?, ?, ?, 0) "
+                    "ON CONFLICT (key) DO NOTHING",
+                    (key, app, channel),
+                )
+                cur = c.execute(
+                    "UPDATE rollout_node_sets SET n = n + 1 WHERE key = ? AND n < ?",
+                    (key, MAX_NODES),
+                )
+                if cur.rowcount == 0:
+                    return "full"
+                was: NodeWas = "new"
+            else:
+                was = "failed" if row[0] else "ok"
+            c.execute(
+                "INSERT OR REPLACE INTO rollout_nodes (key, node, failed) VALUES (?, ?, ?)",
+                (key, node, int(failed)),
+            )
+        return was
+
+    def drop_rollout_nodes(self, app: str, channel: str, keep: str | None) -> None:
+        with self._tx() as c:
+            keys = c.execute(
+                "SELECT key FROM rollout_node_sets WHERE app = ? AND channel = ? AND key IS NOT ?",
+                (app, channel, keep),
+            ).fetchall()
+            for (key,) in keys:
+                c.execute("DELETE FROM rollout_nodes WHERE key = ?", (key,))
+                c.execute("DELETE FROM rollout_node_sets WHERE key = ?", (key,))
 
     def rollouts(self) -> list[Rollout]:
         with self._lock:

@@ -13,6 +13,12 @@ SQLite beside the registry or the registry's Redis), so replicas share one count
 keeps it; the store also keeps the replay guard, so an outcome replayed to another replica is
 refused too.
 
+**Over time.** Beside the lifetime tally each build has an hourly series (:data:`SERIES_STEP`
+buckets, the last :data:`SERIES_HOURS` kept): successes, failures by code and rollbacks from
+it (:func:`series_counts`), which ``GET /v1/outcomes?hours=N`` shows (:func:`series_view`)
+and the dashboard charts. ``/metrics`` needs no series: Prometheus keeps its own from the
+lifetime counters.
+
 Bounded: the stores tally at most ``MAX_RELEASES`` builds (the least recently reported goes
 first), every counter name is from a closed list, and the replay guard keeps each signature
 digest for ``2 * MAX_SKEW`` seconds (the app also rate-limits each node).
@@ -20,6 +26,7 @@ digest for ``2 * MAX_SKEW`` seconds (the app also rate-limits each node).
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,11 +51,17 @@ __all__ = [
     "MAX_DURATION_MS",
     "MAX_OUTCOME_BYTES",
     "MAX_RELEASES",
+    "SERIES_HOURS",
+    "SERIES_STEP",
     "SOURCES",
     "Outcome",
+    "SeriesRows",
     "counts_of",
     "parse_outcome",
+    "series_counts",
+    "series_view",
     "summary",
+    "tallies_of",
 ]
 
 MAX_OUTCOME_BYTES = 2048
@@ -57,6 +70,14 @@ MAX_RELEASES = 2000
 #: The longest attempt an outcome may report (a week, in milliseconds).
 MAX_DURATION_MS = 7 * 24 * 3600 * 1000
 MAX_BUILD = (1 << 63) - 1
+#: The outcome series' bucket, in seconds (an hour), and how many buckets are kept (7 days):
+#: at most MAX_RELEASES x SERIES_HOURS x (2 + codes) counters, far fewer in practice (only
+#: hours with reports have any).
+SERIES_STEP = 3600
+SERIES_HOURS = 7 * 24
+#: Per build, its hourly series as the stores keep it: ``(hour, name, n)`` rows (hour:
+#: seconds since the epoch // SERIES_STEP; names from :func:`series_counts`).
+SeriesRows = dict[bytes, list[tuple[int, str, int]]]
 #: Sources of an attempt's bytes, as the body names them (``bytes_<source>``). ``peers`` and
 #: ``cdn`` count everything from there, chunks and delta patches; ``patches`` is the patch
 #: bytes, and ``patches_cdn`` / ``patches_peers`` how many of them came from each source (so
@@ -79,6 +100,9 @@ class Outcome:
     from_build: int | None
     to_build: int
     bytes: tuple[int, ...]  # by SOURCES (a shorter tuple: the sources after it are 0)
+    #: a rollback's build it fled (the app's manifest with build ``from_build``, found by the
+    #: app in the registry; None when unknown or ambiguous): "rollbacks from it" count there
+    from_manifest: builtins.bytes | None = None
 
     def bytes_by_source(self) -> dict[str, int]:
         return dict(zip(SOURCES, (*self.bytes, *[0] * len(SOURCES)), strict=False))
@@ -148,11 +172,23 @@ def counts_of(o: Outcome) -> dict[str, int]:
     return out
 
 
+def tallies_of(o: Outcome) -> list[tuple[bytes, int, dict[str, int]]]:
+    """Every build's counters one outcome adds, as (manifest, build, counters) in manifest
+    order (the stores lock rows in that order): its own build's (:func:`counts_of`), and for
+    a rollback whose fled build is known, ``rollback_from`` on that build."""
+    out = [(o.manifest, o.to_build, counts_of(o))]
+    if o.from_manifest is not None and o.from_manifest != o.manifest and o.from_build is not None:
+        out.append((o.from_manifest, o.from_build, {"rollback_from": 1}))
+    return sorted(out)
+
+
 def summary(
     mid: bytes, app: str, build: int, counts: dict[str, int], last: float
 ) -> dict[str, Any]:
     """One build's tally as the API shows it: counts by kind, success rate, failure codes,
-    rollbacks, bytes by source and the mean duration of a success."""
+    rollbacks (``rollbacks_from``: attempts of nodes to roll back *from* this build, the
+    figure that says it is bad; ``rollbacks_to``: attempts that landed on it, also under its
+    old name ``rollbacks``), bytes by source and the mean duration of a success."""
     kinds: dict[str, dict[str, int]] = {}
     codes: dict[str, int] = {}
     for name, n in counts.items():
@@ -175,8 +211,42 @@ def summary(
         "success_rate": ok / (ok + failed) if ok + failed else None,
         "by_kind": {k: kinds[k] for k in sorted(kinds)},
         "failure_codes": dict(sorted(codes.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "rollbacks": rollbacks["success"] + rollbacks["failure"],
+        "rollbacks_from": counts.get("rollback_from", 0),
+        "rollbacks_to": rollbacks["success"] + rollbacks["failure"],
+        "rollbacks": rollbacks["success"] + rollbacks["failure"],  # the old name of _to
         "bytes": {s: counts.get(f"bytes:{s}", 0) for s in SOURCES},
         "mean_success_s": round(counts.get("ms", 0) / ok / 1000, 3) if ok else None,
         "last_report": last,
     }
+
+
+def series_counts(counts: dict[str, int]) -> dict[str, int]:
+    """The counters of a build's tally (:func:`tallies_of`) that also go into its hourly
+    series: ``ok`` (successes of any kind), ``code:CODE`` and ``rollback_from``."""
+    out: dict[str, int] = {}
+    for name, n in counts.items():
+        if name.startswith("ok:"):
+            out["ok"] = out.get("ok", 0) + n
+        elif name.startswith("code:") or name == "rollback_from":
+            out[name] = out.get(name, 0) + n
+    return out
+
+
+def series_view(rows: list[tuple[int, str, int]]) -> list[dict[str, Any]]:
+    """A build's hourly series from its stored ``(hour, name, n)`` rows (hour: seconds since
+    the epoch // SERIES_STEP), oldest first, hours without reports left out."""
+    hours: dict[int, dict[str, Any]] = {}
+    for hour, name, n in sorted(rows):
+        h = hours.setdefault(
+            hour,
+            {"at": hour * SERIES_STEP, "success": 0, "failure": 0, "failure_codes": {},
+             "rollbacks_from": 0},
+        )  # fmt: skip
+        if name == "ok":
+            h["success"] += n
+        elif name.startswith("code:"):
+            h["failure"] += n
+            h["failure_codes"][name[5:]] = n
+        elif name == "rollback_from":
+            h["rollbacks_from"] += n
+    return [hours[k] for k in sorted(hours)]

@@ -195,6 +195,23 @@ MIGRATIONS: list[str] = [
         SELECT app, 'c', client, COUNT(*) FROM fleet_seats GROUP BY app, client;
     DROP INDEX fleet_seats_by_build;
     """,
+    # 8: the nodes each rollout counted towards its automatic halt, and the hourly series of
+    # install outcomes per build (as ops_sqlite's)
+    """
+    CREATE TABLE outcome_hours (
+        manifest BYTEA NOT NULL REFERENCES outcome_builds(manifest) ON DELETE CASCADE,
+        hour BIGINT NOT NULL, name TEXT NOT NULL, n BIGINT NOT NULL,
+        PRIMARY KEY (manifest, hour, name)
+    );
+    CREATE TABLE rollout_node_sets (
+        key TEXT PRIMARY KEY, app TEXT NOT NULL, channel TEXT NOT NULL, n BIGINT NOT NULL
+    );
+    CREATE INDEX rollout_node_sets_by_channel ON rollout_node_sets (app, channel);
+    CREATE TABLE rollout_nodes (
+        key TEXT NOT NULL REFERENCES rollout_node_sets(key) ON DELETE CASCADE,
+        node BYTEA NOT NULL, failed BOOLEAN NOT NULL, PRIMARY KEY (key, node)
+    );
+    """,
 ]
 
 

@@ -15,10 +15,17 @@ are signed with; a node that lies only picks its own build) and may say which bu
 run (``?have=MANIFEST``): a node already on the rollout's build keeps it, even after a halt
 (halting stops the spread; taking a build back is a rollback, the operator's call).
 
-Every outcome nodes report for the rollout's build counts (:func:`with_outcome`); when at
-least ``min_outcomes`` were reported and the failure share reaches ``threshold``, the rollout
-halts by itself and no further node is offered the build. ``resume`` (the operator's call)
-starts the count afresh. ``complete`` offers the build to every node.
+The automatic halt counts **nodes, not attempts** (:func:`with_outcome`): a node that
+retries a broken install reports every attempt, and one broken machine must not halt a
+rollout for everyone. The stores keep, per rollout, which nodes reported on its build and
+whether each one's *latest* outcome failed (:data:`MAX_NODES` node ids at most; the node set is
+keyed by :func:`nodes_key`); ``success`` and ``failure`` are the nodes whose latest outcome
+succeeded or failed. A node that failed and then succeeded counts as a success (it recovered;
+the retries are in the outcome tally and its failure codes), one that succeeded and then failed
+counts as a failure. When at least ``min_outcomes`` nodes have reported and the failed share
+reaches ``threshold``, the rollout halts by itself and no further node is offered the build.
+``resume`` (the operator's call) starts the count afresh, with an empty node set (``epoch``
+moves on). ``complete`` offers the build to every node.
 
 Everything here is pure: the stores keep :class:`Rollout` values (:meth:`Rollout.to_json`)
 and apply these functions inside their transactions.
@@ -28,17 +35,20 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "ACTIONS",
     "DEFAULT_MIN_OUTCOMES",
     "DEFAULT_THRESHOLD",
+    "MAX_NODES",
     "STATES",
+    "NodeWas",
     "Rollout",
     "RolloutError",
     "change",
     "member",
+    "nodes_key",
     "offered",
     "superseded",
     "with_outcome",
@@ -48,6 +58,12 @@ __all__ = [
 DEFAULT_THRESHOLD = 0.05
 #: Outcomes needed before the failure share may halt a rollout (a few early failures are noise).
 DEFAULT_MIN_OUTCOMES = 20
+#: Nodes a rollout's node set keeps at most (a later new node's outcomes are not counted
+#: towards the halt; the share of the first million is a fair sample of the rest).
+MAX_NODES = 1_000_000
+#: What a store says of a node's earlier outcome for a rollout (``rollout_node``): none yet,
+#: its latest succeeded or failed, or the node set is full (the node is not counted).
+NodeWas = Literal["new", "ok", "failed", "full"]
 #: Resolution of the percentage: 1/100 of a percent.
 BUCKETS = 10_000
 #: ``ended``: another build became the channel's head (a publish, promote or rollback).
@@ -78,13 +94,16 @@ class Rollout:
     state: str = "active"
     threshold: float = DEFAULT_THRESHOLD
     min_outcomes: int = DEFAULT_MIN_OUTCOMES
-    #: outcomes of the build reported since the rollout started (or last resumed)
+    #: nodes whose latest outcome of the build since the rollout started (or last resumed)
+    #: succeeded / failed
     success: int = 0
     failure: int = 0
     started: float = 0.0
     changed: float = 0.0
     #: why it halted (``auto: ...`` or ``operator``); empty otherwise
     reason: str = ""
+    #: resumes so far: each starts a new node set (:func:`nodes_key`)
+    epoch: int = 0
 
     @property
     def failure_rate(self) -> float | None:
@@ -139,16 +158,27 @@ def offered(r: Rollout | None, node_id: bytes | None, have: bytes | None) -> byt
     return r.previous
 
 
-def with_outcome(r: Rollout, failed: bool, now: float) -> Rollout:
-    """``r`` after one more outcome of its build; halted when the failures reach the
-    threshold over at least ``min_outcomes`` outcomes (only an active rollout counts)."""
-    if r.state != "active":
+def nodes_key(r: Rollout) -> str:
+    """The name of the rollout's node set in the stores: one per build and resume, so a
+    resumed rollout counts afresh and an old set is never mixed into a new one."""
+    return f"{r.app}/{r.channel}/{r.manifest.hex()}/{r.epoch}"
+
+
+def with_outcome(
+    r: Rollout, failed: bool, now: float, was: NodeWas = "new", epoch: int | None = None
+) -> Rollout:
+    """``r`` after a node's outcome of its build, given what the node's latest outcome was
+    before (``was``, from the store's node set of epoch ``epoch``); halted when the failed
+    nodes reach the threshold over at least ``min_outcomes`` nodes (only an active rollout
+    counts, and only for the node set it is on)."""
+    if r.state != "active" or was == "full" or (epoch is not None and epoch != r.epoch):
         return r
-    s, f = r.success + (not failed), r.failure + failed
+    s = r.success + (not failed) - (was == "ok")
+    f = r.failure + failed - (was == "failed")
     r = replace(r, success=s, failure=f)
     if s + f >= r.min_outcomes and f >= r.threshold * (s + f):
         share = 100 * f / (s + f)
-        reason = f"auto: {f} of {s + f} outcomes failed ({share:.1f}% >= {100 * r.threshold:g}%)"
+        reason = f"auto: {f} of {s + f} nodes failed ({share:.1f}% >= {100 * r.threshold:g}%)"
         r = replace(r, state="halted", changed=now, reason=reason)
     return r
 
@@ -184,7 +214,9 @@ def change(r: Rollout, action: str, now: float, percent: float | None = None) ->
                 f"only a halted rollout can be resumed (this one is {r.state})",
                 fix="nothing to resume: raise, halt or complete it",
             )
-        return replace(r, state="active", changed=now, reason="", success=0, failure=0)
+        return replace(
+            r, state="active", changed=now, reason="", success=0, failure=0, epoch=r.epoch + 1
+        )
     if action == "complete":
         return replace(r, state="complete", percent=100.0, changed=now, reason="")
     raise RolloutError(

@@ -102,6 +102,8 @@ def test_publish_through_tracker_reaches_a_watching_node(tmp_path: Path, tracker
         "repair": {"success": 1, "failure": 0},
     }, kinds
     assert {r["build"]: r["rollbacks"] for r in tally} == {1: 1, 2: 0}
+    # the rollback counts against the build the node fled
+    assert {r["build"]: r["rollbacks_from"] for r in tally} == {1: 0, 2: 1}
 
 
 def test_nodes_find_each_other_through_tracker_announces(tmp_path: Path, tracker_url: str) -> None:

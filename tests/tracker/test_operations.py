@@ -57,8 +57,11 @@ async def builds(
 @pytest.fixture(params=STORES)
 def store_tracker(request: pytest.FixtureRequest, make_tracker: Callable[..., Tracker]) -> Tracker:
     url = registry_url_for(request, request.param)
-    # simulated nodes share one address here: lift the per-address limit
-    return make_tracker(registry_url=url, client_rate=1e6, client_burst=1e6)
+    # simulated nodes share one address here, and some retry: lift the per-address and
+    # per-node limits
+    return make_tracker(
+        registry_url=url, client_rate=1e6, client_burst=1e6, report_rate=1e6, report_burst=1e6
+    )
 
 
 async def test_a_rollout_reaches_its_share_grows_without_flipping_and_halts_itself(
@@ -149,6 +152,50 @@ async def test_a_rollout_reaches_its_share_grows_without_flipping_and_halts_itse
     assert resumed["state"] == "active" and resumed["failure"] == 0
     await c.change_rollout(APP, "stable", "complete")
     assert set((await builds(c, fleet)).values()) == {2}
+    await c._http.aclose()
+
+
+async def test_the_automatic_halt_counts_nodes_not_attempts(
+    store_tracker: Tracker,
+    publisher: Ed25519PrivateKey,
+    make_manifest: Callable[..., M.SignedManifest],
+) -> None:
+    """One broken node retrying 30 times among 40 healthy ones is one failed node of 41
+    (2.4% < 5%): no halt; a node that failed and then succeeded counts as succeeded; 3
+    distinct failing nodes of 40 (7.5%) halt it."""
+    c = client_for(store_tracker)
+    await c.add_app(APP, keys.public_key_bytes(publisher))
+    one, two = make_manifest(1), make_manifest(2)
+    await c.publish(APP, "stable", one.encode())
+    await c.publish(APP, "stable", two.encode(), rollout=50)
+    healthy = [keys.generate_key() for _ in range(40)]
+    for k in healthy:
+        await c.report_outcome(k, outcome(two, failed=False))
+    broken = keys.generate_key()
+    for _ in range(30):
+        await c.report_outcome(broken, outcome(two, failed=True))
+
+    async def state() -> dict[str, Any]:
+        got: dict[str, Any] = (await c._http.get(f"/v1/apps/{APP}/channels/stable/rollout")).json()
+        return got
+
+    s = await state()
+    assert (s["state"], s["success"], s["failure"]) == ("active", 40, 1), s
+    await c.report_outcome(broken, outcome(two, failed=False))  # it recovered
+    s = await state()
+    assert (s["state"], s["success"], s["failure"]) == ("active", 41, 0), s
+    for k in healthy[:2]:  # two nodes that had succeeded now fail: 2 of 41
+        await c.report_outcome(k, outcome(two, failed=True))
+    assert (await state())["state"] == "active"
+    await c.report_outcome(healthy[2], outcome(two, failed=True))  # 3 of 41 = 7.3%
+    s = await state()
+    assert (s["state"], s["success"], s["failure"]) == ("halted", 38, 3), s
+    assert s["reason"].startswith("auto: 3 of 41 nodes failed"), s
+    # resuming counts afresh: a node's earlier outcome is not remembered
+    await c.change_rollout(APP, "stable", "resume")
+    await c.report_outcome(healthy[0], outcome(two, failed=False))
+    s = await state()
+    assert (s["state"], s["success"], s["failure"], s["epoch"]) == ("active", 1, 0, 1), s
     await c._http.aclose()
 
 

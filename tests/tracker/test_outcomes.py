@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from tracker.backend import OpsStore
 from tracker.ops_pg import PGOps
 from tracker.ops_redis import RedisOps
 from tracker.ops_sqlite import SQLiteOps
-from tracker.outcomes import MAX_RELEASES, Outcome
+from tracker.outcomes import MAX_RELEASES, SERIES_HOURS, SERIES_STEP, Outcome
 from tracker.pg import PGDatabase
 from tracker.registry_redis import RedisRegistry
 
@@ -218,7 +222,147 @@ async def test_replicas_share_the_tally_and_a_restart_keeps_it(
     three = make_tracker("one" if url is None else "three", registry_url=url)  # a restart
     for t in (one, two, three):
         [rel] = (await client_for(t)._http.get("/v1/outcomes")).json()["releases"]
-        assert (rel["success"], rel["failure"], rel["rollbacks"]) == (2, 1, 1)
+        assert (rel["success"], rel["failure"], rel["rollbacks_to"]) == (2, 1, 1)
+        assert rel["rollbacks_from"] == 0  # build 2 was never published here
         assert rel["failure_codes"] == {"download_failed": 1}
     for c in (a, b):
         await c._http.aclose()
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_a_rollout_node_set_keeps_each_nodes_latest_outcome_and_is_bounded(
+    store: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ops = open_ops(store, tmp_path, request)
+    monkeypatch.setattr(type(ops).__module__ + ".MAX_NODES", 3)
+    key, other = "app/stable/ab/0", "app/stable/ab/1"
+    assert ops.rollout_node(key, APP, "stable", b"a" * 20, True) == "new"
+    assert ops.rollout_node(key, APP, "stable", b"a" * 20, True) == "failed"
+    assert ops.rollout_node(key, APP, "stable", b"a" * 20, False) == "failed"
+    assert ops.rollout_node(key, APP, "stable", b"a" * 20, False) == "ok"
+    assert ops.rollout_node(key, APP, "stable", b"b" * 20, False) == "new"
+    assert ops.rollout_node(key, APP, "stable", b"c" * 20, False) == "new"
+    assert ops.rollout_node(key, APP, "stable", b"d" * 20, True) == "full"
+    assert ops.rollout_node(key, APP, "stable", b"c" * 20, True) == "ok"  # known: noted
+    assert ops.rollout_node(other, APP, "stable", b"a" * 20, True) == "new"
+    ops.drop_rollout_nodes(APP, "stable", other)  # the first set goes, the kept one stays
+    assert ops.rollout_node(key, APP, "stable", b"a" * 20, True) == "new"
+    assert ops.rollout_node(other, APP, "stable", b"a" * 20, True) == "failed"
+    ops.drop_rollout_nodes(APP, "stable", None)
+    assert ops.rollout_node(other, APP, "stable", b"a" * 20, True) == "new"
+    ops.close()
+
+
+@pytest.mark.parametrize("store", STORES)
+async def test_a_rollback_counts_against_the_build_it_fled(
+    store: str,
+    make_tracker: Callable[..., Tracker],
+    publisher: Ed25519PrivateKey,
+    make_manifest: Callable[..., M.SignedManifest],
+    request: pytest.FixtureRequest,
+) -> None:
+    c = client_for(make_tracker(registry_url=registry_url_for(request, store)))
+    await c.add_app(APP, keys.public_key_bytes(publisher))
+    one, two = make_manifest(1), make_manifest(2)
+    for m in (one, two):
+        await c.publish(APP, "stable", m.encode())
+    for _ in range(2):
+        await c.report_outcome(keys.generate_key(), fields(one, kind="rollback", from_build=2))
+    await c.report_outcome(  # a failed rollback still says the node tried to flee build 2
+        keys.generate_key(),
+        fields(one, kind="rollback", from_build=2, outcome="failure", code="rollback_failed"),
+    )
+    tally = {r["build"]: r for r in (await c._http.get("/v1/outcomes")).json()["releases"]}
+    assert (tally[2]["rollbacks_from"], tally[2]["rollbacks_to"], tally[2]["reports"]) == (3, 0, 0)
+    assert (tally[1]["rollbacks_from"], tally[1]["rollbacks_to"]) == (0, 3)
+    metrics = (await c._http.get("/metrics")).text
+    label = (
+        f'app="{APP}",direction="from",manifest="{two.id.hex()}",version="{two.manifest.version}"'
+    )
+    assert f"tracker_install_rollbacks_total{{{label}}} 3.0" in metrics, metrics
+    await c._http.aclose()
+
+
+@pytest.mark.parametrize("store", STORES)
+async def test_each_builds_outcomes_over_time_in_hours(
+    store: str,
+    make_tracker: Callable[..., Tracker],
+    publisher: Ed25519PrivateKey,
+    make_manifest: Callable[..., M.SignedManifest],
+    request: pytest.FixtureRequest,
+) -> None:
+    """Successes, failures by code and rollbacks from a build, per hour; the hours older than
+    SERIES_HOURS go."""
+    clock = [time.time()]  # a fixed clock, moved by hand
+    h0 = int(clock[0] // SERIES_STEP)
+    t = make_tracker(registry_url=registry_url_for(request, store), clock=lambda: clock[0])
+    c = client_for(t)
+    await c.add_app(APP, keys.public_key_bytes(publisher))
+    one, two = make_manifest(1), make_manifest(2)
+    for m in (one, two):
+        await c.publish(APP, "stable", m.encode())
+
+    async def report(**kw: Any) -> None:
+        k = keys.generate_key()
+        obj = {**fields(two), **kw, "key": keys.format_public_key(keys.public_key_bytes(k))}
+        obj.update(ts=int(clock[0]), nonce=os.urandom(12).hex())
+        body = json.dumps(obj).encode()
+        sig = keys.sign(k, OUTCOME_DOMAIN, body).hex()
+        headers = {SIGNATURE_HEADER: sig, "Content-Type": "application/json"}
+        got = await c._http.post("/v1/outcomes", content=body, headers=headers)
+        assert got.status_code == 201, got.text
+
+    await report()
+    await report(outcome="failure", code="download_failed")
+    clock[0] += 2 * SERIES_STEP  # two hours later
+    await report()
+    await report(**fields(one, kind="rollback", from_build=2))
+
+    async def series(hours: int) -> dict[int, list[dict[str, Any]]]:
+        answer = await c._http.get("/v1/outcomes", params={"hours": hours})
+        assert answer.status_code == 200, answer.text
+        return {r["build"]: r["series"] for r in answer.json()["releases"]}
+
+    got = await series(3)
+    assert got[2] == [
+        {"at": h0 * SERIES_STEP, "success": 1, "failure": 1,
+         "failure_codes": {"download_failed": 1}, "rollbacks_from": 0},
+        {"at": (h0 + 2) * SERIES_STEP, "success": 1, "failure": 0, "failure_codes": {},
+         "rollbacks_from": 1},
+    ], got  # fmt: skip
+    assert [h["success"] for h in got[1]] == [1]  # the rollback succeeded, landing on 1
+    assert [h["at"] for h in (await series(1))[2]] == [(h0 + 2) * SERIES_STEP]
+    assert (await c._http.get("/v1/outcomes", params={"hours": 0})).status_code == 400
+    # a week later the first hours are gone from the store
+    clock[0] += SERIES_HOURS * SERIES_STEP
+    await report()
+    got = await series(SERIES_HOURS)
+    assert [h["at"] for h in got[2]] == [(h0 + 2 + SERIES_HOURS) * SERIES_STEP]
+    rows = t.ops.outcome_series(APP, 0)
+    assert sorted({h for h, _, _ in rows[two.id]}) == [h0 + 2 + SERIES_HOURS], rows
+    await c._http.aclose()
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_replicas_noting_the_same_nodes_at_once_count_each_node_once(
+    store: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Four writers (threads, as replicas' worker threads are) note the same 30 nodes at
+    once: each node is "new" to exactly one of them."""
+    ops = open_ops(store, tmp_path, request)
+    nodes = [i.to_bytes(20, "big") for i in range(30)]
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def writer() -> None:
+        got = [ops.rollout_node("app/stable/ab/0", APP, "stable", n, False) for n in nodes]
+        with lock:
+            seen.extend(got)
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen.count("new") == len(nodes) and seen.count("ok") == 3 * len(nodes), seen
+    ops.close()

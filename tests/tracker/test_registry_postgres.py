@@ -185,8 +185,9 @@ async def test_registry_copy_moves_a_sqlite_tracker_into_postgres(
     rotation = R.Rotation(APP, keys.public_key_bytes(publisher), keys.public_key_bytes(k1),
                           int(time.time()) + 86400, 0)  # fmt: skip
     await c.rotate_key(APP, R.sign_rotation(rotation, publisher).encode())
-    await c.publish(APP, "stable", make_manifest(4).encode(), rollout=10)
-    await c.report_outcome(keys.generate_key(), outcome(make_manifest(4), failed=True))
+    four = make_manifest(4)  # once: two calls a second apart sign different manifests
+    await c.publish(APP, "stable", four.encode(), rollout=10)
+    await c.report_outcome(keys.generate_key(), outcome(four, failed=True))
     await client_for(old, token="wrong-token-here")._http.post("/v1/apps", json={})
     channel = f"/v1/apps/{APP}/channels"
     paths = ["/v1/apps", "/v1/outcomes", "/v1/audit", f"/v1/apps/{APP}", f"{channel}/beta",

@@ -257,14 +257,14 @@ async def test_dashboard_shows_rollouts_halts_and_outcomes_per_build(
     got = cells(f'data-rollout="{APP}/stable"')
     assert got[:7] == [f"{APP} / stable", "halted", "2", "25%", "18 / 2", "10.0%",
                        "5.0% of \u2265 20"], got  # fmt: skip
-    assert got[7].startswith("auto: 2 of 20 outcomes failed")
+    assert got[7].startswith("auto: 2 of 20 nodes failed")
     banner = dom.split('id="rollout-banner"', 1)[1].split("</div>", 1)[0]
     assert "hidden" not in banner.split(">", 1)[0]
     assert f"Rollout of {APP} build 2 on stable halted at 25%" in banner
     two = cells(f'data-outcome="{second.id.hex()}"')
-    assert two == [APP, "1.2", "2", "20", "90.0%", "integrity_check_failed \u00d7 2", "0"], two
+    assert two == [APP, "1.2", "2", "20", "90.0%", "integrity_check_failed \u00d7 2", "1", "0"], two
     one = cells(f'data-outcome="{first.id.hex()}"')
-    assert one[4:] == ["100.0%", "\u2013", "1"], one
+    assert one[4:] == ["100.0%", "\u2013", "0", "1"], one  # rolled back from 2 to 1
 
 
 def dump_dom(url: str, profile: Path) -> str:

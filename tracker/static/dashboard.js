@@ -342,10 +342,10 @@ function renderOperations(stats) {
     const codes = Object.entries(b.failure_codes).map(([c, n]) => c + " × " + n).join(", ");
     const tr = row([b.app, b.version, b.build, b.reports,
                     b.success_rate === null ? "–" : pct(b.success_rate), codes || "–",
-                    b.rollbacks], [null, null, null, null, null, "codes"]);
+                    b.rollbacks_from, b.rollbacks_to], [null, null, null, null, null, "codes"]);
     tr.dataset.outcome = b.manifest_id;
     return tr;
-  }) : [emptyRow(7, "no outcomes reported yet")]));
+  }) : [emptyRow(8, "no outcomes reported yet")]));
 }
 
 async function refresh() {
