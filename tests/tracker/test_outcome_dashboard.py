@@ -71,3 +71,12 @@ async def test_outcomes_per_build_over_time_are_charted(
         "Failed: insufficient_storage",
         "Rolled back from the build",
     ]
+
+    # no node announced yet: the fleet and load charts still draw their axes (not blank boxes)
+    for chart, y in (
+        ("chart-fleet", "Nodes running the build"),
+        ("chart-forecast", "CDN egress per minute"),
+        ("chart-hours", "Announces"),
+    ):
+        canvas = dom.split(f'<canvas id="{chart}"', 1)[1].split(">", 1)[0]
+        assert attr(canvas, "data-y-label") == y, chart

@@ -54,7 +54,11 @@ async function renderFleet(stats) {
   if ([...select.options].map(o => o.value).join() !== apps.join()) {
     select.replaceChildren(...apps.map(a => new Option(a, a)));
   }
-  if (!chosen) return;
+  if (!chosen) {  // no node seen yet: the chart's axes and "no samples yet", not a blank box
+    timeChart(document.getElementById("chart-fleet"), [],
+              { x: "Time (UTC)", y: "Nodes running the build" });
+    return;
+  }
   select.value = chosen;
   const resp = await fetch("/v1/apps/" + encodeURIComponent(chosen) + "/fleet",
                            { cache: "no-store" });

@@ -107,7 +107,11 @@ function renderForecasts(list) {
 async function renderLoad(stats) {
   const select = document.getElementById("fleet-app");
   const app = select.value || [...new Set(stats.releases.map(r => r.app))].sort()[0];
-  if (!app) return;
+  if (!app) {  // no node seen yet: empty charts with their axes, not blank boxes
+    renderHour({ recommended_hour: null, histogram: new Array(24).fill(0) });
+    renderForecasts([]);
+    return;
+  }
   const resp = await fetch("/v1/apps/" + encodeURIComponent(app) + "/load", { cache: "no-store" });
   if (!resp.ok) return;
   const load = await resp.json();
