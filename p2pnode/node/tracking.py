@@ -59,6 +59,7 @@ __all__ = [
     "report_success",
     "reporter",
     "serving_host",
+    "success_fields",
 ]
 
 
@@ -316,6 +317,20 @@ def outcome_fields(
     return fields
 
 
+def success_fields(result: InstallResult, seconds: float) -> dict[str, Any]:
+    """The outcome of an attempt that gave ``result`` (an install, update, repair or
+    rollback): its build, the one before it, and where its bytes came from."""
+    m = result.manifest
+    return outcome_fields(
+        app=m.app,
+        manifest_id=m.id,
+        to_build=m.build,
+        from_build=result.previous_build,
+        seconds=seconds,
+        result=result,
+    )
+
+
 async def report_outcome(
     tracker: TrackerClient, me: NodeIdentity, fields: dict[str, Any]
 ) -> str | None:
@@ -343,13 +358,4 @@ async def report_success(
     """After an install: where its bytes came from and how the peers did
     (:func:`report_install`), then its outcome; why either report failed, or ``None``."""
     trouble = await report_install(tracker, me, result, port, host)
-    m = result.manifest
-    fields = outcome_fields(
-        app=m.app,
-        manifest_id=m.id,
-        to_build=m.build,
-        from_build=result.previous_build,
-        seconds=seconds,
-        result=result,
-    )
-    return await report_outcome(tracker, me, fields) or trouble
+    return await report_outcome(tracker, me, success_fields(result, seconds)) or trouble

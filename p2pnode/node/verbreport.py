@@ -84,19 +84,10 @@ async def report_attempt(url: str, options: InstallOptions, result: InstallResul
     (kind ``rollback`` or ``repair``), so that the tracker's rollbacks and repairs per build
     count this node; tracker trouble is a warning, never the command's failure."""
     from ..discovery.tracker import TrackerClient
-    from .tracking import outcome_fields, report_outcome, reporter
+    from .tracking import report_outcome, reporter, success_fields
 
-    m = result.manifest
-    fields = outcome_fields(
-        app=m.app,
-        manifest_id=m.id,
-        to_build=m.build,
-        from_build=result.previous_build,
-        seconds=result.seconds,
-        result=result,
-    )
     async with TrackerClient(url) as tracker:
         me, _ = await reporter(options.identity_dir, None, tracker.base_url)
-        trouble = await report_outcome(tracker, me, fields)
+        trouble = await report_outcome(tracker, me, success_fields(result, result.seconds))
     if trouble is not None:
         print(f"p2pnode: warning: {trouble}", file=sys.stderr)
