@@ -36,10 +36,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from p2pnode.discovery.tracker import TrackerClient
-from p2pnode.errors import P2PNodeError, UsageError
+from p2pnode.errors import P2PNodeError, TrackerError, UsageError
 from p2pnode.release import keys
 
 from . import cli_fleet, cli_load
@@ -473,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = trio.run(_app_add, args)
     except P2PNodeError as exc:
-        print(f"tracker: {exc}", file=sys.stderr)
+        print(f"tracker: {_unreachable(exc, args)}", file=sys.stderr)
         return getattr(exc, "exit_code", 1)
     except KeyboardInterrupt:
         return 130
@@ -492,3 +493,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"registered {result['app']} with key {result['key']}")
         print(f"publisher token (shown once): {result['publisher_token']}")
     return 0
+
+
+def _unreachable(exc: P2PNodeError, args: argparse.Namespace) -> P2PNodeError:
+    """A tracker the verb could not reach, told with this CLI's fix (``--url``; the client's
+    own says ``--tracker``, the node's option); any other error as it is."""
+    cause = exc.__cause__
+    if not isinstance(exc, TrackerError) or not isinstance(cause, httpx.HTTPError):
+        return exc  # (a refusal or a 5xx came with an answer, and its own fix)
+    url = getattr(args, "url", None) or "the --url given"
+    return TrackerError(
+        f"cannot reach the tracker at {url} ({type(cause).__name__}: {cause})",
+        fix="start it (`tracker serve`) or fix --url",
+    )

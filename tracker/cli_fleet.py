@@ -18,9 +18,10 @@ import time
 from typing import Any
 
 from p2pnode.discovery.tracker import TrackerClient
-from p2pnode.errors import TrackerError, TrackerRefusedError, UsageError
+from p2pnode.errors import TrackerRefusedError, UsageError
 from p2pnode.units import format_bytes
 
+from .cli_load import utc_minute as _utc
 from .fleet import FLEET_TTL
 
 __all__ = ["add_parser", "print_fleet", "print_node", "print_outcomes", "run"]
@@ -62,19 +63,8 @@ def _target(args: argparse.Namespace) -> tuple[str, str]:
 
 
 async def _get(client: TrackerClient, path: str, **params: str) -> dict[str, Any]:
-    """The tracker's JSON answer, an unreachable tracker told as such (with the fix that fits
-    this command: ``--url``)."""
-    try:
-        resp = await client._request("GET", path, params=params or None)
-    except TrackerRefusedError:
-        raise
-    except TrackerError as exc:
-        cause = exc.__cause__
-        why = f"{type(cause).__name__}: {cause}" if cause is not None else exc.message
-        raise TrackerError(
-            f"cannot reach the tracker at {client.base_url} ({why})",
-            fix="start it (`tracker serve`) or fix --url",
-        ) from exc
+    """The tracker's JSON answer (an unreachable tracker is told in ``tracker.cli.main``)."""
+    resp = await client._request("GET", path, params=params or None)
     return dict(resp.json())
 
 
@@ -114,10 +104,6 @@ def _not_found(kind: str, name: str, url: str, exc: TrackerRefusedError) -> Trac
         fix="check the app's name (`tracker outcomes --url URL` lists the apps with outcomes) "
         "or register it with `tracker app add`",
     )
-
-
-def _utc(t: float | None) -> str:
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) + "Z"
 
 
 def _ago(t: float | None, now: float) -> str:

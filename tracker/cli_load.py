@@ -67,7 +67,8 @@ async def forecast_verb(args: argparse.Namespace) -> dict[str, Any]:
         return {"forecast": resp.json(), "actual": None}
 
 
-def _utc(t: float | None) -> str:
+def utc_minute(t: float | None) -> str:
+    """A Unix time to the minute in UTC, for people (``-``: none)."""
     return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) + "Z"
 
 
@@ -75,14 +76,14 @@ def _what(f: dict[str, Any], dry: bool = False) -> str:
     """The event a forecast was made at, in words (a dry run's build was not published)."""
     event = f.get("event")
     if dry:
-        return f"if published now ({_utc(f['at'])})"
+        return f"if published now ({utc_minute(f['at'])})"
     if event == "promote":
-        return f"promoted {_utc(f['at'])}"
+        return f"promoted {utc_minute(f['at'])}"
     if event == "rollout-raise":
-        return f"rollout raised {f['was_percent']:g}% -> {f['percent']:g}% {_utc(f['at'])}"
+        return f"rollout raised {f['was_percent']:g}% -> {f['percent']:g}% {utc_minute(f['at'])}"
     if event == "rollout-complete":
-        return f"rollout completed ({f['was_percent']:g}% -> 100%) {_utc(f['at'])}"
-    return f"published {_utc(f['at'])}"
+        return f"rollout completed ({f['was_percent']:g}% -> 100%) {utc_minute(f['at'])}"
+    return f"published {utc_minute(f['at'])}"
 
 
 def _basis(f: dict[str, Any]) -> str:
@@ -128,7 +129,7 @@ def _print_one(f: dict[str, Any], a: dict[str, Any] | None) -> None:
     if a is None:
         print(
             f"{what} forecast: {format_bytes(f['cdn_total'])}, peak "
-            f"{format_bytes(f['cdn_peak_per_min'])}/min at {_utc(f['cdn_peak_at'])}"
+            f"{format_bytes(f['cdn_peak_per_min'])}/min at {utc_minute(f['cdn_peak_at'])}"
             + _patch_part(f)
         )
         _print_parts(f)
@@ -160,7 +161,7 @@ def _print_one(f: dict[str, Any], a: dict[str, Any] | None) -> None:
     minutes = sorted(m for m in {*predicted, *actual} if m <= start + a["elapsed_s"])
     for m in minutes[:60]:
         print(
-            f"  minute {(m - start) // 60:>4} {_utc(m)[11:]:>8}  "
+            f"  minute {(m - start) // 60:>4} {utc_minute(m)[11:]:>8}  "
             f"{format_bytes(predicted.get(m, 0)):>12}{format_bytes(actual.get(m, 0)):>14}"
         )
     if len(minutes) > 60:
@@ -197,5 +198,5 @@ def _print_parts(f: dict[str, Any]) -> None:
             print(
                 f"  mirror {url}: {format_bytes(m['cdn_total'])} "
                 f"({100 * m['share']:.0f}%), peak {format_bytes(m['cdn_peak_per_min'])}/min "
-                f"at {_utc(m['cdn_peak_at'])}"
+                f"at {utc_minute(m['cdn_peak_at'])}"
             )

@@ -112,7 +112,13 @@ async def test_fleet_and_outcomes_print_tables_and_json(
 
 def test_an_unreachable_tracker_is_named_with_the_fix() -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    for argv in (["fleet", APP], ["outcomes"], ["fleet", "node", "ab" * 20]):
+    for argv in (
+        ["fleet", APP],
+        ["outcomes"],
+        ["fleet", "node", "ab" * 20],
+        ["rollout", APP, "stable", "show", "--token", "t"],  # every verb that takes --url
+        ["forecast", "show", APP, "1"],
+    ):
         out = tracker_cli(*argv, "--url", url)
         assert out.returncode != 0 and not out.stdout
         assert f"cannot reach the tracker at {url} (ConnectError" in out.stderr, out.stderr
