@@ -86,7 +86,9 @@ def test_cli_app_add_and_errors(served: str) -> None:
         text=True,
         timeout=30,
     )
-    assert down.returncode == 1 and "unreachable" in down.stderr
+    assert down.returncode == 1, down.stderr
+    assert "cannot reach the tracker at http://127.0.0.1:9 (ConnectError" in down.stderr
+    assert "(fix: start it (`tracker serve`) or fix --url)" in down.stderr  # this CLI's option
 
 
 async def test_sse_feed_and_dashboard(
